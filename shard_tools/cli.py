@@ -1,0 +1,139 @@
+"""`make-shards`: any audio corpus -> WebDataset log-mel shards (see docs/CONTRACTS.md for the format)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from shard_tools.discover import (
+    discover_audioset,
+    discover_folder,
+    discover_manifest,
+    discover_synthetic,
+)
+from shard_tools.pipeline import MakeConfig, format_summary, make_shards
+
+DESCRIPTION = """\
+Convert an audio corpus into WebDataset tar shards of float16 log-mel spectrograms (80 x T, the whole clip),
+plus sizes.json, stats.json (front end, global mean/std, counts) and manifest.jsonl (one line per input file:
+its key and shard, or why it was skipped). Clips are shuffled across shards with --seed; the same inputs and seed
+give byte-identical shards for any --workers. An interrupted run (even SIGKILL) is finished by running the same
+command again.
+
+examples:
+  make-shards synthetic --n 2000 --out data/synth
+  make-shards audioset --segments balanced_train_segments.csv unbalanced_train_segments.csv \\
+      --class-index class_labels_indices.csv --audio-root /data/audioset --out data/as2m
+  make-shards folder /data/esc50_by_class --out data/esc --short pad
+  make-shards manifest files.csv --out data/mine
+  verify-shards data/as2m
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("common options")
+    g.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
+    g.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1,
+        help="decode/log-mel processes (default: all %(default)s cores; 0 or 1 = in this process)",
+    )
+    g.add_argument("--device", default="cpu", help="where the log-mel is computed: cpu (default) or cuda")
+    g.add_argument("--frontend", default="matpac", choices=["matpac", "m2d"], help="front-end preset (METHOD.md §1)")
+    g.add_argument(
+        "--min-frames", type=int, default=608,
+        help="clips with fewer log-mel frames are dropped (--short drop) (default: %(default)s = one training crop)",
+    )
+    g.add_argument(
+        "--short", choices=["drop", "pad"], default="drop",
+        help="drop clips shorter than --min-frames (default, as the authors) or keep them for the loader to pad",
+    )
+    g.add_argument(
+        "--shard-size", default="1GB",
+        help="close a shard at this size: bytes with a unit (1GB, 200MB, 512KB) or a sample count (1000) "
+        "(default: %(default)s)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="shuffle seed (and synthetic corpus seed) (default: 0)")
+    g.add_argument("--name", default="shards", help="shard file prefix: <name>-000000.tar (default: %(default)s)")
+    g.add_argument("--overwrite", action="store_true", help="delete an earlier shard set in --out first")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="make-shards", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="source", required=True, metavar="{audioset,folder,manifest,synthetic}")
+    a = sub.add_parser(
+        "audioset",
+        help="AudioSet: labels from the segment CSVs, audio from a download folder (any common layout)",
+        description="Labels and splits come from the CSVs, never from folder names. Accepted file names under "
+        "--audio-root (any depth, also per-label folders; duplicates are skipped as 'duplicate'): Y<ytid>.<ext>, "
+        "<ytid>.<ext>, <ytid>_<start>.<ext>, <ytid>_<start>-<end>.<ext>, audio/<split>/<ytid>.<ext>. "
+        "A file holding the whole video is cut to the CSV segment (flag 'cropped'); one shorter than its segment "
+        "by more than 0.5 s is kept with the flag 'truncated'.",
+    )
+    a.add_argument(
+        "--segments", nargs="+", required=True, type=Path, help="segment CSV(s), e.g. balanced_train_segments.csv"
+    )
+    a.add_argument("--class-index", required=True, type=Path, help="class_labels_indices.csv")
+    a.add_argument("--audio-root", required=True, type=Path, help="folder holding the downloaded clips")
+    _common(a)
+    f = sub.add_parser("folder", help="every audio file under DIR; label = name of the folder that holds it")
+    f.add_argument("dir", type=Path, help="input folder")
+    _common(f)
+    m = sub.add_parser("manifest", help="a CSV with columns path[,label] (labels separated by ';')")
+    m.add_argument("csv", type=Path, help="manifest CSV; relative paths are relative to its folder")
+    _common(m)
+    s = sub.add_parser("synthetic", help="the embedded deterministic labelled corpus of synthetic sounds")
+    s.add_argument("--n", type=int, required=True, help="number of clips (6.5 s each, 10 classes)")
+    _common(s)
+    return parser
+
+
+def discover(args: argparse.Namespace):
+    if args.source == "audioset":
+        return discover_audioset(args.segments, args.class_index, args.audio_root)
+    if args.source == "folder":
+        return discover_folder(args.dir)
+    if args.source == "manifest":
+        return discover_manifest(args.csv)
+    return discover_synthetic(args.n, args.seed)
+
+
+def config_from_args(args: argparse.Namespace) -> MakeConfig:
+    return MakeConfig(
+        out=args.out,
+        frontend=args.frontend,
+        workers=args.workers,
+        device=args.device,
+        min_frames=args.min_frames,
+        short=args.short,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        name=args.name,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        cfg.validate()  # before discovery: a wrong option should not wait for a two-million-file scan
+        disc = discover(args)
+        for note in disc.notes:
+            print(f"make-shards: {note}", file=sys.stderr)
+        summary = make_shards(disc, cfg)
+    except ValueError as e:
+        raise SystemExit(f"make-shards: error: {e}") from None
+    except KeyboardInterrupt:
+        raise SystemExit("make-shards: interrupted; run the same command again to finish the job") from None
+    print(format_summary(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

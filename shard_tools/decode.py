@@ -1,0 +1,147 @@
+"""Decoding and checking one input: file -> mono float32 waveform at the front end's rate, or a skip reason.
+
+Decoding never raises to the caller for bad data: every failure becomes a `Skip(reason)`, so one corrupt file
+cannot stop a two-million-file run, and every file ends in the manifest with a reason.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from matpac_fast.frontend import FrontendSpec, resample, to_mono
+from shard_tools.discover import PYAV_EXTS, Item
+
+SILENCE_PEAK = 1e-6  # about -120 dBFS: below one LSB of 16-bit audio, i.e. digital silence
+TRUNCATION_TOLERANCE_S = 0.5  # AudioSet downloads are often a few tens of ms short; that is not truncation
+NEEDS_PYAV = "needs_pyav"
+PYAV_HINT = "m4a/webm/aac need PyAV: pip install av (or pip install 'matpac-fast[av]')"
+
+
+class Skip(Exception):
+    """A file that cannot become a sample; `reason` is a short snake_case word written into the manifest."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass
+class Prepared:
+    """A decoded, checked, resampled clip ready for the log-mel."""
+
+    wave: np.ndarray  # float32 (N,) at spec.sample_rate
+    source_sr: int
+    duration: float  # seconds of the (possibly cropped) source audio
+    flags: tuple[str, ...]
+
+
+def pyav_available() -> bool:
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _read_soundfile(path: str) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    try:
+        data, sr = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # libsndfile raises LibsndfileError/RuntimeError/TypeError depending on the damage
+        raise Skip("undecodable", f"{type(e).__name__}: {e}") from None
+    return data, int(sr)
+
+
+def _read_pyav(path: str) -> tuple[np.ndarray, int]:
+    if not pyav_available():
+        raise Skip(NEEDS_PYAV, PYAV_HINT)
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                raise Skip("undecodable", "no audio stream")
+            stream = container.streams.audio[0]
+            # planar float keeps the channels apart so that the downmix is the same mean as for soundfile
+            resampler = av.AudioResampler(format="fltp")
+            chunks, sr = [], None
+            for frame in container.decode(stream):
+                sr = sr or frame.sample_rate
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray())
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray())
+    except Skip:
+        raise
+    except Exception as e:
+        raise Skip("undecodable", f"{type(e).__name__}: {e}") from None
+    if not chunks or sr is None:
+        raise Skip("empty", "no audio frames")
+    return np.concatenate(chunks, axis=1).T.astype(np.float32), int(sr)
+
+
+def read_audio(path: str, size: int | None = None) -> tuple[np.ndarray, int]:
+    """(N, C) float32 and the sample rate; Skip on any problem."""
+    if size == 0:
+        raise Skip("empty", "0-byte file")
+    ext = path[path.rfind(".") :].lower() if "." in path else ""
+    return _read_pyav(path) if ext in PYAV_EXTS else _read_soundfile(path)
+
+
+def check_wave(wave: np.ndarray) -> None:
+    if wave.size == 0:
+        raise Skip("empty", "no samples")
+    if not np.isfinite(wave).all():
+        raise Skip("non_finite", "NaN or Inf samples")
+    if float(np.abs(wave).max()) <= SILENCE_PEAK:
+        raise Skip("silent", "all samples are (near) zero")
+
+
+def crop_and_flag(item: Item, wave: np.ndarray, sr: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    """AudioSet: a file holding the whole video is cut to the CSV segment; a file shorter than its segment is kept
+    with the flag 'truncated' (the authors keep such clips too, and the frame count is in the json)."""
+    flags = []
+    if item.start is None or item.end is None:
+        return wave, ()
+    expected = item.end - item.start
+    duration = wave.shape[0] / sr
+    if not item.name_has_start and duration > expected + 1.0 and duration >= item.end - 0.05:
+        wave = wave[int(round(item.start * sr)) : int(round(item.end * sr))]
+        duration = wave.shape[0] / sr
+        flags.append("cropped")
+    if duration < expected - TRUNCATION_TOLERANCE_S:
+        flags.append("truncated")
+    return wave, tuple(flags)
+
+
+def prepare(item: Item, spec: FrontendSpec, min_frames: int, short: str) -> Prepared:
+    """Decode, check and resample one item; raises Skip with the reason when it cannot be used."""
+    if item.skip:
+        raise Skip(item.skip)
+    if item.synth is not None:
+        from shard_tools.synthetic import synth_clip
+
+        mono, _ = synth_clip(item.synth[1], item.synth[0], sample_rate=spec.sample_rate)
+        sr, flags = spec.sample_rate, ()
+    else:
+        data, sr = read_audio(item.path, item.size)
+        if data.shape[0] == 0:
+            raise Skip("empty", "no samples")
+        data, flags = crop_and_flag(item, data, sr)
+        mono = to_mono(data)
+    check_wave(mono)
+    duration = mono.shape[0] / sr
+    # frame count known before resampling: skip too-short clips without paying for the resampler
+    n_out = math.ceil(mono.shape[0] * spec.sample_rate / sr)
+    frames = spec.num_frames(n_out)
+    if frames < 1 or (short == "drop" and frames < min_frames):
+        raise Skip("too_short", f"{duration:.2f} s gives {frames} frames < {min_frames}")
+    wave = resample(torch.from_numpy(mono), sr, spec).numpy() if sr != spec.sample_rate else mono
+    if spec.num_frames(wave.shape[0]) < (min_frames if short == "drop" else 1):
+        raise Skip("too_short", f"{duration:.2f} s")
+    return Prepared(np.ascontiguousarray(wave, dtype=np.float32), sr, duration, flags)

@@ -1,0 +1,263 @@
+"""`verify-shards DIR`: read every sample of a shard set and check it against docs/CONTRACTS.md.
+
+Checks: sizes.json lists exactly the shard files; each shard's sha256 matches stats.json (catches any flipped
+byte); each tar reads to the end; each sample has exactly one .npy and one .json; the npy is float16 (n_mels, T)
+with finite values and T equal to the json's n_frames; the json has the contract's fields and its key; keys are
+unique in the set; label indices agree with stats.json's classes; counts, frames agree with stats.json.
+Prints counts, hours and a label histogram; exit status 1 on any problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shard_tools.writer import sha256_file
+
+JSON_FIELDS = {
+    "key": str,
+    "source": str,
+    "labels": list,
+    "label_indices": list,
+    "source_sr": int,
+    "duration": (int, float),
+    "n_frames": int,
+    "flags": list,
+}
+JSON_OPTIONAL = ("ytid", "start", "end")
+MAX_REPORTED = 20
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    n_shards: int = 0
+    n_samples: int = 0
+    n_frames: int = 0
+    seconds: float = 0.0
+    labels: Counter = field(default_factory=Counter)
+    flags: Counter = field(default_factory=Counter)
+    hop_s: float = 0.01
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "problems": list(self.problems),
+            "shards": self.n_shards,
+            "samples": self.n_samples,
+            "frames": self.n_frames,
+            "hours": self.seconds / 3600,
+            "labels": dict(self.labels.most_common()),
+            "flags": dict(self.flags),
+        }
+
+
+def _load_json(path: Path, report: Report):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        report.problems.append(f"{path.name} is missing")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        report.problems.append(f"{path.name} is not valid JSON: {e}")
+    return None
+
+
+def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: int | None, where: str) -> list[str]:
+    errs = []
+    if set(members) != {"npy", "json"}:
+        return [f"{where}: sample {key!r} has members {sorted(members)}, expected ['json', 'npy']"]
+    try:
+        arr = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
+    except Exception as e:  # a damaged npy header can raise ValueError, OSError, EOFError...
+        return [f"{where}: sample {key!r}: npy unreadable ({type(e).__name__}: {e})"]
+    try:
+        meta = json.loads(members["json"].decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return [f"{where}: sample {key!r}: json unreadable ({e})"]
+    if arr.dtype != np.float16:
+        errs.append(f"{where}: sample {key!r}: dtype {arr.dtype}, expected float16")
+    if arr.ndim != 2 or arr.shape[0] != n_mels or arr.shape[1] < 1:
+        errs.append(f"{where}: sample {key!r}: shape {arr.shape}, expected ({n_mels}, T>=1)")
+    elif not np.isfinite(arr).all():
+        errs.append(f"{where}: sample {key!r}: non-finite values")
+    if not isinstance(meta, dict):
+        return errs + [f"{where}: sample {key!r}: json is not an object"]
+    for name, typ in JSON_FIELDS.items():
+        if not isinstance(meta.get(name), typ):
+            errs.append(f"{where}: sample {key!r}: json field {name!r} missing or not {typ}")
+    if any(name not in meta for name in JSON_OPTIONAL):
+        errs.append(f"{where}: sample {key!r}: json lacks one of {JSON_OPTIONAL}")
+    if errs:
+        return errs
+    if meta["key"] != key:
+        errs.append(f"{where}: sample {key!r}: json key is {meta['key']!r}")
+    if arr.ndim == 2 and meta["n_frames"] != arr.shape[1]:
+        errs.append(f"{where}: sample {key!r}: json n_frames {meta['n_frames']} != npy frames {arr.shape[1]}")
+    idx = meta["label_indices"]
+    if len(idx) != len(meta["labels"]) or any(not isinstance(i, int) for i in idx):
+        errs.append(f"{where}: sample {key!r}: labels and label_indices disagree")
+    elif n_classes is not None and any(i < 0 or i >= n_classes for i in idx):
+        errs.append(f"{where}: sample {key!r}: label index out of range 0..{n_classes - 1}")
+    return errs
+
+
+def _read_shard(path: Path, report: Report, seen: set[str], n_mels: int, classes: list[str] | None) -> int:
+    """Check every sample of one shard; returns the number of samples read."""
+    count = 0
+    current, members = None, {}
+
+    def flush():
+        nonlocal count
+        if current is None:
+            return
+        count += 1
+        if current in seen:
+            report.problems.append(f"{path.name}: key {current!r} appears more than once in the set")
+        seen.add(current)
+        errs = _check_sample(current, members, n_mels, len(classes) if classes else None, path.name)
+        report.problems.extend(errs)
+        if not errs:
+            meta = json.loads(members["json"])
+            report.n_frames += meta["n_frames"]
+            report.seconds += meta["duration"]
+            for i, lab in zip(meta["label_indices"], meta["labels"]):
+                report.labels[classes[i] if classes else lab] += 1
+            if not meta["labels"]:
+                report.labels["(no label)"] += 1
+            report.flags.update(meta["flags"])
+
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for info in tar:
+                if not info.isfile():
+                    report.problems.append(f"{path.name}: member {info.name!r} is not a regular file")
+                    continue
+                base = info.name.rsplit("/", 1)[-1]
+                if "." not in base:
+                    report.problems.append(f"{path.name}: member {info.name!r} has no extension")
+                    continue
+                key, ext = base.split(".", 1)
+                if key != current:
+                    flush()
+                    current, members = key, {}
+                if ext in members:
+                    report.problems.append(f"{path.name}: sample {key!r} has two .{ext} members")
+                f = tar.extractfile(info)
+                members[ext] = f.read() if f else b""
+            flush()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        report.problems.append(f"{path.name}: unreadable tar ({type(e).__name__}: {e})")
+    return count
+
+
+def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True) -> Report:
+    out = Path(out_dir)
+    report = Report()
+    if not out.is_dir():
+        report.problems.append(f"{out} is not a folder")
+        return report
+    sizes = _load_json(out / "sizes.json", report)
+    stats = _load_json(out / "stats.json", report)
+    if not isinstance(sizes, dict):
+        return report
+    stats = stats if isinstance(stats, dict) else {}
+    n_mels = int(stats.get("frontend", {}).get("n_mels", 80))
+    classes = stats.get("classes")
+    hashes = stats.get("shard_sha256", {})
+    on_disk = {p.name for p in out.glob("*.tar")}
+    for extra in sorted(on_disk - set(sizes)):
+        report.problems.append(f"{extra} is in the folder but not in sizes.json")
+    if any(out.glob("*.tar.tmp")):
+        report.problems.append("unfinished *.tar.tmp files: an interrupted make-shards run; rerun it to finish")
+    from tqdm import tqdm
+
+    seen: set[str] = set()
+    for name in tqdm(sorted(sizes), desc="verify-shards", unit="shard", file=sys.stderr, disable=not progress):
+        path = out / name
+        report.n_shards += 1
+        if not path.is_file():
+            report.problems.append(f"{name} is listed in sizes.json but missing")
+            continue
+        if check_hashes and name in hashes and sha256_file(path) != hashes[name]:
+            report.problems.append(f"{name}: sha256 differs from stats.json (the file was changed or damaged)")
+        n = _read_shard(path, report, seen, n_mels, classes)
+        report.n_samples += n
+        if n != sizes[name]:
+            report.problems.append(f"{name}: {n} samples, sizes.json says {sizes[name]}")
+    if stats:
+        if stats.get("written") != report.n_samples:
+            report.problems.append(
+                f"stats.json says {stats.get('written')} clips written, shards hold {report.n_samples}"
+            )
+        if stats.get("n_frames") != report.n_frames and not report.problems:
+            report.problems.append(f"stats.json says {stats.get('n_frames')} frames, shards hold {report.n_frames}")
+    return report
+
+
+def format_report(r: Report, stats: dict | None = None, top: int = 15) -> str:
+    lines = [
+        f"shards {r.n_shards}  samples {r.n_samples}  frames {r.n_frames}  hours {r.seconds / 3600:.3f}",
+    ]
+    if stats:
+        skipped = stats.get("skipped", {})
+        lines.append(
+            f"inputs {stats.get('inputs')}  written {stats.get('written')}  skipped {sum(skipped.values())}"
+            + (" (" + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")" if skipped else "")
+            + f"  front end {stats.get('frontend', {}).get('name')}  mean {stats.get('mean', 0):.4f}"
+            f"  std {stats.get('std', 0):.4f}"
+        )
+    if r.flags:
+        lines.append("flags: " + ", ".join(f"{k} {v}" for k, v in sorted(r.flags.items())))
+    if r.labels:
+        lines.append(f"labels ({len(r.labels)} classes present; top {min(top, len(r.labels))}):")
+        width = max(len(k) for k, _ in r.labels.most_common(top))
+        for name, n in r.labels.most_common(top):
+            lines.append(f"  {name:<{width}}  {n}")
+    if r.problems:
+        lines.append(f"CORRUPT: {len(r.problems)} problem(s)")
+        lines += [f"  {p}" for p in r.problems[:MAX_REPORTED]]
+        if len(r.problems) > MAX_REPORTED:
+            lines.append(f"  ... and {len(r.problems) - MAX_REPORTED} more")
+    else:
+        lines.append("OK")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="verify-shards",
+        description="Read every sample of a make-shards output folder and check it (sizes.json, sha256, tar "
+        "structure, float16 (80, T) finite log-mels, json fields, unique keys, label indices, counts). Prints "
+        "counts, total hours and a label histogram; exits 1 on any problem.",
+    )
+    p.add_argument("dir", type=Path, help="folder written by make-shards")
+    p.add_argument("--top", type=int, default=15, help="labels shown in the histogram (default: %(default)s)")
+    p.add_argument("--no-hash", action="store_true", help="skip the sha256 comparison (faster on huge sets)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    args = p.parse_args(argv)
+    report = verify(args.dir, check_hashes=not args.no_hash, progress=not args.no_progress)
+    stats_path = args.dir / "stats.json"
+    stats = None
+    if stats_path.is_file():
+        try:
+            stats = json.loads(stats_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            stats = None
+    print(format_report(report, stats if isinstance(stats, dict) else None, args.top))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Deterministic WebDataset tar shards: fixed member metadata, written as `.tar.tmp` and renamed when complete.
+
+Every byte of a shard is a function of its samples: members carry mtime 0, uid/gid 0, empty owner names and mode
+0644, so two runs (any worker count, any machine) give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+
+@dataclass(frozen=True)
+class ShardLimit:
+    """A shard is closed once it holds `max_bytes` bytes or `max_samples` samples (whichever is set)."""
+
+    max_bytes: int | None = None
+    max_samples: int | None = None
+
+    def full(self, n_bytes: int, n_samples: int) -> bool:
+        if self.max_samples is not None:
+            return n_samples >= self.max_samples
+        return n_bytes >= (self.max_bytes or 0)
+
+
+def parse_shard_size(text: str | int) -> ShardLimit:
+    """'1GB', '200MB', '512KB' -> a byte limit; a bare integer such as '1000' -> a sample count."""
+    if isinstance(text, int):
+        text = str(text)
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"--shard-size {text!r}: use a size such as 1GB, 200MB, 512KB or a sample count such as 1000")
+    number, unit = m.groups()
+    if unit is None:
+        if "." in number or int(number) < 1:
+            raise ValueError(f"--shard-size {text!r}: a sample count must be a whole number >= 1")
+        return ShardLimit(max_samples=int(number))
+    n = int(float(number) * _UNITS[unit.upper()])
+    if n < 1:
+        raise ValueError(f"--shard-size {text!r} is too small")
+    return ShardLimit(max_bytes=n)
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def encode_json(obj: dict) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def shard_name(name: str, index: int) -> str:
+    return f"{name}-{index:06d}.tar"
+
+
+def _tarinfo(member: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(member)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    return info
+
+
+class ShardWriter:
+    """Writes one shard: add(key, {ext: bytes}) ..., then close() -> (final path, n_bytes, sha256)."""
+
+    def __init__(self, out_dir: str | Path, name: str, index: int):
+        self.final = Path(out_dir) / shard_name(name, index)
+        self.tmp = self.final.with_name(self.final.name + ".tmp")
+        self._file = open(self.tmp, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
+        self.count = 0
+
+    @property
+    def n_bytes(self) -> int:
+        return self._file.tell()
+
+    def add(self, key: str, members: dict[str, bytes]) -> None:
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        for ext, payload in members.items():
+            self._tar.addfile(_tarinfo(f"{key}.{ext}", len(payload)), io.BytesIO(payload))
+        self.count += 1
+
+    def close(self) -> tuple[Path, int, str]:
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        digest = sha256_file(self.tmp)
+        size = self.tmp.stat().st_size
+        os.replace(self.tmp, self.final)  # atomic: a shard under its final name is always complete
+        return self.final, size, digest
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+            self._file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
