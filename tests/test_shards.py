@@ -1,0 +1,342 @@
+"""make-shards / verify-shards: format, reference values, corrupt inputs, determinism, SIGKILL resume, corruption."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from matpac_fast.frontend import LogMelSpec, get_spec, resample, to_mono
+from shard_tools.api import make_folder_shards, make_manifest_shards, make_synthetic_shards, verify_shards
+from shard_tools.cli import main as cli_main
+from shard_tools.decode import pyav_available
+from shard_tools.synthetic import CLASSES, synth_clip
+from shard_tools.verify import main as verify_main
+from shard_tools.writer import ShardWriter, encode_json, encode_npy, parse_shard_size
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read_shard_set(out: Path) -> dict[str, tuple[np.ndarray, dict]]:
+    """key -> (float16 log-mel, json) for every sample, read independently of shard_tools.verify."""
+    samples = {}
+    for name in json.loads((out / "sizes.json").read_text()):
+        with tarfile.open(out / name) as tar:
+            members = {}
+            for info in tar:
+                members[info.name] = tar.extractfile(info).read()
+        keys = {n.split(".", 1)[0] for n in members}
+        for k in keys:
+            arr = np.load(io.BytesIO(members[f"{k}.npy"]), allow_pickle=False)
+            samples[k] = (arr, json.loads(members[f"{k}.json"]))
+    return samples
+
+
+def manifest(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def reference_lms(wave_NC: np.ndarray, sr: int, frontend: str = "matpac") -> np.ndarray:
+    spec = get_spec(frontend)
+    w = resample(torch.from_numpy(to_mono(wave_NC)), sr, spec)
+    return LogMelSpec(spec)(w[None])[0].numpy()
+
+
+# ------------------------------------------------------------------------------------------------ small pieces
+def test_parse_shard_size():
+    assert parse_shard_size("1GB").max_bytes == 10**9
+    assert parse_shard_size("200mb").max_bytes == 200 * 10**6
+    assert parse_shard_size("1.5KB").max_bytes == 1500
+    assert parse_shard_size("1000").max_samples == 1000
+    for bad in ("", "1XB", "-3", "0", "2.5"):
+        with pytest.raises(ValueError, match="--shard-size"):
+            parse_shard_size(bad)
+
+
+def test_writer_is_deterministic_and_rejects_dotted_keys(tmp_path):
+    arr = np.arange(80 * 3, dtype=np.float16).reshape(80, 3)
+    digests = []
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        w = ShardWriter(tmp_path / sub, "x", 0)
+        w.add("k1", {"npy": encode_npy(arr), "json": encode_json({"key": "k1"})})
+        path, size, sha = w.close()
+        assert path.name == "x-000000.tar" and not (tmp_path / sub / "x-000000.tar.tmp").exists()
+        digests.append((path.read_bytes(), sha))
+        with tarfile.open(path) as t:
+            info = t.getmember("k1.npy")
+            assert (info.mtime, info.uid, info.gid, info.uname, info.mode) == (0, 0, 0, "", 0o644)
+    assert digests[0] == digests[1]
+    w = ShardWriter(tmp_path / "a", "y", 0)
+    with pytest.raises(ValueError, match="must not contain"):
+        w.add("a.b", {"npy": b""})
+    w.abort()
+    assert not list((tmp_path / "a").glob("y-*"))
+
+
+# ------------------------------------------------------------------------------- synthetic: values, stats, verify
+@pytest.fixture(scope="module")
+def synth_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    summary = make_synthetic_shards(out, n=24, seed=5, workers=0, shard_size="7", progress=False)
+    return out, summary
+
+
+def test_synthetic_shards_match_reference_and_contract(synth_set):
+    out, summary = synth_set
+    assert json.loads((out / "sizes.json").read_text()) == {
+        "shards-000000.tar": 7, "shards-000001.tar": 7, "shards-000002.tar": 7, "shards-000003.tar": 3,
+    }
+    samples = read_shard_set(out)
+    assert len(samples) == 24 and summary["written"] == 24 and summary["inputs"] == 24
+    spec = get_spec("matpac")
+    mel = LogMelSpec(spec)
+    for key, (arr, meta) in samples.items():
+        index = int(key.rsplit("_", 1)[1])
+        wave, label = synth_clip(index, seed=5)
+        assert "." not in key and meta["key"] == key
+        assert meta["labels"] == [label] and meta["label_indices"] == [CLASSES.index(label)]
+        assert arr.dtype == np.float16 and arr.shape == (80, 648) == (80, meta["n_frames"])
+        ref = mel(torch.from_numpy(wave)[None])[0].numpy()
+        np.testing.assert_array_equal(arr, ref.astype(np.float16))
+    # global statistics over every stored value, recomputed from the shards
+    allv = np.concatenate([a.astype(np.float64).ravel() for a, _ in samples.values()])
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["n_frames"] == 24 * 648 and stats["n_clips"] == 24
+    assert stats["mean"] == pytest.approx(allv.mean(), rel=1e-9)
+    assert stats["std"] == pytest.approx(allv.std(), rel=1e-6)
+    assert stats["hours"] == pytest.approx(24 * 6.5 / 3600)
+    assert stats["classes"] == CLASSES and stats["frontend"] == spec.to_dict()
+    assert stats["skipped"] == {} and stats["format_version"] == 1
+    # clips are shuffled across shards, and the manifest lists each input once with its shard
+    lines = manifest(out)
+    assert sorted(line["source"] for line in lines) == sorted(f"synthetic/5/{i}" for i in range(24))
+    assert [line["source"] for line in lines] != [f"synthetic/5/{i}" for i in range(24)]
+    for line in lines:
+        assert line["key"] in samples and (out / line["shard"]).exists()
+
+
+def test_verify_ok_and_detects_corruption(synth_set, tmp_path, capsys):
+    import shutil
+
+    out, _ = synth_set
+    assert verify_main([str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "samples 24" in text and "OK" in text and "pure_tone" in text
+    assert verify_shards(out)["ok"]
+
+    def copy(name):
+        d = tmp_path / name
+        shutil.copytree(out, d)
+        return d
+
+    flipped = copy("flipped")
+    shard = flipped / "shards-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside some npy payload: still a "valid" float16, only the hash can tell
+    shard.write_bytes(bytes(data))
+    assert verify_main([str(flipped), "--no-progress"]) == 1
+    assert "sha256" in capsys.readouterr().out
+
+    truncated = copy("truncated")
+    shard = truncated / "shards-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:30000])
+    assert verify_main([str(truncated), "--no-progress", "--no-hash"]) == 1
+    assert "CORRUPT" in capsys.readouterr().out
+
+    missing = copy("missing")
+    (missing / "shards-000000.tar").unlink()
+    assert verify_main([str(missing), "--no-progress"]) == 1
+
+
+def test_verify_structural_checks_without_hashes(tmp_path):
+    """Samples that are well-formed tar members but break the contract: wrong dtype, NaN, wrong n_frames."""
+    out = tmp_path / "bad"
+    out.mkdir()
+    meta = {"key": "a", "source": "a.wav", "ytid": None, "start": None, "end": None, "labels": [],
+            "label_indices": [], "source_sr": 16000, "duration": 1.0, "n_frames": 5, "flags": []}
+    w = ShardWriter(out, "shards", 0)
+    w.add("a", {"npy": encode_npy(np.zeros((80, 5), np.float32)), "json": encode_json(meta)})
+    nan = np.zeros((80, 5), np.float16)
+    nan[3, 2] = np.nan
+    w.add("b", {"npy": encode_npy(nan), "json": encode_json({**meta, "key": "b"})})
+    w.add("c", {"npy": encode_npy(np.zeros((80, 4), np.float16)), "json": encode_json({**meta, "key": "c"})})
+    w.add("d", {"npy": encode_npy(np.zeros((80, 5), np.float16))})
+    w.close()
+    (out / "sizes.json").write_text(json.dumps({"shards-000000.tar": 4}))
+    problems = " | ".join(verify_shards(out)["problems"])
+    assert "dtype float32" in problems
+    assert "non-finite" in problems
+    assert "n_frames 5 != npy frames 4" in problems
+    assert "'d' has members ['npy']" in problems
+
+
+# ------------------------------------------------------------------------------------- corrupt-file zoo (folder)
+def _write_zoo(root: Path) -> dict[str, str | None]:
+    """Every file of the zoo -> expected manifest outcome (None = written)."""
+    rng = np.random.default_rng(0)
+    d = root / "zoo"
+    d.mkdir(parents=True)
+    expected: dict[str, str | None] = {}
+
+    def tone(sr, seconds, channels=1):
+        t = np.arange(int(sr * seconds)) / sr
+        x = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.01 * rng.standard_normal(t.size)
+        return np.stack([x, 0.5 * x], 1) if channels == 2 else x
+
+    (d / "empty.wav").write_bytes(b"")
+    expected["zoo/empty.wav"] = "empty"
+    (d / "text.wav").write_text("this is not audio, just text named .wav\n" * 20)
+    expected["zoo/text.wav"] = "undecodable"
+    sf.write(d / "long.wav", tone(16000, 14.0), 16000, subtype="PCM_16")
+    raw = (d / "long.wav").read_bytes()
+    (d / "truncated.wav").write_bytes(raw[: len(raw) * 5 // 7])  # header promises 14 s, 10 s of data remain
+    (d / "long.wav").unlink()
+    expected["zoo/truncated.wav"] = None  # libsndfile reads the 10 s that exist
+    x = tone(16000, 7.0).astype(np.float32)
+    x[1000] = np.nan
+    sf.write(d / "nan.wav", x, 16000, subtype="FLOAT")
+    expected["zoo/nan.wav"] = "non_finite"
+    sf.write(d / "short.wav", tone(16000, 0.2), 16000)
+    expected["zoo/short.wav"] = "too_short"
+    sf.write(d / "silent.wav", np.zeros(16000 * 7), 16000)
+    expected["zoo/silent.wav"] = "silent"
+    sf.write(d / "stereo44k24.wav", tone(44100, 6.5, 2), 44100, subtype="PCM_24")
+    expected["zoo/stereo44k24.wav"] = None
+    sf.write(d / "u8.wav", tone(16000, 6.5), 16000, subtype="PCM_U8")
+    expected["zoo/u8.wav"] = None
+    sf.write(d / "hi48k.flac", tone(48000, 6.5), 48000)
+    expected["zoo/hi48k.flac"] = None
+    if "MP3" in sf.available_formats():
+        sf.write(d / "clip.mp3", tone(16000, 7.0), 16000, format="MP3")
+        expected["zoo/clip.mp3"] = None
+    (d / "clip.wav.part").write_bytes(raw[:5000])
+    expected["zoo/clip.wav.part"] = "partial_download"
+    (d / "clip.m4a").write_bytes(b"\x00\x00\x00\x18ftypM4A " + bytes(200))
+    expected["zoo/clip.m4a"] = "undecodable" if pyav_available() else "needs_pyav"
+    (d / "README.txt").write_text("not an input")  # not audio: ignored (reported), not an input
+    return expected
+
+
+def test_corrupt_file_zoo(tmp_path, capsys):
+    expected = _write_zoo(tmp_path / "in")
+    out = tmp_path / "out"
+    rc = cli_main(["folder", str(tmp_path / "in"), "--out", str(out), "--workers", "0", "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr()
+    lines = {line["source"]: line for line in manifest(out)}
+    assert set(lines) == set(expected)
+    for src, reason in expected.items():
+        assert lines[src].get("skipped") == reason, (src, lines[src])
+    needs = [line for line in lines.values() if line.get("skipped") == "needs_pyav"]
+    assert all("pip install av" in line["detail"] for line in needs)
+    stats = json.loads((out / "stats.json").read_text())
+    n_written = sum(v is None for v in expected.values())
+    assert stats["inputs"] == len(expected)
+    assert stats["written"] == n_written
+    assert stats["written"] + sum(stats["skipped"].values()) == stats["inputs"]
+    assert f"inputs {len(expected)}  written {n_written}" in printed.out
+    assert "ignored 1 non-audio files" in printed.err
+    samples = read_shard_set(out)
+    by_source = {meta["source"]: (arr, meta) for arr, meta in samples.values()}
+    # 44.1 kHz 24-bit stereo: mean of channels -> Kaiser resampling -> log-mel, equal to the reference
+    w, sr = sf.read(tmp_path / "in/zoo/stereo44k24.wav", dtype="float32", always_2d=True)
+    arr, meta = by_source["zoo/stereo44k24.wav"]
+    assert meta["source_sr"] == 44100 and meta["labels"] == ["zoo"] and meta["duration"] == pytest.approx(6.5)
+    np.testing.assert_array_equal(arr, reference_lms(w, sr).astype(np.float16))
+    assert by_source["zoo/truncated.wav"][1]["duration"] == pytest.approx(10.0, abs=0.01)
+    assert by_source["zoo/hi48k.flac"][1]["source_sr"] == 48000
+    assert verify_shards(out)["ok"]
+
+
+def test_short_pad_keeps_short_clips_and_manifest_input(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    sf.write(d / "a.wav", synth_clip(0, sample_rate=16000, seconds=2.0)[0], 16000)
+    sf.write(d / "b.wav", synth_clip(1, sample_rate=16000, seconds=7.0)[0], 16000)
+    (d / "list.csv").write_text("path,label\na.wav,dog;cat\nb.wav,cat\nmissing.wav,cat\na.wav,dog\n")
+    s = make_manifest_shards(tmp_path / "out", d / "list.csv", workers=0, short="pad", progress=False)
+    assert s["classes"] == ["cat", "dog"] and s["written"] == 2
+    assert s["skipped"] == {"duplicate": 1, "not_found": 1}
+    metas = {m["source"]: m for _, m in read_shard_set(tmp_path / "out").values()}
+    assert metas["a.wav"]["n_frames"] == 1 + (32000 - 400) // 160
+    assert metas["a.wav"]["labels"] == ["dog", "cat"] and metas["a.wav"]["label_indices"] == [1, 0]
+    drop = make_manifest_shards(tmp_path / "out2", d / "list.csv", workers=0, progress=False)
+    assert drop["skipped"] == {"duplicate": 1, "not_found": 1, "too_short": 1}
+
+
+def test_m2d_frontend_and_folder_labels(tmp_path):
+    d = tmp_path / "in"
+    for i, cls in enumerate(["birds", "cars"]):
+        (d / cls).mkdir(parents=True)
+        sf.write(d / cls / f"{i}.flac", synth_clip(i, sample_rate=22050, seconds=6.5)[0], 22050)
+    s = make_folder_shards(tmp_path / "out", d, frontend="m2d", workers=0, progress=False)
+    assert s["frontend"]["name"] == "m2d" and s["classes"] == ["birds", "cars"]
+    for arr, meta in read_shard_set(tmp_path / "out").values():
+        w, sr = sf.read(d / meta["source"], dtype="float32", always_2d=True)
+        assert arr.shape == (80, 1 + 6.5 * 16000 // 160)  # center=True
+        np.testing.assert_array_equal(arr, reference_lms(w, sr, "m2d").astype(np.float16))
+        assert meta["labels"] == [Path(meta["source"]).parent.name]
+
+
+# --------------------------------------------------------------------------------------------- user mistakes
+def test_one_line_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--shard-size"):
+        cli_main(["synthetic", "--n", "3", "--out", str(tmp_path / "o"), "--shard-size", "lots"])
+    with pytest.raises(SystemExit, match="not a folder|does not exist"):
+        cli_main(["folder", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            cli_main(["synthetic", "--n", "3", "--out", str(tmp_path / "o"), "--device", "cuda"])
+    make_synthetic_shards(tmp_path / "o", n=2, workers=0, min_frames=10, progress=False)
+    again = make_synthetic_shards(tmp_path / "o", n=2, workers=0, min_frames=10, progress=False)
+    assert again["already_complete"]
+    with pytest.raises(SystemExit, match="different shard set.*--overwrite"):
+        cli_main(["synthetic", "--n", "3", "--out", str(tmp_path / "o"), "--min-frames", "10"])
+    assert cli_main(["synthetic", "--n", "3", "--out", str(tmp_path / "o"), "--min-frames", "10", "--overwrite",
+                     "--workers", "0", "--no-progress"]) == 0
+
+
+# ------------------------------------------------------------------------------ determinism and SIGKILL resume
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def test_sigkill_resume_is_identical_to_uninterrupted_run(tmp_path):
+    n, size = 90, "6"
+    ref = tmp_path / "ref"
+    make_synthetic_shards(ref, n=n, seed=1, workers=2, shard_size=size, progress=False)  # another worker count
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "shard_tools", "synthetic", "--n", str(n), "--seed", "1", "--out", str(out),
+           "--shard-size", size, "--workers", "0", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    journal = out / ".make-shards" / "journal.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed; raise n"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "stats.json").exists() and (out / ".make-shards").is_dir()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resumed an interrupted run at input" in done.stdout
+    assert f"inputs {n}  written {n}" in done.stdout
+    assert not (out / ".make-shards").exists()
+    a, b = _files(ref), _files(out)
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name] == b[name], name
+    assert len(json.loads((out / "sizes.json").read_text())) == 15
