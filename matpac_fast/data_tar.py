@@ -1,0 +1,297 @@
+"""Tar shards read without `tarfile`: a member index over an mmap'd file, and a sequential stream reader.
+
+Why not `tarfile` / WebDataset's iterator: both parse every header through several Python layers and copy every
+payload; for 80 x 1000 fp16 clips they manage ~2,500 samples/s per core. Here a local shard is mmap'd once, its
+512-byte headers are walked to build a member index (~2 headers per sample, microseconds each), and a sample is a
+zero-copy `np.frombuffer` view of the `.npy` payload inside the mapping; the loader then copies only the time crop.
+Remote shards (URLs, `pipe:` commands) cannot be mapped, so the same header parser also runs over a byte stream.
+
+Only two payload kinds are ever decoded: `.npy` (header parsed with `ast.literal_eval`, the data read as raw
+float16 — never unpickled) and `.json`. Everything else in a shard is skipped unread.
+
+Supported tar dialects: POSIX ustar (with prefix), GNU long names ('L'), PAX extended headers ('x'; `path` and
+`size`), which covers what `tarfile`, GNU tar and WebDataset's TarWriter write.
+"""
+
+from __future__ import annotations
+
+import ast
+import mmap
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 512
+_ZERO_BLOCK = bytes(BLOCK)
+_REGULAR = (b"0", b"\0", b"7")
+# WebDataset's rule: the key is the member path up to the first dot of its basename, the rest is the extension.
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class ShardError(Exception):
+    """A shard that cannot be read: missing, truncated, bad checksum, bad payload."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# headers
+
+
+def _number(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError as e:
+        raise ShardError(f"bad number field {field!r} in tar header") from e
+
+
+def parse_header(block: bytes) -> tuple[str, int, bytes]:
+    """512-byte header -> (name, size, typeflag); checks the checksum so a corrupt shard is noticed."""
+    stored = _number(block[148:156])
+    actual = sum(block) - sum(block[148:156]) + 8 * 32  # the checksum field counts as spaces
+    if stored != actual:
+        raise ShardError("bad tar header checksum (corrupt or not a tar file)")
+    name = block[0:100].split(b"\0", 1)[0]
+    if block[257:263] == b"ustar\0":  # POSIX: name may be split into prefix/name
+        prefix = block[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "replace"), _number(block[124:136]), block[156:157]
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    out, pos = {}, 0
+    while pos < len(data):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "replace")
+        pos += length
+    return out
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    m = _KEY_RE.match(name)
+    return (m.group(1), m.group(2)) if m else None
+
+
+class _MmapCursor:
+    """Cursor over a mapping; `data` returns the payload offset (no copy)."""
+
+    def __init__(self, buf):
+        self.buf, self.pos, self.end = buf, 0, len(buf)
+
+    def read(self, n: int) -> bytes:
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += len(out)
+        return out
+
+    def data(self, size: int, padded: int) -> tuple[int, int]:
+        if self.pos + size > self.end:
+            raise ShardError("truncated tar member")
+        off = self.pos
+        self.pos = min(self.pos + padded, self.end)
+        return off, size
+
+    def skip(self, size: int, padded: int) -> None:
+        self.data(size, padded)
+
+
+class _StreamCursor:
+    """Cursor over a byte stream (file, pipe, HTTP); `data` returns the payload bytes."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, n: int) -> bytes:
+        return self.f.read(n)
+
+    def data(self, size: int, padded: int) -> bytes:
+        out = self.f.read(padded)
+        if len(out) < size:
+            raise ShardError("truncated tar member")
+        return out[:size] if padded != size else out
+
+    def skip(self, size: int, padded: int) -> None:
+        while padded > 0:
+            got = len(self.f.read(min(padded, 1 << 20)))
+            if got == 0:
+                # Missing payload bytes are corruption; missing padding is caught by the next header read.
+                if size > 0:
+                    raise ShardError("truncated tar member")
+                return
+            padded -= got
+            size -= got
+
+
+def iter_members(cur, want: Callable[[str], bool]) -> Iterator[tuple[str, object]]:
+    """Yield (name, payload) for the regular members `want` accepts; payload = (offset, size) (mmap) or bytes."""
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    while True:
+        block = cur.read(BLOCK)
+        if len(block) < BLOCK:
+            # A complete shard ends with zero blocks; a short read means the file was cut.
+            raise ShardError("truncated tar (no end-of-archive marker)")
+        if block == _ZERO_BLOCK:
+            return
+        name, size, typ = parse_header(block)
+        if typ in (b"x", b"L"):
+            raw = cur.data(size, (size + BLOCK - 1) & ~(BLOCK - 1))
+            if isinstance(raw, tuple):
+                raw = bytes(cur.buf[raw[0] : raw[0] + size])
+            if typ == b"L":
+                long_name = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+            else:
+                pax = _parse_pax(raw)
+            continue
+        if "path" in pax:
+            name = pax["path"]
+        elif long_name is not None:
+            name = long_name
+        size = int(pax.get("size", size))
+        long_name, pax = None, {}
+        padded = (size + BLOCK - 1) & ~(BLOCK - 1)
+        if typ in _REGULAR and want(name):
+            yield name, cur.data(size, padded)
+        else:
+            cur.skip(size, padded)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# npy payloads
+
+
+@dataclass(frozen=True)
+class NpyLayout:
+    data_offset: int  # bytes from the start of the payload
+    shape: tuple[int, ...]
+
+
+_HEADER_CACHE: dict[bytes, tuple[str, bool, tuple]] = {}
+
+
+def npy_layout(buf, offset: int, size: int) -> NpyLayout:
+    """Parse an .npy header (versions 1-3) at `offset` without numpy's pickle-capable loader."""
+    head = bytes(buf[offset : offset + 12])
+    if head[:6] != _NPY_MAGIC:
+        raise ShardError("npy member without NUMPY magic")
+    if head[6] == 1:
+        hlen, start = int.from_bytes(head[8:10], "little"), 10
+    elif head[6] in (2, 3):
+        hlen, start = int.from_bytes(head[8:12], "little"), 12
+    else:
+        raise ShardError(f"unsupported npy version {head[6]}")
+    text = bytes(buf[offset + start : offset + start + hlen])
+    parsed = _HEADER_CACHE.get(text)
+    if parsed is None:
+        try:
+            d = ast.literal_eval(text.decode("latin1"))  # literals only: cannot run code
+            parsed = (d["descr"], bool(d["fortran_order"]), tuple(int(x) for x in d["shape"]))
+        except (ValueError, SyntaxError, KeyError, TypeError) as e:
+            raise ShardError(f"bad npy header {text[:60]!r}") from e
+        if len(_HEADER_CACHE) < 4096:
+            _HEADER_CACHE[text] = parsed
+    descr, fortran, shape = parsed
+    if descr not in ("<f2", "f2") or fortran:
+        raise ShardError(f"npy payload is {descr} fortran_order={fortran}; the shard format is C-order float16")
+    nbytes = 2 * int(np.prod(shape))
+    if start + hlen + nbytes > size:
+        raise ShardError("npy payload shorter than its header says")
+    return NpyLayout(start + hlen, shape)
+
+
+def npy_view(buf, offset: int, size: int) -> np.ndarray:
+    """Zero-copy float16 view of the .npy payload stored at buf[offset:offset+size]."""
+    lay = npy_layout(buf, offset, size)
+    count = int(np.prod(lay.shape))
+    return np.frombuffer(buf, dtype="<f2", count=count, offset=offset + lay.data_offset).reshape(lay.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# indexed local shards
+
+
+class TarIndex:
+    """mmap of one local shard + the (key, npy, json) member table in tar order."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+        except OSError as e:
+            raise ShardError(f"{e.strerror or e}") from e
+        self.keys: list[str] = []
+        self.npy: list[tuple[int, int]] = []
+        self.json: list[tuple[int, int] | None] = []
+        self._build()
+
+    def _build(self) -> None:
+        cur = _MmapCursor(self.mm)
+        members = iter_members(cur, lambda n: n.endswith((".npy", ".json")))
+        for key, parts in group_samples(members):
+            if "npy" not in parts:
+                raise ShardError(f"sample {key!r} has no .npy member")
+            self.keys.append(key)
+            self.npy.append(parts["npy"])
+            self.json.append(parts.get("json"))
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def array(self, i: int) -> np.ndarray:
+        off, size = self.npy[i]
+        return npy_view(self.mm, off, size)
+
+    def json_bytes(self, i: int) -> bytes | None:
+        ref = self.json[i]
+        return None if ref is None else bytes(self.mm[ref[0] : ref[0] + ref[1]]).rstrip(b"\0")
+
+
+def group_samples(members) -> Iterator[tuple[str, dict[str, object]]]:
+    """Consecutive members sharing a key form one sample (the WebDataset convention)."""
+    key, parts = None, {}
+    for name, payload in members:
+        kx = split_key(name)
+        if kx is None:
+            continue
+        k, ext = kx
+        if k != key:
+            if key is not None:
+                yield key, parts
+            key, parts = k, {}
+        parts[ext] = payload
+    if key is not None:
+        yield key, parts
+
+
+class IndexCache:
+    """Per-process LRU of open TarIndex objects (a mapping costs one fd and no memory until read)."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._items: OrderedDict[str, TarIndex] = OrderedDict()
+
+    def get(self, path: str) -> TarIndex:
+        idx = self._items.get(path)
+        if idx is None:
+            idx = TarIndex(path)
+            self._items[path] = idx
+            if len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+        else:
+            self._items.move_to_end(path)
+        return idx
+
+
+def iter_stream_samples(f) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Samples (key, {"npy": bytes, "json": bytes}) of a tar byte stream, in tar order."""
+    cur = _StreamCursor(f)
+    yield from group_samples(iter_members(cur, lambda n: n.endswith((".npy", ".json"))))

@@ -1,0 +1,101 @@
+"""The tar/npy parser of matpac_fast.data_tar, checked against the standard library's tarfile and np.load."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+
+from matpac_fast.data_fixtures import clip, npy_bytes
+from matpac_fast.data_tar import ShardError, TarIndex, iter_stream_samples, npy_view
+
+
+def _write(path, members, fmt=tarfile.PAX_FORMAT):
+    with tarfile.open(path, "w", format=fmt) as tf:
+        for name, payload in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tf.addfile(info, io.BytesIO(payload))
+
+
+def _reference(path):
+    """(key, array, json bytes) per sample, through tarfile + np.load(allow_pickle=False)."""
+    out = {}
+    with tarfile.open(path) as tf:
+        for m in tf.getmembers():
+            key, ext = m.name.split("/")[-1].split(".", 1)
+            key = m.name.rsplit("/", 1)[0] + "/" + key if "/" in m.name else key
+            data = tf.extractfile(m).read()
+            if ext == "npy":
+                out.setdefault(key, {})["npy"] = np.load(io.BytesIO(data), allow_pickle=False)
+            elif ext == "json":
+                out.setdefault(key, {})["json"] = data
+    return out
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_index_and_stream_match_tarfile(tmp_path, fmt):
+    rng = np.random.default_rng(0)
+    long_key = "d" * 70 + "/" + "k" * 60  # > 100 chars: pax 'path', GNU 'L' or ustar prefix, depending on fmt
+    members = []
+    for i, key in enumerate(["a0", "a1", long_key, "sub/a3"]):
+        members += [(f"{key}.npy", npy_bytes(clip(rng, 600 + 37 * i))), (f"{key}.json", b'{"label_indices": [%d]}' % i)]
+    members.insert(2, ("README.txt", b"ignored, never decoded"))
+    path = tmp_path / "s.tar"
+    _write(path, members, fmt)
+    ref = _reference(path)
+
+    idx = TarIndex(str(path))
+    assert idx.keys == ["a0", "a1", long_key, "sub/a3"]
+    for i, key in enumerate(idx.keys):
+        np.testing.assert_array_equal(idx.array(i), ref[key]["npy"])
+        assert idx.json_bytes(i) == ref[key]["json"]
+    with open(path, "rb") as f:
+        streamed = list(iter_stream_samples(f))
+    assert [k for k, _ in streamed] == idx.keys
+    for key, parts in streamed:
+        np.testing.assert_array_equal(npy_view(parts["npy"], 0, len(parts["npy"])), ref[key]["npy"])
+
+
+def test_index_is_zero_copy(tmp_path):
+    rng = np.random.default_rng(1)
+    path = tmp_path / "s.tar"
+    _write(path, [("x.npy", npy_bytes(clip(rng, 700)))])
+    arr = TarIndex(str(path)).array(0)
+    assert not arr.flags.owndata and not arr.flags.writeable  # a view into the read-only mapping
+
+
+@pytest.mark.parametrize("damage", ["truncate", "checksum", "empty", "not_tar"])
+def test_corrupt_tar_raises_shard_error(tmp_path, damage):
+    rng = np.random.default_rng(2)
+    path = tmp_path / "s.tar"
+    _write(path, [(f"k{i}.npy", npy_bytes(clip(rng, 640))) for i in range(3)])
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "checksum":
+        raw[0] ^= 0x01  # a name byte of the first header: the stored checksum no longer matches
+    elif damage == "empty":
+        raw = b""
+    else:
+        raw = b"this is not a tar file" * 100
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ShardError):
+        TarIndex(str(path))
+    with open(path, "rb") as f, pytest.raises(ShardError):
+        list(iter_stream_samples(f))
+
+
+def test_npy_header_checks():
+    good = npy_bytes(np.zeros((80, 10), np.float16))
+    assert npy_view(good, 0, len(good)).shape == (80, 10)
+    for bad in (np.zeros((80, 10), np.float32), np.asfortranarray(np.zeros((80, 10), np.float16))):
+        raw = npy_bytes(bad)
+        with pytest.raises(ShardError):
+            npy_view(raw, 0, len(raw))
+    # An object array (would need unpickling) is refused from its header alone.
+    obj = npy_bytes(np.zeros((2, 2), np.float16)).replace(b"'<f2'", b"'|O' ")
+    with pytest.raises(ShardError):
+        npy_view(obj, 0, len(obj))
+    with pytest.raises(ShardError):
+        npy_view(good[:-10], 0, len(good) - 10)  # payload shorter than the header says
