@@ -1,0 +1,152 @@
+"""AudioSet path: the real CSVs + a generated download tree in every common layout -> shards with the CSV labels."""
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from shard_tools.cli import main as cli_main
+from shard_tools.discover import parse_audioset_name, read_class_index, read_segments
+from shard_tools.synthetic import synth_clip
+
+SR = 8000  # tiny files: 6.2-10 s at 8 kHz
+
+
+def test_read_real_csvs(audioset_meta_dir):
+    mids, names = read_class_index(audioset_meta_dir / "class_labels_indices.csv")
+    assert len(mids) == 527 and mids[0] == "/m/09x0r" and names[0] == "Speech"
+    assert names[1] == "Male speech, man speaking"  # quoted display name with a comma
+    bal = read_segments(audioset_meta_dir / "balanced_train_segments.csv")
+    ev = read_segments(audioset_meta_dir / "eval_segments.csv")
+    # the header line 2 of each file states these counts
+    assert len(bal) == 22160 and sum(len(s.labels) for s in bal) == 52882
+    assert len(ev) == 20371 and sum(len(s.labels) for s in ev) == 51804
+    first = bal[0]
+    assert (first.ytid, first.start, first.end, first.labels) == ("--PJHxphWEs", 30.0, 40.0, ("/m/09x0r", "/t/dd00088"))
+    assert first.split == "balanced_train"
+    assert {m for s in bal + ev for m in s.labels} <= set(mids)
+
+
+def test_parse_audioset_names_by_hand():
+    seg = object()
+    known = {"--PJHxphWEs": [seg], "Y-CDakgc2Lc": [seg], "-24dqQM_rDk": [seg]}
+    assert parse_audioset_name("Y--PJHxphWEs", known) == ("--PJHxphWEs", None, None)
+    assert parse_audioset_name("--PJHxphWEs", known) == ("--PJHxphWEs", None, None)
+    assert parse_audioset_name("YY-CDakgc2Lc", known) == ("Y-CDakgc2Lc", None, None)  # id itself starts with Y
+    assert parse_audioset_name("Y-CDakgc2Lc_30", known) == ("Y-CDakgc2Lc", 30.0, None)
+    assert parse_audioset_name("-24dqQM_rDk_30.000-40.000", known) == ("-24dqQM_rDk", 30.0, 40.0)
+    assert parse_audioset_name("-24dqQM_rDk_30.5_40.5", known) == ("-24dqQM_rDk", 30.5, 40.5)
+    assert parse_audioset_name("zzzzzzzzzzz", known) is None
+    assert parse_audioset_name("--PJHxphWEs_x", known) is None
+
+
+# segments from the real CSVs chosen for their awkward ids and times
+CASES = {
+    # relative path: (ytid, start, seconds of audio written, expected outcome)
+    "Y--PJHxphWEs.wav": ("--PJHxphWEs", 30.0, 6.2, "truncated"),  # leading '-', Y prefix, 10 s segment, 6.2 s file
+    "Music/-24dqQM_rDk_30.000-40.000.wav": ("-24dqQM_rDk", 30.0, 9.8, "ok"),  # inner '_', per-label folder
+    # the same clip in another label folder: the first in path order is kept
+    "Speech/-24dqQM_rDk_30.000-40.000.wav": ("-24dqQM_rDk", 30.0, 9.8, "duplicate"),
+    "AE5oZzfu2-E_239.8.flac": ("AE5oZzfu2-E", 239.8, 9.9, "ok"),  # fractional start
+    "YY-CDakgc2Lc.wav": ("Y-CDakgc2Lc", 30.0, 10.0, "ok"),  # an id that itself starts with 'Y'
+    "audio/eval/-1Hub6Ps_cc.ogg": ("-1Hub6Ps_cc", 10.0, 10.0, "ok"),  # audio/<split>/<ytid>.<ext>, eval CSV
+    "audio/eval/-0CamVQdP_Y.wav": ("-0CamVQdP_Y", 0.0, 6.0, "too_short"),  # a 6 s segment: < 608 frames
+    "Agi5ySKb1tY.wav": ("Agi5ySKb1tY", 23.7, 34.5, "cropped"),  # the whole video: cut to 23.7-33.7
+    "--ZhevVpy1s_0.000.wav": ("--ZhevVpy1s", 0.0, 6.5, "not_in_csv"),  # id known, segment (start 50) not
+    "Yzzzzzzzzzzz.wav": ("zzzzzzzzzzz", 0.0, 6.5, "not_in_csv"),
+    "Bh4oxwlwQMY.wav.part": ("Bh4oxwlwQMY", 86.1, 6.5, "partial_download"),
+}
+
+
+@pytest.fixture
+def audioset_tree(tmp_path):
+    root = tmp_path / "download"
+    for i, (rel, (_, _, seconds, _)) in enumerate(CASES.items()):
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        wave, _ = synth_clip(i, sample_rate=SR, seconds=seconds)
+        if rel.endswith(".part"):
+            sf.write(p.with_suffix(""), wave, SR)
+            p.with_suffix("").rename(p)
+        else:
+            sf.write(p, wave, SR)
+    (root / "Speech" / "desktop.ini").write_text("[not audio]")
+    return root
+
+
+def test_audioset_every_layout_gets_exactly_the_csv_labels(audioset_meta_dir, audioset_tree, tmp_path, capsys):
+    meta = audioset_meta_dir
+    out = tmp_path / "shards"
+    rc = cli_main([
+        "audioset", "--segments", str(meta / "balanced_train_segments.csv"), str(meta / "eval_segments.csv"),
+        "--class-index", str(meta / "class_labels_indices.csv"), "--audio-root", str(audioset_tree),
+        "--out", str(out), "--workers", "0", "--no-progress", "--shard-size", "3",
+    ])
+    assert rc == 0
+    printed = capsys.readouterr()
+    csv_rows = {}
+    for name in ("balanced_train_segments.csv", "eval_segments.csv"):
+        for line in (meta / name).read_text().splitlines()[3:]:  # independent, naive parse of the official layout
+            ytid, start, end, labels = line.split(", ", 3)
+            csv_rows[(ytid, float(start))] = (float(end), labels.strip('"').split(","))
+    mids = [line.split(",")[1] for line in (meta / "class_labels_indices.csv").read_text().splitlines()[1:]]
+
+    samples = {}
+    for shard in json.loads((out / "sizes.json").read_text()):
+        with tarfile.open(out / shard) as tar:
+            for info in tar:
+                if info.name.endswith(".json"):
+                    m = json.loads(tar.extractfile(info).read())
+                    samples[m["source"]] = m
+    lines = {line["source"]: line for line in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    assert set(lines) == set(CASES)
+    written = {rel for rel, c in CASES.items() if c[3] in ("ok", "truncated", "cropped")}
+    assert set(samples) == written
+    for rel, (ytid, start, seconds, outcome) in CASES.items():
+        if rel not in written:
+            assert lines[rel]["skipped"] == outcome, rel
+            continue
+        m = samples[rel]
+        end, labels = csv_rows[(ytid, start)]
+        assert m["ytid"] == ytid and m["start"] == start and m["end"] == end
+        assert m["labels"] == labels, rel
+        assert [mids[i] for i in m["label_indices"]] == labels
+        assert m["key"] == f"{ytid}_{round(start * 1000)}" and lines[rel]["key"] == m["key"]
+        assert m["source_sr"] == SR
+        expected_flags = {"ok": [], "truncated": ["truncated"], "cropped": ["cropped"]}[outcome]
+        assert m["flags"] == expected_flags, rel
+        dur = min(seconds, end - start)
+        assert m["duration"] == pytest.approx(dur) and m["n_frames"] == 1 + (int(dur * 16000) - 400) // 160
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["classes"][0] == "Speech" and stats["class_ids"] == mids
+    assert stats["written"] == len(written) == 6
+    assert stats["skipped"] == {"duplicate": 1, "not_in_csv": 2, "partial_download": 1, "too_short": 1}
+    assert stats["written"] + sum(stats["skipped"].values()) == stats["inputs"] == len(CASES)
+    assert stats["flags"] == {"cropped": 1, "truncated": 1}
+    assert "segments in CSVs: 42531; with an audio file: 7; missing: 42524" in printed.err
+    assert "ignored 1 non-audio files" in printed.err
+
+
+def test_cropped_clip_holds_the_segment(audioset_meta_dir, audioset_tree, tmp_path):
+    """The whole-video file is cut at 23.7 s: its log-mel equals that of the cut waveform."""
+    import io
+
+    import torch
+
+    from matpac_fast.frontend import LogMelSpec, resample
+
+    meta = audioset_meta_dir
+    out = tmp_path / "s"
+    cli_main([
+        "audioset", "--segments", str(meta / "balanced_train_segments.csv"),
+        "--class-index", str(meta / "class_labels_indices.csv"), "--audio-root", str(audioset_tree),
+        "--out", str(out), "--workers", "0", "--no-progress",
+    ])
+    with tarfile.open(out / "shards-000000.tar") as tar:
+        arr = np.load(io.BytesIO(tar.extractfile("Agi5ySKb1tY_23700.npy").read()), allow_pickle=False)
+    w, sr = sf.read(audioset_tree / "Agi5ySKb1tY.wav", dtype="float32")
+    cut = torch.from_numpy(np.ascontiguousarray(w[round(23.7 * sr) : round(33.7 * sr)]))
+    ref = LogMelSpec("matpac")(resample(cut, sr)[None])[0].numpy()
+    np.testing.assert_array_equal(arr, ref.astype(np.float16))
