@@ -1,0 +1,182 @@
+"""Fused normalise → patchify → gather of visible and masked tokens, in one pass over the log-mel input.
+
+Shapes: lms (B, 1, F, T) raw log-mel in any float dtype; n_f = F / patch, n_t = T / patch patches per axis;
+patch index = f_idx * n_t + t_idx (frequency-major); token pixels in (f, t) row-major order inside the patch, so a
+Conv2d(1, D, patch, patch) weight reshaped to (D, patch²) is the equivalent linear. No gradient (data).
+
+Triton kernel: one program per (batch row, block of TOK tokens); a program reads each token's patch index, loads its
+patch² pixels straight from the strided input, normalises in fp32, casts and stores. Visible and masked tokens are
+produced by the same launch (program blocks [0, ceil(Nv/TOK)) write the visible tokens, the rest the masked ones),
+so every input pixel that is needed is read exactly once and nothing intermediate is written.
+Out-of-range patch indices produce NaN tokens in the kernel (no out-of-bounds read); the reference raises instead.
+"""
+
+import torch
+
+from ._runtime import interpreter_active, jit, tl, use_triton
+
+TOKENS_PER_PROGRAM = 16
+
+
+def reference_patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch=16, out_dtype=torch.float32):
+    """The specification, in plain PyTorch. Returns (vis (B, Nv, patch²), mask (B, Nm, patch²)) in out_dtype."""
+    x = (lms_B1FT.float() - float(mean)) / float(std)
+    B, _, F, T = x.shape
+    n_f, n_t = F // patch, T // patch
+    patches_BNP = x.reshape(B, n_f, patch, n_t, patch).permute(0, 1, 3, 2, 4).reshape(B, n_f * n_t, patch * patch)
+
+    def gather(idx_BN):
+        return torch.gather(patches_BNP, 1, idx_BN.long()[..., None].expand(-1, -1, patch * patch)).to(out_dtype)
+
+    return gather(vis_idx_BNv), gather(mask_idx_BNm)
+
+
+@jit
+def _patchify_gather_kernel(
+    lms_ptr,
+    vis_idx_ptr,
+    mask_idx_ptr,
+    vis_out_ptr,
+    mask_out_ptr,
+    mean,
+    std,
+    n_vis,
+    n_mask,
+    n_t,
+    n_patches,
+    s_lb,
+    s_lf,
+    s_lt,
+    s_vb,
+    s_vn,
+    s_mb,
+    s_mn,
+    PATCH: tl.constexpr,
+    TOK: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    n_vis_blocks = tl.cdiv(n_vis, TOK)
+    # Branch-free choice between the visible and the masked output: both loads/stores are issued, one fully masked.
+    is_vis = blk < n_vis_blocks
+    is_mask = blk >= n_vis_blocks
+    tok0 = tl.where(is_vis, blk, blk - n_vis_blocks) * TOK
+    toks = tok0 + tl.arange(0, TOK)
+    vis_ok = is_vis & (toks < n_vis)
+    mask_ok = is_mask & (toks < n_mask)
+
+    pidx = tl.load(vis_idx_ptr + b * s_vb + toks * s_vn, mask=vis_ok, other=0).to(tl.int64)
+    pidx += tl.load(mask_idx_ptr + b * s_mb + toks * s_mn, mask=mask_ok, other=0).to(tl.int64)
+    in_range = (pidx >= 0) & (pidx < n_patches)
+    f0 = (pidx // n_t) * PATCH
+    t0 = (pidx % n_t) * PATCH
+
+    pix = tl.arange(0, PATCH * PATCH)
+    r = pix // PATCH
+    c = pix % PATCH
+    src = lms_ptr + b * s_lb + (f0[:, None] + r[None, :]) * s_lf + (t0[:, None] + c[None, :]) * s_lt
+    x = tl.load(src, mask=((vis_ok | mask_ok) & in_range)[:, None], other=0.0).to(tl.float32)
+    y = (x - mean) / std
+    y = tl.where(in_range[:, None], y, float("nan"))
+
+    dst = toks[:, None].to(tl.int64) * (PATCH * PATCH) + pix[None, :]
+    tl.store(vis_out_ptr + b * n_vis * (PATCH * PATCH) + dst, y.to(vis_out_ptr.dtype.element_ty), mask=vis_ok[:, None])
+    tl.store(
+        mask_out_ptr + b * n_mask * (PATCH * PATCH) + dst, y.to(mask_out_ptr.dtype.element_ty), mask=mask_ok[:, None]
+    )
+
+
+def _launch(lms, mean, std, vis_idx, mask_idx, patch, out_dtype, wrap=None):
+    B, _, F, T = lms.shape
+    n_t = T // patch
+    n_vis, n_mask = vis_idx.shape[1], mask_idx.shape[1]
+    P = patch * patch
+    vis_out = torch.empty((B, n_vis, P), dtype=out_dtype, device=lms.device)
+    mask_out = torch.empty((B, n_mask, P), dtype=out_dtype, device=lms.device)
+    kernel = _patchify_gather_kernel if wrap is None else wrap(_patchify_gather_kernel)
+    tok = TOKENS_PER_PROGRAM
+    grid = (B, triton_cdiv(n_vis, tok) + triton_cdiv(n_mask, tok))
+    kernel[grid](
+        lms, vis_idx, mask_idx, vis_out, mask_out,
+        mean, std, n_vis, n_mask, n_t, (F // patch) * n_t,
+        lms.stride(0), lms.stride(2), lms.stride(3),
+        vis_idx.stride(0), vis_idx.stride(1), mask_idx.stride(0), mask_idx.stride(1),
+        PATCH=patch, TOK=tok, num_warps=4,
+    )  # fmt: skip
+    return vis_out, mask_out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# The interpreter path (CPU tensors) is an opaque custom op: torch.compile(fullgraph=True) traces through it, which
+# a triton_op cannot do in interpreter mode. On CUDA a triton_op lets inductor see and schedule the kernel itself.
+@torch.library.custom_op("matpac_kernels::patchify_gather_interp", mutates_args=())
+def _patchify_gather_interp(
+    lms: torch.Tensor,
+    mean: float,
+    std: float,
+    vis_idx: torch.Tensor,
+    mask_idx: torch.Tensor,
+    patch: int,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(lms, mean, std, vis_idx, mask_idx, patch, out_dtype)
+
+
+@_patchify_gather_interp.register_fake
+def _(lms, mean, std, vis_idx, mask_idx, patch, out_dtype):
+    P = patch * patch
+    return (
+        lms.new_empty((lms.shape[0], vis_idx.shape[1], P), dtype=out_dtype),
+        lms.new_empty((lms.shape[0], mask_idx.shape[1], P), dtype=out_dtype),
+    )
+
+
+@torch.library.triton_op("matpac_kernels::patchify_gather_cuda", mutates_args=())
+def _patchify_gather_cuda(
+    lms: torch.Tensor,
+    mean: float,
+    std: float,
+    vis_idx: torch.Tensor,
+    mask_idx: torch.Tensor,
+    patch: int,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch(lms, mean, std, vis_idx, mask_idx, patch, out_dtype, wrap=torch.library.wrap_triton)
+
+
+def _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch):
+    if lms_B1FT.dim() != 4 or lms_B1FT.shape[1] != 1:
+        raise ValueError(f"lms must have shape (B, 1, F, T), got {tuple(lms_B1FT.shape)}; add the channel dim")
+    _, _, F, T = lms_B1FT.shape
+    if F % patch or T % patch:
+        raise ValueError(f"F={F} and T={T} must be multiples of patch={patch}; crop or pad the input first")
+    for name, idx in (("vis_idx", vis_idx_BNv), ("mask_idx", mask_idx_BNm)):
+        if idx.dim() != 2 or idx.shape[0] != lms_B1FT.shape[0]:
+            raise ValueError(f"{name} must have shape (B={lms_B1FT.shape[0]}, N), got {tuple(idx.shape)}")
+        if idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name} must be int32 or int64, got {idx.dtype}")
+        if idx.device != lms_B1FT.device:
+            raise ValueError(f"{name} is on {idx.device} but lms is on {lms_B1FT.device}; move both to one device")
+    if not float(std) > 0:
+        raise ValueError(f"std must be positive, got {float(std)}")
+
+
+def patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch=16, out_dtype=torch.float32):
+    """Normalise (x - mean) / std in fp32, cut patch×patch patches, gather the visible and masked ones, cast.
+
+    Args: lms_B1FT raw log-mel (B, 1, F, T), any float dtype; mean, std Python floats; vis_idx_BNv, mask_idx_BNm
+    int64/int32 patch indices (patch index = f_idx * n_t + t_idx); patch a power of two for the Triton path.
+    Returns (vis (B, Nv, patch²), mask (B, Nm, patch²)) in out_dtype. Runs the Triton kernel on CUDA (see
+    `matpac_kernels.use_backend`), the reference `reference_patchify_gather` elsewhere.
+    """
+    _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch)
+    pow2 = patch > 0 and patch & (patch - 1) == 0
+    if not use_triton(lms_B1FT.device, supported=pow2, why=f"patch={patch} is not a power of two"):
+        return reference_patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch, out_dtype)
+    # The kernel needs one index dtype for both index tensors (the branch-free load adds them).
+    vis_idx, mask_idx = vis_idx_BNv.long(), mask_idx_BNm.long()
+    op = _patchify_gather_cuda if lms_B1FT.is_cuda and not interpreter_active() else _patchify_gather_interp
+    return op(lms_B1FT, float(mean), float(std), vis_idx, mask_idx, patch, out_dtype)
