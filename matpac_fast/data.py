@@ -1,0 +1,759 @@
+"""Streaming loader: a shard set (docs/CONTRACTS.md "Shard set") -> fixed-shape fp16 batches, on one rank or many.
+
+    source = ShardSource.open("shards/")                 # or "dir/shards-{000000..000099}.tar", URLs, "pipe:..."
+    check_spec("matpac", source.stats)                   # one-line ValueError when the shards' front end differs
+    loader = make_loader(DataConfig(batch_size=256), rank, world_size, epoch, seed, source=source)
+    len(loader)                                          # batches per rank this epoch, known before iterating
+    for batch in loader:                                 # {"lms": fp16 (B, 1, 80, 608), "key": [...], ...}
+        x = normalize_on_device(batch["lms"], mean, std, device)
+
+Epoch modes
+-----------
+`exact` (each sample at most once per epoch, every rank the same number of batches). The shard order is permuted
+with (seed, epoch) — the same on every rank — and the shards laid end to end form one sequence of N samples. Rank r
+owns the contiguous slice [r N / world, (r+1) N / world) of that sequence; the slice is cut again, at sample level,
+into one contiguous range per worker, sized in whole batches (batch i of a rank is made by worker i % workers,
+which is also the order in which a DataLoader returns them). Splitting at sample level, not shard level, is what
+makes the counts equal whatever the shard count: a worker whose range starts or ends inside a shard just skips
+the samples outside it. Every rank yields `batches_per_epoch` batches:
+  - remainder="drop" (default, the authors' drop_last): floor(N / (world B)) batches per rank. The last
+    N - world B floor(N / (world B)) (< world B) samples of the permuted order are not used this epoch — a different
+    set each epoch. No key is yielded twice; when N is a multiple of world B, the union over ranks is every key.
+  - remainder="fill": ceil(N / (world B)) batches per rank; the last batch of a rank is completed with samples
+    re-drawn from the start of the sequence, flagged in batch["filled"]. The union of unflagged keys is then every
+    key exactly once, divisible or not.
+Samples a worker cannot use (a corrupt or missing shard, a short clip under short="drop") are replaced the same
+way — by reading on past the end of its range, flagged `filled` — so the batch counts never change: DDP never hangs.
+
+`resampled`: each worker draws shards with replacement (seeded by seed, epoch, rank, worker) and yields exactly its
+share of floor(samples_per_epoch / (world B)) batches per rank; it never runs dry.
+
+Readers: a local shard is mmap'd and indexed (matpac_fast.data_tar.TarIndex); a sample is a zero-copy view of its
+.npy payload and only the time crop is copied, straight into the batch. In exact mode that reader shuffles a
+worker's whole range (a uniform permutation); a streamed shard (URL, `pipe:` command, or reader="stream") is read
+sequentially through a seeded shuffle buffer of `shuffle_buffer` cropped samples. Only .npy (raw float16, never
+unpickled) and .json payloads are decoded.
+
+Crops: one uniform random 608-frame crop per sample per epoch (seeded by seed, epoch, rank, worker). Clips shorter
+than the crop are dropped or right-padded with `pad_value` (default: the front end's normalisation mean, so the
+padding is zero after normalisation) — by default as the shard set's stats.json "short" says.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from matpac_fast.data_tar import IndexCache, ShardError, iter_stream_samples, npy_view
+from matpac_fast.frontend import FrontendSpec, check_compatible, get_spec, normalize
+
+_ORDER_SALT, _SHUFFLE_SALT, _CROP_SALT = 0x5EED, 1, 2
+_SHARD_EXCEPTIONS = (ShardError, OSError, ValueError, KeyError, EOFError)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# configuration
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Loader settings. Defaults reproduce the authors' recipe (608-frame crop, drop_last)."""
+
+    source: str | Sequence[str] = ""  # directory, brace pattern, URL(s), "pipe:..." or "synthetic:N"
+    meta: str | None = None  # where sizes.json / stats.json are, when not beside the shards
+    batch_size: int = 256
+    crop_frames: int = 608
+    mode: str = "exact"  # "exact" | "resampled"
+    remainder: str = "drop"  # exact mode: "drop" | "fill" (see the module docstring)
+    samples_per_epoch: int | None = None  # resampled mode: nominal epoch; None = the shard set's size
+    shuffle_buffer: int = 1000  # samples (stream reader: cropped arrays; indexed resampled: references)
+    num_workers: int = 2
+    prefetch_factor: int = 4
+    pin_memory: bool = True  # only when CUDA is present
+    short: str | None = None  # "drop" | "pad"; None = stats.json's "short"
+    pad_value: float | None = None  # None = the front end's norm_mean (zero after normalisation)
+    reader: str = "auto"  # "auto" (indexed for local files, stream otherwise) | "indexed" | "stream"
+    with_labels: bool = False
+    on_error: str = "warn"  # "warn": warn, count and skip a bad shard | "raise"
+
+    def __post_init__(self):
+        choices = {"mode": ("exact", "resampled"), "remainder": ("drop", "fill"), "short": (None, "drop", "pad"),
+                   "reader": ("auto", "indexed", "stream"), "on_error": ("warn", "raise")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}: choose one of {allowed}")
+        for name in ("batch_size", "crop_frames", "shuffle_buffer", "prefetch_factor"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"DataConfig.{name} must be >= 1 (got {getattr(self, name)})")
+        if self.num_workers < 0:
+            raise ValueError(f"DataConfig.num_workers must be >= 0 (got {self.num_workers})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# shard sets
+
+
+def is_local(url: str) -> bool:
+    return (not url.startswith("pipe:") and "://" not in url) or url.startswith("file://")
+
+
+def _local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def expand_urls(spec: str | Sequence[str]) -> list[str]:
+    """Brace patterns ("a-{000..009}.tar") and lists of them -> flat list of URLs."""
+    import braceexpand
+
+    specs = [spec] if isinstance(spec, str | Path) else list(spec)
+    return [u for s in specs for u in braceexpand.braceexpand(str(s))]
+
+
+def sibling(url: str, name: str) -> str:
+    """The URL of file `name` next to the shard at `url` (for pipe: commands, the last *.tar token is rewritten)."""
+    if url.startswith("pipe:"):
+        tokens = list(re.finditer(r"\S+\.tar\b", url))
+        if not tokens:
+            raise ValueError(f"cannot tell where sizes.json is for {url!r}; pass meta=DIR_OR_URL")
+        t = tokens[-1]
+        return url[: t.start()] + t.group(0).rsplit("/", 1)[0] + "/" + name + url[t.end():] if "/" in t.group(0) \
+            else url[: t.start()] + name + url[t.end():]
+    if is_local(url):
+        return str(Path(_local_path(url)).parent / name)
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+def _shard_name(url: str) -> str:
+    tar = re.findall(r"[^\s/]+\.tar\b", url)
+    if not tar:
+        raise ValueError(f"{url!r} does not name a .tar shard")
+    return tar[-1]
+
+
+def read_bytes(url: str) -> bytes:
+    if is_local(url):
+        return Path(_local_path(url)).read_bytes()
+    from webdataset.gopen import gopen
+
+    with gopen(url, "rb") as f:
+        return f.read()
+
+
+def open_stream(url: str):
+    if is_local(url):
+        return open(_local_path(url), "rb", buffering=1 << 20)
+    from webdataset.gopen import gopen
+
+    return gopen(url, "rb", bufsize=1 << 20)
+
+
+@dataclass
+class ShardSource:
+    """An opened shard set: shard URLs, their sample counts (sizes.json) and stats.json."""
+
+    urls: list[str]
+    sizes: list[int]
+    stats: dict
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.sizes))
+
+    @property
+    def n_mels(self) -> int:
+        return int(self.stats["frontend"]["n_mels"])
+
+    @classmethod
+    def open(cls, spec: str | Sequence[str], meta: str | None = None) -> ShardSource:
+        """Directory, brace pattern, URL or list of them; `meta` = where sizes.json / stats.json are."""
+        if isinstance(spec, str) and spec.startswith("synthetic:"):
+            return SyntheticSource(n_clips=int(spec.split(":", 1)[1]))
+        if isinstance(spec, str | Path) and is_local(str(spec)) and Path(_local_path(str(spec))).is_dir():
+            return cls._open_dir(Path(_local_path(str(spec))))
+        urls = expand_urls(spec)
+        if not urls:
+            raise ValueError(f"no shards in {spec!r}")
+        where = (lambda n: meta.rstrip("/") + "/" + n) if meta else (lambda n: sibling(urls[0], n))
+        sizes_all, stats = _read_meta(where("sizes.json"), where("stats.json"))
+        missing = [_shard_name(u) for u in urls if _shard_name(u) not in sizes_all]
+        if missing:
+            raise ValueError(f"{len(missing)} shard(s) not listed in sizes.json, e.g. {missing[0]}; "
+                             "re-make the shard set or pass meta= pointing to the right one")
+        return cls(urls, [int(sizes_all[_shard_name(u)]) for u in urls], stats)
+
+    @classmethod
+    def _open_dir(cls, d: Path) -> ShardSource:
+        sizes_all, stats = _read_meta(str(d / "sizes.json"), str(d / "stats.json"))
+        # sizes.json is the list of complete shards (a shard is added when it is renamed from .tmp); a file in the
+        # folder that it does not list is ignored, a listed one that is missing is a missing shard (skipped, counted).
+        names = sorted(sizes_all)
+        extra = sorted({p.name for p in d.glob("*.tar")} - set(names))
+        if extra:
+            warnings.warn(f"{d}: {len(extra)} .tar file(s) not in sizes.json ignored, e.g. {extra[0]}", stacklevel=2)
+        return cls([str(d / n) for n in names], [int(sizes_all[n]) for n in names], stats)
+
+
+def _read_meta(sizes_url: str, stats_url: str) -> tuple[dict, dict]:
+    out = []
+    for url in (sizes_url, stats_url):
+        try:
+            out.append(json.loads(read_bytes(url)))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {url} ({e}); is this a shard set made by make-shards?") from None
+    sizes, stats = out
+    if stats.get("format_version") != 1 or "frontend" not in stats:
+        raise ValueError(f"{stats_url}: unsupported stats.json (format_version {stats.get('format_version')!r})")
+    return sizes, stats
+
+
+@dataclass
+class SyntheticSource:
+    """Random fp16 log-mels with the shard set's output contract, for I/O-free benchmarks and tests.
+
+    `n_clips` virtual clips in virtual shards of `per_shard`; clip i is a view of one of `pool` pre-drawn arrays,
+    so reading costs only the crop copy. Labels: i % n_classes."""
+
+    n_clips: int = 4096
+    n_frames: int = 1000
+    per_shard: int = 256
+    seed: int = 0
+    pool: int = 32
+    n_classes: int = 10
+    _arrays: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def sizes(self) -> list[int]:
+        full, rest = divmod(self.n_clips, self.per_shard)
+        return [self.per_shard] * full + ([rest] if rest else [])
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"synthetic-{i:06d}" for i in range(len(self.sizes))]
+
+    @property
+    def total(self) -> int:
+        return self.n_clips
+
+    @property
+    def n_mels(self) -> int:
+        return 80
+
+    @property
+    def stats(self) -> dict:
+        return {"format_version": 1, "frontend": get_spec("matpac").to_dict(), "mean": -7.0, "std": 4.0,
+                "n_clips": self.n_clips, "min_frames": self.n_frames, "short": "drop", "classes": []}
+
+    def array(self, shard: int, j: int) -> np.ndarray:
+        if self._arrays is None:
+            rng = np.random.default_rng(self.seed)
+            self._arrays = (rng.standard_normal((self.pool, 80, self.n_frames), dtype=np.float32) * 4 - 7).astype(
+                np.float16)
+        return self._arrays[(shard * self.per_shard + j) % self.pool]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# epoch plans (pure functions of the sizes, the seed and the ids: every rank computes the same split)
+
+
+class Segment(NamedTuple):
+    shard: int
+    start: int  # sample index inside the shard (tar order)
+    stop: int
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    n_batches: int
+    segments: tuple[Segment, ...]  # this worker's samples, in sequence order
+    top_up_from: int  # sequence position where filling starts (cyclic)
+    order: tuple[int, ...]  # the epoch's shard permutation
+
+
+def batches_per_epoch(cfg: DataConfig, total: int, world_size: int = 1) -> int:
+    """Batches every rank yields in one epoch (the same on all ranks), from the shard set's sample count."""
+    per_step = world_size * cfg.batch_size
+    if cfg.mode == "resampled":
+        return (cfg.samples_per_epoch or total) // per_step
+    return -(-total // per_step) if cfg.remainder == "fill" else total // per_step
+
+
+def worker_batch_counts(n_batches: int, workers: int) -> list[int]:
+    """Batch i of a rank is made by worker i % workers (the order a DataLoader yields them in)."""
+    return [len(range(w, n_batches, workers)) for w in range(workers)]
+
+
+def shard_order(n_shards: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, _ORDER_SALT]).permutation(n_shards)
+
+
+def _segments(order: np.ndarray, sizes: Sequence[int], start: int, stop: int) -> list[Segment]:
+    """Sequence positions [start, stop) -> per-shard pieces, following the shard order."""
+    ends = np.cumsum([sizes[s] for s in order])
+    out, pos = [], start
+    k = int(np.searchsorted(ends, pos, side="right"))
+    while pos < stop:
+        begin = int(ends[k] - sizes[order[k]])
+        take_to = min(stop, int(ends[k]))
+        if take_to > pos:
+            out.append(Segment(int(order[k]), pos - begin, take_to - begin))
+        pos, k = take_to, k + 1
+    return out
+
+
+def plan_exact(sizes: Sequence[int], cfg: DataConfig, rank: int, world: int, worker: int, workers: int,
+               epoch: int, seed: int) -> WorkerPlan:
+    total, B = int(sum(sizes)), cfg.batch_size
+    order = shard_order(len(sizes), seed, epoch)
+    nb = batches_per_epoch(cfg, total, world)
+    r0, r1 = rank * total // world, (rank + 1) * total // world
+    used = min(r1 - r0, nb * B)  # real samples of this rank; the rest of its slice is the dropped remainder
+    counts = worker_batch_counts(nb, workers)
+    quotas = [c * B for c in counts]
+    if nb:
+        quotas[(nb - 1) % workers] -= nb * B - used  # "fill": the rank's last batch is completed by re-drawing
+    start = r0 + sum(quotas[:worker])
+    stop = start + quotas[worker]
+    segs = _segments(order, sizes, start, stop)
+    return WorkerPlan(counts[worker], tuple(segs), stop % total if total else 0, tuple(int(s) for s in order))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# readers
+
+
+class Sample(NamedTuple):
+    key: str
+    arr: np.ndarray  # float16 (n_mels, T), possibly a view into a mapping or a payload
+    labels: list[int] | None
+
+
+def _labels(raw: bytes | None) -> list[int]:
+    return [] if raw is None else [int(x) for x in json.loads(raw).get("label_indices", [])]
+
+
+class _IndexedReader:
+    random_access = True
+
+    def __init__(self, urls: list[str], with_labels: bool):
+        self.urls, self.with_labels, self.cache = urls, with_labels, IndexCache()
+
+    def count(self, shard: int) -> int:
+        return len(self.cache.get(_local_path(self.urls[shard])))
+
+    def get(self, shard: int, j: int) -> Sample:
+        idx = self.cache.get(_local_path(self.urls[shard]))
+        return Sample(idx.keys[j], idx.array(j), _labels(idx.json_bytes(j)) if self.with_labels else None)
+
+
+class _SyntheticReader:
+    random_access = True
+
+    def __init__(self, source: SyntheticSource, with_labels: bool):
+        self.source, self.with_labels = source, with_labels
+
+    def count(self, shard: int) -> int:
+        return self.source.sizes[shard]
+
+    def get(self, shard: int, j: int) -> Sample:
+        i = shard * self.source.per_shard + j
+        return Sample(f"syn{i:09d}", self.source.array(shard, j),
+                      [i % self.source.n_classes] if self.with_labels else None)
+
+
+class _StreamReader:
+    random_access = False
+
+    def __init__(self, urls: list[str], with_labels: bool):
+        self.urls, self.with_labels = urls, with_labels
+
+    def stream(self, seg: Segment) -> Iterator[Sample]:
+        f = open_stream(self.urls[seg.shard])
+        try:
+            for j, (key, parts) in enumerate(iter_stream_samples(f)):
+                if j >= seg.stop:
+                    break
+                if j < seg.start:
+                    continue
+                if "npy" not in parts:
+                    raise ShardError(f"sample {key!r} has no .npy member")
+                arr = npy_view(parts["npy"], 0, len(parts["npy"]))
+                yield Sample(key, arr, _labels(parts.get("json")) if self.with_labels else None)
+        finally:
+            try:
+                f.close()
+            except OSError:
+                # A pipe closed before its command finished writing exits with SIGPIPE: our doing, not an error
+                # (a command that failed early has already shown up as a truncated tar).
+                pass
+
+
+def _make_reader(source, cfg: DataConfig):
+    if isinstance(source, SyntheticSource):
+        return _SyntheticReader(source, cfg.with_labels)
+    local = all(is_local(u) for u in source.urls)
+    if cfg.reader == "indexed" and not local:
+        raise ValueError("reader='indexed' needs local shard files; use reader='auto' or 'stream' for URLs")
+    if cfg.reader == "indexed" or (cfg.reader == "auto" and local):
+        return _IndexedReader(source.urls, cfg.with_labels)
+    return _StreamReader(source.urls, cfg.with_labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-worker iteration
+
+
+def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    buf = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = int(rng.integers(size))
+        buf[i], item = item, buf[i]
+        yield item
+    rng.shuffle(buf)
+    yield from buf
+
+
+@dataclass
+class WorkerCounters:
+    skipped_shards: int = 0  # shards warned about and skipped (each counted once per worker and epoch)
+    skipped_samples: int = 0  # short clips dropped, samples of a shard cut short
+    filled: int = 0  # samples re-drawn to keep the batch count
+
+
+class WorkerIterator:
+    """The batches of one (rank, worker) for one epoch; used in-process by tests and inside DataLoader workers."""
+
+    def __init__(self, source, cfg: DataConfig, rank: int, world: int, worker: int, workers: int, epoch: int,
+                 seed: int, shared_memory: bool = False):
+        if not 0 <= rank < world or not 0 <= worker < max(workers, 1):
+            raise ValueError(f"bad ids: rank {rank} of {world}, worker {worker} of {workers}")
+        self.source, self.cfg = source, cfg
+        self.rank, self.world, self.worker, self.workers = rank, world, worker, max(workers, 1)
+        self.reader = _make_reader(source, cfg)
+        self.sizes = list(source.sizes)
+        self.counters = WorkerCounters()
+        self.bad: set[int] = set()
+        self._rejects = 0  # consecutive unusable clips
+        self.shared_memory = shared_memory
+        self.rng_shuffle = np.random.default_rng([seed, epoch, rank, worker, _SHUFFLE_SALT])
+        self.rng_crop = np.random.default_rng([seed, epoch, rank, worker, _CROP_SALT])
+        fe = source.stats["frontend"]
+        self.n_mels = int(fe["n_mels"])
+        self.short = cfg.short or source.stats.get("short", "drop")
+        self.pad_value = float(fe["norm_mean"] if cfg.pad_value is None else cfg.pad_value)
+        if cfg.mode == "exact":
+            self.plan = plan_exact(self.sizes, cfg, rank, world, worker, self.workers, epoch, seed)
+            self.n_batches = self.plan.n_batches
+        else:
+            self.plan = None
+            nb = batches_per_epoch(cfg, source.total, world)
+            self.n_batches = worker_batch_counts(nb, self.workers)[worker]
+
+    # -- errors -----------------------------------------------------------------------------------------------
+    def _fail(self, shard: int, err: BaseException) -> None:
+        url = self.source.urls[shard]
+        if self.cfg.on_error == "raise":
+            raise ShardError(f"{url}: {err}") from err
+        if shard not in self.bad:
+            self.bad.add(shard)
+            self.counters.skipped_shards += 1
+            warnings.warn(f"skipping shard {url}: {err}", stacklevel=2)
+
+    # -- samples ----------------------------------------------------------------------------------------------
+    def _read_segments(self, segments) -> Iterator[Sample]:
+        """Samples of the segments, in order (random-access readers fetch them lazily); bad shards skipped."""
+        for seg in segments:
+            if seg.shard in self.bad:
+                continue
+            if self.reader.random_access:
+                for s, j in self._refs([seg]):
+                    sample = self._get(s, j)
+                    if sample is not None:
+                        yield sample
+                continue
+            got = 0
+            try:
+                for sample in self.reader.stream(seg):
+                    got += 1
+                    yield sample
+            except _SHARD_EXCEPTIONS as e:
+                self._fail(seg.shard, e)
+                continue
+            if got < seg.stop - seg.start:
+                self.counters.skipped_samples += seg.stop - seg.start - got
+                warnings.warn(f"{self.source.urls[seg.shard]}: {got} samples where sizes.json promised "
+                              f"{seg.stop - seg.start}", stacklevel=2)
+
+    def _refs(self, segments) -> Iterator[tuple[int, int]]:
+        for seg in segments:
+            if seg.shard in self.bad:
+                continue
+            try:
+                n = self.reader.count(seg.shard)
+            except _SHARD_EXCEPTIONS as e:
+                self._fail(seg.shard, e)
+                continue
+            if n < seg.stop:
+                self.counters.skipped_samples += seg.stop - max(n, seg.start)
+            for j in range(seg.start, min(seg.stop, n)):
+                yield seg.shard, j
+
+    def _get(self, shard: int, j: int) -> Sample | None:
+        if shard in self.bad:
+            return None
+        try:
+            return self.reader.get(shard, j)
+        except _SHARD_EXCEPTIONS as e:
+            self._fail(shard, e)
+            return None
+
+    def _real(self) -> Iterator[Sample]:
+        segs = self.plan.segments
+        if self.reader.random_access:
+            refs = list(self._refs(segs))
+            for k in self.rng_shuffle.permutation(len(refs)):
+                sample = self._get(*refs[k])
+                if sample is not None:
+                    yield sample
+        else:
+            yield from _buffer_shuffle(self._precrop(self._read_segments(segs)), self.cfg.shuffle_buffer,
+                                       self.rng_shuffle)
+
+    def _top_up(self) -> Iterator[Sample]:
+        """Endless samples from the sequence position after this worker's range (cyclic), for filling."""
+        order, total = np.asarray(self.plan.order), sum(self.sizes)
+        pos, barren = self.plan.top_up_from, 0
+        while True:
+            seg = _segments(order, self.sizes, pos, min(total, pos + max(1, total)))[:1]
+            pos = (pos + seg[0].stop - seg[0].start) % total if seg else 0
+            got = 0
+            for sample in self._read_segments(seg):
+                got += 1
+                yield sample
+            barren = 0 if got else barren + 1
+            if barren > len(self.sizes):
+                raise RuntimeError("no readable sample left in the shard set: every shard failed")
+
+    def _resampled(self) -> Iterator[Sample]:
+        def draws():
+            while True:
+                alive = [s for s in range(len(self.sizes)) if s not in self.bad and self.sizes[s] > 0]
+                if not alive:
+                    raise RuntimeError("no readable sample left in the shard set: every shard failed")
+                s = alive[int(self.rng_shuffle.integers(len(alive)))]
+                yield Segment(s, 0, self.sizes[s])
+
+        def refs():
+            for seg in draws():
+                got = list(self._refs([seg]))
+                for k in self.rng_shuffle.permutation(len(got)):
+                    yield got[k]
+
+        if self.reader.random_access:
+            for s, j in _buffer_shuffle(refs(), self.cfg.shuffle_buffer, self.rng_shuffle):
+                sample = self._get(s, j)
+                if sample is not None:
+                    yield sample
+        else:
+            yield from _buffer_shuffle(self._precrop(self._read_segments(draws())), self.cfg.shuffle_buffer,
+                                       self.rng_shuffle)
+
+    def _precrop(self, samples: Iterator[Sample]) -> Iterator[Sample]:
+        """Streamed payloads are cropped before the shuffle buffer: it then holds crops, not whole clips."""
+        for s in samples:
+            out = np.empty((self.n_mels, self.cfg.crop_frames), np.float16)
+            if self._crop_checked(out, s):
+                yield Sample(s.key, out, s.labels)
+
+    # -- crops and batches ------------------------------------------------------------------------------------
+    def _crop_into(self, dst: np.ndarray, arr: np.ndarray) -> bool:
+        """Uniform random crop of arr (n_mels, T) into dst (n_mels, crop); short clips padded or dropped."""
+        if arr.ndim != 2 or arr.shape[0] != self.n_mels:
+            raise ShardError(f"clip shape {arr.shape}, expected ({self.n_mels}, T)")
+        crop, T = dst.shape[1], arr.shape[1]
+        if T >= crop:
+            s = int(self.rng_crop.integers(T - crop + 1)) if T > crop else 0
+            np.copyto(dst, arr[:, s : s + crop])
+            return True
+        if self.short == "drop":
+            self.counters.skipped_samples += 1
+            return False
+        dst[:, :T] = arr
+        dst[:, T:] = self.pad_value
+        return True
+
+    def _crop_checked(self, dst: np.ndarray, sample: Sample) -> bool:
+        """_crop_into with a bad clip counted and skipped, and a guard against a set with no usable clip."""
+        try:
+            ok = self._crop_into(dst, sample.arr)
+        except ShardError as e:
+            if self.cfg.on_error == "raise":
+                raise
+            self.counters.skipped_samples += 1
+            warnings.warn(f"skipping sample {sample.key}: {e}", stacklevel=2)
+            ok = False
+        self._rejects = 0 if ok else self._rejects + 1
+        if self._rejects > 2 * self.source.total + self.cfg.batch_size:
+            raise RuntimeError(f"no usable clip: every clip read is shorter than crop_frames={self.cfg.crop_frames} "
+                               "or malformed; use short='pad' or a shorter crop")
+        return ok
+
+    def _new_batch(self) -> torch.Tensor:
+        shape = (self.cfg.batch_size, 1, self.n_mels, self.cfg.crop_frames)
+        if not self.shared_memory:
+            return torch.empty(shape, dtype=torch.float16)
+        # Allocated in shared memory from the start, so the DataLoader hands it to the main process without a copy.
+        storage = torch.UntypedStorage._new_shared(math.prod(shape) * 2)
+        return torch.empty(0, dtype=torch.float16).set_(storage, 0, shape)
+
+    def samples(self) -> Iterator[tuple[Sample, bool]]:
+        """(sample, filled) pairs, endless: real samples of the plan first, then filler."""
+        if self.plan is None:
+            for s in self._resampled():
+                yield s, False
+            return
+        for s in self._real():
+            yield s, False
+        for s in self._top_up():
+            yield s, True
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.n_batches == 0:
+            return
+        B = self.cfg.batch_size
+        it = self.samples()
+        try:
+            for _ in range(self.n_batches):
+                lms = self._new_batch()
+                view = lms.numpy()
+                keys, labels, filled = [], [], torch.zeros(B, dtype=torch.bool)
+                while len(keys) < B:
+                    sample, fill = next(it)
+                    if self._crop_checked(view[len(keys), 0], sample):
+                        filled[len(keys)] = fill
+                        keys.append(sample.key)
+                        labels.append(sample.labels)
+                self.counters.filled += int(filled.sum())
+                batch = {"lms": lms, "key": keys, "filled": filled, "worker": self.worker,
+                         "skipped_shards": self.counters.skipped_shards,
+                         "skipped_samples": self.counters.skipped_samples}
+                if self.cfg.with_labels:
+                    batch["labels"] = labels
+                yield batch
+        finally:
+            it.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DataLoader glue
+
+
+class _EpochDataset(torch.utils.data.IterableDataset):
+    def __init__(self, source, cfg, rank, world, epoch, seed):
+        super().__init__()
+        self.args = (source, cfg, rank, world, epoch, seed)
+
+    def __iter__(self):
+        source, cfg, rank, world, epoch, seed = self.args
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        return iter(WorkerIterator(source, cfg, rank, world, worker, workers, epoch, seed,
+                                   shared_memory=info is not None))
+
+
+def _identity(x):
+    return x
+
+
+class ShardLoader:
+    """One epoch of one rank: iterable of batch dicts, `len()` = batches, skip counts summed over workers."""
+
+    def __init__(self, source, cfg: DataConfig, rank: int, world: int, epoch: int, seed: int):
+        self.source, self.cfg = source, cfg
+        self.n_batches = batches_per_epoch(cfg, source.total, world)
+        self.dataset = _EpochDataset(source, cfg, rank, world, epoch, seed)
+        self._per_worker: dict[int, tuple[int, int]] = {}
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    @property
+    def skipped_shards(self) -> int:
+        return sum(v[0] for v in self._per_worker.values())
+
+    @property
+    def skipped_samples(self) -> int:
+        return sum(v[1] for v in self._per_worker.values())
+
+    def __iter__(self) -> Iterator[dict]:
+        cfg = self.cfg
+        kw = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False} if cfg.num_workers else {}
+        dl = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=cfg.num_workers,
+                                         collate_fn=_identity,
+                                         pin_memory=cfg.pin_memory and torch.cuda.is_available(), **kw)
+        for batch in dl:
+            self._per_worker[batch["worker"]] = (batch["skipped_shards"], batch["skipped_samples"])
+            yield batch
+
+
+def make_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int = 0,
+                source: ShardSource | SyntheticSource | None = None,
+                frontend: str | FrontendSpec | None = None) -> ShardLoader:
+    """The loader of one rank for one epoch (build a new one each epoch: the order and crops depend on it)."""
+    source = source if source is not None else ShardSource.open(cfg.source, cfg.meta)
+    if frontend is not None:
+        check_spec(frontend, source.stats)
+    if batches_per_epoch(cfg, source.total, world_size) == 0:
+        raise ValueError(f"the shard set has {source.total} samples per epoch, fewer than world_size x batch_size = "
+                         f"{world_size * cfg.batch_size}; lower batch_size or add data")
+    return ShardLoader(source, cfg, rank, world_size, epoch, seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# front-end contract and on-device normalisation
+
+
+def check_spec(frontend: str | FrontendSpec | dict, stats: dict) -> None:
+    """One-line ValueError when the shards were made with a front end other than the training config's."""
+    expected = get_spec(frontend) if isinstance(frontend, str) else frontend
+    found = stats.get("frontend")
+    if not isinstance(found, dict):
+        raise ValueError("stats.json has no 'frontend' entry; re-make the shards with make-shards")
+    try:
+        check_compatible(expected, found)
+    except TypeError as e:
+        raise ValueError(f"stats.json 'frontend' is not a front-end spec this version understands ({e})") from None
+
+
+def norm_stats(stats: dict, which: str = "frontend") -> tuple[float, float]:
+    """(mean, std): "frontend" = the spec's fixed pair (MATPAC: -7.056 / 4.193); "dataset" = stats.json's."""
+    if which == "frontend":
+        return float(stats["frontend"]["norm_mean"]), float(stats["frontend"]["norm_std"])
+    if which == "dataset":
+        return float(stats["mean"]), float(stats["std"])
+    raise ValueError(f"norm_stats which={which!r}: choose 'frontend' or 'dataset'")
+
+
+def normalize_on_device(lms: torch.Tensor, mean: float, std: float, device=None) -> torch.Tensor:
+    """Move a (pinned) fp16 batch to the device without blocking, then (x - mean) / std in float32."""
+    if device is not None:
+        lms = lms.to(device, non_blocking=True)
+    return normalize(lms, mean, std)
+
+
+__all__ = [
+    "DataConfig", "ShardSource", "SyntheticSource", "ShardError", "ShardLoader", "WorkerIterator", "WorkerPlan",
+    "make_loader", "batches_per_epoch", "plan_exact", "check_spec", "norm_stats", "normalize_on_device",
+    "expand_urls", "sibling",
+]

@@ -1,0 +1,371 @@
+"""matpac_fast.data: epoch modes over simulated worlds, determinism, crops, short clips, errors, pipe: URLs."""
+
+import json
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from matpac_fast.data import (
+    DataConfig,
+    ShardError,
+    ShardSource,
+    SyntheticSource,
+    WorkerIterator,
+    batches_per_epoch,
+    check_spec,
+    make_loader,
+    norm_stats,
+    normalize_on_device,
+    plan_exact,
+    sibling,
+)
+from matpac_fast.data_fixtures import clip, write_shard_set
+from matpac_fast.frontend import get_spec
+
+CROP = 64  # small crops keep the tests fast; the logic does not depend on the value
+WORLD, WORKERS = 2, 2
+
+
+def _clips(n, rng, lo=CROP + 1, hi=CROP + 40):
+    return [(f"k{i:04d}", clip(rng, int(rng.integers(lo, hi))), [i % 5]) for i in range(n)]
+
+
+def _make_set(tmp_path, n, per_shard, seed=0, **kw):
+    clips = _clips(n, np.random.default_rng(seed))
+    write_shard_set(tmp_path, clips, per_shard=per_shard, min_frames=CROP, **kw)
+    return ShardSource.open(str(tmp_path)), {k: a for k, a, _ in clips}
+
+
+def _cfg(**kw):
+    base = {"batch_size": 4, "crop_frames": CROP, "shuffle_buffer": 16, "num_workers": WORKERS}
+    return DataConfig(**(base | kw))
+
+
+def _world(source, cfg, epoch=0, seed=0, world=WORLD, workers=WORKERS):
+    """{rank: [batch, ...]} with each rank's batches in DataLoader order (worker i % workers makes batch i)."""
+    out = {}
+    for rank in range(world):
+        per_worker = [list(WorkerIterator(source, cfg, rank, world, w, workers, epoch, seed)) for w in range(workers)]
+        order = []
+        for i in range(max(len(b) for b in per_worker)):
+            order += [b[i] for b in per_worker if i < len(b)]
+        out[rank] = order
+    return out
+
+
+def _keys(world_batches, filled=None):
+    keys = []
+    for batches in world_batches.values():
+        for b in batches:
+            keys += [k for k, f in zip(b["key"], b["filled"].tolist()) if filled is None or f == filled]
+    return keys
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# exact mode
+
+
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+def test_exact_divisible_union_is_every_key_once(tmp_path, reader):
+    # 48 samples in 7 shards (uneven: 7 does not divide over 2 ranks x 2 workers), 48 = 2 ranks x 6 batches x 4.
+    source, _ = _make_set(tmp_path, 48, per_shard=7)
+    assert len(source.sizes) == 7
+    cfg = _cfg(reader=reader)
+    wb = _world(source, cfg)
+    assert [len(v) for v in wb.values()] == [6, 6] == [batches_per_epoch(cfg, 48, WORLD)] * 2
+    keys = _keys(wb)
+    assert Counter(keys).most_common(1)[0][1] == 1
+    assert set(keys) == {f"k{i:04d}" for i in range(48)}
+    assert not any(b["filled"].any() for v in wb.values() for b in v)
+
+
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+def test_exact_non_divisible_drop(tmp_path, reader):
+    # 53 samples, 6 shards: floor(53 / 8) = 6 batches per rank, 53 - 48 = 5 samples dropped (different each epoch).
+    source, _ = _make_set(tmp_path, 53, per_shard=10)
+    cfg = _cfg(reader=reader)
+    dropped = []
+    for epoch in (0, 1):
+        wb = _world(source, cfg, epoch=epoch)
+        assert [len(v) for v in wb.values()] == [6, 6]
+        keys = _keys(wb)
+        assert len(keys) == len(set(keys)) == 48
+        dropped.append({f"k{i:04d}" for i in range(53)} - set(keys))
+        assert len(dropped[-1]) == 5
+    assert dropped[0] != dropped[1]
+
+
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+def test_exact_non_divisible_fill(tmp_path, reader):
+    # remainder="fill": ceil(53 / 8) = 7 batches per rank; 56 - 53 = 3 re-drawn samples, flagged.
+    source, _ = _make_set(tmp_path, 53, per_shard=10)
+    cfg = _cfg(reader=reader, remainder="fill")
+    wb = _world(source, cfg)
+    assert [len(v) for v in wb.values()] == [7, 7]
+    real = _keys(wb, filled=False)
+    assert sorted(real) == [f"k{i:04d}" for i in range(53)]
+    assert len(_keys(wb, filled=True)) == 3
+
+
+@pytest.mark.parametrize("sizes", [[5, 9, 1, 13, 0, 7, 2], [30], [3] * 11, [8, 8, 8]])
+@pytest.mark.parametrize("remainder", ["drop", "fill"])
+def test_plan_partitions_the_sequence(sizes, remainder):
+    """Pure plan check over odd shard layouts (one shard; empty shards; more shards than slots)."""
+    cfg = DataConfig(batch_size=3, remainder=remainder)
+    total = sum(sizes)
+    nb = batches_per_epoch(cfg, total, WORLD)
+    seen = []
+    for rank in range(WORLD):
+        plans = [plan_exact(sizes, cfg, rank, WORLD, w, 3, epoch=2, seed=5) for w in range(3)]
+        assert sum(p.n_batches for p in plans) == nb
+        for p in plans:
+            n = sum(s.stop - s.start for s in p.segments)
+            assert n <= p.n_batches * 3 and (remainder == "fill" or n == p.n_batches * 3)
+            seen += [(s.shard, j) for s in p.segments for j in range(s.start, s.stop)]
+            assert all(0 <= s.start < s.stop <= sizes[s.shard] for s in p.segments)
+    assert len(seen) == len(set(seen))
+    assert len(seen) == (total if remainder == "fill" else WORLD * nb * 3)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# resampled mode
+
+
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+def test_resampled_exact_counts_never_dry(tmp_path, reader):
+    source, _ = _make_set(tmp_path, 23, per_shard=6)
+    cfg = _cfg(reader=reader, mode="resampled", samples_per_epoch=200)  # > 8 x the set: must never run dry
+    nb = batches_per_epoch(cfg, source.total, WORLD)
+    assert nb == 200 // 8 == 25
+    for rank in range(WORLD):
+        counts = [len(list(WorkerIterator(source, cfg, rank, WORLD, w, WORKERS, 0, 0))) for w in range(WORKERS)]
+        assert counts == [13, 12]
+    wb = _world(source, cfg)
+    assert set(_keys(wb)) <= {f"k{i:04d}" for i in range(23)}
+    assert len(set(_keys(wb))) == 23  # 200 draws over 23 clips cover them all (checked, seed fixed)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# determinism, crops
+
+
+def _sequence(wb):
+    return [(tuple(b["key"]), b["lms"].clone()) for r in sorted(wb) for b in wb[r]]
+
+
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_same_seed_same_batches_other_epoch_differs(tmp_path, mode):
+    source, _ = _make_set(tmp_path, 40, per_shard=9)
+    cfg = _cfg(mode=mode)
+    a, b = _sequence(_world(source, cfg, epoch=3, seed=7)), _sequence(_world(source, cfg, epoch=3, seed=7))
+    assert [k for k, _ in a] == [k for k, _ in b]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(a, b))
+    c = _sequence(_world(source, cfg, epoch=4, seed=7))
+    assert [k for k, _ in a] != [k for k, _ in c]
+    # crops: the same key, cropped in both epochs, at (almost surely) different offsets
+    crops_a = {k: x[i] for ks, x in a for i, k in enumerate(ks)}
+    crops_c = {k: x[i] for ks, x in c for i, k in enumerate(ks)}
+    common = set(crops_a) & set(crops_c)
+    assert len(common) >= 10
+    assert sum(not torch.equal(crops_a[k], crops_c[k]) for k in common) >= 0.8 * len(common)
+    d = _sequence(_world(source, cfg, epoch=3, seed=8))
+    assert [k for k, _ in a] != [k for k, _ in d]
+
+
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+def test_crop_is_a_uniform_slice_of_the_clip(tmp_path, reader):
+    source, arrays = _make_set(tmp_path, 32, per_shard=8)
+    wb = _world(source, _cfg(reader=reader, with_labels=True))
+    starts = []
+    for b in (b for v in wb.values() for b in v):
+        assert b["lms"].dtype == torch.float16 and b["lms"].shape == (4, 1, 80, CROP)
+        for i, key in enumerate(b["key"]):
+            full = arrays[key]
+            row = b["lms"][i, 0].numpy()
+            hits = [s for s in range(full.shape[1] - CROP + 1) if np.array_equal(full[:, s : s + CROP], row)]
+            assert len(hits) == 1, key
+            starts.append(hits[0] / (full.shape[1] - CROP))
+            assert b["labels"][i] == [int(key[1:]) % 5]
+    assert 0.25 < np.mean(starts) < 0.75  # uniform offsets, not always the start or the end
+
+
+def test_short_clips_pad_and_drop(tmp_path):
+    rng = np.random.default_rng(3)
+    lengths = [CROP - 20, CROP + 5, CROP - 1, CROP + 30] * 4
+    clips = [(f"k{i:04d}", clip(rng, n), [0]) for i, n in enumerate(lengths)]
+    arrays = {k: a for k, a, _ in clips}
+    write_shard_set(tmp_path, clips, per_shard=5, min_frames=CROP, short="pad")
+    source = ShardSource.open(str(tmp_path))
+    # "pad" (the shard set's policy): every clip used; short ones right-padded with the normalisation mean
+    wb = _world(source, _cfg(batch_size=2))
+    keys = _keys(wb)
+    assert sorted(keys) == sorted(arrays)
+    mean, std = norm_stats(source.stats)
+    assert mean == get_spec("matpac").norm_mean
+    for b in (b for v in wb.values() for b in v):
+        for i, key in enumerate(b["key"]):
+            T = arrays[key].shape[1]
+            if T < CROP:
+                row = b["lms"][i, 0]
+                np.testing.assert_array_equal(row[:, :T].numpy(), arrays[key])
+                assert torch.all(row[:, T:] == torch.tensor(mean, dtype=torch.float16))
+                assert normalize_on_device(row[:, T:], mean, std).abs().max() < 1e-3  # ~0 after normalisation
+    # "drop" (overridden in the config): short clips never appear; batch counts unchanged, the gap filled
+    wb = _world(source, _cfg(batch_size=2, short="drop"))
+    assert [len(v) for v in wb.values()] == [4, 4]
+    real = _keys(wb, filled=False)
+    assert all(arrays[k].shape[1] >= CROP for k in _keys(wb))
+    assert len(real) == len(set(real)) == 8  # the 8 long clips, each once
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# errors
+
+
+def _damage(source):
+    urls = source.urls
+    raw = Path(urls[1]).read_bytes()
+    Path(urls[1]).write_bytes(raw[: len(raw) // 3])  # truncated
+    Path(urls[3]).write_bytes(b"garbage" * 700)  # not a tar
+    Path(urls[4]).unlink()  # missing
+    return {1, 3, 4}
+
+
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+def test_corrupt_and_missing_shards_skipped_counted(tmp_path, reader):
+    source, _ = _make_set(tmp_path, 48, per_shard=6)
+    bad = _damage(source)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        its = {(r, w): WorkerIterator(source, _cfg(reader=reader), r, WORLD, w, WORKERS, 0, 0)
+               for r in range(WORLD) for w in range(WORKERS)}
+        batches = {k: list(it) for k, it in its.items()}
+    assert [sum(len(batches[(r, w)]) for w in range(WORKERS)) for r in range(WORLD)] == [6, 6]  # counts unchanged
+    # each bad shard counted once by every worker that met it; all three were met by someone
+    skipped = sum(it.counters.skipped_shards for it in its.values())
+    assert skipped >= 3 and any("skipping shard" in str(w.message) for w in caught)
+    last = [b[-1]["skipped_shards"] for b in batches.values() if b]
+    assert sum(last) == skipped
+    def shard_keys(s):
+        return {f"k{i:04d}" for i in range(6 * s, 6 * s + 6)}
+
+    keys = {k for b in batches.values() for x in b for k in x["key"]}
+    # the indexed reader drops a truncated shard whole; a stream keeps the samples it read before the cut
+    never = set().union(*(shard_keys(s) for s in bad if reader == "indexed" or s != 1))
+    assert not keys & never
+    real = [k for b in batches.values() for x in b for k, f in zip(x["key"], x["filled"].tolist()) if not f]
+    assert len(real) == len(set(real))
+    good = {f"k{i:04d}" for i in range(48)} - set().union(*(shard_keys(s) for s in bad))
+    assert good <= set(real)  # every sample of every good shard, once
+    assert sum(b[-1]["filled"].sum().item() for b in batches.values() if b) > 0  # gaps were filled
+
+
+def test_corrupt_shard_raise_mode(tmp_path):
+    source, _ = _make_set(tmp_path, 24, per_shard=6)
+    _damage_one = Path(source.urls[0])
+    _damage_one.write_bytes(_damage_one.read_bytes()[:2000])
+    cfg = _cfg(on_error="raise", num_workers=0)
+    with pytest.raises(ShardError, match="shards-000000.tar"):
+        for w in range(WORKERS):
+            list(WorkerIterator(source, cfg, 0, 1, w, WORKERS, 0, 0))
+
+
+def test_all_shards_bad_is_an_error_not_a_hang(tmp_path):
+    source, _ = _make_set(tmp_path, 12, per_shard=6)
+    for u in source.urls:
+        Path(u).write_bytes(b"x" * 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mode in ("exact", "resampled"):
+            with pytest.raises(RuntimeError, match="every shard failed"):
+                list(WorkerIterator(source, _cfg(mode=mode), 0, 1, 0, 1, 0, 0))
+
+
+def test_spec_mismatch_is_one_line(tmp_path):
+    source, _ = _make_set(tmp_path, 12, per_shard=6, frontend="m2d")
+    with pytest.raises(ValueError) as e:
+        check_spec("matpac", source.stats)
+    assert "\n" not in str(e.value) and "center" in str(e.value)
+    with pytest.raises(ValueError, match="front-end mismatch"):
+        make_loader(_cfg(batch_size=2), source=source, frontend="matpac")
+    check_spec("m2d", source.stats)  # the matching spec passes
+    check_spec(get_spec("m2d"), source.stats)
+
+
+def test_config_and_source_errors(tmp_path):
+    with pytest.raises(ValueError, match="mode"):
+        DataConfig(mode="shuffled")
+    with pytest.raises(ValueError, match="batch_size"):
+        DataConfig(batch_size=0)
+    source, _ = _make_set(tmp_path / "s", 10, per_shard=5)
+    with pytest.raises(ValueError, match="fewer than world_size x batch_size"):
+        make_loader(_cfg(batch_size=8), world_size=2, source=source)
+    with pytest.raises(ValueError, match="sizes.json"):
+        ShardSource.open(str(tmp_path / "nowhere"))
+    stats = json.loads((tmp_path / "s" / "stats.json").read_text())
+    stats["format_version"] = 99
+    (tmp_path / "s" / "stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ValueError, match="format_version"):
+        ShardSource.open(str(tmp_path / "s"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# URLs, pipe:, DataLoader
+
+
+def test_sibling_urls():
+    assert sibling("/d/x/shards-000001.tar", "sizes.json") == "/d/x/sizes.json"
+    assert sibling("https://h/b/shards-000001.tar", "stats.json") == "https://h/b/stats.json"
+    s3 = sibling("pipe:aws s3 cp s3://b/p/shards-000001.tar -", "sizes.json")
+    assert s3 == "pipe:aws s3 cp s3://b/p/sizes.json -"
+    with pytest.raises(ValueError, match="meta="):
+        sibling("pipe:my-fetch-command", "sizes.json")
+
+
+def test_pipe_urls_stream(tmp_path):
+    source, _ = _make_set(tmp_path, 32, per_shard=6)
+    n = len(source.urls)
+    piped = ShardSource.open(f"pipe:cat {tmp_path}/shards-{{000000..{n - 1:06d}}}.tar")
+    assert piped.sizes == source.sizes and piped.urls[0].startswith("pipe:cat ")
+    wb = _world(piped, _cfg())  # auto -> stream reader for pipe: URLs
+    keys = _keys(wb)
+    assert sorted(keys) == [f"k{i:04d}" for i in range(32)]
+    # the same plan through the indexed reader gives the same per-rank key sets (only the shuffle differs)
+    wb_local = _world(source, _cfg())
+    for r in range(WORLD):
+        assert sorted(_keys({r: wb[r]})) == sorted(_keys({r: wb_local[r]}))
+
+
+def test_dataloader_two_workers_matches_simulation(tmp_path):
+    source, _ = _make_set(tmp_path, 53, per_shard=7)
+    Path(source.urls[2]).write_bytes(b"junk" * 200)
+    cfg = _cfg(pin_memory=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim = _world(source, cfg, epoch=1, seed=3)
+        for rank in range(WORLD):
+            loader = make_loader(cfg, rank, WORLD, epoch=1, seed=3, source=source)
+            got = list(loader)
+            assert len(got) == len(loader) == 6
+            assert [b["key"] for b in got] == [b["key"] for b in sim[rank]]
+            assert all(torch.equal(a["lms"], b["lms"]) for a, b in zip(got, sim[rank]))
+            assert loader.skipped_shards == sum(
+                max((b["skipped_shards"] for b in sim[rank] if b["worker"] == w), default=0) for w in range(WORKERS))
+    assert sum(max((b["skipped_shards"] for b in v), default=0) for v in sim.values()) >= 1
+
+
+def test_synthetic_source_contract():
+    source = SyntheticSource(n_clips=50, n_frames=100, per_shard=16)
+    cfg = _cfg(with_labels=True)
+    wb = _world(source, cfg)
+    assert [len(v) for v in wb.values()] == [6, 6]
+    keys = _keys(wb)
+    assert len(keys) == len(set(keys)) == 48
+    b = wb[0][0]
+    assert b["lms"].dtype == torch.float16 and b["lms"].shape == (4, 1, 80, CROP)
+    assert b["labels"][0] == [int(b["key"][0][3:]) % 10]
+    assert ShardSource.open("synthetic:100").total == 100
