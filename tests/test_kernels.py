@@ -1,0 +1,388 @@
+"""matpac_kernels: Triton kernels against their PyTorch references, hand-computed cases and user errors.
+
+On a CPU-only machine the kernels run in Triton's interpreter (fp32). The interpreter must be chosen before triton is
+first imported in the process, hence the environment variable below, set before `matpac_kernels` (which imports
+triton) is imported. If another test module imported triton first, the interpreter tests here are skipped and
+`test_interpreter_tests_in_subprocess` runs this file again in a fresh interpreter-mode process instead. On a CUDA
+machine the variable is left alone and the same tests run the compiled kernels on the GPU; the bf16 and speed tests
+are marked `gpu`.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import matpac_kernels as mk  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_IN_PROCESS = torch.cuda.is_available() or mk.interpreter_active()
+needs_triton = pytest.mark.skipif(
+    not TRITON_IN_PROCESS, reason="triton was imported before TRITON_INTERPRET=1; the subprocess test runs these"
+)
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# fp32 tolerances of the acceptance criterion: 1e-5 relative, plus a small absolute term for values near zero.
+RTOL, ATOL = 1e-5, 1e-5
+
+
+@pytest.fixture
+def triton_backend():
+    with mk.use_backend("triton"):
+        yield
+
+
+# ------------------------------------------------------------------------------------------------ patchify_gather
+def _random_masks(B, n_patches, n_vis, n_mask, gen, sort=True):
+    perm = torch.stack([torch.randperm(n_patches, generator=gen) for _ in range(B)])
+    vis, mask = perm[:, :n_vis], perm[:, n_vis : n_vis + n_mask]
+    if sort:
+        vis, mask = vis.sort(1).values, mask.sort(1).values
+    return vis, mask
+
+
+PATCHIFY_GRIDS = [
+    # (B, F, T, patch, Nv, Nm)
+    pytest.param(2, 80, 608, 16, 57, 133, id="paper-5x38-57-133"),
+    pytest.param(3, 64, 160, 16, 10, 30, id="4x10"),
+    pytest.param(1, 80, 1008, 16, 63, 250, id="5x63-partial-mask"),
+    pytest.param(2, 32, 48, 16, 1, 5, id="2x3-one-visible"),
+    pytest.param(3, 16, 40, 8, 3, 4, id="patch8-2x5"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("B,F,T,patch,n_vis,n_mask", PATCHIFY_GRIDS)
+def test_patchify_gather_matches_reference(triton_backend, B, F, T, patch, n_vis, n_mask):
+    gen = torch.Generator().manual_seed(B * 1000 + T)
+    lms = torch.randn(B, 1, F, T, generator=gen) * 4.2 - 7.1
+    vis, mask = _random_masks(B, (F // patch) * (T // patch), n_vis, n_mask, gen, sort=(T != 1008))
+    lms, vis, mask = lms.to(DEVICE), vis.to(DEVICE), mask.to(DEVICE)
+    got = mk.patchify_gather(lms, -7.056, 4.193, vis, mask, patch=patch)
+    want = mk.reference_patchify_gather(lms, -7.056, 4.193, vis, mask, patch=patch)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+@needs_triton
+def test_patchify_gather_strided_half_input_int32_indices(triton_backend):
+    """A time crop of a longer fp16 clip (non-contiguous view) and int32 indices, as a loader might hand them over."""
+    gen = torch.Generator().manual_seed(1)
+    full = (torch.randn(2, 1, 80, 700, generator=gen) * 4 - 7).half()
+    lms = full[..., 37 : 37 + 608]
+    assert not lms.is_contiguous()
+    vis, mask = _random_masks(2, 190, 57, 133, gen)
+    vis, mask = vis.int(), mask.int()
+    lms, vis, mask = lms.to(DEVICE), vis.to(DEVICE), mask.to(DEVICE)
+    got = mk.patchify_gather(lms, -7.0, 4.0, vis, mask)
+    want = mk.reference_patchify_gather(lms, -7.0, 4.0, vis, mask)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def _hand_case():
+    # patch 2 on a 4 x 6 image: n_f = 2, n_t = 3; pixel value 100 * f + t makes every token readable by eye.
+    f = torch.arange(4)[:, None]
+    t = torch.arange(6)[None, :]
+    lms = (100 * f + t).float()[None, None]  # (1, 1, 4, 6)
+    vis = torch.tensor([[4]])  # f_idx 1, t_idx 1 -> rows 2..3, cols 2..3
+    mask = torch.tensor([[2, 3]])  # (0, 2) -> rows 0..1, cols 4..5 and (1, 0) -> rows 2..3, cols 0..1
+    want_vis = torch.tensor([[[202.0, 203.0, 302.0, 303.0]]])
+    want_mask = torch.tensor([[[4.0, 5.0, 104.0, 105.0], [200.0, 201.0, 300.0, 301.0]]])
+    return lms, vis, mask, (want_vis - 2.0) / 4.0, (want_mask - 2.0) / 4.0
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_patchify_gather_hand_computed(backend):
+    lms, vis, mask, want_vis, want_mask = _hand_case()
+    with mk.use_backend(backend):
+        got_vis, got_mask = mk.patchify_gather(lms.to(DEVICE), 2.0, 4.0, vis.to(DEVICE), mask.to(DEVICE), patch=2)
+    torch.testing.assert_close(got_vis.cpu(), want_vis, rtol=0, atol=0)
+    torch.testing.assert_close(got_mask.cpu(), want_mask, rtol=0, atol=0)
+
+
+@needs_triton
+def test_patchify_gather_out_of_range_index_gives_nan_not_a_crash(triton_backend):
+    lms, vis, mask, want_vis, _ = _hand_case()
+    bad = torch.tensor([[2, 6]])  # 6 patches exist: index 6 is out of range
+    got_vis, got_mask = mk.patchify_gather(lms.to(DEVICE), 2.0, 4.0, vis.to(DEVICE), bad.to(DEVICE), patch=2)
+    assert torch.equal(got_vis.cpu(), want_vis)
+    assert torch.isfinite(got_mask[0, 0]).all() and torch.isnan(got_mask[0, 1]).all()
+    with pytest.raises(RuntimeError):  # the reference (torch.gather) refuses instead
+        mk.reference_patchify_gather(lms, 2.0, 4.0, vis, bad, patch=2)
+
+
+@needs_triton
+def test_patchify_gather_under_torch_compile(triton_backend):
+    gen = torch.Generator().manual_seed(2)
+    lms = (torch.randn(2, 1, 80, 608, generator=gen) * 4 - 7).to(DEVICE)
+    vis, mask = (x.to(DEVICE) for x in _random_masks(2, 190, 57, 133, gen))
+    compiled = torch.compile(mk.patchify_gather, fullgraph=True)
+    got = compiled(lms, -7.056, 4.193, vis, mask)
+    want = mk.reference_patchify_gather(lms, -7.056, 4.193, vis, mask)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape,idx_shape,match",
+    [
+        ((2, 80, 608), (2, 5), r"\(B, 1, F, T\)"),
+        ((2, 1, 80, 600), (2, 5), "multiples of patch"),
+        ((2, 1, 80, 608), (3, 5), "vis_idx must have shape"),
+    ],
+)
+def test_patchify_gather_user_errors(shape, idx_shape, match):
+    idx = torch.zeros(idx_shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=match):
+        mk.patchify_gather(torch.zeros(shape), 0.0, 1.0, idx, idx)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        mk.patchify_gather(torch.zeros(2, 1, 80, 608), 0.0, 1.0, torch.zeros(2, 5), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="std must be positive"):
+        mk.patchify_gather(torch.zeros(2, 1, 80, 608), 0.0, 0.0, idx[:2], idx[:2])
+
+
+# ------------------------------------------------------------------------------------------------ centred xent
+def _xent_inputs(M, K, gen, scale=2.0):
+    student = (torch.randn(M, K, generator=gen) * scale).to(DEVICE).requires_grad_()
+    teacher = (torch.randn(M, K, generator=gen) * scale).to(DEVICE)
+    center = (torch.randn(K, generator=gen) * 0.3).to(DEVICE)
+    upstream = torch.rand(M, generator=gen).to(DEVICE) + 0.5  # non-uniform d(total)/d(loss_m)
+    return student, teacher, center, upstream
+
+
+def _forward_backward(fn, student, teacher, center, upstream, tau_s, tau_t, mode):
+    student.grad = None
+    outs = fn(student, teacher, center, tau_s, tau_t, mode)
+    (outs[0] * upstream).sum().backward()
+    return [o.detach() for o in outs], student.grad.detach().clone()
+
+
+def _assert_xent_close(got, want):
+    (outs, grad), (ref_outs, ref_grad) = got, want
+    for name, o, r in zip(("loss", "center_sum", "entropy", "max_prob"), outs, ref_outs):
+        assert o.dtype == torch.float32 and o.shape == r.shape, name
+        torch.testing.assert_close(o, r, rtol=RTOL, atol=ATOL, msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(grad, ref_grad, rtol=RTOL, atol=ATOL, msg=lambda m: f"grad: {m}")
+
+
+XENT_GRID = [
+    # (M, K, center_mode) - odd row counts; K covers a non-power of two, the paper's 2048 and 4096
+    pytest.param(7, 65, "prob", id="M7-K65-prob"),
+    pytest.param(9, 65, "logit", id="M9-K65-logit"),
+    pytest.param(5, 2048, "prob", id="M5-K2048-prob"),
+    pytest.param(3, 2048, "logit", id="M3-K2048-logit"),
+    pytest.param(7, 4096, "prob", id="M7-K4096-prob"),
+    pytest.param(1, 4096, "logit", id="M1-K4096-logit"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("M,K,mode", XENT_GRID)
+def test_xent_forward_backward_match_reference(triton_backend, M, K, mode):
+    gen = torch.Generator().manual_seed(M * 10000 + K)
+    inputs = _xent_inputs(M, K, gen)
+    # The paper's temperatures: tau_s = 0.1, tau_t = 0.04 -> very peaked teacher rows (the hard case for precision).
+    got = _forward_backward(mk.centered_softmax_xent, *inputs, 0.1, 0.04, mode)
+    want = _forward_backward(mk.reference_centered_softmax_xent, *inputs, 0.1, 0.04, mode)
+    _assert_xent_close(got, want)
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", ["prob", "logit"])
+def test_xent_under_torch_compile_fullgraph(triton_backend, mode):
+    gen = torch.Generator().manual_seed(3)
+    inputs = _xent_inputs(7, 2048, gen)
+    # tau_t as a 0-d tensor, as the trainer passes it (no recompiles when the schedule moves it)
+    tau_t = torch.tensor(0.05, device=DEVICE)
+    compiled = torch.compile(mk.centered_softmax_xent, fullgraph=True)
+    got = _forward_backward(compiled, *inputs, 0.1, tau_t, mode)
+    want = _forward_backward(mk.reference_centered_softmax_xent, *inputs, 0.1, tau_t, mode)
+    _assert_xent_close(got, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("mode", ["prob", "logit"])
+def test_xent_hand_computed(backend, mode):
+    # teacher (0, ln 3), centre 0, tau_t 1 -> p = (1/4, 3/4); student (0, 0) -> q = (1/2, 1/2).
+    ln3 = torch.log(torch.tensor(3.0)).item()
+    student = torch.zeros(1, 2, device=DEVICE, requires_grad=True)
+    teacher = torch.tensor([[0.0, ln3]], device=DEVICE)
+    with mk.use_backend(backend):
+        loss, center_sum, entropy, max_prob = mk.centered_softmax_xent(
+            student, teacher, torch.zeros(2, device=DEVICE), 1.0, 1.0, mode
+        )
+    loss.sum().backward()
+    ln2, ln4, ln43 = [torch.log(torch.tensor(v)).item() for v in (2.0, 4.0, 4 / 3)]
+    expect_center = [0.25, 0.75] if mode == "prob" else [0.0, ln3]
+    torch.testing.assert_close(loss.cpu(), torch.tensor([ln2]))  # -(1/4 + 3/4) ln 1/2
+    torch.testing.assert_close(center_sum.cpu(), torch.tensor(expect_center))
+    torch.testing.assert_close(entropy.cpu(), torch.tensor([0.25 * ln4 + 0.75 * ln43]))
+    torch.testing.assert_close(max_prob.cpu(), torch.tensor([0.75]))
+    torch.testing.assert_close(student.grad.cpu(), torch.tensor([[0.25, -0.25]]))  # (q - p) / tau_s
+
+
+@needs_triton
+def test_xent_only_loss_is_differentiable_and_centre_sum_deterministic(triton_backend):
+    gen = torch.Generator().manual_seed(4)
+    student, teacher, center, _ = _xent_inputs(9, 65, gen)
+    loss, center_sum, entropy, max_prob = mk.centered_softmax_xent(student, teacher, center, 0.1, 0.04)
+    assert loss.requires_grad and not any(t.requires_grad for t in (center_sum, entropy, max_prob))
+    again = mk.centered_softmax_xent(student, teacher, center, 0.1, 0.04)[1]
+    assert torch.equal(center_sum, again)  # no atomics: the same bits every call
+
+
+def test_xent_reference_is_the_models_reference():
+    """Two copies of the specification exist (kernels and matpac_fast.losses): they must agree exactly."""
+    losses = pytest.importorskip("matpac_fast.losses")
+    gen = torch.Generator().manual_seed(5)
+    student, teacher, center, _ = _xent_inputs(5, 33, gen)
+    for mode in ("prob", "logit"):
+        ours = mk.reference_centered_softmax_xent(student, teacher, center, 0.1, 0.04, mode)
+        theirs = losses.centered_softmax_xent_reference(student, teacher, center, 0.1, 0.04, mode)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_patchify_reference_is_the_models_reference():
+    masking = pytest.importorskip("matpac_fast.masking")
+    gen = torch.Generator().manual_seed(6)
+    lms = torch.randn(2, 1, 80, 608, generator=gen)
+    vis, mask = _random_masks(2, 190, 57, 133, gen)
+    ours = mk.reference_patchify_gather(lms, -7.0, 4.0, vis, mask)
+    theirs = masking.patchify_gather_reference(lms, -7.0, 4.0, vis, mask)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "s_shape,c_shape,mode,tau_s,match",
+    [
+        ((4, 8), (8,), "mean", 0.1, "center_mode"),
+        ((4, 8, 2), (8,), "prob", 0.1, r"\(M, K\)"),
+        ((4, 8), (7,), "prob", 0.1, "center must have shape"),
+        ((4, 8), (8,), "prob", 0.0, "tau_s must be positive"),
+    ],
+)
+def test_xent_user_errors(s_shape, c_shape, mode, tau_s, match):
+    with pytest.raises(ValueError, match=match):
+        mk.centered_softmax_xent(torch.zeros(s_shape), torch.zeros(s_shape), torch.zeros(c_shape), tau_s, 0.04, mode)
+
+
+def test_xent_k_above_kernel_limit():
+    s = torch.zeros(2, 8193)
+    c = torch.zeros(8193)
+    with mk.use_backend("triton"), pytest.raises(ValueError, match="K=8193"):
+        mk.centered_softmax_xent(s, s, c, 0.1, 0.04)
+    with mk.use_backend("auto"):  # auto falls back to the reference
+        loss = mk.centered_softmax_xent(s, s, c, 0.1, 0.04)[0]
+    torch.testing.assert_close(loss, torch.full((2,), torch.log(torch.tensor(8193.0)).item()))
+
+
+def test_unknown_backend_is_a_one_line_error():
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        mk.set_backend("cuda")
+
+
+# ------------------------------------------------------------------------------------------------ fallback
+def test_interpreter_tests_in_subprocess():
+    """When triton was imported before this module could select the interpreter, run this file in a fresh process."""
+    if TRITON_IN_PROCESS:
+        pytest.skip("the Triton tests ran in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ GPU only
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("mode", ["prob", "logit"])
+def test_xent_bf16_cuda(mode):
+    """bf16 logits (the training dtype): the kernel upcasts to fp32 like the reference, so only the bf16 gradient
+    rounding differs."""
+    gen = torch.Generator().manual_seed(7)
+    M, K = 4 * 133, 2048
+    student = (torch.randn(M, K, generator=gen) * 2).cuda().bfloat16().requires_grad_()
+    teacher = (torch.randn(M, K, generator=gen) * 2).cuda().bfloat16()
+    center = (torch.randn(K, generator=gen) * 0.3).cuda()
+    upstream = (torch.rand(M, generator=gen) + 0.5).cuda()
+    with mk.use_backend("triton"):
+        got = _forward_backward(mk.centered_softmax_xent, student, teacher, center, upstream, 0.1, 0.04, mode)
+    want = _forward_backward(mk.reference_centered_softmax_xent, student, teacher, center, upstream, 0.1, 0.04, mode)
+    for o, r in zip(got[0], want[0]):
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
+    assert got[1].dtype == torch.bfloat16
+    torch.testing.assert_close(got[1].float(), want[1].float(), rtol=2e-2, atol=1e-3)
+
+
+@gpu
+@needs_cuda
+def test_xent_cuda_compile_triton_op():
+    """On CUDA the op is a triton_op: inductor must compile through it (forward and backward)."""
+    gen = torch.Generator().manual_seed(8)
+    inputs = _xent_inputs(133, 2048, gen)
+    compiled = torch.compile(mk.centered_softmax_xent, fullgraph=True)
+    with mk.use_backend("triton"):
+        got = _forward_backward(compiled, *inputs, 0.1, torch.tensor(0.04, device="cuda"), "prob")
+    want = _forward_backward(mk.reference_centered_softmax_xent, *inputs, 0.1, 0.04, "prob")
+    _assert_xent_close(got, want)
+
+
+@gpu
+@needs_cuda
+def test_patchify_gather_bf16_cuda():
+    gen = torch.Generator().manual_seed(9)
+    lms = (torch.randn(8, 1, 80, 608, generator=gen) * 4 - 7).half().cuda()
+    vis, mask = (x.cuda() for x in _random_masks(8, 190, 57, 133, gen))
+    with mk.use_backend("triton"):
+        got = mk.patchify_gather(lms, -7.056, 4.193, vis, mask, out_dtype=torch.bfloat16)
+        compiled = torch.compile(mk.patchify_gather, fullgraph=True)(
+            lms, -7.056, 4.193, vis, mask, out_dtype=torch.bfloat16
+        )
+    want = mk.reference_patchify_gather(lms, -7.056, 4.193, vis, mask, out_dtype=torch.bfloat16)
+    for g, c, w in zip(got, compiled, want):
+        assert g.dtype == torch.bfloat16
+        # fp32 (x - mean) / std may differ by an ulp before the bf16 rounding: allow one bf16 step
+        torch.testing.assert_close(g.float(), w.float(), rtol=8e-3, atol=1e-6)
+        torch.testing.assert_close(c.float(), w.float(), rtol=8e-3, atol=1e-6)
+
+
+@gpu
+@needs_cuda
+def test_xent_cuda_faster_and_leaner_than_eager():
+    """A loose guard (the benchmark measures the targets): fused fwd+bwd beats eager on time and peak memory."""
+    import triton.testing
+
+    gen = torch.Generator().manual_seed(10)
+    M, K = 64 * 133, 2048
+    student = (torch.randn(M, K, generator=gen) * 2).cuda().bfloat16().requires_grad_()
+    teacher = (torch.randn(M, K, generator=gen) * 2).cuda().bfloat16()
+    center = torch.zeros(K, device="cuda")
+
+    def run(fn):
+        student.grad = None
+        fn(student, teacher, center, 0.1, 0.04, "prob")[0].mean().backward()
+
+    def measure(fn):
+        run(fn)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run(fn)
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(lambda: run(fn)), torch.cuda.max_memory_allocated() - base
+
+    with mk.use_backend("triton"):
+        t_kernel, m_kernel = measure(mk.centered_softmax_xent)
+    t_eager, m_eager = measure(mk.reference_centered_softmax_xent)
+    assert t_kernel < t_eager, (t_kernel, t_eager)
+    assert m_kernel * 2 < m_eager, (m_kernel, m_eager)
