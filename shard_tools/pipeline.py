@@ -420,6 +420,8 @@ def make_shards(disc: Discovery, cfg: MakeConfig) -> dict:
     if stats_path.exists():
         old = json.loads(stats_path.read_text(encoding="utf-8"))
         if old.get("plan_hash") == phash:
+            if work.is_dir():  # killed after stats.json was written, before the clean-up
+                _clear_work(work)
             return {**old, "out": str(out), "resumed_from": len(disc.items), "already_complete": True}
         raise ValueError(f"{out} already holds a different shard set; choose another --out or pass --overwrite")
     if plan_path.exists():

@@ -1,0 +1,169 @@
+"""make-shards versus the authors' per-file approach, on the same generated corpus and the same worker count.
+
+Per-file approach (M2D/MATPAC `wav_to_lms` style): each worker decodes a file, resamples, computes the log-mel and
+`np.save`s one float32 .npy per clip; then a manifest pass re-opens every .npy to read its shape (the authors build
+their training list that way). make-shards: the same front end, written as float16 into tar shards with
+sizes/stats/manifest and sha256 hashes, in one pass.
+
+Both run in `--workers` spawned processes with one torch thread each, on a warm page cache, and include process
+start-up. Last line: RESULT make_shards clips_per_s=... per_file_clips_per_s=... ratio=... clips_per_s_per_core=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def make_corpus(root: Path, n: int, seconds: float, sr: int) -> list[Path]:
+    import soundfile as sf
+    from tqdm import tqdm
+
+    from shard_tools.synthetic import CLASSES, synth_clip
+
+    paths = []
+    for i in tqdm(range(n), desc="corpus", unit="file", file=sys.stderr):
+        wave, label = synth_clip(i, seed=123, sample_rate=sr, seconds=seconds)
+        p = root / label / f"clip{i:06d}.wav"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        sf.write(p, wave, sr, subtype="PCM_16")
+        paths.append(p)
+    assert len({p.parent.name for p in paths}) == min(n, len(CLASSES))
+    return paths
+
+
+# ------------------------------------------------------------------------------------- the authors' approach
+_W: dict = {}
+
+
+def _init_per_file(frontend: str) -> None:
+    import torch
+
+    from matpac_fast.frontend import LogMelSpec, get_spec
+
+    torch.set_num_threads(1)
+    _W["spec"] = get_spec(frontend)
+    _W["mel"] = LogMelSpec(_W["spec"])
+
+
+def _per_file_one(job: tuple[str, str]) -> str:
+    import soundfile as sf
+    import torch
+
+    from matpac_fast.frontend import resample, to_mono
+
+    src, dst = job
+    data, sr = sf.read(src, dtype="float32", always_2d=True)
+    wave = resample(torch.from_numpy(to_mono(data)), sr, _W["spec"])
+    lms = _W["mel"](wave[None])[0].numpy()
+    np.save(dst, lms)  # float32, one file per clip
+    return dst
+
+
+def per_file_approach(paths: list[Path], out: Path, workers: int, frontend: str) -> int:
+    jobs = []
+    for p in paths:
+        dst = out / p.parent.name / (p.stem + ".npy")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        jobs.append((str(p), str(dst)))
+    with mp.get_context("spawn").Pool(workers, _init_per_file, (frontend,)) as pool:
+        written = list(pool.imap(_per_file_one, jobs, chunksize=2))
+    # manifest pass: re-open every file to learn its length
+    rows = []
+    for f in written:
+        rows.append(f"{f},{np.load(f, allow_pickle=False).shape[-1]}\n")
+    (out / "files.csv").write_text("file_name,length\n" + "".join(rows))
+    return len(rows)
+
+
+def make_shards_approach(root: Path, out: Path, workers: int, frontend: str) -> int:
+    from shard_tools.api import make_folder_shards
+
+    s = make_folder_shards(out, root, workers=workers, frontend=frontend, progress=False)
+    return s["written"]
+
+
+def dir_bytes(d: Path) -> tuple[int, int]:
+    files = [p for p in d.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files), len(files)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=400, help="clips in the generated corpus (default: %(default)s)")
+    p.add_argument("--seconds", type=float, default=10.0, help="clip length (default: %(default)s)")
+    p.add_argument("--sr", type=int, default=44100, help="corpus sample rate; AudioSet downloads are mostly 44.1k/48k")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for both (default: all cores)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs of each approach; best is kept")
+    p.add_argument("--frontend", default="matpac", choices=["matpac", "m2d"])
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temp folder, removed)")
+    args = p.parse_args()
+    if args.n < 1 or args.workers < 1 or args.repeats < 1:
+        raise SystemExit("--n, --workers and --repeats must be >= 1")
+
+    work = Path(tempfile.mkdtemp(prefix="bench_shards_", dir=args.work))
+    try:
+        corpus = work / "corpus"
+        paths = make_corpus(corpus, args.n, args.seconds, args.sr)
+        for path in paths:  # warm the page cache so that neither approach pays the first read
+            path.read_bytes()
+        times = {"per_file": [], "make_shards": []}
+        sizes = {}
+        for r in range(args.repeats):
+            for name in ("per_file", "make_shards"):  # alternate, so drifting machine load hits both
+                out = work / f"{name}_{r}"
+                out.mkdir()
+                t0 = time.perf_counter()
+                if name == "per_file":
+                    n_done = per_file_approach(paths, out, args.workers, args.frontend)
+                else:
+                    n_done = make_shards_approach(corpus, out, args.workers, args.frontend)
+                times[name].append(time.perf_counter() - t0)
+                assert n_done == args.n, (name, n_done)
+                sizes[name] = dir_bytes(out)
+                print(f"  run {r} {name:<11} {times[name][-1]:7.2f} s", file=sys.stderr)
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    t_pf, t_ms = min(times["per_file"]), min(times["make_shards"])
+    cps, pf_cps = args.n / t_ms, args.n / t_pf
+    import torch
+
+    print(f"corpus: {args.n} clips x {args.seconds:g} s wav at {args.sr} Hz; front end {args.frontend}; "
+          f"{args.workers} workers; best of {args.repeats}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
+          f"commit {commit()}")
+    print()
+    print("| approach | seconds | clips/s | output files | output MB |")
+    print("|---|---:|---:|---:|---:|")
+    for name, label, t in (("per_file", "per-file .npy + manifest pass", t_pf), ("make_shards", "make-shards", t_ms)):
+        b, f = sizes[name]
+        print(f"| {label} | {t:.2f} | {args.n / t:.1f} | {f} | {b / 1e6:.1f} |")
+    print()
+    print(f"RESULT make_shards clips_per_s={cps:.2f} per_file_clips_per_s={pf_cps:.2f} ratio={t_pf / t_ms:.3f} "
+          f"clips_per_s_per_core={cps / args.workers:.2f}")
+
+
+if __name__ == "__main__":
+    main()
