@@ -1,0 +1,80 @@
+"""The tiny MATPAC model with `use_kernels=True` gives the loss, statistics and gradients of the reference path.
+
+fp32, on CPU through Triton's interpreter (or compiled on CUDA when a GPU is present). See tests/test_kernels.py for
+why TRITON_INTERPRET is set before anything imports triton, and for the subprocess fallback used when that was too
+late in this pytest process.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import matpac_kernels as mk  # noqa: E402
+
+model_mod = pytest.importorskip("matpac_fast.model")
+from matpac_fast.config import get_model_config  # noqa: E402
+from matpac_fast.masking import make_masks  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_IN_PROCESS = torch.cuda.is_available() or mk.interpreter_active()
+
+
+def _tiny_pair(center_mode):
+    torch.manual_seed(0)
+    ref = model_mod.MATPAC(get_model_config("tiny", use_kernels=False, center_mode=center_mode)).to(DEVICE)
+    fast = model_mod.MATPAC(get_model_config("tiny", use_kernels=True, center_mode=center_mode)).to(DEVICE)
+    fast.load_state_dict(ref.state_dict())
+    # A non-zero centre so that the centring is exercised (it starts at zero).
+    with torch.no_grad():
+        c = torch.randn(ref.center.shape, generator=torch.Generator().manual_seed(1)) * 0.3
+        ref.center.copy_(c)
+        fast.center.copy_(c)
+    return ref, fast
+
+
+def _batch(cfg, B=2):
+    gen = torch.Generator().manual_seed(2)
+    lms = torch.randn(B, 1, cfg.n_mels, cfg.crop_frames, generator=gen) * 4.2 - 7.1
+    vis, mask = make_masks(B, cfg.n_patches, cfg.n_visible, generator=gen)
+    return {"lms": lms.to(DEVICE), "vis_idx": vis.to(DEVICE), "mask_idx": mask.to(DEVICE)}
+
+
+@pytest.mark.skipif(not TRITON_IN_PROCESS, reason="triton was imported before TRITON_INTERPRET=1; see subprocess test")
+@pytest.mark.parametrize("center_mode,B", [("prob", 2), ("logit", 1)])  # small: the interpreter is slow
+def test_tiny_model_kernels_match_reference(center_mode, B):
+    ref, fast = _tiny_pair(center_mode)
+    batch = _batch(ref.cfg, B)
+    step = model_mod.StepState(tau_t=0.05, mcl_temperature=0.1)
+    loss_ref, stats_ref = ref(batch, step)
+    with mk.use_backend("triton"):  # on CPU "auto" would quietly pick the reference: force the kernels
+        loss_fast, stats_fast = fast(batch, step)
+    torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-5, atol=1e-5)
+    assert stats_fast.keys() == stats_ref.keys()
+    for name in stats_ref:
+        torch.testing.assert_close(stats_fast[name], stats_ref[name], rtol=1e-5, atol=1e-5, msg=name)
+    loss_ref.backward()
+    loss_fast.backward()
+    fast_params = dict(fast.named_parameters())
+    n_grads = 0
+    for name, p in ref.named_parameters():
+        q = fast_params[name]
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+            n_grads += 1
+    assert n_grads > 10  # the student encoder, predictor and head all received gradients
+
+
+def test_model_kernel_tests_in_subprocess():
+    if TRITON_IN_PROCESS:
+        pytest.skip("the kernel model tests ran in this process")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not gpu", __file__]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
