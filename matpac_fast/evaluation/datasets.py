@@ -1,0 +1,305 @@
+"""Labelled audio sets for evaluation: a folder, a CSV, or a known layout (FSDD, ESC-50, UrbanSound8K, GTZAN).
+
+Everything a probe needs is resolved here, once, with one-line errors that name the offending row: the file list,
+the label vocabulary, whether the task is multi-label, which column the "official" protocol uses, and the natural
+grouping column (e.g. FSDD speaker). Audio is not read here (see `embed.py`).
+
+Generic CSV: columns `file` (or filename/path), `label` (or labels/category/class); optional `fold` or `split`
+(train/valid/test); any other column can name groups (`--folds group:COLUMN`). Paths are relative to the CSV's
+folder. A label cell holding commas ("dog,bark") makes the whole task multi-label (metric: mAP).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".aiff", ".aif", ".au", ".m4a", ".opus")
+FILE_COLUMNS = ("file", "filename", "path", "file_name", "slice_file_name")
+LABEL_COLUMNS = ("label", "labels", "category", "class")
+GTZAN_GENRES = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
+US8K_CLASSES = (
+    "air_conditioner", "car_horn", "children_playing", "dog_bark", "drilling",
+    "engine_idling", "gun_shot", "jackhammer", "siren", "street_music",
+)  # fmt: skip
+FSDD_CLASSES = tuple(str(d) for d in range(10))
+
+
+@dataclass
+class Clip:
+    """One labelled file. `row` is the 1-based data row of the CSV it came from (None for folder layouts)."""
+
+    path: str
+    labels: tuple[str, ...]
+    meta: dict[str, str] = field(default_factory=dict)
+    row: int | None = None
+
+
+@dataclass
+class LabelledSet:
+    name: str  # default task name
+    root: str
+    layout: str  # fsdd | esc50 | us8k | gtzan | folder | csv
+    clips: list[Clip]
+    classes: list[str]
+    multilabel: bool
+    source: str  # the CSV (or folder) rows refer to, for error messages
+    official: str | None = None  # column that defines the official protocol: "split" or "fold"
+    default_group: str | None = None  # e.g. "speaker" (FSDD)
+    default_clip_seconds: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def where(self, i: int) -> str:
+        c = self.clips[i]
+        return f"{self.source}: row {c.row} (line {c.row + 1})" if c.row is not None else f"{c.path}"
+
+    def targets(self) -> np.ndarray:
+        """Single-label: int64 (n,) class indices. Multi-label: float32 (n, C) in {0, 1}."""
+        index = {c: i for i, c in enumerate(self.classes)}
+        if not self.multilabel:
+            return np.array([index[c.labels[0]] for c in self.clips], dtype=np.int64)
+        Y = np.zeros((len(self.clips), len(self.classes)), dtype=np.float32)
+        for i, c in enumerate(self.clips):
+            Y[i, [index[lab] for lab in c.labels]] = 1.0
+        return Y
+
+    def column(self, name: str) -> list[str]:
+        missing = [i for i, c in enumerate(self.clips) if name not in c.meta]
+        if missing:
+            have = sorted(self.clips[missing[0]].meta)
+            raise ValueError(f"{self.where(missing[0])} has no column {name!r}; columns there: {have}")
+        return [c.meta[name] for c in self.clips]
+
+    def digest(self) -> str:
+        """Identity of the file list + labels (part of the embedding cache key: a changed dataset misses)."""
+        h = hashlib.sha256()
+        for c in self.clips:
+            st = os.stat(c.path)
+            h.update(f"{c.path}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+        return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def load_dataset(data: str | os.PathLike, classes: list[str] | None = None) -> LabelledSet:
+    """Resolve `data` (folder, CSV, or known layout root) into a LabelledSet; one-line ValueError on mistakes."""
+    p = Path(data).expanduser()
+    if not p.exists():
+        raise ValueError(f"--data {data}: no such file or folder")
+    if p.is_file():
+        if p.suffix.lower() != ".csv":
+            raise ValueError(f"--data {data}: expected a folder or a .csv file")
+        return _from_csv_file(p, classes)
+    if (p / "labels.csv").is_file() and _is_fsdd_csv(p / "labels.csv"):
+        return load_fsdd(p)
+    if (p / "meta" / "esc50.csv").is_file():
+        return load_esc50(p)
+    for cand in (p / "metadata" / "UrbanSound8K.csv", p / "UrbanSound8K" / "metadata" / "UrbanSound8K.csv"):
+        if cand.is_file():
+            return load_us8k(cand.parent.parent)
+    g = _gtzan_root(p)
+    if g is not None:
+        return load_gtzan(g)
+    for name in ("labels.csv", "meta.csv", "metadata.csv"):
+        if (p / name).is_file():
+            return load_csv(p / name, classes=classes)
+    return load_folder(p, classes=classes)
+
+
+def _from_csv_file(p: Path, classes: list[str] | None) -> LabelledSet:
+    if p.name == "esc50.csv" and p.parent.name == "meta":
+        return load_esc50(p.parent.parent)
+    if p.name == "UrbanSound8K.csv":
+        return load_us8k(p.parent.parent)
+    if _is_fsdd_csv(p):
+        return load_fsdd(p.parent)
+    return load_csv(p, classes=classes)
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise ValueError(f"{path}: empty CSV (expected a header line such as 'file,label')")
+        fields = [h.strip() for h in reader.fieldnames]
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    return fields, rows
+
+
+def _pick(fields: list[str], wanted: tuple[str, ...], what: str, path: Path) -> str:
+    lower = {f.lower(): f for f in fields}
+    for w in wanted:
+        if w in lower:
+            return lower[w]
+    raise ValueError(f"{path}: no {what} column (looked for {', '.join(wanted)}; header is {','.join(fields)})")
+
+
+def _split_labels(cell: str) -> tuple[str, ...]:
+    return tuple(s.strip() for s in cell.split(",") if s.strip())
+
+
+def load_csv(
+    path: str | os.PathLike,
+    classes: list[str] | None = None,
+    *,
+    file_column: str | None = None,
+    label_column: str | None = None,
+    audio_dir: str | os.PathLike | None = None,
+    layout: str = "csv",
+    name: str | None = None,
+) -> LabelledSet:
+    """Generic labelled CSV. `classes` (optional) is the allowed vocabulary: any other label is an error."""
+    path = Path(path)
+    fields, rows = _read_rows(path)
+    fcol = file_column or _pick(fields, FILE_COLUMNS, "file", path)
+    lcol = label_column or _pick(fields, LABEL_COLUMNS, "label", path)
+    base = Path(audio_dir) if audio_dir is not None else path.parent
+    allowed = set(classes) if classes is not None else None
+    clips = []
+    for n, r in enumerate(rows, start=1):
+        where = f"{path}: row {n} (line {n + 1})"
+        if not r.get(fcol):
+            raise ValueError(f"{where}: empty {fcol!r} cell; every row needs an audio file")
+        f = Path(r[fcol])
+        f = f if f.is_absolute() else base / f
+        if not f.is_file():
+            raise ValueError(f"{where}: file {r[fcol]!r} not found (looked at {f}); fix the path or drop the row")
+        labels = _split_labels(r.get(lcol, ""))
+        if not labels:
+            raise ValueError(f"{where}: empty {lcol!r} cell; every row needs a label")
+        bad = [lab for lab in labels if allowed is not None and lab not in allowed]
+        if bad:
+            raise ValueError(f"{where}: unknown label {bad[0]!r} (known labels: {_short(sorted(allowed))})")
+        meta = {k: v for k, v in r.items() if k not in (fcol, lcol)}
+        clips.append(Clip(str(f), labels, meta, row=n))
+    if not clips:
+        raise ValueError(f"{path}: no rows")
+    multilabel = any(len(c.labels) > 1 for c in clips)
+    vocab = list(classes) if classes is not None else _sorted_labels({lab for c in clips for lab in c.labels})
+    official = "split" if "split" in fields else ("fold" if "fold" in fields else None)
+    return LabelledSet(
+        name=name or path.parent.name or "csv",
+        root=str(path.parent),
+        layout=layout,
+        clips=clips,
+        classes=vocab,
+        multilabel=multilabel,
+        source=str(path),
+        official=official,
+    )
+
+
+def _short(items: list[str], n: int = 12) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def _sorted_labels(labels: set[str]) -> list[str]:
+    """Numeric labels sort numerically ("2" < "10"), others alphabetically."""
+    if all(lab.lstrip("-").isdigit() for lab in labels):
+        return sorted(labels, key=int)
+    return sorted(labels)
+
+
+def load_folder(root: str | os.PathLike, classes: list[str] | None = None, layout: str = "folder") -> LabelledSet:
+    """label = first-level subfolder of `root`; audio files found recursively below it."""
+    root = Path(root)
+    clips = []
+    for sub in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
+        for f in sorted(sub.rglob("*")):
+            if f.suffix.lower() in AUDIO_EXTS and f.is_file():
+                if classes is not None and sub.name not in classes:
+                    raise ValueError(f"{f}: unknown label {sub.name!r} (known labels: {_short(list(classes))})")
+                clips.append(Clip(str(f), (sub.name,), {"folder": sub.name}))
+    if not clips:
+        raise ValueError(
+            f"--data {root}: no audio files in label subfolders (expected {root}/<label>/*.wav) and no labels CSV"
+        )
+    vocab = list(classes) if classes is not None else _sorted_labels({c.labels[0] for c in clips})
+    return LabelledSet(
+        name=root.name, root=str(root), layout=layout, clips=clips, classes=vocab, multilabel=False, source=str(root)
+    )
+
+
+# --- known layouts ------------------------------------------------------------------------------------------------
+def _is_fsdd_csv(path: Path) -> bool:
+    with open(path, encoding="utf-8") as f:
+        header = {h.strip() for h in f.readline().split(",")}
+    return {"filename", "label", "speaker"} <= header
+
+
+def load_fsdd(root: str | os.PathLike) -> LabelledSet:
+    """Free Spoken Digit Dataset: labels.csv (filename,label,speaker,take,split,...); official = split column."""
+    root = Path(root)
+    ds = load_csv(root / "labels.csv", classes=list(FSDD_CLASSES), layout="fsdd", name="fsdd")
+    ds.official, ds.default_group, ds.default_clip_seconds = "split", "speaker", 1.0
+    return ds
+
+
+def load_esc50(root: str | os.PathLike) -> LabelledSet:
+    """ESC-50: meta/esc50.csv (filename, fold, target, category, ...), audio/ holds the files; 5-fold CV."""
+    root = Path(root)
+    ds = load_csv(
+        root / "meta" / "esc50.csv", file_column="filename", label_column="category",
+        audio_dir=root / "audio", layout="esc50", name="esc50",
+    )  # fmt: skip
+    ds.root, ds.official, ds.default_clip_seconds = str(root), "fold", 5.0
+    ds.default_group = "src_file"  # clips cut from one recording must not straddle train and test
+    return ds
+
+
+def load_us8k(root: str | os.PathLike) -> LabelledSet:
+    """UrbanSound8K: metadata/UrbanSound8K.csv (slice_file_name, fsID, ..., fold, classID, class); audio/foldN/."""
+    root = Path(root)
+    csv_path = root / "metadata" / "UrbanSound8K.csv"
+    fields, rows = _read_rows(csv_path)
+    for col in ("slice_file_name", "fold", "class"):
+        if col not in fields:
+            raise ValueError(f"{csv_path}: missing column {col!r} (header is {','.join(fields)})")
+    clips = []
+    for n, r in enumerate(rows, start=1):
+        f = root / "audio" / f"fold{r['fold']}" / r["slice_file_name"]
+        where = f"{csv_path}: row {n} (line {n + 1})"
+        if not f.is_file():
+            raise ValueError(f"{where}: file {f} not found; fix the path or drop the row")
+        if r["class"] not in US8K_CLASSES:
+            raise ValueError(f"{where}: unknown label {r['class']!r} (known labels: {', '.join(US8K_CLASSES)})")
+        meta = {k: v for k, v in r.items() if k not in ("slice_file_name", "class")}
+        clips.append(Clip(str(f), (r["class"],), meta, row=n))
+    return LabelledSet(
+        name="us8k", root=str(root), layout="us8k", clips=clips, classes=list(US8K_CLASSES), multilabel=False,
+        source=str(csv_path), official="fold", default_group="fsID", default_clip_seconds=4.0,
+    )  # fmt: skip
+
+
+def _gtzan_root(p: Path) -> Path | None:
+    for cand in (p, p / "genres", p / "genres_original", p / "Data" / "genres_original"):
+        if cand.is_dir() and {d.name for d in cand.iterdir() if d.is_dir()} >= set(GTZAN_GENRES):
+            return cand
+    return None
+
+
+def load_gtzan(genres_dir: str | os.PathLike) -> LabelledSet:
+    """GTZAN genre folders. Official protocol = the fault-filtered split lists (train/valid/test_filtered.txt,
+    as used by EVAR) when they sit in the genre folder or its parent; otherwise use --folds kfold:10."""
+    g = Path(genres_dir)
+    ds = load_folder(g, classes=list(GTZAN_GENRES), layout="gtzan")
+    ds.name, ds.default_clip_seconds = "gtzan", 30.0
+    for d in (g, g.parent):
+        lists = {s: d / f"{s}_filtered.txt" for s in ("train", "valid", "test")}
+        if all(f.is_file() for f in lists.values()):
+            split_of = {}
+            for s, f in lists.items():
+                for line in f.read_text().split():
+                    split_of[Path(line).name] = s
+            kept = [c for c in ds.clips if Path(c.path).name in split_of]
+            for c in kept:
+                c.meta["split"] = split_of[Path(c.path).name]
+            ds.clips, ds.official = kept, "split"
+            break
+    return ds

@@ -1,0 +1,127 @@
+"""Reports: one JSON per run, a markdown table over every run in the output folder, and a PNG of a 2-D
+projection of the embeddings coloured by label (one panel per checkpoint of a task).
+
+Each CLI run writes `<out>/<task>__<checkpoint>__<probe>.json` and `<out>/<task>__<checkpoint>.proj.npz`, then
+rebuilds `<out>/results.md` and `<out>/<dataset>_projection.png` from everything in the folder, so several runs
+(baselines, checkpoints, protocols) into one folder give one table and one figure.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+TABLE_HEADER = (
+    "| task | data | protocol | checkpoint | probe | metric | mean ± std (%) | runs | dim | embed s | probe s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def safe_name(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)
+
+
+def write_json(out: Path, result: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    p = out / f"{safe_name(result['task'])}__{safe_name(result['checkpoint_name'])}__{result['probe']}.json"
+    p.write_text(json.dumps(result, indent=2) + "\n")
+    return p
+
+
+def table_row(r: dict) -> str:
+    return (
+        f"| {r['task']} | {r['dataset']} | {r['folds']} | {r['checkpoint_name']} | {r['probe']} | {r['metric']} | "
+        f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f} | {len(r['runs'])} | {r['embedding_dim']} | "
+        f"{r['embed_seconds']:.0f}{' (cached)' if r.get('cache_hit') else ''} | {r['probe_seconds']:.0f} |"
+    )
+
+
+def markdown_table(results: list[dict]) -> str:
+    rows = sorted(results, key=lambda r: (r["dataset"], r["folds"], r["probe"], r["checkpoint_name"]))
+    return "\n".join([TABLE_HEADER] + [table_row(r) for r in rows]) + "\n"
+
+
+def load_results(out: Path) -> list[dict]:
+    res = []
+    for p in sorted(out.glob("*__*__*.json")):
+        try:
+            r = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and {"task", "mean", "runs"} <= set(r):
+            res.append(r)
+    return res
+
+
+def write_table(out: Path) -> Path:
+    p = out / "results.md"
+    p.write_text(markdown_table(load_results(out)))
+    return p
+
+
+# --- 2-D projection -----------------------------------------------------------------------------------------------
+def project_2d(X: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """Standardised embeddings -> (n, 2). PCA is exact and fast; t-SNE shows clusters better but takes longer."""
+    from sklearn.decomposition import PCA
+
+    X = np.asarray(X, dtype=np.float64)
+    std = X.std(0)
+    std[std < 1e-12] = 1.0
+    Z = (X - X.mean(0)) / std
+    if method == "pca":
+        return PCA(2, random_state=seed).fit_transform(Z).astype(np.float32)
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        if Z.shape[1] > 50:  # the usual PCA-50 before t-SNE: same picture, a fraction of the time
+            Z = PCA(50, random_state=seed).fit_transform(Z)
+        perplexity = float(min(30, max(2, (len(Z) - 1) // 3)))
+        return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(Z).astype(np.float32)
+    raise ValueError(f"--projection {method!r}: choose pca, tsne or none")
+
+
+def save_projection(out: Path, task: str, checkpoint_name: str, dataset: str, xy, label_idx, classes, method) -> Path:
+    p = out / f"{safe_name(task)}__{safe_name(checkpoint_name)}.proj.npz"
+    np.savez(
+        p, xy=np.asarray(xy, np.float32), label=np.asarray(label_idx, np.int64), classes=np.array(classes),
+        checkpoint=np.array(checkpoint_name), dataset=np.array(dataset), method=np.array(method),
+    )  # fmt: skip
+    return p
+
+
+def plot_projections(out: Path, dataset: str) -> Path | None:
+    """One panel per saved projection of `dataset` in `out`; returns the PNG path (None when there is none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {}
+    for p in sorted(out.glob("*.proj.npz")):
+        with np.load(p, allow_pickle=False) as z:
+            if str(z["dataset"]) == dataset:
+                panels[str(z["checkpoint"])] = {k: z[k] for k in ("xy", "label", "classes", "method")}
+    if not panels:
+        return None
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 1.2, 4.2), squeeze=False)
+    cmap = plt.get_cmap("tab10" if max(len(v["classes"]) for v in panels.values()) <= 10 else "tab20")
+    for ax, (name, v) in zip(axes[0], panels.items()):
+        classes = [str(c) for c in v["classes"]]
+        for ci, cname in enumerate(classes):
+            m = v["label"] == ci
+            ax.scatter(v["xy"][m, 0], v["xy"][m, 1], s=4, alpha=0.6, color=cmap(ci % cmap.N), label=cname)
+        ax.set_title(f"{name} ({str(v['method']).upper()})", fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    if len(labels) <= 20:
+        fig.legend(handles, labels, loc="center right", markerscale=3, fontsize=8, title="label")
+    fig.suptitle(f"{dataset}: clip embeddings, 2-D projection coloured by label", fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1 - 1.1 / (4.2 * n + 1.2), 0.95))
+    png = out / f"{safe_name(dataset)}_projection.png"
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png
