@@ -352,3 +352,50 @@ def test_sigkill_resume_is_identical_to_uninterrupted_run(tmp_path):
     for name in a:
         assert a[name] == b[name], name
     assert len(json.loads((out / "sizes.json").read_text())) == 15
+
+
+def test_shards_feed_the_streaming_loader(synth_set):
+    """Interop with matpac_fast.data: every key comes out once per epoch as a (1, 80, 608) crop of its log-mel."""
+    from matpac_fast.data import DataConfig, ShardSource, make_loader
+
+    out, _ = synth_set
+    source = ShardSource.open(str(out))
+    assert source.total == 24
+    cfg = DataConfig(batch_size=4, num_workers=0, pin_memory=False, with_labels=True)
+    loader = make_loader(cfg, source=source, frontend="matpac")
+    samples = read_shard_set(out)
+    keys = []
+    for batch in loader:
+        assert batch["lms"].shape == (4, 1, 80, 608) and batch["lms"].dtype == torch.float16
+        for k, crop in zip(batch["key"], batch["lms"][:, 0].numpy()):
+            full = samples[k][0]
+            starts = [t for t in range(full.shape[1] - 607) if np.array_equal(full[:, t : t + 608], crop)]
+            assert starts, k
+        keys += batch["key"]
+    assert sorted(keys) == sorted(samples)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_log_mel_matches_cpu(tmp_path):
+    cpu = tmp_path / "cpu"
+    gpu = tmp_path / "gpu"
+    make_synthetic_shards(cpu, n=6, workers=0, progress=False)
+    s = make_synthetic_shards(gpu, n=6, workers=2, device="cuda", progress=False)
+    assert s["written"] == 6
+    a, b = read_shard_set(cpu), read_shard_set(gpu)
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k][1] == b[k][1]
+        np.testing.assert_allclose(a[k][0].astype(np.float32), b[k][0].astype(np.float32), atol=2e-2, rtol=0)
+    assert verify_shards(gpu)["ok"]
+
+
+def test_demo_shard_and_verify_steps(tmp_path, capsys):
+    from matpac_fast.demo import shards_step, verify_step
+
+    s = shards_step(tmp_path / "shards", n=16, workers=0)
+    assert s["written"] == 16 and len(s["shard_sha256"]) == 8  # n_shards=8 -> 2 clips per shard
+    r = verify_step(tmp_path / "shards")
+    assert r["ok"] and r["samples"] == 16
+    assert "OK" in capsys.readouterr().out
