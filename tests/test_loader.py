@@ -340,16 +340,18 @@ def test_pipe_urls_stream(tmp_path):
         assert sorted(_keys({r: wb[r]})) == sorted(_keys({r: wb_local[r]}))
 
 
-def test_dataloader_two_workers_matches_simulation(tmp_path):
+@pytest.mark.parametrize("reuse", [True, False])
+def test_dataloader_two_workers_matches_simulation(tmp_path, reuse):
     source, _ = _make_set(tmp_path, 53, per_shard=7)
     Path(source.urls[2]).write_bytes(b"junk" * 200)
-    cfg = _cfg(pin_memory=True)
+    cfg = _cfg(pin_memory=True, reuse_buffers=reuse, prefetch_factor=1)  # ring of 3 buffers per worker
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sim = _world(source, cfg, epoch=1, seed=3)
         for rank in range(WORLD):
             loader = make_loader(cfg, rank, WORLD, epoch=1, seed=3, source=source)
-            got = list(loader)
+            # recycled buffers are valid while the batch is current: copy on the fly, as a device move would
+            got = [b | {"lms": b["lms"].clone()} for b in loader] if reuse else list(loader)
             assert len(got) == len(loader) == 6
             assert [b["key"] for b in got] == [b["key"] for b in sim[rank]]
             assert all(torch.equal(a["lms"], b["lms"]) for a, b in zip(got, sim[rank]))
@@ -369,3 +371,12 @@ def test_synthetic_source_contract():
     assert b["lms"].dtype == torch.float16 and b["lms"].shape == (4, 1, 80, CROP)
     assert b["labels"][0] == [int(b["key"][0][3:]) % 10]
     assert ShardSource.open("synthetic:100").total == 100
+
+
+def test_worker_buffers_are_recycled(tmp_path):
+    source, _ = _make_set(tmp_path, 40, per_shard=10)
+    for reuse, expect in ((True, 2 * 3), (False, 20)):  # 20 batches; ring = prefetch_factor + 2 = 3 per worker
+        loader = make_loader(_cfg(batch_size=2, reuse_buffers=reuse, prefetch_factor=1), source=source)
+        held = list(loader)
+        assert len(held) == 20
+        assert len({b["lms"].untyped_storage().data_ptr() for b in held}) == expect

@@ -1,0 +1,203 @@
+"""Loader throughput: shards (indexed local, sequential stream, pipe:cat) vs a folder of per-clip float32 .npy files.
+
+The question: does the shard loader feed a GPU (~5,400 samples/s per H100 at 50% MFU) with few CPU workers, and by
+how much does it beat the authors' design (one float32 .npy per clip, np.load + crop in a map-style Dataset)?
+
+Both loaders run with the same batch size, crop, worker count and a DataLoader; every path gets one untimed
+warm-up pass (page cache, imports, first-touch) and then `--passes` timed passes (worker start-up included: it is a
+real per-epoch cost). Clips are 80 x --frames; content is random (it does not change the I/O or the copy cost).
+
+    python benchmarks/loader.py                 # ~1-2 min on 2 cores; last line: RESULT loader ...
+    python benchmarks/loader.py --clips 4000 --passes 1 --keep /tmp/loader-bench
+
+MB/s columns: "read" = clip bytes the loader had to touch per sample (whole stored clip), "out" = batch bytes
+delivered (fp16 crops for shards, the float32 crops the npy loader makes). "samples/CPU-s" = samples per second of
+CPU time spent by the main process and its workers: a figure that other jobs on the machine barely disturb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from matpac_fast.data import DataConfig, ShardSource, SyntheticSource, make_loader  # noqa: E402
+from matpac_fast.data_fixtures import write_shard_set  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clips", type=int, default=12000, help="clips to generate (default 12000: ~1.9 GB of shards "
+                   "+ ~3.8 GB of float32 .npy; both must fit in the page cache)")
+    p.add_argument("--frames", type=int, default=1000, help="frames per clip (default 1000 = 10 s)")
+    p.add_argument("--per-shard", type=int, default=500, help="clips per shard (default 500, ~80 MB shards)")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--crop", type=int, default=608)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--passes", type=int, default=2, help="timed passes per path after the warm-up (default 2)")
+    p.add_argument("--paths", default="indexed,stream,pipe,npy,synthetic",
+                   help="comma list of: indexed, stream, pipe, npy, synthetic")
+    p.add_argument("--keep", type=Path, default=None, help="generate into (and reuse) this folder instead of a temp")
+    p.add_argument("--csv", type=Path, default=None, help="append result rows to this CSV")
+    args = p.parse_args(argv)
+    if args.clips < args.batch * max(1, args.workers):
+        p.error(f"--clips must be at least --batch x --workers = {args.batch * max(1, args.workers)}")
+    unknown = set(args.paths.split(",")) - {"indexed", "stream", "pipe", "npy", "synthetic"}
+    if unknown:
+        p.error(f"unknown --paths entries {sorted(unknown)}")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# data
+
+
+def _pool(frames: int, n: int = 64) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return (rng.standard_normal((n, 80, frames), dtype=np.float32) * 4 - 7).astype(np.float16)
+
+
+def make_data(root: Path, clips: int, frames: int, per_shard: int, need_npy: bool) -> tuple[Path, Path]:
+    shards, npy = root / "shards", root / "npy"
+    pool = _pool(frames)
+    if not (shards / "stats.json").exists():
+        gen = ((f"clip{i:07d}", pool[i % len(pool)], [i % 10]) for i in range(clips))
+        write_shard_set(shards, tqdm(gen, total=clips, desc="writing shards", unit="clip"), per_shard=per_shard)
+    if need_npy and not (npy / ".done").exists():
+        npy.mkdir(parents=True, exist_ok=True)
+        for i in tqdm(range(clips), desc="writing per-clip float32 .npy", unit="clip"):
+            np.save(npy / f"clip{i:07d}.npy", pool[i % len(pool)].astype(np.float32))
+        (npy / ".done").touch()
+    return shards, npy
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the authors' design: one float32 .npy per clip, map-style Dataset, default collate
+
+
+class NpyFolder(torch.utils.data.Dataset):
+    def __init__(self, folder: Path, crop: int):
+        self.files = sorted(str(p) for p in folder.glob("*.npy"))
+        self.crop = crop
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        x = np.load(self.files[i], allow_pickle=False)
+        s = np.random.randint(0, x.shape[1] - self.crop + 1)
+        return torch.from_numpy(np.ascontiguousarray(x[None, :, s : s + self.crop]))
+
+
+def npy_loader(folder: Path, args):
+    return torch.utils.data.DataLoader(NpyFolder(folder, args.crop), batch_size=args.batch, shuffle=True,
+                                       drop_last=True, num_workers=args.workers,
+                                       prefetch_factor=4 if args.workers else None)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# timing
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process + its reaped children (DataLoader workers are joined at the end of a pass, and
+    their `cat` children with them): unlike wall time, it barely moves when other jobs share the cores."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def time_pass(make, label: str) -> tuple[int, float, float]:
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    n = 0
+    for batch in tqdm(make(), desc=label, unit="batch", leave=False):
+        n += (batch["lms"] if isinstance(batch, dict) else batch).shape[0]
+    return n, time.perf_counter() - t0, _cpu_seconds() - c0
+
+
+def measure(name: str, make, passes: int, read_bytes: int, out_bytes: int) -> dict:
+    time_pass(make, f"{name} warm-up")
+    n = secs = cpu = 0.0
+    for _ in range(passes):
+        k, s, c = time_pass(make, name)
+        n, secs, cpu = n + k, secs + s, cpu + c
+    rate = n / secs
+    return {"path": name, "samples": int(n), "seconds": round(secs, 3), "samples_per_s": round(rate, 1),
+            "read_MB_s": round(rate * read_bytes / 1e6, 1), "out_MB_s": round(rate * out_bytes / 1e6, 1),
+            "samples_per_cpu_s": round(n / max(cpu, 1e-9), 1)}
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    paths = args.paths.split(",")
+    root = args.keep or Path(tempfile.mkdtemp(prefix="loader-bench-"))
+    try:
+        shards, npy = make_data(root, args.clips, args.frames, args.per_shard, "npy" in paths)
+        source = ShardSource.open(str(shards))
+        n = len(source.urls)
+        piped = ShardSource.open(f"pipe:cat {shards}/shards-{{000000..{n - 1:06d}}}.tar")
+        clip16, crop16 = 80 * args.frames * 2, 80 * args.crop * 2
+        cfg = DataConfig(batch_size=args.batch, crop_frames=args.crop, num_workers=args.workers, pin_memory=False)
+        epoch = iter(range(1000))  # a new epoch per pass: new order and crops, as in training
+
+        runs = {
+            "indexed": (lambda: make_loader(cfg, epoch=next(epoch), source=source), clip16, crop16),
+            "stream": (lambda: make_loader(DataConfig(**{**cfg.__dict__, "reader": "stream"}), epoch=next(epoch),
+                                           source=source), clip16, crop16),
+            "pipe": (lambda: make_loader(cfg, epoch=next(epoch), source=piped), clip16, crop16),
+            "npy": (lambda: npy_loader(npy, args), clip16 * 2, crop16 * 2),
+            "synthetic": (lambda: make_loader(cfg, epoch=next(epoch), source=SyntheticSource(
+                n_clips=args.clips, n_frames=args.frames)), 0, crop16),
+        }
+        rows = [measure(p, *runs[p][:1], args.passes, *runs[p][1:]) for p in paths]
+    finally:
+        if args.keep is None:
+            shutil.rmtree(root, ignore_errors=True)
+
+    env = {"cpus": os.cpu_count(), "workers": args.workers, "batch": args.batch, "crop": args.crop,
+           "frames": args.frames, "clips": args.clips, "torch": torch.__version__, "python": platform.python_version(),
+           "commit": _commit()}
+    load = os.getloadavg()[0]
+    print(f"\n{'path':<10} {'samples/s':>10} {'read MB/s':>10} {'out MB/s':>9} {'samples/CPU-s':>14}   "
+          f"(load average {load:.1f} on {os.cpu_count()} cores; {env})")
+    for r in rows:
+        print(f"{r['path']:<10} {r['samples_per_s']:>10.0f} {r['read_MB_s']:>10.0f} {r['out_MB_s']:>9.0f} "
+              f"{r['samples_per_cpu_s']:>14.0f}")
+    if args.csv:
+        new = not args.csv.exists()
+        with open(args.csv, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) + list(env))
+            if new:
+                w.writeheader()
+            for r in rows:
+                w.writerow(r | env)
+    by = {r["path"]: r["samples_per_s"] for r in rows}
+    main_rate = by.get("indexed", float("nan"))
+    npy_rate = by.get("npy", float("nan"))
+    print(f"RESULT loader samples_per_s={main_rate:.0f} npy_samples_per_s={npy_rate:.0f} "
+          f"ratio={main_rate / npy_rate:.2f} workers={args.workers}")
+
+
+if __name__ == "__main__":
+    main()
