@@ -1,0 +1,69 @@
+"""Throughput bookkeeping for the trainer: MFU against a table of known accelerators, data-wait share.
+
+Everything here runs on the host at log steps only; nothing forces a device synchronisation.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+# Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity). Matched by substring of the CUDA
+# device name, first match wins, so the more specific names come first.
+PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A10G", 70.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.0),
+    ("RTX 3090", 71.0),
+    ("V100", 125.0),
+]
+
+
+def peak_tflops(device: torch.device, override: float = 0.0) -> float | None:
+    """The device's dense bf16 peak in TFLOP/s, or None when unknown (CPU, unlisted GPU)."""
+    if override > 0:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS:
+        if key in name:
+            return value
+    return None
+
+
+def mfu(samples_per_s: float, flops_per_sample: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation of one device: achieved FLOP/s over peak."""
+    if not peak:
+        return None
+    return samples_per_s * flops_per_sample / (peak * 1e12)
+
+
+class Throughput:
+    """Wall-clock samples/s and the share of time spent waiting for data, over one log interval."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.samples = 0
+        self.data_wait = 0.0
+
+    def add(self, samples: int, data_wait_s: float) -> None:
+        self.samples += samples
+        self.data_wait += data_wait_s
+
+    def read(self) -> tuple[float, float]:
+        """(samples/s, data-wait fraction) since the last reset."""
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        return self.samples / dt, min(self.data_wait / dt, 1.0)

@@ -1,0 +1,238 @@
+"""Training configuration: small dataclasses, recipe presets, and a command line built from them.
+
+Model architecture lives in `matpac_fast.config.ModelConfig` (presets `matpac`, `matpac_plusplus`, `m2d`, `tiny`);
+this file owns what the trainer needs: optimisation, schedules, data, hardware, checkpoint cadence. A recipe is a
+named set of defaults (`paper` reproduces METHOD.md §5); every field can be overridden on the command line, and
+model fields with `--model KEY=VALUE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # absolute (not scaled by batch), as the authors
+    warmup_epochs: float = 20.0
+    weight_decay: float = 0.05  # on all parameters, as the authors
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-6
+    clip_grad: float = 3.0  # 0 disables
+    grad_accum: int = 1
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: float = 300.0
+    max_steps: int = 0  # > 0: stop after this many optimizer steps (schedules still span `epochs`)
+    tau_t_warmup_epochs: float = 10.0  # end-points: model fields tau_t_start / tau_t_end
+    # EMA end-points are model fields (ema_start, ema_end, head_ema_start, head_ema_end: --model KEY=VALUE)
+    ema_reference_batch: int = 2048  # decays are given for this global batch; rho -> rho**(batch/ref). 0: as given
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # directory, brace pattern, URL list, or "synthetic:N" (N random clips, no I/O)
+    batch_size: int = 256  # per device
+    workers: int = 8
+    epoch_mode: str = "exact"  # exact | resampled
+    on_error: str = "warn"  # warn | raise (corrupt shards)
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/matpac"
+    preset: str = "matpac"  # model preset
+    frontend: str = "matpac"
+    seed: int = 0
+    precision: str = "bf16"  # bf16 | fp16 | no
+    compile: str = "off"  # off | block | step
+    kernels: bool = False
+    log_every: int = 50
+    ckpt_every: int = 2000  # optimizer steps; 0: only at the end / on signal
+    keep_last: int = 3
+    resume: str = ""  # "" | auto | path to a checkpoint directory
+    max_nonfinite: int = 20  # consecutive non-finite steps before aborting
+    cpu: bool = False
+    deterministic: bool = False
+    progress: bool = True
+    peak_tflops: float = 0.0  # for MFU; 0: look the device up in a table
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of ModelConfig fields
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return cls(
+            run=RunConfig(**d.get("run", {})),
+            data=DataConfig(**d.get("data", {})),
+            optim=OptimConfig(**d.get("optim", {})),
+            schedule=ScheduleConfig(**d.get("schedule", {})),
+            model=dict(d.get("model", {})),
+        )
+
+
+# Recipes: named defaults. `paper` = METHOD.md §5 (8 GPUs x 256). `tiny` = the CPU demo.
+RECIPES: dict[str, dict] = {
+    "paper": {},
+    "tiny": {
+        "run": {"preset": "tiny", "precision": "no", "log_every": 10, "ckpt_every": 0, "cpu": True},
+        "data": {"batch_size": 32, "workers": 1},
+        "optim": {"lr": 1e-3, "warmup_epochs": 1.0},
+        "schedule": {"epochs": 10.0, "tau_t_warmup_epochs": 2.0, "ema_reference_batch": 0},
+        # A few hundred steps instead of 300k: the teacher must move within them.
+        "model": {"ema_start": 0.99, "ema_end": 0.999, "head_ema_start": 0.99, "head_ema_end": 1.0},
+    },
+}
+
+_SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig}
+_CHOICES = {
+    "precision": ("bf16", "fp16", "no"),
+    "compile": ("off", "block", "step"),
+    "epoch_mode": ("exact", "resampled"),
+    "on_error": ("warn", "raise"),
+}
+_HELP = {
+    "shards": "shard set: a make-shards directory, a brace pattern, URLs/pipe: commands, or synthetic:N",
+    "out": "run directory (checkpoints, TensorBoard, resolved config, exported encoder)",
+    "preset": "model preset: matpac | matpac_plusplus | m2d | tiny",
+    "frontend": "front end the shards must have been made with: matpac | m2d",
+    "batch_size": "samples per device per micro-step",
+    "epochs": "epochs that the lr / EMA / tau_t schedules span",
+    "max_steps": "stop after this many optimizer steps (0: run all epochs)",
+    "compile": "torch.compile: off, block (each transformer block), step (the whole forward)",
+    "kernels": "use the Triton kernels (fused patchify-gather and centred softmax cross-entropy)",
+    "resume": "'auto' resumes from the latest checkpoint in --out, or give a checkpoint directory",
+    "ckpt_every": "checkpoint every N optimizer steps (0: only at the end and on SIGTERM/SIGINT)",
+    "ema_reference_batch": "EMA decays are for this global batch; rho becomes rho**(batch/ref); 0 uses them as given",
+    "max_nonfinite": "abort after this many consecutive non-finite losses (each such step is skipped)",
+    "peak_tflops": "peak dense TFLOP/s of one device for MFU (0: look the GPU up in a table)",
+}
+
+
+def _parse_bool(s: str) -> bool:
+    v = s.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description=(
+            "Pre-train a MATPAC / M2D / MATPAC++ audio encoder. Run with `accelerate launch train.py ...` for "
+            "multi-GPU (see configs/), or `python train.py ...` for one device. Defaults reproduce the paper's "
+            "recipe (METHOD.md §5); --recipe tiny is the CPU demo."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--recipe", default="paper", choices=sorted(RECIPES), help="named defaults to start from")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a ModelConfig field (repeatable), e.g. --model alpha=1.0 --model center_mode=logit",
+    )
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    for section, cls in _SECTIONS.items():
+        g = p.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            flag = "--" + f.name.replace("_", "-")
+            kw: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": None, "help": _HELP.get(f.name, " ")}
+            if f.type in ("bool", bool):
+                kw.update(type=_parse_bool, metavar="BOOL")
+            else:
+                kw["type"] = {"int": int, "float": float, "str": str}[str(f.type)]
+            if f.name in _CHOICES:
+                kw["choices"] = _CHOICES[f.name]
+            g.add_argument(flag, **kw)
+    return p
+
+
+def _coerce(value: str, like: Any):
+    if isinstance(like, bool):
+        return _parse_bool(value)
+    if isinstance(like, int):
+        return int(value)
+    if isinstance(like, float):
+        return float(value)
+    if isinstance(like, (tuple, list)):
+        return type(like)(json.loads(value))
+    return value
+
+
+def parse_model_overrides(items: list[str]) -> dict[str, Any]:
+    from matpac_fast.config import ModelConfig
+
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--model {item!r}: expected KEY=VALUE, e.g. --model alpha=1.0")
+        k, v = item.split("=", 1)
+        if k not in fields:
+            raise ValueError(f"--model {k}: unknown model field; known: {', '.join(sorted(fields))}")
+        default = fields[k].default
+        try:
+            out[k] = _coerce(v, default) if default is not dataclasses.MISSING else v
+        except (ValueError, json.JSONDecodeError):
+            raise ValueError(f"--model {k}={v}: expected a value like {default!r}") from None
+    return out
+
+
+def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
+    """Command line -> TrainConfig (recipe defaults, then explicit flags). Returns (config, print_only)."""
+    args = build_parser().parse_args(argv)
+    cfg = TrainConfig.from_dict(json.loads(json.dumps(RECIPES[args.recipe])))
+    for key, value in vars(args).items():
+        if "." in key and value is not None:
+            section, name = key.split(".", 1)
+            setattr(getattr(cfg, section), name, value)
+    cfg.model.update(parse_model_overrides(args.model))
+    validate(cfg)
+    return cfg, args.print_config
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Bad values are one-line errors naming the option."""
+    checks = [
+        (cfg.data.shards != "", "--shards is required: a make-shards output directory, a pattern, or synthetic:N"),
+        (cfg.data.batch_size > 0, "--batch-size must be > 0"),
+        (cfg.data.workers >= 0, "--workers must be >= 0"),
+        (cfg.optim.lr > 0, "--lr must be > 0"),
+        (cfg.optim.grad_accum >= 1, "--grad-accum must be >= 1"),
+        (cfg.optim.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)"),
+        (0 <= cfg.optim.warmup_epochs <= cfg.schedule.epochs, "--warmup-epochs must be within [0, --epochs]"),
+        (cfg.schedule.epochs > 0, "--epochs must be > 0"),
+        (cfg.schedule.max_steps >= 0, "--max-steps must be >= 0"),
+        (cfg.run.log_every >= 1, "--log-every must be >= 1"),
+        (cfg.run.ckpt_every >= 0, "--ckpt-every must be >= 0"),
+        (cfg.run.keep_last >= 1, "--keep-last must be >= 1"),
+        (cfg.run.max_nonfinite >= 1, "--max-nonfinite must be >= 1"),
+        (cfg.run.frontend in ("matpac", "m2d"), "--frontend must be matpac or m2d"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+    if not math.isfinite(cfg.optim.lr):
+        raise ValueError("--lr must be finite")

@@ -1,0 +1,504 @@
+"""The training loop: Accelerate + torch.compile, EMA teacher, centre, schedules, checkpoints, metrics.
+
+The trainer is the only module that touches Accelerate and the only owner of time (step, schedules, EMA, checkpoint
+cadence) and hardware (device, precision, compile). The model's `forward` is pure; after each optimizer step the
+trainer calls the explicit state updates in this order: optimizer step -> EMA of teacher encoder and head -> centre
+update (with the all-reduced batch mean). (The authors update the EMA inside `forward`, before the optimizer step;
+after the step is the DINO order and is what we do.)
+
+No host synchronisation happens inside a step: losses and statistics are summed on the device and read once per
+log step; a non-finite step is skipped on the device (fused AdamW's `found_inf`, the centre update masked) and
+counted there; the centre's all-reduce is asynchronous and overlaps the backward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from matpac_fast import checkpoint as ckpt
+from matpac_fast.metrics import Throughput, mfu, peak_tflops
+from matpac_fast.train_config import TrainConfig, resolve
+
+
+class TrainingAborted(RuntimeError):
+    """Raised for conditions the user must act on (e.g. too many non-finite losses in a row)."""
+
+
+def _schedule_arrays(cfg: TrainConfig, m, steps_per_epoch: int, total_steps: int, global_batch: int) -> dict:
+    """Per-optimizer-step values of every schedule, precomputed (dinov2 style) from the pure step functions.
+    End-points of EMA, tau_t and the MATPAC++ temperature come from the model config `m`."""
+    from matpac_fast import schedules as S
+
+    s, o = cfg.schedule, cfg.optim
+    kappa = global_batch / s.ema_reference_batch if s.ema_reference_batch > 0 else 1.0
+    warmup = int(round(o.warmup_epochs * steps_per_epoch))
+    tau_warm = int(round(s.tau_t_warmup_epochs * steps_per_epoch))
+    out = {"lr": [], "ema": [], "head_ema": [], "tau_t": [], "mcl_t": []}
+    for step in range(total_steps + 1):
+        out["lr"].append(S.lr_at(step, base_lr=o.lr, warmup_steps=warmup, total_steps=total_steps))
+        # When the global batch differs from the recipe's by kappa, rho -> rho**kappa (METHOD.md §5).
+        out["ema"].append(S.ema_decay_at(step, m.ema_start, m.ema_end, total_steps) ** kappa)
+        out["head_ema"].append(S.ema_decay_at(step, m.head_ema_start, m.head_ema_end, total_steps) ** kappa)
+        out["tau_t"].append(S.tau_teacher_at(step, m.tau_t_start, m.tau_t_end, tau_warm))
+        out["mcl_t"].append(S.mcl_temperature_at(step, m.mcl_t_start, m.mcl_t_decay, m.mcl_t_min))
+    return out
+
+
+def _unwrap(model):
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+class TrainData:
+    """The trainer's view of the loader: one per rank (never passed through `accelerator.prepare`)."""
+
+    def __init__(self, cfg: TrainConfig, rank: int, world: int, pin: bool):
+        from matpac_fast.data import DataConfig as LoaderConfig
+        from matpac_fast.data import ShardSource, batches_per_epoch, check_spec
+
+        d = cfg.data
+        self.rank, self.world, self.seed = rank, world, cfg.run.seed
+        self.source = ShardSource.open(d.shards)
+        if not d.shards.startswith("synthetic:"):
+            check_spec(cfg.run.frontend, self.source.stats)
+        self.cfg = LoaderConfig(
+            source=d.shards,
+            batch_size=d.batch_size,
+            mode=d.epoch_mode,
+            num_workers=d.workers,
+            pin_memory=pin,
+            on_error=d.on_error,
+        )
+        self.batches_per_epoch = batches_per_epoch(self.cfg, self.source.total, world)
+        self.stats = self.source.stats
+        self._skipped = 0
+        self._loader = None
+
+    def epoch(self, epoch: int, skip: int = 0):
+        """Batches of one epoch for this rank; `skip` batches already consumed (resume) are read and dropped, so
+        the rest of the epoch is exactly what an uninterrupted run would have seen."""
+        from matpac_fast.data import make_loader
+
+        if self._loader is not None:
+            self._skipped += self._loader.skipped_shards
+        self._loader = make_loader(self.cfg, self.rank, self.world, epoch, self.seed, source=self.source)
+        for i, batch in enumerate(self._loader):
+            if i >= skip:
+                yield batch
+
+    def skipped_shards(self) -> int:
+        return self._skipped + (self._loader.skipped_shards if self._loader is not None else 0)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        r = cfg.run
+        self.out = Path(r.out)
+        self.accelerator = Accelerator(
+            mixed_precision=r.precision,
+            gradient_accumulation_steps=cfg.optim.grad_accum,
+            cpu=r.cpu,
+        )
+        acc = self.accelerator
+        self.device = acc.device
+        if r.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        # Same seed on every rank: identical initialisation (DDP also broadcasts rank 0's weights).
+        set_seed(r.seed)
+        self.data = self._open_data()
+        self.model_cfg = self._model_config()
+        self._build_model()
+        self._stop_requested = False
+        self.step = 0  # optimizer steps done
+        self.epoch = 0
+        self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
+        self.nonfinite_total = torch.zeros((), device=self.device)
+        self.nonfinite_run = torch.zeros((), device=self.device)
+        self.skipped_steps_seen = 0
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _open_data(self):
+        acc = self.accelerator
+        return TrainData(self.cfg, acc.process_index, acc.num_processes, pin=self.device.type == "cuda")
+
+    def _model_config(self):
+        from matpac_fast.config import get_model_config
+        from matpac_fast.frontend import get_spec
+
+        overrides = dict(self.cfg.model)
+        spec = get_spec(self.cfg.run.frontend)
+        mean, std = spec.norm_mean, spec.norm_std
+        stats = self.data.stats or {}
+        if spec.name == "m2d" and "mean" in stats:  # M2D normalises with dataset statistics (METHOD.md §1)
+            mean, std = float(stats["mean"]), float(stats["std"])
+        overrides.setdefault("norm_mean", mean)
+        overrides.setdefault("norm_std", std)
+        overrides.setdefault("use_kernels", self.cfg.run.kernels)
+        try:
+            return get_model_config(self.cfg.run.preset, **overrides)
+        except TypeError as e:
+            raise ValueError(f"--model: {e}") from None
+
+    def _build_model(self):
+        from matpac_fast.model import MATPAC
+
+        cfg, acc = self.cfg, self.accelerator
+        model = MATPAC(self.model_cfg)
+        self.raw_model = model
+        params = list(model.student_parameters())
+        fused = self.device.type in ("cuda", "cpu")
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.beta1, cfg.optim.beta2),
+            eps=cfg.optim.eps,
+            weight_decay=cfg.optim.weight_decay,
+            fused=fused,
+        )
+        model = model.to(self.device)
+        if cfg.run.compile == "block":
+            for m in model.modules():
+                if type(m).__name__ == "Block":
+                    m.compile()
+        elif cfg.run.compile == "step":
+            model = torch.compile(model)
+        self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        self.inner_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        spe = self.data.batches_per_epoch // cfg.optim.grad_accum
+        if spe < 1:
+            raise ValueError(
+                f"the shard set gives {self.data.batches_per_epoch} batches per rank per epoch, fewer than "
+                f"--grad-accum {cfg.optim.grad_accum}: lower --batch-size or use more data"
+            )
+        self.steps_per_epoch = spe
+        self.total_steps = math.ceil(cfg.schedule.epochs * spe)
+        self.last_step = min(self.total_steps, cfg.schedule.max_steps) if cfg.schedule.max_steps else self.total_steps
+        self.global_batch = cfg.data.batch_size * cfg.optim.grad_accum * acc.num_processes
+        self.sched = _schedule_arrays(cfg, self.model_cfg, spe, self.total_steps, self.global_batch)
+        from matpac_fast.flops import flops_per_sample
+
+        self.flops_per_sample = flops_per_sample(self.model_cfg)
+        self.peak = peak_tflops(self.device, cfg.run.peak_tflops)
+
+    # --------------------------------------------------------------------------------------------- one step
+    def _masks(self, batch_size: int, micro: int):
+        """Masks from a generator seeded by (seed, step, micro, rank): reproducible, and identical on resume."""
+        from matpac_fast.masking import make_masks
+
+        m = self.model_cfg
+        g = torch.Generator().manual_seed(
+            hash((self.cfg.run.seed, self.step, micro, self.accelerator.process_index)) & 0x7FFFFFFF
+        )
+        vis, mask = make_masks(batch_size, m.n_patches, m.n_visible, generator=g)
+        return vis.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+
+    def _step_state(self):
+        from matpac_fast.model import StepState
+
+        i = min(self.step, self.total_steps)
+        return StepState(
+            tau_t=torch.tensor(self.sched["tau_t"][i], device=self.device),
+            mcl_temperature=torch.tensor(self.sched["mcl_t"][i], device=self.device),
+        )
+
+    def _center_allreduce(self, center_sum):
+        """Mean over ranks of the accumulated centre statistic; async so it overlaps the backward."""
+        if self.accelerator.num_processes > 1 and dist.is_initialized():
+            return dist.all_reduce(center_sum, op=dist.ReduceOp.SUM, async_op=True)
+        return None
+
+    def _optimizer_step(self, loss_sum, center_sum, handle):
+        cfg, acc = self.cfg, self.accelerator
+        params = self.raw_model.student_parameters()
+        if cfg.optim.clip_grad > 0:
+            gnorm = acc.clip_grad_norm_(list(params), cfg.optim.clip_grad)
+        else:
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        gnorm = torch.as_tensor(gnorm, device=self.device).float()
+        bad = ~(torch.isfinite(gnorm) & torch.isfinite(loss_sum))
+        if acc.mixed_precision != "fp16":  # fp16: the GradScaler skips inf steps itself
+            self.inner_optimizer.found_inf = bad.float()
+        lr = self.sched["lr"][min(self.step, self.total_steps)]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.inner_optimizer.found_inf = None
+        # Explicit state updates, in order: EMA, then centre.
+        from matpac_fast.ema import ema_update
+
+        model = self.raw_model
+        i = min(self.step, self.total_steps)
+        (t_enc, s_enc), (t_head, s_head) = model.ema_pairs()
+        ema_update(t_enc, s_enc, self.sched["ema"][i])
+        ema_update(t_head, s_head, self.sched["head_ema"][i])
+        if handle is not None:
+            handle.wait()
+        n = cfg.optim.grad_accum * acc.num_processes
+        mean = center_sum / n
+        mean = torch.where(bad, model.center.reshape(mean.shape).to(mean.dtype), mean)
+        model.update_center(mean)
+        self.nonfinite_total += bad.float()
+        self.nonfinite_run = (self.nonfinite_run + 1) * bad.float()
+        self.step += 1
+        return gnorm, lr
+
+    # --------------------------------------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
+        self._maybe_resume()
+        self._install_signal_handlers()
+        writer = self._writer()
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(
+                json.dumps({"train": cfg.to_dict(), "model": self.model_cfg.__dict__}, indent=1, default=str)
+            )
+        bar = self._progress()
+        tput = Throughput()
+        sums: dict[str, torch.Tensor] = {}
+        n_sums = 0
+        history: list[dict] = []
+        gnorm, lr = torch.zeros(()), 0.0
+        center_sum, handle, micro = None, None, 0
+        loss_acc = torch.zeros((), device=self.device)
+        done = self.step >= self.last_step
+        while not done:
+            it = self.data.epoch(self.epoch, skip=self.batch_in_epoch)
+            while True:
+                t0 = time.perf_counter()
+                batch = next(it, None)
+                wait = time.perf_counter() - t0
+                if batch is None:
+                    break
+                self.batch_in_epoch += 1
+                lms = batch["lms"].to(self.device, non_blocking=True)
+                vis, mask = self._masks(lms.shape[0], micro)
+                with acc.accumulate(self.model):
+                    with acc.autocast():
+                        loss, stats = self.model({"lms": lms, "vis_idx": vis, "mask_idx": mask}, self._step_state())
+                    c = stats["center_batch"].detach().float()
+                    center_sum = c if center_sum is None else center_sum + c
+                    loss_acc = loss_acc + loss.detach().float()
+                    if acc.sync_gradients:
+                        handle = self._center_allreduce(center_sum)
+                    acc.backward(loss)
+                    micro += 1
+                    if acc.sync_gradients:
+                        gnorm, lr = self._optimizer_step(loss_acc, center_sum, handle)
+                        center_sum, handle, micro = None, None, 0
+                        loss_acc = torch.zeros((), device=self.device)
+                tput.add(lms.shape[0], wait)
+                for k in ("loss_pred", "loss_cls", "teacher_entropy", "teacher_max_prob", "center_norm"):
+                    if k in stats:
+                        v = stats[k].detach().float()
+                        sums[k] = sums[k] + v if k in sums else v
+                sums["loss"] = sums["loss"] + loss.detach().float() if "loss" in sums else loss.detach().float()
+                n_sums += 1
+                if micro != 0:
+                    continue
+                # ---- after an optimizer step
+                if self.step % cfg.run.log_every == 0 or self.step == self.last_step:
+                    row = self._log(sums, n_sums, gnorm, lr, tput, writer, bar)
+                    history.append(row)
+                    if acc.is_main_process:  # appended as we go: a killed run keeps its trace
+                        with open(self.out / "history.jsonl", "a") as f:
+                            f.write(json.dumps(row) + "\n")
+                    sums, n_sums = {}, 0
+                    tput.reset()
+                if bar is not None:
+                    bar.update(1)
+                stop = self._should_stop()
+                if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0 and self.step < self.last_step:
+                    self.save_checkpoint()
+                if self.step >= self.last_step or stop:
+                    done = True
+                    break
+            if not done and self.batch_in_epoch > 0 and batch is None:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+        if bar is not None:
+            bar.close()
+        self.save_checkpoint()
+        if acc.is_main_process:
+            self.export_encoder()
+        if writer is not None:
+            writer.close()
+        acc.wait_for_everyone()
+        return {"step": self.step, "history": history, "stopped_early": self._stop_requested}
+
+    # ------------------------------------------------------------------------------------------ observability
+    def _writer(self):
+        if not self.accelerator.is_main_process:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard missing: metrics still go to history.jsonl and the console
+            return None
+        return SummaryWriter(str(self.out / "tb"))
+
+    def _progress(self):
+        if not (self.accelerator.is_main_process and self.cfg.run.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.last_step, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _log(self, sums, n, gnorm, lr, tput, writer, bar) -> dict:
+        """The only host synchronisation of the loop: one transfer of the summed statistics."""
+        keys = sorted(sums)
+        values = torch.stack([sums[k] for k in keys] + [gnorm.float().to(self.device), self.nonfinite_total,
+                                                          self.nonfinite_run]).tolist()
+        row = {k: v / max(n, 1) for k, v in zip(keys, values[: len(keys)])}
+        row["grad_norm"], nonfinite_total, nonfinite_run = values[len(keys):]
+        sps, wait_frac = tput.read()
+        i = min(self.step, self.total_steps)
+        row.update(
+            step=self.step,
+            epoch=self.epoch,
+            lr=lr,
+            tau_t=self.sched["tau_t"][i],
+            ema=self.sched["ema"][i],
+            head_ema=self.sched["head_ema"][i],
+            samples_per_s=sps * self.accelerator.num_processes,
+            data_wait=wait_frac,
+            skipped_steps=int(nonfinite_total),
+            skipped_shards=int(self.data.skipped_shards()),
+        )
+        u = mfu(sps, self.flops_per_sample, self.peak)
+        if u is not None:
+            row["mfu"] = u
+        if int(nonfinite_run) >= self.cfg.run.max_nonfinite:
+            raise TrainingAborted(
+                f"{int(nonfinite_run)} consecutive non-finite losses at step {self.step}: lower --lr, use "
+                f"--precision bf16, or resume from an earlier checkpoint (--resume PATH)"
+            )
+        k = self.model_cfg.n_prototypes
+        ent = row.get("teacher_entropy")
+        if ent is not None and self.accelerator.is_main_process and (ent < 0.05 * math.log(k) or
+                                                                      ent > 0.98 * math.log(k)):
+            state = "near 0 (one prototype dominates)" if ent < 0.05 * math.log(k) else "near ln K (uniform)"
+            print(f"warning: teacher entropy {ent:.3f} is {state} at step {self.step}: the classification "
+                  f"task may be collapsing (METHOD.md §4)", file=sys.stderr)
+        if writer is not None:
+            for key, v in row.items():
+                if key not in ("step",) and isinstance(v, (int, float)):
+                    writer.add_scalar(f"train/{key}", v, self.step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", pred=f"{row.get('loss_pred', 0):.3f}",
+                            cls=f"{row.get('loss_cls', 0):.3f}", sps=f"{row['samples_per_s']:.0f}")
+        return row
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        final = ckpt.step_dir(self.out, self.step)
+        tmp = final.with_name(final.name + ".tmp")
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            ckpt.write_state(
+                tmp,
+                {
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "batch_in_epoch": self.batch_in_epoch,
+                    "nonfinite_total": float(self.nonfinite_total),
+                    "nonfinite_run": float(self.nonfinite_run),
+                    "total_steps": self.total_steps,
+                    "world_size": acc.num_processes,
+                    "config": self.cfg.to_dict(),
+                },
+            )
+            ckpt.finalize(tmp, final)
+            ckpt.prune(self.out, self.cfg.run.keep_last)
+        acc.wait_for_everyone()
+        return final
+
+    def _maybe_resume(self) -> None:
+        path = ckpt.resolve_resume(self.cfg.run.resume, self.out)
+        if path is None:
+            return
+        state = ckpt.read_state(path)
+        if state.get("world_size", 1) != self.accelerator.num_processes:
+            raise ValueError(
+                f"checkpoint {path} was written by {state['world_size']} processes, this run has "
+                f"{self.accelerator.num_processes}: resume with the same number of processes"
+            )
+        self.accelerator.load_state(str(path))
+        self.step = int(state["step"])
+        self.epoch = int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
+        self.nonfinite_total.fill_(state.get("nonfinite_total", 0.0))
+        self.nonfinite_run.fill_(state.get("nonfinite_run", 0.0))
+        if self.accelerator.is_main_process:
+            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+
+    def export_encoder(self) -> Path:
+        from matpac_fast.encoder import export_encoder_state
+
+        path = self.out / "encoder.pt"
+        state = {k: v.detach().cpu().contiguous() for k, v in export_encoder_state(self.raw_model).items()}
+        torch.save(state, path)
+        return path
+
+    # ------------------------------------------------------------------------------------------------ signals
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self._stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+
+    def _should_stop(self) -> bool:
+        """SIGTERM/SIGINT: finish the step, checkpoint, exit 0. Ranks agree through one tiny all-reduce, done
+        only at log steps so that no collective runs every step (a signal is acted on within --log-every steps)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return self._stop_requested
+        if self.step % self.cfg.run.log_every != 0:
+            return False
+        flag = torch.tensor(float(self._stop_requested), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self._stop_requested = bool(flag.item())
+        return self._stop_requested
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, print_only = resolve(argv)
+        if print_only:
+            print(json.dumps(cfg.to_dict(), indent=1))
+            return 0
+        os.makedirs(cfg.run.out, exist_ok=True)
+        trainer = Trainer(cfg)
+        result = trainer.train()
+    except (ValueError, TrainingAborted) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if trainer.accelerator.is_main_process:
+        last = result["history"][-1] if result["history"] else {}
+        note = " (stopped by signal, checkpoint written)" if result["stopped_early"] else ""
+        loss = f", loss {last['loss']:.4f}" if "loss" in last else ""
+        print(f"done: step {result['step']}{note}{loss}; encoder: {Path(cfg.run.out) / 'encoder.pt'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Trainer acceptance: 2-process gloo run, resume after SIGTERM / SIGKILL, compiled step vs eager, CLI errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from matpac_fast.train_config import resolve
+from matpac_fast.trainer import main
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+# A very small model and data set: the point is the mechanics, not the learning.
+TINY = ["--recipe", "tiny", "--shards", "synthetic:64", "--batch-size", "8", "--workers", "0", "--log-every", "1",
+        "--progress", "false", "--model", "depth=1", "--model", "pred_depth=1", "--deterministic", "true"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _run(out, *extra):
+    return [PY, str(ROOT / "train.py"), *TINY, "--out", str(out), *extra]
+
+
+def _trace(out) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(out) / "history.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}  # later rows win: steps redone after a kill replace earlier ones
+
+
+def _final_weights(out):
+    last = sorted((Path(out) / "checkpoints").glob("step_*"))[-1]
+    return last.name, load_file(str(last / "model.safetensors"))
+
+
+def _wait_for(pred, proc, timeout=180):
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early with {proc.returncode}: {proc.stderr.read()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for training progress")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """Uninterrupted 12-step run (crosses an epoch boundary: 8 batches per epoch)."""
+    out = tmp_path_factory.mktemp("ref")
+    subprocess.run(_run(out, "--max-steps", "12"), check=True, env=ENV, capture_output=True)
+    return out
+
+
+def _assert_same_run(out, ref):
+    a, b = _trace(out), _trace(ref)
+    assert sorted(a) == list(range(1, 13)) == sorted(b)
+    assert [a[s] for s in sorted(a)] == [b[s] for s in sorted(b)]
+    name_a, wa = _final_weights(out)
+    name_b, wb = _final_weights(ref)
+    assert name_a == name_b == "step_00000012"
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    assert any(k.startswith("teacher_encoder") for k in wa) and "center" in wa
+
+
+def test_resume_after_max_steps_matches_uninterrupted(tmp_path, reference_run):
+    subprocess.run(_run(tmp_path, "--max-steps", "6"), check=True, env=ENV, capture_output=True)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000006"]
+    subprocess.run(_run(tmp_path, "--max-steps", "12", "--resume", "auto"), check=True, env=ENV, capture_output=True)
+    _assert_same_run(tmp_path, reference_run)
+
+
+def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path, reference_run):
+    proc = subprocess.Popen(_run(tmp_path, "--max-steps", "12"), env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    hist = tmp_path / "history.jsonl"
+    _wait_for(lambda: hist.exists() and len(hist.read_text().splitlines()) >= 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped by signal" in out
+    stopped_at = int(_final_weights(tmp_path)[0].split("_")[1])
+    assert 3 <= stopped_at < 12
+    subprocess.run(_run(tmp_path, "--max-steps", "12", "--resume", "auto"), check=True, env=ENV, capture_output=True)
+    _assert_same_run(tmp_path, reference_run)
+
+
+def test_sigkill_after_checkpoint_then_resume(tmp_path, reference_run):
+    cmd = _run(tmp_path, "--max-steps", "12", "--ckpt-every", "2", "--keep-last", "2", "--resume", "auto")
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: (tmp_path / "checkpoints" / "step_00000004").exists(), proc)
+    proc.kill()
+    proc.wait()
+    subprocess.run(cmd, check=True, env=ENV, capture_output=True)  # the same command again
+    _assert_same_run(tmp_path, reference_run)
+    assert len(list((tmp_path / "checkpoints").iterdir())) <= 2  # keep-last pruned the rest
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
+    torchrun = Path(PY).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517",
+           str(ROOT / "tests" / "helpers" / "dist_train_worker.py"), *TINY, "--cpu", "true", "--out", str(tmp_path),
+           "--max-steps", "3"]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["state"].keys() == r1["state"].keys()
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    assert r0["state"]["center"].abs().sum() > 0  # the centre moved, identically on both ranks
+    assert torch.isfinite(r0["losses"]).all() and torch.isfinite(r1["losses"]).all()
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000003"]
+    ck = tmp_path / "checkpoints" / "step_00000003"
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ck.iterdir()}  # written by all ranks
+
+
+def test_compiled_step_matches_eager():
+    from matpac_fast.config import get_model_config
+    from matpac_fast.masking import make_masks
+    from matpac_fast.model import MATPAC, StepState
+
+    cfg = get_model_config("tiny", depth=1, pred_depth=1)
+    torch.manual_seed(0)
+    model = MATPAC(cfg)
+    lms = torch.randn(4, 1, 80, 608) * 4 - 7
+    vis, mask = make_masks(4, cfg.n_patches, cfg.n_visible, generator=torch.Generator().manual_seed(1))
+    batch = {"lms": lms, "vis_idx": vis, "mask_idx": mask}
+    step = StepState(tau_t=torch.tensor(0.05), mcl_temperature=torch.tensor(0.1))
+
+    def loss_and_grads(m):
+        for p in model.parameters():
+            p.grad = None
+        loss, _ = m(batch, step)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.student_parameters()]
+
+    eager_loss, eager_grads = loss_and_grads(model)
+    comp_loss, comp_grads = loss_and_grads(torch.compile(model))
+    torch.testing.assert_close(comp_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(comp_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_nonfinite_losses_abort_with_clear_message(tmp_path, capsys):
+    # An absurd learning rate makes the loss non-finite within a few steps; each such step is skipped and counted.
+    rc = main([*TINY, "--out", str(tmp_path), "--max-steps", "40", "--lr", "1e30", "--max-nonfinite", "2",
+               "--clip-grad", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "consecutive non-finite losses" in err and "--lr" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--out", "x"], "--shards is required"),
+        (["--shards", "synthetic:64", "--batch-size", "0"], "--batch-size must be > 0"),
+        (["--shards", "synthetic:64", "--model", "nope=1"], "--model nope: unknown model field"),
+        (["--shards", "synthetic:64", "--model", "alpha"], "expected KEY=VALUE"),
+        (["--shards", "synthetic:64", "--warmup-epochs", "400"], "--warmup-epochs"),
+    ],
+)
+def test_bad_options_are_one_line_errors(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_recipes_resolve():
+    cfg, _ = resolve(["--shards", "synthetic:64"])
+    assert (cfg.optim.lr, cfg.optim.beta2, cfg.optim.weight_decay, cfg.optim.clip_grad) == (3e-4, 0.95, 0.05, 3.0)
+    assert cfg.schedule.epochs == 300 and cfg.optim.warmup_epochs == 20 and cfg.run.precision == "bf16"
+    tiny, _ = resolve(["--recipe", "tiny", "--shards", "synthetic:64", "--model", "alpha=1.0"])
+    assert tiny.run.preset == "tiny" and tiny.model["alpha"] == 1.0 and tiny.model["ema_start"] == 0.99
