@@ -34,6 +34,12 @@ worker's whole range (a uniform permutation); a streamed shard (URL, `pipe:` com
 sequentially through a seeded shuffle buffer of `shuffle_buffer` cropped samples. Only .npy (raw float16, never
 unpickled) and .json payloads are decoded.
 
+Batches (dicts): "lms" float16 (B, 1, n_mels, crop) CPU tensor (pinned by the DataLoader when pin_memory and CUDA);
+"key" [str]; "filled" bool (B,) (re-drawn samples, see above); "labels" [[int]] (with_labels only); "worker" int;
+"skipped_shards" / "skipped_samples" ints, cumulative for that worker this epoch (ShardLoader.skipped_shards sums
+them over workers). With reuse_buffers (default) a DataLoader worker recycles its shared-memory buffers, so "lms" is
+valid until ~2 x num_workers further batches have been fetched: move it to the device (or copy it) before that.
+
 Crops: one uniform random 608-frame crop per sample per epoch (seeded by seed, epoch, rank, worker). Clips shorter
 than the crop are dropped or right-padded with `pad_value` (default: the front end's normalisation mean, so the
 padding is zero after normalisation) — by default as the shard set's stats.json "short" says.

@@ -380,3 +380,14 @@ def test_worker_buffers_are_recycled(tmp_path):
         held = list(loader)
         assert len(held) == 20
         assert len({b["lms"].untyped_storage().data_ptr() for b in held}) == expect
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batches_pinned_and_normalised_on_device(tmp_path):
+    source, _ = _make_set(tmp_path, 16, per_shard=8)
+    batch = next(iter(make_loader(_cfg(pin_memory=True), source=source)))
+    assert batch["lms"].is_pinned()
+    x = normalize_on_device(batch["lms"], -7.0, 4.0, device="cuda")
+    assert x.device.type == "cuda" and x.dtype == torch.float32
+    torch.testing.assert_close(x.cpu(), (batch["lms"].float() + 7.0) / 4.0)
