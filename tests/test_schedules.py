@@ -1,0 +1,79 @@
+"""Schedules and EMA at their boundaries."""
+
+import math
+
+import pytest
+import torch
+
+from matpac_fast import schedules as S
+from matpac_fast.config import get_model_config
+from matpac_fast.ema import ema_update
+from matpac_fast.model import StepState
+
+
+def test_lr_warmup_then_cosine_to_zero():
+    kw = dict(base_lr=3e-4, warmup_steps=100, total_steps=1100)
+    assert S.lr_at(0, **kw) == 0.0
+    assert S.lr_at(50, **kw) == pytest.approx(1.5e-4)
+    assert S.lr_at(100, **kw) == pytest.approx(3e-4)
+    assert S.lr_at(600, **kw) == pytest.approx(1.5e-4)  # half-way through the cosine
+    assert S.lr_at(350, **kw) == pytest.approx(3e-4 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert S.lr_at(1100, **kw) == 0.0
+    assert S.lr_at(5000, **kw) == 0.0
+    values = [S.lr_at(s, **kw) for s in range(100, 1101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # monotone after warm-up
+    with pytest.raises(ValueError, match="step"):
+        S.lr_at(-1, **kw)
+
+
+def test_ema_decay_linear_over_all_updates():
+    assert S.ema_decay_at(0, 0.99995, 0.99999, 294816) == 0.99995
+    assert S.ema_decay_at(147408, 0.99995, 0.99999, 294816) == pytest.approx(0.99997, abs=1e-12)
+    assert S.ema_decay_at(294816, 0.99995, 0.99999, 294816) == 0.99999
+    assert S.ema_decay_at(10**6, 0.998, 1.0, 294816) == 1.0
+
+
+def test_teacher_temperature_warmup_then_constant():
+    assert S.tau_teacher_at(0) == pytest.approx(0.04)
+    assert S.tau_teacher_at(9827 // 2, warmup_steps=9826) == pytest.approx(0.055, abs=1e-12)
+    assert S.tau_teacher_at(9827) == pytest.approx(0.07)
+    assert S.tau_teacher_at(50_000) == pytest.approx(0.07)
+
+
+def test_mcl_temperature_decay_and_floor():
+    assert S.mcl_temperature_at(0) == pytest.approx(0.1)
+    assert S.mcl_temperature_at(1000) == pytest.approx(0.1 * 0.99997**1000)
+    switch = math.ceil(math.log(1e-3) / math.log(0.99997))  # first step with 0.1 * d^s <= 1e-4
+    assert S.mcl_temperature_at(switch - 1) > 1e-4
+    assert S.mcl_temperature_at(switch) == 1e-4
+    assert S.mcl_temperature_at(10**6) == 1e-4
+
+
+def test_step_state_from_config():
+    cfg = get_model_config("matpac_plusplus")
+    s0, s1 = StepState.at(cfg, 0, tau_warmup_steps=10), StepState.at(cfg, 10, tau_warmup_steps=10)
+    assert (s0.tau_t, s1.tau_t) == (pytest.approx(0.04), pytest.approx(0.07))
+    assert s0.mcl_temperature == pytest.approx(0.1)
+
+
+def test_ema_update_values():
+    t = [torch.tensor([1.0, 2.0]), torch.tensor([[4.0]])]
+    s = [torch.tensor([3.0, 6.0]), torch.tensor([[0.0]])]
+    ema_update(t, s, 0.75)
+    torch.testing.assert_close(t[0], torch.tensor([1.5, 3.0]))
+    torch.testing.assert_close(t[1], torch.tensor([[3.0]]))
+    ema_update(t, s, 1.0)  # decay 1: unchanged (the authors skip the step)
+    torch.testing.assert_close(t[0], torch.tensor([1.5, 3.0]))
+    ema_update(t, s, torch.tensor(0.5))  # tensor decay (precomputed schedules on the device)
+    torch.testing.assert_close(t[0], torch.tensor([2.25, 4.5]))
+    ema_update(t, s, 0.0)  # decay 0: copy
+    torch.testing.assert_close(t[0], s[0])
+
+
+def test_ema_update_mixed_precision_student_and_errors():
+    t = [torch.zeros(3)]
+    ema_update(t, [torch.ones(3, dtype=torch.bfloat16)], 0.5)
+    assert t[0].dtype == torch.float32
+    torch.testing.assert_close(t[0], torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match="teacher tensors"):
+        ema_update([torch.zeros(1)], [], 0.5)
