@@ -1,0 +1,152 @@
+"""Encoder export/load: the authors' key layout loads strictly; our checkpoints round-trip to identical embeddings;
+the precise mode (chunks, padding, truncated positions, frequency concatenation) is checked against a direct
+computation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from matpac_fast.config import get_model_config
+from matpac_fast.encoder import Encoder, export_encoder_state, load_encoder
+from matpac_fast.model import MATPAC
+
+torch.set_num_threads(1)
+
+
+def authors_layout(dim=768, depth=12, n_tokens=190, seed=0) -> dict:
+    """Exactly the authors' key names and shapes (METHOD.md §6), random values."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.02
+
+    sd = {
+        "patch_embed.proj.weight": r(dim, 1, 16, 16),
+        "patch_embed.proj.bias": r(dim),
+        "cls_token": r(1, 1, dim),
+        "pos_embed": r(1, n_tokens + 1, dim),
+        "student_encoder.norm.weight": 1 + r(dim),
+        "student_encoder.norm.bias": r(dim),
+    }
+    for i in range(depth):
+        p = f"student_encoder.blocks.{i}."
+        sd.update({
+            p + "norm1.weight": 1 + r(dim), p + "norm1.bias": r(dim),
+            p + "attn.qkv.weight": r(3 * dim, dim), p + "attn.qkv.bias": r(3 * dim),
+            p + "attn.proj.weight": r(dim, dim), p + "attn.proj.bias": r(dim),
+            p + "norm2.weight": 1 + r(dim), p + "norm2.bias": r(dim),
+            p + "mlp.fc1.weight": r(4 * dim, dim), p + "mlp.fc1.bias": r(4 * dim),
+            p + "mlp.fc2.weight": r(dim, 4 * dim), p + "mlp.fc2.bias": r(dim),
+        })
+    return sd
+
+
+def test_authors_layout_loads_strictly_vit_b(tmp_path):
+    sd = authors_layout()
+    torch.save({"model": sd}, tmp_path / "matpac_10_2048.pt")  # nested under "model" as the issue allows
+    enc = load_encoder(tmp_path / "matpac_10_2048.pt")
+    assert (enc.dim, len(enc.student_encoder.blocks), enc.student_encoder.blocks[0].attn.num_heads) == (768, 12, 12)
+    assert (enc.n_f, enc.n_t, enc.embed_dim) == (5, 38, 3840)
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    lms = torch.randn(1, 80, 200) * 4 - 7
+    frames = enc.encode_lms(lms)
+    assert frames.shape == (1, 13, 3840) and torch.isfinite(frames).all()
+
+
+def test_unknown_and_missing_keys_are_listed():
+    sd = authors_layout(dim=64, depth=2)
+    sd["decoder.mask_token"] = torch.zeros(1)
+    del sd["student_encoder.blocks.1.mlp.fc2.bias"]
+    with pytest.raises(ValueError, match=r"unknown keys \['decoder.mask_token'\].*missing keys "
+                                         r"\['student_encoder.blocks.1.mlp.fc2.bias'\]"):
+        load_encoder(sd, preset="tiny")
+    with pytest.raises(ValueError, match="does not exist"):
+        load_encoder("/nonexistent/file.pt")
+    with pytest.raises(ValueError, match="not a state dict"):
+        load_encoder({"model": {"a": 1}})
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    import argparse  # any class outside torch's weights-only allow-list stands for arbitrary pickled code
+
+    torch.save({"model": authors_layout(64, 2), "args": argparse.Namespace(a=1)}, tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="weights-only"):
+        load_encoder(tmp_path / "evil.pt")
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return MATPAC(get_model_config("tiny"))
+
+
+def test_export_matches_authors_names_and_roundtrips(tmp_path):
+    m = _tiny_model()
+    exported = export_encoder_state(m)
+    ref = authors_layout(dim=64, depth=2)
+    assert set(exported) == set(ref)
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in ref.items()}
+    torch.save(exported, tmp_path / "encoder.pt")
+    torch.save({"model": m.state_dict(), "config": m.cfg.to_dict()}, tmp_path / "full.pt")
+    a = load_encoder(tmp_path / "encoder.pt", preset="matpac")  # tiny dims inferred, preset mismatch is fine
+    b = load_encoder(tmp_path / "full.pt")
+    c = Encoder.from_config(m.cfg)
+    c.load_state_dict(exported)
+    wave = np.random.default_rng(0).standard_normal(16000 * 7).astype(np.float32) * 0.1
+    fa, ca = a.encode(wave, 16000)
+    fb, cb = b.encode(wave, 16000)
+    fc, cc = c.encode(wave, 16000)
+    assert fa.shape == (1, 44, 320) and ca.shape == (1, 320)  # 698 frames -> 704 padded -> 44 time tokens
+    assert torch.equal(fa, fb) and torch.equal(fa, fc) and torch.equal(ca, cb)
+
+
+def test_trainer_checkpoint_directory_with_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    m = _tiny_model()
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(step / "model.safetensors"))
+    (run / "config.json").write_text(json.dumps({"train": {}, "model": m.cfg.to_dict()}))
+    enc = load_encoder(step)
+    ref = load_encoder(export_encoder_state(m), preset="tiny")
+    lms = torch.randn(2, 80, 700) * 4 - 7
+    assert torch.equal(enc.encode_lms(lms), ref.encode_lms(lms))
+
+
+def test_precise_mode_chunks_against_direct_computation():
+    """Two chunks: a full 608-frame chunk and a 92-frame remainder padded to 96 with the table truncated."""
+    enc = load_encoder("random", preset="tiny")
+    lms = torch.randn(2, 80, 700) * 4 - 7
+    frames = enc.encode_lms(lms)
+    assert frames.shape == (2, 38 + 6, 320)
+    x = (lms - enc.norm_mean) / enc.norm_std
+    x = torch.nn.functional.pad(x, (0, 4))
+    with torch.no_grad():
+        for lo, hi, n_t in ((0, 608, 38), (608, 704, 6)):
+            tok = enc.patch_embed(x[:, None, :, lo:hi])  # (2, 5 * n_t, D), frequency-major
+            pos = enc.pos_embed[0, 1:].reshape(5, 38, -1)[:, :n_t].reshape(5 * n_t, -1)
+            z = enc.student_encoder(torch.cat([enc.cls_token.expand(2, -1, -1), tok + pos], 1))[:, 1:]
+            # concatenate the 5 frequency tokens of each time step: [f0 | f1 | ... | f4]
+            z = z.reshape(2, 5, n_t, -1)
+            t0 = lo // 16
+            for t in (0, n_t - 1):
+                expected = torch.cat([z[:, f, t] for f in range(5)], dim=-1)
+                torch.testing.assert_close(frames[:, t0 + t], expected, rtol=1e-5, atol=1e-5)
+    # batched equals one-by-one
+    torch.testing.assert_close(enc.encode_lms(lms[1:]), frames[1:], rtol=1e-5, atol=1e-5)
+
+
+def test_encode_resamples_and_validates():
+    enc = load_encoder("random", preset="tiny")
+    wave = np.random.default_rng(1).standard_normal((2, 44100 * 2)).astype(np.float32) * 0.1
+    frames, clip = enc.encode(wave, 44100)  # 2 s -> 32000 samples at 16 kHz -> 198 frames -> 13 tokens
+    assert frames.shape == (2, 13, 320) and clip.shape == (2, 320)
+    torch.testing.assert_close(clip, frames.mean(1))
+    with pytest.raises(ValueError, match="too short"):
+        enc.encode(np.zeros(100, np.float32), 16000)
+    with pytest.raises(ValueError, match="encode_lms expects"):
+        enc.encode_lms(torch.zeros(1, 64, 100))
