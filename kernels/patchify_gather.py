@@ -15,7 +15,10 @@ import torch
 
 from ._runtime import interpreter_active, jit, tl, use_triton
 
-TOKENS_PER_PROGRAM = 16
+# 4 tokens x 256 pixels per program over 4 warps: 8 elements (8 64-bit pointers) per thread. 16 tokens needed
+# ~140 registers on sm_90 (see `python -m matpac_kernels._compile_check`), too few resident warps for a pure copy.
+TOKENS_PER_PROGRAM = 4
+NUM_WARPS = 4
 
 
 def reference_patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch=16, out_dtype=torch.float32):
@@ -101,7 +104,7 @@ def _launch(lms, mean, std, vis_idx, mask_idx, patch, out_dtype, wrap=None):
         mean, std, n_vis, n_mask, n_t, (F // patch) * n_t,
         lms.stride(0), lms.stride(2), lms.stride(3),
         vis_idx.stride(0), vis_idx.stride(1), mask_idx.stride(0), mask_idx.stride(1),
-        PATCH=patch, TOK=tok, num_warps=4,
+        PATCH=patch, TOK=tok, num_warps=NUM_WARPS,
     )  # fmt: skip
     return vis_out, mask_out
 

@@ -302,6 +302,21 @@ def test_interpreter_tests_in_subprocess():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
+def test_kernels_compile_for_h100_without_a_gpu():
+    """The interpreter skips Triton's compiler; compile every kernel variant for sm_90 with the wheel's ptxas."""
+    triton = pytest.importorskip("triton")
+    from pathlib import Path
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton wheel ships no ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "matpac_kernels._compile_check", "--arch", "90"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("ok  sm_90") == 20, proc.stdout
+    assert "spills" not in proc.stderr, proc.stderr
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 @gpu
 @needs_cuda

@@ -1,0 +1,87 @@
+"""Compile every kernel ahead of time for an NVIDIA target, without a GPU: `python -m matpac_kernels._compile_check`.
+
+The interpreter tests check the numerics but not that the kernels pass Triton's compiler (types across branches,
+register pressure); this does, with the ptxas that ships in the triton wheel, and prints registers and spills.
+It must run in a process where TRITON_INTERPRET is unset (interpreted kernels cannot be compiled).
+"""
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .centered_xent import _num_warps, _xent_bwd_kernel, _xent_fwd_kernel
+from .patchify_gather import NUM_WARPS, TOKENS_PER_PROGRAM, _patchify_gather_kernel
+
+F32, I32 = "*fp32", "i32"
+
+
+def _xent_fwd(dtype, block_k, prob_center):
+    ptrs = ["s_ptr", "t_ptr"]
+    sig = {p: f"*{dtype}" for p in ptrs}
+    sig |= {p: F32 for p in ("c_ptr", "loss_ptr", "ent_ptr", "maxp_ptr", "logsum_s_ptr", "logsum_t_ptr", "colsum_ptr")}
+    sig |= {"M": I32, "K": I32, "s_row_stride": I32, "t_row_stride": I32, "tau_ptr": F32}
+    sig |= {"BLOCK_K": "constexpr", "ROWS": "constexpr", "PROB_CENTER": "constexpr"}
+    return _xent_fwd_kernel, sig, {"BLOCK_K": block_k, "ROWS": 17, "PROB_CENTER": prob_center}, _num_warps(block_k)
+
+
+def _xent_bwd(dtype, block_k):
+    sig = {"g_ptr": F32, "s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "c_ptr": F32, "logsum_s_ptr": F32,
+           "logsum_t_ptr": F32, "ds_ptr": f"*{dtype}", "K": I32, "s_row_stride": I32, "t_row_stride": I32,
+           "ds_row_stride": I32, "tau_ptr": F32, "BLOCK_K": "constexpr"}
+    return _xent_bwd_kernel, sig, {"BLOCK_K": block_k}, _num_warps(block_k)
+
+
+def _gather(in_dtype, out_dtype):
+    sig = {"lms_ptr": f"*{in_dtype}", "vis_idx_ptr": "*i64", "mask_idx_ptr": "*i64", "vis_out_ptr": f"*{out_dtype}",
+           "mask_out_ptr": f"*{out_dtype}", "mean": "fp32", "std": "fp32"}
+    sig |= {n: I32 for n in ("n_vis", "n_mask", "n_t", "n_patches", "s_lb", "s_lf", "s_lt", "s_vb", "s_vn", "s_mb",
+                             "s_mn")}
+    sig |= {"PATCH": "constexpr", "TOK": "constexpr"}
+    return _patchify_gather_kernel, sig, {"PATCH": 16, "TOK": TOKENS_PER_PROGRAM}, NUM_WARPS
+
+
+def variants():
+    for dtype in ("fp32", "bf16"):
+        for block_k in (128, 2048, 8192):
+            for prob_center in (True, False):
+                yield f"xent_fwd {dtype} BLOCK_K={block_k} prob={prob_center}", _xent_fwd(dtype, block_k, prob_center)
+            yield f"xent_bwd {dtype} BLOCK_K={block_k}", _xent_bwd(dtype, block_k)
+    for in_dtype, out_dtype in (("fp32", "fp32"), ("fp16", "bf16")):
+        yield f"patchify_gather {in_dtype}->{out_dtype}", _gather(in_dtype, out_dtype)
+
+
+def resource_usage(cubin: bytes) -> str:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    line = next((s for s in out.splitlines() if "REG:" in s), "")
+    return " ".join(w for w in line.split() if w.split(":")[0] in ("REG", "LOCAL", "SHARED"))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90 = H100)")
+    args = p.parse_args(argv)
+    if not hasattr(_xent_fwd_kernel, "fn") or type(_xent_fwd_kernel).__name__ != "JITFunction":
+        sys.exit("the kernels are interpreted in this process: unset TRITON_INTERPRET and run again")
+    target = GPUTarget("cuda", args.arch, 32)
+    for name, (kernel, sig, consts, warps) in variants():
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target,
+                                  options={"num_warps": warps})
+        usage = resource_usage(compiled.asm["cubin"])
+        print(f"ok  sm_{args.arch}  {name:42s} warps={warps:2d}  {usage}")
+        if "LOCAL:0" not in usage.split():
+            print(f"    warning: {name} spills registers to local memory", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
