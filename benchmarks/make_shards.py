@@ -15,6 +15,7 @@ import argparse
 import multiprocessing as mp
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,16 @@ def make_shards_approach(root: Path, out: Path, workers: int, frontend: str) -> 
     return s["written"]
 
 
+def cpu_seconds() -> float:
+    """User+system CPU of this process and its finished children (the pool workers, once joined): unlike wall
+    time, it does not depend on what else the machine is running."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        total += r.ru_utime + r.ru_stime
+    return total
+
+
 def dir_bytes(d: Path) -> tuple[int, int]:
     files = [p for p in d.rglob("*") if p.is_file()]
     return sum(p.stat().st_size for p in files), len(files)
@@ -128,20 +139,22 @@ def main() -> None:
         for path in paths:  # warm the page cache so that neither approach pays the first read
             path.read_bytes()
         times = {"per_file": [], "make_shards": []}
+        cpu = {"per_file": [], "make_shards": []}
         sizes = {}
         for r in range(args.repeats):
             for name in ("per_file", "make_shards"):  # alternate, so drifting machine load hits both
                 out = work / f"{name}_{r}"
                 out.mkdir()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), cpu_seconds()
                 if name == "per_file":
                     n_done = per_file_approach(paths, out, args.workers, args.frontend)
                 else:
                     n_done = make_shards_approach(corpus, out, args.workers, args.frontend)
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(cpu_seconds() - c0)
                 assert n_done == args.n, (name, n_done)
                 sizes[name] = dir_bytes(out)
-                print(f"  run {r} {name:<11} {times[name][-1]:7.2f} s", file=sys.stderr)
+                print(f"  run {r} {name:<11} {times[name][-1]:7.2f} s wall {cpu[name][-1]:7.2f} s CPU", file=sys.stderr)
                 shutil.rmtree(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -155,11 +168,13 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}; "
           f"commit {commit()}")
     print()
-    print("| approach | seconds | clips/s | output files | output MB |")
-    print("|---|---:|---:|---:|---:|")
+    print("| approach | wall s (best) | clips/s | CPU s (best) | CPU ms/clip | output files | output MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, label, t in (("per_file", "per-file .npy + manifest pass", t_pf), ("make_shards", "make-shards", t_ms)):
         b, f = sizes[name]
-        print(f"| {label} | {t:.2f} | {args.n / t:.1f} | {f} | {b / 1e6:.1f} |")
+        c = min(cpu[name])
+        print(f"| {label} | {t:.2f} | {args.n / t:.1f} | {c:.2f} | {1000 * c / args.n:.1f} | {f} | {b / 1e6:.1f} |")
+    print(f"CPU-time ratio (per-file / make-shards): {min(cpu['per_file']) / min(cpu['make_shards']):.3f}")
     print()
     print(f"RESULT make_shards clips_per_s={cps:.2f} per_file_clips_per_s={pf_cps:.2f} ratio={t_pf / t_ms:.3f} "
           f"clips_per_s_per_core={cps / args.workers:.2f}")
