@@ -322,3 +322,16 @@ def test_cli_logreg_and_bad_folds(tone_folder, tmp_path, capsys):
         cli.main(["--checkpoint", "logmel", "--data", str(tone_folder), "--folds", "kfold:x"])
     with pytest.raises(SystemExit, match="no official protocol"):
         cli.main(["--checkpoint", "logmel", "--data", str(tone_folder), "--out", str(tmp_path / "o")])
+
+
+def test_load_clip_resamples_like_the_front_end_and_crops_or_pads(tmp_path):
+    from matpac_fast.frontend import get_spec, resample
+
+    w = tone(700.0, 0.5, sr=8000)
+    sf.write(tmp_path / "a.wav", w, 8000, subtype="FLOAT")
+    ref = resample(torch.from_numpy(w), 8000, get_spec("matpac")).numpy()  # 8000 samples at 16 kHz
+    long = embed.load_clip(str(tmp_path / "a.wav"), 10000, get_spec("matpac"))
+    short = embed.load_clip(str(tmp_path / "a.wav"), 6000, get_spec("matpac"))
+    np.testing.assert_array_equal(long[:8000], ref)  # the cached resampler gives the front end's numbers
+    assert not long[8000:].any()  # zero-padded at the end
+    np.testing.assert_array_equal(short, ref[:6000])  # cropped from the start

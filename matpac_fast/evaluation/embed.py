@@ -19,6 +19,7 @@ sample rate and this module's version. Loaded with allow_pickle=False.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -40,6 +41,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "matpac_fast" / "embeddings"
 
 
+@functools.lru_cache(maxsize=16)
+def _kaiser(orig_sr: int, new_sr: int):
+    """torchaudio's Resample module with the front end's Kaiser settings, built once per source rate: building the
+    sinc kernel costs more than applying it to a short clip. Same numbers as frontend.resample (tested)."""
+    import torchaudio.transforms as T
+
+    return T.Resample(
+        orig_sr, new_sr, resampling_method="sinc_interp_kaiser", lowpass_filter_width=64,
+        rolloff=0.9475937167399596, beta=14.769656459379492, dtype=torch.float32,
+    )  # fmt: skip
+
+
 # --- audio --------------------------------------------------------------------------------------------------------
 def load_clip(path: str, clip_samples: int, spec: FrontendSpec) -> np.ndarray:
     """float32 (clip_samples,) at spec.sample_rate: decoded, mono, resampled, cropped from the start / zero-padded."""
@@ -51,7 +64,8 @@ def load_clip(path: str, clip_samples: int, spec: FrontendSpec) -> np.ndarray:
         raise ValueError(f"{path}: cannot decode audio ({e}); convert it to wav/flac or drop it") from None
     wave = to_mono(wave)
     if sr != spec.sample_rate:
-        wave = resample(torch.from_numpy(wave), sr, spec).numpy()
+        x = torch.from_numpy(wave)
+        wave = (_kaiser(sr, spec.sample_rate)(x) if spec.resampler == "kaiser" else resample(x, sr, spec)).numpy()
     out = np.zeros(clip_samples, dtype=np.float32)
     n = min(len(wave), clip_samples)
     out[:n] = wave[:n]

@@ -1,0 +1,73 @@
+"""Evaluation with the MATPAC encoder (preset tiny): random baseline, an exported checkpoint, and the HEAR API."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_eval import RESULT_RE, tone, tone_folder  # noqa: F401  (fixture re-export)
+
+from matpac_fast.encoder import export_encoder_state, load_encoder
+from matpac_fast.evaluation import cli, embed, hear
+
+
+def test_random_encoder_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = embed.make_embedder("random", preset="tiny", seed=0)
+    after = torch.rand(1)
+    assert torch.equal(before, after)  # seeding the init did not consume or reset the caller's stream
+    b = embed.make_embedder("random", preset="tiny", seed=0)
+    c = embed.make_embedder("random", preset="tiny", seed=1)
+    x = torch.from_numpy(np.stack([tone(500.0, 1.0), tone(2000.0, 1.0)]))
+    ea, eb, ec = a(x), b(x), c(x)
+    assert ea.shape == (2, 5 * 64)  # tiny: D = 64, 5 frequency patches
+    np.testing.assert_array_equal(ea, eb)
+    assert not np.allclose(ea, ec)
+    assert a.identity != c.identity  # different cache entries
+
+
+def test_cli_with_exported_tiny_checkpoint(tone_folder, tmp_path, capsys):  # noqa: F811
+    torch.manual_seed(7)
+    enc = load_encoder("random", preset="tiny")
+    ckpt = tmp_path / "tiny_encoder.pt"
+    torch.save(export_encoder_state(enc), ckpt)
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    common = ["--data", str(tone_folder), "--folds", "kfold:3", "--seeds", "1", "--preset", "tiny", "--quiet",
+              "--out", str(out), "--cache-dir", str(cache), "--max-epochs", "40", "--lr", "1e-2"]  # fmt: skip
+    assert cli.main(["--checkpoint", str(ckpt)] + common) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert RESULT_RE.match(last) and "checkpoint=tiny_encoder " in last
+    r = json.loads((out / "tones-kfold-3__tiny_encoder__linear.json").read_text())
+    assert r["embedding_dim"] == 320 and r["embedder_identity"].startswith("ckpt:")
+    # the cached embeddings are exactly the encoder's clip embeddings of the cropped/padded audio
+    (npz,) = cache.glob("*.npz")
+    with np.load(npz, allow_pickle=False) as z:
+        emb, paths = z["emb"], z["paths"]
+    wave = embed.load_clip(str(paths[0]), int(0.3 * 16000), embed.get_spec("matpac"))
+    _, clip = enc.encode(torch.from_numpy(wave)[None], 16000)
+    np.testing.assert_allclose(emb[0], clip[0].numpy(), rtol=1e-4, atol=1e-5)
+    assert cli.main(["--checkpoint", "random"] + common) == 0
+    assert "checkpoint=random-tiny " in capsys.readouterr().out.strip().splitlines()[-1]
+    table = (out / "results.md").read_text()
+    assert "| tiny_encoder |" in table and "| random-tiny |" in table
+    with pytest.raises(SystemExit, match="no such file"):
+        cli.main(["--checkpoint", str(tmp_path / "nope.pt")] + common)
+
+
+def test_hear_api_shapes_timestamps_and_scene_mean():
+    model = hear.load_model("random", preset="tiny", device="cpu")
+    assert model.sample_rate == 16000 and model.scene_embedding_size == model.timestamp_embedding_size == 320
+    audio = torch.from_numpy(np.stack([tone(300.0, 1.0), tone(3000.0, 1.0)]))
+    emb, ts = hear.get_timestamp_embeddings(audio, model)
+    # 1 s -> 98 log-mel frames -> padded to 112 -> 7 patch columns of 160 ms, centred 87.5 ms + 160 ms * i
+    assert emb.shape == (2, 7, 320) and ts.shape == (2, 7)
+    np.testing.assert_allclose(ts[0].numpy(), 87.5 + 160.0 * np.arange(7))
+    scene = hear.get_scene_embeddings(audio, model)
+    torch.testing.assert_close(scene, emb.mean(1))
+    torch.testing.assert_close(scene, model.encoder.encode(audio, 16000)[1])
+    with pytest.raises(ValueError, match="n_sounds, n_samples"):
+        hear.get_scene_embeddings(audio[0], model)
