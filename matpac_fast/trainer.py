@@ -128,6 +128,11 @@ class Trainer:
         self.nonfinite_total = torch.zeros((), device=self.device)
         self.nonfinite_run = torch.zeros((), device=self.device)
         self.skipped_steps_seen = 0
+        # Gradient-accumulation state carried between `micro_step` calls, and the last optimizer step's figures.
+        self._micro = 0
+        self._center_sum = None
+        self._loss_acc = torch.zeros((), device=self.device)
+        self.last_gnorm, self.last_lr = torch.zeros(()), 0.0
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _open_data(self):
@@ -152,11 +157,15 @@ class Trainer:
         except TypeError as e:
             raise ValueError(f"--model: {e}") from None
 
-    def _build_model(self):
+    def _make_model(self):
+        """The module to train (a hook: benchmarks/train_throughput.py swaps in the authors' loss arithmetic)."""
         from matpac_fast.model import MATPAC
 
+        return MATPAC(self.model_cfg)
+
+    def _build_model(self):
         cfg, acc = self.cfg, self.accelerator
-        model = MATPAC(self.model_cfg)
+        model = self._make_model()
         self.raw_model = model
         params = list(model.student_parameters())
         fused = self.device.type in ("cuda", "cpu")
@@ -238,13 +247,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.inner_optimizer.found_inf = None
         # Explicit state updates, in order: EMA, then centre.
-        from matpac_fast.ema import ema_update
-
         model = self.raw_model
-        i = min(self.step, self.total_steps)
-        (t_enc, s_enc), (t_head, s_head) = model.ema_pairs()
-        ema_update(t_enc, s_enc, self.sched["ema"][i])
-        ema_update(t_head, s_head, self.sched["head_ema"][i])
+        self._update_ema(min(self.step, self.total_steps))
         if handle is not None:
             handle.wait()
         n = cfg.optim.grad_accum * acc.num_processes
@@ -255,6 +259,35 @@ class Trainer:
         self.nonfinite_run = (self.nonfinite_run + 1) * bad.float()
         self.step += 1
         return gnorm, lr
+
+    def _update_ema(self, i: int) -> None:
+        """Teacher encoder and head <- EMA of the student's, with the decays of schedule step `i`."""
+        from matpac_fast.ema import ema_update
+
+        (t_enc, s_enc), (t_head, s_head) = self.raw_model.ema_pairs()
+        ema_update(t_enc, s_enc, self.sched["ema"][i])
+        ema_update(t_head, s_head, self.sched["head_ema"][i])
+
+    def micro_step(self, lms: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """One micro-batch `lms` (B, 1, F, T) already on the device: forward, backward and, when it completes the
+        gradient accumulation, the optimizer step, EMA and centre update. No host synchronisation. Returns the
+        micro-batch's (loss, stats); `self._micro == 0` afterwards means an optimizer step was taken."""
+        acc = self.accelerator
+        vis, mask = self._masks(lms.shape[0], self._micro)
+        with acc.accumulate(self.model):
+            with acc.autocast():
+                loss, stats = self.model({"lms": lms, "vis_idx": vis, "mask_idx": mask}, self._step_state())
+            c = stats["center_batch"].detach().float()
+            self._center_sum = c if self._center_sum is None else self._center_sum + c
+            self._loss_acc = self._loss_acc + loss.detach().float()
+            handle = self._center_allreduce(self._center_sum) if acc.sync_gradients else None
+            acc.backward(loss)
+            self._micro += 1
+            if acc.sync_gradients:
+                self.last_gnorm, self.last_lr = self._optimizer_step(self._loss_acc, self._center_sum, handle)
+                self._center_sum, self._micro = None, 0
+                self._loss_acc = torch.zeros((), device=self.device)
+        return loss, stats
 
     # --------------------------------------------------------------------------------------------- the loop
     def train(self) -> dict:
@@ -272,9 +305,6 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         n_sums = 0
         history: list[dict] = []
-        gnorm, lr = torch.zeros(()), 0.0
-        center_sum, handle, micro = None, None, 0
-        loss_acc = torch.zeros((), device=self.device)
         done = self.step >= self.last_step
         while not done:
             it = self.data.epoch(self.epoch, skip=self.batch_in_epoch)
@@ -286,21 +316,7 @@ class Trainer:
                     break
                 self.batch_in_epoch += 1
                 lms = batch["lms"].to(self.device, non_blocking=True)
-                vis, mask = self._masks(lms.shape[0], micro)
-                with acc.accumulate(self.model):
-                    with acc.autocast():
-                        loss, stats = self.model({"lms": lms, "vis_idx": vis, "mask_idx": mask}, self._step_state())
-                    c = stats["center_batch"].detach().float()
-                    center_sum = c if center_sum is None else center_sum + c
-                    loss_acc = loss_acc + loss.detach().float()
-                    if acc.sync_gradients:
-                        handle = self._center_allreduce(center_sum)
-                    acc.backward(loss)
-                    micro += 1
-                    if acc.sync_gradients:
-                        gnorm, lr = self._optimizer_step(loss_acc, center_sum, handle)
-                        center_sum, handle, micro = None, None, 0
-                        loss_acc = torch.zeros((), device=self.device)
+                loss, stats = self.micro_step(lms)
                 tput.add(lms.shape[0], wait)
                 for k in ("loss_pred", "loss_cls", "teacher_entropy", "teacher_max_prob", "center_norm"):
                     if k in stats:
@@ -308,11 +324,11 @@ class Trainer:
                         sums[k] = sums[k] + v if k in sums else v
                 sums["loss"] = sums["loss"] + loss.detach().float() if "loss" in sums else loss.detach().float()
                 n_sums += 1
-                if micro != 0:
+                if self._micro != 0:
                     continue
                 # ---- after an optimizer step
                 if self.step % cfg.run.log_every == 0 or self.step == self.last_step:
-                    row = self._log(sums, n_sums, gnorm, lr, tput, writer, bar)
+                    row = self._log(sums, n_sums, self.last_gnorm, self.last_lr, tput, writer, bar)
                     history.append(row)
                     if acc.is_main_process:  # appended as we go: a killed run keeps its trace
                         with open(self.out / "history.jsonl", "a") as f:
