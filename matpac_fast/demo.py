@@ -1,7 +1,7 @@
-"""`python -m matpac_fast.demo --out DIR [--n N]`: the embedded default end to end.
+"""`python -m matpac_fast.demo --out DIR`: the embedded default end to end (what `make demo` runs).
 
-First version: synthetic corpus -> log-mel shards (shard_tools' Python API, no subprocess) -> verify-shards summary.
-Later stages (pre-training, linear probe) append their steps to `main`.
+synthetic corpus -> log-mel shards (shard_tools' Python API) -> verify -> pre-train the tiny preset with the real
+trainer -> linear probes (held-out synthetic split; FSDD when ../shared is present) -> table + RESULT line.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def shards_step(out_dir: Path, n: int, seed: int = 0, workers: int | None = None
     """Synthetic corpus -> shards in out_dir/shards; several shards so that loader workers can split them."""
     from shard_tools.api import format_summary, make_synthetic_shards
 
-    print(f"[demo] 1/2 synthetic corpus ({n} clips) -> shards in {out_dir}", flush=True)
+    print(f"[demo] 1/5 synthetic corpus ({n} clips) -> shards in {out_dir}", flush=True)
     summary = make_synthetic_shards(
         out_dir,
         n=n,
@@ -32,7 +32,7 @@ def shards_step(out_dir: Path, n: int, seed: int = 0, workers: int | None = None
 def verify_step(out_dir: Path) -> dict:
     from shard_tools.verify import format_report, verify
 
-    print(f"[demo] 2/2 verify-shards {out_dir}", flush=True)
+    print(f"[demo] 2/5 verify-shards {out_dir}", flush=True)
     report = verify(out_dir, progress=False)
     print(format_report(report, top=10), flush=True)
     if not report.ok:
@@ -40,25 +40,140 @@ def verify_step(out_dir: Path) -> dict:
     return report.to_dict()
 
 
+def pretrain_step(shard_dir: Path, run_dir: Path, epochs: float, batch_size: int, seed: int) -> Path:
+    """Pre-train the tiny preset on CPU with the real trainer (the same code path as `train.py`)."""
+    from matpac_fast.train_config import resolve
+    from matpac_fast.trainer import Trainer
+
+    print(f"[demo] 3/5 pre-train the tiny preset on CPU ({epochs:g} epochs) -> {run_dir}", flush=True)
+    cfg, _ = resolve([
+        "--recipe", "tiny", "--shards", str(shard_dir), "--out", str(run_dir), "--epochs", str(epochs),
+        "--batch-size", str(batch_size), "--seed", str(seed), "--workers", "1", "--log-every", "25",
+    ])  # fmt: skip
+    result = Trainer(cfg).train()
+    first, last = result["history"][0], result["history"][-1]
+    print(f"[demo] loss {first['loss']:.3f} -> {last['loss']:.3f} over {result['step']} steps; teacher entropy "
+          f"{last['teacher_entropy']:.2f} (ln K = {math.log(64):.2f})", flush=True)
+    return run_dir / "encoder.pt"
+
+
+def _synthetic_probe_set(n: int, seed: int, seconds: float):
+    """A labelled synthetic split that pre-training never saw (another corpus seed)."""
+    import numpy as np
+
+    from shard_tools.synthetic import CLASSES, synth_clip
+
+    waves, labels = [], []
+    for i in range(n):
+        w, label = synth_clip(i, seed=seed, seconds=seconds)
+        waves.append(w)
+        labels.append(CLASSES.index(label))
+    return np.stack(waves), np.array(labels, dtype=np.int64), list(CLASSES)
+
+
+def _embed(embedder, waves, batch: int = 50):
+    import numpy as np
+    import torch
+
+    return np.concatenate([embedder(torch.from_numpy(waves[i:i + batch])) for i in range(0, len(waves), batch)])
+
+
+def probe_step(encoder_path: Path, n: int, seed: int, seconds: float = 3.0) -> dict[str, float]:
+    """Linear probe (the evaluation module's EVAR-style probe, 3 seeds) on the held-out synthetic split:
+    70 % train (10 % of it carved for early stopping) / 30 % test, stratified by class."""
+    import numpy as np
+
+    from matpac_fast.evaluation.cli import CLI_DEFAULT_LR
+    from matpac_fast.evaluation.embed import make_embedder
+    from matpac_fast.evaluation.folds import Fold
+    from matpac_fast.evaluation.probe import LinearProbeConfig, ProbeSettings, run_probes, summarize
+
+    print(f"[demo] 4/5 linear probe on {n} held-out synthetic clips (corpus seed {seed})", flush=True)
+    waves, y, classes = _synthetic_probe_set(n, seed, seconds)
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in range(len(classes)):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        cut = int(round(0.7 * len(idx)))
+        train += idx[:cut].tolist()
+        test += idx[cut:].tolist()
+    fold = Fold("heldout", np.sort(np.array(train)), np.sort(np.array(test)))
+    settings = ProbeSettings("linear", 3, LinearProbeConfig(lr=CLI_DEFAULT_LR))
+    scores = {"chance": float(np.bincount(y[fold.test]).max() / len(fold.test))}
+    for name, ckpt in (("logmel", "logmel"), ("random", "random"), ("pretrained", str(encoder_path))):
+        X = _embed(make_embedder(ckpt, preset="tiny", seed=seed), waves)
+        scores[name] = summarize(run_probes(X, y, [fold], len(classes), False, settings, seed=0, progress=False))[0]
+        print(f"[demo]   {name:<10} {100 * scores[name]:.1f}%", flush=True)
+    return scores
+
+
+def fsdd_step(encoder_path: Path, fsdd: Path, out: Path) -> dict[str, float]:
+    """FSDD 10-way digits, official split, with the evaluation CLI (real 8 kHz speech, not seen in training)."""
+    from matpac_fast.evaluation.cli import build_parser, run
+
+    print(f"[demo] 5/5 FSDD ({fsdd}) official split", flush=True)
+    scores = {}
+    for name, ckpt in (("logmel", "logmel"), ("random", "random"), ("pretrained", str(encoder_path))):
+        a = build_parser().parse_args([
+            "--checkpoint", ckpt, "--data", str(fsdd), "--preset", "tiny", "--out", str(out / "eval_fsdd"),
+            "--seeds", "1", "--quiet", "--no-cache", "--projection", "none", "--device", "cpu",
+        ])  # fmt: skip
+        scores[name] = run(a)["mean"]
+        print(f"[demo]   {name:<10} {100 * scores[name]:.1f}%", flush=True)
+    return scores
+
+
+def format_table(synth: dict[str, float], fsdd: dict[str, float] | None) -> str:
+    rows = ["| encoder | held-out synthetic (10 classes) | FSDD digits (official split) |", "|---|---|---|"]
+    names = {"chance": "chance", "logmel": "raw log-mel baseline", "random": "random-init encoder (tiny)",
+             "pretrained": "pre-trained encoder (tiny, this demo)"}
+    for key, label in names.items():
+        f = "10.0%" if key == "chance" and fsdd else (f"{100 * fsdd[key]:.1f}%" if fsdd else "n/a (no ../shared)")
+        rows.append(f"| {label} | {100 * synth[key]:.1f}% | {f} |")
+    return "\n".join(rows)
+
+
+def default_fsdd() -> Path | None:
+    p = Path(__file__).resolve().parents[2] / "shared" / "data" / "fsdd"
+    return p if (p / "labels.csv").exists() else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m matpac_fast.demo",
-        description="The embedded default: a deterministic labelled synthetic corpus -> log-mel shards -> verify.",
+        description="The embedded default, end to end on CPU: a deterministic labelled synthetic corpus -> log-mel "
+        "shards -> verify -> pre-train the tiny MATPAC preset -> linear probe on a held-out synthetic split (and on "
+        "FSDD when ../shared/data/fsdd exists) -> a table of chance, raw log-mel, random-init and pre-trained "
+        "encoders. Last line: RESULT demo chance=... logmel=... random=... pretrained=...",
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: %(default)s)")
-    p.add_argument("--n", type=int, default=1000, help="synthetic clips, 6.5 s each (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="corpus and shuffle seed (default: %(default)s)")
+    p.add_argument("--n", type=int, default=2000, help="pre-training clips, 6.5 s each (default: %(default)s)")
+    p.add_argument("--probe-n", type=int, default=600, help="held-out labelled clips (default: %(default)s)")
+    p.add_argument("--epochs", type=float, default=8.0, help="pre-training epochs (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="pre-training batch (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="corpus, shuffle and init seed (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="make-shards processes (default: all cores)")
+    p.add_argument("--fsdd", type=Path, default=default_fsdd(), help="FSDD root (default: ../shared/data/fsdd)")
+    p.add_argument("--skip-fsdd", action="store_true", help="do not evaluate on FSDD")
     args = p.parse_args(argv)
-    if args.n < 1:
-        raise SystemExit("demo: --n must be >= 1")
+    if args.n < 1 or args.probe_n < 20:
+        raise SystemExit("demo: --n must be >= 1 and --probe-n >= 20")
     shard_dir = args.out / "shards"
     try:
         shards_step(shard_dir, args.n, args.seed, args.workers)
     except ValueError as e:
         raise SystemExit(f"demo: {e}") from None
     verify_step(shard_dir)
-    print(f"[demo] shards: {shard_dir.resolve()}  (stats.json, sizes.json, manifest.jsonl beside them)")
+    encoder = pretrain_step(shard_dir, args.out / "train", args.epochs, args.batch_size, args.seed)
+    synth = probe_step(encoder, args.probe_n, seed=args.seed + 1000)
+    fsdd = None
+    if args.fsdd is not None and not args.skip_fsdd:
+        fsdd = fsdd_step(encoder, args.fsdd, args.out)
+    table = format_table(synth, fsdd)
+    (args.out / "results.md").write_text(table + "\n")
+    print(table)
+    print(f"[demo] table: {args.out / 'results.md'}; encoder: {encoder}")
+    print("RESULT demo " + " ".join(f"{k}={synth[k]:.4f}" for k in ("chance", "logmel", "random", "pretrained")))
     return 0
 
 
