@@ -16,12 +16,13 @@ into one contiguous range per worker, sized in whole batches (batch i of a rank 
 which is also the order in which a DataLoader returns them). Splitting at sample level, not shard level, is what
 makes the counts equal whatever the shard count: a worker whose range starts or ends inside a shard just skips
 the samples outside it. Every rank yields `batches_per_epoch` batches:
-  - remainder="drop" (default, the authors' drop_last): floor(N / (world B)) batches per rank. The last
-    N - world B floor(N / (world B)) (< world B) samples of the permuted order are not used this epoch — a different
-    set each epoch. No key is yielded twice; when N is a multiple of world B, the union over ranks is every key.
-  - remainder="fill": ceil(N / (world B)) batches per rank; the last batch of a rank is completed with samples
-    re-drawn from the start of the sequence, flagged in batch["filled"]. The union of unflagged keys is then every
-    key exactly once, divisible or not.
+  - remainder="drop" (default, the authors' drop_last): floor(N / (world B)) batches per rank. The tail of each
+    rank's slice beyond its whole batches — N - world B floor(N / (world B)) < world B samples in all — is not used
+    this epoch (a different set each epoch, as the order changes). No key is yielded twice; when N is a multiple
+    of world B, the union over ranks is every key.
+  - remainder="fill": ceil(N / (world B)) batches per rank; a rank's last batch is completed with samples re-drawn
+    by reading on past the end of its range (cyclically), flagged in batch["filled"]. The union of unflagged keys
+    is then every key exactly once, divisible or not.
 Samples a worker cannot use (a corrupt or missing shard, a short clip under short="drop") are replaced the same
 way — by reading on past the end of its range, flagged `filled` — so the batch counts never change: DDP never hangs.
 
