@@ -22,6 +22,7 @@ def test_fsdd_layout_and_protocols(fsdd_dir):
     speakers = np.array(ds.column("speaker"))
     loso = make_folds(ds, "group:speaker")
     assert len(loso) == 6
+    assert [f.test.tolist() for f in make_folds(ds, "group")] == [f.test.tolist() for f in loso]
     for f in loso:
         assert len(set(speakers[f.test])) == 1 and speakers[f.test][0] not in set(speakers[f.train])
 

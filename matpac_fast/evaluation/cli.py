@@ -26,6 +26,13 @@ CLI_DEFAULT_LR = 3e-3
 MAX_AUTO_CLIP_SECONDS = 10.0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults, except the uninformative 'None' of options whose help already says what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="matpac-eval",
@@ -33,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "linear probe per fold and seed, report accuracy (single-label) or mAP (multi-label) as mean ± std. "
         "Writes JSON, a markdown table (results.md) and a PNG of a 2-D projection into --out; the last line "
         "printed is 'RESULT eval task=... checkpoint=... metric=... mean=... std=...'.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "--checkpoint",
@@ -65,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--folds",
         default="official",
-        help="official | kfold:K[:COLUMN] | group:COLUMN[:K] (group:speaker = leave-one-speaker-out)",
+        help="official | kfold:K[:COLUMN] | group[:COLUMN[:K]] (group:speaker = leave-one-speaker-out; plain "
+        "'group' = the layout's natural group, e.g. FSDD speaker)",
     )
     p.add_argument(
         "--probe",

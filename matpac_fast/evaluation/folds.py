@@ -6,6 +6,7 @@ Schemes (`--folds`):
   kfold:K          stratified K-fold over clips (shuffled with the seed).
   kfold:K:COLUMN   stratified K-fold that keeps every COLUMN value (e.g. a speaker) on one side.
   group:COLUMN     leave-one-group-out (e.g. group:speaker = leave-one-speaker-out).
+  group            the same with the layout's natural group (FSDD speaker, ESC-50 src_file, US8K fsID).
   group:COLUMN:K   K folds of whole groups.
 """
 
@@ -52,10 +53,12 @@ class Scheme:
 
 def parse_scheme(text: str) -> Scheme:
     parts = text.split(":")
-    usage = "use official, kfold:K, kfold:K:COLUMN, group:COLUMN or group:COLUMN:K"
+    usage = "use official, kfold:K, kfold:K:COLUMN, group, group:COLUMN or group:COLUMN:K"
     try:
         if parts == ["official"]:
             return Scheme("official")
+        if parts == ["group"]:
+            return Scheme("group")  # column filled in from the dataset's default group
         if parts[0] == "kfold" and len(parts) in (2, 3):
             k = int(parts[1])
             if k < 2:
@@ -78,7 +81,10 @@ def make_folds(ds: LabelledSet, scheme: Scheme | str, seed: int = 0) -> list[Fol
     elif scheme.kind == "kfold":
         folds = _kfold(ds, scheme.k, scheme.column, seed)
     else:
-        folds = _group(ds, scheme.column, scheme.k)
+        column = scheme.column or ds.default_group
+        if column is None:
+            raise ValueError(f"--folds group: {ds.name} has no default group column; use group:COLUMN")
+        folds = _group(ds, column, scheme.k)
     for f in folds:
         check_test_labels_seen(ds, f)
     return folds
