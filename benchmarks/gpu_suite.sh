@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# GPU suite: one command, < 8 minutes on one H100, results under OUT_DIR.
+#
+#   benchmarks/gpu_suite.sh OUT_DIR [WHEELS_DIR]          # on the GPU machine, from any directory
+#   benchmarks/gpu_suite.sh OUT_DIR --cpu-dry-run          # the same logic on CPU: tiny preset, few steps
+#
+# Steps (each under `timeout`, capped by what is left of the suite budget, so one hang cannot eat it all):
+#   check       python imports: torch with CUDA, triton, accelerate, einops, numpy, tqdm, safetensors, matplotlib,
+#               pytest; webdataset, nnAudio, soundfile, soxr are installed from WHEELS_DIR (pip --no-index
+#               --find-links) when missing. Anything still missing stops the suite with a message naming it.
+#   loader      benchmarks/loader.py, short: shards vs per-clip .npy; its data is reused by the training runs
+#   train_b256  benchmarks/train_throughput.py, matpac preset (ViT-B), batch 256 per device, all modes, data from
+#               the loader step's shards (reference-design: its per-clip .npy folder)
+#   pytest_gpu  the GPU tests (pytest -m gpu: bf16 kernels, CUDA log-mel, pinned loader batches)
+#   kernels     benchmarks/kernels.py (Triton kernels vs eager / compiled references)
+#   train_b64   as train_b256 at batch 64 per device
+#   plot        benchmarks/plot_results.py -> throughput.png
+#
+# OUT_DIR receives (few files, so that a remote runner can ship them back): summary.txt (environment, each step's
+# status and time, the RESULT lines), train.csv, RESULTS.md (markdown rows to paste into benchmarks/RESULTS.md),
+# kernels.csv, loader.csv, throughput.png, logs.tar.gz (every step's full log).
+#
+# The project is imported from this checkout without `pip install -e .`: PYTHONPATH gets the repository root and a
+# temporary folder holding a symlink matpac_kernels -> kernels/ (pyproject's package-dir name), so nothing is
+# written into site-packages and a stale installed copy cannot shadow the checkout.
+#
+# Wheels for a machine without network (Python 3.12, x86-64), made where pip works:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#     -d WHEELS_DIR webdataset braceexpand nnAudio soundfile cffi pycparser soxr
+#   (nnAudio also needs scipy; webdataset pyyaml and numpy — usually present.)
+#
+# Environment: PYTHON (default python3), SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed
+# steps per training run, default 25), SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable
+# packages are missing; the GPU tests then run with --continue-on-collection-errors).
+set -uo pipefail
+
+usage() { sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+
+DRY=0
+POS=()
+for a in "$@"; do
+  case "$a" in
+    --cpu-dry-run) DRY=1 ;;
+    -h|--help) sed -n "2,/^set -uo/p" "$0" | sed "$ d" | sed "s/^# \{0,1\}//"; exit 0 ;;
+    -*) echo "error: unknown option $a" >&2; usage ;;
+    *) POS+=("$a") ;;
+  esac
+done
+[ "${MATPAC_SUITE_DRY_RUN:-0}" = 1 ] && DRY=1
+[ ${#POS[@]} -ge 1 ] && [ ${#POS[@]} -le 2 ] || usage
+OUT=${POS[0]}
+WHEELS=${POS[1]:-}
+if [ -n "$WHEELS" ] && [ ! -d "$WHEELS" ]; then
+  echo "error: WHEELS_DIR $WHEELS is not a directory" >&2; exit 2
+fi
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+if [ "$DRY" = 1 ]; then BUDGET=${SUITE_BUDGET_S:-1200}; else BUDGET=${SUITE_BUDGET_S:-460}; fi
+STEPS=${SUITE_STEPS:-25}
+WARMUP=5
+START=$SECONDS
+
+mkdir -p "$OUT" || { echo "error: cannot create OUT_DIR $OUT" >&2; exit 2; }
+OUT=$(cd "$OUT" && pwd)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/matpac-suite.XXXXXX")
+LOGS="$WORK/logs"
+mkdir -p "$LOGS" "$WORK/pypath"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+
+finish() {
+  tar czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null
+  rm -rf "$WORK"
+}
+trap finish EXIT
+trap 'echo "interrupted" | tee -a "$SUMMARY"; exit 130' INT TERM
+
+ln -s "$REPO/kernels" "$WORK/pypath/matpac_kernels"
+export PYTHONPATH="$WORK/pypath:$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+cd "$REPO" || exit 2
+
+say() { echo "$*" | tee -a "$SUMMARY"; }
+FAILED=0
+
+# step NAME CAP_S CMD... : run CMD under timeout min(CAP, budget left), log to $LOGS/NAME.log, record the outcome.
+step() {
+  local name=$1 cap=$2; shift 2
+  local left=$(( BUDGET - (SECONDS - START) ))
+  if (( left < 20 )); then say "SKIP  $name: suite budget (${BUDGET}s) spent"; FAILED=1; return 1; fi
+  local t=$(( cap < left ? cap : left ))
+  echo "=== $name (timeout ${t}s, $(( SECONDS - START ))s into the suite) ==="
+  local t0=$SECONDS
+  timeout --kill-after=15 "$t" "$@" > "$LOGS/$name.log" 2>&1
+  local rc=$?
+  local dt=$(( SECONDS - t0 ))
+  tail -n 4 "$LOGS/$name.log" | cut -c1-300
+  if (( rc == 0 )); then say "OK    $name (${dt}s)"
+  elif (( rc == 124 || rc == 137 )); then say "TIME  $name: killed after ${t}s (see logs.tar.gz: $name.log)"; FAILED=1
+  else say "FAIL  $name: exit $rc after ${dt}s (see logs.tar.gz: $name.log)"; FAILED=1; fi
+  grep -h '^RESULT' "$LOGS/$name.log" >> "$SUMMARY"
+  return $rc
+}
+
+# ---------------------------------------------------------------------------------------------------- check
+# missing NAMES... : prints the modules among NAMES that fail to import, each with its error, one per line.
+missing() {
+  "$PY" - "$@" <<'EOF'
+import importlib, sys
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # noqa: BLE001 - any import failure means "missing" here
+        print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+EOF
+}
+
+check() {
+  command -v "$PY" >/dev/null || { echo "error: no Python interpreter '$PY' (set PYTHON=...)"; return 2; }
+  local req opt
+  req=$(missing torch triton accelerate einops numpy tqdm safetensors matplotlib pytest)
+  if [ -n "$req" ]; then
+    echo "error: missing Python packages (install them into $PY; this suite installs nothing from the network):"
+    echo "$req"
+    return 2
+  fi
+  if [ "$DRY" = 0 ]; then
+    "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || {
+      echo "error: torch $("$PY" -c 'import torch; print(torch.__version__)') sees no CUDA device (driver? CPU-only build?)"
+      return 2; }
+  fi
+  local wanted=(webdataset nnAudio soundfile soxr)
+  opt=$(missing "${wanted[@]}")
+  if [ -n "$opt" ] && [ -n "$WHEELS" ]; then
+    local names
+    names=$(echo "$opt" | cut -d: -f1 | tr '\n' ' ')
+    echo "installing from $WHEELS: $names"
+    # --no-deps: install what the folder has; a dependency it lacks shows up in the re-check below, by name.
+    # shellcheck disable=SC2086
+    "$PY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" "$WHEELS"/*.whl 2>&1 | tail -n 5
+    opt=$(missing "${wanted[@]}")
+  fi
+  if [ -n "$opt" ]; then
+    echo "missing Python packages (their tests cannot be collected):"
+    echo "$opt"
+    echo "give WHEELS_DIR with their wheels and dependencies (webdataset braceexpand nnAudio soundfile cffi pycparser soxr), see the header of $0"
+    if [ "${SUITE_ALLOW_MISSING:-0}" = 1 ]; then echo "SUITE_ALLOW_MISSING=1: going on without them"; return 0; fi
+    return 2
+  fi
+  "$PY" - <<'EOF'
+import platform, subprocess, torch, triton, accelerate
+import matpac_fast, matpac_kernels
+print(f"python {platform.python_version()} · torch {torch.__version__} (CUDA {torch.version.cuda}) · triton "
+      f"{triton.__version__} · accelerate {accelerate.__version__}")
+print(f"matpac_fast from {matpac_fast.__file__}; matpac_kernels from {matpac_kernels.__file__}")
+if torch.cuda.is_available():
+    print(f"device: {torch.cuda.get_device_name(0)}")
+EOF
+}
+
+{
+  echo "matpac_fast GPU suite · $(date -u +%Y-%m-%dT%H:%M:%SZ) · commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown) · dry run: $DRY · budget ${BUDGET}s"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
+} | tee -a "$SUMMARY"
+
+# Not under `timeout` (a shell function cannot be): it only imports modules and, with WHEELS_DIR, runs pip offline.
+if check > "$LOGS/check.log" 2>&1; then
+  say "OK    check ($(( SECONDS - START ))s)"
+else
+  cat "$LOGS/check.log"
+  say "FAIL  check: $(grep -m1 -E '^(error|missing)' "$LOGS/check.log")"
+  say "stopping: the environment check failed (full message above and in logs.tar.gz: check.log)"
+  exit 2
+fi
+sed -n '/^python /,$p' "$LOGS/check.log" >> "$SUMMARY"
+PYTEST_EXTRA=()
+[ "${SUITE_ALLOW_MISSING:-0}" = 1 ] && PYTEST_EXTRA=(--continue-on-collection-errors)
+
+# ---------------------------------------------------------------------------------------------------- settings
+if [ "$DRY" = 1 ]; then
+  # One thread per process: on a small shared CPU, OpenMP threads that wait on each other slow steps ~50x.
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  PRESET=tiny; DEVICE=cpu; PRECISION=no; BIG=16; SMALL=8; STEPS=${SUITE_STEPS:-2}; WARMUP=1
+  MODES=${SUITE_MODES:-eager,reference-design}
+  LOADER_FRAMES=700; LOADER_PER_SHARD=16; LOADER_WORKERS=1
+else
+  PRESET=matpac; DEVICE=cuda; PRECISION=bf16; BIG=256; SMALL=64
+  # Most informative first: a run killed by its timeout keeps the rows it finished.
+  MODES=${SUITE_MODES:-eager,compiled+kernels,reference-design,compiled}
+  LOADER_FRAMES=1000; LOADER_PER_SHARD=256; LOADER_WORKERS=8
+fi
+CLIPS=$(( (WARMUP + STEPS + 1) * BIG ))  # one epoch covers every step of the big-batch runs: no worker restarts
+DATA="$WORK/data"
+
+# ---------------------------------------------------------------------------------------------------- steps
+# Order: the throughput figures (the suite's purpose) first, then the GPU tests and kernel benchmarks, then the
+# second batch size; every step is capped by the budget left, so a slow step shortens the ones after it.
+step loader 100 "$PY" benchmarks/loader.py --clips "$CLIPS" --frames "$LOADER_FRAMES" --per-shard "$LOADER_PER_SHARD" \
+  --batch "$BIG" --workers "$LOADER_WORKERS" --passes 1 --paths indexed,npy --keep "$DATA" --csv "$OUT/loader.csv"
+
+if [ -f "$DATA/shards/stats.json" ] && [ -f "$DATA/npy/.done" ]; then
+  TRAIN_DATA=(--data "$DATA/shards" --npy-dir "$DATA/npy")
+else
+  say "note: the loader step left no data; training runs use synthetic data and write their own .npy folder"
+  TRAIN_DATA=(--data synthetic --tmp-dir "$WORK")
+fi
+train() {  # train NAME CAP BATCH
+  step "$1" "$2" "$PY" benchmarks/train_throughput.py --preset "$PRESET" --device "$DEVICE" --precision "$PRECISION" \
+    --batch-sizes "$3" --modes "$MODES" --steps "$STEPS" --warmup "$WARMUP" "${TRAIN_DATA[@]}" \
+    --csv "$OUT/train.csv" --results-md "$OUT/RESULTS.md"
+}
+train "train_b$BIG" 240 "$BIG"
+step pytest_gpu 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs "${PYTEST_EXTRA[@]}" tests
+step kernels 80 "$PY" benchmarks/kernels.py --out "$OUT/kernels.csv"
+train "train_b$SMALL" 200 "$SMALL"
+
+if [ -s "$OUT/train.csv" ]; then
+  step plot 60 "$PY" benchmarks/plot_results.py "$OUT/train.csv" --out "$OUT/throughput.png"
+fi
+
+say "suite finished in $(( SECONDS - START ))s (budget ${BUDGET}s)"
+echo
+cat "$SUMMARY"
+[ -f "$OUT/RESULTS.md" ] && cat "$OUT/RESULTS.md"
+exit $FAILED

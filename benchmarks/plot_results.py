@@ -1,0 +1,114 @@
+"""PNG chart of training throughput from train_throughput.py CSVs: samples/s by mode and batch size, per device.
+
+One panel per (device, preset, processes); in each, groups of bars by batch size, one bar per mode, labelled with
+samples/s (and MFU when known). When a CSV holds the same (device, preset, processes, mode, batch) more than once,
+the latest row wins.
+
+    python benchmarks/plot_results.py results/train.csv --out docs/throughput.png
+    python benchmarks/plot_results.py a.csv b.csv --out chart.png --title "MATPAC ViT-B, bf16"
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: no display on CI or GPU boxes
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+MODE_ORDER = ["reference-design", "eager", "compiled", "compiled+kernels"]
+COLORS = {"reference-design": "#9e9e9e", "eager": "#64b5f6", "compiled": "#1e88e5", "compiled+kernels": "#0d47a1"}
+NEEDED = ("device", "preset", "world", "mode", "batch", "samples_per_s", "mfu")
+
+
+def read_rows(paths: list[Path]) -> list[dict]:
+    """Rows of the CSVs, later rows replacing earlier ones with the same key."""
+    latest: dict[tuple, dict] = {}
+    for path in paths:
+        if not path.exists():
+            raise SystemExit(f"error: {path} does not exist; give a CSV written by train_throughput.py --csv")
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in NEEDED if c not in (reader.fieldnames or [])]
+            if missing:
+                raise SystemExit(f"error: {path} lacks columns {missing}: is it a train_throughput.py --csv file?")
+            for r in reader:
+                try:
+                    r["samples_per_s"] = float(r["samples_per_s"])
+                    r["batch"] = int(r["batch"])
+                except ValueError:
+                    continue  # a row without a figure (should not happen; skip rather than plot garbage)
+                latest[(r["device"], r["preset"], r["world"], r["mode"], r["batch"])] = r
+    if not latest:
+        raise SystemExit("error: no rows with a samples/s figure in the given CSV(s)")
+    return list(latest.values())
+
+
+def panels(rows: list[dict]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["device"], r["preset"], r["world"]), []).append(r)
+    return out
+
+
+def _mode_key(mode: str) -> tuple:
+    return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode)
+
+
+def plot(rows: list[dict], out: Path, title: str | None = None) -> Path:
+    groups = panels(rows)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 3.6 * len(groups)), squeeze=False)
+    for ax, ((device, preset, world), rs) in zip(axes[:, 0], sorted(groups.items())):
+        batches = sorted({r["batch"] for r in rs})
+        modes = sorted({r["mode"] for r in rs}, key=_mode_key)
+        width = 0.8 / len(modes)
+        by = {(r["mode"], r["batch"]): r for r in rs}
+        top = max(r["samples_per_s"] for r in rs)
+        for m_i, mode in enumerate(modes):
+            xs, ys, labels = [], [], []
+            for b_i, b in enumerate(batches):
+                r = by.get((mode, b))
+                if r is None:
+                    continue
+                xs.append(b_i + (m_i - (len(modes) - 1) / 2) * width)
+                ys.append(r["samples_per_s"])
+                mfu = r.get("mfu", "")
+                labels.append(f"{r['samples_per_s']:.0f}" + (f"\n{100 * float(mfu):.0f}%" if mfu not in
+                                                             ("", "n/a") else ""))
+            bars = ax.bar(xs, ys, width * 0.95, label=mode, color=COLORS.get(mode))
+            ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
+        ax.set_xticks(range(len(batches)), [f"batch {b}/device" for b in batches])
+        ax.set_ylabel("samples/s")
+        ax.set_ylim(0, top * 1.25)
+        procs = "1 process" if str(world) == "1" else f"{world} processes (aggregate)"
+        ax.set_title(f"{device} — preset {preset}, {procs}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left", ncol=len(modes))
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title or "MATPAC training throughput (bar labels: samples/s, MFU)", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("csv", nargs="+", type=Path, help="CSV file(s) from train_throughput.py --csv")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--title", default=None)
+    args = p.parse_args(argv)
+    if args.out.suffix.lower() != ".png":
+        p.error(f"--out {args.out}: give a .png path")
+    path = plot(read_rows(args.csv), args.out, args.title)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

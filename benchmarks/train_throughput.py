@@ -1,0 +1,595 @@
+"""Training throughput: full MATPAC steps per second, MFU, data wait, peak memory, and the authors' design as peer.
+
+The question: how many samples/s does one accelerator train at (forward, backward, clipping, fused AdamW, EMA of
+teacher encoder and head, centre update — the trainer's own `Trainer.micro_step`), what fraction of its peak is that
+(MFU from `matpac_fast.flops.flops_per_sample` and the peak table in `matpac_fast.metrics`), and how does it compare,
+on the same card in the same run, with the authors' design choices applied to the same model?
+
+Modes (comma list --modes):
+  eager             the trainer as is, no torch.compile, PyTorch reference loss and gather
+  compiled          torch.compile of the whole forward (--compile-scope step) or of each transformer block (block)
+  compiled+kernels  compiled + the Triton kernels (fused patchify-gather, centred softmax cross-entropy)
+  reference-design  the authors' costly choices on our model, not compiled: float32 loss copies (separate
+                    log_softmax, softmax, centring and metric passes in fp32), per-step `.item()` of every logged
+                    value plus one all-reduce each when distributed, EMA as a per-parameter Python loop, and data as
+                    one float32 .npy per clip read by np.load in a map-style DataLoader. Same precision as the others
+                    (--precision), so only the design differs.
+
+Timing: --warmup untimed steps (compilation happens there), then --steps timed steps between two
+torch.cuda.synchronize() calls (the only ones). "data wait" is host time blocked in the loader's next() — an upper
+bound on the stall, since the device may still be busy with queued work then; "compute" is the rest of the step.
+Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS (monotone over the runs).
+Under `accelerate launch --num_processes N` (or torchrun) every rank trains and the table reports per-device and
+aggregate samples/s; scaling efficiency = aggregate / (N x one-process samples/s), the latter from
+--single-process-sps or looked up in --baseline-csv (a CSV from a one-process run of this script).
+
+    python benchmarks/train_throughput.py                                  # H100: matpac, B 64,256, all modes
+    python benchmarks/train_throughput.py --data /data/shards --batch-sizes 256 --modes compiled+kernels
+    python benchmarks/train_throughput.py --preset tiny --device cpu --batch-sizes 8 --steps 3 --warmup 1 \\
+        --modes eager,reference-design --precision no                     # CPU smoke test, seconds
+    accelerate launch --num_processes 8 benchmarks/train_throughput.py --baseline-csv one_gpu.csv
+
+Rows are appended to --csv and, as a table headed by device, driver, versions and commit, to --results-md.
+Last line: RESULT train samples_per_s=... mfu=... speedup_vs_reference_design=... device=...
+(the fastest non-reference row; the speedup is against reference-design at that row's batch size; "n/a" when a
+figure cannot be computed, e.g. MFU on a CPU without --peak-tflops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gc
+import math
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from matpac_fast.config import PRESETS  # noqa: E402
+from matpac_fast.metrics import mfu  # noqa: E402
+from matpac_fast.model import MATPAC  # noqa: E402
+from matpac_fast.train_config import DataConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig  # noqa: E402
+from matpac_fast.trainer import Trainer  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Mode:
+    compile: bool
+    kernels: bool
+    reference: bool
+
+
+MODES = {
+    "eager": Mode(compile=False, kernels=False, reference=False),
+    "compiled": Mode(compile=True, kernels=False, reference=False),
+    "compiled+kernels": Mode(compile=True, kernels=True, reference=False),
+    "reference-design": Mode(compile=False, kernels=False, reference=True),
+}
+CSV_FIELDS = [
+    "time_utc", "device", "world", "preset", "mode", "batch", "precision", "data", "steps", "warmup",
+    "samples_per_s", "samples_per_s_per_device", "step_ms", "data_wait_ms", "compute_ms", "data_wait_frac", "mfu",
+    "peak_mem_MB", "mem_kind", "gflops_per_sample", "peak_tflops", "scaling_eff", "final_loss", "driver", "torch",
+    "triton", "commit",
+]
+NPY_FRAMES = 1000  # 10 s clips, as AudioSet's
+
+
+# ------------------------------------------------------------------------------------------------ command line
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"error: {flag} must be a comma list of integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"error: {flag} needs positive integers, got {text!r}")
+    return values
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="matpac", help=f"model preset: {' | '.join(PRESETS)} (default matpac)")
+    p.add_argument("--batch-sizes", default="64,256", help="comma list of per-device batch sizes (default 64,256)")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma list of: {', '.join(MODES)} (default: all)")
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic' (random clips generated in memory, no I/O) or a shard set (make-shards "
+                        "directory or pattern); reference-design always reads per-clip .npy files")
+    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run (default 30)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first; compilation happens here (default 5)")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "no"), help="autocast dtype (default bf16)")
+    p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: cuda when available")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="peak dense TFLOP/s of one device for MFU (default: look the GPU up in the table)")
+    p.add_argument("--compile-scope", default="step", choices=("step", "block"),
+                   help="compiled modes: torch.compile the whole forward (step) or each transformer block")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader workers per process (default: 0 on CPU, min(8, cores / processes) on CUDA)")
+    p.add_argument("--npy-dir", type=Path, default=None,
+                   help="reference-design: an existing folder of per-clip float32 (80, T) .npy files (default: "
+                        "write enough clips into a temporary folder, deleted at the end)")
+    p.add_argument("--tmp-dir", type=Path, default=None, help="where the temporary .npy folder goes")
+    p.add_argument("--single-process-sps", type=float, default=0.0,
+                   help="one-process samples/s for the scaling efficiency of a multi-process run")
+    p.add_argument("--baseline-csv", type=Path, default=None,
+                   help="look the one-process samples/s up in this CSV (same device, preset, mode, batch, precision)")
+    p.add_argument("--csv", type=Path, default=None, help="append one row per run to this CSV")
+    p.add_argument("--results-md", type=Path, default=None, help="append a markdown table of this run's rows here")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in args.modes if m not in MODES]
+    if unknown or not args.modes:
+        p.error(f"unknown --modes entries {unknown}; choose from {', '.join(MODES)}")
+    if args.preset not in PRESETS:
+        p.error(f"unknown --preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA device: use --device cpu or check the driver / torch build")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.npy_dir is not None and not any(args.npy_dir.glob("*.npy")):
+        p.error(f"--npy-dir {args.npy_dir}: no .npy files there")
+    if args.data != "synthetic" and not args.data.startswith("synthetic:") and "://" not in args.data \
+            and not args.data.startswith("pipe:") and not Path(args.data).exists() and "{" not in args.data:
+        p.error(f"--data {args.data}: no such shard set; give a make-shards directory or 'synthetic'")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ authors' design
+def authors_xent(student_MK, teacher_MK, center_K, tau_s, tau_t, center_mode="prob"):
+    """The classification loss as the authors' DINO-style code computes it: float32 copies of both logit tensors,
+    the centring materialised, softmax and log_softmax as separate passes, then the logged metrics recomputed in
+    their own float32 passes. Same contract and numbers as `losses.centered_softmax_xent_reference`."""
+    student = student_MK.float() / tau_s  # fp32 copy
+    teacher = teacher_MK.detach().float()  # fp32 copy
+    centred = teacher - center_K.float()  # materialised centring
+    p = F.softmax(centred / tau_t, dim=-1)
+    loss = torch.sum(-p * F.log_softmax(student, dim=-1), dim=-1)
+    with torch.no_grad():
+        center_sum = p.sum(0) if center_mode == "prob" else teacher.sum(0)
+        p_log = F.softmax((teacher - center_K.float()) / tau_t, dim=-1)  # metric pass: recomputed for logging
+        entropy = -(p_log * F.log_softmax((teacher - center_K.float()) / tau_t, dim=-1)).sum(-1)
+        max_prob = p_log.max(dim=-1).values
+    return loss, center_sum, entropy, max_prob
+
+
+@torch.no_grad()
+def ema_update_loop(teacher, student, decay: float) -> None:
+    """The authors' EMA: a Python loop with a multiply, a temporary and an add per parameter (ours: `_foreach_`)."""
+    if decay >= 1.0:
+        return
+    for t, s in zip(teacher, student):
+        t.data.mul_(decay).add_((1 - decay) * s.detach().data)
+
+
+class ReferenceDesignMATPAC(MATPAC):
+    """Our model with the authors' loss arithmetic (see `authors_xent`)."""
+
+    def _xent(self, student_MK, teacher_MK, tau_t):
+        return authors_xent(student_MK, teacher_MK, self.center[0], self.cfg.tau_s, tau_t, self.cfg.center_mode)
+
+
+def _loader_module():
+    """benchmarks/loader.py (its NpyFolder is the per-clip .npy Dataset we measure against there too)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_bench_loader", Path(__file__).with_name("loader.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class NpyTrainData:
+    """The trainer's data interface over a folder of per-clip float32 .npy files: np.load per sample in a map-style
+    Dataset, shuffled by a DistributedSampler when there are several ranks, default collate (the authors' design)."""
+
+    def __init__(self, folder: Path, batch_size: int, rank: int, world: int, workers: int, pin: bool, seed: int):
+        self.dataset = _loader_module().NpyFolder(folder, crop=608)
+        if len(self.dataset) < batch_size * world:
+            raise ValueError(f"{folder} holds {len(self.dataset)} clips, fewer than one global batch "
+                             f"({batch_size * world}): add clips or lower the batch size")
+        self.batch_size, self.rank, self.world, self.workers, self.pin, self.seed = (
+            batch_size, rank, world, workers, pin, seed)
+        self.batches_per_epoch = len(self.dataset) // (batch_size * world)
+        self.stats = None
+
+    def epoch(self, epoch: int, skip: int = 0):
+        sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
+                                                      shuffle=True, seed=self.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler,
+                                             drop_last=True, num_workers=self.workers, pin_memory=self.pin,
+                                             prefetch_factor=4 if self.workers else None)
+        for i, lms in enumerate(loader):
+            if i >= skip:
+                yield {"lms": lms}
+
+    def skipped_shards(self) -> int:
+        return 0
+
+
+class ReferenceDesignTrainer(Trainer):
+    """The trainer with the authors' costly choices swapped in (loss copies, per-step host reads and collectives,
+    per-parameter EMA loop, per-clip .npy data). Everything else — model, optimizer, schedules — is shared."""
+
+    def __init__(self, cfg: TrainConfig, npy_dir: Path, workers: int):
+        self._npy_dir, self._npy_workers = npy_dir, workers
+        self.logged: dict[str, float] = {}
+        super().__init__(cfg)
+
+    def _open_data(self):
+        acc = self.accelerator
+        return NpyTrainData(self._npy_dir, self.cfg.data.batch_size, acc.process_index, acc.num_processes,
+                            self._npy_workers, pin=self.device.type == "cuda", seed=self.cfg.run.seed)
+
+    def _make_model(self):
+        return ReferenceDesignMATPAC(self.model_cfg)
+
+    def _update_ema(self, i: int) -> None:
+        (t_enc, s_enc), (t_head, s_head) = self.raw_model.ema_pairs()
+        ema_update_loop(t_enc, s_enc, self.sched["ema"][i])
+        ema_update_loop(t_head, s_head, self.sched["head_ema"][i])
+
+    def micro_step(self, lms):
+        loss, stats = super().micro_step(lms)
+        distributed = self.accelerator.num_processes > 1 and dist.is_initialized()
+        for name in ("loss", "loss_pred", "loss_cls", "teacher_entropy", "teacher_max_prob"):
+            v = (loss if name == "loss" else stats[name]).detach().float().clone()
+            if distributed:
+                dist.all_reduce(v)
+                v /= self.accelerator.num_processes
+            self.logged[name] = v.item()  # a host synchronisation per value, every step
+        return loss, stats
+
+
+# ------------------------------------------------------------------------------------------------ per-clip files
+def _dist_env() -> tuple[int, int]:
+    """(local rank, world size) from the launcher's environment, before any process group exists."""
+    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def write_npy_clips(folder: Path, n: int, frames: int = NPY_FRAMES, seed: int = 0, progress: bool = True) -> Path:
+    """`n` float32 (80, frames) log-mel-like clips, one .npy each (content random: it does not change the cost)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    pool = (rng.standard_normal((16, 80, frames), dtype=np.float32) * 4 - 7).astype(np.float32)
+    for i in tqdm(range(n), desc="writing per-clip .npy", unit="clip", disable=not progress, leave=False):
+        np.save(folder / f"clip{i:07d}.npy", pool[i % len(pool)])
+    (folder / ".done").touch()
+    return folder
+
+
+def npy_folder(args, n_clips: int) -> tuple[Path, bool]:
+    """(folder, is_temporary). One writer per node (local rank 0); the other ranks wait for its `.done`."""
+    if args.npy_dir is not None:
+        return args.npy_dir, False
+    local_rank, _ = _dist_env()
+    base = args.tmp_dir or Path(tempfile.gettempdir())
+    folder = base / f"matpac-npy-{os.getppid() if 'LOCAL_RANK' in os.environ else os.getpid()}-{n_clips}"
+    if local_rank == 0:
+        write_npy_clips(folder, n_clips, seed=args.seed)
+    else:
+        t0 = time.time()
+        while not (folder / ".done").exists():
+            if time.time() - t0 > 1800:
+                raise SystemExit(f"error: timed out waiting for local rank 0 to write {folder}")
+            time.sleep(0.5)
+    return folder, True
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def train_config(args, mode: Mode, batch: int, data: str, workers: int) -> TrainConfig:
+    return TrainConfig(
+        run=RunConfig(out=str(Path(tempfile.gettempdir()) / "matpac-throughput"), preset=args.preset,
+                      precision=args.precision, compile=args.compile_scope if mode.compile else "off",
+                      kernels=mode.kernels, cpu=args.device == "cpu", progress=False, log_every=10**9, ckpt_every=0,
+                      peak_tflops=args.peak_tflops, seed=args.seed),
+        data=DataConfig(shards=data, batch_size=batch, workers=workers, epoch_mode="exact"),
+        optim=OptimConfig(warmup_epochs=0.1),
+        # Schedules only need to exist: one nominal epoch keeps their precomputation trivial.
+        schedule=ScheduleConfig(epochs=1.0, tau_t_warmup_epochs=0.1),
+    )
+
+
+def _batches(trainer):
+    """Batches forever: epochs follow each other as in training."""
+    epoch = 0
+    while True:
+        n = 0
+        for batch in trainer.data.epoch(epoch):
+            n += 1
+            yield batch
+        if n == 0:
+            raise ValueError("the data source yields no batch: add data or lower the batch size")
+        epoch += 1
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(trainer, steps: int, warmup: int, label: str, show: bool) -> dict:
+    """Warm-up, then `steps` timed optimizer steps. Returns this rank's figures."""
+    device = trainer.device
+    batches = _batches(trainer)
+    for _ in tqdm(range(warmup), desc=f"{label} warm-up", unit="step", disable=not show, leave=False):
+        trainer.micro_step(next(batches)["lms"].to(device, non_blocking=True))
+    _sync(device)
+    wait = 0.0
+    t0 = time.perf_counter()
+    for _ in tqdm(range(steps), desc=label, unit="step", disable=not show, leave=False):
+        t = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t
+        loss, _ = trainer.micro_step(batch["lms"].to(device, non_blocking=True))
+    _sync(device)
+    elapsed = time.perf_counter() - t0
+    batches.close()
+    return {"elapsed": elapsed, "wait": wait, "samples": steps * trainer.cfg.data.batch_size,
+            "final_loss": float(loss.detach().float())}
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"  # Linux: KiB
+
+
+def _reduce(values: list[float], device, op) -> list[float]:
+    """One collective at the measurement boundary (no-op on one process)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
+def run_one(args, name: str, batch: int, npy_dir: Path | None, workers: int) -> dict:
+    mode = MODES[name]
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    # Each (mode, batch) gets its own static-shape graphs (no dynamic-shape recompile of the last run's).
+    torch._dynamo.reset()
+    data = args.data if args.data != "synthetic" else f"synthetic:{_clips_needed(args, batch)}"
+    cfg = train_config(args, mode, batch, data, workers)
+    trainer = ReferenceDesignTrainer(cfg, npy_dir, workers) if mode.reference else Trainer(cfg)
+    acc = trainer.accelerator
+    r = measure(trainer, args.steps, args.warmup, f"{name} B={batch}", show=acc.is_main_process)
+    mem, mem_kind = _peak_memory_mb(trainer.device)
+    world = acc.num_processes
+    sps_rank = r["samples"] / r["elapsed"]
+    sps_sum, wait_sum, elapsed_sum, loss_sum = _reduce(
+        [sps_rank, r["wait"], r["elapsed"], r["final_loss"]], trainer.device, dist.ReduceOp.SUM)
+    (mem,) = _reduce([mem], trainer.device, dist.ReduceOp.MAX)
+    per_device = sps_sum / world
+    step_ms = 1e3 * elapsed_sum / world / args.steps
+    wait_ms = 1e3 * wait_sum / world / args.steps
+    u = mfu(per_device, trainer.flops_per_sample, trainer.peak)
+    row = {
+        "world": world, "preset": args.preset, "mode": name, "batch": batch, "precision": args.precision,
+        "data": "per-clip npy" if mode.reference else ("synthetic" if data.startswith("synthetic:") else "shards"),
+        "steps": args.steps, "warmup": args.warmup, "samples_per_s": sps_sum, "samples_per_s_per_device": per_device,
+        "step_ms": step_ms, "data_wait_ms": wait_ms, "compute_ms": step_ms - wait_ms,
+        "data_wait_frac": wait_ms / step_ms, "mfu": u, "peak_mem_MB": mem, "mem_kind": mem_kind,
+        "gflops_per_sample": trainer.flops_per_sample / 1e9, "peak_tflops": trainer.peak,
+        "final_loss": loss_sum / world,
+    }
+    del trainer, acc
+    torch._dynamo.reset()  # compiled graphs hold the model: free it before the next run's memory is measured
+    gc.collect()
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _clips_needed(args, batch: int) -> int:
+    """Clips for warm-up + timed steps in one epoch on every rank, plus one spare batch (no epoch restart)."""
+    return (args.warmup + args.steps + 1) * batch * _dist_env()[1]
+
+
+# ------------------------------------------------------------------------------------------------ environment
+def _run(cmd: list[str]) -> str:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=ROOT)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def environment(device: str) -> dict:
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        driver = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]).splitlines()
+        driver = driver[0] if driver else "n/a"
+    else:
+        model = [line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                 if line.startswith("model name")]
+        name = f"CPU {model[0] if model else platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+        driver = "n/a"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "n/a"
+    commit = _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    if commit != "unknown" and _run(["git", "status", "--porcelain", "--untracked-files=no"]):
+        commit += "+dirty"
+    return {"device": name, "driver": driver, "torch": torch.__version__, "triton": triton_version, "commit": commit,
+            "python": platform.python_version()}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def baseline_sps(args, env: dict, row: dict) -> float | None:
+    """One-process samples/s for this row: --single-process-sps, else the matching world=1 row of --baseline-csv."""
+    if args.single_process_sps > 0:
+        return args.single_process_sps
+    if args.baseline_csv is None or not args.baseline_csv.exists():
+        return None
+    with open(args.baseline_csv, newline="") as f:
+        for r in reversed(list(csv.DictReader(f))):
+            if (r.get("world") == "1" and r.get("device") == env["device"] and r.get("preset") == row["preset"]
+                    and r.get("mode") == row["mode"] and r.get("batch") == str(row["batch"])
+                    and r.get("precision") == row["precision"]):
+                return float(r["samples_per_s"])
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ output
+def _fmt(value, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def csv_row(row: dict, env: dict) -> dict:
+    out = {**row, **env, "time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    for key in ("samples_per_s", "samples_per_s_per_device", "peak_mem_MB", "gflops_per_sample"):
+        out[key] = _fmt(out[key], 1)
+    for key in ("step_ms", "data_wait_ms", "compute_ms"):
+        out[key] = _fmt(out[key], 2)
+    for key in ("data_wait_frac", "mfu", "scaling_eff", "final_loss"):
+        out[key] = _fmt(out.get(key), 4)
+    out["peak_tflops"] = _fmt(out["peak_tflops"], 0)
+    return {k: out.get(k, "") for k in CSV_FIELDS}
+
+
+def append_csv(path: Path, row: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and path.stat().st_size > 0:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != CSV_FIELDS:
+            raise SystemExit(f"error: {path} has other columns than this script writes; give a new --csv path")
+        new = False
+    else:
+        new = True
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+MD_COLUMNS = [("mode", "mode"), ("batch", "batch/dev"), ("world", "procs"), ("data", "data"),
+              ("samples_per_s", "samples/s"), ("samples_per_s_per_device", "samples/s/dev"), ("mfu", "MFU"),
+              ("step_ms", "step ms"), ("data_wait_ms", "data wait ms"), ("compute_ms", "compute ms"),
+              ("peak_mem_MB", "peak mem MB"), ("scaling_eff", "scaling eff")]
+
+
+def markdown_block(rows: list[dict], env: dict, args) -> str:
+    """A heading with the environment, then one table row per (formatted) row."""
+    first = rows[0]
+    head = (f"### {env['device']} — preset `{args.preset}`, {args.precision}, {args.steps} timed steps after "
+            f"{args.warmup} warm-up\n\n"
+            f"{first['time_utc']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
+            f"python {env['python']} · commit `{env['commit']}` · memory: {first['mem_kind']} · "
+            f"{first['gflops_per_sample']} GFLOP/sample · peak {first['peak_tflops']} TFLOP/s\n\n")
+    lines = ["| " + " | ".join(title for _, title in MD_COLUMNS) + " |",
+             "|" + "|".join("---" for _ in MD_COLUMNS) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(key, "")) or "—" for key, _ in MD_COLUMNS) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def append_markdown(path: Path, block: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write("\n" + block)
+
+
+def result_line(rows: list[dict], device: str) -> str:
+    """RESULT line from the raw (unformatted) rows: the fastest non-reference row vs reference at its batch."""
+    candidates = [r for r in rows if r["mode"] != "reference-design"] or rows
+    best = max(candidates, key=lambda r: r["samples_per_s"])
+    ref = [r for r in rows if r["mode"] == "reference-design" and r["batch"] == best["batch"]]
+    speedup = best["samples_per_s"] / ref[0]["samples_per_s"] if ref else None
+    mfu_text = f"{best['mfu']:.4g}" if best["mfu"] is not None else "n/a"
+    return (f"RESULT train samples_per_s={best['samples_per_s']:.1f} mfu={mfu_text} "
+            f"speedup_vs_reference_design={_fmt(speedup, 2)} device={device.replace(' ', '_')}")
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["mode", "batch", "world", "data", "samples_per_s", "samples_per_s_per_device", "mfu", "step_ms",
+            "data_wait_ms", "compute_ms", "peak_mem_MB", "scaling_eff"]
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(str(r[c]).rjust(w) for c, w in zip(cols, widths)))
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    local_rank, world = _dist_env()
+    workers = args.workers if args.workers is not None else (
+        0 if args.device == "cpu" else max(1, min(8, (os.cpu_count() or 2) // world)))
+    is_main = int(os.environ.get("RANK", 0)) == 0
+    env = environment(args.device)
+    npy_dir, temporary = None, False
+    if "reference-design" in args.modes:
+        npy_dir, temporary = npy_folder(args, _clips_needed(args, max(args.batch_sizes)))
+    raw_rows, formatted = [], []
+    try:
+        for batch in args.batch_sizes:
+            for name in args.modes:
+                row = run_one(args, name, batch, npy_dir, workers)
+                if row["world"] > 1:
+                    base = baseline_sps(args, env, row)
+                    row["scaling_eff"] = row["samples_per_s"] / (row["world"] * base) if base else None
+                raw_rows.append(row)
+                formatted.append(csv_row(row, env))
+                if is_main:
+                    if args.csv:  # appended as we go: a run killed by a timeout keeps its finished rows
+                        append_csv(args.csv, formatted[-1])
+                    f = formatted[-1]
+                    print(f"{name:>16} B={batch:<4} {f['samples_per_s']:>9} samples/s  MFU {f['mfu']}  step "
+                          f"{f['step_ms']} ms (data wait {f['data_wait_ms']} ms)  peak {f['peak_mem_MB']} MB "
+                          f"({f['mem_kind']})  loss {f['final_loss']}", flush=True)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        if temporary and local_rank == 0:
+            shutil.rmtree(npy_dir, ignore_errors=True)
+    if is_main:
+        print(f"\n{env['device']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
+              f"commit {env['commit']}")
+        print_table(formatted)
+        if args.results_md:
+            append_markdown(args.results_md, markdown_block(formatted, env, args))
+        candidates = [r for r in raw_rows if r["mode"] != "reference-design"] or raw_rows
+        best = max(candidates, key=lambda r: r["samples_per_s"])
+        print(f"best: {best['mode']} at batch {best['batch']} per device")
+        print(result_line(raw_rows, env["device"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

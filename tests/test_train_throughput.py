@@ -1,0 +1,264 @@
+"""Throughput benchmark: the CPU smoke run (RESULT line, CSV, markdown), the reference-design pieces against our
+references, the RESULT/speedup arithmetic, the chart, and the GPU suite's argument and environment checks."""
+
+import csv
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from matpac_fast.config import get_model_config
+from matpac_fast.ema import ema_update
+from matpac_fast.flops import flops_per_sample
+from matpac_fast.losses import centered_softmax_xent_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import plot_results  # noqa: E402
+import train_throughput as tt  # noqa: E402
+
+RESULT_RE = re.compile(r"^RESULT train samples_per_s=(\S+) mfu=(\S+) speedup_vs_reference_design=(\S+) device=(\S+)$")
+# One thread: on a small shared CPU, OpenMP threads waiting on each other can make a tiny step ~50x slower.
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+# ------------------------------------------------------------------------------------------------ CPU smoke run
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--preset", "tiny", "--device", "cpu",
+           "--batch-sizes", "8", "--steps", "3", "--warmup", "1", "--modes", "eager,reference-design",
+           "--precision", "no", "--peak-tflops", "0.5", "--csv", str(out / "t.csv"), "--results-md", str(out / "R.md"),
+           "--tmp-dir", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / "t.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return proc.stdout, rows, out
+
+
+def test_smoke_prints_a_parsable_result_line(smoke):
+    stdout, rows, _ = smoke
+    m = RESULT_RE.match(stdout.strip().splitlines()[-1])
+    assert m, stdout[-1000:]
+    sps, mfu, speedup = (float(v) for v in m.groups()[:3])
+    assert sps > 0 and mfu > 0 and speedup > 0
+    assert m.group(4).startswith("CPU")
+    # The RESULT figures are the fastest non-reference row and its ratio to reference-design at the same batch.
+    by = {r["mode"]: r for r in rows}
+    assert sps == pytest.approx(float(by["eager"]["samples_per_s"]), abs=0.051)
+    assert speedup == pytest.approx(float(by["eager"]["samples_per_s"]) / float(by["reference-design"]
+                                                                                   ["samples_per_s"]), rel=0.02)
+
+
+def test_smoke_rows_are_consistent(smoke):
+    _, rows, out = smoke
+    assert [r["mode"] for r in rows] == ["eager", "reference-design"]
+    gflops = flops_per_sample(get_model_config("tiny")) / 1e9
+    for r in rows:
+        assert (r["batch"], r["world"], r["preset"], r["precision"]) == ("8", "1", "tiny", "no")
+        sps = float(r["samples_per_s"])
+        assert sps > 0 and float(r["samples_per_s_per_device"]) == sps
+        # MFU = samples/s x FLOPs per sample / peak (0.5 TFLOP/s given on the command line).
+        assert float(r["mfu"]) == pytest.approx(sps * gflops * 1e9 / 0.5e12, rel=0.01, abs=1e-4)
+        assert float(r["gflops_per_sample"]) == pytest.approx(gflops, abs=0.051)
+        assert float(r["step_ms"]) == pytest.approx(float(r["data_wait_ms"]) + float(r["compute_ms"]), abs=0.02)
+        assert float(r["step_ms"]) == pytest.approx(8 * 1000 / sps, rel=0.01)
+        assert 0 <= float(r["data_wait_frac"]) <= 1
+        assert float(r["peak_mem_MB"]) > 0 and r["mem_kind"] == "process_peak_rss"
+        assert math.isfinite(float(r["final_loss"]))
+        assert r["torch"] == torch.__version__ and r["commit"]
+    assert {rows[0]["data"], rows[1]["data"]} == {"synthetic", "per-clip npy"}
+    md = (out / "R.md").read_text()
+    assert "| mode | batch/dev |" in md and "| eager | 8 | 1 | synthetic |" in md and "| reference-design | 8 |" in md
+    assert not list(out.glob("matpac-npy-*")), "the temporary .npy folder must be removed"
+
+
+def test_two_processes_report_aggregate_and_scaling(tmp_path):
+    """torchrun, 2 CPU processes (gloo): per-device and aggregate samples/s, efficiency against a given baseline."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(ROOT / "benchmarks" / "train_throughput.py"), "--preset", "tiny", "--device", "cpu",
+           "--batch-sizes", "4", "--steps", "2", "--warmup", "1", "--modes", "eager,reference-design",
+           "--precision", "no", "--single-process-sps", "5", "--csv", str(tmp_path / "mp.csv"),
+           "--tmp-dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sum(line.startswith("RESULT train") for line in proc.stdout.splitlines()) == 1  # rank 0 only
+    with open(tmp_path / "mp.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["mode"] for r in rows] == ["eager", "reference-design"]
+    for r in rows:
+        agg, per = float(r["samples_per_s"]), float(r["samples_per_s_per_device"])
+        assert r["world"] == "2" and agg > 0
+        assert per == pytest.approx(agg / 2, abs=0.051)
+        assert float(r["scaling_eff"]) == pytest.approx(agg / (2 * 5), rel=0.01)
+    assert not list(tmp_path.glob("matpac-npy-*"))
+
+
+# ------------------------------------------------------------------------------------------------ reference design
+@pytest.mark.parametrize("mode", ["prob", "logit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_authors_xent_matches_reference(mode, dtype):
+    g = torch.Generator().manual_seed(0)
+    student = (torch.randn(37, 50, generator=g) * 3).to(dtype)
+    teacher = (torch.randn(37, 50, generator=g) * 3).to(dtype)
+    center = torch.randn(50, generator=g) * 0.1
+    a_in, b_in = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    ours = centered_softmax_xent_reference(a_in, teacher, center, 0.1, 0.04, mode)
+    theirs = tt.authors_xent(b_in, teacher, center, 0.1, 0.04, mode)
+    for x, y in zip(ours, theirs):
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    w = torch.randn(37, generator=g)
+    (ours[0] * w).sum().backward()
+    (theirs[0] * w).sum().backward()
+    torch.testing.assert_close(b_in.grad.float(), a_in.grad.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_ema_loop_hand_case_and_foreach_agree():
+    teacher = [torch.tensor([1.0, 2.0]), torch.tensor([[0.0]])]
+    student = [torch.tensor([3.0, 5.0]), torch.tensor([[10.0]])]
+    tt.ema_update_loop(teacher, student, 0.9)
+    torch.testing.assert_close(teacher[0], torch.tensor([1.2, 2.3]))  # 0.9·t + 0.1·s
+    torch.testing.assert_close(teacher[1], torch.tensor([[1.0]]))
+    g = torch.Generator().manual_seed(1)
+    a = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g)]
+    s = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g)]
+    b = [t.clone() for t in a]
+    tt.ema_update_loop(a, s, 0.99)
+    ema_update(b, s, 0.99)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+    before = [t.clone() for t in a]
+    tt.ema_update_loop(a, s, 1.0)  # decay 1: no update, as the authors' `if decay < 1`
+    assert all(torch.equal(x, y) for x, y in zip(a, before))
+
+
+def test_npy_train_data_yields_float32_crops(tmp_path):
+    folder = tt.write_npy_clips(tmp_path / "npy", 7, frames=650, progress=False)
+    data = tt.NpyTrainData(folder, batch_size=3, rank=0, world=1, workers=0, pin=False, seed=0)
+    assert data.batches_per_epoch == 2
+    batches = list(data.epoch(0))
+    assert len(batches) == 2
+    assert batches[0]["lms"].shape == (3, 1, 80, 608) and batches[0]["lms"].dtype == torch.float32
+    clip = np.load(folder / "clip0000000.npy", allow_pickle=False)
+    assert clip.dtype == np.float32 and clip.shape == (80, 650)
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        tt.NpyTrainData(folder, batch_size=4, rank=0, world=2, workers=0, pin=False, seed=0)
+
+
+# ------------------------------------------------------------------------------------------------ RESULT arithmetic
+def _row(mode, batch, sps, mfu=None):
+    return {"mode": mode, "batch": batch, "samples_per_s": sps, "mfu": mfu}
+
+
+def test_result_line_picks_fastest_mode_and_same_batch_reference():
+    rows = [_row("eager", 64, 100.0, 0.1), _row("reference-design", 64, 40.0, 0.04),
+            _row("compiled", 256, 300.0, 0.3), _row("reference-design", 256, 60.0, 0.06)]
+    line = tt.result_line(rows, "NVIDIA H100 80GB HBM3")
+    assert line == ("RESULT train samples_per_s=300.0 mfu=0.3 speedup_vs_reference_design=5.00 "
+                    "device=NVIDIA_H100_80GB_HBM3")
+    assert tt.result_line([_row("eager", 8, 12.5)], "cpu").endswith("mfu=n/a speedup_vs_reference_design=n/a "
+                                                                      "device=cpu")
+    only_ref = tt.result_line([_row("reference-design", 8, 10.0)], "x")
+    assert "samples_per_s=10.0" in only_ref and "speedup_vs_reference_design=1.00" in only_ref
+
+
+def test_scaling_baseline_lookup(tmp_path):
+    env = {"device": "GPU X"}
+    row = {"preset": "matpac", "mode": "eager", "batch": 64, "precision": "bf16"}
+    path = tmp_path / "base.csv"
+    for r in ({"world": 1, "samples_per_s": 1000.0}, {"world": 2, "samples_per_s": 1900.0}):
+        tt.append_csv(path, tt.csv_row({**row, **r, "samples_per_s_per_device": 1.0, "step_ms": 1.0,
+                                        "data_wait_ms": 0.0, "compute_ms": 1.0, "data_wait_frac": 0.0,
+                                        "mfu": None, "peak_mem_MB": 1.0, "gflops_per_sample": 1.0,
+                                        "peak_tflops": None, "final_loss": 1.0}, env))
+    args = tt.parse_args(["--baseline-csv", str(path), "--device", "cpu"])
+    assert tt.baseline_sps(args, env, row) == 1000.0
+    assert tt.baseline_sps(args, env, {**row, "batch": 256}) is None
+    assert tt.baseline_sps(tt.parse_args(["--single-process-sps", "7", "--device", "cpu"]), env, row) == 7.0
+
+
+# ------------------------------------------------------------------------------------------------ user errors
+@pytest.mark.parametrize("argv, message", [
+    (["--modes", "eager,fast"], "unknown --modes entries"),
+    (["--batch-sizes", "8,x"], "--batch-sizes must be a comma list of integers"),
+    (["--preset", "huge"], "unknown --preset"),
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--data", "/nonexistent/shards"], "no such shard set"),
+])
+def test_bad_arguments_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        tt.parse_args([*argv, "--device", "cpu"])
+    assert message in capsys.readouterr().err + str(e.value.code)
+
+
+def test_csv_with_other_columns_is_refused(tmp_path):
+    path = tmp_path / "other.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(SystemExit, match="other columns"):
+        tt.append_csv(path, {k: "" for k in tt.CSV_FIELDS})
+
+
+# ------------------------------------------------------------------------------------------------ chart
+def test_plot_writes_a_png_per_device(tmp_path):
+    path = tmp_path / "t.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=tt.CSV_FIELDS)
+        w.writeheader()
+        for device in ("GPU A", "GPU B"):
+            for mode, sps in (("eager", "100.0"), ("compiled+kernels", "250.5"), ("reference-design", "40.0")):
+                for batch in (64, 256):
+                    w.writerow({k: "" for k in tt.CSV_FIELDS} | {"device": device, "preset": "matpac", "world": 1,
+                                                                 "mode": mode, "batch": batch, "samples_per_s": sps,
+                                                                 "mfu": "0.25" if mode == "eager" else "n/a"})
+    rows = plot_results.read_rows([path])
+    assert len(rows) == 12 and len(plot_results.panels(rows)) == 2
+    out = plot_results.plot(rows, tmp_path / "c.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+    bad = tmp_path / "bad.csv"
+    bad.write_text("device,mode\nx,y\n")
+    with pytest.raises(SystemExit, match="lacks columns"):
+        plot_results.read_rows([bad])
+
+
+# ------------------------------------------------------------------------------------------------ GPU suite
+SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
+
+
+def _suite(*args, **env):
+    return subprocess.run(["bash", str(SUITE), *args], capture_output=True, text=True, timeout=120,
+                          env={**ENV, "PYTHON": sys.executable, **env})
+
+
+def test_suite_usage_and_bad_wheels_dir(tmp_path):
+    r = _suite()
+    assert r.returncode == 2 and "OUT_DIR" in r.stdout + r.stderr
+    r = _suite(str(tmp_path / "out"), str(tmp_path / "no-wheels"))
+    assert r.returncode == 2 and "WHEELS_DIR" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without CUDA")
+def test_suite_stops_with_a_clear_message_without_cuda(tmp_path):
+    r = _suite(str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert "sees no CUDA device" in r.stdout
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "FAIL  check" in summary and (tmp_path / "out" / "logs.tar.gz").exists()
+
+
+def test_suite_names_missing_packages(tmp_path):
+    """A Python without the required packages: the suite stops at once and names them."""
+    bare = tmp_path / "bare-python"
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")  # -S: no site-packages
+    bare.chmod(0o755)
+    r = _suite(str(tmp_path / "out"), PYTHON=str(bare))
+    assert r.returncode == 2
+    assert "missing Python packages" in r.stdout and "torch: ModuleNotFoundError" in r.stdout
