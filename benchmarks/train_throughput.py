@@ -471,9 +471,9 @@ def _fmt(value, digits: int = 1) -> str:
 
 def csv_row(row: dict, env: dict) -> dict:
     out = {**row, **env, "time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    for key in ("samples_per_s", "samples_per_s_per_device", "peak_mem_MB", "gflops_per_sample"):
+    for key in ("samples_per_s", "samples_per_s_per_device", "peak_mem_MB"):
         out[key] = _fmt(out[key], 1)
-    for key in ("step_ms", "data_wait_ms", "compute_ms"):
+    for key in ("step_ms", "data_wait_ms", "compute_ms", "gflops_per_sample"):
         out[key] = _fmt(out[key], 2)
     for key in ("data_wait_frac", "mfu", "scaling_eff", "final_loss"):
         out[key] = _fmt(out.get(key), 4)
@@ -507,7 +507,7 @@ MD_COLUMNS = [("mode", "mode"), ("batch", "batch/dev"), ("world", "procs"), ("da
 def markdown_block(rows: list[dict], env: dict, args) -> str:
     """A heading with the environment, then one table row per (formatted) row."""
     first = rows[0]
-    head = (f"### {env['device']} — preset `{args.preset}`, {args.precision}, {args.steps} timed steps after "
+    head = (f"### {env['device']} — preset `{args.preset}`, precision {args.precision}, {args.steps} timed steps after "
             f"{args.warmup} warm-up\n\n"
             f"{first['time_utc']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
             f"python {env['python']} · commit `{env['commit']}` · memory: {first['mem_kind']} · "
