@@ -222,6 +222,10 @@ class NpyTrainData:
             if i >= skip:
                 yield {"lms": lms}
 
+    def set_crop(self, frames: int) -> None:
+        """The trainer sets the crop to the model's input length (TrainData's interface)."""
+        self.dataset.crop = frames
+
     def skipped_shards(self) -> int:
         return 0
 
