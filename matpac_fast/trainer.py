@@ -95,6 +95,11 @@ class TrainData:
             if i >= skip:
                 yield batch
 
+    def set_crop(self, frames: int) -> None:
+        import dataclasses
+
+        self.cfg = dataclasses.replace(self.cfg, crop_frames=frames)
+
     def skipped_shards(self) -> int:
         return self._skipped + (self._loader.skipped_shards if self._loader is not None else 0)
 
@@ -120,6 +125,7 @@ class Trainer:
         set_seed(r.seed)
         self.data = self._open_data()
         self.model_cfg = self._model_config()
+        self.data.set_crop(self.model_cfg.crop_frames)  # the loader's crop is the model's input length
         self._build_model()
         self._stop_requested = False
         self.step = 0  # optimizer steps done
