@@ -2,10 +2,8 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,17 +35,6 @@ def _final_weights(out):
     return last.name, load_file(str(last / "model.safetensors"))
 
 
-def _wait_for(pred, proc, timeout=180):
-    t0 = time.time()
-    while not pred():
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited early with {proc.returncode}: {proc.stderr.read()}")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("timed out waiting for training progress")
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     """Uninterrupted 12-step run (crosses an epoch boundary: 8 batches per epoch)."""
@@ -76,28 +63,30 @@ def test_resume_after_max_steps_matches_uninterrupted(tmp_path, reference_run):
     _assert_same_run(tmp_path, reference_run)
 
 
+def _signalled(out, name, at_step, *extra):
+    """The training command, but the process signals itself at optimizer step `at_step` (tests/helpers)."""
+    cmd = _run(out, *extra)
+    cmd[1] = str(ROOT / "tests" / "helpers" / "signal_train.py")
+    env = {**ENV, "SIGNAL_NAME": name, "SIGNAL_AT_STEP": str(at_step)}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path, reference_run):
-    proc = subprocess.Popen(_run(tmp_path, "--max-steps", "12"), env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    hist = tmp_path / "history.jsonl"
-    _wait_for(lambda: hist.exists() and len(hist.read_text().splitlines()) >= 3, proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "stopped by signal" in out
-    stopped_at = int(_final_weights(tmp_path)[0].split("_")[1])
-    assert 3 <= stopped_at < 12
+    res = _signalled(tmp_path, "TERM", 5, "--max-steps", "12")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "stopped by signal" in res.stdout
+    assert _final_weights(tmp_path)[0] == "step_00000005"  # finished the step in flight, then checkpointed
     subprocess.run(_run(tmp_path, "--max-steps", "12", "--resume", "auto"), check=True, env=ENV, capture_output=True)
     _assert_same_run(tmp_path, reference_run)
 
 
 def test_sigkill_after_checkpoint_then_resume(tmp_path, reference_run):
-    cmd = _run(tmp_path, "--max-steps", "12", "--ckpt-every", "2", "--keep-last", "2", "--resume", "auto")
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: (tmp_path / "checkpoints" / "step_00000004").exists(), proc)
-    proc.kill()
-    proc.wait()
-    subprocess.run(cmd, check=True, env=ENV, capture_output=True)  # the same command again
+    args = ("--max-steps", "12", "--ckpt-every", "3", "--keep-last", "2", "--resume", "auto")
+    res = _signalled(tmp_path, "KILL", 7, *args)  # checkpoints at 3 and 6, killed during step 7's bookkeeping
+    assert res.returncode == -9
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+    assert max(_trace(tmp_path)) == 6  # the trace so far: step 7 never got logged
+    subprocess.run(_run(tmp_path, *args), check=True, env=ENV, capture_output=True)  # the same command again
     _assert_same_run(tmp_path, reference_run)
     assert len(list((tmp_path / "checkpoints").iterdir())) <= 2  # keep-last pruned the rest
 
