@@ -123,6 +123,21 @@ _HELP = {
     "ema_reference_batch": "EMA decays are for this global batch; rho becomes rho**(batch/ref); 0 uses them as given",
     "max_nonfinite": "abort after this many consecutive non-finite losses (each such step is skipped)",
     "peak_tflops": "peak dense TFLOP/s of one device for MFU (0: look the GPU up in a table)",
+    "seed": "seed of initialisation, data order, crops and masks (identical on every rank)",
+    "precision": "autocast precision: bf16 (no scaler), fp16 (with a GradScaler) or no (fp32)",
+    "workers": "loader worker processes per rank",
+    "epoch_mode": "exact: each sample once per epoch across ranks; resampled: shards drawn with replacement",
+    "on_error": "corrupt or missing shard: warn, count and skip it, or raise",
+    "lr": "peak learning rate, absolute (not scaled by batch)",
+    "warmup_epochs": "linear lr warm-up, then cosine to 0",
+    "clip_grad": "gradient-norm clip (0 disables)",
+    "grad_accum": "micro-batches per optimizer step",
+    "tau_t_warmup_epochs": "teacher temperature rises linearly over these epochs (end-points: --model tau_t_start/end)",
+    "log_every": "optimizer steps between log lines (the only host synchronisation)",
+    "keep_last": "completed checkpoints to keep",
+    "cpu": "force CPU even when a GPU is present",
+    "deterministic": "torch.use_deterministic_algorithms (warn only)",
+    "progress": "show the progress bar",
 }
 
 
@@ -143,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
             "multi-GPU (see configs/), or `python train.py ...` for one device. Defaults reproduce the paper's "
             "recipe (METHOD.md §5); --recipe tiny is the CPU demo."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="Defaults shown are the paper recipe's; --recipe tiny changes some of them (see --print-config).",
     )
     p.add_argument("--recipe", default="paper", choices=sorted(RECIPES), help="named defaults to start from")
     p.add_argument(
@@ -158,12 +173,20 @@ def build_parser() -> argparse.ArgumentParser:
         g = p.add_argument_group(section)
         for f in dataclasses.fields(cls):
             flag = "--" + f.name.replace("_", "-")
-            kw: dict[str, Any] = {"dest": f"{section}.{f.name}", "default": None, "help": _HELP.get(f.name, " ")}
+            paper = getattr(cls(), f.name)
+            text = _HELP.get(f.name, f.name.replace("_", " "))
+            kw: dict[str, Any] = {
+                "dest": f"{section}.{f.name}",
+                "default": None,  # None = keep the recipe's value
+                "help": f"{text} (default: {paper!r})" if paper != "" else text,
+                "metavar": f.name.upper(),
+            }
             if f.type in ("bool", bool):
                 kw.update(type=_parse_bool, metavar="BOOL")
             else:
                 kw["type"] = {"int": int, "float": float, "str": str}[str(f.type)]
             if f.name in _CHOICES:
+                kw.pop("metavar")
                 kw["choices"] = _CHOICES[f.name]
             g.add_argument(flag, **kw)
     return p
