@@ -63,10 +63,13 @@ class TrainData:
 
     def __init__(self, cfg: TrainConfig, rank: int, world: int, pin: bool):
         from matpac_fast.data import DataConfig as LoaderConfig
-        from matpac_fast.data import ShardSource, batches_per_epoch, check_spec
+        from matpac_fast.data import ShardSource, batches_per_epoch, check_spec, is_local
 
         d = cfg.data
         self.rank, self.world, self.seed = rank, world, cfg.run.seed
+        if is_local(d.shards) and not d.shards.startswith("synthetic:") and "{" not in d.shards \
+                and not Path(d.shards).exists():
+            raise ValueError(f"--shards {d.shards}: no such directory or shard file; make one with make-shards")
         self.source = ShardSource.open(d.shards)
         if not d.shards.startswith("synthetic:"):
             check_spec(cfg.run.frontend, self.source.stats)

@@ -150,6 +150,7 @@ def test_nonfinite_losses_abort_with_clear_message(tmp_path, capsys):
     "argv, message",
     [
         (["--out", "x"], "--shards is required"),
+        (["--shards", "/nonexistent/shards", "--out", "x"], "--shards /nonexistent/shards: no such directory"),
         (["--shards", "synthetic:64", "--batch-size", "0"], "--batch-size must be > 0"),
         (["--shards", "synthetic:64", "--model", "nope=1"], "--model nope: unknown model field"),
         (["--shards", "synthetic:64", "--model", "alpha"], "expected KEY=VALUE"),
