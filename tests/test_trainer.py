@@ -149,16 +149,16 @@ def test_nonfinite_losses_abort_with_clear_message(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--out", "x"], "--shards is required"),
-        (["--shards", "/nonexistent/shards", "--out", "x"], "--shards /nonexistent/shards: no such directory"),
+        ([], "--shards is required"),
+        (["--shards", "/nonexistent/shards"], "--shards /nonexistent/shards: no such directory"),
         (["--shards", "synthetic:64", "--batch-size", "0"], "--batch-size must be > 0"),
         (["--shards", "synthetic:64", "--model", "nope=1"], "--model nope: unknown model field"),
         (["--shards", "synthetic:64", "--model", "alpha"], "expected KEY=VALUE"),
         (["--shards", "synthetic:64", "--warmup-epochs", "400"], "--warmup-epochs"),
     ],
 )
-def test_bad_options_are_one_line_errors(argv, message, capsys):
-    assert main(argv) == 2
+def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
 
