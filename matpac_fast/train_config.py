@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -257,5 +258,9 @@ def validate(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    shards = cfg.data.shards
+    local = not shards.startswith(("synthetic:", "pipe:")) and "://" not in shards and "{" not in shards
+    if local and not Path(shards).exists():
+        raise ValueError(f"--shards {shards}: no such directory or shard file; make one with make-shards")
     if not math.isfinite(cfg.optim.lr):
         raise ValueError("--lr must be finite")

@@ -63,13 +63,10 @@ class TrainData:
 
     def __init__(self, cfg: TrainConfig, rank: int, world: int, pin: bool):
         from matpac_fast.data import DataConfig as LoaderConfig
-        from matpac_fast.data import ShardSource, batches_per_epoch, check_spec, is_local
+        from matpac_fast.data import ShardSource, batches_per_epoch, check_spec
 
         d = cfg.data
         self.rank, self.world, self.seed = rank, world, cfg.run.seed
-        if is_local(d.shards) and not d.shards.startswith("synthetic:") and "{" not in d.shards \
-                and not Path(d.shards).exists():
-            raise ValueError(f"--shards {d.shards}: no such directory or shard file; make one with make-shards")
         self.source = ShardSource.open(d.shards)
         if not d.shards.startswith("synthetic:"):
             check_spec(cfg.run.frontend, self.source.stats)
@@ -511,8 +508,8 @@ def main(argv: list[str] | None = None) -> int:
         if print_only:
             print(json.dumps(cfg.to_dict(), indent=1))
             return 0
+        trainer = Trainer(cfg)  # validates data and model first: a bad option leaves no empty run directory
         os.makedirs(cfg.run.out, exist_ok=True)
-        trainer = Trainer(cfg)
         result = trainer.train()
     except (ValueError, TrainingAborted) as e:
         print(f"error: {e}", file=sys.stderr)
