@@ -53,11 +53,6 @@ def _schedule_arrays(cfg: TrainConfig, m, steps_per_epoch: int, total_steps: int
     return out
 
 
-def _unwrap(model):
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
 class TrainData:
     """The trainer's view of the loader: one per rank (never passed through `accelerator.prepare`)."""
 
@@ -203,6 +198,9 @@ class Trainer:
         self.last_step = min(self.total_steps, cfg.schedule.max_steps) if cfg.schedule.max_steps else self.total_steps
         self.global_batch = cfg.data.batch_size * cfg.optim.grad_accum * acc.num_processes
         self.sched = _schedule_arrays(cfg, self.model_cfg, spe, self.total_steps, self.global_batch)
+        # The temperatures enter forward as 0-d device tensors (no recompiles). They are indexed out of one tensor
+        # uploaded here: building a CUDA tensor from a Python float every step would be a blocking copy (a sync).
+        self.sched_dev = {k: torch.tensor(self.sched[k], device=self.device) for k in ("tau_t", "mcl_t")}
         from matpac_fast.flops import flops_per_sample
 
         self.flops_per_sample = flops_per_sample(self.model_cfg)
@@ -224,10 +222,7 @@ class Trainer:
         from matpac_fast.model import StepState
 
         i = min(self.step, self.total_steps)
-        return StepState(
-            tau_t=torch.tensor(self.sched["tau_t"][i], device=self.device),
-            mcl_temperature=torch.tensor(self.sched["mcl_t"][i], device=self.device),
-        )
+        return StepState(tau_t=self.sched_dev["tau_t"][i], mcl_temperature=self.sched_dev["mcl_t"][i])
 
     def _center_allreduce(self, center_sum):
         """Mean over ranks of the accumulated centre statistic; async so it overlaps the backward."""
