@@ -283,13 +283,13 @@ def _check_inputs(student_MK, teacher_MK, center_K, tau_s, tau_t, center_mode):
 
 
 def _taus_tensor(tau_s, tau_t, device) -> torch.Tensor:
-    """(tau_s, tau_t) as one fp32 device tensor the kernels read, so a changing tau_t neither syncs nor recompiles."""
-    if not isinstance(tau_s, torch.Tensor) and not isinstance(tau_t, torch.Tensor):
-        return torch.tensor([float(tau_s), float(tau_t)], dtype=torch.float32, device=device)
+    """(tau_s, tau_t) as one fp32 device tensor the kernels read, so a changing tau_t neither syncs nor recompiles.
+    Python floats become device tensors through `torch.full` (a fill kernel): `torch.tensor(x, device="cuda")` would
+    be a blocking host-to-device copy on every call."""
     parts = [
         t.detach().reshape(()).to(device=device, dtype=torch.float32)
         if isinstance(t, torch.Tensor)
-        else torch.tensor(float(t), dtype=torch.float32, device=device)
+        else torch.full((), float(t), dtype=torch.float32, device=device)
         for t in (tau_s, tau_t)
     ]
     return torch.stack(parts)
