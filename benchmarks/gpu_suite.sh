@@ -136,10 +136,12 @@ check() {
   if [ -n "$opt" ] && [ -n "$WHEELS" ]; then
     local names
     names=$(echo "$opt" | cut -d: -f1 | tr '\n' ' ')
-    echo "installing from $WHEELS: $names"
+    echo "installing from $WHEELS into $WORK/site (put on PYTHONPATH; the interpreter's own packages are not touched): $names"
     # --no-deps: install what the folder has; a dependency it lacks shows up in the re-check below, by name.
-    # shellcheck disable=SC2086
-    "$PY" -m pip install -q --no-index --no-deps --find-links "$WHEELS" "$WHEELS"/*.whl 2>&1 | tail -n 5
+    # --target: works when the interpreter's site-packages is read-only, and leaves nothing behind on the machine.
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" \
+      "$WHEELS"/*.whl 2>&1 | tail -n 5
+    export PYTHONPATH="$PYTHONPATH:$WORK/site"
     opt=$(missing "${wanted[@]}")
   fi
   if [ -n "$opt" ]; then

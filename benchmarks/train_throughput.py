@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -560,11 +561,23 @@ def main(argv=None) -> int:
     npy_dir, temporary = None, False
     if "reference-design" in args.modes:
         npy_dir, temporary = npy_folder(args, _clips_needed(args, max(args.batch_sizes)))
-    raw_rows, formatted = [], []
+    raw_rows, formatted, failed = [], [], []
     try:
         for batch in args.batch_sizes:
             for name in args.modes:
-                row = run_one(args, name, batch, npy_dir, workers)
+                try:
+                    row = run_one(args, name, batch, npy_dir, workers)
+                except Exception as e:  # noqa: BLE001 - one broken mode must not cost the other modes' figures
+                    if world > 1:
+                        raise  # the other ranks would wait in a collective forever
+                    traceback.print_exc()
+                    failed.append(f"{name} B={batch}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    print(f"{name:>16} B={batch:<4} FAILED ({failed[-1]}); going on with the other runs", flush=True)
+                    torch._dynamo.reset()
+                    gc.collect()
+                    if args.device == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
                 if row["world"] > 1:
                     base = baseline_sps(args, env, row)
                     row["scaling_eff"] = row["samples_per_s"] / (row["world"] * base) if base else None
@@ -582,6 +595,9 @@ def main(argv=None) -> int:
             dist.barrier()
         if temporary and local_rank == 0:
             shutil.rmtree(npy_dir, ignore_errors=True)
+    if not raw_rows:
+        print("error: every run failed:\n  " + "\n  ".join(failed), file=sys.stderr)
+        return 1
     if is_main:
         print(f"\n{env['device']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
               f"commit {env['commit']}")
@@ -591,8 +607,10 @@ def main(argv=None) -> int:
         candidates = [r for r in raw_rows if r["mode"] != "reference-design"] or raw_rows
         best = max(candidates, key=lambda r: r["samples_per_s"])
         print(f"best: {best['mode']} at batch {best['batch']} per device")
+        if failed:
+            print("failed runs (traceback above):\n  " + "\n  ".join(failed))
         print(result_line(raw_rows, env["device"]))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

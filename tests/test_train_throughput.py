@@ -262,3 +262,38 @@ def test_suite_names_missing_packages(tmp_path):
     r = _suite(str(tmp_path / "out"), PYTHON=str(bare))
     assert r.returncode == 2
     assert "missing Python packages" in r.stdout and "torch: ModuleNotFoundError" in r.stdout
+
+
+def test_a_failing_mode_keeps_the_other_rows(tmp_path, monkeypatch, capsys):
+    """One broken mode (say, a kernel that fails to compile on a new GPU) is reported and the rest still measured."""
+    real = tt.run_one
+
+    def run_one(args, name, batch, npy_dir, workers):
+        if name == "eager":
+            raise RuntimeError("planted failure\nsecond line")
+        return real(args, name, batch, npy_dir, workers)
+
+    monkeypatch.setattr(tt, "run_one", run_one)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    csv_path = tmp_path / "t.csv"
+    argv = ["--preset", "tiny", "--device", "cpu", "--batch-sizes", "4", "--steps", "1", "--warmup", "0",
+            "--modes", "eager,reference-design", "--precision", "no", "--csv", str(csv_path), "--tmp-dir",
+            str(tmp_path)]
+    assert tt.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "eager B=4    FAILED (eager B=4: RuntimeError: planted failure)" in out
+    assert "failed runs (traceback above):\n  eager B=4: RuntimeError: planted failure" in out
+    with open(csv_path, newline="") as f:
+        assert [r["mode"] for r in csv.DictReader(f)] == ["reference-design"]
+    assert out.strip().splitlines()[-1].startswith("RESULT train samples_per_s=")
+
+
+def test_every_mode_failing_is_an_error(tmp_path, monkeypatch, capsys):
+    def run_one(*_):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(tt, "run_one", run_one)
+    argv = ["--preset", "tiny", "--device", "cpu", "--batch-sizes", "4", "--steps", "1", "--modes", "eager",
+            "--precision", "no"]
+    assert tt.main(argv) == 1
+    assert "error: every run failed:\n  eager B=4: RuntimeError: planted" in capsys.readouterr().err
