@@ -30,9 +30,10 @@
 #     -d WHEELS_DIR webdataset braceexpand nnAudio soundfile cffi pycparser soxr
 #   (nnAudio also needs scipy; webdataset pyyaml and numpy — usually present.)
 #
-# Environment: PYTHON (default python3), SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed
-# steps per training run, default 25), SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable
-# packages are missing; the GPU tests then run with --continue-on-collection-errors).
+# Environment: PYTHON (default python3), MATPAC_COMMIT (the commit to report when the tree has no .git),
+# SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed steps per training run, default 25),
+# SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable packages are missing; the GPU tests then
+# run with --continue-on-collection-errors).
 set -uo pipefail
 
 usage() { sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
@@ -162,8 +163,11 @@ if torch.cuda.is_available():
 EOF
 }
 
+# A copy of the tree without .git (a remote runner's) takes the commit from MATPAC_COMMIT; the benchmarks read it too.
+MATPAC_COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "${MATPAC_COMMIT:-unknown}")
+export MATPAC_COMMIT
 {
-  echo "matpac_fast GPU suite · $(date -u +%Y-%m-%dT%H:%M:%SZ) · commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown) · dry run: $DRY · budget ${BUDGET}s"
+  echo "matpac_fast GPU suite · $(date -u +%Y-%m-%dT%H:%M:%SZ) · commit $MATPAC_COMMIT · dry run: $DRY · budget ${BUDGET}s"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "nvidia-smi: not available"
 } | tee -a "$SUMMARY"
 

@@ -171,7 +171,7 @@ def commit() -> str:
                                capture_output=True, text=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("MATPAC_COMMIT", "unknown")  # a copy without .git: the caller may name the commit
 
 
 def environment() -> dict:

@@ -151,9 +151,9 @@ def measure(name: str, make, passes: int, read_bytes: int, out_bytes: int) -> di
 def _commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
+                              cwd=Path(__file__).parent).stdout.strip() or os.environ.get("MATPAC_COMMIT", "unknown")
     except OSError:
-        return "unknown"
+        return os.environ.get("MATPAC_COMMIT", "unknown")
 
 
 def main(argv=None):

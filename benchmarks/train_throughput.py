@@ -436,7 +436,8 @@ def environment(device: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "n/a"
-    commit = _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    # A copy without .git (a remote runner's) falls back to the commit its caller names in MATPAC_COMMIT.
+    commit = _run(["git", "rev-parse", "--short", "HEAD"]) or os.environ.get("MATPAC_COMMIT", "unknown")
     if commit != "unknown" and _run(["git", "status", "--porcelain", "--untracked-files=no"]):
         commit += "+dirty"
     return {"device": name, "driver": driver, "torch": torch.__version__, "triton": triton_version, "commit": commit,
