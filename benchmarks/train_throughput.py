@@ -119,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="peak dense TFLOP/s of one device for MFU (default: look the GPU up in the table)")
     p.add_argument("--compile-scope", default="step", choices=("step", "block"),
                    help="compiled modes: torch.compile the whole forward (step) or each transformer block")
+    p.add_argument("--compile-mode", default="default",
+                   choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+                   help="torch.compile mode of the compiled modes (reduce-overhead: CUDA graphs)")
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers per process (default: 0 on CPU, min(8, cores / processes) on CUDA)")
     p.add_argument("--npy-dir", type=Path, default=None,
@@ -305,6 +308,7 @@ def train_config(args, mode: Mode, batch: int, data: str, workers: int) -> Train
     return TrainConfig(
         run=RunConfig(out=str(Path(tempfile.gettempdir()) / "matpac-throughput"), preset=args.preset,
                       precision=args.precision, compile=args.compile_scope if mode.compile else "off",
+                      compile_mode=args.compile_mode,
                       kernels=mode.kernels, cpu=args.device == "cpu", progress=False, log_every=10**9, ckpt_every=0,
                       peak_tflops=args.peak_tflops, seed=args.seed),
         data=DataConfig(shards=data, batch_size=batch, workers=workers, epoch_mode="exact"),

@@ -94,13 +94,23 @@ def jit(fn):
     return triton.jit(fn) if HAVE_TRITON else fn
 
 
-def interpreter_active() -> bool:
-    """True when triton was imported with TRITON_INTERPRET=1, so kernels can run on CPU tensors."""
+def _detect_interpreter() -> bool:
     if not HAVE_TRITON:
         return False
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(tl.standard.sum, InterpretedFunction)
+
+
+# Decided once, when triton is imported (above), and fixed for the life of the process. A plain module global, not
+# a call: under torch.compile on CUDA, dynamo cannot evaluate `isinstance(<triton kernel>, InterpretedFunction)` and
+# would break the graph at every kernel call (seen on an H200: fullgraph=True failed, the trainer's graph split).
+_INTERPRETER = _detect_interpreter()
+
+
+def interpreter_active() -> bool:
+    """True when triton was imported with TRITON_INTERPRET=1, so kernels can run on CPU tensors."""
+    return _INTERPRETER
 
 
 def next_pow2(n: int) -> int:

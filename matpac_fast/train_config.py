@@ -55,6 +55,7 @@ class RunConfig:
     seed: int = 0
     precision: str = "bf16"  # bf16 | fp16 | no
     compile: str = "off"  # off | block | step
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune-no-cudagraphs
     kernels: bool = False
     log_every: int = 50
     ckpt_every: int = 2000  # optimizer steps; 0: only at the end / on signal
@@ -106,6 +107,7 @@ _SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "schedu
 _CHOICES = {
     "precision": ("bf16", "fp16", "no"),
     "compile": ("off", "block", "step"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
     "epoch_mode": ("exact", "resampled"),
     "on_error": ("warn", "raise"),
 }
@@ -118,6 +120,8 @@ _HELP = {
     "epochs": "epochs that the lr / EMA / tau_t schedules span",
     "max_steps": "stop after this many optimizer steps (0: run all epochs)",
     "compile": "torch.compile: off, block (each transformer block), step (the whole forward)",
+    "compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs: fewer launches, more memory) or "
+    "max-autotune-no-cudagraphs (GEMM autotuning, minutes of compilation)",
     "kernels": "use the Triton kernels (fused patchify-gather and centred softmax cross-entropy)",
     "resume": "'auto' resumes from the latest checkpoint in --out, or give a checkpoint directory",
     "ckpt_every": "checkpoint every N optimizer steps (0: only at the end and on SIGTERM/SIGINT)",
@@ -258,6 +262,11 @@ def validate(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    for section in (cfg.run, cfg.data):  # the command line checks choices; a config file's values are checked here
+        for name, allowed in _CHOICES.items():
+            value = getattr(section, name, None)
+            if value is not None and value not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(allowed)}")
     shards = cfg.data.shards
     local = not shards.startswith(("synthetic:", "pipe:")) and "://" not in shards and "{" not in shards
     if local and not Path(shards).exists():

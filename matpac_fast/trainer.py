@@ -179,12 +179,13 @@ class Trainer:
             fused=fused,
         )
         model = model.to(self.device)
+        mode = None if cfg.run.compile_mode == "default" else cfg.run.compile_mode
         if cfg.run.compile == "block":
             for m in model.modules():
                 if type(m).__name__ == "Block":
-                    m.compile()
+                    m.compile(mode=mode)
         elif cfg.run.compile == "step":
-            model = torch.compile(model)
+            model = torch.compile(model, mode=mode)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.inner_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
         spe = self.data.batches_per_epoch // cfg.optim.grad_accum
@@ -279,7 +280,7 @@ class Trainer:
             with acc.autocast():
                 loss, stats = self.model({"lms": lms, "vis_idx": vis, "mask_idx": mask}, self._step_state())
             c = stats["center_batch"].detach().float()
-            self._center_sum = c if self._center_sum is None else self._center_sum + c
+            self._center_sum = c.clone() if self._center_sum is None else self._center_sum + c  # clone: see train()
             self._loss_acc = self._loss_acc + loss.detach().float()
             handle = self._center_allreduce(self._center_sum) if acc.sync_gradients else None
             acc.backward(loss)
@@ -322,8 +323,11 @@ class Trainer:
                 for k in ("loss_pred", "loss_cls", "teacher_entropy", "teacher_max_prob", "center_norm"):
                     if k in stats:
                         v = stats[k].detach().float()
-                        sums[k] = sums[k] + v if k in sums else v
-                sums["loss"] = sums["loss"] + loss.detach().float() if "loss" in sums else loss.detach().float()
+                        # clone: under CUDA graphs (--compile-mode reduce-overhead) an output is overwritten
+                        # by the next replay, so a running sum must not alias one
+                        sums[k] = sums[k] + v if k in sums else v.clone()
+                v = loss.detach().float()
+                sums["loss"] = sums["loss"] + v if "loss" in sums else v.clone()
                 n_sums += 1
                 if self._micro != 0:
                     continue

@@ -169,3 +169,13 @@ def test_recipes_resolve():
     assert cfg.schedule.epochs == 300 and cfg.optim.warmup_epochs == 20 and cfg.run.precision == "bf16"
     tiny, _ = resolve(["--recipe", "tiny", "--shards", "synthetic:64", "--model", "alpha=1.0"])
     assert tiny.run.preset == "tiny" and tiny.model["alpha"] == 1.0 and tiny.model["ema_start"] == 0.99
+
+
+def test_compile_mode_is_an_option_and_checked():
+    from matpac_fast.train_config import validate
+
+    cfg, _ = resolve(["--shards", "synthetic:64", "--compile", "step", "--compile-mode", "reduce-overhead"])
+    assert (cfg.run.compile, cfg.run.compile_mode) == ("step", "reduce-overhead")
+    cfg.run.compile_mode = "fastest"  # as a program building a TrainConfig might
+    with pytest.raises(ValueError, match="--compile-mode 'fastest': choose one of default, reduce-overhead"):
+        validate(cfg)
