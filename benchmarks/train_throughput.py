@@ -63,7 +63,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from matpac_fast.config import PRESETS  # noqa: E402
+from matpac_fast.config import ATTN_IMPLS, PRESETS  # noqa: E402
 from matpac_fast.metrics import mfu  # noqa: E402
 from matpac_fast.model import MATPAC  # noqa: E402
 from matpac_fast.train_config import DataConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig  # noqa: E402
@@ -87,7 +87,7 @@ CSV_FIELDS = [
     "time_utc", "device", "world", "preset", "mode", "batch", "precision", "data", "steps", "warmup",
     "samples_per_s", "samples_per_s_per_device", "step_ms", "data_wait_ms", "compute_ms", "data_wait_frac", "mfu",
     "peak_mem_MB", "mem_kind", "gflops_per_sample", "peak_tflops", "scaling_eff", "final_loss", "driver", "torch",
-    "triton", "commit",
+    "triton", "commit", "compile_mode", "attn_impl",
 ]
 NPY_FRAMES = 1000  # 10 s clips, as AudioSet's
 
@@ -122,6 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default",
                    choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                    help="torch.compile mode of the compiled modes (reduce-overhead: CUDA graphs)")
+    p.add_argument("--attn-impl", default="sdpa", choices=ATTN_IMPLS,
+                   help="attention: sdpa (PyTorch picks the backend), one SDPA backend pinned, or math")
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers per process (default: 0 on CPU, min(8, cores / processes) on CUDA)")
     p.add_argument("--npy-dir", type=Path, default=None,
@@ -312,6 +314,7 @@ def train_config(args, mode: Mode, batch: int, data: str, workers: int) -> Train
                       kernels=mode.kernels, cpu=args.device == "cpu", progress=False, log_every=10**9, ckpt_every=0,
                       peak_tflops=args.peak_tflops, seed=args.seed),
         data=DataConfig(shards=data, batch_size=batch, workers=workers, epoch_mode="exact"),
+        model={"attn_impl": getattr(args, "attn_impl", "sdpa")},
         optim=OptimConfig(warmup_epochs=0.1),
         # Schedules only need to exist: one nominal epoch keeps their precomputation trivial.
         schedule=ScheduleConfig(epochs=1.0, tau_t_warmup_epochs=0.1),
@@ -401,6 +404,8 @@ def run_one(args, name: str, batch: int, npy_dir: Path | None, workers: int) -> 
         "data_wait_frac": wait_ms / step_ms, "mfu": u, "peak_mem_MB": mem, "mem_kind": mem_kind,
         "gflops_per_sample": trainer.flops_per_sample / 1e9, "peak_tflops": trainer.peak,
         "final_loss": loss_sum / world,
+        "compile_mode": args.compile_mode if mode.compile else "",
+        "attn_impl": args.attn_impl,
     }
     del trainer, acc
     torch._dynamo.reset()  # compiled graphs hold the model: free it before the next run's memory is measured
@@ -518,7 +523,7 @@ def markdown_block(rows: list[dict], env: dict, args) -> str:
     """A heading with the environment, then one table row per (formatted) row."""
     first = rows[0]
     head = (f"### {env['device']} — preset `{args.preset}`, precision {args.precision}, {args.steps} timed steps after "
-            f"{args.warmup} warm-up\n\n"
+            f"{args.warmup} warm-up, compile mode {args.compile_mode}, attention {args.attn_impl}\n\n"
             f"{first['time_utc']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
             f"python {env['python']} · commit `{env['commit']}` · memory: {first['mem_kind']} · "
             f"{first['gflops_per_sample']} GFLOP/sample · peak {first['peak_tflops']} TFLOP/s\n\n")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+ATTN_IMPLS = ("sdpa", "flash", "efficient", "cudnn", "math")
+
 
 @dataclass
 class ModelConfig:
@@ -64,7 +66,9 @@ class ModelConfig:
     norm_std: float = 4.193
     # --- implementation switches (must not change the numbers beyond float rounding)
     use_kernels: bool = False  # use matpac_kernels.patchify_gather / centered_softmax_xent
-    attn_impl: str = "sdpa"  # "sdpa" (F.scaled_dot_product_attention) | "math" (explicit reference)
+    # "sdpa": F.scaled_dot_product_attention, PyTorch picks the backend; "flash" | "efficient" | "cudnn": SDPA
+    # pinned to that backend (benchmarks/attention.py times them on our short sequences); "math": explicit reference
+    attn_impl: str = "sdpa"
 
     def __post_init__(self) -> None:
         checks = [
@@ -76,7 +80,7 @@ class ModelConfig:
             (0.0 < self.mask_ratio < 1.0, f"mask_ratio={self.mask_ratio} must be in (0, 1)"),
             (0.0 <= self.alpha <= 1.0, f"alpha={self.alpha} must be in [0, 1]"),
             (self.center_mode in ("prob", "logit"), f"center_mode={self.center_mode!r}: use 'prob' or 'logit'"),
-            (self.attn_impl in ("sdpa", "math"), f"attn_impl={self.attn_impl!r}: use 'sdpa' or 'math'"),
+            (self.attn_impl in ATTN_IMPLS, f"attn_impl={self.attn_impl!r}: use one of {', '.join(ATTN_IMPLS)}"),
             (self.teacher_head_init in ("authors", "copy"), "teacher_head_init must be 'authors' or 'copy'"),
             (self.mcl_heads >= 1, f"mcl_heads={self.mcl_heads} must be >= 1"),
             (self.norm_std > 0, f"norm_std={self.norm_std} must be > 0"),

@@ -1,8 +1,9 @@
 """Pre-LN ViT blocks with timm parameter names (`blocks.N.norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`,
 `mlp.fc2`, final `norm`), so the authors' checkpoints load by name (METHOD.md §3, §6).
 
-Attention runs through `F.scaled_dot_product_attention` ("sdpa"); "math" is the explicit reference
-softmax(q·kᵀ/√d)·v, one flag away and tested to agree. Initialisation follows the authors' `_init_weights`
+Attention runs through `F.scaled_dot_product_attention` ("sdpa", PyTorch picks the backend, or one backend pinned:
+"flash", "efficient", "cudnn"); "math" is the explicit reference softmax(q·kᵀ/√d)·v, one flag away and tested to
+agree. Initialisation follows the authors' `_init_weights`
 (xavier-uniform Linear weights, zero biases, LayerNorm 1/0); GELU is the exact (erf) form as in timm.
 """
 
@@ -11,6 +12,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+}
 
 LN_EPS = 1e-6
 
@@ -28,10 +36,13 @@ class Attention(nn.Module):
         b, n, d = x_BND.shape
         # timm layout of the fused weight: rows [q; k; v], each split into heads.
         q, k, v = self.qkv(x_BND).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.impl == "sdpa":
-            o = F.scaled_dot_product_attention(q, k, v)
-        else:
+        if self.impl == "math":
             o = attention_math(q, k, v)
+        elif self.impl == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:  # one SDPA backend, pinned: an unsupported backend raises instead of silently falling back
+            with sdpa_kernel([SDPA_BACKENDS[self.impl]]):
+                o = F.scaled_dot_product_attention(q, k, v)
         return self.proj(o.transpose(1, 2).reshape(b, n, d))
 
 

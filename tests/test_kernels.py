@@ -373,31 +373,28 @@ def test_patchify_gather_bf16_cuda():
 
 @gpu
 @needs_cuda
-def test_xent_cuda_faster_and_leaner_than_eager():
-    """A loose guard (the benchmark measures the targets): fused fwd+bwd beats eager on time and peak memory."""
-    import triton.testing
-
+def test_xent_cuda_leaner_than_eager():
+    """Peak memory of fused forward + backward against eager, at the training shape (B=256, 133 masked tokens,
+    K=2048). Speed is the benchmark's business (benchmarks/kernels.py): timing asserts in tests are flaky, and at
+    small M both paths measure host overhead rather than the kernels."""
     gen = torch.Generator().manual_seed(10)
-    M, K = 64 * 133, 2048
+    M, K = 256 * 133, 2048
     student = (torch.randn(M, K, generator=gen) * 2).cuda().bfloat16().requires_grad_()
     teacher = (torch.randn(M, K, generator=gen) * 2).cuda().bfloat16()
     center = torch.zeros(K, device="cuda")
 
-    def run(fn):
+    def peak_extra_bytes(fn):
         student.grad = None
-        fn(student, teacher, center, 0.1, 0.04, "prob")[0].mean().backward()
-
-    def measure(fn):
-        run(fn)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        run(fn)
+        fn(student, teacher, center, 0.1, 0.04, "prob")[0].mean().backward()
         torch.cuda.synchronize()
-        return triton.testing.do_bench(lambda: run(fn)), torch.cuda.max_memory_allocated() - base
+        return torch.cuda.max_memory_allocated() - base
 
     with mk.use_backend("triton"):
-        t_kernel, m_kernel = measure(mk.centered_softmax_xent)
-    t_eager, m_eager = measure(mk.reference_centered_softmax_xent)
-    assert t_kernel < t_eager, (t_kernel, t_eager)
-    assert m_kernel * 2 < m_eager, (m_kernel, m_eager)
+        m_kernel = peak_extra_bytes(mk.centered_softmax_xent)
+    m_eager = peak_extra_bytes(mk.reference_centered_softmax_xent)
+    # The gradient itself (M x K bf16) is the floor for both; eager adds several fp32 (M, K) intermediates.
+    assert m_kernel < 1.5 * M * K * 2, m_kernel
+    assert m_kernel * 3 < m_eager, (m_kernel, m_eager)

@@ -297,3 +297,26 @@ def test_every_mode_failing_is_an_error(tmp_path, monkeypatch, capsys):
             "--precision", "no"]
     assert tt.main(argv) == 1
     assert "error: every run failed:\n  eager B=4: RuntimeError: planted" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ diagnostics
+def test_attention_benchmark_cpu_smoke():
+    """benchmarks/attention.py on CPU: backends CPU lacks are n/a, the others timed, the RESULT line parsable."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--preset", "tiny", "--batch", "2", "--reps", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"^RESULT attention default_ms=(\S+) best=(\w+) best_ms=(\S+) speedup=(\S+)$", proc.stdout, re.M)
+    assert m, proc.stdout[-2000:]
+    assert m.group(2) in ("sdpa", "flash", "math") and float(m.group(3)) > 0
+    assert float(m.group(3)) <= float(m.group(1))  # the best is at most the default
+    assert "cudnn on student: n/a" in proc.stderr
+
+
+def test_profile_step_cpu_smoke():
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--preset", "tiny", "--device", "cpu",
+           "--precision", "no", "--mode", "eager", "--batch", "4", "--steps", "1", "--warmup", "1", "--top", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "top 3 host ops by self CPU time" in proc.stdout
+    m = re.search(r"^RESULT profile wall_ms=(\S+) gpu_busy_ms=0.00 ", proc.stdout, re.M)
+    assert m and float(m.group(1)) > 0, proc.stdout[-2000:]
