@@ -32,7 +32,7 @@
 #     -d WHEELS_DIR webdataset braceexpand nnAudio soundfile cffi pycparser soxr
 #   (nnAudio also needs scipy; webdataset pyyaml and numpy — usually present.)
 #
-# Environment: PYTHON (default python3), MATPAC_COMMIT (the commit to report when the tree has no .git),
+# Environment: PYTHON (default python3), MATPAC_COMMIT (the commit to report, for a copied tree),
 # SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed steps per training run, default 25),
 # SUITE_COMPILE_MODE (torch.compile mode of the compiled modes: default | reduce-overhead | max-autotune-no-cudagraphs),
 # SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable packages are missing; the GPU tests then
@@ -166,8 +166,12 @@ if torch.cuda.is_available():
 EOF
 }
 
-# A copy of the tree without .git (a remote runner's) takes the commit from MATPAC_COMMIT; the benchmarks read it too.
-MATPAC_COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo "${MATPAC_COMMIT:-unknown}")
+# MATPAC_COMMIT, when set, names the commit (a remote runner's copy of the tree may have no .git, or a stale one);
+# else git's. The benchmarks read it too.
+if [ -z "${MATPAC_COMMIT:-}" ]; then
+  MATPAC_COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  [ -n "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null)" ] && MATPAC_COMMIT+="+dirty"
+fi
 export MATPAC_COMMIT
 {
   echo "matpac_fast GPU suite · $(date -u +%Y-%m-%dT%H:%M:%SZ) · commit $MATPAC_COMMIT · dry run: $DRY · budget ${BUDGET}s"

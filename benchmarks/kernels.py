@@ -163,6 +163,8 @@ def gather_cases(B, device, dtype):
 
 
 def commit() -> str:
+    if os.environ.get("MATPAC_COMMIT"):  # set by a caller whose copy of the tree has no (or a stale) .git
+        return os.environ["MATPAC_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,

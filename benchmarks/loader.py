@@ -149,6 +149,8 @@ def measure(name: str, make, passes: int, read_bytes: int, out_bytes: int) -> di
 
 
 def _commit() -> str:
+    if os.environ.get("MATPAC_COMMIT"):  # set by a caller whose copy of the tree has no (or a stale) .git
+        return os.environ["MATPAC_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent).stdout.strip() or os.environ.get("MATPAC_COMMIT", "unknown")

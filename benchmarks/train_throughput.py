@@ -445,9 +445,10 @@ def environment(device: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "n/a"
-    # A copy without .git (a remote runner's) falls back to the commit its caller names in MATPAC_COMMIT.
-    commit = _run(["git", "rev-parse", "--short", "HEAD"]) or os.environ.get("MATPAC_COMMIT", "unknown")
-    if commit != "unknown" and _run(["git", "status", "--porcelain", "--untracked-files=no"]):
+    # MATPAC_COMMIT, when set, names the commit: a remote runner's copy of the tree may have no .git, or a stale one.
+    commit = os.environ.get("MATPAC_COMMIT") or _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
+    if "MATPAC_COMMIT" not in os.environ and commit != "unknown" and _run(
+            ["git", "status", "--porcelain", "--untracked-files=no"]):
         commit += "+dirty"
     return {"device": name, "driver": driver, "torch": torch.__version__, "triton": triton_version, "commit": commit,
             "python": platform.python_version()}
