@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU suite: one command, < 8 minutes on one H100, results under OUT_DIR.
+# GPU suite: one command, results under OUT_DIR; every step fits a budget (460 s by default; 263 s measured on an H200).
 #
 #   benchmarks/gpu_suite.sh OUT_DIR [WHEELS_DIR]          # on the GPU machine, from any directory
 #   benchmarks/gpu_suite.sh OUT_DIR --cpu-dry-run          # the same logic on CPU: tiny preset, few steps
