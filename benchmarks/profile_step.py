@@ -33,8 +33,9 @@ import train_throughput as tt  # noqa: E402
 
 # First match wins; names are CUDA kernel names as the profiler reports them.
 CLASSES = [
+    # attention before gemm: cuDNN's SDPA kernels are named like GEMMs (sm90_..._wgmma)
+    ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
     ("gemm", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|sm90_|matmul", re.I)),
-    ("attention", re.compile(r"flash|fmha|attention|sdpa|efficient_attention", re.I)),
     ("optimizer+ema", re.compile(r"multi_tensor|foreach|adam|lerp|fused_adam", re.I)),
     ("triton/inductor", re.compile(r"^triton_|_kernel$|^_xent|^_patchify", re.I)),
     ("copy/memset", re.compile(r"memcpy|memset|copy_|CatArrayBatched", re.I)),

@@ -320,3 +320,15 @@ def test_profile_step_cpu_smoke():
     assert "top 3 host ops by self CPU time" in proc.stdout
     m = re.search(r"^RESULT profile wall_ms=(\S+) gpu_busy_ms=0.00 ", proc.stdout, re.M)
     assert m and float(m.group(1)) > 0, proc.stdout[-2000:]
+
+
+def test_profile_kernel_classes():
+    import profile_step
+
+    assert profile_step.classify("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
+    assert profile_step.classify("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "gemm"
+    assert profile_step.classify("triton_poi_fused_gelu_view_40") == "triton/inductor"
+    assert profile_step.classify("void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata>") == (
+        "optimizer+ema")
+    assert profile_step.classify("Memcpy HtoD (Pinned -> Device)") == "copy/memset"
+    assert profile_step.classify("some_unknown_kernel_name") == "other"
