@@ -51,21 +51,21 @@ def classify(name: str) -> str:
     return "other"
 
 
-def _device_time_us(evt) -> float:
-    """Kernel-event duration in microseconds (the attribute was renamed across torch versions)."""
-    for attr in ("device_time", "cuda_time"):
-        v = getattr(evt, attr, None)
+def _first_attr(obj, names: tuple[str, ...]) -> float:
+    """The first of `names` that `obj` has (profiler attributes were renamed cuda_* -> device_* across versions)."""
+    for attr in names:
+        v = getattr(obj, attr, None)
         if v is not None:
             return float(v)
     return 0.0
+
+
+def _device_time_us(evt) -> float:
+    return _first_attr(evt, ("device_time", "cuda_time"))
 
 
 def _self_device_total(avg) -> float:
-    for attr in ("self_device_time_total", "self_cuda_time_total"):
-        v = getattr(avg, attr, None)
-        if v is not None:
-            return float(v)
-    return 0.0
+    return _first_attr(avg, ("self_device_time_total", "self_cuda_time_total"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
