@@ -17,8 +17,10 @@ wall-clock timer, only to prove that it works: those numbers say nothing about G
     python benchmarks/kernels.py                       # CUDA: B in 64,256,512; CPU: B=2, 8 tokens, K=256
     python benchmarks/kernels.py --out benchmarks/kernels.csv
 
-Last line: RESULT kernels xent_speedup_vs_eager=... xent_speedup_vs_compiled=... xent_mem_ratio=... gather_speedup=...
-(full fwd+bwd medians and peak memories at the largest B measured; gather = eager median / triton median).
+Last line:
+  RESULT kernels xent_speedup_vs_eager=... xent_speedup_vs_compiled=... xent_mem_ratio=... gather_speedup=... at_B=...
+(full fwd+bwd medians and peak memories at the largest B measured, named by at_B; the ratios depend on B, so read
+the table for the others; gather = eager median / triton median).
 """
 
 import argparse
@@ -244,7 +246,8 @@ def summary(rows) -> str:
     if any(r["op"] == "gather" for r in rows):
         parts["gather_speedup"] = ratio(pick("gather", "eager", "fwd", "median_ms"),
                                         pick("gather", "triton", "fwd", "median_ms"))
-    return "RESULT kernels " + " ".join(f"{k}={v:.3f}" for k, v in parts.items())
+    at_b = max((r["B"] for r in rows), default=0)  # the batch the ratios are taken at (smaller ones: see the table)
+    return "RESULT kernels " + " ".join(f"{k}={v:.3f}" for k, v in parts.items()) + f" at_B={at_b}"
 
 
 def main(argv=None) -> None:
