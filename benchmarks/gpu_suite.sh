@@ -7,11 +7,12 @@
 # Steps (each under `timeout`, capped by what is left of the suite budget, so one hang cannot eat it all):
 #   check       python imports: torch with CUDA, triton, accelerate, einops, numpy, tqdm, safetensors, matplotlib,
 #               pytest; webdataset, nnAudio, soundfile, soxr are installed from WHEELS_DIR (pip --no-index
-#               --find-links) when missing. Anything still missing stops the suite with a message naming it.
+#               --target into the suite's temp folder) when missing. Anything still missing stops the suite with a
+#               message naming it.
 #   loader      benchmarks/loader.py, short: shards vs per-clip .npy; its data is reused by the training runs
 #   train_b256  benchmarks/train_throughput.py, matpac preset (ViT-B), batch 256 per device, all modes, data from
 #               the loader step's shards (reference-design: its per-clip .npy folder); compiled modes use
-#               SUITE_COMPILE_MODE (default reduce-overhead: CUDA graphs, measured ~3.5% faster than default on an H200)
+#               SUITE_COMPILE_MODE (default reduce-overhead: CUDA graphs, +2 to +4 % over default in H200 runs)
 #   attention   benchmarks/attention.py: SDPA backends vs compiled math on the student / teacher / predictor shapes
 #   pytest_gpu  the GPU tests (pytest -m gpu: bf16 kernels, CUDA log-mel, pinned loader batches)
 #   kernels     benchmarks/kernels.py (Triton kernels vs eager / compiled references)

@@ -29,7 +29,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,8 +42,10 @@ if not torch.cuda.is_available():
 from tqdm import tqdm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
 
 import matpac_kernels as mk  # noqa: E402
+from _common import commit  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 N_VIS, N_MASK = 57, 133  # the paper's 5 x 38 grid at mask ratio 0.7
@@ -162,20 +163,6 @@ def gather_cases(B, device, dtype):
     impls = {"eager": ref, "compiled": torch.compile(ref, dynamic=False), "triton": mk.patchify_gather}
     for name, impl in impls.items():
         yield name, "fwd", (lambda impl=impl: impl(*xs, out_dtype=dtype)), ()
-
-
-def commit() -> str:
-    if os.environ.get("MATPAC_COMMIT"):  # set by a caller whose copy of the tree has no (or a stale) .git
-        return os.environ["MATPAC_COMMIT"]
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("MATPAC_COMMIT", "unknown")  # a copy without .git: the caller may name the commit
 
 
 def environment() -> dict:

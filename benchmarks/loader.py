@@ -25,7 +25,6 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,9 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
+
+from _common import commit  # noqa: E402
 
 from matpac_fast.data import DataConfig, ShardSource, SyntheticSource, make_loader  # noqa: E402
 from matpac_fast.data_fixtures import write_shard_set  # noqa: E402
@@ -148,16 +150,6 @@ def measure(name: str, make, passes: int, read_bytes: int, out_bytes: int) -> di
             "startup_s": round(start / passes, 2), "samples_per_cpu_s": round(n / max(cpu, 1e-9), 1)}
 
 
-def _commit() -> str:
-    if os.environ.get("MATPAC_COMMIT"):  # set by a caller whose copy of the tree has no (or a stale) .git
-        return os.environ["MATPAC_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or os.environ.get("MATPAC_COMMIT", "unknown")
-    except OSError:
-        return os.environ.get("MATPAC_COMMIT", "unknown")
-
-
 def main(argv=None):
     args = parse_args(argv)
     paths = args.paths.split(",")
@@ -187,7 +179,7 @@ def main(argv=None):
 
     env = {"cpus": os.cpu_count(), "workers": args.workers, "batch": args.batch, "crop": args.crop,
            "frames": args.frames, "clips": args.clips, "torch": torch.__version__, "python": platform.python_version(),
-           "commit": _commit()}
+           "commit": commit()}
     load = os.getloadavg()[0]
     print(f"\n{'path':<10} {'samples/s':>10} {'read MB/s':>10} {'out MB/s':>9} {'start-up s':>11} "
           f"{'samples/CPU-s':>14}   (load average {load:.1f} on {os.cpu_count()} cores; {env})")

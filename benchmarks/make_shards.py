@@ -17,7 +17,6 @@ import os
 import platform
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +25,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
+
+from _common import commit  # noqa: E402
 
 
 def make_corpus(root: Path, n: int, seconds: float, sr: int) -> list[Path]:
@@ -109,14 +111,6 @@ def cpu_seconds() -> float:
 def dir_bytes(d: Path) -> tuple[int, int]:
     files = [p for p in d.rglob("*") if p.is_file()]
     return sum(p.stat().st_size for p in files), len(files)
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:

@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default",
                    choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"))
     p.add_argument("--compile-scope", default="step", choices=("step", "block"))
+    p.add_argument("--attn-impl", default="sdpa", choices=tt.ATTN_IMPLS,
+                   help="attention: sdpa (PyTorch picks the backend), one SDPA backend pinned, or math")
     p.add_argument("--batch", type=int, default=256, help="per-device batch (default 256)")
     p.add_argument("--steps", type=int, default=5, help="profiled optimizer steps (default 5)")
     p.add_argument("--warmup", type=int, default=5, help="steps before profiling; compilation happens here")
@@ -97,8 +99,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # The throughput script's config builder, fed the fields it reads.
     ns = argparse.Namespace(preset=args.preset, precision=args.precision, compile_scope=args.compile_scope,
-                            compile_mode=args.compile_mode, device=args.device, peak_tflops=0.0, seed=0,
-                            warmup=args.warmup, steps=args.steps)
+                            compile_mode=args.compile_mode, attn_impl=args.attn_impl, device=args.device,
+                            peak_tflops=0.0, seed=0, warmup=args.warmup, steps=args.steps)
     data = args.data if args.data != "synthetic" else f"synthetic:{(args.warmup + args.steps + 1) * args.batch}"
     workers = 0 if args.device == "cpu" else 4
     cfg = tt.train_config(ns, tt.MODES[args.mode], args.batch, data, workers)
@@ -129,7 +131,8 @@ def main(argv=None) -> int:
         by_name[e.name][1] += 1
 
     sps = args.batch / wall
-    print(f"{args.preset} · {args.mode} · compile mode {args.compile_mode} · B={args.batch} · {args.precision} · "
+    print(f"{args.preset} · {args.mode} · compile mode {args.compile_mode} · attention {args.attn_impl} · "
+          f"B={args.batch} · {args.precision} · "
           f"{tt.environment(args.device)['device']} · torch {torch.__version__}")
     print(f"wall {wall * 1e3:.2f} ms/step ({sps:.0f} samples/s, under the profiler) · GPU busy {busy:.2f} ms/step "
           f"({busy / (wall * 1e3):.1%} of wall) · {len(kernels) / args.steps:.0f} kernels/step")

@@ -62,6 +62,9 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
+
+from _common import commit  # noqa: E402
 
 from matpac_fast.config import ATTN_IMPLS, PRESETS  # noqa: E402
 from matpac_fast.metrics import mfu  # noqa: E402
@@ -314,7 +317,7 @@ def train_config(args, mode: Mode, batch: int, data: str, workers: int) -> Train
                       kernels=mode.kernels, cpu=args.device == "cpu", progress=False, log_every=10**9, ckpt_every=0,
                       peak_tflops=args.peak_tflops, seed=args.seed),
         data=DataConfig(shards=data, batch_size=batch, workers=workers, epoch_mode="exact"),
-        model={"attn_impl": getattr(args, "attn_impl", "sdpa")},
+        model={"attn_impl": args.attn_impl},
         optim=OptimConfig(warmup_epochs=0.1),
         # Schedules only need to exist: one nominal epoch keeps their precomputation trivial.
         schedule=ScheduleConfig(epochs=1.0, tau_t_warmup_epochs=0.1),
@@ -445,13 +448,8 @@ def environment(device: str) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "n/a"
-    # MATPAC_COMMIT, when set, names the commit: a remote runner's copy of the tree may have no .git, or a stale one.
-    commit = os.environ.get("MATPAC_COMMIT") or _run(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
-    if "MATPAC_COMMIT" not in os.environ and commit != "unknown" and _run(
-            ["git", "status", "--porcelain", "--untracked-files=no"]):
-        commit += "+dirty"
-    return {"device": name, "driver": driver, "torch": torch.__version__, "triton": triton_version, "commit": commit,
-            "python": platform.python_version()}
+    return {"device": name, "driver": driver, "torch": torch.__version__, "triton": triton_version,
+            "commit": commit(), "python": platform.python_version()}
 
 
 def _read(path: str) -> str:

@@ -262,7 +262,7 @@ def validate(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
-    for section in (cfg.run, cfg.data):  # the command line checks choices; a config file's values are checked here
+    for section in (cfg.run, cfg.data):  # argparse checks choices; a TrainConfig built in code is checked here
         for name, allowed in _CHOICES.items():
             value = getattr(section, name, None)
             if value is not None and value not in allowed:

@@ -3,8 +3,8 @@
 
 Attention runs through `F.scaled_dot_product_attention` ("sdpa", PyTorch picks the backend, or one backend pinned:
 "flash", "efficient", "cudnn"); "math" is the explicit reference softmax(q·kᵀ/√d)·v, one flag away and tested to
-agree. Initialisation follows the authors' `_init_weights`
-(xavier-uniform Linear weights, zero biases, LayerNorm 1/0); GELU is the exact (erf) form as in timm.
+agree. Initialisation follows the authors' `_init_weights` (xavier-uniform Linear weights, zero biases, LayerNorm
+1/0); GELU is the exact (erf) form as in timm.
 """
 
 from __future__ import annotations
