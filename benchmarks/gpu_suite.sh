@@ -12,7 +12,10 @@
 #   loader      benchmarks/loader.py, short: shards vs per-clip .npy; its data is reused by the training runs
 #   train_b256  benchmarks/train_throughput.py, matpac preset (ViT-B), batch 256 per device, all modes, data from
 #               the loader step's shards (reference-design: its per-clip .npy folder); compiled modes use
-#               SUITE_COMPILE_MODE (default reduce-overhead: CUDA graphs, +2 to +4 % over default in H200 runs)
+#               SUITE_COMPILE_MODE (default reduce-overhead: CUDA graphs, +2 to +4 % over default in H200 runs);
+#               reference-design runs the authors' written-out attention (train_throughput.py --reference-attn)
+#   stream      compiled+kernels at batch 256 again with the residual stream in bf16 (--stream-dtype amp), on the
+#               same warm machine right after train_b256, so the two rows compare side by side
 #   attention   benchmarks/attention.py: SDPA backends vs compiled math on the student / teacher / predictor shapes
 #   pytest_gpu  the GPU tests (pytest -m gpu: bf16 kernels, CUDA log-mel, pinned loader batches)
 #   kernels     benchmarks/kernels.py (Triton kernels vs eager / compiled references)
@@ -36,6 +39,7 @@
 # Environment: PYTHON (default python3), MATPAC_COMMIT (the commit to report, for a copied tree),
 # SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed steps per training run, default 25),
 # SUITE_COMPILE_MODE (torch.compile mode of the compiled modes: default | reduce-overhead | max-autotune-no-cudagraphs),
+# SUITE_STREAM=0 (skip the stream step),
 # SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable packages are missing; the GPU tests then
 # run with --continue-on-collection-errors).
 set -uo pipefail
@@ -67,6 +71,12 @@ STEPS=${SUITE_STEPS:-25}
 WARMUP=5
 START=$SECONDS
 
+for f in summary.txt train.csv RESULTS.md kernels.csv loader.csv throughput.png logs.tar.gz; do
+  if [ -e "$OUT/$f" ]; then
+    echo "error: OUT_DIR $OUT already holds an earlier suite's $f; give a new or empty folder (nothing was changed)" >&2
+    exit 2
+  fi
+done
 mkdir -p "$OUT" || { echo "error: cannot create OUT_DIR $OUT" >&2; exit 2; }
 OUT=$(cd "$OUT" && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/matpac-suite.XXXXXX")
@@ -198,13 +208,13 @@ if [ "$DRY" = 1 ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   PRESET=tiny; DEVICE=cpu; PRECISION=no; BIG=16; SMALL=8; STEPS=${SUITE_STEPS:-2}; WARMUP=1
   COMPILE_MODE=${SUITE_COMPILE_MODE:-default}; ATTN_BATCH=2
-  MODES=${SUITE_MODES:-eager,reference-design}
+  MODES=${SUITE_MODES:-eager,reference-design}; STREAM_MODES=eager
   LOADER_FRAMES=700; LOADER_PER_SHARD=16; LOADER_WORKERS=1
 else
   PRESET=matpac; DEVICE=cuda; PRECISION=bf16; BIG=256; SMALL=64
   COMPILE_MODE=${SUITE_COMPILE_MODE:-reduce-overhead}; ATTN_BATCH=256
   # Most informative first: a run killed by its timeout keeps the rows it finished.
-  MODES=${SUITE_MODES:-eager,compiled+kernels,reference-design,compiled}
+  MODES=${SUITE_MODES:-eager,compiled+kernels,reference-design,compiled}; STREAM_MODES=compiled+kernels
   LOADER_FRAMES=1000; LOADER_PER_SHARD=256; LOADER_WORKERS=8
 fi
 CLIPS=$(( (WARMUP + STEPS + 1) * BIG ))  # one epoch covers every step of the big-batch runs: no worker restarts
@@ -222,17 +232,20 @@ else
   say "note: the loader step left no data; training runs use synthetic data and write their own .npy folder"
   TRAIN_DATA=(--data synthetic --tmp-dir "$WORK")
 fi
-train() {  # train NAME CAP BATCH
-  step "$1" "$2" "$PY" benchmarks/train_throughput.py --preset "$PRESET" --device "$DEVICE" --precision "$PRECISION" \
-    --batch-sizes "$3" --modes "$MODES" --steps "$STEPS" --warmup "$WARMUP" "${TRAIN_DATA[@]}" \
-    --compile-mode "$COMPILE_MODE" \
-    --csv "$OUT/train.csv" --results-md "$OUT/RESULTS.md"
+train() {  # train NAME CAP BATCH MODES [EXTRA ARGS...]
+  local name=$1 cap=$2 batch=$3 modes=$4; shift 4
+  step "$name" "$cap" "$PY" benchmarks/train_throughput.py --preset "$PRESET" --device "$DEVICE" \
+    --precision "$PRECISION" --batch-sizes "$batch" --modes "$modes" --steps "$STEPS" --warmup "$WARMUP" \
+    "${TRAIN_DATA[@]}" --compile-mode "$COMPILE_MODE" --csv "$OUT/train.csv" --results-md "$OUT/RESULTS.md" "$@"
 }
-train "train_b$BIG" 240 "$BIG"
+train "train_b$BIG" 240 "$BIG" "$MODES"
+if [ "${SUITE_STREAM:-1}" = 1 ]; then
+  train stream 90 "$BIG" "$STREAM_MODES" --stream-dtype amp
+fi
 step attention 45 "$PY" benchmarks/attention.py --preset "$PRESET" --batch "$ATTN_BATCH" --reps 1
 step pytest_gpu 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs "${PYTEST_EXTRA[@]}" tests
 step kernels 80 "$PY" benchmarks/kernels.py --out "$OUT/kernels.csv"
-train "train_b$SMALL" 200 "$SMALL"
+train "train_b$SMALL" 200 "$SMALL" "$MODES"
 
 if [ -s "$OUT/train.csv" ]; then
   step plot 60 "$PY" benchmarks/plot_results.py "$OUT/train.csv" --out "$OUT/throughput.png"

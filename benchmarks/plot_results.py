@@ -1,8 +1,9 @@
 """PNG chart of training throughput from train_throughput.py CSVs: samples/s by mode and batch size, per device.
 
 One panel per (device, preset, processes); in each, groups of bars by batch size, one bar per mode, labelled with
-samples/s (and MFU when known). When a CSV holds the same (device, preset, processes, mode, batch) more than once,
-the latest row wins.
+samples/s (and MFU when known). A run with the residual stream in the autocast dtype (`--stream-dtype amp`) is its
+own bar, hatched, labelled "<mode> · bf16 stream". When a CSV holds the same (device, preset, processes, bar, batch)
+more than once, the latest row wins.
 
     python benchmarks/plot_results.py results/train.csv --out docs/throughput.png
     python benchmarks/plot_results.py a.csv b.csv --out chart.png --title "MATPAC ViT-B, bf16"
@@ -26,6 +27,13 @@ COLORS = {"reference-design": "#9e9e9e", "eager": "#64b5f6", "compiled": "#1e88e
 NEEDED = ("device", "preset", "world", "mode", "batch", "samples_per_s", "mfu")
 
 
+def bar_label(row: dict) -> str:
+    """The bar a row belongs to: its mode, plus the residual-stream variant when it is not the default (without
+    autocast, precision "no", `amp` changes nothing and the row is an ordinary one)."""
+    low = row.get("stream_dtype") == "amp" and row.get("precision", "no") not in ("no", "")
+    return row["mode"] + (f" · {row['precision']} stream" if low else "")
+
+
 def read_rows(paths: list[Path]) -> list[dict]:
     """Rows of the CSVs, later rows replacing earlier ones with the same key."""
     latest: dict[tuple, dict] = {}
@@ -43,7 +51,8 @@ def read_rows(paths: list[Path]) -> list[dict]:
                     r["batch"] = int(r["batch"])
                 except ValueError:
                     continue  # a row without a figure (should not happen; skip rather than plot garbage)
-                latest[(r["device"], r["preset"], r["world"], r["mode"], r["batch"])] = r
+                r["bar"] = bar_label(r)
+                latest[(r["device"], r["preset"], r["world"], r["bar"], r["batch"])] = r
     if not latest:
         raise SystemExit("error: no rows with a samples/s figure in the given CSV(s)")
     return list(latest.values())
@@ -56,8 +65,9 @@ def panels(rows: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
-def _mode_key(mode: str) -> tuple:
-    return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), mode)
+def _bar_key(bar: str) -> tuple:
+    mode = bar.split(" · ")[0]
+    return (MODE_ORDER.index(mode) if mode in MODE_ORDER else len(MODE_ORDER), bar)
 
 
 def plot(rows: list[dict], out: Path, title: str | None = None) -> Path:
@@ -65,9 +75,9 @@ def plot(rows: list[dict], out: Path, title: str | None = None) -> Path:
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, 3.6 * len(groups)), squeeze=False)
     for ax, ((device, preset, world), rs) in zip(axes[:, 0], sorted(groups.items())):
         batches = sorted({r["batch"] for r in rs})
-        modes = sorted({r["mode"] for r in rs}, key=_mode_key)
+        modes = sorted({r["bar"] for r in rs}, key=_bar_key)
         width = 0.8 / len(modes)
-        by = {(r["mode"], r["batch"]): r for r in rs}
+        by = {(r["bar"], r["batch"]): r for r in rs}
         top = max(r["samples_per_s"] for r in rs)
         for m_i, mode in enumerate(modes):
             xs, ys, labels = [], [], []
@@ -80,7 +90,8 @@ def plot(rows: list[dict], out: Path, title: str | None = None) -> Path:
                 mfu = r.get("mfu", "")
                 labels.append(f"{r['samples_per_s']:.0f}" + (f"\n{100 * float(mfu):.0f}%" if mfu not in
                                                              ("", "n/a") else ""))
-            bars = ax.bar(xs, ys, width * 0.95, label=mode, color=COLORS.get(mode))
+            bars = ax.bar(xs, ys, width * 0.95, label=mode, color=COLORS.get(mode.split(" · ")[0]),
+                          hatch="//" if " · " in mode else None, edgecolor="white")
             ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
         ax.set_xticks(range(len(batches)), [f"batch {b}/device" for b in batches])
         ax.set_ylabel("samples/s")

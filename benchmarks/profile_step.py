@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-scope", default="step", choices=("step", "block"))
     p.add_argument("--attn-impl", default="sdpa", choices=tt.ATTN_IMPLS,
                    help="attention: sdpa (PyTorch picks the backend), one SDPA backend pinned, or math")
+    p.add_argument("--stream-dtype", default="fp32", choices=tt.STREAM_DTYPES,
+                   help="residual stream under autocast: fp32 (default) or amp (bf16)")
     p.add_argument("--batch", type=int, default=256, help="per-device batch (default 256)")
     p.add_argument("--steps", type=int, default=5, help="profiled optimizer steps (default 5)")
     p.add_argument("--warmup", type=int, default=5, help="steps before profiling; compilation happens here")
@@ -99,7 +101,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # The throughput script's config builder, fed the fields it reads.
     ns = argparse.Namespace(preset=args.preset, precision=args.precision, compile_scope=args.compile_scope,
-                            compile_mode=args.compile_mode, attn_impl=args.attn_impl, device=args.device,
+                            compile_mode=args.compile_mode, attn_impl=args.attn_impl, reference_attn="math",
+                            stream_dtype=args.stream_dtype, device=args.device,
                             peak_tflops=0.0, seed=0, warmup=args.warmup, steps=args.steps)
     data = args.data if args.data != "synthetic" else f"synthetic:{(args.warmup + args.steps + 1) * args.batch}"
     workers = 0 if args.device == "cpu" else 4
@@ -132,6 +135,7 @@ def main(argv=None) -> int:
 
     sps = args.batch / wall
     print(f"{args.preset} · {args.mode} · compile mode {args.compile_mode} · attention {args.attn_impl} · "
+          f"stream {args.stream_dtype} · "
           f"B={args.batch} · {args.precision} · "
           f"{tt.environment(args.device)['device']} · torch {torch.__version__}")
     print(f"wall {wall * 1e3:.2f} ms/step ({sps:.0f} samples/s, under the profiler) · GPU busy {busy:.2f} ms/step "

@@ -11,9 +11,10 @@ Modes (comma list --modes):
   compiled+kernels  compiled + the Triton kernels (fused patchify-gather, centred softmax cross-entropy)
   reference-design  the authors' costly choices on our model, not compiled: float32 loss copies (separate
                     log_softmax, softmax, centring and metric passes in fp32), per-step `.item()` of every logged
-                    value plus one all-reduce each when distributed, EMA as a per-parameter Python loop, and data as
-                    one float32 .npy per clip read by np.load in a map-style DataLoader. Same precision as the others
-                    (--precision), so only the design differs.
+                    value plus one all-reduce each when distributed, EMA as a per-parameter Python loop, attention
+                    written out as softmax(q·kᵀ)·v (their timm 0.4.12 `Block`; --reference-attn), and data as one
+                    float32 .npy per clip read by np.load in a map-style DataLoader. Same precision and residual
+                    stream as the others (--precision, --stream-dtype), so only the design differs.
 
 Timing: --warmup untimed steps (compilation happens there), then --steps timed steps between two
 torch.cuda.synchronize() calls (the only ones). "data wait" is host time blocked in the loader's next() — an upper
@@ -66,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when import
 
 from _common import commit  # noqa: E402
 
-from matpac_fast.config import ATTN_IMPLS, PRESETS  # noqa: E402
+from matpac_fast.config import ATTN_IMPLS, PRESETS, STREAM_DTYPES  # noqa: E402
 from matpac_fast.metrics import mfu  # noqa: E402
 from matpac_fast.model import MATPAC  # noqa: E402
 from matpac_fast.train_config import DataConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig  # noqa: E402
@@ -90,7 +91,7 @@ CSV_FIELDS = [
     "time_utc", "device", "world", "preset", "mode", "batch", "precision", "data", "steps", "warmup",
     "samples_per_s", "samples_per_s_per_device", "step_ms", "data_wait_ms", "compute_ms", "data_wait_frac", "mfu",
     "peak_mem_MB", "mem_kind", "gflops_per_sample", "peak_tflops", "scaling_eff", "final_loss", "driver", "torch",
-    "triton", "commit", "compile_mode", "attn_impl",
+    "triton", "commit", "compile_mode", "attn_impl", "stream_dtype",
 ]
 NPY_FRAMES = 1000  # 10 s clips, as AudioSet's
 
@@ -126,7 +127,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
                    help="torch.compile mode of the compiled modes (reduce-overhead: CUDA graphs)")
     p.add_argument("--attn-impl", default="sdpa", choices=ATTN_IMPLS,
-                   help="attention: sdpa (PyTorch picks the backend), one SDPA backend pinned, or math")
+                   help="attention of the non-reference modes: sdpa (PyTorch picks the backend), one SDPA backend "
+                        "pinned, or math")
+    p.add_argument("--reference-attn", default="math", choices=ATTN_IMPLS,
+                   help="attention of reference-design (default math: the explicit softmax(q·kᵀ)·v of the authors' "
+                        "timm 0.4.12 Block); sdpa gives the peer our attention, as in the H200 runs of RESULTS.md")
+    p.add_argument("--stream-dtype", default="fp32", choices=STREAM_DTYPES,
+                   help="residual stream under autocast, all modes (ModelConfig.stream_dtype): fp32 (default) or "
+                        "amp (bf16, as the authors' fp16 run carries it)")
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers per process (default: 0 on CPU, min(8, cores / processes) on CUDA)")
     p.add_argument("--npy-dir", type=Path, default=None,
@@ -309,6 +317,10 @@ def npy_folder(args, n_clips: int) -> tuple[Path, bool]:
 
 
 # ------------------------------------------------------------------------------------------------ measuring
+def _attn(args, mode: Mode) -> str:
+    return args.reference_attn if mode.reference else args.attn_impl
+
+
 def train_config(args, mode: Mode, batch: int, data: str, workers: int) -> TrainConfig:
     return TrainConfig(
         run=RunConfig(out=str(Path(tempfile.gettempdir()) / "matpac-throughput"), preset=args.preset,
@@ -317,7 +329,7 @@ def train_config(args, mode: Mode, batch: int, data: str, workers: int) -> Train
                       kernels=mode.kernels, cpu=args.device == "cpu", progress=False, log_every=10**9, ckpt_every=0,
                       peak_tflops=args.peak_tflops, seed=args.seed),
         data=DataConfig(shards=data, batch_size=batch, workers=workers, epoch_mode="exact"),
-        model={"attn_impl": args.attn_impl},
+        model={"attn_impl": _attn(args, mode), "stream_dtype": args.stream_dtype},
         optim=OptimConfig(warmup_epochs=0.1),
         # Schedules only need to exist: one nominal epoch keeps their precomputation trivial.
         schedule=ScheduleConfig(epochs=1.0, tau_t_warmup_epochs=0.1),
@@ -408,7 +420,8 @@ def run_one(args, name: str, batch: int, npy_dir: Path | None, workers: int) -> 
         "gflops_per_sample": trainer.flops_per_sample / 1e9, "peak_tflops": trainer.peak,
         "final_loss": loss_sum / world,
         "compile_mode": args.compile_mode if mode.compile else "",
-        "attn_impl": args.attn_impl,
+        "attn_impl": _attn(args, mode),
+        "stream_dtype": args.stream_dtype,
     }
     del trainer, acc
     torch._dynamo.reset()  # compiled graphs hold the model: free it before the next run's memory is measured
@@ -522,7 +535,8 @@ def markdown_block(rows: list[dict], env: dict, args) -> str:
     """A heading with the environment, then one table row per (formatted) row."""
     first = rows[0]
     head = (f"### {env['device']} — preset `{args.preset}`, precision {args.precision}, {args.steps} timed steps after "
-            f"{args.warmup} warm-up, compile mode {args.compile_mode}, attention {args.attn_impl}\n\n"
+            f"{args.warmup} warm-up, compile mode {args.compile_mode}, attention {args.attn_impl} "
+            f"(reference-design: {args.reference_attn}), residual stream {args.stream_dtype}\n\n"
             f"{first['time_utc']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
             f"python {env['python']} · commit `{env['commit']}` · memory: {first['mem_kind']} · "
             f"{first['gflops_per_sample']} GFLOP/sample · peak {first['peak_tflops']} TFLOP/s\n\n")

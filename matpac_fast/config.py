@@ -20,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 
 ATTN_IMPLS = ("sdpa", "flash", "efficient", "cudnn", "math")
+STREAM_DTYPES = ("fp32", "amp")
 
 
 @dataclass
@@ -69,6 +70,12 @@ class ModelConfig:
     # "sdpa": F.scaled_dot_product_attention, PyTorch picks the backend; "flash" | "efficient" | "cudnn": SDPA
     # pinned to that backend (benchmarks/attention.py times them on our short sequences); "math": explicit reference
     attn_impl: str = "sdpa"
+    # The residual stream's dtype under autocast. "fp32": token embeddings (+ float32 positional tables) stay float32,
+    # so every residual add, LayerNorm input and their gradients are float32 (autocast's default). "amp": the stream is
+    # cast to the autocast dtype (bf16/fp16) once after embedding, as in the authors' fp16 run (fairseq calls
+    # `model.half()`); LayerNorm still computes in float32. Halves the bytes of the element-wise kernels around the
+    # GEMMs (about 30 % of GPU time at batch 256, benchmarks/RESULTS.md). No effect without autocast.
+    stream_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         checks = [
@@ -81,6 +88,8 @@ class ModelConfig:
             (0.0 <= self.alpha <= 1.0, f"alpha={self.alpha} must be in [0, 1]"),
             (self.center_mode in ("prob", "logit"), f"center_mode={self.center_mode!r}: use 'prob' or 'logit'"),
             (self.attn_impl in ATTN_IMPLS, f"attn_impl={self.attn_impl!r}: use one of {', '.join(ATTN_IMPLS)}"),
+            (self.stream_dtype in STREAM_DTYPES,
+             f"stream_dtype={self.stream_dtype!r}: use one of {', '.join(STREAM_DTYPES)}"),
             (self.teacher_head_init in ("authors", "copy"), "teacher_head_init must be 'authors' or 'copy'"),
             (self.mcl_heads >= 1, f"mcl_heads={self.mcl_heads} must be >= 1"),
             (self.norm_std > 0, f"norm_std={self.norm_std} must be > 0"),

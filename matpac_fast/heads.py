@@ -20,7 +20,7 @@ from torch import nn
 
 from matpac_fast.masking import gather_tokens
 from matpac_fast.pos_embed import sincos_2d
-from matpac_fast.vit import Block, init_weights
+from matpac_fast.vit import Block, init_weights, to_stream
 
 
 class WeightNormLinear(nn.Module):
@@ -81,8 +81,9 @@ class Predictor(nn.Module):
     """
 
     def __init__(self, dim: int, pred_dim: int, depth: int, heads: int, grid: tuple[int, int], mlp_ratio: float,
-                 mcl_heads: int = 1, impl: str = "sdpa"):
+                 mcl_heads: int = 1, impl: str = "sdpa", stream_dtype: str = "fp32"):
         super().__init__()
+        self.stream_dtype = stream_dtype
         self.decoder_embed = nn.Linear(dim, pred_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, pred_dim))
         self.register_buffer("decoder_pos_embed", sincos_2d(pred_dim, *grid, cls_token=True))
@@ -104,7 +105,7 @@ class Predictor(nn.Module):
         n = self.decoder_pos_embed.shape[1] - 1
         full = self.mask_token.to(x.dtype).expand(b, n, dp)
         full = full.scatter(1, vis_idx.unsqueeze(-1).expand(-1, -1, dp), x[:, 1:])
-        x = torch.cat([x[:, :1], full], dim=1) + self.decoder_pos_embed
+        x = to_stream(torch.cat([x[:, :1], full], dim=1) + self.decoder_pos_embed, self.stream_dtype)
         for blk in self.decoder_blocks:
             x = blk(x)
         y = gather_tokens(self.decoder_norm(x)[:, 1:], mask_idx)

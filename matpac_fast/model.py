@@ -32,7 +32,7 @@ from matpac_fast.heads import Predictor, make_heads
 from matpac_fast.losses import centered_softmax_xent_reference, mcl_prediction_loss, prediction_loss
 from matpac_fast.masking import gather_tokens, patchify_gather_reference
 from matpac_fast.pos_embed import sincos_2d
-from matpac_fast.vit import PatchEmbed, ViTEncoder
+from matpac_fast.vit import PatchEmbed, ViTEncoder, to_stream
 
 
 @dataclass
@@ -78,7 +78,8 @@ class MATPAC(nn.Module):
         self.teacher_encoder = ViTEncoder(cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, impl)  # independent init
         self.teacher_encoder.requires_grad_(False)
         self.predictor = Predictor(
-            cfg.dim, cfg.pred_dim, cfg.pred_depth, cfg.pred_heads, cfg.grid, cfg.mlp_ratio, cfg.mcl_heads, impl
+            cfg.dim, cfg.pred_dim, cfg.pred_depth, cfg.pred_heads, cfg.grid, cfg.mlp_ratio, cfg.mcl_heads, impl,
+            cfg.stream_dtype,
         )
         if cfg.use_heads:
             self.student_head, self.teacher_head = make_heads(
@@ -132,7 +133,7 @@ class MATPAC(nn.Module):
         x = self.patch_embed.embed_tokens(tokens_BNP) + gather_tokens(self.pos_embed[:, 1:].expand(len(idx_BN), -1, -1),
                                                                       idx_BN)
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(len(x), -1, -1)
-        return torch.cat([cls, x], dim=1)
+        return to_stream(torch.cat([cls, x], dim=1), self.cfg.stream_dtype)
 
     def _check_batch(self, lms, vis_idx, mask_idx) -> None:
         cfg = self.cfg

@@ -23,6 +23,15 @@ SDPA_BACKENDS = {
 LN_EPS = 1e-6
 
 
+def to_stream(x: torch.Tensor, stream_dtype: str) -> torch.Tensor:
+    """The residual stream's dtype (`ModelConfig.stream_dtype`): "amp" casts to the autocast dtype when autocast is
+    on for x's device; "fp32", or no autocast, leaves x as it is."""
+    device = x.device.type
+    if stream_dtype == "amp" and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, impl: str = "sdpa"):
         super().__init__()

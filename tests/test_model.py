@@ -105,6 +105,39 @@ def test_whole_model_sdpa_vs_math(impl, compiled):
         torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
 
 
+def test_stream_dtype_amp_carries_the_residual_stream_in_bf16():
+    """stream_dtype="amp": under autocast every block (encoder, predictor) reads and writes bf16, the loss stays within
+    bf16 rounding of the float32 stream's, gradients match; without autocast it changes nothing."""
+    cfg = get_model_config("tiny")
+    batch = _batch(cfg)
+
+    def run(stream, autocast, compiled=False):
+        m = _model(stream_dtype=stream)
+        seen = []
+        for blk in (*m.student_encoder.blocks, *m.teacher_encoder.blocks, *m.predictor.decoder_blocks):
+            blk.register_forward_hook(lambda mod, args, out: seen.append((args[0].dtype, out.dtype)))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss, _ = (torch.compile(m) if compiled else m)(batch, StepState())
+        loss.backward()
+        return loss.detach(), m.student_encoder.blocks[0].mlp.fc1.weight.grad, seen
+
+    l32, g32, seen32 = run("fp32", True)
+    lamp, gamp, seen_amp = run("amp", True)
+    n_blocks = 2 * cfg.depth + cfg.pred_depth
+    assert seen32 == [(torch.float32, torch.float32)] * n_blocks  # autocast's default: a float32 stream
+    assert seen_amp == [(torch.bfloat16, torch.bfloat16)] * n_blocks
+    torch.testing.assert_close(lamp, l32, rtol=2e-3, atol=2e-3)
+    assert torch.nn.functional.cosine_similarity(gamp.flatten(), g32.flatten(), dim=0) > 0.99
+    lc, _, seen_c = run("amp", True, compiled=True)
+    assert seen_c == seen_amp  # dynamo replays the hooks' side effects
+    torch.testing.assert_close(lc, lamp, rtol=2e-3, atol=2e-3)
+    # no autocast: identical to the float32 stream, bit for bit
+    a, ga, seen_a = run("amp", False)
+    b, gb, _ = run("fp32", False)
+    assert torch.equal(a, b) and torch.equal(ga, gb)
+    assert {d for pair in seen_a for d in pair} == {torch.float32}
+
+
 def test_sincos_table_layout():
     tab = sincos_2d(8, 5, 38)
     assert tab.shape == (1, 191, 8)
@@ -308,3 +341,5 @@ def test_pinned_backend_that_cannot_run_raises():
         _model(attn_impl="cudnn")(_batch(cfg), StepState())
     with pytest.raises(ValueError, match="attn_impl='fast': use one of sdpa, flash, efficient, cudnn, math"):
         get_model_config("tiny", attn_impl="fast")
+    with pytest.raises(ValueError, match="stream_dtype='bf16': use one of fp32, amp"):
+        get_model_config("tiny", stream_dtype="bf16")

@@ -76,6 +76,8 @@ def test_smoke_rows_are_consistent(smoke):
         assert math.isfinite(float(r["final_loss"]))
         assert r["torch"] == torch.__version__ and r["commit"]
     assert {rows[0]["data"], rows[1]["data"]} == {"synthetic", "per-clip npy"}
+    # The peer runs the authors' written-out attention (timm 0.4.12), ours SDPA; both the same residual stream.
+    assert [(r["attn_impl"], r["stream_dtype"]) for r in rows] == [("sdpa", "fp32"), ("math", "fp32")]
     md = (out / "R.md").read_text()
     assert "| mode | batch/dev |" in md and "| eager | 8 | 1 | synthetic |" in md and "| reference-design | 8 |" in md
     assert not list(out.glob("matpac-npy-*")), "the temporary .npy folder must be removed"
@@ -219,8 +221,17 @@ def test_plot_writes_a_png_per_device(tmp_path):
                     w.writerow({k: "" for k in tt.CSV_FIELDS} | {"device": device, "preset": "matpac", "world": 1,
                                                                  "mode": mode, "batch": batch, "samples_per_s": sps,
                                                                  "mfu": "0.25" if mode == "eager" else "n/a"})
+        # the same mode with the bf16 residual stream is its own bar, not a replacement of the default one
+        w.writerow({k: "" for k in tt.CSV_FIELDS} | {"device": "GPU A", "preset": "matpac", "world": 1, "batch": 256,
+                                                     "mode": "compiled+kernels", "samples_per_s": "300.0",
+                                                     "mfu": "0.3", "stream_dtype": "amp", "precision": "bf16"})
     rows = plot_results.read_rows([path])
-    assert len(rows) == 12 and len(plot_results.panels(rows)) == 2
+    assert len(rows) == 13 and len(plot_results.panels(rows)) == 2
+    bars = {(r["device"], r["bar"], r["batch"]): r["samples_per_s"] for r in rows}
+    assert bars[("GPU A", "compiled+kernels", 256)] == 250.5
+    assert bars[("GPU A", "compiled+kernels · bf16 stream", 256)] == 300.0
+    # without autocast the stream setting is a no-op: such a row is the plain mode's
+    assert plot_results.bar_label({"mode": "eager", "stream_dtype": "amp", "precision": "no"}) == "eager"
     out = plot_results.plot(rows, tmp_path / "c.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     bad = tmp_path / "bad.csv"
@@ -243,6 +254,13 @@ def test_suite_usage_and_bad_wheels_dir(tmp_path):
     assert r.returncode == 2 and "OUT_DIR" in r.stdout + r.stderr
     r = _suite(str(tmp_path / "out"), str(tmp_path / "no-wheels"))
     assert r.returncode == 2 and "WHEELS_DIR" in r.stderr
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "train.csv").write_text("earlier results\n")
+    r = _suite(str(used))
+    assert r.returncode == 2 and "already holds an earlier suite's train.csv" in r.stderr
+    assert (used / "train.csv").read_text() == "earlier results\n" and sorted(p.name for p in used.iterdir()) == [
+        "train.csv"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without CUDA")
