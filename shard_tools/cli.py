@@ -20,7 +20,8 @@ Convert an audio corpus into WebDataset tar shards of float16 log-mel spectrogra
 plus sizes.json, stats.json (front end, global mean/std, counts) and manifest.jsonl (one line per input file:
 its key and shard, or why it was skipped). Clips are shuffled across shards with --seed; the same inputs and seed
 give byte-identical shards for any --workers. An interrupted run (even SIGKILL) is finished by running the same
-command again.
+command again. A run in which every input is skipped writes only manifest.jsonl and exits with an error that says
+why (by skip reason) and what to do.
 
 examples:
   make-shards synthetic --n 2000 --out data/synth
@@ -43,20 +44,31 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frontend", default="matpac", choices=["matpac", "m2d"], help="front-end preset (METHOD.md §1)")
     g.add_argument(
         "--min-frames", type=int, default=608,
-        help="clips with fewer log-mel frames are dropped (--short drop) (default: %(default)s = one training crop)",
+        help="clips with fewer log-mel frames are skipped as too_short unless --short pad "
+        "(default: %(default)s = one training crop, about 6.1 s)",
     )
     g.add_argument(
         "--short", choices=["drop", "pad"], default="drop",
-        help="drop clips shorter than --min-frames (default, as the authors) or keep them for the loader to pad",
+        help="drop (default, as the authors): skip clips shorter than --min-frames as too_short; pad: keep every "
+        "clip of at least one frame, the loader pads it",
     )
     g.add_argument(
         "--shard-size", default="1GB",
         help="close a shard at this size: bytes with a unit (1GB, 200MB, 512KB) or a sample count (1000) "
         "(default: %(default)s)",
     )
-    g.add_argument("--seed", type=int, default=0, help="shuffle seed (and synthetic corpus seed) (default: 0)")
-    g.add_argument("--name", default="shards", help="shard file prefix: <name>-000000.tar (default: %(default)s)")
-    g.add_argument("--overwrite", action="store_true", help="delete an earlier shard set in --out first")
+    g.add_argument(
+        "--seed", type=int, default=0, help="shuffle seed (and synthetic corpus seed), a whole number >= 0 (default: 0)"
+    )
+    g.add_argument(
+        "--name", default="shards",
+        help="shard file prefix: <name>-000000.tar; letters, digits, _ and - only (default: %(default)s)",
+    )
+    g.add_argument(
+        "--overwrite", action="store_true",
+        help="first delete what make-shards wrote in --out before (its shards under any --name, sizes.json, "
+        "stats.json, manifest.jsonl, .make-shards/); other files are never touched",
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -71,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Labels and splits come from the CSVs, never from folder names. Accepted file names under "
         "--audio-root (any depth, also per-label folders; duplicates are skipped as 'duplicate'): Y<ytid>.<ext>, "
         "<ytid>.<ext>, <ytid>_<start>.<ext>, <ytid>_<start>-<end>.<ext>, audio/<split>/<ytid>.<ext>. "
-        "A file holding the whole video is cut to the CSV segment (flag 'cropped'); one shorter than its segment "
-        "by more than 0.5 s is kept with the flag 'truncated'.",
+        "A file holding the whole video is cut to the CSV segment (flag 'cropped'). One shorter than its segment "
+        "by more than 0.5 s gets the flag 'truncated' and is treated like any clip: written if it has at least "
+        "--min-frames frames, else --short decides (drop: skipped as too_short; pad: written). The count of CSV "
+        "segments without a file is printed at the start and in the final summary, and stored in stats.json.",
     )
     a.add_argument(
         "--segments", nargs="+", required=True, type=Path, help="segment CSV(s), e.g. balanced_train_segments.csv"
@@ -83,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("folder", help="every audio file under DIR; label = name of the folder that holds it")
     f.add_argument("dir", type=Path, help="input folder")
     _common(f)
-    m = sub.add_parser("manifest", help="a CSV with columns path[,label] (labels separated by ';')")
+    m = sub.add_parser(
+        "manifest",
+        help="a UTF-8 CSV with a header row and columns path[,label] (labels separated by ';'); a file listed "
+        "twice is written once",
+    )
     m.add_argument("csv", type=Path, help="manifest CSV; relative paths are relative to its folder")
     _common(m)
     s = sub.add_parser("synthetic", help="the embedded deterministic labelled corpus of synthetic sounds")
@@ -129,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         summary = make_shards(disc, cfg)
     except ValueError as e:
         raise SystemExit(f"make-shards: error: {e}") from None
+    except OSError as e:  # disk full, permissions, a folder that vanished: the journal keeps the work done so far
+        where = f": {e.filename}" if e.filename else ""
+        raise SystemExit(
+            f"make-shards: error: {e.strerror or e}{where}; fix that and run the same command again to finish"
+        ) from None
     except KeyboardInterrupt:
         raise SystemExit("make-shards: interrupted; run the same command again to finish the job") from None
     print(format_summary(summary))

@@ -6,15 +6,19 @@ cannot stop a two-million-file run, and every file ends in the manifest with a r
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
+import sys
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from matpac_fast.frontend import FrontendSpec, resample, to_mono
-from shard_tools.discover import PYAV_EXTS, Item
+from shard_tools.discover import PYAV_EXTS, Item, printable
 
 SILENCE_PEAK = 1e-6  # about -120 dBFS: below one LSB of 16-bit audio, i.e. digital silence
 TRUNCATION_TOLERANCE_S = 0.5  # AudioSet downloads are often a few tens of ms short; that is not truncation
@@ -77,14 +81,59 @@ def pyav_available() -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _captured_stderr_fd():
+    """Capture what C code writes to file descriptor 2 (libmpg123 prints 'Note: ...' lines there for every damaged
+    MP3). Yields a list that holds the captured text after the block. One process decodes one file at a time, so
+    redirecting fd 2 for the duration of one decode hides nothing else."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured: list[str] = []
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.append(tmp.read().decode("utf-8", "replace"))
+
+
+def _is_decoder_noise(line: str) -> bool:
+    """libmpg123's resync notes and ID3 warnings: the decode result (or its Skip) already says what matters."""
+    return line.startswith("Note:") or ("libmpg123" in line and "warning:" in line)
+
+
 def _read_soundfile(path: str) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
-    try:
-        data, sr = sf.read(path, dtype="float32", always_2d=True)
-    except Exception as e:  # libsndfile raises LibsndfileError/RuntimeError/TypeError depending on the damage
-        raise Skip("undecodable", f"{type(e).__name__}: {e}") from None
-    return data, int(sr)
+    is_mp3 = path.lower().endswith(".mp3")
+    quiet = _captured_stderr_fd() if is_mp3 else contextlib.nullcontext([""])
+    error = None
+    with quiet as captured:
+        try:  # bytes: libsndfile opens any file name, also one that is not valid UTF-8
+            data, sr = sf.read(os.fsencode(path), dtype="float32", always_2d=True)
+        except Exception as e:  # libsndfile raises LibsndfileError/RuntimeError/TypeError depending on the damage
+            error = e
+    lines = [line for line in captured[0].splitlines() if line.strip()]
+    if error is None:
+        real = [line for line in lines if not _is_decoder_noise(line)]
+        if real:
+            print("\n".join(real), file=sys.stderr)
+        return data, int(sr)
+    raise Skip("undecodable", _soundfile_detail(path, error, lines)) from None
+
+
+def _soundfile_detail(path: str, e: Exception, decoder_lines: list[str]) -> str:
+    msg = getattr(e, "error_string", None) or str(e)  # LibsndfileError: without the "Error opening b'...'" prefix
+    if "possibly a pipe" in msg and os.path.isfile(path):  # what libsndfile says for a file that is not an MP3
+        ext = os.path.splitext(path)[1].lower()
+        msg = f"not a valid {ext} audio file (libsndfile cannot read it)"
+    detail = f"{type(e).__name__}: {msg}"
+    notes = [line.removeprefix("Note:").strip() for line in decoder_lines if line.startswith("Note:")]
+    said = (notes or [line.strip() for line in decoder_lines])[:1]  # mpg123's first note names the damage
+    return f"{detail}; decoder said: {said[0]}" if said else detail
 
 
 def _read_pyav(path: str) -> tuple[np.ndarray, int]:
@@ -93,7 +142,10 @@ def _read_pyav(path: str) -> tuple[np.ndarray, int]:
     import av
 
     try:
-        with av.open(path) as container:
+        with contextlib.ExitStack() as stack:
+            # PyAV cannot open a file name that is not valid UTF-8: give it the open file instead
+            target = path if printable(path) == path else stack.enter_context(open(path, "rb"))
+            container = stack.enter_context(av.open(target))
             if not container.streams.audio:
                 raise Skip("undecodable", "no audio stream")
             stream = container.streams.audio[0]
@@ -149,10 +201,16 @@ def crop_and_flag(item: Item, wave: np.ndarray, sr: int) -> tuple[np.ndarray, tu
     return wave, tuple(flags)
 
 
+def _too_short_detail(duration: float, frames: int, need: int, short: str, spec: FrontendSpec) -> str:
+    if short == "drop":
+        return f"{duration:.2f} s gives {max(frames, 0)} frames < --min-frames {need} (--short pad keeps it)"
+    return f"{duration:.3f} s gives no log-mel frame (one frame needs {1000 * spec.n_fft / spec.sample_rate:.0f} ms)"
+
+
 def prepare(item: Item, spec: FrontendSpec, min_frames: int, short: str) -> Prepared:
     """Decode, check and resample one item; raises Skip with the reason when it cannot be used."""
     if item.skip:
-        raise Skip(item.skip)
+        raise Skip(item.skip, item.detail)
     if item.synth is not None:
         from shard_tools.synthetic import synth_clip
 
@@ -167,11 +225,12 @@ def prepare(item: Item, spec: FrontendSpec, min_frames: int, short: str) -> Prep
     check_wave(mono)
     duration = mono.shape[0] / sr
     # frame count known before resampling: skip too-short clips without paying for the resampler
-    n_out = math.ceil(mono.shape[0] * spec.sample_rate / sr)
-    frames = spec.num_frames(n_out)
-    if frames < 1 or (short == "drop" and frames < min_frames):
-        raise Skip("too_short", f"{duration:.2f} s gives {frames} frames < {min_frames}")
+    need = min_frames if short == "drop" else 1
+    frames = spec.num_frames(math.ceil(mono.shape[0] * spec.sample_rate / sr))
+    if frames < need:
+        raise Skip("too_short", _too_short_detail(duration, frames, need, short, spec))
     wave = resample_np(mono, sr, spec)
-    if spec.num_frames(wave.shape[0]) < (min_frames if short == "drop" else 1):
-        raise Skip("too_short", f"{duration:.2f} s")
+    frames = spec.num_frames(wave.shape[0])
+    if frames < need:
+        raise Skip("too_short", _too_short_detail(duration, frames, need, short, spec))
     return Prepared(np.ascontiguousarray(wave, dtype=np.float32), sr, duration, flags)

@@ -8,9 +8,13 @@ the segment CSVs (the per-label download folders some tools produce only cause d
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
+import io
+import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +46,7 @@ class Item:
     name_has_start: bool = False  # the file name says which segment it holds (so never crop it)
     size: int = 0  # bytes on disk; part of the plan hash so a re-downloaded file is noticed
     skip: str | None = None  # reason decided before decoding (partial_download, duplicate, not_in_csv, ...)
+    detail: str = ""  # why, in words, when `skip` is set (e.g. which file this one duplicates)
     synth: tuple[int, int] | None = None  # (seed, index) for synthetic clips
 
 
@@ -51,12 +56,23 @@ class Discovery:
     classes: list[str]  # display name by class index
     class_ids: list[str]  # the strings stored in the samples' "labels" by class index (AudioSet mids, else = classes)
     notes: list[str] = field(default_factory=list)  # one-line facts for the user (missing files, ignored files)
+    extra: dict = field(default_factory=dict)  # source-specific counts stored in stats.json (AudioSet: "segments")
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
 def is_partial(name: str) -> bool:
     low = name.lower()
     return low.endswith(PARTIAL_SUFFIXES) or ".part-frag" in low
+
+
+def printable(text: str) -> str:
+    """`text` as valid Unicode: the bytes of a non-UTF-8 file name (which Python holds as lone surrogates) are
+    shown as backslash escapes, e.g. b'\\xff.wav' -> '\\\\xff.wav'. Used for everything written to json."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(text).decode("utf-8", "backslashreplace")
+    return text
 
 
 def sanitize_key(text: str, max_len: int = 80) -> str:
@@ -66,29 +82,140 @@ def sanitize_key(text: str, max_len: int = 80) -> str:
 
 
 def path_key(rel: str) -> str:
-    """Readable and unique: sanitized relative path without extension + 8 hex digits of its hash."""
+    """Readable and unique: sanitized relative path without extension + 8 hex digits of the hash of its bytes
+    (os.fsencode: a non-UTF-8 file name hashes its raw bytes, a UTF-8 one its UTF-8 encoding)."""
     stem = os.path.splitext(rel)[0]
-    return f"{sanitize_key(stem)}-{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+    return f"{sanitize_key(stem)}-{hashlib.sha1(os.fsencode(rel)).hexdigest()[:8]}"
 
 
-def scan_files(root: Path) -> tuple[list[tuple[str, Path, int]], int]:
-    """All audio and partial-download files under root, sorted by relative path: [(rel, abs, size)], n_ignored."""
-    out, ignored = [], 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
+@dataclass(frozen=True)
+class Found:
+    """One candidate input file found by `scan_files`."""
+
+    rel: str  # path relative to the root, '/'-separated, as the OS gave it (may hold surrogates)
+    path: Path
+    size: int
+    skip: str | None = None  # not_found (broken link), duplicate (same real file as an earlier one), undecodable
+    detail: str = ""
+
+
+@dataclass
+class Scan:
+    files: list[Found]
+    ignored: int = 0  # non-audio files
+    pruned: int = 0  # symlinked folders not entered (a loop, or a second name for a folder already scanned)
+    unreadable_errors: list[OSError] = field(default_factory=list)  # folders os.walk could not list
+
+    def notes(self, root: Path) -> list[str]:
+        notes = []
+        if self.ignored:
+            notes.append(f"ignored {self.ignored} non-audio files under {root}")
+        if self.pruned:
+            notes.append(
+                f"did not enter {self.pruned} symlinked folder(s) whose target is scanned anyway (a symlink loop, "
+                "or a second name for a folder)"
+            )
+        if self.unreadable_errors:
+            names = [f"{printable(str(e.filename))} ({e.strerror})" for e in self.unreadable_errors]
+            notes.append(
+                f"warning: could not list {len(names)} folder(s), their files are not inputs: "
+                + ", ".join(names[:3]) + (" ..." if len(names) > 3 else "")
+            )
+        return notes
+
+
+def scan_files(root: Path) -> Scan:
+    """All audio and partial-download files under root, sorted by relative path.
+
+    Symlinks are followed, but every real folder is scanned once: the tree itself first, then each symlinked folder
+    whose target lies outside everything scanned so far (a loop such as `ln -s .. loop`, or a second name for a
+    folder of the tree, is not entered). A file reached under two names (a file symlink) is kept once, under its
+    real name; the other is a `duplicate`. A broken symlink is `not_found`.
+    """
+    scan = Scan([])
+    found: list[tuple[Found, str | None, bool]] = []
+    visited: set[str] = set()
+    pending = [root]
+    while pending:
+        top = pending.pop(0)
+        real_top = os.path.realpath(top)
+        if real_top in visited:
+            scan.pruned += 1
+            continue
+        links = _scan_tree(root, top, real_top, visited, found, scan)
+        pending += links
+    found.sort(key=lambda f: (f[2], os.fsencode(f[0].rel)))  # real names before symlinks, then path order
+    first: dict[str, str] = {}  # real path -> the relative path that keeps it
+    files = []
+    for f, real, _ in found:
+        if f.skip is None and real in first:
+            f = Found(f.rel, f.path, f.size, "duplicate", f"same file as {printable(first[real])}")
+        elif f.skip is None:
+            first[real] = f.rel
+        files.append(f)
+    scan.files = sorted(files, key=lambda f: os.fsencode(f.rel))
+    return scan
+
+
+def _scan_tree(root: Path, top: Path, real_top: str, visited: set[str], found: list, scan: Scan) -> list[Path]:
+    """Walk `top` without following symlinks; returns the symlinked folders met on the way (for `scan_files`)."""
+    links = []
+    for dirpath, dirnames, filenames in os.walk(top, onerror=scan.unreadable_errors.append):
+        rel_dir = os.path.relpath(dirpath, top)
+        real_dir = os.path.normpath(os.path.join(real_top, rel_dir))  # below `top` no component is a symlink
+        visited.add(real_dir)
+        keep = []
+        for d in sorted(dirnames):
+            if os.path.islink(os.path.join(dirpath, d)):
+                links.append(Path(dirpath) / d)  # os.walk does not enter it; scan_files may, later
+            elif os.path.join(real_dir, d) in visited:  # scanned already through a symlink to it
+                scan.pruned += 1
+            else:
+                keep.append(d)
+        dirnames[:] = keep
         for name in sorted(filenames):
             p = Path(dirpath) / name
-            ext = p.suffix.lower()
-            if not (ext in AUDIO_EXTS or is_partial(name)):
-                ignored += 1
+            if not (p.suffix.lower() in AUDIO_EXTS or is_partial(name)):
+                scan.ignored += 1
                 continue
-            try:
-                size = p.stat().st_size
-            except OSError:  # dangling link: still an input, it will be reported as undecodable
-                size = 0
-            out.append((p.relative_to(root).as_posix(), p, size))
-    out.sort(key=lambda r: r[0])
-    return out, ignored
+            found.append(_stat_file(p, p.relative_to(root).as_posix(), os.path.join(real_dir, name)))
+    return links
+
+
+def _stat_file(p: Path, rel: str, real_if_not_link: str) -> tuple[Found, str | None, bool]:
+    """(Found, real path, is a symlink) with one lstat for a plain file; a symlink is followed to its target."""
+    try:
+        st = os.lstat(p)
+    except OSError as e:
+        return Found(rel, p, 0, "undecodable", f"cannot read the file: {e.strerror}"), None, False
+    link = stat.S_ISLNK(st.st_mode)
+    real = real_if_not_link
+    try:
+        if link:
+            st = os.stat(p)
+            real = os.path.realpath(p)
+    except FileNotFoundError:
+        return Found(rel, p, 0, "not_found", "broken symbolic link: its target does not exist"), None, link
+    except OSError as e:
+        return Found(rel, p, 0, "undecodable", f"cannot read the file: {e.strerror}"), None, link
+    if not stat.S_ISREG(st.st_mode):
+        return Found(rel, p, 0, "undecodable", "not a regular file"), None, link
+    return Found(rel, p, st.st_size), real, link
+
+
+def read_csv_text(path: Path, what: str) -> str:
+    """A CSV's text: UTF-8 with or without a byte-order mark; any other encoding is a one-line error naming the
+    file and line."""
+    if not path.is_file():
+        raise ValueError(f"{what} not found: {path}")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(
+            f"{path}: line {line} is not UTF-8 (byte {data[e.start : e.start + 1]!r}); save the file as UTF-8"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------------- AudioSet
@@ -104,37 +231,63 @@ class Segment:
 def read_class_index(path: str | Path) -> tuple[list[str], list[str]]:
     """class_labels_indices.csv -> (mids, display names) ordered by index."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"class index CSV not found: {path} (AudioSet's class_labels_indices.csv)")
+    text = read_csv_text(path, "class index CSV (AudioSet's class_labels_indices.csv)")
     rows = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"index", "mid", "display_name"} <= set(reader.fieldnames):
-            raise ValueError(f"{path}: expected columns index,mid,display_name (got {reader.fieldnames})")
-        for row in reader:
-            rows[int(row["index"])] = (row["mid"], row["display_name"])
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if not reader.fieldnames or not {"index", "mid", "display_name"} <= set(reader.fieldnames):
+        raise ValueError(f"{path}: expected columns index,mid,display_name (got {reader.fieldnames})")
+    for row in reader:
+        where = f"{path}: line {reader.line_num}"
+        index, mid = (row["index"] or "").strip(), (row["mid"] or "").strip()
+        if not index.isdigit():
+            raise ValueError(f"{where}: index {row['index']!r} is not a whole number >= 0")
+        if not mid:
+            raise ValueError(f"{where}: empty mid")
+        if int(index) in rows:
+            raise ValueError(f"{where}: index {index} appears twice")
+        rows[int(index)] = (mid, row["display_name"] or mid)
+    if not rows:
+        raise ValueError(f"{path}: no classes (expected AudioSet's class_labels_indices.csv)")
     if sorted(rows) != list(range(len(rows))):
         raise ValueError(f"{path}: class indices are not 0..{len(rows) - 1}")
     return [rows[i][0] for i in range(len(rows))], [rows[i][1] for i in range(len(rows))]
 
 
+def _seconds(text: str, what: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{where}: {what} {text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: {what} {text!r} is not a number of seconds >= 0")
+    return value
+
+
 def read_segments(path: str | Path) -> list[Segment]:
-    """An AudioSet segments CSV: '#' header lines, then `YTID, start, end, "mid1,mid2"` rows."""
+    """An AudioSet segments CSV: '#' header lines (or one plain `YTID,start_seconds,...` header row), then
+    `YTID, start, end, "mid1,mid2"` rows."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"segments CSV not found: {path}")
+    text = read_csv_text(path, "segments CSV")
     split = path.stem.removesuffix("_segments")
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        lines = (line for line in f if line.strip() and not line.startswith("#"))
-        for n, row in enumerate(csv.reader(lines, skipinitialspace=True), start=1):
-            if len(row) != 4:
-                raise ValueError(f"{path}: data row {n} has {len(row)} fields, expected YTID, start, end, labels")
-            ytid, start, end, labels = row
-            if not _YTID_CHARS.match(ytid):
-                raise ValueError(f"{path}: data row {n}: {ytid!r} is not an 11-character YouTube id")
-            mids = tuple(m.strip() for m in labels.split(",") if m.strip())
-            out.append(Segment(ytid, float(start), float(end), mids, split))
+    numbered = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip() and not line.startswith("#")]
+    reader = csv.reader((line for _, line in numbered), skipinitialspace=True)
+    n = 0
+    for row in reader:
+        if n == 0 and row and row[0].strip().upper() == "YTID":
+            continue  # a plain header row instead of AudioSet's '#' lines
+        n += 1
+        where = f"{path}: line {numbered[reader.line_num - 1][0]} (data row {n})"
+        if len(row) != 4:
+            raise ValueError(f"{where} has {len(row)} fields, expected YTID, start, end, labels")
+        ytid, start, end, labels = row
+        if not _YTID_CHARS.match(ytid):
+            raise ValueError(f"{where}: {ytid!r} is not an 11-character YouTube id")
+        t0, t1 = _seconds(start, "start", where), _seconds(end, "end", where)
+        if t1 <= t0:
+            raise ValueError(f"{where}: end {end} is not after start {start}")
+        mids = tuple(m.strip() for m in labels.split(",") if m.strip())
+        out.append(Segment(ytid, t0, t1, mids, split))
     return out
 
 
@@ -186,25 +339,29 @@ def discover_audioset(
     root = Path(audio_root)
     if not root.is_dir():
         raise ValueError(f"--audio-root {root} is not a folder")
-    files, ignored = scan_files(root)
-    items, seen = [], set()
-    for rel, path, size in files:
-        name = path.name
-        if is_partial(name):
-            items.append(Item(rel, path_key(rel), str(path), size=size, skip="partial_download"))
+    scan = scan_files(root)
+    if not scan.files:
+        raise ValueError(_no_audio(root, scan, "--audio-root"))
+    items, first = [], {}
+    for f in scan.files:
+        rel, path, source = f.rel, f.path, printable(f.rel)
+        if f.skip is None and is_partial(path.name):
+            f = Found(rel, path, f.size, "partial_download")
+        if f.skip:
+            items.append(Item(source, path_key(rel), str(path), size=f.size, skip=f.skip, detail=f.detail))
             continue
-        parsed = parse_audioset_name(path.name[: -len(path.suffix)] if path.suffix else name, known)
+        parsed = parse_audioset_name(path.name[: -len(path.suffix)] if path.suffix else path.name, known)
         seg = _match_segment(known[parsed[0]], parsed[1]) if parsed else None
         if seg is None:
-            items.append(Item(rel, path_key(rel), str(path), size=size, skip="not_in_csv"))
+            items.append(Item(source, path_key(rel), str(path), size=f.size, skip="not_in_csv"))
             continue
         key = f"{seg.ytid}_{int(round(seg.start * 1000))}"
-        skip = "duplicate" if key in seen else None  # first in path order wins; the others are the same clip
-        seen.add(key)
+        dup = first.get(key)  # first in path order wins; the others are the same clip
+        first.setdefault(key, source)
         items.append(
             Item(
-                rel,
-                key if skip is None else path_key(rel),
+                source,
+                key if dup is None else path_key(rel),
                 str(path),
                 labels=seg.labels,
                 label_indices=tuple(mid_index[m] for m in seg.labels),
@@ -212,14 +369,28 @@ def discover_audioset(
                 start=seg.start,
                 end=seg.end,
                 name_has_start=parsed[1] is not None,
-                size=size,
-                skip=skip,
+                size=f.size,
+                skip=None if dup is None else "duplicate",
+                detail="" if dup is None else f"same segment as {dup}",
             )
         )
-    notes = [f"segments in CSVs: {n_segments}; with an audio file: {len(seen)}; missing: {n_segments - len(seen)}"]
-    if ignored:
-        notes.append(f"ignored {ignored} non-audio files under {root}")
-    return Discovery(items, names, mids, notes)
+    segments = {"in_csvs": n_segments, "with_file": len(first), "missing": n_segments - len(first)}
+    notes = [segments_line(segments)] + scan.notes(root)
+    return Discovery(items, names, mids, notes, extra={"segments": segments})
+
+
+def segments_line(segments: dict) -> str:
+    """The AudioSet coverage line, printed before the run and again in the final summary."""
+    return (
+        f"segments in CSVs: {segments['in_csvs']}; with an audio file: {segments['with_file']}; "
+        f"missing: {segments['missing']}"
+    )
+
+
+def _no_audio(root: Path, scan: Scan, what: str) -> str:
+    exts = " ".join(sorted(AUDIO_EXTS))
+    ignored = f"; {scan.ignored} other files were ignored" if scan.ignored else ""
+    return f"no audio files under {what} {root} (looked for {exts}{ignored}); check the folder"
 
 
 # ------------------------------------------------------------------------------------------- folder / manifest / synth
@@ -240,49 +411,92 @@ def discover_folder(root: str | Path) -> Discovery:
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"input folder {root} does not exist or is not a folder")
-    files, ignored = scan_files(root)
+    scan = scan_files(root)
+    if not scan.files:
+        raise ValueError(_no_audio(root, scan, "input folder"))
     items = []
-    for rel, path, size in files:
-        parent = Path(rel).parent.name
+    for f in scan.files:
+        parent = printable(Path(f.rel).parent.name)
         labels = (parent,) if parent else ()
-        skip = "partial_download" if is_partial(path.name) else None
-        items.append(Item(rel, path_key(rel), str(path), labels=labels, size=size, skip=skip))
+        skip, detail = f.skip, f.detail
+        if skip is None and is_partial(f.path.name):
+            skip = "partial_download"
+        items.append(
+            Item(printable(f.rel), path_key(f.rel), str(f.path), labels=labels, size=f.size, skip=skip, detail=detail)
+        )
     classes = _classes_from([it.labels for it in items])
-    notes = [f"ignored {ignored} non-audio files under {root}"] if ignored else []
-    return Discovery(_with_indices(items, classes), classes, classes, notes)
+    return Discovery(_with_indices(items, classes), classes, classes, scan.notes(root))
+
+
+MANIFEST_COLUMNS = ("path", "label")
+
+
+def _manifest_columns(csv_path: Path, fieldnames: list[str] | None) -> tuple[list[str], list[str]]:
+    """Header -> (normalized column names, notes). Names are matched ignoring case and spaces; a near miss of an
+    accepted name ('labels', 'Path ') with the accepted one absent is an error, other columns are ignored."""
+    accepted = ", ".join(MANIFEST_COLUMNS)
+    if not fieldnames:
+        raise ValueError(f"{csv_path}: empty file; expected a header row with columns {accepted}")
+    names = [(f or "").strip().lower() for f in fieldnames]
+    unknown = [n for n in names if n not in MANIFEST_COLUMNS]
+    for want in MANIFEST_COLUMNS:
+        if want in names:
+            continue
+        close = [n for n in unknown if difflib.get_close_matches(n, [want], n=1, cutoff=0.7)]
+        if close:
+            raise ValueError(
+                f"{csv_path}: unknown column {close[0]!r} (did you mean {want!r}?); accepted columns: {accepted}"
+            )
+        if want == "path":
+            raise ValueError(f"{csv_path}: needs a 'path' column (and optionally 'label'); got {fieldnames}")
+    notes = []
+    if unknown:
+        notes.append(
+            f"{csv_path}: ignored column(s) {', '.join(map(repr, unknown))} (accepted: {accepted})"
+            + ("; there is no 'label' column, so every clip is unlabelled" if "label" not in names else "")
+        )
+    return names, notes
 
 
 def discover_manifest(csv_path: str | Path) -> Discovery:
     """A CSV with a `path` column (relative paths are relative to the CSV's folder) and an optional `label` column
-    (several labels separated by ';')."""
+    (several labels separated by ';'). A file listed twice (also as `./x.wav` and `/abs/x.wav`) is written once."""
     csv_path = Path(csv_path)
-    if not csv_path.is_file():
-        raise ValueError(f"manifest CSV not found: {csv_path}")
+    text = read_csv_text(csv_path, "manifest CSV")
     base = csv_path.resolve().parent
-    items, seen = [], set()
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise ValueError(f"{csv_path}: needs a 'path' column (and optionally 'label'); got {reader.fieldnames}")
-        for row in reader:
-            raw = (row["path"] or "").strip()
-            if not raw:
-                continue
-            p = Path(raw) if Path(raw).is_absolute() else base / raw
-            labels = tuple(s.strip() for s in (row.get("label") or "").split(";") if s.strip())
-            size = p.stat().st_size if p.is_file() else 0
-            skip = None
-            if raw in seen:
-                skip = "duplicate"
-            elif is_partial(p.name):
-                skip = "partial_download"
-            elif not p.is_file():
-                skip = "not_found"
-            seen.add(raw)
-            items.append(Item(raw, path_key(raw), str(p), labels=labels, size=size, skip=skip))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    names, notes = _manifest_columns(csv_path, reader.fieldnames)
+    reader.fieldnames = names
+    items, first, empty = [], {}, []
+    for row in reader:
+        raw = (row.get("path") or "").strip()
+        if not raw:
+            empty.append(reader.line_num)
+            continue
+        p = Path(raw) if Path(raw).is_absolute() else base / raw
+        labels = tuple(s.strip() for s in (row.get("label") or "").split(";") if s.strip())
+        real = os.path.realpath(p)
+        skip, detail, size = None, "", 0
+        if real in first:
+            skip, detail = "duplicate", f"same file as {first[real]}"
+        elif is_partial(p.name):
+            skip = "partial_download"
+        elif not p.exists():
+            skip, detail = "not_found", f"line {reader.line_num}: no such file (relative to the CSV's folder)"
+        elif not p.is_file():
+            skip, detail = "not_found", f"line {reader.line_num}: not a file"
+        else:
+            size = p.stat().st_size
+        first.setdefault(real, f"{raw!r} (line {reader.line_num})")
+        items.append(Item(raw, path_key(raw), str(p), labels=labels, size=size, skip=skip, detail=detail))
+    if empty:
+        lines = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
+        notes.append(f"{csv_path}: ignored {len(empty)} row(s) with an empty path (line {lines})")
+    if not items:
+        raise ValueError(f"{csv_path}: no rows with a path; add one row per audio file under the 'path' header")
     items.sort(key=lambda it: it.source)
     classes = _classes_from([it.labels for it in items])
-    return Discovery(_with_indices(items, classes), classes, classes)
+    return Discovery(_with_indices(items, classes), classes, classes, notes)
 
 
 def discover_synthetic(n: int, seed: int = 0) -> Discovery:

@@ -18,6 +18,8 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
+import shutil
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -28,12 +30,15 @@ import numpy as np
 import torch
 
 from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec
-from shard_tools.decode import Prepared, Skip, prepare
-from shard_tools.discover import Discovery, Item
+from shard_tools.decode import PYAV_HINT, Prepared, Skip, prepare
+from shard_tools.discover import Discovery, Item, printable, segments_line
 from shard_tools.writer import ShardLimit, ShardWriter, encode_json, encode_npy, parse_shard_size
 
 FORMAT_VERSION = 1
 WORK_DIR = ".make-shards"
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+SHARD_RE = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)-\d{6}\.tar$")  # <name>-000000.tar: what make-shards writes
+SET_FILES = ("sizes.json", "stats.json", "manifest.jsonl")
 
 
 def tool_version() -> str:
@@ -65,8 +70,11 @@ class MakeConfig:
             raise ValueError(f"--min-frames must be >= 1 (got {self.min_frames})")
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0 (got {self.workers})")
-        if not self.name or any(c in self.name for c in "./\\") or "%" in self.name:
-            raise ValueError(f"--name {self.name!r}: use letters, digits, '_' or '-' (no dots or slashes)")
+        if not NAME_RE.match(self.name):
+            raise ValueError(f"--name {self.name!r}: use only letters, digits, '_' and '-' (e.g. --name as2m_train)")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be a whole number >= 0 (got {self.seed})")
+        check_out_dir(Path(self.out))
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be cpu or cuda (got {self.device!r})")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -128,7 +136,7 @@ def _skip_result(item: Item, e: Skip) -> Result:
     detail = str(e)
     if item.path:  # keep outputs free of absolute paths (they differ between machines)
         detail = detail.replace(item.path, item.source)
-    return Result(item.source, item.key, skipped=e.reason, detail=detail)
+    return Result(item.source, item.key, skipped=e.reason, detail=printable(detail))
 
 
 def process_item(item: Item, spec: FrontendSpec, min_frames: int, short: str, mel: LogMelSpec | None):
@@ -206,6 +214,8 @@ def plan_hash(disc: Discovery, cfg: MakeConfig) -> str:
         "name": cfg.name,
         "classes": disc.class_ids,
     }
+    if disc.extra:  # e.g. AudioSet's segment counts, which are stored in stats.json
+        settings["extra"] = disc.extra
     h.update(json.dumps(settings, sort_keys=True).encode())
     for it in disc.items:
         row = [it.source, it.key, it.labels, it.label_indices, it.size, it.skip, it.start, it.end, it.synth]
@@ -254,20 +264,135 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _our_shards(out: Path, name: str) -> list[Path]:
-    return sorted(list(out.glob(f"{name}-[0-9]*.tar")) + list(out.glob(f"{name}-[0-9]*.tar.tmp")))
+# ------------------------------------------------------------------------------------------- the output folder
+def check_out_dir(out: Path) -> None:
+    """--out must be a folder, or a path where one can be made: a one-line error otherwise (checked up front)."""
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"--out {out} is a broken symbolic link; choose a folder path")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose a folder path")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, so no folder can be made under it; choose another --out")
+
+
+def _make_out_dir(out: Path) -> None:
+    try:  # check_out_dir ran in MakeConfig.validate
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create --out {out}: {e.strerror}; choose another --out") from None
+
+
+def _shard_files(out: Path, names: set[str]) -> list[Path]:
+    """`<name>-NNNNNN.tar` and `.tar.tmp` files of the given set names (nothing else, whatever its name)."""
+    found = []
+    for p in out.iterdir():
+        m = SHARD_RE.match(p.name.removesuffix(".tmp"))
+        if m and m["name"] in names and (p.is_file() or p.is_symlink()):
+            found.append(p)
+    return sorted(found)
+
+
+def _read_json(path: Path):
+    """(object, None) or (None, why it cannot be read)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")), None
+    except UnicodeDecodeError:
+        return None, "is not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return None, f"is not valid JSON ({e})"
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror})"
+
+
+def _not_ours(path: Path) -> str | None:
+    """Why `path` (sizes.json, stats.json or manifest.jsonl) was not written by make-shards, or None."""
+    if not path.is_file():
+        return "is not a regular file"
+    if path.name == "manifest.jsonl":
+        with open(path, "rb") as f:
+            first = f.readline()
+        try:
+            line = json.loads(first) if first.strip() else {"source": ""}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            line = None
+        return None if isinstance(line, dict) and "source" in line else "is not a make-shards manifest"
+    obj, why = _read_json(path)
+    if why:
+        return why
+    if path.name == "stats.json":
+        ok = isinstance(obj, dict) and "plan_hash" in obj and "format_version" in obj
+        return None if ok else "is not a make-shards stats.json (it has no plan_hash)"
+    ok = isinstance(obj, dict) and all(SHARD_RE.match(k) and isinstance(v, int) for k, v in obj.items())
+    return None if ok else "is not a make-shards sizes.json"
+
+
+def _check_no_foreign_files(out: Path) -> None:
+    """make-shards replaces sizes.json, stats.json and manifest.jsonl: refuse when one of them is someone else's."""
+    for name in SET_FILES:
+        p = out / name
+        if p.exists() or p.is_symlink():
+            why = _not_ours(p)
+            if why:
+                raise ValueError(
+                    f"{p} {why}, and make-shards writes a file of that name: move it out of {out} or choose "
+                    f"another --out"
+                )
+
+
+def _set_names(out: Path, name: str) -> set[str]:
+    """The shard-name prefixes of every set make-shards wrote (or was writing) in `out`, and `name`."""
+    shards: set[str] = set()
+    plan, _ = _read_json(out / WORK_DIR / "plan.json") if (out / WORK_DIR / "plan.json").is_file() else (None, None)
+    names = {name}
+    if isinstance(plan, dict) and isinstance(plan.get("name"), str):
+        names.add(plan["name"])
+    shards |= {e["shard"] for e in read_journal(out / WORK_DIR / "journal.jsonl") if e.get("shard")}
+    for f in ("sizes.json", "stats.json"):
+        obj, _ = _read_json(out / f) if (out / f).is_file() else (None, None)
+        if isinstance(obj, dict):
+            shards |= set(obj.get("shard_sha256", {}) if f == "stats.json" else obj)
+    return names | {m["name"] for m in map(SHARD_RE.match, shards) if m}
 
 
 def _clear(out: Path, name: str) -> None:
-    for p in _our_shards(out, name):
+    """--overwrite: delete what make-shards wrote in `out` (every earlier set's shards, whatever its --name; sizes,
+    stats, manifest; .make-shards/), never other files. Foreign sizes/stats/manifest files were refused before."""
+    for p in _shard_files(out, _set_names(out, name)):
         p.unlink()
-    for f in ("sizes.json", "stats.json", "manifest.jsonl"):
+    for f in SET_FILES:
         (out / f).unlink(missing_ok=True)
-    work = out / WORK_DIR
-    if work.is_dir():
-        for p in work.iterdir():
-            p.unlink()
-        work.rmdir()
+        (out / f"{f}.tmp").unlink(missing_ok=True)
+    if (out / WORK_DIR).is_dir():
+        shutil.rmtree(out / WORK_DIR)
+
+
+def _open_plan(out: Path, cfg: MakeConfig, phash: str, n_inputs: int) -> None:
+    """Start (or recognise) the plan of this run. A plan of another command that never completed a shard or a
+    skip segment is replaced: nothing of it would be lost. One with work done is refused."""
+    work, plan_path = out / WORK_DIR, out / WORK_DIR / "plan.json"
+    if plan_path.exists():
+        plan, _ = _read_json(plan_path)
+        if isinstance(plan, dict) and plan.get("plan_hash") == phash:
+            return
+        if read_journal(work / "journal.jsonl"):
+            raise ValueError(
+                f"{out} holds an interrupted run with other inputs or options; rerun that exact command to finish "
+                f"it, choose another --out, or pass --overwrite"
+            )
+        old_name = plan.get("name") if isinstance(plan, dict) else None
+        for p in _shard_files(out, {old_name} if isinstance(old_name, str) else set()):
+            if p.name.endswith(".tmp"):
+                p.unlink()  # the unfinished first shard of the run that never finished one
+        shutil.rmtree(work)
+    if any(p.suffix == ".tar" for p in _shard_files(out, {cfg.name})):
+        raise ValueError(
+            f"{out} already has {cfg.name}-*.tar files from an unknown run; pass --overwrite or choose another --out"
+        )
+    work.mkdir(exist_ok=True)
+    _write_atomic(plan_path, json.dumps({"plan_hash": phash, "inputs": n_inputs, "name": cfg.name}) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------------- run
@@ -391,6 +516,7 @@ def _finalize(disc: Discovery, cfg: MakeConfig, entries: list[dict], phash: str)
         "written": written,
         "skipped": dict(sorted(skipped.items())),
         "flags": dict(sorted(flags.items())),
+        **disc.extra,
         "tool_version": tool_version(),
         "plan_hash": phash,
         "shard_sha256": {e["shard"]: e["sha256"] for e in shards},
@@ -398,62 +524,84 @@ def _finalize(disc: Discovery, cfg: MakeConfig, entries: list[dict], phash: str)
     if stats["inputs"] != len(disc.items) or written + sum(skipped.values()) != len(disc.items):
         raise RuntimeError(f"internal error: accounted {stats['inputs']} of {len(disc.items)} inputs")
     keep = {e["shard"] for e in shards}
-    for p in _our_shards(out, cfg.name):  # leftovers of an older, longer run under the same name
+    for p in _shard_files(out, {cfg.name}):  # leftovers of an older, longer run under the same name
         if p.name not in keep:
             p.unlink()
-    _write_atomic(out / "sizes.json", json.dumps({e["shard"]: e["count"] for e in shards}, indent=1) + "\n")
     _write_atomic(out / "manifest.jsonl", "".join(json.dumps(line, sort_keys=True) + "\n" for line in manifest))
-    _write_atomic(out / "stats.json", json.dumps(stats, indent=1) + "\n")  # last: its presence means "complete"
+    if written:  # no sizes.json or stats.json for an empty set: it is not a shard set, and nothing locks the folder
+        _write_atomic(out / "sizes.json", json.dumps({e["shard"]: e["count"] for e in shards}, indent=1) + "\n")
+        _write_atomic(out / "stats.json", json.dumps(stats, indent=1) + "\n")  # last: its presence means "complete"
     return stats
 
 
+def nothing_written(stats: dict, cfg: MakeConfig) -> str:
+    """The one-line error for a run in which every input was skipped: the reasons and what to do."""
+    skipped = stats["skipped"]
+    top = max(skipped, key=lambda k: (skipped[k], k))
+    spec = get_spec(cfg.frontend)
+    hints = {
+        "too_short": (
+            f"they are shorter than --min-frames {cfg.min_frames} frames (about "
+            f"{((cfg.min_frames - 1) * spec.hop_length + spec.n_fft) / spec.sample_rate:.1f} s): pass --short pad "
+            "to keep short clips (the loader pads them) or a smaller --min-frames"
+            if cfg.short == "drop"
+            else "they are too short for even one log-mel frame"
+        ),
+        "not_in_csv": "no file name matches a segment of the --segments CSVs: check --segments and the file names "
+        "under --audio-root (Y<ytid>.<ext>, <ytid>_<start>.<ext>, ...)",
+        "needs_pyav": PYAV_HINT,
+        "not_found": "the listed files do not exist: check the paths (relative paths start at the CSV's folder)",
+        "partial_download": "only unfinished downloads (.part/.ytdl/.temp) were found: let the downloads finish",
+    }
+    hint = hints.get(top, f"most are {top}: check the files")
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    return (
+        f"nothing written: all {stats['inputs']} inputs were skipped ({reasons}); {hint}. "
+        f"Each file's reason is in {Path(cfg.out) / 'manifest.jsonl'}"
+    )
+
+
 def make_shards(disc: Discovery, cfg: MakeConfig) -> dict:
-    """Run (or resume, or recognise as done) one shard job. Returns stats.json's dict plus run facts."""
+    """Run (or resume, or recognise as done) one shard job. Returns stats.json's dict plus run facts.
+
+    Everything that can be refused (options, inputs, a folder holding someone else's files) is refused before the
+    first byte is written; a run that writes no sample raises ValueError and leaves only manifest.jsonl."""
     cfg.validate()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / WORK_DIR
+    if not disc.items:
+        raise ValueError("no inputs: nothing to convert")
+    order = shuffled(disc.items, cfg.seed)
     phash = plan_hash(disc, cfg)
-    stats_path, plan_path, journal = out / "stats.json", work / "plan.json", work / "journal.jsonl"
+    out = Path(cfg.out)
+    _make_out_dir(out)
+    _check_no_foreign_files(out)
+    work, stats_path, journal = out / WORK_DIR, out / "stats.json", out / WORK_DIR / "journal.jsonl"
     if cfg.overwrite:
         _clear(out, cfg.name)
     if stats_path.exists():
-        old = json.loads(stats_path.read_text(encoding="utf-8"))
-        if old.get("plan_hash") == phash:
+        old, _ = _read_json(stats_path)
+        if old.get("plan_hash") == phash and old.get("written"):
             if work.is_dir():  # killed after stats.json was written, before the clean-up
-                _clear_work(work)
+                shutil.rmtree(work)
             return {**old, "out": str(out), "resumed_from": len(disc.items), "already_complete": True}
-        raise ValueError(f"{out} already holds a different shard set; choose another --out or pass --overwrite")
-    if plan_path.exists():
-        if json.loads(plan_path.read_text(encoding="utf-8")).get("plan_hash") != phash:
-            raise ValueError(
-                f"{out} holds an interrupted run with other inputs or options; rerun that exact command to finish "
-                f"it, choose another --out, or pass --overwrite"
-            )
-    elif _our_shards(out, cfg.name):
-        raise ValueError(f"{out} already has {cfg.name}-*.tar files from an unknown run; pass --overwrite or --out")
-    else:
-        work.mkdir(exist_ok=True)
-        _write_atomic(plan_path, json.dumps({"plan_hash": phash, "inputs": len(disc.items)}) + "\n")
-    for p in out.glob(f"{cfg.name}-[0-9]*.tar.tmp"):  # a shard the killed run was writing
-        p.unlink()
+        if old.get("written"):
+            raise ValueError(f"{out} already holds a different shard set; choose another --out or pass --overwrite")
+        _clear(out, cfg.name)  # an empty set left by an older version: nothing to keep
+    _open_plan(out, cfg, phash, len(disc.items))
+    for p in _shard_files(out, {cfg.name}):  # a shard the killed run was writing
+        if p.name.endswith(".tmp"):
+            p.unlink()
     entries = _valid_prefix(read_journal(journal), out)
     if len(entries) != len(read_journal(journal)):  # rewrite the journal without the entries we cannot trust
         _write_atomic(journal, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
     start = entries[-1]["end"] if entries else 0
     shard_index = sum(1 for e in entries if e["shard"] is not None)
-    order = shuffled(disc.items, cfg.seed)
     if start < len(order):
         _run_segments(order, start, shard_index, cfg, journal)
     stats = _finalize(disc, cfg, read_journal(journal), phash)
-    _clear_work(work)
+    shutil.rmtree(work)
+    if not stats["written"]:
+        raise ValueError(nothing_written(stats, cfg))
     return {**stats, "out": str(out), "resumed_from": start, "already_complete": False}
-
-
-def _clear_work(work: Path) -> None:
-    for p in work.iterdir():
-        p.unlink()
-    work.rmdir()
 
 
 def format_summary(s: dict) -> str:
@@ -462,6 +610,8 @@ def format_summary(s: dict) -> str:
         f"inputs {s['inputs']}  written {s['written']}  skipped {sum(skipped.values())}"
         + (" (" + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")" if skipped else ""),
     ]
+    if s.get("segments"):
+        parts.append("AudioSet " + segments_line(s["segments"]))
     if s.get("flags"):
         parts.append("flags (kept): " + ", ".join(f"{k} {v}" for k, v in s["flags"].items()))
     parts.append(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import re
 import sys
 import tarfile
 from collections import Counter
@@ -34,11 +35,15 @@ JSON_FIELDS = {
 }
 JSON_OPTIONAL = ("ytid", "start", "end")
 MAX_REPORTED = 20
+WORK_DIR = ".make-shards"  # = pipeline.WORK_DIR (not imported: verify must not pull in torch)
+SHARD_RE = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)-\d{6}\.tar$")
 
 
 @dataclass
 class Report:
     problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # worth knowing, but the set is intact
+    interrupted: str | None = None  # a make-shards run that has not finished: not corrupt, incomplete
     n_shards: int = 0
     n_samples: int = 0
     n_frames: int = 0
@@ -49,12 +54,13 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and self.interrupted is None
 
     def to_dict(self) -> dict:
         return {
             "ok": self.ok,
-            "problems": list(self.problems),
+            "problems": list(self.problems) + ([self.interrupted] if self.interrupted else []),
+            "warnings": list(self.warnings),
             "shards": self.n_shards,
             "samples": self.n_samples,
             "frames": self.n_frames,
@@ -162,11 +168,46 @@ def _read_shard(path: Path, report: Report, seen: set[str], n_mels: int, classes
     return count
 
 
+def _interrupted(out: Path) -> str | None:
+    """Why `out` holds a make-shards run that has not finished, or None."""
+    if (out / "stats.json").is_file():
+        return None  # stats.json is written last: the set is complete (a leftover .make-shards/ is only clean-up)
+    if (out / WORK_DIR).is_dir() or any(SHARD_RE.match(p.name.removesuffix(".tmp")) for p in out.glob("*.tar.tmp")):
+        return (
+            f"{out} holds an interrupted make-shards run (no stats.json yet); run the same make-shards command "
+            "again to finish it"
+        )
+    return None
+
+
+def _other_tars(out: Path, sizes: dict, report: Report) -> None:
+    """.tar files not in sizes.json: a stale shard of this set is a problem; any other .tar is only a warning
+    (the loader reads sizes.json and ignores it too)."""
+    names = {m["name"] for m in map(SHARD_RE.match, sizes) if m}
+    for p in sorted(out.glob("*.tar")) + sorted(out.glob("*.tar.tmp")):
+        if p.name in sizes:
+            continue
+        m = SHARD_RE.match(p.name.removesuffix(".tmp"))
+        if m and m["name"] in names:
+            report.problems.append(f"{p.name} looks like a shard of this set but is not in sizes.json")
+        else:
+            report.warnings.append(f"{p.name} is not part of this shard set (not in sizes.json); ignored")
+
+
 def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True) -> Report:
     out = Path(out_dir)
     report = Report()
     if not out.is_dir():
         report.problems.append(f"{out} is not a folder")
+        return report
+    report.interrupted = _interrupted(out)
+    if report.interrupted:
+        return report
+    if not (out / "sizes.json").exists() and not (out / "stats.json").exists():
+        why = "it has no sizes.json or stats.json"
+        if (out / "manifest.jsonl").is_file():
+            why = "make-shards wrote no sample there; manifest.jsonl gives each file's reason"
+        report.problems.append(f"{out} is not a shard set: {why}")
         return report
     sizes = _load_json(out / "sizes.json", report)
     stats = _load_json(out / "stats.json", report)
@@ -176,11 +217,7 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
     n_mels = int(stats.get("frontend", {}).get("n_mels", 80))
     classes = stats.get("classes")
     hashes = stats.get("shard_sha256", {})
-    on_disk = {p.name for p in out.glob("*.tar")}
-    for extra in sorted(on_disk - set(sizes)):
-        report.problems.append(f"{extra} is in the folder but not in sizes.json")
-    if any(out.glob("*.tar.tmp")):
-        report.problems.append("unfinished *.tar.tmp files: an interrupted make-shards run; rerun it to finish")
+    _other_tars(out, sizes, report)
     from tqdm import tqdm
 
     seen: set[str] = set()
@@ -203,10 +240,14 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
             )
         if stats.get("n_frames") != report.n_frames and not report.problems:
             report.problems.append(f"stats.json says {stats.get('n_frames')} frames, shards hold {report.n_frames}")
+    if report.n_samples == 0 and not report.problems:
+        report.problems.append("the set holds no samples (make-shards wrote nothing; manifest.jsonl says why)")
     return report
 
 
 def format_report(r: Report, stats: dict | None = None, top: int = 15) -> str:
+    if r.interrupted:
+        return f"INCOMPLETE: {r.interrupted}"
     lines = [
         f"shards {r.n_shards}  samples {r.n_samples}  frames {r.n_frames}  hours {r.seconds / 3600:.3f}",
     ]
@@ -220,11 +261,14 @@ def format_report(r: Report, stats: dict | None = None, top: int = 15) -> str:
         )
     if r.flags:
         lines.append("flags: " + ", ".join(f"{k} {v}" for k, v in sorted(r.flags.items())))
-    if r.labels:
+    if r.labels and top > 0:
         lines.append(f"labels ({len(r.labels)} classes present; top {min(top, len(r.labels))}):")
         width = max(len(k) for k, _ in r.labels.most_common(top))
         for name, n in r.labels.most_common(top):
             lines.append(f"  {name:<{width}}  {n}")
+    elif r.labels:
+        lines.append(f"labels: {len(r.labels)} classes present")
+    lines += [f"warning: {w}" for w in r.warnings]
     if r.problems:
         lines.append(f"CORRUPT: {len(r.problems)} problem(s)")
         lines += [f"  {p}" for p in r.problems[:MAX_REPORTED]]
@@ -235,6 +279,16 @@ def format_report(r: Report, stats: dict | None = None, top: int = 15) -> str:
     return "\n".join(lines)
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="verify-shards",
@@ -243,10 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         "counts, total hours and a label histogram; exits 1 on any problem.",
     )
     p.add_argument("dir", type=Path, help="folder written by make-shards")
-    p.add_argument("--top", type=int, default=15, help="labels shown in the histogram (default: %(default)s)")
+    p.add_argument(
+        "--top", type=_count, default=15, help="labels shown in the histogram, 0 = none (default: %(default)s)"
+    )
     p.add_argument("--no-hash", action="store_true", help="skip the sha256 comparison (faster on huge sets)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     args = p.parse_args(argv)
+    if not args.dir.is_dir():
+        raise SystemExit(f"verify-shards: error: {args.dir} is not a folder; pass the --out folder of make-shards")
     report = verify(args.dir, check_hashes=not args.no_hash, progress=not args.no_progress)
     stats_path = args.dir / "stats.json"
     stats = None

@@ -1,0 +1,437 @@
+"""make-shards / verify-shards user mistakes and awkward inputs: one-line errors, nothing lost, every input reported.
+
+Each test is the regression test of one reviewed defect; all fixtures are small files generated in tmp_path.
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from shard_tools.cli import build_parser
+from shard_tools.cli import main as cli_main
+from shard_tools.verify import main as verify_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SR = 8000
+LONG = 7.0  # seconds: >= 608 frames
+CLASS_INDEX = 'index,mid,display_name\n0,/m/09x0r,Speech\n1,/m/04rlf,"Music, all kinds"\n'
+
+
+def tone(path: Path, seconds: float = LONG, sr: int = SR, freq: float = 440.0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t = np.arange(int(sr * seconds)) / sr
+    sf.write(os.fsencode(path), 0.3 * np.sin(2 * np.pi * freq * t), sr)  # bytes: any file name
+    return path
+
+
+def run(*argv: str) -> int:
+    return cli_main([*argv, "--workers", "0", "--no-progress"])
+
+
+def manifest(out: Path) -> dict[str, dict]:
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    return {line["source"]: line for line in lines}
+
+
+def verify(out: Path, *extra: str) -> int:
+    return verify_main([str(out), "--no-progress", *extra])
+
+
+def non_utf8_name(folder: Path, raw: bytes) -> Path:
+    """Rename a fresh wav to a file name that is not valid UTF-8 (skip where the file system refuses that)."""
+    tone(folder / "tmp.wav")
+    target = os.fsencode(folder) + b"/" + raw
+    try:
+        os.rename(os.fsencode(folder / "tmp.wav"), target)
+    except OSError:
+        pytest.skip("this file system does not accept non-UTF-8 file names")
+    return Path(os.fsdecode(target))
+
+
+def audioset_files(tmp_path: Path, segments: str, class_index: str = CLASS_INDEX) -> list[str]:
+    (tmp_path / "seg.csv").write_bytes(segments.encode("utf-8") if isinstance(segments, str) else segments)
+    (tmp_path / "ci.csv").write_bytes(class_index.encode("utf-8") if isinstance(class_index, str) else class_index)
+    return ["audioset", "--segments", str(tmp_path / "seg.csv"), "--class-index", str(tmp_path / "ci.csv"),
+            "--audio-root", str(tmp_path / "root")]
+
+
+SEGMENTS = (
+    "# Segments csv created Sun Mar  5 10:54:31 2017\n# num_ytids=3, num_segs=3, num_unique_labels=2\n"
+    "# YTID, start_seconds, end_seconds, positive_labels\n"
+    '--PJHxphWEs, 30.000, 40.000, "/m/09x0r,/m/04rlf"\n'
+    '-0CamVQdP_Y, 0.000, 10.000, "/m/04rlf"\n'
+    'AE5oZzfu2-E, 239.800, 249.800, "/m/09x0r"\n'
+)
+
+
+# ------------------------------------------------------------------------------------------- 1. non-UTF-8 names
+def test_non_utf8_file_and_folder_names_are_written_with_valid_json(tmp_path):
+    d = tmp_path / "in"
+    tone(d / "cls" / "a.wav")
+    non_utf8_name(d / "cls", b"\xff\xfe latin.wav")
+    (d / "x").mkdir()
+    os.rename(os.fsencode(d / "x"), os.fsencode(d) + b"/\xe9t\xe9")
+    tone(Path(os.fsdecode(os.fsencode(d) + b"/\xe9t\xe9")) / "c.wav")
+    out = tmp_path / "out"
+    assert run("folder", str(d), "--out", str(out)) == 0
+    text = (out / "manifest.jsonl").read_bytes().decode("utf-8")  # strict: no lone surrogates anywhere
+    lines = manifest(out)
+    assert set(lines) == {"cls/a.wav", "cls/\\xff\\xfe latin.wav", "\\xe9t\\xe9/c.wav"}
+    assert all("shard" in line for line in lines.values()) and "\\udc" not in text
+    stats = json.loads((out / "stats.json").read_text(encoding="utf-8"))
+    assert stats["written"] == 3 and stats["classes"] == ["\\xe9t\\xe9", "cls"]
+    assert verify(out) == 0
+
+
+def test_non_utf8_name_in_audioset_root_is_reported(tmp_path):
+    tone(tmp_path / "root" / "Y--PJHxphWEs.wav", 10.0)
+    non_utf8_name(tmp_path / "root", b"\xff junk.wav")
+    out = tmp_path / "out"
+    assert run(*audioset_files(tmp_path, SEGMENTS), "--out", str(out)) == 0
+    lines = manifest(out)
+    assert lines["\\xff junk.wav"]["skipped"] == "not_in_csv"
+    assert lines["Y--PJHxphWEs.wav"]["key"] == "--PJHxphWEs_30000"
+
+
+# ------------------------------------------------------------------------------------------ 2. nothing written
+def test_empty_folder_is_a_one_line_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not audio")
+    with pytest.raises(SystemExit, match=r"no audio files under input folder .*1 other files were ignored"):
+        run("folder", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_all_too_short_is_an_error_with_a_hint_and_the_folder_stays_usable(tmp_path, capsys):
+    d, out = tmp_path / "in", tmp_path / "out"
+    for i in range(3):
+        tone(d / "digits" / f"{i}.wav", 0.5)
+    with pytest.raises(SystemExit) as e:
+        run("folder", str(d), "--out", str(out))
+    msg = str(e.value)
+    assert "\n" not in msg and "nothing written: all 3 inputs were skipped (too_short 3)" in msg
+    assert "--short pad" in msg and "manifest.jsonl" in msg
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl"]  # no stats.json, no .make-shards: not locked
+    assert {line["skipped"] for line in manifest(out).values()} == {"too_short"}
+    assert verify(out) == 1
+    assert "OK" not in capsys.readouterr().out.split()
+    tone(d / "digits" / "long.wav")  # a rerun with more files works
+    assert run("folder", str(d), "--out", str(out)) == 0
+    assert json.loads((out / "stats.json").read_text())["written"] == 1
+    # and the hint was right: --short pad keeps them all
+    assert run("folder", str(d), "--out", str(tmp_path / "pad"), "--short", "pad") == 0
+
+
+def test_verify_never_says_ok_for_a_set_without_samples(tmp_path, capsys):
+    out = tmp_path / "legacy"  # what an older make-shards left for an empty input
+    out.mkdir()
+    (out / "sizes.json").write_text("{}")
+    (out / "stats.json").write_text(json.dumps({"format_version": 1, "plan_hash": "x", "written": 0, "inputs": 0,
+                                                "n_frames": 0, "skipped": {}}))
+    (out / "manifest.jsonl").write_text("")
+    assert verify(out) == 1
+    assert "no samples" in capsys.readouterr().out
+    tone(tmp_path / "in" / "c" / "a.wav")  # the empty set does not lock the folder either
+    assert run("folder", str(tmp_path / "in"), "--out", str(out)) == 0
+
+
+# ---------------------------------------------------------------------------------------------- 3. --out a file
+def test_out_that_is_a_file_or_under_a_file(tmp_path):
+    tone(tmp_path / "in" / "c" / "a.wav")
+    f = tmp_path / "afile"
+    f.write_text("mine")
+    with pytest.raises(SystemExit, match=r"--out .*afile is a file, not a folder"):
+        run("folder", str(tmp_path / "in"), "--out", str(f))
+    with pytest.raises(SystemExit, match=r"afile is a file, so no folder can be made under it"):
+        run("folder", str(tmp_path / "in"), "--out", str(f / "sub" / "x"))
+    assert f.read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------------- 4. options before the plan
+def test_bad_seed_is_refused_before_anything_is_written(tmp_path):
+    tone(tmp_path / "in" / "c" / "a.wav")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="--seed must be a whole number >= 0"):
+        run("folder", str(tmp_path / "in"), "--out", str(out), "--seed", "-1")
+    assert not out.exists()
+    assert run("folder", str(tmp_path / "in"), "--out", str(out), "--seed", "3") == 0
+
+
+def test_a_plan_without_work_does_not_lock_the_folder(tmp_path):
+    """An older version wrote plan.json, then failed: the folder refused every later command."""
+    tone(tmp_path / "in" / "c" / "a.wav")
+    out = tmp_path / "out"
+    (out / ".make-shards").mkdir(parents=True)
+    (out / ".make-shards" / "plan.json").write_text(json.dumps({"plan_hash": "other", "inputs": 1}))
+    assert run("folder", str(tmp_path / "in"), "--out", str(out)) == 0
+    assert not (out / ".make-shards").exists()
+    # a plan with journaled work is another command's interrupted run: still refused, with the way out
+    (out / ".make-shards").mkdir()
+    (out / ".make-shards" / "plan.json").write_text(json.dumps({"plan_hash": "other", "inputs": 1}))
+    (out / ".make-shards" / "journal.jsonl").write_text(json.dumps({"shard": None, "start": 0, "end": 1}) + "\n")
+    (out / "stats.json").unlink()
+    with pytest.raises(SystemExit, match="interrupted run with other inputs.*--overwrite"):
+        run("folder", str(tmp_path / "in"), "--out", str(out))
+
+
+# --------------------------------------------------------------------------------- 5. --overwrite another name
+def test_overwrite_with_another_name_deletes_the_earlier_set_only(tmp_path, capsys):
+    tone(tmp_path / "in" / "c" / "a.wav")
+    tone(tmp_path / "in" / "c" / "b.wav", freq=660)
+    out = tmp_path / "out"
+    assert run("folder", str(tmp_path / "in"), "--out", str(out), "--name", "first", "--shard-size", "1") == 0
+    assert sorted(p.name for p in out.glob("first-*.tar")) == ["first-000000.tar", "first-000001.tar"]
+    (out / "notes.txt").write_text("mine")
+    (out / "first-backup.tar").write_text("mine too")  # not a shard name make-shards writes
+    assert run("folder", str(tmp_path / "in"), "--out", str(out), "--name", "second", "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "first-backup.tar", "manifest.jsonl", "notes.txt", "second-000000.tar", "sizes.json", "stats.json",
+    ]
+    capsys.readouterr()
+    assert verify(out) == 0
+    assert "warning: first-backup.tar is not part of this shard set" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ 6. verify an interrupted run
+def test_verify_reports_an_interrupted_run_as_incomplete(tmp_path, capsys):
+    tone(tmp_path / "in" / "c" / "a.wav")
+    out = tmp_path / "out"
+    assert run("folder", str(tmp_path / "in"), "--out", str(out)) == 0
+    for name in ("sizes.json", "stats.json", "manifest.jsonl"):  # the state of a run killed after its first shard
+        (out / name).unlink()
+    (out / ".make-shards").mkdir()
+    (out / "shards-000001.tar.tmp").write_bytes(b"\0" * 512)
+    capsys.readouterr()
+    assert verify(out) == 1
+    text = capsys.readouterr().out
+    assert "INCOMPLETE" in text and "run the same make-shards command again" in text
+    assert "CORRUPT" not in text and "missing" not in text
+
+
+# ----------------------------------------------------------------------------------------------- 7. --top
+def test_verify_top(tmp_path, capsys):
+    tone(tmp_path / "in" / "c" / "a.wav")
+    out = tmp_path / "out"
+    assert run("folder", str(tmp_path / "in"), "--out", str(out)) == 0
+    capsys.readouterr()
+    assert verify(out, "--top", "0") == 0
+    text = capsys.readouterr().out
+    assert "labels: 1 classes present" in text and "top" not in text and text.rstrip().endswith("OK")
+    with pytest.raises(SystemExit) as e:
+        verify(out, "--top", "-1")
+    assert e.value.code == 2 and "--top" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not a folder"):
+        verify(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------------------- 8. manifest CSVs
+def test_manifest_bom_dedupe_and_empty_paths(tmp_path, capsys):
+    tone(tmp_path / "x.wav")
+    tone(tmp_path / "y.wav", freq=660)
+    csv = tmp_path / "list.csv"
+    csv.write_text(f"\ufeffpath,label\nx.wav,dog\n./x.wav,dog\n{tmp_path / 'x.wav'},dog\n,cat\ny.wav,cat\n  ,\n",
+                   encoding="utf-8")
+    out = tmp_path / "out"
+    assert run("manifest", str(csv), "--out", str(out)) == 0
+    printed = capsys.readouterr()
+    lines = manifest(out)
+    assert "shard" in lines["x.wav"] and "shard" in lines["y.wav"]
+    for dup in ("./x.wav", str(tmp_path / "x.wav")):
+        assert lines[dup]["skipped"] == "duplicate" and "same file as 'x.wav' (line 2)" in lines[dup]["detail"]
+    assert "ignored 2 row(s) with an empty path (line 5, 7)" in printed.err
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["classes"] == ["cat", "dog"] and stats["skipped"] == {"duplicate": 2}
+
+
+def test_manifest_encoding_and_column_errors(tmp_path, capsys):
+    tone(tmp_path / "x.wav")
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes(b"path,label\nx.wav,dog\nx.wav,caf\xe9\n")
+    with pytest.raises(SystemExit, match=r"latin1\.csv: line 3 is not UTF-8 .*save the file as UTF-8"):
+        run("manifest", str(bad), "--out", str(tmp_path / "o"))
+    typo = tmp_path / "typo.csv"
+    typo.write_text("path,labels\nx.wav,dog\n")
+    with pytest.raises(SystemExit, match=r"unknown column 'labels' \(did you mean 'label'\?\); accepted columns: "
+                                         r"path, label"):
+        run("manifest", str(typo), "--out", str(tmp_path / "o"))
+    extra = tmp_path / "extra.csv"
+    extra.write_text("Path,duration\nx.wav,7\n")
+    assert run("manifest", str(extra), "--out", str(tmp_path / "o")) == 0
+    assert "ignored column(s) 'duration' (accepted: path, label); there is no 'label' column, so every clip is " \
+           "unlabelled" in capsys.readouterr().err
+    nopath = tmp_path / "nopath.csv"
+    nopath.write_text("file,label\nx.wav,dog\n")
+    with pytest.raises(SystemExit, match="needs a 'path' column"):
+        run("manifest", str(nopath), "--out", str(tmp_path / "o2"))
+    missing = tmp_path / "missing.csv"
+    missing.write_text("path\nnot_there.wav\n")
+    with pytest.raises(SystemExit, match=r"nothing written: all 1 inputs were skipped \(not_found 1\); the listed "
+                                         r"files do not exist"):
+        run("manifest", str(missing), "--out", str(tmp_path / "o3"))
+    assert "no such file" in manifest(tmp_path / "o3")["not_there.wav"]["detail"]
+
+
+# ------------------------------------------------------------------------------------------- 9. AudioSet CSVs
+def test_audioset_csvs_with_bom_or_plain_header(tmp_path):
+    tone(tmp_path / "root" / "Y--PJHxphWEs.wav", 10.0)
+    plain = 'YTID,start_seconds,end_seconds,positive_labels\n--PJHxphWEs,30,40,"/m/09x0r,/m/04rlf"\n'
+    out = tmp_path / "out"
+    assert run(*audioset_files(tmp_path, "\ufeff" + plain, "\ufeff" + CLASS_INDEX), "--out", str(out)) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["written"] == 1 and stats["classes"] == ["Speech", "Music, all kinds"]
+    assert stats["segments"] == {"in_csvs": 1, "with_file": 1, "missing": 0}
+    bom_hash = "\ufeff" + SEGMENTS  # a BOM before AudioSet's '#' lines
+    assert run(*audioset_files(tmp_path, bom_hash), "--out", str(tmp_path / "o2")) == 0
+
+
+@pytest.mark.parametrize(
+    "segments,class_index,error",
+    [
+        ('# h\n--PJHxphWEs, thirty, 40, "/m/09x0r"\n', CLASS_INDEX,
+         r"seg\.csv: line 2 \(data row 1\): start 'thirty' is not a number of seconds"),
+        ('--PJHxphWEs, 30, 40, "/m/09x0r"\n--PJHxphWEs, 50, nan, "/m/09x0r"\n', CLASS_INDEX,
+         r"seg\.csv: line 2 \(data row 2\): end 'nan' is not a number of seconds"),
+        ('--PJHxphWEs, 30, 20, "/m/09x0r"\n', CLASS_INDEX, r"line 1 \(data row 1\): end 20 is not after start 30"),
+        ('--PJHxphWEs, 30, 40\n', CLASS_INDEX, r"line 1 \(data row 1\) has 3 fields"),
+        (SEGMENTS, "index,mid,display_name\nx,/m/09x0r,Speech\n", r"ci\.csv: line 2: index 'x' is not a whole number"),
+        (SEGMENTS, b"index,mid,display_name\n0,/m/09x0r,Sp\xe9ech\n", r"ci\.csv: line 2 is not UTF-8"),
+    ],
+)
+def test_audioset_csv_errors_name_file_and_row(tmp_path, segments, class_index, error):
+    tone(tmp_path / "root" / "Y--PJHxphWEs.wav", 10.0)
+    with pytest.raises(SystemExit, match=error):
+        run(*audioset_files(tmp_path, segments, class_index), "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------ 10. symlinks
+def test_symlink_loops_aliases_and_broken_links(tmp_path, capsys):
+    d = tmp_path / "lp"
+    tone(d / "cls" / "a.wav")
+    try:
+        (d / "cls" / "loop").symlink_to("..")
+    except OSError:
+        pytest.skip("no symlinks here")
+    (d / "cls" / "alias.wav").symlink_to("a.wav")
+    (d / "cls" / "broken.wav").symlink_to("nothere.wav")
+    (d / "again").symlink_to("cls")  # a second name for a folder: entered once
+    tone(tmp_path / "ext" / "b.wav", freq=550)
+    tone(tmp_path / "ext" / "deep" / "c.wav", freq=660)
+    (d / "zz_ext").symlink_to(tmp_path / "ext")  # outside the tree: entered, once
+    (d / "aa_deep").symlink_to(tmp_path / "ext" / "deep")  # met first; zz_ext/deep is then not entered again
+    out = tmp_path / "out"
+    assert run("folder", str(d), "--out", str(out)) == 0
+    lines = manifest(out)
+    assert set(lines) == {"cls/a.wav", "cls/alias.wav", "cls/broken.wav", "zz_ext/b.wav", "aa_deep/c.wav"}
+    assert lines["cls/alias.wav"]["skipped"] == "duplicate" and "same file as cls/a.wav" in lines["cls/alias.wav"][
+        "detail"]
+    assert lines["cls/broken.wav"]["skipped"] == "not_found"
+    assert "broken symbolic link" in lines["cls/broken.wav"]["detail"]
+    assert json.loads((out / "stats.json").read_text())["written"] == 3
+    assert "did not enter 3 symlinked folder(s) whose target is scanned anyway" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- 11. other people's files
+def test_foreign_stats_json_is_named_and_kept(tmp_path):
+    tone(tmp_path / "in" / "c" / "a.wav")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stats.json").write_text("my own notes, not JSON\n")
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as e:
+            run("folder", str(tmp_path / "in"), "--out", str(out), *extra)
+        msg = str(e.value)
+        assert str(out / "stats.json") in msg and "move it out of" in msg and "\n" not in msg
+    assert (out / "stats.json").read_text() == "my own notes, not JSON\n"
+    assert sorted(p.name for p in out.iterdir()) == ["stats.json"]
+
+
+def test_verify_only_warns_about_unrelated_tar_files(tmp_path, capsys):
+    tone(tmp_path / "in" / "c" / "a.wav")
+    out = tmp_path / "out"
+    assert run("folder", str(tmp_path / "in"), "--out", str(out)) == 0
+    (out / "backup.tar").write_bytes(b"not even a tar")
+    capsys.readouterr()
+    assert verify(out) == 0
+    assert "warning: backup.tar is not part of this shard set" in capsys.readouterr().out
+    shutil.copy(out / "shards-000000.tar", out / "shards-000007.tar")  # a stray shard of this very set: a problem
+    assert verify(out) == 1
+    assert "shards-000007.tar looks like a shard of this set but is not in sizes.json" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------- 12. docs match behaviour
+def test_audioset_missing_count_in_final_summary_and_stats(tmp_path, capsys):
+    tone(tmp_path / "root" / "Y--PJHxphWEs.wav", 10.0)
+    out = tmp_path / "out"
+    assert run(*audioset_files(tmp_path, SEGMENTS), "--out", str(out)) == 0
+    printed = capsys.readouterr()
+    line = "segments in CSVs: 3; with an audio file: 1; missing: 2"
+    assert line in printed.err and line in printed.out.splitlines()[1]
+    assert json.loads((out / "stats.json").read_text())["segments"] == {"in_csvs": 3, "with_file": 1, "missing": 2}
+
+
+def test_truncated_clip_rule_matches_help(tmp_path):
+    """A 4 s file for a 10 s segment: too_short by default, written with the flag 'truncated' under --short pad."""
+    tone(tmp_path / "root" / "Y--PJHxphWEs.wav", 4.0)
+    tone(tmp_path / "root" / "AE5oZzfu2-E_239.8.wav", 10.0)
+    args = audioset_files(tmp_path, SEGMENTS)
+    assert run(*args, "--out", str(tmp_path / "drop")) == 0
+    assert manifest(tmp_path / "drop")["Y--PJHxphWEs.wav"]["skipped"] == "too_short"
+    assert run(*args, "--out", str(tmp_path / "pad"), "--short", "pad") == 0
+    assert manifest(tmp_path / "pad")["Y--PJHxphWEs.wav"]["flags"] == ["truncated"]
+    sub = build_parser()._subparsers._group_actions[0].choices["audioset"]
+    help_text = " ".join(sub.format_help().split())
+    assert "is kept with the flag 'truncated'" not in help_text
+    assert "written if it has at least --min-frames frames, else --short decides" in help_text
+
+
+def test_pad_zero_frame_detail(tmp_path):
+    tone(tmp_path / "in" / "c" / "tiny.wav", 0.01)
+    tone(tmp_path / "in" / "c" / "ok.wav")
+    out = tmp_path / "out"
+    assert run("folder", str(tmp_path / "in"), "--out", str(out), "--short", "pad") == 0
+    detail = manifest(out)["c/tiny.wav"]["detail"]
+    assert "608" not in detail and "no log-mel frame" in detail
+    assert run("folder", str(tmp_path / "in"), "--out", str(tmp_path / "drop")) == 0
+    assert "< --min-frames 608" in manifest(tmp_path / "drop")["c/tiny.wav"]["detail"]
+
+
+@pytest.mark.parametrize("name", ["my set", "a[", "a*", "x.y", "é"])
+def test_name_is_letters_digits_underscore_dash(tmp_path, name):
+    tone(tmp_path / "in" / "c" / "a.wav")
+    with pytest.raises(SystemExit, match=r"--name .*use only letters, digits, '_' and '-'"):
+        run("folder", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--name", name)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif("MP3" not in sf.available_formats(), reason="libsndfile without MP3")
+def test_text_named_mp3_is_undecodable_and_quiet(tmp_path, capfd):
+    d = tmp_path / "in" / "c"
+    tone(d / "ok.wav")
+    (d / "text.mp3").write_text("hello, this is not audio\n" * 50)
+    (d / "zeros.mp3").write_bytes(b"ID3" + bytes(300))
+    out = tmp_path / "out"
+    assert run("folder", str(tmp_path / "in"), "--out", str(out)) == 0
+    err = capfd.readouterr().err
+    assert "Note:" not in err and "libmpg123" not in err
+    lines = manifest(out)
+    for src in ("c/text.mp3", "c/zeros.mp3"):
+        assert lines[src]["skipped"] == "undecodable"
+        assert "not a valid .mp3 audio file" in lines[src]["detail"] and "pipe" not in lines[src]["detail"]
+
+
+def test_readme_lists_every_skip_reason():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## 1. Making shards") : readme.index("## 2.")]
+    code = "".join(p.read_text() for p in (ROOT / "shard_tools").glob("*.py"))
+    reasons = set(re.findall(r'Skip\(\s*"([a-z_]+)"', code)) | set(re.findall(r'skip="([a-z_]+)"', code))
+    reasons |= set(re.findall(r'"(not_found|duplicate|partial_download|not_in_csv)"', code))
+    assert {"not_found", "too_short", "undecodable", "duplicate"} <= reasons
+    for reason in reasons:
+        assert f"`{reason}`" in section, reason
