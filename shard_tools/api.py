@@ -47,6 +47,7 @@ def make_audioset_shards(
 
 
 def verify_shards(out_dir: str | Path, progress: bool = False) -> dict:
-    """Check every sample; returns {'ok', 'problems', 'shards', 'samples', 'frames', 'hours', 'labels', 'flags'}."""
+    """Check every sample; returns {'ok', 'problems', 'warnings', 'shards', 'samples', 'frames', 'hours', 'labels',
+    'flags'} ('problems' includes an interrupted run; 'warnings' leave the set usable, e.g. a foreign .tar file)."""
     report: Report = verify(out_dir, progress=progress)
     return report.to_dict()
