@@ -142,15 +142,35 @@ class Encoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------ loading
+ACCEPTED_FORMATS = (
+    "accepted: a dict of tensors (optionally under 'model', with a 'config' dict) saved with torch.save, "
+    "a .safetensors file, or a trainer checkpoint folder"
+)
+
+
 def _read_file(path: Path) -> dict:
+    """Tensors only: safetensors, or torch.load(weights_only=True). Any failure is one line that never suggests
+    loading with weights_only=False (torch's own message does): a checkpoint from a stranger must not run code."""
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: all mean "not a safetensors file"
+            reason = _first_line(e)
+            raise ValueError(f"{path}: not a readable .safetensors file ({reason}); {ACCEPTED_FORMATS}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure here is "not a weights-only checkpoint"
-        raise ValueError(f"{path}: cannot read as a weights-only torch checkpoint ({type(e).__name__}: {e})") from None
+    except Exception:  # noqa: BLE001 - any failure here is "not a weights-only checkpoint"; torch's text is not shown
+        raise ValueError(
+            f"{path}: not a checkpoint this tool can load safely (read weights-only: tensors and plain containers, "
+            f"no pickled objects); {ACCEPTED_FORMATS}"
+        ) from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
 
 
 def _read_path(path: Path) -> tuple[dict, dict | None]:
@@ -163,12 +183,21 @@ def _read_path(path: Path) -> tuple[dict, dict | None]:
         cfg = None
         for d in (path, path.parent, path.parent.parent):  # run_dir/checkpoints/step_X -> run_dir/config.json
             if (d / "config.json").exists():
-                cfg = json.loads((d / "config.json").read_text()).get("model")
+                cfg = _read_run_config(d / "config.json")
                 break
         return _read_file(found[0]), cfg
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
     return _read_file(path), None
+
+
+def _read_run_config(path: Path) -> dict | None:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON run config ({_first_line(e)}); fix or remove it") from None
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    return model if isinstance(model, dict) else None
 
 
 def _unwrap(obj) -> tuple[dict, dict | None]:

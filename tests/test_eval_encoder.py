@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -40,8 +41,9 @@ def test_cli_with_exported_tiny_checkpoint(tone_folder, tmp_path, capsys):  # no
               "--out", str(out), "--cache-dir", str(cache), "--max-epochs", "40", "--lr", "1e-2"]  # fmt: skip
     assert cli.main(["--checkpoint", str(ckpt)] + common) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
-    assert RESULT_RE.match(last) and "checkpoint=tiny_encoder " in last
-    r = json.loads((out / "tones-kfold-3__tiny_encoder__linear.json").read_text())
+    assert RESULT_RE.match(last) and re.search(r"checkpoint=tiny_encoder-[0-9a-f]{8} ", last)  # stem + sha8
+    name = re.search(r"checkpoint=(\S+)", last).group(1)
+    r = json.loads((out / f"tones-kfold-3__{name}__linear.json").read_text())
     assert r["embedding_dim"] == 320 and r["embedder_identity"].startswith("ckpt:")
     # the cached embeddings are exactly the encoder's clip embeddings of the cropped/padded audio
     (npz,) = cache.glob("*.npz")
@@ -53,7 +55,7 @@ def test_cli_with_exported_tiny_checkpoint(tone_folder, tmp_path, capsys):  # no
     assert cli.main(["--checkpoint", "random"] + common) == 0
     assert "checkpoint=random-tiny " in capsys.readouterr().out.strip().splitlines()[-1]
     table = (out / "results.md").read_text()
-    assert "| tiny_encoder |" in table and "| random-tiny |" in table
+    assert f"| {name} |" in table and "| random-tiny |" in table
     with pytest.raises(SystemExit, match="no such file"):
         cli.main(["--checkpoint", str(tmp_path / "nope.pt")] + common)
 

@@ -7,7 +7,11 @@ Example (FSDD, leave-one-speaker-out, the log-mel baseline):
 from __future__ import annotations
 
 import argparse
+import hashlib
+import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,8 +19,8 @@ import numpy as np
 import torch
 
 from matpac_fast.evaluation import embed, report
-from matpac_fast.evaluation.datasets import LabelledSet, load_dataset
-from matpac_fast.evaluation.folds import make_folds, parse_scheme
+from matpac_fast.evaluation.datasets import LabelledSet, UnknownLabels, load_dataset, select_classes
+from matpac_fast.evaluation.folds import Scheme, make_folds, parse_scheme
 from matpac_fast.evaluation.metrics import metric_name
 from matpac_fast.evaluation.probe import LinearProbeConfig, ProbeSettings, run_probes, summarize
 
@@ -112,52 +116,202 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--projection", default="pca", choices=["pca", "tsne", "none"], help="2-D projection for the PNG")
     e.add_argument(
         "--classes",
-        help="allowed labels (comma-separated, or a file with one per line); any other label in the CSV is an error",
+        help="evaluate only these labels (comma-separated, or a .txt/.csv file with one label per line), for any "
+        "--data layout; clips of other labels are left out, a label the data does not have is an error",
     )
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
 
+CLASS_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".lst")
+
+
 def _classes(arg: str | None) -> list[str] | None:
+    """--classes -> labels. A value naming an existing file is read (one label per line, or comma-separated); a
+    value ending in .txt/.csv that does not exist is an error (not a label list)."""
     if arg is None:
         return None
-    p = Path(arg)
-    items = p.read_text().split("\n") if p.is_file() else arg.split(",")
-    return [s.strip() for s in items if s.strip()]
+    p = Path(arg).expanduser()
+    if p.is_dir():
+        raise ValueError(f"--classes {arg}: is a folder; give a file with one label per line, or labels a,b,c")
+    if p.is_file():
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--classes {arg}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        items = [x for line in text.splitlines() for x in line.split(",")]
+    elif arg.lower().endswith(CLASS_FILE_SUFFIXES):
+        raise ValueError(f"--classes {arg}: no such file; give an existing file with one label per line")
+    else:
+        items = arg.split(",")
+    labels = list(dict.fromkeys(s.strip() for s in items if s.strip()))
+    if not labels:
+        raise ValueError(f"--classes {arg!r}: no labels in it; give comma-separated labels or a file, one per line")
+    return labels
+
+
+def _looks_like_path(arg: str) -> bool:
+    return os.sep in arg or "/" in arg
 
 
 def _auto_clip_seconds(ds: LabelledSet) -> float:
+    """The longest readable clip (at most MAX_AUTO_CLIP_SECONDS); unreadable files are reported by the embedding."""
     import soundfile as sf
 
-    longest = max(sf.info(c.path).duration for c in ds.clips)
+    durations = []
+    for c in ds.clips:
+        try:
+            durations.append(sf.info(c.path).duration)
+        except Exception:  # noqa: BLE001 - decoding errors are reported (and the clip skipped) by embed.extract
+            pass
+    longest = max(durations, default=1.0)
     return float(min(MAX_AUTO_CLIP_SECONDS, max(longest, 0.1)))
 
 
 def _validate(a: argparse.Namespace) -> None:
+    """Every argument check that needs no data: all of them run before any file is read or embedded."""
     for name in ("seeds", "embed_batch", "probe_batch", "max_epochs", "patience"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if a.lr <= 0:
+    if not (math.isfinite(a.lr) and a.lr > 0):
         raise ValueError("--lr must be > 0")
-    if a.clip_seconds is not None and a.clip_seconds <= 0:
-        raise ValueError("--clip-seconds must be > 0")
+    if not (math.isfinite(a.weight_decay) and a.weight_decay >= 0):
+        raise ValueError("--weight-decay must be >= 0")
+    if not 0.0 < a.val_fraction < 1.0:
+        raise ValueError(f"--val-fraction must be between 0 and 1 (exclusive), got {a.val_fraction}")
+    if not (math.isfinite(a.logreg_c) and a.logreg_c > 0):
+        raise ValueError(f"--logreg-c must be > 0, got {a.logreg_c}")
+    if a.clip_seconds is not None:
+        n_fft = embed.get_spec("matpac").n_fft
+        if not (math.isfinite(a.clip_seconds) and a.clip_seconds * embed.SAMPLE_RATE >= n_fft):
+            raise ValueError(f"--clip-seconds must be >= {n_fft / embed.SAMPLE_RATE:.3f}, got {a.clip_seconds}")
+    if a.task is not None and (not a.task.strip() or any(ch.isspace() for ch in a.task)):
+        raise ValueError(f"--task {a.task!r}: give a non-empty name without spaces (it is a field of the RESULT line)")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device visible; use --device cpu")
 
 
+def _writable_dir(path: Path, option: str, hint: str) -> Path | None:
+    """Create `path` if needed and check a file can be written there; -> the topmost folder created (or None)."""
+    path = path.expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path}: exists and is not a folder; {hint}")
+    created = next((d for d in reversed([path, *path.parents]) if not d.exists()), None)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"{option} {path}: cannot create or write this folder ({e.strerror or e}); {hint}") from None
+    return created
+
+
+def _remove_created(out: Path, created: Path | None) -> None:
+    """Undo `_writable_dir` for a run that failed before writing anything: remove the empty folders it made."""
+    if created is None:
+        return
+    d = out.expanduser()
+    try:
+        while True:
+            d.rmdir()  # only succeeds on an empty folder
+            if d == created:
+                break
+            d = d.parent
+    except OSError:
+        pass
+
+
+def _check_classes(ds: LabelledSet, context: str) -> None:
+    present = {lab for c in ds.clips for lab in c.labels}
+    if not ds.clips:
+        raise ValueError(f"{ds.source}: no clips left{context}")
+    if len(present) < 2:
+        raise ValueError(
+            f"{ds.source}: only one class ({next(iter(present))!r}){context}; a probe needs at least 2 classes"
+        )
+
+
+def _load(a: argparse.Namespace, classes: list[str] | None) -> LabelledSet:
+    ds = load_dataset(a.data)
+    if classes is None:
+        return ds
+    n_all, n_classes = len(ds), len(ds.classes)
+    try:
+        select_classes(ds, classes)
+    except UnknownLabels as e:
+        if _looks_like_path(a.classes) and not Path(a.classes).expanduser().exists():  # a mistyped path
+            raise ValueError(f"--classes {a.classes}: no such file (nor labels of the data); {e.known_hint}") from None
+        raise
+    _note(f"--classes keeps {len(ds.classes)} of {n_classes} classes: {len(ds)} of {n_all} clips")
+    return ds
+
+
+def _task_name(a: argparse.Namespace, ds: LabelledSet, scheme: Scheme, classes: list[str] | None) -> str:
+    if a.task:
+        return a.task
+    name = ds.name
+    if classes is not None:
+        joined = "_".join(ds.classes)
+        digest = hashlib.sha256(joined.encode()).hexdigest()[:6]
+        short = joined if len(joined) <= 24 else f"{len(ds.classes)}-{digest}"
+        name += f"-classes_{report.safe_name(short)}"
+    return name if scheme.kind == "official" else f"{name}-{scheme.slug}"
+
+
+def _drop_skipped(ds: LabelledSet, ex: embed.Extracted) -> None:
+    """Keep the clips that were embedded; warn once, naming the files left out."""
+    n = len(ds)
+    listed = ", ".join(f"{p} ({r})" for p, r in ex.skipped[:3]) + (
+        f", ... ({len(ex.skipped) - 3} more)" if len(ex.skipped) > 3 else ""
+    )
+    embed.warn(f"skipped {len(ex.skipped)} of {n} clips that cannot be decoded: {listed}; all are listed in the JSON")
+    ds.clips = [c for c, ok in zip(ds.clips, ex.ok) if ok]
+    present = {lab for c in ds.clips for lab in c.labels}
+    gone = [c for c in ds.classes if c not in present]
+    if gone and len(present) >= 2:
+        embed.warn(f"no decodable clip left for class(es) {', '.join(map(repr, gone))}; evaluating without them")
+    ds.classes = [c for c in ds.classes if c in present]
+    _check_classes(ds, f" after skipping {len(ex.skipped)} undecodable clips of {n}")
+
+
+def _note(msg: str) -> None:
+    print(f"matpac-eval: {msg}", file=sys.stderr, flush=True)
+
+
 def run(a: argparse.Namespace) -> dict:
+    """The whole evaluation; every argument, the data, the protocol and --out are checked before any embedding."""
     _validate(a)
-    ds = load_dataset(a.data, classes=_classes(a.classes))
+    classes = _classes(a.classes)
     scheme = parse_scheme(a.folds)
-    folds = make_folds(ds, scheme, seed=a.seed)
-    task = a.task or (ds.name if scheme.kind == "official" else f"{ds.name}-{scheme.slug}")
+    out = Path(a.out).expanduser()
+    if not a.no_cache:
+        _writable_dir(a.cache_dir, "--cache-dir", "give a writable --cache-dir or pass --no-cache")
+    created = _writable_dir(out, "--out", "give a folder that can be created and written (results go inside it)")
+    try:
+        return _run(a, classes, scheme, out)
+    except BaseException:
+        _remove_created(out, created)
+        raise
+
+
+def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: Path) -> dict:
+    ds = _load(a, classes)
+    _check_classes(ds, " after --classes" if classes is not None else "")
+    make_folds(ds, scheme, seed=a.seed)  # the protocol is valid for this data (made again if clips are skipped)
+    task = _task_name(a, ds, scheme, classes)
     clip_seconds = a.clip_seconds or ds.default_clip_seconds or _auto_clip_seconds(ds)
     embedder = embed.make_embedder(a.checkpoint, preset=a.preset, device=a.device, seed=a.seed)
+    name, replaces = report.unique_name(out, task, embedder.name, a.probe, embedder.identity)
+    if name != embedder.name:
+        _note(f"{out} already holds a result of another embedder named {embedder.name!r}; this one is {name!r}")
     settings = embed.ExtractSettings(clip_seconds, a.embed_batch, None if a.no_cache else a.cache_dir, not a.quiet)
     t0 = time.perf_counter()
-    X, hit = embed.extract(ds, embedder, ds.name, settings)
+    ex = embed.extract(ds, embedder, ds.name, settings)
     t_embed = time.perf_counter() - t0
-    Y = ds.targets()
+    if ex.skipped:
+        _drop_skipped(ds, ex)
+    folds = make_folds(ds, scheme, seed=a.seed)
+    X, Y = ex.emb, ds.targets()
     probe = ProbeSettings(
         a.probe, a.seeds,
         LinearProbeConfig(a.lr, a.weight_decay, a.probe_batch, a.max_epochs, a.patience, a.val_fraction),
@@ -169,23 +323,33 @@ def run(a: argparse.Namespace) -> dict:
     mean, std = summarize(runs)
     result = {
         "task": task, "dataset": ds.name, "layout": ds.layout, "data": str(a.data), "folds": a.folds,
-        "checkpoint": a.checkpoint, "checkpoint_name": embedder.name, "embedder_identity": embedder.identity,
+        "checkpoint": a.checkpoint, "checkpoint_name": name, "embedder_identity": embedder.identity,
         "preset": a.preset if a.checkpoint != "logmel" else None, "probe": a.probe,
         "probe_config": vars(probe.linear) if a.probe == "linear" else {"C": a.logreg_c},
         "metric": metric_name(ds.multilabel), "mean": mean, "std": std, "n_clips": len(ds),
-        "n_classes": len(ds.classes), "clip_seconds": clip_seconds, "embedding_dim": int(X.shape[1]),
-        "device": a.device, "cache_hit": hit, "embed_seconds": t_embed, "probe_seconds": t_probe,
-        "runs": [vars(r) for r in runs],
+        "n_classes": len(ds.classes), "classes": list(ds.classes), "clip_seconds": clip_seconds,
+        "embedding_dim": int(X.shape[1]), "device": a.device, "cache_hit": ex.cache_hit,
+        "embed_seconds": t_embed, "probe_seconds": t_probe,
+        "skipped": [{"path": p, "reason": r} for p, r in ex.skipped], "runs": [vars(r) for r in runs],
     }  # fmt: skip
-    out = Path(a.out)
-    report.write_json(out, result)
+    if replaces is not None:
+        _note(f"replacing the earlier result of this embedder: {replaces}")
+    result["json"] = str(report.write_json(out, result))
     result["table"] = report.write_table(out)
     if a.projection != "none":
-        label = Y if not ds.multilabel else Y.argmax(1)  # multi-label: colour by the first label
-        xy = report.project_2d(X, a.projection, seed=a.seed)
-        report.save_projection(out, task, embedder.name, ds.name, xy, label, ds.classes, a.projection)
-        result["png"] = report.plot_projections(out, ds.name)
+        _projection(a, out, task, name, ds, X, Y, result)
     return result
+
+
+def _projection(a, out: Path, task: str, name: str, ds: LabelledSet, X, Y, result: dict) -> None:
+    """The PNG is a by-product: a projection that cannot be made is a warning, never a lost result."""
+    label = Y if not ds.multilabel else Y.argmax(1)  # multi-label: colour by the first label
+    try:
+        xy = report.project_2d(X, a.projection, seed=a.seed)
+        report.save_projection(out, task, name, ds.name, xy, label, ds.classes, a.projection)
+        result["png"] = report.plot_projections(out, ds.name)
+    except (ValueError, OSError) as e:
+        embed.warn(f"no {a.projection} projection ({e}); the results are written")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         r = run(a)
     except ValueError as e:
         raise SystemExit(f"matpac-eval: error: {e}") from None
+    except OSError as e:  # e.g. the disk filled up or --out was removed while the probes ran
+        where = f"{e.filename}: " if e.filename else ""
+        raise SystemExit(f"matpac-eval: error: {where}{e.strerror or e}") from None
     per_fold = {}
     for run_ in r["runs"]:
         per_fold.setdefault(run_["fold"], []).append(run_["score"])

@@ -88,14 +88,21 @@ class LabelledSet:
 
 # ---------------------------------------------------------------------------------------------------------------
 def load_dataset(data: str | os.PathLike, classes: list[str] | None = None) -> LabelledSet:
-    """Resolve `data` (folder, CSV, or known layout root) into a LabelledSet; one-line ValueError on mistakes."""
+    """Resolve `data` (folder, CSV, or known layout root) into a LabelledSet; one-line ValueError on mistakes.
+
+    `classes` (optional, any layout) keeps only those labels: see `select_classes`."""
+    ds = _load_any(data)
+    return ds if classes is None else select_classes(ds, classes)
+
+
+def _load_any(data: str | os.PathLike) -> LabelledSet:
     p = Path(data).expanduser()
     if not p.exists():
         raise ValueError(f"--data {data}: no such file or folder")
     if p.is_file():
         if p.suffix.lower() != ".csv":
             raise ValueError(f"--data {data}: expected a folder or a .csv file")
-        return _from_csv_file(p, classes)
+        return _from_csv_file(p)
     if (p / "labels.csv").is_file() and _is_fsdd_csv(p / "labels.csv"):
         return load_fsdd(p)
     if (p / "meta" / "esc50.csv").is_file():
@@ -108,18 +115,51 @@ def load_dataset(data: str | os.PathLike, classes: list[str] | None = None) -> L
         return load_gtzan(g)
     for name in ("labels.csv", "meta.csv", "metadata.csv"):
         if (p / name).is_file():
-            return load_csv(p / name, classes=classes)
-    return load_folder(p, classes=classes)
+            return load_csv(p / name)
+    return load_folder(p)
 
 
-def _from_csv_file(p: Path, classes: list[str] | None) -> LabelledSet:
+class UnknownLabels(ValueError):
+    """--classes names labels the data does not have; the message lists the known ones."""
+
+    def __init__(self, bad: list[str], source: str, known: list[str]):
+        self.bad, self.known = bad, known
+        self.known_hint = f"known labels: {_short(known, 50)}"
+        s = "s" if len(bad) > 1 else ""
+        super().__init__(f"--classes: unknown label{s} {', '.join(map(repr, bad[:5]))} in {source} ({self.known_hint})")
+
+
+def select_classes(ds: LabelledSet, wanted: list[str]) -> LabelledSet:
+    """Keep the clips of the `wanted` labels (in place, returns `ds`). Multi-label clips keep their wanted labels
+    and are dropped when none is left. A wanted label the data does not have is a ValueError listing the known ones.
+    The class order stays the dataset's (so FSDD "2,0,1" and "0,1,2" give the same task)."""
+    wanted = list(dict.fromkeys(w.strip() for w in wanted if w.strip()))
+    if not wanted:
+        raise ValueError("--classes: no label given; pass comma-separated labels or a file with one per line")
+    present = {lab for c in ds.clips for lab in c.labels}
+    known = [c for c in ds.classes if c in present] + _sorted_labels(present - set(ds.classes))
+    bad = [w for w in wanted if w not in present]
+    if bad:
+        raise UnknownLabels(bad, ds.source, known)
+    keep = set(wanted)
+    clips = []
+    for c in ds.clips:
+        labels = tuple(lab for lab in c.labels if lab in keep)
+        if labels:
+            c.labels = labels
+            clips.append(c)
+    ds.clips, ds.classes = clips, [c for c in known if c in keep]
+    return ds
+
+
+def _from_csv_file(p: Path) -> LabelledSet:
     if p.name == "esc50.csv" and p.parent.name == "meta":
         return load_esc50(p.parent.parent)
     if p.name == "UrbanSound8K.csv":
         return load_us8k(p.parent.parent)
     if _is_fsdd_csv(p):
         return load_fsdd(p.parent)
-    return load_csv(p, classes=classes)
+    return load_csv(p)
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -154,7 +194,8 @@ def load_csv(
     layout: str = "csv",
     name: str | None = None,
 ) -> LabelledSet:
-    """Generic labelled CSV. `classes` (optional) is the allowed vocabulary: any other label is an error."""
+    """Generic labelled CSV. `classes` (optional) is the allowed vocabulary: any other label is an error (the known
+    layouts use it for their fixed vocabularies; `--classes` filters instead, see `select_classes`)."""
     path = Path(path)
     fields, rows = _read_rows(path)
     fcol = file_column or _pick(fields, FILE_COLUMNS, "file", path)

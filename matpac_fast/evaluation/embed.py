@@ -12,9 +12,17 @@ Audio: soundfile decode -> mono (mean of channels) -> 16 kHz (the front end's Ka
 start / zero-pad at the end to exactly `clip_seconds` (a fixed length keeps batches rectangular; each task has its
 own length: FSDD 1 s, ESC-50 5 s, US8K 4 s, GTZAN 30 s).
 
-Cache: `<cache_dir>/<task>-<embedder>-<key16>.npz` holding `emb` (n, D) float32 and `paths`; the key hashes the
-embedder identity (checkpoint file SHA-256, or preset + seed), the data (file paths, sizes, mtimes), clip seconds,
-sample rate and this module's version. Loaded with allow_pickle=False.
+A file that cannot be decoded (unknown format, empty, truncated, no samples, NaN/inf samples) is skipped, not
+fatal: `extract` returns which clips were embedded and why the others were not; the caller reports them.
+
+Names: a checkpoint file is named `<stem>-<sha8>` (the first 8 hex digits of its SHA-256), with the nearest
+informative folder in front of a generic stem: runs/u/encoder.pt -> `u-encoder-1a2b3c4d`, so two runs' encoder.pt
+files never share a name (or a results row); `random-<preset>` (plus `-seed<N>` for N != 0); `logmel`.
+
+Cache: `<cache_dir>/<task>-<embedder>-<key16>.npz` holding `emb` (n_ok, D) float32, `paths` (n,), `ok` (n,) bool and
+`reasons` (n,) (why a clip was skipped, "" if embedded); the key hashes the embedder identity (checkpoint file
+SHA-256, or preset + seed), the data (file paths, sizes, mtimes), clip seconds, sample rate and this module's
+version. Loaded with allow_pickle=False; an unreadable or inconsistent entry is reported, deleted and recomputed.
 """
 
 from __future__ import annotations
@@ -22,7 +30,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from dataclasses import dataclass
+import re
+import sys
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +65,34 @@ def _kaiser(orig_sr: int, new_sr: int):
 
 
 # --- audio --------------------------------------------------------------------------------------------------------
+class UnreadableAudio(ValueError):
+    """A clip that cannot be used; `reason` is short (for a one-line report listing several files)."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: cannot decode audio ({reason}); convert it to wav/flac or drop it")
+        self.path, self.reason = path, reason
+
+
+def _reason(e: Exception) -> str:
+    text = getattr(e, "error_string", None) or str(e) or type(e).__name__  # LibsndfileError: "Format not recognised."
+    return text.strip().splitlines()[0].rstrip(".")[:120]
+
+
 def load_clip(path: str, clip_samples: int, spec: FrontendSpec) -> np.ndarray:
-    """float32 (clip_samples,) at spec.sample_rate: decoded, mono, resampled, cropped from the start / zero-padded."""
+    """float32 (clip_samples,) at spec.sample_rate: decoded, mono, resampled, cropped from the start / zero-padded.
+    Raises UnreadableAudio (a ValueError) for a file that cannot be decoded or holds no usable samples."""
     import soundfile as sf
 
     try:
         wave, sr = sf.read(path, dtype="float32", always_2d=False)
-    except Exception as e:  # soundfile raises several types; the user needs the file name, not the type
-        raise ValueError(f"{path}: cannot decode audio ({e}); convert it to wav/flac or drop it") from None
+    except Exception as e:  # noqa: BLE001 - soundfile raises several types; the user needs the file name, not the type
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        raise UnreadableAudio(path, "empty file" if empty else _reason(e)) from None
     wave = to_mono(wave)
+    if wave.size == 0:
+        raise UnreadableAudio(path, "no audio samples")
+    if not np.isfinite(wave).all():
+        raise UnreadableAudio(path, "NaN or infinite samples")
     if sr != spec.sample_rate:
         x = torch.from_numpy(wave)
         wave = (_kaiser(sr, spec.sample_rate)(x) if spec.resampler == "kaiser" else resample(x, sr, spec)).numpy()
@@ -70,6 +100,10 @@ def load_clip(path: str, clip_samples: int, spec: FrontendSpec) -> np.ndarray:
     n = min(len(wave), clip_samples)
     out[:n] = wave[:n]
     return out
+
+
+def warn(msg: str) -> None:
+    print(f"matpac-eval: warning: {msg}", file=sys.stderr, flush=True)
 
 
 # --- embedders ----------------------------------------------------------------------------------------------------
@@ -118,6 +152,23 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+GENERIC_STEMS = {"encoder", "model", "pytorch_model", "checkpoint", "weights", "state_dict", "last", "best", "final"}
+GENERIC_DIRS = {"train", "checkpoints", "checkpoint", "export", "exports", "weights", "models", "final", "runs"}
+
+
+def checkpoint_name(path: Path, digest: str) -> str:
+    """`<stem>-<sha8>`; a generic stem (encoder.pt, model.safetensors, step_1000/) gets the nearest non-generic
+    folder in front: runs/u/encoder.pt -> u-encoder-<sha8>, runs/u/train/checkpoints/step_9 -> u-step_9-<sha8>."""
+    stem = path.stem if path.is_file() else path.name
+    name = stem
+    if stem.lower() in GENERIC_STEMS or re.fullmatch(r"(step|epoch|ckpt|checkpoint)[-_]?\d+", stem.lower()):
+        for d in list(path.resolve().parents)[:4]:
+            if d.name and d.name.lower() not in GENERIC_DIRS:
+                name = f"{d.name}-{stem}"
+                break
+    return f"{name}-{digest[:8]}"
+
+
 def make_embedder(checkpoint: str, preset: str = "matpac", device: str = "cpu", seed: int = 0):
     if checkpoint == "logmel":
         return LogMelEmbedder(device)
@@ -126,13 +177,14 @@ def make_embedder(checkpoint: str, preset: str = "matpac", device: str = "cpu", 
         with torch.random.fork_rng(devices=[]):  # seeded init without disturbing the caller's RNG
             torch.manual_seed(seed)
             enc = load_encoder("random", preset=preset, device=device)
-        return EncoderEmbedder(enc, f"random-{preset}", f"random:{preset}:seed{seed}")
+        name = f"random-{preset}" + (f"-seed{seed}" if seed else "")
+        return EncoderEmbedder(enc, name, f"random:{preset}:seed{seed}")
     p = Path(checkpoint).expanduser()
     if not p.exists():
         raise SystemExit(f"--checkpoint {checkpoint}: no such file; give a checkpoint path, 'random' or 'logmel'")
     digest = file_digest(p)
     enc = load_encoder(str(p), preset=preset, device=device)
-    return EncoderEmbedder(enc, p.stem, f"ckpt:{digest}:{preset}")
+    return EncoderEmbedder(enc, checkpoint_name(p, digest), f"ckpt:{digest}:{preset}")
 
 
 # --- extraction with cache ----------------------------------------------------------------------------------------
@@ -153,29 +205,74 @@ def cache_path(ds: LabelledSet, embedder, task: str, s: ExtractSettings) -> Path
     return Path(s.cache_dir) / f"{safe}-{digest}.npz"
 
 
-def extract(ds: LabelledSet, embedder, task: str, s: ExtractSettings) -> tuple[np.ndarray, bool]:
-    """(n, D) float32 embeddings for every clip of `ds`, and whether they came from the cache."""
+@dataclass
+class Extracted:
+    emb: np.ndarray  # (n_ok, D) float32, the embedded clips in dataset order
+    ok: np.ndarray  # (n,) bool: which clips of the dataset were embedded
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of the others
+    cache_hit: bool = False
+
+
+def extract(ds: LabelledSet, embedder, task: str, s: ExtractSettings) -> Extracted:
+    """Embeddings of every decodable clip of `ds` (undecodable ones are listed in `skipped`, not fatal)."""
     path = cache_path(ds, embedder, task, s)
     paths = np.array([c.path for c in ds.clips])
     if path is not None and path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            if z["paths"].shape == paths.shape and (z["paths"] == paths).all():
-                return z["emb"], True
+        hit = _read_cache(path, paths)
+        if hit is not None:
+            return hit
     spec = get_spec("matpac")
     n_samples = int(round(s.clip_seconds * SAMPLE_RATE))
     if n_samples < spec.n_fft:
         raise ValueError(f"--clip-seconds {s.clip_seconds}: too short (needs >= {spec.n_fft / SAMPLE_RATE:.3f} s)")
-    chunks = []
+    chunks, reasons = [], [""] * len(ds)
     bar = tqdm(total=len(ds), desc=f"embed {embedder.name}", unit="clip", disable=not s.progress, leave=False)
     for i in range(0, len(ds), s.batch_size):
-        batch = np.stack([load_clip(c.path, n_samples, spec) for c in ds.clips[i : i + s.batch_size]])
-        chunks.append(embedder(torch.from_numpy(batch)))
-        bar.update(len(batch))
+        waves = []
+        for j in range(i, min(i + s.batch_size, len(ds))):
+            try:
+                waves.append(load_clip(ds.clips[j].path, n_samples, spec))
+            except UnreadableAudio as e:
+                reasons[j] = e.reason
+        if waves:
+            chunks.append(embedder(torch.from_numpy(np.stack(waves))))
+        bar.update(min(s.batch_size, len(ds) - i))
     bar.close()
-    emb = np.concatenate(chunks).astype(np.float32)
+    ok = np.array([r == "" for r in reasons], dtype=bool)
+    emb = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 0), np.float32)
     if path is not None:
+        _write_cache(path, emb=emb, paths=paths, ok=ok, reasons=np.array(reasons))
+    return Extracted(emb, ok, [(p, r) for p, r in zip(paths.tolist(), reasons) if r], False)
+
+
+def _read_cache(path: Path, paths: np.ndarray) -> Extracted | None:
+    """The cached entry, or None when it belongs to other clips; a corrupt entry is reported and deleted."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if z["paths"].shape != paths.shape or not (z["paths"] == paths).all():
+                return None
+            emb = z["emb"]
+            ok = z["ok"] if "ok" in z.files else np.ones(len(paths), dtype=bool)  # entries before skipping existed
+            reasons = z["reasons"] if "reasons" in z.files else np.array([""] * len(paths))
+        if emb.ndim != 2 or ok.shape != paths.shape or len(emb) != int(ok.sum()) or reasons.shape != paths.shape:
+            raise ValueError(f"inconsistent shapes emb {emb.shape}, ok {ok.shape} for {len(paths)} clips")
+        if not np.isfinite(emb).all():
+            raise ValueError("non-finite values")
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        warn(f"embedding cache entry {path} is unreadable ({_reason(e)}); deleting it and recomputing")
+        path.unlink(missing_ok=True)
+        return None
+    skipped = [(p, str(r)) for p, r, k in zip(paths.tolist(), reasons.tolist(), ok.tolist()) if not k]
+    return Extracted(emb.astype(np.float32, copy=False), ok.astype(bool), skipped, True)
+
+
+def _write_cache(path: Path, **arrays) -> None:
+    """Atomic (a killed run never leaves a truncated entry); a failure costs the cache, never the run's results."""
+    tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npz")
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, emb=emb, paths=paths)
-        os.replace(tmp, path)  # atomic: a killed run never leaves a truncated cache entry
-    return emb, False
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError as e:
+        warn(f"could not write the embedding cache entry {path} ({e.strerror or e}); continuing without it")
+        tmp.unlink(missing_ok=True)

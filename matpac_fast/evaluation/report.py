@@ -3,12 +3,15 @@ projection of the embeddings coloured by label (one panel per checkpoint of a ta
 
 Each CLI run writes `<out>/<task>__<checkpoint>__<probe>.json` and `<out>/<task>__<checkpoint>.proj.npz`, then
 rebuilds `<out>/results.md` and `<out>/<dataset>_projection.png` from everything in the folder, so several runs
-(baselines, checkpoints, protocols) into one folder give one table and one figure.
+(baselines, checkpoints, protocols) into one folder give one table and one figure. A run replaces only its own
+earlier result (same task, probe and embedder identity); `unique_name` gives any other embedder a new name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +26,35 @@ def safe_name(s: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)
 
 
+def result_path(out: Path, task: str, checkpoint_name: str, probe: str) -> Path:
+    return out / f"{safe_name(task)}__{safe_name(checkpoint_name)}__{probe}.json"
+
+
+def unique_name(out: Path, task: str, name: str, probe: str, identity: str) -> tuple[str, Path | None]:
+    """-> (checkpoint name to use, the earlier result of the same embedder it will replace or None). A result in
+    `out` under `name` from another embedder (another seed, preset or file) is never replaced: the name gets the
+    embedder identity's hash (and a counter if even that is taken)."""
+    h = hashlib.sha256(identity.encode()).hexdigest()[:8]
+    candidates = [name, f"{name}-{h}"] + [f"{name}-{h}-{i}" for i in range(2, 1000)]
+    for cand in candidates:
+        p = result_path(out, task, cand, probe)
+        if not p.exists():
+            return cand, None
+        try:
+            prev = json.loads(p.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue  # not ours to overwrite
+        if isinstance(prev, dict) and prev.get("embedder_identity") == identity:
+            return cand, p
+    raise ValueError(f"--out {out}: too many results named {name!r}; use another --out")
+
+
 def write_json(out: Path, result: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    p = out / f"{safe_name(result['task'])}__{safe_name(result['checkpoint_name'])}__{result['probe']}.json"
-    p.write_text(json.dumps(result, indent=2) + "\n")
+    p = result_path(out, result["task"], result["checkpoint_name"], result["probe"])
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, p)  # atomic: an interrupted write never leaves half a result
     return p
 
 
@@ -63,23 +91,32 @@ def write_table(out: Path) -> Path:
 
 # --- 2-D projection -----------------------------------------------------------------------------------------------
 def project_2d(X: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
-    """Standardised embeddings -> (n, 2). PCA is exact and fast; t-SNE shows clusters better but takes longer."""
+    """Standardised embeddings -> (n, 2). PCA is exact and fast; t-SNE shows clusters better but takes longer.
+    t-SNE runs on a PCA to min(50, n, D) dimensions with perplexity min(30, (n - 1) / 3) (< n, as it must be).
+    Raises ValueError when there are too few clips (PCA < 2, t-SNE < 4)."""
     from sklearn.decomposition import PCA
 
     X = np.asarray(X, dtype=np.float64)
+    n, d = X.shape
+    if method not in ("pca", "tsne"):
+        raise ValueError(f"--projection {method!r}: choose pca, tsne or none")
+    if n < (4 if method == "tsne" else 2) or d < 1:
+        raise ValueError(f"{method} projection needs at least {4 if method == 'tsne' else 2} clips, got {n}")
     std = X.std(0)
     std[std < 1e-12] = 1.0
     Z = (X - X.mean(0)) / std
     if method == "pca":
-        return PCA(2, random_state=seed).fit_transform(Z).astype(np.float32)
-    if method == "tsne":
-        from sklearn.manifold import TSNE
+        k = min(2, n, d)
+        xy = PCA(k, random_state=seed).fit_transform(Z)
+        return np.pad(xy, ((0, 0), (0, 2 - k))).astype(np.float32)
+    from sklearn.manifold import TSNE
 
-        if Z.shape[1] > 50:  # the usual PCA-50 before t-SNE: same picture, a fraction of the time
-            Z = PCA(50, random_state=seed).fit_transform(Z)
-        perplexity = float(min(30, max(2, (len(Z) - 1) // 3)))
-        return TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(Z).astype(np.float32)
-    raise ValueError(f"--projection {method!r}: choose pca, tsne or none")
+    k = min(50, n, d)
+    if d > k:  # the usual PCA-50 before t-SNE: same picture, a fraction of the time
+        Z = PCA(k, random_state=seed).fit_transform(Z)
+    perplexity = float(min(30.0, max(1.0, (n - 1) / 3)))
+    init = "pca" if Z.shape[1] >= 2 else "random"
+    return TSNE(2, perplexity=perplexity, init=init, random_state=seed).fit_transform(Z).astype(np.float32)
 
 
 def save_projection(out: Path, task: str, checkpoint_name: str, dataset: str, xy, label_idx, classes, method) -> Path:

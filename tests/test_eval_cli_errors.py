@@ -1,0 +1,252 @@
+"""matpac-eval user errors and robustness: --classes on every layout, unique result names, undecodable audio,
+arguments and --out checked before any work, t-SNE on few clips, corrupt cache entries, unsafe checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from test_eval import RESULT_RE, tone
+
+from matpac_fast.encoder import export_encoder_state, load_encoder
+from matpac_fast.evaluation import cli, embed, report
+from matpac_fast.evaluation.datasets import load_dataset
+
+FAST = ["--quiet", "--probe", "logreg", "--folds", "kfold:3"]  # + a --projection and a cache choice
+FAST_NO_FILES = FAST + ["--projection", "none", "--no-cache"]
+
+
+@pytest.fixture
+def tones(tmp_path) -> Path:
+    """3 classes x 8 clips of 0.3 s tones (300 / 1000 / 3000 Hz)."""
+    root = tmp_path / "tones"
+    for label, freq in (("low", 300.0), ("mid", 1000.0), ("high", 3000.0)):
+        (root / label).mkdir(parents=True)
+        for i in range(8):
+            sf.write(root / label / f"{label}_{i}.wav", tone(freq * (1 + 0.02 * i), seed=i), 16000)
+    return root
+
+
+def _run(args, capsys) -> tuple[list[str], str]:
+    assert cli.main(args) == 0
+    c = capsys.readouterr()
+    return c.out.strip().splitlines(), c.err
+
+
+def _one_line_error(args) -> str:
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    msg = str(e.value.code)
+    assert msg.startswith("matpac-eval: error: ") and "\n" not in msg, msg
+    return msg
+
+
+def _no_work(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("embedding started although the arguments are invalid")
+
+    monkeypatch.setattr(embed, "extract", fail)
+    monkeypatch.setattr(embed, "make_embedder", fail)
+
+
+def _fsdd_like(root: Path) -> Path:
+    """A 12-clip FSDD layout (labels.csv with filename,label,speaker,split) of digits 0-2."""
+    (root / "recordings").mkdir(parents=True)
+    rows = ["filename,label,speaker,take,split"]
+    for d in range(3):
+        for take in range(4):
+            name = f"recordings/{d}_s_{take}.wav"
+            sf.write(root / name, tone(300.0 * (d + 1), 0.1, seed=take), 8000)
+            rows.append(f"{name},{d},s{take % 2},{take},{'test' if take == 0 else 'train'}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+# --- 9: --classes ---------------------------------------------------------------------------------------------------
+def test_classes_filter_known_layouts_and_folders(tmp_path, tones):
+    fsdd = _fsdd_like(tmp_path / "fsdd")
+    ds = load_dataset(fsdd, classes=["2", "0"])
+    assert ds.layout == "fsdd" and ds.classes == ["0", "2"] and len(ds) == 8  # dataset order, not the user's
+    assert ds.targets().tolist() == [0] * 4 + [1] * 4
+    with pytest.raises(ValueError, match=r"unknown label 'nosuchlabel' in .*labels\.csv \(known labels: 0, 1, 2\)"):
+        load_dataset(fsdd, classes=["nosuchlabel"])
+    ds = load_dataset(tones, classes=["low", "high"])
+    assert ds.classes == ["high", "low"] and len(ds) == 16
+
+
+def test_classes_multilabel_keeps_wanted_labels(tmp_path):
+    sf.write(tmp_path / "a.wav", tone(440, 0.1), 16000)
+    (tmp_path / "m.csv").write_text('file,label\na.wav,"dog,cat"\na.wav,cow\na.wav,cat\n')
+    ds = load_dataset(tmp_path / "m.csv", classes=["cat", "cow"])
+    assert (
+        ds.multilabel
+        and ds.classes == ["cat", "cow"]
+        and [c.labels for c in ds.clips] == [("cat",), ("cow",), ("cat",)]
+    )
+
+
+def test_classes_on_real_fsdd(fsdd_dir):
+    ds = load_dataset(fsdd_dir, classes=["0", "1", "2"])
+    assert ds.classes == ["0", "1", "2"] and len(ds) == 900 and {c.labels[0] for c in ds.clips} == {"0", "1", "2"}
+    with pytest.raises(ValueError, match=r"unknown label 'nosuchlabel'.*known labels: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9\)"):
+        load_dataset(fsdd_dir, classes=["nosuchlabel"])
+
+
+def test_classes_cli_errors_and_file(tmp_path, monkeypatch):
+    fsdd = _fsdd_like(tmp_path / "fsdd")
+    base = ["--checkpoint", "logmel", "--data", str(fsdd), "--out", str(tmp_path / "o")]
+    _no_work(monkeypatch)
+    msg = _one_line_error(base + ["--classes", "nosuchlabel"])
+    assert "unknown label 'nosuchlabel'" in msg and "known labels: 0, 1, 2" in msg
+    assert "no such file" in _one_line_error(base + ["--classes", "classes_missing.txt"])
+    assert "no such file" in _one_line_error(base + ["--classes", str(tmp_path / "nodir" / "classes")])
+    assert "only one class ('1')" in _one_line_error(base + ["--classes", "1"])
+    assert not (tmp_path / "o").exists()  # the folder made for --out is removed again when the run fails early
+    (tmp_path / "cls.txt").write_text("0\n2\n")
+    assert cli._classes(str(tmp_path / "cls.txt")) == ["0", "2"]
+    (tmp_path / "bad.txt").write_text("0\nseven\n")
+    assert "unknown label 'seven'" in _one_line_error(base + ["--classes", str(tmp_path / "bad.txt")])
+
+
+def test_single_class_dataset_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "only" / "dog").mkdir(parents=True)
+    for i in range(3):
+        sf.write(tmp_path / "only" / "dog" / f"{i}.wav", tone(440, 0.1, seed=i), 16000)
+    _no_work(monkeypatch)
+    msg = _one_line_error(["--checkpoint", "logmel", "--data", str(tmp_path / "only"), "--out", str(tmp_path / "o")])
+    assert "only one class ('dog')" in msg and "at least 2 classes" in msg
+
+
+# --- 10: unique names, no silent replacement ------------------------------------------------------------------------
+def test_two_runs_encoder_pt_get_two_rows(tones, tmp_path, capsys):
+    for run, seed in (("u", 1), ("y", 2)):
+        torch.manual_seed(seed)
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        torch.save(export_encoder_state(load_encoder("random", preset="tiny")), tmp_path / "runs" / run / "encoder.pt")
+    out = tmp_path / "out"
+    common = ["--data", str(tones), "--preset", "tiny", "--out", str(out)] + FAST_NO_FILES
+    names = []
+    for run in ("u", "y", "u"):
+        lines, _ = _run(["--checkpoint", str(tmp_path / "runs" / run / "encoder.pt")] + common, capsys)
+        names.append(re.search(r"checkpoint=(\S+)", lines[-1]).group(1))
+    assert re.fullmatch(r"u-encoder-[0-9a-f]{8}", names[0]) and re.fullmatch(r"y-encoder-[0-9a-f]{8}", names[1])
+    assert names[2] == names[0]  # the same checkpoint re-evaluated replaces its own row
+    assert len(list(out.glob("*__linear.json"))) == 0 and len(list(out.glob("*__logreg.json"))) == 2
+    table = (out / "results.md").read_text()
+    assert table.count(f"| {names[0]} |") == 1 and table.count(f"| {names[1]} |") == 1
+
+
+def test_unique_name_never_replaces_another_embedders_result(tmp_path):
+    report.write_json(tmp_path, {"task": "t", "checkpoint_name": "enc", "probe": "linear", "embedder_identity": "A"})
+    assert report.unique_name(tmp_path, "t", "enc", "linear", "A") == ("enc", tmp_path / "t__enc__linear.json")
+    name, replaces = report.unique_name(tmp_path, "t", "enc", "linear", "B")
+    assert re.fullmatch(r"enc-[0-9a-f]{8}", name) and replaces is None
+
+
+# --- 11: undecodable audio ------------------------------------------------------------------------------------------
+def test_undecodable_files_are_skipped_and_reported(tones, tmp_path, capsys):
+    (tones / "low" / "bad.wav").write_bytes(b"not audio at all")
+    (tones / "mid" / "empty.wav").write_bytes(b"")
+    lines, err = _run(
+        ["--checkpoint", "logmel", "--data", str(tones), "--out", str(tmp_path / "o")] + FAST_NO_FILES, capsys
+    )
+    assert RESULT_RE.match(lines[-1])
+    warning = [line for line in err.splitlines() if "skipped 2 of 26 clips" in line]
+    assert len(warning) == 1 and "bad.wav" in warning[0] and "empty.wav (empty file)" in warning[0]
+    r = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    assert r["n_clips"] == 24 and sorted(Path(s["path"]).name for s in r["skipped"]) == ["bad.wav", "empty.wav"]
+
+
+def test_too_few_decodable_clips_is_an_error(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / "d" / label).mkdir(parents=True)
+    for i in range(3):
+        sf.write(tmp_path / "d" / "a" / f"ok{i}.wav", tone(440, 0.1, seed=i), 16000)
+        (tmp_path / "d" / "b" / f"bad{i}.wav").write_bytes(b"junk")
+    msg = _one_line_error(
+        ["--checkpoint", "logmel", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")] + FAST_NO_FILES
+    )
+    assert "only one class ('a') after skipping 3 undecodable clips of 6" in msg
+
+
+# --- 12: arguments and --out before any work --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+        (["--logreg-c", "0"], "--logreg-c must be > 0"),
+        (["--clip-seconds", "0.001"], "--clip-seconds must be >= 0.025"),
+        (["--task", "a b"], "--task 'a b'"),
+        (["--out", "FILE"], "exists and is not a folder"),
+        (["--out", "FILE/sub"], "cannot create or write this folder"),
+    ],
+)
+def test_arguments_and_out_are_checked_before_any_work(tones, tmp_path, monkeypatch, extra, expected):
+    (tmp_path / "FILE").write_text("precious\n")
+    _no_work(monkeypatch)
+    extra = [str(tmp_path / e) if e.startswith("FILE") else e for e in extra]
+    args = ["--checkpoint", "logmel", "--data", str(tones), "--out", str(tmp_path / "o")] + extra
+    assert expected in _one_line_error(args)
+    assert (tmp_path / "FILE").read_text() == "precious\n"
+
+
+# --- 13: t-SNE on few clips -----------------------------------------------------------------------------------------
+def test_tsne_on_fewer_than_50_clips_and_projection_failure_keeps_the_result(tones, tmp_path, capsys, monkeypatch):
+    X = np.random.default_rng(0).normal(size=(12, 160)).astype(np.float32)
+    assert report.project_2d(X, "tsne").shape == (12, 2) and report.project_2d(X[:2], "pca").shape == (2, 2)
+    with pytest.raises(ValueError, match="at least 4 clips"):
+        report.project_2d(X[:3], "tsne")
+
+    def broken(*a, **k):
+        raise ValueError("cannot project")
+
+    monkeypatch.setattr(report, "project_2d", broken)
+    args = ["--checkpoint", "logmel", "--data", str(tones), "--out", str(tmp_path / "o"), "--no-cache"] + FAST
+    lines, err = _run(args + ["--projection", "tsne"], capsys)
+    assert RESULT_RE.match(lines[-1]) and "no tsne projection (cannot project)" in err
+
+
+# --- 14: corrupt cache entry ----------------------------------------------------------------------------------------
+def test_corrupt_cache_entry_is_recomputed(tones, tmp_path, capsys):
+    args = [
+        "--checkpoint",
+        "logmel",
+        "--data",
+        str(tones),
+        "--out",
+        str(tmp_path / "o"),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--projection",
+        "none",
+    ] + FAST
+    first, _ = _run(args, capsys)
+    (entry,) = (tmp_path / "c").glob("*.npz")
+    entry.write_bytes(entry.read_bytes()[:200])  # truncated
+    lines, err = _run(args, capsys)
+    assert lines[-1] == first[-1] and "is unreadable" in err and "recomputing" in err
+    with np.load(entry, allow_pickle=False) as z:  # rewritten whole
+        assert z["emb"].shape == (24, 160)
+    lines, err = _run(args, capsys)
+    assert ", cached)" in lines[-3] and "warning" not in err  # the recomputed entry is a valid cache hit
+
+
+# --- 15: unsafe checkpoints -----------------------------------------------------------------------------------------
+def test_pickled_checkpoint_is_one_line_without_the_unsafe_hint(tones, tmp_path):
+    torch.save({"model": {"a": torch.zeros(1)}, "args": argparse.Namespace(a=1)}, tmp_path / "evil.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00" * 64)
+    for name in ("evil.pt", "junk.pt"):
+        msg = _one_line_error(
+            ["--checkpoint", str(tmp_path / name), "--data", str(tones), "--out", str(tmp_path / "o")] + FAST
+        )
+        assert "not a checkpoint this tool can load safely" in msg and "weights-only" in msg and ".safetensors" in msg
+        assert "weights_only" not in msg and "False" not in msg
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable .safetensors file"):
+        load_encoder(tmp_path / "bad.safetensors")
