@@ -6,6 +6,9 @@ and the EMA shadows are part of the model's state dict, so they travel with it. 
 `accelerator.register_for_checkpointing`: Accelerate reloads such objects with `weights_only=False` (unpickling),
 and a checkpoint from a stranger must not run code. The directory is written as `step_XXXXXXXX.tmp` and renamed
 once every rank has finished, so `--resume auto` never picks a half-written checkpoint.
+
+A damaged checkpoint (truncated or missing file, bad JSON) is a one-line `ValueError` naming the file, found before
+anything is loaded or written (`read_state`, `verify`).
 """
 
 from __future__ import annotations
@@ -49,12 +52,76 @@ def resolve_resume(resume: str, out: str | Path) -> Path | None:
     return path
 
 
+# What marks a folder as holding a run: a new run there would prune, overwrite or append to them. (A run that failed
+# before its first log step leaves only config.json and tb/: nothing to lose, so the corrected command may reuse it.)
+RUN_FILES = ("history.jsonl", "encoder.pt")
+
+
+def check_out(out: str | Path, resume: str) -> None:
+    """A new run (no --resume) must not write into a folder that holds another run, nor resume a checkpoint from
+    elsewhere into a folder with checkpoints of its own (--keep-last would prune them). One-line ValueError."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a directory for the run")
+    found = (["checkpoints"] if list_checkpoints(out) else []) + [n for n in RUN_FILES if (out / n).exists()]
+    if not resume and found:
+        raise ValueError(f"--out {out} already holds a run ({', '.join(found)}): continue it with --resume auto, "
+                         "or choose a new or empty --out")
+    if resume not in ("", "auto") and list_checkpoints(out):
+        if Path(resume).resolve().parent != checkpoint_root(out).resolve():
+            raise ValueError(f"--out {out} holds checkpoints of another run: resume {resume} into a new or empty "
+                             f"--out, or use --resume auto to continue the run in {out}")
+
+
 def write_state(path: Path, state: dict) -> None:
     (path / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
 
 
+_EARLIER = "pick an earlier checkpoint with --resume PATH"
+_REQUIRED = ("step", "epoch", "batch_in_epoch")
+
+
 def read_state(path: Path) -> dict:
-    return json.loads((path / STATE_FILE).read_text())
+    """trainer_state.json of checkpoint `path`, checked: a one-line ValueError naming the file if it is unusable."""
+    f = Path(path) / STATE_FILE
+    try:
+        state = json.loads(f.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{f} is missing: the checkpoint is incomplete; {_EARLIER}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f} is not valid JSON ({e}); {_EARLIER}") from None
+    bad = [k for k in _REQUIRED if not isinstance(state, dict) or type(state.get(k)) is not int]
+    if bad:
+        raise ValueError(f"{f} lacks a whole-number {', '.join(bad)}: it is damaged or not a trainer state; "
+                         f"{_EARLIER}")
+    return state
+
+
+def verify(path: Path) -> None:
+    """Check that checkpoint `path`'s model and optimizer files are complete before anything is loaded (a
+    truncated file otherwise fails deep inside Accelerate without naming itself). Reads headers only: the
+    safetensors header, and the optimizer's zip directory through a memory map (`weights_only=True`)."""
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    model = path / "model.safetensors"
+    if not model.is_file():
+        raise ValueError(f"{model} is missing: the checkpoint is incomplete; {_EARLIER}")
+    try:
+        with safe_open(str(model), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{model} is damaged ({e}); {_EARLIER}") from None
+    optim = sorted(path.glob("optimizer*.bin"))
+    if not optim:
+        raise ValueError(f"{path / 'optimizer.bin'} is missing: the checkpoint is incomplete; {_EARLIER}")
+    for f in optim:
+        try:
+            torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a damaged file
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(f"{f} is damaged ({msg.split('. ')[0]}); {_EARLIER}") from None
 
 
 def finalize(tmp: Path, final: Path) -> None:

@@ -17,6 +17,7 @@ the pure functions in `matpac_fast.schedules`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 ATTN_IMPLS = ("sdpa", "flash", "efficient", "cudnn", "math")
@@ -78,6 +79,21 @@ class ModelConfig:
     stream_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
+        # Sizes first: the divisibility checks below would divide by a zero.
+        sizes = ("n_mels", "crop_frames", "patch", "dim", "depth", "heads", "pred_dim", "pred_depth", "pred_heads",
+                 "n_prototypes", "head_hidden", "head_bottleneck")
+        for name in sizes:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"ModelConfig: {name}={v!r} must be a positive integer")
+        for name in ("mlp_ratio", "tau_s", "tau_t_start", "tau_t_end", "mcl_t_start"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"ModelConfig: {name}={v!r} must be > 0")
+        for name in ("center_momentum", "mcl_t_decay", "ema_start", "ema_end", "head_ema_start", "head_ema_end"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"ModelConfig: {name}={v!r} must be in [0, 1]")
         checks = [
             (self.n_mels % self.patch == 0, f"n_mels={self.n_mels} must be a multiple of patch={self.patch}"),
             (self.crop_frames % self.patch == 0, f"crop_frames={self.crop_frames} must be a multiple of patch"),
@@ -93,6 +109,8 @@ class ModelConfig:
             (self.teacher_head_init in ("authors", "copy"), "teacher_head_init must be 'authors' or 'copy'"),
             (self.mcl_heads >= 1, f"mcl_heads={self.mcl_heads} must be >= 1"),
             (self.norm_std > 0, f"norm_std={self.norm_std} must be > 0"),
+            (self.mcl_t_min >= 0, f"mcl_t_min={self.mcl_t_min} must be >= 0"),
+            (math.isfinite(self.norm_mean), f"norm_mean={self.norm_mean} must be finite"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -50,7 +50,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +68,10 @@ from matpac_fast.frontend import FrontendSpec, check_compatible, get_spec, norma
 
 _ORDER_SALT, _SHUFFLE_SALT, _CROP_SALT = 0x5EED, 1, 2
 _SHARD_EXCEPTIONS = (ShardError, OSError, ValueError, KeyError, EOFError)
+
+
+class NoUsableData(RuntimeError):
+    """The shard set cannot fill a batch: every shard failed, or every clip is shorter than the crop."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -557,14 +564,14 @@ class WorkerIterator:
                 yield sample
             barren = 0 if got else barren + 1
             if barren > len(self.sizes):
-                raise RuntimeError("no readable sample left in the shard set: every shard failed")
+                raise NoUsableData("no readable sample left in the shard set: every shard failed")
 
     def _resampled(self) -> Iterator[Sample]:
         def draws():
             while True:
                 alive = [s for s in range(len(self.sizes)) if s not in self.bad and self.sizes[s] > 0]
                 if not alive:
-                    raise RuntimeError("no readable sample left in the shard set: every shard failed")
+                    raise NoUsableData("no readable sample left in the shard set: every shard failed")
                 s = alive[int(self.rng_shuffle.integers(len(alive)))]
                 yield Segment(s, 0, self.sizes[s])
 
@@ -619,7 +626,7 @@ class WorkerIterator:
             ok = False
         self._rejects = 0 if ok else self._rejects + 1
         if self._rejects > 2 * self.source.total + self.cfg.batch_size:
-            raise RuntimeError(f"no usable clip: every clip read is shorter than crop_frames={self.cfg.crop_frames} "
+            raise NoUsableData(f"no usable clip: every clip read is shorter than crop_frames={self.cfg.crop_frames} "
                                "or malformed; use short='pad' or a shorter crop")
         return ok
 
@@ -700,6 +707,28 @@ def _identity(x):
     return x
 
 
+def _worker_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: leave SIGINT/SIGTERM sent to the whole process group (Ctrl-C, `timeout`, Slurm,
+    `kill -- -PGID`) to the main process, which decides when to stop (the trainer finishes its step and
+    checkpoints), instead of dying mid-epoch and taking the main process down with "worker killed by signal".
+    SIGINT is ignored. SIGTERM is blocked and read by a thread: from the parent (DataLoader shutdown, interpreter
+    exit) it ends the worker at once, as PyTorch's own worker handler does; from anyone else it is ignored. A
+    worker whose parent died exits through PyTorch's watchdog (within 5 s) or at the next SIGTERM."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: keep PyTorch's defaults
+        return
+    parent = os.getppid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+
+    def wait() -> None:
+        while True:
+            info = signal.sigwaitinfo({signal.SIGTERM})
+            if info.si_pid == parent or os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
+
+
 class ShardLoader:
     """One epoch of one rank: iterable of batch dicts, `len()` = batches, skip counts summed over workers."""
 
@@ -724,7 +753,7 @@ class ShardLoader:
         cfg = self.cfg
         kw = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False} if cfg.num_workers else {}
         dl = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=cfg.num_workers,
-                                         collate_fn=_identity,
+                                         collate_fn=_identity, worker_init_fn=_worker_signals,
                                          pin_memory=cfg.pin_memory and torch.cuda.is_available(), **kw)
         for batch in dl:
             self._per_worker[batch["worker"]] = (batch["skipped_shards"], batch["skipped_samples"])
@@ -777,7 +806,7 @@ def normalize_on_device(lms: torch.Tensor, mean: float, std: float, device=None)
 
 
 __all__ = [
-    "DataConfig", "ShardSource", "SyntheticSource", "ShardError", "ShardLoader", "WorkerIterator", "WorkerPlan",
-    "make_loader", "batches_per_epoch", "plan_exact", "check_spec", "norm_stats", "normalize_on_device",
+    "DataConfig", "ShardSource", "SyntheticSource", "ShardError", "NoUsableData", "ShardLoader", "WorkerIterator",
+    "WorkerPlan", "make_loader", "batches_per_epoch", "plan_exact", "check_spec", "norm_stats", "normalize_on_device",
     "expand_urls", "sibling",
 ]

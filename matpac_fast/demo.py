@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -40,12 +41,24 @@ def verify_step(out_dir: Path) -> dict:
     return report.to_dict()
 
 
+def _clear_earlier_demo_run(run_dir: Path) -> None:
+    """A second `make demo` starts its run afresh (the trainer refuses to mix two runs in one folder, and the demo is
+    deterministic, so nothing is lost). Only a folder that looks like a trainer run is removed."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    if not run_dir.is_dir() or not any((run_dir / n).exists() for n in ("config.json", "history.jsonl", "checkpoints")):
+        raise ValueError(f"{run_dir} exists and is not an earlier demo run; give another --out or empty it")
+    print(f"[demo] replacing the earlier demo run in {run_dir}", flush=True)
+    shutil.rmtree(run_dir)
+
+
 def pretrain_step(shard_dir: Path, run_dir: Path, epochs: float, batch_size: int, seed: int) -> Path:
     """Pre-train the tiny preset on CPU with the real trainer (the same code path as `train.py`)."""
     from matpac_fast.train_config import resolve
     from matpac_fast.trainer import Trainer
 
     print(f"[demo] 3/5 pre-train the tiny preset on CPU ({epochs:g} epochs) -> {run_dir}", flush=True)
+    _clear_earlier_demo_run(run_dir)
     cfg, _ = resolve([
         "--recipe", "tiny", "--shards", str(shard_dir), "--out", str(run_dir), "--epochs", str(epochs),
         "--batch-size", str(batch_size), "--seed", str(seed), "--workers", "1", "--log-every", "25",
@@ -175,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         raise SystemExit(f"demo: {e}") from None
     verify_step(shard_dir)
-    encoder = pretrain_step(shard_dir, args.out / "train", args.epochs, args.batch_size, args.seed)
+    try:
+        encoder = pretrain_step(shard_dir, args.out / "train", args.epochs, args.batch_size, args.seed)
+    except ValueError as e:
+        raise SystemExit(f"demo: {e}") from None
     synth = probe_step(encoder, args.probe_n, seed=args.seed + 1000)
     fsdd = None
     if args.fsdd is not None and not args.skip_fsdd:

@@ -267,9 +267,70 @@ def validate(cfg: TrainConfig) -> None:
             value = getattr(section, name, None)
             if value is not None and value not in allowed:
                 raise ValueError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(allowed)}")
+    for section in (cfg.optim, cfg.schedule, cfg.run):
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be a finite number (got {v})")
+    o = cfg.optim
+    optim_checks = [
+        (o.eps > 0, f"--eps must be > 0 (got {o.eps}): AdamW divides by sqrt(v) + eps; the recipe uses 1e-6"),
+        (0 <= o.beta1 < 1, f"--beta1 must be in [0, 1) (got {o.beta1})"),
+        (0 <= o.beta2 < 1, f"--beta2 must be in [0, 1) (got {o.beta2})"),
+        (o.weight_decay >= 0, f"--weight-decay must be >= 0 (got {o.weight_decay})"),
+        (cfg.schedule.tau_t_warmup_epochs >= 0, "--tau-t-warmup-epochs must be >= 0"),
+        (cfg.schedule.ema_reference_batch >= 0, "--ema-reference-batch must be >= 0 (0: decays as given)"),
+        (cfg.run.peak_tflops >= 0, "--peak-tflops must be >= 0 (0: look the device up)"),
+    ]
+    for ok, msg in optim_checks:
+        if not ok:
+            raise ValueError(msg)
     shards = cfg.data.shards
     local = not shards.startswith(("synthetic:", "pipe:")) and "://" not in shards and "{" not in shards
     if local and not Path(shards).exists():
         raise ValueError(f"--shards {shards}: no such directory or shard file; make one with make-shards")
-    if not math.isfinite(cfg.optim.lr):
-        raise ValueError("--lr must be finite")
+
+
+# Settings that may change when a run is resumed: cadence, display and implementation switches that change the numbers
+# by float rounding at most, plus the two a user changes on purpose to recover from a divergence (a lower --lr, a
+# tighter --clip-grad: the usual "resume from the last good checkpoint with a smaller step"). Every other setting
+# must match the checkpoint's, or the resumed run would not continue the interrupted one (a new batch size or worker
+# count reads a different in-epoch position, a new seed another order, new epochs other schedules, a new model other
+# shapes). `data.shards` is compared by content (shard names and sizes), not by path. Model fields are the resolved
+# ModelConfig's. The "resumed from ..." line lists every free change made.
+RESUME_FREE = frozenset({
+    "run.out", "run.resume", "run.log_every", "run.ckpt_every", "run.keep_last", "run.progress", "run.max_nonfinite",
+    "run.peak_tflops", "run.compile", "run.compile_mode", "run.kernels", "run.cpu", "run.deterministic",
+    "schedule.max_steps", "data.on_error", "data.shards", "optim.lr", "optim.clip_grad",
+    "model.use_kernels", "model.attn_impl", "model.stream_dtype",
+})
+
+
+def _flag(key: str) -> str:
+    section, name = key.split(".", 1)
+    return f"--model {name}" if section == "model" else "--" + name.replace("_", "-")
+
+
+def _flat(d: dict) -> dict:
+    out = {f"{section}.{k}": v for section in _SECTIONS for k, v in d.get(section, {}).items()}
+    if "data.workers" in out:  # 0 workers reads like 1: the loader splits an epoch over max(workers, 1)
+        out["data.workers"] = max(int(out["data.workers"]), 1)
+    return out
+
+
+def resume_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
+    """Compare a checkpoint's settings with this run's: (blocking, free) lists of "--flag old -> new".
+
+    `saved` / `new`: {"run": ..., "data": ..., "optim": ..., "schedule": ..., "model": {resolved ModelConfig}}
+    (TrainConfig.to_dict() with "model" replaced by the resolved model fields). A key missing from `saved` (a
+    checkpoint from an older version) is not compared."""
+    a, b = _flat(saved), _flat(new)
+    a.update({f"model.{k}": v for k, v in saved.get("model", {}).items()})
+    b.update({f"model.{k}": v for k, v in new.get("model", {}).items()})
+    blocking, free = [], []
+    for key in sorted(set(a) & set(b), key=lambda k: (k.startswith("model."), k)):  # the preset before its fields
+        old, cur = a[key], b[key]
+        if old == cur or (isinstance(old, (list, tuple)) and list(old) == list(cur)):
+            continue
+        (free if key in RESUME_FREE else blocking).append(f"{_flag(key)} {old} -> {cur}")
+    return blocking, free

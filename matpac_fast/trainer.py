@@ -13,6 +13,7 @@ counted there; the centre's all-reduce is asynchronous and overlaps the backward
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -56,6 +57,8 @@ def _schedule_arrays(cfg: TrainConfig, m, steps_per_epoch: int, total_steps: int
 class TrainData:
     """The trainer's view of the loader: one per rank (never passed through `accelerator.prepare`)."""
 
+    patch = 16  # the model's patch width in frames (the trainer sets it), for the crop suggested in errors
+
     def __init__(self, cfg: TrainConfig, rank: int, world: int, pin: bool):
         from matpac_fast.data import DataConfig as LoaderConfig
         from matpac_fast.data import ShardSource, batches_per_epoch, check_spec
@@ -75,6 +78,9 @@ class TrainData:
         )
         self.batches_per_epoch = batches_per_epoch(self.cfg, self.source.total, world)
         self.stats = self.source.stats
+        # What makes the data order: shard names and sizes (not the path, so a moved copy still resumes exactly).
+        names = [u.rstrip("/").rsplit("/", 1)[-1] for u in self.source.urls]
+        self.fingerprint = hashlib.sha256(json.dumps([names, list(self.source.sizes)]).encode()).hexdigest()[:16]
         self._skipped = 0
         self._loader = None
 
@@ -85,10 +91,34 @@ class TrainData:
 
         if self._loader is not None:
             self._skipped += self._loader.skipped_shards
+        from matpac_fast.data import NoUsableData, ShardError
+
         self._loader = make_loader(self.cfg, self.rank, self.world, epoch, self.seed, source=self.source)
-        for i, batch in enumerate(self._loader):
-            if i >= skip:
-                yield batch
+        try:
+            for i, batch in enumerate(self._loader):
+                if i >= skip:
+                    yield batch
+        except (NoUsableData, ShardError) as e:  # raised in a loader worker: one line for the user, not its trace
+            raise TrainingAborted(self._data_error(e)) from None
+
+    def _data_error(self, e: Exception) -> str:
+        # A worker's exception comes back with its traceback in the message; the last line is the original one.
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        msg = lines[-1]
+        for prefix in (f"{type(e).__module__}.{type(e).__qualname__}: ", f"{type(e).__name__}: "):
+            msg = msg[len(prefix):] if msg.startswith(prefix) else msg
+        shards, crop = self.cfg.source, self.cfg.crop_frames
+        shortest = (self.stats or {}).get("min_clip_frames")
+        if msg.startswith("no usable clip") and shortest and crop > shortest:
+            fit = max(self.patch, shortest // self.patch * self.patch)
+            return (f"--shards {shards}: no clip is as long as the model's crop of {crop} frames (the shortest has "
+                    f"{shortest}): use --model crop_frames={fit} (a multiple of the patch, {self.patch}), or make "
+                    f"shards of clips at least {crop} frames long")
+        if "every shard failed" in msg:
+            return f"--shards {shards}: {msg}; check the shard set with verify-shards"
+        if type(e).__name__ == "ShardError":
+            return f"{msg} (--on-error raise; --on-error warn skips and counts bad shards)"
+        return f"--shards {shards}: {msg}"
 
     def set_crop(self, frames: int) -> None:
         import dataclasses
@@ -121,7 +151,10 @@ class Trainer:
         self.data = self._open_data()
         self.model_cfg = self._model_config()
         self.data.set_crop(self.model_cfg.crop_frames)  # the loader's crop is the model's input length
+        self.data.patch = self.model_cfg.patch
+        self._resume = self._read_resume()  # settings compared before the model is built
         self._build_model()
+        self._verify_resume()  # files checked before main() creates --out
         self._stop_requested = False
         self.step = 0  # optimizer steps done
         self.epoch = 0
@@ -157,6 +190,8 @@ class Trainer:
             return get_model_config(self.cfg.run.preset, **overrides)
         except TypeError as e:
             raise ValueError(f"--model: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"--model {str(e).removeprefix('ModelConfig: ')}") from None
 
     def _make_model(self):
         """The module to train (a hook: benchmarks/train_throughput.py swaps in the authors' loss arithmetic)."""
@@ -332,7 +367,8 @@ class Trainer:
                 if self._micro != 0:
                     continue
                 # ---- after an optimizer step
-                if self.step % cfg.run.log_every == 0 or self.step == self.last_step:
+                stop = self._should_stop()
+                if self.step % cfg.run.log_every == 0 or self.step == self.last_step or stop:
                     row = self._log(sums, n_sums, self.last_gnorm, self.last_lr, tput, writer, bar)
                     history.append(row)
                     if acc.is_main_process:  # appended as we go: a killed run keeps its trace
@@ -342,7 +378,6 @@ class Trainer:
                     tput.reset()
                 if bar is not None:
                     bar.update(1)
-                stop = self._should_stop()
                 if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0 and self.step < self.last_step:
                     self.save_checkpoint()
                 if self.step >= self.last_step or stop:
@@ -404,8 +439,8 @@ class Trainer:
             row["mfu"] = u
         if int(nonfinite_run) >= self.cfg.run.max_nonfinite:
             raise TrainingAborted(
-                f"{int(nonfinite_run)} consecutive non-finite losses at step {self.step}: lower --lr, use "
-                f"--precision bf16, or resume from an earlier checkpoint (--resume PATH)"
+                f"{int(nonfinite_run)} consecutive non-finite losses at step {self.step}: resume from an earlier "
+                f"checkpoint with a lower --lr (--resume PATH --lr X), or start a new run with --precision bf16"
             )
         k = self.model_cfg.n_prototypes
         ent = row.get("teacher_entropy")
@@ -424,8 +459,18 @@ class Trainer:
         return row
 
     # ----------------------------------------------------------------------------------------- checkpoints
+    def _check_finite(self) -> None:
+        """Non-finite weights are never checkpointed (keep-last would prune the good ones) nor exported."""
+        tensors = [t for t in self.raw_model.state_dict().values() if t.is_floating_point()]
+        if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+            raise TrainingAborted(
+                f"the weights are not finite (NaN/inf) at step {self.step}: no checkpoint or encoder.pt written; "
+                f"check --lr, --eps and --beta2, or resume from an earlier checkpoint (--resume PATH)"
+            )
+
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
+        self._check_finite()
         final = ckpt.step_dir(self.out, self.step)
         tmp = final.with_name(final.name + ".tmp")
         acc.wait_for_everyone()
@@ -442,6 +487,8 @@ class Trainer:
                     "total_steps": self.total_steps,
                     "world_size": acc.num_processes,
                     "config": self.cfg.to_dict(),
+                    "model_config": self.model_cfg.to_dict(),
+                    "data_fingerprint": getattr(self.data, "fingerprint", None),
                 },
             )
             ckpt.finalize(tmp, final)
@@ -449,24 +496,76 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
-    def _maybe_resume(self) -> None:
+    def _read_resume(self) -> tuple[Path, dict] | None:
+        """The checkpoint to resume and its state, after checking that this run's settings would continue it
+        exactly (train_config.RESUME_FREE lists what may change): one-line ValueError otherwise."""
+        from matpac_fast.train_config import resume_changes
+
         path = ckpt.resolve_resume(self.cfg.run.resume, self.out)
         if path is None:
-            return
-        state = ckpt.read_state(path)
+            return None
+        state = self._checked(path, ckpt.read_state)
         if state.get("world_size", 1) != self.accelerator.num_processes:
             raise ValueError(
                 f"checkpoint {path} was written by {state['world_size']} processes, this run has "
                 f"{self.accelerator.num_processes}: resume with the same number of processes"
             )
-        self.accelerator.load_state(str(path))
+        saved = dict(state.get("config") or {})
+        if "model_config" in state:
+            saved["model"] = state["model_config"]
+        new = {**json.loads(json.dumps(self.cfg.to_dict(), default=str)), "model": self.model_cfg.to_dict()}
+        blocking, free = resume_changes(saved, new)
+        if state.get("data_fingerprint") not in (None, getattr(self.data, "fingerprint", None)):
+            blocking.append(f"--shards {saved.get('data', {}).get('shards')} -> {self.cfg.data.shards} (other "
+                            "shard names or sizes)")
+        if blocking:
+            shown = ", ".join(blocking[:6]) + (f" and {len(blocking) - 6} more" if len(blocking) > 6 else "")
+            raise ValueError(
+                f"--resume: {path} was trained with other settings ({shown}); a resumed run must match them to "
+                f"continue exactly: pass the checkpoint's values (its {ckpt.STATE_FILE} has them), or start a new "
+                f"run with a new --out"
+            )
+        self._resume_notes = [c for c in free if not c.startswith(("--out ", "--resume ", "--progress "))]
+        return path, state
+
+    def _checked(self, path: Path, check):
+        """`check(path)`, with `--resume auto`'s error naming the checkpoint before the damaged one."""
+        try:
+            return check(path)
+        except ValueError as e:
+            earlier = [p for p in ckpt.list_checkpoints(self.out) if p.name < path.name]
+            hint = f" (e.g. --resume {earlier[-1]})" if self.cfg.run.resume == "auto" and earlier else ""
+            raise ValueError(f"{e}{hint}") from None
+
+    def _verify_resume(self) -> None:
+        if self._resume is None:
+            return
+        path, state = self._resume
+        self._checked(path, ckpt.verify)
+        if state.get("total_steps", self.total_steps) != self.total_steps:
+            raise ValueError(
+                f"--resume: {path} schedules {state['total_steps']} steps, this run {self.total_steps} (has the "
+                f"shard set changed size?): resume with the same shard set, or start a new run with a new --out"
+            )
+
+    def _maybe_resume(self) -> None:
+        if self._resume is None:
+            return
+        path, state = self._resume
+        try:
+            self.accelerator.load_state(str(path))
+        except Exception as e:  # anything Accelerate/torch/safetensors raise on a file that passed verify()
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {first}); pick an earlier "
+                             "checkpoint with --resume PATH") from None
         self.step = int(state["step"])
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.nonfinite_total.fill_(state.get("nonfinite_total", 0.0))
         self.nonfinite_run.fill_(state.get("nonfinite_run", 0.0))
         if self.accelerator.is_main_process:
-            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+            notes = f" (changed: {', '.join(self._resume_notes)})" if self._resume_notes else ""
+            print(f"resumed from {path} at step {self.step}{notes}", file=sys.stderr)
 
     def export_encoder(self) -> Path:
         from matpac_fast.encoder import export_encoder_state
@@ -478,6 +577,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ signals
     def _install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT set a flag that the loop reads after each optimizer step. Loader workers ignore both
+        (data._worker_signals), so a signal to the whole process group (`timeout`, Slurm, Ctrl-C) is handled here
+        alone instead of killing a worker mid-epoch."""
         def handler(signum, frame):
             self._stop_requested = True
 
@@ -507,7 +609,9 @@ def main(argv: list[str] | None = None) -> int:
         if print_only:
             print(json.dumps(cfg.to_dict(), indent=1))
             return 0
-        trainer = Trainer(cfg)  # validates data and model first: a bad option leaves no empty run directory
+        ckpt.check_out(cfg.run.out, cfg.run.resume)  # never mix two runs in one folder
+        # Validates data, model and the checkpoint to resume first: a bad option leaves no empty run directory.
+        trainer = Trainer(cfg)
         os.makedirs(cfg.run.out, exist_ok=True)
         result = trainer.train()
     except (ValueError, TrainingAborted) as e:
@@ -517,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
         last = result["history"][-1] if result["history"] else {}
         note = " (stopped by signal, checkpoint written)" if result["stopped_early"] else ""
         loss = f", loss {last['loss']:.4f}" if "loss" in last else ""
+        if loss and last.get("step") != result["step"]:
+            loss += f" (at step {last.get('step')})"
         print(f"done: step {result['step']}{note}{loss}; encoder: {Path(cfg.run.out) / 'encoder.pt'}")
     return 0
 

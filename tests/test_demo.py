@@ -1,5 +1,6 @@
 """The README's main command, shrunk: every stage of `python -m matpac_fast.demo` runs and the table adds up."""
 
+import json
 import re
 
 from matpac_fast.demo import format_table, main
@@ -18,6 +19,16 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert (tmp_path / "train" / "encoder.pt").exists() and (tmp_path / "results.md").exists()
     assert "| pre-trained encoder (tiny, this demo) |" in (tmp_path / "results.md").read_text()
+    def losses():
+        return [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / "train" / "history.jsonl").open())]
+
+    rows = losses()
+    # A second run in the same folder replaces the first (deterministic: the same figures), never mixes the two.
+    assert main(["--out", str(tmp_path), "--n", "64", "--epochs", "1", "--batch-size", "16", "--probe-n", "40",
+                 "--skip-fsdd", "--workers", "1"]) == 0
+    out2 = capsys.readouterr().out
+    assert "replacing the earlier demo run" in out2 and out2.strip().splitlines()[-1] == last
+    assert losses() == rows and len(rows) == len(set(rows))
 
 
 def test_table_marks_missing_fsdd():

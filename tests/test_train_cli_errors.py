@@ -1,0 +1,275 @@
+"""`matpac-train` user errors and stops: one line that says what to do, nothing lost, no traceback.
+
+Signals to the whole process group (with a loader worker), --out reuse, resume with other settings, damaged
+checkpoints, bad model / optimizer values, unusable shard sets, non-finite weights, the stop step's log row.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from matpac_fast import trainer as T
+from matpac_fast.data_fixtures import clip, write_shard_set
+from matpac_fast.train_config import resolve
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--recipe", "tiny", "--batch-size", "8", "--workers", "0", "--log-every", "1", "--progress", "false",
+        "--model", "depth=1", "--model", "pred_depth=1"]
+SYN = ["--shards", "synthetic:64"]
+
+
+def _main(capsys, *argv) -> tuple[int, str, str]:
+    rc = T.main([*TINY, *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    return lines[0]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+
+
+def _snapshot(out: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(out)): (p.stat().st_size, p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run2(tmp_path_factory):
+    """A finished 2-step run (one checkpoint, step_00000002); tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("run2") / "run"
+    assert T.main([*TINY, *SYN, "--out", str(out), "--max-steps", "2"]) == 0
+    return out
+
+
+def _copy(run2, tmp_path) -> tuple[Path, Path]:
+    out = tmp_path / "run"
+    shutil.copytree(run2, out)
+    return out, out / "checkpoints" / "step_00000002"
+
+
+# ----------------------------------------------------------------------------------- 1, 8: stops and signals
+def _live_in_group(pgid: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists() or not hasattr(os, "killpg"), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_to_process_group_with_loader_worker_checkpoints_and_exits_zero(tmp_path, sig):
+    # As `timeout`, Slurm or `kill -TERM -- -PGID` do: the loader worker gets the signal too.
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *SYN, "--workers", "1", "--epochs", "1000",
+           "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not ((out / "history.jsonl").exists() and len(_rows(out)) >= 2):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        os.killpg(proc.pid, getattr(signal, sig))
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr
+    line = stdout.strip().splitlines()[-1]
+    assert "stopped by signal, checkpoint written" in line
+    step = int(line.split("done: step ")[1].split()[0])
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{step:08d}"]
+    assert _rows(out)[-1]["step"] == step and (out / "encoder.pt").exists()
+    for _ in range(100):  # the worker leaves with the main process
+        if not _live_in_group(proc.pid):
+            break
+        time.sleep(0.1)
+    assert not _live_in_group(proc.pid)
+
+
+def test_stop_step_gets_a_log_row_and_the_final_line_its_loss(tmp_path, capsys, monkeypatch):
+    inner = T.Trainer.micro_step
+
+    def micro_step(self, lms):  # as a signal at step 3 would
+        result = inner(self, lms)
+        self._stop_requested = self._stop_requested or self.step >= 3
+        return result
+
+    monkeypatch.setattr(T.Trainer, "micro_step", micro_step)
+    rc, out, _ = _main(capsys, *SYN, "--out", str(tmp_path / "run"), "--max-steps", "20", "--log-every", "10")
+    assert rc == 0
+    last = _rows(tmp_path / "run")[-1]
+    assert last["step"] == 3
+    assert f"done: step 3 (stopped by signal, checkpoint written), loss {last['loss']:.4f};" in out
+
+
+# ------------------------------------------------------------------------------------------- 2: --out reuse
+def test_reusing_out_without_resume_is_refused_and_touches_nothing(run2, tmp_path, capsys):
+    out, ckpt = _copy(run2, tmp_path)
+    before = _snapshot(out)
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "4")
+    assert rc == 2
+    assert "already holds a run" in _one_line(err) and "--resume auto" in err
+    # A checkpoint of another run resumed into it would be pruned against its checkpoints: refused too.
+    other, _ = _copy(run2, tmp_path / "other")
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--resume", str(other / "checkpoints" / ckpt.name))
+    assert rc == 2 and "holds checkpoints of another run" in _one_line(err)
+    assert _snapshot(out) == before
+
+
+# --------------------------------------------------------------------------------- 3: resume with new settings
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (["--batch-size", "4"], "--batch-size 8 -> 4"),
+        (["--seed", "1", "--epochs", "5"], "--epochs 10.0 -> 5.0"),
+        (["--preset", "matpac"], "--preset tiny -> matpac"),
+        (["--model", "dim=128"], "--model dim 64 -> 128"),
+        (["--workers", "2"], "--workers 1 -> 2"),
+        (["--shards", "synthetic:72"], "--shards synthetic:64 -> synthetic:72"),
+    ],
+)
+def test_resume_with_settings_that_change_the_run_is_refused(run2, capsys, change, expected):
+    before = _snapshot(run2)
+    argv = [*SYN, "--out", str(run2), "--max-steps", "4", "--resume", "auto", *change]
+    rc, _, err = _main(capsys, *argv)
+    assert rc == 2
+    line = _one_line(err)
+    assert expected in line and "--resume" in line and "new --out" in line
+    assert _snapshot(run2) == before
+
+
+def test_resume_may_change_cadence_and_stop_step(run2, tmp_path, capsys):
+    out, _ = _copy(run2, tmp_path)
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--resume", "auto", "--max-steps", "3", "--log-every", "2",
+                       "--keep-last", "1", "--workers", "1")  # 0 and 1 workers read an epoch alike
+    assert rc == 0, err
+    assert "changed: --keep-last 3 -> 1, --log-every 1 -> 2, --max-steps 2 -> 3" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]
+
+
+def test_resume_may_lower_lr_and_clip_to_recover_from_a_divergence(run2, tmp_path, capsys):
+    out, _ = _copy(run2, tmp_path)
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--resume", "auto", "--max-steps", "3", "--lr", "1e-05",
+                       "--clip-grad", "1.0")
+    assert rc == 0, err
+    changed = re.search(r"changed: (.*)", err).group(1)
+    assert re.search(r"--clip-grad \S+ -> 1\.0", changed) and re.search(r"--lr \S+ -> 1e-05", changed), changed
+
+
+# ------------------------------------------------------------------------------------- 4: damaged checkpoints
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, name, expected",
+    [
+        (lambda c: _truncate(c / "model.safetensors"), "model.safetensors", "is damaged"),
+        (lambda c: _truncate(c / "optimizer.bin"), "optimizer.bin", "is damaged"),
+        (lambda c: (c / "model.safetensors").unlink(), "model.safetensors", "is missing"),
+        (lambda c: (c / "trainer_state.json").write_text("{}"), "trainer_state.json", "lacks a whole-number step"),
+        (lambda c: (c / "trainer_state.json").write_text('{"step": 2,'), "trainer_state.json", "not valid JSON"),
+    ],
+    ids=["truncated-model", "truncated-optimizer", "missing-model", "empty-state", "bad-json"],
+)
+def test_damaged_checkpoint_is_one_line_naming_the_file(run2, tmp_path, capsys, damage, name, expected):
+    out, ckpt = _copy(run2, tmp_path)
+    damage(ckpt)
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "4", "--resume", "auto")
+    assert rc == 2
+    line = _one_line(err)
+    assert str(ckpt / name) in line and expected in line and "--resume PATH" in line
+    fresh = tmp_path / "fresh"  # a failed resume into a new folder leaves no folder behind
+    rc, _, err = _main(capsys, *SYN, "--out", str(fresh), "--max-steps", "4", "--resume", str(ckpt))
+    assert rc == 2 and str(ckpt / name) in _one_line(err)
+    assert not fresh.exists()
+
+
+# ------------------------------------------------------------------------------ 5, 7: model and optimizer values
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "heads=0"], "--model heads=0 must be a positive integer"),
+        (["--model", "n_prototypes=0"], "--model n_prototypes=0 must be a positive integer"),
+        (["--model", "depth=0"], "--model depth=0 must be a positive integer"),
+        (["--model", "tau_s=0"], "--model tau_s=0.0 must be > 0"),
+        (["--eps", "0"], "--eps must be > 0"),
+        (["--beta2", "1"], "--beta2 must be in [0, 1)"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    ],
+)
+def test_bad_model_and_optimizer_values_are_one_line_errors(tmp_path, capsys, argv, message):
+    rc, _, err = _main(capsys, *SYN, "--out", str(tmp_path / "run"), "--max-steps", "2", *argv)
+    assert rc == 2 and message in _one_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def _shards(tmp_path, n_frames: int = 640, n: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    d = tmp_path / "shards"
+    write_shard_set(d, ((f"k{i:03d}", clip(rng, n_frames), []) for i in range(n)), per_shard=8)
+    stats = json.loads((d / "stats.json").read_text())
+    (d / "stats.json").write_text(json.dumps({**stats, "min_clip_frames": n_frames}))  # as make-shards writes
+    return d
+
+
+def test_crop_longer_than_every_clip_says_which_crop_to_use(tmp_path, capsys):
+    shards = _shards(tmp_path)
+    rc, _, err = _main(capsys, "--shards", str(shards), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                       "--model", "crop_frames=1008")
+    assert rc == 2
+    line = _one_line(err)
+    assert "crop of 1008 frames" in line and "--model crop_frames=640" in line
+
+
+# ------------------------------------------------------------------------------------ 6: unusable shard sets
+@pytest.mark.parametrize("on_error, workers, expected", [("warn", "0", "every shard failed"),
+                                                         ("raise", "1", "--on-error raise")])
+def test_corrupt_shard_set_is_one_line_and_nonzero(tmp_path, capsys, on_error, workers, expected):
+    shards = _shards(tmp_path)
+    for tar in shards.glob("*.tar"):
+        tar.write_bytes(b"\x00garbage" * 200)
+    with warnings.catch_warnings():  # "skipping shard ..." warnings: counted, not the error
+        warnings.simplefilter("ignore")
+        rc, _, err = _main(capsys, "--shards", str(shards), "--out", str(tmp_path / "run"), "--max-steps", "2",
+                           "--on-error", on_error, "--workers", workers)
+    assert rc == 2
+    assert expected in _one_line(err)
+
+
+# --------------------------------------------------------------------------------------- 7: non-finite weights
+def test_non_finite_weights_are_neither_checkpointed_nor_exported(tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    cfg, _ = resolve([*TINY, *SYN, "--out", str(out), "--max-steps", "2"])
+    trainer = T.Trainer(cfg)
+    with torch.no_grad():
+        trainer.raw_model.student_parameters()[0].fill_(float("nan"))
+    trainer.step = trainer.last_step  # nothing left to train: straight to the final checkpoint and export
+    with pytest.raises(T.TrainingAborted, match="weights are not finite"):
+        trainer.train()
+    assert not (out / "encoder.pt").exists() and not (out / "checkpoints").exists()
