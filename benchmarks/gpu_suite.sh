@@ -24,7 +24,8 @@
 #
 # OUT_DIR receives (few files, so that a remote runner can ship them back): summary.txt (environment, each step's
 # status and time, the RESULT lines), train.csv, RESULTS.md (markdown rows to paste into benchmarks/RESULTS.md),
-# kernels.csv, loader.csv, throughput.png, logs.tar.gz (every step's full log).
+# kernels.csv, loader.csv, throughput.png, logs.tar.gz (every step's full log). An OUT_DIR holding any of these from an
+# earlier suite is refused, except a failed environment check's summary.txt and logs.tar.gz (no results): rerun into it.
 #
 # The project is imported from this checkout without `pip install -e .`: PYTHONPATH gets the repository root and a
 # temporary folder holding a symlink matpac_kernels -> kernels/ (pyproject's package-dir name), so nothing is
@@ -71,11 +72,18 @@ STEPS=${SUITE_STEPS:-25}
 WARMUP=5
 START=$SECONDS
 
-for f in summary.txt train.csv RESULTS.md kernels.csv loader.csv throughput.png logs.tar.gz; do
-  if [ -e "$OUT/$f" ]; then
-    echo "error: OUT_DIR $OUT already holds an earlier suite's $f; give a new or empty folder (nothing was changed)" >&2
-    exit 2
-  fi
+# An OUT_DIR holding an earlier suite's results is refused. One where only a failed environment check left its
+# summary.txt (ending in the CHECK_FAILED line) and logs.tar.gz is reused: that run produced nothing, and both files
+# are overwritten.
+CHECK_FAILED="stopping: the environment check failed"
+for f in train.csv RESULTS.md kernels.csv loader.csv throughput.png summary.txt logs.tar.gz; do
+  [ -e "$OUT/$f" ] || continue
+  case "$f" in
+    summary.txt) grep -q "^$CHECK_FAILED" "$OUT/$f" 2>/dev/null && continue ;;
+    logs.tar.gz) [ -e "$OUT/summary.txt" ] && grep -q "^$CHECK_FAILED" "$OUT/summary.txt" 2>/dev/null && continue ;;
+  esac
+  echo "error: OUT_DIR $OUT already holds an earlier suite's $f; give a new or empty folder (nothing was changed)" >&2
+  exit 2
 done
 mkdir -p "$OUT" || { echo "error: cannot create OUT_DIR $OUT" >&2; exit 2; }
 OUT=$(cd "$OUT" && pwd)
@@ -195,7 +203,7 @@ if check > "$LOGS/check.log" 2>&1; then
 else
   cat "$LOGS/check.log"
   say "FAIL  check: $(grep -m1 -E '^(error|missing)' "$LOGS/check.log")"
-  say "stopping: the environment check failed (full message above and in logs.tar.gz: check.log)"
+  say "$CHECK_FAILED (full message above and in logs.tar.gz: check.log)"
   exit 2
 fi
 sed -n '/^python /,$p' "$LOGS/check.log" >> "$SUMMARY"

@@ -50,6 +50,8 @@ from _common import commit  # noqa: E402
 CUDA = torch.cuda.is_available()
 N_VIS, N_MASK = 57, 133  # the paper's 5 x 38 grid at mask ratio 0.7
 TAU_S, TAU_T = 0.1, 0.04
+CSV_FIELDS = ["op", "impl", "mode", "B", "M", "K", "dtype", "median_ms", "p20_ms", "p80_ms", "peak_mb", "device",
+              "torch", "triton", "commit"]
 
 
 def parse_args(argv=None):
@@ -72,9 +74,14 @@ def parse_args(argv=None):
         p.error("--batches, --tokens and --reps must be positive")
     if not 2 <= args.k <= 8192:
         p.error(f"--k must be in [2, 8192] (the kernel's one-row-per-program limit), got {args.k}")
-    args.ops = args.ops.split(",")
-    if set(args.ops) - {"xent", "gather"}:
-        p.error(f"unknown --ops entries {sorted(set(args.ops) - {'xent', 'gather'})}")
+    args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
+    if not args.ops or set(args.ops) - {"xent", "gather"}:
+        p.error(f"unknown --ops entries {sorted(set(args.ops) - {'xent', 'gather'})}; choose from xent, gather")
+    if args.out is not None and args.out.exists() and args.out.stat().st_size > 0:
+        with open(args.out, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != CSV_FIELDS:
+            p.error(f"--out {args.out} has other columns than this script writes; give a new --out path")
     return args
 
 
@@ -208,7 +215,7 @@ def write_csv(path: Path, rows):
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         if new:
             writer.writeheader()
         writer.writerows(rows)

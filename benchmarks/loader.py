@@ -11,6 +11,10 @@ content is random (it does not change the I/O or the copy cost).
 
     python benchmarks/loader.py                 # ~1-2 min on 2 cores; last line: RESULT loader ...
     python benchmarks/loader.py --clips 4000 --passes 1 --keep /tmp/loader-bench
+    python benchmarks/loader.py --clips 64 --frames 700 --per-shard 16 --batch 8 --workers 1 --passes 1  # CPU, secs
+
+--keep DIR records the data's settings (clips, frames, clips per shard) in DIR/settings.json and reuses the data only
+when they match; otherwise it rewrites DIR/shards and DIR/npy (its own folders: nothing else in DIR is touched).
 
 MB/s columns: "read" = clip bytes the loader had to touch per sample (whole stored clip), "out" = batch bytes
 delivered (fp16 crops for shards, the float32 crops the npy loader makes). "samples/CPU-s" = samples per second of
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import platform
 import resource
@@ -42,6 +47,12 @@ from _common import commit  # noqa: E402
 from matpac_fast.data import DataConfig, ShardSource, SyntheticSource, make_loader  # noqa: E402
 from matpac_fast.data_fixtures import write_shard_set  # noqa: E402
 
+PATHS = ("indexed", "stream", "pipe", "npy", "synthetic")
+ROW_FIELDS = ["path", "samples", "seconds", "samples_per_s", "read_MB_s", "out_MB_s", "startup_s", "samples_per_cpu_s"]
+ENV_FIELDS = ["cpus", "workers", "batch", "crop", "frames", "clips", "torch", "python", "commit"]
+CSV_FIELDS = ROW_FIELDS + ENV_FIELDS
+SETTINGS = "settings.json"  # in a --keep folder: the settings its data was generated with
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -50,20 +61,59 @@ def parse_args(argv=None):
     p.add_argument("--frames", type=int, default=1000, help="frames per clip (default 1000 = 10 s)")
     p.add_argument("--per-shard", type=int, default=500, help="clips per shard (default 500, ~80 MB shards)")
     p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--crop", type=int, default=608)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--crop", type=int, default=608, help="frames per training crop, at most --frames (default 608)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers, >= 0 (default 2)")
     p.add_argument("--passes", type=int, default=2, help="timed passes per path after the warm-up (default 2)")
-    p.add_argument("--paths", default="indexed,stream,pipe,npy,synthetic",
-                   help="comma list of: indexed, stream, pipe, npy, synthetic")
-    p.add_argument("--keep", type=Path, default=None, help="generate into (and reuse) this folder instead of a temp")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma list of: {', '.join(PATHS)}")
+    p.add_argument("--keep", type=Path, default=None,
+                   help="generate into (and reuse, when its settings.json matches) this folder instead of a temp")
     p.add_argument("--csv", type=Path, default=None, help="append result rows to this CSV")
     args = p.parse_args(argv)
+    for flag in ("clips", "frames", "per_shard", "batch", "crop", "passes"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    if args.workers < 0:
+        p.error(f"--workers must be >= 0 (got {args.workers})")
+    if args.crop > args.frames:
+        p.error(f"--crop {args.crop} is longer than the clips (--frames {args.frames}): lower --crop or raise --frames")
     if args.clips < args.batch * max(1, args.workers):
         p.error(f"--clips must be at least --batch x --workers = {args.batch * max(1, args.workers)}")
-    unknown = set(args.paths.split(",")) - {"indexed", "stream", "pipe", "npy", "synthetic"}
-    if unknown:
-        p.error(f"unknown --paths entries {sorted(unknown)}")
+    args.paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    unknown = set(args.paths) - set(PATHS)
+    if unknown or not args.paths:
+        p.error(f"unknown --paths entries {sorted(unknown)}; choose from {', '.join(PATHS)}")
+    if args.keep is not None:
+        problem = keep_problem(args.keep)
+        if problem:
+            p.error(problem)
+    if args.csv is not None and args.csv.exists() and args.csv.stat().st_size > 0:
+        with open(args.csv, newline="") as f:
+            header = next(csv.reader(f), [])
+        if header != CSV_FIELDS:
+            p.error(f"--csv {args.csv} has other columns than this script writes; give a new --csv path")
     return args
+
+
+def data_settings(args) -> dict:
+    """What the generated data depends on: reused from a --keep folder only when these match."""
+    return {"clips": args.clips, "frames": args.frames, "per_shard": args.per_shard}
+
+
+def keep_problem(keep: Path) -> str | None:
+    """Why --keep cannot be used (one line), or None. A folder that holds our data folders but no settings.json was
+    made before settings were recorded: its contents are unknown, so it is neither reused nor overwritten."""
+    if keep.exists() and not keep.is_dir():
+        return f"--keep {keep} is a file; give a folder"
+    if (keep / SETTINGS).exists():
+        try:
+            json.loads((keep / SETTINGS).read_text())
+        except (OSError, ValueError) as e:
+            return f"--keep {keep}: cannot read {SETTINGS} ({e}); delete {keep} or give a new folder"
+        return None
+    if (keep / "shards").exists() or (keep / "npy").exists():
+        return (f"--keep {keep} holds shards/ or npy/ without {SETTINGS} (data of unknown settings, from an older "
+                f"version of this script): delete {keep} or give a new folder")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -75,12 +125,23 @@ def _pool(frames: int, n: int = 64) -> np.ndarray:
     return (rng.standard_normal((n, 80, frames), dtype=np.float32) * 4 - 7).astype(np.float16)
 
 
-def make_data(root: Path, clips: int, frames: int, per_shard: int, need_npy: bool) -> tuple[Path, Path]:
+def make_data(root: Path, settings: dict, need_npy: bool) -> tuple[Path, Path]:
+    """Shards and (when needed) per-clip .npy files under `root`, generated unless `root/settings.json` says they
+    were made with the same settings; data from other settings is removed first (never read as this run's)."""
     shards, npy = root / "shards", root / "npy"
+    recorded = root / SETTINGS
+    if not recorded.exists() or json.loads(recorded.read_text()) != settings:
+        for folder in (shards, npy):
+            shutil.rmtree(folder, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        recorded.write_text(json.dumps(settings, sort_keys=True) + "\n")
+    clips, frames = settings["clips"], settings["frames"]
     pool = _pool(frames)
-    if not (shards / "stats.json").exists():
+    if not (shards / "stats.json").exists():  # absent: never written, or interrupted (stats.json is written last)
+        shutil.rmtree(shards, ignore_errors=True)
         gen = ((f"clip{i:07d}", pool[i % len(pool)], [i % 10]) for i in range(clips))
-        write_shard_set(shards, tqdm(gen, total=clips, desc="writing shards", unit="clip"), per_shard=per_shard)
+        write_shard_set(shards, tqdm(gen, total=clips, desc="writing shards", unit="clip"),
+                        per_shard=settings["per_shard"])
     if need_npy and not (npy / ".done").exists():
         npy.mkdir(parents=True, exist_ok=True)
         for i in tqdm(range(clips), desc="writing per-clip float32 .npy", unit="clip"):
@@ -152,10 +213,10 @@ def measure(name: str, make, passes: int, read_bytes: int, out_bytes: int) -> di
 
 def main(argv=None):
     args = parse_args(argv)
-    paths = args.paths.split(",")
+    paths = args.paths
     root = args.keep or Path(tempfile.mkdtemp(prefix="loader-bench-"))
     try:
-        shards, npy = make_data(root, args.clips, args.frames, args.per_shard, "npy" in paths)
+        shards, npy = make_data(root, data_settings(args), "npy" in paths)
         source = ShardSource.open(str(shards))
         n = len(source.urls)
         piped = ShardSource.open(f"pipe:cat {shards}/shards-{{000000..{n - 1:06d}}}.tar")
@@ -189,7 +250,7 @@ def main(argv=None):
     if args.csv:
         new = not args.csv.exists()
         with open(args.csv, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) + list(env))
+            w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             if new:
                 w.writeheader()
             for r in rows:

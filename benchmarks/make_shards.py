@@ -5,6 +5,9 @@ Per-file approach (M2D/MATPAC `wav_to_lms` style): each worker decodes a file, r
 their training list that way). make-shards: the same front end, written as float16 into tar shards with
 sizes/stats/manifest and sha256 hashes, in one pass.
 
+CPU check in seconds: `python benchmarks/make_shards.py --n 8 --seconds 7 --workers 1 --repeats 1`. Clips shorter
+than make-shards' 608-frame minimum (~6.1 s) are refused up front unless `--short pad`.
+
 Both run in `--workers` spawned processes with one torch thread each, on a warm page cache, and include process
 start-up. Last line: RESULT make_shards clips_per_s=... per_file_clips_per_s=... ratio=... clips_per_s_per_core=...
 """
@@ -12,6 +15,7 @@ start-up. Last line: RESULT make_shards clips_per_s=... per_file_clips_per_s=...
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import os
 import platform
@@ -91,11 +95,28 @@ def per_file_approach(paths: list[Path], out: Path, workers: int, frontend: str)
     return len(rows)
 
 
-def make_shards_approach(root: Path, out: Path, workers: int, frontend: str) -> int:
+def make_shards_approach(root: Path, out: Path, workers: int, frontend: str, short: str) -> int:
     from shard_tools.api import make_folder_shards
 
-    s = make_folder_shards(out, root, workers=workers, frontend=frontend, progress=False)
+    s = make_folder_shards(out, root, workers=workers, frontend=frontend, short=short, progress=False)
     return s["written"]
+
+
+def clip_problem(seconds: float, frontend: str, short: str) -> str | None:
+    """Why clips of `seconds` would all be skipped by make-shards (one line), or None."""
+    from matpac_fast.frontend import get_spec
+    from shard_tools.pipeline import MakeConfig
+
+    spec = get_spec(frontend)
+    frames = spec.num_frames(int(seconds * spec.sample_rate))
+    need = MakeConfig.min_frames if short == "drop" else 1
+    if frames >= need:
+        return None
+    least = ((need - 1) * spec.hop_length + spec.n_fft) / spec.sample_rate
+    if short == "drop":
+        return (f"--seconds {seconds:g} gives {frames} log-mel frames, fewer than make-shards' --min-frames {need}: "
+                f"give --seconds {math.ceil(least * 10) / 10:g} or more, or --short pad (short clips kept, padded)")
+    return f"--seconds {seconds:g} gives no log-mel frame: give --seconds {least:g} or more"
 
 
 def cpu_seconds() -> float:
@@ -113,7 +134,7 @@ def dir_bytes(d: Path) -> tuple[int, int]:
     return sum(p.stat().st_size for p in files), len(files)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=400, help="clips in the generated corpus (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=10.0, help="clip length (default: %(default)s)")
@@ -121,12 +142,30 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes for both (default: all cores)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each approach; best is kept")
     p.add_argument("--frontend", default="matpac", choices=["matpac", "m2d"])
-    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a new temp folder, removed)")
-    args = p.parse_args()
+    p.add_argument("--short", default="drop", choices=["drop", "pad"],
+                   help="make-shards' --short: drop (default, as the authors) skips clips under 608 frames (~6.1 s); "
+                        "pad keeps them")
+    p.add_argument("--work", type=Path, default=None,
+                   help="parent of the scratch folder (default: the system temp folder); the scratch folder is removed")
+    args = p.parse_args(argv)
     if args.n < 1 or args.workers < 1 or args.repeats < 1:
-        raise SystemExit("--n, --workers and --repeats must be >= 1")
+        p.error("--n, --workers and --repeats must be >= 1")
+    if not args.seconds > 0 or not math.isfinite(args.seconds):
+        p.error(f"--seconds must be > 0 (got {args.seconds:g})")
+    if args.sr < 8000:
+        p.error(f"--sr must be >= 8000 Hz (got {args.sr})")
+    problem = clip_problem(args.seconds, args.frontend, args.short)
+    if problem:
+        p.error(problem)
+    if args.work is not None and not args.work.is_dir():
+        p.error(f"--work {args.work}: no such folder; create it or leave --work out")
+    return args
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="bench_shards_", dir=args.work))
+    keep = False
     try:
         corpus = work / "corpus"
         paths = make_corpus(corpus, args.n, args.seconds, args.sr)
@@ -143,7 +182,12 @@ def main() -> None:
                 if name == "per_file":
                     n_done = per_file_approach(paths, out, args.workers, args.frontend)
                 else:
-                    n_done = make_shards_approach(corpus, out, args.workers, args.frontend)
+                    try:
+                        n_done = make_shards_approach(corpus, out, args.workers, args.frontend, args.short)
+                    except ValueError as e:  # its message may name a file in `work`: keep that folder
+                        keep = True
+                        raise SystemExit(f"error: make-shards failed: {e} (scratch folder {work} kept for "
+                                         "inspection; delete it when done)") from None
                 times[name].append(time.perf_counter() - t0)
                 cpu[name].append(cpu_seconds() - c0)
                 assert n_done == args.n, (name, n_done)
@@ -151,7 +195,8 @@ def main() -> None:
                 print(f"  run {r} {name:<11} {times[name][-1]:7.2f} s wall {cpu[name][-1]:7.2f} s CPU", file=sys.stderr)
                 shutil.rmtree(out)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
 
     t_pf, t_ms = min(times["per_file"]), min(times["make_shards"])
     cps, pf_cps = args.n / t_ms, args.n / t_pf

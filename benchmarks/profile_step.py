@@ -18,6 +18,7 @@ On CPU the GPU columns are empty; it still runs (the CI smoke test uses that).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -70,7 +71,7 @@ def _self_device_total(avg) -> float:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="matpac")
+    p.add_argument("--preset", default="matpac", choices=list(tt.PRESETS), help="model preset (default matpac)")
     p.add_argument("--mode", default="compiled+kernels", choices=[m for m in tt.MODES if m != "reference-design"])
     p.add_argument("--compile-mode", default="default",
                    choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"))
@@ -88,8 +89,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=20, help="rows in the kernel and host-op tables (default 20)")
     p.add_argument("--trace", type=Path, default=None, help="also write a Chrome trace (JSON) here")
     args = p.parse_args(argv)
-    if args.batch < 1 or args.steps < 1 or args.warmup < 0:
-        p.error("--batch and --steps must be >= 1, --warmup >= 0")
+    if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.top < 0:
+        p.error("--batch and --steps must be >= 1, --warmup and --top >= 0")
+    problem = tt.data_problem(args.data, args.batch)
+    if problem:
+        p.error(problem)
+    if args.trace is not None:
+        if args.trace.is_dir():
+            p.error(f"--trace {args.trace} is a folder; give a file path such as {args.trace / 'trace.json'}")
+        try:  # now, not after the profiled steps: a path that cannot be written is reported before any work
+            args.trace.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            p.error(f"--trace {args.trace}: cannot create its folder ({e.strerror or e})")
+        if not os.access(args.trace.parent, os.W_OK):
+            p.error(f"--trace {args.trace}: its folder {args.trace.parent} is not writable")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -155,12 +168,17 @@ def main(argv=None) -> int:
     for a in avgs:
         print(f"  {a.self_cpu_time_total / 1e3 / args.steps:8.3f}  x{a.count / args.steps:<6.0f} {a.key[:100]}"
               + (f"  (GPU self {_self_device_total(a) / 1e3 / args.steps:.2f})" if kernels else ""))
+    rc = 0
     if args.trace:
         prof.export_chrome_trace(str(args.trace))
-        print(f"\nwrote {args.trace}")
+        if args.trace.is_file() and args.trace.stat().st_size > 0:  # the profiler may only log a failed write
+            print(f"\nwrote {args.trace} ({args.trace.stat().st_size / 1e6:.1f} MB)")
+        else:
+            print(f"error: the profiler did not write --trace {args.trace} (see its messages above)", file=sys.stderr)
+            rc = 1
     print(f"RESULT profile wall_ms={wall * 1e3:.2f} gpu_busy_ms={busy:.2f} "
           f"gemm_ms={by_class.get('gemm', 0.0):.2f} attention_ms={by_class.get('attention', 0.0):.2f}")
-    return 0
+    return rc
 
 
 if __name__ == "__main__":

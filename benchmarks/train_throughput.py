@@ -33,7 +33,11 @@ aggregate samples/s; scaling efficiency = aggregate / (N x one-process samples/s
 Rows are appended to --csv and, as a table headed by device, driver, versions and commit, to --results-md.
 Last line: RESULT train samples_per_s=... mfu=... speedup_vs_reference_design=... device=...
 (the fastest non-reference row; the speedup is against reference-design at that row's batch size; "n/a" when a
-figure cannot be computed, e.g. MFU on a CPU without --peak-tflops).
+figure cannot be computed, e.g. MFU on a CPU without --peak-tflops; all three "n/a" when no non-reference row was
+measured: reference-design is never reported as the winner). Exit status 1 when any run failed (the other runs'
+rows are kept); "every run failed" is an error with no RESULT line.
+--csv: a CSV from an older version of this script (fewer columns, same order) is rewritten with the current header
+first, old rows keeping their values and the new columns empty; a CSV with other columns is refused before any run.
 """
 
 from __future__ import annotations
@@ -68,6 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when import
 from _common import commit  # noqa: E402
 
 from matpac_fast.config import ATTN_IMPLS, PRESETS, STREAM_DTYPES  # noqa: E402
+from matpac_fast.data import ShardSource, is_local  # noqa: E402
 from matpac_fast.metrics import mfu  # noqa: E402
 from matpac_fast.model import MATPAC  # noqa: E402
 from matpac_fast.train_config import DataConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig  # noqa: E402
@@ -162,12 +167,43 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda but torch sees no CUDA device: use --device cpu or check the driver / torch build")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.workers is not None and args.workers < 0:
+        p.error(f"--workers must be >= 0 (got {args.workers})")
+    if args.peak_tflops < 0 or args.single_process_sps < 0:
+        p.error("--peak-tflops and --single-process-sps must be >= 0 (0: not given)")
     if args.npy_dir is not None and not any(args.npy_dir.glob("*.npy")):
         p.error(f"--npy-dir {args.npy_dir}: no .npy files there")
-    if args.data != "synthetic" and not args.data.startswith("synthetic:") and "://" not in args.data \
-            and not args.data.startswith("pipe:") and not Path(args.data).exists() and "{" not in args.data:
-        p.error(f"--data {args.data}: no such shard set; give a make-shards directory or 'synthetic'")
+    problem = data_problem(args.data, max(args.batch_sizes) * _dist_env()[1])
+    if problem:
+        p.error(problem)
+    if args.csv is not None:
+        try:
+            csv_header_status(args.csv)
+        except ValueError as e:
+            p.error(str(e))
     return args
+
+
+def data_problem(data: str, global_batch: int) -> str | None:
+    """Why --data cannot feed a run (one line), or None. A local shard set (directory or brace pattern) is opened
+    the way the trainer opens it (sizes.json, stats.json); URLs and pipe: commands are left to the run."""
+    if data == "synthetic":
+        return None
+    if data.startswith("synthetic:"):
+        n = data.split(":", 1)[1]
+        return None if n.isdigit() and int(n) >= 1 else f"--data {data}: give synthetic:N with N >= 1 clips"
+    if not is_local(data):
+        return None
+    if "{" not in data and not Path(data).exists():
+        return f"--data {data}: no such shard set; give a make-shards directory or 'synthetic'"
+    try:
+        source = ShardSource.open(data)
+    except ValueError as e:
+        return f"--data {data}: not a usable shard set: {e}"
+    if source.total < global_batch:
+        return (f"--data {data} holds {source.total} clips, fewer than one global batch ({global_batch}): "
+                "add clips or lower --batch-sizes")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ authors' design
@@ -508,19 +544,58 @@ def csv_row(row: dict, env: dict) -> dict:
     return {k: out.get(k, "") for k in CSV_FIELDS}
 
 
+def _is_subsequence(header: list[str], fields: list[str]) -> bool:
+    it = iter(fields)
+    return all(any(h == f for f in it) for h in header)
+
+
+def csv_header_status(path: Path) -> str:
+    """"new" (absent or empty), "same" (this script's header) or "upgrade" (an older header of this script: its
+    columns are CSV_FIELDS minus some added since, in the same order). Raises ValueError for any other file."""
+    if not path.exists() or path.stat().st_size == 0:
+        return "new"
+    if path.is_dir():
+        raise ValueError(f"--csv {path} is a folder; give a .csv file path")
+    with open(path, newline="") as f:
+        header = next(csv.reader(f), [])
+    if header == CSV_FIELDS:
+        return "same"
+    if header and len(set(header)) == len(header) and _is_subsequence(header, CSV_FIELDS):
+        return "upgrade"
+    raise ValueError(f"{path} has other columns than this script writes (not an older train_throughput.py CSV); "
+                     "give a new --csv path")
+
+
+def upgrade_csv(path: Path) -> None:
+    """Rewrite an older CSV of this script with the current header: every old row keeps its values, the columns
+    added since are empty. Written to a temporary file beside it, then renamed over it (never half-written)."""
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    for i, r in enumerate(rows, start=2):
+        if None in r or None in r.values():
+            raise ValueError(f"{path} line {i} has a different number of fields than its header; fix or move the "
+                             "file and give a new --csv path")
+    tmp = path.with_name(path.name + ".upgrade.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+    os.replace(tmp, path)
+
+
 def append_csv(path: Path, row: dict) -> None:
+    try:
+        status = csv_header_status(path)
+        if status == "upgrade":
+            upgrade_csv(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and path.stat().st_size > 0:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != CSV_FIELDS:
-            raise SystemExit(f"error: {path} has other columns than this script writes; give a new --csv path")
-        new = False
-    else:
-        new = True
     with open(path, "a", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        if new:
+        if status == "new":
             w.writeheader()
         w.writerow(row)
 
@@ -553,15 +628,27 @@ def append_markdown(path: Path, block: str) -> None:
         f.write("\n" + block)
 
 
+def best_row(rows: list[dict]) -> dict | None:
+    """The fastest non-reference row; None when no such row exists (reference-design is the peer, never the
+    winner)."""
+    candidates = [r for r in rows if r["mode"] != "reference-design"]
+    return max(candidates, key=lambda r: r["samples_per_s"]) if candidates else None
+
+
 def result_line(rows: list[dict], device: str) -> str:
-    """RESULT line from the raw (unformatted) rows: the fastest non-reference row vs reference at its batch."""
-    candidates = [r for r in rows if r["mode"] != "reference-design"] or rows
-    best = max(candidates, key=lambda r: r["samples_per_s"])
-    ref = [r for r in rows if r["mode"] == "reference-design" and r["batch"] == best["batch"]]
-    speedup = best["samples_per_s"] / ref[0]["samples_per_s"] if ref else None
-    mfu_text = f"{best['mfu']:.4g}" if best["mfu"] is not None else "n/a"
-    return (f"RESULT train samples_per_s={best['samples_per_s']:.1f} mfu={mfu_text} "
-            f"speedup_vs_reference_design={_fmt(speedup, 2)} device={device.replace(' ', '_')}")
+    """RESULT line from the raw (unformatted) rows: the fastest non-reference row vs reference at its batch; every
+    figure "n/a" when no non-reference row exists."""
+    best = best_row(rows)
+    if best is None:
+        sps_text = mfu_text = speedup_text = "n/a"
+    else:
+        ref = [r for r in rows if r["mode"] == "reference-design" and r["batch"] == best["batch"]]
+        speedup = best["samples_per_s"] / ref[0]["samples_per_s"] if ref else None
+        sps_text = f"{best['samples_per_s']:.1f}"
+        mfu_text = f"{best['mfu']:.4g}" if best["mfu"] is not None else "n/a"
+        speedup_text = _fmt(speedup, 2)
+    return (f"RESULT train samples_per_s={sps_text} mfu={mfu_text} "
+            f"speedup_vs_reference_design={speedup_text} device={device.replace(' ', '_')}")
 
 
 def print_table(rows: list[dict]) -> None:
@@ -627,9 +714,11 @@ def main(argv=None) -> int:
         print_table(formatted)
         if args.results_md:
             append_markdown(args.results_md, markdown_block(formatted, env, args))
-        candidates = [r for r in raw_rows if r["mode"] != "reference-design"] or raw_rows
-        best = max(candidates, key=lambda r: r["samples_per_s"])
-        print(f"best: {best['mode']} at batch {best['batch']} per device")
+        best = best_row(raw_rows)
+        if best is None:
+            print("best: none (no non-reference mode measured; the RESULT figures are n/a)")
+        else:
+            print(f"best: {best['mode']} at batch {best['batch']} per device")
         if failed:
             print("failed runs (traceback above):\n  " + "\n  ".join(failed))
         print(result_line(raw_rows, env["device"]))

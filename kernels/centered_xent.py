@@ -273,6 +273,12 @@ def _check_inputs(student_MK, teacher_MK, center_K, tau_s, tau_t, center_mode):
         )
     if center_K.shape != (student_MK.shape[1],):
         raise ValueError(f"center must have shape (K={student_MK.shape[1]},), got {tuple(center_K.shape)}")
+    # A kernel reads raw pointers: a tensor on another device would be read as garbage, not refused. (Comparing
+    # .device attributes is free: no synchronisation, and torch.compile resolves it at trace time.)
+    device = student_MK.device
+    for name, t in (("teacher", teacher_MK), ("center", center_K)):
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but student is on {device}; move all inputs to one device")
     for name, tau in (("tau_s", tau_s), ("tau_t", tau_t)):
         # Tensor temperatures (the trainer passes tau_t as a device tensor to avoid recompiles) are not checked:
         # reading their value would synchronise with the GPU.
@@ -280,6 +286,9 @@ def _check_inputs(student_MK, teacher_MK, center_K, tau_s, tau_t, center_mode):
             raise ValueError(f"{name} must be positive, got {tau}")
         if isinstance(tau, torch.Tensor) and tau.numel() != 1:
             raise ValueError(f"{name} must be a float or a one-element tensor, got shape {tuple(tau.shape)}")
+        if isinstance(tau, torch.Tensor) and tau.device not in (device, torch.device("cpu")):
+            raise ValueError(f"{name} is on {tau.device} but student is on {device}; pass a float or a tensor on "
+                             f"{device}")
 
 
 def _taus_tensor(tau_s, tau_t, device) -> torch.Tensor:
@@ -303,8 +312,9 @@ def centered_softmax_xent(student_MK, teacher_MK, center_K, tau_s, tau_t, center
     """Per-row cross-entropy between the centred teacher softmax and the student log-softmax, plus centre statistics.
 
     Args: student_MK (M, K) logits (fp32/bf16/fp16; receives the gradient), teacher_MK (M, K) logits and
-    center_K (K,) (no gradient), tau_s, tau_t positive Python floats or one-element tensors, center_mode "prob"
-    (column sums of p, the authors') or "logit" (column sums of the teacher logits, DINO's).
+    center_K (K,) (no gradient), all on one device; tau_s, tau_t positive Python floats or one-element tensors
+    (on that device, or CPU), center_mode "prob" (column sums of p, the authors') or "logit" (column sums of the
+    teacher logits, DINO's). A tensor on another device is a one-line ValueError (a device check, no sync).
     Returns fp32 (loss_M, center_sum_K, entropy_M, max_prob_M); only loss_M carries a gradient (to student_MK).
     Runs the Triton kernels on CUDA for K <= 8192 (see `matpac_kernels.use_backend`), the reference elsewhere.
     """

@@ -8,7 +8,8 @@ Triton kernel: one program per (batch row, block of TOK tokens); a program reads
 patch² pixels straight from the strided input, normalises in fp32, casts and stores. Visible and masked tokens are
 produced by the same launch (program blocks [0, ceil(Nv/TOK)) write the visible tokens, the rest the masked ones),
 so every input pixel that is needed is read exactly once and nothing intermediate is written.
-Out-of-range patch indices produce NaN tokens in the kernel (no out-of-bounds read); the reference raises instead.
+Out-of-range patch indices: an error on every path, as in the reference (see `patchify_gather` for how, without a
+host sync on CUDA); the kernel itself never reads out of bounds and writes NaN tokens for such indices.
 """
 
 import torch
@@ -167,13 +168,36 @@ def _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch):
         raise ValueError(f"std must be positive, got {float(std)}")
 
 
+INDEX_ERROR = (
+    "patchify_gather: vis_idx or mask_idx holds a patch index outside [0, n_patches), n_patches = (F / patch) * "
+    "(T / patch); make the masks for this input's patch grid"
+)
+
+
+def _assert_indices_in_range(vis_idx, mask_idx, n_patches: int) -> None:
+    """RuntimeError(INDEX_ERROR) at once on CPU; a device-side assert on CUDA (no host sync, see patchify_gather)."""
+    ok = ((vis_idx >= 0) & (vis_idx < n_patches)).all() & ((mask_idx >= 0) & (mask_idx < n_patches)).all()
+    torch._assert_async(ok, INDEX_ERROR)
+
+
 def patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch=16, out_dtype=torch.float32):
     """Normalise (x - mean) / std in fp32, cut patch×patch patches, gather the visible and masked ones, cast.
 
     Args: lms_B1FT raw log-mel (B, 1, F, T), any float dtype; mean, std Python floats; vis_idx_BNv, mask_idx_BNm
-    int64/int32 patch indices (patch index = f_idx * n_t + t_idx); patch a power of two for the Triton path.
+    int64/int32 patch indices in [0, n_patches), n_patches = (F / patch) * (T / patch) (patch index =
+    f_idx * n_t + t_idx), on the device of lms; patch a power of two for the Triton path.
     Returns (vis (B, Nv, patch²), mask (B, Nm, patch²)) in out_dtype. Runs the Triton kernel on CUDA (see
     `matpac_kernels.use_backend`), the reference `reference_patchify_gather` elsewhere.
+
+    An index outside [0, n_patches) is an error, never a silent result, on every path, as in the reference
+    (torch.gather): on CPU tensors (reference, or the kernel under TRITON_INTERPRET=1) a RuntimeError at the call;
+    on CUDA a device-side assert (`torch._assert_async`, fused into one small kernel under torch.compile): the
+    launch returns without waiting and the error is raised at the next synchronisation as "CUDA error: device-side
+    assert triggered", after which the process's CUDA context is unusable (run with CUDA_LAUNCH_BLOCKING=1, or on
+    CPU, to find the call). Trade-off: the check costs one reduction over the B x (Nv + Nm) indices per call and
+    no host sync; the alternative, NaN tokens, would keep the process alive but let a trainer skip such steps as
+    non-finite instead of failing. The kernel still writes NaN (never an out-of-bounds read) for such an index,
+    which is what remains where device asserts are compiled out (ROCm builds without GPU asserts).
     """
     _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch)
     pow2 = patch > 0 and patch & (patch - 1) == 0
@@ -181,5 +205,7 @@ def patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch=16, ou
         return reference_patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch, out_dtype)
     # The kernel needs one index dtype for both index tensors (the branch-free load adds them).
     vis_idx, mask_idx = vis_idx_BNv.long(), mask_idx_BNm.long()
+    _, _, F, T = lms_B1FT.shape
+    _assert_indices_in_range(vis_idx, mask_idx, (F // patch) * (T // patch))
     op = _patchify_gather_cuda if lms_B1FT.is_cuda and not interpreter_active() else _patchify_gather_interp
     return op(lms_B1FT, float(mean), float(std), vis_idx, mask_idx, patch, out_dtype)

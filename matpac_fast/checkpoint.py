@@ -45,6 +45,15 @@ def resolve_resume(resume: str, out: str | Path) -> Path | None:
         return None
     if resume == "auto":
         ckpts = list_checkpoints(out)
+        root = checkpoint_root(out)
+        # Finished checkpoints are renamed from .tmp only when complete, so a step directory without its state file
+        # is damage, not work in progress: say so rather than silently resuming an older one.
+        steps = sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)),
+                       key=lambda p: int(_STEP_DIR.match(p.name).group(1))) if root.is_dir() else []
+        if steps and (not ckpts or steps[-1] != ckpts[-1]):
+            earlier = f"resume from {ckpts[-1]} with --resume PATH" if ckpts else "start a new run with a new --out"
+            raise ValueError(f"--resume auto: the latest checkpoint {steps[-1]} is damaged (no {STATE_FILE}): "
+                             f"{earlier}")
         return ckpts[-1] if ckpts else None
     path = Path(resume)
     if not (path / STATE_FILE).exists():
@@ -67,6 +76,9 @@ def check_out(out: str | Path, resume: str) -> None:
     if not resume and found:
         raise ValueError(f"--out {out} already holds a run ({', '.join(found)}): continue it with --resume auto, "
                          "or choose a new or empty --out")
+    if resume == "auto" and found and "checkpoints" not in found:
+        raise ValueError(f"--out {out} holds a run ({', '.join(found)}) but no checkpoint to continue it from: "
+                         "choose a new or empty --out")
     if resume not in ("", "auto") and list_checkpoints(out):
         if Path(resume).resolve().parent != checkpoint_root(out).resolve():
             raise ValueError(f"--out {out} holds checkpoints of another run: resume {resume} into a new or empty "

@@ -1,6 +1,7 @@
 """Streaming loader: a shard set (docs/CONTRACTS.md "Shard set") -> fixed-shape fp16 batches, on one rank or many.
 
-    source = ShardSource.open("shards/")                 # or "dir/shards-{000000..000099}.tar", URLs, "pipe:..."
+    source = ShardSource.open("shards/")                 # or "dir/shards-{000000..000099}.tar", "dir/*.tar",
+                                                         # URLs, "pipe:...", or a list of these (concatenated)
     check_spec("matpac", source.stats)                   # one-line ValueError when the shards' front end differs
     loader = make_loader(DataConfig(batch_size=256), rank, world_size, epoch, seed, source=source)
     len(loader)                                          # batches per rank this epoch, known before iterating
@@ -27,7 +28,8 @@ Samples a worker cannot use (a corrupt or missing shard, a short clip under shor
 way — by reading on past the end of its range, flagged `filled` — so the batch counts never change: DDP never hangs.
 
 `resampled`: each worker draws shards with replacement (seeded by seed, epoch, rank, worker) and yields exactly its
-share of floor(samples_per_epoch / (world B)) batches per rank; it never runs dry.
+share of floor(samples_per_epoch / (world B)) batches per rank; it never runs dry. samples_per_epoch (>= 1, resampled
+mode only) counts samples over all ranks; None means the shard set's size.
 
 Readers: a local shard is mmap'd and indexed (matpac_fast.data_tar.TarIndex); a sample is a zero-copy view of its
 .npy payload and only the time crop is copied, straight into the batch. In exact mode that reader shuffles a
@@ -48,6 +50,7 @@ padding is zero after normalisation) — by default as the shard set's stats.jso
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -88,7 +91,8 @@ class DataConfig:
     crop_frames: int = 608
     mode: str = "exact"  # "exact" | "resampled"
     remainder: str = "drop"  # exact mode: "drop" | "fill" (see the module docstring)
-    samples_per_epoch: int | None = None  # resampled mode: nominal epoch; None = the shard set's size
+    # resampled mode only: the nominal epoch in samples (>= 1), over all ranks; None = the shard set's size.
+    samples_per_epoch: int | None = None
     shuffle_buffer: int = 1000  # samples (stream reader: cropped arrays; indexed resampled: references)
     num_workers: int = 2
     prefetch_factor: int = 4
@@ -114,6 +118,14 @@ class DataConfig:
                 raise ValueError(f"DataConfig.{name} must be >= 1 (got {getattr(self, name)})")
         if self.num_workers < 0:
             raise ValueError(f"DataConfig.num_workers must be >= 0 (got {self.num_workers})")
+        n = self.samples_per_epoch
+        if n is not None:
+            if self.mode != "resampled":
+                raise ValueError(f"DataConfig.samples_per_epoch={n!r} applies to mode='resampled' only (an exact epoch "
+                                 "is the whole shard set); set mode='resampled' or leave samples_per_epoch=None")
+            if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+                raise ValueError(f"DataConfig.samples_per_epoch must be an integer >= 1 (got {n!r}); None means the "
+                                 "shard set's size")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -153,7 +165,8 @@ def sibling(url: str, name: str) -> str:
 def _shard_name(url: str) -> str:
     tar = re.findall(r"[^\s/]+\.tar\b", url)
     if not tar:
-        raise ValueError(f"{url!r} does not name a .tar shard")
+        raise ValueError(f"{url!r} does not name a .tar shard; pass a shard directory, shard files "
+                         "(dir/shards-{000000..000099}.tar, dir/*.tar) or URLs of .tar files")
     return tar[-1]
 
 
@@ -191,22 +204,25 @@ class ShardSource:
         return int(self.stats["frontend"]["n_mels"])
 
     @classmethod
-    def open(cls, spec: str | Sequence[str], meta: str | None = None) -> ShardSource:
-        """Directory, brace pattern, URL or list of them; `meta` = where sizes.json / stats.json are."""
+    def open(cls, spec: str | Path | Sequence[str | Path], meta: str | None = None) -> ShardSource:
+        """Open a shard set: a directory made by make-shards; shard files named by a brace pattern
+        ("dir/shards-{000000..000099}.tar") or a local glob ("dir/*.tar", "data/*" for every set in data/); URLs
+        or "pipe:" commands; or a list of any of these, concatenated in order (each shard at most once; their
+        front ends must agree). `meta` = where sizes.json / stats.json are when not beside the shard files (a
+        directory always uses its own). "synthetic:N" = SyntheticSource(n_clips=N). Errors are one-line ValueErrors.
+        """
         if isinstance(spec, str) and spec.startswith("synthetic:"):
-            return SyntheticSource(n_clips=int(spec.split(":", 1)[1]))
-        if isinstance(spec, str | Path) and is_local(str(spec)) and Path(_local_path(str(spec))).is_dir():
-            return cls._open_dir(Path(_local_path(str(spec))))
-        urls = expand_urls(spec)
-        if not urls:
-            raise ValueError(f"no shards in {spec!r}")
-        where = (lambda n: meta.rstrip("/") + "/" + n) if meta else (lambda n: sibling(urls[0], n))
-        sizes_all, stats = _read_meta(where("sizes.json"), where("stats.json"))
-        missing = [_shard_name(u) for u in urls if _shard_name(u) not in sizes_all]
-        if missing:
-            raise ValueError(f"{len(missing)} shard(s) not listed in sizes.json, e.g. {missing[0]}; "
-                             "re-make the shard set or pass meta= pointing to the right one")
-        return cls(urls, [int(sizes_all[_shard_name(u)]) for u in urls], stats)
+            n = spec.split(":", 1)[1]
+            if not n.isdigit():
+                raise ValueError(f"{spec!r}: write synthetic:N with N the number of clips, e.g. synthetic:4096")
+            return SyntheticSource(n_clips=int(n))
+        specs = [spec] if isinstance(spec, str | Path) else list(spec)
+        if not specs or any(not str(s) for s in specs):
+            raise ValueError("no shard set given: pass a directory made by make-shards, shard files "
+                             "(dir/shards-{000000..000099}.tar, dir/*.tar), URLs or a list of them")
+        parts = [cls._open_dir(x) if isinstance(x, Path) else cls._open_urls(*x, meta) for x in _resolve(specs, meta)]
+        _check_unique([u for p in parts for u in p.urls])
+        return parts[0] if len(parts) == 1 else _concat(parts)
 
     @classmethod
     def _open_dir(cls, d: Path) -> ShardSource:
@@ -216,8 +232,146 @@ class ShardSource:
         names = sorted(sizes_all)
         extra = sorted({p.name for p in d.glob("*.tar")} - set(names))
         if extra:
-            warnings.warn(f"{d}: {len(extra)} .tar file(s) not in sizes.json ignored, e.g. {extra[0]}", stacklevel=2)
+            warnings.warn(f"{d}: {len(extra)} .tar file(s) not in sizes.json ignored, e.g. {extra[0]}", stacklevel=3)
         return cls([str(d / n) for n in names], [int(sizes_all[n]) for n in names], stats)
+
+    @classmethod
+    def _open_urls(cls, urls: list[str], globbed: set[str], meta: str | None) -> ShardSource:
+        """Shard URLs that share one sizes.json; names a glob matched but sizes.json lacks are ignored (as in a
+        directory), names given explicitly must be listed."""
+        where = (lambda n: meta.rstrip("/") + "/" + n) if meta else (lambda n: sibling(urls[0], n))
+        sizes_all, stats = _read_meta(where("sizes.json"), where("stats.json"))
+        unlisted = [u for u in urls if _shard_name(u) not in sizes_all]
+        missing = [u for u in unlisted if u not in globbed]
+        if missing:
+            raise ValueError(f"{len(missing)} shard(s) not listed in {where('sizes.json')}, e.g. "
+                             f"{_shard_name(missing[0])}; re-make the shard set or pass meta= pointing to the right "
+                             "one")
+        if unlisted:
+            warnings.warn(f"{len(unlisted)} .tar file(s) not in sizes.json ignored, e.g. {unlisted[0]}", stacklevel=4)
+            urls = [u for u in urls if u not in set(unlisted)]
+            if not urls:
+                raise ValueError(f"none of the matched .tar files is listed in {where('sizes.json')}")
+        return cls(urls, [int(sizes_all[_shard_name(u)]) for u in urls], stats)
+
+
+_GLOB_CHARS = re.compile(r"[*?[]")
+
+
+def _resolve(specs: list, meta: str | None) -> list[Path | tuple[list[str], set[str]]]:
+    """Specs -> the parts of the set, in order: a Path per shard directory, and ([url], {globbed url}) per group of
+    shard files that share one sizes.json (all of them when `meta` is given)."""
+    parts: list = []
+    groups: dict[str, tuple[list[str], set[str]]] = {}
+
+    def add_file(url: str, globbed: bool) -> None:
+        key = meta or sibling(url, "sizes.json")
+        if key not in groups:
+            groups[key] = ([], set())
+            parts.append(groups[key])
+        groups[key][0].append(url)
+        if globbed:
+            groups[key][1].add(url)
+
+    def add_local(url: str, globbed: bool) -> bool:
+        path = Path(_local_path(url))
+        if path.is_dir():
+            parts.append(path)
+        elif path.exists() or path.suffix == ".tar":
+            if globbed and path.suffix != ".tar":
+                return False  # sizes.json, manifests, ... matched by "dir/*": not shards
+            if not path.parent.is_dir():
+                raise ValueError(f"no such directory: {path.parent} (named by shard {url})")
+            add_file(url, globbed)
+        else:
+            raise ValueError(f"no such shard directory: {path}; pass a directory made by make-shards or shard files "
+                             "(dir/shards-{000000..000099}.tar, dir/*.tar)")
+        return True
+
+    for spec in specs:
+        spec = str(spec)
+        if spec.startswith("synthetic:"):
+            raise ValueError(f"{spec} cannot be combined with other shard sets; pass it alone")
+        literal = is_local(spec) and os.path.exists(_local_path(spec))  # a path that holds braces or [ ]
+        for url in [spec] if literal else expand_urls(spec):
+            if not is_local(url):
+                if "*" in url and not url.startswith("pipe:"):
+                    raise ValueError(f"{url}: glob patterns work only on local paths; name remote shards with a brace "
+                                     "pattern, e.g. https://host/dir/shards-{000000..000099}.tar")
+                add_file(url, False)
+            elif _GLOB_CHARS.search(_local_path(url)) and not os.path.exists(_local_path(url)):
+                found = sorted(glob.glob(_local_path(url)))
+                if not found:
+                    raise ValueError(f"no file or directory matches {url}")
+                if not sum(add_local(f, True) for f in found):  # every match added (no short-circuit)
+                    raise ValueError(f"{url} matches no .tar file or shard directory")
+            else:
+                add_local(url, False)
+    return parts
+
+
+def _concat(parts: list[ShardSource]) -> ShardSource:
+    """Shard sets laid end to end. Front ends must agree; stats.json counts are summed, mean/std pooled, and a
+    field that differs and matters only for some uses ("short", "classes") is set to None and named in
+    stats["mixed"] (make_loader then asks for DataConfig.short, or refuses with_labels)."""
+    first = parts[0].stats
+    for p in parts[1:]:
+        diff = _frontend_diff(first["frontend"], p.stats["frontend"])
+        if diff:
+            raise ValueError(f"{p.urls[0] if p.urls else 'an empty set'} was made with another front end than "
+                             f"{parts[0].urls[0] if parts[0].urls else 'an empty set'} ({diff}); re-make one set "
+                             "with the other's --frontend")
+    stats = dict(first)
+    mixed = [k for k, fields in (("short", ("short",)), ("classes", ("classes", "class_ids")))
+             if any(p.stats.get(f) != first.get(f) for p in parts[1:] for f in fields)]
+    for k in mixed:
+        stats[k] = None
+    stats["mixed"] = mixed
+    for k, combine in (("n_clips", sum), ("n_frames", sum), ("hours", sum), ("inputs", sum), ("written", sum),
+                       ("min_frames", min), ("min_clip_frames", min)):
+        vals = [p.stats.get(k) for p in parts]
+        if all(isinstance(v, int | float) for v in vals):
+            stats[k] = combine(vals)
+        else:
+            stats.pop(k, None)
+    frames = [p.stats.get("n_frames") for p in parts]
+    w = np.array(frames if all(isinstance(f, int | float) for f in frames) else [p.total for p in parts], float)
+    w = w / w.sum() if w.sum() > 0 else np.full(len(parts), 1 / len(parts))
+    if all(isinstance(p.stats.get(k), int | float) for p in parts for k in ("mean", "std")):
+        m = np.array([p.stats["mean"] for p in parts], float)
+        sd = np.array([p.stats["std"] for p in parts], float)
+        stats["mean"] = float(w @ m)
+        stats["std"] = float(np.sqrt(max(float(w @ (sd**2 + m**2)) - stats["mean"] ** 2, 0.0)))
+    return ShardSource([u for p in parts for u in p.urls], [n for p in parts for n in p.sizes], stats)
+
+
+def _check_unique(urls: list[str]) -> None:
+    seen = set()
+    for u in urls:
+        k = os.path.realpath(_local_path(u)) if is_local(u) else u
+        if k in seen:
+            raise ValueError(f"shard {u} is given twice; name each shard once (its samples would repeat every epoch)")
+        seen.add(k)
+
+
+def _frontend_diff(a: dict, b: dict) -> str:
+    """'' when two stats.json front ends give the same log-mels, else the differing numerics."""
+    try:
+        x, y = FrontendSpec(**a).numerics(), FrontendSpec(**b).numerics()
+    except TypeError:
+        return "" if a == b else "unreadable 'frontend' entry"
+    return ", ".join(f"{k}: {x[k]!r} vs {y.get(k)!r}" for k in x if x[k] != y.get(k))
+
+
+def _check_source_for(cfg: DataConfig, stats: dict) -> None:
+    """One-line error when concatenated shard sets disagree on something this loader config relies on."""
+    mixed = stats.get("mixed") or ()
+    if "short" in mixed and cfg.short is None:
+        raise ValueError("the shard sets disagree on stats.json 'short' (what to do with clips shorter than the crop); "
+                         "set DataConfig.short='drop' or 'pad'")
+    if "classes" in mixed and cfg.with_labels:
+        raise ValueError("the shard sets have different class lists, so label indices would mix meanings; read "
+                         "labels from one set at a time (or with_labels=False)")
 
 
 def _read_meta(sizes_url: str, stats_url: str) -> tuple[dict, dict]:
@@ -226,12 +380,12 @@ def _read_meta(sizes_url: str, stats_url: str) -> tuple[dict, dict]:
         try:
             out.append(json.loads(read_bytes(url)))
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read {url} ({e}); is this a shard set made by make-shards?") from None
+            raise ValueError(f"cannot read {url} ({e}); is this a shard set made by make-shards? (pass meta=DIR "
+                             "when sizes.json / stats.json are elsewhere)") from None
     sizes, stats = out
     if stats.get("format_version") != 1 or "frontend" not in stats:
         raise ValueError(f"{stats_url}: unsupported stats.json (format_version {stats.get('format_version')!r})")
     return sizes, stats
-
 
 @dataclass
 class SyntheticSource:
@@ -296,11 +450,28 @@ class WorkerPlan:
     order: tuple[int, ...]  # the epoch's shard permutation
 
 
+def check_run_ids(rank: int, world_size: int, epoch: int, seed: int) -> None:
+    """One-line ValueError unless 0 <= rank < world_size and epoch, seed are integers >= 0 (numpy seeds need that)."""
+    for name, v in (("rank", rank), ("world_size", world_size), ("epoch", epoch), ("seed", seed)):
+        if isinstance(v, bool) or not isinstance(v, int | np.integer):
+            raise ValueError(f"{name} must be an integer, got {v!r}")
+    if world_size < 1:
+        raise ValueError(f"world_size={world_size}: it must be >= 1 (the number of training processes)")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} with world_size={world_size}: rank must be in [0, {world_size}) "
+                         "(this process's index, e.g. accelerator.process_index)")
+    for name, v in (("epoch", epoch), ("seed", seed)):
+        if v < 0:
+            raise ValueError(f"{name}={v}: it must be >= 0 (it seeds numpy's generators)")
+
+
 def batches_per_epoch(cfg: DataConfig, total: int, world_size: int = 1) -> int:
     """Batches every rank yields in one epoch (the same on all ranks), from the shard set's sample count."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1 (got {world_size})")
     per_step = world_size * cfg.batch_size
     if cfg.mode == "resampled":
-        return (cfg.samples_per_epoch or total) // per_step
+        return int(total if cfg.samples_per_epoch is None else cfg.samples_per_epoch) // per_step
     return -(-total // per_step) if cfg.remainder == "fill" else total // per_step
 
 
@@ -454,8 +625,10 @@ class WorkerIterator:
 
     def __init__(self, source, cfg: DataConfig, rank: int, world: int, worker: int, workers: int, epoch: int,
                  seed: int, shared_memory: bool = False):
-        if not 0 <= rank < world or not 0 <= worker < max(workers, 1):
-            raise ValueError(f"bad ids: rank {rank} of {world}, worker {worker} of {workers}")
+        check_run_ids(rank, world, epoch, seed)
+        if not 0 <= worker < max(workers, 1):
+            raise ValueError(f"worker={worker} with workers={workers}: worker must be in [0, {max(workers, 1)})")
+        _check_source_for(cfg, source.stats)
         self.source, self.cfg = source, cfg
         self.rank, self.world, self.worker, self.workers = rank, world, worker, max(workers, 1)
         self.reader = _make_reader(source, cfg)
@@ -730,9 +903,13 @@ def _worker_signals(worker_id: int) -> None:
 
 
 class ShardLoader:
-    """One epoch of one rank: iterable of batch dicts, `len()` = batches, skip counts summed over workers."""
+    """One epoch of one rank: iterable of batch dicts, `len()` = batches, skip counts summed over workers.
+
+    Each iteration starts fresh DataLoader workers and stops them when it ends, raises or is closed early
+    (`break` out of the loop, or `close()` on the iterator)."""
 
     def __init__(self, source, cfg: DataConfig, rank: int, world: int, epoch: int, seed: int):
+        check_run_ids(rank, world, epoch, seed)
         self.source, self.cfg = source, cfg
         self.n_batches = batches_per_epoch(cfg, source.total, world)
         self.dataset = _EpochDataset(source, cfg, rank, world, epoch, seed)
@@ -755,21 +932,39 @@ class ShardLoader:
         dl = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=cfg.num_workers,
                                          collate_fn=_identity, worker_init_fn=_worker_signals,
                                          pin_memory=cfg.pin_memory and torch.cuda.is_available(), **kw)
-        for batch in dl:
-            self._per_worker[batch["worker"]] = (batch["skipped_shards"], batch["skipped_samples"])
-            yield batch
+        it = iter(dl)
+        try:
+            for batch in it:
+                self._per_worker[batch["worker"]] = (batch["skipped_shards"], batch["skipped_samples"])
+                yield batch
+        finally:
+            # Stop the workers now, whether the epoch ended, raised or the consumer stopped early (generator
+            # close). Left to the garbage collector, an iterator kept alive by a caught exception's traceback is
+            # inherited by the next loader's forked workers, which then fail to shut it down ("can only test a
+            # child process").
+            shutdown = getattr(it, "_shutdown_workers", None)  # absent with num_workers=0: nothing to stop
+            if shutdown is not None:
+                shutdown()
+            del it
 
 
 def make_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int = 0,
                 source: ShardSource | SyntheticSource | None = None,
                 frontend: str | FrontendSpec | None = None) -> ShardLoader:
-    """The loader of one rank for one epoch (build a new one each epoch: the order and crops depend on it)."""
+    """The loader of one rank for one epoch (build a new one each epoch: the order and crops depend on it).
+
+    rank in [0, world_size), epoch >= 0 and seed >= 0 are checked here, before any worker starts."""
+    check_run_ids(rank, world_size, epoch, seed)
     source = source if source is not None else ShardSource.open(cfg.source, cfg.meta)
     if frontend is not None:
         check_spec(frontend, source.stats)
+    _check_source_for(cfg, source.stats)
     if batches_per_epoch(cfg, source.total, world_size) == 0:
-        raise ValueError(f"the shard set has {source.total} samples per epoch, fewer than world_size x batch_size = "
-                         f"{world_size * cfg.batch_size}; lower batch_size or add data")
+        what, fix = f"the shard set has {source.total} samples per epoch,", "add data"
+        if cfg.mode == "resampled" and cfg.samples_per_epoch is not None:
+            what, fix = f"samples_per_epoch={cfg.samples_per_epoch} is", "raise samples_per_epoch"
+        raise ValueError(f"{what} fewer than world_size x batch_size = {world_size * cfg.batch_size}; lower "
+                         f"batch_size or {fix}")
     return ShardLoader(source, cfg, rank, world_size, epoch, seed)
 
 

@@ -250,8 +250,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optim.lr > 0, "--lr must be > 0"),
         (cfg.optim.grad_accum >= 1, "--grad-accum must be >= 1"),
         (cfg.optim.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)"),
-        (0 <= cfg.optim.warmup_epochs <= cfg.schedule.epochs, "--warmup-epochs must be within [0, --epochs]"),
-        (cfg.schedule.epochs > 0, "--epochs must be > 0"),
+        (cfg.schedule.epochs > 0, f"--epochs must be > 0 (got {cfg.schedule.epochs:g})"),
+        (0 <= cfg.optim.warmup_epochs <= cfg.schedule.epochs,
+         f"--warmup-epochs must be within [0, --epochs] (got {cfg.optim.warmup_epochs:g} and {cfg.schedule.epochs:g})"),
         (cfg.schedule.max_steps >= 0, "--max-steps must be >= 0"),
         (cfg.run.log_every >= 1, "--log-every must be >= 1"),
         (cfg.run.ckpt_every >= 0, "--ckpt-every must be >= 0"),
@@ -286,7 +287,8 @@ def validate(cfg: TrainConfig) -> None:
         if not ok:
             raise ValueError(msg)
     shards = cfg.data.shards
-    local = not shards.startswith(("synthetic:", "pipe:")) and "://" not in shards and "{" not in shards
+    local = (not shards.startswith(("synthetic:", "pipe:")) and "://" not in shards
+             and not any(c in shards for c in "{*?["))  # patterns are expanded (and checked) by ShardSource.open
     if local and not Path(shards).exists():
         raise ValueError(f"--shards {shards}: no such directory or shard file; make one with make-shards")
 

@@ -212,6 +212,27 @@ def test_tsne_on_fewer_than_50_clips_and_projection_failure_keeps_the_result(ton
     assert RESULT_RE.match(lines[-1]) and "no tsne projection (cannot project)" in err
 
 
+def test_damaged_earlier_outputs_in_out_are_warnings_not_crashes(tones, tmp_path, capsys):
+    """A damaged projection or result file left by an earlier run in --out: the new run still ends with its RESULT;
+    each damaged file is named in a warning (the chart / table leave it out)."""
+    out = tmp_path / "o"
+    args = ["--checkpoint", "logmel", "--data", str(tones), "--out", str(out), "--no-cache", "--projection", "pca"]
+    _run(args + FAST, capsys)
+    (proj,) = out.glob("*.proj.npz")
+    (res,) = out.glob("*__*__*.json")
+    other_res = res.with_name(res.name.replace("logmel", "other"))
+    other_res.write_text('{"task": ')  # a truncated result of another embedder
+    proj.write_bytes(proj.read_bytes()[:100])
+    lines, err = _run(args + FAST, capsys)
+    assert RESULT_RE.match(lines[-1])
+    assert f"{other_res} is not a readable result" in err
+    # this run rewrote its own projection; an unrelated damaged one is skipped with a warning
+    bad = out / "x__y.proj.npz"
+    bad.write_bytes(b"PK\x03\x04 not a zip")
+    assert report.plot_projections(out, "tones") is not None
+    assert f"{bad} is not a readable projection" in capsys.readouterr().err
+
+
 # --- 14: corrupt cache entry ----------------------------------------------------------------------------------------
 def test_corrupt_cache_entry_is_recomputed(tones, tmp_path, capsys):
     args = [

@@ -108,15 +108,40 @@ def test_patchify_gather_hand_computed(backend):
     torch.testing.assert_close(got_mask.cpu(), want_mask, rtol=0, atol=0)
 
 
+OUT_OF_RANGE = [
+    pytest.param("mask", [[2, 6]], id="mask-above"),  # the hand case has 6 patches: index 6 is out of range
+    pytest.param("mask", [[-1, 2]], id="mask-negative"),
+    pytest.param("vis", [[7]], id="vis-above"),
+]
+
+
+@pytest.mark.parametrize("which,bad", OUT_OF_RANGE)
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_patchify_gather_out_of_range_index_is_an_error(backend, which, bad):
+    """A drop-in for the reference: an out-of-range index raises (RuntimeError, like torch.gather) on every path,
+    eager and compiled, instead of NaN tokens (on CUDA it is a device-side assert: see the gpu test below)."""
+    lms, vis, mask, _, _ = _hand_case()
+    vis, mask = (torch.tensor(bad), mask) if which == "vis" else (vis, torch.tensor(bad))
+    args = (lms.to(DEVICE), 2.0, 4.0, vis.to(DEVICE), mask.to(DEVICE))
+    with mk.use_backend(backend):
+        with pytest.raises(RuntimeError, match="out of bounds" if backend == "reference" else "outside"):
+            mk.patchify_gather(*args, patch=2)
+        if backend == "triton":
+            with pytest.raises(RuntimeError, match=r"outside \[0, n_patches\)"):
+                torch.compile(mk.patchify_gather, fullgraph=True)(*args, patch=2)
+
+
 @needs_triton
-def test_patchify_gather_out_of_range_index_gives_nan_not_a_crash(triton_backend):
+def test_patchify_gather_kernel_never_reads_out_of_bounds():
+    """Behind the check, the kernel itself writes NaN tokens for an out-of-range index (no out-of-bounds read)."""
+    import importlib
+
+    launch = importlib.import_module("matpac_kernels.patchify_gather")._launch
     lms, vis, mask, want_vis, _ = _hand_case()
-    bad = torch.tensor([[2, 6]])  # 6 patches exist: index 6 is out of range
-    got_vis, got_mask = mk.patchify_gather(lms.to(DEVICE), 2.0, 4.0, vis.to(DEVICE), bad.to(DEVICE), patch=2)
+    bad = torch.tensor([[2, 6]])
+    got_vis, got_mask = launch(lms.to(DEVICE), 2.0, 4.0, vis.to(DEVICE), bad.to(DEVICE), 2, torch.float32)
     assert torch.equal(got_vis.cpu(), want_vis)
     assert torch.isfinite(got_mask[0, 0]).all() and torch.isnan(got_mask[0, 1]).all()
-    with pytest.raises(RuntimeError):  # the reference (torch.gather) refuses instead
-        mk.reference_patchify_gather(lms, 2.0, 4.0, vis, bad, patch=2)
 
 
 @needs_triton
@@ -276,6 +301,19 @@ def test_xent_user_errors(s_shape, c_shape, mode, tau_s, match):
         mk.centered_softmax_xent(torch.zeros(s_shape), torch.zeros(s_shape), torch.zeros(c_shape), tau_s, 0.04, mode)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("where", ["teacher", "center", "tau_t"])
+def test_xent_inputs_on_another_device_are_refused(backend, where):
+    """A kernel would read another device's tensor as garbage: every tensor input must share the student's device
+    (a one-element tau may also be a CPU tensor)."""
+    student, teacher, center = torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(8)
+    tau_t = torch.tensor(0.04)
+    inputs = {"teacher": teacher, "center": center, "tau_t": tau_t}
+    inputs[where] = inputs[where].to("meta")
+    with mk.use_backend(backend), pytest.raises(ValueError, match=f"{where} is on meta but student is on cpu"):
+        mk.centered_softmax_xent(student, inputs["teacher"], inputs["center"], 0.1, inputs["tau_t"])
+
+
 def test_xent_k_above_kernel_limit():
     s = torch.zeros(2, 8193)
     c = torch.zeros(8193)
@@ -369,6 +407,27 @@ def test_patchify_gather_bf16_cuda():
         # fp32 (x - mean) / std may differ by an ulp before the bf16 rounding: allow one bf16 step
         torch.testing.assert_close(g.float(), w.float(), rtol=8e-3, atol=1e-6)
         torch.testing.assert_close(c.float(), w.float(), rtol=8e-3, atol=1e-6)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_patchify_gather_out_of_range_is_a_device_assert_on_cuda(compiled):
+    """On CUDA an out-of-range index trips a device-side assert (no host sync at the call); it poisons the CUDA
+    context, hence a subprocess."""
+    code = (
+        "import torch, matpac_kernels as mk\n"
+        "lms = torch.zeros(1, 1, 4, 6, device='cuda')\n"
+        "vis, bad = torch.tensor([[4]], device='cuda'), torch.tensor([[2, 6]], device='cuda')\n"
+        f"fn = torch.compile(mk.patchify_gather, fullgraph=True) if {compiled} else mk.patchify_gather\n"
+        "with mk.use_backend('triton'):\n"
+        "    out = fn(lms, 2.0, 4.0, vis, bad, patch=2)\n"
+        "torch.cuda.synchronize()\n"
+        "print('NO ERROR', out[1])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "device-side assert" in proc.stderr, proc.stdout[-2000:] + proc.stderr[-3000:]
 
 
 @gpu

@@ -304,8 +304,9 @@ def test_config_and_source_errors(tmp_path):
     source, _ = _make_set(tmp_path / "s", 10, per_shard=5)
     with pytest.raises(ValueError, match="fewer than world_size x batch_size"):
         make_loader(_cfg(batch_size=8), world_size=2, source=source)
-    with pytest.raises(ValueError, match="sizes.json"):
-        ShardSource.open(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="cannot read .*empty/sizes.json"):
+        ShardSource.open(str(tmp_path / "empty"))
     stats = json.loads((tmp_path / "s" / "stats.json").read_text())
     stats["format_version"] = 99
     (tmp_path / "s" / "stats.json").write_text(json.dumps(stats))
@@ -391,3 +392,119 @@ def test_batches_pinned_and_normalised_on_device(tmp_path):
     x = normalize_on_device(batch["lms"], -7.0, 4.0, device="cuda")
     assert x.device.type == "cuda" and x.dtype == torch.float32
     torch.testing.assert_close(x.cpu(), (batch["lms"].float() + 7.0) / 4.0)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# ShardSource.open forms, run ids, epoch length, worker shutdown
+
+
+def test_open_names_a_missing_path(tmp_path):
+    with pytest.raises(ValueError, match=r"no such shard directory: .*nope;"):
+        ShardSource.open(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"no such directory: .*nope \(named by shard"):
+        ShardSource.open(str(tmp_path / "nope" / "shards-{000000..000003}.tar"))
+    with pytest.raises(ValueError, match="no shard set given"):
+        ShardSource.open([])
+
+
+def test_open_list_of_directories_concatenates(tmp_path):
+    a, keys_a = _make_set(tmp_path / "a", 20, per_shard=6)
+    clips_b = [(f"b{i:04d}", clip(np.random.default_rng(1), CROP + 10), [0]) for i in range(14)]
+    write_shard_set(tmp_path / "b", clips_b, per_shard=5, min_frames=CROP)
+    b = ShardSource.open(str(tmp_path / "b"))
+    both = ShardSource.open([str(tmp_path / "a"), tmp_path / "b"])
+    assert both.urls == a.urls + b.urls and both.sizes == a.sizes + b.sizes and both.total == 34
+    assert both.stats["n_clips"] == 34 and both.stats["mixed"] == []
+    assert min(a.stats["mean"], b.stats["mean"]) < both.stats["mean"] < max(a.stats["mean"], b.stats["mean"])
+    keys = _keys(_world(both, _cfg(batch_size=1, remainder="fill")))
+    assert sorted(keys) == sorted(set(keys_a) | {k for k, _, _ in clips_b})
+    with pytest.raises(ValueError, match="given twice"):
+        ShardSource.open([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a" / "shards-000001.tar")])
+
+
+def test_open_list_of_disagreeing_sets(tmp_path):
+    _make_set(tmp_path / "a", 12, per_shard=6)
+    _make_set(tmp_path / "m2d", 12, per_shard=6, frontend="m2d")
+    with pytest.raises(ValueError, match=r"made with another front end .*re-make one set"):
+        ShardSource.open([str(tmp_path / "a"), str(tmp_path / "m2d")])
+    _make_set(tmp_path / "pad", 12, per_shard=6, short="pad", classes=["x"])
+    mixed = ShardSource.open([str(tmp_path / "a"), str(tmp_path / "pad")])
+    assert mixed.stats["short"] is None and mixed.stats["mixed"] == ["short", "classes"]
+    with pytest.raises(ValueError, match=r"disagree on stats.json 'short'.*DataConfig.short="):
+        make_loader(_cfg(), source=mixed)
+    with pytest.raises(ValueError, match="different class lists"):
+        make_loader(_cfg(short="drop", with_labels=True), source=mixed)
+    assert len(make_loader(_cfg(short="drop"), source=mixed)) == 6
+
+
+def test_open_glob_patterns(tmp_path):
+    source, _ = _make_set(tmp_path / "a", 20, per_shard=6)
+    assert ShardSource.open(str(tmp_path / "a" / "*.tar")).urls == source.urls
+    (tmp_path / "a" / "stray.tar").write_bytes(b"")  # not in sizes.json: ignored, as the directory form does
+    with pytest.warns(UserWarning, match="not in sizes.json ignored"):
+        assert ShardSource.open(str(tmp_path / "a" / "*.tar")).urls == source.urls
+    _make_set(tmp_path / "b", 8, per_shard=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert ShardSource.open(str(tmp_path / "*")).total == 28  # every set in the folder
+    with pytest.raises(ValueError, match="no file or directory matches"):
+        ShardSource.open(str(tmp_path / "a" / "*.tgz"))
+    with pytest.raises(ValueError, match="brace pattern"):
+        ShardSource.open("https://host/a/*.tar")
+
+
+@pytest.mark.parametrize("rank,world,epoch,seed,match", [
+    (0, 0, 0, 0, "world_size=0: it must be >= 1"),
+    (2, 2, 0, 0, r"rank=2 with world_size=2: rank must be in \[0, 2\)"),
+    (-1, 2, 0, 0, "rank=-1"),
+    (0, 1, -1, 0, "epoch=-1: it must be >= 0"),
+    (0, 1, 0, -5, "seed=-5: it must be >= 0"),
+    (0, 1, 0.5, 0, "epoch must be an integer"),
+])
+def test_make_loader_checks_run_ids_up_front(tmp_path, rank, world, epoch, seed, match):
+    source, _ = _make_set(tmp_path, 12, per_shard=6)
+    with pytest.raises(ValueError, match=match) as e:
+        make_loader(_cfg(batch_size=1), rank, world, epoch, seed, source=source)
+    assert "\n" not in str(e.value)
+
+
+def test_samples_per_epoch_contract(tmp_path):
+    for bad in (-5, 0, 2.5):
+        with pytest.raises(ValueError, match="samples_per_epoch must be an integer >= 1"):
+            DataConfig(mode="resampled", samples_per_epoch=bad)
+    with pytest.raises(ValueError, match="applies to mode='resampled' only"):
+        DataConfig(samples_per_epoch=100)
+    assert batches_per_epoch(DataConfig(mode="resampled"), total=40) == 40 // 256
+    assert batches_per_epoch(DataConfig(mode="resampled", batch_size=4, samples_per_epoch=50), 40, 2) == 6
+    source, _ = _make_set(tmp_path, 12, per_shard=6)
+    with pytest.raises(ValueError, match="samples_per_epoch=3 is fewer than"):
+        make_loader(_cfg(mode="resampled", samples_per_epoch=3), source=source)
+
+
+def _live_children():
+    import multiprocessing
+
+    return {p.pid for p in multiprocessing.active_children()}
+
+
+def test_loader_stops_its_workers_on_error_and_early_exit(tmp_path, capfd):
+    source, _ = _make_set(tmp_path, 48, per_shard=6)
+    before = _live_children()
+    # consumer stops early: closing the iterator stops the workers
+    it = iter(make_loader(_cfg(), source=source))
+    next(it)
+    assert _live_children() - before
+    it.close()
+    assert not _live_children() - before
+    # a worker raises: the workers are stopped before the error reaches the caller
+    Path(source.urls[0]).write_bytes(Path(source.urls[0]).read_bytes()[:2000])
+    with pytest.raises(ShardError, match="shards-000000.tar") as caught:  # keeps the traceback (and frames) alive
+        for _ in make_loader(_cfg(on_error="raise"), source=source):
+            pass
+    assert not _live_children() - before
+    # ... so the next loader's forked workers do not inherit a live iterator they cannot shut down
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(list(make_loader(_cfg(reuse_buffers=False), source=source))) == 12
+    assert caught.value is not None
+    assert "Exception ignored" not in capfd.readouterr().err

@@ -139,6 +139,23 @@ def test_reusing_out_without_resume_is_refused_and_touches_nothing(run2, tmp_pat
     assert _snapshot(out) == before
 
 
+def test_resume_auto_never_starts_over_on_a_run_without_a_usable_checkpoint(run2, tmp_path, capsys):
+    # A run's files but no checkpoint: --resume auto would otherwise start afresh and append to its history.
+    out, ckpt = _copy(run2, tmp_path)
+    shutil.rmtree(out / "checkpoints")
+    before = _snapshot(out)
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "4", "--resume", "auto")
+    assert rc == 2 and "no checkpoint to continue it from" in _one_line(err)
+    assert _snapshot(out) == before
+    # The latest checkpoint damaged (no state file): named, with the earlier one to use, never silently skipped.
+    out, ckpt = _copy(run2, tmp_path / "b")
+    shutil.copytree(ckpt, ckpt.with_name("step_00000004"))
+    (ckpt.with_name("step_00000004") / "trainer_state.json").unlink()
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "6", "--resume", "auto")
+    line = _one_line(err)
+    assert rc == 2 and "step_00000004 is damaged" in line and f"resume from {ckpt}" in line
+
+
 # --------------------------------------------------------------------------------- 3: resume with new settings
 @pytest.mark.parametrize(
     "change, expected",
@@ -219,6 +236,7 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(run2, tmp_path, capsys, 
         (["--eps", "0"], "--eps must be > 0"),
         (["--beta2", "1"], "--beta2 must be in [0, 1)"),
         (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        (["--epochs", "0"], "--epochs must be > 0 (got 0)"),
     ],
 )
 def test_bad_model_and_optimizer_values_are_one_line_errors(tmp_path, capsys, argv, message):

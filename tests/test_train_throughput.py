@@ -169,8 +169,10 @@ def test_result_line_picks_fastest_mode_and_same_batch_reference():
                     "device=NVIDIA_H100_80GB_HBM3")
     assert tt.result_line([_row("eager", 8, 12.5)], "cpu").endswith("mfu=n/a speedup_vs_reference_design=n/a "
                                                                       "device=cpu")
+    # reference-design is the peer, never the winner: without another row every figure is n/a
     only_ref = tt.result_line([_row("reference-design", 8, 10.0)], "x")
-    assert "samples_per_s=10.0" in only_ref and "speedup_vs_reference_design=1.00" in only_ref
+    assert only_ref == "RESULT train samples_per_s=n/a mfu=n/a speedup_vs_reference_design=n/a device=x"
+    assert RESULT_RE.match(only_ref)
 
 
 def test_scaling_baseline_lookup(tmp_path):
@@ -195,6 +197,9 @@ def test_scaling_baseline_lookup(tmp_path):
     (["--preset", "huge"], "unknown --preset"),
     (["--steps", "0"], "--steps must be >= 1"),
     (["--data", "/nonexistent/shards"], "no such shard set"),
+    (["--data", "synthetic:x"], "give synthetic:N"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--peak-tflops", "-1"], "--peak-tflops and --single-process-sps must be >= 0"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -202,11 +207,69 @@ def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     assert message in capsys.readouterr().err + str(e.value.code)
 
 
-def test_csv_with_other_columns_is_refused(tmp_path):
+def test_data_folder_that_is_not_a_shard_set_is_refused_up_front(tmp_path, capsys):
+    """A folder without sizes.json used to pass, then every non-reference run failed with a traceback."""
+    (tmp_path / "shards-000000.tar").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        tt.parse_args(["--data", str(tmp_path), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "not a usable shard set" in err[-1] and "sizes.json" in err[-1]
+
+
+def test_data_with_fewer_clips_than_a_batch_is_refused(tmp_path, capsys):
+    from matpac_fast.data_fixtures import write_shard_set
+
+    arr = np.zeros((80, 700), np.float16)
+    write_shard_set(tmp_path, ((f"c{i}", arr, [0]) for i in range(6)), per_shard=4)
+    assert tt.parse_args(["--data", str(tmp_path), "--device", "cpu", "--batch-sizes", "4,6"]).data == str(tmp_path)
+    with pytest.raises(SystemExit):
+        tt.parse_args(["--data", str(tmp_path), "--device", "cpu", "--batch-sizes", "8"])
+    assert "holds 6 clips, fewer than one global batch (8)" in capsys.readouterr().err
+
+
+def test_csv_with_other_columns_is_refused(tmp_path, capsys):
     path = tmp_path / "other.csv"
     path.write_text("a,b\n1,2\n")
     with pytest.raises(SystemExit, match="other columns"):
         tt.append_csv(path, {k: "" for k in tt.CSV_FIELDS})
+    # ... before any run starts: parse_args refuses it
+    with pytest.raises(SystemExit):
+        tt.parse_args(["--csv", str(path), "--device", "cpu"])
+    assert "other columns than this script writes" in capsys.readouterr().err
+    reordered = tmp_path / "reordered.csv"
+    reordered.write_text(",".join(reversed(tt.CSV_FIELDS[:5])) + "\n")
+    with pytest.raises(SystemExit, match="other columns"):
+        tt.append_csv(reordered, {k: "" for k in tt.CSV_FIELDS})
+    assert path.read_text() == "a,b\n1,2\n"
+
+
+def test_older_csv_is_upgraded_keeping_its_rows(tmp_path):
+    """A CSV from before the newest columns (the committed ones lacked stream_dtype, cpu_tiny also compile_mode and
+    attn_impl) gets the current header; old rows keep every value, the new columns are empty."""
+    old_fields = [f for f in tt.CSV_FIELDS if f not in ("compile_mode", "attn_impl", "stream_dtype")]
+    path = tmp_path / "old.csv"
+    old_row = {f: f"v-{f}" for f in old_fields}
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_fields)
+        w.writeheader()
+        w.writerow(old_row)
+    assert tt.parse_args(["--csv", str(path), "--device", "cpu"]).csv == path  # accepted up front
+    new_row = {k: f"n-{k}" for k in tt.CSV_FIELDS}
+    tt.append_csv(path, new_row)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == tt.CSV_FIELDS
+    assert rows == [{**{k: "" for k in tt.CSV_FIELDS}, **old_row}, new_row]
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_committed_result_csvs_have_the_current_header():
+    for path in sorted((ROOT / "benchmarks" / "results").glob("*.csv")):
+        if path.name.startswith("kernels_"):
+            continue
+        assert tt.csv_header_status(path) == "same", path
+        assert len(plot_results.read_rows([path])) > 0
 
 
 # ------------------------------------------------------------------------------------------------ chart
@@ -261,6 +324,13 @@ def test_suite_usage_and_bad_wheels_dir(tmp_path):
     assert r.returncode == 2 and "already holds an earlier suite's train.csv" in r.stderr
     assert (used / "train.csv").read_text() == "earlier results\n" and sorted(p.name for p in used.iterdir()) == [
         "train.csv"]
+    # a summary.txt from a run that got past the environment check is an earlier suite's: refused, untouched
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    (ran / "summary.txt").write_text("OK    check (3s)\nFAIL  loader: exit 1\n")
+    r = _suite(str(ran))
+    assert r.returncode == 2 and "already holds an earlier suite's summary.txt" in r.stderr
+    assert (ran / "summary.txt").read_text() == "OK    check (3s)\nFAIL  loader: exit 1\n"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without CUDA")
@@ -270,6 +340,10 @@ def test_suite_stops_with_a_clear_message_without_cuda(tmp_path):
     assert "sees no CUDA device" in r.stdout
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "FAIL  check" in summary and (tmp_path / "out" / "logs.tar.gz").exists()
+    # that folder holds no results: a rerun into it is allowed (it overwrites the two files), not refused
+    r = _suite(str(tmp_path / "out"))
+    assert r.returncode == 2 and "already holds" not in r.stderr and "sees no CUDA device" in r.stdout
+    assert (tmp_path / "out" / "summary.txt").read_text().count("FAIL  check") == 1
 
 
 def test_suite_names_missing_packages(tmp_path):
@@ -303,7 +377,11 @@ def test_a_failing_mode_keeps_the_other_rows(tmp_path, monkeypatch, capsys):
     assert "failed runs (traceback above):\n  eager B=4: RuntimeError: planted failure" in out
     with open(csv_path, newline="") as f:
         assert [r["mode"] for r in csv.DictReader(f)] == ["reference-design"]
-    assert out.strip().splitlines()[-1].startswith("RESULT train samples_per_s=")
+    # the only row left is the peer: no winner, every RESULT figure n/a (never reference-design at 1.00x)
+    assert "best: none" in out
+    last = out.strip().splitlines()[-1]
+    assert RESULT_RE.match(last) and last.startswith(
+        "RESULT train samples_per_s=n/a mfu=n/a speedup_vs_reference_design=n/a "), last
 
 
 def test_every_mode_failing_is_an_error(tmp_path, monkeypatch, capsys):
@@ -330,11 +408,14 @@ def test_attention_benchmark_cpu_smoke():
     assert "cudnn on student: n/a" in proc.stderr
 
 
-def test_profile_step_cpu_smoke():
+def test_profile_step_cpu_smoke(tmp_path):
+    trace = tmp_path / "not" / "yet" / "t.json"  # its folder is created (it used to print "wrote" and write nothing)
     cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--preset", "tiny", "--device", "cpu",
-           "--precision", "no", "--mode", "eager", "--batch", "4", "--steps", "1", "--warmup", "1", "--top", "3"]
+           "--precision", "no", "--mode", "eager", "--batch", "4", "--steps", "1", "--warmup", "1", "--top", "3",
+           "--trace", str(trace)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote {trace}" in proc.stdout and trace.stat().st_size > 0
     assert "top 3 host ops by self CPU time" in proc.stdout
     m = re.search(r"^RESULT profile wall_ms=(\S+) gpu_busy_ms=0.00 ", proc.stdout, re.M)
     assert m and float(m.group(1)) > 0, proc.stdout[-2000:]

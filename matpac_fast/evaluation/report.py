@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +78,9 @@ def load_results(out: Path) -> list[dict]:
     for p in sorted(out.glob("*__*__*.json")):
         try:
             r = json.loads(p.read_text())
-        except json.JSONDecodeError:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            print(f"warning: {p} is not a readable result ({type(e).__name__}); left out of results.md (rerun that "
+                  "evaluation, or delete the file)", file=sys.stderr)
             continue
         if isinstance(r, dict) and {"task", "mean", "runs"} <= set(r):
             res.append(r)
@@ -137,9 +141,13 @@ def plot_projections(out: Path, dataset: str) -> Path | None:
 
     panels = {}
     for p in sorted(out.glob("*.proj.npz")):
-        with np.load(p, allow_pickle=False) as z:
-            if str(z["dataset"]) == dataset:
-                panels[str(z["checkpoint"])] = {k: z[k] for k in ("xy", "label", "classes", "method")}
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                if str(z["dataset"]) == dataset:
+                    panels[str(z["checkpoint"])] = {k: z[k] for k in ("xy", "label", "classes", "method")}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # a damaged earlier file: skip, say so
+            print(f"warning: {p} is not a readable projection ({type(e).__name__}); left out of the chart (rerun "
+                  "that evaluation, or delete the file)", file=sys.stderr)
     if not panels:
         return None
     n = len(panels)

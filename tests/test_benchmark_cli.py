@@ -1,0 +1,151 @@
+"""Benchmark scripts' command lines: bad values are one-line argparse errors given before any work, and
+loader.py --keep never reuses data generated with other settings. (train_throughput.py and the GPU suite are
+covered in test_train_throughput.py.)"""
+
+import csv
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from matpac_fast.data import ShardSource
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _load(name: str):
+    """A benchmark script as a module under a private name (`loader` and `kernels` are common names)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+loader = _load("loader")
+make_shards = _load("make_shards")
+
+
+def _one_line_error(fn, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].split(": error: ", 1)[0].endswith(".py"), err
+    return err[-1]
+
+
+# ------------------------------------------------------------------------------------------------ loader.py
+@pytest.mark.parametrize("argv, message", [
+    (["--passes", "0"], "--passes must be >= 1"),
+    (["--per-shard", "0"], "--per-shard must be >= 1"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--frames", "0"], "--frames must be >= 1"),
+    (["--workers", "-1"], "--workers must be >= 0"),
+    (["--crop", "2000"], "--crop 2000 is longer than the clips (--frames 1000)"),
+    (["--paths", "indexed,foo"], "unknown --paths entries ['foo']"),
+])
+def test_loader_bad_arguments(argv, message, capsys):
+    assert message in _one_line_error(loader.parse_args, argv, capsys)
+
+
+def test_loader_keep_folder_checks(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert "is a file" in _one_line_error(loader.parse_args, ["--keep", str(tmp_path / "file")], capsys)
+    old = tmp_path / "old"
+    (old / "shards").mkdir(parents=True)  # an older version's kept folder: settings unknown, left alone
+    assert "without settings.json" in _one_line_error(loader.parse_args, ["--keep", str(old)], capsys)
+    assert (old / "shards").is_dir()
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    assert "other columns" in _one_line_error(loader.parse_args, ["--csv", str(other)], capsys)
+
+
+def test_loader_keep_regenerates_when_settings_differ(tmp_path, capsys):
+    """--clips 16 then --clips 12 --frames 700 into the same --keep: the second run reads 12 clips of 700 frames
+    (it used to read the first run's clips while reporting the new settings)."""
+    keep, out = tmp_path / "keep", tmp_path / "loader.csv"
+    common = ["--batch", "4", "--workers", "0", "--passes", "1", "--paths", "indexed,npy", "--keep", str(keep)]
+    loader.main(["--clips", "16", "--frames", "1000", "--per-shard", "8", *common])
+    assert json.loads((keep / "settings.json").read_text()) == {"clips": 16, "frames": 1000, "per_shard": 8}
+    loader.main(["--clips", "12", "--frames", "700", "--per-shard", "4", *common, "--csv", str(out)])
+    assert json.loads((keep / "settings.json").read_text()) == {"clips": 12, "frames": 700, "per_shard": 4}
+    source = ShardSource.open(str(keep / "shards"))
+    assert source.total == 12 and len(source.urls) == 3
+    with tarfile.open(source.urls[0]) as tf:
+        member = next(m for m in tf.getmembers() if m.name.endswith(".npy"))
+        assert np.load(io.BytesIO(tf.extractfile(member).read()), allow_pickle=False).shape == (80, 700)
+    npys = sorted((keep / "npy").glob("*.npy"))
+    assert len(npys) == 12 and np.load(npys[0], allow_pickle=False).shape == (80, 700)
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["path"] for r in rows] == ["indexed", "npy"]
+    for r in rows:
+        assert (r["clips"], r["frames"]) == ("12", "700")
+        clip_bytes = 80 * 700 * 2 * (2 if r["path"] == "npy" else 1)
+        assert float(r["read_MB_s"]) == pytest.approx(float(r["samples_per_s"]) * clip_bytes / 1e6, rel=0.01)
+    # same settings again: the data is reused as is
+    mtime = (keep / "shards" / "stats.json").stat().st_mtime_ns
+    loader.main(["--clips", "12", "--frames", "700", "--per-shard", "4", *common])
+    assert (keep / "shards" / "stats.json").stat().st_mtime_ns == mtime
+    assert capsys.readouterr().out.count("RESULT loader") == 3
+
+
+# ------------------------------------------------------------------------------------------------ make_shards.py
+def test_make_shards_clip_length_is_checked_up_front(tmp_path, capsys):
+    msg = _one_line_error(make_shards.parse_args, ["--n", "4", "--seconds", "1"], capsys)
+    assert "--seconds 1 gives 98 log-mel frames" in msg and "--short pad" in msg
+    assert "no log-mel frame" in _one_line_error(make_shards.parse_args, ["--seconds", "0.01", "--short", "pad"],
+                                                 capsys)
+    assert "--seconds must be > 0" in _one_line_error(make_shards.parse_args, ["--seconds", "0"], capsys)
+    assert "--sr must be >= 8000" in _one_line_error(make_shards.parse_args, ["--sr", "100"], capsys)
+    assert "no such folder" in _one_line_error(make_shards.parse_args, ["--work", str(tmp_path / "no")], capsys)
+    assert make_shards.parse_args(["--n", "4", "--seconds", "1", "--short", "pad"]).short == "pad"
+    assert make_shards.parse_args(["--seconds", "6.1"]).seconds == 6.1  # 608 frames: the minimum
+
+
+# ------------------------------------------------------------------------------------------------ profile / attention
+def test_profile_step_bad_arguments(tmp_path, capsys):
+    import profile_step
+
+    assert "invalid choice: 'foo'" in _one_line_error(profile_step.parse_args, ["--preset", "foo"], capsys)
+    assert "is a folder" in _one_line_error(profile_step.parse_args, ["--trace", str(tmp_path)], capsys)
+    (tmp_path / "f").write_text("")
+    assert "cannot create its folder" in _one_line_error(
+        profile_step.parse_args, ["--trace", str(tmp_path / "f" / "t.json")], capsys)
+    assert "not a usable shard set" in _one_line_error(profile_step.parse_args, ["--data", str(tmp_path)], capsys)
+    args = profile_step.parse_args(["--trace", str(tmp_path / "a" / "b" / "t.json"), "--device", "cpu"])
+    assert (tmp_path / "a" / "b").is_dir() and args.preset == "matpac"
+
+
+def test_attention_bad_arguments(capsys):
+    attention = _load("attention")
+    assert "--batch and --reps must be >= 1" in _one_line_error(attention.main, ["--batch", "0"], capsys)
+    assert "invalid choice" in _one_line_error(attention.main, ["--preset", "foo"], capsys)
+
+
+def test_kernels_bad_arguments(tmp_path):
+    """In a subprocess: importing kernels.py sets TRITON_INTERPRET for the rest of the process."""
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n")
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import kernels\n"
+            f"for argv in (['--k', '1'], ['--tokens', '0'], ['--batches', '2,x'], ['--ops', ''], "
+            f"['--out', {str(other)!r}]):\n"
+            "    try:\n        kernels.parse_args(argv)\n    except SystemExit as e:\n        print('exit', e.code)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120,
+                          cwd=ROOT)
+    assert proc.stdout.split() == ["exit", "2"] * 5, proc.stderr[-2000:]
+    err = proc.stderr
+    for message in ("--k must be in [2, 8192]", "--batches, --tokens and --reps must be positive",
+                    "--batches must be a comma list of integers", "unknown --ops entries [];",
+                    "has other columns than this script writes"):
+        assert message in err, err
