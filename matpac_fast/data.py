@@ -40,8 +40,10 @@ unpickled) and .json payloads are decoded.
 Batches (dicts): "lms" float16 (B, 1, n_mels, crop) CPU tensor (pinned by the DataLoader when pin_memory and CUDA);
 "key" [str]; "filled" bool (B,) (re-drawn samples, see above); "labels" [[int]] (with_labels only); "worker" int;
 "skipped_shards" / "skipped_samples" ints, cumulative for that worker this epoch (ShardLoader.skipped_shards sums
-them over workers). With reuse_buffers (default) a DataLoader worker recycles its shared-memory buffers, so "lms" is
-valid until ~2 x num_workers further batches have been fetched: move it to the device (or copy it) before that.
+them over workers). A DataLoader worker's warnings (a skipped shard, a short shard) travel with its batches and are
+issued by ShardLoader in the main process, each text once per epoch however many workers met it. With reuse_buffers
+(default) a DataLoader worker recycles its shared-memory buffers, so "lms" is valid until ~2 x num_workers further
+batches have been fetched: move it to the device (or copy it) before that.
 
 Crops: one uniform random 608-frame crop per sample per epoch (seeded by seed, epoch, rank, worker). Clips shorter
 than the crop are dropped or right-padded with `pad_value` (default: the front end's normalisation mean, so the
@@ -232,7 +234,8 @@ class ShardSource:
         names = sorted(sizes_all)
         extra = sorted({p.name for p in d.glob("*.tar")} - set(names))
         if extra:
-            warnings.warn(f"{d}: {len(extra)} .tar file(s) not in sizes.json ignored, e.g. {extra[0]}", stacklevel=3)
+            warnings.warn(f"{d}: {len(extra)} .tar file(s) not in sizes.json ignored, e.g. {extra[0]} (not part of the "
+                          "shard set: move it out of the folder to silence this)", stacklevel=3)
         return cls([str(d / n) for n in names], [int(sizes_all[n]) for n in names], stats)
 
     @classmethod
@@ -374,7 +377,28 @@ def _check_source_for(cfg: DataConfig, stats: dict) -> None:
                          "labels from one set at a time (or with_labels=False)")
 
 
+_MAKE_SHARDS_WORK_DIR = ".make-shards"  # = shard_tools.pipeline.WORK_DIR (not imported: data never imports it)
+
+
+def _unfinished_run(stats_url: str) -> str | None:
+    """The folder of a local stats.json when it holds a make-shards run that has not finished (no stats.json yet, but
+    its work folder or a .tar.tmp shard), else None. stats.json is written last, so its presence means finished."""
+    if not is_local(stats_url):
+        return None
+    stats = Path(_local_path(stats_url))
+    folder = stats.parent
+    if stats.exists() or not folder.is_dir():
+        return None
+    if (folder / _MAKE_SHARDS_WORK_DIR).is_dir() or any(folder.glob("*.tar.tmp")):
+        return str(folder)
+    return None
+
+
 def _read_meta(sizes_url: str, stats_url: str) -> tuple[dict, dict]:
+    unfinished = _unfinished_run(stats_url)
+    if unfinished:
+        raise ValueError(f"{unfinished} is an unfinished make-shards run: run the same make-shards command again to "
+                         "finish it (verify-shards says INCOMPLETE)")
     out = []
     for url in (sizes_url, stats_url):
         try:
@@ -624,7 +648,7 @@ class WorkerIterator:
     """The batches of one (rank, worker) for one epoch; used in-process by tests and inside DataLoader workers."""
 
     def __init__(self, source, cfg: DataConfig, rank: int, world: int, worker: int, workers: int, epoch: int,
-                 seed: int, shared_memory: bool = False):
+                 seed: int, shared_memory: bool = False, forward_warnings: bool = False):
         check_run_ids(rank, world, epoch, seed)
         if not 0 <= worker < max(workers, 1):
             raise ValueError(f"worker={worker} with workers={workers}: worker must be in [0, {max(workers, 1)})")
@@ -637,6 +661,10 @@ class WorkerIterator:
         self.bad: set[int] = set()
         self._rejects = 0  # consecutive unusable clips
         self.shared_memory = shared_memory
+        # In a DataLoader worker, warnings travel with the batches and ShardLoader issues them in the main process
+        # (once there, in order with its own output) instead of each worker printing its own copy to stderr.
+        self.forward_warnings = forward_warnings
+        self._forwarded: set[tuple[type, str]] = set()
         self._ring: list[torch.UntypedStorage] = []
         self.rng_shuffle = np.random.default_rng([seed, epoch, rank, worker, _SHUFFLE_SALT])
         self.rng_crop = np.random.default_rng([seed, epoch, rank, worker, _CROP_SALT])
@@ -660,7 +688,8 @@ class WorkerIterator:
         if shard not in self.bad:
             self.bad.add(shard)
             self.counters.skipped_shards += 1
-            warnings.warn(f"skipping shard {url}: {err}", stacklevel=2)
+            warnings.warn(f"skipping shard {url}: {err} (its samples are replaced by others; check the set with "
+                          "verify-shards)", stacklevel=2)
 
     # -- samples ----------------------------------------------------------------------------------------------
     def _read_segments(self, segments) -> Iterator[Sample]:
@@ -685,7 +714,7 @@ class WorkerIterator:
             if got < seg.stop - seg.start:
                 self.counters.skipped_samples += seg.stop - seg.start - got
                 warnings.warn(f"{self.source.urls[seg.shard]}: {got} samples where sizes.json promised "
-                              f"{seg.stop - seg.start}", stacklevel=2)
+                              f"{seg.stop - seg.start} (check the set with verify-shards)", stacklevel=2)
 
     def _refs(self, segments) -> Iterator[tuple[int, int]]:
         for seg in segments:
@@ -699,7 +728,7 @@ class WorkerIterator:
             if n < seg.stop:
                 self.counters.skipped_samples += seg.stop - max(n, seg.start)
                 warnings.warn(f"{self.source.urls[seg.shard]}: {n} samples where sizes.json promised "
-                              f"{self.sizes[seg.shard]}", stacklevel=2)
+                              f"{self.sizes[seg.shard]} (check the set with verify-shards)", stacklevel=2)
             for j in range(seg.start, min(seg.stop, n)):
                 yield seg.shard, j
 
@@ -835,28 +864,49 @@ class WorkerIterator:
     def __iter__(self) -> Iterator[dict]:
         if self.n_batches == 0:
             return
-        B = self.cfg.batch_size
         it = self.samples()
         try:
             for i in range(self.n_batches):
-                lms = self._new_batch(i)
-                view = lms.numpy()
-                keys, labels, filled = [], [], torch.zeros(B, dtype=torch.bool)
-                while len(keys) < B:
-                    sample, fill = next(it)
-                    if self._crop_checked(view[len(keys), 0], sample):
-                        filled[len(keys)] = fill
-                        keys.append(sample.key)
-                        labels.append(sample.labels)
-                self.counters.filled += int(filled.sum())
-                batch = {"lms": lms, "key": keys, "filled": filled, "worker": self.worker,
-                         "skipped_shards": self.counters.skipped_shards,
-                         "skipped_samples": self.counters.skipped_samples}
-                if self.cfg.with_labels:
-                    batch["labels"] = labels
+                if not self.forward_warnings:
+                    yield self._batch(i, it)
+                    continue
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")  # the main process's filters decide what is shown
+                    batch = self._batch(i, it)
+                batch["warnings"] = self._new_warnings(caught)
                 yield batch
         finally:
             it.close()
+
+    def _batch(self, i: int, it: Iterator[tuple[Sample, bool]]) -> dict:
+        B = self.cfg.batch_size
+        lms = self._new_batch(i)
+        view = lms.numpy()
+        keys, labels, filled = [], [], torch.zeros(B, dtype=torch.bool)
+        while len(keys) < B:
+            sample, fill = next(it)
+            if self._crop_checked(view[len(keys), 0], sample):
+                filled[len(keys)] = fill
+                keys.append(sample.key)
+                labels.append(sample.labels)
+        self.counters.filled += int(filled.sum())
+        batch = {"lms": lms, "key": keys, "filled": filled, "worker": self.worker,
+                 "skipped_shards": self.counters.skipped_shards, "skipped_samples": self.counters.skipped_samples}
+        if self.cfg.with_labels:
+            batch["labels"] = labels
+        return batch
+
+    def _new_warnings(self, caught: list[warnings.WarningMessage]) -> list[tuple[type, str]]:
+        """(category, text) of the warnings not yet sent by this worker this epoch (builtin categories only cross
+        the process boundary; others travel as UserWarning)."""
+        out = []
+        for w in caught:
+            category = w.category if w.category.__module__ == "builtins" else UserWarning
+            item = (category, str(w.message))
+            if item not in self._forwarded:
+                self._forwarded.add(item)
+                out.append(item)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -873,7 +923,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         return iter(WorkerIterator(source, cfg, rank, world, worker, workers, epoch, seed,
-                                   shared_memory=info is not None))
+                                   shared_memory=info is not None, forward_warnings=info is not None))
 
 
 def _identity(x):
@@ -933,9 +983,14 @@ class ShardLoader:
                                          collate_fn=_identity, worker_init_fn=_worker_signals,
                                          pin_memory=cfg.pin_memory and torch.cuda.is_available(), **kw)
         it = iter(dl)
+        issued: set[tuple[type, str]] = set()
         try:
             for batch in it:
                 self._per_worker[batch["worker"]] = (batch["skipped_shards"], batch["skipped_samples"])
+                for w in batch.pop("warnings", ()):  # the workers' warnings, issued here once (see WorkerIterator)
+                    if w not in issued:
+                        issued.add(w)
+                        warnings.warn(w[1], w[0], stacklevel=2)
                 yield batch
         finally:
             # Stop the workers now, whether the epoch ended, raised or the consumer stopped early (generator

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -160,12 +161,52 @@ def _read_file(path: Path) -> dict:
             reason = _first_line(e)
             raise ValueError(f"{path}: not a readable .safetensors file ({reason}); {ACCEPTED_FORMATS}") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - any failure here is "not a weights-only checkpoint"; torch's text is not shown
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": about a file refused below anyway
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch's text is never shown whole: it suggests weights_only=False
+        error = e
+    pickled = _pickled_object(error)
+    if pickled:
         raise ValueError(
-            f"{path}: not a checkpoint this tool can load safely (read weights-only: tensors and plain containers, "
-            f"no pickled objects); {ACCEPTED_FORMATS}"
-        ) from None
+            f"{path} holds pickled Python objects ({pickled}), which could run code when loaded: refused (this tool "
+            f"reads weights-only: tensors and plain containers); re-save just its tensors; {ACCEPTED_FORMATS}"
+        )
+    raise ValueError(f"{path} cannot be read (damaged or truncated: {_damage_reason(path, error)}); copy or export "
+                     f"it again; {ACCEPTED_FORMATS}")
+
+
+def _pickled_object(e: Exception) -> str | None:
+    """The name of the Python object a weights-only load refused (e.g. 'argparse.Namespace'), or None when the
+    failure is not a refused object (a damaged, truncated or foreign file)."""
+    text = str(e)
+    if type(e).__name__ != "UnpicklingError":
+        return None
+    found = re.search(r"Unsupported (?:global: GLOBAL|class) ([\w.]+)", text)
+    if found:
+        return found.group(1)
+    return "an object" if re.search(r"global|reduce|Unsupported class", text) else None
+
+
+def _damage_reason(path: Path, e: Exception) -> str:
+    """A short reason for a file torch.load cannot read, without torch's advice."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file"
+    except OSError:
+        pass
+    if isinstance(e, EOFError):
+        return "the file ends early"
+    text = str(e)
+    operand = re.search(r"Unsupported operand (\d+)", text)
+    if operand:
+        return f"not torch.save data (unknown byte {operand.group(1)})"
+    if type(e).__name__ == "UnpicklingError" or isinstance(e, KeyError):
+        return f"not torch.save data ({type(e).__name__})"
+    if "central directory" in text:
+        return "incomplete zip archive (no central directory)"
+    first = re.split(r"(?<=[^.])\. ", _first_line(e), maxsplit=1)[0].rstrip(".")
+    return first[:120] or type(e).__name__
 
 
 def _first_line(e: Exception) -> str:

@@ -138,8 +138,21 @@ class MATPAC(nn.Module):
     def _check_batch(self, lms, vis_idx, mask_idx) -> None:
         cfg = self.cfg
         want = (cfg.n_mels, cfg.crop_frames)
-        if lms.ndim != 4 or lms.shape[1] != 1 or tuple(lms.shape[2:]) != want:
+        if lms.ndim != 4 or lms.shape[1] != 1:
             raise ValueError(f"batch['lms'] must be (B, 1, {want[0]}, {want[1]}), got {tuple(lms.shape)}")
+        mels, frames = lms.shape[2:]
+        if mels != cfg.n_mels:
+            raise ValueError(
+                f"batch['lms'] has {mels} mel bins but the model takes n_mels={cfg.n_mels}: build it with "
+                f"n_mels={mels} to match the data (matpac-train: drop --model n_mels or pass n_mels={mels}; "
+                f"make-shards writes 80-mel log-mels)"
+            )
+        if frames != cfg.crop_frames:
+            raise ValueError(
+                f"batch['lms'] has {frames} frames but the model takes crop_frames={cfg.crop_frames}: crop the batches "
+                f"to {cfg.crop_frames} frames (DataConfig.crop_frames) or build the model with crop_frames={frames} "
+                f"(matpac-train: --model crop_frames={frames})"
+            )
         if vis_idx.shape != (lms.shape[0], cfg.n_visible) or mask_idx.shape != (lms.shape[0], cfg.n_masked):
             raise ValueError(
                 f"masks must be (B, {cfg.n_visible}) and (B, {cfg.n_masked}), got {tuple(vis_idx.shape)} and "

@@ -13,6 +13,7 @@ counted there; the centre's all-reduce is asynchronous and overlaps the backward
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -20,6 +21,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -150,6 +152,7 @@ class Trainer:
         set_seed(r.seed)
         self.data = self._open_data()
         self.model_cfg = self._model_config()
+        self._check_model_fits_data()
         self.data.set_crop(self.model_cfg.crop_frames)  # the loader's crop is the model's input length
         self.data.patch = self.model_cfg.patch
         self._resume = self._read_resume()  # settings compared before the model is built
@@ -192,6 +195,16 @@ class Trainer:
             raise ValueError(f"--model: {e}") from None
         except ValueError as e:
             raise ValueError(f"--model {str(e).removeprefix('ModelConfig: ')}") from None
+
+    def _check_model_fits_data(self) -> None:
+        """The model's input is the shards' log-mel: a --model n_mels other than the shard set's is refused here, in
+        one line, before anything is built (the loader's crop follows --model crop_frames, so the crop always fits)."""
+        n_mels = ((self.data.stats or {}).get("frontend") or {}).get("n_mels")
+        if n_mels is not None and int(n_mels) != self.model_cfg.n_mels:
+            raise ValueError(
+                f"--model n_mels={self.model_cfg.n_mels}: the shards of --shards {self.cfg.data.shards} hold "
+                f"{int(n_mels)}-mel log-mels, the model's input: drop --model n_mels (or pass n_mels={int(n_mels)})"
+            )
 
     def _make_model(self):
         """The module to train (a hook: benchmarks/train_throughput.py swaps in the authors' loss arithmetic)."""
@@ -475,6 +488,10 @@ class Trainer:
         tmp = final.with_name(final.name + ".tmp")
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        # save_state has no closing barrier and every rank writes its own RNG file into tmp: without this one, the
+        # main process could rename tmp while another rank still writes (found as a stray step_X.tmp in a 2-rank
+        # test, the final checkpoint then lacking that rank's RNG state).
+        acc.wait_for_everyone()
         if acc.is_main_process:
             ckpt.write_state(
                 tmp,
@@ -603,7 +620,41 @@ class Trainer:
         return self._stop_requested
 
 
+_PACKAGE_DIRS = tuple(str(Path(__file__).resolve().parent.parent / d) + os.sep for d in ("matpac_fast", "shard_tools"))
+
+
+@contextlib.contextmanager
+def _cli_warnings():
+    """While the CLI runs, this project's warnings (a skipped shard, a stray .tar beside the set) print as one
+    `warning: <text>` line each, once per distinct text (the loader sends its workers' warnings to this process,
+    so two workers or two epochs meeting the same bad shard print it once). Other libraries' warnings keep their
+    usual form, also once per text."""
+    seen: set[str] = set()
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if text in seen:
+            return
+        seen.add(text)
+        if not os.path.realpath(filename).startswith(_PACKAGE_DIRS):
+            original(message, category, filename, lineno, file, line)
+            return
+        print(f"warning: {text}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _cli_warnings():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         cfg, print_only = resolve(argv)
         if print_only:

@@ -256,18 +256,46 @@ def test_corrupt_cache_entry_is_recomputed(tones, tmp_path, capsys):
         assert z["emb"].shape == (24, 160)
     lines, err = _run(args, capsys)
     assert ", cached)" in lines[-3] and "warning" not in err  # the recomputed entry is a valid cache hit
+    entry.write_bytes(b"garbage, not an archive" * 10)  # numpy calls this "pickled data" and suggests allow_pickle=
+    lines, err = _run(args, capsys)
+    warning = next(line for line in err.splitlines() if "is unreadable" in line)
+    assert warning.endswith(f"{entry} is unreadable (not an .npz archive); deleting it and recomputing"), warning
+    assert lines[-1] == first[-1]
 
 
 # --- 15: unsafe checkpoints -----------------------------------------------------------------------------------------
 def test_pickled_checkpoint_is_one_line_without_the_unsafe_hint(tones, tmp_path):
     torch.save({"model": {"a": torch.zeros(1)}, "args": argparse.Namespace(a=1)}, tmp_path / "evil.pt")
+    msg = _one_line_error(
+        ["--checkpoint", str(tmp_path / "evil.pt"), "--data", str(tones), "--out", str(tmp_path / "o")] + FAST
+    )
+    assert "holds pickled Python objects (argparse.Namespace)" in msg and "refused" in msg and "weights-only" in msg
+    assert ".safetensors" in msg and "weights_only" not in msg and "False" not in msg and "damaged" not in msg
+
+
+def test_damaged_checkpoint_is_called_damaged_not_unsafe(tones, tmp_path):
+    torch.save({"a": torch.zeros(1000)}, tmp_path / "good.pt")
+    raw = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 64)
-    for name in ("evil.pt", "junk.pt"):
+    for name, reason in (("truncated.pt", "incomplete zip archive"), ("empty.pt", "empty file"),
+                         ("junk.pt", "not torch.save data")):
         msg = _one_line_error(
             ["--checkpoint", str(tmp_path / name), "--data", str(tones), "--out", str(tmp_path / "o")] + FAST
         )
-        assert "not a checkpoint this tool can load safely" in msg and "weights-only" in msg and ".safetensors" in msg
-        assert "weights_only" not in msg and "False" not in msg
+        assert f"{tmp_path / name} cannot be read (damaged or truncated: {reason}" in msg, msg
+        assert "pickled" not in msg and "weights_only" not in msg and "corrupted" not in msg
+
+
+def test_missing_checkpoint_and_empty_classes_are_prefixed_one_line_errors(tones, tmp_path, monkeypatch):
+    base = ["--data", str(tones), "--out", str(tmp_path / "o")] + FAST
+    msg = _one_line_error(["--checkpoint", str(tmp_path / "nosuch.pt")] + base)
+    assert "--checkpoint" in msg and "no such file" in msg  # with the "matpac-eval: error: " prefix (checked)
+    _no_work(monkeypatch)
+    for empty in ("", " "):
+        msg = _one_line_error(["--checkpoint", "logmel", "--classes", empty] + base)
+        assert "is empty" in msg and "folder" not in msg
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable .safetensors file"):
         load_encoder(tmp_path / "bad.safetensors")

@@ -508,3 +508,31 @@ def test_loader_stops_its_workers_on_error_and_early_exit(tmp_path, capfd):
         assert len(list(make_loader(_cfg(reuse_buffers=False), source=source))) == 12
     assert caught.value is not None
     assert "Exception ignored" not in capfd.readouterr().err
+
+
+def test_worker_warnings_are_issued_once_in_the_main_process(tmp_path, capfd):
+    from matpac_fast.data import shard_order
+
+    source, _ = _make_set(tmp_path, 48, per_shard=16)  # 3 shards; each worker's range covers part of the middle one
+    middle = Path(source.urls[shard_order(3, 0, 0)[1]])
+    middle.write_bytes(middle.read_bytes()[:3000])  # truncated: both workers meet it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(make_loader(_cfg(batch_size=4, reuse_buffers=False), source=source))
+    assert len(batches) == 12 and all("warnings" not in b for b in batches)
+    texts = [str(w.message) for w in caught if "skipping shard" in str(w.message)]
+    assert len(texts) == 1 and middle.name in texts[0]  # two workers, one warning, issued in this process
+    assert "skipping shard" not in capfd.readouterr().err  # no worker printed its own copy
+
+
+def test_unfinished_make_shards_run_says_to_finish_it(tmp_path):
+    source, _ = _make_set(tmp_path / "s", 12, per_shard=6)
+    for name in ("sizes.json", "stats.json"):
+        (tmp_path / "s" / name).unlink()
+    (tmp_path / "s" / ".make-shards").mkdir()  # as a killed make-shards run leaves it
+    for spec in (str(tmp_path / "s"), str(tmp_path / "s" / "*.tar"), source.urls[0]):
+        with pytest.raises(ValueError) as e:
+            ShardSource.open(spec)
+        msg = str(e.value)
+        assert msg == (f"{tmp_path / 's'} is an unfinished make-shards run: run the same make-shards command again to "
+                       "finish it (verify-shards says INCOMPLETE)")

@@ -291,3 +291,54 @@ def test_non_finite_weights_are_neither_checkpointed_nor_exported(tmp_path):
     with pytest.raises(T.TrainingAborted, match="weights are not finite"):
         trainer.train()
     assert not (out / "encoder.pt").exists() and not (out / "checkpoints").exists()
+
+
+# ------------------------------------------------------------ loader warnings, model vs shards, unfinished sets
+def test_loader_warnings_are_one_clean_line_each_printed_once(tmp_path):
+    # A truncated shard met by 2 workers over 2 epochs and a stray .tar beside the set: one "warning:" line each.
+    shards = _shards(tmp_path, n=32)
+    bad = shards / "shards-000001.tar"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    (shards / "backup.tar").write_bytes(b"")
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, "--shards", str(shards), "--workers", "2", "--max-steps",
+           "8", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "W1" not in line[:2]]  # torch's own logging lines aside
+    skip = [line for line in lines if "skipping shard" in line]
+    stray = [line for line in lines if "backup.tar" in line]
+    assert len(skip) == 1 and skip[0].startswith(f"warning: skipping shard {bad}: "), proc.stderr
+    assert len(stray) == 1 and stray[0].startswith("warning: ") and "not in sizes.json" in stray[0], proc.stderr
+    assert "UserWarning" not in proc.stderr and "self._fail" not in proc.stderr
+
+
+def test_loader_warning_is_printed_before_the_error_line(tmp_path, capfd):
+    # A stray .tar (a warning), a truncated shard read by 2 workers, then a crop no clip is long enough for (the
+    # error): the error line comes last, no worker prints after it (capfd sees the workers' stderr too).
+    shards = _shards(tmp_path)
+    (shards / "backup.tar").write_bytes(b"")
+    bad = shards / "shards-000001.tar"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    rc = T.main([*TINY, "--shards", str(shards), "--out", str(tmp_path / "run"), "--max-steps", "2", "--workers", "2",
+                 "--model", "crop_frames=1008"])
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert rc == 2 and lines[-1].startswith("error: ") and "crop of 1008 frames" in lines[-1]
+    assert lines[:-1] == [next(x for x in lines if "backup.tar" in x)] and lines[0].startswith("warning: ")
+
+
+def test_model_n_mels_other_than_the_shards_is_refused_up_front(tmp_path, capsys):
+    rc, _, err = _main(capsys, *SYN, "--out", str(tmp_path / "run"), "--max-steps", "2", "--model", "n_mels=64")
+    line = _one_line(err)
+    assert rc == 2 and "--model n_mels=64" in line and "80-mel log-mels" in line and "pass n_mels=80" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_unfinished_make_shards_run_is_named_as_such(tmp_path, capsys):
+    shards = _shards(tmp_path)
+    (shards / "sizes.json").unlink()
+    (shards / "stats.json").unlink()
+    (shards / ".make-shards").mkdir()
+    rc, _, err = _main(capsys, "--shards", str(shards), "--out", str(tmp_path / "run"), "--max-steps", "2")
+    assert rc == 2 and _one_line(err) == (f"error: {shards} is an unfinished make-shards run: run the same make-shards "
+                                          "command again to finish it (verify-shards says INCOMPLETE)")

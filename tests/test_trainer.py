@@ -106,6 +106,9 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     assert r0["state"]["center"].abs().sum() > 0  # the centre moved, identically on both ranks
     assert torch.isfinite(r0["losses"]).all() and torch.isfinite(r1["losses"]).all()
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000003"]
+    # every rank's RNG state landed in the published checkpoint (no rank still writing into step_X.tmp)
+    rng = sorted(p.name for p in (tmp_path / "checkpoints" / "step_00000003").glob("random_states_*.pkl"))
+    assert rng == ["random_states_0.pkl", "random_states_1.pkl"]
     ck = tmp_path / "checkpoints" / "step_00000003"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ck.iterdir()}  # written by all ranks
 
@@ -179,3 +182,20 @@ def test_compile_mode_is_an_option_and_checked():
     cfg.run.compile_mode = "fastest"  # as a program building a TrainConfig might
     with pytest.raises(ValueError, match="--compile-mode 'fastest': choose one of default, reduce-overhead"):
         validate(cfg)
+
+
+def test_model_input_shape_error_names_the_setting_to_change():
+    from matpac_fast.config import get_model_config
+    from matpac_fast.masking import make_masks
+    from matpac_fast.model import MATPAC
+
+    cfg = get_model_config("tiny", n_mels=64, depth=1, pred_depth=1)
+    model = MATPAC(cfg)
+    vis, mask = make_masks(2, cfg.n_patches, cfg.n_visible)
+    with pytest.raises(ValueError) as e:
+        model._check_batch(torch.zeros(2, 1, 80, cfg.crop_frames), vis, mask)
+    assert "80 mel bins" in str(e.value) and "n_mels=64" in str(e.value) and "--model n_mels" in str(e.value)
+    with pytest.raises(ValueError) as e:
+        model._check_batch(torch.zeros(2, 1, 64, cfg.crop_frames - 16), vis, mask)
+    assert f"crop_frames={cfg.crop_frames}" in str(e.value) and "--model crop_frames=" in str(e.value)
+    assert "\n" not in str(e.value)

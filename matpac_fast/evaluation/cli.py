@@ -131,6 +131,9 @@ def _classes(arg: str | None) -> list[str] | None:
     value ending in .txt/.csv that does not exist is an error (not a label list)."""
     if arg is None:
         return None
+    if not arg.strip():
+        raise ValueError(f"--classes {arg!r} is empty; give comma-separated labels (a,b,c) or a file with one label "
+                         "per line")
     p = Path(arg).expanduser()
     if p.is_dir():
         raise ValueError(f"--classes {arg}: is a folder; give a file with one label per line, or labels a,b,c")

@@ -138,7 +138,7 @@ def _load_encoder_fn():
     try:
         from matpac_fast.encoder import load_encoder
     except ImportError as e:
-        raise SystemExit(f"matpac_fast.encoder is not available ({e}); only --checkpoint logmel works here") from None
+        raise ValueError(f"matpac_fast.encoder is not available ({e}); only --checkpoint logmel works here") from None
     return load_encoder
 
 
@@ -181,7 +181,7 @@ def make_embedder(checkpoint: str, preset: str = "matpac", device: str = "cpu", 
         return EncoderEmbedder(enc, name, f"random:{preset}:seed{seed}")
     p = Path(checkpoint).expanduser()
     if not p.exists():
-        raise SystemExit(f"--checkpoint {checkpoint}: no such file; give a checkpoint path, 'random' or 'logmel'")
+        raise ValueError(f"--checkpoint {checkpoint}: no such file; give a checkpoint path, 'random' or 'logmel'")
     digest = file_digest(p)
     enc = load_encoder(str(p), preset=preset, device=device)
     return EncoderEmbedder(enc, checkpoint_name(p, digest), f"ckpt:{digest}:{preset}")
@@ -259,11 +259,25 @@ def _read_cache(path: Path, paths: np.ndarray) -> Extracted | None:
         if not np.isfinite(emb).all():
             raise ValueError("non-finite values")
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        warn(f"embedding cache entry {path} is unreadable ({_reason(e)}); deleting it and recomputing")
+        warn(f"embedding cache entry {path} is unreadable ({_cache_reason(e)}); deleting it and recomputing")
         path.unlink(missing_ok=True)
         return None
     skipped = [(p, str(r)) for p, r, k in zip(paths.tolist(), reasons.tolist(), ok.tolist()) if not k]
     return Extracted(emb.astype(np.float32, copy=False), ok.astype(bool), skipped, True)
+
+
+def _cache_reason(e: Exception) -> str:
+    """Why a cache entry cannot be used, in a few words: numpy's own text for a file that is not an .npz archive
+    ("contains pickled (object) data ... allow_pickle=") is advice that does not apply here."""
+    if isinstance(e, zipfile.BadZipFile):
+        return "not a complete .npz archive: damaged or truncated"
+    if isinstance(e, EOFError):
+        return "empty or truncated file"
+    if isinstance(e, KeyError):
+        return f"no array {e.args[0]!r}" if e.args else "an array is missing"
+    if isinstance(e, ValueError) and "allow_pickle" in str(e):
+        return "not an .npz archive"
+    return _reason(e)
 
 
 def _write_cache(path: Path, **arrays) -> None:
