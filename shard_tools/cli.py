@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shard_tools.discover import (
     discover_audioset,
@@ -13,7 +14,9 @@ from shard_tools.discover import (
     discover_manifest,
     discover_synthetic,
 )
-from shard_tools.pipeline import MakeConfig, format_summary, make_shards
+
+if TYPE_CHECKING:
+    from shard_tools.pipeline import MakeConfig
 
 DESCRIPTION = """\
 Convert an audio corpus into WebDataset tar shards of float16 log-mel spectrograms (80 x T, the whole clip),
@@ -121,6 +124,8 @@ def discover(args: argparse.Namespace):
 
 
 def config_from_args(args: argparse.Namespace) -> MakeConfig:
+    from shard_tools.pipeline import MakeConfig
+
     return MakeConfig(
         out=args.out,
         frontend=args.frontend,
@@ -136,9 +141,24 @@ def config_from_args(args: argparse.Namespace) -> MakeConfig:
     )
 
 
+QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
+
+
+def _quiet_resource_tracker() -> None:
+    """After a `kill -9` of make-shards, Python's resource tracker (a helper process started with the worker pool)
+    frees the pool's semaphores and warns about them in two lines that ask nothing of the user: silence just that
+    warning in the processes make-shards starts (they inherit the environment)."""
+    current = os.environ.get("PYTHONWARNINGS", "")
+    if QUIET_TRACKER not in current.split(","):
+        os.environ["PYTHONWARNINGS"] = f"{current},{QUIET_TRACKER}" if current else QUIET_TRACKER
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_resource_tracker()
     try:
+        from shard_tools.pipeline import format_summary, make_shards  # imports torch: a Ctrl-C here is caught too
+
         cfg = config_from_args(args)
         cfg.validate()  # before discovery: a wrong option should not wait for a two-million-file scan
         disc = discover(args)
@@ -152,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"make-shards: error: {e.strerror or e}{where}; fix that and run the same command again to finish"
         ) from None
-    except KeyboardInterrupt:
-        raise SystemExit("make-shards: interrupted; run the same command again to finish the job") from None
+    except KeyboardInterrupt:  # the worker pool is already stopped; completed shards are journaled
+        print("make-shards: interrupted; run the same command again to finish the job", file=sys.stderr)
+        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports a Ctrl-C
     print(format_summary(summary))
     return 0
 

@@ -226,6 +226,7 @@ class Segment:
     end: float
     labels: tuple[str, ...]
     split: str
+    where: str = field(default="", compare=False)  # "<csv>: line N": for messages about this row
 
 
 def read_class_index(path: str | Path) -> tuple[list[str], list[str]]:
@@ -277,7 +278,8 @@ def read_segments(path: str | Path) -> list[Segment]:
         if n == 0 and row and row[0].strip().upper() == "YTID":
             continue  # a plain header row instead of AudioSet's '#' lines
         n += 1
-        where = f"{path}: line {numbered[reader.line_num - 1][0]} (data row {n})"
+        line = f"{path}: line {numbered[reader.line_num - 1][0]}"
+        where = f"{line} (data row {n})"
         if len(row) != 4:
             raise ValueError(f"{where} has {len(row)} fields, expected YTID, start, end, labels")
         ytid, start, end, labels = row
@@ -287,7 +289,7 @@ def read_segments(path: str | Path) -> list[Segment]:
         if t1 <= t0:
             raise ValueError(f"{where}: end {end} is not after start {start}")
         mids = tuple(m.strip() for m in labels.split(",") if m.strip())
-        out.append(Segment(ytid, t0, t1, mids, split))
+        out.append(Segment(ytid, t0, t1, mids, split, line))
     return out
 
 
@@ -325,17 +327,8 @@ def discover_audioset(
 ) -> Discovery:
     mids, names = read_class_index(class_index_csv)
     mid_index = {m: i for i, m in enumerate(mids)}
-    known: dict[str, list[Segment]] = {}
-    n_segments = 0
-    for p in segments_csvs:
-        for s in read_segments(p):
-            if s.ytid in known and any(abs(o.start - s.start) < 1e-3 for o in known[s.ytid]):
-                continue  # the same segment listed twice (e.g. the CSVs given twice): once is enough
-            known.setdefault(s.ytid, []).append(s)
-            n_segments += 1
-    unknown_mids = sorted({m for segs in known.values() for s in segs for m in s.labels if m not in mid_index})
-    if unknown_mids:
-        raise ValueError(f"labels not in the class index: {unknown_mids[:5]} ... check --class-index")
+    known, relabelled = _read_all_segments(segments_csvs, mid_index, class_index_csv)
+    n_segments = sum(len(segs) for segs in known.values())
     root = Path(audio_root)
     if not root.is_dir():
         raise ValueError(f"--audio-root {root} is not a folder")
@@ -375,8 +368,46 @@ def discover_audioset(
             )
         )
     segments = {"in_csvs": n_segments, "with_file": len(first), "missing": n_segments - len(first)}
-    notes = [segments_line(segments)] + scan.notes(root)
+    notes = [segments_line(segments)] + relabelled + scan.notes(root)
     return Discovery(items, names, mids, notes, extra={"segments": segments})
+
+
+def _read_all_segments(
+    segments_csvs: list[str | Path], mid_index: dict[str, int], class_index_csv: str | Path
+) -> tuple[dict[str, list[Segment]], list[str]]:
+    """ytid -> its segments, from every CSV in order, and a warning (a list of at most one note) when a segment is
+    listed again with other labels. A segment (ytid, start) listed twice keeps its first listing: with the same
+    labels that is harmless (e.g. a CSV given twice); with other labels the later ones are dropped, and said so."""
+    known: dict[str, list[Segment]] = {}
+    unknown: dict[str, str] = {}  # mid -> the first row that uses it
+    relabelled: list[tuple[Segment, Segment]] = []
+    for p in segments_csvs:
+        for s in read_segments(p):
+            for m in s.labels:
+                if m not in mid_index:
+                    unknown.setdefault(m, s.where)
+            kept = next((o for o in known.get(s.ytid, []) if abs(o.start - s.start) < 1e-3), None)
+            if kept is None:
+                known.setdefault(s.ytid, []).append(s)
+            elif set(kept.labels) != set(s.labels):
+                relabelled.append((s, kept))
+    if unknown:
+        (mid, where), *others = unknown.items()
+        more = f" (nor are {len(others)} other label(s): {', '.join(repr(m) for m, _ in others[:5])}" + (
+            " ...)" if len(others) > 5 else ")"
+        )
+        raise ValueError(
+            f"{where}: label {mid!r} is not in the class index {class_index_csv}{more if others else ''}; check "
+            "--class-index (AudioSet's class_labels_indices.csv) and the segment CSVs"
+        )
+    notes = []
+    if relabelled:
+        again, kept = relabelled[0]
+        notes.append(
+            f"warning: {len(relabelled)} segment(s) listed again with other labels; the first listing's labels are "
+            f"used (e.g. {again.where} lists {again.ytid} at {again.start:g} s, already in {kept.where})"
+        )
+    return known, notes
 
 
 def segments_line(segments: dict) -> str:
@@ -458,6 +489,10 @@ def _manifest_columns(csv_path: Path, fieldnames: list[str] | None) -> tuple[lis
     return names, notes
 
 
+def _label_text(labels: tuple[str, ...]) -> str:
+    return repr(";".join(labels)) if labels else "(none)"
+
+
 def discover_manifest(csv_path: str | Path) -> Discovery:
     """A CSV with a `path` column (relative paths are relative to the CSV's folder) and an optional `label` column
     (several labels separated by ';'). A file listed twice (also as `./x.wav` and `/abs/x.wav`) is written once."""
@@ -467,7 +502,7 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     names, notes = _manifest_columns(csv_path, reader.fieldnames)
     reader.fieldnames = names
-    items, first, empty = [], {}, []
+    items, first, empty, relabelled = [], {}, [], []
     for row in reader:
         raw = (row.get("path") or "").strip()
         if not raw:
@@ -478,7 +513,12 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
         real = os.path.realpath(p)
         skip, detail, size = None, "", 0
         if real in first:
-            skip, detail = "duplicate", f"same file as {first[real]}"
+            where, kept = first[real]
+            skip, detail = "duplicate", f"line {reader.line_num}: same file as {where}"
+            if set(kept) != set(labels):
+                detail += f"; labels differ: that row's {_label_text(kept)} are used, not {_label_text(labels)}"
+                relabelled.append(f"line {reader.line_num}: {raw!r} labelled {_label_text(labels)}, first {where} "
+                                  f"labelled {_label_text(kept)}")
         elif is_partial(p.name):
             skip = "partial_download"
         elif not p.exists():
@@ -487,11 +527,16 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
             skip, detail = "not_found", f"line {reader.line_num}: not a file"
         else:
             size = p.stat().st_size
-        first.setdefault(real, f"{raw!r} (line {reader.line_num})")
+        first.setdefault(real, (f"{raw!r} (line {reader.line_num})", labels))
         items.append(Item(raw, path_key(raw), str(p), labels=labels, size=size, skip=skip, detail=detail))
     if empty:
         lines = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
         notes.append(f"{csv_path}: ignored {len(empty)} row(s) with an empty path (line {lines})")
+    if relabelled:
+        notes.append(
+            f"warning: {csv_path}: {len(relabelled)} duplicate row(s) give a file other labels than its first row; "
+            f"the first row's labels are used (e.g. {relabelled[0]})"
+        )
     if not items:
         raise ValueError(f"{csv_path}: no rows with a path; add one row per audio file under the 'path' header")
     items.sort(key=lambda it: it.source)

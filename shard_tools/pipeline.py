@@ -14,13 +14,17 @@ Determinism and resumability come from one rule: the output is a pure function o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +43,7 @@ WORK_DIR = ".make-shards"
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 SHARD_RE = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)-\d{6}\.tar$")  # <name>-000000.tar: what make-shards writes
 SET_FILES = ("sizes.json", "stats.json", "manifest.jsonl")
+CHUNK = 2  # inputs per task sent to a worker
 
 
 def tool_version() -> str:
@@ -155,15 +160,42 @@ def process_item(item: Item, spec: FrontendSpec, min_frames: int, short: str, me
 _WORKER: dict = {}
 
 
+class _QuietOrphanStream:
+    """A worker's stderr that says nothing once the main process is gone: a worker that was sending a result at
+    that moment meets a broken pipe, and its traceback would only bury the user's terminal."""
+
+    def __init__(self, stream, sentinel: int):
+        self._stream, self._sentinel = stream, sentinel
+
+    def write(self, text: str) -> int:
+        if mp.connection.wait([self._sentinel], timeout=0):
+            return len(text)
+        return self._stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def _exit_with_parent(sentinel: int) -> None:
+    """Worker thread: end this worker quietly as soon as the main process is gone (kill -9 included)."""
+    mp.connection.wait([sentinel])
+    os._exit(0)
+
+
 def _init_worker(frontend: str, min_frames: int, short: str, cpu_mel: bool) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it stops the pool (terminate)
+    parent = mp.parent_process()
+    if parent is not None and parent.sentinel is not None:  # readable once the main process has exited
+        sys.stderr = _QuietOrphanStream(sys.stderr, parent.sentinel)
+        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
     torch.set_num_threads(1)  # one clip per process: threads would only fight, and results must not depend on them
     spec = get_spec(frontend)
     _WORKER.update(spec=spec, min_frames=min_frames, short=short, mel=LogMelSpec(spec) if cpu_mel else None)
 
 
-def _work(item: Item):
+def _work(chunk: list[Item]) -> list:
     w = _WORKER
-    return process_item(item, w["spec"], w["min_frames"], w["short"], w["mel"])
+    return [process_item(item, w["spec"], w["min_frames"], w["short"], w["mel"]) for item in chunk]
 
 
 def ordered_results(items: list[Item], cfg: MakeConfig) -> Iterator[Result]:
@@ -181,10 +213,56 @@ def ordered_results(items: list[Item], cfg: MakeConfig) -> Iterator[Result]:
         finally:
             torch.set_num_threads(threads)
         return
+    with _sigint_deferred() as stop:
+        pool = _start_pool(cfg, on_gpu)
+        try:
+            chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+            results = pool.imap(_work, chunks)  # chunksize 1: only then can next() wait with a timeout
+            while True:
+                try:
+                    outs = results.next(timeout=0.2)
+                except mp.TimeoutError:
+                    outs = []
+                except StopIteration:
+                    break
+                if stop.is_set():
+                    raise KeyboardInterrupt
+                for out in outs:
+                    yield _finish(out, gpu_mel, cfg.device)
+        finally:
+            pool.terminate()  # workers get SIGTERM: they end without a word
+            pool.join()
+
+
+def _start_pool(cfg: MakeConfig, on_gpu: bool):
+    """A spawn pool whose workers ignore SIGINT from their first instruction: a disposition of SIG_IGN survives
+    exec, so a Ctrl-C sent to the whole process group while they import torch prints nothing."""
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock; spawn is always safe
-    with ctx.Pool(cfg.workers, _init_worker, (cfg.frontend, cfg.min_frames, cfg.short, not on_gpu)) as pool:
-        for out in pool.imap(_work, items, chunksize=2):
-            yield _finish(out, gpu_mel, cfg.device)
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        return ctx.Pool(cfg.workers, _init_worker, (cfg.frontend, cfg.min_frames, cfg.short, not on_gpu))
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, old)
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[threading.Event]:
+    """While the worker pool runs, Ctrl-C only sets the returned flag; the loop over results turns it into a
+    KeyboardInterrupt at a safe point. A KeyboardInterrupt raised inside the pool's locks and threads would leave
+    them broken ("release unlocked lock", leaked semaphores) and print tracebacks."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield stop  # not ours to change (a thread, or a caller with its own handler): the flag is never set
+        return
+    old = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _finish(out, gpu_mel: LogMelSpec | None, device: str) -> Result:

@@ -44,6 +44,7 @@ class Report:
     problems: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # worth knowing, but the set is intact
     interrupted: str | None = None  # a make-shards run that has not finished: not corrupt, incomplete
+    not_a_set: str | None = None  # the folder holds no shard set at all (empty, or someone else's files)
     n_shards: int = 0
     n_samples: int = 0
     n_frames: int = 0
@@ -54,12 +55,13 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not self.problems and self.interrupted is None
+        return not self.problems and self.interrupted is None and self.not_a_set is None
 
     def to_dict(self) -> dict:
+        verdicts = [v for v in (self.interrupted, self.not_a_set) if v]
         return {
             "ok": self.ok,
-            "problems": list(self.problems) + ([self.interrupted] if self.interrupted else []),
+            "problems": list(self.problems) + verdicts,
             "warnings": list(self.warnings),
             "shards": self.n_shards,
             "samples": self.n_samples,
@@ -168,6 +170,45 @@ def _read_shard(path: Path, report: Report, seen: set[str], n_mels: int, classes
     return count
 
 
+def is_make_shards_stats(obj) -> bool:
+    """stats.json as make-shards writes it: format_version with tool_version or plan_hash (someone else's has
+    neither)."""
+    return isinstance(obj, dict) and "format_version" in obj and ("tool_version" in obj or "plan_hash" in obj)
+
+
+def _foreign(path: Path) -> bool:
+    """True when `path` (stats.json, sizes.json or manifest.jsonl) is valid JSON that make-shards did not write.
+    Unreadable or invalid JSON is not called foreign: it may be a damaged file of a set, reported as such."""
+    try:
+        if path.name == "manifest.jsonl":
+            with open(path, "rb") as f:
+                first = f.readline()
+            if not first.strip():
+                return False  # an empty manifest: nothing to tell
+            line = json.loads(first)
+            return not (isinstance(line, dict) and "source" in line and ("shard" in line or "skipped" in line))
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    if path.name == "stats.json":
+        return not is_make_shards_stats(obj)
+    return not (isinstance(obj, dict) and all(SHARD_RE.match(k) and isinstance(v, int) for k, v in obj.items()))
+
+
+def _not_a_set(out: Path) -> str | None:
+    """Why `out` holds no shard set at all (and no interrupted run), or None."""
+    stats, sizes, manifest = out / "stats.json", out / "sizes.json", out / "manifest.jsonl"
+    for path in (stats,) if stats.is_file() else (sizes, manifest):  # make-shards writes stats.json last
+        if path.is_file() and _foreign(path):
+            return f"{path} is not a make-shards file; this folder holds no shard set"
+    if not sizes.exists() and not stats.exists():
+        why = "it has no sizes.json or stats.json"
+        if manifest.is_file():
+            why = "make-shards wrote no sample there; manifest.jsonl gives each file's reason"
+        return f"{out} is not a shard set: {why}"
+    return None
+
+
 def _interrupted(out: Path) -> str | None:
     """Why `out` holds a make-shards run that has not finished, or None."""
     if (out / "stats.json").is_file():
@@ -203,11 +244,8 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
     report.interrupted = _interrupted(out)
     if report.interrupted:
         return report
-    if not (out / "sizes.json").exists() and not (out / "stats.json").exists():
-        why = "it has no sizes.json or stats.json"
-        if (out / "manifest.jsonl").is_file():
-            why = "make-shards wrote no sample there; manifest.jsonl gives each file's reason"
-        report.problems.append(f"{out} is not a shard set: {why}")
+    report.not_a_set = _not_a_set(out)
+    if report.not_a_set:
         return report
     sizes = _load_json(out / "sizes.json", report)
     stats = _load_json(out / "stats.json", report)
@@ -248,6 +286,8 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
 def format_report(r: Report, stats: dict | None = None, top: int = 15) -> str:
     if r.interrupted:
         return f"INCOMPLETE: {r.interrupted}"
+    if r.not_a_set:
+        return f"NOT A SHARD SET: {r.not_a_set}"
     lines = [
         f"shards {r.n_shards}  samples {r.n_samples}  frames {r.n_frames}  hours {r.seconds / 3600:.3f}",
     ]
@@ -313,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             stats = json.loads(stats_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError):
             stats = None
-    print(format_report(report, stats if isinstance(stats, dict) else None, args.top))
+    print(format_report(report, stats if is_make_shards_stats(stats) else None, args.top))
     return 0 if report.ok else 1
 
 

@@ -354,6 +354,51 @@ def test_sigkill_resume_is_identical_to_uninterrupted_run(tmp_path):
     assert len(json.loads((out / "sizes.json").read_text())) == 15
 
 
+def _wait_for_shards(proc: subprocess.Popen, journal: Path, n_lines: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and journal.read_text().count("\n") >= n_lines:
+            return
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError(f"the run ended or stalled before journaling {n_lines} shards: {proc.communicate()}")
+
+
+def test_ctrl_c_and_kill_with_workers_are_quiet_and_resume(tmp_path, capsys):
+    """Ctrl-C to the whole process group (as a terminal sends it) with 2 workers: exactly one line, exit 130.
+    kill -9 of the main process: the orphaned workers exit without a word. Then the rerun is byte-identical."""
+    n, size = 60, "3"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "shard_tools", "synthetic", "--n", str(n), "--seed", "1", "--out", str(out),
+           "--shard-size", size, "--workers", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    journal = out / ".make-shards" / "journal.jsonl"
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_shards(proc, journal, 2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.splitlines() == ["make-shards: interrupted; run the same command again to finish the job"]
+
+    done_before = journal.read_text().count("\n")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_shards(proc, journal, done_before + 2)
+    proc.send_signal(signal.SIGKILL)  # the main process only: its workers are orphaned
+    _, err = proc.communicate(timeout=60)  # returns once every worker has closed its end of stderr
+    assert err == ""
+    assert not (out / "stats.json").exists()
+
+    ref = tmp_path / "ref"
+    make_synthetic_shards(ref, n=n, seed=1, workers=0, shard_size=size, progress=False)
+    assert cli_main([*cmd[3:-3], "--workers", "0", "--no-progress"]) == 0  # in this process: no torch import
+    assert "resumed an interrupted run at input" in capsys.readouterr().out
+    a, b = _files(ref), _files(out)
+    assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)
+
+
 def test_shards_feed_the_streaming_loader(synth_set):
     """Interop with matpac_fast.data: every key comes out once per epoch as a (1, 80, 608) crop of its log-mel."""
     from matpac_fast.data import DataConfig, ShardSource, make_loader

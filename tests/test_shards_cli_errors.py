@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -435,3 +436,76 @@ def test_readme_lists_every_skip_reason():
     assert {"not_found", "too_short", "undecodable", "duplicate"} <= reasons
     for reason in reasons:
         assert f"`{reason}`" in section, reason
+
+
+# ------------------------------------------------------------------------ 13. labels: unknown, or given twice
+def test_unknown_audioset_label_names_the_csv_row(tmp_path):
+    bad = SEGMENTS + 'Agi5ySKb1tY, 23.700, 33.700, "/m/nosuchmid"\n'
+    with pytest.raises(SystemExit) as e:
+        run(*audioset_files(tmp_path, bad), "--out", str(tmp_path / "o"))
+    msg = str(e.value)
+    assert f"{tmp_path / 'seg.csv'}: line 7" in msg and "'/m/nosuchmid' is not in the class index" in msg
+    assert "check --class-index" in msg and "..." not in msg and "nor are" not in msg and "\n" not in msg
+    worse = bad + 'Bh4oxwlwQMY, 86.100, 96.100, "/m/other,/m/09x0r"\n'
+    with pytest.raises(SystemExit, match=r"line 7.*'/m/nosuchmid'.*\(nor are 1 other label\(s\): '/m/other'\)"):
+        run(*audioset_files(tmp_path, worse), "--out", str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_audioset_segment_relisted_with_other_labels_warns_and_keeps_the_first(tmp_path, capsys):
+    tone(tmp_path / "root" / "Y--PJHxphWEs.wav", 10.0)
+    args = audioset_files(tmp_path, SEGMENTS)
+    (tmp_path / "more.csv").write_text(
+        '--PJHxphWEs, 30.000, 40.000, "/m/04rlf"\n'  # other labels: dropped, with a warning
+        '-0CamVQdP_Y, 0.000, 10.000, "/m/04rlf"\n'  # the same labels: harmless, silent
+        'AE5oZzfu2-E, 239.800, 249.800, "/m/04rlf,/m/09x0r"\n'  # other labels: counted
+    )
+    args.insert(args.index("--class-index"), str(tmp_path / "more.csv"))
+    out = tmp_path / "out"
+    assert run(*args, "--out", str(out)) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: 2 segment(s) listed again with other labels; the first listing's labels are used (e.g. "
+            f"{tmp_path / 'more.csv'}: line 1 lists --PJHxphWEs at 30 s, already in {tmp_path / 'seg.csv'}: line 4)"
+            ) in err
+    assert err.count("listed again") == 1
+    meta = json.loads((out / "stats.json").read_text())
+    assert meta["segments"]["in_csvs"] == 3
+    with tarfile.open(out / "shards-000000.tar") as tar:
+        sample = json.loads(tar.extractfile("--PJHxphWEs_30000.json").read())
+    assert sample["labels"] == ["/m/09x0r", "/m/04rlf"]
+
+
+def test_manifest_duplicate_with_other_labels_is_explained(tmp_path, capsys):
+    tone(tmp_path / "x.wav")
+    tone(tmp_path / "y.wav", freq=660)
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label\nx.wav,zero\nx.wav,one\ny.wav,a\n./y.wav,a\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert run("manifest", str(csv), "--out", str(out)) == 0
+    err = capsys.readouterr().err
+    lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    dups = {line["detail"] for line in lines if line.get("skipped") == "duplicate"}
+    assert "duplicate: line 3: same file as 'x.wav' (line 2); labels differ: that row's 'zero' are used, not 'one'" \
+        in dups
+    assert "duplicate: line 5: same file as 'y.wav' (line 4)" in dups  # same labels: no remark
+    assert (f"warning: {csv}: 1 duplicate row(s) give a file other labels than its first row; the first row's "
+            "labels are used (e.g. line 3: 'x.wav' labelled 'one', first 'x.wav' (line 2) labelled 'zero')") in err
+
+
+# --------------------------------------------------------------------- 14. verify a folder of someone else's files
+@pytest.mark.parametrize("name,text", [
+    ("stats.json", '{"mean": 0.5, "inputs": 3}\n'),
+    ("manifest.jsonl", '{"path": "a.wav", "label": "dog"}\n'),
+    ("sizes.json", '{"train.tar": "many"}\n'),
+])
+def test_verify_names_a_file_make_shards_did_not_write(tmp_path, capsys, name, text):
+    (tmp_path / name).write_text(text)
+    assert verify(tmp_path) == 1
+    out = capsys.readouterr().out
+    assert out == f"NOT A SHARD SET: {tmp_path / name} is not a make-shards file; this folder holds no shard set\n"
+
+
+def test_verify_still_tells_an_empty_make_shards_run(tmp_path, capsys):
+    (tmp_path / "manifest.jsonl").write_text('{"source": "a.wav", "skipped": "too_short"}\n')
+    assert verify(tmp_path) == 1
+    assert "make-shards wrote no sample there; manifest.jsonl gives each file's reason" in capsys.readouterr().out
