@@ -19,6 +19,7 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert all(0.0 <= s <= 1.0 for s in scores)
     assert (tmp_path / "train" / "encoder.pt").exists() and (tmp_path / "results.md").exists()
     assert "| pre-trained encoder (tiny, this demo) |" in (tmp_path / "results.md").read_text()
+    assert "n/a (--skip-fsdd)" in (tmp_path / "results.md").read_text()  # skipped, not missing
     def losses():
         return [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / "train" / "history.jsonl").open())]
 

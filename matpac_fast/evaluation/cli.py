@@ -25,7 +25,7 @@ from matpac_fast.evaluation.metrics import metric_name
 from matpac_fast.evaluation.probe import LinearProbeConfig, ProbeSettings, run_probes, summarize
 
 # The M2D probe learning rate (3e-5) needs most of its 200 epochs on small CPU-sized sets and still under-fits a
-# 160-d baseline; 1e-3 reaches the same or better validation scores in a few dozen epochs. `--lr 3e-5` gives parity.
+# 160-d baseline; 3e-3 reaches the same or better validation scores in a few dozen epochs. `--lr 3e-5` gives parity.
 CLI_DEFAULT_LR = 3e-3
 MAX_AUTO_CLIP_SECONDS = 10.0
 
