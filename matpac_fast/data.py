@@ -46,8 +46,10 @@ issued by ShardLoader in the main process, each text once per epoch however many
 batches have been fetched: move it to the device (or copy it) before that.
 
 Crops: one uniform random 608-frame crop per sample per epoch (seeded by seed, epoch, rank, worker). Clips shorter
-than the crop are dropped or right-padded with `pad_value` (default: the front end's normalisation mean, so the
-padding is zero after normalisation) — by default as the shard set's stats.json "short" says.
+than the crop are dropped or right-padded with `pad_value`, in raw log-mel units (default `default_pad_value`: for
+m2d 0.0, as M2D's `audio_dataset.py` pads the raw log-mel with zeros before normalising; otherwise the front end's
+normalisation mean, so the padding is zero after normalisation) — by default as the shard set's stats.json "short"
+says.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ class DataConfig:
     prefetch_factor: int = 4
     pin_memory: bool = True  # only when CUDA is present
     short: str | None = None  # "drop" | "pad"; None = stats.json's "short"
-    pad_value: float | None = None  # None = the front end's norm_mean (zero after normalisation)
+    pad_value: float | None = None  # raw log-mel; None = `default_pad_value` of the shards' front end
     reader: str = "auto"  # "auto" (indexed for local files, stream otherwise) | "indexed" | "stream"
     with_labels: bool = False
     on_error: str = "warn"  # "warn": warn, count and skip a bad shard | "raise"
@@ -132,6 +134,13 @@ class DataConfig:
 
 # ---------------------------------------------------------------------------------------------------------------
 # shard sets
+
+
+def default_pad_value(frontend: dict) -> float:
+    """Raw log-mel value that pads a short clip: 0.0 for m2d (M2D's `audio_dataset.py` zero-pads the raw log-mel,
+    then normalises); otherwise the front end's normalisation mean (zero after normalisation; MATPAC's authors drop
+    short clips, so there is no precedent to follow)."""
+    return 0.0 if frontend.get("name") == "m2d" else float(frontend["norm_mean"])
 
 
 def is_local(url: str) -> bool:
@@ -671,7 +680,7 @@ class WorkerIterator:
         fe = source.stats["frontend"]
         self.n_mels = int(fe["n_mels"])
         self.short = cfg.short or source.stats.get("short", "drop")
-        self.pad_value = float(fe["norm_mean"] if cfg.pad_value is None else cfg.pad_value)
+        self.pad_value = float(default_pad_value(fe) if cfg.pad_value is None else cfg.pad_value)
         if cfg.mode == "exact":
             self.plan = plan_exact(self.sizes, cfg, rank, world, worker, self.workers, epoch, seed)
             self.n_batches = self.plan.n_batches

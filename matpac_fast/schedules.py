@@ -5,8 +5,8 @@
 - lr: fairseq `cosine` with linear warm-up from 0 (warmup_updates = 20 epochs) then half-cosine to 0 at max_update.
 - EMA decays: `get_annealed_rate(start, end, num_updates, max_update)`, linear start → end over all updates.
   Their EMA runs inside `forward` at update n with the weights after n updates, skipping n = 0. The equivalent
-  after-the-optimizer-step call is: after step n (0-based) use `ema_decay_at(n + 1, ...)`; using
-  `ema_decay_at(n, ...)` instead shifts the decay by one update (a 1e-10 change, immaterial).
+  after-the-optimizer-step call is: after step n (0-based) use `ema_decay_at(n + 1, ...)`, which the trainer does
+  (`ema_decay_at(n, ...)` would shift the decay by one update, a 1e-10 change).
 - τ_t: linear 0.04 → 0.07 over `warmup_steps` (9827 = 10 epochs in their config), then constant.
 - MATPAC++ temperature: T = 0.1·0.99997^step; the loss switches to the hard minimum once T ≤ 1e-4
   (`matpac_fast.losses.mcl_prediction_loss` does the switch; this function returns T clamped at 1e-4).

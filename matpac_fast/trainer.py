@@ -298,7 +298,9 @@ class Trainer:
         self.inner_optimizer.found_inf = None
         # Explicit state updates, in order: EMA, then centre.
         model = self.raw_model
-        self._update_ema(min(self.step, self.total_steps))
+        # The authors' in-forward EMA at update n+1 uses the decay of n+1 (schedules.py); the log row of this step
+        # (self.step after the increment below) reports the same value.
+        self._update_ema(min(self.step + 1, self.total_steps))
         if handle is not None:
             handle.wait()
         n = cfg.optim.grad_accum * acc.num_processes

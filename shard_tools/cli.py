@@ -51,9 +51,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         "(default: %(default)s = one training crop, about 6.1 s)",
     )
     g.add_argument(
-        "--short", choices=["drop", "pad"], default="drop",
-        help="drop (default, as the authors): skip clips shorter than --min-frames as too_short; pad: keep every "
-        "clip of at least one frame, the loader pads it",
+        "--short", choices=["drop", "pad"], default=None,
+        help="drop: skip clips shorter than --min-frames as too_short; pad: keep every clip of at least one frame, "
+        "the loader pads it. Default: each front end's authors' choice (matpac: drop; m2d: pad)",
     )
     g.add_argument(
         "--shard-size", default="1GB",

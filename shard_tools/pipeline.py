@@ -59,12 +59,18 @@ class MakeConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     device: str = "cpu"
     min_frames: int = 608
-    short: str = "drop"  # "drop": skip clips below min_frames (the authors); "pad": keep them, the loader pads
+    # "drop": skip clips below min_frames (MATPAC's authors); "pad": keep them, the loader pads (M2D's authors);
+    # None: the front end's own choice (`default_short`).
+    short: str | None = None
     shard_size: str = "1GB"
     seed: int = 0
     name: str = "shards"
     overwrite: bool = False
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.short is None:  # resolved here so that the plan hash and stats.json always name the choice made
+            object.__setattr__(self, "short", "pad" if self.frontend == "m2d" else "drop")
 
     def validate(self) -> None:
         get_spec(self.frontend)

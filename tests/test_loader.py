@@ -193,6 +193,21 @@ def test_crop_is_a_uniform_slice_of_the_clip(tmp_path, reader):
     assert 0.25 < np.mean(starts) < 0.75  # uniform offsets, not always the start or the end
 
 
+def test_m2d_pads_short_clips_with_raw_zero_as_m2d_does(tmp_path):
+    # M2D's audio_dataset.py zero-pads the raw log-mel, then normalises; MATPAC's pad value (above) is the mean.
+    rng = np.random.default_rng(4)
+    clips = [(f"k{i:04d}", clip(rng, CROP // 2 if i % 2 else CROP + 3), [0]) for i in range(8)]
+    write_shard_set(tmp_path, clips, per_shard=4, frontend="m2d", min_frames=CROP, short="pad")
+    source = ShardSource.open(str(tmp_path))
+    padded = 0
+    for b in (b for v in _world(source, _cfg(batch_size=2)).values() for b in v):
+        for i, key in enumerate(b["key"]):
+            if int(key[1:]) % 2:
+                assert torch.all(b["lms"][i, 0, :, CROP // 2:] == 0) and b["lms"][i, 0, :, : CROP // 2].lt(0).any()
+                padded += 1
+    assert padded == 4
+
+
 def test_short_clips_pad_and_drop(tmp_path):
     rng = np.random.default_rng(3)
     lengths = [CROP - 20, CROP + 5, CROP - 1, CROP + 30] * 4

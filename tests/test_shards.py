@@ -291,11 +291,13 @@ def test_m2d_frontend_and_folder_labels(tmp_path):
     for i, cls in enumerate(["birds", "cars"]):
         (d / cls).mkdir(parents=True)
         sf.write(d / cls / f"{i}.flac", synth_clip(i, sample_rate=22050, seconds=6.5)[0], 22050)
+    sf.write(d / "cars" / "short.flac", synth_clip(5, sample_rate=22050, seconds=3.0)[0], 22050)
     s = make_folder_shards(tmp_path / "out", d, frontend="m2d", workers=0, progress=False)
     assert s["frontend"]["name"] == "m2d" and s["classes"] == ["birds", "cars"]
+    assert s["short"] == "pad" and s["written"] == 3  # M2D pads short clips (the loader does), it does not drop them
     for arr, meta in read_shard_set(tmp_path / "out").values():
         w, sr = sf.read(d / meta["source"], dtype="float32", always_2d=True)
-        assert arr.shape == (80, 1 + 6.5 * 16000 // 160)  # center=True
+        assert arr.shape == (80, 1 + len(w) * 16000 // sr // 160)  # center=True
         np.testing.assert_array_equal(arr, reference_lms(w, sr, "m2d").astype(np.float16))
         assert meta["labels"] == [Path(meta["source"]).parent.name]
 

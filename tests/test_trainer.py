@@ -199,3 +199,21 @@ def test_model_input_shape_error_names_the_setting_to_change():
         model._check_batch(torch.zeros(2, 1, 64, cfg.crop_frames - 16), vis, mask)
     assert f"crop_frames={cfg.crop_frames}" in str(e.value) and "--model crop_frames=" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_ema_after_step_n_uses_the_decay_of_update_n_plus_1(tmp_path):
+    # The authors' EMA runs in forward at update n+1 with decay(n+1) (schedules.py); ours runs after optimizer step n
+    # and must use the same index (with decay(n) this test fails: the tiny recipe's schedule moves fast).
+    from matpac_fast.trainer import Trainer
+
+    cfg, _ = resolve([*TINY, "--out", str(tmp_path / "run"), "--max-steps", "3"])
+    trainer = Trainer(cfg)
+    (t_enc, s_enc), _ = trainer.raw_model.ema_pairs()
+    before = [t.detach().clone() for t in t_enc]
+    lms = torch.randn(8, 1, 80, 608) * 4 - 7
+    trainer.micro_step(lms)
+    assert trainer.step == 1
+    d1, d0 = trainer.sched["ema"][1], trainer.sched["ema"][0]
+    assert d1 != d0
+    for t0, t, s in zip(before, t_enc, s_enc):
+        torch.testing.assert_close(t, d1 * t0 + (1 - d1) * s.detach(), rtol=0, atol=1e-6)
