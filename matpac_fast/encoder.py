@@ -11,15 +11,24 @@ The authors' layout (their `matpac_wrapper`, and the released `matpac_10_2048.pt
 exported file loads strictly here and in the authors' wrapper. `load_encoder` accepts:
 
 - that layout (a flat dict, or nested under "model");
+- the authors' full training state dict (their fairseq `GeneralModel.state_dict()`, e.g. `model` of a training
+  checkpoint re-saved weights-only): the predictor `decoder.*`, MATPAC++ `mcl_heads.*`, `cls_student_head.*`,
+  `cls_head_loss.center` and the EMA teacher encoder / teacher head (nested dicts `_ema`, `_cls_head_ema`) are
+  dropped when the dict is recognisably theirs (it holds `decoder.decoder_embed.weight`, `_ema`, `_cls_head_ema`
+  or `cls_head_loss.center`);
 - this project's checkpoints: a full `MATPAC.state_dict()` (teacher, predictor, heads and centre are dropped),
-  flat or under "model", optionally with "config" (ModelConfig.to_dict()) beside it; a `.safetensors` file; or a
-  trainer checkpoint directory (`model.safetensors` inside; `config.json` of the run two levels up is read for
-  the number of heads and the normalisation);
+  flat or under "model", optionally with "config" (ModelConfig.to_dict()) beside it; a `.safetensors` file; a
+  trainer checkpoint directory (`model.safetensors` inside; `config.json` of the run, up to two levels up, is read);
+  or the trainer's export `<run>/encoder.pt`, whose `<run>/config.json` is read when it is a matpac_fast training
+  config ({"train": {...}, "model": ModelConfig fields});
 - "random": a freshly initialised encoder of `preset`.
 
-The architecture is read from the tensor shapes (dim, depth, MLP ratio, patch size, time patches). The number of
-heads cannot be: it comes from a saved config, else from `preset` when its dim matches, else from any preset with
-the same dim and depth, else dim // 64 (the ViT convention). Unknown or missing keys raise ValueError listing them.
+A run config supplies the number of heads, n_mels, the normalisation pair and the front end
+(`train.run.frontend`); `Encoder.config_source` names the file used (None: none was). The architecture is read from
+the tensor shapes (dim, depth, MLP ratio, patch size, time patches). The number of heads cannot be: it comes from a
+saved config, else from `preset` when its dim matches, else from any preset with the same dim and depth, else
+dim // 64 (the ViT convention). The front end is the run's, else "m2d" for an M2D model (preset or saved config
+named m2d), else "matpac"; `frontend=` overrides it. Unknown or missing keys raise ValueError listing them.
 Files are read with `torch.load(weights_only=True)` or safetensors: nothing is unpickled.
 """
 
@@ -42,6 +51,16 @@ ENCODER_PREFIXES = ("patch_embed.", "student_encoder.")
 ENCODER_KEYS = ("cls_token", "pos_embed")
 # Parts of a full MATPAC state dict that an encoder does not need.
 TRAINING_ONLY = ("teacher_encoder.", "predictor.", "student_head.", "teacher_head.", "center")
+# The same for the authors' fairseq model (training_matpac/models/model.py): predictor `decoder`, MATPAC++ `mcl_heads`,
+# classification heads, the loss's centre buffer. Their teacher encoder and teacher head are fairseq EMAModules (not
+# nn.Modules): their state_dict() adds them as nested dicts of tensors under `_ema` and `_cls_head_ema`.
+AUTHORS_TRAINING_ONLY = ("decoder.", "mcl_heads.", "cls_student_head.", "cls_teacher_head.", "cls_head_loss.")
+AUTHORS_EMA_KEYS = ("_ema", "_cls_head_ema")
+# Keys that only the authors' full training state dict has: its other training-only keys are dropped only then, so
+# that a stray key such as `decoder.x` in any other dict is still reported as unknown.
+AUTHORS_TRAINING_MARKERS = ("decoder.decoder_embed.weight", "cls_head_loss.center") + AUTHORS_EMA_KEYS
+# The trainer's export: <run>/encoder.pt beside <run>/config.json (trainer.export_encoder).
+EXPORT_NAMES = ("encoder.pt",)
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -67,6 +86,8 @@ class Encoder(nn.Module):
             raise ValueError(f"n_mels={n_mels} must be a multiple of the patch size {patch}")
         self.n_f, self.n_t, self.patch, self.n_mels = n_mels // patch, n_time_patches, patch, n_mels
         self.dim, self.norm_mean, self.norm_std, self.frontend = dim, norm_mean, norm_std, frontend
+        self.config_source: str | None = None  # the run config file load_encoder read (None: none was)
+        self.settings_from = "the constructor's arguments"  # where heads / normalisation / front end came from
         self.patch_embed = PatchEmbed(dim, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.cls_token, std=0.02)
@@ -76,7 +97,9 @@ class Encoder(nn.Module):
         self.eval()
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, frontend: str = "matpac") -> Encoder:
+    def from_config(cls, cfg: ModelConfig, frontend: str | None = None) -> Encoder:
+        """`frontend` None: "m2d" for the m2d preset's config, else "matpac"."""
+        frontend = frontend or ("m2d" if cfg.name == "m2d" else "matpac")
         return cls(cfg.dim, cfg.depth, cfg.heads, cfg.grid[1], cfg.n_mels, cfg.patch, cfg.mlp_ratio,
                    cfg.norm_mean, cfg.norm_std, frontend, cfg.attn_impl)
 
@@ -99,11 +122,22 @@ class Encoder(nn.Module):
         b = len(z)
         return z.reshape(b, self.n_f, n_t, self.dim).permute(0, 2, 1, 3).reshape(b, n_t, self.n_f * self.dim)
 
+    def settings(self) -> dict:
+        """What determines the embeddings besides the weights (for cache keys and result identities)."""
+        return dict(dim=self.dim, depth=len(self.student_encoder.blocks),
+                    heads=self.student_encoder.blocks[0].attn.num_heads if len(self.student_encoder.blocks) else 0,
+                    n_mels=self.n_mels, patch=self.patch, n_time_patches=self.n_t, norm_mean=self.norm_mean,
+                    norm_std=self.norm_std, frontend=self.frontend)  # fmt: skip
+
     def encode_lms(self, lms_BFT: torch.Tensor) -> torch.Tensor:
         """Raw log-mel (B, n_mels, T) -> frame embeddings (B, ceil(T / patch), n_f·D), one per 160 ms.
 
         608-frame chunks; the input is zero-padded (after normalisation) to a multiple of the patch, so the last
-        chunk is shorter and uses a truncated positional table. Full chunks run as one batch."""
+        chunk is shorter and uses a truncated positional table. Full chunks run as one batch.
+
+        Runs under the caller's autograd mode: outside `torch.no_grad()` / `torch.inference_mode()` the result
+        keeps the autograd graph (for fine-tuning), which holds every block's activations in memory. For
+        inference wrap the call in `torch.inference_mode()` or use `encode`, which runs without a graph."""
         if lms_BFT.ndim != 3 or lms_BFT.shape[1] != self.n_mels:
             raise ValueError(f"encode_lms expects (B, {self.n_mels}, T) log-mel, got {tuple(lms_BFT.shape)}")
         x = (lms_BFT.float() - self.norm_mean) / self.norm_std
@@ -214,8 +248,16 @@ def _first_line(e: Exception) -> str:
     return text[0][:200] if text else type(e).__name__
 
 
-def _read_path(path: Path) -> tuple[dict, dict | None]:
-    """-> (raw object, model config dict or None)."""
+class RunConfig(dict):
+    """The parts of a run's config.json the encoder needs: the "model" dict (ModelConfig fields), plus
+    `frontend` (train.run.frontend, or None when not recorded) and `source` (the file)."""
+
+    frontend: str | None = None
+    source: str | None = None
+
+
+def _read_path(path: Path) -> tuple[dict, RunConfig | None]:
+    """-> (raw object, run config or None)."""
     if path.is_dir():
         names = ("model.safetensors", "encoder.safetensors", "encoder.pt", "pytorch_model.bin", "model.pt")
         found = [path / n for n in names if (path / n).exists()]
@@ -229,16 +271,42 @@ def _read_path(path: Path) -> tuple[dict, dict | None]:
         return _read_file(found[0]), cfg
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
-    return _read_file(path), None
+    cfg = None
+    if path.name in EXPORT_NAMES and (path.parent / "config.json").is_file():  # the trainer's <run>/encoder.pt
+        cfg = _read_run_config(path.parent / "config.json", training_only=True)
+    return _read_file(path), cfg
 
 
-def _read_run_config(path: Path) -> dict | None:
+def _is_training_config(cfg) -> bool:
+    """What the trainer writes: {"train": TrainConfig.to_dict(), "model": ModelConfig fields}."""
+    from dataclasses import fields
+
+    if not (isinstance(cfg, dict) and isinstance(cfg.get("train"), dict) and isinstance(cfg.get("model"), dict)):
+        return False
+    model = cfg["model"]
+    return {"dim", "heads"} <= set(model) and set(model) <= {f.name for f in fields(ModelConfig)}
+
+
+def _read_run_config(path: Path, training_only: bool = False) -> RunConfig | None:
+    """The model part of a run's config.json (None when it has none). `training_only`: None unless the file is a
+    matpac_fast training config (a config.json of another tool beside a weights file is not ours to read)."""
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        if training_only:
+            return None
         raise ValueError(f"{path}: not a readable JSON run config ({_first_line(e)}); fix or remove it") from None
+    if training_only and not _is_training_config(cfg):
+        return None
     model = cfg.get("model") if isinstance(cfg, dict) else None
-    return model if isinstance(model, dict) else None
+    if not isinstance(model, dict):
+        return None
+    out = RunConfig(model)
+    run = cfg["train"].get("run") if isinstance(cfg.get("train"), dict) else None
+    frontend = run.get("frontend") if isinstance(run, dict) else None
+    out.frontend = frontend if isinstance(frontend, str) else None
+    out.source = str(path)
+    return out
 
 
 def _unwrap(obj) -> tuple[dict, dict | None]:
@@ -246,6 +314,8 @@ def _unwrap(obj) -> tuple[dict, dict | None]:
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         cfg = obj.get("config") if isinstance(obj.get("config"), dict) else None
         obj = obj["model"]
+    if isinstance(obj, dict) and any(k in obj for k in AUTHORS_TRAINING_MARKERS):
+        obj = _drop_authors_training(obj)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError("not a state dict: expected a dict of tensors (optionally nested under 'model')")
     state = {}
@@ -254,6 +324,19 @@ def _unwrap(obj) -> tuple[dict, dict | None]:
             k = k.removeprefix(p)
         state[k] = v
     return state, cfg
+
+
+def _drop_authors_training(obj: dict) -> dict:
+    """The authors' full training state dict without its training-only parts; `_ema` / `_cls_head_ema` must be
+    what their EMAModule stores (a dict of tensors), anything else there stays and is refused as not a state dict."""
+    out = {}
+    for k, v in obj.items():
+        if k in AUTHORS_EMA_KEYS and isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()):
+            continue
+        if isinstance(k, str) and k.startswith(AUTHORS_TRAINING_ONLY):
+            continue
+        out[k] = v
+    return out
 
 
 def _infer_arch(state: dict, preset: str, cfg: dict | None) -> dict:
@@ -288,11 +371,24 @@ def _infer_arch(state: dict, preset: str, cfg: dict | None) -> dict:
                 norm_std=cfg.get("norm_std", base.norm_std))
 
 
+def _frontend(explicit: str | None, cfg: dict | None, preset: str) -> str:
+    """The front end the encoder was trained on: `explicit`, else the run's, else m2d for an M2D model."""
+    if explicit is not None:
+        return explicit
+    if isinstance(cfg, RunConfig) and cfg.frontend:
+        return cfg.frontend
+    name = cfg.get("name") if isinstance(cfg, dict) and cfg.get("name") else preset
+    return "m2d" if name == "m2d" else "matpac"
+
+
 def load_encoder(source, preset: str = "matpac", device: str | torch.device = "cpu", strict: bool = True,
-                 frontend: str = "matpac") -> Encoder:
-    """Path (file or checkpoint directory), state dict, or "random" -> Encoder in eval mode on `device`."""
+                 frontend: str | None = None) -> Encoder:
+    """Path (file or checkpoint directory), state dict, or "random" -> Encoder in eval mode on `device`.
+    `frontend` None: the run's front end when its config is read, else "m2d" for an M2D model, else "matpac"."""
     if isinstance(source, str) and source == "random":
-        return Encoder.from_config(get_model_config(preset), frontend).to(device)
+        enc = Encoder.from_config(get_model_config(preset), _frontend(frontend, None, preset))
+        enc.settings_from = f"preset {preset!r}"
+        return enc.to(device)
     if isinstance(source, (str, Path)):
         raw, file_cfg = _read_path(Path(source))
     else:
@@ -301,7 +397,12 @@ def load_encoder(source, preset: str = "matpac", device: str | torch.device = "c
     cfg = nested_cfg or file_cfg
     state = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
     arch = _infer_arch(state, preset, cfg)
-    enc = Encoder(**arch, frontend=frontend)
+    enc = Encoder(**arch, frontend=_frontend(frontend, cfg, preset))
+    enc.config_source = cfg.source if isinstance(cfg, RunConfig) else None
+    if enc.config_source:
+        enc.settings_from = f"the run config {enc.config_source}"
+    else:
+        enc.settings_from = "the config saved in the checkpoint" if cfg else f"preset {preset!r}"
     expected = set(enc.state_dict())
     unknown, missing = sorted(set(state) - expected), sorted(expected - set(state))
     if strict and (unknown or missing):

@@ -18,7 +18,9 @@ from matpac_fast.evaluation.folds import Fold, carve_validation, make_folds
 from matpac_fast.evaluation.metrics import accuracy, average_precision, mean_average_precision
 from matpac_fast.evaluation.probe import LinearProbeConfig, ProbeSettings, Standardizer, fit_linear_probe, run_probes
 
-RESULT_RE = re.compile(r"^RESULT eval task=\S+ checkpoint=\S+ metric=(accuracy|mAP) mean=[0-9.]+ std=[0-9.]+$")
+RESULT_RE = re.compile(
+    r"^RESULT eval task=\S+ checkpoint=\S+ metric=(accuracy|mAP) mean=[0-9.]+ std=[0-9.]+ probe=\S+ lr=\S+$"
+)
 
 
 def tone(freq: float, seconds: float = 0.3, sr: int = 16000, seed: int = 0) -> np.ndarray:
@@ -277,10 +279,11 @@ def test_cli_end_to_end_prints_result_and_hits_the_cache(tone_folder, tmp_path, 
     lines = _cli(args, capsys)
     assert RESULT_RE.match(lines[-1]), lines[-1]
     assert "task=tones-kfold-4 checkpoint=logmel metric=accuracy" in lines[-1]
-    r = json.loads((out / "tones-kfold-4__logmel__linear.json").read_text())
+    r = json.loads((out / "tones-kfold-4__logmel__linear-lr0.01-ep60.json").read_text())  # non-default probe settings
     assert r["mean"] > 0.9 and len(r["runs"]) == 8 and not r["cache_hit"] and r["embedding_dim"] == 160
     assert r["clip_seconds"] == pytest.approx(0.3)  # auto: the longest clip
-    assert "| tones-kfold-4 | tones | kfold:4 | logmel | linear | accuracy |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| tones-kfold-4 | tones | kfold:4 | logmel | linear-lr0.01-ep60 | 0.01 | accuracy |" in table
     assert (out / "tones_projection.png").stat().st_size > 1000
     assert len(list(cache.glob("*.npz"))) == 1
 
@@ -289,7 +292,7 @@ def test_cli_end_to_end_prints_result_and_hits_the_cache(tone_folder, tmp_path, 
 
     monkeypatch.setattr(embed, "load_clip", no_decoding)
     lines2 = _cli(args, capsys)
-    r2 = json.loads((out / "tones-kfold-4__logmel__linear.json").read_text())
+    r2 = json.loads((out / "tones-kfold-4__logmel__linear-lr0.01-ep60.json").read_text())
     assert r2["cache_hit"] and r2["mean"] == r["mean"] and lines2[-1] == lines[-1]
     # a different clip length is a different cache entry
     monkeypatch.undo()

@@ -43,7 +43,7 @@ def test_cli_with_exported_tiny_checkpoint(tone_folder, tmp_path, capsys):  # no
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert RESULT_RE.match(last) and re.search(r"checkpoint=tiny_encoder-[0-9a-f]{8} ", last)  # stem + sha8
     name = re.search(r"checkpoint=(\S+)", last).group(1)
-    r = json.loads((out / f"tones-kfold-3__{name}__linear.json").read_text())
+    r = json.loads((out / f"tones-kfold-3__{name}__linear-lr0.01-ep40.json").read_text())
     assert r["embedding_dim"] == 320 and r["embedder_identity"].startswith("ckpt:")
     # the cached embeddings are exactly the encoder's clip embeddings of the cropped/padded audio
     (npz,) = cache.glob("*.npz")

@@ -44,6 +44,6 @@ def test_fsdd_subset_logmel_official(fsdd_dir, tmp_path, capsys):
     assert cli.main(args) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert RESULT_RE.match(last) and last.startswith("RESULT eval task=fsdd-sub checkpoint=logmel metric=accuracy")
-    r = json.loads((tmp_path / "o" / "fsdd-sub__logmel__linear.json").read_text())
+    r = json.loads((tmp_path / "o" / "fsdd-sub__logmel__linear-lr0.01-ep60.json").read_text())
     assert r["n_clips"] == 600 and r["runs"][0]["n_test"] == 300
     assert r["mean"] > 0.6  # chance is 0.1; the full-data baseline is ~0.95

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import math
 import os
 import sys
@@ -31,10 +32,13 @@ MAX_AUTO_CLIP_SECONDS = 10.0
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show defaults, except the uninformative 'None' of options whose help already says what happens."""
+    """Show defaults, except the uninformative 'None' of options whose help already says what happens and the
+    'False' of flags. Identity checks: `0 in (None, False)` is true, and would hide `--seed`'s default 0."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate an audio encoder: embed every clip of a labelled set with a frozen encoder, train a "
         "linear probe per fold and seed, report accuracy (single-label) or mAP (multi-label) as mean ± std. "
         "Writes JSON, a markdown table (results.md) and a PNG of a 2-D projection into --out; the last line "
-        "printed is 'RESULT eval task=... checkpoint=... metric=... mean=... std=...'.",
+        "printed is 'RESULT eval task=... checkpoint=... metric=... mean=... std=... probe=... lr=...'.",
         formatter_class=_HelpFormatter,
     )
     p.add_argument(
@@ -93,19 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="first seed (probe init, validation carve, K-fold shuffle, random encoder init)",
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        choices=["cpu", "cuda"],
+        help="where the encoder and the probes run (cuda when a GPU is visible, else cpu)",
+    )
     p.add_argument("--out", default="runs/eval", type=Path, help="output folder (JSON, results.md, PNG)")
     p.add_argument(
         "--preset",
         default="matpac",
-        help="encoder preset for 'random' and for checkpoints that do "
-        "not record one (tiny, matpac, matpac_plusplus, m2d)",
+        help="encoder preset (tiny, matpac, matpac_plusplus, m2d) for 'random' and for checkpoints without a "
+        "saved config: a run's encoder.pt or checkpoint folder uses the run's config.json (heads, normalisation, "
+        "front end); m2d embeds with the M2D front end",
     )
-    g = p.add_argument_group("linear probe (METHOD.md §6)")
-    g.add_argument("--lr", type=float, default=CLI_DEFAULT_LR, help="Adam learning rate (M2D parity: 3e-5)")
-    g.add_argument("--weight-decay", type=float, default=1e-8)
-    g.add_argument("--probe-batch", type=int, default=200)
-    g.add_argument("--max-epochs", type=int, default=200)
+    g = p.add_argument_group(
+        "linear probe (METHOD.md §6)",
+        "settings other than these defaults are part of the result's name (e.g. '__linear-lr3e-05.json'), so runs "
+        "with other settings get their own rows in results.md instead of replacing each other",
+    )
+    g.add_argument("--lr", type=float, default=CLI_DEFAULT_LR,
+                   help="Adam learning rate (METHOD.md §6 / M2D: 3e-5, which needs all 200 epochs on small sets)")
+    g.add_argument("--weight-decay", type=float, default=1e-8, help="Adam weight decay (M2D setting)")
+    g.add_argument("--probe-batch", type=int, default=200, help="probe training batch size (clips)")
+    g.add_argument("--max-epochs", type=int, default=200, help="probe training epochs at most (early stopping)")
     g.add_argument("--patience", type=int, default=20, help="early-stopping patience (epochs)")
     g.add_argument("--val-fraction", type=float, default=0.1, help="validation part carved from each training fold")
     g.add_argument("--logreg-c", type=float, default=1.0, help="inverse L2 strength for --probe logreg")
@@ -119,8 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate only these labels (comma-separated, or a .txt/.csv file with one label per line), for any "
         "--data layout; clips of other labels are left out, a label the data does not have is an error",
     )
-    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--quiet", action="store_true", help="no progress bars, and no note about clips longer than the "
+                   "clip length")
     return p
+
+
+def probe_defaults() -> dict:
+    """The probe settings of a plain `matpac-eval` run: they give the plain probe identity ('linear', 'logreg')."""
+    d = LinearProbeConfig(lr=CLI_DEFAULT_LR)
+    return {**vars(d), "C": 1.0}
 
 
 CLASS_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".lst")
@@ -250,6 +272,7 @@ def _load(a: argparse.Namespace, classes: list[str] | None) -> LabelledSet:
 
 
 def _task_name(a: argparse.Namespace, ds: LabelledSet, scheme: Scheme, classes: list[str] | None) -> str:
+    """The dataset name (+ classes) + the protocol (`scheme` with the layout's default group already filled in)."""
     if a.task:
         return a.task
     name = ds.name
@@ -300,48 +323,78 @@ def run(a: argparse.Namespace) -> dict:
 def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: Path) -> dict:
     ds = _load(a, classes)
     _check_classes(ds, " after --classes" if classes is not None else "")
+    scheme = scheme.for_dataset(ds)  # plain 'group' -> 'group:<the layout's group column>': one protocol, one name
     make_folds(ds, scheme, seed=a.seed)  # the protocol is valid for this data (made again if clips are skipped)
     task = _task_name(a, ds, scheme, classes)
     clip_seconds = a.clip_seconds or ds.default_clip_seconds or _auto_clip_seconds(ds)
+    probe = ProbeSettings(
+        a.probe, a.seeds,
+        LinearProbeConfig(a.lr, a.weight_decay, a.probe_batch, a.max_epochs, a.patience, a.val_fraction),
+        a.logreg_c, a.device,
+    )  # fmt: skip
+    probe_config = vars(probe.linear) if a.probe == "linear" else {"C": a.logreg_c}
+    probe_id = report.probe_id(a.probe, probe_config, probe_defaults())
     embedder = embed.make_embedder(a.checkpoint, preset=a.preset, device=a.device, seed=a.seed)
-    name, replaces = report.unique_name(out, task, embedder.name, a.probe, embedder.identity)
+    _note_encoder_config(a, embedder)
+    name, replaces = report.unique_name(out, task, embedder.name, probe_id, embedder.identity)
     if name != embedder.name:
         _note(f"{out} already holds a result of another embedder named {embedder.name!r}; this one is {name!r}")
     settings = embed.ExtractSettings(clip_seconds, a.embed_batch, None if a.no_cache else a.cache_dir, not a.quiet)
     t0 = time.perf_counter()
     ex = embed.extract(ds, embedder, ds.name, settings)
     t_embed = time.perf_counter() - t0
+    if ex.n_cropped and not a.quiet:
+        _note(f"{ex.n_cropped} of {int(ex.ok.sum())} clips are longer than the clip length {clip_seconds:g} s "
+              f"(longest {ex.longest_seconds:.2f} s): only their first {clip_seconds:g} s were embedded; "
+              "--clip-seconds sets the length")  # fmt: skip
     if ex.skipped:
         _drop_skipped(ds, ex)
     folds = make_folds(ds, scheme, seed=a.seed)
     X, Y = ex.emb, ds.targets()
-    probe = ProbeSettings(
-        a.probe, a.seeds,
-        LinearProbeConfig(a.lr, a.weight_decay, a.probe_batch, a.max_epochs, a.patience, a.val_fraction),
-        a.logreg_c, a.device,
-    )  # fmt: skip
     t0 = time.perf_counter()
     runs = run_probes(X, Y, folds, len(ds.classes), ds.multilabel, probe, seed=a.seed, progress=not a.quiet)
     t_probe = time.perf_counter() - t0
     mean, std = summarize(runs)
     result = {
-        "task": task, "dataset": ds.name, "layout": ds.layout, "data": str(a.data), "folds": a.folds,
+        "task": task, "dataset": ds.name, "layout": ds.layout, "data": str(a.data), "folds": scheme.text,
         "checkpoint": a.checkpoint, "checkpoint_name": name, "embedder_identity": embedder.identity,
-        "preset": a.preset if a.checkpoint != "logmel" else None, "probe": a.probe,
-        "probe_config": vars(probe.linear) if a.probe == "linear" else {"C": a.logreg_c},
+        "encoder_config": getattr(embedder, "config_source", None),
+        "preset": a.preset if a.checkpoint != "logmel" else None, "probe": a.probe, "probe_id": probe_id,
+        "probe_config": probe_config,
         "metric": metric_name(ds.multilabel), "mean": mean, "std": std, "n_clips": len(ds),
         "n_classes": len(ds.classes), "classes": list(ds.classes), "clip_seconds": clip_seconds,
         "embedding_dim": int(X.shape[1]), "device": a.device, "cache_hit": ex.cache_hit,
-        "embed_seconds": t_embed, "probe_seconds": t_probe,
+        "embed_seconds": t_embed, "probe_seconds": t_probe, "n_cropped": ex.n_cropped,
         "skipped": [{"path": p, "reason": r} for p, r in ex.skipped], "runs": [vars(r) for r in runs],
     }  # fmt: skip
     if replaces is not None:
-        _note(f"replacing the earlier result of this embedder: {replaces}")
+        _note(f"replacing the earlier result of this embedder: {replaces}{_settings_change(replaces, probe_config)}")
     result["json"] = str(report.write_json(out, result))
     result["table"] = report.write_table(out)
     if a.projection != "none":
         _projection(a, out, task, name, ds, X, Y, result)
     return result
+
+
+def _note_encoder_config(a: argparse.Namespace, embedder) -> None:
+    """One line: where a checkpoint's heads, normalisation and front end come from (a run's config.json, the
+    checkpoint's saved config, or --preset)."""
+    if a.checkpoint in ("logmel", "random"):
+        return
+    enc = embedder.encoder
+    _note(f"{a.checkpoint}: heads, normalisation and front end ({enc.frontend}) from {enc.settings_from}")
+
+
+def _settings_change(path: Path, probe_config: dict) -> str:
+    """' (probe settings lr 0.01 -> 0.003)' when the replaced result (written before probe settings were part of the
+    name) had other settings; '' otherwise."""
+    try:
+        prev = json.loads(path.read_text()).get("probe_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return ""
+    diff = [f"{k} {prev[k]:g} -> {v:g}" for k, v in probe_config.items()
+            if isinstance(prev.get(k), (int, float)) and prev[k] != v]  # fmt: skip
+    return f" (probe settings {', '.join(diff)})" if diff else ""
 
 
 def _projection(a, out: Path, task: str, name: str, ds: LabelledSet, X, Y, result: dict) -> None:
@@ -375,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"table: {r['table']}" + (f"  figure: {r['png']}" if r.get("png") else ""))
     print(f"RESULT eval task={r['task']} checkpoint={r['checkpoint_name']} metric={r['metric']} "
-          f"mean={r['mean']:.4f} std={r['std']:.4f}")  # fmt: skip
+          f"mean={r['mean']:.4f} std={r['std']:.4f} probe={r['probe_id']} lr={report.lr_text(r)}")  # fmt: skip
     sys.stdout.flush()
     return 0
 

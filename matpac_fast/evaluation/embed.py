@@ -7,10 +7,13 @@ Embedders (`make_embedder`):
   random   the MATPAC encoder (`--preset`) with random initial weights (seeded): the architecture's prior.
   PATH     a checkpoint: this project's training checkpoint / exported encoder, or the authors' released weights,
            loaded by `matpac_fast.encoder.load_encoder` (imported lazily, so the logmel baseline needs no model).
+An encoder embeds with the front end it was trained on (`Encoder.frontend`: the run's, or m2d for an M2D model):
+the embedder's `spec` decides the resampler used here and the log-mel inside the encoder.
 
-Audio: soundfile decode -> mono (mean of channels) -> 16 kHz (the front end's Kaiser resampler) -> crop from the
-start / zero-pad at the end to exactly `clip_seconds` (a fixed length keeps batches rectangular; each task has its
-own length: FSDD 1 s, ESC-50 5 s, US8K 4 s, GTZAN 30 s).
+Audio: soundfile decode -> mono (mean of channels) -> 16 kHz (the front end's resampler: Kaiser for matpac, soxr
+HQ for m2d) -> crop from the start / zero-pad at the end to exactly `clip_seconds` (a fixed length keeps batches
+rectangular; each task has its own length: FSDD 1 s, ESC-50 5 s, US8K 4 s, GTZAN 30 s). How many clips were longer
+(and so cropped) is reported by `extract` (`Extracted.n_cropped`); the CLI prints it in one note.
 
 A file that cannot be decoded (unknown format, empty, truncated, no samples, NaN/inf samples) is skipped, not
 fatal: `extract` returns which clips were embedded and why the others were not; the caller reports them.
@@ -18,17 +21,21 @@ fatal: `extract` returns which clips were embedded and why the others were not; 
 Names: a checkpoint file is named `<stem>-<sha8>` (the first 8 hex digits of its SHA-256), with the nearest
 informative folder in front of a generic stem: runs/u/encoder.pt -> `u-encoder-1a2b3c4d`, so two runs' encoder.pt
 files never share a name (or a results row); `random-<preset>` (plus `-seed<N>` for N != 0); `logmel`.
+Identities: `logmel:v1:matpac`; `random:<preset>:seed<N>` (+ `:<front end>` when not matpac); `ckpt:<sha256>:<preset>`
+(+ `:<sha8 of Encoder.settings()>` when a run config was read or the front end is not matpac).
 
-Cache: `<cache_dir>/<task>-<embedder>-<key16>.npz` holding `emb` (n_ok, D) float32, `paths` (n,), `ok` (n,) bool and
-`reasons` (n,) (why a clip was skipped, "" if embedded); the key hashes the embedder identity (checkpoint file
-SHA-256, or preset + seed), the data (file paths, sizes, mtimes), clip seconds, sample rate and this module's
-version. Loaded with allow_pickle=False; an unreadable or inconsistent entry is reported, deleted and recomputed.
+Cache: `<cache_dir>/<task>-<embedder>-<key16>.npz` holding `emb` (n_ok, D) float32, `paths` (n,), `ok` (n,) bool,
+`reasons` (n,) (why a clip was skipped, "" if embedded) and `lengths` (n,) (samples at 16 kHz before the crop, 0 if
+skipped; older entries lack it); the key hashes the embedder identity (above), the data (file paths, sizes,
+mtimes), clip seconds, sample rate and this module's version. Loaded with allow_pickle=False; an unreadable or
+inconsistent entry is reported, deleted and recomputed.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
 import sys
@@ -78,9 +85,10 @@ def _reason(e: Exception) -> str:
     return text.strip().splitlines()[0].rstrip(".")[:120]
 
 
-def load_clip(path: str, clip_samples: int, spec: FrontendSpec) -> np.ndarray:
+def load_clip(path: str, clip_samples: int, spec: FrontendSpec, lengths: list[int] | None = None) -> np.ndarray:
     """float32 (clip_samples,) at spec.sample_rate: decoded, mono, resampled, cropped from the start / zero-padded.
-    Raises UnreadableAudio (a ValueError) for a file that cannot be decoded or holds no usable samples."""
+    `lengths`, when given, gets the resampled length before the crop appended. Raises UnreadableAudio (a ValueError)
+    for a file that cannot be decoded or holds no usable samples."""
     import soundfile as sf
 
     try:
@@ -96,6 +104,8 @@ def load_clip(path: str, clip_samples: int, spec: FrontendSpec) -> np.ndarray:
     if sr != spec.sample_rate:
         x = torch.from_numpy(wave)
         wave = (_kaiser(sr, spec.sample_rate)(x) if spec.resampler == "kaiser" else resample(x, sr, spec)).numpy()
+    if lengths is not None:
+        lengths.append(len(wave))
     out = np.zeros(clip_samples, dtype=np.float32)
     n = min(len(wave), clip_samples)
     out[:n] = wave[:n]
@@ -127,6 +137,8 @@ class EncoderEmbedder:
 
     def __init__(self, encoder, name: str, identity: str):
         self.encoder, self.name, self.identity = encoder, name, identity
+        self.spec = get_spec(encoder.frontend)  # the encoder's own front end (resampler, centring)
+        self.config_source = getattr(encoder, "config_source", None)
 
     @torch.no_grad()
     def __call__(self, wave_BN: torch.Tensor) -> np.ndarray:
@@ -178,13 +190,18 @@ def make_embedder(checkpoint: str, preset: str = "matpac", device: str = "cpu", 
             torch.manual_seed(seed)
             enc = load_encoder("random", preset=preset, device=device)
         name = f"random-{preset}" + (f"-seed{seed}" if seed else "")
-        return EncoderEmbedder(enc, name, f"random:{preset}:seed{seed}")
+        fe = f":{enc.frontend}" if enc.frontend != "matpac" else ""
+        return EncoderEmbedder(enc, name, f"random:{preset}:seed{seed}{fe}")
     p = Path(checkpoint).expanduser()
     if not p.exists():
         raise ValueError(f"--checkpoint {checkpoint}: no such file; give a checkpoint path, 'random' or 'logmel'")
     digest = file_digest(p)
     enc = load_encoder(str(p), preset=preset, device=device)
-    return EncoderEmbedder(enc, checkpoint_name(p, digest), f"ckpt:{digest}:{preset}")
+    identity = f"ckpt:{digest}:{preset}"
+    if enc.config_source is not None or enc.frontend != "matpac":  # settings beyond the file and --preset
+        settings = json.dumps(enc.settings(), sort_keys=True)
+        identity += ":" + hashlib.sha256(settings.encode()).hexdigest()[:8]
+    return EncoderEmbedder(enc, checkpoint_name(p, digest), identity)
 
 
 # --- extraction with cache ----------------------------------------------------------------------------------------
@@ -211,27 +228,31 @@ class Extracted:
     ok: np.ndarray  # (n,) bool: which clips of the dataset were embedded
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of the others
     cache_hit: bool = False
+    n_cropped: int = 0  # embedded clips longer than clip_seconds (only their start was embedded)
+    longest_seconds: float = 0.0  # the longest embedded clip before the crop (0 when unknown: an old cache entry)
 
 
 def extract(ds: LabelledSet, embedder, task: str, s: ExtractSettings) -> Extracted:
     """Embeddings of every decodable clip of `ds` (undecodable ones are listed in `skipped`, not fatal)."""
     path = cache_path(ds, embedder, task, s)
     paths = np.array([c.path for c in ds.clips])
+    n_samples = int(round(s.clip_seconds * SAMPLE_RATE))
     if path is not None and path.is_file():
-        hit = _read_cache(path, paths)
+        hit = _read_cache(path, paths, n_samples)
         if hit is not None:
             return hit
-    spec = get_spec("matpac")
-    n_samples = int(round(s.clip_seconds * SAMPLE_RATE))
+    spec = getattr(embedder, "spec", None) or get_spec("matpac")
     if n_samples < spec.n_fft:
         raise ValueError(f"--clip-seconds {s.clip_seconds}: too short (needs >= {spec.n_fft / SAMPLE_RATE:.3f} s)")
-    chunks, reasons = [], [""] * len(ds)
+    chunks, reasons, lengths = [], [""] * len(ds), np.zeros(len(ds), np.int64)
     bar = tqdm(total=len(ds), desc=f"embed {embedder.name}", unit="clip", disable=not s.progress, leave=False)
     for i in range(0, len(ds), s.batch_size):
         waves = []
         for j in range(i, min(i + s.batch_size, len(ds))):
+            n = []
             try:
-                waves.append(load_clip(ds.clips[j].path, n_samples, spec))
+                waves.append(load_clip(ds.clips[j].path, n_samples, spec, lengths=n))
+                lengths[j] = n[0] if n else 0
             except UnreadableAudio as e:
                 reasons[j] = e.reason
         if waves:
@@ -241,11 +262,17 @@ def extract(ds: LabelledSet, embedder, task: str, s: ExtractSettings) -> Extract
     ok = np.array([r == "" for r in reasons], dtype=bool)
     emb = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 0), np.float32)
     if path is not None:
-        _write_cache(path, emb=emb, paths=paths, ok=ok, reasons=np.array(reasons))
-    return Extracted(emb, ok, [(p, r) for p, r in zip(paths.tolist(), reasons) if r], False)
+        _write_cache(path, emb=emb, paths=paths, ok=ok, reasons=np.array(reasons), lengths=lengths)
+    skipped = [(p, r) for p, r in zip(paths.tolist(), reasons) if r]
+    return Extracted(emb, ok, skipped, False, *_cropped(lengths, n_samples))
 
 
-def _read_cache(path: Path, paths: np.ndarray) -> Extracted | None:
+def _cropped(lengths: np.ndarray, n_samples: int) -> tuple[int, float]:
+    """-> (clips longer than n_samples, the longest in seconds)."""
+    return int((lengths > n_samples).sum()), float(lengths.max(initial=0)) / SAMPLE_RATE
+
+
+def _read_cache(path: Path, paths: np.ndarray, n_samples: int) -> Extracted | None:
     """The cached entry, or None when it belongs to other clips; a corrupt entry is reported and deleted."""
     try:
         with np.load(path, allow_pickle=False) as z:
@@ -254,7 +281,9 @@ def _read_cache(path: Path, paths: np.ndarray) -> Extracted | None:
             emb = z["emb"]
             ok = z["ok"] if "ok" in z.files else np.ones(len(paths), dtype=bool)  # entries before skipping existed
             reasons = z["reasons"] if "reasons" in z.files else np.array([""] * len(paths))
-        if emb.ndim != 2 or ok.shape != paths.shape or len(emb) != int(ok.sum()) or reasons.shape != paths.shape:
+            lengths = z["lengths"] if "lengths" in z.files else np.zeros(len(paths), np.int64)  # older entries
+        if (emb.ndim != 2 or ok.shape != paths.shape or len(emb) != int(ok.sum()) or reasons.shape != paths.shape
+                or lengths.shape != paths.shape or lengths.dtype.kind not in "iu"):
             raise ValueError(f"inconsistent shapes emb {emb.shape}, ok {ok.shape} for {len(paths)} clips")
         if not np.isfinite(emb).all():
             raise ValueError("non-finite values")
@@ -263,7 +292,8 @@ def _read_cache(path: Path, paths: np.ndarray) -> Extracted | None:
         path.unlink(missing_ok=True)
         return None
     skipped = [(p, str(r)) for p, r, k in zip(paths.tolist(), reasons.tolist(), ok.tolist()) if not k]
-    return Extracted(emb.astype(np.float32, copy=False), ok.astype(bool), skipped, True)
+    cropped = _cropped(lengths.astype(np.int64), n_samples)
+    return Extracted(emb.astype(np.float32, copy=False), ok.astype(bool), skipped, True, *cropped)
 
 
 def _cache_reason(e: Exception) -> str:

@@ -50,6 +50,20 @@ class Scheme:
     def slug(self) -> str:
         return "-".join(str(x) for x in (self.kind, self.column, self.k) if x is not None)
 
+    @property
+    def text(self) -> str:
+        """The --folds spelling of this scheme (after `for_dataset`, plain 'group' reads 'group:<column>')."""
+        if self.kind == "kfold":
+            return ":".join(str(x) for x in (self.kind, self.k, self.column) if x is not None)
+        return ":".join(str(x) for x in (self.kind, self.column, self.k) if x is not None)
+
+    def for_dataset(self, ds: LabelledSet) -> Scheme:
+        """Plain 'group' with the layout's default group column filled in, so that `--folds group` and
+        `--folds group:speaker` on FSDD are one protocol with one task name. Other schemes are returned as is."""
+        if self.kind == "group" and self.column is None and ds.default_group is not None:
+            return Scheme("group", self.k, ds.default_group)
+        return self
+
 
 def parse_scheme(text: str) -> Scheme:
     parts = text.split(":")

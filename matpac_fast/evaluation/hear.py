@@ -7,8 +7,10 @@ evaluation kits:
     scene = hear.get_scene_embeddings(audio_BN, model)          # (B, 5·D) = mean of the timestamp embeddings
 
 Audio is float32 (n_sounds, n_samples) at 16 kHz (`model.sample_rate`). One embedding per 16 log-mel frames
-(160 ms). Timestamps are the centres of those frames: log-mel frame j (n_fft 400, hop 160, no centring) is centred
-at 10·j + 12.5 ms, so patch column i is centred at 160·i + 87.5 ms.
+(160 ms). Timestamps are the centres of those frames: with the MATPAC front end (n_fft 400, hop 160, no centring)
+log-mel frame j is centred at 10·j + 12.5 ms, so patch column i is centred at 160·i + 87.5 ms; with the M2D front
+end (centred frames) frame j is centred at 10·j ms and patch column i at 160·i + 75 ms. The encoder's own front end
+(`Encoder.frontend`, from its run config or preset) decides. Inference runs without an autograd graph.
 """
 
 from __future__ import annotations
@@ -56,13 +58,22 @@ def _check(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
     return audio
 
 
+def first_frame_centre_ms(frontend: str) -> float:
+    """Centre of log-mel frame 0: n_fft / 2 after the start without centring (matpac), the start itself with it."""
+    from matpac_fast.frontend import get_spec
+
+    spec = get_spec(frontend)
+    return 0.0 if spec.center else 1000.0 * spec.n_fft / 2 / spec.sample_rate
+
+
 @torch.no_grad()
 def get_timestamp_embeddings(audio: torch.Tensor, model: HearModel) -> tuple[torch.Tensor, torch.Tensor]:
     audio = _check(audio, model)
     frames, _ = model.encoder.encode(audio, SAMPLE_RATE)
     patch = model.encoder.patch
     n = frames.shape[1]
-    centres = FIRST_FRAME_CENTRE_MS + HOP_MS * (patch * torch.arange(n, dtype=torch.float32) + (patch - 1) / 2)
+    first = first_frame_centre_ms(model.encoder.frontend)
+    centres = first + HOP_MS * (patch * torch.arange(n, dtype=torch.float32) + (patch - 1) / 2)
     return frames, centres.to(frames.device).expand(len(frames), n)
 
 

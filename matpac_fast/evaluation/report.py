@@ -3,8 +3,10 @@ projection of the embeddings coloured by label (one panel per checkpoint of a ta
 
 Each CLI run writes `<out>/<task>__<checkpoint>__<probe>.json` and `<out>/<task>__<checkpoint>.proj.npz`, then
 rebuilds `<out>/results.md` and `<out>/<dataset>_projection.png` from everything in the folder, so several runs
-(baselines, checkpoints, protocols) into one folder give one table and one figure. A run replaces only its own
-earlier result (same task, probe and embedder identity); `unique_name` gives any other embedder a new name.
+(baselines, checkpoints, protocols, probe settings) into one folder give one table and one figure. `<probe>` is the
+probe's identity (`probe_id`): its kind, plus every setting that differs from the CLI's defaults (`linear`,
+`linear-lr3e-05`, `linear-wd0-batch64`, `logreg-C0.5`). A run replaces only its own earlier result (same task,
+probe identity and embedder identity); `unique_name` gives any other embedder a new name.
 """
 
 from __future__ import annotations
@@ -19,13 +21,38 @@ from pathlib import Path
 import numpy as np
 
 TABLE_HEADER = (
-    "| task | data | protocol | checkpoint | probe | metric | mean ± std (%) | runs | dim | embed s | probe s |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|"
+    "| task | data | protocol | checkpoint | probe | lr | metric | mean ± std (%) | runs | dim | embed s | probe s |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
+# Short names of the probe settings in a probe identity (`probe_id`), in this order.
+PROBE_TAGS = {"lr": "lr", "weight_decay": "wd", "batch_size": "batch", "max_epochs": "ep", "patience": "pat",
+              "val_fraction": "val", "C": "C"}
 
 
 def safe_name(s: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in s)
+
+
+def probe_id(kind: str, settings: dict, defaults: dict) -> str:
+    """The probe's identity in result names: `kind`, then `-<tag><value>` for each setting (PROBE_TAGS order) that
+    differs from `defaults`, e.g. ('linear', lr 3e-5 vs 3e-3) -> 'linear-lr3e-05'. Default settings -> `kind`."""
+    parts = [kind]
+    for key, tag in PROBE_TAGS.items():
+        if key in settings and key in defaults and settings[key] != defaults[key]:
+            parts.append(f"{tag}{_number(settings[key])}")
+    return "-".join(parts)
+
+
+def _number(v) -> str:
+    """Short and exact: %g unless that loses digits (then repr)."""
+    text = f"{v:g}"
+    return text if float(text) == v else repr(v)
+
+
+def lr_text(r: dict) -> str:
+    """The probe learning rate of a result ('n/a' for logistic regression, which has none)."""
+    lr = (r.get("probe_config") or {}).get("lr") if r.get("probe", "linear") == "linear" else None
+    return f"{lr:g}" if isinstance(lr, (int, float)) else "n/a"
 
 
 def result_path(out: Path, task: str, checkpoint_name: str, probe: str) -> Path:
@@ -53,7 +80,7 @@ def unique_name(out: Path, task: str, name: str, probe: str, identity: str) -> t
 
 def write_json(out: Path, result: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    p = result_path(out, result["task"], result["checkpoint_name"], result["probe"])
+    p = result_path(out, result["task"], result["checkpoint_name"], result.get("probe_id", result["probe"]))
     tmp = p.with_name(p.name + ".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, p)  # atomic: an interrupted write never leaves half a result
@@ -62,14 +89,16 @@ def write_json(out: Path, result: dict) -> Path:
 
 def table_row(r: dict) -> str:
     return (
-        f"| {r['task']} | {r['dataset']} | {r['folds']} | {r['checkpoint_name']} | {r['probe']} | {r['metric']} | "
+        f"| {r['task']} | {r['dataset']} | {r['folds']} | {r['checkpoint_name']} | {r.get('probe_id', r['probe'])} | "
+        f"{lr_text(r)} | {r['metric']} | "
         f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f} | {len(r['runs'])} | {r['embedding_dim']} | "
         f"{r['embed_seconds']:.0f}{' (cached)' if r.get('cache_hit') else ''} | {r['probe_seconds']:.0f} |"
     )
 
 
 def markdown_table(results: list[dict]) -> str:
-    rows = sorted(results, key=lambda r: (r["dataset"], r["folds"], r["probe"], r["checkpoint_name"]))
+    rows = sorted(results, key=lambda r: (r["dataset"], r["folds"], r.get("probe_id", r["probe"]),
+                                          r["checkpoint_name"]))  # fmt: skip
     return "\n".join([TABLE_HEADER] + [table_row(r) for r in rows]) + "\n"
 
 

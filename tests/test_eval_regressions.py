@@ -1,0 +1,245 @@
+"""Regressions from the evaluation audit: probe settings in the result identity, the run config beside an exported
+encoder.pt, the M2D front end, --help defaults, the plain 'group' protocol name, cropped-clip notes, inference
+without autograd graphs, and full training state dicts of the authors' fairseq model."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from test_encoder import authors_layout
+from test_eval import RESULT_RE, tone
+from test_eval_cli_errors import _fsdd_like
+
+from matpac_fast.config import get_model_config
+from matpac_fast.encoder import Encoder, export_encoder_state, load_encoder
+from matpac_fast.evaluation import cli, embed, hear
+from matpac_fast.train_config import RECIPES, TrainConfig
+
+FAST_LOGREG = ["--quiet", "--probe", "logreg", "--folds", "kfold:3", "--projection", "none", "--no-cache"]
+
+
+@pytest.fixture
+def tones(tmp_path) -> Path:
+    """3 classes x 6 clips of 0.3 s tones at 16 kHz."""
+    root = tmp_path / "tones"
+    for label, freq in (("low", 300.0), ("mid", 1000.0), ("high", 3000.0)):
+        (root / label).mkdir(parents=True)
+        for i in range(6):
+            sf.write(root / label / f"{label}_{i}.wav", tone(freq * (1 + 0.02 * i), seed=i), 16000)
+    return root
+
+
+def _run(args, capsys) -> tuple[list[str], str]:
+    assert cli.main(args) == 0
+    c = capsys.readouterr()
+    return c.out.strip().splitlines(), c.err
+
+
+# --- 1: probe settings are part of the result identity, lr is shown -------------------------------------------------
+def test_probe_lr_is_shown_and_a_other_lr_gets_its_own_row(tones, tmp_path, capsys):
+    out = tmp_path / "o"
+    base = ["--checkpoint", "logmel", "--data", str(tones), "--out", str(out), "--folds", "kfold:3", "--seeds", "1",
+            "--quiet", "--no-cache", "--projection", "none"]  # fmt: skip
+    lines, _ = _run(base, capsys)
+    assert RESULT_RE.match(lines[-1]), lines[-1]
+    assert lines[-1].endswith(f" probe=linear lr={cli.CLI_DEFAULT_LR:g}"), lines[-1]
+    assert (out / "tones-kfold-3__logmel__linear.json").exists()  # the default settings keep their file name
+    lines, err = _run(base + ["--lr", "3e-5"], capsys)
+    assert lines[-1].endswith(" probe=linear-lr3e-05 lr=3e-05"), lines[-1]
+    assert "replacing" not in err
+    results = sorted(p.name for p in out.glob("*__*__*.json"))
+    assert results == ["tones-kfold-3__logmel__linear-lr3e-05.json", "tones-kfold-3__logmel__linear.json"]
+    table = (out / "results.md").read_text()
+    assert "| probe | lr |" in table.splitlines()[0]
+    assert "| logmel | linear | 0.003 |" in table and "| logmel | linear-lr3e-05 | 3e-05 |" in table
+    # the same settings again replace only their own row
+    _, err = _run(base, capsys)
+    assert "replacing the earlier result" in err and len(list(out.glob("*__*__*.json"))) == 2
+    # other non-default settings are part of the identity too; logreg has no lr
+    lines, _ = _run(base + ["--weight-decay", "0", "--probe-batch", "16"], capsys)
+    assert " probe=linear-wd0-batch16 lr=0.003" in lines[-1]
+    lines, _ = _run(base + ["--probe", "logreg"], capsys)
+    assert lines[-1].endswith(" probe=logreg lr=n/a")
+    assert "| logmel | logreg | n/a |" in (out / "results.md").read_text()
+    assert len(list(out.glob("*__*__*.json"))) == 4
+
+
+# --- 2: encoder.pt beside the run's config.json ---------------------------------------------------------------------
+def _trainer_run(run: Path, frontend: str = "matpac", **model) -> Encoder:
+    """What the trainer leaves in a run folder: config.json {"train", "model"} and encoder.pt (authors' layout)."""
+    cfg = TrainConfig.from_dict(RECIPES["tiny"])
+    cfg.run.frontend, cfg.run.out = frontend, str(run)
+    mcfg = get_model_config("tiny", **model)
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": mcfg.__dict__}, indent=1))
+    torch.manual_seed(3)
+    enc = Encoder.from_config(mcfg, frontend)
+    torch.save(export_encoder_state(enc), run / "encoder.pt")
+    return enc
+
+
+def test_encoder_pt_uses_the_run_config_beside_it(tmp_path):
+    ref = _trainer_run(tmp_path / "runs" / "x", heads=2, norm_mean=-6.0, norm_std=3.0)
+    enc = load_encoder(tmp_path / "runs" / "x" / "encoder.pt", preset="tiny")
+    assert enc.student_encoder.blocks[0].attn.num_heads == 2 and (enc.norm_mean, enc.norm_std) == (-6.0, 3.0)
+    assert enc.config_source == str(tmp_path / "runs" / "x" / "config.json")
+    lms = torch.randn(2, 80, 200) * 4 - 7
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode_lms(lms), ref.encode_lms(lms))
+    # a file not named like the trainer's export, or a config.json that is not a training config: --preset
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "matpac_10_2048.pt").write_bytes((tmp_path / "runs" / "x" / "encoder.pt").read_bytes())
+    (other / "config.json").write_text((tmp_path / "runs" / "x" / "config.json").read_text())
+    enc = load_encoder(other / "matpac_10_2048.pt", preset="tiny")
+    assert enc.student_encoder.blocks[0].attn.num_heads == 4 and enc.config_source is None
+    (other / "encoder.pt").write_bytes((tmp_path / "runs" / "x" / "encoder.pt").read_bytes())
+    (other / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 64}))  # e.g. a HF config
+    enc = load_encoder(other / "encoder.pt", preset="tiny")
+    assert enc.student_encoder.blocks[0].attn.num_heads == 4 and enc.config_source is None
+
+
+def test_cli_names_the_config_it_used(tones, tmp_path, capsys):
+    _trainer_run(tmp_path / "runs" / "x", heads=2)
+    ckpt = tmp_path / "runs" / "x" / "encoder.pt"
+    lines, err = _run(["--checkpoint", str(ckpt), "--data", str(tones), "--out", str(tmp_path / "o")]
+                      + FAST_LOGREG, capsys)  # fmt: skip
+    assert RESULT_RE.match(lines[-1])
+    notes = [line for line in err.splitlines() if "config.json" in line]
+    assert len(notes) == 1 and str(tmp_path / "runs" / "x" / "config.json") in notes[0], err
+
+
+# --- 3: the M2D front end -------------------------------------------------------------------------------------------
+def test_m2d_run_and_preset_embed_with_the_m2d_front_end(tmp_path, monkeypatch):
+    _trainer_run(tmp_path / "runs" / "m", frontend="m2d", norm_mean=-7.1, norm_std=4.2)
+    enc = load_encoder(tmp_path / "runs" / "m" / "encoder.pt", preset="tiny")
+    assert enc.frontend == "m2d"
+    assert load_encoder("random", preset="m2d").frontend == "m2d"
+    assert load_encoder("random", preset="tiny").frontend == "matpac"
+    emb = embed.make_embedder(str(tmp_path / "runs" / "m" / "encoder.pt"), preset="tiny")
+    assert emb.spec.name == "m2d"
+    specs = []
+    real = embed.load_clip
+
+    def spy(path, n, spec, **kw):
+        specs.append(spec.name)
+        return real(path, n, spec, **kw)
+
+    monkeypatch.setattr(embed, "load_clip", spy)
+    (tmp_path / "d" / "a").mkdir(parents=True)
+    sf.write(tmp_path / "d" / "a" / "x.wav", tone(440.0, 0.5, sr=8000), 8000)
+    from matpac_fast.evaluation.datasets import load_dataset
+
+    ds = load_dataset(tmp_path / "d")
+    ex = embed.extract(ds, emb, "d", embed.ExtractSettings(0.5, progress=False))
+    assert specs == ["m2d"] and ex.emb.shape == (1, 320)
+    wave = real(str(tmp_path / "d" / "a" / "x.wav"), 8000, embed.get_spec("m2d"))
+    np.testing.assert_allclose(ex.emb[0], enc.encode(torch.from_numpy(wave), 16000)[1][0].numpy(), rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
+    # not the cache entry (or result row) of the same file embedded with --preset alone, as before the fix
+    ckpt = tmp_path / "runs" / "m" / "encoder.pt"
+    assert emb.identity != f"ckpt:{embed.file_digest(ckpt)}:tiny"
+    assert embed.make_embedder("random", preset="m2d").identity != "random:m2d:seed0"
+    # HEAR timestamps follow the front end's centring (m2d: centre=True, frame j centred at 10·j ms)
+    model = hear.load_model(str(tmp_path / "runs" / "m" / "encoder.pt"), preset="tiny", device="cpu")
+    _, ts = hear.get_timestamp_embeddings(torch.from_numpy(np.stack([tone(300.0, 1.0)])), model)
+    np.testing.assert_allclose(ts[0].numpy(), 75.0 + 160.0 * np.arange(ts.shape[1]))
+
+
+# --- 4: --help shows every default ----------------------------------------------------------------------------------
+def test_help_has_text_and_default_for_every_option():
+    p = cli.build_parser()
+    text = re.sub(r"\s+", " ", p.format_help())
+    assert "first seed (probe init, validation carve, K-fold shuffle, random encoder init) (default: 0)" in text
+    fmt = p._get_formatter()
+    for action in p._actions:
+        if "-h" in action.option_strings:
+            continue
+        assert action.help, f"{action.option_strings} has no help text"
+        shown = fmt._get_help_string(action)
+        if action.default is not None and action.default is not False:
+            assert "default" in shown, f"{action.option_strings}: default {action.default!r} not shown"
+
+
+# --- 5: 'group' and 'group:speaker' are one protocol ----------------------------------------------------------------
+def test_plain_group_and_its_column_give_the_same_task(tmp_path, capsys):
+    fsdd = _fsdd_like(tmp_path / "fsdd")
+    out = tmp_path / "o"
+    base = ["--checkpoint", "logmel", "--data", str(fsdd), "--out", str(out), "--quiet", "--probe", "logreg",
+            "--projection", "none", "--no-cache"]  # fmt: skip
+    a, _ = _run(base + ["--folds", "group"], capsys)
+    b, err = _run(base + ["--folds", "group:speaker"], capsys)
+    assert "task=fsdd-group-speaker " in a[-1] and "task=fsdd-group-speaker " in b[-1]
+    assert "replacing the earlier result" in err and len(list(out.glob("*__*__*.json"))) == 1
+    r = json.loads(next(out.glob("*__*__*.json")).read_text())
+    assert r["folds"] == "group:speaker"
+
+
+# --- 6: clips longer than --clip-seconds are counted in one note -----------------------------------------------------
+def test_cropped_clips_are_one_note_unless_quiet(tones, tmp_path, capsys):
+    args = ["--checkpoint", "logmel", "--data", str(tones), "--out", str(tmp_path / "o"), "--clip-seconds", "0.2",
+            "--probe", "logreg", "--folds", "kfold:3", "--projection", "none", "--no-cache"]  # fmt: skip
+    lines, err = _run(args, capsys)
+    notes = [line for line in err.splitlines() if "longer than" in line]
+    assert len(notes) == 1 and "18 of 18 clips" in notes[0] and "0.3" in notes[0], err
+    assert "embed logmel" in err  # the progress bar is shown without --quiet
+    lines, err = _run(args + ["--quiet"], capsys)
+    assert "longer than" not in err and "embed logmel" not in err
+
+
+# --- 7: inference without an autograd graph -------------------------------------------------------------------------
+def test_inference_paths_build_no_graph():
+    enc = load_encoder("random", preset="tiny")
+    lms = torch.randn(1, 80, 100) * 4 - 7
+    assert enc.encode_lms(lms).requires_grad  # documented: encode_lms keeps the graph (for fine-tuning)
+    frames, clip = enc.encode(tone(440.0, 1.0), 16000)
+    assert not frames.requires_grad and not clip.requires_grad
+    model = hear.HearModel(enc)
+    audio = torch.from_numpy(np.stack([tone(440.0, 1.0)]))
+    assert not hear.get_timestamp_embeddings(audio, model)[0].requires_grad
+    assert not hear.get_scene_embeddings(audio, model).requires_grad
+    assert "graph" in Encoder.encode_lms.__doc__
+
+
+# --- 8: a full training state dict of the authors' fairseq model -----------------------------------------------------
+def _authors_training_state(dim=64, depth=2, seed=0) -> tuple[dict, dict]:
+    """The authors' GeneralModel.state_dict(): student parts, decoder (predictor), MATPAC++ MCL heads, student cls
+    head, the loss's centre buffer, and the EMA teacher encoder / teacher head as nested dicts under "_ema" and
+    "_cls_head_ema" (fairseq's EMAModule is not an nn.Module: its fp32 params are added by their state_dict)."""
+    enc = authors_layout(dim=dim, depth=depth, seed=seed)
+    z = torch.zeros
+    full = dict(enc)
+    full.update({
+        "decoder.decoder_embed.weight": z(32, dim), "decoder.decoder_embed.bias": z(32),
+        "decoder.mask_token": z(1, 1, 32), "decoder.decoder_pos_embed": z(1, 191, 32),
+        "decoder.decoder_blocks.0.norm1.weight": z(32), "decoder.decoder_norm.weight": z(32),
+        "decoder.decoder_pred.weight": z(dim, 32), "decoder.decoder_pred.bias": z(dim),
+        "mcl_heads.heads.0.weight": z(dim, 32),
+        "cls_student_head.mlp.0.weight": z(128, dim), "cls_student_head.last_layer.weight_g": z(64, 1),
+        "cls_student_head.last_layer.weight_v": z(64, 32), "cls_head_loss.center": z(1, 1, 64),
+        "_ema": {"blocks.0.norm1.weight": z(dim), "norm.weight": z(dim)},
+        "_cls_head_ema": {"mlp.0.weight": z(128, dim)},
+    })  # fmt: skip
+    return full, enc
+
+
+def test_authors_full_training_state_dict_loads_the_student(tmp_path):
+    full, enc_sd = _authors_training_state()
+    torch.save({"model": full, "optimizer_history": [{"num_updates": 10}], "extra_state": {"epoch": 2}},
+               tmp_path / "checkpoint_last.pt")  # fmt: skip
+    enc = load_encoder(tmp_path / "checkpoint_last.pt", preset="tiny")
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, enc_sd[k]), k
+    # still strict about anything else
+    bad = dict(full, **{"projector.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match=r"unknown keys \['projector.weight'\]"):
+        load_encoder(bad, preset="tiny")
+    bad = dict(full, _ema=[1, 2])
+    with pytest.raises(ValueError, match="not a state dict"):
+        load_encoder(bad, preset="tiny")
