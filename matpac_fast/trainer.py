@@ -7,8 +7,11 @@ update (with the all-reduced batch mean). (The authors update the EMA inside `fo
 after the step is the DINO order and is what we do.)
 
 No host synchronisation happens inside a step: losses and statistics are summed on the device and read once per
-log step; a non-finite step is skipped on the device (fused AdamW's `found_inf`, the centre update masked) and
-counted there; the centre's all-reduce is asynchronous and overlaps the backward pass.
+log step (with one all-reduce, so the logged figures are global-batch means); a non-finite step is skipped on the
+device (fused AdamW's `found_inf`, the centre update masked) and counted there; the centre's all-reduce is
+asynchronous and overlaps the backward pass. The accumulated loss rides in that same all-reduce, so whether a step is
+skipped is decided from the global loss and grad norm: every rank takes the same decision, without another
+collective.
 """
 
 from __future__ import annotations
@@ -67,7 +70,10 @@ class TrainData:
 
         d = cfg.data
         self.rank, self.world, self.seed = rank, world, cfg.run.seed
-        self.source = ShardSource.open(d.shards)
+        with warnings.catch_warnings():
+            if rank != 0:  # every rank opens the same set: its warnings (a stray .tar) print from the main one only
+                warnings.simplefilter("ignore")
+            self.source = ShardSource.open(d.shards)
         if not d.shards.startswith("synthetic:"):
             check_spec(cfg.run.frontend, self.source.stats)
         self.cfg = LoaderConfig(
@@ -273,13 +279,17 @@ class Trainer:
         i = min(self.step, self.total_steps)
         return StepState(tau_t=self.sched_dev["tau_t"][i], mcl_temperature=self.sched_dev["mcl_t"][i])
 
-    def _center_allreduce(self, center_sum):
-        """Mean over ranks of the accumulated centre statistic; async so it overlaps the backward."""
+    def _center_allreduce(self, packed):
+        """Sum over ranks of [accumulated centre statistic (K), accumulated loss (1)]; async so it overlaps the
+        backward. The loss rides along so that the skip decision is global (one collective, not two)."""
         if self.accelerator.num_processes > 1 and dist.is_initialized():
-            return dist.all_reduce(center_sum, op=dist.ReduceOp.SUM, async_op=True)
+            return dist.all_reduce(packed, op=dist.ReduceOp.SUM, async_op=True)
         return None
 
-    def _optimizer_step(self, loss_sum, center_sum, handle):
+    def _optimizer_step(self, packed, handle):
+        """`packed` = [centre sum (K), loss sum] of this accumulation, summed over ranks once `handle` is waited on.
+        Waiting is free by now: the all-reduce was queued before the backward's gradient all-reduces (on CUDA a
+        stream wait, not a host one)."""
         cfg, acc = self.cfg, self.accelerator
         params = self.raw_model.student_parameters()
         if cfg.optim.clip_grad > 0:
@@ -287,6 +297,11 @@ class Trainer:
         else:
             gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         gnorm = torch.as_tensor(gnorm, device=self.device).float()
+        if handle is not None:
+            handle.wait()
+        center_sum, loss_sum = packed[:-1], packed[-1]
+        # Global: the grad norm is of the all-reduced gradients and loss_sum is summed over ranks, so every rank
+        # skips (or takes) the same steps and the ranks' weights never part.
         bad = ~(torch.isfinite(gnorm) & torch.isfinite(loss_sum))
         if acc.mixed_precision != "fp16":  # fp16: the GradScaler skips inf steps itself
             self.inner_optimizer.found_inf = bad.float()
@@ -301,8 +316,6 @@ class Trainer:
         # The authors' in-forward EMA at update n+1 uses the decay of n+1 (schedules.py); the log row of this step
         # (self.step after the increment below) reports the same value.
         self._update_ema(min(self.step + 1, self.total_steps))
-        if handle is not None:
-            handle.wait()
         n = cfg.optim.grad_accum * acc.num_processes
         mean = center_sum / n
         mean = torch.where(bad, model.center.reshape(mean.shape).to(mean.dtype), mean)
@@ -332,20 +345,36 @@ class Trainer:
             c = stats["center_batch"].detach().float()
             self._center_sum = c.clone() if self._center_sum is None else self._center_sum + c  # clone: see train()
             self._loss_acc = self._loss_acc + loss.detach().float()
-            handle = self._center_allreduce(self._center_sum) if acc.sync_gradients else None
+            packed = handle = None
+            if acc.sync_gradients:
+                packed = torch.cat([self._center_sum.reshape(-1), self._loss_acc.reshape(1)])
+                handle = self._center_allreduce(packed)
             acc.backward(loss)
             self._micro += 1
             if acc.sync_gradients:
-                self.last_gnorm, self.last_lr = self._optimizer_step(self._loss_acc, self._center_sum, handle)
-                self._center_sum, self._micro = None, 0
-                self._loss_acc = torch.zeros((), device=self.device)
+                self.last_gnorm, self.last_lr = self._optimizer_step(packed, handle)
+                self._reset_accumulation()
         return loss, stats
+
+    def _reset_accumulation(self) -> None:
+        self._center_sum, self._micro = None, 0
+        self._loss_acc = torch.zeros((), device=self.device)
+
+    def _drop_partial_accumulation(self) -> None:
+        """An epoch ended inside a gradient accumulation (its loader gave fewer batches than planned): drop the
+        partial one (drop_last), so that no optimizer step mixes two epochs. Accelerate's accumulate() counter goes
+        back too, so the next micro-batch starts a fresh accumulation and DDP syncs on its last micro-batch."""
+        self.accelerator.step -= self._micro
+        self.optimizer.zero_grad(set_to_none=True)
+        self._reset_accumulation()
 
     # --------------------------------------------------------------------------------------------- the loop
     def train(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
         self._maybe_resume()
         self._install_signal_handlers()
+        if acc.is_main_process and self._resume is not None:
+            self._truncate_history()
         writer = self._writer()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -357,15 +386,13 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         n_sums = 0
         history: list[dict] = []
+        per_epoch = self.steps_per_epoch * cfg.optim.grad_accum  # micro-batches trained per epoch (_epoch_batches)
         done = self.step >= self.last_step
         while not done:
-            it = self.data.epoch(self.epoch, skip=self.batch_in_epoch)
-            while True:
-                t0 = time.perf_counter()
-                batch = next(it, None)
-                wait = time.perf_counter() - t0
-                if batch is None:
-                    break
+            if self.batch_in_epoch >= per_epoch:  # resumed from a checkpoint written at the end of an epoch
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            batches = self._epoch_batches(per_epoch)
+            for batch, wait in batches:
                 self.batch_in_epoch += 1
                 lms = batch["lms"].to(self.device, non_blocking=True)
                 loss, stats = self.micro_step(lms)
@@ -398,9 +425,15 @@ class Trainer:
                 if self.step >= self.last_step or stop:
                     done = True
                     break
-            if not done and self.batch_in_epoch > 0 and batch is None:
-                self.epoch += 1
-                self.batch_in_epoch = 0
+            batches.close()  # its loader's workers go now, not when the generator is collected
+            if done:
+                break
+            if self._micro:  # the loader gave fewer batches than planned, mid-accumulation
+                self._drop_partial_accumulation()
+            if self.batch_in_epoch == 0:
+                raise TrainingAborted(f"--shards {cfg.data.shards}: epoch {self.epoch} gave no batch on process "
+                                      f"{acc.process_index}; check the shard set with verify-shards")
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         if bar is not None:
             bar.close()
         self.save_checkpoint()
@@ -411,6 +444,21 @@ class Trainer:
         acc.wait_for_everyone()
         return {"step": self.step, "history": history, "stopped_early": self._stop_requested}
 
+    def _epoch_batches(self, per_epoch: int):
+        """(batch, host seconds waited for it) for the rest of the current epoch, up to `per_epoch` micro-batches:
+        with --grad-accum A, floor(batches / A) * A of them, the rest never loaded (drop_last at the level of
+        optimizer steps), so that no step mixes two epochs and a run trains exactly --epochs epochs."""
+        it = self.data.epoch(self.epoch, skip=self.batch_in_epoch)
+        try:
+            while self.batch_in_epoch < per_epoch:
+                t0 = time.perf_counter()
+                batch = next(it, None)
+                if batch is None:
+                    return
+                yield batch, time.perf_counter() - t0
+        finally:
+            it.close()
+
     # ------------------------------------------------------------------------------------------ observability
     def _writer(self):
         if not self.accelerator.is_main_process:
@@ -419,7 +467,27 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # tensorboard missing: metrics still go to history.jsonl and the console
             return None
-        return SummaryWriter(str(self.out / "tb"))
+        # A resumed run redoes the steps after its checkpoint: TensorBoard hides the killed run's points for them.
+        purge = self.step + 1 if self._resume is not None else None
+        return SummaryWriter(str(self.out / "tb"), purge_step=purge)
+
+    def _truncate_history(self) -> None:
+        """history.jsonl keeps the rows up to the resumed checkpoint's step (the steps after it are redone and
+        logged again): rewritten atomically, a row cut short by a kill dropped."""
+        path = self.out / "history.jsonl"
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step:
+                keep.append(line + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
 
     def _progress(self):
         if not (self.accelerator.is_main_process and self.cfg.run.progress):
@@ -429,13 +497,23 @@ class Trainer:
         return tqdm(total=self.last_step, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
 
     def _log(self, sums, n, gnorm, lr, tput, writer, bar) -> dict:
-        """The only host synchronisation of the loop: one transfer of the summed statistics."""
+        """The only host synchronisation of the loop: one all-reduce and one transfer of the summed statistics.
+        Losses and teacher statistics are means over the global batch (METHOD.md §4.8), skipped shards and
+        samples/s sums over ranks; grad norm, centre norm and the non-finite counters are the same on every rank."""
+        acc = self.accelerator
         keys = sorted(sums)
-        values = torch.stack([sums[k] for k in keys] + [gnorm.float().to(self.device), self.nonfinite_total,
-                                                          self.nonfinite_run]).tolist()
-        row = {k: v / max(n, 1) for k, v in zip(keys, values[: len(keys)])}
-        row["grad_norm"], nonfinite_total, nonfinite_run = values[len(keys):]
         sps, wait_frac = tput.read()
+        per_rank = [float(self.data.skipped_shards()), sps, wait_frac]
+        summed = torch.cat([torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, device=self.device),
+                            torch.tensor(per_rank, device=self.device)])
+        if acc.num_processes > 1 and dist.is_initialized():
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        values = torch.cat([summed, torch.stack([gnorm.float().to(self.device), self.nonfinite_total,
+                                                 self.nonfinite_run])]).tolist()
+        world = acc.num_processes
+        row = {k: v / max(n, 1) / world for k, v in zip(keys, values[: len(keys)])}
+        skipped_shards, sps_total, wait_sum, row["grad_norm"], nonfinite_total, nonfinite_run = values[len(keys):]
+        sps = sps_total / world  # per device, for the MFU
         i = min(self.step, self.total_steps)
         row.update(
             step=self.step,
@@ -444,10 +522,10 @@ class Trainer:
             tau_t=self.sched["tau_t"][i],
             ema=self.sched["ema"][i],
             head_ema=self.sched["head_ema"][i],
-            samples_per_s=sps * self.accelerator.num_processes,
-            data_wait=wait_frac,
+            samples_per_s=sps_total,
+            data_wait=wait_sum / world,
             skipped_steps=int(nonfinite_total),
-            skipped_shards=int(self.data.skipped_shards()),
+            skipped_shards=int(round(skipped_shards)),
         )
         u = mfu(sps, self.flops_per_sample, self.peak)
         if u is not None:
@@ -656,11 +734,44 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
+def _launch_rank() -> tuple[int, int]:
+    """(rank, world size) as the launcher (torchrun, accelerate launch) set them, before any process group exists."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _peer_failed(e: BaseException) -> bool:
+    """A collective failed because another process went away (gloo: the peer closed its connection)."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote worker crashing"))
+
+
+def _fail(line: str, rank: int, world: int, stopping: bool = False) -> int:
+    """Print `line` once per run, not once per process. The main process prints it at once. Another process waits
+    first: an error every process meets (options, --out, the checkpoint to resume, non-finite losses) is printed by
+    the main process, after which the launcher (torchrun / accelerate launch) stops the rest, quietly; one only this
+    process met (a shard it alone reads) is printed when the wait ends. Before the process group exists the
+    processes may be seconds apart (imports), hence the longer wait there. `stopping`: the launcher's SIGTERM already
+    came (it stops the others once one has exited): say nothing."""
+    if rank != 0 and world > 1:
+        if stopping:
+            return 2
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):
+                signal.signal(sig, signal.SIG_DFL)  # the launcher's SIGTERM ends the wait, silently
+        time.sleep(5.0 if dist.is_available() and dist.is_initialized() else 30.0)
+    print(line, file=sys.stderr, flush=True)
+    return 2
+
+
 def _main(argv: list[str] | None) -> int:
+    rank, world = _launch_rank()
+    trainer = None
     try:
         cfg, print_only = resolve(argv)
         if print_only:
-            print(json.dumps(cfg.to_dict(), indent=1))
+            if rank == 0:
+                print(json.dumps(cfg.to_dict(), indent=1))
             return 0
         ckpt.check_out(cfg.run.out, cfg.run.resume)  # never mix two runs in one folder
         # Validates data, model and the checkpoint to resume first: a bad option leaves no empty run directory.
@@ -668,8 +779,12 @@ def _main(argv: list[str] | None) -> int:
         os.makedirs(cfg.run.out, exist_ok=True)
         result = trainer.train()
     except (ValueError, TrainingAborted) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {e}", rank, world, stopping=trainer is not None and trainer._stop_requested)
+    except RuntimeError as e:
+        if world > 1 and _peer_failed(e):  # a traceback from inside gloo/NCCL would bury the real error
+            return _fail(f"error: process {rank} stopped: another process failed (its error is printed above)",
+                         rank, world, stopping=trainer is not None and trainer._stop_requested)
+        raise
     if trainer.accelerator.is_main_process:
         last = result["history"][-1] if result["history"] else {}
         note = " (stopped by signal, checkpoint written)" if result["stopped_early"] else ""

@@ -342,3 +342,39 @@ def test_unfinished_make_shards_run_is_named_as_such(tmp_path, capsys):
     rc, _, err = _main(capsys, "--shards", str(shards), "--out", str(tmp_path / "run"), "--max-steps", "2")
     assert rc == 2 and _one_line(err) == (f"error: {shards} is an unfinished make-shards run: run the same make-shards "
                                           "command again to finish it (verify-shards says INCOMPLETE)")
+
+
+# ------------------------------------------------------------------- two processes: one line per run, not per rank
+def _torchrun(tmp_path, *argv) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *TINY, "--cpu", "true", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_process_error_is_printed_once(run2, tmp_path):
+    # Both processes refuse the --out; the main one says so, the other is stopped by the launcher, quietly.
+    out, _ = _copy(run2, tmp_path)
+    proc = _torchrun(tmp_path, *SYN, "--out", str(out), "--max-steps", "4")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "already holds a run" in errors[0], proc.stderr[-3000:]
+
+
+def test_two_process_shard_error_is_one_line_without_a_rank_traceback(tmp_path):
+    # A stray .tar (every rank opens the set: one warning) and a truncated shard under --on-error raise, read by one
+    # rank: its error once; the other rank, stopped while it waited in a collective, says so in one line at most.
+    shards = _shards(tmp_path, n=32)
+    (shards / "backup.tar").write_bytes(b"")
+    bad = shards / "shards-000001.tar"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    proc = _torchrun(tmp_path, "--shards", str(shards), "--out", str(tmp_path / "run"), "--max-steps", "8",
+                     "--on-error", "raise")
+    assert proc.returncode != 0
+    lines = proc.stderr.splitlines()
+    assert len([line for line in lines if "backup.tar" in line]) == 1, proc.stderr[-3000:]
+    shard_errors = [line for line in lines if line.startswith("error: ") and "--on-error raise" in line]
+    assert len(shard_errors) == 1 and str(bad) in shard_errors[0], proc.stderr[-3000:]
+    others = [line for line in lines if line.startswith("error: ") and line not in shard_errors]
+    assert len(others) <= 1 and all("another process failed" in line for line in others), proc.stderr[-3000:]
+    assert not any(line.startswith("[rank") for line in lines), proc.stderr[-3000:]

@@ -80,37 +80,96 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path, reference_run
     _assert_same_run(tmp_path, reference_run)
 
 
+def _tensorboard_steps(out, tag="train/loss") -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(Path(out) / "tb"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
 def test_sigkill_after_checkpoint_then_resume(tmp_path, reference_run):
     args = ("--max-steps", "12", "--ckpt-every", "3", "--keep-last", "2", "--resume", "auto")
-    res = _signalled(tmp_path, "KILL", 7, *args)  # checkpoints at 3 and 6, killed during step 7's bookkeeping
+    res = _signalled(tmp_path, "KILL", 8, *args)  # checkpoints at 3 and 6, killed during step 8's bookkeeping
     assert res.returncode == -9
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
-    assert max(_trace(tmp_path)) == 6  # the trace so far: step 7 never got logged
+    assert max(_trace(tmp_path)) == 7  # the trace so far: step 7 logged after the last checkpoint, step 8 never
     subprocess.run(_run(tmp_path, *args), check=True, env=ENV, capture_output=True)  # the same command again
     _assert_same_run(tmp_path, reference_run)
     assert len(list((tmp_path / "checkpoints").iterdir())) <= 2  # keep-last pruned the rest
+    # Step 7 was redone: history.jsonl and TensorBoard hold each step once (the killed run's step 7 is gone).
+    steps = [json.loads(line)["step"] for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 13))
+    assert _tensorboard_steps(tmp_path) == list(range(1, 13))
 
 
-def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
+def _two_processes(out, port, *extra, **env):
+    """tests/helpers/dist_train_worker.py under torchrun, 2 gloo processes; returns both ranks' dumps."""
     torchrun = Path(PY).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "tests" / "helpers" / "dist_train_worker.py"), *TINY, "--cpu", "true", "--out", str(tmp_path),
-           "--max-steps", "3"]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port),
+           str(ROOT / "tests" / "helpers" / "dist_train_worker.py"), *TINY, "--cpu", "true", "--out", str(out), *extra]
+    res = subprocess.run(cmd, env={**ENV, **env}, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2
+    return r0, r1
+
+
+def _assert_same_weights(r0, r1):
     assert r0["state"].keys() == r1["state"].keys()
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
+
+
+def test_grad_accum_that_does_not_divide_an_epoch_trains_whole_epochs(tmp_path):
+    # 8 batches per epoch, --grad-accum 3: 2 steps per epoch from batches 1-6, batches 7-8 dropped (before the fix they
+    # were carried into the next epoch's first step, and 3 epochs' 6 steps ended two batches into the third epoch).
+    from matpac_fast.checkpoint import read_state
+
+    args = ("--grad-accum", "3", "--epochs", "3", "--ckpt-every", "2", "--keep-last", "5")
+    ref, out = tmp_path / "ref", tmp_path / "resumed"
+    subprocess.run(_run(ref, *args), check=True, env=ENV, capture_output=True)
+    rows = [json.loads(line) for line in (ref / "history.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 2), (6, 2)]
+    states = [read_state(p) for p in sorted((ref / "checkpoints").iterdir())]
+    assert [(s["step"], s["epoch"], s["batch_in_epoch"]) for s in states] == [(2, 0, 6), (4, 1, 6), (6, 2, 6)]
+    # Resumed from the checkpoint at the end of epoch 0, the run goes on with epoch 1 (not epoch 0's dropped batches).
+    subprocess.run(_run(out, *args, "--max-steps", "2"), check=True, env=ENV, capture_output=True)
+    subprocess.run(_run(out, *args, "--resume", "auto"), check=True, env=ENV, capture_output=True)
+    assert _trace(out) == _trace(ref)
+    (name_a, wa), (name_b, wb) = _final_weights(out), _final_weights(ref)
+    assert name_a == name_b == "step_00000006"
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
+    r0, r1 = _two_processes(tmp_path, 29517, "--max-steps", "3", SKIPPED_SHARDS_RANK="1")
+    _assert_same_weights(r0, r1)
     assert r0["state"]["center"].abs().sum() > 0  # the centre moved, identically on both ranks
     assert torch.isfinite(r0["losses"]).all() and torch.isfinite(r1["losses"]).all()
+    # The logged loss is the global batch's mean (METHOD.md §4.8), not rank 0's: with one micro-batch per step and a
+    # row per step, the mean of the two ranks' own losses (on every rank; rank 0's alone before the fix).
+    assert len(r0["local"]) == len(r1["local"]) == 3
+    torch.testing.assert_close(r0["losses"], (r0["local"] + r1["local"]) / 2, rtol=1e-6, atol=0)
+    assert torch.equal(r0["losses"], r1["losses"])
+    assert r0["skipped_shards"] == r1["skipped_shards"] == [1, 1, 1]  # rank 1's skipped shard counts (a sum)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000003"]
     # every rank's RNG state landed in the published checkpoint (no rank still writing into step_X.tmp)
     rng = sorted(p.name for p in (tmp_path / "checkpoints" / "step_00000003").glob("random_states_*.pkl"))
     assert rng == ["random_states_0.pkl", "random_states_1.pkl"]
     ck = tmp_path / "checkpoints" / "step_00000003"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ck.iterdir()}  # written by all ranks
+
+
+def test_one_rank_non_finite_loss_is_skipped_by_every_rank(tmp_path):
+    # Rank 1's loss is +inf in optimizer step 2 (0-based 1) while the all-reduced gradients stay finite: the skip is
+    # decided from the global loss, so both ranks skip it (before the fix only rank 1 did and the weights parted).
+    r0, r1 = _two_processes(tmp_path, 29518, "--max-steps", "3", INF_RANK="1", INF_STEP="1")
+    _assert_same_weights(r0, r1)
+    assert r0["nonfinite_total"] == r1["nonfinite_total"] == 1.0
+    assert r0["skipped_steps"] == r1["skipped_steps"] == [0, 1, 1]
+    assert r0["steps"] == [1, 2, 3] and not torch.isfinite(r0["losses"][1]) and torch.isfinite(r0["losses"][2])
 
 
 def test_compiled_step_matches_eager():
