@@ -9,15 +9,23 @@ Modes (comma list --modes):
   eager             the trainer as is, no torch.compile, PyTorch reference loss and gather
   compiled          torch.compile of the whole forward (--compile-scope step) or of each transformer block (block)
   compiled+kernels  compiled + the Triton kernels (fused patchify-gather, centred softmax cross-entropy)
-  reference-design  the authors' costly choices on our model, not compiled: float32 loss copies (separate
-                    log_softmax, softmax, centring and metric passes in fp32), per-step `.item()` of every logged
-                    value plus one all-reduce each when distributed, EMA as a per-parameter Python loop, attention
-                    written out as softmax(q·kᵀ)·v (their timm 0.4.12 `Block`; --reference-attn), and data as one
-                    float32 .npy per clip read by np.load in a map-style DataLoader. Same precision and residual
-                    stream as the others (--precision, --stream-dtype), so only the design differs.
+  reference-design  our model trained the way the authors' fairseq code trains it (benchmarks/_peer.py: each step
+                    with their file and function): weights, LayerNorms and residual stream in the run's dtype with
+                    no autocast (fairseq `model.half()`; bf16 for --precision bf16 so both sides share one number
+                    format), timm 0.4.12 attention written out as (q·kᵀ)·scale, softmax, ·v in that dtype
+                    (--reference-attn math; sdpa etc. for comparison), their loss and metrics in that dtype with
+                    their host reads (`.item()`, `unique()`, `float()` of the logged values), the EMA as fairseq's
+                    per-parameter loop on fp32 shadows plus a `load_state_dict` into the teacher, inside forward
+                    before the backward, and fairseq's FP16Optimizer: loss scaling, per-parameter grad copies into
+                    one flat fp32 buffer, host-side clip and overflow checks, its unfused Adam on the flat buffer,
+                    per-parameter copies back. With several processes: their per-call all-reduces of the metric
+                    statistics, legacy_ddp (gradients reduced after the backward), fairseq's stat sync. Data: one
+                    float32 .npy per clip read by np.load in a map-style DataLoader. Schedules, masks and model
+                    are ours; --stream-dtype does not apply (its stream is its weights' dtype).
 
 Timing: --warmup untimed steps (compilation happens there), then --steps timed steps between two
-torch.cuda.synchronize() calls (the only ones). "data wait" is host time blocked in the loader's next() — an upper
+torch.cuda.synchronize() calls (the only ones the measurement adds; reference-design syncs within its steps, as
+the authors' code does). "data wait" is host time blocked in the loader's next() — an upper
 bound on the stall, since the device may still be busy with queued work then; "compute" is the rest of the step.
 Peak memory: torch.cuda.max_memory_allocated on CUDA; on CPU the process's peak RSS (monotone over the runs).
 Under `accelerate launch --num_processes N` (or torchrun) every rank trains and the table reports per-device and
@@ -62,7 +70,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,11 +77,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
 
 from _common import commit  # noqa: E402
+from _peer import ReferenceDesignTrainer  # noqa: E402
 
 from matpac_fast.config import ATTN_IMPLS, PRESETS, STREAM_DTYPES  # noqa: E402
 from matpac_fast.data import ShardSource, is_local  # noqa: E402
 from matpac_fast.metrics import mfu  # noqa: E402
-from matpac_fast.model import MATPAC  # noqa: E402
 from matpac_fast.train_config import DataConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig  # noqa: E402
 from matpac_fast.trainer import Trainer  # noqa: E402
 
@@ -122,7 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "directory or pattern); reference-design always reads per-clip .npy files")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps per run (default 30)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first; compilation happens here (default 5)")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "no"), help="autocast dtype (default bf16)")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "no"),
+                   help="our modes: autocast dtype; reference-design: the dtype of its weights, no autocast, fp32 "
+                        "master weights as fairseq's FP16Optimizer (default bf16; fp16 needs a GPU)")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"), help="auto: cuda when available")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="peak dense TFLOP/s of one device for MFU (default: look the GPU up in the table)")
@@ -167,6 +176,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda but torch sees no CUDA device: use --device cpu or check the driver / torch build")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.precision == "fp16" and args.device == "cpu":
+        p.error("--precision fp16 needs a GPU (Accelerate's fp16 autocast); use bf16 or no on the CPU")
     if args.workers is not None and args.workers < 0:
         p.error(f"--workers must be >= 0 (got {args.workers})")
     if args.peak_tflops < 0 or args.single_process_sps < 0:
@@ -204,117 +215,6 @@ def data_problem(data: str, global_batch: int) -> str | None:
         return (f"--data {data} holds {source.total} clips, fewer than one global batch ({global_batch}): "
                 "add clips or lower --batch-sizes")
     return None
-
-
-# ------------------------------------------------------------------------------------------------ authors' design
-def authors_xent(student_MK, teacher_MK, center_K, tau_s, tau_t, center_mode="prob"):
-    """The classification loss as the authors' DINO-style code computes it: float32 copies of both logit tensors,
-    the centring materialised, softmax and log_softmax as separate passes, then the logged metrics recomputed in
-    their own float32 passes. Same contract and numbers as `losses.centered_softmax_xent_reference`."""
-    student = student_MK.float() / tau_s  # fp32 copy
-    teacher = teacher_MK.detach().float()  # fp32 copy
-    centred = teacher - center_K.float()  # materialised centring
-    p = F.softmax(centred / tau_t, dim=-1)
-    loss = torch.sum(-p * F.log_softmax(student, dim=-1), dim=-1)
-    with torch.no_grad():
-        center_sum = p.sum(0) if center_mode == "prob" else teacher.sum(0)
-        p_log = F.softmax((teacher - center_K.float()) / tau_t, dim=-1)  # metric pass: recomputed for logging
-        entropy = -(p_log * F.log_softmax((teacher - center_K.float()) / tau_t, dim=-1)).sum(-1)
-        max_prob = p_log.max(dim=-1).values
-    return loss, center_sum, entropy, max_prob
-
-
-@torch.no_grad()
-def ema_update_loop(teacher, student, decay: float) -> None:
-    """The authors' EMA: a Python loop with a multiply, a temporary and an add per parameter (ours: `_foreach_`)."""
-    if decay >= 1.0:
-        return
-    for t, s in zip(teacher, student):
-        t.data.mul_(decay).add_((1 - decay) * s.detach().data)
-
-
-class ReferenceDesignMATPAC(MATPAC):
-    """Our model with the authors' loss arithmetic (see `authors_xent`)."""
-
-    def _xent(self, student_MK, teacher_MK, tau_t):
-        return authors_xent(student_MK, teacher_MK, self.center[0], self.cfg.tau_s, tau_t, self.cfg.center_mode)
-
-
-def _loader_module():
-    """benchmarks/loader.py (its NpyFolder is the per-clip .npy Dataset we measure against there too)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_bench_loader", Path(__file__).with_name("loader.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-class NpyTrainData:
-    """The trainer's data interface over a folder of per-clip float32 .npy files: np.load per sample in a map-style
-    Dataset, shuffled by a DistributedSampler when there are several ranks, default collate (the authors' design)."""
-
-    def __init__(self, folder: Path, batch_size: int, rank: int, world: int, workers: int, pin: bool, seed: int):
-        self.dataset = _loader_module().NpyFolder(folder, crop=608)
-        if len(self.dataset) < batch_size * world:
-            raise ValueError(f"{folder} holds {len(self.dataset)} clips, fewer than one global batch "
-                             f"({batch_size * world}): add clips or lower the batch size")
-        self.batch_size, self.rank, self.world, self.workers, self.pin, self.seed = (
-            batch_size, rank, world, workers, pin, seed)
-        self.batches_per_epoch = len(self.dataset) // (batch_size * world)
-        self.stats = None
-
-    def epoch(self, epoch: int, skip: int = 0):
-        sampler = torch.utils.data.DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank,
-                                                      shuffle=True, seed=self.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler,
-                                             drop_last=True, num_workers=self.workers, pin_memory=self.pin,
-                                             prefetch_factor=4 if self.workers else None)
-        for i, lms in enumerate(loader):
-            if i >= skip:
-                yield {"lms": lms}
-
-    def set_crop(self, frames: int) -> None:
-        """The trainer sets the crop to the model's input length (TrainData's interface)."""
-        self.dataset.crop = frames
-
-    def skipped_shards(self) -> int:
-        return 0
-
-
-class ReferenceDesignTrainer(Trainer):
-    """The trainer with the authors' costly choices swapped in (loss copies, per-step host reads and collectives,
-    per-parameter EMA loop, per-clip .npy data). Everything else — model, optimizer, schedules — is shared."""
-
-    def __init__(self, cfg: TrainConfig, npy_dir: Path, workers: int):
-        self._npy_dir, self._npy_workers = npy_dir, workers
-        self.logged: dict[str, float] = {}
-        super().__init__(cfg)
-
-    def _open_data(self):
-        acc = self.accelerator
-        return NpyTrainData(self._npy_dir, self.cfg.data.batch_size, acc.process_index, acc.num_processes,
-                            self._npy_workers, pin=self.device.type == "cuda", seed=self.cfg.run.seed)
-
-    def _make_model(self):
-        return ReferenceDesignMATPAC(self.model_cfg)
-
-    def _update_ema(self, i: int) -> None:
-        (t_enc, s_enc), (t_head, s_head) = self.raw_model.ema_pairs()
-        ema_update_loop(t_enc, s_enc, self.sched["ema"][i])
-        ema_update_loop(t_head, s_head, self.sched["head_ema"][i])
-
-    def micro_step(self, lms):
-        loss, stats = super().micro_step(lms)
-        distributed = self.accelerator.num_processes > 1 and dist.is_initialized()
-        for name in ("loss", "loss_pred", "loss_cls", "teacher_entropy", "teacher_max_prob"):
-            v = (loss if name == "loss" else stats[name]).detach().float().clone()
-            if distributed:
-                dist.all_reduce(v)
-                v /= self.accelerator.num_processes
-            self.logged[name] = v.item()  # a host synchronisation per value, every step
-        return loss, stats
 
 
 # ------------------------------------------------------------------------------------------------ per-clip files
@@ -355,6 +255,11 @@ def npy_folder(args, n_clips: int) -> tuple[Path, bool]:
 # ------------------------------------------------------------------------------------------------ measuring
 def _attn(args, mode: Mode) -> str:
     return args.reference_attn if mode.reference else args.attn_impl
+
+
+def _stream(args, mode: Mode) -> str:
+    """The CSV's stream_dtype: --stream-dtype for our modes; the peer's stream is its weights' dtype."""
+    return {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}[args.precision] if mode.reference else args.stream_dtype
 
 
 def train_config(args, mode: Mode, batch: int, data: str, workers: int) -> TrainConfig:
@@ -437,6 +342,10 @@ def run_one(args, name: str, batch: int, npy_dir: Path | None, workers: int) -> 
     trainer = ReferenceDesignTrainer(cfg, npy_dir, workers) if mode.reference else Trainer(cfg)
     acc = trainer.accelerator
     r = measure(trainer, args.steps, args.warmup, f"{name} B={batch}", show=acc.is_main_process)
+    if mode.reference and trainer.overflow_steps and acc.is_main_process:
+        print(f"note: reference-design B={batch}: {trainer.overflow_steps} of its {args.warmup + args.steps} steps "
+              "overflowed the loss scale and skipped the update (fairseq's dynamic loss scaling, as theirs)",
+              flush=True)
     mem, mem_kind = _peak_memory_mb(trainer.device)
     world = acc.num_processes
     sps_rank = r["samples"] / r["elapsed"]
@@ -457,7 +366,7 @@ def run_one(args, name: str, batch: int, npy_dir: Path | None, workers: int) -> 
         "final_loss": loss_sum / world,
         "compile_mode": args.compile_mode if mode.compile else "",
         "attn_impl": _attn(args, mode),
-        "stream_dtype": args.stream_dtype,
+        "stream_dtype": _stream(args, mode),
     }
     del trainer, acc
     torch._dynamo.reset()  # compiled graphs hold the model: free it before the next run's memory is measured
@@ -611,7 +520,8 @@ def markdown_block(rows: list[dict], env: dict, args) -> str:
     first = rows[0]
     head = (f"### {env['device']} — preset `{args.preset}`, precision {args.precision}, {args.steps} timed steps after "
             f"{args.warmup} warm-up, compile mode {args.compile_mode}, attention {args.attn_impl} "
-            f"(reference-design: {args.reference_attn}), residual stream {args.stream_dtype}\n\n"
+            f"(reference-design: {args.reference_attn}), residual stream {args.stream_dtype} (reference-design: "
+            f"its weights' dtype, no autocast)\n\n"
             f"{first['time_utc']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
             f"python {env['python']} · commit `{env['commit']}` · memory: {first['mem_kind']} · "
             f"{first['gflops_per_sample']} GFLOP/sample · peak {first['peak_tflops']} TFLOP/s\n\n")

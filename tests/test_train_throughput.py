@@ -14,13 +14,13 @@ import pytest
 import torch
 
 from matpac_fast.config import get_model_config
-from matpac_fast.ema import ema_update
 from matpac_fast.flops import flops_per_sample
 from matpac_fast.losses import centered_softmax_xent_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import _peer  # noqa: E402
 import plot_results  # noqa: E402
 import train_throughput as tt  # noqa: E402
 
@@ -106,46 +106,248 @@ def test_two_processes_report_aggregate_and_scaling(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ reference design
 @pytest.mark.parametrize("mode", ["prob", "logit"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_authors_xent_matches_reference(mode, dtype):
+def test_authors_xent_matches_reference(mode):
+    """Their loss arithmetic (softmax, centring, log_softmax in the inputs' dtype) is our loss: to float32 rounding in
+    float32, to bf16 rounding in bf16; the gradient too."""
     g = torch.Generator().manual_seed(0)
-    student = (torch.randn(37, 50, generator=g) * 3).to(dtype)
-    teacher = (torch.randn(37, 50, generator=g) * 3).to(dtype)
+    student = torch.randn(37, 50, generator=g) * 3
+    teacher = torch.randn(37, 50, generator=g) * 3
     center = torch.randn(50, generator=g) * 0.1
     a_in, b_in = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
-    ours = centered_softmax_xent_reference(a_in, teacher, center, 0.1, 0.04, mode)
-    theirs = tt.authors_xent(b_in, teacher, center, 0.1, 0.04, mode)
-    for x, y in zip(ours, theirs):
-        assert y.dtype == torch.float32
-        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-5)
+    loss, center_sum, _, _ = centered_softmax_xent_reference(a_in, teacher, center, 0.1, 0.04, mode)
+    theirs, p, their_center, temp_student = _peer.authors_xent(b_in, teacher, center, 0.1, 0.04, mode)
+    assert theirs.dtype == torch.float32
+    torch.testing.assert_close(theirs, loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(their_center, center_sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p, torch.softmax((teacher - center) / 0.04, -1))
+    torch.testing.assert_close(temp_student, b_in.detach() / 0.1)
     w = torch.randn(37, generator=g)
-    (ours[0] * w).sum().backward()
-    (theirs[0] * w).sum().backward()
-    torch.testing.assert_close(b_in.grad.float(), a_in.grad.float(), rtol=1e-5, atol=1e-5)
+    (loss * w).sum().backward()
+    (theirs * w).sum().backward()
+    torch.testing.assert_close(b_in.grad, a_in.grad, rtol=1e-5, atol=1e-5)
+    # bf16 in, bf16 out (no float32 copy), equal to the float32 reference of the same inputs to bf16 rounding
+    # (logits of a weight-normed head on normalised features are O(1); x10 after the temperatures' division)
+    s16, t16 = (student * 0.1).bfloat16(), (teacher * 0.1).bfloat16()
+    theirs16, p16, _, _ = _peer.authors_xent(s16, t16, center.bfloat16(), 0.1, 0.04, mode)
+    assert theirs16.dtype == p16.dtype == torch.bfloat16
+    ref16 = centered_softmax_xent_reference(s16, t16, center.bfloat16(), 0.1, 0.04, mode)[0]
+    torch.testing.assert_close(theirs16.float(), ref16, rtol=3e-2, atol=1e-2)
+    # a (B, N, K) batch gives the same loss as its flattened (B·N, K) rows, the centre summed over batch and tokens
+    loss3, _, center3, _ = _peer.authors_xent(student.view(1, 37, 50), teacher.view(1, 37, 50), center, 0.1, 0.04,
+                                              mode)
+    torch.testing.assert_close(loss3, loss.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(center3, center_sum, rtol=1e-5, atol=1e-5)
 
 
-def test_ema_loop_hand_case_and_foreach_agree():
-    teacher = [torch.tensor([1.0, 2.0]), torch.tensor([[0.0]])]
-    student = [torch.tensor([3.0, 5.0]), torch.tensor([[10.0]])]
-    tt.ema_update_loop(teacher, student, 0.9)
-    torch.testing.assert_close(teacher[0], torch.tensor([1.2, 2.3]))  # 0.9·t + 0.1·s
-    torch.testing.assert_close(teacher[1], torch.tensor([[1.0]]))
+def test_fairseq_ema_step_hand_case_and_restore_copy():
+    """EMAModule._step_internal on fp32 shadows (t <- d·t + (1 - d)·s), then restore(): the shadows copied into the
+    teacher in its own dtype."""
+    student = torch.nn.Linear(2, 1)
+    teacher = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        student.weight.copy_(torch.tensor([[3.0, 5.0]]))
+        student.bias.fill_(10.0)
+        teacher.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        teacher.bias.fill_(0.0)
+    shadow = {k: v.detach().float().clone() for k, v in teacher.state_dict().items()}
+    teacher = teacher.to(torch.bfloat16)
+    _peer.fairseq_ema_step(teacher, shadow, student, 0.9)
+    torch.testing.assert_close(shadow["weight"], torch.tensor([[1.2, 2.3]]))
+    torch.testing.assert_close(shadow["bias"], torch.tensor([1.0]))
+    for k, v in teacher.state_dict().items():
+        assert v.dtype == torch.bfloat16 and torch.equal(v, shadow[k].to(torch.bfloat16))
     g = torch.Generator().manual_seed(1)
-    a = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g)]
-    s = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g)]
-    b = [t.clone() for t in a]
-    tt.ema_update_loop(a, s, 0.99)
-    ema_update(b, s, 0.99)
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x, y)
-    before = [t.clone() for t in a]
-    tt.ema_update_loop(a, s, 1.0)  # decay 1: no update, as the authors' `if decay < 1`
-    assert all(torch.equal(x, y) for x, y in zip(a, before))
+    a = {k: torch.randn(v.shape, generator=g) for k, v in shadow.items()}
+    before = {k: v.clone() for k, v in a.items()}
+    _peer.fairseq_ema_step(teacher, a, student, 0.99)
+    for k, p in student.named_parameters():
+        torch.testing.assert_close(a[k], 0.99 * before[k] + 0.01 * p.detach())
+
+
+def test_peer_attention_is_timms_written_out_form():
+    """timm 0.4.12: attn = (q @ kᵀ) * scale, softmax, @ v, in the model's dtype (ours scales q first)."""
+    cfg = get_model_config("tiny", attn_impl="math")
+    model = _peer.ReferenceDesignMATPAC(cfg).to(torch.bfloat16)
+    attn = model.student_encoder.blocks[0].attn
+    assert type(attn) is _peer.TimmAttention and type(model.predictor.decoder_blocks[0].attn) is _peer.TimmAttention
+    x = torch.randn(2, 7, cfg.dim, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        q, k, v = attn.qkv(x).reshape(2, 7, 3, cfg.heads, cfg.dim // cfg.heads).permute(2, 0, 3, 1, 4)
+        a = ((q @ k.transpose(-2, -1)) * (cfg.dim // cfg.heads) ** -0.5).softmax(dim=-1)
+        expected = attn.proj((a @ v).transpose(1, 2).reshape(2, 7, cfg.dim))
+        out = attn(x)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, expected)
+        attn32 = attn.float()
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        q, k, v = attn32.qkv(x.float()).reshape(2, 7, 3, cfg.heads, -1).permute(2, 0, 3, 1, 4)
+        ours = attn32.proj(sdpa(q, k, v).transpose(1, 2).reshape(2, 7, cfg.dim))
+        torch.testing.assert_close(attn32(x.float()), ours, rtol=1e-5, atol=1e-5)
+        attn32.impl = "sdpa"  # --reference-attn sdpa: our call
+        torch.testing.assert_close(attn32(x.float()), ours, rtol=0, atol=0)
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps one AcceleratorState per process: an earlier test's precision would be refused."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _peer_trainer(tmp_path, precision, batch=4, **model):
+    """The peer on the tiny preset, CPU, no lr warm-up (the first update moves the weights), decays as given."""
+    from matpac_fast.train_config import DataConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
+
+    folder = tmp_path / "npy"
+    if not folder.exists():
+        tt.write_npy_clips(folder, 3 * batch, frames=650, progress=False)
+    cfg = TrainConfig(
+        run=RunConfig(out=str(tmp_path / "out"), preset="tiny", precision=precision, cpu=True, progress=False,
+                      log_every=10**9, ckpt_every=0, seed=0),
+        data=DataConfig(shards="synthetic:1", batch_size=batch, workers=0),  # the peer reads the .npy folder
+        model={"attn_impl": "math", **model},
+        optim=OptimConfig(warmup_epochs=0.0),
+        schedule=ScheduleConfig(epochs=1.0, tau_t_warmup_epochs=0.1, ema_reference_batch=0),
+    )
+    trainer = _peer.ReferenceDesignTrainer(cfg, folder, 0)
+    return trainer, [b["lms"] for b in trainer.data.epoch(0)]
+
+
+@pytest.mark.parametrize("precision, dtype", [("no", torch.float32), ("bf16", torch.bfloat16)])
+def test_peer_step_runs_with_low_precision_weights(tmp_path, fresh_accelerate, precision, dtype):
+    """fairseq model.half(): every weight, buffer and activation in the run's dtype, no autocast; an fp32 flat master
+    copy that the update writes back into the weights."""
+    tr, batches = _peer_trainer(tmp_path, precision)
+    m = tr.raw_model
+    assert {p.dtype for p in m.parameters()} == {dtype} and {b.dtype for b in m.buffers()} == {dtype}
+    assert {v.dtype for d in m.ema_fp32.values() for v in d.values()} == {torch.float32}
+    master = tr.fp16_optimizer.fp32_params
+    assert master.dtype == torch.float32 and master.numel() == sum(p.numel() for p in m.student_parameters())
+    seen = []
+    hook = m.student_encoder.blocks[0].attn.register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
+    before = [p.detach().clone() for p in m.student_parameters()]
+    loss, logged = tr.micro_step(batches[0])
+    hook.remove()
+    assert seen == [dtype] and not torch.is_autocast_enabled("cpu")
+    assert math.isfinite(float(loss)) and tr.step == 1 and tr.overflow_steps == 0
+    assert {"correct", "count", "n_diff_target", "cls_perplexity", "var_z_m", "var_z_hat_m", "var_p_m",
+            "var_p_hat_m", "var_idx_targ", "var_idx_pred", "t_temp", "ema_decay", "loss_loss_cls",
+            "loss_loss_pred"} <= set(logged)
+    after = list(m.student_parameters())
+    assert all(p.dtype == dtype for p in after) and any(not torch.equal(a, b) for a, b in zip(before, after))
+    offset = 0
+    for p in after:  # the copy back: each weight is its slice of the fp32 master, rounded to the weights' dtype
+        assert torch.equal(p.detach().reshape(-1), master.detach()[offset:offset + p.numel()].to(dtype))
+        offset += p.numel()
+    assert math.isfinite(float(tr.micro_step(batches[1])[0])) and tr.step == 2
+
+
+def test_peer_step_is_fairseqs_fp16_optimizer_update(tmp_path, fresh_accelerate):
+    """float32: same batch, masks and lr as our model's own forward/backward; the update is fairseq's (flat fp32
+    grad, clip to 3, decoupled weight decay on every weight, Adam with eps added before the bias correction), and
+    the peer's losses are ours."""
+    from matpac_fast.model import MATPAC, StepState
+
+    tr, batches = _peer_trainer(tmp_path, "no")
+    ref = MATPAC(tr.model_cfg)
+    ref.load_state_dict(tr.raw_model.state_dict())
+    vis, mask = tr._masks(4, 0)
+    st = tr.peer_step_state()
+    loss, stats = ref({"lms": batches[0], "vis_idx": vis, "mask_idx": mask},
+                      StepState(tau_t=st.tau_t, mcl_temperature=st.mcl_temperature))
+    loss.backward()
+    params = ref.student_parameters()
+    g = torch.cat([p.grad.reshape(-1) for p in params])
+    w = torch.cat([p.detach().reshape(-1) for p in params])
+    o, lr = tr.cfg.optim, tr.sched["lr"][0]
+    assert lr == o.lr > 0
+    clipped = g * min(1.0, o.clip_grad / float(g.norm()))
+    m, v = (1 - o.beta1) * clipped, (1 - o.beta2) * clipped**2
+    step = lr * math.sqrt(1 - o.beta2) / (1 - o.beta1)
+    expected = w - lr * o.weight_decay * w - step * m / (v.sqrt() + o.eps)
+
+    peer_loss, logged = tr.micro_step(batches[0])
+    n = tr.model_cfg.n_masked * 4
+    assert logged["sample_size"] == n
+    torch.testing.assert_close(peer_loss, loss.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logged["loss_loss_cls"] / n, 0.5 * float(stats["loss_cls"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logged["loss_loss_pred"] / n, 0.5 * float(stats["loss_pred"]), rtol=1e-5, atol=1e-6)
+    # the flat fp32 grad after the step: unscaled (loss scale 128, 1 / sample_size) and clipped
+    torch.testing.assert_close(tr.fp16_optimizer.fp32_params.grad, clipped, rtol=1e-4, atol=1e-8)
+    got = torch.cat([p.detach().reshape(-1) for p in tr.raw_model.student_parameters()])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # torch's AdamW puts eps after the bias correction: not the authors' update, and told apart here
+    adamw = w * (1 - lr * o.weight_decay) - lr / (1 - o.beta1) * m / (v.sqrt() / math.sqrt(1 - o.beta2) + o.eps)
+    assert (adamw - expected).abs().max() > 1e-5
+
+
+def test_peer_ema_runs_in_forward_before_the_update(tmp_path, fresh_accelerate):
+    """Update 0 leaves the teachers alone; update 1's forward moves them towards the student of after update 0 with
+    the decay scheduled for update 1 (their do_ema_step), in fp32 shadows copied into the teacher."""
+    tr, batches = _peer_trainer(tmp_path, "no", ema_start=0.5, ema_end=0.5, head_ema_start=0.7, head_ema_end=0.7)
+    m = tr.raw_model
+    pairs = [(m.teacher_encoder, m.student_encoder, "teacher_encoder", tr.sched["ema"][1]),
+             (m.teacher_head, m.student_head, "teacher_head", tr.sched["head_ema"][1])]
+    teachers0 = [{k: p.detach().clone() for k, p in t.named_parameters()} for t, *_ in pairs]
+    tr.micro_step(batches[0])
+    for (t, *_), t0 in zip(pairs, teachers0):
+        assert all(torch.equal(p, t0[k]) for k, p in t.named_parameters())
+    shadows = [{k: v.clone() for k, v in m.ema_fp32[name].items()} for _, _, name, _ in pairs]
+    students = [{k: p.detach().clone() for k, p in s.named_parameters()} for _, s, *_ in pairs]
+    tr.micro_step(batches[1])
+    for (t, s, name, d), shadow, student in zip(pairs, shadows, students):
+        assert d in (0.5, 0.7)
+        for k, p in t.named_parameters():
+            want = d * shadow[k] + (1 - d) * student[k]
+            torch.testing.assert_close(m.ema_fp32[name][k], want, rtol=1e-6, atol=1e-7)
+            assert torch.equal(p, m.ema_fp32[name][k])
+        # after update 1 the student moved on; the teacher holds the mix with the student of before that update
+        assert any(not torch.equal(student[k], q) for k, q in s.named_parameters())
+
+
+def test_peer_step_order_and_host_reads_are_the_authors(tmp_path, fresh_accelerate, monkeypatch):
+    """forward -> metrics (with .item()) -> EMA (head, encoder) -> criterion reads -> backward -> clip -> Adam ->
+    centre."""
+    tr, batches = _peer_trainer(tmp_path, "no", ema_start=0.5, ema_end=0.5)
+    tr.micro_step(batches[0])  # update 0 runs no EMA
+    events = []
+
+    def record(obj, name, label):
+        real = getattr(obj, name)
+
+        def wrapped(*a, **k):
+            events.append(label)
+            return real(*a, **k)
+
+        monkeypatch.setattr(obj, name, wrapped)
+
+    record(_peer, "compute_acc", "metrics")
+    record(_peer, "fairseq_ema_step", "ema")
+    record(_peer, "criterion_logging", "criterion")
+    record(tr.fp16_optimizer, "backward", "backward")
+    record(tr.fp16_optimizer, "clip_grad_norm", "clip")
+    record(tr.fp16_optimizer.fp32_optimizer, "step", "adam")
+    record(tr.raw_model, "apply_center_update", "centre")
+    record(torch.Tensor, "item", "item")
+    record(torch.Tensor, "__float__", "float")
+    record(torch.Tensor, "__bool__", "bool")
+    tr.micro_step(batches[1])
+    main = [e for e in events if e not in ("item", "float", "bool")]
+    assert main == ["metrics", "ema", "ema", "criterion", "backward", "clip", "adam", "centre"], events
+    i = events.index
+    assert "item" in events[i("metrics"):i("ema")]  # compute_acc's `.item()` comes before the EMA loop
+    reads = events[i("criterion"):i("backward")]
+    assert reads.count("float") == 7 and reads.count("item") == 2  # 6 compute_var + perplexity; 2 losses
+    assert events[i("clip"):i("adam")].count("bool") >= 3  # clip check, overflow check, isfinite
 
 
 def test_npy_train_data_yields_float32_crops(tmp_path):
     folder = tt.write_npy_clips(tmp_path / "npy", 7, frames=650, progress=False)
-    data = tt.NpyTrainData(folder, batch_size=3, rank=0, world=1, workers=0, pin=False, seed=0)
+    data = _peer.NpyTrainData(folder, batch_size=3, rank=0, world=1, workers=0, pin=False, seed=0)
     assert data.batches_per_epoch == 2
     batches = list(data.epoch(0))
     assert len(batches) == 2
@@ -153,7 +355,7 @@ def test_npy_train_data_yields_float32_crops(tmp_path):
     clip = np.load(folder / "clip0000000.npy", allow_pickle=False)
     assert clip.dtype == np.float32 and clip.shape == (80, 650)
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        tt.NpyTrainData(folder, batch_size=4, rank=0, world=2, workers=0, pin=False, seed=0)
+        _peer.NpyTrainData(folder, batch_size=4, rank=0, world=2, workers=0, pin=False, seed=0)
 
 
 # ------------------------------------------------------------------------------------------------ RESULT arithmetic
@@ -200,6 +402,7 @@ def test_scaling_baseline_lookup(tmp_path):
     (["--data", "synthetic:x"], "give synthetic:N"),
     (["--workers", "-1"], "--workers must be >= 0"),
     (["--peak-tflops", "-1"], "--peak-tflops and --single-process-sps must be >= 0"),
+    (["--precision", "fp16"], "--precision fp16 needs a GPU"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
