@@ -22,3 +22,17 @@ def audioset_meta_dir():
     if not (AUDIOSET_META / "class_labels_indices.csv").exists():
         pytest.skip(f"AudioSet CSVs not present at {AUDIOSET_META}; skipped on a fresh clone")
     return AUDIOSET_META
+
+
+@pytest.fixture
+def tones(tmp_path) -> Path:
+    """3 classes x 8 clips of 0.3 s tones (300 / 1000 / 3000 Hz) at 16 kHz, one folder per class (matpac-eval tests)."""
+    import soundfile as sf
+    from test_eval import tone
+
+    root = tmp_path / "tones"
+    for label, freq in (("low", 300.0), ("mid", 1000.0), ("high", 3000.0)):
+        (root / label).mkdir(parents=True)
+        for i in range(8):
+            sf.write(root / label / f"{label}_{i}.wav", tone(freq * (1 + 0.02 * i), seed=i), 16000)
+    return root

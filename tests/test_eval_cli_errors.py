@@ -22,17 +22,6 @@ FAST = ["--quiet", "--probe", "logreg", "--folds", "kfold:3"]  # + a --projectio
 FAST_NO_FILES = FAST + ["--projection", "none", "--no-cache"]
 
 
-@pytest.fixture
-def tones(tmp_path) -> Path:
-    """3 classes x 8 clips of 0.3 s tones (300 / 1000 / 3000 Hz)."""
-    root = tmp_path / "tones"
-    for label, freq in (("low", 300.0), ("mid", 1000.0), ("high", 3000.0)):
-        (root / label).mkdir(parents=True)
-        for i in range(8):
-            sf.write(root / label / f"{label}_{i}.wav", tone(freq * (1 + 0.02 * i), seed=i), 16000)
-    return root
-
-
 def _run(args, capsys) -> tuple[list[str], str]:
     assert cli.main(args) == 0
     c = capsys.readouterr()

@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 from test_encoder import authors_layout
 from test_eval import RESULT_RE, tone
-from test_eval_cli_errors import _fsdd_like
+from test_eval_cli_errors import _fsdd_like, _run
 
 from matpac_fast.config import get_model_config
 from matpac_fast.encoder import Encoder, export_encoder_state, load_encoder
@@ -22,23 +22,6 @@ from matpac_fast.evaluation import cli, embed, hear
 from matpac_fast.train_config import RECIPES, TrainConfig
 
 FAST_LOGREG = ["--quiet", "--probe", "logreg", "--folds", "kfold:3", "--projection", "none", "--no-cache"]
-
-
-@pytest.fixture
-def tones(tmp_path) -> Path:
-    """3 classes x 6 clips of 0.3 s tones at 16 kHz."""
-    root = tmp_path / "tones"
-    for label, freq in (("low", 300.0), ("mid", 1000.0), ("high", 3000.0)):
-        (root / label).mkdir(parents=True)
-        for i in range(6):
-            sf.write(root / label / f"{label}_{i}.wav", tone(freq * (1 + 0.02 * i), seed=i), 16000)
-    return root
-
-
-def _run(args, capsys) -> tuple[list[str], str]:
-    assert cli.main(args) == 0
-    c = capsys.readouterr()
-    return c.out.strip().splitlines(), c.err
 
 
 # --- 1: probe settings are part of the result identity, lr is shown -------------------------------------------------
@@ -187,7 +170,7 @@ def test_cropped_clips_are_one_note_unless_quiet(tones, tmp_path, capsys):
             "--probe", "logreg", "--folds", "kfold:3", "--projection", "none", "--no-cache"]  # fmt: skip
     lines, err = _run(args, capsys)
     notes = [line for line in err.splitlines() if "longer than" in line]
-    assert len(notes) == 1 and "18 of 18 clips" in notes[0] and "0.3" in notes[0], err
+    assert len(notes) == 1 and "24 of 24 clips" in notes[0] and "0.3" in notes[0], err
     assert "embed logmel" in err  # the progress bar is shown without --quiet
     lines, err = _run(args + ["--quiet"], capsys)
     assert "longer than" not in err and "embed logmel" not in err
