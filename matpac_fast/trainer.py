@@ -365,7 +365,8 @@ class Trainer:
         partial one (drop_last), so that no optimizer step mixes two epochs. Accelerate's accumulate() counter goes
         back too, so the next micro-batch starts a fresh accumulation and DDP syncs on its last micro-batch."""
         self.accelerator.step -= self._micro
-        self.optimizer.zero_grad(set_to_none=True)
+        # The inner optimizer: Accelerate's wrapper zeroes only when sync_gradients, which is False mid-accumulation.
+        self.inner_optimizer.zero_grad(set_to_none=True)
         self._reset_accumulation()
 
     # --------------------------------------------------------------------------------------------- the loop
@@ -602,6 +603,12 @@ class Trainer:
         if path is None:
             return None
         state = self._checked(path, ckpt.read_state)
+        later = [p.name for p in ckpt.list_checkpoints(self.out) if int(p.name[5:]) > int(state.get("step", 0))]
+        if later:  # resuming would cut the history past `path` while --resume auto would still pick `later`
+            raise ValueError(
+                f"--resume {path}: {self.out} holds later checkpoints ({', '.join(later)}) of the run being "
+                f"abandoned; move them out of {self.out / 'checkpoints'} (or delete them) first, then resume"
+            )
         if state.get("world_size", 1) != self.accelerator.num_processes:
             raise ValueError(
                 f"checkpoint {path} was written by {state['world_size']} processes, this run has "
@@ -631,7 +638,8 @@ class Trainer:
             return check(path)
         except ValueError as e:
             earlier = [p for p in ckpt.list_checkpoints(self.out) if p.name < path.name]
-            hint = f" (e.g. --resume {earlier[-1]})" if self.cfg.run.resume == "auto" and earlier else ""
+            hint = (f" (move {path.name} out of {path.parent}, then --resume auto continues from {earlier[-1].name})"
+                    if self.cfg.run.resume == "auto" and earlier else "")
             raise ValueError(f"{e}{hint}") from None
 
     def _verify_resume(self) -> None:
@@ -740,9 +748,10 @@ def _launch_rank() -> tuple[int, int]:
 
 
 def _peer_failed(e: BaseException) -> bool:
-    """A collective failed because another process went away (gloo: the peer closed its connection)."""
+    """A collective failed because another process went away (gloo: the peer closed its connection). Only once the
+    process group exists: an error while creating it (a port in use, a store timeout) is this process's own."""
     text = str(e)
-    return isinstance(e, dist.DistError) or any(
+    return dist.is_available() and dist.is_initialized() and any(
         s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote worker crashing"))
 
 
@@ -784,6 +793,9 @@ def _main(argv: list[str] | None) -> int:
         if world > 1 and _peer_failed(e):  # a traceback from inside gloo/NCCL would bury the real error
             return _fail(f"error: process {rank} stopped: another process failed (its error is printed above)",
                          rank, world, stopping=trainer is not None and trainer._stop_requested)
+        if isinstance(e, dist.DistError):  # e.g. the process group cannot be set up (a port in use, a timeout)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return _fail(f"error: process {rank}: {type(e).__name__}: {first}", rank, world)
         raise
     if trainer.accelerator.is_main_process:
         last = result["history"][-1] if result["history"] else {}

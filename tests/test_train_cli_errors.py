@@ -378,3 +378,36 @@ def test_two_process_shard_error_is_one_line_without_a_rank_traceback(tmp_path):
     others = [line for line in lines if line.startswith("error: ") and line not in shard_errors]
     assert len(others) <= 1 and all("another process failed" in line for line in others), proc.stderr[-3000:]
     assert not any(line.startswith("[rank") for line in lines), proc.stderr[-3000:]
+
+
+def test_process_group_setup_error_is_this_processes_own_one_line(tmp_path):
+    # The rendezvous port is taken: the error is this process's own (not "another process failed") and names the cause.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(s.getsockname()[1]), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *SYN, "--out", str(tmp_path / "run"), "--max-steps", "1"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "address already in use" in errors[0] and "another process" not in errors[0], \
+        proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_resuming_an_older_checkpoint_beside_later_ones_is_refused(tmp_path, capsys):
+    # --resume step_2 while step_4 exists: resuming would cut history.jsonl back to step 2 while --resume auto would
+    # later pick the abandoned run's step_4; refused in one line, nothing changed.
+    out = tmp_path / "run"
+    assert T.main([*TINY, *SYN, "--out", str(out), "--max-steps", "4", "--ckpt-every", "2"]) == 0
+    capsys.readouterr()
+    before = _snapshot(out)
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "6",
+                       "--resume", str(out / "checkpoints" / "step_00000002"))
+    assert rc == 2
+    line = _one_line(err)
+    assert "step_00000004" in line and "move them out" in line
+    assert _snapshot(out) == before

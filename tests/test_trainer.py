@@ -276,3 +276,17 @@ def test_ema_after_step_n_uses_the_decay_of_update_n_plus_1(tmp_path):
     assert d1 != d0
     for t0, t, s in zip(before, t_enc, s_enc):
         torch.testing.assert_close(t, d1 * t0 + (1 - d1) * s.detach(), rtol=0, atol=1e-6)
+
+
+def test_dropping_a_partial_accumulation_clears_its_gradients(tmp_path):
+    # Accelerate's optimizer wrapper ignores zero_grad mid-accumulation; the drop must still clear the grads, or they
+    # would leak into the next epoch's first step.
+    from matpac_fast.trainer import Trainer
+
+    cfg, _ = resolve([*TINY, "--out", str(tmp_path / "run"), "--max-steps", "3", "--grad-accum", "3"])
+    trainer = Trainer(cfg)
+    trainer.micro_step(torch.randn(8, 1, 80, 608) * 4 - 7)
+    params = trainer.raw_model.student_parameters()
+    assert trainer._micro == 1 and any(p.grad is not None for p in params)
+    trainer._drop_partial_accumulation()
+    assert trainer._micro == 0 and all(p.grad is None for p in params)
