@@ -15,6 +15,7 @@ Determinism and resumability come from one rule: the output is a pure function o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import multiprocessing as mp
@@ -71,6 +72,7 @@ class MakeConfig:
     def __post_init__(self) -> None:
         if self.short is None:  # resolved here so that the plan hash and stats.json always name the choice made
             object.__setattr__(self, "short", "pad" if self.frontend == "m2d" else "drop")
+            object.__setattr__(self, "_short_defaulted", True)
 
     def validate(self) -> None:
         get_spec(self.frontend)
@@ -645,6 +647,28 @@ def nothing_written(stats: dict, cfg: MakeConfig) -> str:
     )
 
 
+def _keep_earlier_m2d_short(disc: Discovery, cfg: MakeConfig) -> MakeConfig:
+    """m2d's default --short was drop before it became pad (M2D's authors pad). A folder whose set (or interrupted
+    run) was planned with that old default, rerun with the same command and no --short, continues with drop rather
+    than being refused as another plan."""
+    if not (getattr(cfg, "_short_defaulted", False) and cfg.frontend == "m2d"):
+        return cfg
+    out = Path(cfg.out)
+    found = set()
+    for path in (out / "stats.json", out / WORK_DIR / "plan.json"):
+        if path.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                obj = json.loads(path.read_text(encoding="utf-8"))
+                if isinstance(obj, dict):
+                    found.add(obj.get("plan_hash"))
+    legacy = dataclasses.replace(cfg, short="drop")
+    if plan_hash(disc, cfg) in found or plan_hash(disc, legacy) not in found:
+        return cfg
+    print(f"note: {out} was planned with --short drop (the m2d default before it became pad); continuing with it "
+          "(pass --short pad --overwrite to redo it with padding)", file=sys.stderr, flush=True)
+    return legacy
+
+
 def make_shards(disc: Discovery, cfg: MakeConfig) -> dict:
     """Run (or resume, or recognise as done) one shard job. Returns stats.json's dict plus run facts.
 
@@ -654,6 +678,7 @@ def make_shards(disc: Discovery, cfg: MakeConfig) -> dict:
     if not disc.items:
         raise ValueError("no inputs: nothing to convert")
     order = shuffled(disc.items, cfg.seed)
+    cfg = _keep_earlier_m2d_short(disc, cfg)
     phash = plan_hash(disc, cfg)
     out = Path(cfg.out)
     _make_out_dir(out)

@@ -446,3 +446,20 @@ def test_demo_shard_and_verify_steps(tmp_path, capsys):
     r = verify_step(tmp_path / "shards")
     assert r["ok"] and r["samples"] == 16
     assert "OK" in capsys.readouterr().out
+
+
+def test_m2d_folder_planned_with_the_old_drop_default_is_continued_not_refused(tmp_path, capsys):
+    # m2d's --short default became pad; a set made with the old default (drop), rerun without --short, is the same
+    # set (recognised as complete, one note), not "a different shard set".
+    d = tmp_path / "in"
+    (d / "a").mkdir(parents=True)
+    sf.write(d / "a" / "long.flac", synth_clip(1, sample_rate=16000, seconds=6.5)[0], 16000)
+    sf.write(d / "a" / "short.flac", synth_clip(2, sample_rate=16000, seconds=3.0)[0], 16000)
+    first = make_folder_shards(tmp_path / "out", d, frontend="m2d", short="drop", workers=0, progress=False)
+    assert first["short"] == "drop" and first["written"] == 1
+    capsys.readouterr()
+    again = make_folder_shards(tmp_path / "out", d, frontend="m2d", workers=0, progress=False)
+    assert again.get("already_complete") and again["short"] == "drop"
+    assert "planned with --short drop" in capsys.readouterr().err
+    fresh = make_folder_shards(tmp_path / "fresh", d, frontend="m2d", workers=0, progress=False)
+    assert fresh["short"] == "pad" and fresh["written"] == 2
