@@ -399,6 +399,15 @@ def load_encoder(source, preset: str = "matpac", device: str | torch.device = "c
     arch = _infer_arch(state, preset, cfg)
     enc = Encoder(**arch, frontend=_frontend(frontend, cfg, preset))
     enc.config_source = cfg.source if isinstance(cfg, RunConfig) else None
+    # What `preset` alone would have given (no run config): equal settings mean equal embeddings, so a result keyed
+    # by file and preset before run configs were read keeps its name (evaluation.embed).
+    enc.preset_settings = enc.settings()
+    if cfg is not None:
+        try:
+            alone = {**_infer_arch(state, preset, None), "frontend": _frontend(None, None, preset)}
+            enc.preset_settings = {k: alone.get(k, v) for k, v in enc.settings().items()}
+        except ValueError:  # the preset alone cannot even describe these weights
+            enc.preset_settings = None
     if enc.config_source:
         enc.settings_from = f"the run config {enc.config_source}"
     else:

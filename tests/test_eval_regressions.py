@@ -226,3 +226,15 @@ def test_authors_full_training_state_dict_loads_the_student(tmp_path):
     bad = dict(full, _ema=[1, 2])
     with pytest.raises(ValueError, match="not a state dict"):
         load_encoder(bad, preset="tiny")
+
+
+def test_run_config_changes_the_result_identity_only_when_it_changes_the_embeddings(tmp_path):
+    # A run trained with the preset's own settings embeds exactly as --preset alone did: its identity (and so its
+    # result row and cache entry from before run configs were read) stays; other heads get a new identity.
+    _trainer_run(tmp_path / "same")
+    _trainer_run(tmp_path / "other", heads=2)
+    same = embed.make_embedder(str(tmp_path / "same" / "encoder.pt"), "tiny", "cpu")
+    other = embed.make_embedder(str(tmp_path / "other" / "encoder.pt"), "tiny", "cpu")
+    digest = embed.file_digest(tmp_path / "same" / "encoder.pt")
+    assert same.identity == f"ckpt:{digest}:tiny"
+    assert other.identity.startswith(f"ckpt:{embed.file_digest(tmp_path / 'other' / 'encoder.pt')}:tiny:")

@@ -198,7 +198,8 @@ def make_embedder(checkpoint: str, preset: str = "matpac", device: str = "cpu", 
     digest = file_digest(p)
     enc = load_encoder(str(p), preset=preset, device=device)
     identity = f"ckpt:{digest}:{preset}"
-    if enc.config_source is not None or enc.frontend != "matpac":  # settings beyond the file and --preset
+    # settings beyond the file and --preset (a run config, an M2D front end) that change the embeddings
+    if enc.frontend != "matpac" or enc.settings() != getattr(enc, "preset_settings", enc.settings()):
         settings = json.dumps(enc.settings(), sort_keys=True)
         identity += ":" + hashlib.sha256(settings.encode()).hexdigest()[:8]
     return EncoderEmbedder(enc, checkpoint_name(p, digest), identity)
