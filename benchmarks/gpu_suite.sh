@@ -13,7 +13,8 @@
 #   train_b256  benchmarks/train_throughput.py, matpac preset (ViT-B), batch 256 per device, all modes, data from
 #               the loader step's shards (reference-design: its per-clip .npy folder); compiled modes use
 #               SUITE_COMPILE_MODE (default reduce-overhead: CUDA graphs, +2 to +4 % over default in H200 runs);
-#               reference-design runs the authors' written-out attention (train_throughput.py --reference-attn)
+#               reference-design is the authors' fairseq training step on our model (benchmarks/_peer.py: weights
+#               in the run's dtype without autocast, written-out timm attention, FP16Optimizer, in-forward EMA)
 #   stream      compiled+kernels at batch 256 again with the residual stream in bf16 (--stream-dtype amp), on the
 #               same warm machine right after train_b256, so the two rows compare side by side
 #   attention   benchmarks/attention.py: SDPA backends vs compiled math on the student / teacher / predictor shapes

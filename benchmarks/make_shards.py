@@ -143,8 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each approach; best is kept")
     p.add_argument("--frontend", default="matpac", choices=["matpac", "m2d"])
     p.add_argument("--short", default="drop", choices=["drop", "pad"],
-                   help="make-shards' --short: drop (default, as the authors) skips clips under 608 frames (~6.1 s); "
-                        "pad keeps them")
+                   help="make-shards' --short: drop (default here for both front ends, as MATPAC's authors; "
+                        "make-shards' own default for m2d is pad) skips clips under 608 frames (~6.1 s); pad keeps "
+                        "them")
     p.add_argument("--work", type=Path, default=None,
                    help="parent of the scratch folder (default: the system temp folder); the scratch folder is removed")
     args = p.parse_args(argv)

@@ -145,10 +145,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "pinned, or math")
     p.add_argument("--reference-attn", default="math", choices=ATTN_IMPLS,
                    help="attention of reference-design (default math: the explicit softmax(q·kᵀ)·v of the authors' "
-                        "timm 0.4.12 Block); sdpa gives the peer our attention, as in the H200 runs of RESULTS.md")
+                        "timm 0.4.12 Block); sdpa gives the peer our SDPA call (the H200 runs of RESULTS.md used "
+                        "it, with the earlier peer)")
     p.add_argument("--stream-dtype", default="fp32", choices=STREAM_DTYPES,
-                   help="residual stream under autocast, all modes (ModelConfig.stream_dtype): fp32 (default) or "
-                        "amp (bf16, as the authors' fp16 run carries it)")
+                   help="residual stream under autocast, our modes (ModelConfig.stream_dtype; reference-design's "
+                        "stream is its weights' dtype): fp32 (default) or amp (bf16, as the authors' fp16 run "
+                        "carries it)")
     p.add_argument("--workers", type=int, default=None,
                    help="loader workers per process (default: 0 on CPU, min(8, cores / processes) on CUDA)")
     p.add_argument("--npy-dir", type=Path, default=None,

@@ -399,10 +399,11 @@ def load_encoder(source, preset: str = "matpac", device: str | torch.device = "c
     arch = _infer_arch(state, preset, cfg)
     enc = Encoder(**arch, frontend=_frontend(frontend, cfg, preset))
     enc.config_source = cfg.source if isinstance(cfg, RunConfig) else None
-    # What `preset` alone would have given (no run config): equal settings mean equal embeddings, so a result keyed
-    # by file and preset before run configs were read keeps its name (evaluation.embed).
+    # What this file gave before an exported encoder.pt read its run config (`preset` alone): equal settings mean
+    # equal embeddings, so a result keyed by file and preset keeps its name (evaluation.embed). Checkpoint folders
+    # and nested configs were read before too: their settings are their own.
     enc.preset_settings = enc.settings()
-    if cfg is not None:
+    if nested_cfg is None and file_cfg is not None and Path(source).is_file():
         try:
             alone = {**_infer_arch(state, preset, None), "frontend": _frontend(None, None, preset)}
             enc.preset_settings = {k: alone.get(k, v) for k, v in enc.settings().items()}

@@ -123,7 +123,8 @@ _HELP = {
     "compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs: fewer launches, more memory) or "
     "max-autotune-no-cudagraphs (GEMM autotuning, minutes of compilation)",
     "kernels": "use the Triton kernels (fused patchify-gather and centred softmax cross-entropy)",
-    "resume": "'auto' resumes from the latest checkpoint in --out, or give a checkpoint directory",
+    "resume": "'auto' resumes from the latest checkpoint in --out, or give a checkpoint directory (an earlier one "
+    "only once the later checkpoints are moved out of --out/checkpoints)",
     "ckpt_every": "checkpoint every N optimizer steps (0: only at the end and on SIGTERM/SIGINT)",
     "ema_reference_batch": "EMA decays are for this global batch; rho becomes rho**(batch/ref); 0 uses them as given",
     "max_nonfinite": "abort after this many consecutive non-finite losses (each such step is skipped)",
@@ -136,7 +137,7 @@ _HELP = {
     "lr": "peak learning rate, absolute (not scaled by batch)",
     "warmup_epochs": "linear lr warm-up, then cosine to 0",
     "clip_grad": "gradient-norm clip (0 disables)",
-    "grad_accum": "micro-batches per optimizer step",
+    "grad_accum": "micro-batches per optimizer step (an epoch's last batches that cannot fill a step are not read)",
     "tau_t_warmup_epochs": "teacher temperature rises linearly over these epochs (end-points: --model tau_t_start/end)",
     "log_every": "optimizer steps between log lines (the only host synchronisation)",
     "keep_last": "completed checkpoints to keep",

@@ -47,7 +47,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--frontend", default="matpac", choices=["matpac", "m2d"], help="front-end preset (METHOD.md §1)")
     g.add_argument(
         "--min-frames", type=int, default=608,
-        help="clips with fewer log-mel frames are skipped as too_short unless --short pad "
+        help="clips with fewer log-mel frames are skipped as too_short unless --short is pad (the m2d default) "
         "(default: %(default)s = one training crop, about 6.1 s)",
     )
     g.add_argument(

@@ -61,7 +61,7 @@ class MakeConfig:
     device: str = "cpu"
     min_frames: int = 608
     # "drop": skip clips below min_frames (MATPAC's authors); "pad": keep them, the loader pads (M2D's authors);
-    # None: the front end's own choice (`default_short`).
+    # None: the front end's own choice, resolved in __post_init__ (m2d: pad; matpac: drop).
     short: str | None = None
     shard_size: str = "1GB"
     seed: int = 0
@@ -651,7 +651,7 @@ def _keep_earlier_m2d_short(disc: Discovery, cfg: MakeConfig) -> MakeConfig:
     """m2d's default --short was drop before it became pad (M2D's authors pad). A folder whose set (or interrupted
     run) was planned with that old default, rerun with the same command and no --short, continues with drop rather
     than being refused as another plan."""
-    if not (getattr(cfg, "_short_defaulted", False) and cfg.frontend == "m2d"):
+    if not (getattr(cfg, "_short_defaulted", False) and cfg.frontend == "m2d") or cfg.overwrite:
         return cfg
     out = Path(cfg.out)
     found = set()

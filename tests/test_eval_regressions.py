@@ -238,3 +238,19 @@ def test_run_config_changes_the_result_identity_only_when_it_changes_the_embeddi
     digest = embed.file_digest(tmp_path / "same" / "encoder.pt")
     assert same.identity == f"ckpt:{digest}:tiny"
     assert other.identity.startswith(f"ckpt:{embed.file_digest(tmp_path / 'other' / 'encoder.pt')}:tiny:")
+
+
+def test_checkpoint_with_its_own_config_keeps_its_identity():
+    # A nested config was read before run configs beside encoder.pt were: such a checkpoint's identity stays
+    # ckpt:<digest>:<preset> even when its settings differ from the preset's.
+    import tempfile
+
+    from matpac_fast.model import MATPAC
+
+    cfg = get_model_config("tiny", heads=2)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "full.pt"
+        torch.save({"model": MATPAC(cfg).state_dict(), "config": cfg.to_dict()}, path)
+        emb = embed.make_embedder(str(path), "tiny", "cpu")
+        assert emb.encoder.student_encoder.blocks[0].attn.num_heads == 2
+        assert emb.identity == f"ckpt:{embed.file_digest(path)}:tiny"

@@ -463,3 +463,5 @@ def test_m2d_folder_planned_with_the_old_drop_default_is_continued_not_refused(t
     assert "planned with --short drop" in capsys.readouterr().err
     fresh = make_folder_shards(tmp_path / "fresh", d, frontend="m2d", workers=0, progress=False)
     assert fresh["short"] == "pad" and fresh["written"] == 2
+    redone = make_folder_shards(tmp_path / "out", d, frontend="m2d", overwrite=True, workers=0, progress=False)
+    assert redone["short"] == "pad" and redone["written"] == 2  # --overwrite starts afresh with today's default

@@ -22,7 +22,8 @@ Names: a checkpoint file is named `<stem>-<sha8>` (the first 8 hex digits of its
 informative folder in front of a generic stem: runs/u/encoder.pt -> `u-encoder-1a2b3c4d`, so two runs' encoder.pt
 files never share a name (or a results row); `random-<preset>` (plus `-seed<N>` for N != 0); `logmel`.
 Identities: `logmel:v1:matpac`; `random:<preset>:seed<N>` (+ `:<front end>` when not matpac); `ckpt:<sha256>:<preset>`
-(+ `:<sha8 of Encoder.settings()>` when a run config was read or the front end is not matpac).
+(+ `:<sha8 of Encoder.settings()>` when the front end is not matpac, or when a run config or saved config gives
+settings other than `--preset` alone would: a config that changes nothing keeps the plain identity).
 
 Cache: `<cache_dir>/<task>-<embedder>-<key16>.npz` holding `emb` (n_ok, D) float32, `paths` (n,), `ok` (n,) bool,
 `reasons` (n,) (why a clip was skipped, "" if embedded) and `lengths` (n,) (samples at 16 kHz before the crop, 0 if

@@ -20,7 +20,7 @@ from torch import nn
 
 SAMPLE_RATE = 16000
 HOP_MS = 10.0
-FIRST_FRAME_CENTRE_MS = 12.5  # n_fft / 2 / sr = 200 samples
+FIRST_FRAME_CENTRE_MS = 12.5  # matpac front end: n_fft / 2 / sr = 200 samples (first_frame_centre_ms: any front end)
 
 
 class HearModel(nn.Module):
