@@ -251,6 +251,10 @@ class Trainer:
         self.steps_per_epoch = spe
         self.total_steps = math.ceil(cfg.schedule.epochs * spe)
         self.last_step = min(self.total_steps, cfg.schedule.max_steps) if cfg.schedule.max_steps else self.total_steps
+        if cfg.schedule.max_steps > self.total_steps and acc.is_main_process:
+            print(f"note: the schedule ends at step {self.total_steps} ({cfg.schedule.epochs:g} epochs x {spe} "
+                  f"steps); --max-steps {cfg.schedule.max_steps} stops nothing earlier (raise --epochs to train "
+                  "longer)", file=sys.stderr, flush=True)
         self.global_batch = cfg.data.batch_size * cfg.optim.grad_accum * acc.num_processes
         self.sched = _schedule_arrays(cfg, self.model_cfg, spe, self.total_steps, self.global_batch)
         # The temperatures enter forward as 0-d device tensors (no recompiles). They are indexed out of one tensor

@@ -254,3 +254,19 @@ def test_checkpoint_with_its_own_config_keeps_its_identity():
         emb = embed.make_embedder(str(path), "tiny", "cpu")
         assert emb.encoder.student_encoder.blocks[0].attn.num_heads == 2
         assert emb.identity == f"ckpt:{embed.file_digest(path)}:tiny"
+
+
+def test_two_csvs_in_one_folder_get_their_own_tasks(tones, tmp_path, capsys):
+    # Before, both were named after the folder: the second run replaced the first's result.
+    wavs = sorted(tones.rglob("*.wav"))
+    for stem, keep in (("all", wavs), ("some", [w for w in wavs if w.parent.name != "high"])):
+        (tones / f"{stem}.csv").write_text("file,label\n" + "".join(f"{w},{w.parent.name}\n" for w in keep))
+    out = tmp_path / "o"
+    tasks = []
+    for stem in ("all", "some"):
+        lines, err = _run(["--checkpoint", "logmel", "--data", str(tones / f"{stem}.csv"), "--out", str(out),
+                           *FAST_LOGREG], capsys)  # fmt: skip
+        assert "replacing" not in err
+        tasks.append(re.search(r"task=(\S+)", lines[-1]).group(1))
+    assert tasks == ["tones-all-kfold-3", "tones-some-kfold-3"]
+    assert len(list(out.glob("*__logmel__*.json"))) == 2

@@ -411,3 +411,10 @@ def test_resuming_an_older_checkpoint_beside_later_ones_is_refused(tmp_path, cap
     line = _one_line(err)
     assert "step_00000004" in line and "move them out" in line
     assert _snapshot(out) == before
+
+
+def test_max_steps_beyond_the_schedule_says_so(tmp_path, capsys):
+    rc, out, err = _main(capsys, "--shards", "synthetic:16", "--epochs", "1", "--max-steps", "50",
+                         "--out", str(tmp_path / "run"))
+    assert rc == 0 and "done: step 2" in out
+    assert "schedule ends at step 2" in err and "--max-steps 50" in err

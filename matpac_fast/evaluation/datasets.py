@@ -184,6 +184,15 @@ def _split_labels(cell: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in cell.split(",") if s.strip())
 
 
+def _csv_name(path: Path) -> str:
+    """A generic CSV's dataset name: its folder's, plus the file's stem unless that is a conventional one, so that
+    two CSVs in one folder (e.g. two subsets) never share a task name and replace each other's results."""
+    folder = path.parent.name
+    if path.stem in ("labels", "meta", "metadata"):
+        return folder or path.stem
+    return f"{folder}-{path.stem}" if folder else path.stem
+
+
 def load_csv(
     path: str | os.PathLike,
     classes: list[str] | None = None,
@@ -225,7 +234,7 @@ def load_csv(
     vocab = list(classes) if classes is not None else _sorted_labels({lab for c in clips for lab in c.labels})
     official = "split" if "split" in fields else ("fold" if "fold" in fields else None)
     return LabelledSet(
-        name=name or path.parent.name or "csv",
+        name=name or _csv_name(path),
         root=str(path.parent),
         layout=layout,
         clips=clips,
