@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(f)
     m = sub.add_parser(
         "manifest",
-        help="a UTF-8 CSV with a header row and columns path[,label] (labels separated by ';'); a file listed "
-        "twice is written once",
+        help="a UTF-8 CSV with a header row and columns path[,label] (labels separated by ';'; a file or filename "
+        "column stands for path); a file listed twice is written once",
     )
     m.add_argument("csv", type=Path, help="manifest CSV; relative paths are relative to its folder")
     _common(m)

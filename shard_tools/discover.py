@@ -460,6 +460,8 @@ def discover_folder(root: str | Path) -> Discovery:
 
 
 MANIFEST_COLUMNS = ("path", "label")
+# Other tools' names for the path column (FSDD's labels.csv, matpac-eval's CSVs), used when there is no 'path'.
+PATH_ALIASES = ("file", "filename")
 
 
 def _manifest_columns(csv_path: Path, fieldnames: list[str] | None) -> tuple[list[str], list[str]]:
@@ -469,6 +471,9 @@ def _manifest_columns(csv_path: Path, fieldnames: list[str] | None) -> tuple[lis
     if not fieldnames:
         raise ValueError(f"{csv_path}: empty file; expected a header row with columns {accepted}")
     names = [(f or "").strip().lower() for f in fieldnames]
+    aliases = [n for n in names if n in PATH_ALIASES]
+    if "path" not in names and len(aliases) == 1:
+        names = ["path" if n == aliases[0] else n for n in names]
     unknown = [n for n in names if n not in MANIFEST_COLUMNS]
     for want in MANIFEST_COLUMNS:
         if want in names:
@@ -494,7 +499,8 @@ def _label_text(labels: tuple[str, ...]) -> str:
 
 
 def discover_manifest(csv_path: str | Path) -> Discovery:
-    """A CSV with a `path` column (relative paths are relative to the CSV's folder) and an optional `label` column
+    """A CSV with a `path` column (or, without one, a `file` or `filename` column; relative paths are relative to the
+    CSV's folder) and an optional `label` column
     (several labels separated by ';'). A file listed twice (also as `./x.wav` and `/abs/x.wav`) is written once."""
     csv_path = Path(csv_path)
     text = read_csv_text(csv_path, "manifest CSV")

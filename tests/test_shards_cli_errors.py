@@ -267,9 +267,13 @@ def test_manifest_encoding_and_column_errors(tmp_path, capsys):
     assert "ignored column(s) 'duration' (accepted: path, label); there is no 'label' column, so every clip is " \
            "unlabelled" in capsys.readouterr().err
     nopath = tmp_path / "nopath.csv"
-    nopath.write_text("file,label\nx.wav,dog\n")
+    nopath.write_text("name,label\nx.wav,dog\n")
     with pytest.raises(SystemExit, match="needs a 'path' column"):
         run("manifest", str(nopath), "--out", str(tmp_path / "o2"))
+    alias = tmp_path / "alias.csv"  # FSDD's labels.csv and matpac-eval's CSVs name the column filename / file
+    alias.write_text("filename,label,speaker\nx.wav,dog,a\n")
+    assert run("manifest", str(alias), "--out", str(tmp_path / "o4")) == 0
+    assert manifest(tmp_path / "o4")["x.wav"].get("shard") is not None
     missing = tmp_path / "missing.csv"
     missing.write_text("path\nnot_there.wav\n")
     with pytest.raises(SystemExit, match=r"nothing written: all 1 inputs were skipped \(not_found 1\); the listed "
