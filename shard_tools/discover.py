@@ -456,7 +456,15 @@ def discover_folder(root: str | Path) -> Discovery:
             Item(printable(f.rel), path_key(f.rel), str(f.path), labels=labels, size=f.size, skip=skip, detail=detail)
         )
     classes = _classes_from([it.labels for it in items])
-    return Discovery(_with_indices(items, classes), classes, classes, scan.notes(root))
+    notes = scan.notes(root)
+    if len(classes) == 1 and all(it.labels for it in items):
+        # e.g. FSDD's recordings/: the folder name becomes every file's only label, which a probe on these shards
+        # would then score as a one-class task. Pre-training does not need labels, so this is a note, not an error.
+        notes.append(
+            f"every audio file is in one folder ({classes[0]!r}), so all get that one label; for per-class labels "
+            "put each class in its own subfolder, or list path,label in a CSV for 'make-shards manifest'"
+        )
+    return Discovery(_with_indices(items, classes), classes, classes, notes)
 
 
 MANIFEST_COLUMNS = ("path", "label")

@@ -562,6 +562,7 @@ def _run_segments(order: list[Item], start: int, shard_index: int, cfg: MakeConf
         elif seg.manifest:
             _append_line(journal, seg.entry(pos, None, 0, 0, None))
     finally:
+        bar.set_postfix(counts, refresh=False)  # the final counts: the postfix is only refreshed every 64 files
         bar.close()
         if writer is not None:  # interrupted (Ctrl-C, error): leave no half shard under its final name
             writer.abort()

@@ -302,6 +302,24 @@ def test_m2d_frontend_and_folder_labels(tmp_path):
         assert meta["labels"] == [Path(meta["source"]).parent.name]
 
 
+def test_folder_with_every_file_in_one_subfolder_says_so(tmp_path):
+    from shard_tools.discover import discover_folder
+
+    def notes(root):
+        return [n for n in discover_folder(root).notes if "one folder" in n]
+
+    d = tmp_path / "fsdd"
+    (d / "recordings").mkdir(parents=True)
+    for i in range(2):
+        sf.write(d / "recordings" / f"{i}.wav", synth_clip(i, sample_rate=8000, seconds=0.5)[0], 8000)
+    (msg,) = notes(d)  # FSDD's layout: the folder name would be every clip's label
+    assert "'recordings'" in msg and "make-shards manifest" in msg
+    assert notes(d / "recordings") == []  # files directly in the root: no label, nothing to say
+    (d / "more").mkdir()
+    sf.write(d / "more" / "x.wav", synth_clip(3, sample_rate=8000, seconds=0.5)[0], 8000)
+    assert notes(d) == []  # two classes: the layout carries labels
+
+
 # --------------------------------------------------------------------------------------------- user mistakes
 def test_one_line_errors(tmp_path):
     with pytest.raises(SystemExit, match="--shard-size"):
