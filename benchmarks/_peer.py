@@ -59,6 +59,10 @@ from matpac_fast.train_config import TrainConfig
 from matpac_fast.trainer import Trainer
 from matpac_fast.vit import Attention
 
+# The CSV's `peer` column for reference-design rows: which peer measured them. Rows measured before this peer (SDPA,
+# autocast over fp32 weights, fused AdamW, host reads at the end of the step) are marked "earlier" in the committed
+# CSVs; change this name whenever the peer's step changes, so rows of different peers are never compared as one.
+PEER_VERSION = "fairseq-step"
 PEER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
 # fairseq CommonConfig defaults (matpac.yaml sets none of them): fp16_init_scale 2**7, fp16_scale_tolerance 0.0,
 # min_loss_scale 1e-4, threshold_loss_scale None; fp16_scale_window None -> 2**14 / world / update_freq.

@@ -2,8 +2,10 @@
 
 One panel per (device, preset, processes); in each, groups of bars by batch size, one bar per mode, labelled with
 samples/s (and MFU when known). A run with the residual stream in the autocast dtype (`--stream-dtype amp`) is its
-own bar, hatched, labelled "<mode> · bf16 stream". When a CSV holds the same (device, preset, processes, bar, batch)
-more than once, the latest row wins.
+own bar, hatched, labelled "<mode> · bf16 stream"; so is a reference-design row measured by an earlier peer (CSV
+column `peer` = "earlier": see benchmarks/RESULTS.md), labelled "reference-design · earlier peer", so that it is
+never read as the current peer's figure. When a CSV holds the same (device, preset, processes, bar, batch) more
+than once, the latest row wins.
 
     python benchmarks/plot_results.py results/train.csv --out docs/throughput.png
     python benchmarks/plot_results.py a.csv b.csv --out chart.png --title "MATPAC ViT-B, bf16"
@@ -29,9 +31,11 @@ NEEDED = ("device", "preset", "world", "mode", "batch", "samples_per_s", "mfu")
 
 def bar_label(row: dict) -> str:
     """The bar a row belongs to: its mode, plus the residual-stream variant when it is not the default (without
-    autocast, precision "no", `amp` changes nothing and the row is an ordinary one)."""
+    autocast, precision "no", `amp` changes nothing and the row is an ordinary one), plus "earlier peer" for a
+    reference-design row of the peer measured before benchmarks/_peer.py became the authors' fairseq step."""
     low = row.get("stream_dtype") == "amp" and row.get("precision", "no") not in ("no", "")
-    return row["mode"] + (f" · {row['precision']} stream" if low else "")
+    earlier = row["mode"] == "reference-design" and row.get("peer") == "earlier"
+    return row["mode"] + (f" · {row['precision']} stream" if low else "") + (" · earlier peer" if earlier else "")
 
 
 def read_rows(paths: list[Path]) -> list[dict]:

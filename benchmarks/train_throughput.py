@@ -77,7 +77,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
 
 from _common import commit  # noqa: E402
-from _peer import ReferenceDesignTrainer  # noqa: E402
+from _peer import PEER_VERSION, ReferenceDesignTrainer  # noqa: E402
 
 from matpac_fast.config import ATTN_IMPLS, PRESETS, STREAM_DTYPES  # noqa: E402
 from matpac_fast.data import ShardSource, is_local  # noqa: E402
@@ -103,7 +103,7 @@ CSV_FIELDS = [
     "time_utc", "device", "world", "preset", "mode", "batch", "precision", "data", "steps", "warmup",
     "samples_per_s", "samples_per_s_per_device", "step_ms", "data_wait_ms", "compute_ms", "data_wait_frac", "mfu",
     "peak_mem_MB", "mem_kind", "gflops_per_sample", "peak_tflops", "scaling_eff", "final_loss", "driver", "torch",
-    "triton", "commit", "compile_mode", "attn_impl", "stream_dtype",
+    "triton", "commit", "compile_mode", "attn_impl", "stream_dtype", "peer",
 ]
 NPY_FRAMES = 1000  # 10 s clips, as AudioSet's
 
@@ -369,6 +369,7 @@ def run_one(args, name: str, batch: int, npy_dir: Path | None, workers: int) -> 
         "compile_mode": args.compile_mode if mode.compile else "",
         "attn_impl": _attn(args, mode),
         "stream_dtype": _stream(args, mode),
+        "peer": PEER_VERSION if mode.reference else "",
     }
     del trainer, acc
     torch._dynamo.reset()  # compiled graphs hold the model: free it before the next run's memory is measured
@@ -523,7 +524,7 @@ def markdown_block(rows: list[dict], env: dict, args) -> str:
     head = (f"### {env['device']} — preset `{args.preset}`, precision {args.precision}, {args.steps} timed steps after "
             f"{args.warmup} warm-up, compile mode {args.compile_mode}, attention {args.attn_impl} "
             f"(reference-design: {args.reference_attn}), residual stream {args.stream_dtype} (reference-design: "
-            f"its weights' dtype, no autocast)\n\n"
+            f"its weights' dtype, no autocast), reference-design peer {PEER_VERSION}\n\n"
             f"{first['time_utc']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
             f"python {env['python']} · commit `{env['commit']}` · memory: {first['mem_kind']} · "
             f"{first['gflops_per_sample']} GFLOP/sample · peak {first['peak_tflops']} TFLOP/s\n\n")

@@ -78,6 +78,7 @@ def test_smoke_rows_are_consistent(smoke):
     assert {rows[0]["data"], rows[1]["data"]} == {"synthetic", "per-clip npy"}
     # The peer runs the authors' written-out attention (timm 0.4.12), ours SDPA; both the same residual stream.
     assert [(r["attn_impl"], r["stream_dtype"]) for r in rows] == [("sdpa", "fp32"), ("math", "fp32")]
+    assert [r["peer"] for r in rows] == ["", _peer.PEER_VERSION]  # which peer measured the reference-design row
     md = (out / "R.md").read_text()
     assert "| mode | batch/dev |" in md and "| eager | 8 | 1 | synthetic |" in md and "| reference-design | 8 |" in md
     assert not list(out.glob("matpac-npy-*")), "the temporary .npy folder must be removed"
@@ -449,7 +450,7 @@ def test_csv_with_other_columns_is_refused(tmp_path, capsys):
 def test_older_csv_is_upgraded_keeping_its_rows(tmp_path):
     """A CSV from before the newest columns (the committed ones lacked stream_dtype, cpu_tiny also compile_mode and
     attn_impl) gets the current header; old rows keep every value, the new columns are empty."""
-    old_fields = [f for f in tt.CSV_FIELDS if f not in ("compile_mode", "attn_impl", "stream_dtype")]
+    old_fields = [f for f in tt.CSV_FIELDS if f not in ("compile_mode", "attn_impl", "stream_dtype", "peer")]
     path = tmp_path / "old.csv"
     old_row = {f: f"v-{f}" for f in old_fields}
     with open(path, "w", newline="") as f:
@@ -473,6 +474,10 @@ def test_committed_result_csvs_have_the_current_header():
             continue
         assert tt.csv_header_status(path) == "same", path
         assert len(plot_results.read_rows([path])) > 0
+        # every committed reference-design row was measured by the earlier peer (benchmarks/RESULTS.md says so)
+        with open(path, newline="") as f:
+            peers = {r["peer"] for r in csv.DictReader(f) if r["mode"] == "reference-design"}
+        assert peers <= {"earlier", _peer.PEER_VERSION}, (path, peers)
 
 
 # ------------------------------------------------------------------------------------------------ chart
@@ -498,6 +503,10 @@ def test_plot_writes_a_png_per_device(tmp_path):
     assert bars[("GPU A", "compiled+kernels · bf16 stream", 256)] == 300.0
     # without autocast the stream setting is a no-op: such a row is the plain mode's
     assert plot_results.bar_label({"mode": "eager", "stream_dtype": "amp", "precision": "no"}) == "eager"
+    # an earlier peer's row is never drawn as the current peer's bar
+    earlier = {"mode": "reference-design", "peer": "earlier", "precision": "bf16", "stream_dtype": "bf16"}
+    assert plot_results.bar_label(earlier) == "reference-design · earlier peer"
+    assert plot_results.bar_label({**earlier, "peer": _peer.PEER_VERSION}) == "reference-design"
     out = plot_results.plot(rows, tmp_path / "c.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
     bad = tmp_path / "bad.csv"
