@@ -159,6 +159,8 @@ class Trainer:
         self.data = self._open_data()
         self.model_cfg = self._model_config()
         self._check_model_fits_data()
+        if acc.is_main_process:
+            self._warn_short_clips()
         self.data.set_crop(self.model_cfg.crop_frames)  # the loader's crop is the model's input length
         self.data.patch = self.model_cfg.patch
         self._resume = self._read_resume()  # settings compared before the model is built
@@ -211,6 +213,39 @@ class Trainer:
                 f"--model n_mels={self.model_cfg.n_mels}: the shards of --shards {self.cfg.data.shards} hold "
                 f"{int(n_mels)}-mel log-mels, the model's input: drop --model n_mels (or pass n_mels={int(n_mels)})"
             )
+
+    def _warn_short_clips(self) -> None:
+        """One warning line when the shards' clips average fewer frames than the model's crop: padded (short=pad),
+        much of each crop is padding; dropped (short=drop), much of the set is never trained on. Neither is an error
+        and the loader says nothing of it. Sets whose stats.json lacks the counts (older sets, synthetic:N) get no
+        warning. The shares printed are lower bounds (stats.json has the mean and the shortest clip, not each
+        length), rounded down."""
+        stats = self.data.stats or {}
+        n_clips, n_frames, short = stats.get("n_clips"), stats.get("n_frames"), stats.get("short")
+        if not n_clips or not isinstance(n_frames, int | float) or short not in ("pad", "drop"):
+            return  # short is None for a concatenation of pad and drop sets, which the loader refuses anyway
+        crop, patch = self.model_cfg.crop_frames, self.model_cfg.patch
+        mean = n_frames / n_clips
+        fit = max(patch, int(mean) // patch * patch)
+        if mean >= crop or fit >= crop:  # fit >= crop: the crop is already one patch, there is no shorter one
+            return
+        if short == "pad":
+            # The mean padding share is the mean of max(0, 1 - T/crop): at least 1 - mean/crop (Jensen).
+            share = 1 - mean / crop
+            what = f"at least {math.floor(100 * share)} % of each crop is padding"
+        else:
+            shortest = stats.get("min_clip_frames")
+            if shortest is None or shortest >= crop:
+                return  # no clip is shorter than the crop: nothing is dropped
+            if shortest >= mean:  # every clip is shorter than the crop: the loader's error says so, with the fix
+                return
+            # Markov's inequality on T - shortest >= 0: at most (mean - shortest) / (crop - shortest) of the clips
+            # reach the crop, so at least the rest are dropped.
+            share = (crop - mean) / (crop - shortest)
+            what = f"at least {math.floor(100 * share)} % of the clips are shorter and dropped"
+        print(f"warning: --shards {self.cfg.data.shards}: clips average {int(mean)} frames, the model's crop is "
+              f"{crop}: {what}; --model crop_frames={fit} fits the average clip (a multiple of the patch, {patch})",
+              file=sys.stderr, flush=True)
 
     def _make_model(self):
         """The module to train (a hook: benchmarks/train_throughput.py swaps in the authors' loss arithmetic)."""

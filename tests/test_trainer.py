@@ -290,3 +290,37 @@ def test_dropping_a_partial_accumulation_clears_its_gradients(tmp_path):
     assert trainer._micro == 1 and any(p.grad is not None for p in params)
     trainer._drop_partial_accumulation()
     assert trainer._micro == 0 and all(p.grad is None for p in params)
+
+
+@pytest.mark.parametrize(
+    "short, lengths, expected",
+    [
+        # 100-frame clips padded to the tiny preset's 608-frame crop: 1 - 100/608 = 83.6 % padding, rounded down.
+        ("pad", [100] * 16, "clips average 100 frames, the model's crop is 608: at least 83 % of each crop is padding; "
+                            "--model crop_frames=96 fits the average clip (a multiple of the patch, 16)"),
+        # Half 304, half 640 frames, dropped when shorter than 608: (608 - 472) / (608 - 304) = 44.7 %, a lower bound.
+        ("drop", [304, 640] * 8, "clips average 472 frames, the model's crop is 608: at least 44 % of the clips are "
+                                 "shorter and dropped; --model crop_frames=464 fits"),
+        ("pad", [640] * 16, None),  # clips longer than the crop: nothing padded, no warning
+        ("drop", [608, 700] * 8, None),  # none shorter than the crop: nothing dropped
+    ],
+)
+def test_clips_shorter_than_the_crop_are_a_warning_at_start(tmp_path, capsys, short, lengths, expected):
+    import numpy as np
+
+    from matpac_fast.data_fixtures import clip, write_shard_set
+    from matpac_fast.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    shards = tmp_path / "shards"
+    write_shard_set(shards, ((f"k{i:03d}", clip(rng, n), []) for i, n in enumerate(lengths)), per_shard=8,
+                    short=short, min_frames=1)
+    stats = json.loads((shards / "stats.json").read_text())
+    (shards / "stats.json").write_text(json.dumps({**stats, "min_clip_frames": min(lengths)}))  # as make-shards
+    argv = [*TINY, "--shards", str(shards), "--out", str(tmp_path / "run"), "--max-steps", "1"]
+    Trainer(resolve(argv)[0])
+    err = [line for line in capsys.readouterr().err.splitlines() if "crop" in line]
+    if expected is None:
+        assert err == []
+    else:
+        assert len(err) == 1 and err[0].startswith(f"warning: --shards {shards}: {expected}")
