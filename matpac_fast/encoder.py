@@ -20,7 +20,8 @@ exported file loads strictly here and in the authors' wrapper. `load_encoder` ac
   flat or under "model", optionally with "config" (ModelConfig.to_dict()) beside it; a `.safetensors` file; a
   trainer checkpoint directory (`model.safetensors` inside; `config.json` of the run, up to two levels up, is read);
   or the trainer's export `<run>/encoder.pt`, whose `<run>/config.json` is read when it is a matpac_fast training
-  config ({"train": {...}, "model": ModelConfig fields});
+  config ({"train": {...}, "model": ModelConfig fields}); a training run folder `<run>` is that encoder.pt
+  (`resolve_checkpoint`: the same file, config, settings and so result identity);
 - "random": a freshly initialised encoder of `preset`.
 
 A run config supplies the number of heads, n_mels, the normalisation pair and the front end
@@ -29,7 +30,9 @@ the tensor shapes (dim, depth, MLP ratio, patch size, time patches). The number 
 saved config, else from `preset` when its dim matches, else from any preset with the same dim and depth, else
 dim // 64 (the ViT convention). The front end is the run's, else "m2d" for an M2D model (preset or saved config
 named m2d), else "matpac"; `frontend=` overrides it. Unknown or missing keys raise ValueError listing them.
-Files are read with `torch.load(weights_only=True)` or safetensors: nothing is unpickled.
+Files are read with `torch.load(weights_only=True)` or safetensors: nothing is unpickled. A path that is no
+checkpoint (a run's config.json or history.jsonl, a shard set or shard, a folder without a model file, a file of a
+trainer checkpoint folder other than its weights) is a one-line ValueError saying what to pass instead.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ AUTHORS_EMA_KEYS = ("_ema", "_cls_head_ema")
 AUTHORS_TRAINING_MARKERS = ("decoder.decoder_embed.weight", "cls_head_loss.center") + AUTHORS_EMA_KEYS
 # The trainer's export: <run>/encoder.pt beside <run>/config.json (trainer.export_encoder).
 EXPORT_NAMES = ("encoder.pt",)
+# The model file a checkpoint folder is read from (the first one present).
+MODEL_FILE_NAMES = ("model.safetensors", "encoder.safetensors", "encoder.pt", "pytorch_model.bin", "model.pt")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -201,6 +206,9 @@ def _read_file(path: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - torch's text is never shown whole: it suggests weights_only=False
         error = e
     pickled = _pickled_object(error)
+    not_weights = None if pickled else _not_a_checkpoint_file(path)
+    if not_weights:
+        raise ValueError(not_weights)
     if pickled:
         raise ValueError(
             f"{path} holds pickled Python objects ({pickled}), which could run code when loaded: refused (this tool "
@@ -208,6 +216,148 @@ def _read_file(path: Path) -> dict:
         )
     raise ValueError(f"{path} cannot be read (damaged or truncated: {_damage_reason(path, error)}); copy or export "
                      f"it again; {ACCEPTED_FORMATS}")
+
+
+# What to pass instead of something that is not a checkpoint (the CLI's --checkpoint, hear.load_model, load_encoder).
+PASS_INSTEAD = ("pass a checkpoint instead: a weights file (.pt, .safetensors), a trainer checkpoint folder "
+                "(<run>/checkpoints/step_N) or a training run folder (it loads <run>/encoder.pt)")
+AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".m4a", ".aac", ".aif", ".aiff", ".webm")
+
+
+def _is_run_folder(d: Path) -> bool:
+    """A matpac_fast training run: its config.json is a training config, or it holds trainer checkpoints."""
+    from matpac_fast.checkpoint import list_checkpoints
+
+    try:
+        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        cfg = None
+    try:
+        return _is_training_config(cfg) or bool(list_checkpoints(d))
+    except OSError:
+        return False
+
+
+def _run_checkpoints(run: Path) -> list[Path]:
+    """The run's complete checkpoint folders that hold weights, oldest first."""
+    from matpac_fast.checkpoint import list_checkpoints
+
+    try:
+        return [c for c in list_checkpoints(run) if (c / "model.safetensors").is_file()]
+    except OSError:
+        return []
+
+
+def _run_hint(run: Path) -> str:
+    """What to pass for run folder `run`: the run folder / its encoder.pt, or a checkpoint folder of it."""
+    export, ckpts = run / EXPORT_NAMES[0], _run_checkpoints(run)
+    if export.is_file():
+        step = f"; a checkpoint folder such as {ckpts[-1]} evaluates that step" if ckpts else ""
+        return f"pass the run folder {run} or its {export} instead (the same weights){step}"
+    if ckpts:
+        return (f"the run has no {export.name} yet (training writes it when it ends): pass a checkpoint folder "
+                f"instead, e.g. the latest, {ckpts[-1]}")
+    return f"the run has neither {export.name} nor a checkpoint yet: train it first"
+
+
+def _enclosing_run(path: Path) -> Path | None:
+    """The training run folder `path` lies in (up to three levels up: <run>/checkpoints/step_N/file), or None."""
+    return next((d for d in list(path.parents)[:3] if _is_run_folder(d)), None)
+
+
+def _is_shard_set(d: Path) -> bool:
+    """A make-shards output folder (sizes.json / stats.json beside <name>-NNNNNN.tar shards)."""
+    shard = "*-" + "[0-9]" * 6 + ".tar"
+    return (d / "sizes.json").is_file() or ((d / "stats.json").is_file() and any(d.glob(shard)))
+
+
+def _tar_members(path: Path, n: int = 16) -> list[str] | None:
+    """The first `n` member names of a tar archive (read lazily: a shard can be gigabytes), or None if not a tar."""
+    import tarfile
+
+    try:
+        with tarfile.open(path, "r:") as tf:
+            names = []
+            for m in tf:
+                names.append(m.name)
+                if len(names) >= n:
+                    break
+            return names or None
+    except (tarfile.TarError, OSError, ValueError, EOFError):
+        return None
+
+
+def _looks_like_text(head: bytes) -> bool:
+    if not head or b"\x00" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start >= len(head) - 3  # only a character cut by the read
+    return True
+
+
+def _not_a_checkpoint_file(path: Path) -> str | None:
+    """One line saying what `path` is and what to pass instead, for a file that torch.load cannot read because it
+    is no checkpoint at all (a run's config.json or history.jsonl, a shard .tar, audio, text); None otherwise (a
+    damaged checkpoint). Reads bytes, JSON and tar member names only: nothing is unpickled."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return None
+    if not head:
+        return None  # an empty file: damaged (a truncated download or an interrupted save)
+    run = _enclosing_run(path)
+    hint = _run_hint(run) if run is not None else PASS_INSTEAD
+    suffix = path.suffix.lower()
+    members = None if _looks_like_text(head) else _tar_members(path)
+    if members is not None:
+        if {"pickle", "storages", "tensors"} & {m.rsplit("/", 1)[-1] for m in members}:
+            return (f"{path} is a checkpoint in PyTorch's legacy .tar format, which cannot be read weights-only "
+                    "(without unpickling); re-save its tensors with torch.save in a current PyTorch, or "
+                    f"{PASS_INSTEAD.replace('pass a checkpoint instead', 'pass another checkpoint')}")
+        if any(m.endswith(".npy") for m in members):
+            what = "a shard of a shard set (training data written by make-shards)"
+        else:
+            what = "a tar archive"
+    elif suffix in AUDIO_SUFFIXES:
+        what = "an audio file"
+    elif _looks_like_text(head):
+        is_json = suffix in (".json", ".jsonl") or head.lstrip()[:1] in (b"{", b"[")
+        if run is not None and path.parent == run and path.name == "config.json":
+            what = "the run's training config (JSON)"
+        elif run is not None and path.parent == run and path.name == "history.jsonl":
+            what = "the run's training log (JSON lines)"
+        elif _is_shard_set(path.parent):
+            what = f"a file of the shard set {path.parent} (training data written by make-shards)"
+        elif is_json:
+            what = "a JSON-lines file" if suffix == ".jsonl" else "a JSON file"
+        else:
+            what = "a text file"
+    else:
+        return None
+    return f"{path} is {what}, not a checkpoint; {hint}"
+
+
+def _no_checkpoint_in_folder(path: Path) -> str:
+    """One line for a folder that holds no model file: what it is (a run without encoder.pt, a run's checkpoints/,
+    a shard set, ...) and what to pass instead."""
+    looked = ", ".join(MODEL_FILE_NAMES)
+    if _is_run_folder(path):
+        return f"{path} is a training run folder; {_run_hint(path)}"  # one without encoder.pt (else resolved)
+    run = _enclosing_run(path / "x")  # the folder itself or up to two levels up
+    if run is not None and path == run / "checkpoints":
+        ckpts = _run_checkpoints(run)
+        if ckpts:
+            also = f", or the run folder {run} (its {EXPORT_NAMES[0]})" if (run / EXPORT_NAMES[0]).is_file() else ""
+            return (f"{path} holds the run's checkpoints, not one checkpoint; pass one of its step folders instead, "
+                    f"e.g. the latest, {ckpts[-1]}{also}")
+    if run is not None:
+        return f"{path} holds no checkpoint (no {looked}); {_run_hint(run)}"
+    if _is_shard_set(path):
+        return f"{path} is a shard set (training data written by make-shards), not a checkpoint; {PASS_INSTEAD}"
+    return f"{path} holds no checkpoint (no {looked}); {PASS_INSTEAD}"
 
 
 def _pickled_object(e: Exception) -> str | None:
@@ -256,21 +406,40 @@ class RunConfig(dict):
     source: str | None = None
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The path `load_encoder` reads for `path`. A folder whose model file is the trainer's export (a training run
+    folder: <run>/encoder.pt, no model.safetensors of its own) is that file: `run/` and `run/encoder.pt` are one
+    checkpoint (the same bytes, run config, settings and result identity). A checkpoint folder (model.safetensors)
+    and any file are themselves. A path that is no checkpoint (a folder without a model file, a file of a trainer
+    checkpoint folder other than its weights) is a one-line ValueError saying what to pass instead."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / n for n in MODEL_FILE_NAMES if (path / n).is_file()]
+        if not found:
+            raise ValueError(_no_checkpoint_in_folder(path))
+        return found[0] if found[0].name in EXPORT_NAMES else path
+    if not path.exists():
+        raise ValueError(f"checkpoint {path} does not exist")
+    folder = path.parent
+    if path.name != "model.safetensors" and (folder / "model.safetensors").is_file() and (
+        folder / "trainer_state.json"
+    ).is_file():  # optimizer.bin, random_states_0.pkl, trainer_state.json: no encoder weights (nor read as such)
+        raise ValueError(f"{path} is part of the trainer checkpoint folder {folder}, not its weights; pass that "
+                         "folder instead")
+    return path
+
+
 def _read_path(path: Path) -> tuple[dict, RunConfig | None]:
     """-> (raw object, run config or None)."""
+    path = resolve_checkpoint(path)
     if path.is_dir():
-        names = ("model.safetensors", "encoder.safetensors", "encoder.pt", "pytorch_model.bin", "model.pt")
-        found = [path / n for n in names if (path / n).exists()]
-        if not found:
-            raise ValueError(f"{path}: no model file found (looked for {', '.join(names)})")
+        found = [path / n for n in MODEL_FILE_NAMES if (path / n).is_file()]
         cfg = None
         for d in (path, path.parent, path.parent.parent):  # run_dir/checkpoints/step_X -> run_dir/config.json
             if (d / "config.json").exists():
                 cfg = _read_run_config(d / "config.json")
                 break
         return _read_file(found[0]), cfg
-    if not path.exists():
-        raise ValueError(f"checkpoint {path} does not exist")
     cfg = None
     if path.name in EXPORT_NAMES and (path.parent / "config.json").is_file():  # the trainer's <run>/encoder.pt
         cfg = _read_run_config(path.parent / "config.json", training_only=True)
@@ -390,13 +559,19 @@ def load_encoder(source, preset: str = "matpac", device: str | torch.device = "c
         enc.settings_from = f"preset {preset!r}"
         return enc.to(device)
     if isinstance(source, (str, Path)):
-        raw, file_cfg = _read_path(Path(source))
+        source = resolve_checkpoint(source)  # a run folder is its encoder.pt: the same settings as that file
+        raw, file_cfg = _read_path(source)
     else:
         raw, file_cfg = source, None
-    state, nested_cfg = _unwrap(raw)
-    cfg = nested_cfg or file_cfg
-    state = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
-    arch = _infer_arch(state, preset, cfg)
+    try:
+        state, nested_cfg = _unwrap(raw)
+        cfg = nested_cfg or file_cfg
+        state = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
+        arch = _infer_arch(state, preset, cfg)
+    except ValueError as e:  # a readable file that holds something else: name it
+        if isinstance(source, Path):
+            raise ValueError(f"{source}: {e}") from None
+        raise
     enc = Encoder(**arch, frontend=_frontend(frontend, cfg, preset))
     enc.config_source = cfg.source if isinstance(cfg, RunConfig) else None
     # What this file gave before an exported encoder.pt read its run config (`preset` alone): equal settings mean

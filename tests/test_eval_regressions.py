@@ -270,3 +270,124 @@ def test_two_csvs_in_one_folder_get_their_own_tasks(tones, tmp_path, capsys):
         tasks.append(re.search(r"task=(\S+)", lines[-1]).group(1))
     assert tasks == ["tones-all-kfold-3", "tones-some-kfold-3"]
     assert len(list(out.glob("*__logmel__*.json"))) == 2
+
+
+# --- 9: a training run folder and its encoder.pt are one checkpoint; things that are not checkpoints ----------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A real 3-step tiny training run: config.json, history.jsonl, tb/, checkpoints/step_00000002 and _00000003
+    (the final one), encoder.pt exported at the end (the student of step 3)."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path_factory.mktemp("runs") / "tinyrun"
+    args = [sys.executable, str(ROOT / "train.py"), "--recipe", "tiny", "--shards", "synthetic:64", "--batch-size",
+            "8", "--workers", "0", "--log-every", "1", "--progress", "false", "--model", "depth=1", "--model",
+            "pred_depth=1", "--max-steps", "3", "--ckpt-every", "2", "--out", str(run)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run(args, check=True, env=env, capture_output=True, timeout=300)
+    assert (run / "encoder.pt").is_file() and (run / "checkpoints" / "step_00000002").is_dir()
+    return run
+
+
+def test_run_folder_and_its_encoder_pt_are_one_result_row(tiny_run, tones, tmp_path, capsys):
+    # Before: `run/` was named and identified by a hash of every file in the folder (`tinyrun-<sha8>`, and without
+    # the run-config suffix), `run/encoder.pt` by that file: two rows in results.md for the very same weights.
+    out = tmp_path / "o"
+    common = ["--data", str(tones), "--out", str(out)] + FAST_LOGREG  # default --preset matpac: the run config counts
+    names, errs = [], []
+    for ckpt in (str(tiny_run), str(tiny_run) + "/", str(tiny_run / "encoder.pt")):
+        lines, err = _run(["--checkpoint", ckpt] + common, capsys)
+        names.append(re.search(r"checkpoint=(\S+)", lines[-1]).group(1))
+        errs.append(err)
+    assert re.fullmatch(r"tinyrun-encoder-[0-9a-f]{8}", names[0]) and names == [names[0]] * 3, names
+    assert "replacing the earlier result" in errs[1] and "replacing the earlier result" in errs[2]
+    assert f"(a training run folder: evaluating {tiny_run / 'encoder.pt'})" in errs[0]  # the note says which file
+    (res,) = out.glob("*__*__*.json")
+    identity = json.loads(res.read_text())["embedder_identity"]
+    assert identity.startswith(f"ckpt:{embed.file_digest(tiny_run / 'encoder.pt')}:matpac:")
+    # a checkpoint folder is its own checkpoint, named so: the last one holds the same student as encoder.pt, an
+    # earlier one other weights
+    for step in ("step_00000002", "step_00000003"):
+        lines, _ = _run(["--checkpoint", str(tiny_run / "checkpoints" / step)] + common, capsys)
+        assert re.search(rf"checkpoint=tinyrun-{step}-[0-9a-f]{{8}} ", lines[-1]), lines[-1]
+    table = (out / "results.md").read_text()
+    assert table.count(f"| {names[0]} |") == 1 and len(list(out.glob("*__*__*.json"))) == 3
+    # the same in the Python API: one encoder, one identity
+    a, b = embed.make_embedder(str(tiny_run), "tiny"), embed.make_embedder(str(tiny_run / "encoder.pt"), "tiny")
+    assert (a.name, a.identity, a.encoder.settings()) == (b.name, b.identity, b.encoder.settings())
+    assert a.encoder.preset_settings == b.encoder.preset_settings and a.config_source == b.config_source
+    for k, v in a.encoder.state_dict().items():
+        assert torch.equal(v, b.encoder.state_dict()[k]), k
+    last = load_encoder(tiny_run / "checkpoints" / "step_00000003", preset="tiny").state_dict()
+    first = load_encoder(tiny_run / "checkpoints" / "step_00000002", preset="tiny").state_dict()
+    assert all(torch.equal(v, last[k]) for k, v in a.encoder.state_dict().items())
+    assert not all(torch.equal(v, first[k]) for k, v in a.encoder.state_dict().items())
+
+
+def test_things_that_are_not_checkpoints_say_what_to_pass_instead(tiny_run, tones, tmp_path, monkeypatch):
+    from test_eval_cli_errors import _one_line_error
+
+    from matpac_fast.data_fixtures import clip, write_shard_set
+
+    run, ckpts = tiny_run, tiny_run / "checkpoints"
+    pass_run = f"pass the run folder {run} or its {run / 'encoder.pt'} instead"
+    unfinished = tmp_path / "unfinished"  # a run still training: no encoder.pt yet
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text((run / "config.json").read_text())
+    (unfinished / "checkpoints" / "step_00000002").mkdir(parents=True)
+    for f in (ckpts / "step_00000002").iterdir():
+        (unfinished / "checkpoints" / "step_00000002" / f.name).write_bytes(f.read_bytes())
+    rng = np.random.default_rng(0)
+    write_shard_set(tmp_path / "shards", [(f"k{i}", clip(rng, 620), [0]) for i in range(4)], per_shard=2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.jsonl").write_text('{"a": 1}\n')
+    cases = [
+        (run / "config.json", f"{run}/config.json is the run's training config (JSON), not a checkpoint; {pass_run}"),
+        (run / "history.jsonl", f"is the run's training log (JSON lines), not a checkpoint; {pass_run}"),
+        (ckpts, f"pass one of its step folders instead, e.g. the latest, {ckpts / 'step_00000003'}"),
+        (ckpts / "step_00000003" / "optimizer.bin", "pass that folder instead"),
+        (run / "tb", pass_run),
+        (unfinished / "config.json", f"pass a checkpoint folder instead, e.g. the latest, {unfinished}/checkpoints"),
+        (unfinished, f"{unfinished} is a training run folder; the run has no encoder.pt yet"),
+        (tmp_path / "shards", "is a shard set (training data written by make-shards), not a checkpoint; pass a "),
+        (tmp_path / "shards" / "shards-000000.tar", "is a shard of a shard set (training data written by make-shards)"),
+        (tmp_path / "shards" / "stats.json", "is a file of the shard set"),
+        (tmp_path / "empty", "holds no checkpoint (no model.safetensors, "),
+        (tmp_path / "notes.jsonl", "is a JSON-lines file, not a checkpoint; pass a checkpoint instead: a weights file"),
+        (next(tones.rglob("*.wav")), "is an audio file, not a checkpoint; pass a checkpoint instead"),
+    ]  # fmt: skip
+    real_load = torch.load
+
+    def weights_only_load(*a, **k):  # never unpickle: every read is weights-only
+        assert k.get("weights_only") is True, k
+        return real_load(*a, **k)
+
+    def no_hashing(*a, **k):
+        raise AssertionError("hashed a path that is not a checkpoint (a shard set can be hundreds of GB)")
+
+    monkeypatch.setattr(torch, "load", weights_only_load)
+    monkeypatch.setattr(embed, "file_digest", no_hashing)
+    for path, expected in cases:
+        msg = _one_line_error(["--checkpoint", str(path), "--data", str(tones), "--out", str(tmp_path / "o")]
+                              + FAST_LOGREG)  # fmt: skip
+        assert expected in msg, msg
+        assert "damaged" not in msg and "weights_only" not in msg and "no model file found" not in msg, msg
+    assert not (tmp_path / "o").exists()
+    # the same errors from the Python API (hear.load_model, load_encoder); a legacy-format torch .tar is named so
+    with pytest.raises(ValueError, match="is the run's training config"):
+        hear.load_model(str(run / "config.json"), preset="tiny")
+    import io
+    import tarfile
+
+    with tarfile.open(tmp_path / "old.tar", "w") as tf:
+        for name in ("sys_info", "pickle", "storages", "tensors"):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            tf.addfile(info, io.BytesIO(b"\x80\x02N."))
+    with pytest.raises(ValueError, match=r"PyTorch's legacy .tar format, which cannot be read weights-only"):
+        load_encoder(tmp_path / "old.tar")

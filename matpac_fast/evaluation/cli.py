@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH|random|logmel",
         help="a checkpoint (this project's or the authors' weights); 'random' = randomly initialised "
         "encoder of --preset (seeded); 'logmel' = no encoder: per-mel-bin mean and std over time of the "
-        "normalised log-mel (160-d)",
+        "normalised log-mel (160-d). A training run folder evaluates its encoder.pt (one result row for both); "
+        "a checkpoint folder <run>/checkpoints/step_N evaluates that step",
     )
     p.add_argument(
         "--data",
@@ -382,7 +383,11 @@ def _note_encoder_config(a: argparse.Namespace, embedder) -> None:
     if a.checkpoint in ("logmel", "random"):
         return
     enc = embedder.encoder
-    _note(f"{a.checkpoint}: heads, normalisation and front end ({enc.frontend}) from {enc.settings_from}")
+    path = getattr(embedder, "path", None)
+    given = Path(a.checkpoint).expanduser()
+    resolved = path is not None and given.is_dir() and path != given  # a run folder: its encoder.pt
+    read = f" (a training run folder: evaluating {path})" if resolved else ""
+    _note(f"{a.checkpoint}{read}: heads, normalisation and front end ({enc.frontend}) from {enc.settings_from}")
 
 
 def _settings_change(path: Path, probe_config: dict) -> str:

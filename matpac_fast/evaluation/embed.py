@@ -20,7 +20,9 @@ fatal: `extract` returns which clips were embedded and why the others were not; 
 
 Names: a checkpoint file is named `<stem>-<sha8>` (the first 8 hex digits of its SHA-256), with the nearest
 informative folder in front of a generic stem: runs/u/encoder.pt -> `u-encoder-1a2b3c4d`, so two runs' encoder.pt
-files never share a name (or a results row); `random-<preset>` (plus `-seed<N>` for N != 0); `logmel`.
+files never share a name (or a results row); a training run folder is named and identified as the encoder.pt it
+loads (runs/u -> `u-encoder-1a2b3c4d`, one row for both spellings; a checkpoint folder runs/u/checkpoints/step_9 is
+its own checkpoint, named `u-step_9-<sha8>`); `random-<preset>` (plus `-seed<N>` for N != 0); `logmel`.
 Identities: `logmel:v1:matpac`; `random:<preset>:seed<N>` (+ `:<front end>` when not matpac); `ckpt:<sha256>:<preset>`
 (+ `:<sha8 of Encoder.settings()>` when the front end is not matpac, or when a run config or saved config gives
 settings other than `--preset` alone would: a config that changes nothing keeps the plain identity).
@@ -140,6 +142,7 @@ class EncoderEmbedder:
         self.encoder, self.name, self.identity = encoder, name, identity
         self.spec = get_spec(encoder.frontend)  # the encoder's own front end (resampler, centring)
         self.config_source = getattr(encoder, "config_source", None)
+        self.path: Path | None = None  # make_embedder: the checkpoint file or folder read
 
     @torch.no_grad()
     def __call__(self, wave_BN: torch.Tensor) -> np.ndarray:
@@ -147,12 +150,16 @@ class EncoderEmbedder:
         return clip.float().cpu().numpy()
 
 
-def _load_encoder_fn():
+def _encoder_module():
     try:
-        from matpac_fast.encoder import load_encoder
+        from matpac_fast import encoder
     except ImportError as e:
         raise ValueError(f"matpac_fast.encoder is not available ({e}); only --checkpoint logmel works here") from None
-    return load_encoder
+    return encoder
+
+
+def _load_encoder_fn():
+    return _encoder_module().load_encoder
 
 
 def file_digest(path: Path) -> str:
@@ -196,14 +203,19 @@ def make_embedder(checkpoint: str, preset: str = "matpac", device: str = "cpu", 
     p = Path(checkpoint).expanduser()
     if not p.exists():
         raise ValueError(f"--checkpoint {checkpoint}: no such file; give a checkpoint path, 'random' or 'logmel'")
-    digest = file_digest(p)
+    # A training run folder is the encoder.pt it loads: one name and identity for both spellings of those weights.
+    # Resolved and loaded before hashing, so that a path that is no checkpoint is reported at once.
+    p = _encoder_module().resolve_checkpoint(p)
     enc = load_encoder(str(p), preset=preset, device=device)
+    digest = file_digest(p)
     identity = f"ckpt:{digest}:{preset}"
     # settings beyond the file and --preset (a run config, an M2D front end) that change the embeddings
     if enc.frontend != "matpac" or enc.settings() != getattr(enc, "preset_settings", enc.settings()):
         settings = json.dumps(enc.settings(), sort_keys=True)
         identity += ":" + hashlib.sha256(settings.encode()).hexdigest()[:8]
-    return EncoderEmbedder(enc, checkpoint_name(p, digest), identity)
+    emb = EncoderEmbedder(enc, checkpoint_name(p, digest), identity)
+    emb.path = p  # the file or checkpoint folder read (a run folder's encoder.pt)
+    return emb
 
 
 # --- extraction with cache ----------------------------------------------------------------------------------------
