@@ -44,7 +44,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="decode/log-mel processes (default: all %(default)s cores; 0 or 1 = in this process)",
     )
     g.add_argument("--device", default="cpu", help="where the log-mel is computed: cpu (default) or cuda")
-    g.add_argument("--frontend", default="matpac", choices=["matpac", "m2d"], help="front-end preset (METHOD.md §1)")
+    g.add_argument(
+        "--frontend", default="matpac", choices=["matpac", "m2d"],
+        help="front-end preset (METHOD.md §1): matpac (the MATPAC authors' log-mel) or m2d (M2D's) "
+        "(default: %(default)s)",
+    )
     g.add_argument(
         "--min-frames", type=int, default=608,
         help="clips with fewer log-mel frames are skipped as too_short unless --short is pad (the m2d default) "

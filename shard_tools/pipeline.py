@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
@@ -683,6 +684,31 @@ def make_shards(disc: Discovery, cfg: MakeConfig) -> dict:
     phash = plan_hash(disc, cfg)
     out = Path(cfg.out)
     _make_out_dir(out)
+    lock = _lock_out_dir(out)  # held until this process ends (closed with it)
+    try:
+        return _make_shards_locked(disc, cfg, order, phash, out)
+    finally:
+        os.close(lock)
+
+
+def _lock_out_dir(out: Path) -> int:
+    """An exclusive flock on the --out folder itself (no lock file to leave behind): two make-shards writing one
+    folder at once (a double submit, a requeued job) would delete each other's half-written shards. The kernel drops
+    the lock when the process dies, so a killed run never leaves a stale one. Returns the descriptor to close."""
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"another make-shards is writing --out {out}: wait for it to end (then run this command "
+                         "again to check or finish the set) or choose another --out") from None
+    except OSError as e:  # a filesystem without flock (some network mounts): run unlocked, but say so
+        print(f"make-shards: warning: cannot lock --out {out} ({e.strerror}); do not run two make-shards into it at "
+              "once", file=sys.stderr)
+    return fd
+
+
+def _make_shards_locked(disc: Discovery, cfg: MakeConfig, order: list[Item], phash: str, out: Path) -> dict:
     _check_no_foreign_files(out)
     work, stats_path, journal = out / WORK_DIR, out / "stats.json", out / WORK_DIR / "journal.jsonl"
     if cfg.overwrite:

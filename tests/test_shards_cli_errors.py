@@ -3,10 +3,13 @@
 Each test is the regression test of one reviewed defect; all fixtures are small files generated in tmp_path.
 """
 
+import fcntl
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -513,3 +516,29 @@ def test_verify_still_tells_an_empty_make_shards_run(tmp_path, capsys):
     (tmp_path / "manifest.jsonl").write_text('{"source": "a.wav", "skipped": "too_short"}\n')
     assert verify(tmp_path) == 1
     assert "make-shards wrote no sample there; manifest.jsonl gives each file's reason" in capsys.readouterr().out
+
+
+def test_a_second_make_shards_into_the_same_folder_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two jobs writing one --out (a double submit) would delete each other's half-written shards: the second is
+    refused in one line before it touches anything; the lock goes with the process that holds it."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    # Another process holds the folder's lock, as a running make-shards does.
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit, match="another make-shards is writing --out .*choose another --out"):
+            run("synthetic", "--n", "3", "--out", str(out))
+        assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]  # nothing written, nothing removed
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run("synthetic", "--n", "3", "--out", str(out)) == 0  # the holder died: its lock went with it
+    fd = os.open(out, os.O_RDONLY)  # and make-shards released its own
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
