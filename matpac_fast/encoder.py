@@ -18,7 +18,8 @@ exported file loads strictly here and in the authors' wrapper. `load_encoder` ac
   or `cls_head_loss.center`);
 - this project's checkpoints: a full `MATPAC.state_dict()` (teacher, predictor, heads and centre are dropped),
   flat or under "model", optionally with "config" (ModelConfig.to_dict()) beside it; a `.safetensors` file; a
-  trainer checkpoint directory (`model.safetensors` inside; `config.json` of the run, up to two levels up, is read);
+  trainer checkpoint directory (`model.safetensors` inside; `config.json` of the run, up to two levels up, is read;
+  its `model.safetensors` file is that directory);
   or the trainer's export `<run>/encoder.pt`, whose `<run>/config.json` is read when it is a matpac_fast training
   config ({"train": {...}, "model": ModelConfig fields}); a training run folder `<run>` is that encoder.pt
   (`resolve_checkpoint`: the same file, config, settings and so result identity);
@@ -28,11 +29,13 @@ A run config supplies the number of heads, n_mels, the normalisation pair and th
 (`train.run.frontend`); `Encoder.config_source` names the file used (None: none was). The architecture is read from
 the tensor shapes (dim, depth, MLP ratio, patch size, time patches). The number of heads cannot be: it comes from a
 saved config, else from `preset` when its dim matches, else from any preset with the same dim and depth, else
-dim // 64 (the ViT convention). The front end is the run's, else "m2d" for an M2D model (preset or saved config
-named m2d), else "matpac"; `frontend=` overrides it. Unknown or missing keys raise ValueError listing them.
-Files are read with `torch.load(weights_only=True)` or safetensors: nothing is unpickled. A path that is no
-checkpoint (a run's config.json or history.jsonl, a shard set or shard, a folder without a model file, a file of a
-trainer checkpoint folder other than its weights) is a one-line ValueError saying what to pass instead.
+dim // 64 (the ViT convention); those last two are guesses (`Encoder.heads_guessed`, `Encoder.heads_from` says
+which, `Encoder.settings_note()` says where every setting came from): keep a run's config.json beside its
+encoder.pt, or load the run / checkpoint folder. The front end is the run's, else "m2d" for an M2D model (preset
+or saved config named m2d), else "matpac"; `frontend=` overrides it. Unknown or missing keys raise ValueError
+listing them. Files are read with `torch.load(weights_only=True)` or safetensors: nothing is unpickled. A path that
+is no checkpoint (a run's config.json or history.jsonl, a shard set or shard, a folder without a model file, a file
+of a trainer checkpoint folder other than its weights) is a one-line ValueError saying what to pass instead.
 """
 
 from __future__ import annotations
@@ -93,6 +96,11 @@ class Encoder(nn.Module):
         self.dim, self.norm_mean, self.norm_std, self.frontend = dim, norm_mean, norm_std, frontend
         self.config_source: str | None = None  # the run config file load_encoder read (None: none was)
         self.settings_from = "the constructor's arguments"  # where heads / normalisation / front end came from
+        # load_encoder: where the number of heads came from, when not from `settings_from` (the weights do not
+        # hold it), e.g. "preset 'tiny' (same dim and depth)" or "dim // 64 (guess)"; and whether it was guessed
+        # (no run config, no saved config, and the preset's dim differs from the weights')
+        self.heads_from = self.settings_from
+        self.heads_guessed = False
         self.patch_embed = PatchEmbed(dim, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         nn.init.normal_(self.cls_token, std=0.02)
@@ -126,6 +134,16 @@ class Encoder(nn.Module):
         z = self.student_encoder(torch.cat([cls, x], dim=1))[:, 1:]  # drop CLS
         b = len(z)
         return z.reshape(b, self.n_f, n_t, self.dim).permute(0, 2, 1, 3).reshape(b, n_t, self.n_f * self.dim)
+
+    def settings_note(self) -> str:
+        """Where the settings the weights do not hold came from, e.g. "heads, normalisation and front end (matpac)
+        from the run config runs/u/config.json" or "heads 4 from preset 'tiny' (same dim and depth), normalisation
+        and front end (matpac) from preset 'matpac'", or "heads 12 = dim 768 // 64 (guess), ..."."""
+        if self.heads_from == self.settings_from:
+            return f"heads, normalisation and front end ({self.frontend}) from {self.settings_from}"
+        link = "=" if self.heads_from.startswith("dim ") else "from"  # "heads 12 = dim // 64 (guess)"
+        return (f"heads {self.settings()['heads']} {link} {self.heads_from}, normalisation and front end "
+                f"({self.frontend}) from {self.settings_from}")
 
     def settings(self) -> dict:
         """What determines the embeddings besides the weights (for cache keys and result identities)."""
@@ -410,7 +428,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """The path `load_encoder` reads for `path`. A folder whose model file is the trainer's export (a training run
     folder: <run>/encoder.pt, no model.safetensors of its own) is that file: `run/` and `run/encoder.pt` are one
     checkpoint (the same bytes, run config, settings and result identity). A checkpoint folder (model.safetensors)
-    and any file are themselves. A path that is no checkpoint (a folder without a model file, a file of a trainer
+    is itself, and so is its model.safetensors when it is a trainer checkpoint folder (trainer_state.json beside
+    it): `step_N/` and `step_N/model.safetensors` are one checkpoint (the run's config.json is read for both). Any
+    other file is itself. A path that is no checkpoint (a folder without a model file, a file of a trainer
     checkpoint folder other than its weights) is a one-line ValueError saying what to pass instead."""
     path = Path(path)
     if path.is_dir():
@@ -421,9 +441,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise ValueError(f"checkpoint {path} does not exist")
     folder = path.parent
-    if path.name != "model.safetensors" and (folder / "model.safetensors").is_file() and (
-        folder / "trainer_state.json"
-    ).is_file():  # optimizer.bin, random_states_0.pkl, trainer_state.json: no encoder weights (nor read as such)
+    if (folder / "model.safetensors").is_file() and (folder / "trainer_state.json").is_file():
+        if path.name == "model.safetensors":  # the weights of a trainer checkpoint folder are that checkpoint
+            return folder
+        # optimizer.bin, random_states_0.pkl, trainer_state.json: no encoder weights (nor read as such)
         raise ValueError(f"{path} is part of the trainer checkpoint folder {folder}, not its weights; pass that "
                          "folder instead")
     return path
@@ -508,7 +529,10 @@ def _drop_authors_training(obj: dict) -> dict:
     return out
 
 
-def _infer_arch(state: dict, preset: str, cfg: dict | None) -> dict:
+def _infer_arch(state: dict, preset: str, cfg: dict | None, why: dict | None = None) -> dict:
+    """The Encoder's arguments for `state`. `why`, when given, gets "heads": where the number of heads came from
+    (None: the config; else e.g. "preset 'tiny'") and "heads_guessed": True when neither a config nor `preset`
+    (its dim differs) gave it, so that it is another preset's with the same dim and depth, or dim // 64."""
     if "cls_token" not in state or "pos_embed" not in state or "patch_embed.proj.weight" not in state:
         missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in state]
         raise ValueError(f"not a MATPAC encoder state dict: missing keys {missing}")
@@ -520,16 +544,23 @@ def _infer_arch(state: dict, preset: str, cfg: dict | None) -> dict:
     mlp_ratio = fc1.shape[0] / dim if fc1 is not None else 4.0
     base = get_model_config(preset)
     cfg = cfg or {}
+    source, guessed = None, False
     if cfg.get("dim") == dim and "heads" in cfg:
         heads = cfg["heads"]
     elif base.dim == dim:
-        heads = base.heads
+        heads, source = base.heads, f"preset {preset!r}"
     else:
-        same = [get_model_config(n) for n in PRESETS]
-        same = [c for c in same if c.dim == dim and c.depth == depth]
-        heads = same[0].heads if same else (dim // 64 if dim % 64 == 0 else 0)
+        same = [(n, get_model_config(n)) for n in PRESETS]
+        same = [(n, c) for n, c in same if c.dim == dim and c.depth == depth]
+        guessed = True
+        if same:
+            heads, source = same[0][1].heads, f"preset {same[0][0]!r} (same dim and depth)"
+        else:
+            heads, source = (dim // 64 if dim % 64 == 0 else 0), f"dim {dim} // 64 (guess)"
         if not heads:
             raise ValueError(f"cannot infer the number of heads for dim {dim}: pass a checkpoint with its config")
+    if why is not None:
+        why.update(heads=source, heads_guessed=guessed)
     n_mels = cfg.get("n_mels", base.n_mels)
     n_tokens = state["pos_embed"].shape[1] - 1
     n_f = n_mels // patch
@@ -556,18 +587,19 @@ def load_encoder(source, preset: str = "matpac", device: str | torch.device = "c
     `frontend` None: the run's front end when its config is read, else "m2d" for an M2D model, else "matpac"."""
     if isinstance(source, str) and source == "random":
         enc = Encoder.from_config(get_model_config(preset), _frontend(frontend, None, preset))
-        enc.settings_from = f"preset {preset!r}"
+        enc.settings_from = enc.heads_from = f"preset {preset!r}"
         return enc.to(device)
     if isinstance(source, (str, Path)):
         source = resolve_checkpoint(source)  # a run folder is its encoder.pt: the same settings as that file
         raw, file_cfg = _read_path(source)
     else:
         raw, file_cfg = source, None
+    why: dict = {}
     try:
         state, nested_cfg = _unwrap(raw)
         cfg = nested_cfg or file_cfg
         state = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
-        arch = _infer_arch(state, preset, cfg)
+        arch = _infer_arch(state, preset, cfg, why)
     except ValueError as e:  # a readable file that holds something else: name it
         if isinstance(source, Path):
             raise ValueError(f"{source}: {e}") from None
@@ -588,6 +620,8 @@ def load_encoder(source, preset: str = "matpac", device: str | torch.device = "c
         enc.settings_from = f"the run config {enc.config_source}"
     else:
         enc.settings_from = "the config saved in the checkpoint" if cfg else f"preset {preset!r}"
+    enc.heads_from = why["heads"] or enc.settings_from
+    enc.heads_guessed = why["heads_guessed"]
     expected = set(enc.state_dict())
     unknown, missing = sorted(set(state) - expected), sorted(expected - set(state))
     if strict and (unknown or missing):

@@ -391,3 +391,169 @@ def test_things_that_are_not_checkpoints_say_what_to_pass_instead(tiny_run, tone
             tf.addfile(info, io.BytesIO(b"\x80\x02N."))
     with pytest.raises(ValueError, match=r"PyTorch's legacy .tar format, which cannot be read weights-only"):
         load_encoder(tmp_path / "old.tar")
+
+
+# --- 10: heads the weights do not hold: the note says where they came from; a guess is a warning ---------------------
+def _notes(err: str, what: str) -> list[str]:
+    return [line for line in err.splitlines() if what in line]
+
+
+def test_guessed_heads_are_named_and_warned(tiny_run, tones, tmp_path, capsys):
+    # Before: a run's encoder.pt copied without its config.json got "heads, normalisation and front end (matpac) from
+    # preset 'matpac'" (implying 12 heads) while the encoder had dim // 64 = 1 head, and no warning.
+    copied = tmp_path / "copied" / "encoder.pt"
+    copied.parent.mkdir()
+    copied.write_bytes((tiny_run / "encoder.pt").read_bytes())
+    common = ["--data", str(tones), "--out", str(tmp_path / "o")] + FAST_LOGREG
+    lines, err = _run(["--checkpoint", str(copied)] + common, capsys)
+    assert RESULT_RE.match(lines[-1])
+    (note,) = _notes(err, f"matpac-eval: {copied}: ")
+    assert note.endswith(": heads 1 = dim 64 // 64 (guess), normalisation and front end (matpac) from preset "
+                         "'matpac'"), note  # fmt: skip
+    (warning,) = _notes(err, "warning: the number of heads cannot be read from the weights")
+    assert "--preset matpac has dim 768, not 64" in warning and "keep the run's config.json beside the file" in warning
+    assert "(or pass the run folder / checkpoint folder)" in warning
+    guessed = load_encoder(copied)
+    assert guessed.heads_guessed and guessed.student_encoder.blocks[0].attn.num_heads == 1
+    right = load_encoder(tiny_run)  # the run folder: its config.json gives the run's 4 heads
+    assert not right.heads_guessed and right.student_encoder.blocks[0].attn.num_heads == 4
+    lms = torch.randn(1, 80, 64) * 4 - 7
+    with torch.no_grad():
+        assert not torch.allclose(guessed.encode_lms(lms), right.encode_lms(lms))  # why the warning matters
+    # the run folder, and --preset with the weights' dim: the note names one source, no warning
+    for ckpt, preset, source in ((str(tiny_run), "matpac", f"the run config {tiny_run / 'config.json'}"),
+                                 (str(copied), "tiny", "preset 'tiny'")):  # fmt: skip
+        _, err = _run(["--checkpoint", ckpt, "--preset", preset] + common, capsys)
+        assert f": heads, normalisation and front end (matpac) from {source}" in err, err
+        assert "cannot be read from the weights" not in err
+    # another preset with the weights' dim and depth: its heads, named as such (still a guess)
+    state = export_encoder_state(Encoder.from_config(get_model_config("tiny", heads=8)))
+    enc = load_encoder(state)
+    assert enc.heads_guessed and enc.heads_from == "preset 'tiny' (same dim and depth)"
+    assert enc.settings_note() == ("heads 4 from preset 'tiny' (same dim and depth), normalisation and front end "
+                                   "(matpac) from preset 'matpac'")  # fmt: skip
+    assert not load_encoder(state, preset="tiny").heads_guessed
+
+
+def test_model_safetensors_of_a_checkpoint_folder_is_that_checkpoint(tiny_run, tones, tmp_path, capsys):
+    # Before: step_N/model.safetensors read no run config (heads guessed from --preset) and was named and
+    # identified as a file of its own (`step_N-model-<sha8>`), unlike the folder step_N.
+    step = tiny_run / "checkpoints" / "step_00000003"
+    folder, file = embed.make_embedder(str(step)), embed.make_embedder(str(step / "model.safetensors"))
+    assert (file.name, file.identity, file.encoder.settings()) == (folder.name, folder.identity,
+                                                                   folder.encoder.settings())  # fmt: skip
+    assert file.config_source == folder.config_source == str(tiny_run / "config.json")
+    assert file.encoder.student_encoder.blocks[0].attn.num_heads == 4 and not file.encoder.heads_guessed
+    lines, err = _run(["--checkpoint", str(step / "model.safetensors"), "--data", str(tones), "--out",
+                       str(tmp_path / "o")] + FAST_LOGREG, capsys)  # fmt: skip
+    assert f"checkpoint={folder.name} " in lines[-1], lines[-1]
+    assert f"(the weights of the trainer checkpoint folder {step}: evaluating that checkpoint)" in err, err
+    assert f"from the run config {tiny_run / 'config.json'}" in err and "cannot be read from the weights" not in err
+    # its other files are still refused; a model.safetensors outside a trainer checkpoint folder is itself
+    with pytest.raises(ValueError, match="pass that folder instead"):
+        load_encoder(step / "trainer_state.json")
+    alone = tmp_path / "alone" / "model.safetensors"
+    alone.parent.mkdir()
+    alone.write_bytes((step / "model.safetensors").read_bytes())
+    assert embed.make_embedder(str(alone)).name.startswith("alone-model-")
+
+
+# --- 11: another tool's results.md in --out is never overwritten ----------------------------------------------------
+def test_out_with_a_foreign_results_md_is_refused_before_any_work(tones, tmp_path, capsys, monkeypatch):
+    from test_eval_cli_errors import _no_work, _one_line_error
+
+    from matpac_fast.demo import format_table
+    from matpac_fast.evaluation import report
+
+    demo = tmp_path / "demo"  # what `python -m matpac_fast.demo --out demo` leaves
+    demo.mkdir()
+    table = format_table({"chance": 0.1, "logmel": 0.5, "random": 0.6, "pretrained": 0.7}, None) + "\n"
+    (demo / "results.md").write_text(table)
+    args = ["--checkpoint", "logmel", "--data", str(tones), "--out", str(demo)] + FAST_LOGREG
+    with monkeypatch.context() as m:
+        _no_work(m)
+        msg = _one_line_error(args)
+    assert f"--out {demo} holds a results.md that matpac-eval did not write (it starts '| encoder |" in msg, msg
+    assert "choose another --out" in msg
+    assert (demo / "results.md").read_text() == table and sorted(p.name for p in demo.iterdir()) == ["results.md"]
+    # its own results.md: re-evaluation into the same --out rebuilds it; it ends with the marker line
+    out = tmp_path / "o"
+    _run(["--checkpoint", "logmel", "--data", str(tones), "--out", str(out)] + FAST_LOGREG, capsys)
+    _, err = _run(["--checkpoint", "logmel", "--data", str(tones), "--out", str(out)] + FAST_LOGREG, capsys)
+    assert "replacing the earlier result" in err
+    text = (out / "results.md").read_text()
+    assert text.splitlines()[0] == report.TABLE_HEADER.splitlines()[0] and text.rstrip().endswith(report.TABLE_MARKER)
+    # a results.md of an older matpac-eval (no marker, the header before the lr column) is its own too; so is an
+    # empty one
+    old = ("| task | data | protocol | checkpoint | probe | metric | mean ± std (%) | runs | dim | embed s | probe s "
+           "|\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+           "| t | d | official | logmel | linear | accuracy | 50.0 ± 1.0 | 3 | 160 | 1 | 1 |\n")  # fmt: skip
+    for earlier in (old, ""):
+        (out / "results.md").write_text(earlier)
+        lines, _ = _run(["--checkpoint", "logmel", "--data", str(tones), "--out", str(out)] + FAST_LOGREG, capsys)
+        assert RESULT_RE.match(lines[-1]) and "| tones-kfold-3 | tones |" in (out / "results.md").read_text()
+
+
+# --- 12: RESULT values never hold spaces ----------------------------------------------------------------------------
+def test_result_line_values_have_no_spaces(tones, tmp_path, capsys):
+    # Before: a run folder "with space" printed `checkpoint=with space-encoder-<sha8>`: key=value parsing broke.
+    _trainer_run(tmp_path / "with space")
+    data = tmp_path / "my tones"
+    tones.rename(data)
+    out = tmp_path / "o"
+    lines, _ = _run(["--checkpoint", str(tmp_path / "with space" / "encoder.pt"), "--data", str(data), "--out",
+                     str(out), "--preset", "tiny"] + FAST_LOGREG, capsys)  # fmt: skip
+    assert RESULT_RE.match(lines[-1]), lines[-1]
+    fields = dict(f.split("=", 1) for f in lines[-1].split()[2:])
+    assert fields["task"] == "my_tones-kfold-3"
+    assert re.fullmatch(r"with_space-encoder-[0-9a-f]{8}", fields["checkpoint"]), fields
+    (res,) = out.glob("*__*__*.json")
+    r = json.loads(res.read_text())  # the JSON and the table keep the real names
+    assert r["task"] == "my tones-kfold-3" and r["checkpoint_name"] == fields["checkpoint"].replace("_", " ", 1)
+    assert f"| my tones-kfold-3 | my tones | kfold:3 | {r['checkpoint_name']} |" in (out / "results.md").read_text()
+
+
+# --- 13: Ctrl-C is one line and exit status 130 ---------------------------------------------------------------------
+def test_ctrl_c_is_one_line_and_exit_130(tones, tmp_path):
+    # Before: a KeyboardInterrupt traceback. A real SIGINT, sent by the process to itself while it embeds.
+    import os
+    import subprocess
+    import sys
+
+    script = ("import os, signal, sys\nfrom matpac_fast.evaluation import cli, embed\nreal = embed.load_clip\n"
+              "def load(*a, **k):\n    os.kill(os.getpid(), signal.SIGINT)\n    return real(*a, **k)\n"
+              "embed.load_clip = load\nsys.exit(cli.main(sys.argv[1:]))\n")  # fmt: skip
+    args = ["--checkpoint", "logmel", "--data", str(tones), "--out", str(tmp_path / "o"), "--quiet", "--folds",
+            "kfold:3", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
+    assert proc.stderr.strip() == ("matpac-eval: interrupted; nothing was kept (the embedding cache is written once "
+                                   "every clip is embedded): rerunning the same command starts again"), proc.stderr
+    assert not (tmp_path / "o").exists()  # the --out it created is removed again (it is empty)
+
+
+def test_ctrl_c_after_embedding_says_the_cache_is_kept(tones, tmp_path, capsys, monkeypatch):
+    args = ["--checkpoint", "logmel", "--data", str(tones), "--out", str(tmp_path / "o"), "--quiet", "--probe",
+            "logreg", "--folds", "kfold:3", "--projection", "none", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "run_probes", interrupt)
+        try:
+            cli.main(args)
+        except KeyboardInterrupt:  # not re-raised: it would stop the whole pytest session
+            pytest.fail("Ctrl-C escaped matpac-eval's main (a traceback, not one line and exit 130)")
+        except SystemExit as e:
+            assert e.code == 130, e.code
+        else:
+            pytest.fail("matpac-eval went on after Ctrl-C")
+    (entry,) = (tmp_path / "cache").glob("*.npz")
+    err = capsys.readouterr().err.strip()
+    assert err == (f"matpac-eval: interrupted; kept the embeddings, cached in {entry}: rerunning the same command "
+                   "reuses them and redoes the probes"), err
+    lines, _ = _run(args, capsys)
+    assert RESULT_RE.match(lines[-1])
+    assert json.loads(next((tmp_path / "o").glob("*__*__*.json")).read_text())["cache_hit"]

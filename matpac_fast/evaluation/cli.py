@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -313,15 +314,40 @@ def run(a: argparse.Namespace) -> dict:
     out = Path(a.out).expanduser()
     if not a.no_cache:
         _writable_dir(a.cache_dir, "--cache-dir", "give a writable --cache-dir or pass --no-cache")
+    report.check_table(out)  # another tool's results.md (e.g. the demo's) is never replaced
     created = _writable_dir(out, "--out", "give a folder that can be created and written (results go inside it)")
+    kept: dict = {}  # what an interruption leaves for a rerun: "cache" (the entry's path), "json" (the result)
     try:
-        return _run(a, classes, scheme, out)
+        return _run(a, classes, scheme, out, kept)
+    except KeyboardInterrupt as e:
+        _remove_created(out, created)
+        raise Interrupted(_interrupted_text(a, kept)) from e
     except BaseException:
         _remove_created(out, created)
         raise
 
 
-def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: Path) -> dict:
+def _interrupted_text(a: argparse.Namespace, kept: dict) -> str:
+    """One line for a Ctrl-C: what was kept and what rerunning the same command does."""
+    cache = kept.get("cache")
+    cached = cache is not None and cache.is_file()  # checked now: the entry is written atomically, whole or not
+    if kept.get("json"):
+        also = ", and its embeddings in the cache" if cached else ""
+        return (f"interrupted; kept the result {kept['json']}{also}: results.md may not list it yet, rerunning the "
+                "same command redoes the probes and rebuilds it")
+    if cached:
+        return (f"interrupted; kept the embeddings, cached in {cache}: rerunning the same command reuses them and "
+                "redoes the probes")
+    why = "--no-cache" if a.no_cache else "the embedding cache is written once every clip is embedded"
+    return f"interrupted; nothing was kept ({why}): rerunning the same command starts again"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during `run`: `str()` is one line saying what was kept (e.g. the embedding cache) and what a rerun
+    does. A KeyboardInterrupt still, so a caller that does not handle it stops as on any Ctrl-C."""
+
+
+def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: Path, kept: dict) -> dict:
     ds = _load(a, classes)
     _check_classes(ds, " after --classes" if classes is not None else "")
     scheme = scheme.for_dataset(ds)  # plain 'group' -> 'group:<the layout's group column>': one protocol, one name
@@ -342,6 +368,7 @@ def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: 
         _note(f"{out} already holds a result of another embedder named {embedder.name!r}; this one is {name!r}")
     settings = embed.ExtractSettings(clip_seconds, a.embed_batch, None if a.no_cache else a.cache_dir, not a.quiet)
     t0 = time.perf_counter()
+    kept["cache"] = embed.cache_path(ds, embedder, ds.name, settings)  # the entry extract reads or writes
     ex = embed.extract(ds, embedder, ds.name, settings)
     t_embed = time.perf_counter() - t0
     if ex.n_cropped and not a.quiet:
@@ -371,6 +398,7 @@ def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: 
     if replaces is not None:
         _note(f"replacing the earlier result of this embedder: {replaces}{_settings_change(replaces, probe_config)}")
     result["json"] = str(report.write_json(out, result))
+    kept["json"] = result["json"]
     result["table"] = report.write_table(out)
     if a.projection != "none":
         _projection(a, out, task, name, ds, X, Y, result)
@@ -385,9 +413,32 @@ def _note_encoder_config(a: argparse.Namespace, embedder) -> None:
     enc = embedder.encoder
     path = getattr(embedder, "path", None)
     given = Path(a.checkpoint).expanduser()
-    resolved = path is not None and given.is_dir() and path != given  # a run folder: its encoder.pt
-    read = f" (a training run folder: evaluating {path})" if resolved else ""
-    _note(f"{a.checkpoint}{read}: heads, normalisation and front end ({enc.frontend}) from {enc.settings_from}")
+    read = ""
+    if path is not None and given.is_dir() and path != given:  # a run folder: its encoder.pt
+        read = f" (a training run folder: evaluating {path})"
+    elif path is not None and given.is_file() and path.is_dir():  # step_N/model.safetensors: the folder step_N
+        read = f" (the weights of the trainer checkpoint folder {path}: evaluating that checkpoint)"
+    note = enc.settings_note() if hasattr(enc, "settings_note") else (
+        f"heads, normalisation and front end ({enc.frontend}) from {enc.settings_from}")
+    _note(f"{a.checkpoint}{read}: {note}")
+    if getattr(enc, "heads_guessed", False):
+        source = enc.heads_from.removesuffix(" (guess)").replace(" (same dim and depth)", ", same dim and depth")
+        link = "=" if source.startswith("dim ") else "from"
+        embed.warn(
+            f"the number of heads cannot be read from the weights, {a.checkpoint} has no run config or saved config "
+            f"and --preset {a.preset} has dim {_preset_dim(a.preset)}, not {enc.dim}: {enc.settings()['heads']} "
+            f"heads is a guess ({link} {source}), and other heads give other embeddings; keep the run's config.json "
+            "beside the file (or pass the run folder / checkpoint folder), or pass the --preset it was trained with"
+        )
+
+
+def _preset_dim(preset: str) -> int | str:
+    try:
+        from matpac_fast.config import get_model_config
+
+        return get_model_config(preset).dim
+    except ValueError:
+        return "?"
 
 
 def _settings_change(path: Path, probe_config: dict) -> str:
@@ -413,10 +464,20 @@ def _projection(a, out: Path, task: str, name: str, ds: LabelledSet, X, Y, resul
         embed.warn(f"no {a.projection} projection ({e}); the results are written")
 
 
+def _field(value) -> str:
+    """A RESULT line value: whitespace becomes '_' (as the benchmarks' device=), so the line splits into key=value
+    fields on spaces (a run folder "with space" -> checkpoint=with_space-encoder-<sha8>); JSON and table keep the
+    real name."""
+    return re.sub(r"\s", "_", str(value)) or "n/a"
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         r = run(a)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback; 130 = 128 + SIGINT, as a shell reports it
+        print(f"matpac-eval: {e if isinstance(e, Interrupted) else 'interrupted'}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except ValueError as e:
         raise SystemExit(f"matpac-eval: error: {e}") from None
     except OSError as e:  # e.g. the disk filled up or --out was removed while the probes ran
@@ -432,8 +493,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{', cached' if r['cache_hit'] else ''}); probes {r['probe_seconds']:.1f} s"
     )
     print(f"table: {r['table']}" + (f"  figure: {r['png']}" if r.get("png") else ""))
-    print(f"RESULT eval task={r['task']} checkpoint={r['checkpoint_name']} metric={r['metric']} "
-          f"mean={r['mean']:.4f} std={r['std']:.4f} probe={r['probe_id']} lr={report.lr_text(r)}")  # fmt: skip
+    print(f"RESULT eval task={_field(r['task'])} checkpoint={_field(r['checkpoint_name'])} metric={r['metric']} "
+          f"mean={r['mean']:.4f} std={r['std']:.4f} probe={_field(r['probe_id'])} lr={report.lr_text(r)}")  # fmt: skip
     sys.stdout.flush()
     return 0
 

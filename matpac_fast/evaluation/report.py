@@ -3,7 +3,9 @@ projection of the embeddings coloured by label (one panel per checkpoint of a ta
 
 Each CLI run writes `<out>/<task>__<checkpoint>__<probe>.json` and `<out>/<task>__<checkpoint>.proj.npz`, then
 rebuilds `<out>/results.md` and `<out>/<dataset>_projection.png` from everything in the folder, so several runs
-(baselines, checkpoints, protocols, probe settings) into one folder give one table and one figure. `<probe>` is the
+(baselines, checkpoints, protocols, probe settings) into one folder give one table and one figure. A results.md
+that matpac-eval did not write (no `TABLE_MARKER` line, no table header of its own) is never overwritten: the CLI
+refuses such an --out before any work (`check_table`). `<probe>` is the
 probe's identity (`probe_id`): its kind, plus every setting that differs from the CLI's defaults (`linear`,
 `linear-lr3e-05`, `linear-wd0-batch64`, `logreg-C0.5`). A run replaces only its own earlier result (same task,
 probe identity and embedder identity); `unique_name` gives any other embedder a new name.
@@ -24,6 +26,11 @@ TABLE_HEADER = (
     "| task | data | protocol | checkpoint | probe | lr | metric | mean ± std (%) | runs | dim | embed s | probe s |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
+# The last line of the results.md this module writes (an HTML comment: invisible when rendered). A results.md is
+# matpac-eval's when it has this line or, written before the line existed, starts with the table header's first
+# columns (every version's header began so); any other results.md is never overwritten (`check_table`).
+TABLE_MARKER = "<!-- written by matpac-eval: rebuilt from the result JSON files in this folder on every run -->"
+OLD_HEADER_START = "| task | data | protocol | checkpoint | probe |"
 # Short names of the probe settings in a probe identity (`probe_id`), in this order.
 PROBE_TAGS = {"lr": "lr", "weight_decay": "wd", "batch_size": "batch", "max_epochs": "ep", "patience": "pat",
               "val_fraction": "val", "C": "C"}
@@ -116,9 +123,40 @@ def load_results(out: Path) -> list[dict]:
     return res
 
 
-def write_table(out: Path) -> Path:
+def table_owner_problem(out: Path) -> str | None:
+    """None when `out/results.md` may be (re)written: absent, empty, or written by matpac-eval; else why not."""
     p = out / "results.md"
-    p.write_text(markdown_table(load_results(out)))
+    if not p.exists() and not p.is_symlink():
+        return None
+    if not p.is_file():
+        return "it is not a regular file"
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return "it is not matpac-eval's table"
+    except OSError as e:
+        return f"it cannot be read: {e.strerror or e}"
+    if not text.strip() or TABLE_MARKER in text or text.lstrip().startswith(OLD_HEADER_START):
+        return None
+    first = text.strip().splitlines()[0]
+    return f"it starts {first[:60]!r}" + ("..." if len(first) > 60 else "")
+
+
+def check_table(out: Path) -> None:
+    """Refuse (ValueError, one line) an --out whose results.md matpac-eval did not write: it would be replaced."""
+    why = table_owner_problem(out)
+    if why is not None:
+        raise ValueError(f"--out {out} holds a results.md that matpac-eval did not write ({why}); choose another "
+                         "--out (matpac-eval rebuilds results.md there and never overwrites another tool's)")
+
+
+def write_table(out: Path) -> Path:
+    """Rebuild `out/results.md` (atomically) from every result JSON in `out`; refuses a results.md it did not write."""
+    check_table(out)
+    p = out / "results.md"
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(markdown_table(load_results(out)) + "\n" + TABLE_MARKER + "\n")
+    os.replace(tmp, p)
     return p
 
 
