@@ -13,9 +13,12 @@ anything is loaded or written (`read_state`, `verify`).
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import shutil
+import socket
 from pathlib import Path
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -73,16 +76,98 @@ def check_out(out: str | Path, resume: str) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a directory for the run")
     found = (["checkpoints"] if list_checkpoints(out) else []) + [n for n in RUN_FILES if (out / n).exists()]
+    if resume in ("", "auto") and found and "checkpoints" not in found:
+        # E.g. a --recipe tiny run (--ckpt-every 0) killed before its end: nothing to continue. Never deleted here.
+        doomed = [n for n in RUN_FILES if (out / n).exists()] + [n for n in ("tb",) if (out / n).exists()]
+        raise ValueError(f"--out {out} holds a run ({', '.join(found)}) but no checkpoint to continue it from: to "
+                         f"start over in it, delete {' and '.join(str(out / n) for n in doomed)}; or choose a new or "
+                         "empty --out")
     if not resume and found:
         raise ValueError(f"--out {out} already holds a run ({', '.join(found)}): continue it with --resume auto, "
                          "or choose a new or empty --out")
-    if resume == "auto" and found and "checkpoints" not in found:
-        raise ValueError(f"--out {out} holds a run ({', '.join(found)}) but no checkpoint to continue it from: "
-                         "choose a new or empty --out")
     if resume not in ("", "auto") and list_checkpoints(out):
         if Path(resume).resolve().parent != checkpoint_root(out).resolve():
             raise ValueError(f"--out {out} holds checkpoints of another run: resume {resume} into a new or empty "
                              f"--out, or use --resume auto to continue the run in {out}")
+
+
+LOCK_FILE = ".matpac-train.lock"
+_BUSY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)  # EACCES: a conflict as some NFS servers report it
+
+
+class OutLock:
+    """One writer per run folder: an exclusive `fcntl.flock` on `--out/.matpac-train.lock`, which holds the holder's
+    "pid host". Taken by the main process only (all ranks of one job share --out) and held for the run's lifetime;
+    the kernel drops it when the process dies, so a SIGKILLed run leaves at most a stale file, never a stale lock.
+    `release` removes the file (while still holding the lock: `acquire` re-checks that the file it locked is the one
+    at the path, so a process that opened the old file before the removal tries again)."""
+
+    def __init__(self, out: str | Path):
+        self.out = Path(out)
+        self.path = self.out / LOCK_FILE
+        self._fd: int | None = None
+        self._unsupported = False
+
+    def acquire(self) -> str | None:
+        """Lock (a no-op when held). ValueError when another process holds the lock; a file system without
+        flock (or a lock file that cannot be created) returns the reason as a warning text, once: never blocking."""
+        import fcntl
+
+        if self._fd is not None or self._unsupported:
+            return None
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                return self._degrade(f"cannot create {self.path} ({e.strerror or e})")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = _read_holder(fd) if e.errno in _BUSY else None
+                os.close(fd)
+                if holder is None:  # ENOLCK, EOPNOTSUPP, ENOSYS, ...: this file system does not lock
+                    return self._degrade(f"the file system cannot lock {self.path} ({e.strerror or e})")
+                raise ValueError(f"another process{holder} is writing --out {self.out}; wait for it to end or "
+                                 "choose another --out") from None
+            try:
+                st = os.stat(self.path)
+                same = (st.st_ino, st.st_dev) == (os.fstat(fd).st_ino, os.fstat(fd).st_dev)
+            except FileNotFoundError:
+                same = False
+            if not same:  # its holder removed it between our open and flock: lock the file now at the path
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            self._fd = fd
+            return None
+        return self._degrade(f"{self.path} keeps being replaced")
+
+    def _degrade(self, reason: str) -> str:
+        self._unsupported = True
+        return (f"--out {self.out}: {reason}; training without the lock: make sure no other process writes this "
+                "--out")
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_holder(fd: int) -> str:
+    """' (pid N)' or ' (pid N on HOST)' from the lock file; '' while its holder has not written it yet."""
+    try:
+        pid, _, host = os.pread(fd, 256, 0).decode(errors="replace").strip().partition(" ")
+    except OSError:
+        return ""
+    if not pid.isdigit():
+        return ""
+    return f" (pid {pid})" if host in ("", socket.gethostname()) else f" (pid {pid} on {host})"
 
 
 def write_state(path: Path, state: dict) -> None:

@@ -12,6 +12,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,11 +141,13 @@ _HELP = {
     "clip_grad": "gradient-norm clip (0 disables)",
     "grad_accum": "micro-batches per optimizer step (an epoch's last batches that cannot fill a step are not read)",
     "tau_t_warmup_epochs": "teacher temperature rises linearly over these epochs (end-points: --model tau_t_start/end)",
-    "log_every": "optimizer steps between log lines (the only host synchronisation)",
+    "log_every": "optimizer steps between log rows: history.jsonl, TensorBoard and the progress bar's figures, not "
+    "printed as lines (the loop's only host synchronisation)",
     "keep_last": "completed checkpoints to keep",
     "cpu": "force CPU even when a GPU is present",
     "deterministic": "torch.use_deterministic_algorithms (warn only)",
-    "progress": "show the progress bar",
+    "progress": "show the progress bar (stderr); false prints nothing until the final done: line (log rows still go "
+    "to history.jsonl and TensorBoard)",
 }
 
 
@@ -156,9 +160,16 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def _prog() -> str:
+    """The name the user typed: `train.py` (python train.py, torchrun, accelerate launch) or the `matpac-train` console
+    script; anything else (python -m, a test runner) reads as matpac-train."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name in ("train.py", "matpac-train") else "matpac-train"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="train.py",
+        prog=_prog(),
         description=(
             "Pre-train a MATPAC / M2D / MATPAC++ audio encoder. Run with `accelerate launch train.py ...` for "
             "multi-GPU (see configs/), or `python train.py ...` for one device. Defaults reproduce the paper's "
@@ -166,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Defaults shown are the paper recipe's; --recipe tiny changes some of them (see --print-config).",
     )
-    p.add_argument("--recipe", default="paper", choices=sorted(RECIPES), help="named defaults to start from")
+    p.add_argument("--recipe", default="paper", choices=sorted(RECIPES),
+                   help="named defaults to start from: paper (METHOD.md §5, for GPUs) or tiny (CPU-sized) "
+                   "(default: paper)")
     p.add_argument(
         "--model",
         action="append",
@@ -174,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a ModelConfig field (repeatable), e.g. --model alpha=1.0 --model center_mode=logit",
     )
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="check the options as a run would, print the resolved config (every model field) as JSON and "
+                   "exit")
     for section, cls in _SECTIONS.items():
         g = p.add_argument_group(section)
         for f in dataclasses.fields(cls):
@@ -221,16 +236,63 @@ def parse_model_overrides(items: list[str]) -> dict[str, Any]:
         k, v = item.split("=", 1)
         if k not in fields:
             raise ValueError(f"--model {k}: unknown model field; known: {', '.join(sorted(fields))}")
+        if k == "name":
+            raise ValueError(_name_is_preset(v))
         default = fields[k].default
         try:
             out[k] = _coerce(v, default) if default is not dataclasses.MISSING else v
+        except argparse.ArgumentTypeError:  # _parse_bool
+            raise ValueError(f"--model {k}={v}: expected true/false") from None
         except (ValueError, json.JSONDecodeError):
             raise ValueError(f"--model {k}={v}: expected a value like {default!r}") from None
     return out
 
 
+def _name_is_preset(name: str) -> str:
+    from matpac_fast.config import PRESETS
+
+    use = f"use --preset {name}" if name in PRESETS else f"use --preset with one of {', '.join(sorted(PRESETS))}"
+    return f"--model name={name}: the model's name is its preset: {use}"
+
+
+def model_config(cfg: TrainConfig, stats: dict | None = None):
+    """The ModelConfig a run of `cfg` trains: the --preset, then the --model overrides, the front end's normalisation
+    pair (M2D: the shard set's dataset mean / std, from `stats`, when it has them) and --kernels. Without `stats` (the
+    shards not read) an M2D front end keeps its fallback pair. One-line ValueError naming the option."""
+    from matpac_fast.config import PRESETS, get_model_config
+    from matpac_fast.frontend import get_spec
+
+    preset = cfg.run.preset
+    if preset not in PRESETS:
+        raise ValueError(f"--preset {preset!r}: choose one of {', '.join(sorted(PRESETS))}")
+    overrides = dict(cfg.model)
+    name = overrides.pop("name", preset)  # a resolved config (--print-config's output) carries its preset's name
+    if name != get_model_config(preset).name:
+        raise ValueError(_name_is_preset(name))
+    spec = get_spec(cfg.run.frontend)
+    mean, std = spec.norm_mean, spec.norm_std
+    stats = stats or {}
+    if spec.name == "m2d" and "mean" in stats:  # M2D normalises with dataset statistics (METHOD.md §1)
+        mean, std = float(stats["mean"]), float(stats["std"])
+    overrides.setdefault("norm_mean", mean)
+    overrides.setdefault("norm_std", std)
+    overrides.setdefault("use_kernels", cfg.run.kernels)
+    try:
+        return get_model_config(preset, **overrides)
+    except TypeError as e:
+        raise ValueError(f"--model: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"--model {str(e).removeprefix('ModelConfig: ')}") from None
+
+
 def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
     """Command line -> TrainConfig (recipe defaults, then explicit flags). Returns (config, print_only)."""
+    cfg, args = resolve_args(argv)
+    return cfg, args.print_config
+
+
+def resolve_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """As `resolve`, returning the parsed arguments (the recipe's name, --print-config) beside the config."""
     args = build_parser().parse_args(argv)
     cfg = TrainConfig.from_dict(json.loads(json.dumps(RECIPES[args.recipe])))
     for key, value in vars(args).items():
@@ -239,7 +301,7 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, bool]:
             setattr(getattr(cfg, section), name, value)
     cfg.model.update(parse_model_overrides(args.model))
     validate(cfg)
-    return cfg, args.print_config
+    return cfg, args
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -260,6 +322,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.run.keep_last >= 1, "--keep-last must be >= 1"),
         (cfg.run.max_nonfinite >= 1, "--max-nonfinite must be >= 1"),
         (cfg.run.frontend in ("matpac", "m2d"), "--frontend must be matpac or m2d"),
+        (isinstance(cfg.run.seed, int) and 0 <= cfg.run.seed <= 2**32 - 1,
+         f"--seed must be between 0 and {2**32 - 1} (2**32 - 1), got {cfg.run.seed}"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -292,6 +356,7 @@ def validate(cfg: TrainConfig) -> None:
              and not any(c in shards for c in "{*?["))  # patterns are expanded (and checked) by ShardSource.open
     if local and not Path(shards).exists():
         raise ValueError(f"--shards {shards}: no such directory or shard file; make one with make-shards")
+    model_config(cfg)  # --preset and the --model fields (the shards' statistics are checked when they are read)
 
 
 # Settings that may change when a run is resumed: cadence, display and implementation switches that change the numbers

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from matpac_fast import checkpoint as ckpt
 from matpac_fast.metrics import Throughput, mfu, peak_tflops
-from matpac_fast.train_config import TrainConfig, resolve
+from matpac_fast.train_config import TrainConfig, model_config, resolve_args
 
 
 class TrainingAborted(RuntimeError):
@@ -185,34 +185,10 @@ class Trainer:
         return TrainData(self.cfg, acc.process_index, acc.num_processes, pin=self.device.type == "cuda")
 
     def _model_config(self):
-        from matpac_fast.config import get_model_config
-        from matpac_fast.frontend import get_spec
-
-        overrides = dict(self.cfg.model)
-        spec = get_spec(self.cfg.run.frontend)
-        mean, std = spec.norm_mean, spec.norm_std
-        stats = self.data.stats or {}
-        if spec.name == "m2d" and "mean" in stats:  # M2D normalises with dataset statistics (METHOD.md §1)
-            mean, std = float(stats["mean"]), float(stats["std"])
-        overrides.setdefault("norm_mean", mean)
-        overrides.setdefault("norm_std", std)
-        overrides.setdefault("use_kernels", self.cfg.run.kernels)
-        try:
-            return get_model_config(self.cfg.run.preset, **overrides)
-        except TypeError as e:
-            raise ValueError(f"--model: {e}") from None
-        except ValueError as e:
-            raise ValueError(f"--model {str(e).removeprefix('ModelConfig: ')}") from None
+        return model_config(self.cfg, self.data.stats)
 
     def _check_model_fits_data(self) -> None:
-        """The model's input is the shards' log-mel: a --model n_mels other than the shard set's is refused here, in
-        one line, before anything is built (the loader's crop follows --model crop_frames, so the crop always fits)."""
-        n_mels = ((self.data.stats or {}).get("frontend") or {}).get("n_mels")
-        if n_mels is not None and int(n_mels) != self.model_cfg.n_mels:
-            raise ValueError(
-                f"--model n_mels={self.model_cfg.n_mels}: the shards of --shards {self.cfg.data.shards} hold "
-                f"{int(n_mels)}-mel log-mels, the model's input: drop --model n_mels (or pass n_mels={int(n_mels)})"
-            )
+        _check_model_fits_shards(self.cfg, self.model_cfg, self.data.stats)
 
     def _warn_short_clips(self) -> None:
         """One warning line when the shards' clips average fewer frames than the model's crop: padded (short=pad),
@@ -571,10 +547,7 @@ class Trainer:
         if u is not None:
             row["mfu"] = u
         if int(nonfinite_run) >= self.cfg.run.max_nonfinite:
-            raise TrainingAborted(
-                f"{int(nonfinite_run)} consecutive non-finite losses at step {self.step}: resume from an earlier "
-                f"checkpoint with a lower --lr (--resume PATH --lr X), or start a new run with --precision bf16"
-            )
+            raise TrainingAborted(self._nonfinite_advice(int(nonfinite_run)))
         k = self.model_cfg.n_prototypes
         ent = row.get("teacher_entropy")
         if ent is not None and self.accelerator.is_main_process and (ent < 0.05 * math.log(k) or
@@ -590,6 +563,22 @@ class Trainer:
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", pred=f"{row.get('loss_pred', 0):.3f}",
                             cls=f"{row.get('loss_cls', 0):.3f}", sps=f"{row['samples_per_s']:.0f}")
         return row
+
+    def _nonfinite_advice(self, n: int) -> str:
+        """The abort line for `n` non-finite losses in a row: what to do depends on what exists (a checkpoint in
+        --out to resume, with the free --lr / --clip-grad) and on what was used (fp16 overflows where bf16 does not)."""
+        r, o = self.cfg.run, self.cfg.optim
+        knobs = "a lower --lr" + (" and --clip-grad > 0 (the recipe's is 3.0)" if o.clip_grad == 0 else "")
+        ckpts = ckpt.list_checkpoints(self.out)
+        if ckpts:  # skipped steps leave the weights as they were: the latest checkpoint is still finite
+            advice = (f"resume with {knobs} (--resume auto --lr X continues from {ckpts[-1].name}; --resume PATH "
+                      "picks an earlier checkpoint)")
+        else:
+            advice = (f"there is no checkpoint to resume: start a new run with {knobs}, in a new --out (or delete "
+                      f"{self.out / 'history.jsonl'} and {self.out / 'tb'} first)")
+        if r.precision == "fp16":
+            advice += "; or start a new run with --precision bf16 (fp16's range overflows sooner)"
+        return f"{n} consecutive non-finite losses at step {self.step}: {advice}"
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def _check_finite(self) -> None:
@@ -640,6 +629,9 @@ class Trainer:
 
         path = ckpt.resolve_resume(self.cfg.run.resume, self.out)
         if path is None:
+            if self.cfg.run.resume == "auto" and self.accelerator.is_main_process:  # a typo'd --out reads the same
+                print(f"note: --resume auto: no checkpoint in --out {self.out}, starting a new run", file=sys.stderr,
+                      flush=True)
             return None
         state = self._checked(path, ckpt.read_state)
         later = [p.name for p in ckpt.list_checkpoints(self.out) if int(p.name[5:]) > int(state.get("step", 0))]
@@ -781,6 +773,14 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv)
 
 
+def _lock(lock: ckpt.OutLock) -> None:
+    """Take the --out lock (ValueError when another process holds it); a file system that cannot lock gets a
+    warning, not a refusal."""
+    problem = lock.acquire()
+    if problem:
+        print(f"warning: {problem}", file=sys.stderr, flush=True)
+
+
 def _launch_rank() -> tuple[int, int]:
     """(rank, world size) as the launcher (torchrun, accelerate launch) set them, before any process group exists."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -812,19 +812,75 @@ def _fail(line: str, rank: int, world: int, stopping: bool = False) -> int:
     return 2
 
 
+def _check_model_fits_shards(cfg: TrainConfig, model_cfg, stats: dict | None) -> None:
+    """The model's input is the shards' log-mel: a --model n_mels other than the shard set's is refused, in one line,
+    before anything is built (the loader's crop follows --model crop_frames, so the crop always fits)."""
+    n_mels = ((stats or {}).get("frontend") or {}).get("n_mels")
+    if n_mels is not None and int(n_mels) != model_cfg.n_mels:
+        raise ValueError(
+            f"--model n_mels={model_cfg.n_mels}: the shards of --shards {cfg.data.shards} hold "
+            f"{int(n_mels)}-mel log-mels, the model's input: drop --model n_mels (or pass n_mels={int(n_mels)})"
+        )
+
+
+def _resolved_config(cfg: TrainConfig) -> tuple[dict, str | None]:
+    """--print-config: the config as a run would use it, checked as a run checks it: every ModelConfig field
+    resolved (a local shard set's stats.json and sizes.json are read, as the run reads them, for the front end, n_mels
+    and M2D's dataset mean / std; remote sets are not fetched). Returns (config, a note when a field could not be
+    resolved without the shards)."""
+    from matpac_fast.data import ShardSource, check_spec
+
+    shards, stats, note = cfg.data.shards, None, None
+    if shards.startswith("pipe:") or "://" in shards:
+        if cfg.run.frontend == "m2d":
+            note = (f"note: --print-config does not fetch --shards {shards}: norm_mean / norm_std are the m2d front "
+                    "end's fallback pair; the run uses the set's stats.json mean / std")
+    else:
+        stats = ShardSource.open(shards).stats
+        if not shards.startswith("synthetic:"):
+            check_spec(cfg.run.frontend, stats)
+    model = model_config(cfg, stats)
+    _check_model_fits_shards(cfg, model, stats)
+    return {**cfg.to_dict(), "model": model.to_dict()}, note
+
+
+def _paper_recipe_on_cpu(args, cfg: TrainConfig) -> str | None:
+    """One note when the paper's recipe (a ViT-B at batch 256 per device, for GPUs) starts without a CUDA device."""
+    if args.recipe != "paper" or cfg.run.preset == "tiny" or torch.cuda.is_available():
+        return None
+    return (f"note: no CUDA GPU: the paper recipe (preset {cfg.run.preset}, batch {cfg.data.batch_size} per device) is "
+            "meant for GPUs and will be very slow on the CPU; --recipe tiny is the CPU-sized one")
+
+
 def _main(argv: list[str] | None) -> int:
     rank, world = _launch_rank()
     trainer = None
+    lock = None
     try:
-        cfg, print_only = resolve(argv)
-        if print_only:
+        cfg, args = resolve_args(argv)
+        if args.print_config:
+            resolved, note = _resolved_config(cfg)
             if rank == 0:
-                print(json.dumps(cfg.to_dict(), indent=1))
+                if note:
+                    print(note, file=sys.stderr, flush=True)
+                print(json.dumps(resolved, indent=1))
             return 0
+        # One writer per --out (a Slurm requeue or a double submit would interleave two runs' checkpoints and rows):
+        # the main process locks it for the run's lifetime; all ranks of one job share it. An --out that does not
+        # exist yet is locked when it is created, after the checks below: a bad option leaves no run directory.
+        if rank == 0:
+            lock = ckpt.OutLock(cfg.run.out)
+            if Path(cfg.run.out).is_dir():
+                _lock(lock)
+            note = _paper_recipe_on_cpu(args, cfg)
+            if note:
+                print(note, file=sys.stderr, flush=True)
         ckpt.check_out(cfg.run.out, cfg.run.resume)  # never mix two runs in one folder
         # Validates data, model and the checkpoint to resume first: a bad option leaves no empty run directory.
         trainer = Trainer(cfg)
         os.makedirs(cfg.run.out, exist_ok=True)
+        if lock is not None:
+            _lock(lock)
         result = trainer.train()
     except (ValueError, TrainingAborted) as e:
         return _fail(f"error: {e}", rank, world, stopping=trainer is not None and trainer._stop_requested)
@@ -836,6 +892,9 @@ def _main(argv: list[str] | None) -> int:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return _fail(f"error: process {rank}: {type(e).__name__}: {first}", rank, world)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     if trainer.accelerator.is_main_process:
         last = result["history"][-1] if result["history"] else {}
         note = " (stopped by signal, checkpoint written)" if result["stopped_early"] else ""

@@ -139,6 +139,33 @@ def test_reusing_out_without_resume_is_refused_and_touches_nothing(run2, tmp_pat
     assert _snapshot(out) == before
 
 
+def test_run_without_a_checkpoint_says_how_to_start_over_not_to_resume(run2, tmp_path, capsys):
+    # A --recipe tiny run (--ckpt-every 0) SIGKILLed before its end leaves history.jsonl and tb/ but no checkpoint:
+    # suggesting --resume auto (which then refuses) was a dead end; the line names the files to delete instead.
+    out, _ = _copy(run2, tmp_path)
+    shutil.rmtree(out / "checkpoints")
+    (out / "encoder.pt").unlink()
+    before = _snapshot(out)
+    expected = (f"error: --out {out} holds a run (history.jsonl) but no checkpoint to continue it from: to start over "
+                f"in it, delete {out / 'history.jsonl'} and {out / 'tb'}; or choose a new or empty --out")
+    for resume in ([], ["--resume", "auto"]):
+        rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "4", *resume)
+        assert rc == 2 and _one_line(err) == expected
+    assert _snapshot(out) == before  # nothing deleted for the user
+    (out / "history.jsonl").unlink()
+    shutil.rmtree(out / "tb")
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "1")  # as the line says: starts over
+    assert rc == 0, err
+
+
+def test_resume_auto_on_an_out_without_any_run_says_it_starts_a_new_one(tmp_path, capsys):
+    # A typo'd --out used to start a fresh run silently.
+    rc, _, err = _main(capsys, *SYN, "--out", str(tmp_path / "run"), "--max-steps", "1", "--resume", "auto")
+    assert rc == 0
+    assert err.strip().splitlines() == [f"note: --resume auto: no checkpoint in --out {tmp_path / 'run'}, starting a "
+                                        "new run"]
+
+
 def test_resume_auto_never_starts_over_on_a_run_without_a_usable_checkpoint(run2, tmp_path, capsys):
     # A run's files but no checkpoint: --resume auto would otherwise start afresh and append to its history.
     out, ckpt = _copy(run2, tmp_path)
@@ -196,6 +223,50 @@ def test_resume_may_lower_lr_and_clip_to_recover_from_a_divergence(run2, tmp_pat
     assert re.search(r"--clip-grad \S+ -> 1\.0", changed) and re.search(r"--lr \S+ -> 1e-05", changed), changed
 
 
+# ------------------------------------------------------------------------------ one writer per --out (a lock)
+_HOLD = ("import sys, time\nfrom matpac_fast.checkpoint import OutLock\nlock = OutLock(sys.argv[1])\n"
+         "assert lock.acquire() is None\nprint('locked', flush=True)\ntime.sleep(120)\n")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_second_process_on_the_same_out_is_refused_and_a_killed_holder_leaves_no_lock(run2, tmp_path, capsys):
+    # A Slurm requeue or double submit: two processes writing one --out crashed one of them and logged steps twice.
+    out, _ = _copy(run2, tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = _snapshot(out)
+        for resume in (["--resume", "auto"], []):  # refused before anything else is looked at or touched
+            rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "3", *resume)
+            assert rc == 2 and _one_line(err) == (f"error: another process (pid {holder.pid}) is writing --out {out}; "
+                                                  "wait for it to end or choose another --out")
+        assert _snapshot(out) == before
+    finally:
+        holder.kill()  # SIGKILL: no clean-up, its lock file stays behind
+        holder.wait()
+    assert (out / ".matpac-train.lock").exists()
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "3", "--resume", "auto")
+    assert rc == 0, err  # the kernel dropped the dead process's lock
+    assert not (out / ".matpac-train.lock").exists()  # a run removes its lock file when it ends
+
+
+def test_file_system_without_locks_is_a_warning_not_a_refusal(tmp_path, capsys, monkeypatch):
+    import errno
+    import fcntl
+
+    def flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    out = tmp_path / "run"
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "1")
+    assert rc == 0
+    warned = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert warned == [f"warning: --out {out}: the file system cannot lock {out / '.matpac-train.lock'} (No locks "
+                      "available); training without the lock: make sure no other process writes this --out"]
+
+
 # ------------------------------------------------------------------------------------- 4: damaged checkpoints
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -243,6 +314,82 @@ def test_bad_model_and_optimizer_values_are_one_line_errors(tmp_path, capsys, ar
     rc, _, err = _main(capsys, *SYN, "--out", str(tmp_path / "run"), "--max-steps", "2", *argv)
     assert rc == 2 and message in _one_line(err)
     assert not (tmp_path / "run").exists()
+
+
+_BAD_OPTIONS = [
+    # a boolean field: argparse's ArgumentTypeError escaped as a traceback (exit 1)
+    (["--model", "use_kernels=maybe"], "error: --model use_kernels=maybe: expected true/false"),
+    (["--model", "target_standardize=2"], "error: --model target_standardize=2: expected true/false"),
+    # the option named was --model, the text get_model_config's
+    (["--preset", "foo"], "error: --preset 'foo': choose one of m2d, matpac, matpac_plusplus, tiny"),
+    (["--model", "name=foo"], "error: --model name=foo: the model's name is its preset: use --preset with one of "
+                              "m2d, matpac, matpac_plusplus, tiny"),
+    # numpy's text, no option named
+    (["--seed", "-3"], "error: --seed must be between 0 and 4294967295 (2**32 - 1), got -3"),
+    (["--seed", "4294967296"], "error: --seed must be between 0 and 4294967295 (2**32 - 1), got 4294967296"),
+]
+
+
+@pytest.mark.parametrize("argv, line", _BAD_OPTIONS)
+def test_bad_option_names_the_option(tmp_path, capsys, argv, line):
+    rc, _, err = _main(capsys, *SYN, "--out", str(tmp_path / "run"), "--max-steps", "1", *argv)
+    assert rc == 2 and _one_line(err) == line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, line", [
+    *_BAD_OPTIONS,
+    (["--model", "depth=-1"], "error: --model depth=-1 must be a positive integer"),
+    (["--model", "alpha=nan"], "error: --model alpha=nan must be in [0, 1]"),
+    (["--model", "center_mode=foo"], "error: --model center_mode='foo': use 'prob' or 'logit'"),
+])
+def test_print_config_checks_the_options_as_a_run_does(capsys, argv, line):
+    # It printed JSON and exited 0 for values the run then refused.
+    rc, out, err = _main(capsys, *SYN, "--print-config", *argv)
+    assert rc == 2 and out == "" and _one_line(err) == line
+
+
+def test_print_config_shows_the_model_config_the_run_uses(run2, capsys):
+    # Every ModelConfig field, as the run resolved it (its config.json), not only the --model overrides.
+    rc, out, err = _main(capsys, *SYN, "--out", str(run2), "--max-steps", "2", "--print-config")
+    assert rc == 0 and err == ""
+    printed = json.loads(out)
+    assert printed["model"] == json.loads((run2 / "config.json").read_text())["model"]
+    assert printed["run"]["preset"] == printed["model"]["name"] == "tiny"
+    from matpac_fast.train_config import TrainConfig, model_config
+
+    assert model_config(TrainConfig.from_dict(printed)).to_dict() == printed["model"]  # it reads back
+    # A remote set is not fetched: an M2D front end's normalisation then comes from its stats.json at run time.
+    rc, out, err = _main(capsys, "--shards", "https://example.invalid/s-{000000..000001}.tar", "--frontend", "m2d",
+                         "--print-config")
+    assert rc == 0 and json.loads(out)["model"]["norm_mean"] == -7.1
+    assert err.startswith("note: --print-config does not fetch --shards") and len(err.splitlines()) == 1
+
+
+def test_help_names_the_program_and_the_recipe_default(monkeypatch):
+    from matpac_fast.train_config import build_parser
+
+    for argv0, prog in (("/venv/bin/matpac-train", "matpac-train"), ("train.py", "train.py")):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        text = build_parser().format_help()
+        assert text.startswith(f"usage: {prog} "), text[:80]
+    recipe = re.search(r"--recipe \{paper,tiny\}\s+(.*?)\n  --", text, re.S).group(1)
+    assert "(default: paper)" in " ".join(recipe.split())
+
+
+def test_paper_recipe_without_a_gpu_gets_one_note(tmp_path, capsys, monkeypatch):
+    import torch
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "history.jsonl").write_text("")  # refused after the note: nothing as big as the paper's model is built
+    note = "note: no CUDA GPU: the paper recipe (preset matpac, batch 256 per device) is meant for GPUs"
+    for cuda, recipe, expected in ((False, [], 1), (False, ["--recipe", "tiny"], 0), (True, [], 0)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        rc = T.main([*recipe, *SYN, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and sum(line.startswith(note) for line in err.splitlines()) == expected, err
+        assert "--recipe tiny is the CPU-sized one" in err or not expected
 
 
 def _shards(tmp_path, n_frames: int = 640, n: int = 16) -> Path:
@@ -359,6 +506,14 @@ def test_two_process_error_is_printed_once(run2, tmp_path):
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "already holds a run" in errors[0], proc.stderr[-3000:]
+
+
+def test_two_process_run_takes_one_lock_and_finishes(tmp_path):
+    # The main process alone locks --out (the other rank shares it): a normal 2-process run is not refused by itself.
+    out = tmp_path / "run"
+    proc = _torchrun(tmp_path, *SYN, "--out", str(out), "--max-steps", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: step 2") == 1 and not (out / ".matpac-train.lock").exists()
 
 
 def test_two_process_shard_error_is_one_line_without_a_rank_traceback(tmp_path):

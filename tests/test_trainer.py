@@ -208,6 +208,22 @@ def test_nonfinite_losses_abort_with_clear_message(tmp_path, capsys):
     assert "consecutive non-finite losses" in err and "--lr" in err
 
 
+@pytest.mark.parametrize("ckpt_every", ["0", "1"])
+def test_nonfinite_abort_advice_fits_what_exists_and_what_was_used(tmp_path, capsys, ckpt_every):
+    # The line said "resume from an earlier checkpoint ... or start a new run with --precision bf16" with no
+    # checkpoint in --out and with --precision no already (the tiny recipe).
+    rc = main([*TINY, "--out", str(tmp_path), "--max-steps", "40", "--lr", "1e30", "--max-nonfinite", "2",
+               "--clip-grad", "0", "--ckpt-every", ckpt_every])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and line.startswith("error: 2 consecutive non-finite losses at step ")
+    assert "--precision" not in line and "--clip-grad > 0" in line
+    if ckpt_every == "0":
+        assert "there is no checkpoint to resume: start a new run with a lower --lr" in line
+        assert f"delete {tmp_path / 'history.jsonl'} and {tmp_path / 'tb'}" in line and "--resume" not in line
+    else:
+        assert "resume with a lower --lr" in line and "--resume auto --lr X continues from step_" in line
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
