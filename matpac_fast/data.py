@@ -26,6 +26,8 @@ the samples outside it. Every rank yields `batches_per_epoch` batches:
     is then every key exactly once, divisible or not.
 Samples a worker cannot use (a corrupt or missing shard, a short clip under short="drop") are replaced the same
 way — by reading on past the end of its range, flagged `filled` — so the batch counts never change: DDP never hangs.
+Plans follow sizes.json: a shard holding fewer samples than it lists loses the missing ones (replaced the same way),
+extra samples are not read; either is warned about (on_error="raise": raised, as for a corrupt shard).
 
 `resampled`: each worker draws shards with replacement (seeded by seed, epoch, rank, worker) and yields exactly its
 share of floor(samples_per_epoch / (world B)) batches per rank; it never runs dry. samples_per_epoch (>= 1, resampled
@@ -35,7 +37,9 @@ Readers: a local shard is mmap'd and indexed (matpac_fast.data_tar.TarIndex); a 
 .npy payload and only the time crop is copied, straight into the batch. In exact mode that reader shuffles a
 worker's whole range (a uniform permutation); a streamed shard (URL, `pipe:` command, or reader="stream") is read
 sequentially through a seeded shuffle buffer of `shuffle_buffer` cropped samples. Only .npy (raw float16, never
-unpickled) and .json payloads are decoded.
+unpickled) and .json payloads are decoded. A shard command (`pipe:`, or gopen's curl for URLs) is killed as soon as
+its shard is left, and when the loader stops (epoch end, error, or an early `break`) even while a worker is blocked
+reading it, so stopping early is prompt and leaves no command running.
 
 Batches (dicts): "lms" float16 (B, 1, n_mels, crop) CPU tensor (pinned by the DataLoader when pin_memory and CUDA);
 "key" [str]; "filled" bool (B,) (re-drawn samples, see above); "labels" [[int]] (with_labels only); "worker" int;
@@ -54,13 +58,18 @@ says.
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import glob
 import json
 import math
+import multiprocessing
 import os
 import re
 import signal
+import subprocess
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -105,7 +114,9 @@ class DataConfig:
     pad_value: float | None = None  # raw log-mel; None = `default_pad_value` of the shards' front end
     reader: str = "auto"  # "auto" (indexed for local files, stream otherwise) | "indexed" | "stream"
     with_labels: bool = False
-    on_error: str = "warn"  # "warn": warn, count and skip a bad shard | "raise"
+    # "warn": warn, count and skip a bad shard or clip (and warn of a sample count that differs from sizes.json)
+    # | "raise": raise a ShardError naming the shard instead
+    on_error: str = "warn"
     # DataLoader workers recycle prefetch_factor + 2 shared-memory batch buffers each (about 2x faster on 2 cores):
     # a batch's "lms" is then valid until ~2 x num_workers further batches have been fetched. Consume it or move it
     # to the device (pinning copies it) before then; set False to get fresh tensors you may keep (e.g. list(loader)).
@@ -191,11 +202,124 @@ def read_bytes(url: str) -> bytes:
 
 
 def open_stream(url: str):
+    """A binary stream of the shard at `url`: a local file, or the output of a command (`pipe:`, or the one
+    WebDataset's gopen runs for http(s)://, gs://, ...) wrapped in a `_CommandStream` that stops it on close()."""
     if is_local(url):
         return open(_local_path(url), "rb", buffering=1 << 20)
+    if url.startswith("pipe:"):
+        from webdataset import utils as wds_utils
+
+        if wds_utils.enforce_security:  # as WebDataset's own gopen_pipe does under WDS_SECURE=1
+            raise ValueError(f"{url}: pipe: URLs are disabled (WDS_SECURE=1)")
+        # Its own session: the command's process group can be stopped as a whole (`sh -c "sleep 5 && cat x"`
+        # forks; killing the shell alone would leave the rest running), and the Ctrl-C / SIGTERM that a training
+        # run's process group receives (handled by finishing the step, see _worker_signals) does not cut the
+        # stream mid-shard.
+        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                bufsize=1 << 20, start_new_session=True)
+        return _CommandStream(proc, proc.stdout, own_group=True)
     from webdataset.gopen import gopen
 
-    return gopen(url, "rb", bufsize=1 << 20)
+    f = gopen(url, "rb", bufsize=1 << 20)
+    proc = getattr(f, "proc", None)  # gopen's Pipe: a direct child (curl, gsutil, ...), not run through a shell
+    return f if proc is None else _CommandStream(proc, f.stream, own_group=False, keep=f)
+
+
+class LoaderStopped(Exception):
+    """Raised in a DataLoader worker whose loader is stopping (loop left early, error): its batch is discarded."""
+
+
+_COMMANDS_LOCK = threading.Lock()
+_LIVE_COMMANDS: set[_CommandStream] = set()  # this process's shard commands still running
+_STOPPING = False  # set in a DataLoader worker when its loader stops: running commands killed, no new one started
+
+
+def _forget_parent_commands() -> None:
+    """In a forked child (a DataLoader worker): the registry's commands are the parent's, not ours to kill, and
+    its lock may have been held by another thread at the fork."""
+    global _COMMANDS_LOCK, _STOPPING
+    _COMMANDS_LOCK, _STOPPING = threading.Lock(), False
+    _LIVE_COMMANDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parent_commands)
+
+
+class _CommandStream:
+    """stdout of a shard command (`pipe:` or gopen's curl/gsutil/...). close() kills the command if it still runs
+    (it is only read to the end of the tar or of the segment needed) and reaps it, so that leaving a shard early,
+    an early `break` or a worker's exit never leaves it running. SIGKILL, as a DataLoader worker's commands
+    inherit its blocked SIGTERM (_worker_signals), and a blocked SIGTERM to the group would reach a shell that
+    later unblocks it, but not a child it forked meanwhile. Reads are the pipe's own (no per-read poll)."""
+
+    def __init__(self, proc: subprocess.Popen, stream, own_group: bool, keep=None):
+        self.proc, self.stream, self.own_group, self._keep = proc, stream, own_group, keep
+        self.read = stream.read
+        self._reaped = False
+        with _COMMANDS_LOCK:
+            if not _STOPPING:
+                _LIVE_COMMANDS.add(self)
+                return
+        self.close()
+        raise LoaderStopped("the loader is stopping")
+
+    def kill(self) -> None:
+        """SIGKILL the command (its whole process group when it has one). Only while it is unreaped: until then
+        its pid, which is also its group's id, cannot be reused."""
+        try:
+            if self.own_group:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            else:
+                os.kill(self.proc.pid, signal.SIGKILL)
+        except OSError:  # already gone
+            pass
+
+    def exit_status(self, wait_s: float = 0.1) -> int | None:
+        """The command's exit status once it has exited on its own (waiting up to wait_s), without reaping it."""
+        if not hasattr(os, "waitid"):
+            return None
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except OSError:
+                return None
+            if info is not None:
+                return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        with _COMMANDS_LOCK:
+            if self._reaped:
+                return
+            self._reaped = True  # from here on only this call signals or reaps it
+            _LIVE_COMMANDS.discard(self)
+        try:
+            self.stream.close()
+        except OSError:
+            pass
+        self.kill()  # a command that has finished is a zombie until reaped: harmless
+        self.proc.wait()
+
+
+def _stop_commands(reap_s: float = 0.0) -> None:
+    """Kill this process's running shard commands and refuse new ones (a DataLoader worker whose loader stops);
+    the reads blocked on them return at once. reap_s > 0: also reap them (the worker is about to exit)."""
+    global _STOPPING
+    with _COMMANDS_LOCK:
+        _STOPPING = True
+        live = list(_LIVE_COMMANDS)
+        for c in live:
+            c.kill()
+    deadline = time.monotonic() + reap_s
+    for c in live if reap_s > 0 else ():
+        try:
+            c.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except (subprocess.TimeoutExpired, OSError):
+            pass
 
 
 @dataclass
@@ -217,10 +341,12 @@ class ShardSource:
     @classmethod
     def open(cls, spec: str | Path | Sequence[str | Path], meta: str | None = None) -> ShardSource:
         """Open a shard set: a directory made by make-shards; shard files named by a brace pattern
-        ("dir/shards-{000000..000099}.tar") or a local glob ("dir/*.tar", "data/*" for every set in data/); URLs
-        or "pipe:" commands; or a list of any of these, concatenated in order (each shard at most once; their
-        front ends must agree). `meta` = where sizes.json / stats.json are when not beside the shard files (a
-        directory always uses its own). "synthetic:N" = SyntheticSource(n_clips=N). Errors are one-line ValueErrors.
+        ("dir/shards-{000000..000099}.tar") or a local glob ("dir/*.tar", "data/*" for every set in data/; a shard
+        that sizes.json lists and the glob would match but that is missing is kept, as the directory form keeps
+        it, to be warned about, counted and skipped when read); URLs or "pipe:" commands; or a list of any of
+        these, concatenated in order (each shard at most once; their front ends must agree). `meta` = where
+        sizes.json / stats.json are when not beside the shard files (a directory always uses its own).
+        "synthetic:N" = SyntheticSource(n_clips=N). Errors are one-line ValueErrors.
         """
         if isinstance(spec, str) and spec.startswith("synthetic:"):
             n = spec.split(":", 1)[1]
@@ -312,7 +438,8 @@ def _resolve(specs: list, meta: str | None) -> list[Path | tuple[list[str], set[
                                      "pattern, e.g. https://host/dir/shards-{000000..000099}.tar")
                 add_file(url, False)
             elif _GLOB_CHARS.search(_local_path(url)) and not os.path.exists(_local_path(url)):
-                found = sorted(glob.glob(_local_path(url)))
+                found = glob.glob(_local_path(url))
+                found = sorted(found + _listed_missing(_local_path(url), found, meta))
                 if not found:
                     raise ValueError(f"no file or directory matches {url}")
                 if not sum(add_local(f, True) for f in found):  # every match added (no short-circuit)
@@ -320,6 +447,37 @@ def _resolve(specs: list, meta: str | None) -> list[Path | tuple[list[str], set[
             else:
                 add_local(url, False)
     return parts
+
+
+def _listed_missing(pattern: str, found: list[str], meta: str | None) -> list[str]:
+    """Paths of the shards that a local glob misses because they are missing although the sizes.json of their
+    folder (or `meta`'s, when local) lists them under a name the pattern matches. A glob cannot list a missing
+    file, so without these the set would silently shrink; kept, they are warned about, counted and skipped at read
+    time, as the directory form and brace patterns do."""
+    head, tail = os.path.split(pattern)
+    if meta is not None and not is_local(meta):
+        return []
+    dirs = sorted(d for d in (glob.glob(head) if _GLOB_CHARS.search(head) else [head]) if os.path.isdir(d or "."))
+    present: dict[str, set[str]] = {}  # sizes.json -> names the glob found beside it
+    for f in found:
+        d, name = os.path.split(f)
+        present.setdefault(os.path.join(_local_path(meta), "sizes.json") if meta else os.path.join(d, "sizes.json"),
+                           set()).add(name)
+    out = []
+    for d in dirs:
+        sizes_path = os.path.join(_local_path(meta), "sizes.json") if meta else os.path.join(d, "sizes.json")
+        try:
+            listed = json.loads(Path(sizes_path).read_text())
+        except (OSError, ValueError):
+            continue  # no sizes.json here: the glob is all there is (_open_urls says what is wrong, if anything)
+        have = present.setdefault(sizes_path, set())
+        for name in listed if isinstance(listed, dict) else ():
+            hidden = name.startswith(".") and not tail.startswith(".")  # glob's * does not match a leading dot
+            if ("/" not in name and not hidden and name not in have and fnmatch.fnmatchcase(name, tail)
+                    and not os.path.lexists(os.path.join(d, name))):
+                have.add(name)  # once per sizes.json (meta: the first folder that could hold it)
+                out.append(os.path.join(d, name))
+    return out
 
 
 def _concat(parts: list[ShardSource]) -> ShardSource:
@@ -556,6 +714,7 @@ class Sample(NamedTuple):
     key: str
     arr: np.ndarray  # float16 (n_mels, T), possibly a view into a mapping or a payload
     labels: list[int] | None
+    shard: int  # index into the source's urls (for messages)
 
 
 def _labels(raw: bytes | None) -> list[int]:
@@ -573,7 +732,7 @@ class _IndexedReader:
 
     def get(self, shard: int, j: int) -> Sample:
         idx = self.cache.get(_local_path(self.urls[shard]))
-        return Sample(idx.keys[j], idx.array(j), _labels(idx.json_bytes(j)) if self.with_labels else None)
+        return Sample(idx.keys[j], idx.array(j), _labels(idx.json_bytes(j)) if self.with_labels else None, shard)
 
 
 class _SyntheticReader:
@@ -588,7 +747,7 @@ class _SyntheticReader:
     def get(self, shard: int, j: int) -> Sample:
         i = shard * self.source.per_shard + j
         return Sample(f"syn{i:09d}", self.source.array(shard, j),
-                      [i % self.source.n_classes] if self.with_labels else None)
+                      [i % self.source.n_classes] if self.with_labels else None, shard)
 
 
 class _StreamReader:
@@ -598,24 +757,35 @@ class _StreamReader:
         self.urls, self.with_labels = urls, with_labels
 
     def stream(self, seg: Segment) -> Iterator[Sample]:
+        """Samples seg.start .. seg.stop - 1 of the shard, read from its start. Once the generator is exhausted,
+        `seen` is (n, True) when the tar ended after its n-th sample, or (seg.stop + 1, False) when it holds more
+        than seg.stop samples (reading stops there)."""
+        self.seen: tuple[int, bool] | None = None
         f = open_stream(self.urls[seg.shard])
+        n = 0
         try:
-            for j, (key, parts) in enumerate(iter_stream_samples(f)):
-                if j >= seg.stop:
+            for key, parts in iter_stream_samples(f):
+                if n >= seg.stop:
+                    self.seen = (n + 1, False)
                     break
-                if j < seg.start:
+                n += 1
+                if n <= seg.start:
                     continue
                 if "npy" not in parts:
                     raise ShardError(f"sample {key!r} has no .npy member")
                 arr = npy_view(parts["npy"], 0, len(parts["npy"]))
-                yield Sample(key, arr, _labels(parts.get("json")) if self.with_labels else None)
+                yield Sample(key, arr, _labels(parts.get("json")) if self.with_labels else None, seg.shard)
+            else:
+                self.seen = (n, True)
+        except _SHARD_EXCEPTIONS as e:
+            if _STOPPING:  # our own kill cut the stream: not a bad shard
+                raise LoaderStopped("the loader is stopping") from None
+            status = f.exit_status() if isinstance(f, _CommandStream) else None
+            if status:  # e.g. a fetch that failed: say so rather than only "truncated tar"
+                raise ShardError(f"{e}; its command exited with status {status}") from e
+            raise
         finally:
-            try:
-                f.close()
-            except OSError:
-                # A pipe closed before its command finished writing exits with SIGPIPE: our doing, not an error
-                # (a command that failed early has already shown up as a truncated tar).
-                pass
+            f.close()  # a command still running (segment ended before the tar, or early stop) is stopped
 
 
 def _make_reader(source, cfg: DataConfig):
@@ -649,7 +819,12 @@ def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Ite
 @dataclass
 class WorkerCounters:
     skipped_shards: int = 0  # shards warned about and skipped (each counted once per worker and epoch)
-    skipped_samples: int = 0  # short clips dropped, samples of a shard cut short
+    # Samples of this worker's share of the epoch (its plan; in resampled mode, its draws) that it could not use:
+    # clips dropped (shorter than the crop under short="drop", or malformed) and samples lost to a bad shard
+    # (unreadable, cut short, or holding fewer samples than sizes.json lists). Each is replaced by a re-drawn
+    # sample, so in exact mode `filled` = skipped_samples + the remainder="fill" top-up. Samples met while
+    # re-drawing (filling) are not counted: they were never part of the share.
+    skipped_samples: int = 0
     filled: int = 0  # samples re-drawn to keep the batch count
 
 
@@ -669,6 +844,8 @@ class WorkerIterator:
         self.counters = WorkerCounters()
         self.bad: set[int] = set()
         self._rejects = 0  # consecutive unusable clips
+        self._filling = False  # past this worker's share (exact mode: re-drawing); losses then not counted
+        self._miscounted: set[int] = set()  # shards whose sample count differs from sizes.json (reported once)
         self.shared_memory = shared_memory
         # In a DataLoader worker, warnings travel with the batches and ShardLoader issues them in the main process
         # (once there, in order with its own output) instead of each worker printing its own copy to stderr.
@@ -700,11 +877,34 @@ class WorkerIterator:
             warnings.warn(f"skipping shard {url}: {err} (its samples are replaced by others; check the set with "
                           "verify-shards)", stacklevel=2)
 
+    def _lost(self, n: int) -> None:
+        """n samples of this worker's share could not be used (see WorkerCounters.skipped_samples)."""
+        if not self._filling:
+            self.counters.skipped_samples += n
+
+    def _check_count(self, shard: int, n: int, exact: bool) -> None:
+        """A shard holding n samples (exact) or more than n - 1 (not exact) where sizes.json lists another count.
+        The plans (and every rank's batch count) follow sizes.json: missing samples are replaced by others, extra
+        ones are never read. Warned once per text (the shard's counts, not a segment's, so every worker that meets
+        it says the same), or raised with on_error="raise": the set does not match its sizes.json."""
+        listed = self.sizes[shard]
+        if n == listed or (n < listed and not exact) or shard in self._miscounted:
+            return
+        self._miscounted.add(shard)
+        url = self.source.urls[shard]
+        what, effect = ((f"{n} samples where sizes.json lists {listed}", "the missing ones are replaced by others")
+                        if n < listed else
+                        (f"more samples than the {listed} that sizes.json lists", "the extra ones are not used"))
+        if self.cfg.on_error == "raise":
+            raise ShardError(f"{url}: {what}; check the set with verify-shards")
+        warnings.warn(f"{url}: {what} ({effect}; check the set with verify-shards)", stacklevel=3)
+
     # -- samples ----------------------------------------------------------------------------------------------
     def _read_segments(self, segments) -> Iterator[Sample]:
         """Samples of the segments, in order (random-access readers fetch them lazily); bad shards skipped."""
         for seg in segments:
             if seg.shard in self.bad:
+                self._lost(seg.stop - seg.start)
                 continue
             if self.reader.random_access:
                 for s, j in self._refs([seg]):
@@ -718,35 +918,37 @@ class WorkerIterator:
                     got += 1
                     yield sample
             except _SHARD_EXCEPTIONS as e:
+                self._lost(seg.stop - seg.start - got)  # the stream's samples after the fault
                 self._fail(seg.shard, e)
                 continue
-            if got < seg.stop - seg.start:
-                self.counters.skipped_samples += seg.stop - seg.start - got
-                warnings.warn(f"{self.source.urls[seg.shard]}: {got} samples where sizes.json promised "
-                              f"{seg.stop - seg.start} (check the set with verify-shards)", stacklevel=2)
+            self._check_count(seg.shard, *self.reader.seen)
+            self._lost(seg.stop - seg.start - got)  # > 0 when the tar ended early (fewer samples than listed)
 
     def _refs(self, segments) -> Iterator[tuple[int, int]]:
         for seg in segments:
             if seg.shard in self.bad:
+                self._lost(seg.stop - seg.start)
                 continue
             try:
                 n = self.reader.count(seg.shard)
             except _SHARD_EXCEPTIONS as e:
+                self._lost(seg.stop - seg.start)
                 self._fail(seg.shard, e)
                 continue
-            if n < seg.stop:
-                self.counters.skipped_samples += seg.stop - max(n, seg.start)
-                warnings.warn(f"{self.source.urls[seg.shard]}: {n} samples where sizes.json promised "
-                              f"{self.sizes[seg.shard]} (check the set with verify-shards)", stacklevel=2)
+            if n != self.sizes[seg.shard]:
+                self._check_count(seg.shard, n, True)
+                self._lost(max(0, seg.stop - max(n, seg.start)))
             for j in range(seg.start, min(seg.stop, n)):
                 yield seg.shard, j
 
     def _get(self, shard: int, j: int) -> Sample | None:
         if shard in self.bad:
+            self._lost(1)
             return None
         try:
             return self.reader.get(shard, j)
         except _SHARD_EXCEPTIONS as e:
+            self._lost(1)
             self._fail(shard, e)
             return None
 
@@ -806,7 +1008,7 @@ class WorkerIterator:
         for s in samples:
             out = np.empty((self.n_mels, self.cfg.crop_frames), np.float16)
             if self._crop_checked(out, s):
-                yield Sample(s.key, out, s.labels)
+                yield Sample(s.key, out, s.labels, s.shard)
 
     # -- crops and batches ------------------------------------------------------------------------------------
     def _crop_into(self, dst: np.ndarray, arr: np.ndarray) -> bool:
@@ -819,22 +1021,24 @@ class WorkerIterator:
             np.copyto(dst, arr[:, s : s + crop])
             return True
         if self.short == "drop":
-            self.counters.skipped_samples += 1
             return False
         dst[:, :T] = arr
         dst[:, T:] = self.pad_value
         return True
 
     def _crop_checked(self, dst: np.ndarray, sample: Sample) -> bool:
-        """_crop_into with a bad clip counted and skipped, and a guard against a set with no usable clip."""
+        """_crop_into with a dropped or malformed clip counted and skipped (a malformed one named with its shard,
+        or raised with on_error="raise"), and a guard against a set with no usable clip."""
         try:
             ok = self._crop_into(dst, sample.arr)
         except ShardError as e:
+            url = self.source.urls[sample.shard]
             if self.cfg.on_error == "raise":
-                raise
-            self.counters.skipped_samples += 1
-            warnings.warn(f"skipping sample {sample.key}: {e}", stacklevel=2)
+                raise ShardError(f"{url}: sample {sample.key}: {e}") from None
+            warnings.warn(f"skipping sample {sample.key} of {url}: {e}", stacklevel=2)
             ok = False
+        if not ok:
+            self._lost(1)
         self._rejects = 0 if ok else self._rejects + 1
         if self._rejects > 2 * self.source.total + self.cfg.batch_size:
             raise NoUsableData(f"no usable clip: every clip read is shorter than crop_frames={self.cfg.crop_frames} "
@@ -867,6 +1071,7 @@ class WorkerIterator:
             return
         for s in self._real():
             yield s, False
+        self._filling = True
         for s in self._top_up():
             yield s, True
 
@@ -939,23 +1144,41 @@ def _identity(x):
     return x
 
 
-def _worker_signals(worker_id: int) -> None:
+def _worker_signals(worker_id: int, stop=None) -> None:
     """DataLoader worker_init_fn: leave SIGINT/SIGTERM sent to the whole process group (Ctrl-C, `timeout`, Slurm,
     `kill -- -PGID`) to the main process, which decides when to stop (the trainer finishes its step and
     checkpoints), instead of dying mid-epoch and taking the main process down with "worker killed by signal".
     SIGINT is ignored. SIGTERM is blocked and read by a thread: from the parent (DataLoader shutdown, interpreter
-    exit) it ends the worker at once, as PyTorch's own worker handler does; from anyone else it is ignored. A
-    worker whose parent died exits through PyTorch's watchdog (within 5 s) or at the next SIGTERM."""
-    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: keep PyTorch's defaults
+    exit) it ends the worker at once, as PyTorch's own worker handler does, after killing (and reaping) the shard
+    commands it runs; from anyone else it is ignored. A worker whose parent died exits through PyTorch's watchdog
+    (within 5 s) or at the next SIGTERM.
+
+    `stop` (the read end of a pipe that ShardLoader writes to when the iteration ends, raises or is left early;
+    a pipe, not a multiprocessing Event, whose set() blocks forever once a waiting worker has exited): a thread
+    then kills the worker's running shard commands and refuses new ones, so a worker blocked reading a slow
+    `pipe:` / remote shard returns at once (its batch, discarded, ends in LoaderStopped) and the DataLoader's
+    shutdown does not wait out its 5 s join timeout."""
+    posix = hasattr(signal, "pthread_sigmask")  # else: keep PyTorch's defaults
+    if posix:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Before any thread starts: threads inherit the mask, and a group SIGTERM delivered to a thread that does
+        # not block it would end the worker by the default action ("worker killed by signal" in the trainer).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    if stop is not None:
+        def watch() -> None:
+            stop.poll(None)  # readable once written to; nobody reads it, so every worker sees it
+            _stop_commands()
+
+        threading.Thread(target=watch, name="loader-stop", daemon=True).start()
+    if not posix:
         return
     parent = os.getppid()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
 
     def wait() -> None:
         while True:
             info = signal.sigwaitinfo({signal.SIGTERM})
             if info.si_pid == parent or os.getppid() != parent:
+                _stop_commands(reap_s=1.0)  # os._exit skips every `finally`: stop the shard commands here
                 os._exit(0)
 
     threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
@@ -988,8 +1211,12 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
         kw = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False} if cfg.num_workers else {}
+        # Written to when this iteration ends, however it ends: see _worker_signals. (num_workers=0: the
+        # generators' own `finally` stops the shard commands when the loop is left.)
+        stop, stop_w = multiprocessing.Pipe(duplex=False) if cfg.num_workers else (None, None)
         dl = torch.utils.data.DataLoader(self.dataset, batch_size=None, num_workers=cfg.num_workers,
-                                         collate_fn=_identity, worker_init_fn=_worker_signals,
+                                         collate_fn=_identity,
+                                         worker_init_fn=functools.partial(_worker_signals, stop=stop),
                                          pin_memory=cfg.pin_memory and torch.cuda.is_available(), **kw)
         it = iter(dl)
         issued: set[tuple[type, str]] = set()
@@ -1005,11 +1232,16 @@ class ShardLoader:
             # Stop the workers now, whether the epoch ended, raised or the consumer stopped early (generator
             # close). Left to the garbage collector, an iterator kept alive by a caught exception's traceback is
             # inherited by the next loader's forked workers, which then fail to shut it down ("can only test a
-            # child process").
+            # child process"). The stop signal first: a worker blocked on a slow shard command gets out at once.
+            if stop_w is not None:
+                stop_w.send_bytes(b"")
             shutdown = getattr(it, "_shutdown_workers", None)  # absent with num_workers=0: nothing to stop
             if shutdown is not None:
                 shutdown()
             del it
+            if stop_w is not None:
+                stop.close()
+                stop_w.close()
 
 
 def make_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int = 0,

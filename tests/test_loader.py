@@ -1,6 +1,9 @@
 """matpac_fast.data: epoch modes over simulated worlds, determinism, crops, short clips, errors, pipe: URLs."""
 
 import json
+import os
+import signal
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -289,6 +292,82 @@ def test_corrupt_shard_raise_mode(tmp_path):
             list(WorkerIterator(source, cfg, 0, 1, w, WORKERS, 0, 0))
 
 
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+@pytest.mark.parametrize("remainder", ["drop", "fill"])
+def test_skipped_samples_counts_every_sample_of_the_share_replaced(tmp_path, reader, remainder):
+    """skipped_samples = the worker's own samples it could not use (lost to a truncated, garbage or missing shard),
+    each replaced by a filled one: filled = skipped_samples + the remainder="fill" top-up, worker by worker."""
+    source, _ = _make_set(tmp_path, 50, per_shard=6)
+    _damage(source)
+    cfg = _cfg(reader=reader, remainder=remainder)
+    skipped = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for r in range(WORLD):
+            for w in range(WORKERS):
+                it = WorkerIterator(source, cfg, r, WORLD, w, WORKERS, 0, 0)
+                batches = list(it)
+                share = sum(s.stop - s.start for s in it.plan.segments)
+                c = it.counters
+                assert c.filled == sum(int(b["filled"].sum()) for b in batches)
+                assert c.filled == c.skipped_samples + (it.n_batches * cfg.batch_size - share)
+                assert batches[-1]["skipped_samples"] == c.skipped_samples
+                skipped += c.skipped_samples
+    assert skipped > 0
+
+
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+def test_malformed_clip_names_its_shard_and_key(tmp_path, reader):
+    rng = np.random.default_rng(5)
+    clips = [(f"k{i:04d}", clip(rng, CROP + 10, n_mels=64 if i == 9 else 80), [0]) for i in range(16)]
+    write_shard_set(tmp_path, clips, per_shard=8, min_frames=CROP)
+    source = ShardSource.open(str(tmp_path))
+    with pytest.raises(ShardError, match=rf"shards-000001\.tar: sample k0009: clip shape \(64, {CROP + 10}\)"):
+        list(WorkerIterator(source, _cfg(reader=reader, on_error="raise"), 0, 1, 0, 1, 0, 0))
+    with pytest.warns(UserWarning, match=r"skipping sample k0009 of .*shards-000001\.tar: clip shape \(64,"):
+        batches = list(WorkerIterator(source, _cfg(reader=reader), 0, 1, 0, 1, 0, 0))
+    assert "k0009" not in {k for b in batches for k in b["key"]} and batches[-1]["skipped_samples"] == 1
+
+
+def _relist(tmp_path, **counts):
+    """Rewrite sizes.json with other sample counts for some shards ({"s1": 11}: shards-000001.tar lists 11)."""
+    sizes = json.loads((tmp_path / "sizes.json").read_text())
+    sizes.update({f"shards-{int(k[1:]):06d}.tar": v for k, v in counts.items()})
+    (tmp_path / "sizes.json").write_text(json.dumps(sizes))
+    return ShardSource.open(str(tmp_path))
+
+
+def _every_worker(source, cfg):
+    for r in range(WORLD):
+        for w in range(WORKERS):
+            list(WorkerIterator(source, cfg, r, WORLD, w, WORKERS, 0, 0))
+
+
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+def test_sample_count_differing_from_sizes_json(tmp_path, reader):
+    _make_set(tmp_path, 40, per_shard=8)  # 5 shards of 8
+    # sizes.json lists 11 for a shard of 8 (3 missing) and 5 for another (3 extra): still 40, 10 batches per rank
+    source = _relist(tmp_path, s1=11, s3=5)
+    cfg = _cfg(reader=reader, batch_size=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wb = _world(source, cfg)
+    assert [len(v) for v in wb.values()] == [10, 10]
+    # one text per shard, quoting the shard's counts (not a worker's segment), whichever worker met it
+    assert {str(w.message) for w in caught} == {
+        f"{source.urls[1]}: 8 samples where sizes.json lists 11 (the missing ones are replaced by others; check the "
+        "set with verify-shards)",
+        f"{source.urls[3]}: more samples than the 5 that sizes.json lists (the extra ones are not used; check the set "
+        "with verify-shards)"}
+    per_worker = [max(b["skipped_samples"] for b in v if b["worker"] == w) for v in wb.values() for w in range(WORKERS)]
+    assert sum(per_worker) == 3  # the 3 missing samples, counted (and replaced) by whichever worker's share had them
+    # on_error="raise": a set that does not match its sizes.json is an error, as a corrupt shard is
+    with pytest.raises(ShardError, match=r"shards-000001\.tar: 8 samples where sizes.json lists 11; check the set"):
+        _every_worker(_relist(tmp_path, s1=11, s3=8), _cfg(reader=reader, batch_size=2, on_error="raise"))
+    with pytest.raises(ShardError, match=r"shards-000003\.tar: more samples than the 5 that sizes.json lists"):
+        _every_worker(_relist(tmp_path, s1=8, s3=5), _cfg(reader=reader, batch_size=2, on_error="raise"))
+
+
 def test_all_shards_bad_is_an_error_not_a_hang(tmp_path):
     source, _ = _make_set(tmp_path, 12, per_shard=6)
     for u in source.urls:
@@ -468,6 +547,23 @@ def test_open_glob_patterns(tmp_path):
         ShardSource.open("https://host/a/*.tar")
 
 
+def test_glob_keeps_a_missing_listed_shard_as_the_directory_form_does(tmp_path):
+    source, _ = _make_set(tmp_path, 40, per_shard=8)
+    Path(source.urls[2]).unlink()  # listed in sizes.json, gone
+    globbed = ShardSource.open(str(tmp_path / "*.tar"))
+    assert globbed.urls == source.urls and globbed.total == 40  # not silently 32
+    assert ShardSource.open(str(tmp_path / "shards-00000[2-3].tar")).urls == source.urls[2:4]
+    assert ShardSource.open(str(tmp_path / "shards-00000[0-1].tar")).urls == source.urls[:2]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        its = [WorkerIterator(globbed, _cfg(), 0, 1, w, WORKERS, 0, 0) for w in range(WORKERS)]
+        for it in its:
+            list(it)
+    assert any(f"skipping shard {source.urls[2]}" in str(w.message) for w in caught)  # warned ...
+    assert sum(it.counters.skipped_shards for it in its) == 1  # ... counted
+    assert sum(it.counters.skipped_samples for it in its) == 8  # ... and its samples replaced
+
+
 @pytest.mark.parametrize("rank,world,epoch,seed,match", [
     (0, 0, 0, 0, "world_size=0: it must be >= 1"),
     (2, 2, 0, 0, r"rank=2 with world_size=2: rank must be in \[0, 2\)"),
@@ -523,6 +619,49 @@ def test_loader_stops_its_workers_on_error_and_early_exit(tmp_path, capfd):
         assert len(list(make_loader(_cfg(reuse_buffers=False), source=source))) == 12
     assert caught.value is not None
     assert "Exception ignored" not in capfd.readouterr().err
+
+
+def _procs_with(text):
+    """pids of the processes whose command line contains `text`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and text.encode() in (d / "cmdline").read_bytes():
+                pids.append(int(d.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the commands through /proc")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_early_break_over_slow_pipe_shards_is_prompt_and_stops_the_commands(tmp_path, workers):
+    """Leaving the loop early stops the shard commands at once, even those a worker is blocked reading."""
+    source, _ = _make_set(tmp_path, 48, per_shard=8)
+    tag = f"20.{os.getpid()}{workers}"  # a `sleep` duration no other process uses: how the commands are found
+    cfg = _cfg(num_workers=workers, reader="stream", shuffle_buffer=1)
+    first = plan_exact(source.sizes, cfg, 0, 1, 0, max(workers, 1), 0, 0).segments[0].shard
+    # worker 0's first shard streams at once (its command then lingers); every other one is slow to start
+    urls = [f"pipe:cat {u}; sleep {tag}" if i == first else f"pipe:sleep {tag} && cat {u}"
+            for i, u in enumerate(source.urls)]
+    piped = ShardSource.open(urls, meta=str(tmp_path))
+    try:
+        start = time.monotonic()
+        for batch in make_loader(cfg, source=piped):
+            assert len(batch["key"]) == 4
+            break
+        elapsed = time.monotonic() - start
+        deadline = time.monotonic() + 1.0
+        while _procs_with(tag) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _procs_with(tag)  # killed, not left running (orphaned) for 20 s
+        assert elapsed < 3.0  # not the DataLoader's 5 s join timeout per blocked worker, nor the command's 20 s
+    finally:
+        for pid in _procs_with(tag):  # the commands this test started, if still there
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_worker_warnings_are_issued_once_in_the_main_process(tmp_path, capfd):
