@@ -236,8 +236,9 @@ def parse_model_overrides(items: list[str]) -> dict[str, Any]:
         k, v = item.split("=", 1)
         if k not in fields:
             raise ValueError(f"--model {k}: unknown model field; known: {', '.join(sorted(fields))}")
-        if k == "name":
-            raise ValueError(_name_is_preset(v))
+        if k == "name":  # the preset's own name is accepted (as in a config file); model_config checks it
+            out[k] = v
+            continue
         default = fields[k].default
         try:
             out[k] = _coerce(v, default) if default is not dataclasses.MISSING else v

@@ -349,6 +349,15 @@ def test_print_config_checks_the_options_as_a_run_does(capsys, argv, line):
     assert rc == 2 and out == "" and _one_line(err) == line
 
 
+def test_model_name_of_the_preset_itself_is_accepted(capsys):
+    # `--model name=<the preset's name>` was refused on the command line while a config file saying the same passed.
+    rc, out, err = _main(capsys, *SYN, "--print-config", "--model", "name=tiny")
+    assert rc == 0 and err == "" and json.loads(out)["model"]["name"] == "tiny"
+    rc, out, err = _main(capsys, *SYN, "--print-config", "--model", "name=matpac")
+    assert rc == 2 and out == "" and _one_line(err) == (
+        "error: --model name=matpac: the model's name is its preset: use --preset matpac")
+
+
 def test_print_config_shows_the_model_config_the_run_uses(run2, capsys):
     # Every ModelConfig field, as the run resolved it (its config.json), not only the --model overrides.
     rc, out, err = _main(capsys, *SYN, "--out", str(run2), "--max-steps", "2", "--print-config")
