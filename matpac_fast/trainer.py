@@ -136,6 +136,16 @@ class TrainData:
     def skipped_shards(self) -> int:
         return self._skipped + (self._loader.skipped_shards if self._loader is not None else 0)
 
+    def skipped_before_resume_point(self, epoch_done: bool) -> int:
+        """Shards this rank skipped in the epochs that a resume from a checkpoint written now does not read again:
+        the finished ones, and the current one when it is complete (such a checkpoint resumes with the next epoch;
+        one inside an epoch re-reads that epoch from its start, which counts its skipped shards again)."""
+        return self._skipped + (self._loader.skipped_shards if epoch_done and self._loader is not None else 0)
+
+    def restore_skipped(self, n: int) -> None:
+        """A resumed run's running total starts from the checkpoint's (given to one rank: the log sums over ranks)."""
+        self._skipped = n
+
 
 class Trainer:
     def __init__(self, cfg: TrainConfig):
@@ -595,6 +605,12 @@ class Trainer:
         self._check_finite()
         final = ckpt.step_dir(self.out, self.step)
         tmp = final.with_name(final.name + ".tmp")
+        # history.jsonl's skipped_shards is a running total over ranks and epochs: checkpointed, so that a resumed
+        # run logs the same figures as an uninterrupted one (a collective: every rank saves).
+        epoch_done = self.batch_in_epoch >= self.steps_per_epoch * self.cfg.optim.grad_accum
+        skipped = torch.tensor(float(self.data.skipped_before_resume_point(epoch_done)), device=self.device)
+        if acc.num_processes > 1 and dist.is_initialized():
+            dist.all_reduce(skipped, op=dist.ReduceOp.SUM)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         # save_state has no closing barrier and every rank writes its own RNG file into tmp: without this one, the
@@ -610,6 +626,7 @@ class Trainer:
                     "batch_in_epoch": self.batch_in_epoch,
                     "nonfinite_total": float(self.nonfinite_total),
                     "nonfinite_run": float(self.nonfinite_run),
+                    "skipped_shards": int(round(skipped.item())),
                     "total_steps": self.total_steps,
                     "world_size": acc.num_processes,
                     "config": self.cfg.to_dict(),
@@ -699,6 +716,8 @@ class Trainer:
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.nonfinite_total.fill_(state.get("nonfinite_total", 0.0))
         self.nonfinite_run.fill_(state.get("nonfinite_run", 0.0))
+        if self.accelerator.is_main_process:  # absent from checkpoints written before it was kept: counts from 0
+            self.data.restore_skipped(int(state.get("skipped_shards", 0)))
         if self.accelerator.is_main_process:
             notes = f" (changed: {', '.join(self._resume_notes)})" if self._resume_notes else ""
             print(f"resumed from {path} at step {self.step}{notes}", file=sys.stderr)

@@ -582,3 +582,26 @@ def test_max_steps_beyond_the_schedule_says_so(tmp_path, capsys):
                          "--out", str(tmp_path / "run"))
     assert rc == 0 and "done: step 2" in out
     assert "schedule ends at step 2" in err and "--max-steps 50" in err
+
+
+def test_skipped_shards_in_the_history_survive_a_resume(tmp_path):
+    # history.jsonl's skipped_shards is a running total over epochs; the trainer kept it in memory only, so a run
+    # resumed from a checkpoint logged a different count from the uninterrupted run (its losses were identical).
+    shards = _shards(tmp_path, n=32)
+    bad = shards / "shards-000001.tar"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    args = [*TINY, "--shards", str(shards), "--on-error", "warn"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "skipping shard ...": counted, which is what is checked
+        assert T.main([*args, "--out", str(ref), "--max-steps", "10"]) == 0
+        rows = _rows(ref)
+        per_epoch = sum(r["epoch"] == 0 for r in rows)
+        assert rows[-1]["epoch"] >= 2 and rows[-1]["skipped_shards"] > rows[per_epoch - 1]["skipped_shards"] > 0
+        # stopped inside an epoch, then at an epoch's end: each resume re-reads or skips that epoch as it must
+        for stop in (per_epoch + 1, 2 * per_epoch):
+            out = cut / str(stop)
+            assert T.main([*args, "--out", str(out), "--max-steps", str(stop)]) == 0
+            assert T.main([*args, "--out", str(out), "--max-steps", "10", "--resume", "auto"]) == 0
+            got = {r["step"]: r["skipped_shards"] for r in _rows(out)}
+            assert got == {r["step"]: r["skipped_shards"] for r in rows}, stop
