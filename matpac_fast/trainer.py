@@ -716,9 +716,9 @@ class Trainer:
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.nonfinite_total.fill_(state.get("nonfinite_total", 0.0))
         self.nonfinite_run.fill_(state.get("nonfinite_run", 0.0))
-        if self.accelerator.is_main_process:  # absent from checkpoints written before it was kept: counts from 0
-            self.data.restore_skipped(int(state.get("skipped_shards", 0)))
         if self.accelerator.is_main_process:
+            # absent from checkpoints written before it was kept: the count starts from 0, as it did then
+            self.data.restore_skipped(int(state.get("skipped_shards", 0)))
             notes = f" (changed: {', '.join(self._resume_notes)})" if self._resume_notes else ""
             print(f"resumed from {path} at step {self.step}{notes}", file=sys.stderr)
 
