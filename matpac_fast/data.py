@@ -175,7 +175,9 @@ def sibling(url: str, name: str) -> str:
     if url.startswith("pipe:"):
         tokens = list(re.finditer(r"\S+\.tar\b", url))
         if not tokens:
-            raise ValueError(f"cannot tell where sizes.json is for {url!r}; pass meta=DIR_OR_URL")
+            raise ValueError(f"cannot tell where sizes.json is for {url!r}: name the shard files in the command "
+                             "(e.g. pipe:... .../shards-000000.tar ...) so that their folder can be found (Python: "
+                             "ShardSource.open(..., meta=DIR_OR_URL))")
         t = tokens[-1]
         return url[: t.start()] + t.group(0).rsplit("/", 1)[0] + "/" + name + url[t.end():] if "/" in t.group(0) \
             else url[: t.start()] + name + url[t.end():]
@@ -383,8 +385,8 @@ class ShardSource:
         missing = [u for u in unlisted if u not in globbed]
         if missing:
             raise ValueError(f"{len(missing)} shard(s) not listed in {where('sizes.json')}, e.g. "
-                             f"{_shard_name(missing[0])}; re-make the shard set or pass meta= pointing to the right "
-                             "one")
+                             f"{_shard_name(missing[0])}: these shards belong to another set; give the folder "
+                             "make-shards wrote, or re-make the shard set")
         if unlisted:
             warnings.warn(f"{len(unlisted)} .tar file(s) not in sizes.json ignored, e.g. {unlisted[0]}", stacklevel=4)
             urls = [u for u in urls if u not in set(unlisted)]
@@ -571,8 +573,9 @@ def _read_meta(sizes_url: str, stats_url: str) -> tuple[dict, dict]:
         try:
             out.append(json.loads(read_bytes(url)))
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read {url} ({e}); is this a shard set made by make-shards? (pass meta=DIR "
-                             "when sizes.json / stats.json are elsewhere)") from None
+            raise ValueError(f"cannot read {url} ({e}); is this a shard set made by make-shards? Give the folder "
+                             "make-shards wrote, or make one from audio with make-shards (Python: "
+                             "ShardSource.open(..., meta=DIR) reads sizes.json / stats.json kept elsewhere)") from None
     sizes, stats = out
     if stats.get("format_version") != 1 or "frontend" not in stats:
         raise ValueError(f"{stats_url}: unsupported stats.json (format_version {stats.get('format_version')!r})")

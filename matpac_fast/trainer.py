@@ -155,6 +155,10 @@ class Trainer:
         self.cfg = cfg
         r = cfg.run
         self.out = Path(r.out)
+        if r.precision == "fp16" and (r.cpu or not torch.cuda.is_available()):
+            # Accelerate quietly drops fp16 autocast off CUDA: the run would train in fp32 while recording fp16
+            raise ValueError("--precision fp16 needs a CUDA GPU (this run is on the CPU, where fp16 autocast does "
+                             "not run): use --precision bf16 or no")
         self.accelerator = Accelerator(
             mixed_precision=r.precision,
             gradient_accumulation_steps=cfg.optim.grad_accum,
@@ -863,6 +867,22 @@ def _resolved_config(cfg: TrainConfig) -> tuple[dict, str | None]:
     return {**cfg.to_dict(), "model": model.to_dict()}, note
 
 
+def _check_out_path(out: str) -> None:
+    """--out names a folder that exists or can be made: one-line ValueError before any work (an empty --out, one
+    under a file, or one in a folder without write permission used to end in a traceback after the data and model
+    were set up)."""
+    if not str(out).strip():
+        raise ValueError("--out is empty: give the run's folder, e.g. --out runs/first (is a shell variable unset?)")
+    path = Path(out)
+    if path.exists():
+        return  # a file there is check_out's error
+    parent = next(p for p in path.parents if p.exists())  # a relative path ends at ".", which exists
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: {parent} is a file, so no folder can be made under it; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: no permission to create it in {parent}; choose another --out")
+
+
 def _paper_recipe_on_cpu(args, cfg: TrainConfig) -> str | None:
     """One note when the paper's recipe (a ViT-B at batch 256 per device, for GPUs) starts without a CUDA device."""
     if args.recipe != "paper" or cfg.run.preset == "tiny" or torch.cuda.is_available():
@@ -894,10 +914,15 @@ def _main(argv: list[str] | None) -> int:
             note = _paper_recipe_on_cpu(args, cfg)
             if note:
                 print(note, file=sys.stderr, flush=True)
+        _check_out_path(cfg.run.out)
         ckpt.check_out(cfg.run.out, cfg.run.resume)  # never mix two runs in one folder
         # Validates data, model and the checkpoint to resume first: a bad option leaves no empty run directory.
         trainer = Trainer(cfg)
-        os.makedirs(cfg.run.out, exist_ok=True)
+        try:
+            os.makedirs(cfg.run.out, exist_ok=True)
+        except OSError as e:  # what _check_out_path cannot foresee (a read-only mount, /proc, a full disk)
+            raise ValueError(f"--out {cfg.run.out}: cannot create this folder ({e.strerror or e}); choose another "
+                             "--out") from None
         if lock is not None:
             _lock(lock)
         result = trainer.train()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from matpac_fast.cli_args import path_arg
 from shard_tools.discover import (
     discover_audioset,
     discover_folder,
@@ -38,7 +38,7 @@ examples:
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("common options")
-    g.add_argument("--out", required=True, type=Path, help="output folder (created if missing)")
+    g.add_argument("--out", required=True, type=path_arg, help="output folder (created if missing)")
     g.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1,
         help="decode/log-mel processes (default: all %(default)s cores; 0 or 1 = in this process)",
@@ -96,20 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
         "segments without a file is printed at the start and in the final summary, and stored in stats.json.",
     )
     a.add_argument(
-        "--segments", nargs="+", required=True, type=Path, help="segment CSV(s), e.g. balanced_train_segments.csv"
+        "--segments", nargs="+", required=True, type=path_arg, help="segment CSV(s), e.g. balanced_train_segments.csv"
     )
-    a.add_argument("--class-index", required=True, type=Path, help="class_labels_indices.csv")
-    a.add_argument("--audio-root", required=True, type=Path, help="folder holding the downloaded clips")
+    a.add_argument("--class-index", required=True, type=path_arg, help="class_labels_indices.csv")
+    a.add_argument("--audio-root", required=True, type=path_arg, help="folder holding the downloaded clips")
     _common(a)
     f = sub.add_parser("folder", help="every audio file under DIR; label = name of the folder that holds it")
-    f.add_argument("dir", type=Path, help="input folder")
+    f.add_argument("dir", type=path_arg, help="input folder")
     _common(f)
     m = sub.add_parser(
         "manifest",
         help="a UTF-8 CSV with a header row and columns path[,label] (labels separated by ';'; a file or filename "
         "column stands for path); a file listed twice is written once",
     )
-    m.add_argument("csv", type=Path, help="manifest CSV; relative paths are relative to its folder")
+    m.add_argument("csv", type=path_arg, help="manifest CSV; relative paths are relative to its folder")
     _common(m)
     s = sub.add_parser("synthetic", help="the embedded deterministic labelled corpus of synthetic sounds")
     s.add_argument("--n", type=int, required=True, help="number of clips (6.5 s each, 10 classes)")

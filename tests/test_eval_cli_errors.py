@@ -288,3 +288,18 @@ def test_missing_checkpoint_and_empty_classes_are_prefixed_one_line_errors(tones
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a readable .safetensors file"):
         load_encoder(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("option", ["--out", "--data", "--checkpoint", "--cache-dir"])
+def test_an_empty_path_is_an_error_not_the_current_folder(tmp_path, monkeypatch, capsys, option):
+    # `--out ""` (an unset shell variable) wrote results.md, JSON and PNG into the current folder; `--data ""`
+    # evaluated whatever the current folder held.
+    monkeypatch.chdir(tmp_path)
+    _no_work(monkeypatch)
+    args = {"--checkpoint": "logmel", "--data": str(tmp_path), "--out": str(tmp_path / "out"),
+            "--cache-dir": str(tmp_path / "cache"), option: ""}
+    with pytest.raises(SystemExit) as e:
+        cli.main([a for k, v in args.items() for a in (k, v)])
+    assert e.value.code == 2
+    assert f"matpac-eval: error: argument {option}: empty path: give a folder or file" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

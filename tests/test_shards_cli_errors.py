@@ -542,3 +542,19 @@ def test_a_second_make_shards_into_the_same_folder_is_refused_while_the_first_ru
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("argv", [
+    ["folder", "IN", "--out", ""],  # `--out "$OUT"` with OUT unset: Path("") is ".", the shards went into the cwd
+    ["folder", "", "--out", "OUT"],
+    ["manifest", "", "--out", "OUT"],
+])
+def test_an_empty_path_is_an_error_not_the_current_folder(tmp_path, monkeypatch, capsys, argv):
+    tone(tmp_path / "in" / "a" / "x.wav")
+    monkeypatch.chdir(tmp_path)
+    argv = [{"IN": str(tmp_path / "in"), "OUT": str(tmp_path / "out")}.get(a, a) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        run(*argv)
+    assert e.value.code == 2
+    assert "empty path: give a folder or file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]

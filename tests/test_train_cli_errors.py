@@ -605,3 +605,34 @@ def test_skipped_shards_in_the_history_survive_a_resume(tmp_path):
             assert T.main([*args, "--out", str(out), "--max-steps", "10", "--resume", "auto"]) == 0
             got = {r["step"]: r["skipped_shards"] for r in _rows(out)}
             assert got == {r["step"]: r["skipped_shards"] for r in rows}, stop
+
+
+@pytest.mark.parametrize("out, expected", [
+    ("", "error: --out is empty: give the run's folder"),
+    ("README.md/run", "README.md is a file, so no folder can be made under it"),
+    ("/proc/matpac-no/run", "cannot create this folder"),
+])
+def test_out_that_cannot_be_a_folder_is_one_line(tmp_path, capsys, monkeypatch, out, expected):
+    # They ended in a NotADirectoryError / FileNotFoundError traceback after the data and the model were set up.
+    monkeypatch.chdir(ROOT if out.startswith("README") else tmp_path)
+    before = sorted(p.name for p in Path.cwd().iterdir())
+    rc, _, err = _main(capsys, *SYN, "--out", out, "--max-steps", "1")
+    assert rc == 2 and expected in _one_line(err)
+    assert sorted(p.name for p in Path.cwd().iterdir()) == before  # nothing written where the command ran
+
+
+def test_fp16_without_cuda_is_refused(tmp_path, capsys):
+    # Accelerate turns fp16 autocast off on the CPU: the run trained in fp32 bit for bit while config.json said fp16.
+    rc, _, err = _main(capsys, *SYN, "--out", str(tmp_path / "run"), "--max-steps", "1", "--precision", "fp16")
+    assert rc == 2 and "--precision fp16 needs a CUDA GPU" in _one_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_of_audio_given_as_shards_points_to_make_shards(tmp_path, capsys):
+    # The advice was "pass meta=DIR", a Python argument train.py does not have.
+    audio = tmp_path / "wavs"
+    audio.mkdir()
+    (audio / "a.wav").write_bytes(b"RIFF")
+    rc, _, err = _main(capsys, "--shards", str(audio), "--out", str(tmp_path / "run"), "--max-steps", "1")
+    line = _one_line(err)
+    assert rc == 2 and "make one from audio with make-shards" in line and "pass meta=" not in line

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from matpac_fast.cli_args import nonempty_arg, path_arg
 from matpac_fast.evaluation import embed, report
 from matpac_fast.evaluation.datasets import LabelledSet, UnknownLabels, load_dataset, select_classes
 from matpac_fast.evaluation.folds import Scheme, make_folds, parse_scheme
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint",
         required=True,
+        type=nonempty_arg,
         metavar="PATH|random|logmel",
         help="a checkpoint (this project's or the authors' weights); 'random' = randomly initialised "
         "encoder of --preset (seeded); 'logmel' = no encoder: per-mel-bin mean and std over time of the "
@@ -63,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         required=True,
+        type=nonempty_arg,
         metavar="FOLDER|CSV",
         help="folder of <label>/ subfolders, a CSV (file,label[,fold|split][,other columns]; "
         "comma-separated labels = multi-label), or the root of FSDD (labels.csv), ESC-50 "
@@ -105,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["cpu", "cuda"],
         help="where the encoder and the probes run (cuda when a GPU is visible, else cpu)",
     )
-    p.add_argument("--out", default="runs/eval", type=Path, help="output folder (JSON, results.md, PNG)")
+    p.add_argument("--out", default="runs/eval", type=path_arg, help="output folder (JSON, results.md, PNG)")
     p.add_argument(
         "--preset",
         default="matpac",
@@ -128,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logreg-c", type=float, default=1.0, help="inverse L2 strength for --probe logreg")
     e = p.add_argument_group("embedding")
     e.add_argument("--embed-batch", type=int, default=32, help="clips per encoder batch")
-    e.add_argument("--cache-dir", type=Path, default=embed.default_cache_dir(), help="embedding cache")
+    e.add_argument("--cache-dir", type=path_arg, default=embed.default_cache_dir(), help="embedding cache")
     e.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
     e.add_argument("--projection", default="pca", choices=["pca", "tsne", "none"], help="2-D projection for the PNG")
     e.add_argument(

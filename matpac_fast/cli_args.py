@@ -1,0 +1,20 @@
+"""argparse types shared by the command lines (make-shards, verify-shards, matpac-eval)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def path_arg(text: str) -> Path:
+    """A path argument: an empty one (an unset shell variable, say) is an error, never the current folder, which
+    `Path("")` is: `--out ""` used to write a shard set or an evaluation's results into wherever the command ran."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path: give a folder or file (is a shell variable unset?)")
+    return Path(text)
+
+
+def nonempty_arg(text: str) -> str:
+    """As `path_arg` for an argument kept as text (a path or a keyword such as 'logmel')."""
+    path_arg(text)
+    return text
