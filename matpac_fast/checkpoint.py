@@ -21,6 +21,8 @@ import shutil
 import socket
 from pathlib import Path
 
+from matpac_fast.locks import close_lock_fd, open_lock_fd
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
 
@@ -98,7 +100,8 @@ _BUSY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)  # EACCES: a conflict as
 class OutLock:
     """One writer per run folder: an exclusive `fcntl.flock` on `--out/.matpac-train.lock`, which holds the holder's
     "pid host". Taken by the main process only (all ranks of one job share --out) and held for the run's lifetime;
-    the kernel drops it when the process dies, so a SIGKILLed run leaves at most a stale file, never a stale lock.
+    the kernel drops it when the process dies, so a SIGKILLed run leaves at most a stale file, never a stale lock
+    (forked children, such as DataLoader workers, do not inherit the descriptor: `matpac_fast.locks`).
     `release` removes the file (while still holding the lock: `acquire` re-checks that the file it locked is the one
     at the path, so a process that opened the old file before the removal tries again)."""
 
@@ -117,14 +120,14 @@ class OutLock:
             return None
         for _ in range(20):
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = open_lock_fd(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
                 return self._degrade(f"cannot create {self.path} ({e.strerror or e})")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
                 holder = _read_holder(fd) if e.errno in _BUSY else None
-                os.close(fd)
+                close_lock_fd(fd)
                 if holder is None:  # ENOLCK, EOPNOTSUPP, ENOSYS, ...: this file system does not lock
                     return self._degrade(f"the file system cannot lock {self.path} ({e.strerror or e})")
                 raise ValueError(f"another process{holder} is writing --out {self.out}; wait for it to end or "
@@ -135,7 +138,7 @@ class OutLock:
             except FileNotFoundError:
                 same = False
             if not same:  # its holder removed it between our open and flock: lock the file now at the path
-                os.close(fd)
+                close_lock_fd(fd)
                 continue
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
@@ -155,7 +158,7 @@ class OutLock:
             os.unlink(self.path)
         except OSError:
             pass
-        os.close(self._fd)
+        close_lock_fd(self._fd)
         self._fd = None
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec
+from matpac_fast.locks import close_lock_fd, open_lock_fd
 from shard_tools.decode import PYAV_HINT, Prepared, Skip, prepare
 from shard_tools.discover import Discovery, Item, printable, segments_line
 from shard_tools.writer import ShardLimit, ShardWriter, encode_json, encode_npy, parse_shard_size
@@ -688,18 +689,19 @@ def make_shards(disc: Discovery, cfg: MakeConfig) -> dict:
     try:
         return _make_shards_locked(disc, cfg, order, phash, out)
     finally:
-        os.close(lock)
+        close_lock_fd(lock)
 
 
 def _lock_out_dir(out: Path) -> int:
     """An exclusive flock on the --out folder itself (no lock file to leave behind): two make-shards writing one
     folder at once (a double submit, a requeued job) would delete each other's half-written shards. The kernel drops
-    the lock when the process dies, so a killed run never leaves a stale one. Returns the descriptor to close."""
-    fd = os.open(out, os.O_RDONLY)
+    the lock when the process dies, so a killed run never leaves a stale one (forked children do not inherit the
+    descriptor: `matpac_fast.locks`). Returns the descriptor to close with `close_lock_fd`."""
+    fd = open_lock_fd(out, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
+        close_lock_fd(fd)
         raise ValueError(f"another make-shards is writing --out {out}: wait for it to end (then run this command "
                          "again to check or finish the set) or choose another --out") from None
     except OSError as e:  # a filesystem without flock (some network mounts): run unlocked, but say so
