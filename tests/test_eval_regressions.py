@@ -1,6 +1,7 @@
 """Regressions from the evaluation audit: probe settings in the result identity, the run config beside an exported
 encoder.pt, the M2D front end, --help defaults, the plain 'group' protocol name, cropped-clip notes, inference
-without autograd graphs, and full training state dicts of the authors' fairseq model."""
+without autograd graphs, full training state dicts of the authors' fairseq model, make-shards' ';' manifest labels,
+dataset names from the resolved --data path, and the warning for nested class folders."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from test_eval_cli_errors import _fsdd_like, _run
 from matpac_fast.config import get_model_config
 from matpac_fast.encoder import Encoder, export_encoder_state, load_encoder
 from matpac_fast.evaluation import cli, embed, hear
+from matpac_fast.evaluation.datasets import load_dataset
 from matpac_fast.train_config import RECIPES, TrainConfig
 
 FAST_LOGREG = ["--quiet", "--probe", "logreg", "--folds", "kfold:3", "--projection", "none", "--no-cache"]
@@ -557,3 +559,87 @@ def test_ctrl_c_after_embedding_says_the_cache_is_kept(tones, tmp_path, capsys, 
     lines, _ = _run(args, capsys)
     assert RESULT_RE.match(lines[-1])
     assert json.loads(next((tmp_path / "o").glob("*__*__*.json")).read_text())["cache_hit"]
+
+
+# --- 10: a make-shards manifest means the same labels in matpac-eval; names from the resolved path; nested folders -
+def _wavs(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, n in enumerate(names):
+        sf.write(folder / n, tone(300.0 * (i + 1), 0.1, seed=i), 16000)
+
+
+def test_manifest_labels_are_split_like_make_shards(tmp_path):
+    # Before, only ',' separated labels: 'x.wav,0;even' was one class '0;even' and the score was silently wrong.
+    from shard_tools.discover import discover_manifest
+
+    _wavs(tmp_path, ["a.wav", "b.wav", "c.wav", "d.wav"])
+    rows = ["path,label", "a.wav,0;even", "b.wav, 1 ; odd ;", "c.wav,2;;even", "d.wav,3"]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    ds = load_dataset(tmp_path / "m.csv")
+    ours = {Path(c.path).name: c.labels for c in ds.clips}
+    assert ours == {"a.wav": ("0", "even"), "b.wav": ("1", "odd"), "c.wav": ("2", "even"), "d.wav": ("3",)}
+    shards = {Path(it.path).name: it.labels for it in discover_manifest(tmp_path / "m.csv").items}
+    assert ours == shards  # one manifest, the same labels in both tools
+    assert ds.multilabel and ds.classes == ["0", "1", "2", "3", "even", "odd"]
+    # a quoted comma cell (documented, tested in test_eval.py) still holds several labels
+    (tmp_path / "q.csv").write_text('file,label\na.wav,"dog, cat"\nb.wav,dog;cow\n')
+    assert [c.labels for c in load_dataset(tmp_path / "q.csv").clips] == [("dog", "cat"), ("dog", "cow")]
+
+
+def test_dataset_names_come_from_the_resolved_path(tones, tmp_path, capsys, monkeypatch):
+    # Before, `--data .` was named '' (task '-kfold-3', figure '_projection.png'), `../ev.csv` '..-ev', and
+    # `ev.csv` typed in its folder 'ev' while its absolute path gave 'tones-ev': two rows for one dataset.
+    wavs = sorted(tones.rglob("*.wav"))
+    (tones / "ev.csv").write_text("file,label\n" + "".join(f"{w.relative_to(tones)},{w.parent.name}\n" for w in wavs))
+    monkeypatch.chdir(tones)
+    assert load_dataset(".").name == load_dataset(str(tones)).name == "tones"
+    assert load_dataset("ev.csv").name == load_dataset("./ev.csv").name == load_dataset(tones / "ev.csv").name
+    assert load_dataset("ev.csv").name == "tones-ev"
+    monkeypatch.chdir(tones / "low")
+    assert load_dataset("..").name == "tones" and load_dataset("../ev.csv").name == "tones-ev"
+    # ESC-50's CSV typed in its own meta/ folder is still recognised (its layout is found by folder names)
+    esc = tmp_path / "ESC-50"
+    _wavs(esc / "audio", ["1-1-A-0.wav", "1-2-A-1.wav"])
+    (esc / "meta").mkdir()
+    (esc / "meta" / "esc50.csv").write_text(
+        "filename,fold,target,category,esc10,src_file,take\n1-1-A-0.wav,1,0,dog,True,1,A\n1-2-A-1.wav,1,1,cat,False,2,A\n"
+    )
+    monkeypatch.chdir(esc / "meta")
+    ds = load_dataset("esc50.csv")
+    assert (ds.name, ds.layout, len(ds)) == ("esc50", "esc50", 2)
+    # the CLI: one task, one dataset column and one result row whichever way the data is typed
+    out = tmp_path / "o"
+    monkeypatch.chdir(tones)
+    lines, _ = _run(["--checkpoint", "logmel", "--data", ".", "--out", str(out), *FAST_LOGREG], capsys)
+    assert re.search(r"task=(\S+)", lines[-1]).group(1) == "tones-kfold-3"
+    lines, err = _run(["--checkpoint", "logmel", "--data", str(tones), "--out", str(out), *FAST_LOGREG], capsys)
+    assert re.search(r"task=(\S+)", lines[-1]).group(1) == "tones-kfold-3" and "replacing the earlier result" in err
+    assert [p.name for p in out.glob("*__*__*.json")] == ["tones-kfold-3__logmel__logreg.json"]
+    assert "| tones-kfold-3 | tones | kfold:3 |" in (out / "results.md").read_text()
+
+
+def test_nested_class_folders_warn_once_and_keep_their_labels(tmp_path, tones, capsys):
+    # matpac-eval labels by the first-level folder, make-shards by the folder holding the file: for nested folders
+    # they differ. Neither rule changes (labels of existing data would); matpac-eval says so in one warning line.
+    from shard_tools.discover import discover_folder
+
+    root = tmp_path / "nested"
+    _wavs(root / "dog" / "s1", ["a.wav", "b.wav"])
+    _wavs(root / "dog" / "dog", ["c.wav"])  # same label under both rules
+    _wavs(root / "cat", ["d.wav", "e.wav"])
+    capsys.readouterr()
+    ds = load_dataset(root)
+    assert sorted((Path(c.path).name, c.labels[0]) for c in ds.clips) == [
+        ("a.wav", "dog"), ("b.wav", "dog"), ("c.wav", "dog"), ("d.wav", "cat"), ("e.wav", "cat")]  # fmt: skip
+    shards = {Path(it.path).name: it.labels for it in discover_folder(root).items}
+    assert shards["a.wav"] == ("s1",) and shards["c.wav"] == ("dog",)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("matpac-eval: warning: "), err
+    assert "2 of 5 audio files" in err[0] and "dog/s1/a.wav" in err[0] and "first-level folder" in err[0]
+    assert "make-shards" in err[0] and "'s1'" in err[0] and "CSV manifest" in err[0]
+    # the normal flat layout, and a folder whose nested files get the same label either way, stay quiet
+    load_dataset(tones)
+    (root / "dog" / "s1" / "a.wav").unlink()
+    (root / "dog" / "s1" / "b.wav").unlink()
+    load_dataset(root)
+    assert capsys.readouterr().err == ""

@@ -6,7 +6,9 @@ grouping column (e.g. FSDD speaker). Audio is not read here (see `embed.py`).
 
 Generic CSV: columns `file` (or filename/path), `label` (or labels/category/class); optional `fold` or `split`
 (train/valid/test); any other column can name groups (`--folds group:COLUMN`). Paths are relative to the CSV's
-folder. A label cell holding commas ("dog,bark") makes the whole task multi-label (metric: mAP).
+folder. Several labels in one cell are separated by ';' as in make-shards' manifests ("dog;bark"), or by ',' in a
+quoted cell ("dog,bark"); any such cell makes the whole task multi-label (metric: mAP). Dataset names come from the
+resolved path, so one dataset has one name however `--data` is typed.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,10 +157,14 @@ def select_classes(ds: LabelledSet, wanted: list[str]) -> LabelledSet:
 
 
 def _from_csv_file(p: Path) -> LabelledSet:
-    if p.name == "esc50.csv" and p.parent.name == "meta":
-        return load_esc50(p.parent.parent)
-    if p.name == "UrbanSound8K.csv":
-        return load_us8k(p.parent.parent)
+    # Known layouts are recognised by folder names, so by the resolved path: `--data esc50.csv` typed in meta/ has
+    # no 'meta' in it. Their root stays as typed when the typed path names the CSV's folder (as it always did).
+    real = p.resolve()
+    root = p.parent.parent if p.parent.name not in ("", "..") else real.parent.parent
+    if real.name == "esc50.csv" and real.parent.name == "meta":
+        return load_esc50(root)
+    if real.name == "UrbanSound8K.csv":
+        return load_us8k(root)
     if _is_fsdd_csv(p):
         return load_fsdd(p.parent)
     return load_csv(p)
@@ -181,12 +189,17 @@ def _pick(fields: list[str], wanted: tuple[str, ...], what: str, path: Path) -> 
 
 
 def _split_labels(cell: str) -> tuple[str, ...]:
-    return tuple(s.strip() for s in cell.split(",") if s.strip())
+    """A label cell -> its labels. make-shards' manifest rule (shard_tools/discover.py, discover_manifest): labels are
+    separated by ';', each piece stripped of whitespace, empty pieces dropped; a ',' (in a quoted cell such as
+    "dog,cat", this reader's older documented separator) separates labels too."""
+    return tuple(s.strip() for s in re.split(r"[;,]", cell) if s.strip())
 
 
 def _csv_name(path: Path) -> str:
     """A generic CSV's dataset name: its folder's, plus the file's stem unless that is a conventional one, so that
-    two CSVs in one folder (e.g. two subsets) never share a task name and replace each other's results."""
+    two CSVs in one folder (e.g. two subsets) never share a task name and replace each other's results. Built from
+    the resolved path, so `ev.csv`, `./ev.csv` and `/abs/dir/ev.csv` are one task (and `.`/`..` never leak in)."""
+    path = path.resolve()
     folder = path.parent.name
     if path.stem in ("labels", "meta", "metadata"):
         return folder or path.stem
@@ -257,22 +270,42 @@ def _sorted_labels(labels: set[str]) -> list[str]:
 
 
 def load_folder(root: str | os.PathLike, classes: list[str] | None = None, layout: str = "folder") -> LabelledSet:
-    """label = first-level subfolder of `root`; audio files found recursively below it."""
+    """label = first-level subfolder of `root`; audio files found recursively below it. (make-shards' folder rule is
+    the folder directly holding each file: the two differ for files in nested subfolders, which gets one warning.)"""
     root = Path(root)
-    clips = []
+    clips, nested = [], []
     for sub in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")):
         for f in sorted(sub.rglob("*")):
             if f.suffix.lower() in AUDIO_EXTS and f.is_file():
                 if classes is not None and sub.name not in classes:
                     raise ValueError(f"{f}: unknown label {sub.name!r} (known labels: {_short(list(classes))})")
                 clips.append(Clip(str(f), (sub.name,), {"folder": sub.name}))
+                if f.parent.name != sub.name:  # make-shards' rule (the folder holding it) gives another label
+                    nested.append(f)
     if not clips:
         raise ValueError(
             f"--data {root}: no audio files in label subfolders (expected {root}/<label>/*.wav) and no labels CSV"
         )
+    if nested:
+        _warn_nested(root, nested, len(clips))
     vocab = list(classes) if classes is not None else _sorted_labels({c.labels[0] for c in clips})
     return LabelledSet(
-        name=root.name, root=str(root), layout=layout, clips=clips, classes=vocab, multilabel=False, source=str(root)
+        name=root.resolve().name or "root", root=str(root), layout=layout, clips=clips, classes=vocab,
+        multilabel=False, source=str(root),
+    )
+
+
+def _warn_nested(root: Path, nested: list[Path], n: int) -> None:
+    """One warning line: files below a class folder's own subfolders get the first-level folder as their label here,
+    the folder directly holding them in `make-shards folder`."""
+    rel = nested[0].relative_to(root)
+    print(
+        f"matpac-eval: warning: --data {root}: {len(nested)} of {n} audio files are in subfolders of their class "
+        f"folder (e.g. {rel.as_posix()}); matpac-eval labels every file by its first-level folder under --data "
+        f"({rel.parts[0]!r} here), while 'make-shards folder' labels it by the folder directly holding it "
+        f"({rel.parent.name!r}); for other labels pass --data a CSV manifest (path,label)",
+        file=sys.stderr,
+        flush=True,
     )
 
 
