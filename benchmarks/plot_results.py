@@ -4,8 +4,8 @@ One panel per (device, preset, processes); in each, groups of bars by batch size
 samples/s (and MFU when known). A run with the residual stream in the autocast dtype (`--stream-dtype amp`) is its
 own bar, hatched, labelled "<mode> · bf16 stream"; so is a reference-design row measured by an earlier peer (CSV
 column `peer` = "earlier": see benchmarks/RESULTS.md), labelled "reference-design · earlier peer", so that it is
-never read as the current peer's figure. When a CSV holds the same (device, preset, processes, bar, batch) more
-than once, the latest row wins.
+never read as the current peer's figure. When the CSVs hold the same (device, preset, processes, bar, batch) more
+than once, the most recent row (CSV column `time_utc`) is drawn, whatever the order of the files.
 
     python benchmarks/plot_results.py results/train.csv --out docs/throughput.png
     python benchmarks/plot_results.py a.csv b.csv --out chart.png --title "MATPAC ViT-B, bf16"
@@ -39,7 +39,9 @@ def bar_label(row: dict) -> str:
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
-    """Rows of the CSVs, later rows replacing earlier ones with the same key."""
+    """Rows of the CSVs, one per key: the most recent by `time_utc` (ISO 8601, so text order is time order); among
+    rows of the same time, or without one, the later row in the later file. File order alone used to decide, so a
+    shell glob (sorted by name) could draw an old run over a newer one."""
     latest: dict[tuple, dict] = {}
     for path in paths:
         if not path.exists():
@@ -56,7 +58,9 @@ def read_rows(paths: list[Path]) -> list[dict]:
                 except ValueError:
                     continue  # a row without a figure (should not happen; skip rather than plot garbage)
                 r["bar"] = bar_label(r)
-                latest[(r["device"], r["preset"], r["world"], r["bar"], r["batch"])] = r
+                key = (r["device"], r["preset"], r["world"], r["bar"], r["batch"])
+                if key not in latest or r.get("time_utc", "") >= latest[key].get("time_utc", ""):
+                    latest[key] = r
     if not latest:
         raise SystemExit("error: no rows with a samples/s figure in the given CSV(s)")
     return list(latest.values())
@@ -99,10 +103,10 @@ def plot(rows: list[dict], out: Path, title: str | None = None) -> Path:
             ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
         ax.set_xticks(range(len(batches)), [f"batch {b}/device" for b in batches])
         ax.set_ylabel("samples/s")
-        ax.set_ylim(0, top * 1.25)
+        ax.set_ylim(0, top * (1.25 if len(modes) <= 3 else 1.45))  # room for a two-row legend
         procs = "1 process" if str(world) == "1" else f"{world} processes (aggregate)"
         ax.set_title(f"{device} — preset {preset}, {procs}", fontsize=9)
-        ax.legend(fontsize=7, loc="upper left", ncol=len(modes))
+        ax.legend(fontsize=7, loc="upper left", ncol=min(len(modes), 3))  # 4+ bars: two rows, not cut off
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title or "MATPAC training throughput (bar labels: samples/s, MFU)", fontsize=10)
     fig.tight_layout()

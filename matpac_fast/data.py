@@ -506,6 +506,12 @@ def _concat(parts: list[ShardSource]) -> ShardSource:
             stats[k] = combine(vals)
         else:
             stats.pop(k, None)
+    for k in ("skipped", "flags", "segments"):  # per-reason / per-flag counts: summed key by key, as inputs is
+        vals = [p.stats.get(k) for p in parts]
+        if all(isinstance(v, dict) and all(isinstance(n, int) for n in v.values()) for v in vals):
+            stats[k] = {key: sum(v.get(key, 0) for v in vals) for key in sorted({key for v in vals for key in v})}
+        else:
+            stats.pop(k, None)
     frames = [p.stats.get("n_frames") for p in parts]
     w = np.array(frames if all(isinstance(f, int | float) for f in frames) else [p.total for p in parts], float)
     w = w / w.sum() if w.sum() > 0 else np.full(len(parts), 1 / len(parts))

@@ -514,6 +514,12 @@ def test_open_list_of_directories_concatenates(tmp_path):
     assert sorted(keys) == sorted(set(keys_a) | {k for k, _, _ in clips_b})
     with pytest.raises(ValueError, match="given twice"):
         ShardSource.open([str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a" / "shards-000001.tar")])
+    # per-reason counts are summed too (they came from the first set alone, so inputs != written + skipped)
+    for name, skipped, flags in (("a", {"empty": 1, "duplicate": 2}, {"cropped": 1}), ("b", {"empty": 3}, {})):
+        path = tmp_path / name / "stats.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "skipped": skipped, "flags": flags}))
+    both = ShardSource.open([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert both.stats["skipped"] == {"duplicate": 2, "empty": 4} and both.stats["flags"] == {"cropped": 1}
 
 
 def test_open_list_of_disagreeing_sets(tmp_path):

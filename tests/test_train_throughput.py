@@ -517,6 +517,21 @@ def test_plot_writes_a_png_per_device(tmp_path):
         plot_results.read_rows([bad])
 
 
+def test_plot_draws_the_most_recent_row_whatever_the_file_order(tmp_path):
+    # A shell glob sorts files by name: the later file on the command line used to win even when it was older.
+    paths = {}
+    for name, when, sps in (("run_new", "2026-11-26T10:00:00Z", "999.0"), ("run_old", "2020-01-01T00:00:00Z", "111.0")):
+        paths[name] = tmp_path / f"{name}.csv"
+        with open(paths[name], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=tt.CSV_FIELDS)
+            w.writeheader()
+            w.writerow({**{k: "" for k in tt.CSV_FIELDS}, "time_utc": when, "device": "GPU A", "world": "1",
+                        "preset": "matpac", "mode": "eager", "batch": "64", "samples_per_s": sps, "mfu": "n/a"})
+    for order in (["run_new", "run_old"], ["run_old", "run_new"]):
+        rows = plot_results.read_rows([paths[n] for n in order])
+        assert [r["samples_per_s"] for r in rows] == [999.0], order
+
+
 # ------------------------------------------------------------------------------------------------ GPU suite
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
 
