@@ -185,14 +185,19 @@ def check_wave(wave: np.ndarray) -> None:
 
 
 def crop_and_flag(item: Item, wave: np.ndarray, sr: int) -> tuple[np.ndarray, tuple[str, ...]]:
-    """AudioSet: a file holding the whole video is cut to the CSV segment; a file shorter than its segment is kept
-    with the flag 'truncated' (the authors keep such clips too, and the frame count is in the json)."""
+    """AudioSet: a file more than 1 s longer than its segment whose name does not give the start, and that reaches
+    into the segment, holds the whole video (it starts at 0 s): it is cut to the CSV segment, flag 'cropped'. A clip
+    (cropped or not) more than TRUNCATION_TOLERANCE_S shorter than its segment is kept with the flag 'truncated' (the
+    authors keep such clips too, and the frame count is in the json): so a full video that ends inside its segment
+    is cut to [start, end of file) and flagged both. A file about as long as the segment is the segment's clip
+    already and is never cut; so is a longer one that ends before its segment starts (it cannot be the whole video:
+    kept whole, as before)."""
     flags = []
     if item.start is None or item.end is None:
         return wave, ()
     expected = item.end - item.start
     duration = wave.shape[0] / sr
-    if not item.name_has_start and duration > expected + 1.0 and duration >= item.end - 0.05:
+    if not item.name_has_start and duration > expected + 1.0 and duration > item.start + TRUNCATION_TOLERANCE_S:
         wave = wave[int(round(item.start * sr)) : int(round(item.end * sr))]
         duration = wave.shape[0] / sr
         flags.append("cropped")

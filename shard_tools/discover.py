@@ -335,7 +335,8 @@ def discover_audioset(
     scan = scan_files(root)
     if not scan.files:
         raise ValueError(_no_audio(root, scan, "--audio-root"))
-    items, first = [], {}
+    items: list[Item | None] = []
+    claims: dict[str, list[tuple[int, Found, Segment, bool]]] = {}  # segment key -> its files (several: duplicates)
     for f in scan.files:
         rel, path, source = f.rel, f.path, printable(f.rel)
         if f.skip is None and is_partial(path.name):
@@ -349,27 +350,55 @@ def discover_audioset(
             items.append(Item(source, path_key(rel), str(path), size=f.size, skip="not_in_csv"))
             continue
         key = f"{seg.ytid}_{int(round(seg.start * 1000))}"
-        dup = first.get(key)  # first in path order wins; the others are the same clip
-        first.setdefault(key, source)
-        items.append(
-            Item(
-                source,
-                key if dup is None else path_key(rel),
-                str(path),
+        claims.setdefault(key, []).append((len(items), f, seg, parsed[1] is not None))
+        items.append(None)  # filled below, once every file of the segment is known
+    for key, files in claims.items():
+        chosen = min(files, key=lambda c: _segment_file_rank(c[1]))[1]
+        for i, f, seg, name_has_start in files:
+            dup = f is not chosen
+            items[i] = Item(
+                printable(f.rel),
+                path_key(f.rel) if dup else key,
+                str(f.path),
                 labels=seg.labels,
                 label_indices=tuple(mid_index[m] for m in seg.labels),
                 ytid=seg.ytid,
                 start=seg.start,
                 end=seg.end,
-                name_has_start=parsed[1] is not None,
+                name_has_start=name_has_start,
                 size=f.size,
-                skip=None if dup is None else "duplicate",
-                detail="" if dup is None else f"same segment as {dup}",
+                skip="duplicate" if dup else None,
+                detail=_duplicate_detail(f, chosen) if dup else "",
             )
-        )
-    segments = {"in_csvs": n_segments, "with_file": len(first), "missing": n_segments - len(first)}
+    segments = {"in_csvs": n_segments, "with_file": len(claims), "missing": n_segments - len(claims)}
     notes = [segments_line(segments)] + relabelled + scan.notes(root)
     return Discovery(items, names, mids, notes, extra={"segments": segments})
+
+
+def _needs_pyav(f: Found) -> bool:
+    """The file can only be decoded with the optional PyAV (decode.read_audio picks the decoder by extension)."""
+    return f.path.suffix.lower() in PYAV_EXTS
+
+
+def _segment_file_rank(f: Found) -> tuple:
+    """Sort key (best first) among the files of one AudioSet segment (e.g. A/<id>_30.wav and B/<id>_30.wav, or
+    <id>.wav and Y<id>.wav): non-empty before empty (a 0-byte file is a failed download), soundfile formats before
+    those that need PyAV (whether or not it is installed, so that the choice and thus the shards do not depend on
+    it), then the larger file (a truncated or damaged copy is usually smaller), then path order. Decided before
+    decoding, from names and sizes only: a corrupt non-empty file that is larger than a good copy still wins, and
+    the segment is then skipped as undecodable while the good copy is reported as its duplicate."""
+    return (f.size == 0, _needs_pyav(f), -f.size, os.fsencode(f.rel))
+
+
+def _duplicate_detail(f: Found, chosen: Found) -> str:
+    why = ""
+    if f.size == 0:
+        why = "this file is empty"
+    elif _needs_pyav(f) and not _needs_pyav(chosen):
+        why = f"this file needs PyAV ({f.path.suffix.lower()}), that one does not"
+    elif f.size < chosen.size:
+        why = f"this file is smaller ({f.size} < {chosen.size} bytes)"
+    return f"same segment as {printable(chosen.rel)}" + (f", which is used instead: {why}" if why else "")
 
 
 def _read_all_segments(

@@ -150,3 +150,99 @@ def test_cropped_clip_holds_the_segment(audioset_meta_dir, audioset_tree, tmp_pa
     cut = torch.from_numpy(np.ascontiguousarray(w[round(23.7 * sr) : round(33.7 * sr)]))
     ref = LogMelSpec("matpac")(resample(cut, sr)[None])[0].numpy()
     np.testing.assert_array_equal(arr, ref.astype(np.float16))
+
+
+def _run_balanced(meta, root, out, *extra):
+    return cli_main([
+        "audioset", "--segments", str(meta / "balanced_train_segments.csv"),
+        "--class-index", str(meta / "class_labels_indices.csv"), "--audio-root", str(root),
+        "--out", str(out), "--workers", "0", "--no-progress", *extra,
+    ])
+
+
+def _written(out):
+    """source -> the sample's json, from every shard of the set."""
+    samples = {}
+    for shard in json.loads((out / "sizes.json").read_text()):
+        with tarfile.open(out / shard) as tar:
+            for info in tar:
+                if info.name.endswith(".json"):
+                    m = json.loads(tar.extractfile(info).read())
+                    samples[m["source"]] = m
+    return samples
+
+
+def _write(path, seconds, seed):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, synth_clip(seed, sample_rate=SR, seconds=seconds)[0], SR)
+    return path
+
+
+def test_duplicate_files_of_a_segment_keep_the_usable_one(audioset_meta_dir, tmp_path):
+    """Several files of one segment: the first in path order used to claim it even when it could not be used (a
+    0-byte failed download, an .m4a needing PyAV, a truncated copy), and the good copy was skipped as duplicate."""
+    root = tmp_path / "download"
+    (root / "A").mkdir(parents=True)
+    (root / "A" / "--PJHxphWEs_30.wav").write_bytes(b"")  # empty leftover, first in path order
+    _write(root / "B" / "--PJHxphWEs_30.wav", 10.0, 1)
+    # '-' sorts before 'Y': the .m4a (never decoded here: it needs PyAV, and it is not even audio) comes first
+    (root / "-24dqQM_rDk.m4a").write_bytes(b"\0" * 500_000)
+    _write(root / "Y-24dqQM_rDk.wav", 9.8, 2)
+    _write(root / "A" / "AE5oZzfu2-E_239.8.wav", 4.0, 3)  # a truncated copy: too short to be written
+    _write(root / "B" / "AE5oZzfu2-E_239.8.wav", 9.9, 4)
+    out = tmp_path / "out"
+    assert _run_balanced(audioset_meta_dir, root, out) == 0
+    lines = {line["source"]: line for line in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    kept = {"B/--PJHxphWEs_30.wav": "--PJHxphWEs_30000", "Y-24dqQM_rDk.wav": "-24dqQM_rDk_30000",
+            "B/AE5oZzfu2-E_239.8.wav": "AE5oZzfu2-E_239800"}
+    dups = {"A/--PJHxphWEs_30.wav": ("B/--PJHxphWEs_30.wav", "this file is empty"),
+            "-24dqQM_rDk.m4a": ("Y-24dqQM_rDk.wav", "needs PyAV"),
+            "A/AE5oZzfu2-E_239.8.wav": ("B/AE5oZzfu2-E_239.8.wav", "smaller")}
+    samples = _written(out)
+    assert set(samples) == set(kept) and set(lines) == set(kept) | set(dups)
+    for rel, key in kept.items():
+        assert samples[rel]["key"] == lines[rel]["key"] == key and samples[rel]["flags"] == []
+    for rel, (chosen, why) in dups.items():
+        assert lines[rel]["skipped"] == "duplicate", rel
+        detail = lines[rel]["detail"]
+        assert f"same segment as {chosen}, which is used instead: " in detail and why in detail, detail
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["written"] == 3 and stats["skipped"] == {"duplicate": 3} and stats["inputs"] == 6
+    assert stats["segments"]["with_file"] == 3
+
+
+def test_full_video_ending_inside_or_before_its_segment(audioset_meta_dir, tmp_path):
+    """A whole-video file (name without start) that ends inside its segment 30-40 s is cut to [30 s, end of file)
+    and flagged cropped + truncated (it used to be written whole, 35 s, with no flag); one that ends before the
+    segment starts cannot be the whole video and is kept whole, as before; one about as long as the segment is the
+    clip itself and is not cut."""
+    import io
+
+    import torch
+
+    from matpac_fast.frontend import LogMelSpec, resample
+
+    root = tmp_path / "download"
+    _write(root / "Y--PJHxphWEs.wav", 35.0, 1)  # segment 30-40
+    _write(root / "-24dqQM_rDk.wav", 20.0, 2)  # segment 30-40: ends before it starts, so not the whole video
+    _write(root / "Y-CDakgc2Lc.wav", 10.8, 3)  # segment 30-40: a 10-s clip (with a little extra), not a video
+    _write(root / "Agi5ySKb1tY.wav", 34.5, 4)  # segment 23.7-33.7: the whole video, cut as before
+    out = tmp_path / "out"
+    assert _run_balanced(audioset_meta_dir, root, out, "--short", "pad") == 0
+    lines = {line["source"]: line for line in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    samples = _written(out)
+    assert set(samples) == {"Y--PJHxphWEs.wav", "-24dqQM_rDk.wav", "Y-CDakgc2Lc.wav", "Agi5ySKb1tY.wav"}
+    m = samples["Y--PJHxphWEs.wav"]
+    assert m["flags"] == ["cropped", "truncated"] and m["duration"] == pytest.approx(5.0)
+    assert m["n_frames"] == 1 + (5 * 16000 - 400) // 160 and lines["Y--PJHxphWEs.wav"]["flags"] == m["flags"]
+    assert samples["Y-CDakgc2Lc.wav"]["flags"] == [] and samples["Y-CDakgc2Lc.wav"]["duration"] == pytest.approx(10.8)
+    assert samples["Agi5ySKb1tY.wav"]["flags"] == ["cropped"]
+    assert samples["Agi5ySKb1tY.wav"]["duration"] == pytest.approx(10.0)
+    assert samples["-24dqQM_rDk.wav"]["flags"] == [] and samples["-24dqQM_rDk.wav"]["duration"] == pytest.approx(20.0)
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["flags"] == {"cropped": 2, "truncated": 1} and stats.get("skipped", {}) == {}
+    with tarfile.open(out / "shards-000000.tar") as tar:
+        arr = np.load(io.BytesIO(tar.extractfile("--PJHxphWEs_30000.npy").read()), allow_pickle=False)
+    w, sr = sf.read(root / "Y--PJHxphWEs.wav", dtype="float32")
+    ref = LogMelSpec("matpac")(resample(torch.from_numpy(np.ascontiguousarray(w[30 * sr :])), sr)[None])[0]
+    np.testing.assert_array_equal(arr, ref.numpy().astype(np.float16))
