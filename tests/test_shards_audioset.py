@@ -93,13 +93,7 @@ def test_audioset_every_layout_gets_exactly_the_csv_labels(audioset_meta_dir, au
             csv_rows[(ytid, float(start))] = (float(end), labels.strip('"').split(","))
     mids = [line.split(",")[1] for line in (meta / "class_labels_indices.csv").read_text().splitlines()[1:]]
 
-    samples = {}
-    for shard in json.loads((out / "sizes.json").read_text()):
-        with tarfile.open(out / shard) as tar:
-            for info in tar:
-                if info.name.endswith(".json"):
-                    m = json.loads(tar.extractfile(info).read())
-                    samples[m["source"]] = m
+    samples = _written(out)
     lines = {line["source"]: line for line in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
     assert set(lines) == set(CASES)
     written = {rel for rel, c in CASES.items() if c[3] in ("ok", "truncated", "cropped")}
