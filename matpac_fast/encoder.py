@@ -209,7 +209,8 @@ ACCEPTED_FORMATS = (
 def _read_file(path: Path) -> dict:
     """Tensors only: safetensors, or torch.load(weights_only=True). Any failure is one line that never suggests
     loading with weights_only=False (torch's own message does): a checkpoint from a stranger must not run code."""
-    if path.suffix == ".safetensors":
+    head = _head_bytes(path)
+    if path.suffix == ".safetensors" or _looks_like_safetensors(head):  # any name: a .pt may hold safetensors
         from safetensors.torch import load_file
 
         try:
@@ -232,6 +233,11 @@ def _read_file(path: Path) -> dict:
             f"{path} holds pickled Python objects ({pickled}), which could run code when loaded: refused (this tool "
             f"reads weights-only: tensors and plain containers); re-save just its tensors; {ACCEPTED_FORMATS}"
         )
+    if head[:1] == b"\x80" and not head.startswith(_LEGACY_TORCH_MAGIC):
+        # pickle.dump output, not torch.save's: intact, but unpickling a stranger's file could run code
+        raise ValueError(f"{path} is a plain Python pickle, not torch.save or safetensors data: refused (unpickling "
+                         f"it could run code); re-save its tensors with torch.save or "
+                         f"safetensors; {ACCEPTED_FORMATS}")
     raise ValueError(f"{path} cannot be read (damaged or truncated: {_damage_reason(path, error)}); copy or export "
                      f"it again; {ACCEPTED_FORMATS}")
 
@@ -390,6 +396,23 @@ def _pickled_object(e: Exception) -> str | None:
     return "an object" if re.search(r"global|reduce|Unsupported class", text) else None
 
 
+# torch.save's legacy (non-zip) format starts with this pickled magic number; pickle.dump output does not.
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _head_bytes(path: Path, n: int = 16) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError:
+        return b""
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    """safetensors: an 8-byte little-endian header length, then the JSON header ('{')."""
+    return len(head) >= 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < 2**31
+
+
 def _damage_reason(path: Path, e: Exception) -> str:
     """A short reason for a file torch.load cannot read, without torch's advice."""
     try:
@@ -508,6 +531,8 @@ def _unwrap(obj) -> tuple[dict, dict | None]:
         obj = _drop_authors_training(obj)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError("not a state dict: expected a dict of tensors (optionally nested under 'model')")
+    if not all(isinstance(k, str) for k in obj):
+        raise ValueError("not a state dict: its keys are not all parameter names (strings)")
     state = {}
     for k, v in obj.items():
         for p in WRAPPER_PREFIXES:
@@ -536,6 +561,11 @@ def _infer_arch(state: dict, preset: str, cfg: dict | None, why: dict | None = N
     if "cls_token" not in state or "pos_embed" not in state or "patch_embed.proj.weight" not in state:
         missing = [k for k in ("cls_token", "pos_embed", "patch_embed.proj.weight") if k not in state]
         raise ValueError(f"not a MATPAC encoder state dict: missing keys {missing}")
+    # the shapes read below, checked first: a mis-shaped tensor is "not this model", never an IndexError
+    for key, rank in (("cls_token", 3), ("pos_embed", 3), ("patch_embed.proj.weight", 4)):
+        if state[key].dim() != rank:
+            raise ValueError(f"not a MATPAC encoder state dict: {key} has shape {tuple(state[key].shape)}, expected "
+                             f"{rank} dimensions")
     dim = state["cls_token"].shape[-1]
     blocks = {int(m.group(1)) for k in state if (m := re.match(r"student_encoder\.blocks\.(\d+)\.", k))}
     depth = max(blocks) + 1 if blocks else 0

@@ -65,11 +65,53 @@ def test_hear_api_shapes_timestamps_and_scene_mean():
     assert model.sample_rate == 16000 and model.scene_embedding_size == model.timestamp_embedding_size == 320
     audio = torch.from_numpy(np.stack([tone(300.0, 1.0), tone(3000.0, 1.0)]))
     emb, ts = hear.get_timestamp_embeddings(audio, model)
-    # 1 s -> 98 log-mel frames -> padded to 112 -> 7 patch columns of 160 ms, centred 87.5 ms + 160 ms * i
+    # 1 s -> 98 log-mel frames -> padded to 112 -> 7 patch columns of 160 ms, centred 87.5 ms + 160 ms * i; the
+    # last holds real frames 96-97 only (frame j centred at 12.5 + 10 j ms): 12.5 + 10 * 96.5 = 977.5 ms, inside
+    # the 1-s clip (it said 1047.5)
     assert emb.shape == (2, 7, 320) and ts.shape == (2, 7)
-    np.testing.assert_allclose(ts[0].numpy(), 87.5 + 160.0 * np.arange(7))
+    np.testing.assert_allclose(ts[0].numpy(), [*(87.5 + 160.0 * np.arange(6)), 977.5])
+    short = hear.get_timestamp_embeddings(torch.zeros(1, 2800), model)[1]  # 175 ms: frames 0-15, one full column
+    np.testing.assert_allclose(short.numpy(), [[87.5]])
+    tiny = hear.get_timestamp_embeddings(torch.zeros(1, 400), model)[1]  # 25 ms: one frame, centred at 12.5 ms
+    np.testing.assert_allclose(tiny.numpy(), [[12.5]])
     scene = hear.get_scene_embeddings(audio, model)
     torch.testing.assert_close(scene, emb.mean(1))
     torch.testing.assert_close(scene, model.encoder.encode(audio, 16000)[1])
     with pytest.raises(ValueError, match="n_sounds, n_samples"):
         hear.get_scene_embeddings(audio[0], model)
+
+
+def test_malformed_or_mislabelled_weight_files_are_one_line_errors(tmp_path):
+    """A mis-shaped tensor or a non-string key ended in IndexError / AttributeError tracebacks; an intact
+    safetensors file named .pt and a plain pickle were both called 'damaged or truncated'."""
+    import os
+    import pickle
+
+    from safetensors.torch import save_file
+
+    sd = load_encoder("random", preset="tiny").state_dict()
+    cases = {
+        "pos1d.pt": (dict(sd, pos_embed=torch.zeros(5)), "pos_embed has shape (5,), expected 3 dimensions"),
+        "cls0d.pt": (dict(sd, cls_token=torch.zeros(())), "cls_token has shape (), expected 3 dimensions"),
+        "intkeys.pt": ({0: torch.zeros(1)}, "its keys are not all parameter names (strings)"),
+    }
+    for name, (state, message) in cases.items():
+        torch.save(state, tmp_path / name)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_encoder(tmp_path / name, preset="tiny")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "model_st.pt"))
+    loaded = load_encoder(tmp_path / "model_st.pt", preset="tiny")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"pos_embed": Payload()}))
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps(dict(sd)))
+    for name in ("evil.pt", "raw.pt"):
+        with pytest.raises(ValueError, match="is a plain Python pickle, not torch.save or safetensors data: refused"):
+            load_encoder(tmp_path / name, preset="tiny")
+    assert not marker.exists()

@@ -134,7 +134,8 @@ def test_m2d_run_and_preset_embed_with_the_m2d_front_end(tmp_path, monkeypatch):
     # HEAR timestamps follow the front end's centring (m2d: centre=True, frame j centred at 10·j ms)
     model = hear.load_model(str(tmp_path / "runs" / "m" / "encoder.pt"), preset="tiny", device="cpu")
     _, ts = hear.get_timestamp_embeddings(torch.from_numpy(np.stack([tone(300.0, 1.0)])), model)
-    np.testing.assert_allclose(ts[0].numpy(), 75.0 + 160.0 * np.arange(ts.shape[1]))
+    # 1 s -> 101 centred frames -> 7 columns; the last holds real frames 96-100, centred at 10 * 98 = 980 ms
+    np.testing.assert_allclose(ts[0].numpy(), [*(75.0 + 160.0 * np.arange(6)), 980.0])
 
 
 # --- 4: --help shows every default ----------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ evaluation kits:
 Audio is float32 (n_sounds, n_samples) at 16 kHz (`model.sample_rate`). One embedding per 16 log-mel frames
 (160 ms). Timestamps are the centres of those frames: with the MATPAC front end (n_fft 400, hop 160, no centring)
 log-mel frame j is centred at 10·j + 12.5 ms, so patch column i is centred at 160·i + 87.5 ms; with the M2D front
-end (centred frames) frame j is centred at 10·j ms and patch column i at 160·i + 75 ms. The encoder's own front end
+end (centred frames) frame j is centred at 10·j ms and patch column i at 160·i + 75 ms. The last column, when the
+audio's frames end inside it (the rest is zero padding), is centred on its real frames, so no timestamp lies past
+the end of the audio. The encoder's own front end
 (`Encoder.frontend`, from its run config or preset) decides. Inference runs without an autograd graph.
 """
 
@@ -69,11 +71,18 @@ def first_frame_centre_ms(frontend: str) -> float:
 @torch.no_grad()
 def get_timestamp_embeddings(audio: torch.Tensor, model: HearModel) -> tuple[torch.Tensor, torch.Tensor]:
     audio = _check(audio, model)
+    from matpac_fast.frontend import get_spec
+
     frames, _ = model.encoder.encode(audio, SAMPLE_RATE)
     patch = model.encoder.patch
     n = frames.shape[1]
     first = first_frame_centre_ms(model.encoder.frontend)
-    centres = first + HOP_MS * (patch * torch.arange(n, dtype=torch.float32) + (patch - 1) / 2)
+    # Each embedding's log-mel frames: [patch·i, patch·(i+1)), the last clipped to the frames the audio has (the
+    # rest of its patch is zero padding), so no timestamp lies past the end of the audio.
+    t = get_spec(model.encoder.frontend).num_frames(audio.shape[-1])
+    start = patch * torch.arange(n, dtype=torch.float32)
+    end = torch.clamp(start + patch, max=float(t))
+    centres = first + HOP_MS * (start + end - 1) / 2
     return frames, centres.to(frames.device).expand(len(frames), n)
 
 
