@@ -907,6 +907,7 @@ def _main(argv: list[str] | None) -> int:
         # One writer per --out (a Slurm requeue or a double submit would interleave two runs' checkpoints and rows):
         # the main process locks it for the run's lifetime; all ranks of one job share it. An --out that does not
         # exist yet is locked when it is created, after the checks below: a bad option leaves no run directory.
+        _check_out_path(cfg.run.out)  # first: Path("") is the current folder, which the lock below would write in
         if rank == 0:
             lock = ckpt.OutLock(cfg.run.out)
             if Path(cfg.run.out).is_dir():
@@ -914,7 +915,6 @@ def _main(argv: list[str] | None) -> int:
             note = _paper_recipe_on_cpu(args, cfg)
             if note:
                 print(note, file=sys.stderr, flush=True)
-        _check_out_path(cfg.run.out)
         ckpt.check_out(cfg.run.out, cfg.run.resume)  # never mix two runs in one folder
         # Validates data, model and the checkpoint to resume first: a bad option leaves no empty run directory.
         trainer = Trainer(cfg)
