@@ -24,7 +24,6 @@ def make_masks(
     """-> (vis_idx (B, n_visible), mask_idx (B, n_patches - n_visible)) int64, each row sorted ascending.
 
     Reproducible from `generator` (its device decides where the noise is drawn; the result is moved to `device`).
-    A CPU-drawn result bound for CUDA goes through pinned memory, without waiting: see `to_device_async`.
     """
     if not 0 < n_visible < n_patches:
         raise ValueError(f"n_visible={n_visible} must be in [1, n_patches={n_patches})")
@@ -34,22 +33,8 @@ def make_masks(
     vis = ids[:, :n_visible].sort(dim=1).values
     mask = ids[:, n_visible:].sort(dim=1).values
     if device is not None:
-        vis, mask = to_device_async(vis, device), to_device_async(mask, device)
+        vis, mask = vis.to(device), mask.to(device)
     return vis, mask
-
-
-def to_device_async(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """`t.to(device)` that never makes the host wait for the GPU.
-
-    A copy from pageable host memory to CUDA is staged by the driver, which first waits until every kernel already
-    queued on the stream has finished: once per training step that drains the GPU's queue, so the host can never
-    run ahead and the GPU idles while the next step is launched. From pinned memory the copy is asynchronous; the
-    caching host allocator keeps the pinned source alive until the copy has run.
-    """
-    device = torch.device(device)
-    if device.type != "cuda" or t.device.type != "cpu":
-        return t.to(device)
-    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
 def patchify(x_B1FT: torch.Tensor, patch: int = 16) -> torch.Tensor:

@@ -299,9 +299,8 @@ class Trainer:
         g = torch.Generator().manual_seed(
             hash((self.cfg.run.seed, self.step, micro, self.accelerator.process_index)) & 0x7FFFFFFF
         )
-        # Drawn on the CPU (a CUDA generator's stream would differ by device); copied through pinned memory, so the
-        # host does not wait for the queued GPU work here (make_masks -> to_device_async).
-        return make_masks(batch_size, m.n_patches, m.n_visible, generator=g, device=self.device)
+        vis, mask = make_masks(batch_size, m.n_patches, m.n_visible, generator=g)
+        return vis.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
 
     def _step_state(self):
         from matpac_fast.model import StepState
