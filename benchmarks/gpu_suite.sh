@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# GPU suite: one command, results under OUT_DIR; every step fits a budget (460 s by default; on an H200 at 9512281 the
-# steps before train_b64 took 321 s, see benchmarks/RESULTS.md).
+# GPU suite: one command, results under OUT_DIR; every step fits a budget (460 s by default). Step times measured on
+# an H100 at 455c577 (benchmarks/RESULTS.md): check 30 s, loader 16, train_b256 169 with four modes, stream 37,
+# attention 30, pytest_gpu 84, kernels 47; train_b64 then had 47 s left and was cut. So the defaults below drop
+# `compiled` and the stream step (~90 s); by those times the rest needs ~430 s, an estimate not yet run end to end.
 #
 #   benchmarks/gpu_suite.sh OUT_DIR [WHEELS_DIR]          # on the GPU machine, from any directory
 #   benchmarks/gpu_suite.sh OUT_DIR --cpu-dry-run          # the same logic on CPU: tiny preset, few steps
@@ -11,18 +13,19 @@
 #               --target into the suite's temp folder) when missing. Anything still missing stops the suite with a
 #               message naming it.
 #   loader      benchmarks/loader.py, short: shards vs per-clip .npy; its data is reused by the training runs
-#   train_b256  benchmarks/train_throughput.py, matpac preset (ViT-B), batch 256 per device, all modes, data from
+#   train_b256  benchmarks/train_throughput.py, matpac preset (ViT-B), batch 256 per device, modes eager,
+#               compiled+kernels, reference-design (SUITE_MODES; add `compiled` for the kernels' share), data from
 #               the loader step's shards (reference-design: its per-clip .npy folder); compiled modes use
 #               SUITE_COMPILE_MODE (default reduce-overhead: CUDA graphs, +2 to +4 % over default in H200 runs);
 #               reference-design is the authors' fairseq training step on our model (benchmarks/_peer.py: weights
 #               in the run's dtype without autocast, written-out timm attention, FP16Optimizer, in-forward EMA)
-#   stream      compiled+kernels at batch 256 again with the residual stream in bf16 (--stream-dtype amp), on the
-#               same warm machine right after train_b256, so the two rows compare side by side
+#   stream      only with SUITE_STREAM=1: compiled+kernels at batch 256 again with the residual stream in bf16
+#               (--stream-dtype amp), right after train_b256, so the two rows compare side by side
 #   attention   benchmarks/attention.py: SDPA backends vs compiled math on the student / teacher / predictor shapes
 #   pytest_gpu  the GPU tests (pytest -m gpu: bf16 kernels, CUDA log-mel, pinned loader batches)
 #   kernels     benchmarks/kernels.py (Triton kernels vs eager / compiled references)
-#   train_b64   as train_b256 at batch 64 per device, without `compiled` (SUITE_SMALL_MODES; its second compilation
-#               would not fit the budget: each compiled mode compiles for ~40 s on an H200)
+#   train_b64   as train_b256 at batch 64 per device (SUITE_SMALL_MODES, default SUITE_MODES' value; each compiled
+#               mode compiles for ~40 s on an H200, ~70 s on the H100 machine)
 #   plot        benchmarks/plot_results.py -> throughput.png
 #
 # OUT_DIR receives (few files, so that a remote runner can ship them back): summary.txt (environment, each step's
@@ -43,7 +46,7 @@
 # Environment: PYTHON (default python3), MATPAC_COMMIT (the commit to report, for a copied tree),
 # SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed steps per training run, default 25),
 # SUITE_COMPILE_MODE (torch.compile mode of the compiled modes: default | reduce-overhead | max-autotune-no-cudagraphs),
-# SUITE_MODES (modes of train_b256), SUITE_SMALL_MODES (modes of train_b64), SUITE_STREAM=0 (skip the stream step),
+# SUITE_MODES (modes of train_b256), SUITE_SMALL_MODES (modes of train_b64), SUITE_STREAM=1 (run the stream step),
 # SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable packages are missing; the GPU tests then
 # run with --continue-on-collection-errors).
 set -uo pipefail
@@ -225,8 +228,8 @@ else
   PRESET=matpac; DEVICE=cuda; PRECISION=bf16; BIG=256; SMALL=64
   COMPILE_MODE=${SUITE_COMPILE_MODE:-reduce-overhead}; ATTN_BATCH=256
   # Most informative first: a run killed by its timeout keeps the rows it finished.
-  MODES=${SUITE_MODES:-eager,compiled+kernels,reference-design,compiled}; STREAM_MODES=compiled+kernels
-  SMALL_MODES=${SUITE_SMALL_MODES:-eager,compiled+kernels,reference-design}
+  MODES=${SUITE_MODES:-eager,compiled+kernels,reference-design}; STREAM_MODES=compiled+kernels
+  SMALL_MODES=${SUITE_SMALL_MODES:-$MODES}
   LOADER_FRAMES=1000; LOADER_PER_SHARD=256; LOADER_WORKERS=8
 fi
 CLIPS=$(( (WARMUP + STEPS + 1) * BIG ))  # one epoch covers every step of the big-batch runs: no worker restarts
@@ -251,7 +254,7 @@ train() {  # train NAME CAP BATCH MODES [EXTRA ARGS...]
     "${TRAIN_DATA[@]}" --compile-mode "$COMPILE_MODE" --csv "$OUT/train.csv" --results-md "$OUT/RESULTS.md" "$@"
 }
 train "train_b$BIG" 240 "$BIG" "$MODES"
-if [ "${SUITE_STREAM:-1}" = 1 ]; then
+if [ "${SUITE_STREAM:-0}" = 1 ]; then
   train stream 90 "$BIG" "$STREAM_MODES" --stream-dtype amp
 fi
 step attention 45 "$PY" benchmarks/attention.py --preset "$PRESET" --batch "$ATTN_BATCH" --reps 1
