@@ -39,7 +39,7 @@ def _xent_bwd(dtype, block_k):
 
 def _gather(in_dtype, out_dtype):
     sig = {"lms_ptr": f"*{in_dtype}", "vis_idx_ptr": "*i64", "mask_idx_ptr": "*i64", "vis_out_ptr": f"*{out_dtype}",
-           "mask_out_ptr": f"*{out_dtype}", "mean": "fp32", "std": "fp32"}
+           "mask_out_ptr": f"*{out_dtype}", "ok_ptr": "*i32", "mean": "fp32", "std": "fp32"}
     sig |= {n: I32 for n in ("n_vis", "n_mask", "n_t", "n_patches", "s_lb", "s_lf", "s_lt", "s_vb", "s_vn", "s_mb",
                              "s_mn")}
     sig |= {"PATCH": "constexpr", "TOK": "constexpr"}

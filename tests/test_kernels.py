@@ -133,15 +133,29 @@ def test_patchify_gather_out_of_range_index_is_an_error(backend, which, bad):
 
 @needs_triton
 def test_patchify_gather_kernel_never_reads_out_of_bounds():
-    """Behind the check, the kernel itself writes NaN tokens for an out-of-range index (no out-of-bounds read)."""
+    """Behind the check, the kernel itself writes NaN tokens for an out-of-range index (no out-of-bounds read) and
+    clears the index flag of the program that read it (the flags are what the public function asserts on)."""
     import importlib
 
     launch = importlib.import_module("matpac_kernels.patchify_gather")._launch
     lms, vis, mask, want_vis, _ = _hand_case()
     bad = torch.tensor([[2, 6]])
-    got_vis, got_mask = launch(lms.to(DEVICE), 2.0, 4.0, vis.to(DEVICE), bad.to(DEVICE), 2, torch.float32)
+    got_vis, got_mask, ok = launch(lms.to(DEVICE), 2.0, 4.0, vis.to(DEVICE), bad.to(DEVICE), 2, torch.float32)
     assert torch.equal(got_vis.cpu(), want_vis)
     assert torch.isfinite(got_mask[0, 0]).all() and torch.isnan(got_mask[0, 1]).all()
+    # one program per block of 4 tokens: [visible block, masked block]; only the masked one read index 6
+    assert ok.cpu().tolist() == [1, 0]
+    *_, ok = launch(lms.to(DEVICE), 2.0, 4.0, vis.to(DEVICE), mask.to(DEVICE), 2, torch.float32)
+    assert ok.cpu().tolist() == [1, 1]
+    # several batch rows and blocks: each flag belongs to its (row, block), whatever the other programs read
+    # (5 visible tokens = 2 blocks, 1 masked = 1 block, per row: flags [r0v0, r0v1, r0m0, r1v0, r1v1, r1m0])
+    lms2 = lms.expand(2, -1, -1, -1).contiguous().to(DEVICE)
+    idx = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    *_, ok = launch(lms2, 2.0, 4.0, idx[:, :5].to(DEVICE), idx[:, 5:].to(DEVICE), 2, torch.float32)
+    assert ok.cpu().tolist() == [1, 1, 1, 1, 1, 1]
+    idx[1, 5] = -1  # row 1's fifth visible token: its second visible block
+    *_, ok = launch(lms2, 2.0, 4.0, idx[:, 1:].to(DEVICE), idx[:, :1].to(DEVICE), 2, torch.float32)
+    assert ok.cpu().tolist() == [1, 1, 1, 1, 0, 1]
 
 
 @needs_triton
