@@ -27,6 +27,8 @@
 #   kernels     benchmarks/kernels.py (Triton kernels vs eager / compiled references)
 #   train_b64   as train_b256 at batch 64 per device (SUITE_SMALL_MODES, default SUITE_MODES' value; each compiled
 #               mode compiles for ~40 s on an H200, ~70 s on the H100 machine)
+#   profile     only with SUITE_PROFILE=1: benchmarks/profile_step.py on compiled+kernels at batch 256 with the bf16
+#               stream (where the GPU time goes, by kernel class; the table is in logs.tar.gz: profile.log)
 #   plot        benchmarks/plot_results.py -> throughput.png
 #
 # OUT_DIR receives (few files, so that a remote runner can ship them back): summary.txt (environment, each step's
@@ -48,6 +50,7 @@
 # SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed steps per training run, default 25),
 # SUITE_COMPILE_MODE (torch.compile mode of the compiled modes: default | reduce-overhead | max-autotune-no-cudagraphs),
 # SUITE_MODES (modes of train_b256), SUITE_SMALL_MODES (modes of train_b64), SUITE_STREAM=1 (run the stream step),
+# SUITE_PROFILE=1 (run the profile step),
 # SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable packages are missing; the GPU tests then
 # run with --continue-on-collection-errors).
 set -uo pipefail
@@ -262,6 +265,10 @@ step attention 45 "$PY" benchmarks/attention.py --preset "$PRESET" --batch "$ATT
 step pytest_gpu 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=8 "${PYTEST_EXTRA[@]}" tests
 step kernels 80 "$PY" benchmarks/kernels.py --out "$OUT/kernels.csv"
 train "train_b$SMALL" 200 "$SMALL" "$SMALL_MODES"
+if [ "${SUITE_PROFILE:-0}" = 1 ]; then
+  step profile 150 "$PY" benchmarks/profile_step.py --preset "$PRESET" --device "$DEVICE" --precision "$PRECISION" \
+    --batch "$BIG" --stream-dtype amp --steps 3 --warmup "$WARMUP" --top 30
+fi
 
 if [ -s "$OUT/train.csv" ]; then
   step plot 60 "$PY" benchmarks/plot_results.py "$OUT/train.csv" --out "$OUT/throughput.png"

@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=nonempty_arg,
         metavar="FOLDER|CSV",
         help="folder of <label>/ subfolders, a CSV (file,label[,fold|split][,other columns]; "
-        "comma-separated labels = multi-label), or the root of FSDD (labels.csv), ESC-50 "
+        "several labels in one cell = multi-label, separated by ';' (or ',' inside a quoted cell)), or the root of "
+        "FSDD (labels.csv), ESC-50 "
         "(meta/esc50.csv), UrbanSound8K (metadata/UrbanSound8K.csv) or GTZAN (genre folders)",
     )
     p.add_argument(
