@@ -164,6 +164,8 @@ def _patchify_gather_cuda(
 
 
 def _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch):
+    if not isinstance(patch, int) or patch < 1:
+        raise ValueError(f"patch must be a positive integer (16 for the paper's model), got {patch!r}")
     if lms_B1FT.dim() != 4 or lms_B1FT.shape[1] != 1:
         raise ValueError(f"lms must have shape (B, 1, F, T), got {tuple(lms_B1FT.shape)}; add the channel dim")
     _, _, F, T = lms_B1FT.shape
@@ -217,6 +219,12 @@ def patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch=16, ou
     pow2 = patch > 0 and patch & (patch - 1) == 0
     if not use_triton(lms_B1FT.device, supported=pow2, why=f"patch={patch} is not a power of two"):
         return reference_patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch, out_dtype)
+    if lms_B1FT.requires_grad and torch.is_grad_enabled():
+        # The op registers no backward: its outputs would claim requires_grad and fail only at backward().
+        raise ValueError(
+            "patchify_gather's Triton kernel has no gradient (log-mels are data): pass lms.detach(), or use the "
+            "'reference' backend to differentiate through it"
+        )
     # The kernel needs one index dtype for both index tensors (the branch-free load adds them).
     vis_idx, mask_idx = vis_idx_BNv.long(), mask_idx_BNm.long()
     op = _patchify_gather_cuda if lms_B1FT.is_cuda and not interpreter_active() else _patchify_gather_interp

@@ -186,6 +186,24 @@ def test_patchify_gather_user_errors(shape, idx_shape, match):
         mk.patchify_gather(torch.zeros(2, 1, 80, 608), 0.0, 1.0, torch.zeros(2, 5), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="std must be positive"):
         mk.patchify_gather(torch.zeros(2, 1, 80, 608), 0.0, 0.0, idx[:2], idx[:2])
+    with pytest.raises(ValueError, match="patch must be a positive integer"):  # was a ZeroDivisionError
+        mk.patchify_gather(torch.zeros(2, 1, 80, 608), 0.0, 1.0, idx[:2], idx[:2], patch=0)
+
+
+@needs_triton
+def test_patchify_gather_kernel_refuses_an_input_that_needs_a_gradient(triton_backend):
+    """The kernel has no backward: its outputs used to claim requires_grad and fail only at backward()."""
+    lms, vis, mask, want_vis, _ = _hand_case()
+    lms = lms.to(DEVICE).requires_grad_()
+    with pytest.raises(ValueError, match=r"no gradient .*lms.detach\(\)"):
+        mk.patchify_gather(lms, 2.0, 4.0, vis.to(DEVICE), mask.to(DEVICE), patch=2)
+    with torch.no_grad():  # no graph is built: allowed
+        got_vis, _ = mk.patchify_gather(lms, 2.0, 4.0, vis.to(DEVICE), mask.to(DEVICE), patch=2)
+    assert torch.equal(got_vis.cpu(), want_vis)
+    with mk.use_backend("reference"):  # the reference differentiates
+        got_vis, _ = mk.patchify_gather(lms, 2.0, 4.0, vis.to(DEVICE), mask.to(DEVICE), patch=2)
+        got_vis.sum().backward()
+    assert lms.grad is not None and lms.grad.abs().sum() > 0
 
 
 # ------------------------------------------------------------------------------------------------ centred xent
