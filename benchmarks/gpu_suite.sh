@@ -47,15 +47,17 @@
 #   (nnAudio also needs scipy; webdataset pyyaml and numpy — usually present.)
 #
 # Environment: PYTHON (default python3), MATPAC_COMMIT (the commit to report, for a copied tree),
-# SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed steps per training run, default 25),
+# SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed steps per training run, default 25; 2 dry run),
 # SUITE_COMPILE_MODE (torch.compile mode of the compiled modes: default | reduce-overhead | max-autotune-no-cudagraphs),
 # SUITE_MODES (modes of train_b256), SUITE_SMALL_MODES (modes of train_b64), SUITE_STREAM=1 (run the stream step),
 # SUITE_PROFILE=1 (run the profile step),
 # SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable packages are missing; the GPU tests then
-# run with --continue-on-collection-errors).
+# run with --continue-on-collection-errors). Each setting is checked before anything runs; a bad one stops the suite
+# with one line naming it.
 set -uo pipefail
 
-usage() { sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+# The header's two command lines, found by content: a fixed line range printed prose once the header grew.
+usage() { echo "usage:" >&2; grep '^#   benchmarks/gpu_suite.sh ' "$0" | sed 's/^#//' >&2; exit 2; }
 
 DRY=0
 POS=()
@@ -71,9 +73,39 @@ done
 [ ${#POS[@]} -ge 1 ] && [ ${#POS[@]} -le 2 ] || usage
 OUT=${POS[0]}
 WHEELS=${POS[1]:-}
+[ -n "$OUT" ] || usage
 if [ -n "$WHEELS" ] && [ ! -d "$WHEELS" ]; then
   echo "error: WHEELS_DIR $WHEELS is not a directory" >&2; exit 2
 fi
+
+# The settings are checked before anything runs. A typo used to surface only at the training steps, after minutes of
+# device time (an unknown mode, SUITE_STEPS=0), or as a bash arithmetic error mid-suite (SUITE_BUDGET_S=abc; with
+# SUITE_BUDGET_S=1e3 every step was dropped and the suite exited 0); SUITE_STREAM=yes silently ran no stream step.
+bad() { echo "error: $*; see the header of $0 (nothing was run)" >&2; exit 2; }
+for v in SUITE_BUDGET_S SUITE_STEPS; do  # no leading zero: bash arithmetic reads 010 as octal
+  [ -z "${!v:-}" ] || [[ "${!v}" =~ ^[1-9][0-9]*$ ]] ||
+    bad "$v=${!v}: give a whole number >= 1 (digits only, no leading 0)"
+done
+KNOWN_MODES=(eager compiled compiled+kernels reference-design)  # train_throughput.py's MODES
+for v in SUITE_MODES SUITE_SMALL_MODES; do  # as train_throughput.py reads --modes: comma list, blanks ignored
+  [ -n "${!v:-}" ] || continue
+  IFS=, read -ra entries <<< "${!v}"
+  n=0
+  for m in "${entries[@]}"; do
+    m=${m//[[:space:]]/}
+    [ -n "$m" ] || continue
+    [[ " ${KNOWN_MODES[*]} " == *" $m "* ]] || bad "$v=${!v}: unknown mode '$m' (modes: ${KNOWN_MODES[*]})"
+    n=$(( n + 1 ))
+  done
+  (( n > 0 )) || bad "$v=${!v} names no mode (modes: ${KNOWN_MODES[*]})"
+done
+case "${SUITE_COMPILE_MODE:-default}" in
+  default|reduce-overhead|max-autotune-no-cudagraphs) ;;
+  *) bad "SUITE_COMPILE_MODE=$SUITE_COMPILE_MODE: give default, reduce-overhead or max-autotune-no-cudagraphs" ;;
+esac
+for v in SUITE_STREAM SUITE_PROFILE SUITE_ALLOW_MISSING; do
+  case "${!v:-0}" in 0|1) ;; *) bad "$v=${!v}: give 1 (on) or 0 (off)" ;; esac
+done
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
@@ -95,13 +127,18 @@ for f in train.csv RESULTS.md kernels.csv loader.csv throughput.png summary.txt 
   echo "error: OUT_DIR $OUT already holds an earlier suite's $f; give a new or empty folder (nothing was changed)" >&2
   exit 2
 done
-mkdir -p "$OUT" || { echo "error: cannot create OUT_DIR $OUT" >&2; exit 2; }
+[ ! -e "$OUT" ] || [ -d "$OUT" ] || { echo "error: OUT_DIR $OUT is a file; give a new or empty folder" >&2; exit 2; }
+err=$(mkdir -p "$OUT" 2>&1) || { echo "error: cannot create OUT_DIR $OUT (${err##*: })" >&2; exit 2; }
 OUT=$(cd "$OUT" && pwd)
+SUMMARY="$OUT/summary.txt"
+# Written first: a folder that cannot be written used to run every step anyway, each one's results lost with a
+# traceback, and no summary or logs left at the end.
+if ! { : > "$SUMMARY"; } 2>/dev/null; then
+  echo "error: cannot write into OUT_DIR $OUT (read-only or no permission); give a writable folder" >&2; exit 2
+fi
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/matpac-suite.XXXXXX")
 LOGS="$WORK/logs"
 mkdir -p "$LOGS" "$WORK/pypath"
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
 
 finish() {
   tar czf "$OUT/logs.tar.gz" -C "$WORK" logs 2>/dev/null

@@ -4,8 +4,10 @@ One panel per (device, preset, processes); in each, groups of bars by batch size
 samples/s (and MFU when known). A run with the residual stream in the autocast dtype (`--stream-dtype amp`) is its
 own bar, hatched, labelled "<mode> · bf16 stream"; so is a reference-design row measured by an earlier peer (CSV
 column `peer` = "earlier": see benchmarks/RESULTS.md), labelled "reference-design · earlier peer", so that it is
-never read as the current peer's figure. When the CSVs hold the same (device, preset, processes, bar, batch) more
-than once, the most recent row (CSV column `time_utc`) is drawn, whatever the order of the files.
+never read as the current peer's figure. In a panel that holds rows from both synthetic data and shards (CSV column
+`data`), the synthetic ones are their own bars too, labelled "<bar> · synthetic". When the CSVs hold the same (device,
+preset, processes, bar, data kind, batch) more than once, the most recent row (CSV column `time_utc`) is drawn,
+whatever the order of the files.
 
     python benchmarks/plot_results.py results/train.csv --out docs/throughput.png
     python benchmarks/plot_results.py a.csv b.csv --out chart.png --title "MATPAC ViT-B, bf16"
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 from pathlib import Path
 
@@ -46,23 +49,39 @@ def read_rows(paths: list[Path]) -> list[dict]:
     for path in paths:
         if not path.exists():
             raise SystemExit(f"error: {path} does not exist; give a CSV written by train_throughput.py --csv")
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in NEEDED if c not in (reader.fieldnames or [])]
-            if missing:
-                raise SystemExit(f"error: {path} lacks columns {missing}: is it a train_throughput.py --csv file?")
-            for r in reader:
-                try:
-                    r["samples_per_s"] = float(r["samples_per_s"])
-                    r["batch"] = int(r["batch"])
-                except ValueError:
-                    continue  # a row without a figure (should not happen; skip rather than plot garbage)
-                r["bar"] = bar_label(r)
-                key = (r["device"], r["preset"], r["world"], r["bar"], r["batch"])
-                if key not in latest or r.get("time_utc", "") >= latest[key].get("time_utc", ""):
-                    latest[key] = r
+        if not path.is_file():
+            raise SystemExit(f"error: {path} is not a file; give a CSV written by train_throughput.py --csv")
+        try:  # one line, not a traceback, for a file that cannot be read or is not text
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                missing = [c for c in NEEDED if c not in (reader.fieldnames or [])]
+                if missing:
+                    raise SystemExit(f"error: {path} lacks columns {missing}: is it a train_throughput.py --csv file?")
+                for r in reader:
+                    try:
+                        r["samples_per_s"] = float(r["samples_per_s"])
+                        r["batch"] = int(r["batch"])
+                    except ValueError:
+                        continue  # a row without a figure (should not happen; skip rather than plot garbage)
+                    r["bar"] = bar_label(r)
+                    # The data kind is part of the key: a side-by-side run on synthetic data used to replace the
+                    # suite's row from shards (or the reverse) of the same mode and batch, whichever was later.
+                    key = (r["device"], r["preset"], r["world"], r["bar"], r.get("data") == "synthetic", r["batch"])
+                    if key not in latest or r.get("time_utc", "") >= latest[key].get("time_utc", ""):
+                        latest[key] = r
+        except (OSError, UnicodeDecodeError, csv.Error) as e:
+            raise SystemExit(f"error: cannot read {path} as a CSV ({e}); give a CSV written by train_throughput.py "
+                             "--csv") from None
     if not latest:
         raise SystemExit("error: no rows with a samples/s figure in the given CSV(s)")
+    # Where a panel mixes synthetic data and shards in our modes, its synthetic rows are bars of their own.
+    kinds: dict[tuple, set] = {}
+    for (device, preset, world, _, synthetic, _), r in latest.items():
+        if r["mode"] != "reference-design":
+            kinds.setdefault((device, preset, world), set()).add(synthetic)
+    for (device, preset, world, _, synthetic, _), r in latest.items():
+        if synthetic and len(kinds.get((device, preset, world), ())) > 1:
+            r["bar"] += " · synthetic"
     return list(latest.values())
 
 
@@ -98,8 +117,11 @@ def plot(rows: list[dict], out: Path, title: str | None = None) -> Path:
                 mfu = r.get("mfu", "")
                 labels.append(f"{r['samples_per_s']:.0f}" + (f"\n{100 * float(mfu):.0f}%" if mfu not in
                                                              ("", "n/a") else ""))
+            # stream / earlier-peer variants hatched //, synthetic-data bars dotted: same colour, told apart
+            variant = mode.removesuffix(" · synthetic")
+            hatch = ("//" if " · " in variant else "") + (".." if variant != mode else "")
             bars = ax.bar(xs, ys, width * 0.95, label=mode, color=COLORS.get(mode.split(" · ")[0]),
-                          hatch="//" if " · " in mode else None, edgecolor="white")
+                          hatch=hatch or None, edgecolor="white")
             ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
         ax.set_xticks(range(len(batches)), [f"batch {b}/device" for b in batches])
         ax.set_ylabel("samples/s")
@@ -124,6 +146,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.out.suffix.lower() != ".png":
         p.error(f"--out {args.out}: give a .png path")
+    # Checked before drawing: a folder, or a path whose folder cannot be made or written, used to end in a traceback.
+    if args.out.is_dir():
+        p.error(f"--out {args.out} is a folder; give a file path such as {args.out / 'throughput.png'}")
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {args.out}: cannot create its folder {args.out.parent} ({e.strerror or e})")
+    if not os.access(args.out.parent, os.W_OK):
+        p.error(f"--out {args.out}: its folder {args.out.parent} is not writable")
     path = plot(read_rows(args.csv), args.out, args.title)
     print(f"wrote {path}")
     return 0

@@ -533,6 +533,59 @@ def test_plot_draws_the_most_recent_row_whatever_the_file_order(tmp_path):
         assert [r["samples_per_s"] for r in rows] == [999.0], order
 
 
+def test_plot_keeps_synthetic_and_shard_rows_apart(tmp_path):
+    """The same mode and batch from shards and from synthetic data are two bars: the later row used to replace the
+    other, so the H100 chart lost its best figure (3,551 samples/s, synthetic) to the suite's 3,200 from shards."""
+    path = tmp_path / "t.csv"
+    base = {k: "" for k in tt.CSV_FIELDS} | {"device": "GPU A", "preset": "matpac", "world": "1", "batch": "256",
+                                            "mode": "compiled+kernels", "precision": "bf16", "stream_dtype": "amp",
+                                            "mfu": "0.3"}
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=tt.CSV_FIELDS)
+        w.writeheader()
+        w.writerow(base | {"time_utc": "2026-01-01T00:00:00Z", "data": "synthetic", "samples_per_s": "3550.0"})
+        w.writerow(base | {"time_utc": "2026-01-01T00:05:00Z", "data": "shards", "samples_per_s": "3200.0"})
+        w.writerow(base | {"time_utc": "2026-01-01T00:06:00Z", "data": "per-clip npy", "samples_per_s": "1500.0",
+                           "mode": "reference-design", "stream_dtype": "bf16", "peer": _peer.PEER_VERSION})
+        # a panel of synthetic rows only keeps its plain labels
+        w.writerow(base | {"time_utc": "2026-01-01T00:07:00Z", "data": "synthetic", "samples_per_s": "10.0",
+                           "device": "CPU", "mode": "eager", "precision": "no", "stream_dtype": "fp32"})
+    bars = {(r["device"], r["bar"]): r["samples_per_s"] for r in plot_results.read_rows([path])}
+    assert bars == {("GPU A", "compiled+kernels · bf16 stream"): 3200.0,
+                    ("GPU A", "compiled+kernels · bf16 stream · synthetic"): 3550.0,
+                    ("GPU A", "reference-design"): 1500.0, ("CPU", "eager"): 10.0}
+    out = plot_results.plot(plot_results.read_rows([path]), tmp_path / "c.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the committed H100 run: its synthetic bf16-stream figure at batch 256 is drawn next to the suite's
+    rows = plot_results.read_rows([ROOT / "benchmarks" / "results" / "nvidia_h100_455c577.csv"])
+    b256 = {r["bar"]: r["samples_per_s"] for r in rows if r["batch"] == 256}
+    assert b256["compiled+kernels · bf16 stream"] == 3199.6
+    assert b256["compiled+kernels · bf16 stream · synthetic"] == 3550.6
+
+
+def test_plot_bad_paths_are_one_line_errors(tmp_path, capsys):
+    """A folder or a binary file as the CSV, an --out that is a folder or whose folder cannot be made: one line each,
+    before drawing (each used to end in a traceback)."""
+    good = ROOT / "benchmarks" / "results" / "cpu_tiny.csv"
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder.png").mkdir()
+    for argv, message in (
+        ([str(good), "--out", str(tmp_path / "folder.png")], "is a folder; give a file path"),
+        ([str(good), "--out", str(tmp_path / "file" / "c.png")], "cannot create its folder"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            plot_results.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert ": error: --out " in err[-1] and message in err[-1], err
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\xff\xfe\x00\x01")
+    for path, message in ((tmp_path, "is not a file"), (binary, "cannot read")):
+        with pytest.raises(SystemExit, match=message):
+            plot_results.main([str(path), "--out", str(tmp_path / "c.png")])
+    assert not (tmp_path / "c.png").exists()
+
+
 # ------------------------------------------------------------------------------------------------ GPU suite
 SUITE = ROOT / "benchmarks" / "gpu_suite.sh"
 
@@ -561,6 +614,78 @@ def test_suite_usage_and_bad_wheels_dir(tmp_path):
     r = _suite(str(ran))
     assert r.returncode == 2 and "already holds an earlier suite's summary.txt" in r.stderr
     assert (ran / "summary.txt").read_text() == "OK    check (3s)\nFAIL  loader: exit 1\n"
+
+
+def test_suite_usage_names_its_command_lines(tmp_path):
+    """The usage printed the header's first lines (prose) once the header grew; an empty OUT_DIR or a file as OUT_DIR
+    ended in two lines of mkdir noise."""
+    for args in ((), ("",), ("--bogus",)):
+        r = _suite(*args)
+        assert r.returncode == 2 and "benchmarks/gpu_suite.sh OUT_DIR [WHEELS_DIR]" in r.stderr, r.stderr
+        assert "benchmarks/gpu_suite.sh OUT_DIR --cpu-dry-run" in r.stderr
+    (tmp_path / "f").write_text("mine")
+    r = _suite(str(tmp_path / "f"), "--cpu-dry-run")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: OUT_DIR {tmp_path / 'f'} is a file; give a new or empty folder"]
+    assert (tmp_path / "f").read_text() == "mine"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SUITE_MODES": "eager,foo"}, "SUITE_MODES=eager,foo: unknown mode 'foo'"),
+    ({"SUITE_MODES": " , "}, "names no mode"),
+    ({"SUITE_SMALL_MODES": "compiled+kernel"}, "SUITE_SMALL_MODES=compiled+kernel: unknown mode"),
+    ({"SUITE_BUDGET_S": "abc"}, "SUITE_BUDGET_S=abc: give a whole number >= 1"),
+    ({"SUITE_BUDGET_S": "1e3"}, "SUITE_BUDGET_S=1e3: give a whole number >= 1"),  # skipped every step, exit 0
+    ({"SUITE_BUDGET_S": "0"}, "SUITE_BUDGET_S=0: give a whole number >= 1"),
+    ({"SUITE_STEPS": "0"}, "SUITE_STEPS=0: give a whole number >= 1"),
+    ({"SUITE_STEPS": "x"}, "SUITE_STEPS=x: give a whole number >= 1"),
+    ({"SUITE_COMPILE_MODE": "fast"}, "SUITE_COMPILE_MODE=fast: give default, reduce-overhead"),
+    ({"SUITE_STREAM": "yes"}, "SUITE_STREAM=yes: give 1 (on) or 0 (off)"),
+    ({"SUITE_PROFILE": "true"}, "SUITE_PROFILE=true: give 1 (on) or 0 (off)"),
+])
+def test_suite_settings_are_checked_before_anything_runs(tmp_path, env, message):
+    """A bad setting used to surface at the training steps, after the check, loader, attention, GPU-test and kernel
+    steps had run (minutes of device time), or as a bash arithmetic error; now one line, nothing run or written."""
+    r = _suite(str(tmp_path / "out"), "--cpu-dry-run", **env)
+    assert r.returncode == 2 and r.stdout == "", r.stdout[-2000:]
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and message in r.stderr, r.stderr
+    assert "nothing was run" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_suite_accepts_every_mode_of_the_benchmark(tmp_path):
+    """The suite's list of modes is train_throughput.py's: every one passes the up-front check (which then stops at
+    the next one, the refusal of a used OUT_DIR), blanks and empty entries ignored as --modes does."""
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "train.csv").write_text("earlier results\n")
+    modes = " , ".join(tt.MODES) + ","
+    r = _suite(str(used), "--cpu-dry-run", SUITE_MODES=modes, SUITE_SMALL_MODES=modes, SUITE_BUDGET_S="30",
+               SUITE_STEPS="3", SUITE_STREAM="1", SUITE_PROFILE="0", SUITE_COMPILE_MODE="reduce-overhead")
+    assert r.returncode == 2 and "already holds an earlier suite's train.csv" in r.stderr, r.stderr
+
+
+def test_suite_refuses_an_out_dir_it_cannot_write(tmp_path):
+    """A read-only OUT_DIR used to run every step anyway, each losing its results with a traceback, and leave no
+    summary or logs. Root ignores permissions, so there the folder is made read-only by a bind mount."""
+    out = tmp_path / "ro"
+    out.mkdir()
+    cmd = ["bash", str(SUITE), str(out), "--cpu-dry-run"]
+    if os.geteuid() == 0:
+        ro = ["unshare", "-m", "sh", "-c", 'mount -o bind,ro "$0" "$0" && exec "$@"', str(out)]
+        if subprocess.run([*ro, "true"], capture_output=True).returncode != 0:
+            pytest.skip("running as root where a private read-only bind mount cannot be made")
+        cmd = [*ro, *cmd]
+    else:
+        out.chmod(0o555)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                           env={**ENV, "PYTHON": sys.executable})
+    finally:
+        out.chmod(0o755)
+    assert r.returncode == 2 and r.stdout == "", r.stdout[-2000:]
+    assert r.stderr.strip() == f"error: cannot write into OUT_DIR {out} (read-only or no permission); give a " \
+        "writable folder"
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without CUDA")
