@@ -29,7 +29,7 @@
 #               mode compiles for ~40 s on an H200, ~70 s on the H100 machine)
 #   profile     only with SUITE_PROFILE=1: benchmarks/profile_step.py on compiled+kernels at batch 256 with the bf16
 #               stream (where the GPU time goes, by kernel class; the table is in logs.tar.gz: profile.log)
-#   plot        benchmarks/plot_results.py -> throughput.png
+#   plot        benchmarks/plot_results.py -> throughput.png (given up to 20 s past the budget when train.csv has rows)
 #
 # OUT_DIR receives (few files, so that a remote runner can ship them back): summary.txt (environment, each step's
 # status and time, the RESULT lines), train.csv, RESULTS.md (markdown rows to paste into benchmarks/RESULTS.md),
@@ -308,7 +308,9 @@ if [ "${SUITE_PROFILE:-0}" = 1 ]; then
 fi
 
 if [ -s "$OUT/train.csv" ]; then
-  step plot 60 "$PY" benchmarks/plot_results.py "$OUT/train.csv" --out "$OUT/throughput.png"
+  # Drawn even when the steps before spent the budget (on the H100 machine at 455c577 it was skipped so): it takes a
+  # few seconds, and the rows it draws are what the suite is for. 20 s of grace at most.
+  BUDGET=$(( BUDGET + 20 )) step plot 20 "$PY" benchmarks/plot_results.py "$OUT/train.csv" --out "$OUT/throughput.png"
 fi
 
 say "suite finished in $(( SECONDS - START ))s (budget ${BUDGET}s)"
