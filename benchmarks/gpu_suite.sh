@@ -2,7 +2,8 @@
 # GPU suite: one command, results under OUT_DIR; every step fits a budget (460 s by default). Step times measured on
 # an H100 at 455c577 (benchmarks/RESULTS.md): check 30 s, loader 16, train_b256 169 with four modes, stream 37,
 # attention 30, pytest_gpu 84, kernels 47; train_b64 then had 47 s left and was cut. So the defaults below drop
-# `compiled` and the stream step (~90 s); by those times the rest needs ~430 s, an estimate not yet run end to end.
+# `compiled` (67 s of train_b256 by the CSV's timestamps) and the stream step (37 s); by those times the rest needs
+# ~410 s (train_b64's ~70-s compilation is the largest unknown), an estimate not yet run end to end.
 #
 #   benchmarks/gpu_suite.sh OUT_DIR [WHEELS_DIR]          # on the GPU machine, from any directory
 #   benchmarks/gpu_suite.sh OUT_DIR --cpu-dry-run          # the same logic on CPU: tiny preset, few steps
@@ -14,7 +15,8 @@
 #               message naming it.
 #   loader      benchmarks/loader.py, short: shards vs per-clip .npy; its data is reused by the training runs
 #   train_b256  benchmarks/train_throughput.py, matpac preset (ViT-B), batch 256 per device, modes eager,
-#               compiled+kernels, reference-design (SUITE_MODES; add `compiled` for the kernels' share), data from
+#               compiled+kernels, reference-design (SUITE_MODES; add `compiled` for the kernels' share: it then runs
+#               at batch 64 too, ~70 s more, unless SUITE_SMALL_MODES is set), data from
 #               the loader step's shards (reference-design: its per-clip .npy folder); compiled modes use
 #               SUITE_COMPILE_MODE (default reduce-overhead: CUDA graphs, +2 to +4 % over default in H200 runs);
 #               reference-design is the authors' fairseq training step on our model (benchmarks/_peer.py: weights
@@ -49,7 +51,7 @@
 # Environment: PYTHON (default python3), MATPAC_COMMIT (the commit to report, for a copied tree),
 # SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed steps per training run, default 25; 2 dry run),
 # SUITE_COMPILE_MODE (torch.compile mode of the compiled modes: default | reduce-overhead | max-autotune-no-cudagraphs),
-# SUITE_MODES (modes of train_b256), SUITE_SMALL_MODES (modes of train_b64), SUITE_STREAM=1 (run the stream step),
+# SUITE_MODES (modes of train_b256, and of train_b64 unless SUITE_SMALL_MODES is set), SUITE_SMALL_MODES, SUITE_STREAM=1 (run the stream step),
 # SUITE_PROFILE=1 (run the profile step),
 # SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable packages are missing; the GPU tests then
 # run with --continue-on-collection-errors). Each setting is checked before anything runs; a bad one stops the suite
@@ -92,7 +94,7 @@ for v in SUITE_MODES SUITE_SMALL_MODES; do  # as train_throughput.py reads --mod
   IFS=, read -ra entries <<< "${!v}"
   n=0
   for m in "${entries[@]}"; do
-    m=${m//[[:space:]]/}
+    m="${m#"${m%%[![:space:]]*}"}"; m="${m%"${m##*[![:space:]]}"}"  # trim the ends only, as train_throughput.py does
     [ -n "$m" ] || continue
     [[ " ${KNOWN_MODES[*]} " == *" $m "* ]] || bad "$v=${!v}: unknown mode '$m' (modes: ${KNOWN_MODES[*]})"
     n=$(( n + 1 ))
@@ -310,7 +312,10 @@ fi
 if [ -s "$OUT/train.csv" ]; then
   # Drawn even when the steps before spent the budget (on the H100 machine at 455c577 it was skipped so): it takes a
   # few seconds, and the rows it draws are what the suite is for. 20 s of grace at most.
-  BUDGET=$(( BUDGET + 20 )) step plot 20 "$PY" benchmarks/plot_results.py "$OUT/train.csv" --out "$OUT/throughput.png"
+  # 20 s from now, not from the budget: a step killed at the budget can take a second or more to exit.
+  used=$(( SECONDS - START ))
+  BUDGET=$(( used + 20 > BUDGET ? used + 20 : BUDGET )) step plot 20 "$PY" benchmarks/plot_results.py "$OUT/train.csv" \
+    --out "$OUT/throughput.png"
 fi
 
 say "suite finished in $(( SECONDS - START ))s (budget ${BUDGET}s)"

@@ -13,6 +13,8 @@ host sync on CUDA); the kernel itself never reads out of bounds, writes NaN toke
 them in a per-program flag that the caller asserts on (one reduction, no separate pass over the indices).
 """
 
+import numbers
+
 import torch
 
 from ._runtime import interpreter_active, jit, tl, use_triton
@@ -164,7 +166,7 @@ def _patchify_gather_cuda(
 
 
 def _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch):
-    if not isinstance(patch, int) or patch < 1:
+    if isinstance(patch, bool) or not isinstance(patch, numbers.Integral) or patch < 1:
         raise ValueError(f"patch must be a positive integer (16 for the paper's model), got {patch!r}")
     if lms_B1FT.dim() != 4 or lms_B1FT.shape[1] != 1:
         raise ValueError(f"lms must have shape (B, 1, F, T), got {tuple(lms_B1FT.shape)}; add the channel dim")

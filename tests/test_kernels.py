@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -186,8 +187,17 @@ def test_patchify_gather_user_errors(shape, idx_shape, match):
         mk.patchify_gather(torch.zeros(2, 1, 80, 608), 0.0, 1.0, torch.zeros(2, 5), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="std must be positive"):
         mk.patchify_gather(torch.zeros(2, 1, 80, 608), 0.0, 0.0, idx[:2], idx[:2])
-    with pytest.raises(ValueError, match="patch must be a positive integer"):  # was a ZeroDivisionError
-        mk.patchify_gather(torch.zeros(2, 1, 80, 608), 0.0, 1.0, idx[:2], idx[:2], patch=0)
+    for patch in (0, True, 16.0):  # 0 was a ZeroDivisionError
+        with pytest.raises(ValueError, match="patch must be a positive integer"):
+            mk.patchify_gather(torch.zeros(2, 1, 80, 608), 0.0, 1.0, idx[:2], idx[:2], patch=patch)
+
+
+def test_patchify_gather_takes_a_numpy_integer_patch():
+    """A patch size read from a numpy array or config (np.int64) is an integer like any other."""
+    lms, vis, mask, want_vis, want_mask = _hand_case()
+    with mk.use_backend("reference"):
+        got_vis, got_mask = mk.patchify_gather(lms, 2.0, 4.0, vis, mask, patch=np.int64(2))
+    assert torch.equal(got_vis, want_vis) and torch.equal(got_mask, want_mask)
 
 
 @needs_triton
