@@ -51,8 +51,8 @@
 # Environment: PYTHON (default python3), MATPAC_COMMIT (the commit to report, for a copied tree),
 # SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed steps per training run, default 25; 2 dry run),
 # SUITE_COMPILE_MODE (torch.compile mode of the compiled modes: default | reduce-overhead | max-autotune-no-cudagraphs),
-# SUITE_MODES (modes of train_b256, and of train_b64 unless SUITE_SMALL_MODES is set), SUITE_SMALL_MODES, SUITE_STREAM=1 (run the stream step),
-# SUITE_PROFILE=1 (run the profile step),
+# SUITE_MODES (modes of train_b256, and of train_b64 unless SUITE_SMALL_MODES is set), SUITE_SMALL_MODES,
+# SUITE_STREAM=1 (run the stream step), SUITE_PROFILE=1 (run the profile step),
 # SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable packages are missing; the GPU tests then
 # run with --continue-on-collection-errors). Each setting is checked before anything runs; a bad one stops the suite
 # with one line naming it.
@@ -311,8 +311,8 @@ fi
 
 if [ -s "$OUT/train.csv" ]; then
   # Drawn even when the steps before spent the budget (on the H100 machine at 455c577 it was skipped so): it takes a
-  # few seconds, and the rows it draws are what the suite is for. 20 s of grace at most.
-  # 20 s from now, not from the budget: a step killed at the budget can take a second or more to exit.
+  # few seconds, and its rows are what the suite is for. It gets 20 s from now, not past the budget: a step killed at
+  # the budget can take a second or more to exit.
   used=$(( SECONDS - START ))
   BUDGET=$(( used + 20 > BUDGET ? used + 20 : BUDGET )) step plot 20 "$PY" benchmarks/plot_results.py "$OUT/train.csv" \
     --out "$OUT/throughput.png"

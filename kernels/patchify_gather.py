@@ -218,6 +218,7 @@ def patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch=16, ou
     compiled out (ROCm builds without GPU asserts).
     """
     _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch)
+    patch = int(patch)  # a numpy integer is accepted; the op schemas and Triton's constexpr get a plain int
     pow2 = patch > 0 and patch & (patch - 1) == 0
     if not use_triton(lms_B1FT.device, supported=pow2, why=f"patch={patch} is not a power of two"):
         return reference_patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch, out_dtype)
