@@ -545,7 +545,7 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     names, notes = _manifest_columns(csv_path, reader.fieldnames)
     reader.fieldnames = names
-    items, first, empty, relabelled = [], {}, [], []
+    items, first, empty, relabelled, commas = [], {}, [], [], []
     for row in reader:
         raw = (row.get("path") or "").strip()
         if not raw:
@@ -553,6 +553,8 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
             continue
         p = Path(raw) if Path(raw).is_absolute() else base / raw
         labels = tuple(s.strip() for s in (row.get("label") or "").split(";") if s.strip())
+        if any("," in label for label in labels):
+            commas.append(f"line {reader.line_num}: {_label_text(labels)}")
         real = os.path.realpath(p)
         skip, detail, size = None, "", 0
         if real in first:
@@ -575,6 +577,14 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
     if empty:
         lines = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
         notes.append(f"{csv_path}: ignored {len(empty)} row(s) with an empty path (line {lines})")
+    if commas:
+        # A quoted "dog,cat" is one label here but two to matpac-eval (whose older rule splits on ','): say so, since
+        # one manifest then gives the two tools different classes. AudioSet display names hold commas, hence one.
+        notes.append(
+            f"warning: {csv_path}: {len(commas)} row(s) have a label with a ',' (e.g. {commas[0]}); make-shards "
+            f"separates labels by ';' only, so each is one label; write dog;cat for several (matpac-eval reads a "
+            f"quoted dog,cat as two)"
+        )
     if relabelled:
         notes.append(
             f"warning: {csv_path}: {len(relabelled)} duplicate row(s) give a file other labels than its first row; "

@@ -499,6 +499,25 @@ def test_manifest_duplicate_with_other_labels_is_explained(tmp_path, capsys):
             "labels are used (e.g. line 3: 'x.wav' labelled 'one', first 'x.wav' (line 2) labelled 'zero')") in err
 
 
+def test_manifest_label_with_a_comma_is_one_label_and_said_so(tmp_path, capsys):
+    # matpac-eval reads a quoted "dog,cat" as two labels, make-shards as one: the warning names the difference.
+    tone(tmp_path / "x.wav")
+    tone(tmp_path / "y.wav", freq=660)
+    csv = tmp_path / "list.csv"
+    csv.write_text('path,label\nx.wav,"Male speech, man speaking"\ny.wav,dog;cat\n', encoding="utf-8")
+    out = tmp_path / "out"
+    assert run("manifest", str(csv), "--out", str(out)) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: {csv}: 1 row(s) have a label with a ',' (e.g. line 2: 'Male speech, man speaking'); "
+            "make-shards separates labels by ';' only, so each is one label; write dog;cat for several "
+            "(matpac-eval reads a quoted dog,cat as two)") in err
+    assert json.loads((out / "stats.json").read_text())["classes"] == ["Male speech, man speaking", "cat", "dog"]
+    tone_only = tmp_path / "plain.csv"
+    tone_only.write_text("path,label\nx.wav,dog\n", encoding="utf-8")
+    assert run("manifest", str(tone_only), "--out", str(tmp_path / "out2")) == 0
+    assert "with a ','" not in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------- 14. verify a folder of someone else's files
 @pytest.mark.parametrize("name,text", [
     ("stats.json", '{"mean": 0.5, "inputs": 3}\n'),
