@@ -1,8 +1,9 @@
 """Model FLOPs per training sample (METHOD.md §8), for MFU.
 
 Counts matmul FLOPs only (2 per multiply-add): Linear layers, the patch embedding and attention's two N×N
-products. Trained parts (student encoder, predictor, student head, patch embedding) count forward + backward =
-3 × forward; the teacher encoder and teacher head count forward only. Element-wise work (LayerNorm, GELU, softmax)
+products. Trained parts (student encoder, predictor, student head) count forward + backward = 3 × forward; the
+patch embedding counts its forward plus its weight gradient (its input is data, so there is no input gradient); the
+teacher encoder and teacher head count forward only. Element-wise work (LayerNorm, GELU, softmax)
 is ignored, as usual for MFU. For `matpac` this gives ≈ 92 GFLOP per 80×608 sample.
 """
 
@@ -28,7 +29,9 @@ def flops_breakdown(cfg: ModelConfig) -> dict[str, float]:
     """FLOPs per sample by part (keys: patch_embed, student, teacher, predictor, heads)."""
     nv, nm, n = cfg.n_visible, cfg.n_masked, cfg.n_patches
     p2 = cfg.patch * cfg.patch
-    patch = 2.0 * n * p2 * cfg.dim + 2 * 2.0 * nv * p2 * cfg.dim  # forward on all, weight grad on visible
+    # forward on all tokens, weight gradient on the visible ones only: the input is data (no input gradient) and
+    # the teacher's tokens are embedded under no_grad
+    patch = 2.0 * n * p2 * cfg.dim + 2.0 * nv * p2 * cfg.dim
     student = 3 * vit_forward_flops(1 + nv, cfg.dim, cfg.depth, cfg.mlp_ratio)
     teacher = vit_forward_flops(1 + nm, cfg.dim, cfg.depth, cfg.mlp_ratio)
     pred_fwd = (

@@ -4,7 +4,9 @@
 moves nothing between devices and runs no collective. The trainer calls, after the optimizer step,
 `ema_update(*pairs)` for each of `model.ema_pairs()` and `model.update_center(mean_K)` with the (all-reduced)
 `stats["center_batch"]`. This ordering is equivalent to the authors' lazy centre update (applied at the start of
-the next forward) and, with `ema_decay_at(step + 1)`, to their in-forward EMA (see `schedules.py`).
+the next forward). With `ema_decay_at(step + 1)` the teacher goes through the same states with the same decays as
+their in-forward EMA, but one step fresher: batch n is scored by a teacher that has also absorbed the weights of
+update n (see `schedules.py`; METHOD.md §4 allows it).
 
 Deviations from the authors' code, all numerically neutral unless stated:
 - Patch embedding is applied as a Linear on patchified, gathered tokens (the Conv2d weight reshaped), which is the

@@ -4,9 +4,11 @@
 
 - lr: fairseq `cosine` with linear warm-up from 0 (warmup_updates = 20 epochs) then half-cosine to 0 at max_update.
 - EMA decays: `get_annealed_rate(start, end, num_updates, max_update)`, linear start → end over all updates.
-  Their EMA runs inside `forward` at update n with the weights after n updates, skipping n = 0. The equivalent
+  Their EMA runs inside `forward` at update n with the weights after n updates, skipping n = 0. The matching
   after-the-optimizer-step call is: after step n (0-based) use `ema_decay_at(n + 1, ...)`, which the trainer does
-  (`ema_decay_at(n, ...)` would shift the decay by one update, a 1e-10 change).
+  (`ema_decay_at(n, ...)` would shift the decay by one update, a 1e-10 change). The teacher then goes through the
+  same states with the same decays, one step earlier: theirs scores batch n before absorbing the latest weights,
+  ours after (METHOD.md §4 allows the after-step order).
 - τ_t: linear 0.04 → 0.07 over `warmup_steps` (9827 = 10 epochs in their config), then constant.
 - MATPAC++ temperature: T = 0.1·0.99997^step; the loss switches to the hard minimum once T ≤ 1e-4
   (`matpac_fast.losses.mcl_prediction_loss` does the switch; this function returns T clamped at 1e-4).

@@ -321,6 +321,9 @@ def test_flops_per_sample_matches_method_section_8():
     assert b["teacher"] / 1e9 == pytest.approx(23, rel=0.05)
     assert b["predictor"] / 1e9 == pytest.approx(32, rel=0.05)
     assert b["heads"] / 1e9 == pytest.approx(7, rel=0.1)
+    # by hand: 190 patches of 256 values into 768 dims forward, plus the weight gradient over the 57 visible ones
+    # (no input gradient: the input is data)
+    assert b["patch_embed"] == 2 * 190 * 256 * 768 + 2 * 57 * 256 * 768
     assert flops_per_sample(get_model_config("matpac")) / 1e9 == pytest.approx(92, rel=0.02)
     assert flops_per_sample(get_model_config("m2d")) < flops_per_sample(get_model_config("matpac"))
     assert flops_per_sample(get_model_config("tiny")) < 1e9
