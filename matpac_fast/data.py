@@ -24,8 +24,9 @@ the samples outside it. Every rank yields `batches_per_epoch` batches:
   - remainder="fill": ceil(N / (world B)) batches per rank; a rank's last batch is completed with samples re-drawn
     by reading on past the end of its range (cyclically), flagged in batch["filled"]. The union of unflagged keys
     is then every key exactly once, divisible or not.
-Samples a worker cannot use (a corrupt or missing shard, a short clip under short="drop") are replaced the same
-way — by reading on past the end of its range, flagged `filled` — so the batch counts never change: DDP never hangs.
+Samples a worker cannot use (a corrupt or missing shard, a short clip under short="drop", a clip of the wrong shape
+or whose .npy / .json payload cannot be decoded: that clip alone) are replaced the same way — by reading on past the
+end of its range, flagged `filled` — so the batch counts never change: DDP never hangs.
 Plans follow sizes.json: a shard holding fewer samples than it lists loses the missing ones (replaced the same way),
 extra samples are not read; either is warned about (on_error="raise": raised, as for a corrupt shard).
 
@@ -128,11 +129,12 @@ class DataConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}: choose one of {allowed}")
-        for name in ("batch_size", "crop_frames", "shuffle_buffer", "prefetch_factor"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DataConfig.{name} must be >= 1 (got {getattr(self, name)})")
-        if self.num_workers < 0:
-            raise ValueError(f"DataConfig.num_workers must be >= 0 (got {self.num_workers})")
+        for name, low in (("batch_size", 1), ("crop_frames", 1), ("shuffle_buffer", 1), ("prefetch_factor", 1),
+                          ("num_workers", 0)):
+            v = getattr(self, name)  # a float or str here failed later, deep inside numpy / torch
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
+                raise ValueError(f"DataConfig.{name} must be an integer >= {low} (got {v!r})")
+            object.__setattr__(self, name, int(v))  # frozen; a numpy integer becomes a plain int
         n = self.samples_per_epoch
         if n is not None:
             if self.mode != "resampled":
@@ -346,8 +348,9 @@ class ShardSource:
         ("dir/shards-{000000..000099}.tar") or a local glob ("dir/*.tar", "data/*" for every set in data/; a shard
         that sizes.json lists and the glob would match but that is missing is kept, as the directory form keeps
         it, to be warned about, counted and skipped when read); URLs or "pipe:" commands; or a list of any of
-        these, concatenated in order (each shard at most once; their front ends must agree). `meta` = where
-        sizes.json / stats.json are when not beside the shard files (a directory always uses its own).
+        these, concatenated in order (each shard at most once, by path and by the shard_sha256 that stats.json
+        records, so a copied set is refused; their front ends must agree). `meta` = where sizes.json / stats.json
+        are when not beside the shard files (a directory always uses its own).
         "synthetic:N" = SyntheticSource(n_clips=N). Errors are one-line ValueErrors.
         """
         if isinstance(spec, str) and spec.startswith("synthetic:"):
@@ -360,7 +363,7 @@ class ShardSource:
             raise ValueError("no shard set given: pass a directory made by make-shards, shard files "
                              "(dir/shards-{000000..000099}.tar, dir/*.tar), URLs or a list of them")
         parts = [cls._open_dir(x) if isinstance(x, Path) else cls._open_urls(*x, meta) for x in _resolve(specs, meta)]
-        _check_unique([u for p in parts for u in p.urls])
+        _check_unique(parts)
         return parts[0] if len(parts) == 1 else _concat(parts)
 
     @classmethod
@@ -383,6 +386,11 @@ class ShardSource:
         sizes_all, stats = _read_meta(where("sizes.json"), where("stats.json"))
         unlisted = [u for u in urls if _shard_name(u) not in sizes_all]
         missing = [u for u in unlisted if u not in globbed]
+        absent = [u for u in missing if is_local(u) and not os.path.lexists(_local_path(u))]
+        if absent:  # e.g. a brace pattern's range beyond the set's last shard: not "another set's shards"
+            raise ValueError(f"{len(absent)} shard file(s) do not exist, e.g. {absent[0]}, nor does "
+                             f"{where('sizes.json')} list them ({len(sizes_all)} shards); fix the pattern, or give "
+                             "the folder make-shards wrote")
         if missing:
             raise ValueError(f"{len(missing)} shard(s) not listed in {where('sizes.json')}, e.g. "
                              f"{_shard_name(missing[0])}: these shards belong to another set; give the folder "
@@ -523,13 +531,29 @@ def _concat(parts: list[ShardSource]) -> ShardSource:
     return ShardSource([u for p in parts for u in p.urls], [n for p in parts for n in p.sizes], stats)
 
 
-def _check_unique(urls: list[str]) -> None:
-    seen = set()
-    for u in urls:
-        k = os.path.realpath(_local_path(u)) if is_local(u) else u
-        if k in seen:
-            raise ValueError(f"shard {u} is given twice; name each shard once (its samples would repeat every epoch)")
-        seen.add(k)
+def _check_unique(parts: list[ShardSource]) -> None:
+    """Each shard once, or its samples would repeat every epoch: refused when a shard is named twice (one real path
+    or URL), or when two shards hold the same content by their sets' stats.json shard_sha256 (a copied folder).
+    The recorded digests only: hashing shards here would read the whole set (terabytes); a set without them is
+    checked by path alone. Empty shards are alike without repeating anything."""
+    seen: set[str] = set()
+    by_digest: dict[str, str] = {}
+    for p in parts:
+        recorded = p.stats.get("shard_sha256")
+        recorded = recorded if isinstance(recorded, dict) else {}
+        for u, n in zip(p.urls, p.sizes):
+            k = os.path.realpath(_local_path(u)) if is_local(u) else u
+            if k in seen:
+                raise ValueError(f"shard {u} is given twice; name each shard once (its samples would repeat every "
+                                 "epoch)")
+            seen.add(k)
+            digest = recorded.get(u.rsplit("/", 1)[-1] if is_local(u) else _shard_name(u))
+            if isinstance(digest, str) and digest and n > 0:
+                first = by_digest.setdefault(digest, u)
+                if first != u:
+                    raise ValueError(f"{u} is a copy of {first} (the same shard_sha256 in their sets' stats.json): "
+                                     "drop one of the copies from the shard sets given (each sample would be read "
+                                     "twice per epoch)")
 
 
 def _frontend_diff(a: dict, b: dict) -> str:
@@ -545,8 +569,9 @@ def _check_source_for(cfg: DataConfig, stats: dict) -> None:
     """One-line error when concatenated shard sets disagree on something this loader config relies on."""
     mixed = stats.get("mixed") or ()
     if "short" in mixed and cfg.short is None:
-        raise ValueError("the shard sets disagree on stats.json 'short' (what to do with clips shorter than the crop); "
-                         "set DataConfig.short='drop' or 'pad'")
+        raise ValueError("the shard sets disagree on stats.json 'short' (what to do with clips shorter than the crop): "
+                         "re-make one of them with make-shards --short as the other's stats.json says (from Python, "
+                         "DataConfig.short='drop' or 'pad' also decides)")
     if "classes" in mixed and cfg.with_labels:
         raise ValueError("the shard sets have different class lists, so label indices would mix meanings; read "
                          "labels from one set at a time (or with_labels=False)")
@@ -577,15 +602,64 @@ def _read_meta(sizes_url: str, stats_url: str) -> tuple[dict, dict]:
     out = []
     for url in (sizes_url, stats_url):
         try:
-            out.append(json.loads(read_bytes(url)))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read {url} ({e}); is this a shard set made by make-shards? Give the folder "
-                             "make-shards wrote, or make one from audio with make-shards (Python: "
-                             "ShardSource.open(..., meta=DIR) reads sizes.json / stats.json kept elsewhere)") from None
+            raw = read_bytes(url)
+        except OSError as e:
+            folder = Path(_local_path(url)).parent
+            if is_local(url) and not (folder / "sizes.json").exists() and (folder / "manifest.jsonl").is_file():
+                raise ValueError(f"{folder} is not a shard set: make-shards wrote no sample there (manifest.jsonl "
+                                 "gives each file's reason); fix the input or options and run make-shards "
+                                 "again") from None
+            # The CLI's advice first; the last words are for Python users only (train.py has no meta option).
+            raise ValueError(f"cannot read {url} ({e.strerror or e}): give a folder that make-shards wrote, or make "
+                             "one from audio with make-shards (from Python, ShardSource.open(..., meta=DIR) reads "
+                             "sizes.json / stats.json kept elsewhere)") from None
+        try:
+            out.append(json.loads(raw))
+        except ValueError as e:  # includes a UnicodeDecodeError
+            raise _damaged(url, f"not JSON: {e}") from None
     sizes, stats = out
-    if stats.get("format_version") != 1 or "frontend" not in stats:
-        raise ValueError(f"{stats_url}: unsupported stats.json (format_version {stats.get('format_version')!r})")
+    _check_meta(sizes, stats, sizes_url, stats_url)
     return sizes, stats
+
+
+def _damaged(url: str, what: str) -> ValueError:
+    return ValueError(f"{url} is damaged ({what}); re-make the set with make-shards, or restore the file")
+
+
+_FRONTEND_TYPES = {k: type(v) for k, v in FrontendSpec().to_dict().items()}  # each field's int / float / bool / str
+
+
+def _check_meta(sizes, stats, sizes_url: str, stats_url: str) -> None:
+    """Valid JSON of the wrong shape (a list, a count "forty" or -5, a front end without n_mels) is a damaged file,
+    said in one line here rather than as a TypeError / KeyError wherever the value is first used."""
+    if not isinstance(sizes, dict):
+        raise _damaged(sizes_url, f"a JSON object {{shard: sample count}} was expected, found {type(sizes).__name__}")
+    for name, n in sizes.items():
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise _damaged(sizes_url, f"shard {name} has count {n!r}; counts are integers >= 0")
+    if not isinstance(stats, dict):
+        raise _damaged(stats_url, f"a JSON object was expected, found {type(stats).__name__}")
+    if stats.get("format_version") != 1:
+        raise ValueError(f"{stats_url}: unsupported stats.json (format_version {stats.get('format_version')!r}); "
+                         "re-make the set with this version's make-shards")
+    fe = stats.get("frontend")
+    if not isinstance(fe, dict):
+        raise _damaged(stats_url, "its 'frontend' entry is missing or not a JSON object")
+    for name, kind in _FRONTEND_TYPES.items():
+        if name not in fe:
+            raise _damaged(stats_url, f"its 'frontend' entry lacks {name}")
+        v = fe[name]
+        if not isinstance(v, int | float if kind is float else kind) or (kind is not bool and isinstance(v, bool)):
+            expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[kind]
+            raise _damaged(stats_url, f"'frontend' {name} is {v!r}, expected {expected}")
+    if fe["n_mels"] < 1:
+        raise _damaged(stats_url, f"'frontend' n_mels is {fe['n_mels']}")
+    if stats.get("short", "drop") not in ("drop", "pad"):
+        raise _damaged(stats_url, f"'short' is {stats['short']!r}, expected 'drop' or 'pad'")
+    for name in ("mean", "std"):
+        if name in stats and (isinstance(stats[name], bool) or not isinstance(stats[name], int | float)):
+            raise _damaged(stats_url, f"'{name}' is {stats[name]!r}, expected a number")
+
 
 @dataclass
 class SyntheticSource:
@@ -721,13 +795,27 @@ def plan_exact(sizes: Sequence[int], cfg: DataConfig, rank: int, world: int, wor
 
 class Sample(NamedTuple):
     key: str
-    arr: np.ndarray  # float16 (n_mels, T), possibly a view into a mapping or a payload
+    arr: np.ndarray | None  # float16 (n_mels, T), possibly a view into a mapping or a payload; None with `error`
     labels: list[int] | None
     shard: int  # index into the source's urls (for messages)
+    error: str | None = None  # this clip's payload cannot be decoded: skipped alone (_crop_checked), not its shard
+
+
+# A bad .npy (header, dtype) or .json payload is the clip's fault: the tar around it was read, so the shard is fine.
+_CLIP_EXCEPTIONS = (ShardError, ValueError)
 
 
 def _labels(raw: bytes | None) -> list[int]:
-    return [] if raw is None else [int(x) for x in json.loads(raw).get("label_indices", [])]
+    if raw is None:
+        return []
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"its .json is not valid JSON ({e})") from None
+    found = meta.get("label_indices", []) if isinstance(meta, dict) else None
+    if not isinstance(found, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in found):
+        raise ValueError(f"its .json label_indices is {found!r}, not a list of integers")
+    return found
 
 
 class _IndexedReader:
@@ -740,8 +828,11 @@ class _IndexedReader:
         return len(self.cache.get(_local_path(self.urls[shard])))
 
     def get(self, shard: int, j: int) -> Sample:
-        idx = self.cache.get(_local_path(self.urls[shard]))
-        return Sample(idx.keys[j], idx.array(j), _labels(idx.json_bytes(j)) if self.with_labels else None, shard)
+        idx = self.cache.get(_local_path(self.urls[shard]))  # an unreadable tar raises: the shard is skipped
+        try:
+            return Sample(idx.keys[j], idx.array(j), _labels(idx.json_bytes(j)) if self.with_labels else None, shard)
+        except _CLIP_EXCEPTIONS as e:
+            return Sample(idx.keys[j], None, None, shard, str(e))
 
 
 class _SyntheticReader:
@@ -782,8 +873,12 @@ class _StreamReader:
                     continue
                 if "npy" not in parts:
                     raise ShardError(f"sample {key!r} has no .npy member")
-                arr = npy_view(parts["npy"], 0, len(parts["npy"]))
-                yield Sample(key, arr, _labels(parts.get("json")) if self.with_labels else None, seg.shard)
+                try:
+                    arr = npy_view(parts["npy"], 0, len(parts["npy"]))
+                    sample = Sample(key, arr, _labels(parts.get("json")) if self.with_labels else None, seg.shard)
+                except _CLIP_EXCEPTIONS as e:
+                    sample = Sample(key, None, None, seg.shard, str(e))
+                yield sample
             else:
                 self.seen = (n, True)
         except _SHARD_EXCEPTIONS as e:
@@ -1039,6 +1134,8 @@ class WorkerIterator:
         """_crop_into with a dropped or malformed clip counted and skipped (a malformed one named with its shard,
         or raised with on_error="raise"), and a guard against a set with no usable clip."""
         try:
+            if sample.error is not None:
+                raise ShardError(sample.error)
             ok = self._crop_into(dst, sample.arr)
         except ShardError as e:
             url = self.source.urls[sample.shard]

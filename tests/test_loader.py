@@ -1,8 +1,13 @@
 """matpac_fast.data: epoch modes over simulated worlds, determinism, crops, short clips, errors, pipe: URLs."""
 
+import hashlib
+import io
 import json
 import os
+import re
+import shutil
 import signal
+import tarfile
 import time
 import warnings
 from collections import Counter
@@ -696,3 +701,156 @@ def test_unfinished_make_shards_run_says_to_finish_it(tmp_path):
         msg = str(e.value)
         assert msg == (f"{tmp_path / 's'} is an unfinished make-shards run: run the same make-shards command again to "
                        "finish it (verify-shards says INCOMPLETE)")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# user-pass regressions: copies of a set, damaged metadata, messages a CLI user can act on, config types, bad clips
+
+
+def _record_digests(folder):
+    """stats.json's shard_sha256 {shard: hex}, as make-shards records it (the fixture writer does not)."""
+    stats = json.loads((folder / "stats.json").read_text())
+    stats["shard_sha256"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.tar"))}
+    (folder / "stats.json").write_text(json.dumps(stats))
+
+
+def test_a_copied_set_is_refused_by_its_recorded_digests(tmp_path):
+    # `cp -r synth synth_copy` then both given: every sample was read twice per epoch, silently.
+    _make_set(tmp_path / "synth", 20, per_shard=6)
+    _make_set(tmp_path / "other", 12, per_shard=6, seed=1)
+    shutil.copytree(tmp_path / "synth", tmp_path / "plain_copy")  # no digests recorded: checked by path, as before
+    assert ShardSource.open([str(tmp_path / "synth"), str(tmp_path / "plain_copy")]).total == 40
+    for name in ("synth", "other"):
+        _record_digests(tmp_path / name)
+    shutil.copytree(tmp_path / "synth", tmp_path / "synth_copy")
+    assert ShardSource.open([str(tmp_path / "synth"), str(tmp_path / "other")]).total == 32  # other content: fine
+    for spec in ([str(tmp_path / "synth"), str(tmp_path / "synth_copy")],
+                 f"{tmp_path}/{{synth,synth_copy}}",  # train.py --shards '{synth,synth_copy}'
+                 [str(tmp_path / "other"), str(tmp_path / "synth_copy" / "shards-000002.tar"),
+                  str(tmp_path / "synth" / "*.tar")]):
+        with pytest.raises(ValueError) as e:
+            ShardSource.open(spec)
+        assert "\n" not in str(e.value) and "drop one of the copies" in str(e.value)
+    a, b = tmp_path / "synth_copy" / "shards-000000.tar", tmp_path / "synth" / "shards-000000.tar"
+    with pytest.raises(ValueError) as e:
+        ShardSource.open([str(tmp_path / "synth"), str(tmp_path / "synth_copy")])
+    assert str(e.value).startswith(f"{a} is a copy of {b} (the same shard_sha256 in their sets' stats.json)")
+
+
+@pytest.mark.parametrize("name,edit,what", [
+    ("sizes.json", lambda d: [1, 2], "a JSON object {shard: sample count} was expected, found list"),
+    ("sizes.json", lambda d: {**d, "shards-000000.tar": "forty"}, "shard shards-000000.tar has count 'forty'; counts "
+     "are integers >= 0"),
+    ("sizes.json", lambda d: {**d, "shards-000001.tar": -5}, "shard shards-000001.tar has count -5; counts are "
+     "integers >= 0"),
+    ("sizes.json", lambda d: "{", "not JSON: Expecting property name enclosed in double quotes: line 1 column 2 "
+     "(char 1)"),
+    ("stats.json", lambda d: [], "a JSON object was expected, found list"),
+    ("stats.json", lambda d: {**d, "frontend": {"name": "matpac"}}, "its 'frontend' entry lacks sample_rate"),
+    ("stats.json", lambda d: {**d, "frontend": {**d["frontend"], "n_mels": "80"}}, "'frontend' n_mels is '80', "
+     "expected an integer"),
+    ("stats.json", lambda d: {**d, "short": "maybe"}, "'short' is 'maybe', expected 'drop' or 'pad'"),
+], ids=["sizes-list", "count-forty", "count-negative", "sizes-not-json", "stats-list", "frontend-name-only",
+        "n_mels-string", "short-unknown"])
+def test_metadata_of_the_wrong_shape_is_one_line_naming_the_file(tmp_path, name, edit, what):
+    # These were a TypeError / AttributeError traceback, "invalid literal for int()" without the file, a count of -5
+    # accepted, or a KeyError 'n_mels' once the loader started.
+    _make_set(tmp_path, 12, per_shard=6)
+    path = tmp_path / name
+    new = edit(json.loads(path.read_text()))
+    path.write_text(new if isinstance(new, str) else json.dumps(new))
+    for spec in (str(tmp_path), str(tmp_path / "shards-{000000..000001}.tar")):
+        with pytest.raises(ValueError) as e:
+            ShardSource.open(spec)
+        assert str(e.value) == f"{path} is damaged ({what}); re-make the set with make-shards, or restore the file"
+
+
+def test_not_a_shard_set_says_what_to_do_before_the_python_hint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError) as e:
+        ShardSource.open(str(tmp_path / "empty"))
+    cli, _, python = str(e.value).partition(" (from Python, ")
+    assert cli == (f"cannot read {tmp_path / 'empty' / 'sizes.json'} (No such file or directory): give a folder that "
+                   "make-shards wrote, or make one from audio with make-shards")  # all a train.py user needs
+    assert python.startswith("ShardSource.open(..., meta=DIR)")
+    (tmp_path / "none").mkdir()  # make-shards wrote nothing: its manifest.jsonl alone
+    (tmp_path / "none" / "manifest.jsonl").write_text('{"source": "a.wav", "skipped": "too_short"}\n')
+    with pytest.raises(ValueError) as e:
+        ShardSource.open(str(tmp_path / "none"))
+    assert str(e.value) == (f"{tmp_path / 'none'} is not a shard set: make-shards wrote no sample there "
+                            "(manifest.jsonl gives each file's reason); fix the input or options and run make-shards "
+                            "again")
+
+
+def test_sets_disagreeing_on_short_say_what_a_cli_user_can_do(tmp_path):
+    # The advice was DataConfig.short only, which train.py has no option for.
+    _make_set(tmp_path / "a", 12, per_shard=6)
+    _make_set(tmp_path / "pad", 12, per_shard=6, short="pad")
+    mixed = ShardSource.open([str(tmp_path / "a"), str(tmp_path / "pad")])
+    with pytest.raises(ValueError) as e:
+        make_loader(_cfg(), source=mixed)
+    msg = str(e.value)
+    assert "\n" not in msg and "re-make one of them with make-shards --short as the other's stats.json says" in msg
+
+
+def test_brace_pattern_beyond_the_set_says_the_files_do_not_exist(tmp_path):
+    # It said the 5 shards "belong to another set".
+    _make_set(tmp_path, 20, per_shard=4)  # shards 000000..000004
+    with pytest.raises(ValueError) as e:
+        ShardSource.open(str(tmp_path / "shards-{000000..000009}.tar"))
+    assert str(e.value).startswith(f"5 shard file(s) do not exist, e.g. {tmp_path / 'shards-000005.tar'}, nor does "
+                                   f"{tmp_path / 'sizes.json'} list them (5 shards)")
+
+
+@pytest.mark.parametrize("field,value", [
+    ("batch_size", 8.5), ("crop_frames", 100.5), ("num_workers", "2"), ("shuffle_buffer", True),
+    ("prefetch_factor", None), ("num_workers", -1),
+])
+def test_data_config_integer_fields_are_checked(field, value):
+    # 8.5, 100.5 were accepted (a raw TypeError later); "2" was a raw TypeError from the `<` comparison.
+    with pytest.raises(ValueError) as e:
+        DataConfig(**{field: value})
+    assert str(e.value) == f"DataConfig.{field} must be an integer >= {0 if field == 'num_workers' else 1} " \
+                           f"(got {value!r})"
+    cfg = DataConfig(batch_size=np.int64(8))
+    assert cfg.batch_size == 8 and type(cfg.batch_size) is int
+
+
+def _replace_member(tar_path, member, payload):
+    """Rewrite a shard with one member's payload replaced (order and the other members kept)."""
+    with tarfile.open(tar_path) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as tf:
+        for m, data in members:
+            data = payload if m.name == member else data
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+
+
+def _object_npy():
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|O", "fortran_order": False, "shape": (80, 70)})
+    return buf.getvalue() + b"\x80\x04N." * 8  # what a pickled object array would hold: never unpickled
+
+
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+@pytest.mark.parametrize("member,payload,reason", [
+    ("npy", _object_npy(), "npy payload is |O fortran_order=False"),
+    ("npy", b"\x93NUMPY\x01\x00\x10\x00{'descr': <f2 ?}", "bad npy header"),
+    ("json", b"{not json", "its .json is not valid JSON"),
+], ids=["object-dtype", "broken-npy-header", "bad-json"])
+def test_a_bad_payload_skips_only_its_clip(tmp_path, reader, member, payload, reason):
+    # One bad .npy / .json made the whole shard skipped, with a warning that did not name the clip.
+    source, _ = _make_set(tmp_path, 16, per_shard=8)
+    _replace_member(source.urls[1], f"k0009.{member}", payload)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        it = WorkerIterator(source, _cfg(reader=reader, with_labels=True), 0, 1, 0, 1, 0, 0)
+        batches = list(it)
+    real = [k for b in batches for k, f in zip(b["key"], b["filled"].tolist()) if not f]
+    assert sorted(real) == [f"k{i:04d}" for i in range(16) if i != 9]  # the rest of its shard is read
+    assert it.counters.skipped_shards == 0 and it.counters.skipped_samples == 1
+    texts = {str(w.message) for w in caught}
+    assert len(texts) == 1 and texts.pop().startswith(f"skipping sample k0009 of {source.urls[1]}: {reason}")
+    with pytest.raises(ShardError, match=re.escape(f"shards-000001.tar: sample k0009: {reason}")):
+        list(WorkerIterator(source, _cfg(reader=reader, with_labels=True, on_error="raise"), 0, 1, 0, 1, 0, 0))
