@@ -5,7 +5,10 @@
 
 import sys
 
-from matpac_fast.trainer import main
-
 if __name__ == "__main__":
+    try:
+        from matpac_fast.trainer import main  # imports torch: seconds, during which Ctrl-C must not print a trace
+    except KeyboardInterrupt:
+        print("\ntrain: interrupted while starting: nothing was trained", file=sys.stderr)
+        sys.exit(130)
     sys.exit(main())

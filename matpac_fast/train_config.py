@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a ModelConfig field (repeatable), e.g. --model alpha=1.0 --model center_mode=logit",
     )
     p.add_argument("--print-config", action="store_true",
-                   help="check the options as a run would, print the resolved config (every model field) as JSON and "
-                   "exit")
+                   help="go through a run's start-up checks (options, --out, the checkpoint to resume, device, the "
+                   "shard set's front end and batch count, the model; a remote set is not fetched), print the "
+                   "resolved config (every model field) as JSON and exit; nothing is written")
     for section, cls in _SECTIONS.items():
         g = p.add_argument_group(section)
         for f in dataclasses.fields(cls):

@@ -39,6 +39,17 @@ class TrainingAborted(RuntimeError):
     """Raised for conditions the user must act on (e.g. too many non-finite losses in a row)."""
 
 
+class _StopInDataWait(BaseException):
+    """Raised by the signal handler while a one-process run waits for its next batch, so that a stalled read (a slow
+    `pipe:` fetch, a hung mount) cannot hold back a stop past Slurm's grace period. A BaseException, so that no
+    `except Exception` on the reading path (e.g. on_error="warn") takes it for a bad shard."""
+
+
+class _LoaderWorkerDied(Exception):
+    """A DataLoader worker died (torch's RuntimeError "DataLoader worker (pid ...) ..."), met while waiting for a
+    batch, i.e. between optimizer steps."""
+
+
 def _schedule_arrays(cfg: TrainConfig, m, steps_per_epoch: int, total_steps: int, global_batch: int) -> dict:
     """Per-optimizer-step values of every schedule, precomputed (dinov2 style) from the pure step functions.
     End-points of EMA, tau_t and the MATPAC++ temperature come from the model config `m`."""
@@ -66,7 +77,7 @@ class TrainData:
 
     def __init__(self, cfg: TrainConfig, rank: int, world: int, pin: bool):
         from matpac_fast.data import DataConfig as LoaderConfig
-        from matpac_fast.data import ShardSource, batches_per_epoch, check_spec
+        from matpac_fast.data import ShardSource, _check_source_for, batches_per_epoch, check_spec
 
         d = cfg.data
         self.rank, self.world, self.seed = rank, world, cfg.run.seed
@@ -84,6 +95,9 @@ class TrainData:
             pin_memory=pin,
             on_error=d.on_error,
         )
+        # The loader checks this when an epoch starts, after --out/config.json is written: checked here, before
+        # (e.g. two sets that disagree on `short`)
+        _check_source_for(self.cfg, self.source.stats)
         self.batches_per_epoch = batches_per_epoch(self.cfg, self.source.total, world)
         self.stats = self.source.stats
         # What makes the data order: shard names and sizes (not the path, so a moved copy still resumes exactly).
@@ -181,6 +195,7 @@ class Trainer:
         self._build_model()
         self._verify_resume()  # files checked before main() creates --out
         self._stop_requested = False
+        self._in_data_wait = False  # the signal handler breaks a one-process data wait (see _StopInDataWait)
         self.step = 0  # optimizer steps done
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
@@ -233,6 +248,10 @@ class Trainer:
             # reach the crop, so at least the rest are dropped.
             share = (crop - mean) / (crop - shortest)
             what = f"at least {math.floor(100 * share)} % of the clips are shorter and dropped"
+            # the same figure as the loader's error when no clip reaches the crop, so the two never disagree
+            keep = max(patch, shortest // patch * patch)
+            if keep < fit:
+                what += f"; --model crop_frames={keep} keeps every clip"
         print(f"warning: --shards {self.cfg.data.shards}: clips average {int(mean)} frames, the model's crop is "
               f"{crop}: {what}; --model crop_frames={fit} fits the average clip (a multiple of the patch, {patch})",
               file=sys.stderr, flush=True)
@@ -417,44 +436,56 @@ class Trainer:
         n_sums = 0
         history: list[dict] = []
         per_epoch = self.steps_per_epoch * cfg.optim.grad_accum  # micro-batches trained per epoch (_epoch_batches)
+        start_step = self.step
         done = self.step >= self.last_step
+        if done and self._resume is not None and acc.is_main_process:
+            print(f"note: the checkpoint is at step {self.step} and this run ends at step {self.last_step} "
+                  "(--max-steps / --epochs): nothing to train; the checkpoint is kept as it is and encoder.pt is "
+                  "written again", file=sys.stderr, flush=True)
         while not done:
             if self.batch_in_epoch >= per_epoch:  # resumed from a checkpoint written at the end of an epoch
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             batches = self._epoch_batches(per_epoch)
-            for batch, wait in batches:
-                self.batch_in_epoch += 1
-                lms = batch["lms"].to(self.device, non_blocking=True)
-                loss, stats = self.micro_step(lms)
-                tput.add(lms.shape[0], wait)
-                for k in ("loss_pred", "loss_cls", "teacher_entropy", "teacher_max_prob", "center_norm"):
-                    if k in stats:
-                        v = stats[k].detach().float()
-                        # clone: under CUDA graphs (--compile-mode reduce-overhead) an output is overwritten
-                        # by the next replay, so a running sum must not alias one
-                        sums[k] = sums[k] + v if k in sums else v.clone()
-                v = loss.detach().float()
-                sums["loss"] = sums["loss"] + v if "loss" in sums else v.clone()
-                n_sums += 1
-                if self._micro != 0:
-                    continue
-                # ---- after an optimizer step
-                stop = self._should_stop()
-                if self.step % cfg.run.log_every == 0 or self.step == self.last_step or stop:
-                    row = self._log(sums, n_sums, self.last_gnorm, self.last_lr, tput, writer, bar)
-                    history.append(row)
-                    if acc.is_main_process:  # appended as we go: a killed run keeps its trace
-                        with open(self.out / "history.jsonl", "a") as f:
-                            f.write(json.dumps(row) + "\n")
-                    sums, n_sums = {}, 0
-                    tput.reset()
-                if bar is not None:
-                    bar.update(1)
-                if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0 and self.step < self.last_step:
-                    self.save_checkpoint()
-                if self.step >= self.last_step or stop:
-                    done = True
-                    break
+            try:
+                for batch, wait in batches:
+                    self.batch_in_epoch += 1
+                    lms = batch["lms"].to(self.device, non_blocking=True)
+                    loss, stats = self.micro_step(lms)
+                    tput.add(lms.shape[0], wait)
+                    for k in ("loss_pred", "loss_cls", "teacher_entropy", "teacher_max_prob", "center_norm"):
+                        if k in stats:
+                            v = stats[k].detach().float()
+                            # clone: under CUDA graphs (--compile-mode reduce-overhead) an output is overwritten
+                            # by the next replay, so a running sum must not alias one
+                            sums[k] = sums[k] + v if k in sums else v.clone()
+                    v = loss.detach().float()
+                    sums["loss"] = sums["loss"] + v if "loss" in sums else v.clone()
+                    n_sums += 1
+                    if self._micro != 0:
+                        continue
+                    # ---- after an optimizer step
+                    stop = self._should_stop()
+                    if self.step % cfg.run.log_every == 0 or self.step == self.last_step or stop:
+                        row = self._log(sums, n_sums, self.last_gnorm, self.last_lr, tput, writer, bar)
+                        history.append(row)
+                        if acc.is_main_process:  # appended as we go: a killed run keeps its trace
+                            with open(self.out / "history.jsonl", "a") as f:
+                                f.write(json.dumps(row) + "\n")
+                        sums, n_sums = {}, 0
+                        tput.reset()
+                    if bar is not None:
+                        bar.update(1)
+                    if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0 and self.step < self.last_step:
+                        self.save_checkpoint()
+                    if self.step >= self.last_step or stop:
+                        done = True
+                        break
+            except _StopInDataWait:  # a signal while waiting for data (one process): stop at the last finished step
+                self._abandon_partial_step()
+                done = True
+            except _LoaderWorkerDied as e:
+                batches.close()
+                raise self._worker_died(str(e)) from None
             batches.close()  # its loader's workers go now, not when the generator is collected
             if done:
                 break
@@ -466,7 +497,8 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         if bar is not None:
             bar.close()
-        self.save_checkpoint()
+        if self.step != start_step or self._resume is None:  # a resume with nothing to train keeps its checkpoint
+            self.save_checkpoint()
         if acc.is_main_process:
             self.export_encoder()
         if writer is not None:
@@ -482,12 +514,40 @@ class Trainer:
         try:
             while self.batch_in_epoch < per_epoch:
                 t0 = time.perf_counter()
-                batch = next(it, None)
+                self._in_data_wait = True
+                try:
+                    batch = next(it, None)
+                except RuntimeError as e:
+                    if str(e).startswith("DataLoader worker"):  # torch's words for a worker that died
+                        raise _LoaderWorkerDied(str(e).strip().splitlines()[0]) from None
+                    raise
+                finally:
+                    self._in_data_wait = False
                 if batch is None:
                     return
                 yield batch, time.perf_counter() - t0
         finally:
             it.close()
+
+    def _worker_died(self, what: str) -> TrainingAborted:
+        """A loader worker died between two optimizer steps (the out-of-memory killer, a kill): one line instead
+        of torch's traceback, after a checkpoint of the last finished step when this is the only process (the
+        weights are intact; with several, the others are inside a collective and cannot join one)."""
+        hint = "resume with --resume auto (with fewer --workers if memory ran out)"
+        if self.accelerator.num_processes == 1:
+            self._abandon_partial_step()
+            self.save_checkpoint()
+            return TrainingAborted(f"{what}: a data-loader worker died (often the out-of-memory killer); checkpoint "
+                                   f"written at step {self.step}: {hint}")
+        return TrainingAborted(f"{what}: a data-loader worker of process {self.accelerator.process_index} died "
+                               f"(often the out-of-memory killer); the last checkpoint is kept: {hint}")
+
+    def _abandon_partial_step(self) -> None:
+        """Back to the last finished optimizer step, for a checkpoint taken between two: the micro-batches of an
+        unfinished gradient accumulation are forgotten, so that a resume reads them again."""
+        if self._micro:
+            self.batch_in_epoch -= self._micro
+            self._drop_partial_accumulation()
 
     # ------------------------------------------------------------------------------------------ observability
     def _writer(self):
@@ -738,9 +798,27 @@ class Trainer:
     def _install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT set a flag that the loop reads after each optimizer step. Loader workers ignore both
         (data._worker_signals), so a signal to the whole process group (`timeout`, Slurm, Ctrl-C) is handled here
-        alone instead of killing a worker mid-epoch."""
+        alone instead of killing a worker mid-epoch. A one-process run waiting for data stops at once (the wait
+        is abandoned, the checkpoint is the last finished step). After the first SIGINT the default action is back:
+        a second Ctrl-C ends the process at once, without a checkpoint (SIGTERM stays graceful: launchers and
+        Slurm may deliver it twice)."""
+        single = self.accelerator.num_processes == 1
+        main = self.accelerator.is_main_process
+
         def handler(signum, frame):
+            first = not self._stop_requested
             self._stop_requested = True
+            if signum == signal.SIGINT:
+                with contextlib.suppress(ValueError):
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if first and main:
+                # os.write, not print: the handler may interrupt a write to sys.stderr (the progress bar), and a
+                # buffered stream refuses a reentrant call
+                again = "; Ctrl-C again quits at once, without one" if signum == signal.SIGINT else ""
+                with contextlib.suppress(OSError):
+                    os.write(2, f"\ntrain: stop requested: finishing the step, then a checkpoint{again}\n".encode())
+            if self._in_data_wait and single:
+                raise _StopInDataWait
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -847,24 +925,23 @@ def _check_model_fits_shards(cfg: TrainConfig, model_cfg, stats: dict | None) ->
 
 
 def _resolved_config(cfg: TrainConfig) -> tuple[dict, str | None]:
-    """--print-config: the config as a run would use it, checked as a run checks it: every ModelConfig field
-    resolved (a local shard set's stats.json and sizes.json are read, as the run reads them, for the front end, n_mels
-    and M2D's dataset mean / std; remote sets are not fetched). Returns (config, a note when a field could not be
-    resolved without the shards)."""
-    from matpac_fast.data import ShardSource, check_spec
-
-    shards, stats, note = cfg.data.shards, None, None
+    """--print-config: the config as a run would use it, checked as a run checks it before its first step. A local
+    (or synthetic) shard set goes through the run's own start-up: --out, the checkpoint to resume, the device and
+    precision, the shard set (front end, `short`, batches per epoch against --grad-accum, the crop warning) and
+    the model (a few seconds for a ViT-B; nothing is written). A remote set is not fetched: only the options and
+    the model fields are checked. Returns (config, a note when a field could not be resolved without the shards)."""
+    shards, note = cfg.data.shards, None
     if shards.startswith("pipe:") or "://" in shards:
         if cfg.run.frontend == "m2d":
             note = (f"note: --print-config does not fetch --shards {shards}: norm_mean / norm_std are the m2d front "
                     "end's fallback pair; the run uses the set's stats.json mean / std")
-    else:
-        stats = ShardSource.open(shards).stats
-        if not shards.startswith("synthetic:"):
-            check_spec(cfg.run.frontend, stats)
-    model = model_config(cfg, stats)
-    _check_model_fits_shards(cfg, model, stats)
-    return {**cfg.to_dict(), "model": model.to_dict()}, note
+        model = model_config(cfg, None)
+        _check_model_fits_shards(cfg, model, None)
+        return {**cfg.to_dict(), "model": model.to_dict()}, note
+    _check_out_path(cfg.run.out)
+    ckpt.check_out(cfg.run.out, cfg.run.resume)
+    trainer = Trainer(cfg)  # what only reading the clips can tell (e.g. none reaches the crop) is left to the run
+    return {**cfg.to_dict(), "model": trainer.model_cfg.to_dict()}, note
 
 
 def _check_out_path(out: str) -> None:
@@ -928,6 +1005,10 @@ def _main(argv: list[str] | None) -> int:
         result = trainer.train()
     except (ValueError, TrainingAborted) as e:
         return _fail(f"error: {e}", rank, world, stopping=trainer is not None and trainer._stop_requested)
+    except KeyboardInterrupt:  # Ctrl-C before train() installs its handlers (start-up, loading a checkpoint)
+        if rank == 0:
+            print("\ntrain: interrupted while starting: nothing was trained", file=sys.stderr, flush=True)
+        return 130
     except RuntimeError as e:
         if world > 1 and _peer_failed(e):  # a traceback from inside gloo/NCCL would bury the real error
             return _fail(f"error: process {rank} stopped: another process failed (its error is printed above)",

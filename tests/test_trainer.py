@@ -80,6 +80,109 @@ def test_sigterm_checkpoints_and_exits_zero_then_resumes(tmp_path, reference_run
     _assert_same_run(tmp_path, reference_run)
 
 
+def _stalled(out, mode, at, *extra, timeout=120):
+    """The training command with tests/helpers/stall_train.py: at micro-batch `at` the data wait gets a signal and
+    stalls for a minute (`term`, `int`), or a loader worker dies (`die`), or SIGINT comes during start-up."""
+    cmd = _run(out, *extra)
+    cmd[1] = str(ROOT / "tests" / "helpers" / "stall_train.py")
+    env = {**ENV, "STALL_MODE": mode, "STALL_AT": str(at)}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("mode", ["term", "int"])
+def test_a_signal_during_a_stalled_data_wait_stops_at_once_then_resumes(tmp_path, reference_run, mode):
+    # Before, the handler only set a flag read after the next step: a stalled read held the stop back for as long as
+    # it stalled (98 s with a slow pipe: fetch), past Slurm's grace period.
+    import time
+
+    t0 = time.monotonic()
+    res = _stalled(tmp_path, mode, 6, "--max-steps", "12")  # batch 6 stalls: steps 1-5 are done
+    assert time.monotonic() - t0 < 45, "the 60-s stall was waited out"
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "stopped by signal" in res.stdout
+    again = "; Ctrl-C again quits at once, without one" if mode == "int" else ""
+    assert f"train: stop requested: finishing the step, then a checkpoint{again}\n" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert _final_weights(tmp_path)[0] == "step_00000005"
+    subprocess.run(_run(tmp_path, "--max-steps", "12", "--resume", "auto"), check=True, env=ENV, capture_output=True)
+    _assert_same_run(tmp_path, reference_run)
+
+
+def test_a_stop_inside_a_gradient_accumulation_rewinds_to_the_last_step(tmp_path):
+    # --grad-accum 2, the stall at micro-batch 6: steps 1-2 used batches 1-4, batch 5 was half of step 3. The
+    # checkpoint is step 2 and its data position batch 4, so the resume reads batch 5 again; the result must be
+    # the uninterrupted run's.
+    ref = tmp_path / "ref"
+    subprocess.run(_run(ref, "--max-steps", "4", "--grad-accum", "2"), check=True, env=ENV, capture_output=True)
+    out = tmp_path / "run"
+    res = _stalled(out, "term", 6, "--max-steps", "4", "--grad-accum", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert (state["step"], state["batch_in_epoch"]) == (2, 4)
+    subprocess.run(_run(out, "--max-steps", "4", "--grad-accum", "2", "--resume", "auto"), check=True, env=ENV,
+                   capture_output=True)
+    (na, wa), (nb, wb) = _final_weights(out), _final_weights(ref)
+    assert na == nb == "step_00000004"
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_a_loader_worker_that_dies_is_one_line_after_a_checkpoint(tmp_path, reference_run):
+    # Before: torch's 55-line traceback, exit 1 and no checkpoint, although the weights were intact.
+    res = _stalled(tmp_path, "die", 6, "--max-steps", "12")
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        "error: DataLoader worker (pid 4242) is killed by signal: Killed.: a data-loader worker died (often the "
+        "out-of-memory killer); checkpoint written at step 5: resume with --resume auto (with fewer --workers if "
+        "memory ran out)")
+    subprocess.run(_run(tmp_path, "--max-steps", "12", "--resume", "auto"), check=True, env=ENV, capture_output=True)
+    _assert_same_run(tmp_path, reference_run)
+
+
+def test_ctrl_c_during_start_up_is_one_line(tmp_path):
+    res = _stalled(tmp_path, "startup", 0, "--max-steps", "2")
+    assert res.returncode == 130
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "train: interrupted while starting: nothing was trained"
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_second_sigint_is_the_default_action_sigterm_stays_graceful(tmp_path):
+    import signal
+
+    from matpac_fast.trainer import Trainer
+
+    trainer = Trainer(resolve([*TINY, "--out", str(tmp_path / "run"), "--max-steps", "1"])[0])
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        trainer._install_signal_handlers()
+        handler = signal.getsignal(signal.SIGTERM)
+        handler(signal.SIGTERM, None)
+        handler(signal.SIGTERM, None)  # a launcher and Slurm may both send it: still graceful
+        assert trainer._stop_requested and signal.getsignal(signal.SIGTERM) is handler
+        assert signal.getsignal(signal.SIGINT) is handler
+        handler(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # the next Ctrl-C ends the process
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def test_resume_past_max_steps_keeps_the_checkpoint_and_says_so(tmp_path):
+    # Before: silent, and the checkpoint was rewritten with the new --max-steps in its config.
+    subprocess.run(_run(tmp_path, "--max-steps", "3"), check=True, env=ENV, capture_output=True)
+    state = tmp_path / "checkpoints" / "step_00000003" / "trainer_state.json"
+    before = state.read_bytes()
+    res = subprocess.run(_run(tmp_path, "--max-steps", "2", "--resume", "auto"), env=ENV, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert ("note: the checkpoint is at step 3 and this run ends at step 2 (--max-steps / --epochs): nothing to "
+            "train; the checkpoint is kept as it is and encoder.pt is written again") in res.stderr
+    assert state.read_bytes() == before
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000003"]
+
+
 def _tensorboard_steps(out, tag="train/loss") -> list[int]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -315,8 +418,11 @@ def test_dropping_a_partial_accumulation_clears_its_gradients(tmp_path):
         ("pad", [100] * 16, "clips average 100 frames, the model's crop is 608: at least 83 % of each crop is padding; "
                             "--model crop_frames=96 fits the average clip (a multiple of the patch, 16)"),
         # Half 304, half 640 frames, dropped when shorter than 608: (608 - 472) / (608 - 304) = 44.7 %, a lower bound.
+        # The shortest clip, 304 frames (19 patches), is the crop that keeps every clip: the loader's error (when no
+        # clip reaches the crop) names the same figure, so the warning must name it too.
         ("drop", [304, 640] * 8, "clips average 472 frames, the model's crop is 608: at least 44 % of the clips are "
-                                 "shorter and dropped; --model crop_frames=464 fits"),
+                                 "shorter and dropped; --model crop_frames=304 keeps every clip; "
+                                 "--model crop_frames=464 fits"),
         ("pad", [640] * 16, None),  # clips longer than the crop: nothing padded, no warning
         ("drop", [608, 700] * 8, None),  # none shorter than the crop: nothing dropped
     ],
