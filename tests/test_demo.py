@@ -3,6 +3,8 @@
 import json
 import re
 
+import pytest
+
 from matpac_fast.demo import format_table, main
 
 
@@ -20,6 +22,19 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     assert (tmp_path / "train" / "encoder.pt").exists() and (tmp_path / "results.md").exists()
     assert "| pre-trained encoder (tiny, this demo) |" in (tmp_path / "results.md").read_text()
     assert "n/a (--skip-fsdd)" in (tmp_path / "results.md").read_text()  # skipped, not missing
+    # The table adds up: each row of results.md shows the RESULT line's figure (table: percent, 1 decimal).
+    labels = {"chance": "chance", "logmel": "raw log-mel baseline", "random": "random-init encoder (tiny)",
+              "pretrained": "pre-trained encoder (tiny, this demo)"}
+    table = {}
+    for line in (tmp_path / "results.md").read_text().splitlines():
+        row = re.fullmatch(r"\| (.+?) \| ([\d.]+)% \| n/a \(--skip-fsdd\) \|", line)
+        if row:
+            table[row.group(1)] = float(row.group(2))
+    assert set(table) == set(labels.values()), table
+    result = dict(zip(labels, (chance, *scores)))
+    for key, label in labels.items():
+        # RESULT has 4 decimals, the table 0.1 %: equal up to the coarser rounding (plus the finer one's)
+        assert abs(table[label] - 100 * result[key]) <= 0.05 + 0.005 + 1e-9, (label, table[label], result[key])
     def losses():
         return [(r["step"], r["loss"]) for r in map(json.loads, (tmp_path / "train" / "history.jsonl").open())]
 
@@ -30,6 +45,39 @@ def test_demo_end_to_end_small(tmp_path, capsys):
     out2 = capsys.readouterr().out
     assert "replacing the earlier demo run" in out2 and out2.strip().splitlines()[-1] == last
     assert losses() == rows and len(rows) == len(set(rows))
+
+
+@pytest.mark.parametrize("with_fsdd", [False, True])
+def test_results_md_and_result_line_show_the_probe_figures(tmp_path, capsys, monkeypatch, with_fsdd):
+    """main's wiring, with the slow stages stubbed: distinct probe figures (in the tiny end-to-end run two of them
+    coincide) must reach results.md's rows and the RESULT line unchanged and unswapped."""
+    import torch
+
+    from matpac_fast import demo
+
+    synth = {"chance": 0.1, "logmel": 0.2346, "random": 0.3456, "pretrained": 0.4567}
+    fsdd = {"chance": 0.125, "logmel": 0.6789, "random": 0.5678, "pretrained": 0.789}
+    monkeypatch.setattr(demo, "shards_step", lambda *a, **k: {})
+    monkeypatch.setattr(demo, "verify_step", lambda *a, **k: {})
+    monkeypatch.setattr(demo, "pretrain_step", lambda *a, **k: tmp_path / "encoder.pt")
+    monkeypatch.setattr(demo, "probe_step", lambda *a, **k: dict(synth))
+    monkeypatch.setattr(demo, "fsdd_step", lambda *a, **k: dict(fsdd))
+    threads = torch.get_num_threads()
+    try:
+        args = ["--out", str(tmp_path)] + (["--fsdd", str(tmp_path)] if with_fsdd else ["--skip-fsdd"])
+        assert main(args) == 0
+    finally:
+        torch.set_num_threads(threads)  # main sets one thread for the whole process
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "RESULT demo chance=0.1000 logmel=0.2346 random=0.3456 pretrained=0.4567"
+    rows = (tmp_path / "results.md").read_text().splitlines()
+    f = (lambda x: x) if with_fsdd else (lambda x: "n/a (--skip-fsdd)")
+    assert rows[2:] == [
+        f"| chance | 10.0% | {f('12.5%')} |",
+        f"| raw log-mel baseline | 23.5% | {f('67.9%')} |",
+        f"| random-init encoder (tiny) | 34.6% | {f('56.8%')} |",
+        f"| pre-trained encoder (tiny, this demo) | 45.7% | {f('78.9%')} |",
+    ]
 
 
 def test_table_marks_missing_fsdd():

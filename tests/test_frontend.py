@@ -55,14 +55,84 @@ def test_silence_is_log_eps():
     assert torch.allclose(out, torch.full_like(out, float(np.log(np.float32(1.1920929e-07)))))
 
 
+# METHOD.md §1, resampling for the matpac front end: windowed sinc, Kaiser window, lowpass width 64,
+# rolloff 0.9475937, beta 14.769656 (written out here, not read from the code under test).
+METHOD_KAISER = {"resampling_method": "sinc_interp_kaiser", "lowpass_filter_width": 64, "rolloff": 0.9475937,
+                 "beta": 14.769656}
+
+
+def _sine(freq, sr, seconds=1.0):
+    t = np.arange(int(sr * seconds)) / sr
+    return np.sin(2 * np.pi * freq * t).astype(np.float32)
+
+
+def _mid_rms(y, sr=16000, trim_s=0.1):
+    """RMS without the first and last `trim_s` (the tone's abrupt start/end is broadband and rings there)."""
+    k = int(sr * trim_s)
+    y = np.asarray(y, dtype=np.float64)[k:-k]
+    return float(np.sqrt(np.mean(y**2)))
+
+
+def _kaiser_paths(x, sr, tmp_path):
+    """The three copies of the Kaiser resampler: frontend.resample, shard_tools' cached module, matpac-eval's."""
+    from matpac_fast.evaluation.embed import load_clip
+    from shard_tools.decode import resample_np
+
+    spec = get_spec("matpac")
+    wav = tmp_path / f"tone_{sr}.wav"
+    sf.write(wav, x, sr, subtype="FLOAT")  # float32 on disk: load_clip reads back exactly x
+    front = resample(torch.from_numpy(x)[None], sr, spec)[0].numpy()
+    lengths = []
+    return {
+        "frontend.resample": front,
+        "shard_tools.decode.resample_np": resample_np(x, sr, spec),
+        "evaluation.embed.load_clip": load_clip(str(wav), len(front), spec, lengths),
+    }, lengths
+
+
 def test_resample_kaiser_preserves_tone():
     sr = 8000
-    t = np.arange(sr) / sr
-    x = torch.from_numpy(np.sin(2 * np.pi * 440 * t).astype(np.float32))[None]
+    x = torch.from_numpy(_sine(440, sr))[None]
     y = resample(x, sr, get_spec("matpac"))[0].numpy()
     assert y.shape[0] == 16000
     spec = np.abs(np.fft.rfft(y))
     assert abs(np.argmax(spec) * 16000 / len(y) - 440) < 2
+    # the pass band keeps the amplitude: a unit sine has RMS 1/sqrt(2)
+    assert abs(_mid_rms(y) - 1 / np.sqrt(2)) < 1e-3, _mid_rms(y)
+
+
+@pytest.mark.parametrize("sr", [44100, 48000])
+def test_kaiser_resamplers_use_method_settings_and_reject_aliases(sr, tmp_path):
+    """All three Kaiser resamplers equal torchaudio called with METHOD.md's settings, and a tone above the new
+    Nyquist (8 kHz) is removed instead of folding back into the band (measured ~1e-6 RMS; a short, low-beta kernel
+    such as width 6 / rolloff 0.99 / beta 5 leaks ~0.17)."""
+    import torchaudio.functional as AF
+
+    x = _sine(8600, sr)
+    ref = AF.resample(torch.from_numpy(x), sr, 16000, **METHOD_KAISER).numpy()
+    assert _mid_rms(ref) < 1e-4  # the reference itself rejects the alias
+    outs, lengths = _kaiser_paths(x, sr, tmp_path)
+    assert lengths == [16000]
+    for where, y in outs.items():
+        assert y.shape == (16000,) and y.dtype == np.float32, where
+        assert _mid_rms(y) < 1e-4, (where, _mid_rms(y))
+        np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6, err_msg=where)
+    # and on a pass-band tone (1 kHz) the three agree with the reference too
+    x = _sine(1000, sr)
+    ref = AF.resample(torch.from_numpy(x), sr, 16000, **METHOD_KAISER).numpy()
+    for where, y in _kaiser_paths(x, sr, tmp_path)[0].items():
+        np.testing.assert_allclose(y, ref, rtol=0, atol=1e-6, err_msg=where)
+
+
+@pytest.mark.parametrize("sr", [44100, 48000])
+def test_m2d_soxr_resampler_rejects_aliases(sr):
+    """The m2d front end (librosa default = soxr "HQ") also removes a tone above 8 kHz (measured ~7e-8 RMS)."""
+    import soxr
+
+    x = _sine(8600, sr)
+    y = resample(torch.from_numpy(x)[None], sr, get_spec("m2d"))[0].numpy()
+    assert _mid_rms(y) < 1e-4, _mid_rms(y)
+    np.testing.assert_array_equal(y, soxr.resample(x, sr, 16000, quality="HQ"))
 
 
 def test_to_mono_is_channel_mean():
@@ -74,3 +144,38 @@ def test_spec_mismatch_is_one_line_error():
     with pytest.raises(ValueError, match="front-end mismatch.*center"):
         check_compatible(get_spec("matpac"), get_spec("m2d").to_dict())
     check_compatible(get_spec("matpac"), get_spec("matpac").to_dict())
+
+
+# METHOD.md §1, written out by hand: the fields that set the log-mel values, and the normalisation pair.
+METHOD_MATPAC = {
+    "name": "matpac", "sample_rate": 16000, "n_fft": 400, "win_length": 400, "hop_length": 160, "n_mels": 80,
+    "f_min": 50.0, "f_max": 8000.0, "center": False, "log_eps": 1.1920929e-07, "resampler": "kaiser",
+}
+METHOD_M2D = {**METHOD_MATPAC, "name": "m2d", "center": True, "resampler": "soxr_hq"}  # librosa default = soxr HQ
+
+
+@pytest.mark.parametrize("preset, expected, norm", [("matpac", METHOD_MATPAC, (-7.056, 4.193)),
+                                                    ("m2d", METHOD_M2D, (-7.1, 4.2))])
+def test_presets_match_method(preset, expected, norm):
+    spec = get_spec(preset)
+    got = spec.numerics()
+    assert got.keys() == expected.keys()
+    assert got["log_eps"] == pytest.approx(expected["log_eps"], rel=1e-7)  # float32 eps, printed to 8 digits
+    assert {k: v for k, v in got.items() if k != "log_eps"} == {k: v for k, v in expected.items() if k != "log_eps"}
+    assert (spec.to_dict()["norm_mean"], spec.to_dict()["norm_std"]) == norm  # m2d: the fallback pair
+
+
+@pytest.mark.parametrize("preset", ["matpac", "m2d"])
+def test_logmel_filterbank_and_window_match_method(preset):
+    """The log-mel module's own numbers, against torchaudio built from METHOD.md's values (not from the spec):
+    80 Slaney-scale, Slaney-normalised triangles over 50-8000 Hz on a 400-point FFT at 16 kHz, Hann window 400."""
+    import torchaudio.functional as AF
+
+    mel = LogMelSpec(preset).mel
+    fb = AF.melscale_fbanks(201, f_min=50.0, f_max=8000.0, n_mels=80, sample_rate=16000, norm="slaney",
+                            mel_scale="slaney")  # (201, 80)
+    torch.testing.assert_close(mel.mel_basis.float(), fb.T.float(), rtol=1e-4, atol=1e-7)
+    # nnAudio folds the window into its STFT kernels: the DC row of the cosine kernel is the window itself
+    window = torch.hann_window(400, periodic=True)
+    torch.testing.assert_close(mel.stft.wcos[0, 0].float(), window, rtol=0, atol=1e-6)
+    assert mel.stft.wcos.shape == (201, 1, 400)

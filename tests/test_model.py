@@ -157,14 +157,18 @@ def test_every_student_param_gets_grad_and_teacher_none(name):
     loss, stats = m(_batch(m.cfg), StepState(tau_t=0.04, mcl_temperature=0.1))
     loss.backward()
     student = {id(p) for p in m.student_parameters()}
+    mcl_grad = []
     for n, p in m.named_parameters():
         if id(p) in student:
             assert p.requires_grad and p.grad is not None, n
-            if name == "tiny":  # with r heads only the winners get a gradient; each head's share can be zero
+            if n.startswith("predictor.mcl_heads."):  # r heads: only the winners get a gradient, a head's can be 0
+                mcl_grad.append(p.grad.abs().sum().item())
+            else:  # everything else (encoder, predictor trunk, student head) is on every head's path
                 assert p.grad.abs().sum() > 0, n
         else:
             assert n.startswith(("teacher_encoder.", "teacher_head.")), n
             assert not p.requires_grad and p.grad is None, n
+    assert len(mcl_grad) == (2 * 5 if name == "tiny++" else 0) and (not mcl_grad or max(mcl_grad) > 0), mcl_grad
     assert torch.isfinite(loss)
     for k in ("loss_pred", "loss_cls", "teacher_entropy", "teacher_max_prob", "center_norm"):
         assert stats[k].ndim == 0 and not stats[k].requires_grad, k

@@ -63,4 +63,4 @@ def test_classes_are_separable_but_not_by_the_mean_spectrum_alone():
     chance = 1 / len(CLASSES)
     acc_mean, acc_temporal = probe(mean_spec), probe(temporal)
     assert acc_temporal > 4 * chance, acc_temporal
-    assert acc_mean < acc_temporal, (acc_mean, acc_temporal)
+    assert acc_mean < acc_temporal - 0.1, (acc_mean, acc_temporal)  # "clearly": measured 0.45 vs 0.68

@@ -758,9 +758,31 @@ def test_attention_benchmark_cpu_smoke():
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = re.search(r"^RESULT attention default_ms=(\S+) best=(\w+) best_ms=(\S+) speedup=(\S+)$", proc.stdout, re.M)
     assert m, proc.stdout[-2000:]
-    assert m.group(2) in ("sdpa", "flash", "math") and float(m.group(3)) > 0
-    assert float(m.group(3)) <= float(m.group(1))  # the best is at most the default
     assert "cudnn on student: n/a" in proc.stderr
+    lines = proc.stdout.splitlines()
+    header = lines[0].split()
+    assert header[:3] == ["shape", "B,H,N,hd", "layers"] and header[-3:] == ["(ms", "per", "call)"], lines[0]
+    impls = header[3:-3]
+    assert {"sdpa", "flash", "math", "cudnn"} <= set(impls), impls
+    rows = {ln.split()[0]: ln.split() for ln in lines[1:] if ln.split() and ln.split()[0] in
+            ("student", "teacher", "predictor")}
+    assert set(rows) == {"student", "teacher", "predictor"}, proc.stdout[-2000:]
+    total = [ln for ln in lines if ln.startswith("per step")]
+    assert len(total) == 1, proc.stdout[-2000:]
+    per_step = dict(zip(impls, map(float, total[0].split()[-len(impls):]), strict=True))
+    na = {i for i in impls if re.search(rf"^  {i} on \w+: n/a ", proc.stderr, re.M)}
+    assert "cudnn" in na and not {"sdpa", "math"} & na, na  # CPU has the default and the math fallback
+    timed = {i: t for i, t in per_step.items() if i not in na}
+    for impl in impls:  # a backend that ran has a finite positive time, one that could not is nan (never a number)
+        ran = math.isfinite(per_step[impl]) and per_step[impl] > 0
+        assert ran if impl in timed else math.isnan(per_step[impl]), (impl, per_step)
+        if impl in timed:  # the per-step figure is the per-call times weighted by the layer counts
+            calls = [(int(r[2]), float(r[3 + impls.index(impl)])) for r in rows.values()]
+            assert per_step[impl] == pytest.approx(sum(n * t for n, t in calls), abs=0.002 * sum(n for n, _ in calls))
+    default_ms, best, best_ms, speedup = float(m.group(1)), m.group(2), float(m.group(3)), float(m.group(4))
+    assert default_ms == per_step["sdpa"]
+    assert best in timed and best_ms == timed[best] == min(timed.values()), (best, best_ms, timed)
+    assert speedup == pytest.approx(default_ms / best_ms, abs=0.006)
 
 
 def test_profile_step_cpu_smoke(tmp_path):
