@@ -221,6 +221,16 @@ def test_resume_may_lower_lr_and_clip_to_recover_from_a_divergence(run2, tmp_pat
     assert rc == 0, err
     changed = re.search(r"changed: (.*)", err).group(1)
     assert re.search(r"--clip-grad \S+ -> 1\.0", changed) and re.search(r"--lr \S+ -> 1e-05", changed), changed
+    # The new --lr is the one used, not the checkpoint's. Tiny recipe: lr 1e-3, warm-up 1 epoch = 64 clips / batch 8
+    # = 8 steps, linear from 0 (METHOD.md §5); the row of step n logs the lr of update n - 1, i.e. base * (n-1) / 8.
+    from matpac_fast.schedules import lr_at
+
+    lrs = {r["step"]: r["lr"] for r in _rows(out) if "lr" in r}
+    expected = {1: 0.0, 2: 1e-3 * 1 / 8, 3: 1e-5 * 2 / 8}  # steps 1-2 before the resume, step 3 after it
+    assert lrs.keys() == expected.keys(), lrs
+    for step, lr in expected.items():
+        assert lrs[step] == pytest.approx(lr, rel=1e-6, abs=1e-12), (step, lrs)
+    assert lrs[3] == pytest.approx(lr_at(2, base_lr=1e-5, warmup_steps=8, total_steps=80), rel=1e-6)
 
 
 # ------------------------------------------------------------------------------ one writer per --out (a lock)
@@ -349,6 +359,36 @@ def test_print_config_checks_the_options_as_a_run_does(capsys, argv, line):
     assert rc == 2 and out == "" and _one_line(err) == line
 
 
+def test_print_config_meets_what_a_run_meets_before_its_first_step(tmp_path, run2, capsys):
+    # Each of these printed JSON and exited 0, while the run itself then refused it.
+    cases = [
+        (["--batch-size", "300"], "error: the shard set gives 0 batches per rank per epoch"),
+        (["--grad-accum", "9"], "error: the shard set gives 8 batches per rank per epoch, fewer than --grad-accum 9"),
+        (["--precision", "fp16", "--cpu", "true"], "error: --precision fp16 needs a CUDA GPU"),
+        (["--resume", str(tmp_path / "nowhere")], f"error: --resume {tmp_path / 'nowhere'}"),
+        (["--out", ""], "error: --out is empty"),
+        (["--out", str(run2)], f"error: --out {run2} already holds a run"),
+    ]
+    for argv, start in cases:
+        rc, out, err = _main(capsys, *SYN, "--out", str(tmp_path / "fresh"), "--print-config", *argv)
+        assert rc == 2 and out == "" and _one_line(err).startswith(start), (argv, err)
+    assert not (tmp_path / "fresh").exists()  # nothing written
+
+
+def test_sets_that_disagree_on_short_are_refused_before_anything_is_written(tmp_path, capsys):
+    # The loader refused them only when the first epoch started, after --out, config.json and tb/ were written.
+    rng = np.random.default_rng(0)
+    for name, short in (("a", "drop"), ("b", "pad")):
+        write_shard_set(tmp_path / name, ((f"{name}{i:03d}", clip(rng, 640), []) for i in range(16)), per_shard=8,
+                        short=short)
+    shards = f"{tmp_path}/{{a,b}}"
+    for extra in ([], ["--print-config"]):
+        rc, out, err = _main(capsys, "--shards", shards, "--out", str(tmp_path / "run"), "--max-steps", "1", *extra)
+        assert rc == 2 and out == "" and _one_line(err).startswith(
+            "error: the shard sets disagree on stats.json 'short'"), err
+        assert not (tmp_path / "run").exists()
+
+
 def test_model_name_of_the_preset_itself_is_accepted(capsys):
     # `--model name=<the preset's name>` was refused on the command line while a config file saying the same passed.
     rc, out, err = _main(capsys, *SYN, "--print-config", "--model", "name=tiny")
@@ -360,7 +400,7 @@ def test_model_name_of_the_preset_itself_is_accepted(capsys):
 
 def test_print_config_shows_the_model_config_the_run_uses(run2, capsys):
     # Every ModelConfig field, as the run resolved it (its config.json), not only the --model overrides.
-    rc, out, err = _main(capsys, *SYN, "--out", str(run2), "--max-steps", "2", "--print-config")
+    rc, out, err = _main(capsys, *SYN, "--out", str(run2), "--max-steps", "2", "--resume", "auto", "--print-config")
     assert rc == 0 and err == ""
     printed = json.loads(out)
     assert printed["model"] == json.loads((run2 / "config.json").read_text())["model"]
