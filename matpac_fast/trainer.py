@@ -45,6 +45,9 @@ class _StopInDataWait(BaseException):
     `except Exception` on the reading path (e.g. on_error="warn") takes it for a bad shard."""
 
 
+_READERS = {"indexed": "as local files (indexed)", "stream": "as a stream (URLs or pipe:)"}
+
+
 class _LoaderWorkerDied(Exception):
     """A DataLoader worker died (torch's RuntimeError "DataLoader worker (pid ...) ..."), met while waiting for a
     batch, i.e. between optimizer steps."""
@@ -103,6 +106,12 @@ class TrainData:
         # What makes the data order: shard names and sizes (not the path, so a moved copy still resumes exactly).
         names = [u.rstrip("/").rsplit("/", 1)[-1] for u in self.source.urls]
         self.fingerprint = hashlib.sha256(json.dumps([names, list(self.source.sizes)]).encode()).hexdigest()[:16]
+        # How they are read (data._make_reader, reader "auto"): local files indexed, URLs / pipe: streamed through a
+        # shuffle buffer. The same shards read the other way give other crops and order: a resume says so.
+        from matpac_fast.data import is_local
+
+        synthetic = d.shards.startswith("synthetic:")
+        self.reader = "synthetic" if synthetic else "indexed" if all(map(is_local, self.source.urls)) else "stream"
         self._skipped = 0
         self._loader = None
 
@@ -419,9 +428,19 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------- the loop
     def train(self) -> dict:
-        cfg, acc = self.cfg, self.accelerator
+        """Train to the last step (or a stop signal); returns {"step", "history", "stopped_early"}. The SIGTERM /
+        SIGINT handlers are this call's only: the caller's come back when it returns (a notebook's Ctrl-C)."""
         self._maybe_resume()
-        self._install_signal_handlers()
+        previous = self._install_signal_handlers()
+        try:
+            return self._train()
+        finally:
+            for sig, handler in previous.items():
+                with contextlib.suppress(ValueError, TypeError):  # TypeError: None, a handler set outside Python
+                    signal.signal(sig, handler)
+
+    def _train(self) -> dict:
+        cfg, acc = self.cfg, self.accelerator
         if acc.is_main_process and self._resume is not None:
             self._truncate_history()
         writer = self._writer()
@@ -696,6 +715,7 @@ class Trainer:
                     "config": self.cfg.to_dict(),
                     "model_config": self.model_cfg.to_dict(),
                     "data_fingerprint": getattr(self.data, "fingerprint", None),
+                    "data_reader": getattr(self.data, "reader", None),
                 },
             )
             ckpt.finalize(tmp, final)
@@ -742,6 +762,12 @@ class Trainer:
                 f"run with a new --out"
             )
         self._resume_notes = [c for c in free if not c.startswith(("--out ", "--resume ", "--progress "))]
+        was, now = state.get("data_reader"), getattr(self.data, "reader", None)
+        if was is not None and now is not None and was != now and self.accelerator.is_main_process:
+            print(f"warning: --resume: the checkpoint's run read its shards {_READERS.get(was, was)}, this run reads "
+                  f"them {_READERS.get(now, now)}: the run goes on, but its crops and order differ from an "
+                  "uninterrupted run's (give the shards as that run did to continue it exactly)",
+                  file=sys.stderr, flush=True)
         return path, state
 
     def _checked(self, path: Path, check):
@@ -795,7 +821,7 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------------------------------------ signals
-    def _install_signal_handlers(self) -> None:
+    def _install_signal_handlers(self) -> dict:
         """SIGTERM/SIGINT set a flag that the loop reads after each optimizer step. Loader workers ignore both
         (data._worker_signals), so a signal to the whole process group (`timeout`, Slurm, Ctrl-C) is handled here
         alone instead of killing a worker mid-epoch. A one-process run waiting for data stops at once (the wait
@@ -820,11 +846,13 @@ class Trainer:
             if self._in_data_wait and single:
                 raise _StopInDataWait
 
+        previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
-                signal.signal(sig, handler)
+                previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)
                 pass
+        return previous
 
     def _should_stop(self) -> bool:
         """SIGTERM/SIGINT: finish the step, checkpoint, exit 0. Ranks agree through one tiny all-reduce, done
