@@ -40,9 +40,11 @@ class TrainingAborted(RuntimeError):
 
 
 class _StopInDataWait(BaseException):
-    """Raised by the signal handler while a one-process run waits for its next batch, so that a stalled read (a slow
-    `pipe:` fetch, a hung mount) cannot hold back a stop past Slurm's grace period. A BaseException, so that no
-    `except Exception` on the reading path (e.g. on_error="warn") takes it for a bad shard."""
+    """Raised by the signal handler while a one-process run waits for its next batch (or before it waits, once a
+    stop was asked for), so that a stalled read (a slow `pipe:` or URL fetch) cannot hold back a stop past Slurm's
+    grace period. (A read stuck in the kernel, e.g. a hung NFS mount read in-process, cannot be interrupted.) A
+    BaseException, so that no `except Exception` on the reading path (e.g. on_error="warn") takes it for a bad
+    shard."""
 
 
 _READERS = {"indexed": "as local files (indexed)", "stream": "as a stream (URLs or pipe:)"}
@@ -205,6 +207,7 @@ class Trainer:
         self._verify_resume()  # files checked before main() creates --out
         self._stop_requested = False
         self._in_data_wait = False  # the signal handler breaks a one-process data wait (see _StopInDataWait)
+        self._saved_step: int | None = None  # the step of the checkpoint on disk for this run (saved or resumed)
         self.step = 0  # optimizer steps done
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
@@ -455,7 +458,7 @@ class Trainer:
         n_sums = 0
         history: list[dict] = []
         per_epoch = self.steps_per_epoch * cfg.optim.grad_accum  # micro-batches trained per epoch (_epoch_batches)
-        start_step = self.step
+        step_sums, step_n = {}, 0  # the running sums as of the last optimizer step (the stop row in a data wait)
         done = self.step >= self.last_step
         if done and self._resume is not None and acc.is_main_process:
             print(f"note: the checkpoint is at step {self.step} and this run ends at step {self.last_step} "
@@ -492,6 +495,7 @@ class Trainer:
                                 f.write(json.dumps(row) + "\n")
                         sums, n_sums = {}, 0
                         tput.reset()
+                    step_sums, step_n = dict(sums), n_sums
                     if bar is not None:
                         bar.update(1)
                     if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0 and self.step < self.last_step:
@@ -502,9 +506,23 @@ class Trainer:
             except _StopInDataWait:  # a signal while waiting for data (one process): stop at the last finished step
                 self._abandon_partial_step()
                 done = True
+                if step_n:  # the steps since the last row, as a stop after a step logs them (samples/s: to now)
+                    row = self._log(step_sums, step_n, self.last_gnorm, self.last_lr, tput, writer, bar)
+                    history.append(row)
+                    if acc.is_main_process:
+                        with open(self.out / "history.jsonl", "a") as f:
+                            f.write(json.dumps(row) + "\n")
             except _LoaderWorkerDied as e:
                 batches.close()
                 raise self._worker_died(str(e)) from None
+            except RuntimeError as e:  # torch's SIGCHLD handler raises it wherever the main thread is, mid-step
+                if not str(e).startswith("DataLoader worker"):
+                    raise
+                batches.close()
+                raise TrainingAborted(
+                    f"{str(e).strip().splitlines()[0]}: a data-loader worker died (often the out-of-memory killer) "
+                    f"during step {self.step + 1}; no checkpoint is written mid-step, the last one is kept: "
+                    "resume with --resume auto (with fewer --workers if memory ran out)") from None
             batches.close()  # its loader's workers go now, not when the generator is collected
             if done:
                 break
@@ -516,7 +534,7 @@ class Trainer:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         if bar is not None:
             bar.close()
-        if self.step != start_step or self._resume is None:  # a resume with nothing to train keeps its checkpoint
+        if self.step != self._saved_step:  # a resume with nothing to train keeps its checkpoint as it is
             self.save_checkpoint()
         if acc.is_main_process:
             self.export_encoder()
@@ -533,6 +551,10 @@ class Trainer:
         try:
             while self.batch_in_epoch < per_epoch:
                 t0 = time.perf_counter()
+                if self._stop_requested and self.accelerator.num_processes == 1:
+                    # asked for while computing (inside a gradient accumulation) or saving: the next read could
+                    # stall as long as any, so stop before it
+                    raise _StopInDataWait
                 self._in_data_wait = True
                 try:
                     batch = next(it, None)
@@ -555,9 +577,10 @@ class Trainer:
         hint = "resume with --resume auto (with fewer --workers if memory ran out)"
         if self.accelerator.num_processes == 1:
             self._abandon_partial_step()
-            self.save_checkpoint()
+            if self.step != self._saved_step:  # nothing trained since the last one (or the resumed one): kept
+                self.save_checkpoint()
             return TrainingAborted(f"{what}: a data-loader worker died (often the out-of-memory killer); checkpoint "
-                                   f"written at step {self.step}: {hint}")
+                                   f"at step {self.step}: {hint}")
         return TrainingAborted(f"{what}: a data-loader worker of process {self.accelerator.process_index} died "
                                f"(often the out-of-memory killer); the last checkpoint is kept: {hint}")
 
@@ -721,6 +744,7 @@ class Trainer:
             ckpt.finalize(tmp, final)
             ckpt.prune(self.out, self.cfg.run.keep_last)
         acc.wait_for_everyone()
+        self._saved_step = self.step
         return final
 
     def _read_resume(self) -> tuple[Path, dict] | None:
@@ -802,6 +826,7 @@ class Trainer:
             raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {first}); pick an earlier "
                              "checkpoint with --resume PATH") from None
         self.step = int(state["step"])
+        self._saved_step = self.step
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.nonfinite_total.fill_(state.get("nonfinite_total", 0.0))
@@ -825,18 +850,23 @@ class Trainer:
         """SIGTERM/SIGINT set a flag that the loop reads after each optimizer step. Loader workers ignore both
         (data._worker_signals), so a signal to the whole process group (`timeout`, Slurm, Ctrl-C) is handled here
         alone instead of killing a worker mid-epoch. A one-process run waiting for data stops at once (the wait
-        is abandoned, the checkpoint is the last finished step). After the first SIGINT the default action is back:
-        a second Ctrl-C ends the process at once, without a checkpoint (SIGTERM stays graceful: launchers and
-        Slurm may deliver it twice)."""
+        is abandoned, the checkpoint is the last finished step). After the first SIGINT the caller's handler is
+        back (Python's: a KeyboardInterrupt), so a second Ctrl-C quits at once, without a checkpoint: `main` says
+        so in one line, a notebook keeps its kernel. SIGTERM stays graceful (launchers and Slurm may send it
+        twice). Returns the caller's handlers, which `train` puts back."""
         single = self.accelerator.num_processes == 1
         main = self.accelerator.is_main_process
+        previous: dict = {}
 
         def handler(signum, frame):
             first = not self._stop_requested
             self._stop_requested = True
             if signum == signal.SIGINT:
+                caller = previous.get(signal.SIGINT)
+                if not (callable(caller) or caller in (signal.SIG_DFL, signal.SIG_IGN)):
+                    caller = signal.default_int_handler  # None: set outside Python
                 with contextlib.suppress(ValueError):
-                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    signal.signal(signal.SIGINT, caller)
             if first and main:
                 # os.write, not print: the handler may interrupt a write to sys.stderr (the progress bar), and a
                 # buffered stream refuses a reentrant call
@@ -846,7 +876,6 @@ class Trainer:
             if self._in_data_wait and single:
                 raise _StopInDataWait
 
-        previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 previous[sig] = signal.signal(sig, handler)
@@ -956,9 +985,12 @@ def _resolved_config(cfg: TrainConfig) -> tuple[dict, str | None]:
     """--print-config: the config as a run would use it, checked as a run checks it before its first step. A local
     (or synthetic) shard set goes through the run's own start-up: --out, the checkpoint to resume, the device and
     precision, the shard set (front end, `short`, batches per epoch against --grad-accum, the crop warning) and
-    the model (a few seconds for a ViT-B; nothing is written). A remote set is not fetched: only the options and
-    the model fields are checked. Returns (config, a note when a field could not be resolved without the shards)."""
+    the model (a few seconds for a ViT-B; nothing is written). A remote set is not fetched: the options, --out, the
+    checkpoint folder and the model fields are checked. Returns (config, a note when a field could not be resolved
+    without the shards)."""
     shards, note = cfg.data.shards, None
+    _check_out_path(cfg.run.out)  # these two fetch nothing: checked for a remote set too
+    ckpt.check_out(cfg.run.out, cfg.run.resume)
     if shards.startswith("pipe:") or "://" in shards:
         if cfg.run.frontend == "m2d":
             note = (f"note: --print-config does not fetch --shards {shards}: norm_mean / norm_std are the m2d front "
@@ -966,8 +998,6 @@ def _resolved_config(cfg: TrainConfig) -> tuple[dict, str | None]:
         model = model_config(cfg, None)
         _check_model_fits_shards(cfg, model, None)
         return {**cfg.to_dict(), "model": model.to_dict()}, note
-    _check_out_path(cfg.run.out)
-    ckpt.check_out(cfg.run.out, cfg.run.resume)
     trainer = Trainer(cfg)  # what only reading the clips can tell (e.g. none reaches the crop) is left to the run
     return {**cfg.to_dict(), "model": trainer.model_cfg.to_dict()}, note
 
@@ -1033,14 +1063,22 @@ def _main(argv: list[str] | None) -> int:
         result = trainer.train()
     except (ValueError, TrainingAborted) as e:
         return _fail(f"error: {e}", rank, world, stopping=trainer is not None and trainer._stop_requested)
-    except KeyboardInterrupt:  # Ctrl-C before train() installs its handlers (start-up, loading a checkpoint)
+    except KeyboardInterrupt:  # Ctrl-C before train() installs its handlers (start-up), or a second Ctrl-C
         if rank == 0:
-            print("\ntrain: interrupted while starting: nothing was trained", file=sys.stderr, flush=True)
+            if trainer is not None and trainer._stop_requested:
+                print("\ntrain: interrupted again: quit at once, without a checkpoint of this step (the last one "
+                      "written is kept; --resume auto continues from it)", file=sys.stderr, flush=True)
+            else:
+                print("\ntrain: interrupted while starting: nothing was trained", file=sys.stderr, flush=True)
         return 130
     except RuntimeError as e:
         if world > 1 and _peer_failed(e):  # a traceback from inside gloo/NCCL would bury the real error
             return _fail(f"error: process {rank} stopped: another process failed (its error is printed above)",
                          rank, world, stopping=trainer is not None and trainer._stop_requested)
+        if str(e).startswith("DataLoader worker"):  # torch's SIGCHLD handler: raised wherever the main thread was
+            return _fail(f"error: {str(e).strip().splitlines()[0]}: a data-loader worker died (often the out-of-memory "
+                         "killer); the last checkpoint written is kept: resume with --resume auto (with fewer "
+                         "--workers if memory ran out)", rank, world)
         if isinstance(e, dist.DistError):  # e.g. the process group cannot be set up (a port in use, a timeout)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return _fail(f"error: process {rank}: {type(e).__name__}: {first}", rank, world)

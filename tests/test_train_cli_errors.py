@@ -109,6 +109,37 @@ def test_signal_to_process_group_with_loader_worker_checkpoints_and_exits_zero(t
     assert not _live_in_group(proc.pid)
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists() or not hasattr(os, "killpg"), reason="needs Linux /proc")
+def test_a_loader_worker_killed_for_real_is_one_line(tmp_path):
+    # As the out-of-memory killer does. torch's SIGCHLD handler raises its RuntimeError wherever the main thread is
+    # (usually mid-step, in backward): a 50-line traceback and exit 1 before.
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *SYN, "--workers", "1", "--epochs", "1000",
+           "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not ((out / "history.jsonl").exists() and len(_rows(out)) >= 2):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.1)
+        workers = [p for p in _live_in_group(proc.pid) if p != proc.pid]
+        assert workers
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 2, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"error: DataLoader worker \(pid\(?s?\)? [\d, ]+\) .*: a data-loader worker died \(often the "
+                        r"out-of-memory killer\).* resume with --resume auto \(with fewer --workers if memory ran "
+                        r"out\)", last), last
+
+
 def test_stop_step_gets_a_log_row_and_the_final_line_its_loss(tmp_path, capsys, monkeypatch):
     inner = T.Trainer.micro_step
 

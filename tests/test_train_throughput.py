@@ -782,7 +782,7 @@ def test_attention_benchmark_cpu_smoke():
     default_ms, best, best_ms, speedup = float(m.group(1)), m.group(2), float(m.group(3)), float(m.group(4))
     assert default_ms == per_step["sdpa"]
     assert best in timed and best_ms == timed[best] == min(timed.values()), (best, best_ms, timed)
-    assert speedup == pytest.approx(default_ms / best_ms, abs=0.006)
+    assert speedup == pytest.approx(default_ms / best_ms, abs=0.01)  # 2 printed decimals, of 3-decimal times
 
 
 def test_profile_step_cpu_smoke(tmp_path):

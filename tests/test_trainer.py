@@ -134,10 +134,48 @@ def test_a_loader_worker_that_dies_is_one_line_after_a_checkpoint(tmp_path, refe
     assert "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == (
         "error: DataLoader worker (pid 4242) is killed by signal: Killed.: a data-loader worker died (often the "
-        "out-of-memory killer); checkpoint written at step 5: resume with --resume auto (with fewer --workers if "
-        "memory ran out)")
+        "out-of-memory killer); checkpoint at step 5: resume with --resume auto (with fewer --workers if memory ran "
+        "out)")
+    # Dying again before a step of the resumed run: its checkpoint is kept as it is (it was rewritten, with this
+    # run's settings, by a delete-then-rename that a SIGKILL could cut)
+    state = tmp_path / "checkpoints" / "step_00000005" / "trainer_state.json"
+    before = state.read_bytes()
+    res = _stalled(tmp_path, "die", 1, "--max-steps", "12", "--resume", "auto", "--lr", "5e-4")
+    assert res.returncode == 2 and "checkpoint at step 5" in res.stderr.strip().splitlines()[-1]
+    assert state.read_bytes() == before
     subprocess.run(_run(tmp_path, "--max-steps", "12", "--resume", "auto"), check=True, env=ENV, capture_output=True)
     _assert_same_run(tmp_path, reference_run)
+
+
+def test_a_stop_asked_while_computing_does_not_start_the_next_read(tmp_path):
+    # --grad-accum 2, SIGTERM during micro-batch 5 (half of step 3), and the read of batch 6 stalls for a minute:
+    # it used to be started and waited out (33.5 s for a 30-s stall).
+    import time
+
+    t0 = time.monotonic()
+    res = _stalled(tmp_path, "term_compute", 5, "--max-steps", "12", "--grad-accum", "2")
+    assert time.monotonic() - t0 < 45, "the 60-s stall was waited out"
+    assert res.returncode == 0 and "done: step 2 (stopped by signal" in res.stdout, res.stderr[-2000:]
+    state = json.loads((tmp_path / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert (state["step"], state["batch_in_epoch"]) == (2, 4)
+
+
+def test_a_stop_in_a_data_wait_logs_the_steps_since_the_last_row(tmp_path):
+    # --log-every 5, stopped while waiting for batch 8: steps 6-7 were in no row before, nor in the resumed run's.
+    res = _stalled(tmp_path, "term", 8, "--max-steps", "12", "--log-every", "5")
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 7]
+    assert "(stopped by signal, checkpoint written), loss" in res.stdout and "(at step" not in res.stdout
+
+
+def test_a_second_ctrl_c_quits_at_once_in_one_line(tmp_path):
+    res = _stalled(tmp_path, "int2", 3, "--max-steps", "12")
+    assert res.returncode == 130
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == ("train: interrupted again: quit at once, without a checkpoint of "
+                                                   "this step (the last one written is kept; --resume auto "
+                                                   "continues from it)")
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
@@ -148,7 +186,7 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_a_second_sigint_is_the_default_action_sigterm_stays_graceful(tmp_path):
+def test_a_second_sigint_is_the_callers_sigterm_stays_graceful(tmp_path):
     import signal
 
     from matpac_fast.trainer import Trainer
@@ -163,7 +201,8 @@ def test_a_second_sigint_is_the_default_action_sigterm_stays_graceful(tmp_path):
         assert trainer._stop_requested and signal.getsignal(signal.SIGTERM) is handler
         assert signal.getsignal(signal.SIGINT) is handler
         handler(signal.SIGINT, None)
-        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # the next Ctrl-C ends the process
+        # the next Ctrl-C is the caller's: a KeyboardInterrupt (main says so in one line; a notebook keeps its kernel)
+        assert signal.getsignal(signal.SIGINT) is saved[signal.SIGINT]
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
