@@ -482,14 +482,19 @@ def test_audioset_segment_relisted_with_other_labels_warns_and_keeps_the_first(t
     assert sample["labels"] == ["/m/09x0r", "/m/04rlf"]
 
 
-def test_manifest_duplicate_with_other_labels_is_explained(tmp_path, capsys):
+def _two_tones_manifest(tmp_path, capsys, text: str) -> tuple[Path, Path, str]:
+    """x.wav and y.wav, a manifest `list.csv` holding `text`, make-shards run on it: (csv, out, stderr)."""
     tone(tmp_path / "x.wav")
     tone(tmp_path / "y.wav", freq=660)
     csv = tmp_path / "list.csv"
-    csv.write_text("path,label\nx.wav,zero\nx.wav,one\ny.wav,a\n./y.wav,a\n", encoding="utf-8")
+    csv.write_text(text, encoding="utf-8")
     out = tmp_path / "out"
     assert run("manifest", str(csv), "--out", str(out)) == 0
-    err = capsys.readouterr().err
+    return csv, out, capsys.readouterr().err
+
+
+def test_manifest_duplicate_with_other_labels_is_explained(tmp_path, capsys):
+    csv, out, err = _two_tones_manifest(tmp_path, capsys, "path,label\nx.wav,zero\nx.wav,one\ny.wav,a\n./y.wav,a\n")
     lines = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     dups = {line["detail"] for line in lines if line.get("skipped") == "duplicate"}
     assert "duplicate: line 3: same file as 'x.wav' (line 2); labels differ: that row's 'zero' are used, not 'one'" \
@@ -501,13 +506,8 @@ def test_manifest_duplicate_with_other_labels_is_explained(tmp_path, capsys):
 
 def test_manifest_label_with_a_comma_is_one_label_and_said_so(tmp_path, capsys):
     # matpac-eval reads a quoted "dog,cat" as two labels, make-shards as one: the warning names the difference.
-    tone(tmp_path / "x.wav")
-    tone(tmp_path / "y.wav", freq=660)
-    csv = tmp_path / "list.csv"
-    csv.write_text('path,label\nx.wav,"Male speech, man speaking"\ny.wav,dog;cat\n', encoding="utf-8")
-    out = tmp_path / "out"
-    assert run("manifest", str(csv), "--out", str(out)) == 0
-    err = capsys.readouterr().err
+    csv, out, err = _two_tones_manifest(tmp_path, capsys,
+                                        'path,label\nx.wav,"Male speech, man speaking"\ny.wav,dog;cat\n')
     assert (f"warning: {csv}: 1 row(s) have a label with a ',' (e.g. line 2: 'Male speech, man speaking'); "
             "make-shards separates labels by ';' only, so each is one label; write dog;cat for several "
             "(matpac-eval reads a quoted dog,cat as two)") in err

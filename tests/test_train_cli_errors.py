@@ -75,11 +75,10 @@ def _live_in_group(pgid: int) -> list[int]:
     return pids
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists() or not hasattr(os, "killpg"), reason="needs Linux /proc")
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
-def test_signal_to_process_group_with_loader_worker_checkpoints_and_exits_zero(tmp_path, sig):
-    # As `timeout`, Slurm or `kill -TERM -- -PGID` do: the loader worker gets the signal too.
-    out = tmp_path / "run"
+def _long_run_then(out: Path, act) -> subprocess.Popen:
+    """A long tiny run with one loader worker, in its own process group: `act(proc)` once two rows are logged;
+    then wait for the end (killed, with its group, if it outlives the test). Returns the finished process, with
+    `proc.out` / `proc.err` its output."""
     cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *SYN, "--workers", "1", "--epochs", "1000",
            "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -90,11 +89,21 @@ def test_signal_to_process_group_with_loader_worker_checkpoints_and_exits_zero(t
         while not ((out / "history.jsonl").exists() and len(_rows(out)) >= 2):
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.1)
-        os.killpg(proc.pid, getattr(signal, sig))
-        stdout, stderr = proc.communicate(timeout=120)
+        act(proc)
+        proc.out, proc.err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    return proc
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists() or not hasattr(os, "killpg"), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_to_process_group_with_loader_worker_checkpoints_and_exits_zero(tmp_path, sig):
+    # As `timeout`, Slurm or `kill -TERM -- -PGID` do: the loader worker gets the signal too.
+    out = tmp_path / "run"
+    proc = _long_run_then(out, lambda proc: os.killpg(proc.pid, getattr(signal, sig)))
+    stdout, stderr = proc.out, proc.err
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr
     line = stdout.strip().splitlines()[-1]
@@ -113,25 +122,14 @@ def test_signal_to_process_group_with_loader_worker_checkpoints_and_exits_zero(t
 def test_a_loader_worker_killed_for_real_is_one_line(tmp_path):
     # As the out-of-memory killer does. torch's SIGCHLD handler raises its RuntimeError wherever the main thread is
     # (usually mid-step, in backward): a 50-line traceback and exit 1 before.
-    out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "train.py"), *TINY, *SYN, "--workers", "1", "--epochs", "1000",
-           "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        deadline = time.time() + 120
-        while not ((out / "history.jsonl").exists() and len(_rows(out)) >= 2):
-            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-            time.sleep(0.1)
+    def kill_the_workers(proc):
         workers = [p for p in _live_in_group(proc.pid) if p != proc.pid]
         assert workers
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+
+    proc = _long_run_then(tmp_path / "run", kill_the_workers)
+    stderr = proc.err
     assert proc.returncode == 2, stderr[-3000:]
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
