@@ -120,11 +120,15 @@ class TrainData:
     def epoch(self, epoch: int, skip: int = 0):
         """Batches of one epoch for this rank; `skip` batches already consumed (resume) are read and dropped, so
         the rest of the epoch is exactly what an uninterrupted run would have seen."""
-        from matpac_fast.data import make_loader
-
         if self._loader is not None:
+            # The finished epoch's count is added now, not when the new epoch's first batch is asked for: a stop
+            # in between would checkpoint (epoch + 1, batch 0) without it.
             self._skipped += self._loader.skipped_shards
-        from matpac_fast.data import NoUsableData, ShardError
+            self._loader = None
+        return self._batches(epoch, skip)
+
+    def _batches(self, epoch: int, skip: int):
+        from matpac_fast.data import NoUsableData, ShardError, make_loader
 
         self._loader = make_loader(self.cfg, self.rank, self.world, epoch, self.seed, source=self.source)
         try:

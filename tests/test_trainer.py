@@ -208,6 +208,20 @@ def test_a_second_sigint_is_the_callers_sigterm_stays_graceful(tmp_path):
             signal.signal(s, h)
 
 
+def test_a_new_epoch_counts_the_last_ones_skipped_shards_before_its_first_batch(tmp_path):
+    # The finished epoch's count was added inside the new epoch's first read: a stop landing before it checkpointed
+    # (epoch + 1, batch 0) without that epoch's skipped shards.
+    from types import SimpleNamespace
+
+    from matpac_fast.trainer import Trainer
+
+    data = Trainer(resolve([*TINY, "--out", str(tmp_path / "run"), "--max-steps", "1"])[0]).data
+    data._loader = SimpleNamespace(skipped_shards=3)  # as the finished epoch's loader leaves it
+    it = data.epoch(1)  # not read yet
+    assert data.skipped_before_resume_point(epoch_done=False) == 3 and data.skipped_shards() == 3
+    it.close()
+
+
 def test_resume_past_max_steps_keeps_the_checkpoint_and_says_so(tmp_path):
     # Before: silent, and the checkpoint was rewritten with the new --max-steps in its config.
     subprocess.run(_run(tmp_path, "--max-steps", "3"), check=True, env=ENV, capture_output=True)
