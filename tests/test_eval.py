@@ -61,13 +61,19 @@ def test_map_matches_hand_computed_case():
     assert mean_average_precision(Y, S) == pytest.approx((5 / 6 + 7 / 12) / 2)
 
 
-def test_map_skips_classes_without_positives_and_matches_sklearn_with_ties():
+def test_map_counts_classes_without_positives_as_zero_like_evar_and_matches_sklearn_with_ties():
+    import warnings
+
     rng = np.random.default_rng(0)
     Y = (rng.random((50, 4)) < 0.3).astype(np.float32)
-    Y[:, 3] = 0  # no positive: excluded from the mean, not counted as 0
+    Y[:, 3] = 0  # no positive: AP 0, as EVAR's mean of sklearn's per-class APs (it was left out: a higher score)
     S = np.round(rng.random((50, 4)), 1)  # coarse scores -> many ties
-    ref = np.mean([average_precision_score(Y[:, c], S[:, c]) for c in range(3)])
-    assert mean_average_precision(Y, S) == pytest.approx(ref, abs=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns of the class without a positive
+        per_class = average_precision_score(Y, S, average=None)
+    assert per_class[3] == 0
+    assert mean_average_precision(Y, S) == pytest.approx(per_class.mean(), abs=1e-12)
+    assert mean_average_precision(Y, S) == pytest.approx(sum(average_precision(Y[:, c], S[:, c]) for c in range(3)) / 4)
     assert accuracy(np.array([0, 1, 2]), np.eye(3)[[0, 2, 2]]) == pytest.approx(2 / 3)
 
 

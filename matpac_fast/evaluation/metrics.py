@@ -2,7 +2,8 @@
 
 AP follows scikit-learn's `average_precision_score` definition (step-wise sum over distinct thresholds,
 AP = sum_n (R_n - R_{n-1}) P_n; tied scores form one threshold) so numbers are comparable with EVAR / M2D, which
-use it; mAP is the mean over classes that have at least one positive in the evaluated set.
+use it; mAP is the mean over all classes, a class without a positive in the evaluated set counting 0, as EVAR's
+mean of `average_precision_score(..., average=None)` does (sklearn gives such a class 0).
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ def average_precision(y_true: np.ndarray, score: np.ndarray) -> float:
 
 
 def mean_average_precision(Y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Y_true {0,1} (n, C), scores (n, C) -> mean AP over classes with at least one positive."""
+    """Y_true {0,1} (n, C), scores (n, C) -> mean AP over the C classes, 0 for a class without a positive (EVAR's
+    rule: leaving such classes out gave a higher score than the papers' protocol on the same predictions)."""
     aps = [average_precision(Y_true[:, c], scores[:, c]) for c in range(Y_true.shape[1])]
-    aps = [a for a in aps if not np.isnan(a)]
-    if not aps:
+    if all(np.isnan(a) for a in aps):
         raise ValueError("mAP: no class has a positive example in this set")
-    return float(np.mean(aps))
+    return float(np.mean([0.0 if np.isnan(a) else a for a in aps]))
 
 
 def score(y_true: np.ndarray, scores: np.ndarray, multilabel: bool) -> float:
