@@ -177,14 +177,16 @@ class TrainData:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, device_checks: bool = True):
+        """`device_checks=False` (--print-config) lets a GPU-only setting pass on a machine without one: a config
+        for GPU nodes is checked on a CPU login node."""
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.cfg = cfg
         r = cfg.run
         self.out = Path(r.out)
-        if r.precision == "fp16" and (r.cpu or not torch.cuda.is_available()):
+        if device_checks and r.precision == "fp16" and (r.cpu or not torch.cuda.is_available()):
             # Accelerate quietly drops fp16 autocast off CUDA: the run would train in fp32 while recording fp16
             raise ValueError("--precision fp16 needs a CUDA GPU (this run is on the CPU, where fp16 autocast does "
                              "not run): use --precision bf16 or no")
@@ -1002,7 +1004,9 @@ def _resolved_config(cfg: TrainConfig) -> tuple[dict, str | None]:
         model = model_config(cfg, None)
         _check_model_fits_shards(cfg, model, None)
         return {**cfg.to_dict(), "model": model.to_dict()}, note
-    trainer = Trainer(cfg)  # what only reading the clips can tell (e.g. none reaches the crop) is left to the run
+    if cfg.run.precision == "fp16" and (cfg.run.cpu or not torch.cuda.is_available()):
+        note = "note: --precision fp16 needs a CUDA GPU, which this run would not have here: start it on a GPU node"
+    trainer = Trainer(cfg, device_checks=False)  # what only reading the clips can tell is left to the run
     return {**cfg.to_dict(), "model": trainer.model_cfg.to_dict()}, note
 
 

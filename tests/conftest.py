@@ -36,3 +36,15 @@ def tones(tmp_path) -> Path:
         for i in range(8):
             sf.write(root / label / f"{label}_{i}.wav", tone(freq * (1 + 0.02 * i), seed=i), 16000)
     return root
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """Accelerate keeps one AcceleratorState per process: an earlier test's precision would be refused."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

@@ -393,7 +393,6 @@ def test_print_config_meets_what_a_run_meets_before_its_first_step(tmp_path, run
     cases = [
         (["--batch-size", "300"], "error: the shard set gives 0 batches per rank per epoch"),
         (["--grad-accum", "9"], "error: the shard set gives 8 batches per rank per epoch, fewer than --grad-accum 9"),
-        (["--precision", "fp16", "--cpu", "true"], "error: --precision fp16 needs a CUDA GPU"),
         (["--resume", str(tmp_path / "nowhere")], f"error: --resume {tmp_path / 'nowhere'}"),
         (["--out", ""], "error: --out is empty"),
         (["--out", str(run2)], f"error: --out {run2} already holds a run"),
@@ -402,6 +401,16 @@ def test_print_config_meets_what_a_run_meets_before_its_first_step(tmp_path, run
         rc, out, err = _main(capsys, *SYN, "--out", str(tmp_path / "fresh"), "--print-config", *argv)
         assert rc == 2 and out == "" and _one_line(err).startswith(start), (argv, err)
     assert not (tmp_path / "fresh").exists()  # nothing written
+
+
+def test_print_config_notes_a_gpu_only_setting_on_a_cpu(tmp_path, capsys, fresh_accelerate):
+    # A note, not a refusal: a config for GPU nodes is checked on a CPU login node (the run itself refuses it).
+    rc, out, err = _main(capsys, *SYN, "--out", str(tmp_path / "fresh"), "--print-config", "--precision", "fp16",
+                         "--cpu", "true")
+    assert rc == 0, err
+    assert json.loads(out)["run"]["precision"] == "fp16"
+    assert err == ("note: --precision fp16 needs a CUDA GPU, which this run would not have here: start it on a GPU "
+                   "node\n")
 
 
 def test_sets_that_disagree_on_short_are_refused_before_anything_is_written(tmp_path, capsys):

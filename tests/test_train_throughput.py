@@ -187,18 +187,6 @@ def test_peer_attention_is_timms_written_out_form():
         torch.testing.assert_close(attn32(x.float()), ours, rtol=0, atol=0)
 
 
-@pytest.fixture
-def fresh_accelerate():
-    """Accelerate keeps one AcceleratorState per process: an earlier test's precision would be refused."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def _peer_trainer(tmp_path, precision, batch=4, **model):
     """The peer on the tiny preset, CPU, no lr warm-up (the first update moves the weights), decays as given."""
     from matpac_fast.train_config import DataConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig
