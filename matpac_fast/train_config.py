@@ -188,9 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a ModelConfig field (repeatable), e.g. --model alpha=1.0 --model center_mode=logit",
     )
     p.add_argument("--print-config", action="store_true",
-                   help="go through a run's start-up checks (options, --out, the checkpoint to resume, device, the "
-                   "shard set's front end and batch count, the model; a remote set is not fetched), print the "
-                   "resolved config (every model field) as JSON and exit; nothing is written")
+                   help="go through a run's start-up checks (options, --out, the checkpoint to resume, the shard "
+                   "set's front end and batch count, the model; a remote set is not fetched; a GPU-only setting "
+                   "without a GPU is a note), print the resolved config (every model field) as JSON and exit; "
+                   "nothing is written")
     for section, cls in _SECTIONS.items():
         g = p.add_argument_group(section)
         for f in dataclasses.fields(cls):
