@@ -50,6 +50,15 @@ class _StopInDataWait(BaseException):
 _READERS = {"indexed": "as local files (indexed)", "stream": "as a stream (URLs or pipe:)"}
 
 
+def _resume_advice(out: str | Path) -> str:
+    """What a run stopped without a checkpoint of its last step can do, from what exists in --out."""
+    found = ckpt.list_checkpoints(out)
+    if found:
+        return f"the last checkpoint ({found[-1].name}) is kept: --resume auto continues from it"
+    return ("no checkpoint was written yet (--ckpt-every): nothing to resume; start again in a new --out (or delete "
+            "its history.jsonl and tb/ first)")
+
+
 class _LoaderWorkerDied(Exception):
     """A DataLoader worker died (torch's RuntimeError "DataLoader worker (pid ...) ..."), met while waiting for a
     batch, i.e. between optimizer steps."""
@@ -440,6 +449,7 @@ class Trainer:
         """Train to the last step (or a stop signal); returns {"step", "history", "stopped_early"}. The SIGTERM /
         SIGINT handlers are this call's only: the caller's come back when it returns (a notebook's Ctrl-C)."""
         self._maybe_resume()
+        self._stop_requested = False  # a second train() on this Trainer is a new run of the loop
         previous = self._install_signal_handlers()
         try:
             return self._train()
@@ -464,16 +474,21 @@ class Trainer:
         n_sums = 0
         history: list[dict] = []
         per_epoch = self.steps_per_epoch * cfg.optim.grad_accum  # micro-batches trained per epoch (_epoch_batches)
-        step_sums, step_n = {}, 0  # the running sums as of the last optimizer step (the stop row in a data wait)
+        # the running sums as of the last optimizer step, and its epoch: the stop row in a data wait, and what is
+        # left when an epoch ends inside a gradient accumulation (the dropped micro-batches were never stepped)
+        step_sums, step_n, step_epoch = {}, 0, self.epoch
         done = self.step >= self.last_step
         if done and self._resume is not None and acc.is_main_process:
+            kept = ("the checkpoint is kept as it is" if self._saved_step == self.step
+                    else "the checkpoint is written into --out")
             print(f"note: the checkpoint is at step {self.step} and this run ends at step {self.last_step} "
-                  "(--max-steps / --epochs): nothing to train; the checkpoint is kept as it is and encoder.pt is "
-                  "written again", file=sys.stderr, flush=True)
+                  f"(--max-steps / --epochs): nothing to train; {kept} and encoder.pt is written again",
+                  file=sys.stderr, flush=True)
         while not done:
             if self.batch_in_epoch >= per_epoch:  # resumed from a checkpoint written at the end of an epoch
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             batches = self._epoch_batches(per_epoch)
+            self._wait_started = None
             try:
                 for batch, wait in batches:
                     self.batch_in_epoch += 1
@@ -501,7 +516,7 @@ class Trainer:
                                 f.write(json.dumps(row) + "\n")
                         sums, n_sums = {}, 0
                         tput.reset()
-                    step_sums, step_n = dict(sums), n_sums
+                    step_sums, step_n, step_epoch = dict(sums), n_sums, self.epoch
                     if bar is not None:
                         bar.update(1)
                     if cfg.run.ckpt_every and self.step % cfg.run.ckpt_every == 0 and self.step < self.last_step:
@@ -513,7 +528,13 @@ class Trainer:
                 self._abandon_partial_step()
                 done = True
                 if step_n:  # the steps since the last row, as a stop after a step logs them (samples/s: to now)
-                    row = self._log(step_sums, step_n, self.last_gnorm, self.last_lr, tput, writer, bar)
+                    if self._wait_started is not None:
+                        tput.add(0, time.perf_counter() - self._wait_started)  # the interrupted wait is data wait
+                    epoch, self.epoch = self.epoch, step_epoch  # the row's epoch is its steps' (a new one may
+                    try:                                        # have begun with this wait)
+                        row = self._log(step_sums, step_n, self.last_gnorm, self.last_lr, tput, writer, bar)
+                    finally:
+                        self.epoch = epoch
                     history.append(row)
                     if acc.is_main_process:
                         with open(self.out / "history.jsonl", "a") as f:
@@ -527,13 +548,17 @@ class Trainer:
                 batches.close()
                 raise TrainingAborted(
                     f"{str(e).strip().splitlines()[0]}: a data-loader worker died (often the out-of-memory killer) "
-                    f"during step {self.step + 1}; no checkpoint is written mid-step, the last one is kept: "
-                    "resume with --resume auto (with fewer --workers if memory ran out)") from None
-            batches.close()  # its loader's workers go now, not when the generator is collected
+                    f"during step {self.step + 1}, where no checkpoint can be written; {_resume_advice(self.out)} "
+                    "(with fewer --workers if memory ran out)") from None
+            finally:
+                # its loader's workers (and pipe: commands) go now, not when the generator is collected: an
+                # exception's traceback kept by a notebook would keep them alive
+                batches.close()
             if done:
                 break
             if self._micro:  # the loader gave fewer batches than planned, mid-accumulation
                 self._drop_partial_accumulation()
+                sums, n_sums = dict(step_sums), step_n  # its micro-batches' losses were never stepped
             if self.batch_in_epoch == 0:
                 raise TrainingAborted(f"--shards {cfg.data.shards}: epoch {self.epoch} gave no batch on process "
                                       f"{acc.process_index}; check the shard set with verify-shards")
@@ -561,6 +586,7 @@ class Trainer:
                     # asked for while computing (inside a gradient accumulation) or saving: the next read could
                     # stall as long as any, so stop before it
                     raise _StopInDataWait
+                self._wait_started = t0
                 self._in_data_wait = True
                 try:
                     batch = next(it, None)
@@ -570,6 +596,7 @@ class Trainer:
                     raise
                 finally:
                     self._in_data_wait = False
+                self._wait_started = None
                 if batch is None:
                     return
                 yield batch, time.perf_counter() - t0
@@ -832,7 +859,10 @@ class Trainer:
             raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {first}); pick an earlier "
                              "checkpoint with --resume PATH") from None
         self.step = int(state["step"])
-        self._saved_step = self.step
+        # Saved already only when it lies in this --out: one resumed from elsewhere (--resume PATH into a new
+        # --out) is written here at the next save, even with nothing trained
+        inside = Path(path).resolve().parent == ckpt.checkpoint_root(self.out).resolve()
+        self._saved_step = self.step if inside else None
         self.epoch = int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.nonfinite_total.fill_(state.get("nonfinite_total", 0.0))
@@ -848,7 +878,9 @@ class Trainer:
 
         path = self.out / "encoder.pt"
         state = {k: v.detach().cpu().contiguous() for k, v in export_encoder_state(self.raw_model).items()}
-        torch.save(state, path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # a kill while writing leaves the previous encoder.pt whole, not a truncated one
         return path
 
     # ------------------------------------------------------------------------------------------------ signals
@@ -997,6 +1029,8 @@ def _resolved_config(cfg: TrainConfig) -> tuple[dict, str | None]:
     shards, note = cfg.data.shards, None
     _check_out_path(cfg.run.out)  # these two fetch nothing: checked for a remote set too
     ckpt.check_out(cfg.run.out, cfg.run.resume)
+    if cfg.run.precision == "fp16" and (cfg.run.cpu or not torch.cuda.is_available()):
+        note = "note: --precision fp16 needs a CUDA GPU, which this run would not have here: start it on a GPU node"
     if shards.startswith("pipe:") or "://" in shards:
         if cfg.run.frontend == "m2d":
             note = (f"note: --print-config does not fetch --shards {shards}: norm_mean / norm_std are the m2d front "
@@ -1004,8 +1038,6 @@ def _resolved_config(cfg: TrainConfig) -> tuple[dict, str | None]:
         model = model_config(cfg, None)
         _check_model_fits_shards(cfg, model, None)
         return {**cfg.to_dict(), "model": model.to_dict()}, note
-    if cfg.run.precision == "fp16" and (cfg.run.cpu or not torch.cuda.is_available()):
-        note = "note: --precision fp16 needs a CUDA GPU, which this run would not have here: start it on a GPU node"
     trainer = Trainer(cfg, device_checks=False)  # what only reading the clips can tell is left to the run
     return {**cfg.to_dict(), "model": trainer.model_cfg.to_dict()}, note
 
@@ -1074,8 +1106,8 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:  # Ctrl-C before train() installs its handlers (start-up), or a second Ctrl-C
         if rank == 0:
             if trainer is not None and trainer._stop_requested:
-                print("\ntrain: interrupted again: quit at once, without a checkpoint of this step (the last one "
-                      "written is kept; --resume auto continues from it)", file=sys.stderr, flush=True)
+                print(f"\ntrain: interrupted again: quit at once, without a checkpoint of this step; "
+                      f"{_resume_advice(cfg.run.out)}", file=sys.stderr, flush=True)
             else:
                 print("\ntrain: interrupted while starting: nothing was trained", file=sys.stderr, flush=True)
         return 130
@@ -1085,8 +1117,8 @@ def _main(argv: list[str] | None) -> int:
                          rank, world, stopping=trainer is not None and trainer._stop_requested)
         if str(e).startswith("DataLoader worker"):  # torch's SIGCHLD handler: raised wherever the main thread was
             return _fail(f"error: {str(e).strip().splitlines()[0]}: a data-loader worker died (often the out-of-memory "
-                         "killer); the last checkpoint written is kept: resume with --resume auto (with fewer "
-                         "--workers if memory ran out)", rank, world)
+                         f"killer); {_resume_advice(cfg.run.out)} (with fewer --workers if memory ran out)", rank,
+                         world)
         if isinstance(e, dist.DistError):  # e.g. the process group cannot be set up (a port in use, a timeout)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return _fail(f"error: process {rank}: {type(e).__name__}: {first}", rank, world)

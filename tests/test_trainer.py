@@ -147,6 +147,16 @@ def test_a_loader_worker_that_dies_is_one_line_after_a_checkpoint(tmp_path, refe
     _assert_same_run(tmp_path, reference_run)
 
 
+def test_resumed_from_another_folder_a_stop_writes_the_checkpoint_into_out(tmp_path):
+    # --resume PATH into a new --out (what check_out advises): the resumed checkpoint counted as saved, so a worker
+    # death or a stop before the first step left no checkpoint in --out, and the advice given lost the run.
+    subprocess.run(_run(tmp_path / "a", "--max-steps", "3"), check=True, env=ENV, capture_output=True)
+    src = tmp_path / "a" / "checkpoints" / "step_00000003"
+    for mode, out in (("die", tmp_path / "b"), ("term", tmp_path / "c")):
+        res = _stalled(out, mode, 1, "--max-steps", "12", "--resume", str(src))
+        assert (out / "checkpoints" / "step_00000003" / "trainer_state.json").exists(), (mode, res.stderr[-2000:])
+
+
 def test_a_stop_asked_while_computing_does_not_start_the_next_read(tmp_path):
     # --grad-accum 2, SIGTERM during micro-batch 5 (half of step 3), and the read of batch 6 stalls for a minute:
     # it used to be started and waited out (33.5 s for a 30-s stall).
@@ -160,12 +170,14 @@ def test_a_stop_asked_while_computing_does_not_start_the_next_read(tmp_path):
     assert (state["step"], state["batch_in_epoch"]) == (2, 4)
 
 
-def test_a_stop_in_a_data_wait_logs_the_steps_since_the_last_row(tmp_path):
+@pytest.mark.parametrize("at, steps", [(8, [5, 7]), (9, [5, 8])])
+def test_a_stop_in_a_data_wait_logs_the_steps_since_the_last_row(tmp_path, at, steps):
     # --log-every 5, stopped while waiting for batch 8: steps 6-7 were in no row before, nor in the resumed run's.
-    res = _stalled(tmp_path, "term", 8, "--max-steps", "12", "--log-every", "5")
+    # Waiting for batch 9, the first of epoch 1 (8 batches per epoch): steps 6-8 ran in epoch 0, as the row says.
+    res = _stalled(tmp_path, "term", at, "--max-steps", "12", "--log-every", "5")
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [5, 7]
+    assert [r["step"] for r in rows] == steps and [r["epoch"] for r in rows] == [0, 0]
     assert "(stopped by signal, checkpoint written), loss" in res.stdout and "(at step" not in res.stdout
 
 
@@ -173,9 +185,13 @@ def test_a_second_ctrl_c_quits_at_once_in_one_line(tmp_path):
     res = _stalled(tmp_path, "int2", 3, "--max-steps", "12")
     assert res.returncode == 130
     assert "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines()[-1] == ("train: interrupted again: quit at once, without a checkpoint of "
-                                                   "this step (the last one written is kept; --resume auto "
-                                                   "continues from it)")
+    assert res.stderr.strip().splitlines()[-1] == (
+        "train: interrupted again: quit at once, without a checkpoint of this step; no checkpoint was written yet "
+        "(--ckpt-every): nothing to resume; start again in a new --out (or delete its history.jsonl and tb/ first)")
+    res = _stalled(tmp_path / "b", "int2", 5, "--max-steps", "12", "--ckpt-every", "2")  # one at step 4 exists
+    assert res.returncode == 130 and res.stderr.strip().splitlines()[-1] == (
+        "train: interrupted again: quit at once, without a checkpoint of this step; the last checkpoint "
+        "(step_00000004) is kept: --resume auto continues from it")
 
 
 def test_ctrl_c_during_start_up_is_one_line(tmp_path):
