@@ -238,6 +238,30 @@ def test_a_new_epoch_counts_the_last_ones_skipped_shards_before_its_first_batch(
     it.close()
 
 
+def test_an_epoch_ending_inside_an_accumulation_leaves_its_losses_out_of_the_next_row(tmp_path, monkeypatch):
+    # --grad-accum 2 and an epoch that gives 5 batches: the 5th is never stepped (drop_last at step level). Its loss
+    # stayed in the running sums, so the next row (step 3) averaged 3 micro-batches, one of them never trained on.
+    from matpac_fast import trainer as T
+
+    inner_epoch, inner_step, losses = T.TrainData.epoch, T.Trainer.micro_step, []
+
+    def epoch(self, e, skip=0):
+        it = inner_epoch(self, e, skip=skip)
+        return (b for i, b in enumerate(it) if e > 0 or i < 5)
+
+    def micro_step(self, lms):
+        loss, stats = inner_step(self, lms)
+        losses.append(float(loss))
+        return loss, stats
+
+    monkeypatch.setattr(T.TrainData, "epoch", epoch)
+    monkeypatch.setattr(T.Trainer, "micro_step", micro_step)
+    cfg, _ = resolve([*TINY, "--out", str(tmp_path / "run"), "--max-steps", "3", "--grad-accum", "2"])
+    rows = {r["step"]: r for r in T.Trainer(cfg).train()["history"]}
+    assert len(losses) == 7  # steps 1-2: 4 micro-batches, the 5th dropped, step 3: 2 more
+    assert rows[3]["loss"] == pytest.approx((losses[5] + losses[6]) / 2, rel=1e-6)
+
+
 def test_resume_past_max_steps_keeps_the_checkpoint_and_says_so(tmp_path):
     # Before: silent, and the checkpoint was rewritten with the new --max-steps in its config.
     subprocess.run(_run(tmp_path, "--max-steps", "3"), check=True, env=ENV, capture_output=True)
