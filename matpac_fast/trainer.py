@@ -222,6 +222,7 @@ class Trainer:
         self._verify_resume()  # files checked before main() creates --out
         self._stop_requested = False
         self._in_data_wait = False  # the signal handler breaks a one-process data wait (see _StopInDataWait)
+        self._wait_started: float | None = None  # when the current data wait began (the stop row's data wait)
         self._saved_step: int | None = None  # the step of the checkpoint on disk for this run (saved or resumed)
         self.step = 0  # optimizer steps done
         self.epoch = 0
@@ -509,11 +510,8 @@ class Trainer:
                     # ---- after an optimizer step
                     stop = self._should_stop()
                     if self.step % cfg.run.log_every == 0 or self.step == self.last_step or stop:
-                        row = self._log(sums, n_sums, self.last_gnorm, self.last_lr, tput, writer, bar)
-                        history.append(row)
-                        if acc.is_main_process:  # appended as we go: a killed run keeps its trace
-                            with open(self.out / "history.jsonl", "a") as f:
-                                f.write(json.dumps(row) + "\n")
+                        self._append_row(self._log(sums, n_sums, self.last_gnorm, self.last_lr, tput, writer, bar),
+                                         history)
                         sums, n_sums = {}, 0
                         tput.reset()
                     step_sums, step_n, step_epoch = dict(sums), n_sums, self.epoch
@@ -535,21 +533,12 @@ class Trainer:
                         row = self._log(step_sums, step_n, self.last_gnorm, self.last_lr, tput, writer, bar)
                     finally:
                         self.epoch = epoch
-                    history.append(row)
-                    if acc.is_main_process:
-                        with open(self.out / "history.jsonl", "a") as f:
-                            f.write(json.dumps(row) + "\n")
+                    self._append_row(row, history)
             except _LoaderWorkerDied as e:
                 batches.close()
                 raise self._worker_died(str(e)) from None
-            except RuntimeError as e:  # torch's SIGCHLD handler raises it wherever the main thread is, mid-step
-                if not str(e).startswith("DataLoader worker"):
-                    raise
-                batches.close()
-                raise TrainingAborted(
-                    f"{str(e).strip().splitlines()[0]}: a data-loader worker died (often the out-of-memory killer) "
-                    f"during step {self.step + 1}, where no checkpoint can be written; {_resume_advice(self.out)} "
-                    "(with fewer --workers if memory ran out)") from None
+            # (met mid-step, where torch's SIGCHLD handler raises it, a dead worker's RuntimeError goes to main(),
+            # which says it in one line: no checkpoint can be written inside a step)
             finally:
                 # its loader's workers (and pipe: commands) go now, not when the generator is collected: an
                 # exception's traceback kept by a notebook would keep them alive
@@ -603,6 +592,12 @@ class Trainer:
         finally:
             it.close()
 
+    def _append_row(self, row: dict, history: list[dict]) -> None:
+        history.append(row)
+        if self.accelerator.is_main_process:  # appended as we go: a killed run keeps its trace
+            with open(self.out / "history.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
     def _worker_died(self, what: str) -> TrainingAborted:
         """A loader worker died between two optimizer steps (the out-of-memory killer, a kill): one line instead
         of torch's traceback, after a checkpoint of the last finished step when this is the only process (the
@@ -615,7 +610,8 @@ class Trainer:
             return TrainingAborted(f"{what}: a data-loader worker died (often the out-of-memory killer); checkpoint "
                                    f"at step {self.step}: {hint}")
         return TrainingAborted(f"{what}: a data-loader worker of process {self.accelerator.process_index} died "
-                               f"(often the out-of-memory killer); the last checkpoint is kept: {hint}")
+                               f"(often the out-of-memory killer); {_resume_advice(self.out)} (with fewer --workers "
+                               "if memory ran out)")
 
     def _abandon_partial_step(self) -> None:
         """Back to the last finished optimizer step, for a checkpoint taken between two: the micro-batches of an

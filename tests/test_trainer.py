@@ -251,7 +251,7 @@ def test_an_epoch_ending_inside_an_accumulation_leaves_its_losses_out_of_the_nex
 
     def micro_step(self, lms):
         loss, stats = inner_step(self, lms)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         return loss, stats
 
     monkeypatch.setattr(T.TrainData, "epoch", epoch)
