@@ -356,8 +356,6 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     # every rank's RNG state landed in the published checkpoint (no rank still writing into step_X.tmp)
     rng = sorted(p.name for p in (tmp_path / "checkpoints" / "step_00000003").glob("random_states_*.pkl"))
     assert rng == ["random_states_0.pkl", "random_states_1.pkl"]
-    ck = tmp_path / "checkpoints" / "step_00000003"
-    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in ck.iterdir()}  # written by all ranks
 
 
 def test_one_rank_non_finite_loss_is_skipped_by_every_rank(tmp_path):
