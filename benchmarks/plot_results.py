@@ -2,7 +2,8 @@
 
 One panel per (device, preset, processes); in each, groups of bars by batch size, one bar per mode, labelled with
 samples/s (and MFU when known). A run with the residual stream in the autocast dtype (`--stream-dtype amp`) is its
-own bar, hatched, labelled "<mode> · bf16 stream"; so is a reference-design row measured by an earlier peer (CSV
+own bar, hatched, labelled "<mode> · bf16 stream"; so is a run with another attention kernel than the mode's
+default (`--attn-impl`: "<mode> · cudnn attention"), and a reference-design row measured by an earlier peer (CSV
 column `peer` = "earlier": see benchmarks/RESULTS.md), labelled "reference-design · earlier peer", so that it is
 never read as the current peer's figure. In a panel that holds rows from both synthetic data and shards (CSV column
 `data`), the synthetic ones are their own bars too, labelled "<bar> · synthetic". When the CSVs hold the same (device,
@@ -34,11 +35,18 @@ NEEDED = ("device", "preset", "world", "mode", "batch", "samples_per_s", "mfu")
 
 def bar_label(row: dict) -> str:
     """The bar a row belongs to: its mode, plus the residual-stream variant when it is not the default (without
-    autocast, precision "no", `amp` changes nothing and the row is an ordinary one), plus "earlier peer" for a
-    reference-design row of the peer measured before benchmarks/_peer.py became the authors' fairseq step."""
+    autocast, precision "no", `amp` changes nothing and the row is an ordinary one), plus the attention kernel when
+    it is not the mode's default (`sdpa`; `math` for reference-design: the authors' written-out attention), plus
+    "earlier peer" for a reference-design row of the peer measured before benchmarks/_peer.py became the authors'
+    fairseq step (that peer used our SDPA attention: it is part of what "earlier peer" means, not named again).
+    Without the attention part, a side-by-side `--attn-impl cudnn` run replaced the default run's bar."""
     low = row.get("stream_dtype") == "amp" and row.get("precision", "no") not in ("no", "")
     earlier = row["mode"] == "reference-design" and row.get("peer") == "earlier"
-    return row["mode"] + (f" · {row['precision']} stream" if low else "") + (" · earlier peer" if earlier else "")
+    default_attn = "math" if row["mode"] == "reference-design" else "sdpa"
+    attn = row.get("attn_impl") or default_attn  # CSVs older than the column: the default
+    return (row["mode"] + (f" · {row['precision']} stream" if low else "")
+            + (f" · {attn} attention" if attn != default_attn and not earlier else "")
+            + (" · earlier peer" if earlier else ""))
 
 
 def read_rows(paths: list[Path]) -> list[dict]:
@@ -99,7 +107,7 @@ def _bar_key(bar: str) -> tuple:
 
 def plot(rows: list[dict], out: Path, title: str | None = None) -> Path:
     groups = panels(rows)
-    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 3.6 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(8, 4.4 * len(groups)), squeeze=False)
     for ax, ((device, preset, world), rs) in zip(axes[:, 0], sorted(groups.items())):
         batches = sorted({r["batch"] for r in rs})
         modes = sorted({r["bar"] for r in rs}, key=_bar_key)
@@ -117,18 +125,23 @@ def plot(rows: list[dict], out: Path, title: str | None = None) -> Path:
                 mfu = r.get("mfu", "")
                 labels.append(f"{r['samples_per_s']:.0f}" + (f"\n{100 * float(mfu):.0f}%" if mfu not in
                                                              ("", "n/a") else ""))
-            # stream / earlier-peer variants hatched //, synthetic-data bars dotted: same colour, told apart
-            variant = mode.removesuffix(" · synthetic")
-            hatch = ("//" if " · " in variant else "") + (".." if variant != mode else "")
+            # same colour, told apart by hatch: stream / earlier-peer variants //, another attention kernel \\,
+            # synthetic-data bars dotted
+            parts = mode.split(" · ")[1:]
+            hatch = ("//" if any(p.endswith(" stream") or p == "earlier peer" for p in parts) else "") \
+                + ("\\\\" if any(p.endswith(" attention") for p in parts) else "") \
+                + (".." if "synthetic" in parts else "")
             bars = ax.bar(xs, ys, width * 0.95, label=mode, color=COLORS.get(mode.split(" · ")[0]),
                           hatch=hatch or None, edgecolor="white")
             ax.bar_label(bars, labels=labels, fontsize=7, padding=2)
         ax.set_xticks(range(len(batches)), [f"batch {b}/device" for b in batches])
         ax.set_ylabel("samples/s")
-        ax.set_ylim(0, top * (1.25 if len(modes) <= 3 else 1.45))  # room for a two-row legend
+        ax.set_ylim(0, top * 1.15)  # room for the bar labels; the legend sits below the axes
         procs = "1 process" if str(world) == "1" else f"{world} processes (aggregate)"
         ax.set_title(f"{device} — preset {preset}, {procs}", fontsize=9)
-        ax.legend(fontsize=7, loc="upper left", ncol=min(len(modes), 3))  # 4+ bars: two rows, not cut off
+        # Below the axes, two columns: inside them, long variant labels ran past the figure's right edge.
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=min(len(modes), 2),
+                  frameon=False)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle(title or "MATPAC training throughput (bar labels: samples/s, MFU)", fontsize=10)
     fig.tight_layout()

@@ -487,11 +487,20 @@ def test_plot_writes_a_png_per_device(tmp_path):
         w.writerow({k: "" for k in tt.CSV_FIELDS} | {"device": "GPU A", "preset": "matpac", "world": 1, "batch": 256,
                                                      "mode": "compiled+kernels", "samples_per_s": "300.0",
                                                      "mfu": "0.3", "stream_dtype": "amp", "precision": "bf16"})
+        # so is a side-by-side run with another attention kernel (it used to replace the default run's bar)
+        w.writerow({k: "" for k in tt.CSV_FIELDS} | {"device": "GPU A", "preset": "matpac", "world": 1, "batch": 256,
+                                                     "mode": "compiled+kernels", "samples_per_s": "240.0",
+                                                     "mfu": "0.2", "attn_impl": "cudnn"})
     rows = plot_results.read_rows([path])
-    assert len(rows) == 13 and len(plot_results.panels(rows)) == 2
+    assert len(rows) == 14 and len(plot_results.panels(rows)) == 2
     bars = {(r["device"], r["bar"], r["batch"]): r["samples_per_s"] for r in rows}
     assert bars[("GPU A", "compiled+kernels", 256)] == 250.5
     assert bars[("GPU A", "compiled+kernels · bf16 stream", 256)] == 300.0
+    assert bars[("GPU A", "compiled+kernels · cudnn attention", 256)] == 240.0
+    # each mode's own default attention adds nothing: sdpa for ours, the written-out math for the faithful peer
+    assert plot_results.bar_label({"mode": "eager", "attn_impl": "sdpa"}) == "eager"
+    assert plot_results.bar_label({"mode": "reference-design", "attn_impl": "math"}) == "reference-design"
+    assert plot_results.bar_label({"mode": "reference-design", "attn_impl": "sdpa"}) == "reference-design · sdpa attention"
     # without autocast the stream setting is a no-op: such a row is the plain mode's
     assert plot_results.bar_label({"mode": "eager", "stream_dtype": "amp", "precision": "no"}) == "eager"
     # an earlier peer's row is never drawn as the current peer's bar
