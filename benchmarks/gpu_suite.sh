@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# GPU suite: one command, results under OUT_DIR; every step fits a budget (460 s by default). Step times measured on
-# an H100 at 455c577 (benchmarks/RESULTS.md): check 30 s, loader 16, train_b256 169 with four modes, stream 37,
-# attention 30, pytest_gpu 84, kernels 47; train_b64 then had 47 s left and was cut. So the defaults below drop
-# `compiled` (67 s of train_b256 by the CSV's timestamps) and the stream step (37 s); by those times the rest needs
-# ~410 s (train_b64's ~70-s compilation is the largest unknown), an estimate not yet run end to end.
+# GPU suite: one command, results under OUT_DIR; every step fits a budget (460 s by default). With the defaults below
+# it finished in 385 s on one H100 at 6f67a38 (benchmarks/RESULTS.md): check 34 s, loader 16, train_b256 101,
+# attention 26, pytest_gpu 71, kernels 40, train_b64 96, plot 1. (At 455c577, with `compiled` and the stream step
+# also on by default, it ran out of budget before train_b64; those two are now opt-in.)
 #
 #   benchmarks/gpu_suite.sh OUT_DIR [WHEELS_DIR]          # on the GPU machine, from any directory
 #   benchmarks/gpu_suite.sh OUT_DIR --cpu-dry-run          # the same logic on CPU: tiny preset, few steps
@@ -25,7 +24,7 @@
 #               (--stream-dtype amp), right after train_b256, so the two rows compare side by side
 #   attention   benchmarks/attention.py: SDPA backends vs compiled math on the student / teacher / predictor shapes
 #   pytest_gpu  the GPU tests (pytest -m gpu: bf16 kernels, CUDA log-mel, pinned loader batches; the log lists the
-#               8 slowest; it took 84 s on the H100 machine, so its cap is 120 s)
+#               8 slowest and the pass count; it took 71-84 s on the H100 machine, so its cap is 120 s)
 #   kernels     benchmarks/kernels.py (Triton kernels vs eager / compiled references)
 #   train_b64   as train_b256 at batch 64 per device (SUITE_SMALL_MODES, default SUITE_MODES' value; each compiled
 #               mode compiles for ~40 s on an H200, ~70 s on the H100 machine)
@@ -301,7 +300,8 @@ if [ "${SUITE_STREAM:-0}" = 1 ]; then
   train stream 90 "$BIG" "$STREAM_MODES" --stream-dtype amp
 fi
 step attention 45 "$PY" benchmarks/attention.py --preset "$PRESET" --batch "$ATTN_BATCH" --reps 1
-step pytest_gpu 120 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --durations=8 "${PYTEST_EXTRA[@]}" tests
+# No -q here: pyproject's addopts already has one, and -qq drops pytest's "N passed" line from the log.
+step pytest_gpu 120 "$PY" -m pytest -m gpu -p no:cacheprovider -rs --durations=8 "${PYTEST_EXTRA[@]}" tests
 step kernels 80 "$PY" benchmarks/kernels.py --out "$OUT/kernels.csv"
 train "train_b$SMALL" 200 "$SMALL" "$SMALL_MODES"
 if [ "${SUITE_PROFILE:-0}" = 1 ]; then
