@@ -2,7 +2,7 @@
 # GPU suite: one command, results under OUT_DIR; every step fits a budget (460 s by default). With the defaults below
 # it finished in 385 s on one H100 at 6f67a38 (benchmarks/RESULTS.md): check 34 s, loader 16, train_b256 101,
 # attention 26, pytest_gpu 71, kernels 40, train_b64 96, plot 1. (At 455c577, with `compiled` and the stream step
-# also on by default, it ran out of budget before train_b64; those two are now opt-in.)
+# also on by default, the budget ran out while train_b64 compiled, after its eager row; those two are now opt-in.)
 #
 #   benchmarks/gpu_suite.sh OUT_DIR [WHEELS_DIR]          # on the GPU machine, from any directory
 #   benchmarks/gpu_suite.sh OUT_DIR --cpu-dry-run          # the same logic on CPU: tiny preset, few steps
