@@ -500,7 +500,8 @@ def test_plot_writes_a_png_per_device(tmp_path):
     # each mode's own default attention adds nothing: sdpa for ours, the written-out math for the faithful peer
     assert plot_results.bar_label({"mode": "eager", "attn_impl": "sdpa"}) == "eager"
     assert plot_results.bar_label({"mode": "reference-design", "attn_impl": "math"}) == "reference-design"
-    assert plot_results.bar_label({"mode": "reference-design", "attn_impl": "sdpa"}) == "reference-design · sdpa attention"
+    peer_sdpa = {"mode": "reference-design", "attn_impl": "sdpa"}
+    assert plot_results.bar_label(peer_sdpa) == "reference-design · sdpa attention"
     # without autocast the stream setting is a no-op: such a row is the plain mode's
     assert plot_results.bar_label({"mode": "eager", "stream_dtype": "amp", "precision": "no"}) == "eager"
     # an earlier peer's row is never drawn as the current peer's bar
