@@ -7,7 +7,11 @@ in training), for each shape and each implementation, and sums them over the lay
   sdpa       F.scaled_dot_product_attention, PyTorch's own backend choice (the model's default)
   flash      SDPA pinned to FLASH_ATTENTION          efficient  SDPA pinned to EFFICIENT_ATTENTION
   cudnn      SDPA pinned to CUDNN_ATTENTION          math       the explicit softmax(q·kᵀ/√d)·v, torch.compile'd
-An implementation that cannot run a shape (e.g. cuDNN on CPU) is reported as n/a.
+  triton     matpac_kernels.packed_attention (`attn_impl=triton`): reads the fused (B, N, 3·D) qkv tensor and
+             writes (B, N, D), so its column also includes what the SDPA columns leave out of the model's step:
+             the q/k/v and output layout copies (free here for SDPA, whose inputs are contiguous (B, H, N, hd))
+An implementation that cannot run a shape (e.g. cuDNN on CPU, Triton on CPU without TRITON_INTERPRET=1) is reported
+as n/a.
 
     python benchmarks/attention.py                     # CUDA: matpac preset, B 256, bf16
     python benchmarks/attention.py --batch 4 --reps 2  # CPU: a smoke run of the script (fp32, tiny batch)
@@ -34,7 +38,7 @@ from matpac_fast.config import PRESETS, get_model_config  # noqa: E402
 from matpac_fast.vit import SDPA_BACKENDS, attention_math  # noqa: E402
 
 CUDA = torch.cuda.is_available()
-IMPLS = ("sdpa", "flash", "efficient", "cudnn", "math")
+IMPLS = ("sdpa", "flash", "efficient", "cudnn", "math", "triton")
 
 
 def shapes(preset: str, batch: int) -> list[tuple[str, tuple[int, int, int, int], int, bool]]:
@@ -48,6 +52,8 @@ def shapes(preset: str, batch: int) -> list[tuple[str, tuple[int, int, int, int]
 
 
 def make_fn(impl: str):
+    if impl == "triton":
+        return None  # see make_packed_call
     if impl == "math":
         return torch.compile(attention_math, dynamic=False)
     if impl == "sdpa":
@@ -62,6 +68,8 @@ def make_fn(impl: str):
 
 def make_call(fn, q, k, v, grad, backward: bool):
     """One attention call as training runs it: forward + backward, or (teacher) forward under no_grad."""
+    if fn is None:  # triton: the same values, packed as the model's qkv Linear writes them
+        return make_packed_call(q, k, v, grad, backward)
 
     def call():
         if backward:
@@ -70,6 +78,25 @@ def make_call(fn, q, k, v, grad, backward: bool):
         else:
             with torch.no_grad():
                 fn(q, k, v)
+
+    return call
+
+
+def make_packed_call(q, k, v, grad, backward: bool):
+    import matpac_kernels as mk
+
+    B, H, N, hd = q.shape
+    qkv = torch.stack([q, k, v], dim=2).detach().transpose(1, 3).reshape(B, N, 3 * H * hd).requires_grad_(backward)
+    grad_packed = grad.transpose(1, 2).reshape(B, N, H * hd)
+
+    def call():
+        with mk.use_backend("triton"):  # refuses (n/a) rather than timing the reference where Triton cannot run
+            if backward:
+                qkv.grad = None
+                mk.packed_attention(qkv, H).backward(grad_packed)
+            else:
+                with torch.no_grad():
+                    mk.packed_attention(qkv, H)
 
     return call
 
@@ -109,7 +136,7 @@ def main(argv=None) -> int:
         for impl in IMPLS:
             try:
                 t = time_ms(make_call(make_fn(impl), q, k, v, grad, backward), args.reps)
-            except RuntimeError as e:  # the backend cannot run this shape / device / dtype
+            except (RuntimeError, ValueError) as e:  # the backend cannot run this shape / device / dtype
                 print(f"  {impl} on {name}: n/a ({str(e).splitlines()[0][:100]})", file=sys.stderr)
                 t = math.nan
             row.append(t)

@@ -22,7 +22,10 @@
 #               in the run's dtype without autocast, written-out timm attention, FP16Optimizer, in-forward EMA)
 #   stream      only with SUITE_STREAM=1: compiled+kernels at batch 256 again with the residual stream in bf16
 #               (--stream-dtype amp), right after train_b256, so the two rows compare side by side
-#   attention   benchmarks/attention.py: SDPA backends vs compiled math on the student / teacher / predictor shapes
+#   attn_triton only with SUITE_ATTN_TRITON=1: compiled+kernels at batch 256 again with --attn-impl triton (the
+#               project's attention kernel, autotuned at its first call), beside train_b256's SDPA row
+#   attention   benchmarks/attention.py: SDPA backends, compiled math and the Triton kernel on the student / teacher /
+#               predictor shapes
 #   pytest_gpu  the GPU tests (pytest -m gpu: bf16 kernels, CUDA log-mel, pinned loader batches; the log lists the
 #               8 slowest and the pass count; it took 71-84 s on the H100 machine, so its cap is 120 s)
 #   kernels     benchmarks/kernels.py (Triton kernels vs eager / compiled references)
@@ -51,7 +54,8 @@
 # SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed steps per training run, default 25; 2 dry run),
 # SUITE_COMPILE_MODE (torch.compile mode of the compiled modes: default | reduce-overhead | max-autotune-no-cudagraphs),
 # SUITE_MODES (modes of train_b256, and of train_b64 unless SUITE_SMALL_MODES is set), SUITE_SMALL_MODES,
-# SUITE_STREAM=1 (run the stream step), SUITE_PROFILE=1 (run the profile step),
+# SUITE_STREAM=1 (run the stream step), SUITE_ATTN_TRITON=1 (run the attn_triton step), SUITE_PROFILE=1 (run the
+# profile step),
 # SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable packages are missing; the GPU tests then
 # run with --continue-on-collection-errors). Each setting is checked before anything runs; a bad one stops the suite
 # with one line naming it.
@@ -104,7 +108,7 @@ case "${SUITE_COMPILE_MODE:-default}" in
   default|reduce-overhead|max-autotune-no-cudagraphs) ;;
   *) bad "SUITE_COMPILE_MODE=$SUITE_COMPILE_MODE: give default, reduce-overhead or max-autotune-no-cudagraphs" ;;
 esac
-for v in SUITE_STREAM SUITE_PROFILE SUITE_ALLOW_MISSING; do
+for v in SUITE_STREAM SUITE_ATTN_TRITON SUITE_PROFILE SUITE_ALLOW_MISSING; do
   case "${!v:-0}" in 0|1) ;; *) bad "$v=${!v}: give 1 (on) or 0 (off)" ;; esac
 done
 
@@ -298,6 +302,9 @@ train() {  # train NAME CAP BATCH MODES [EXTRA ARGS...]
 train "train_b$BIG" 240 "$BIG" "$MODES"
 if [ "${SUITE_STREAM:-0}" = 1 ]; then
   train stream 90 "$BIG" "$STREAM_MODES" --stream-dtype amp
+fi
+if [ "${SUITE_ATTN_TRITON:-0}" = 1 ]; then
+  train attn_triton 120 "$BIG" "$STREAM_MODES" --attn-impl triton
 fi
 step attention 45 "$PY" benchmarks/attention.py --preset "$PRESET" --batch "$ATTN_BATCH" --reps 1
 # No -q here: pyproject's addopts already has one, and -qq drops pytest's "N passed" line from the log.

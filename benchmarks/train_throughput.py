@@ -142,7 +142,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch.compile mode of the compiled modes (reduce-overhead: CUDA graphs)")
     p.add_argument("--attn-impl", default="sdpa", choices=ATTN_IMPLS,
                    help="attention of the non-reference modes: sdpa (PyTorch picks the backend), one SDPA backend "
-                        "pinned, or math")
+                        "pinned, math, or triton (matpac_kernels.packed_attention on the fused qkv output; the math "
+                        "reference where Triton cannot run)")
     p.add_argument("--reference-attn", default="math", choices=ATTN_IMPLS,
                    help="attention of reference-design (default math: the explicit softmax(q·kᵀ)·v of the authors' "
                         "timm 0.4.12 Block); sdpa gives the peer our SDPA call (the H200 runs of RESULTS.md used "

@@ -8,6 +8,7 @@ first imported).
 
 from ._runtime import BACKENDS, get_backend, interpreter_active, set_backend, use_backend
 from .centered_xent import centered_softmax_xent, reference_centered_softmax_xent
+from .packed_attention import packed_attention, reference_packed_attention
 from .patchify_gather import patchify_gather, reference_patchify_gather
 
 __all__ = [
@@ -15,8 +16,10 @@ __all__ = [
     "centered_softmax_xent",
     "get_backend",
     "interpreter_active",
+    "packed_attention",
     "patchify_gather",
     "reference_centered_softmax_xent",
+    "reference_packed_attention",
     "reference_patchify_gather",
     "set_backend",
     "use_backend",

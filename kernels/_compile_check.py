@@ -16,6 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .centered_xent import _num_warps, _xent_bwd_kernel, _xent_fwd_kernel
+from .packed_attention import _CUDA_CONFIGS, _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel
 from .patchify_gather import NUM_WARPS, TOKENS_PER_PROGRAM, _patchify_gather_kernel
 
 F32, I32 = "*fp32", "i32"
@@ -46,7 +47,23 @@ def _gather(in_dtype, out_dtype):
     return _patchify_gather_kernel, sig, {"PATCH": 16, "TOK": TOKENS_PER_PROGRAM}, NUM_WARPS
 
 
-def variants():
+def _attention(kernel, dtype, hd, config):
+    bm, bn, warps, _ = config
+    ptrs = ("qkv_ptr", "o_ptr") if kernel is _fwd_kernel else ("qkv_ptr", "do_ptr", "dqkv_ptr")
+    sig = {p: f"*{dtype}" for p in ptrs}
+    stats = ("lse_ptr",) if kernel is _fwd_kernel else ("lse_ptr", "delta_ptr")
+    sig |= {p: F32 for p in stats}
+    strides = ("s_qb", "s_qn", "s_ob", "s_on") if kernel is _fwd_kernel else ("s_qb", "s_qn", "s_db", "s_dn", "s_gb",
+                                                                              "s_gn")
+    sig |= {n: I32 for n in ("N", "H", *strides)}
+    sig |= {"qk_scale": "fp32"} if kernel is _fwd_kernel else {"qk_scale": "fp32", "sm_scale": "fp32"}
+    sig |= {n: "constexpr" for n in ("DM", "HD", "BLOCK_M", "BLOCK_N", "IEEE")}
+    # Keep the kernel's parameter order: ASTSource binds the signature by name but checks it covers every argument.
+    sig = {n: sig[n] for n in kernel.arg_names}
+    return kernel, sig, {"DM": 12 * hd, "HD": hd, "BLOCK_M": bm, "BLOCK_N": bn, "IEEE": dtype == "fp32"}, warps
+
+
+def variants(quick: bool = False):
     for dtype in ("fp32", "bf16"):
         for block_k in (128, 2048, 8192):
             for prob_center in (True, False):
@@ -54,6 +71,15 @@ def variants():
             yield f"xent_bwd {dtype} BLOCK_K={block_k}", _xent_bwd(dtype, block_k)
     for in_dtype, out_dtype in (("fp32", "fp32"), ("fp16", "bf16")):
         yield f"patchify_gather {in_dtype}->{out_dtype}", _gather(in_dtype, out_dtype)
+    kernels = {"attn_fwd": _fwd_kernel, "attn_dkdv": _bwd_dkdv_kernel, "attn_dq": _bwd_dq_kernel}
+    # Each autotuning configuration of the bf16 kernels at the model's head widths; fp32 at the first one only.
+    # (`--quick`: the first configuration only; the rest differ in block sizes, not in code paths.)
+    for dtype in ("bf16", "fp32"):
+        for hd in (32, 64) if dtype == "bf16" else (64,):
+            for config in _CUDA_CONFIGS if dtype == "bf16" and not quick else _CUDA_CONFIGS[:1]:
+                for name, kernel in kernels.items():
+                    tag = f"{name} {dtype} hd={hd} {config[0]}x{config[1]}"
+                    yield tag, _attention(kernel, dtype, hd, config)
 
 
 def resource_usage(cubin: bytes) -> str:
@@ -69,14 +95,15 @@ def resource_usage(cubin: bytes) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90 = H100)")
+    p.add_argument("--quick", action="store_true", help="attention: the first autotuning configuration only")
     args = p.parse_args(argv)
     if not hasattr(_xent_fwd_kernel, "fn") or type(_xent_fwd_kernel).__name__ != "JITFunction":
         sys.exit("the kernels are interpreted in this process: unset TRITON_INTERPRET and run again")
     target = GPUTarget("cuda", args.arch, 32)
-    for name, (kernel, sig, consts, warps) in variants():
+    for name, (kernel, sig, consts, warps) in variants(args.quick):
         compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target,
                                   options={"num_warps": warps})
-        usage = resource_usage(compiled.asm["cubin"])
+        usage = f"{resource_usage(compiled.asm['cubin'])} DYN_SHARED:{compiled.metadata.shared}"
         print(f"ok  sm_{args.arch}  {name:42s} warps={warps:2d}  {usage}")
         if "LOCAL:0" not in usage.split():
             print(f"    warning: {name} spills registers to local memory", file=sys.stderr)

@@ -20,7 +20,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-ATTN_IMPLS = ("sdpa", "flash", "efficient", "cudnn", "math")
+ATTN_IMPLS = ("sdpa", "flash", "efficient", "cudnn", "math", "triton")
 STREAM_DTYPES = ("fp32", "amp")
 
 
@@ -69,7 +69,8 @@ class ModelConfig:
     # --- implementation switches (must not change the numbers beyond float rounding)
     use_kernels: bool = False  # use matpac_kernels.patchify_gather / centered_softmax_xent
     # "sdpa": F.scaled_dot_product_attention, PyTorch picks the backend; "flash" | "efficient" | "cudnn": SDPA
-    # pinned to that backend (benchmarks/attention.py times them on our short sequences); "math": explicit reference
+    # pinned to that backend (benchmarks/attention.py times them on our short sequences); "math": explicit reference;
+    # "triton": matpac_kernels.packed_attention on the fused qkv output (CUDA; the math reference elsewhere)
     attn_impl: str = "sdpa"
     # The residual stream's dtype under autocast. "fp32": token embeddings (+ float32 positional tables) stay float32,
     # so every residual add, LayerNorm input and their gradients are float32 (autocast's default). "amp": the stream is

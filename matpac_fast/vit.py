@@ -3,8 +3,9 @@
 
 Attention runs through `F.scaled_dot_product_attention` ("sdpa", PyTorch picks the backend, or one backend pinned:
 "flash", "efficient", "cudnn"); "math" is the explicit reference softmax(q·kᵀ/√d)·v, one flag away and tested to
-agree. Initialisation follows the authors' `_init_weights` (xavier-uniform Linear weights, zero biases, LayerNorm
-1/0); GELU is the exact (erf) form as in timm.
+agree; "triton" is `matpac_kernels.packed_attention`, which reads the fused qkv output as it is and writes the `proj`
+input directly (no q/k/v copies; Triton on CUDA, the math reference elsewhere). Initialisation follows the authors'
+`_init_weights` (xavier-uniform Linear weights, zero biases, LayerNorm 1/0); GELU is the exact (erf) form as in timm.
 """
 
 from __future__ import annotations
@@ -40,9 +41,12 @@ class Attention(nn.Module):
         self.impl = impl
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self._packed = _packed_attention() if impl == "triton" else None
 
     def forward(self, x_BND: torch.Tensor) -> torch.Tensor:
         b, n, d = x_BND.shape
+        if self._packed is not None:
+            return self.proj(self._packed(self.qkv(x_BND), self.num_heads))
         # timm layout of the fused weight: rows [q; k; v], each split into heads.
         q, k, v = self.qkv(x_BND).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.impl == "math":
@@ -53,6 +57,17 @@ class Attention(nn.Module):
             with sdpa_kernel([SDPA_BACKENDS[self.impl]]):
                 o = F.scaled_dot_product_attention(q, k, v)
         return self.proj(o.transpose(1, 2).reshape(b, n, d))
+
+
+def _packed_attention():
+    try:
+        from matpac_kernels import packed_attention
+    except ImportError as e:
+        raise ValueError(
+            "attn_impl='triton' needs the project's Triton kernels (import name matpac_kernels): `pip install -e .` "
+            "in the repository, or use attn_impl=sdpa"
+        ) from e
+    return packed_attention
 
 
 def attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

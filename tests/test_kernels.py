@@ -8,6 +8,7 @@ machine the variable is left alone and the same tests run the compiled kernels o
 are marked `gpu`.
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -371,6 +372,133 @@ def test_unknown_backend_is_a_one_line_error():
         mk.set_backend("cuda")
 
 
+# ------------------------------------------------------------------------------------------------ packed attention
+def _qkv(B, N, H, hd, gen, dtype=torch.float32):
+    qkv = (torch.randn(B, N, 3 * H * hd, generator=gen) * 1.5).to(DEVICE, dtype).requires_grad_()
+    grad = torch.randn(B, N, H * hd, generator=gen).to(DEVICE, dtype)
+    return qkv, grad
+
+
+def _attention_and_grad(fn, qkv, grad, heads):
+    out = fn(qkv, heads)
+    (dqkv,) = torch.autograd.grad(out, qkv, grad)
+    return out.detach(), dqkv
+
+
+ATTN_GRID = [
+    # (B, N, H, hd): one key block and several (64 per block in the interpreter), padding in both, one token,
+    # every supported head width; the model's 58 / 191 token counts
+    pytest.param(2, 58, 3, 16, id="B2-N58-H3-hd16"),
+    pytest.param(1, 191, 2, 32, id="B1-N191-H2-hd32"),
+    pytest.param(2, 70, 2, 64, id="B2-N70-H2-hd64"),
+    pytest.param(1, 5, 1, 128, id="B1-N5-H1-hd128"),
+    pytest.param(3, 1, 2, 16, id="B3-N1"),
+    pytest.param(1, 128, 1, 32, id="B1-N128-exact-blocks"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("B,N,H,hd", ATTN_GRID)
+def test_packed_attention_forward_backward_match_reference(triton_backend, B, N, H, hd):
+    gen = torch.Generator().manual_seed(B * 1000 + N * 10 + hd)
+    qkv, grad = _qkv(B, N, H, hd, gen)
+    out, dqkv = _attention_and_grad(mk.packed_attention, qkv, grad, H)
+    # The specification in float64, so the tolerance measures the kernel's fp32 error alone.
+    qkv64 = qkv.detach().double().requires_grad_()
+    ref, dref = _attention_and_grad(mk.reference_packed_attention, qkv64, grad.double(), H)
+    assert out.shape == (B, N, H * hd) and out.dtype == torch.float32 and dqkv.shape == qkv.shape
+    torch.testing.assert_close(out.double(), ref, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(dqkv.double(), dref, rtol=RTOL, atol=ATOL)
+
+
+@needs_triton
+def test_packed_attention_reads_strided_input(triton_backend):
+    """qkv as a column slice of a wider tensor (row stride > 3·D), and one whose last dim is not contiguous."""
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(2, 40, 3 * 32 + 24, generator=gen).to(DEVICE)
+    grad = torch.randn(2, 40, 32, generator=gen).to(DEVICE)
+    for qkv in (wide[..., 8 : 8 + 96], torch.randn(2, 96, 40, generator=gen).to(DEVICE).transpose(1, 2)):
+        leaf = qkv.detach().requires_grad_()
+        got = _attention_and_grad(mk.packed_attention, leaf, grad, 2)
+        want = _attention_and_grad(mk.reference_packed_attention, leaf, grad, 2)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_packed_attention_hand_computed(backend):
+    """Two keys with scores (0, ln 3) after the 1/sqrt(hd) scale -> weights (1/4, 3/4); values 4 and 8 -> 7.
+    Gradients by hand: d out / d v = weights; d out / d s = w * (v - out) = (1/4 * -3, 3/4 * 1) = (-3/4, 3/4)."""
+    hd, ln3 = 16, math.log(3.0)
+    scale = hd**0.5
+    qkv = torch.zeros(1, 2, 3 * hd)
+    qkv[0, :, 0] = 1.0  # q = e0 for both queries
+    qkv[0, 1, hd] = ln3 * scale  # k1 = ln3 * sqrt(hd) * e0, k0 = 0
+    qkv[0, 0, 2 * hd :] = 4.0  # v0 = 4, v1 = 8 in every dim
+    qkv[0, 1, 2 * hd :] = 8.0
+    qkv = qkv.to(DEVICE).requires_grad_()
+    grad = torch.zeros(1, 2, hd, device=DEVICE)
+    grad[0, 0, 0] = 1.0  # d(out[query 0, dim 0])
+    with mk.use_backend(backend):
+        out, dqkv = _attention_and_grad(mk.packed_attention, qkv, grad, 1)
+    torch.testing.assert_close(out.cpu(), torch.full((1, 2, hd), 7.0))
+    dqkv = dqkv.cpu()[0]
+    # d/dv: weights of query 0 on dim 0 only
+    torch.testing.assert_close(dqkv[:, 2 * hd], torch.tensor([0.25, 0.75]))
+    assert dqkv[:, 2 * hd + 1 :].abs().max() == 0
+    # d/dk_j = ds_j * q / sqrt(hd) for query 0 (q = e0): (-3/4, 3/4) / 4 on dim 0
+    torch.testing.assert_close(dqkv[:, hd], torch.tensor([-0.1875, 0.1875]))
+    # d/dq0 = sum_j ds_j * k_j / sqrt(hd) = 3/4 * ln 3 on dim 0; query 1 has no upstream gradient
+    torch.testing.assert_close(dqkv[0, 0], torch.tensor(0.75 * ln3))
+    assert dqkv[1, :hd].abs().max() == 0
+
+
+def test_packed_attention_reference_is_the_models_attention():
+    from matpac_fast.vit import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(64, 4, "math")
+    x = torch.randn(3, 58, 64)
+    want = attn(x)
+    got = attn.proj(mk.reference_packed_attention(attn.qkv(x), 4))
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@needs_triton
+def test_packed_attention_under_torch_compile_fullgraph(triton_backend):
+    gen = torch.Generator().manual_seed(6)
+    qkv, grad = _qkv(2, 58, 2, 32, gen)
+    compiled = torch.compile(mk.packed_attention, fullgraph=True)
+    got = _attention_and_grad(compiled, qkv, grad, 2)
+    want = _attention_and_grad(mk.reference_packed_attention, qkv, grad, 2)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "shape, heads, match",
+    [
+        ((2, 5, 96), 0, "num_heads must be a positive integer"),
+        ((2, 5, 96), True, "num_heads must be a positive integer"),
+        ((5, 96), 2, r"qkv must be \(B, N, 3 \* num_heads \* head_dim\)"),
+        ((2, 5, 100), 2, "got shape .2, 5, 100. with num_heads=2"),
+        ((2, 0, 96), 2, "no tokens"),
+    ],
+)
+def test_packed_attention_user_errors(shape, heads, match):
+    with pytest.raises(ValueError, match=match):
+        mk.packed_attention(torch.zeros(shape), heads)
+
+
+def test_packed_attention_unsupported_head_width():
+    """hd = 24: a forced Triton backend refuses in one line; "auto" takes the reference."""
+    qkv = torch.randn(1, 7, 3 * 2 * 24)
+    with mk.use_backend("triton"), pytest.raises(ValueError, match="head_dim=24"):
+        mk.packed_attention(qkv, 2)
+    with mk.use_backend("auto"):
+        torch.testing.assert_close(mk.packed_attention(qkv, 2), mk.reference_packed_attention(qkv, 2))
+
+
 # ------------------------------------------------------------------------------------------------ fallback
 def test_interpreter_tests_in_subprocess():
     """When triton was imported before this module could select the interpreter, run this file in a fresh process."""
@@ -390,10 +518,10 @@ def test_kernels_compile_for_h100_without_a_gpu():
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this triton wheel ships no ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "matpac_kernels._compile_check", "--arch", "90"]
+    cmd = [sys.executable, "-m", "matpac_kernels._compile_check", "--arch", "90", "--quick"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("ok  sm_90") == 20, proc.stdout
+    assert proc.stdout.count("ok  sm_90") == 29, proc.stdout  # 18 xent + 2 patchify + 9 attention
     assert "spills" not in proc.stderr, proc.stderr
 
 
@@ -499,3 +627,34 @@ def test_xent_cuda_leaner_than_eager():
     # The gradient itself (M x K bf16) is the floor for both; eager adds several fp32 (M, K) intermediates.
     assert m_kernel < 1.5 * M * K * 2, m_kernel
     assert m_kernel * 3 < m_eager, (m_kernel, m_eager)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("N,H,hd", [(58, 12, 64), (134, 12, 64), (191, 16, 32)], ids=["student", "teacher", "pred"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_packed_attention_bf16_cuda_matches_sdpa(N, H, hd, compiled):
+    """The model's three shapes in bf16 (autotuned kernels; compiled: the triton_op under inductor), against SDPA on
+    the same bf16 q, k, v and against the fp32 reference: the kernel must be as close to fp32 as SDPA is."""
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(N)
+    B = 16
+    qkv32 = torch.randn(B, N, 3 * H * hd, generator=gen).cuda()
+    grad32 = torch.randn(B, N, H * hd, generator=gen).cuda()
+    qkv, grad = qkv32.bfloat16().requires_grad_(), grad32.bfloat16()
+    fn = torch.compile(mk.packed_attention, fullgraph=True) if compiled else mk.packed_attention
+    with mk.use_backend("triton"):
+        out, dqkv = _attention_and_grad(fn, qkv, grad, H)
+
+    def sdpa(x, heads):
+        q, k, v = x.reshape(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, heads * hd)
+
+    s_out, s_dqkv = _attention_and_grad(sdpa, qkv, grad, H)
+    ref_in = qkv.detach().float().requires_grad_()
+    r_out, r_dqkv = _attention_and_grad(mk.reference_packed_attention, ref_in, grad.float(), H)
+    assert out.dtype == dqkv.dtype == torch.bfloat16
+    for got, base, ref in ((out, s_out, r_out), (dqkv, s_dqkv, r_dqkv)):
+        err, base_err = (got.float() - ref).abs().max().item(), (base.float() - ref).abs().max().item()
+        assert err <= 2 * base_err + 1e-3, (err, base_err)

@@ -346,7 +346,7 @@ def test_pinned_backend_that_cannot_run_raises():
     cfg = get_model_config("tiny")
     with pytest.raises(RuntimeError):
         _model(attn_impl="cudnn")(_batch(cfg), StepState())
-    with pytest.raises(ValueError, match="attn_impl='fast': use one of sdpa, flash, efficient, cudnn, math"):
+    with pytest.raises(ValueError, match="attn_impl='fast': use one of sdpa, flash, efficient, cudnn, math, triton"):
         get_model_config("tiny", attn_impl="fast")
     with pytest.raises(ValueError, match="stream_dtype='bf16': use one of fp32, amp"):
         get_model_config("tiny", stream_dtype="bf16")

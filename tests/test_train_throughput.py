@@ -639,6 +639,7 @@ def test_suite_usage_names_its_command_lines(tmp_path):
     ({"SUITE_STEPS": "x"}, "SUITE_STEPS=x: give a whole number >= 1"),
     ({"SUITE_COMPILE_MODE": "fast"}, "SUITE_COMPILE_MODE=fast: give default, reduce-overhead"),
     ({"SUITE_STREAM": "yes"}, "SUITE_STREAM=yes: give 1 (on) or 0 (off)"),
+    ({"SUITE_ATTN_TRITON": "2"}, "SUITE_ATTN_TRITON=2: give 1 (on) or 0 (off)"),
     ({"SUITE_PROFILE": "true"}, "SUITE_PROFILE=true: give 1 (on) or 0 (off)"),
 ])
 def test_suite_settings_are_checked_before_anything_runs(tmp_path, env, message):
@@ -658,7 +659,8 @@ def test_suite_accepts_every_mode_of_the_benchmark(tmp_path):
     (used / "train.csv").write_text("earlier results\n")
     modes = " , ".join(tt.MODES) + ","
     r = _suite(str(used), "--cpu-dry-run", SUITE_MODES=modes, SUITE_SMALL_MODES=modes, SUITE_BUDGET_S="30",
-               SUITE_STEPS="3", SUITE_STREAM="1", SUITE_PROFILE="0", SUITE_COMPILE_MODE="reduce-overhead")
+               SUITE_STEPS="3", SUITE_STREAM="1", SUITE_ATTN_TRITON="1", SUITE_PROFILE="0",
+               SUITE_COMPILE_MODE="reduce-overhead")
     assert r.returncode == 2 and "already holds an earlier suite's train.csv" in r.stderr, r.stderr
 
 

@@ -1,0 +1,324 @@
+"""Attention on the ViT's packed qkv projection, forward and backward: softmax(q·kᵀ/√hd)·v, no mask, no dropout.
+
+Why a kernel: MATPAC's sequences are short (student 58, teacher 134, predictor 191 tokens) and the predictor's heads
+are 32 wide, so SDPA's kernels run far below their usual throughput (benchmarks/attention.py, ~17 % of an H100 step
+at batch 256). The model also pays two copies around them: q, k and v are strided views of the fused qkv Linear
+output, and their gradients are stacked back into one (B, N, 3·D) tensor. This op takes that tensor as it is
+and returns the output in the (B, N, D) layout the `proj` Linear reads; its backward writes dq, dk, dv straight into
+one (B, N, 3·D) gradient. Layout (timm, `vit.Attention`): channel c of qkv is [q | k | v][head][dim], i.e.
+qkv.reshape(B, N, 3, H, hd).
+
+Kernels (FlashAttention-2 in Triton, fp32 statistics, exp2 with the scale folded in):
+  forward  one program per (query block, batch·head): loops over key blocks with an online softmax, writes O and
+           the row log-sum-exp (log2 base, (B, H, N) fp32) for the backward.
+  dk, dv   one program per (key block, batch·head): loops over query blocks, recomputing P from the saved lse.
+  dq       one program per (query block, batch·head): loops over key blocks.
+  delta = rowsum(dO·O) (fp32) is computed in PyTorch between forward and backward (tiny; fused under compile).
+No atomics: every output element is written by exactly one program, so results are deterministic.
+On CUDA the block sizes are autotuned (keys N and hd) over a few configurations; the interpreter uses one.
+"""
+
+import torch
+
+from ._runtime import interpreter_active, jit, tl, triton, use_triton
+
+HEAD_DIMS = (16, 32, 64, 128)  # tl.dot needs >= 16 and the loads a power of two
+_LOG2E = 1.4426950408889634
+
+
+def reference_packed_attention(qkv_BNC: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The specification, in plain PyTorch (qkv's dtype): (B, N, 3·H·hd) -> (B, N, H·hd). Same numbers as
+    `matpac_fast.vit.attention_math` on the model's q, k, v views."""
+    B, N, C = qkv_BNC.shape
+    hd = C // (3 * num_heads)
+    q, k, v = qkv_BNC.reshape(B, N, 3, num_heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    o = ((q * hd**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    return o.transpose(1, 2).reshape(B, N, C // 3)
+
+
+@jit
+def _dot(a, b, IEEE: tl.constexpr):
+    # fp32 inputs get exact fp32 products (tl.dot would use TF32 otherwise); bf16/fp16 products are exact anyway.
+    # A bool rather than the string input_precision as the kernels' constexpr: user kernels under torch.compile have
+    # been run with bool constexprs on our GPUs (centered_xent's PROB_CENTER), strings never.
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@jit
+def _fwd_kernel(
+    qkv_ptr, o_ptr, lse_ptr, N, H, s_qb, s_qn, s_ob, s_on, qk_scale,
+    DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    q_base = qkv_ptr + b * s_qb + h * HD
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HD)
+    m_ok = offs_m < N
+    q = tl.load(q_base + offs_m[:, None] * s_qn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    # Running max and sum of exp2 per query row (log2 domain: qk_scale = hd^-0.5 · log2 e).
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HD], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < N
+        kv_off = cols[:, None] * s_qn + offs_d[None, :]
+        k = tl.load(q_base + DM + kv_off, mask=n_ok[:, None], other=0.0)
+        v = tl.load(q_base + 2 * DM + kv_off, mask=n_ok[:, None], other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        # The first block always holds key 0, so m_new is finite and alpha = exp2(-inf) = 0 on the first pass.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    o_off = b * s_ob + offs_m[:, None] * s_on + h * HD + offs_d[None, :]
+    tl.store(o_ptr + o_off, acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+
+
+@jit
+def _bwd_dkdv_kernel(
+    qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, N, H, s_qb, s_qn, s_db, s_dn, s_gb, s_gn, qk_scale, sm_scale,
+    DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    q_base = qkv_ptr + b * s_qb + h * HD
+    do_base = do_ptr + b * s_db + h * HD
+    stat_base = pid_bh.to(tl.int64) * N
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HD)
+    n_ok = offs_n < N
+    kv_off = offs_n[:, None] * s_qn + offs_d[None, :]
+    k = tl.load(q_base + DM + kv_off, mask=n_ok[:, None], other=0.0)
+    v = tl.load(q_base + 2 * DM + kv_off, mask=n_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HD], tl.float32)
+    dv = tl.zeros([BLOCK_N, HD], tl.float32)
+    for start_m in range(0, N, BLOCK_M):
+        rows = start_m + offs_m
+        m_ok = rows < N
+        q = tl.load(q_base + rows[:, None] * s_qn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        do = tl.load(do_base + rows[:, None] * s_dn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + stat_base + rows, mask=m_ok, other=0.0)
+        delta = tl.load(delta_ptr + stat_base + rows, mask=m_ok, other=0.0)
+        # Transposed scores (keys × queries): P = exp2(s - lse) is the forward's softmax, recomputed.
+        p_t = tl.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])
+        p_t = tl.where(n_ok[:, None] & m_ok[None, :], p_t, 0.0)  # padding rows/columns contribute nothing
+        dv += _dot(p_t.to(do.dtype), do, IEEE)
+        dp_t = _dot(v, tl.trans(do), IEEE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, IEEE)
+    g_off = b * s_gb + offs_n[:, None] * s_gn + h * HD + offs_d[None, :]
+    out_ty = dqkv_ptr.dtype.element_ty
+    tl.store(dqkv_ptr + DM + g_off, (dk * sm_scale).to(out_ty), mask=n_ok[:, None])
+    tl.store(dqkv_ptr + 2 * DM + g_off, dv.to(out_ty), mask=n_ok[:, None])
+
+
+@jit
+def _bwd_dq_kernel(
+    qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, N, H, s_qb, s_qn, s_db, s_dn, s_gb, s_gn, qk_scale, sm_scale,
+    DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    q_base = qkv_ptr + b * s_qb + h * HD
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HD)
+    m_ok = offs_m < N
+    q = tl.load(q_base + offs_m[:, None] * s_qn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + b * s_db + h * HD + offs_m[:, None] * s_dn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    stat_base = pid_bh.to(tl.int64) * N
+    lse = tl.load(lse_ptr + stat_base + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(delta_ptr + stat_base + offs_m, mask=m_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, HD], tl.float32)
+    for start_n in range(0, N, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < N
+        kv_off = cols[:, None] * s_qn + offs_d[None, :]
+        k = tl.load(q_base + DM + kv_off, mask=n_ok[:, None], other=0.0)
+        v = tl.load(q_base + 2 * DM + kv_off, mask=n_ok[:, None], other=0.0)
+        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+        p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+    g_off = b * s_gb + offs_m[:, None] * s_gn + h * HD + offs_d[None, :]
+    tl.store(dqkv_ptr + g_off, (dq * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=m_ok[:, None])
+
+
+# Block sizes. The interpreter runs one configuration (64 x 64 exercises the multi-block loops and padding at the
+# tests' sizes). On CUDA each kernel is autotuned per (N, hd) over a few configurations, chosen once per shape at
+# the first call (or at compile time under torch.compile); configurations that do not fit the GPU are skipped by
+# triton's autotuner. These have not been tuned on a GPU yet: benchmarks/attention.py compares the op with SDPA.
+_INTERP_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
+_CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+    (64, 64, 4, 2),
+    (128, 64, 8, 2),
+    (64, 32, 4, 3),
+    (32, 64, 4, 2),
+    (128, 32, 4, 2),
+]
+_AUTOTUNED = {}
+
+
+def _kernel(fn):
+    """The launchable kernel: `fn` itself in the interpreter, its autotuned wrapper on CUDA (built once)."""
+    if interpreter_active():
+        return fn
+    if fn not in _AUTOTUNED:
+        configs = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _CUDA_CONFIGS
+        ]
+        _AUTOTUNED[fn] = triton.autotune(configs=configs, key=["N", "HD", "DM"])(fn)
+    return _AUTOTUNED[fn]
+
+
+def _launch(kernel, block_name, N, B, H, args, consts, wrap=None):
+    """Launch `kernel` over (blocks of N along `block_name`, B·H)."""
+    k = _kernel(kernel)
+    k = k if wrap is None else wrap(k)
+    if interpreter_active():
+        k[(-(-N // _INTERP_CONFIG[block_name]), B * H)](*args, **consts, **_INTERP_CONFIG)
+    else:
+        k[lambda meta: (triton.cdiv(N, meta[block_name]), B * H)](*args, **consts)
+
+
+def _shape(qkv, num_heads):
+    B, N, C = qkv.shape
+    dm = C // 3
+    return B, N, dm, dm // num_heads
+
+
+def _consts(qkv, num_heads):
+    _, _, dm, hd = _shape(qkv, num_heads)
+    return dict(DM=dm, HD=hd, IEEE=qkv.dtype == torch.float32)
+
+
+def _fwd_launch(qkv, num_heads, wrap=None):
+    B, N, dm, hd = _shape(qkv, num_heads)
+    o = torch.empty((B, N, dm), dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty((B, num_heads, N), dtype=torch.float32, device=qkv.device)
+    args = (qkv, o, lse, N, num_heads, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), hd**-0.5 * _LOG2E)
+    _launch(_fwd_kernel, "BLOCK_M", N, B, num_heads, args, _consts(qkv, num_heads), wrap)
+    return o, lse
+
+
+def _bwd_launch(grad_o, qkv, o, lse, num_heads, wrap=None):
+    B, N, dm, hd = _shape(qkv, num_heads)
+    grad_o = grad_o if grad_o.stride(-1) == 1 else grad_o.contiguous()
+    # delta = rowsum(dO · O) per (b, h, n), in the (B, H, N) layout of lse.
+    delta = (grad_o.float() * o.float()).reshape(B, N, num_heads, hd).sum(-1).transpose(1, 2).contiguous()
+    dqkv = torch.empty((B, N, 3 * dm), dtype=qkv.dtype, device=qkv.device)
+    args = (qkv, grad_o, lse, delta, dqkv, N, num_heads, qkv.stride(0), qkv.stride(1), grad_o.stride(0),
+            grad_o.stride(1), dqkv.stride(0), dqkv.stride(1), hd**-0.5 * _LOG2E, hd**-0.5)
+    consts = _consts(qkv, num_heads)
+    _launch(_bwd_dkdv_kernel, "BLOCK_N", N, B, num_heads, args, consts, wrap)
+    _launch(_bwd_dq_kernel, "BLOCK_M", N, B, num_heads, args, consts, wrap)
+    return dqkv
+
+
+# Two registrations of the same launchers, as in centered_xent: opaque custom ops for the interpreter (CPU tensors;
+# torch.compile traces through them), triton_op + wrap_triton on CUDA so inductor sees the kernels themselves.
+@torch.library.custom_op("matpac_kernels::packed_attention_fwd_interp", mutates_args=())
+def _fwd_interp(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_launch(qkv, num_heads)
+
+
+@_fwd_interp.register_fake
+def _(qkv, num_heads):
+    B, N, C = qkv.shape
+    return qkv.new_empty((B, N, C // 3)), qkv.new_empty((B, num_heads, N), dtype=torch.float32)
+
+
+@torch.library.custom_op("matpac_kernels::packed_attention_bwd_interp", mutates_args=())
+def _bwd_interp(
+    grad_o: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    return _bwd_launch(grad_o, qkv, o, lse, num_heads)
+
+
+@_bwd_interp.register_fake
+def _(grad_o, qkv, o, lse, num_heads):
+    return torch.empty_like(qkv, memory_format=torch.contiguous_format)
+
+
+@torch.library.triton_op("matpac_kernels::packed_attention_fwd_cuda", mutates_args=())
+def _fwd_cuda(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fwd_launch(qkv, num_heads, wrap=torch.library.wrap_triton)
+
+
+@torch.library.triton_op("matpac_kernels::packed_attention_bwd_cuda", mutates_args=())
+def _bwd_cuda(
+    grad_o: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    return _bwd_launch(grad_o, qkv, o, lse, num_heads, wrap=torch.library.wrap_triton)
+
+
+def _register_autograd(fwd_op, bwd_op):
+    def setup_context(ctx, inputs, output):
+        qkv, num_heads = inputs
+        ctx.num_heads = num_heads
+        ctx.save_for_backward(qkv, output[0], output[1])
+
+    def backward(ctx, grad_o, _grad_lse):  # lse is a by-product for the backward, never differentiated
+        qkv, o, lse = ctx.saved_tensors
+        return bwd_op(grad_o, qkv, o, lse, ctx.num_heads), None
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)
+
+
+_register_autograd(_fwd_interp, _bwd_interp)
+_register_autograd(_fwd_cuda, _bwd_cuda)
+
+
+def _check_inputs(qkv_BNC, num_heads) -> str:
+    """One-line errors for inputs no path can take; returns why the kernel cannot take valid ones ("" if it can)."""
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
+    if qkv_BNC.dim() != 3 or qkv_BNC.shape[-1] % (3 * num_heads) != 0:
+        raise ValueError(
+            f"qkv must be (B, N, 3 * num_heads * head_dim) (the fused qkv Linear's output); got shape "
+            f"{tuple(qkv_BNC.shape)} with num_heads={num_heads}"
+        )
+    if qkv_BNC.shape[1] < 1:
+        raise ValueError("qkv has no tokens (N = 0); attention needs at least one key per query")
+    hd = qkv_BNC.shape[-1] // (3 * num_heads)
+    if hd not in HEAD_DIMS:
+        return f"head_dim={hd} not in {HEAD_DIMS}"
+    if qkv_BNC.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {qkv_BNC.dtype}"
+    return ""
+
+
+def packed_attention(qkv_BNC: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """softmax(q·kᵀ/√hd)·v over all tokens (no mask), from the fused qkv projection to the `proj` input.
+
+    Args: qkv_BNC (B, N, 3·num_heads·hd): the output of `Attention.qkv`, channels [q | k | v][head][dim] (timm's
+    layout), fp32/bf16/fp16, any strides with the last dimension contiguous (others are copied); num_heads.
+    Returns (B, N, num_heads·hd) in qkv's dtype, heads concatenated along the last dimension; differentiable.
+    Runs the Triton kernels on CUDA for hd in (16, 32, 64, 128) (see `matpac_kernels.use_backend`), the reference
+    elsewhere.
+    """
+    why = _check_inputs(qkv_BNC, num_heads)
+    if not use_triton(qkv_BNC.device, supported=not why, why=why):
+        return reference_packed_attention(qkv_BNC, num_heads)
+    qkv = qkv_BNC if qkv_BNC.stride(-1) == 1 else qkv_BNC.contiguous()
+    fwd = _fwd_cuda if qkv.is_cuda and not interpreter_active() else _fwd_interp
+    return fwd(qkv, num_heads)[0]
