@@ -16,7 +16,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .centered_xent import _num_warps, _xent_bwd_kernel, _xent_fwd_kernel
-from .packed_attention import _CUDA_CONFIGS, _bwd_dkdv_kernel, _bwd_dq_kernel, _fwd_kernel
+from .packed_attention import _DELTA_BLOCK_M, _bwd_dkdv_kernel, _bwd_dq_kernel, _configs, _delta_kernel, _fwd_kernel
 from .patchify_gather import NUM_WARPS, TOKENS_PER_PROGRAM, _patchify_gather_kernel
 
 F32, I32 = "*fp32", "i32"
@@ -48,19 +48,29 @@ def _gather(in_dtype, out_dtype):
 
 
 def _attention(kernel, dtype, hd, config):
-    bm, bn, warps, _ = config
-    ptrs = ("qkv_ptr", "o_ptr") if kernel is _fwd_kernel else ("qkv_ptr", "do_ptr", "dqkv_ptr")
-    sig = {p: f"*{dtype}" for p in ptrs}
-    stats = ("lse_ptr",) if kernel is _fwd_kernel else ("lse_ptr", "delta_ptr")
-    sig |= {p: F32 for p in stats}
-    strides = ("s_qb", "s_qn", "s_ob", "s_on") if kernel is _fwd_kernel else ("s_qb", "s_qn", "s_db", "s_dn", "s_gb",
-                                                                              "s_gn")
-    sig |= {n: I32 for n in ("N", "H", *strides)}
-    sig |= {"qk_scale": "fp32"} if kernel is _fwd_kernel else {"qk_scale": "fp32", "sm_scale": "fp32"}
-    sig |= {n: "constexpr" for n in ("DM", "HD", "BLOCK_M", "BLOCK_N", "IEEE")}
-    # Keep the kernel's parameter order: ASTSource binds the signature by name but checks it covers every argument.
-    sig = {n: sig[n] for n in kernel.arg_names}
-    return kernel, sig, {"DM": 12 * hd, "HD": hd, "BLOCK_M": bm, "BLOCK_N": bn, "IEEE": dtype == "fp32"}, warps
+    """A variant of an attention kernel as a real launch specialises it: pointers and the 16-divisible strides of
+    the model's tensors carry triton's divisibility hint (without it the compiler emits different, unpipelined
+    code), with the configuration's warps and stages. Returns (kernel, signature, constexprs, options, attrs)."""
+    bm, bn, warps, stages = config
+    ptr_dtypes = {"lse_ptr": "fp32", "delta_ptr": "fp32"}
+    sig, hinted = {}, []
+    for name in kernel.arg_names:
+        if name.endswith("_ptr"):
+            sig[name] = f"*{ptr_dtypes.get(name, dtype)}"
+            hinted.append(name)
+        elif name.startswith("s_"):  # strides: multiples of 3·D or D, 16-divisible at the model's widths
+            sig[name] = I32
+            hinted.append(name)
+        elif name in ("N", "H"):
+            sig[name] = I32
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "constexpr"
+    consts = {"DM": 12 * hd, "HD": hd, "BLOCK_M": bm, "BLOCK_N": bn, "IEEE": dtype == "fp32"}
+    consts = {k: v for k, v in consts.items() if k in kernel.arg_names}
+    attrs = {(kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in hinted}
+    return kernel, sig, consts, {"num_warps": warps, "num_stages": stages}, attrs
 
 
 def variants(quick: bool = False):
@@ -76,10 +86,13 @@ def variants(quick: bool = False):
     # (`--quick`: the first configuration only; the rest differ in block sizes, not in code paths.)
     for dtype in ("bf16", "fp32"):
         for hd in (32, 64) if dtype == "bf16" else (64,):
-            for config in _CUDA_CONFIGS if dtype == "bf16" and not quick else _CUDA_CONFIGS[:1]:
-                for name, kernel in kernels.items():
+            for name, kernel in kernels.items():
+                configs = _configs(kernel)
+                for config in configs if dtype == "bf16" and not quick else configs[:1]:
                     tag = f"{name} {dtype} hd={hd} {config[0]}x{config[1]}"
                     yield tag, _attention(kernel, dtype, hd, config)
+            delta_config = (_DELTA_BLOCK_M, 0, 4, 1)  # launched with triton's defaults: 4 warps
+            yield f"attn_delta {dtype} hd={hd}", _attention(_delta_kernel, dtype, hd, delta_config)
 
 
 def resource_usage(cubin: bytes) -> str:
@@ -100,11 +113,14 @@ def main(argv=None) -> int:
     if not hasattr(_xent_fwd_kernel, "fn") or type(_xent_fwd_kernel).__name__ != "JITFunction":
         sys.exit("the kernels are interpreted in this process: unset TRITON_INTERPRET and run again")
     target = GPUTarget("cuda", args.arch, 32)
-    for name, (kernel, sig, consts, warps) in variants(args.quick):
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target,
-                                  options={"num_warps": warps})
+    for name, variant in variants(args.quick):
+        kernel, sig, consts, options = variant[:4]
+        options = options if isinstance(options, dict) else {"num_warps": options}
+        attrs = variant[4] if len(variant) > 4 else None
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs), target=target,
+                                  options=options)
         usage = f"{resource_usage(compiled.asm['cubin'])} DYN_SHARED:{compiled.metadata.shared}"
-        print(f"ok  sm_{args.arch}  {name:42s} warps={warps:2d}  {usage}")
+        print(f"ok  sm_{args.arch}  {name:42s} warps={options['num_warps']:2d}  {usage}")
         if "LOCAL:0" not in usage.split():
             print(f"    warning: {name} spills registers to local memory", file=sys.stderr)
     return 0

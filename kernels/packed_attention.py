@@ -9,11 +9,11 @@ one (B, N, 3·D) gradient. Layout (timm, `vit.Attention`): channel c of qkv is [
 qkv.reshape(B, N, 3, H, hd).
 
 Kernels (FlashAttention-2 in Triton, fp32 statistics, exp2 with the scale folded in):
-  forward  one program per (query block, batch·head): loops over key blocks with an online softmax, writes O and
+  forward  one program per (batch·head, query block): loops over key blocks with an online softmax, writes O and
            the row log-sum-exp (log2 base, (B, H, N) fp32) for the backward.
-  dk, dv   one program per (key block, batch·head): loops over query blocks, recomputing P from the saved lse.
-  dq       one program per (query block, batch·head): loops over key blocks.
-  delta = rowsum(dO·O) (fp32) is computed in PyTorch between forward and backward (tiny; fused under compile).
+  dk, dv   one program per (batch·head, key block): loops over query blocks, recomputing P from the saved lse.
+  dq       one program per (batch·head, query block): loops over key blocks.
+  delta    rowsum(dO·O) per query row (fp32), read by both backward kernels.
 No atomics: every output element is written by exactly one program, so results are deterministic.
 On CUDA the block sizes are autotuned (keys N and hd) over a few configurations; the interpreter uses one.
 """
@@ -48,12 +48,35 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @jit
+def _program_ids(N, BLOCK: tl.constexpr):
+    # A 1-D grid of B·H·cdiv(N, BLOCK) programs, the blocks of one (batch, head) adjacent so that they run together
+    # and share its K/V in L2 (a 2-D grid with B·H on axis 1 would also cap B·H at 65,535).
+    n_blocks = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    return pid // n_blocks, pid % n_blocks
+
+
+@jit
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, N, H, s_ob, s_on, s_db, s_dn, HD: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta = rowsum(dO · O) per (b, h, n), fp32, in lse's (B, H, N) layout: FlashAttention-2's preprocessing step.
+    pid_bh, pid_m = _program_ids(N, BLOCK_M)
+    b = (pid_bh // H).to(tl.int64)
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HD)
+    m_ok = offs_m < N
+    o = tl.load(o_ptr + b * s_ob + h * HD + offs_m[:, None] * s_on + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    do = tl.load(do_ptr + b * s_db + h * HD + offs_m[:, None] * s_dn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * N + offs_m, delta, mask=m_ok)
+
+
+@jit
 def _fwd_kernel(
     qkv_ptr, o_ptr, lse_ptr, N, H, s_qb, s_qn, s_ob, s_on, qk_scale,
     DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, pid_m = _program_ids(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     q_base = qkv_ptr + b * s_qb + h * HD
@@ -92,8 +115,7 @@ def _bwd_dkdv_kernel(
     qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, N, H, s_qb, s_qn, s_db, s_dn, s_gb, s_gn, qk_scale, sm_scale,
     DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, pid_n = _program_ids(N, BLOCK_N)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     q_base = qkv_ptr + b * s_qb + h * HD
@@ -117,7 +139,9 @@ def _bwd_dkdv_kernel(
         delta = tl.load(delta_ptr + stat_base + rows, mask=m_ok, other=0.0)
         # Transposed scores (keys × queries): P = exp2(s - lse) is the forward's softmax, recomputed.
         p_t = tl.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])
-        p_t = tl.where(n_ok[:, None] & m_ok[None, :], p_t, 0.0)  # padding rows/columns contribute nothing
+        # Padding: rows (keys) past N are never stored and padded queries have dO = 0, so this is defensive; the
+        # mask that matters is dq's (a zero-loaded key scores 0, and exp2(0 - lse) overflows when lse << 0).
+        p_t = tl.where(n_ok[:, None] & m_ok[None, :], p_t, 0.0)
         dv += _dot(p_t.to(do.dtype), do, IEEE)
         dp_t = _dot(v, tl.trans(do), IEEE)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -133,8 +157,7 @@ def _bwd_dq_kernel(
     qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, N, H, s_qb, s_qn, s_db, s_dn, s_gb, s_gn, qk_scale, sm_scale,
     DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, pid_m = _program_ids(N, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = pid_bh % H
     q_base = qkv_ptr + b * s_qb + h * HD
@@ -164,40 +187,51 @@ def _bwd_dq_kernel(
 
 
 # Block sizes. The interpreter runs one configuration (64 x 64 exercises the multi-block loops and padding at the
-# tests' sizes). On CUDA each kernel is autotuned per (N, hd) over a few configurations, chosen once per shape at
-# the first call (or at compile time under torch.compile); configurations that do not fit the GPU are skipped by
-# triton's autotuner. These have not been tuned on a GPU yet: benchmarks/attention.py compares the op with SDPA.
+# tests' sizes). On CUDA each kernel is autotuned per (N, hd, D) over a few configurations, chosen once per shape at
+# the first call (inductor: at run time as well); configurations that do not fit the GPU are skipped by triton's
+# autotuner. A program's own tile (BLOCK_M for the forward and dq, BLOCK_N for dk/dv) is at least 64 rows: at 32,
+# sm_90 code got no wgmma instructions (compiled without a GPU). Not yet tuned on a GPU: benchmarks/attention.py
+# compares the op with SDPA.
 _INTERP_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
-_CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
-    (64, 64, 4, 2),
-    (128, 64, 8, 2),
-    (64, 32, 4, 3),
-    (32, 64, 4, 2),
-    (128, 32, 4, 2),
-]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+_QUERY_TILED = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2)]  # forward, dq
+_KEY_TILED = [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3), (32, 128, 4, 2)]  # dk, dv
+_DELTA_BLOCK_M = 64
 _AUTOTUNED = {}
+# Tests set this to one (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple to run every kernel at that configuration
+# instead of the autotuner's choice, so that each configuration's code is checked, not only the fastest one.
+_forced_config = None
+
+
+def _configs(fn):
+    return _KEY_TILED if fn is _bwd_dkdv_kernel else _QUERY_TILED
 
 
 def _kernel(fn):
-    """The launchable kernel: `fn` itself in the interpreter, its autotuned wrapper on CUDA (built once)."""
-    if interpreter_active():
+    """The launchable kernel: `fn` itself in the interpreter or under `_forced_config`, else its autotuned wrapper
+    (built once)."""
+    if interpreter_active() or _forced_config is not None:
         return fn
     if fn not in _AUTOTUNED:
         configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _CUDA_CONFIGS
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _configs(fn)
         ]
         _AUTOTUNED[fn] = triton.autotune(configs=configs, key=["N", "HD", "DM"])(fn)
     return _AUTOTUNED[fn]
 
 
 def _launch(kernel, block_name, N, B, H, args, consts, wrap=None):
-    """Launch `kernel` over (blocks of N along `block_name`, B·H)."""
+    """Launch `kernel` over B·H·cdiv(N, block) programs, block = its `block_name` size (see `_program_ids`)."""
     k = _kernel(kernel)
     k = k if wrap is None else wrap(k)
-    if interpreter_active():
-        k[(-(-N // _INTERP_CONFIG[block_name]), B * H)](*args, **consts, **_INTERP_CONFIG)
+    if interpreter_active() or _forced_config is not None:
+        config = _INTERP_CONFIG
+        if _forced_config is not None:
+            bm, bn, warps, stages = _forced_config
+            config = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        k[(B * H * triton.cdiv(N, config[block_name]),)](*args, **consts, **config)
     else:
-        k[lambda meta: (triton.cdiv(N, meta[block_name]), B * H)](*args, **consts)
+        k[lambda meta: (B * H * triton.cdiv(N, meta[block_name]),)](*args, **consts)
 
 
 def _shape(qkv, num_heads):
@@ -223,8 +257,12 @@ def _fwd_launch(qkv, num_heads, wrap=None):
 def _bwd_launch(grad_o, qkv, o, lse, num_heads, wrap=None):
     B, N, dm, hd = _shape(qkv, num_heads)
     grad_o = grad_o if grad_o.stride(-1) == 1 else grad_o.contiguous()
-    # delta = rowsum(dO · O) per (b, h, n), in the (B, H, N) layout of lse.
-    delta = (grad_o.float() * o.float()).reshape(B, N, num_heads, hd).sum(-1).transpose(1, 2).contiguous()
+    delta = torch.empty_like(lse)
+    k = _delta_kernel if wrap is None else wrap(_delta_kernel)
+    k[(B * num_heads * triton.cdiv(N, _DELTA_BLOCK_M),)](
+        o, grad_o, delta, N, num_heads, o.stride(0), o.stride(1), grad_o.stride(0), grad_o.stride(1),
+        HD=hd, BLOCK_M=_DELTA_BLOCK_M,
+    )  # fmt: skip
     dqkv = torch.empty((B, N, 3 * dm), dtype=qkv.dtype, device=qkv.device)
     args = (qkv, grad_o, lse, delta, dqkv, N, num_heads, qkv.stride(0), qkv.stride(1), grad_o.stride(0),
             grad_o.stride(1), dqkv.stride(0), dqkv.stride(1), hd**-0.5 * _LOG2E, hd**-0.5)

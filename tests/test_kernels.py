@@ -411,6 +411,53 @@ def test_packed_attention_forward_backward_match_reference(triton_backend, B, N,
     torch.testing.assert_close(dqkv.double(), dref, rtol=RTOL, atol=ATOL)
 
 
+@pytest.fixture
+def forced_attention_config():
+    """Run the attention kernels at one given (BLOCK_M, BLOCK_N, warps, stages) instead of the default/autotuned."""
+    from matpac_kernels import packed_attention as pa
+
+    def force(config):
+        pa._forced_config = config
+
+    yield force
+    pa._forced_config = None
+
+
+def _extreme_qkv(kind, gen, B=2, N=37, H=2, hd=16):
+    """"peaked": large random logits (softmax rows near one-hot); "negative": every query points away from every key,
+    so all scores and the row log-sum-exp are hugely negative and exp2(-lse) overflows to inf in fp32. A padded key
+    (loaded as zero) then scores 0, far above the real ones: only the explicit masks keep it out."""
+    qkv, grad = _qkv(B, N, H, hd, gen)
+    qkv = qkv.detach()
+    if kind == "peaked":
+        qkv = qkv * 12
+    else:
+        d = H * hd
+        qkv[..., :d] = qkv[..., :d] * 0.1 - 6.0  # q ~ -6 in every dim
+        qkv[..., d : 2 * d] = qkv[..., d : 2 * d] * 0.1 + 6.0  # k ~ +6: q·k/sqrt(hd) ~ -144, exp2(-lse) > 2^200
+    return qkv.requires_grad_(), grad
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # numpy, in the interpreter: expected
+@pytest.mark.parametrize("kind", ["peaked", "negative"])
+@pytest.mark.parametrize("config", [(16, 16, 4, 1), (128, 32, 4, 2), (32, 128, 4, 2)], ids=str)
+def test_packed_attention_extreme_scores_any_block_size(triton_backend, forced_attention_config, config, kind):
+    """Extreme scores with N off every block multiple, at several block shapes (the loops' tails at each): padded
+    key columns and query rows must be masked out, not merely zero-loaded, or they take weight (forward) or leak
+    NaN/inf into the gradients (backward)."""
+    forced_attention_config(config)
+    qkv, grad = _extreme_qkv(kind, torch.Generator().manual_seed(11))
+    out, dqkv = _attention_and_grad(mk.packed_attention, qkv, grad, 2)
+    qkv64 = qkv.detach().double().requires_grad_()
+    ref, dref = _attention_and_grad(mk.reference_packed_attention, qkv64, grad.double(), 2)
+    assert torch.isfinite(out).all() and torch.isfinite(dqkv).all()
+    # Scores in the hundreds: an fp32 ulp of a score moves exp() by ~1e-5 relative, so the error scales with the
+    # largest value (measured: ~4e-6 of it for the output, ~1e-5 for the gradient).
+    torch.testing.assert_close(out.double(), ref, rtol=RTOL, atol=2e-5 * ref.abs().max().item())
+    torch.testing.assert_close(dqkv.double(), dref, rtol=RTOL, atol=2e-5 * dref.abs().max().item())
+
+
 @needs_triton
 def test_packed_attention_reads_strided_input(triton_backend):
     """qkv as a column slice of a wider tensor (row stride > 3·D), and one whose last dim is not contiguous."""
@@ -521,7 +568,7 @@ def test_kernels_compile_for_h100_without_a_gpu():
     cmd = [sys.executable, "-m", "matpac_kernels._compile_check", "--arch", "90", "--quick"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("ok  sm_90") == 29, proc.stdout  # 18 xent + 2 patchify + 9 attention
+    assert proc.stdout.count("ok  sm_90") == 32, proc.stdout  # 18 xent + 2 patchify + 12 attention
     assert "spills" not in proc.stderr, proc.stderr
 
 
@@ -643,7 +690,8 @@ def test_packed_attention_bf16_cuda_matches_sdpa(N, H, hd, compiled):
     qkv32 = torch.randn(B, N, 3 * H * hd, generator=gen).cuda()
     grad32 = torch.randn(B, N, H * hd, generator=gen).cuda()
     qkv, grad = qkv32.bfloat16().requires_grad_(), grad32.bfloat16()
-    fn = torch.compile(mk.packed_attention, fullgraph=True) if compiled else mk.packed_attention
+    torch._dynamo.reset()  # static shapes per case, as the model compiles (no automatic-dynamic recompiles)
+    fn = torch.compile(mk.packed_attention, fullgraph=True, dynamic=False) if compiled else mk.packed_attention
     with mk.use_backend("triton"):
         out, dqkv = _attention_and_grad(fn, qkv, grad, H)
 
@@ -658,3 +706,25 @@ def test_packed_attention_bf16_cuda_matches_sdpa(N, H, hd, compiled):
     for got, base, ref in ((out, s_out, r_out), (dqkv, s_dqkv, r_dqkv)):
         err, base_err = (got.float() - ref).abs().max().item(), (base.float() - ref).abs().max().item()
         assert err <= 2 * base_err + 1e-3, (err, base_err)
+
+
+@gpu
+@needs_cuda
+def test_packed_attention_every_autotuning_config_cuda(forced_attention_config):
+    """Each configuration the autotuner may pick, forced in turn, in bf16 at the predictor's shape (N = 191, three
+    blocks and a tail), against the fp32 reference: a configuration that compiles to wrong code would otherwise only
+    show when the autotuner happened to choose it."""
+    from matpac_kernels import packed_attention as pa
+
+    gen = torch.Generator().manual_seed(12)
+    qkv32, grad32 = torch.randn(4, 191, 3 * 16 * 32, generator=gen), torch.randn(4, 191, 16 * 32, generator=gen)
+    qkv, grad = qkv32.cuda().bfloat16().requires_grad_(), grad32.cuda().bfloat16()
+    ref_in = qkv.detach().float().requires_grad_()
+    r_out, r_dqkv = _attention_and_grad(mk.reference_packed_attention, ref_in, grad.float(), 16)
+    for config in sorted(set(pa._QUERY_TILED + pa._KEY_TILED)):
+        forced_attention_config(config)
+        with mk.use_backend("triton"):
+            out, dqkv = _attention_and_grad(mk.packed_attention, qkv, grad, 16)
+        # bf16 outputs: a few bf16 steps of the largest values; a wrong tile would be off by O(1)
+        torch.testing.assert_close(out.float(), r_out, rtol=2e-2, atol=2e-2, msg=lambda m, c=config: f"{c}: {m}")
+        torch.testing.assert_close(dqkv.float(), r_dqkv, rtol=2e-2, atol=2e-2, msg=lambda m, c=config: f"{c}: {m}")
