@@ -57,18 +57,33 @@ def _program_ids(N, BLOCK: tl.constexpr):
 
 
 @jit
+def _rows(base, rows, stride, N, HD: tl.constexpr):
+    """Rows `rows` of a head's (N, HD) slice at `base` (row stride `stride`); rows past N read as zeros."""
+    offs_d = tl.arange(0, HD)
+    return tl.load(base + rows[:, None] * stride + offs_d[None, :], mask=(rows < N)[:, None], other=0.0)
+
+
+@jit
+def _store_rows(base, rows, stride, N, x, HD: tl.constexpr):
+    offs_d = tl.arange(0, HD)
+    tl.store(base + rows[:, None] * stride + offs_d[None, :], x.to(base.dtype.element_ty), mask=(rows < N)[:, None])
+
+
+@jit
+def _head(pid_bh, H, s_b, HD: tl.constexpr):
+    """Offset of head (b, h)'s first channel in a (B, N, ·) tensor with batch stride s_b (int64)."""
+    return (pid_bh // H).to(tl.int64) * s_b + (pid_bh % H) * HD
+
+
+@jit
 def _delta_kernel(o_ptr, do_ptr, delta_ptr, N, H, s_ob, s_on, s_db, s_dn, HD: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta = rowsum(dO · O) per (b, h, n), fp32, in lse's (B, H, N) layout: FlashAttention-2's preprocessing step.
     pid_bh, pid_m = _program_ids(N, BLOCK_M)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HD)
-    m_ok = offs_m < N
-    o = tl.load(o_ptr + b * s_ob + h * HD + offs_m[:, None] * s_on + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-    do = tl.load(do_ptr + b * s_db + h * HD + offs_m[:, None] * s_dn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o = _rows(o_ptr + _head(pid_bh, H, s_ob, HD), rows, s_on, N, HD)
+    do = _rows(do_ptr + _head(pid_bh, H, s_db, HD), rows, s_dn, N, HD)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_ptr + pid_bh.to(tl.int64) * N + offs_m, delta, mask=m_ok)
+    tl.store(delta_ptr + pid_bh.to(tl.int64) * N + rows, delta, mask=rows < N)
 
 
 @jit
@@ -77,26 +92,19 @@ def _fwd_kernel(
     DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     pid_bh, pid_m = _program_ids(N, BLOCK_M)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    q_base = qkv_ptr + b * s_qb + h * HD
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HD)
-    m_ok = offs_m < N
-    q = tl.load(q_base + offs_m[:, None] * s_qn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    q_base = qkv_ptr + _head(pid_bh, H, s_qb, HD)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q = _rows(q_base, rows, s_qn, N, HD)
     # Running max and sum of exp2 per query row (log2 domain: qk_scale = hd^-0.5 · log2 e).
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HD], tl.float32)
     for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        n_ok = cols < N
-        kv_off = cols[:, None] * s_qn + offs_d[None, :]
-        k = tl.load(q_base + DM + kv_off, mask=n_ok[:, None], other=0.0)
-        v = tl.load(q_base + 2 * DM + kv_off, mask=n_ok[:, None], other=0.0)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _rows(q_base + DM, cols, s_qn, N, HD)
+        v = _rows(q_base + 2 * DM, cols, s_qn, N, HD)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        s = tl.where(n_ok[None, :], s, float("-inf"))
+        s = tl.where((cols < N)[None, :], s, float("-inf"))
         # The first block always holds key 0, so m_new is finite and alpha = exp2(-inf) = 0 on the first pass.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -104,10 +112,8 @@ def _fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
-    acc = acc / l_i[:, None]
-    o_off = b * s_ob + offs_m[:, None] * s_on + h * HD + offs_d[None, :]
-    tl.store(o_ptr + o_off, acc.to(o_ptr.dtype.element_ty), mask=m_ok[:, None])
-    tl.store(lse_ptr + pid_bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+    _store_rows(o_ptr + _head(pid_bh, H, s_ob, HD), rows, s_on, N, acc / l_i[:, None], HD)
+    tl.store(lse_ptr + pid_bh.to(tl.int64) * N + rows, m_i + tl.log2(l_i), mask=rows < N)
 
 
 @jit
@@ -116,40 +122,33 @@ def _bwd_dkdv_kernel(
     DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     pid_bh, pid_n = _program_ids(N, BLOCK_N)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    q_base = qkv_ptr + b * s_qb + h * HD
-    do_base = do_ptr + b * s_db + h * HD
+    q_base = qkv_ptr + _head(pid_bh, H, s_qb, HD)
+    do_base = do_ptr + _head(pid_bh, H, s_db, HD)
     stat_base = pid_bh.to(tl.int64) * N
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HD)
-    n_ok = offs_n < N
-    kv_off = offs_n[:, None] * s_qn + offs_d[None, :]
-    k = tl.load(q_base + DM + kv_off, mask=n_ok[:, None], other=0.0)
-    v = tl.load(q_base + 2 * DM + kv_off, mask=n_ok[:, None], other=0.0)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's keys
+    k = _rows(q_base + DM, cols, s_qn, N, HD)
+    v = _rows(q_base + 2 * DM, cols, s_qn, N, HD)
     dk = tl.zeros([BLOCK_N, HD], tl.float32)
     dv = tl.zeros([BLOCK_N, HD], tl.float32)
     for start_m in range(0, N, BLOCK_M):
-        rows = start_m + offs_m
+        rows = start_m + tl.arange(0, BLOCK_M)
         m_ok = rows < N
-        q = tl.load(q_base + rows[:, None] * s_qn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        do = tl.load(do_base + rows[:, None] * s_dn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        q = _rows(q_base, rows, s_qn, N, HD)
+        do = _rows(do_base, rows, s_dn, N, HD)
         lse = tl.load(lse_ptr + stat_base + rows, mask=m_ok, other=0.0)
         delta = tl.load(delta_ptr + stat_base + rows, mask=m_ok, other=0.0)
         # Transposed scores (keys × queries): P = exp2(s - lse) is the forward's softmax, recomputed.
         p_t = tl.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])
         # Padding: rows (keys) past N are never stored and padded queries have dO = 0, so this is defensive; the
         # mask that matters is dq's (a zero-loaded key scores 0, and exp2(0 - lse) overflows when lse << 0).
-        p_t = tl.where(n_ok[:, None] & m_ok[None, :], p_t, 0.0)
+        p_t = tl.where((cols < N)[:, None] & m_ok[None, :], p_t, 0.0)
         dv += _dot(p_t.to(do.dtype), do, IEEE)
         dp_t = _dot(v, tl.trans(do), IEEE)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += _dot(ds_t.to(q.dtype), q, IEEE)
-    g_off = b * s_gb + offs_n[:, None] * s_gn + h * HD + offs_d[None, :]
-    out_ty = dqkv_ptr.dtype.element_ty
-    tl.store(dqkv_ptr + DM + g_off, (dk * sm_scale).to(out_ty), mask=n_ok[:, None])
-    tl.store(dqkv_ptr + 2 * DM + g_off, dv.to(out_ty), mask=n_ok[:, None])
+    g_base = dqkv_ptr + _head(pid_bh, H, s_gb, HD)
+    _store_rows(g_base + DM, cols, s_gn, N, dk * sm_scale, HD)
+    _store_rows(g_base + 2 * DM, cols, s_gn, N, dv, HD)
 
 
 @jit
@@ -158,32 +157,25 @@ def _bwd_dq_kernel(
     DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     pid_bh, pid_m = _program_ids(N, BLOCK_M)
-    b = (pid_bh // H).to(tl.int64)
-    h = pid_bh % H
-    q_base = qkv_ptr + b * s_qb + h * HD
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HD)
-    m_ok = offs_m < N
-    q = tl.load(q_base + offs_m[:, None] * s_qn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-    do = tl.load(do_ptr + b * s_db + h * HD + offs_m[:, None] * s_dn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+    q_base = qkv_ptr + _head(pid_bh, H, s_qb, HD)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's queries
+    m_ok = rows < N
+    q = _rows(q_base, rows, s_qn, N, HD)
+    do = _rows(do_ptr + _head(pid_bh, H, s_db, HD), rows, s_dn, N, HD)
     stat_base = pid_bh.to(tl.int64) * N
-    lse = tl.load(lse_ptr + stat_base + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(delta_ptr + stat_base + offs_m, mask=m_ok, other=0.0)
+    lse = tl.load(lse_ptr + stat_base + rows, mask=m_ok, other=0.0)
+    delta = tl.load(delta_ptr + stat_base + rows, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, HD], tl.float32)
     for start_n in range(0, N, BLOCK_N):
-        cols = start_n + offs_n
-        n_ok = cols < N
-        kv_off = cols[:, None] * s_qn + offs_d[None, :]
-        k = tl.load(q_base + DM + kv_off, mask=n_ok[:, None], other=0.0)
-        v = tl.load(q_base + 2 * DM + kv_off, mask=n_ok[:, None], other=0.0)
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = _rows(q_base + DM, cols, s_qn, N, HD)
+        v = _rows(q_base + 2 * DM, cols, s_qn, N, HD)
         p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
-        p = tl.where(m_ok[:, None] & n_ok[None, :], p, 0.0)
+        p = tl.where(m_ok[:, None] & (cols < N)[None, :], p, 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
-    g_off = b * s_gb + offs_m[:, None] * s_gn + h * HD + offs_d[None, :]
-    tl.store(dqkv_ptr + g_off, (dq * sm_scale).to(dqkv_ptr.dtype.element_ty), mask=m_ok[:, None])
+    _store_rows(dqkv_ptr + _head(pid_bh, H, s_gb, HD), rows, s_gn, N, dq * sm_scale, HD)
 
 
 # Block sizes. The interpreter runs one configuration (64 x 64 exercises the multi-block loops and padding at the
