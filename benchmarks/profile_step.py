@@ -34,8 +34,9 @@ import train_throughput as tt  # noqa: E402
 
 # First match wins; names are CUDA kernel names as the profiler reports them.
 CLASSES = [
-    # attention before gemm: cuDNN's SDPA kernels are named like GEMMs (sm90_..._wgmma)
-    ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
+    # attention before gemm: cuDNN's SDPA kernels are named like GEMMs (sm90_..._wgmma); `_attn_*` are
+    # matpac_kernels.packed_attention's (attn_impl=triton), which would otherwise count as triton/inductor
+    ("attention", re.compile(r"flash|fmha|attention|sdpa|^_attn_", re.I)),
     ("gemm", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|sm90_|matmul", re.I)),
     ("optimizer+ema", re.compile(r"multi_tensor|foreach|adam|lerp|fused_adam", re.I)),
     ("triton/inductor", re.compile(r"^triton_|_kernel$|^_xent|^_patchify", re.I)),

@@ -16,7 +16,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .centered_xent import _num_warps, _xent_bwd_kernel, _xent_fwd_kernel
-from .packed_attention import _DELTA_BLOCK_M, _bwd_dkdv_kernel, _bwd_dq_kernel, _configs, _delta_kernel, _fwd_kernel
+from .packed_attention import (
+    _DELTA_BLOCK_M,
+    _attn_bwd_dkdv_kernel,
+    _attn_bwd_dq_kernel,
+    _attn_delta_kernel,
+    _attn_fwd_kernel,
+    _configs,
+)
 from .patchify_gather import NUM_WARPS, TOKENS_PER_PROGRAM, _patchify_gather_kernel
 
 F32, I32 = "*fp32", "i32"
@@ -81,7 +88,7 @@ def variants(quick: bool = False):
             yield f"xent_bwd {dtype} BLOCK_K={block_k}", _xent_bwd(dtype, block_k)
     for in_dtype, out_dtype in (("fp32", "fp32"), ("fp16", "bf16")):
         yield f"patchify_gather {in_dtype}->{out_dtype}", _gather(in_dtype, out_dtype)
-    kernels = {"attn_fwd": _fwd_kernel, "attn_dkdv": _bwd_dkdv_kernel, "attn_dq": _bwd_dq_kernel}
+    kernels = {"attn_fwd": _attn_fwd_kernel, "attn_dkdv": _attn_bwd_dkdv_kernel, "attn_dq": _attn_bwd_dq_kernel}
     # Each autotuning configuration of the bf16 kernels at the model's head widths; fp32 at the first one only.
     # (`--quick`: the first configuration only; the rest differ in block sizes, not in code paths.)
     for dtype in ("bf16", "fp32"):
@@ -92,7 +99,7 @@ def variants(quick: bool = False):
                     tag = f"{name} {dtype} hd={hd} {config[0]}x{config[1]}"
                     yield tag, _attention(kernel, dtype, hd, config)
             delta_config = (_DELTA_BLOCK_M, 0, 4, 1)  # launched with triton's defaults: 4 warps
-            yield f"attn_delta {dtype} hd={hd}", _attention(_delta_kernel, dtype, hd, delta_config)
+            yield f"attn_delta {dtype} hd={hd}", _attention(_attn_delta_kernel, dtype, hd, delta_config)
 
 
 def resource_usage(cubin: bytes) -> str:

@@ -76,7 +76,7 @@ def _head(pid_bh, H, s_b, HD: tl.constexpr):
 
 
 @jit
-def _delta_kernel(o_ptr, do_ptr, delta_ptr, N, H, s_ob, s_on, s_db, s_dn, HD: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_delta_kernel(o_ptr, do_ptr, delta_ptr, N, H, s_ob, s_on, s_db, s_dn, HD: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta = rowsum(dO · O) per (b, h, n), fp32, in lse's (B, H, N) layout: FlashAttention-2's preprocessing step.
     pid_bh, pid_m = _program_ids(N, BLOCK_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -87,7 +87,7 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, N, H, s_ob, s_on, s_db, s_dn, HD: tl
 
 
 @jit
-def _fwd_kernel(
+def _attn_fwd_kernel(
     qkv_ptr, o_ptr, lse_ptr, N, H, s_qb, s_qn, s_ob, s_on, qk_scale,
     DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -117,7 +117,7 @@ def _fwd_kernel(
 
 
 @jit
-def _bwd_dkdv_kernel(
+def _attn_bwd_dkdv_kernel(
     qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, N, H, s_qb, s_qn, s_db, s_dn, s_gb, s_gn, qk_scale, sm_scale,
     DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -152,7 +152,7 @@ def _bwd_dkdv_kernel(
 
 
 @jit
-def _bwd_dq_kernel(
+def _attn_bwd_dq_kernel(
     qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, N, H, s_qb, s_qn, s_db, s_dn, s_gb, s_gn, qk_scale, sm_scale,
     DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
@@ -196,7 +196,7 @@ _forced_config = None
 
 
 def _configs(fn):
-    return _KEY_TILED if fn is _bwd_dkdv_kernel else _QUERY_TILED
+    return _KEY_TILED if fn is _attn_bwd_dkdv_kernel else _QUERY_TILED
 
 
 def _kernel(fn):
@@ -242,7 +242,7 @@ def _fwd_launch(qkv, num_heads, wrap=None):
     o = torch.empty((B, N, dm), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty((B, num_heads, N), dtype=torch.float32, device=qkv.device)
     args = (qkv, o, lse, N, num_heads, qkv.stride(0), qkv.stride(1), o.stride(0), o.stride(1), hd**-0.5 * _LOG2E)
-    _launch(_fwd_kernel, "BLOCK_M", N, B, num_heads, args, _consts(qkv, num_heads), wrap)
+    _launch(_attn_fwd_kernel, "BLOCK_M", N, B, num_heads, args, _consts(qkv, num_heads), wrap)
     return o, lse
 
 
@@ -250,7 +250,7 @@ def _bwd_launch(grad_o, qkv, o, lse, num_heads, wrap=None):
     B, N, dm, hd = _shape(qkv, num_heads)
     grad_o = grad_o if grad_o.stride(-1) == 1 else grad_o.contiguous()
     delta = torch.empty_like(lse)
-    k = _delta_kernel if wrap is None else wrap(_delta_kernel)
+    k = _attn_delta_kernel if wrap is None else wrap(_attn_delta_kernel)
     k[(B * num_heads * triton.cdiv(N, _DELTA_BLOCK_M),)](
         o, grad_o, delta, N, num_heads, o.stride(0), o.stride(1), grad_o.stride(0), grad_o.stride(1),
         HD=hd, BLOCK_M=_DELTA_BLOCK_M,
@@ -259,8 +259,8 @@ def _bwd_launch(grad_o, qkv, o, lse, num_heads, wrap=None):
     args = (qkv, grad_o, lse, delta, dqkv, N, num_heads, qkv.stride(0), qkv.stride(1), grad_o.stride(0),
             grad_o.stride(1), dqkv.stride(0), dqkv.stride(1), hd**-0.5 * _LOG2E, hd**-0.5)
     consts = _consts(qkv, num_heads)
-    _launch(_bwd_dkdv_kernel, "BLOCK_N", N, B, num_heads, args, consts, wrap)
-    _launch(_bwd_dq_kernel, "BLOCK_M", N, B, num_heads, args, consts, wrap)
+    _launch(_attn_bwd_dkdv_kernel, "BLOCK_N", N, B, num_heads, args, consts, wrap)
+    _launch(_attn_bwd_dq_kernel, "BLOCK_M", N, B, num_heads, args, consts, wrap)
     return dqkv
 
 

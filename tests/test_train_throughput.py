@@ -804,6 +804,7 @@ def test_profile_kernel_classes():
     assert profile_step.classify("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7") == "attention"
     assert profile_step.classify("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "gemm"
     assert profile_step.classify("triton_poi_fused_gelu_view_40") == "triton/inductor"
+    assert profile_step.classify("_attn_bwd_dkdv_kernel") == "attention"  # packed_attention's, not an inductor one
     assert profile_step.classify("void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata>") == (
         "optimizer+ema")
     assert profile_step.classify("Memcpy HtoD (Pinned -> Device)") == "copy/memset"
