@@ -15,7 +15,7 @@ Kernels (FlashAttention-2 in Triton, fp32 statistics, exp2 with the scale folded
   dq       one program per (batch·head, query block): loops over key blocks.
   delta    rowsum(dO·O) per query row (fp32), read by both backward kernels.
 No atomics: every output element is written by exactly one program, so results are deterministic.
-On CUDA the block sizes are autotuned (keys N and hd) over a few configurations; the interpreter uses one.
+On CUDA the block sizes are autotuned (keys N, hd and D) over a few configurations; the interpreter uses one.
 """
 
 import torch
