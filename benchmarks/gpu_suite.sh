@@ -52,7 +52,8 @@
 #
 # Environment: PYTHON (default python3), MATPAC_COMMIT (the commit to report, for a copied tree),
 # SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed steps per training run, default 25; 2 dry run),
-# SUITE_COMPILE_MODE (torch.compile mode of the compiled modes: default | reduce-overhead | max-autotune-no-cudagraphs),
+# SUITE_COMPILE_MODE (torch.compile mode of the compiled modes: default | reduce-overhead | max-autotune-no-cudagraphs
+# | gemm-autotune),
 # SUITE_MODES (modes of train_b256, and of train_b64 unless SUITE_SMALL_MODES is set), SUITE_SMALL_MODES,
 # SUITE_STREAM=1 (run the stream step), SUITE_ATTN_TRITON=1 (run the attn_triton step), SUITE_PROFILE=1 (run the
 # profile step),
@@ -105,8 +106,8 @@ for v in SUITE_MODES SUITE_SMALL_MODES; do  # as train_throughput.py reads --mod
   (( n > 0 )) || bad "$v=${!v} names no mode (modes: ${KNOWN_MODES[*]})"
 done
 case "${SUITE_COMPILE_MODE:-default}" in
-  default|reduce-overhead|max-autotune-no-cudagraphs) ;;
-  *) bad "SUITE_COMPILE_MODE=$SUITE_COMPILE_MODE: give default, reduce-overhead or max-autotune-no-cudagraphs" ;;
+  default|reduce-overhead|max-autotune-no-cudagraphs|gemm-autotune) ;;
+  *) bad "SUITE_COMPILE_MODE=$SUITE_COMPILE_MODE: give default, reduce-overhead, max-autotune-no-cudagraphs or gemm-autotune" ;;
 esac
 for v in SUITE_STREAM SUITE_ATTN_TRITON SUITE_PROFILE SUITE_ALLOW_MISSING; do
   case "${!v:-0}" in 0|1) ;; *) bad "$v=${!v}: give 1 (on) or 0 (off)" ;; esac

@@ -74,8 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="matpac", choices=list(tt.PRESETS), help="model preset (default matpac)")
     p.add_argument("--mode", default="compiled+kernels", choices=[m for m in tt.MODES if m != "reference-design"])
-    p.add_argument("--compile-mode", default="default",
-                   choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"))
+    p.add_argument("--compile-mode", default="default", choices=tt.COMPILE_MODES)
     p.add_argument("--compile-scope", default="step", choices=("step", "block"))
     p.add_argument("--attn-impl", default="sdpa", choices=tt.ATTN_IMPLS,
                    help="attention: sdpa (PyTorch picks the backend), one SDPA backend pinned, or math")

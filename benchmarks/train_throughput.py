@@ -82,7 +82,14 @@ from _peer import PEER_VERSION, ReferenceDesignTrainer  # noqa: E402
 from matpac_fast.config import ATTN_IMPLS, PRESETS, STREAM_DTYPES  # noqa: E402
 from matpac_fast.data import ShardSource, is_local  # noqa: E402
 from matpac_fast.metrics import mfu  # noqa: E402
-from matpac_fast.train_config import DataConfig, OptimConfig, RunConfig, ScheduleConfig, TrainConfig  # noqa: E402
+from matpac_fast.train_config import (  # noqa: E402
+    COMPILE_MODES,
+    DataConfig,
+    OptimConfig,
+    RunConfig,
+    ScheduleConfig,
+    TrainConfig,
+)
 from matpac_fast.trainer import Trainer  # noqa: E402
 
 
@@ -137,9 +144,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="peak dense TFLOP/s of one device for MFU (default: look the GPU up in the table)")
     p.add_argument("--compile-scope", default="step", choices=("step", "block"),
                    help="compiled modes: torch.compile the whole forward (step) or each transformer block")
-    p.add_argument("--compile-mode", default="default",
-                   choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
-                   help="torch.compile mode of the compiled modes (reduce-overhead: CUDA graphs)")
+    p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode of the compiled modes (reduce-overhead: CUDA graphs; gemm-autotune: "
+                        "CUDA graphs plus inductor's GEMM autotuning, see matpac_fast.train_config)")
     p.add_argument("--attn-impl", default="sdpa", choices=ATTN_IMPLS,
                    help="attention of the non-reference modes: sdpa (PyTorch picks the backend), one SDPA backend "
                         "pinned, math, or triton (matpac_kernels.packed_attention on the fused qkv output; the math "

@@ -57,7 +57,7 @@ class RunConfig:
     seed: int = 0
     precision: str = "bf16"  # bf16 | fp16 | no
     compile: str = "off"  # off | block | step
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune-no-cudagraphs
+    compile_mode: str = "default"  # torch.compile mode, one of COMPILE_MODES (see `compile_kwargs`)
     kernels: bool = False
     log_every: int = 50
     ckpt_every: int = 2000  # optimizer steps; 0: only at the end / on signal
@@ -105,11 +105,32 @@ RECIPES: dict[str, dict] = {
     },
 }
 
+# torch.compile's own modes plus "gemm-autotune" (ours): see `compile_kwargs`.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "gemm-autotune")
+# "gemm-autotune": CUDA graphs, as reduce-overhead, plus Inductor's GEMM autotuning: Triton GEMM templates compete
+# with cuBLAS for each matrix product, and a template that wins can take the element-wise work after it (bias, the
+# exact GELU, casts) into its epilogue, the ~30 % of a step that is not GEMMs (benchmarks/RESULTS.md). Without
+# max-autotune's coordinate-descent tuning of every other kernel, to bound compile time: max-autotune-no-cudagraphs
+# did not finish compiling within 3 minutes on an H200 (which of its parts took the time was not measured).
+GEMM_AUTOTUNE_OPTIONS = {"max_autotune_gemm": True, "coordinate_descent_tuning": False, "triton.cudagraphs": True}
+
+
+def compile_kwargs(compile_mode: str) -> dict:
+    """torch.compile keyword arguments for a COMPILE_MODES name (a mode, or inductor options for ours)."""
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
+    if compile_mode == "default":
+        return {}
+    if compile_mode == "gemm-autotune":
+        return {"options": dict(GEMM_AUTOTUNE_OPTIONS)}
+    return {"mode": compile_mode}
+
+
 _SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig}
 _CHOICES = {
     "precision": ("bf16", "fp16", "no"),
     "compile": ("off", "block", "step"),
-    "compile_mode": ("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+    "compile_mode": COMPILE_MODES,
     "epoch_mode": ("exact", "resampled"),
     "on_error": ("warn", "raise"),
 }
@@ -122,8 +143,9 @@ _HELP = {
     "epochs": "epochs that the lr / EMA / tau_t schedules span",
     "max_steps": "stop after this many optimizer steps (0: run all epochs)",
     "compile": "torch.compile: off, block (each transformer block), step (the whole forward)",
-    "compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs: fewer launches, more memory) or "
-    "max-autotune-no-cudagraphs (GEMM autotuning, minutes of compilation)",
+    "compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs: fewer launches, more memory), "
+    "max-autotune-no-cudagraphs (GEMM and kernel autotuning, minutes of compilation) or gemm-autotune (ours: CUDA "
+    "graphs plus GEMM autotuning only, so that Triton GEMMs can fuse bias/GELU epilogues; not yet timed on a GPU)",
     "kernels": "use the Triton kernels (fused patchify-gather and centred softmax cross-entropy)",
     "resume": "'auto' resumes from the latest checkpoint in --out, or give a checkpoint directory (an earlier one "
     "only once the later checkpoints are moved out of --out/checkpoints)",

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from matpac_fast import checkpoint as ckpt
 from matpac_fast.metrics import Throughput, mfu, peak_tflops
-from matpac_fast.train_config import TrainConfig, model_config, resolve_args
+from matpac_fast.train_config import TrainConfig, compile_kwargs, model_config, resolve_args
 
 
 class TrainingAborted(RuntimeError):
@@ -305,13 +305,13 @@ class Trainer:
             fused=fused,
         )
         model = model.to(self.device)
-        mode = None if cfg.run.compile_mode == "default" else cfg.run.compile_mode
+        kwargs = compile_kwargs(cfg.run.compile_mode)
         if cfg.run.compile == "block":
             for m in model.modules():
                 if type(m).__name__ == "Block":
-                    m.compile(mode=mode)
+                    m.compile(**kwargs)
         elif cfg.run.compile == "step":
-            model = torch.compile(model, mode=mode)
+            model = torch.compile(model, **kwargs)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
         self.inner_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
         spe = self.data.batches_per_epoch // cfg.optim.grad_accum

@@ -455,6 +455,29 @@ def test_compile_mode_is_an_option_and_checked():
         validate(cfg)
 
 
+@pytest.mark.parametrize("scope", ["step", "block"])
+@pytest.mark.parametrize("mode, expect", [
+    ("default", {}),
+    ("reduce-overhead", {"mode": "reduce-overhead"}),
+    ("gemm-autotune", {"options": {"max_autotune_gemm": True, "coordinate_descent_tuning": False,
+                                   "triton.cudagraphs": True}}),
+])
+def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, scope, mode, expect):
+    """Each --compile-mode becomes torch.compile's arguments, for the whole step or each block; "gemm-autotune" is
+    inductor options (torch.compile takes a mode or options, not both), the others its own modes."""
+    from torch import nn
+
+    from matpac_fast.trainer import Trainer
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    argv = [*TINY, "--out", str(tmp_path / "run"), "--max-steps", "1", "--compile", scope, "--compile-mode", mode]
+    Trainer(resolve(argv)[0])
+    assert calls and all(kw == expect for kw in calls), calls
+    assert len(calls) == (1 if scope == "step" else 3)  # depth=1, pred_depth=1: student, teacher, predictor block
+
+
 def test_model_input_shape_error_names_the_setting_to_change():
     from matpac_fast.config import get_model_config
     from matpac_fast.masking import make_masks
