@@ -74,10 +74,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="matpac", choices=list(tt.PRESETS), help="model preset (default matpac)")
     p.add_argument("--mode", default="compiled+kernels", choices=[m for m in tt.MODES if m != "reference-design"])
-    p.add_argument("--compile-mode", default="default", choices=tt.COMPILE_MODES)
+    p.add_argument("--compile-mode", default="default", choices=tt.COMPILE_MODES,
+                   help="torch.compile mode (see train_throughput.py --help)")
     p.add_argument("--compile-scope", default="step", choices=("step", "block"))
     p.add_argument("--attn-impl", default="sdpa", choices=tt.ATTN_IMPLS,
-                   help="attention: sdpa (PyTorch picks the backend), one SDPA backend pinned, or math")
+                   help="attention: sdpa (PyTorch picks the backend), one SDPA backend pinned, math, or triton "
+                        "(matpac_kernels.packed_attention)")
     p.add_argument("--stream-dtype", default="fp32", choices=tt.STREAM_DTYPES,
                    help="residual stream under autocast: fp32 (default) or amp (bf16)")
     p.add_argument("--batch", type=int, default=256, help="per-device batch (default 256)")

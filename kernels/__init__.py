@@ -7,8 +7,8 @@ first imported).
 """
 
 from ._runtime import BACKENDS, get_backend, interpreter_active, set_backend, use_backend
+from .attention import packed_attention, reference_packed_attention
 from .centered_xent import centered_softmax_xent, reference_centered_softmax_xent
-from .packed_attention import packed_attention, reference_packed_attention
 from .patchify_gather import patchify_gather, reference_patchify_gather
 
 __all__ = [

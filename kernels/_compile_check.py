@@ -15,8 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .centered_xent import _num_warps, _xent_bwd_kernel, _xent_fwd_kernel
-from .packed_attention import (
+from .attention import (
     _DELTA_BLOCK_M,
     _attn_bwd_dkdv_kernel,
     _attn_bwd_dq_kernel,
@@ -24,6 +23,7 @@ from .packed_attention import (
     _attn_fwd_kernel,
     _configs,
 )
+from .centered_xent import _num_warps, _xent_bwd_kernel, _xent_fwd_kernel
 from .patchify_gather import NUM_WARPS, TOKENS_PER_PROGRAM, _patchify_gather_kernel
 
 F32, I32 = "*fp32", "i32"

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 
 ATTN_IMPLS = ("sdpa", "flash", "efficient", "cudnn", "math", "triton")
+# Head widths the Triton attention kernel takes (matpac_kernels.attention.HEAD_DIMS; a test checks they agree).
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
 STREAM_DTYPES = ("fp32", "amp")
 
 
@@ -116,6 +118,14 @@ class ModelConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"ModelConfig: {msg}")
+        if self.attn_impl == "triton":  # refused here, not run silently as the reference where the kernel cannot go
+            for where, dim, heads in (("", self.dim, self.heads), ("pred_", self.pred_dim, self.pred_heads)):
+                if dim // heads not in TRITON_HEAD_DIMS:
+                    raise ValueError(
+                        f"ModelConfig: attn_impl='triton' takes heads {', '.join(map(str, TRITON_HEAD_DIMS))} wide, "
+                        f"but {where}dim={dim} / {where}heads={heads} = {dim // heads}: change {where}heads or use "
+                        "attn_impl=sdpa"
+                    )
         if not 1 <= self.n_visible < self.n_patches:
             raise ValueError(f"ModelConfig: mask_ratio={self.mask_ratio} leaves {self.n_visible} visible patches")
 

@@ -110,7 +110,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "ge
 # "gemm-autotune": CUDA graphs, as reduce-overhead, plus Inductor's GEMM autotuning: Triton GEMM templates compete
 # with cuBLAS for each matrix product, and a template that wins can take the element-wise work after it (bias, the
 # exact GELU, casts) into its epilogue, the ~30 % of a step that is not GEMMs (benchmarks/RESULTS.md). Without
-# max-autotune's coordinate-descent tuning of every other kernel, to bound compile time: max-autotune-no-cudagraphs
+# max-autotune's coordinate-descent tuning of every other kernel, meant to compile faster: max-autotune-no-cudagraphs
 # did not finish compiling within 3 minutes on an H200 (which of its parts took the time was not measured).
 GEMM_AUTOTUNE_OPTIONS = {"max_autotune_gemm": True, "coordinate_descent_tuning": False, "triton.cudagraphs": True}
 

@@ -414,7 +414,7 @@ def test_packed_attention_forward_backward_match_reference(triton_backend, B, N,
 @pytest.fixture
 def forced_attention_config():
     """Run the attention kernels at one given (BLOCK_M, BLOCK_N, warps, stages) instead of the default/autotuned."""
-    from matpac_kernels import packed_attention as pa
+    import matpac_kernels.attention as pa
 
     def force(config):
         pa._forced_config = config
@@ -535,6 +535,12 @@ def test_packed_attention_under_torch_compile_fullgraph(triton_backend):
 def test_packed_attention_user_errors(shape, heads, match):
     with pytest.raises(ValueError, match=match):
         mk.packed_attention(torch.zeros(shape), heads)
+
+
+def test_model_config_knows_the_kernels_head_widths():
+    from matpac_fast.config import TRITON_HEAD_DIMS
+
+    assert TRITON_HEAD_DIMS == mk.attention.HEAD_DIMS
 
 
 def test_packed_attention_unsupported_head_width():
@@ -678,11 +684,13 @@ def test_xent_cuda_leaner_than_eager():
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("N,H,hd", [(58, 12, 64), (134, 12, 64), (191, 16, 32)], ids=["student", "teacher", "pred"])
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("N,H,hd,compiled", [
+    (58, 12, 64, False), (134, 12, 64, False), (191, 16, 32, False), (191, 16, 32, True),
+], ids=["student", "teacher", "pred", "pred-compiled"])
 def test_packed_attention_bf16_cuda_matches_sdpa(N, H, hd, compiled):
-    """The model's three shapes in bf16 (autotuned kernels; compiled: the triton_op under inductor), against SDPA on
-    the same bf16 q, k, v and against the fp32 reference: the kernel must be as close to fp32 as SDPA is."""
+    """The model's three shapes in bf16 (autotuned kernels), one also compiled (the triton_op under inductor: one
+    shape, since each compile costs suite time), against SDPA on the same bf16 q, k, v and against the fp32
+    reference: the kernel must be as close to fp32 as SDPA is."""
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(N)
@@ -714,7 +722,7 @@ def test_packed_attention_every_autotuning_config_cuda(forced_attention_config):
     """Each configuration the autotuner may pick, forced in turn, in bf16 at the predictor's shape (N = 191, three
     blocks and a tail), against the fp32 reference: a configuration that compiles to wrong code would otherwise only
     show when the autotuner happened to choose it."""
-    from matpac_kernels import packed_attention as pa
+    import matpac_kernels.attention as pa
 
     gen = torch.Generator().manual_seed(12)
     qkv32, grad32 = torch.randn(4, 191, 3 * 16 * 32, generator=gen), torch.randn(4, 191, 16 * 32, generator=gen)

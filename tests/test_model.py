@@ -348,5 +348,12 @@ def test_pinned_backend_that_cannot_run_raises():
         _model(attn_impl="cudnn")(_batch(cfg), StepState())
     with pytest.raises(ValueError, match="attn_impl='fast': use one of sdpa, flash, efficient, cudnn, math, triton"):
         get_model_config("tiny", attn_impl="fast")
+    # the Triton attention kernel's head widths: refused up front, not silently run as the reference
+    with pytest.raises(ValueError, match=r"takes heads 16, 32, 64, 128 wide, but pred_dim=32 / pred_heads=4 = 8: "
+                                         r"change pred_heads or use attn_impl=sdpa"):
+        get_model_config("tiny", attn_impl="triton")
+    with pytest.raises(ValueError, match=r"but dim=96 / heads=4 = 24: change heads"):
+        get_model_config("tiny", attn_impl="triton", dim=96, pred_heads=2)
+    assert get_model_config("matpac", attn_impl="triton").attn_impl == "triton"  # 64- and 32-wide heads
     with pytest.raises(ValueError, match="stream_dtype='bf16': use one of fp32, amp"):
         get_model_config("tiny", stream_dtype="bf16")

@@ -651,16 +651,18 @@ def test_suite_settings_are_checked_before_anything_runs(tmp_path, env, message)
     assert "nothing was run" in r.stderr and not (tmp_path / "out").exists()
 
 
-def test_suite_accepts_every_mode_of_the_benchmark(tmp_path):
-    """The suite's list of modes is train_throughput.py's: every one passes the up-front check (which then stops at
-    the next one, the refusal of a used OUT_DIR), blanks and empty entries ignored as --modes does."""
+@pytest.mark.parametrize("compile_mode", tt.COMPILE_MODES)
+def test_suite_accepts_every_mode_of_the_benchmark(tmp_path, compile_mode):
+    """The suite's lists of modes and compile modes are train_throughput.py's: every one passes the up-front check
+    (which then stops at the next one, the refusal of a used OUT_DIR), blanks and empty entries ignored as --modes
+    does."""
     used = tmp_path / "used"
     used.mkdir()
     (used / "train.csv").write_text("earlier results\n")
     modes = " , ".join(tt.MODES) + ","
     r = _suite(str(used), "--cpu-dry-run", SUITE_MODES=modes, SUITE_SMALL_MODES=modes, SUITE_BUDGET_S="30",
                SUITE_STEPS="3", SUITE_STREAM="1", SUITE_ATTN_TRITON="1", SUITE_PROFILE="0",
-               SUITE_COMPILE_MODE="reduce-overhead")
+               SUITE_COMPILE_MODE=compile_mode)
     assert r.returncode == 2 and "already holds an earlier suite's train.csv" in r.stderr, r.stderr
 
 

@@ -478,6 +478,21 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, scope, mode, 
     assert len(calls) == (1 if scope == "step" else 3)  # depth=1, pred_depth=1: student, teacher, predictor block
 
 
+def test_every_compile_mode_is_one_torch_compile_accepts():
+    """torch.compile checks mode names and inductor option names when it is called (a misspelled option is a
+    RuntimeError), so each mapping is checked against torch itself, not only against the table it came from."""
+    from torch import nn
+
+    from matpac_fast.train_config import COMPILE_MODES, compile_kwargs
+
+    for mode in COMPILE_MODES:
+        torch.compile(nn.Linear(2, 2), **compile_kwargs(mode))
+    with pytest.raises(RuntimeError):  # the check this relies on
+        torch.compile(nn.Linear(2, 2), options={"max_autotune_gemmz": True})
+    with pytest.raises(ValueError, match="compile mode 'fastest': use one of default, reduce-overhead"):
+        compile_kwargs("fastest")
+
+
 def test_model_input_shape_error_names_the_setting_to_change():
     from matpac_fast.config import get_model_config
     from matpac_fast.masking import make_masks
