@@ -150,7 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--attn-impl", default="sdpa", choices=ATTN_IMPLS,
                    help="attention of the non-reference modes: sdpa (PyTorch picks the backend), one SDPA backend "
                         "pinned, math, or triton (matpac_kernels.packed_attention on the fused qkv output; the math "
-                        "reference where Triton cannot run)")
+                        "reference where Triton cannot run; with it, the compiled mode runs a Triton kernel too, so "
+                        "compiled vs compiled+kernels no longer isolates the --kernels ops' share)")
     p.add_argument("--reference-attn", default="math", choices=ATTN_IMPLS,
                    help="attention of reference-design (default math: the explicit softmax(q·kᵀ)·v of the authors' "
                         "timm 0.4.12 Block); sdpa gives the peer our SDPA call (the H200 runs of RESULTS.md used "
