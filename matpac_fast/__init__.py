@@ -1,25 +1,43 @@
-"""matpac_fast: fast pre-training of MATPAC / M2D self-supervised audio encoders."""
+"""matpac_fast: fast pre-training of MATPAC / M2D self-supervised audio encoders.
+
+The names below are imported on first use (PEP 562), not with the package: `make-shards`, `verify-shards` and the
+small helper modules import `matpac_fast.<module>` without pulling in torch (2 s, and a Ctrl-C in those 2 s used
+to print an import traceback instead of the tools' one-line message)."""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from matpac_fast.frontend import PRESETS as FRONTEND_PRESETS  # noqa: E402
-from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec  # noqa: E402
+_EXPORTS = {
+    "FRONTEND_PRESETS": ("matpac_fast.frontend", "PRESETS"),
+    "FrontendSpec": ("matpac_fast.frontend", "FrontendSpec"),
+    "LogMelSpec": ("matpac_fast.frontend", "LogMelSpec"),
+    "get_spec": ("matpac_fast.frontend", "get_spec"),
+    # The model and the encoder API (issue 4).
+    "MATPAC": ("matpac_fast.model", "MATPAC"),
+    "StepState": ("matpac_fast.model", "StepState"),
+    "Encoder": ("matpac_fast.encoder", "Encoder"),
+    "export_encoder_state": ("matpac_fast.encoder", "export_encoder_state"),
+    "load_encoder": ("matpac_fast.encoder", "load_encoder"),
+    "ModelConfig": ("matpac_fast.config", "ModelConfig"),
+    "get_model_config": ("matpac_fast.config", "get_model_config"),
+    "flops_per_sample": ("matpac_fast.flops", "flops_per_sample"),
+}
 
-__all__ = ["FRONTEND_PRESETS", "FrontendSpec", "LogMelSpec", "get_spec", "__version__"]
+__all__ = ["__version__", *_EXPORTS]
 
-# The model and the encoder API (issue 4).
-from matpac_fast.config import ModelConfig, get_model_config  # noqa: E402
-from matpac_fast.encoder import Encoder, export_encoder_state, load_encoder  # noqa: E402
-from matpac_fast.flops import flops_per_sample  # noqa: E402
-from matpac_fast.model import MATPAC, StepState  # noqa: E402
 
-__all__ += [
-    "MATPAC",
-    "Encoder",
-    "ModelConfig",
-    "StepState",
-    "export_encoder_state",
-    "flops_per_sample",
-    "get_model_config",
-    "load_encoder",
-]
+def __getattr__(name: str):
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'matpac_fast' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

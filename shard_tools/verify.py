@@ -52,6 +52,7 @@ class Report:
     labels: Counter = field(default_factory=Counter)
     flags: Counter = field(default_factory=Counter)
     hop_s: float = 0.01
+    stats: dict = field(default_factory=dict)  # stats.json as read, less any damaged field (for the report)
 
     @property
     def ok(self) -> bool:
@@ -72,6 +73,9 @@ class Report:
         }
 
 
+_UNREADABLE = object()  # _load_json's answer for a missing or invalid file (already reported); JSON null is None
+
+
 def _load_json(path: Path, report: Report):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -79,7 +83,7 @@ def _load_json(path: Path, report: Report):
         report.problems.append(f"{path.name} is missing")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         report.problems.append(f"{path.name} is not valid JSON: {e}")
-    return None
+    return _UNREADABLE
 
 
 def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: int | None, where: str) -> list[str]:
@@ -146,9 +150,11 @@ def _read_shard(path: Path, report: Report, seen: set[str], n_mels: int, classes
                 report.labels["(no label)"] += 1
             report.flags.update(meta["flags"])
 
+    end = 0  # where the last member's padded payload ends: the end-of-archive block must follow
     try:
         with tarfile.open(path, mode="r:") as tar:
             for info in tar:
+                end = info.offset_data + (info.size + 511) // 512 * 512
                 if not info.isfile():
                     report.problems.append(f"{path.name}: member {info.name!r} is not a regular file")
                     continue
@@ -165,9 +171,75 @@ def _read_shard(path: Path, report: Report, seen: set[str], n_mels: int, classes
                 f = tar.extractfile(info)
                 members[ext] = f.read() if f else b""
             flush()
+        # tarfile accepts a file cut right after a member; the loader does not (it drops the whole shard), so
+        # neither does this check, with or without --no-hash.
+        with open(path, "rb") as f:
+            f.seek(end)
+            if f.read(512) != bytes(512):
+                report.problems.append(f"{path.name}: truncated tar (no end-of-archive marker after the last member)")
     except (tarfile.TarError, OSError, EOFError) as e:
         report.problems.append(f"{path.name}: unreadable tar ({type(e).__name__}: {e})")
     return count
+
+
+def _check_sizes(sizes, report: Report) -> dict | None:
+    """sizes.json as {shard file: sample count >= 0}, or None (with the problem reported) when it is not."""
+    if not isinstance(sizes, dict):
+        if sizes is not _UNREADABLE:
+            report.problems.append(f"sizes.json is damaged: a JSON object {{shard: sample count}} was expected, "
+                                   f"found {_short(sizes)}")
+        return None
+    bad = [k for k, n in sizes.items() if isinstance(n, bool) or not isinstance(n, int) or n < 0]
+    if bad:
+        report.problems.append(f"sizes.json is damaged: shard {bad[0]} has count {_short(sizes[bad[0]])}; counts are "
+                               "integers >= 0")
+        return None
+    return sizes
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# stats.json fields this check and its report read, with the shape make-shards writes. A field of another shape is
+# a damaged file: reported as a problem and left out, rather than a traceback where it is first used.
+_STATS_FIELDS = {
+    "frontend": ("a JSON object with n_mels >= 1", lambda v: isinstance(v, dict) and _is_count(v.get("n_mels", 1))
+                 and v.get("n_mels", 1) >= 1),
+    "classes": ("a list of strings or null", lambda v: v is None or (isinstance(v, list)
+                                                                    and all(isinstance(c, str) for c in v))),
+    "shard_sha256": ("a JSON object {shard: hex digest}", lambda v: isinstance(v, dict)
+                     and all(isinstance(h, str) for h in v.values())),
+    "skipped": ("a JSON object {reason: count}", lambda v: isinstance(v, dict) and all(map(_is_count, v.values()))),
+    "inputs": ("an integer >= 0", _is_count),
+    "written": ("an integer >= 0", _is_count),
+    "n_frames": ("an integer >= 0", _is_count),
+    "mean": ("a number", _is_number),
+    "std": ("a number", _is_number),
+}
+
+
+def _clean_stats(stats, report: Report) -> dict:
+    """stats.json without its damaged fields (each one reported)."""
+    if not isinstance(stats, dict):
+        if stats is not _UNREADABLE:
+            report.problems.append(f"stats.json is damaged: a JSON object was expected, found {_short(stats)}")
+        return {}
+    clean = dict(stats)
+    for name, (shape, ok) in _STATS_FIELDS.items():
+        if name in clean and not ok(clean[name]):
+            report.problems.append(f"stats.json is damaged: {name!r} is {_short(clean[name])}, expected {shape}")
+            del clean[name]
+    return clean
+
+
+def _short(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def is_make_shards_stats(obj) -> bool:
@@ -247,11 +319,10 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
     report.not_a_set = _not_a_set(out)
     if report.not_a_set:
         return report
-    sizes = _load_json(out / "sizes.json", report)
-    stats = _load_json(out / "stats.json", report)
-    if not isinstance(sizes, dict):
+    sizes = _check_sizes(_load_json(out / "sizes.json", report), report)
+    stats = report.stats = _clean_stats(_load_json(out / "stats.json", report), report)
+    if sizes is None:
         return report
-    stats = stats if isinstance(stats, dict) else {}
     n_mels = int(stats.get("frontend", {}).get("n_mels", 80))
     classes = stats.get("classes")
     hashes = stats.get("shard_sha256", {})
@@ -272,11 +343,11 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
         if n != sizes[name]:
             report.problems.append(f"{name}: {n} samples, sizes.json says {sizes[name]}")
     if stats:
-        if stats.get("written") != report.n_samples:
+        if "written" in stats and stats["written"] != report.n_samples:  # absent: damaged, reported above
             report.problems.append(
                 f"stats.json says {stats.get('written')} clips written, shards hold {report.n_samples}"
             )
-        if stats.get("n_frames") != report.n_frames and not report.problems:
+        if "n_frames" in stats and stats["n_frames"] != report.n_frames and not report.problems:
             report.problems.append(f"stats.json says {stats.get('n_frames')} frames, shards hold {report.n_frames}")
     if report.n_samples == 0 and not report.problems:
         report.problems.append("the set holds no samples (make-shards wrote nothing; manifest.jsonl says why)")
@@ -346,14 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dir.is_dir():
         raise SystemExit(f"verify-shards: error: {args.dir} is not a folder; pass the --out folder of make-shards")
     report = verify(args.dir, check_hashes=not args.no_hash, progress=not args.no_progress)
-    stats_path = args.dir / "stats.json"
-    stats = None
-    if stats_path.is_file():
-        try:
-            stats = json.loads(stats_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            stats = None
-    print(format_report(report, stats if is_make_shards_stats(stats) else None, args.top))
+    print(format_report(report, report.stats if is_make_shards_stats(report.stats) else None, args.top))
     return 0 if report.ok else 1
 
 

@@ -577,3 +577,69 @@ def test_an_empty_path_is_an_error_not_the_current_folder(tmp_path, monkeypatch,
     assert e.value.code == 2
     assert "empty path: give a folder or file" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("small") / "set"
+    assert run("synthetic", "--n", "12", "--out", str(out), "--shard-size", "4") == 0
+    return out
+
+
+@pytest.mark.parametrize(("file", "field", "value", "said"), [
+    ("sizes.json", None, None, "sizes.json is damaged: a JSON object {shard: sample count} was expected, found null"),
+    ("sizes.json", None, [], "found []"),
+    ("sizes.json", "shards-000000.tar", "4", "shard shards-000000.tar has count \"4\"; counts are integers >= 0"),
+    ("stats.json", "frontend", None, "'frontend' is null, expected a JSON object with n_mels >= 1"),
+    ("stats.json", "frontend", {"n_mels": 0}, "'frontend' is {\"n_mels\": 0}"),
+    ("stats.json", "classes", 5, "'classes' is 5, expected a list of strings or null"),
+    ("stats.json", "skipped", ["x"], "'skipped' is [\"x\"], expected a JSON object {reason: count}"),
+    ("stats.json", "mean", "x", "'mean' is \"x\", expected a number"),
+    ("stats.json", "shard_sha256", ["x"], "'shard_sha256' is [\"x\"]"),  # used to switch the hash check off
+    ("stats.json", "written", "12", "'written' is \"12\", expected an integer >= 0"),
+])
+def test_verify_reports_damaged_metadata_in_one_line(small_set, tmp_path, capsys, file, field, value, said):
+    """Valid JSON of the wrong shape used to print OK (sizes.json null or []) or a traceback (stats.json fields)."""
+    out = tmp_path / "set"
+    shutil.copytree(small_set, out)
+    doc = json.loads((out / file).read_text()) if field else value
+    if field:
+        doc[field] = value
+    (out / file).write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert verify(out) == 1
+    text = capsys.readouterr().out
+    assert "CORRUPT" in text and f"{file} is damaged: " in text and said in text, text
+    assert "OK" not in text.split()
+
+
+def test_verify_refuses_a_shard_cut_after_its_last_member_without_hashes(small_set, tmp_path, capsys):
+    """tarfile reads such a file to the end; the loader drops the whole shard, so verify-shards --no-hash must not
+    call it OK."""
+    out = tmp_path / "set"
+    shutil.copytree(small_set, out)
+    assert verify(out, "--no-hash") == 0  # the intact set passes the end-of-archive check
+    shard = out / "shards-000001.tar"
+    data = shard.read_bytes()
+    end = len(data.rstrip(b"\0"))
+    shard.write_bytes(data[: (end + 511) // 512 * 512])  # the last payload block kept, every zero block after cut
+    with tarfile.open(shard) as tar:
+        assert len(tar.getmembers()) == 8  # still a readable tar of 4 samples
+    capsys.readouterr()
+    assert verify(out, "--no-hash") == 1
+    text = capsys.readouterr().out
+    assert "shards-000001.tar: truncated tar (no end-of-archive marker after the last member)" in text
+
+
+def test_the_shard_tools_start_without_torch():
+    """make-shards imports torch inside main()'s try block (a Ctrl-C there is its one line); importing the package
+    `matpac_fast` for a helper used to import torch first, before any handler (a traceback, and 2 s per --help)."""
+    code = ("import sys, shard_tools.cli, shard_tools.verify, matpac_fast.cli_args\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n"
+            "import matpac_fast\n"
+            "assert 'torch' not in sys.modules and matpac_fast.__version__\n"
+            "from matpac_fast import Encoder, get_model_config\n"
+            "assert Encoder.__name__ == 'Encoder' and get_model_config('tiny').dim > 0\n"
+            "assert set(matpac_fast.__all__) <= set(dir(matpac_fast))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
