@@ -119,8 +119,9 @@ def _read_soundfile(path: str) -> tuple[np.ndarray, int]:
     lines = [line for line in captured[0].splitlines() if line.strip()]
     if error is None:
         real = [line for line in lines if not _is_decoder_noise(line)]
-        if real:
-            print("\n".join(real), file=sys.stderr)
+        if real:  # the decoder's own lines do not say which file (one of two million) they are about
+            name = os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+            print("\n".join(f"make-shards: {name}: {line.strip()}" for line in real), file=sys.stderr)
         return data, int(sr)
     raise Skip("undecodable", _soundfile_detail(path, error, lines)) from None
 

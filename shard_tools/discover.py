@@ -288,7 +288,7 @@ def read_segments(path: str | Path) -> list[Segment]:
         t0, t1 = _seconds(start, "start", where), _seconds(end, "end", where)
         if t1 <= t0:
             raise ValueError(f"{where}: end {end} is not after start {start}")
-        mids = tuple(m.strip() for m in labels.split(",") if m.strip())
+        mids = tuple(dict.fromkeys(m.strip() for m in labels.split(",") if m.strip()))  # a repeat counts once
         out.append(Segment(ytid, t0, t1, mids, split, line))
     return out
 
@@ -552,27 +552,28 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
             empty.append(reader.line_num)
             continue
         p = Path(raw) if Path(raw).is_absolute() else base / raw
-        labels = tuple(s.strip() for s in (row.get("label") or "").split(";") if s.strip())
+        labels = tuple(dict.fromkeys(s.strip() for s in (row.get("label") or "").split(";") if s.strip()))
         if any("," in label for label in labels):
             commas.append(f"line {reader.line_num}: {_label_text(labels)}")
         real = os.path.realpath(p)
         skip, detail, size = None, "", 0
-        if real in first:
+        # Missing or partial files first: a missing file listed twice is not_found twice, not once "duplicate".
+        if is_partial(p.name):
+            skip = "partial_download"
+        elif not p.exists():
+            skip, detail = "not_found", f"line {reader.line_num}: no such file (relative to the CSV's folder)"
+        elif not p.is_file():
+            skip, detail = "not_found", f"line {reader.line_num}: not a file"
+        elif real in first:
             where, kept = first[real]
             skip, detail = "duplicate", f"line {reader.line_num}: same file as {where}"
             if set(kept) != set(labels):
                 detail += f"; labels differ: that row's {_label_text(kept)} are used, not {_label_text(labels)}"
                 relabelled.append(f"line {reader.line_num}: {raw!r} labelled {_label_text(labels)}, first {where} "
                                   f"labelled {_label_text(kept)}")
-        elif is_partial(p.name):
-            skip = "partial_download"
-        elif not p.exists():
-            skip, detail = "not_found", f"line {reader.line_num}: no such file (relative to the CSV's folder)"
-        elif not p.is_file():
-            skip, detail = "not_found", f"line {reader.line_num}: not a file"
         else:
             size = p.stat().st_size
-        first.setdefault(real, (f"{raw!r} (line {reader.line_num})", labels))
+            first[real] = (f"{raw!r} (line {reader.line_num})", labels)
         items.append(Item(raw, path_key(raw), str(p), labels=labels, size=size, skip=skip, detail=detail))
     if empty:
         lines = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")

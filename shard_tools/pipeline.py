@@ -291,6 +291,19 @@ def shuffled(items: list[Item], seed: int) -> list[Item]:
 def plan_hash(disc: Discovery, cfg: MakeConfig) -> str:
     """Everything that determines the output bytes; a resume with a different hash is refused."""
     h = hashlib.sha256()
+    h.update(json.dumps(_settings(disc, cfg), sort_keys=True).encode())
+    for it in disc.items:
+        row = [it.source, it.key, it.labels, it.label_indices, it.size, it.skip, it.start, it.end, it.synth]
+        h.update(json.dumps(row).encode() + b"\n")
+    return h.hexdigest()
+
+
+def settings_hash(disc: Discovery, cfg: MakeConfig) -> str:
+    """The options' part of plan_hash: equal settings with another plan_hash mean the input files changed."""
+    return hashlib.sha256(json.dumps(_settings(disc, cfg), sort_keys=True).encode()).hexdigest()
+
+
+def _settings(disc: Discovery, cfg: MakeConfig) -> dict:
     settings = {
         "format_version": FORMAT_VERSION,
         "frontend": get_spec(cfg.frontend).numerics(),
@@ -304,11 +317,7 @@ def plan_hash(disc: Discovery, cfg: MakeConfig) -> str:
     }
     if disc.extra:  # e.g. AudioSet's segment counts, which are stored in stats.json
         settings["extra"] = disc.extra
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    for it in disc.items:
-        row = [it.source, it.key, it.labels, it.label_indices, it.size, it.skip, it.start, it.end, it.synth]
-        h.update(json.dumps(row).encode() + b"\n")
-    return h.hexdigest()
+    return settings
 
 
 def read_journal(path: Path) -> list[dict]:
@@ -447,7 +456,9 @@ def _set_names(out: Path, name: str) -> set[str]:
 
 def _clear(out: Path, name: str) -> None:
     """--overwrite: delete what make-shards wrote in `out` (every earlier set's shards, whatever its --name; sizes,
-    stats, manifest; .make-shards/), never other files. Foreign sizes/stats/manifest files were refused before."""
+    stats, manifest; .make-shards/) and any <name>-NNNNNN.tar of this run's name (the files it would overwrite;
+    a run without --overwrite refuses them and names them), never other files. Foreign sizes/stats/manifest files
+    were refused before."""
     for p in _shard_files(out, _set_names(out, name)):
         p.unlink()
     for f in SET_FILES:
@@ -457,7 +468,7 @@ def _clear(out: Path, name: str) -> None:
         shutil.rmtree(out / WORK_DIR)
 
 
-def _open_plan(out: Path, cfg: MakeConfig, phash: str, n_inputs: int) -> None:
+def _open_plan(out: Path, cfg: MakeConfig, phash: str, shash: str, n_inputs: int) -> None:
     """Start (or recognise) the plan of this run. A plan of another command that never completed a shard or a
     skip segment is replaced: nothing of it would be lost. One with work done is refused."""
     work, plan_path = out / WORK_DIR, out / WORK_DIR / "plan.json"
@@ -466,6 +477,15 @@ def _open_plan(out: Path, cfg: MakeConfig, phash: str, n_inputs: int) -> None:
         if isinstance(plan, dict) and plan.get("plan_hash") == phash:
             return
         if read_journal(work / "journal.jsonl"):
+            if isinstance(plan, dict) and plan.get("settings_hash") == shash:
+                # The same command, but the files changed (downloads still arriving): "rerun that exact command"
+                # would send the user round in circles.
+                then = plan.get("inputs")
+                raise ValueError(
+                    f"{out} holds an interrupted run of this command, but its input files changed since "
+                    f"({then} inputs then, {n_inputs} now, or files resized or relabelled): resuming would mix two "
+                    "corpora; pass --overwrite to start again with the current files, or choose another --out"
+                )
             raise ValueError(
                 f"{out} holds an interrupted run with other inputs or options; rerun that exact command to finish "
                 f"it, choose another --out, or pass --overwrite"
@@ -475,12 +495,15 @@ def _open_plan(out: Path, cfg: MakeConfig, phash: str, n_inputs: int) -> None:
             if p.name.endswith(".tmp"):
                 p.unlink()  # the unfinished first shard of the run that never finished one
         shutil.rmtree(work)
-    if any(p.suffix == ".tar" for p in _shard_files(out, {cfg.name})):
+    unknown = [p for p in _shard_files(out, {cfg.name}) if p.suffix == ".tar"]
+    if unknown:
         raise ValueError(
-            f"{out} already has {cfg.name}-*.tar files from an unknown run; pass --overwrite or choose another --out"
+            f"{out} already has {len(unknown)} {cfg.name}-NNNNNN.tar file(s) from an unknown run; pass --overwrite to "
+            "delete them, or choose another --out"
         )
     work.mkdir(exist_ok=True)
-    _write_atomic(plan_path, json.dumps({"plan_hash": phash, "inputs": n_inputs, "name": cfg.name}) + "\n")
+    plan = {"plan_hash": phash, "settings_hash": shash, "inputs": n_inputs, "name": cfg.name}
+    _write_atomic(plan_path, json.dumps(plan) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------------------- run
@@ -710,6 +733,28 @@ def _lock_out_dir(out: Path) -> int:
     return fd
 
 
+def _check_complete_set(out: Path, stats: dict) -> None:
+    """A cheap look before "already complete": every shard stats.json lists is there and has a tar's shape (a
+    whole number of 512-byte blocks, at least a header and the end marker). Hashing a corpus-sized set would take
+    the time of a verify-shards run; that is the check the error points to."""
+    bad = []
+    for name in sorted(stats.get("shard_sha256") or {}):
+        path = out / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            bad.append(f"{name} (missing)")
+            continue
+        if size < 1024 or size % 512:
+            bad.append(f"{name} ({size} bytes: not a whole tar)")
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(
+            f"{out} holds this command's complete set, but {', '.join(bad[:3])}{more} are damaged; run verify-shards "
+            f"{out} for the full list, then rerun with --overwrite to rebuild the set"
+        )
+
+
 def _make_shards_locked(disc: Discovery, cfg: MakeConfig, order: list[Item], phash: str, out: Path) -> dict:
     _check_no_foreign_files(out)
     work, stats_path, journal = out / WORK_DIR, out / "stats.json", out / WORK_DIR / "journal.jsonl"
@@ -718,13 +763,14 @@ def _make_shards_locked(disc: Discovery, cfg: MakeConfig, order: list[Item], pha
     if stats_path.exists():
         old, _ = _read_json(stats_path)
         if old.get("plan_hash") == phash and old.get("written"):
+            _check_complete_set(out, old)
             if work.is_dir():  # killed after stats.json was written, before the clean-up
                 shutil.rmtree(work)
             return {**old, "out": str(out), "resumed_from": len(disc.items), "already_complete": True}
         if old.get("written"):
             raise ValueError(f"{out} already holds a different shard set; choose another --out or pass --overwrite")
         _clear(out, cfg.name)  # an empty set left by an older version: nothing to keep
-    _open_plan(out, cfg, phash, len(disc.items))
+    _open_plan(out, cfg, phash, settings_hash(disc, cfg), len(disc.items))
     for p in _shard_files(out, {cfg.name}):  # a shard the killed run was writing
         if p.name.endswith(".tmp"):
             p.unlink()

@@ -643,3 +643,99 @@ def test_the_shard_tools_start_without_torch():
             "assert set(matpac_fast.__all__) <= set(dir(matpac_fast))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
+
+
+def _interrupted_folder_run(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """A folder run stopped after journaling all its shards, before stats.json (as a kill there would leave it)."""
+    import shard_tools.pipeline as pipeline
+
+    for i in range(3):
+        tone(tmp_path / "in" / "c" / f"{i}.wav", freq=300 + 100 * i)
+    out = tmp_path / "out"
+
+    def killed(*_a, **_k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_finalize", killed)
+        with pytest.raises(SystemExit):
+            run("folder", str(tmp_path / "in"), "--out", str(out), "--shard-size", "1")
+    assert (out / ".make-shards" / "journal.jsonl").is_file() and not (out / "stats.json").exists()
+    return tmp_path / "in", out
+
+
+def test_resume_refused_because_the_files_changed_says_so(tmp_path, monkeypatch, capsys):
+    """The same command after a download finished used to be told to "rerun that exact command"."""
+    src, out = _interrupted_folder_run(tmp_path, monkeypatch)
+    tone(src / "c" / "late.wav", freq=900)
+    with pytest.raises(SystemExit) as e:
+        run("folder", str(src), "--out", str(out), "--shard-size", "1")
+    msg = str(e.value)
+    assert "\n" not in msg and "input files changed since (3 inputs then, 4 now" in msg and "--overwrite" in msg
+    assert "rerun that exact command" not in msg
+    with pytest.raises(SystemExit) as e:  # other options: the message it always gave
+        run("folder", str(src), "--out", str(out), "--shard-size", "2")
+    assert "other inputs or options; rerun that exact command" in str(e.value)
+    (src / "c" / "late.wav").unlink()  # the files as they were: the resume goes on
+    assert run("folder", str(src), "--out", str(out), "--shard-size", "1") == 0
+    assert json.loads((out / "stats.json").read_text())["written"] == 3
+
+
+def test_rerun_of_a_complete_set_with_a_lost_or_garbled_shard_is_not_already_complete(small_set, tmp_path):
+    out = tmp_path / "set"
+    shutil.copytree(small_set, out)
+    again = ("synthetic", "--n", "12", "--out", str(out), "--shard-size", "4")
+    assert run(*again) == 0  # intact: "already complete"
+    (out / "shards-000001.tar").unlink()
+    (out / "shards-000002.tar").write_text("garbage\n")
+    with pytest.raises(SystemExit) as e:
+        run(*again)
+    msg = str(e.value)
+    assert "\n" not in msg and "shards-000001.tar (missing), shards-000002.tar (8 bytes: not a whole tar)" in msg
+    assert "verify-shards" in msg and "--overwrite" in msg
+    assert run(*again, "--overwrite") == 0 and verify(out) == 0
+
+
+def test_unknown_shard_files_are_counted_and_overwrite_says_it_deletes_them(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(2):
+        (out / f"shards-00000{i}.tar").write_bytes(b"someone else's")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        run("synthetic", "--n", "3", "--out", str(out))
+    assert "already has 2 shards-NNNNNN.tar file(s) from an unknown run; pass --overwrite to delete them" in str(
+        e.value)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "shards-000000.tar", "shards-000001.tar"]
+    assert run("synthetic", "--n", "3", "--out", str(out), "--overwrite") == 0
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "shards-000001.tar").exists()
+    assert "this run's `--name`, which it would overwrite" in (ROOT / "README.md").read_text()
+
+
+def test_manifest_repeated_label_counts_once_and_missing_twice_is_not_found_twice(tmp_path):
+    tone(tmp_path / "a.wav")
+    (tmp_path / "m.csv").write_text('path,label\na.wav,"x;y;x"\nnope.wav,x\n./nope.wav,x\n')
+    out = tmp_path / "out"
+    assert run("manifest", str(tmp_path / "m.csv"), "--out", str(out)) == 0
+    lines = manifest(out)
+    assert lines["nope.wav"]["skipped"] == lines["./nope.wav"]["skipped"] == "not_found"
+    with tarfile.open(out / "shards-000000.tar") as tar:
+        meta = json.loads(tar.extractfile(next(m for m in tar if m.name.endswith(".json"))).read())
+    assert meta["labels"] == ["x", "y"] and meta["label_indices"] == [0, 1]
+
+
+def test_a_decoder_warning_names_its_file(tmp_path, capfd):
+    """libmpg123 warns about a cut MP3 on stderr without a file name: make-shards says which file it was."""
+    d = tmp_path / "in" / "c"
+    d.mkdir(parents=True)
+    t = np.arange(16000 * 8) / 16000
+    try:
+        sf.write(d / "whole.mp3", 0.3 * np.sin(2 * np.pi * 440 * t), 16000)
+    except (sf.LibsndfileError, TypeError, ValueError):
+        pytest.skip("this libsndfile cannot write MP3")
+    data = (d / "whole.mp3").read_bytes()
+    (d / "cut.mp3").write_bytes(data[: len(data) // 2])  # its Xing header still gives the whole length
+    out = tmp_path / "out"
+    assert run("folder", str(tmp_path / "in"), "--out", str(out), "--short", "pad") == 0
+    err = [line for line in capfd.readouterr().err.splitlines() if "Xing" in line]
+    assert err and all(line.startswith(f"make-shards: {d / 'cut.mp3'}: ") for line in err), err
