@@ -45,6 +45,7 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -180,16 +181,22 @@ class Encoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, wave, sr: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Waveform (N,) or (B, N) at `sr` -> (frames (B, n, n_f·D), clip (B, n_f·D) = mean over frames)."""
+        """Mono waveform (N,) or a batch of clips (B, N) at `sr` -> (frames (B, n, n_f·D), clip (B, n_f·D) = mean
+        over frames). Floats are taken as they are (the front ends expect [-1, 1]); integer PCM (scipy's or
+        soundfile's int16/int32, 8-bit unsigned) is scaled to [-1, 1] by its type's range. Rows are clips, never
+        channels: mix stereo down first (`wave.mean(axis=1)` for soundfile's (N, C))."""
         from matpac_fast.frontend import LogMelSpec, get_spec, resample
 
         spec = get_spec(self.frontend)
         device = self.cls_token.device
-        wave = torch.as_tensor(wave, dtype=torch.float32)
+        wave = _float_wave(wave)
         if wave.ndim == 1:
             wave = wave[None]
         if wave.ndim != 2:
             raise ValueError(f"encode expects a waveform (N,) or (B, N), got shape {tuple(wave.shape)}")
+        if wave.shape[1] <= 8 < wave.shape[0]:
+            raise ValueError(f"encode got shape {tuple(wave.shape)}: that looks like (samples, channels) audio; pass "
+                             "mono (N,), e.g. wave.mean(axis=1), or clips as rows (B, N)")
         wave = resample(wave.to(device), int(sr), spec)
         if wave.shape[-1] < spec.n_fft:
             raise ValueError(f"audio too short: {wave.shape[-1]} samples at {spec.sample_rate} Hz < n_fft {spec.n_fft}")
@@ -197,6 +204,17 @@ class Encoder(nn.Module):
             self._melspec = LogMelSpec(spec)
         frames = self.encode_lms(self._melspec.to(device)(wave))
         return frames, frames.mean(dim=1)
+
+
+def _float_wave(wave) -> torch.Tensor:
+    """float32 tensor of `wave`; integer PCM scaled to [-1, 1] as soundfile and librosa read it (int16 / 2^15,
+    int32 / 2^31, uint8 centred on 128): taken as is, int16 audio is 32,768 times too loud for the log-mel."""
+    t = torch.as_tensor(np.asarray(wave) if not isinstance(wave, torch.Tensor) else wave)
+    if t.dtype == torch.uint8:
+        return (t.to(torch.float32) - 128.0) / 128.0
+    if not t.is_floating_point() and t.dtype != torch.bool and not t.is_complex():
+        return t.to(torch.float32) / float(2 ** (torch.iinfo(t.dtype).bits - 1))
+    return t.to(torch.float32)
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -390,10 +408,12 @@ def _pickled_object(e: Exception) -> str | None:
     text = str(e)
     if type(e).__name__ != "UnpicklingError":
         return None
-    found = re.search(r"Unsupported (?:global: GLOBAL|class) ([\w.]+)", text)
+    # torch's wordings: "Unsupported global: GLOBAL x.y", "Unsupported class x.y", and for a blocked module such as
+    # os's posix (torch >= 2.6) "unsupported GLOBAL posix.system whose module posix is blocked".
+    found = re.search(r"(?:Unsupported (?:global: GLOBAL|class)|unsupported GLOBAL) ([\w.]+)", text, re.IGNORECASE)
     if found:
         return found.group(1)
-    return "an object" if re.search(r"global|reduce|Unsupported class", text) else None
+    return "an object" if re.search(r"global|reduce|Unsupported class", text, re.IGNORECASE) else None
 
 
 # torch.save's legacy (non-zip) format starts with this pickled magic number; pickle.dump output does not.
@@ -589,6 +609,9 @@ def _infer_arch(state: dict, preset: str, cfg: dict | None, why: dict | None = N
             heads, source = (dim // 64 if dim % 64 == 0 else 0), f"dim {dim} // 64 (guess)"
         if not heads:
             raise ValueError(f"cannot infer the number of heads for dim {dim}: pass a checkpoint with its config")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or dim % heads:
+        raise ValueError(f"heads {heads!r} (from {source or 'the saved config'}) does not divide the weights' width "
+                         f"{dim}: the config does not belong to these weights")
     if why is not None:
         why.update(heads=source, heads_guessed=guessed)
     n_mels = cfg.get("n_mels", base.n_mels)
@@ -659,5 +682,13 @@ def load_encoder(source, preset: str = "matpac", device: str | torch.device = "c
     bad = [k for k in expected & set(state) if state[k].shape != enc.state_dict()[k].shape]
     if bad:
         raise ValueError(f"shape mismatch for {sorted(bad)}")
+    # NaN/inf weights give NaN embeddings, which a probe turns into a chance-level score that looks like a result.
+    nonfinite = sorted(k for k in expected & set(state)
+                       if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all()))
+    if nonfinite:
+        where = f"{source}: " if isinstance(source, Path) else ""
+        more = f" and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else ""
+        raise ValueError(f"{where}non-finite values (NaN or inf) in {', '.join(nonfinite[:3])}{more}: these weights "
+                         "are damaged (a diverged run?); use an earlier checkpoint")
     enc.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=strict)
     return enc.to(device).eval()

@@ -167,7 +167,7 @@ def _classes(arg: str | None) -> list[str] | None:
         raise ValueError(f"--classes {arg}: is a folder; give a file with one label per line, or labels a,b,c")
     if p.is_file():
         try:
-            text = p.read_text(encoding="utf-8")
+            text = p.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
             raise ValueError(f"--classes {arg}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
         items = [x for line in text.splitlines() for x in line.split(",")]
@@ -204,6 +204,8 @@ def _validate(a: argparse.Namespace) -> None:
     for name in ("seeds", "embed_batch", "probe_batch", "max_epochs", "patience"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= a.seed <= 2**32 - a.seeds:  # numpy takes seeds 0 .. 2^32 - 1; the runs use seed .. seed + seeds - 1
+        raise ValueError(f"--seed must be between 0 and {2**32 - a.seeds} (with --seeds {a.seeds}), got {a.seed}")
     if not (math.isfinite(a.lr) and a.lr > 0):
         raise ValueError("--lr must be > 0")
     if not (math.isfinite(a.weight_decay) and a.weight_decay >= 0):
@@ -400,7 +402,7 @@ def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: 
         "skipped": [{"path": p, "reason": r} for p, r in ex.skipped], "runs": [vars(r) for r in runs],
     }  # fmt: skip
     if replaces is not None:
-        _note(f"replacing the earlier result of this embedder: {replaces}{_settings_change(replaces, probe_config)}")
+        _note(f"replacing the earlier result of this embedder: {replaces}{_settings_change(replaces, result)}")
     result["json"] = str(report.write_json(out, result))
     kept["json"] = result["json"]
     result["table"] = report.write_table(out)
@@ -445,16 +447,23 @@ def _preset_dim(preset: str) -> int | str:
         return "?"
 
 
-def _settings_change(path: Path, probe_config: dict) -> str:
-    """' (probe settings lr 0.01 -> 0.003)' when the replaced result (written before probe settings were part of the
-    name) had other settings; '' otherwise."""
+def _settings_change(path: Path, result: dict) -> str:
+    """' (data a -> b; probe settings lr 0.01 -> 0.003)' when the replaced result had another dataset, protocol,
+    clip length (one --task name reused) or probe settings (written before they were part of the name); ''
+    otherwise."""
     try:
-        prev = json.loads(path.read_text()).get("probe_config") or {}
+        prev = json.loads(path.read_text())
+        prev_probe = prev.get("probe_config") or {}
     except (OSError, ValueError, AttributeError):
         return ""
-    diff = [f"{k} {prev[k]:g} -> {v:g}" for k, v in probe_config.items()
-            if isinstance(prev.get(k), (int, float)) and prev[k] != v]  # fmt: skip
-    return f" (probe settings {', '.join(diff)})" if diff else ""
+    parts = [f"{label} {prev[k]} -> {result[k]}" for k, label in
+             (("dataset", "data"), ("folds", "protocol"), ("clip_seconds", "clip seconds"))
+             if k in prev and prev[k] != result.get(k)]  # fmt: skip
+    diff = [f"{k} {prev_probe[k]:g} -> {v:g}" for k, v in (result.get("probe_config") or {}).items()
+            if isinstance(prev_probe.get(k), (int, float)) and prev_probe[k] != v]  # fmt: skip
+    if diff:
+        parts.append(f"probe settings {', '.join(diff)}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def _projection(a, out: Path, task: str, name: str, ds: LabelledSet, X, Y, result: dict) -> None:

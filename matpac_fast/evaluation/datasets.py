@@ -165,18 +165,22 @@ def _from_csv_file(p: Path) -> LabelledSet:
         return load_esc50(root)
     if real.name == "UrbanSound8K.csv":
         return load_us8k(root)
-    if _is_fsdd_csv(p):
+    if real.name == "labels.csv" and _is_fsdd_csv(p):  # FSDD's own file; any other CSV is read as itself
         return load_fsdd(p.parent)
     return load_csv(p)
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            raise ValueError(f"{path}: empty CSV (expected a header line such as 'file,label')")
-        fields = [h.strip() for h in reader.fieldnames]
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    try:  # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames:
+                raise ValueError(f"{path}: empty CSV (expected a header line such as 'file,label')")
+            fields = [h.strip() for h in reader.fieldnames]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save the "
+                         "CSV as UTF-8") from None
     return fields, rows
 
 
@@ -243,6 +247,7 @@ def load_csv(
         clips.append(Clip(str(f), labels, meta, row=n))
     if not clips:
         raise ValueError(f"{path}: no rows")
+    _warn_repeated_files(path, clips)
     multilabel = any(len(c.labels) > 1 for c in clips)
     vocab = list(classes) if classes is not None else _sorted_labels({lab for c in clips for lab in c.labels})
     official = "split" if "split" in fields else ("fold" if "fold" in fields else None)
@@ -256,6 +261,24 @@ def load_csv(
         source=str(path),
         official=official,
     )
+
+
+def _warn_repeated_files(path: Path, clips: list[Clip]) -> None:
+    """A file listed twice can land on both sides of a split (its test score is then a training score): say so.
+    Not an error: a multi-split protocol may list a file once per split on purpose."""
+    first: dict[str, int] = {}
+    repeats = []
+    for c in clips:
+        real = os.path.realpath(c.path)
+        if real in first:
+            repeats.append((c.row, first[real], c.path))
+        else:
+            first[real] = c.row
+    if repeats:
+        row, was, f = repeats[0]
+        print(f"matpac-eval: warning: {path}: {len(repeats)} row(s) repeat a file of an earlier row (e.g. row {row} "
+              f"repeats row {was}: {f}); a file on both the training and the test side inflates the score: list "
+              "each file once", file=sys.stderr, flush=True)
 
 
 def _short(items: list[str], n: int = 12) -> str:
@@ -311,9 +334,13 @@ def _warn_nested(root: Path, nested: list[Path], n: int) -> None:
 
 # --- known layouts ------------------------------------------------------------------------------------------------
 def _is_fsdd_csv(path: Path) -> bool:
-    with open(path, encoding="utf-8") as f:
-        header = {h.strip() for h in f.readline().split(",")}
-    return {"filename", "label", "speaker"} <= header
+    """FSDD's labels.csv: its columns, and only the digits 0-9 as labels (a labels.csv of other classes with the
+    same columns is a generic CSV, not FSDD with unknown labels)."""
+    try:
+        fields, rows = _read_rows(path)
+    except ValueError:
+        return False  # load_csv reports it
+    return {"filename", "label", "speaker"} <= set(fields) and all(r.get("label") in FSDD_CLASSES for r in rows)
 
 
 def load_fsdd(root: str | os.PathLike) -> LabelledSet:

@@ -275,6 +275,10 @@ def extract(ds: LabelledSet, embedder, task: str, s: ExtractSettings) -> Extract
     bar.close()
     ok = np.array([r == "" for r in reasons], dtype=bool)
     emb = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 0), np.float32)
+    if not np.isfinite(emb).all():  # a probe on NaN features scores chance and looks like a result: stop, cache nothing
+        bad = [p for p, row in zip(paths[ok].tolist(), emb) if not np.isfinite(row).all()]
+        raise ValueError(f"{embedder.name}: non-finite embeddings (NaN or inf) for {len(bad)} of {len(emb)} clips "
+                         f"(e.g. {bad[0]}); the weights or the audio give values out of range, nothing was scored")
     if path is not None:
         _write_cache(path, emb=emb, paths=paths, ok=ok, reasons=np.array(reasons), lengths=lengths)
     skipped = [(p, r) for p, r in zip(paths.tolist(), reasons) if r]

@@ -119,8 +119,27 @@ def load_results(out: Path) -> list[dict]:
                   "evaluation, or delete the file)", file=sys.stderr)
             continue
         if isinstance(r, dict) and {"task", "mean", "runs"} <= set(r):
-            res.append(r)
+            why = _result_problem(r)
+            if why is None:
+                res.append(r)
+            else:  # e.g. a hand-written or truncated file: one warning, not a KeyError on every later run
+                print(f"warning: {p} is not a complete result ({why}); left out of results.md (rerun that "
+                      "evaluation, or delete the file)", file=sys.stderr)
     return res
+
+
+# What table_row and markdown_table read from a result, by type.
+_RESULT_FIELDS = {"task": str, "dataset": str, "folds": str, "checkpoint_name": str, "probe": str, "metric": str,
+                  "mean": (int, float), "std": (int, float), "runs": list, "embedding_dim": int,
+                  "embed_seconds": (int, float), "probe_seconds": (int, float)}
+
+
+def _result_problem(r: dict) -> str | None:
+    missing = [k for k in _RESULT_FIELDS if k not in r]
+    if missing:
+        return f"no {', '.join(missing)}"
+    wrong = [k for k, t in _RESULT_FIELDS.items() if isinstance(r[k], bool) or not isinstance(r[k], t)]
+    return f"{', '.join(wrong)} of the wrong type" if wrong else None
 
 
 def table_owner_problem(out: Path) -> str | None:
