@@ -1,14 +1,12 @@
 """Entry point: `accelerate launch train.py ...` (multi-GPU, see configs/) or `python train.py ...` (one device).
 
-`python train.py --help` lists every option; the loop lives in matpac_fast/trainer.py.
+`python train.py --help` lists every option; the loop lives in matpac_fast/trainer.py (`matpac-train` is the same
+entry point, matpac_fast/train_cli.py).
 """
 
 import sys
 
 if __name__ == "__main__":
-    try:
-        from matpac_fast.trainer import main  # imports torch: seconds, during which Ctrl-C must not print a trace
-    except KeyboardInterrupt:
-        print("\ntrain: interrupted while starting: nothing was trained", file=sys.stderr)
-        sys.exit(130)
+    from matpac_fast.train_cli import main  # light: the trainer (torch, seconds) is imported inside main's guard
+
     sys.exit(main())

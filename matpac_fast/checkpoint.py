@@ -77,6 +77,9 @@ def check_out(out: str | Path, resume: str) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a directory for the run")
+    if _foreign_config(out / "config.json"):  # the run writes its own there at start: never over someone else's
+        raise ValueError(f"--out {out} holds a config.json that matpac-train did not write: choose another --out (or "
+                         "move that file)")
     found = (["checkpoints"] if list_checkpoints(out) else []) + [n for n in RUN_FILES if (out / n).exists()]
     if resume in ("", "auto") and found and "checkpoints" not in found:
         # E.g. a --recipe tiny run (--ckpt-every 0) killed before its end: nothing to continue. Never deleted here.
@@ -87,10 +90,41 @@ def check_out(out: str | Path, resume: str) -> None:
     if not resume and found:
         raise ValueError(f"--out {out} already holds a run ({', '.join(found)}): continue it with --resume auto, "
                          "or choose a new or empty --out")
-    if resume not in ("", "auto") and list_checkpoints(out):
+    if resume in ("", "auto"):
+        return
+    if not (Path(resume) / STATE_FILE).exists():  # before the folder checks: their advice assumes a checkpoint
+        raise ValueError(f"--resume {resume}: not a checkpoint directory (no {STATE_FILE}); give a "
+                         f"checkpoints/step_NNNNNNNN folder, or use --resume auto")
+    if list_checkpoints(out):
         if Path(resume).resolve().parent != checkpoint_root(out).resolve():
             raise ValueError(f"--out {out} holds checkpoints of another run: resume {resume} into a new or empty "
                              f"--out, or use --resume auto to continue the run in {out}")
+    elif found and ("encoder.pt" in found or _history_reaches(out / "history.jsonl", resume)):
+        # A finished run (encoder.pt) or rows at or before the checkpoint's step: another run's, which the resumed
+        # one would keep as its own history (rows after the step are this resume's own, redone, as after a kill).
+        raise ValueError(f"--out {out} holds another run ({', '.join(found)}) without checkpoints: resume {resume} "
+                         "into a new or empty --out")
+
+
+def _foreign_config(path: Path) -> bool:
+    """True when `path` exists and is not a run config ({"train": {...}, "model": {...}}, as the trainer writes)."""
+    if not path.exists():
+        return False
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(obj, dict) and isinstance(obj.get("train"), dict) and isinstance(obj.get("model"), dict))
+
+
+def _history_reaches(history: Path, resume: str) -> bool:
+    """True when `history` has a row at or before the step of checkpoint `resume`."""
+    try:
+        step = json.loads((Path(resume) / STATE_FILE).read_text())["step"]
+        rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return history.exists()  # unreadable: not this resume's to keep
+    return any(isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step for r in rows)
 
 
 LOCK_FILE = ".matpac-train.lock"

@@ -111,8 +111,11 @@ class ModelConfig:
              f"stream_dtype={self.stream_dtype!r}: use one of {', '.join(STREAM_DTYPES)}"),
             (self.teacher_head_init in ("authors", "copy"), "teacher_head_init must be 'authors' or 'copy'"),
             (self.mcl_heads >= 1, f"mcl_heads={self.mcl_heads} must be >= 1"),
-            (self.norm_std > 0, f"norm_std={self.norm_std} must be > 0"),
-            (self.mcl_t_min >= 0, f"mcl_t_min={self.mcl_t_min} must be >= 0"),
+            (0 < self.norm_std < math.inf, f"norm_std={self.norm_std} must be > 0 and finite"),
+            (0 <= self.mcl_t_min < math.inf, f"mcl_t_min={self.mcl_t_min} must be >= 0 and finite"),
+            (int(min(self.dim, self.pred_dim) * self.mlp_ratio) >= 1,  # a 0-wide MLP: weights safetensors cannot save
+             f"mlp_ratio={self.mlp_ratio} gives an MLP of {int(min(self.dim, self.pred_dim) * self.mlp_ratio)} units: "
+             "raise it"),
             (math.isfinite(self.norm_mean), f"norm_mean={self.norm_mean} must be finite"),
         ]
         for ok, msg in checks:

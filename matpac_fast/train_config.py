@@ -339,6 +339,8 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.optim.grad_accum >= 1, "--grad-accum must be >= 1"),
         (cfg.optim.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)"),
         (cfg.schedule.epochs > 0, f"--epochs must be > 0 (got {cfg.schedule.epochs:g})"),
+        # The schedules are precomputed per step: 1e12 epochs hung building them; the paper trains 300.
+        (cfg.schedule.epochs <= MAX_EPOCHS, f"--epochs must be <= {MAX_EPOCHS:g} (got {cfg.schedule.epochs:g})"),
         (0 <= cfg.optim.warmup_epochs <= cfg.schedule.epochs,
          f"--warmup-epochs must be within [0, --epochs] (got {cfg.optim.warmup_epochs:g} and {cfg.schedule.epochs:g})"),
         (cfg.schedule.max_steps >= 0, "--max-steps must be >= 0"),
@@ -369,7 +371,8 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= o.beta1 < 1, f"--beta1 must be in [0, 1) (got {o.beta1})"),
         (0 <= o.beta2 < 1, f"--beta2 must be in [0, 1) (got {o.beta2})"),
         (o.weight_decay >= 0, f"--weight-decay must be >= 0 (got {o.weight_decay})"),
-        (cfg.schedule.tau_t_warmup_epochs >= 0, "--tau-t-warmup-epochs must be >= 0"),
+        (0 <= cfg.schedule.tau_t_warmup_epochs <= MAX_EPOCHS,
+         f"--tau-t-warmup-epochs must be within [0, {MAX_EPOCHS:g}] (got {cfg.schedule.tau_t_warmup_epochs:g})"),
         (cfg.schedule.ema_reference_batch >= 0, "--ema-reference-batch must be >= 0 (0: decays as given)"),
         (cfg.run.peak_tflops >= 0, "--peak-tflops must be >= 0 (0: look the device up)"),
     ]
@@ -383,6 +386,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--shards {shards}: no such directory or shard file; make one with make-shards")
     model_config(cfg)  # --preset and the --model fields (the shards' statistics are checked when they are read)
 
+
+MAX_EPOCHS = 100_000.0
 
 # Settings that may change when a run is resumed: cadence, display and implementation switches that change the numbers
 # by float rounding at most, plus the two a user changes on purpose to recover from a divergence (a lower --lr, a

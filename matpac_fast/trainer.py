@@ -59,6 +59,11 @@ def _resume_advice(out: str | Path) -> str:
             "its history.jsonl and tb/ first)")
 
 
+# A resume must keep --workers (they split the epoch, so another count reads another in-epoch position): the advice
+# after a dead worker cannot be "fewer workers", which the resume would refuse.
+_WORKER_DIED_ADVICE = "(with the same --workers, which split the epoch; if memory ran out, free some first)"
+
+
 class _LoaderWorkerDied(Exception):
     """A DataLoader worker died (torch's RuntimeError "DataLoader worker (pid ...) ..."), met while waiting for a
     batch, i.e. between optimizer steps."""
@@ -213,6 +218,11 @@ class Trainer:
         self.data = self._open_data()
         self.model_cfg = self._model_config()
         self._check_model_fits_data()
+        cpu = r.cpu or not torch.cuda.is_available()
+        if device_checks and cpu and self.model_cfg.attn_impl in ("efficient", "cudnn"):
+            # SDPA's memory-efficient and cuDNN backends have no CPU kernel: the first step raised "No viable backend"
+            raise ValueError(f"--model attn_impl={self.model_cfg.attn_impl} needs a CUDA GPU (that SDPA backend has no "
+                             "CPU kernel): on the CPU use sdpa, flash or math")
         if acc.is_main_process:
             self._warn_short_clips()
         self.data.set_crop(self.model_cfg.crop_frames)  # the loader's crop is the model's input length
@@ -313,6 +323,11 @@ class Trainer:
         elif cfg.run.compile == "step":
             model = torch.compile(model, **kwargs)
         self.model, self.optimizer = acc.prepare(model, self.optimizer)
+        # Accelerate saves and loads the module it was given; the compiled wrapper's keys are "_orig_mod.<name>", so a
+        # --compile step checkpoint could not be resumed with --compile off/block nor the other way round (a setting
+        # free to change on resume). It saves and loads the plain model's keys instead: the same tensors.
+        if model is not self.raw_model and model in acc._models:  # (benchmarks' peer bypasses prepare: absent)
+            acc._models[acc._models.index(model)] = self.raw_model
         self.inner_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
         spe = self.data.batches_per_epoch // cfg.optim.grad_accum
         if spe < 1:
@@ -327,6 +342,12 @@ class Trainer:
             print(f"note: the schedule ends at step {self.total_steps} ({cfg.schedule.epochs:g} epochs x {spe} "
                   f"steps); --max-steps {cfg.schedule.max_steps} stops nothing earlier (raise --epochs to train "
                   "longer)", file=sys.stderr, flush=True)
+        warm = cfg.schedule.tau_t_warmup_epochs
+        if warm > cfg.schedule.epochs and acc.is_main_process:  # allowed (DINO's schedule is cut the same way), said
+            m = self.model_cfg
+            last = m.tau_t_start + (m.tau_t_end - m.tau_t_start) * cfg.schedule.epochs / warm
+            print(f"note: --tau-t-warmup-epochs {warm:g} is longer than --epochs {cfg.schedule.epochs:g}: the teacher "
+                  f"temperature rises to {last:.4g}, not to tau_t_end {m.tau_t_end:g}", file=sys.stderr, flush=True)
         self.global_batch = cfg.data.batch_size * cfg.optim.grad_accum * acc.num_processes
         self.sched = _schedule_arrays(cfg, self.model_cfg, spe, self.total_steps, self.global_batch)
         # The temperatures enter forward as 0-d device tensors (no recompiles). They are indexed out of one tensor
@@ -466,9 +487,10 @@ class Trainer:
         writer = self._writer()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.json").write_text(
-                json.dumps({"train": cfg.to_dict(), "model": self.model_cfg.__dict__}, indent=1, default=str)
-            )
+            tmp = self.out / "config.json.tmp"  # atomic: a half-written config.json would read as someone else's
+            tmp.write_text(json.dumps({"train": cfg.to_dict(), "model": self.model_cfg.__dict__}, indent=1,
+                                      default=str))
+            os.replace(tmp, self.out / "config.json")
         bar = self._progress()
         tput = Throughput()
         sums: dict[str, torch.Tensor] = {}
@@ -602,7 +624,7 @@ class Trainer:
         """A loader worker died between two optimizer steps (the out-of-memory killer, a kill): one line instead
         of torch's traceback, after a checkpoint of the last finished step when this is the only process (the
         weights are intact; with several, the others are inside a collective and cannot join one)."""
-        hint = "resume with --resume auto (with fewer --workers if memory ran out)"
+        hint = f"resume with --resume auto {_WORKER_DIED_ADVICE}"
         if self.accelerator.num_processes == 1:
             self._abandon_partial_step()
             if self.step != self._saved_step:  # nothing trained since the last one (or the resumed one): kept
@@ -610,8 +632,7 @@ class Trainer:
             return TrainingAborted(f"{what}: a data-loader worker died (often the out-of-memory killer); checkpoint "
                                    f"at step {self.step}: {hint}")
         return TrainingAborted(f"{what}: a data-loader worker of process {self.accelerator.process_index} died "
-                               f"(often the out-of-memory killer); {_resume_advice(self.out)} (with fewer --workers "
-                               "if memory ran out)")
+                               f"(often the out-of-memory killer); {_resume_advice(self.out)} {_WORKER_DIED_ADVICE}")
 
     def _abandon_partial_step(self) -> None:
         """Back to the last finished optimizer step, for a checkpoint taken between two: the micro-batches of an
@@ -679,8 +700,8 @@ class Trainer:
         row.update(
             step=self.step,
             epoch=self.epoch,
-            lr=lr,
-            tau_t=self.sched["tau_t"][i],
+            lr=lr,  # the lr of the last step, schedule index step - 1; the forward of that step used the same tau_t
+            tau_t=self.sched["tau_t"][max(i - 1, 0)],
             ema=self.sched["ema"][i],
             head_ema=self.sched["head_ema"][i],
             samples_per_s=sps_total,
@@ -844,12 +865,38 @@ class Trainer:
                 f"shard set changed size?): resume with the same shard set, or start a new run with a new --out"
             )
 
+    @contextlib.contextmanager
+    def _model_keys_of(self, path: Path):
+        """Checkpoints written with --compile step before the plain model was registered hold "_orig_mod."-prefixed
+        keys: load those through a holder module whose only child is the model under that name (in place)."""
+        from safetensors import safe_open
+
+        acc = self.accelerator
+        if self.raw_model not in acc._models:
+            yield
+            return
+        i = acc._models.index(self.raw_model)
+        try:
+            with safe_open(str(Path(path) / "model.safetensors"), framework="pt") as f:
+                prefixed = all(k.startswith("_orig_mod.") for k in f.keys())
+        except Exception:  # noqa: BLE001 - load_state reports an unreadable file in its own words
+            prefixed = False
+        if prefixed:
+            holder = torch.nn.Module()
+            holder._orig_mod = self.raw_model
+            acc._models[i] = holder
+        try:
+            yield
+        finally:
+            acc._models[i] = self.raw_model
+
     def _maybe_resume(self) -> None:
         if self._resume is None:
             return
         path, state = self._resume
         try:
-            self.accelerator.load_state(str(path))
+            with self._model_keys_of(path):
+                self.accelerator.load_state(str(path))
         except Exception as e:  # anything Accelerate/torch/safetensors raise on a file that passed verify()
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {first}); pick an earlier "
@@ -1045,6 +1092,16 @@ def _check_out_path(out: str) -> None:
     if not str(out).strip():
         raise ValueError("--out is empty: give the run's folder, e.g. --out runs/first (is a shell variable unset?)")
     path = Path(out)
+    if path.is_dir():
+        # Tried, not os.access: root passes that check on a read-only mount or an immutable folder.
+        import tempfile
+
+        try:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot write there ({e.strerror or e}); choose another --out") from None
+        return
     if path.exists():
         return  # a file there is check_out's error
     parent = next(p for p in path.parents if p.exists())  # a relative path ends at ".", which exists
@@ -1113,7 +1170,7 @@ def _main(argv: list[str] | None) -> int:
                          rank, world, stopping=trainer is not None and trainer._stop_requested)
         if str(e).startswith("DataLoader worker"):  # torch's SIGCHLD handler: raised wherever the main thread was
             return _fail(f"error: {str(e).strip().splitlines()[0]}: a data-loader worker died (often the out-of-memory "
-                         f"killer); {_resume_advice(cfg.run.out)} (with fewer --workers if memory ran out)", rank,
+                         f"killer); {_resume_advice(cfg.run.out)} {_WORKER_DIED_ADVICE}", rank,
                          world)
         if isinstance(e, dist.DistError):  # e.g. the process group cannot be set up (a port in use, a timeout)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -139,7 +139,8 @@ def test_a_loader_worker_killed_for_real_is_one_line(tmp_path):
     assert "Traceback" not in stderr
     last = stderr.strip().splitlines()[-1]
     assert re.fullmatch(r"error: DataLoader worker \(pid\(?s?\)? [\d, ]+\) .*: a data-loader worker died \(often the "
-                        r"out-of-memory killer\).* \(with fewer --workers if memory ran out\)", last), last
+                        r"out-of-memory killer\).* \(with the same --workers, which split the epoch; if memory ran "
+                        r"out, free some first\)", last), last
     # The advice fits what exists: met mid-step (usually) no checkpoint is written, and --recipe tiny writes none
     # before the end; met in a data wait, one of the last finished step is.
     if (out / "checkpoints").is_dir():
@@ -389,6 +390,15 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(run2, tmp_path, capsys, 
         (["--beta2", "1"], "--beta2 must be in [0, 1)"),
         (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
         (["--epochs", "0"], "--epochs must be > 0 (got 0)"),
+        # from the eleventh session's audit: a traceback, a hang or a run that could never be resumed
+        (["--tau-t-warmup-epochs", "1e308"], "--tau-t-warmup-epochs must be within [0, 100000] (got 1e+308)"),
+        (["--epochs", "1e12"], "--epochs must be <= 100000 (got 1e+12)"),
+        (["--model", "mlp_ratio=0.001"], "mlp_ratio=0.001 gives an MLP of 0 units: raise it"),
+        (["--model", "norm_std=inf"], "norm_std=inf must be > 0 and finite"),
+        (["--model", "mcl_t_min=inf"], "mcl_t_min=inf must be >= 0 and finite"),
+        (["--model", "attn_impl=efficient"], "--model attn_impl=efficient needs a CUDA GPU (that SDPA backend has no "
+                                             "CPU kernel): on the CPU use sdpa, flash or math"),
+        (["--model", "attn_impl=cudnn"], "--model attn_impl=cudnn needs a CUDA GPU"),
     ],
 )
 def test_bad_model_and_optimizer_values_are_one_line_errors(tmp_path, capsys, argv, message):
@@ -790,3 +800,82 @@ def test_a_folder_of_audio_given_as_shards_points_to_make_shards(tmp_path, capsy
     rc, _, err = _main(capsys, "--shards", str(audio), "--out", str(tmp_path / "run"), "--max-steps", "1")
     line = _one_line(err)
     assert rc == 2 and "make one from audio with make-shards" in line and "pass meta=" not in line
+
+
+def test_an_existing_out_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    """An existing read-only --out (a read-only mount; root ignores chmod, so the write itself is made to fail)
+    ended in a SummaryWriter traceback, and --print-config passed it."""
+    import tempfile
+
+    out = tmp_path / "ro"
+    out.mkdir()
+
+    def refused(*a, dir=None, **k):
+        if dir is not None and Path(dir) == out:
+            raise PermissionError(1, "Operation not permitted")
+        return real(*a, dir=dir, **k)
+
+    real = tempfile.TemporaryFile
+    monkeypatch.setattr(tempfile, "TemporaryFile", refused)
+    for extra in ([], ["--print-config"]):
+        rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "1", *extra)
+        assert rc == 2 and _one_line(err) == f"error: --out {out}: cannot write there (Operation not permitted); " \
+                                            "choose another --out"
+    assert list(out.iterdir()) == []
+
+
+def test_a_config_json_someone_else_wrote_is_not_overwritten(tmp_path, capsys):
+    out = tmp_path / "proj"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "settings"}')
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "1")
+    assert rc == 2 and "holds a config.json that matpac-train did not write" in _one_line(err)
+    assert (out / "config.json").read_text() == '{"my": "settings"}'
+
+
+def test_resume_path_into_an_out_with_another_runs_history_is_refused(run2, tmp_path, capsys):
+    """--resume PATH used to keep the rows of the killed run in --out (steps before the checkpoint's) as its own."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "history.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    ck = run2 / "checkpoints" / "step_00000002"
+    rc, _, err = _main(capsys, *SYN, "--out", str(other), "--max-steps", "3", "--resume", str(ck))
+    assert rc == 2 and "holds another run (history.jsonl) without checkpoints" in _one_line(err)
+    # rows after the checkpoint's step are this resume's own (a kill before its first save): allowed
+    (other / "history.jsonl").write_text(json.dumps({"step": 3, "loss": 9.0}) + "\n")
+    rc, _, err = _main(capsys, *SYN, "--out", str(other), "--max-steps", "3", "--resume", str(ck))
+    assert rc == 0, err
+    assert [r["step"] for r in _rows(other)] == [3]
+
+
+def test_a_resume_path_that_is_no_checkpoint_says_so_in_a_folder_with_checkpoints(run2, tmp_path, capsys):
+    out, _ = _copy(run2, tmp_path)
+    for bad in (str(tmp_path / "nonexistent"), str(out / "checkpoints")):
+        rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "3", "--resume", bad)
+        assert rc == 2 and f"--resume {bad}: not a checkpoint directory" in _one_line(err)
+
+
+def test_the_log_row_reports_the_tau_t_its_step_used(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "3")
+    assert rc == 0, err
+    t = T.Trainer(resolve([*TINY, *SYN, "--out", str(tmp_path / "x"), "--max-steps", "3"])[0])
+    assert [r["tau_t"] for r in _rows(out)] == [t.sched["tau_t"][s - 1] for s in (1, 2, 3)]
+    assert [r["lr"] for r in _rows(out)] == [t.sched["lr"][s - 1] for s in (1, 2, 3)]
+
+
+def test_tau_t_warm_up_longer_than_the_run_is_a_note(tmp_path, capsys):
+    rc, _, err = _main(capsys, *SYN, "--out", str(tmp_path / "run"), "--max-steps", "1", "--epochs", "1")
+    assert rc == 0
+    assert "note: --tau-t-warmup-epochs 2 is longer than --epochs 1: the teacher temperature rises to " in err
+
+
+def test_matpac_train_is_the_guarded_entry_point():
+    """The console script imported the trainer (torch, seconds) outside any handler: a Ctrl-C then was a traceback.
+    It is now train.py's entry point, which imports the trainer inside its guard."""
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["matpac-train"] == "matpac_fast.train_cli:main"
+    code = "import sys, matpac_fast.train_cli; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

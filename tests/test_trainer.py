@@ -134,8 +134,8 @@ def test_a_loader_worker_that_dies_is_one_line_after_a_checkpoint(tmp_path, refe
     assert "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1] == (
         "error: DataLoader worker (pid 4242) is killed by signal: Killed.: a data-loader worker died (often the "
-        "out-of-memory killer); checkpoint at step 5: resume with --resume auto (with fewer --workers if memory ran "
-        "out)")
+        "out-of-memory killer); checkpoint at step 5: resume with --resume auto (with the same --workers, which "
+        "split the epoch; if memory ran out, free some first)")
     # Dying again before a step of the resumed run: its checkpoint is kept as it is (it was rewritten, with this
     # run's settings, by a delete-then-rename that a SIGKILL could cut)
     state = tmp_path / "checkpoints" / "step_00000005" / "trainer_state.json"
@@ -577,3 +577,40 @@ def test_clips_shorter_than_the_crop_are_a_warning_at_start(tmp_path, capsys, sh
         assert err == []
     else:
         assert len(err) == 1 and err[0].startswith(f"warning: --shards {shards}: {expected}")
+
+
+def test_resume_across_compile_scopes_and_of_prefixed_checkpoints(tmp_path, monkeypatch):
+    """--compile is free to change on resume. The compiled wrapper's "_orig_mod." keys used to reach the checkpoint,
+    so a --compile step checkpoint could not be loaded with off/block, nor an off one with step. Dynamo's eager
+    backend stands in for inductor (the keys are the wrapper's either way)."""
+    from safetensors.torch import save_file
+
+    from matpac_fast.trainer import Trainer
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend="eager"))
+    out = tmp_path / "run"
+
+    def train(*extra):
+        t = Trainer(resolve([*TINY, "--out", str(out), *extra])[0])
+        t.train()
+        return t
+
+    t = train("--max-steps", "2", "--compile", "step")
+    assert isinstance(t.model, torch._dynamo.eval_frame.OptimizedModule)
+    name, weights = _final_weights(out)
+    assert name == "step_00000002" and not any(k.startswith("_orig_mod.") for k in weights)
+    t = train("--max-steps", "3", "--compile", "off", "--resume", "auto")
+    assert t.step == 3
+    t = train("--max-steps", "4", "--compile", "step", "--resume", "auto")
+    assert t.step == 4
+    # a checkpoint written before the fix: every key prefixed; it loads (in place) into either scope
+    last = out / "checkpoints" / "step_00000004" / "model.safetensors"
+    plain = load_file(str(last))
+    save_file({f"_orig_mod.{k}": v for k, v in plain.items()}, str(last))
+    for scope, steps in (("off", "5"), ("step", "6")):
+        resumed = Trainer(resolve([*TINY, "--out", str(tmp_path / f"from_old_{scope}"), "--max-steps", steps,
+                                   "--compile", scope, "--resume", str(last.parent)])[0])  # fmt: skip
+        resumed._maybe_resume()
+        state = resumed.raw_model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in plain.items())

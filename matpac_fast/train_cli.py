@@ -1,0 +1,20 @@
+"""`matpac-train` and `python train.py`: one entry point. The trainer module imports torch and accelerate (seconds);
+that import runs inside this guard, so a Ctrl-C during it is the trainer's own one line, not a traceback. Importing
+this module imports nothing heavy (`matpac_fast` loads its top-level names on first use)."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        from matpac_fast.trainer import main as train_main
+    except KeyboardInterrupt:
+        print("\ntrain: interrupted while starting: nothing was trained", file=sys.stderr, flush=True)
+        return 130
+    return train_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
