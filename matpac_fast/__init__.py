@@ -30,10 +30,14 @@ __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):
-    try:
-        module, attr = _EXPORTS[name]
-    except KeyError:
-        raise AttributeError(f"module 'matpac_fast' has no attribute {name!r}") from None
+    if name not in _EXPORTS:  # a submodule, as `matpac_fast.config.get_model_config` after `import matpac_fast`
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise  # the submodule exists but an import inside it failed: that error, not a missing attribute
+            raise AttributeError(f"module 'matpac_fast' has no attribute {name!r}") from None
+    module, attr = _EXPORTS[name]
     value = getattr(importlib.import_module(module), attr)
     globals()[name] = value  # later lookups skip this function
     return value

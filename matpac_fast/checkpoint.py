@@ -99,11 +99,28 @@ def check_out(out: str | Path, resume: str) -> None:
         if Path(resume).resolve().parent != checkpoint_root(out).resolve():
             raise ValueError(f"--out {out} holds checkpoints of another run: resume {resume} into a new or empty "
                              f"--out, or use --resume auto to continue the run in {out}")
-    elif found and ("encoder.pt" in found or _history_reaches(out / "history.jsonl", resume)):
-        # A finished run (encoder.pt) or rows at or before the checkpoint's step: another run's, which the resumed
-        # one would keep as its own history (rows after the step are this resume's own, redone, as after a kill).
+    elif (found and ("encoder.pt" in found or _history_reaches(out / "history.jsonl", resume))
+          and not _same_settings(out / "config.json", resume)):
+        # A finished run (encoder.pt) or rows at or before the checkpoint's step, of a run with other settings: the
+        # resumed one would keep its rows as its own history. (Rows after the step are this resume's own, redone
+        # as after a kill; the same settings are the same run rolled back, its checkpoints moved away.)
         raise ValueError(f"--out {out} holds another run ({', '.join(found)}) without checkpoints: resume {resume} "
                          "into a new or empty --out")
+
+
+def _same_settings(config: Path, resume: str) -> bool:
+    """True when --out's config.json records the settings the checkpoint was trained with (nothing that
+    train_config.resume_changes calls blocking differs)."""
+    from matpac_fast.train_config import resume_changes
+
+    try:
+        run = json.loads(config.read_text())
+        state = json.loads((Path(resume) / STATE_FILE).read_text())
+        blocking, _ = resume_changes({**state["config"], "model": state["model_config"]},
+                                     {**run["train"], "model": run["model"]})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return not blocking
 
 
 def _foreign_config(path: Path) -> bool:

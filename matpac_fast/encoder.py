@@ -212,8 +212,11 @@ def _float_wave(wave) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(wave) if not isinstance(wave, torch.Tensor) else wave)
     if t.dtype == torch.uint8:
         return (t.to(torch.float32) - 128.0) / 128.0
-    if not t.is_floating_point() and t.dtype != torch.bool and not t.is_complex():
+    if t.dtype in (torch.int8, torch.int16, torch.int32):
         return t.to(torch.float32) / float(2 ** (torch.iinfo(t.dtype).bits - 1))
+    if not t.is_floating_point():  # int64 is no PCM format: a list of ints or widened int16 (scaled by 2^63: silence)
+        raise ValueError(f"encode got {str(t.dtype).removeprefix('torch.')} samples: pass float audio in [-1, 1] or "
+                         "integer PCM as int16/int32 (e.g. np.asarray(x, np.int16))")
     return t.to(torch.float32)
 
 

@@ -299,8 +299,10 @@ def plan_hash(disc: Discovery, cfg: MakeConfig) -> str:
 
 
 def settings_hash(disc: Discovery, cfg: MakeConfig) -> str:
-    """The options' part of plan_hash: equal settings with another plan_hash mean the input files changed."""
-    return hashlib.sha256(json.dumps(_settings(disc, cfg), sort_keys=True).encode()).hexdigest()
+    """The options' part of plan_hash, without what is read from the inputs (the class list, AudioSet's counts of
+    segments with a file): equal settings with another plan_hash mean the inputs changed, not the options."""
+    options = {k: v for k, v in _settings(disc, cfg).items() if k not in ("classes", "extra")}
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
 
 
 def _settings(disc: Discovery, cfg: MakeConfig) -> dict:
@@ -481,10 +483,11 @@ def _open_plan(out: Path, cfg: MakeConfig, phash: str, shash: str, n_inputs: int
                 # The same command, but the files changed (downloads still arriving): "rerun that exact command"
                 # would send the user round in circles.
                 then = plan.get("inputs")
+                count = f"{then} then, {n_inputs} now" if then != n_inputs else f"{n_inputs}, but files resized"
                 raise ValueError(
-                    f"{out} holds an interrupted run of this command, but its input files changed since "
-                    f"({then} inputs then, {n_inputs} now, or files resized or relabelled): resuming would mix two "
-                    "corpora; pass --overwrite to start again with the current files, or choose another --out"
+                    f"{out} holds an interrupted run with these options, but its inputs changed since ({count}, "
+                    "added, removed or relabelled): resuming would mix two corpora; pass --overwrite to start again "
+                    "with the current inputs, or choose another --out"
                 )
             raise ValueError(
                 f"{out} holds an interrupted run with other inputs or options; rerun that exact command to finish "
@@ -750,7 +753,8 @@ def _check_complete_set(out: Path, stats: dict) -> None:
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise ValueError(
-            f"{out} holds this command's complete set, but {', '.join(bad[:3])}{more} are damaged; run verify-shards "
+            f"{out} holds this command's complete set, but {', '.join(bad[:3])}{more} "
+            f"{'is' if len(bad) == 1 else 'are'} damaged; run verify-shards "
             f"{out} for the full list, then rerun with --overwrite to rebuild the set"
         )
 

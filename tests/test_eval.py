@@ -134,6 +134,10 @@ def test_csv_unknown_label_names_the_row(tmp_path):
     (tmp_path / "labels.csv").write_text("filename,label,speaker,split\na.wav,3,s,train\na.wav,12,s,test\n")
     ds = load_dataset(tmp_path)
     assert ds.layout == "csv" and ds.classes == ["3", "12"]
+    # all of FSDD's own columns: FSDD, whose fixed vocabulary makes a typo an error
+    (tmp_path / "labels.csv").write_text("filename,label,speaker,take,split\na.wav,3,s,0,train\na.wav,12,s,1,test\n")
+    with pytest.raises(ValueError, match=r"labels\.csv: row 2 \(line 3\): unknown label '12'"):
+        load_dataset(tmp_path)
 
 
 def test_multilabel_csv_is_detected(tmp_path):

@@ -108,6 +108,9 @@ def test_encode_scales_integer_pcm_and_refuses_channels_last(tiny_pt):
         assert torch.allclose(enc.encode(pcm, 16000)[1], ref, atol=1e-3, rtol=1e-3)
     u8 = np.round(w * 127 + 128).astype(np.uint8)
     assert torch.nn.functional.cosine_similarity(enc.encode(u8, 16000)[1], ref).item() > 0.99
+    for wide in ((w * 32767).astype(np.int64), [int(x) for x in (w[:800] * 32767)]):  # no PCM type: refused
+        with pytest.raises(ValueError, match="encode got int64 samples: pass float audio in"):
+            enc.encode(wide, 16000)
     with pytest.raises(ValueError, match=r"shape \(16000, 2\): that looks like \(samples, channels\) audio"):
         enc.encode(np.stack([w, w], 1), 16000)
     assert enc.encode(np.stack([w, w]), 16000)[1].shape[0] == 2  # rows are clips
@@ -176,9 +179,12 @@ def test_a_task_name_reused_for_other_data_says_what_it_replaces(tones, tmp_path
 
 
 def test_float_input_is_used_as_it_is(tiny_pt):
-    """Float input is used as it is (no rescaling of a float that exceeds [-1, 1])."""
+    """Floats of any width and container give the same embedding, and are not rescaled (2w embeds as 2w)."""
     enc = load_encoder(tiny_pt, preset="tiny")
     assert isinstance(enc, Encoder)
     w = tone(440.0, 1.0, sr=16000).astype(np.float32)
-    a, b = enc.encode(w, 16000)[1], enc.encode(torch.from_numpy(w * 2), 16000)[1]
-    assert not torch.allclose(a, b)
+    ref = enc.encode(torch.from_numpy(w), 16000)[1]
+    for same in (w, w.astype(np.float64), torch.from_numpy(w).double(), w.tolist()):
+        assert torch.equal(enc.encode(same, 16000)[1], ref)
+    lms = enc._melspec(torch.from_numpy(2 * w)[None])
+    assert torch.equal(enc.encode(2 * w, 16000)[1], enc.encode_lms(lms).mean(dim=1))

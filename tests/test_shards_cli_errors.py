@@ -640,7 +640,9 @@ def test_the_shard_tools_start_without_torch():
             "assert 'torch' not in sys.modules and matpac_fast.__version__\n"
             "from matpac_fast import Encoder, get_model_config\n"
             "assert Encoder.__name__ == 'Encoder' and get_model_config('tiny').dim > 0\n"
-            "assert set(matpac_fast.__all__) <= set(dir(matpac_fast))\n")
+            "assert set(matpac_fast.__all__) <= set(dir(matpac_fast))\n"
+            "assert matpac_fast.flops.flops_per_sample is matpac_fast.flops_per_sample\n"  # submodules as attributes
+            "assert not hasattr(matpac_fast, 'no_such_module')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
 
@@ -671,12 +673,18 @@ def test_resume_refused_because_the_files_changed_says_so(tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as e:
         run("folder", str(src), "--out", str(out), "--shard-size", "1")
     msg = str(e.value)
-    assert "\n" not in msg and "input files changed since (3 inputs then, 4 now" in msg and "--overwrite" in msg
+    assert "\n" not in msg and "with these options, but its inputs changed since (3 then, 4 now" in msg
+    assert "--overwrite" in msg
     assert "rerun that exact command" not in msg
     with pytest.raises(SystemExit) as e:  # other options: the message it always gave
         run("folder", str(src), "--out", str(out), "--shard-size", "2")
     assert "other inputs or options; rerun that exact command" in str(e.value)
-    (src / "c" / "late.wav").unlink()  # the files as they were: the resume goes on
+    (src / "c" / "late.wav").unlink()
+    tone(src / "new_class" / "late.wav", freq=900)  # a new class folder changes the class list: still the inputs
+    with pytest.raises(SystemExit) as e:
+        run("folder", str(src), "--out", str(out), "--shard-size", "1")
+    assert "inputs changed since (3 then, 4 now" in str(e.value)
+    shutil.rmtree(src / "new_class")  # the files as they were: the resume goes on
     assert run("folder", str(src), "--out", str(out), "--shard-size", "1") == 0
     assert json.loads((out / "stats.json").read_text())["written"] == 3
 

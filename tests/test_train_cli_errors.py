@@ -824,6 +824,18 @@ def test_an_existing_out_that_cannot_be_written_is_one_line(tmp_path, capsys, mo
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into a 0o500 folder")
+def test_an_existing_read_only_out_is_one_line(tmp_path, capsys):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "1")
+        assert rc == 2 and _one_line(err).startswith(f"error: --out {out}: cannot write there (")
+    finally:
+        out.chmod(0o700)
+
+
 def test_a_config_json_someone_else_wrote_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "proj"
     out.mkdir()
@@ -879,3 +891,25 @@ def test_matpac_train_is_the_guarded_entry_point():
     assert scripts["matpac-train"] == "matpac_fast.train_cli:main"
     code = "import sys, matpac_fast.train_cli; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+    # a Ctrl-C while the trainer module imports: one line and 130 (a meta-path hook raises it at that import)
+    code = ("import sys\n"
+            "class Hook:\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'matpac_fast.trainer':\n"
+            "            raise KeyboardInterrupt\n"
+            "sys.meta_path.insert(0, Hook())\n"
+            "from matpac_fast.train_cli import main\n"
+            "sys.exit(main())\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 130 and r.stderr.strip() == "train: interrupted while starting: nothing was trained", r
+
+
+def test_a_run_rolled_back_within_its_own_out_may_resume(run2, tmp_path, capsys):
+    """Its checkpoints moved out of checkpoints/ (the trainer's own advice for abandoning later ones), the run's
+    rows and encoder.pt are its own: the same settings in config.json tell it from another run."""
+    out, _ = _copy(run2, tmp_path)
+    (out / "checkpoints").rename(out / "old")
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "3", "--resume",
+                       str(out / "old" / "step_00000002"))  # fmt: skip
+    assert rc == 0, err
+    assert [r["step"] for r in _rows(out)] == [1, 2, 3]

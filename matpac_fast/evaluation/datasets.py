@@ -32,6 +32,7 @@ US8K_CLASSES = (
     "engine_idling", "gun_shot", "jackhammer", "siren", "street_music",
 )  # fmt: skip
 FSDD_CLASSES = tuple(str(d) for d in range(10))
+FSDD_COLUMNS = {"filename", "label", "speaker", "take", "split"}  # the columns of FSDD's own labels.csv
 
 
 @dataclass
@@ -334,12 +335,15 @@ def _warn_nested(root: Path, nested: list[Path], n: int) -> None:
 
 # --- known layouts ------------------------------------------------------------------------------------------------
 def _is_fsdd_csv(path: Path) -> bool:
-    """FSDD's labels.csv: its columns, and only the digits 0-9 as labels (a labels.csv of other classes with the
-    same columns is a generic CSV, not FSDD with unknown labels)."""
+    """FSDD's labels.csv: all of its columns (then a label other than a digit is FSDD's error, "unknown label"), or
+    filename,label,speaker with only the digits 0-9 as labels (a labels.csv of other classes with those three
+    columns is a generic CSV, not FSDD with unknown labels)."""
     try:
         fields, rows = _read_rows(path)
     except ValueError:
         return False  # load_csv reports it
+    if FSDD_COLUMNS <= set(fields):
+        return True
     return {"filename", "label", "speaker"} <= set(fields) and all(r.get("label") in FSDD_CLASSES for r in rows)
 
 
