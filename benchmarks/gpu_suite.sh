@@ -62,6 +62,9 @@
 # SUITE_MODES (modes of train_b256, and of train_b64 unless SUITE_SMALL_MODES is set), SUITE_SMALL_MODES,
 # SUITE_STREAM=1 (run the stream step), SUITE_ATTN_TRITON=1 (run the attn_triton step), SUITE_PROFILE=1 (run the
 # profile step),
+# SUITE_SKIP (comma list of steps not to run: loader train_big stream attn_triton attention pytest_gpu kernels
+# train_small profile; e.g. an MFU session's SUITE_SKIP=loader,kernels,train_small: the training runs then read
+# synthetic data),
 # SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable packages are missing; the GPU tests then
 # run with --continue-on-collection-errors). Each setting is checked before anything runs; a bad one stops the suite
 # with one line naming it.
@@ -114,6 +117,13 @@ case "${SUITE_COMPILE_MODE:-default}" in
   default|reduce-overhead|max-autotune-no-cudagraphs|gemm-autotune) ;;
   *) bad "SUITE_COMPILE_MODE=$SUITE_COMPILE_MODE: give default, reduce-overhead, max-autotune-no-cudagraphs or gemm-autotune" ;;
 esac
+SKIPPABLE=(loader train_big stream attn_triton attention pytest_gpu kernels train_small profile)
+if [ -n "${SUITE_SKIP:-}" ]; then
+  IFS=, read -ra entries <<< "$SUITE_SKIP"
+  for k in "${entries[@]}"; do
+    [[ " ${SKIPPABLE[*]} " == *" $k "* ]] || bad "SUITE_SKIP=$SUITE_SKIP: unknown step '$k' (steps: ${SKIPPABLE[*]})"
+  done
+fi
 for v in SUITE_STREAM SUITE_ATTN_TRITON SUITE_PROFILE SUITE_ALLOW_MISSING; do
   case "${!v:-0}" in 0|1) ;; *) bad "$v=${!v}: give 1 (on) or 0 (off)" ;; esac
 done
@@ -167,6 +177,11 @@ say() { echo "$*" | tee -a "$SUMMARY"; }
 FAILED=0
 
 # step NAME CAP_S CMD... : run CMD under timeout min(CAP, budget left), log to $LOGS/NAME.log, record the outcome.
+skipped() {  # skipped KEY: true (and said) when SUITE_SKIP names the step
+  [[ ",${SUITE_SKIP:-}," == *",$1,"* ]] || return 1
+  say "SKIP  $1: in SUITE_SKIP"
+}
+
 step() {
   local name=$1 cap=$2; shift 2
   local left=$(( BUDGET - (SECONDS - START) ))
@@ -290,7 +305,7 @@ DATA="$WORK/data"
 # ---------------------------------------------------------------------------------------------------- steps
 # Order: the throughput figures (the suite's purpose) first, then the GPU tests and kernel benchmarks, then the
 # second batch size; every step is capped by the budget left, so a slow step shortens the ones after it.
-step loader 100 "$PY" benchmarks/loader.py --clips "$CLIPS" --frames "$LOADER_FRAMES" --per-shard "$LOADER_PER_SHARD" \
+skipped loader || step loader 100 "$PY" benchmarks/loader.py --clips "$CLIPS" --frames "$LOADER_FRAMES" --per-shard "$LOADER_PER_SHARD" \
   --batch "$BIG" --workers "$LOADER_WORKERS" --passes 1 --paths indexed,npy --keep "$DATA" --csv "$OUT/loader.csv"
 
 if [ -f "$DATA/shards/stats.json" ] && [ -f "$DATA/npy/.done" ]; then
@@ -305,22 +320,22 @@ train() {  # train NAME CAP BATCH MODES [EXTRA ARGS...]
     --precision "$PRECISION" --batch-sizes "$batch" --modes "$modes" --steps "$STEPS" --warmup "$WARMUP" \
     "${TRAIN_DATA[@]}" --compile-mode "$COMPILE_MODE" --csv "$OUT/train.csv" --results-md "$OUT/RESULTS.md" "$@"
 }
-train "train_b$BIG" 240 "$BIG" "$MODES"
+skipped train_big || train "train_b$BIG" 240 "$BIG" "$MODES"
 if [ "${SUITE_STREAM:-0}" = 1 ]; then
-  train stream 90 "$BIG" "$STREAM_MODES" --stream-dtype amp
+  skipped stream || train stream 90 "$BIG" "$STREAM_MODES" --stream-dtype amp
 fi
 if [ "${SUITE_ATTN_TRITON:-0}" = 1 ] && [ "$DRY" = 1 ]; then
   say "SKIP  attn_triton: the tiny preset's predictor heads are 8 wide, which the Triton attention kernel does not take"
 elif [ "${SUITE_ATTN_TRITON:-0}" = 1 ]; then
-  train attn_triton 120 "$BIG" "$STREAM_MODES" --attn-impl triton
+  skipped attn_triton || train attn_triton 120 "$BIG" "$STREAM_MODES" --attn-impl triton
 fi
-step attention 90 "$PY" benchmarks/attention.py --preset "$PRESET" --batch "$ATTN_BATCH" --reps 1
+skipped attention || step attention 90 "$PY" benchmarks/attention.py --preset "$PRESET" --batch "$ATTN_BATCH" --reps 1
 # No -q here: pyproject's addopts already has one, and -qq drops pytest's "N passed" line from the log.
-step pytest_gpu 150 "$PY" -m pytest -m gpu -p no:cacheprovider -rs --durations=8 "${PYTEST_EXTRA[@]}" tests
-step kernels 80 "$PY" benchmarks/kernels.py --out "$OUT/kernels.csv"
-train "train_b$SMALL" 200 "$SMALL" "$SMALL_MODES"
+skipped pytest_gpu || step pytest_gpu 150 "$PY" -m pytest -m gpu -p no:cacheprovider -rs --durations=8 "${PYTEST_EXTRA[@]}" tests
+skipped kernels || step kernels 80 "$PY" benchmarks/kernels.py --out "$OUT/kernels.csv"
+skipped train_small || train "train_b$SMALL" 200 "$SMALL" "$SMALL_MODES"
 if [ "${SUITE_PROFILE:-0}" = 1 ]; then
-  step profile 150 "$PY" benchmarks/profile_step.py --preset "$PRESET" --device "$DEVICE" --precision "$PRECISION" \
+  skipped profile || step profile 150 "$PY" benchmarks/profile_step.py --preset "$PRESET" --device "$DEVICE" --precision "$PRECISION" \
     --batch "$BIG" --stream-dtype amp --steps 3 --warmup "$WARMUP" --top 30
 fi
 

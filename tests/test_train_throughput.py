@@ -641,6 +641,7 @@ def test_suite_usage_names_its_command_lines(tmp_path):
     ({"SUITE_STREAM": "yes"}, "SUITE_STREAM=yes: give 1 (on) or 0 (off)"),
     ({"SUITE_ATTN_TRITON": "2"}, "SUITE_ATTN_TRITON=2: give 1 (on) or 0 (off)"),
     ({"SUITE_PROFILE": "true"}, "SUITE_PROFILE=true: give 1 (on) or 0 (off)"),
+    ({"SUITE_SKIP": "loader,train_b64"}, "SUITE_SKIP=loader,train_b64: unknown step 'train_b64' (steps: loader "),
 ])
 def test_suite_settings_are_checked_before_anything_runs(tmp_path, env, message):
     """A bad setting used to surface at the training steps, after the check, loader, attention, GPU-test and kernel
@@ -664,6 +665,20 @@ def test_suite_accepts_every_mode_of_the_benchmark(tmp_path, compile_mode):
                SUITE_STEPS="3", SUITE_STREAM="1", SUITE_ATTN_TRITON="1", SUITE_PROFILE="0",
                SUITE_COMPILE_MODE=compile_mode)
     assert r.returncode == 2 and "already holds an earlier suite's train.csv" in r.stderr, r.stderr
+
+
+def test_suite_skip_runs_only_the_other_steps(tmp_path):
+    """SUITE_SKIP: a GPU session spent on one question (MFU) runs only its steps; training reads synthetic data."""
+    out = tmp_path / "out"
+    r = _suite(str(out), "--cpu-dry-run", SUITE_SKIP="loader,attention,pytest_gpu,kernels,train_small",
+               SUITE_MODES="eager", SUITE_STEPS="1")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    summary = (out / "summary.txt").read_text()
+    for key in ("loader", "attention", "pytest_gpu", "kernels", "train_small"):
+        assert f"SKIP  {key}: in SUITE_SKIP" in summary
+    assert "OK    train_b16" in summary and "train_b8" not in summary
+    assert "training runs use synthetic data" in summary
+    assert "RESULT train " in summary
 
 
 def test_suite_refuses_an_out_dir_it_cannot_write(tmp_path):
