@@ -99,23 +99,27 @@ def check_out(out: str | Path, resume: str) -> None:
         if Path(resume).resolve().parent != checkpoint_root(out).resolve():
             raise ValueError(f"--out {out} holds checkpoints of another run: resume {resume} into a new or empty "
                              f"--out, or use --resume auto to continue the run in {out}")
-    elif (found and ("encoder.pt" in found or _history_reaches(out / "history.jsonl", resume))
-          and not _same_settings(out / "config.json", resume)):
+    elif found:
         # A finished run (encoder.pt) or rows at or before the checkpoint's step, of a run with other settings: the
         # resumed one would keep its rows as its own history. (Rows after the step are this resume's own, redone
         # as after a kill; the same settings are the same run rolled back, its checkpoints moved away.)
-        raise ValueError(f"--out {out} holds another run ({', '.join(found)}) without checkpoints: resume {resume} "
-                         "into a new or empty --out")
+        try:
+            state = json.loads((Path(resume) / STATE_FILE).read_text())
+        except (OSError, ValueError):
+            state = None  # reported in its own words when the trainer reads it (read_state)
+        mixed = "encoder.pt" in found or _history_reaches(out / "history.jsonl", state)
+        if mixed and not _same_settings(out / "config.json", state):
+            raise ValueError(f"--out {out} holds another run ({', '.join(found)}) without checkpoints: resume "
+                             f"{resume} into a new or empty --out")
 
 
-def _same_settings(config: Path, resume: str) -> bool:
-    """True when --out's config.json records the settings the checkpoint was trained with (nothing that
-    train_config.resume_changes calls blocking differs)."""
+def _same_settings(config: Path, state) -> bool:
+    """True when --out's config.json records the settings the checkpoint (its trainer state `state`) was trained
+    with: nothing that train_config.resume_changes calls blocking differs."""
     from matpac_fast.train_config import resume_changes
 
     try:
         run = json.loads(config.read_text())
-        state = json.loads((Path(resume) / STATE_FILE).read_text())
         blocking, _ = resume_changes({**state["config"], "model": state["model_config"]},
                                      {**run["train"], "model": run["model"]})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -134,10 +138,10 @@ def _foreign_config(path: Path) -> bool:
     return not (isinstance(obj, dict) and isinstance(obj.get("train"), dict) and isinstance(obj.get("model"), dict))
 
 
-def _history_reaches(history: Path, resume: str) -> bool:
-    """True when `history` has a row at or before the step of checkpoint `resume`."""
+def _history_reaches(history: Path, state) -> bool:
+    """True when `history` has a row at or before the step of the checkpoint whose trainer state is `state`."""
     try:
-        step = json.loads((Path(resume) / STATE_FILE).read_text())["step"]
+        step = state["step"]
         rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
     except (OSError, ValueError, KeyError, TypeError):
         return history.exists()  # unreadable: not this resume's to keep

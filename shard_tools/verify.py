@@ -206,7 +206,9 @@ def _is_number(v) -> bool:
 
 
 # stats.json fields this check and its report read, with the shape make-shards writes. A field of another shape is
-# a damaged file: reported as a problem and left out, rather than a traceback where it is first used.
+# a damaged file: reported as a problem and left out, rather than a traceback where it is first used. (The loader's
+# matpac_fast.data._check_meta checks the fields it reads, raising; that module imports torch, which verify-shards
+# must not, and it stops at the first problem where this lists them all.)
 _STATS_FIELDS = {
     "frontend": ("a JSON object with n_mels >= 1", lambda v: isinstance(v, dict) and _is_count(v.get("n_mels", 1))
                  and v.get("n_mels", 1) >= 1),
