@@ -35,6 +35,13 @@ from matpac_fast.metrics import Throughput, mfu, peak_tflops
 from matpac_fast.train_config import TrainConfig, compile_kwargs, model_config, resolve_args
 
 
+def _json_row(row: dict) -> str:
+    """One history.jsonl line in strict JSON: a non-finite figure (the loss of a skipped step) is null, as
+    JavaScript and strict parsers (jq, serde) expect; Python's default writes a bare NaN they reject."""
+    return json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in row.items()},
+                      allow_nan=False)
+
+
 class TrainingAborted(RuntimeError):
     """Raised for conditions the user must act on (e.g. too many non-finite losses in a row)."""
 
@@ -618,7 +625,7 @@ class Trainer:
         history.append(row)
         if self.accelerator.is_main_process:  # appended as we go: a killed run keeps its trace
             with open(self.out / "history.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(_json_row(row) + "\n")
 
     def _worker_died(self, what: str) -> TrainingAborted:
         """A loader worker died between two optimizer steps (the out-of-memory killer, a kill): one line instead

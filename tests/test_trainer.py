@@ -402,6 +402,14 @@ def test_nonfinite_losses_abort_with_clear_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "consecutive non-finite losses" in err and "--lr" in err
+    # history.jsonl stays strict JSON (jq, JavaScript): the skipped steps' losses are null, not a bare NaN.
+    def refuse(name):
+        raise AssertionError(f"history.jsonl holds {name}")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    skipped = [r for r in rows if r["loss"] is None]
+    assert skipped and all(r["skipped_steps"] >= 1 for r in skipped)
+    assert all(isinstance(r["lr"], float) for r in rows)
 
 
 @pytest.mark.parametrize("ckpt_every", ["0", "1"])
