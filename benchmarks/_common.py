@@ -1,5 +1,6 @@
-"""Shared by the benchmark scripts: the commit their figures belong to."""
+"""Shared by the benchmark scripts: the commit their figures belong to, and checks of their output paths."""
 
+import csv
 import os
 import subprocess
 from pathlib import Path
@@ -24,3 +25,29 @@ def commit() -> str:
     if not sha:
         return "unknown"
     return sha + ("+dirty" if _git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def output_problem(path: Path, flag: str) -> str | None:
+    """Why results cannot be written to `path` (one line), or None. Checked before anything is measured: a wrong
+    path must not cost a finished run its figures. Missing parent folders are fine (the writers create them)."""
+    if path.is_dir():
+        return f"{flag} {path} is a folder; give a file path"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{flag} {path}: {parent} is a file, not a folder"
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        return f"{flag} {path}: {target} is not writable; give another path"
+    return None
+
+
+def csv_header(path: Path, flag: str) -> list[str]:
+    """The first row of an existing, non-empty CSV; ValueError (one line naming the file) for one that cannot be
+    read as text."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"{flag} {path} cannot be read as a CSV ({type(e).__name__}); give a new path") from None

@@ -166,7 +166,13 @@ finish() {
   rm -rf "$WORK"
 }
 trap finish EXIT
-trap 'echo "interrupted" | tee -a "$SUMMARY"; exit 130' INT TERM
+STEP_PID=  # the running step's `timeout`, which forwards a TERM to the step's whole process group
+on_signal() {
+  if [ -n "$STEP_PID" ]; then kill -TERM "$STEP_PID" 2>/dev/null; wait "$STEP_PID" 2>/dev/null; fi
+  echo "interrupted" | tee -a "$SUMMARY"
+  exit 130
+}
+trap on_signal INT TERM
 
 ln -s "$REPO/kernels" "$WORK/pypath/matpac_kernels"
 export PYTHONPATH="$WORK/pypath:$REPO${PYTHONPATH:+:$PYTHONPATH}"
@@ -189,8 +195,14 @@ step() {
   local t=$(( cap < left ? cap : left ))
   echo "=== $name (timeout ${t}s, $(( SECONDS - START ))s into the suite) ==="
   local t0=$SECONDS
-  timeout --kill-after=15 "$t" "$@" > "$LOGS/$name.log" 2>&1
+  # Started in the background and waited for: bash runs a trap only once a foreground command returns, and
+  # `timeout` puts the step in its own process group, out of the terminal's reach, so a Ctrl-C used to wait for the
+  # step to finish (up to its cap). `wait` returns at once on a trapped signal.
+  timeout --kill-after=15 "$t" "$@" > "$LOGS/$name.log" 2>&1 &
+  STEP_PID=$!
+  wait "$STEP_PID"
   local rc=$?
+  STEP_PID=
   local dt=$(( SECONDS - t0 ))
   tail -n 4 "$LOGS/$name.log" | cut -c1-300
   if (( rc == 0 )); then say "OK    $name (${dt}s)"

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
 
 import matpac_kernels as mk  # noqa: E402
-from _common import commit  # noqa: E402
+from _common import commit, csv_header, output_problem  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 N_VIS, N_MASK = 57, 133  # the paper's 5 x 38 grid at mask ratio 0.7
@@ -77,11 +77,17 @@ def parse_args(argv=None):
     args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     if not args.ops or set(args.ops) - {"xent", "gather"}:
         p.error(f"unknown --ops entries {sorted(set(args.ops) - {'xent', 'gather'})}; choose from xent, gather")
-    if args.out is not None and args.out.exists() and args.out.stat().st_size > 0:
-        with open(args.out, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != CSV_FIELDS:
-            p.error(f"--out {args.out} has other columns than this script writes; give a new --out path")
+    if args.out is not None:
+        problem = output_problem(args.out, "--out")
+        if problem:
+            p.error(problem)
+        if args.out.exists() and args.out.stat().st_size > 0:
+            try:
+                header = csv_header(args.out, "--out")
+            except ValueError as e:
+                p.error(str(e))
+            if header != CSV_FIELDS:
+                p.error(f"--out {args.out} has other columns than this script writes; give a new --out path")
     return args
 
 
@@ -205,7 +211,7 @@ def run(args) -> list[dict]:
 
 def print_table(rows):
     print(f"\n{'op':7s} {'impl':9s} {'mode':5s} {'B':>4s} {'M':>7s} {'K':>5s} {'median ms':>10s} {'p20':>9s} "
-          f"{'p80':>9s} {'peak MB':>9s}")
+          f"{'p80':>9s} {'peak MiB':>9s}")
     for r in rows:
         print(f"{r['op']:7s} {r['impl']:9s} {r['mode']:5s} {r['B']:4d} {r['M']:7d} {r['K']:5d} {r['median_ms']:10.3f} "
               f"{r['p20_ms']:9.3f} {r['p80_ms']:9.3f} {r['peak_mb']:9.1f}")

@@ -42,7 +42,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
 
-from _common import commit  # noqa: E402
+from _common import commit, csv_header, output_problem  # noqa: E402
 
 from matpac_fast.data import DataConfig, ShardSource, SyntheticSource, make_loader  # noqa: E402
 from matpac_fast.data_fixtures import write_shard_set  # noqa: E402
@@ -76,8 +76,10 @@ def parse_args(argv=None):
         p.error(f"--workers must be >= 0 (got {args.workers})")
     if args.crop > args.frames:
         p.error(f"--crop {args.crop} is longer than the clips (--frames {args.frames}): lower --crop or raise --frames")
-    if args.clips < args.batch * max(1, args.workers):
-        p.error(f"--clips must be at least --batch x --workers = {args.batch * max(1, args.workers)}")
+    # Every worker needs a batch, and a pass at least two: the first batch is left out of the timing.
+    if args.clips < args.batch * max(2, args.workers):
+        p.error(f"--clips must be at least --batch x max(2, --workers) = {args.batch * max(2, args.workers)} (the "
+                "first batch of a pass is not timed)")
     args.paths = [x.strip() for x in args.paths.split(",") if x.strip()]
     unknown = set(args.paths) - set(PATHS)
     if unknown or not args.paths:
@@ -86,11 +88,17 @@ def parse_args(argv=None):
         problem = keep_problem(args.keep)
         if problem:
             p.error(problem)
-    if args.csv is not None and args.csv.exists() and args.csv.stat().st_size > 0:
-        with open(args.csv, newline="") as f:
-            header = next(csv.reader(f), [])
-        if header != CSV_FIELDS:
-            p.error(f"--csv {args.csv} has other columns than this script writes; give a new --csv path")
+    if args.csv is not None:
+        problem = output_problem(args.csv, "--csv")
+        if problem:
+            p.error(problem)
+        if args.csv.exists() and args.csv.stat().st_size > 0:
+            try:
+                header = csv_header(args.csv, "--csv")
+            except ValueError as e:
+                p.error(str(e))
+            if header != CSV_FIELDS:
+                p.error(f"--csv {args.csv} has other columns than this script writes; give a new --csv path")
     return args
 
 
@@ -196,6 +204,8 @@ def time_pass(make, label: str) -> tuple[int, float, float, float, float]:
         else:
             n += (batch["lms"] if isinstance(batch, dict) else batch).shape[0]
     t1 = time.perf_counter()
+    if t_first is None:  # no batch at all: measure() says so
+        t_first = t1
     return n, t1 - t_first, t_first - t0, t1 - t0, _cpu_seconds() - c0
 
 
@@ -205,6 +215,9 @@ def measure(name: str, make, passes: int, read_bytes: int, out_bytes: int) -> di
     for _ in range(passes):
         k, s, st, w, c = time_pass(make, name)
         n, secs, start, whole, cpu = n + k, secs + s, start + st, whole + w, cpu + c
+    if n == 0:  # the shards' split over workers left a pass with one batch: nothing was timed
+        raise SystemExit(f"error: {name}: a pass delivered a single batch, so nothing was timed; raise --clips or "
+                         "lower --batch / --per-shard")
     rate = n / secs
     return {"path": name, "samples": int(n), "seconds": round(secs, 3), "samples_per_s": round(rate, 1),
             "read_MB_s": round(rate * read_bytes / 1e6, 1), "out_MB_s": round(rate * out_bytes / 1e6, 1),
@@ -248,7 +261,8 @@ def main(argv=None):
         print(f"{r['path']:<10} {r['samples_per_s']:>10.0f} {r['read_MB_s']:>10.0f} {r['out_MB_s']:>9.0f} "
               f"{r['startup_s']:>11.2f} {r['samples_per_cpu_s']:>14.0f}")
     if args.csv:
-        new = not args.csv.exists()
+        new = not args.csv.exists() or args.csv.stat().st_size == 0
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
         with open(args.csv, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
             if new:

@@ -109,6 +109,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device")
+    if args.device == "cpu" and args.attn_impl in tt.CUDA_ONLY_ATTN:
+        p.error(f"--attn-impl {args.attn_impl} needs a CUDA GPU (that SDPA backend has no CPU kernel); use sdpa or "
+                "math")
     return args
 
 

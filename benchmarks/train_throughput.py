@@ -76,10 +76,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
 
-from _common import commit  # noqa: E402
+from _common import commit, csv_header, output_problem  # noqa: E402
 from _peer import PEER_VERSION, ReferenceDesignTrainer  # noqa: E402
 
-from matpac_fast.config import ATTN_IMPLS, PRESETS, STREAM_DTYPES  # noqa: E402
+from matpac_fast.config import ATTN_IMPLS, CUDA_ONLY_ATTN, PRESETS, STREAM_DTYPES, get_model_config  # noqa: E402
 from matpac_fast.data import ShardSource, is_local  # noqa: E402
 from matpac_fast.metrics import mfu  # noqa: E402
 from matpac_fast.train_config import (  # noqa: E402
@@ -106,6 +106,7 @@ MODES = {
     "compiled+kernels": Mode(compile=True, kernels=True, reference=False),
     "reference-design": Mode(compile=False, kernels=False, reference=True),
 }
+# peak_mem_MB holds MiB (2**20 bytes): the column keeps its name so that the committed CSVs still match.
 CSV_FIELDS = [
     "time_utc", "device", "world", "preset", "mode", "batch", "precision", "data", "steps", "warmup",
     "samples_per_s", "samples_per_s_per_device", "step_ms", "data_wait_ms", "compute_ms", "data_wait_frac", "mfu",
@@ -193,17 +194,49 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--workers must be >= 0 (got {args.workers})")
     if args.peak_tflops < 0 or args.single_process_sps < 0:
         p.error("--peak-tflops and --single-process-sps must be >= 0 (0: not given)")
-    if args.npy_dir is not None and not any(args.npy_dir.glob("*.npy")):
-        p.error(f"--npy-dir {args.npy_dir}: no .npy files there")
-    problem = data_problem(args.data, max(args.batch_sizes) * _dist_env()[1])
+    global_batch = max(args.batch_sizes) * _dist_env()[1]
+    if args.device == "cpu":
+        for flag, impl, used in (("--attn-impl", args.attn_impl, args.modes != ["reference-design"]),
+                                 ("--reference-attn", args.reference_attn, "reference-design" in args.modes)):
+            if used and impl in CUDA_ONLY_ATTN:
+                p.error(f"{flag} {impl} needs a CUDA GPU (that SDPA backend has no CPU kernel); use sdpa or math")
+    if args.npy_dir is not None and "reference-design" in args.modes:
+        problem = npy_dir_problem(args.npy_dir, global_batch, get_model_config(args.preset))
+        if problem:
+            p.error(problem)
+    problem = data_problem(args.data, global_batch)
     if problem:
         p.error(problem)
+    for flag, path in (("--csv", args.csv), ("--results-md", args.results_md)):
+        problem = output_problem(path, flag) if path is not None else None
+        if problem:
+            p.error(problem)
     if args.csv is not None:
         try:
-            csv_header_status(args.csv)
+            if csv_header_status(args.csv) == "upgrade":
+                check_rows(args.csv)  # refused now, not at the first row's append after a measured run
         except ValueError as e:
             p.error(str(e))
     return args
+
+
+def npy_dir_problem(folder: Path, global_batch: int, cfg) -> str | None:
+    """Why --npy-dir cannot feed reference-design (one line), or None: enough clips for one global batch, and the
+    first clip (by name, as the Dataset sorts them) a (n_mels, T >= crop) array."""
+    files = sorted(folder.glob("*.npy"))
+    if not files:
+        return f"--npy-dir {folder}: no .npy files there"
+    if len(files) < global_batch:
+        return (f"--npy-dir {folder} holds {len(files)} clips, fewer than one global batch ({global_batch}): add "
+                "clips or lower --batch-sizes")
+    try:
+        shape = np.load(files[0], mmap_mode="r", allow_pickle=False).shape
+    except (OSError, ValueError) as e:
+        return f"--npy-dir {folder}: cannot read {files[0].name} as a .npy array ({e})"
+    if len(shape) != 2 or shape[0] != cfg.n_mels or shape[1] < cfg.crop_frames:
+        return (f"--npy-dir {folder}: {files[0].name} is {shape}; preset {cfg.name} needs ({cfg.n_mels}, T) log-mel "
+                f"clips with T >= {cfg.crop_frames} frames")
+    return None
 
 
 def data_problem(data: str, global_batch: int) -> str | None:
@@ -213,7 +246,12 @@ def data_problem(data: str, global_batch: int) -> str | None:
         return None
     if data.startswith("synthetic:"):
         n = data.split(":", 1)[1]
-        return None if n.isdigit() and int(n) >= 1 else f"--data {data}: give synthetic:N with N >= 1 clips"
+        if not (n.isdigit() and int(n) >= 1):
+            return f"--data {data}: give synthetic:N with N >= 1 clips"
+        if int(n) < global_batch:
+            return (f"--data {data} holds {n} clips, fewer than one global batch ({global_batch}): raise N or lower "
+                    "--batch-sizes")
+        return None
     if not is_local(data):
         return None
     if "{" not in data and not Path(data).exists():
@@ -246,21 +284,23 @@ def write_npy_clips(folder: Path, n: int, frames: int = NPY_FRAMES, seed: int = 
 
 
 def npy_folder(args, n_clips: int) -> tuple[Path, bool]:
-    """(folder, is_temporary). One writer per node (local rank 0); the other ranks wait for its `.done`."""
+    """(folder, is_temporary): --npy-dir, or a temporary folder named by the launcher's process (one per node)."""
     if args.npy_dir is not None:
         return args.npy_dir, False
-    local_rank, _ = _dist_env()
     base = args.tmp_dir or Path(tempfile.gettempdir())
-    folder = base / f"matpac-npy-{os.getppid() if 'LOCAL_RANK' in os.environ else os.getpid()}-{n_clips}"
-    if local_rank == 0:
-        write_npy_clips(folder, n_clips, seed=args.seed)
-    else:
-        t0 = time.time()
-        while not (folder / ".done").exists():
-            if time.time() - t0 > 1800:
-                raise SystemExit(f"error: timed out waiting for local rank 0 to write {folder}")
-            time.sleep(0.5)
-    return folder, True
+    return base / f"matpac-npy-{os.getppid() if 'LOCAL_RANK' in os.environ else os.getpid()}-{n_clips}", True
+
+
+def fill_npy_folder(folder: Path, n_clips: int, seed: int) -> None:
+    """One writer per node (local rank 0); the other ranks wait for its `.done`."""
+    if _dist_env()[0] == 0:
+        write_npy_clips(folder, n_clips, seed=seed)
+        return
+    t0 = time.time()
+    while not (folder / ".done").exists():
+        if time.time() - t0 > 1800:
+            raise SystemExit(f"error: timed out waiting for local rank 0 to write {folder}")
+        time.sleep(0.5)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -453,15 +493,28 @@ def _fmt(value, digits: int = 1) -> str:
     return str(value)
 
 
+def _sig(value) -> str:
+    """At most 4 significant digits, never in exponent form (989 -> "989", 91.8449 -> "91.84", 0.14625 ->
+    "0.1463", 0.5 -> "0.5")."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    if value == 0:
+        return "0"
+    decimals = max(0, 3 - math.floor(math.log10(abs(value))))
+    text = f"{value:.{decimals}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def csv_row(row: dict, env: dict) -> dict:
     out = {**row, **env, "time_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     for key in ("samples_per_s", "samples_per_s_per_device", "peak_mem_MB"):
         out[key] = _fmt(out[key], 1)
-    for key in ("step_ms", "data_wait_ms", "compute_ms", "gflops_per_sample"):
+    for key in ("step_ms", "data_wait_ms", "compute_ms"):
         out[key] = _fmt(out[key], 2)
     for key in ("data_wait_frac", "mfu", "scaling_eff", "final_loss"):
         out[key] = _fmt(out.get(key), 4)
-    out["peak_tflops"] = _fmt(out["peak_tflops"], 0)
+    for key in ("gflops_per_sample", "peak_tflops"):  # 4 significant digits: mfu recomputes from them (tiny: 0.1463)
+        out[key] = _sig(out[key])
     return {k: out.get(k, "") for k in CSV_FIELDS}
 
 
@@ -477,8 +530,7 @@ def csv_header_status(path: Path) -> str:
         return "new"
     if path.is_dir():
         raise ValueError(f"--csv {path} is a folder; give a .csv file path")
-    with open(path, newline="") as f:
-        header = next(csv.reader(f), [])
+    header = csv_header(path, "--csv")
     if header == CSV_FIELDS:
         return "same"
     if header and len(set(header)) == len(header) and _is_subsequence(header, CSV_FIELDS):
@@ -487,16 +539,22 @@ def csv_header_status(path: Path) -> str:
                      "give a new --csv path")
 
 
-def upgrade_csv(path: Path) -> None:
-    """Rewrite an older CSV of this script with the current header: every old row keeps its values, the columns
-    added since are empty. Written to a temporary file beside it, then renamed over it (never half-written)."""
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
+def check_rows(path: Path) -> list[dict]:
+    """The rows of an older CSV of this script; ValueError naming the first row whose field count differs from its
+    header (an upgrade could not carry it over)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
     for i, r in enumerate(rows, start=2):
         if None in r or None in r.values():
             raise ValueError(f"{path} line {i} has a different number of fields than its header; fix or move the "
                              "file and give a new --csv path")
+    return rows
+
+
+def upgrade_csv(path: Path) -> None:
+    """Rewrite an older CSV of this script with the current header: every old row keeps its values, the columns
+    added since are empty. Written to a temporary file beside it, then renamed over it (never half-written)."""
+    rows = check_rows(path)
     tmp = path.with_name(path.name + ".upgrade.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
@@ -524,7 +582,7 @@ def append_csv(path: Path, row: dict) -> None:
 MD_COLUMNS = [("mode", "mode"), ("batch", "batch/dev"), ("world", "procs"), ("data", "data"),
               ("samples_per_s", "samples/s"), ("samples_per_s_per_device", "samples/s/dev"), ("mfu", "MFU"),
               ("step_ms", "step ms"), ("data_wait_ms", "data wait ms"), ("compute_ms", "compute ms"),
-              ("peak_mem_MB", "peak mem MB"), ("scaling_eff", "scaling eff")]
+              ("peak_mem_MB", "peak mem MiB"), ("scaling_eff", "scaling eff")]
 
 
 def markdown_block(rows: list[dict], env: dict, args) -> str:
@@ -582,6 +640,14 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(str(r[c]).rjust(w) for c, w in zip(cols, widths)))
 
 
+def interrupted_line(formatted: list[dict], args) -> str:
+    """What a Ctrl-C left: the finished runs' rows (already in --csv), and what was not written."""
+    kept = f"; their rows are in {args.csv}" if args.csv and formatted else ""
+    md = f"; {args.results_md} was not written" if args.results_md else ""
+    return (f"interrupted: {len(formatted)} of {len(args.modes) * len(args.batch_sizes)} runs finished{kept}{md}; no "
+            "RESULT line")
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -591,10 +657,14 @@ def main(argv=None) -> int:
     is_main = int(os.environ.get("RANK", 0)) == 0
     env = environment(args.device)
     npy_dir, temporary = None, False
-    if "reference-design" in args.modes:
-        npy_dir, temporary = npy_folder(args, _clips_needed(args, max(args.batch_sizes)))
     raw_rows, formatted, failed = [], [], []
+    interrupted = False
     try:
+        if "reference-design" in args.modes:  # inside the try: a write cut short by Ctrl-C is removed too
+            n_clips = _clips_needed(args, max(args.batch_sizes))
+            npy_dir, temporary = npy_folder(args, n_clips)
+            if temporary:
+                fill_npy_folder(npy_dir, n_clips, args.seed)
         for batch in args.batch_sizes:
             for name in args.modes:
                 try:
@@ -620,13 +690,21 @@ def main(argv=None) -> int:
                         append_csv(args.csv, formatted[-1])
                     f = formatted[-1]
                     print(f"{name:>16} B={batch:<4} {f['samples_per_s']:>9} samples/s  MFU {f['mfu']}  step "
-                          f"{f['step_ms']} ms (data wait {f['data_wait_ms']} ms)  peak {f['peak_mem_MB']} MB "
+                          f"{f['step_ms']} ms (data wait {f['data_wait_ms']} ms)  peak {f['peak_mem_MB']} MiB "
                           f"({f['mem_kind']})  loss {f['final_loss']}", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True  # Ctrl-C reaches every rank: no barrier to wait in
     finally:
-        if dist.is_available() and dist.is_initialized():
+        if not interrupted and dist.is_available() and dist.is_initialized():
             dist.barrier()
         if temporary and local_rank == 0:
             shutil.rmtree(npy_dir, ignore_errors=True)
+    if interrupted:
+        if is_main:
+            print(interrupted_line(formatted, args), file=sys.stderr)
+            if formatted:
+                print_table(formatted)
+        return 130
     if not raw_rows:
         print("error: every run failed:\n  " + "\n  ".join(failed), file=sys.stderr)
         return 1

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 ATTN_IMPLS = ("sdpa", "flash", "efficient", "cudnn", "math", "triton")
+CUDA_ONLY_ATTN = ("efficient", "cudnn")  # SDPA backends without a CPU kernel ("No viable backend" there)
 # Head widths the Triton attention kernel takes (matpac_kernels.attention.HEAD_DIMS; a test checks they agree).
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 STREAM_DTYPES = ("fp32", "amp")

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from matpac_fast import checkpoint as ckpt
+from matpac_fast.config import CUDA_ONLY_ATTN
 from matpac_fast.metrics import Throughput, mfu, peak_tflops
 from matpac_fast.train_config import TrainConfig, compile_kwargs, model_config, resolve_args
 
@@ -226,7 +227,7 @@ class Trainer:
         self.model_cfg = self._model_config()
         self._check_model_fits_data()
         cpu = r.cpu or not torch.cuda.is_available()
-        if device_checks and cpu and self.model_cfg.attn_impl in ("efficient", "cudnn"):
+        if device_checks and cpu and self.model_cfg.attn_impl in CUDA_ONLY_ATTN:
             # SDPA's memory-efficient and cuDNN backends have no CPU kernel: the first step raised "No viable backend"
             raise ValueError(f"--model attn_impl={self.model_cfg.attn_impl} needs a CUDA GPU (that SDPA backend has no "
                              "CPU kernel): on the CPU use sdpa, flash or math")

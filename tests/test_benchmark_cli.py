@@ -53,6 +53,9 @@ def _one_line_error(fn, argv, capsys) -> str:
     (["--workers", "-1"], "--workers must be >= 0"),
     (["--crop", "2000"], "--crop 2000 is longer than the clips (--frames 1000)"),
     (["--paths", "indexed,foo"], "unknown --paths entries ['foo']"),
+    # one batch per pass: the first is not timed, and the RESULT said 0 samples/s
+    (["--clips", "8", "--batch", "8", "--workers", "1"], "--clips must be at least --batch x max(2, --workers) = 16"),
+    (["--csv", "/"], "--csv / is a folder; give a file path"),
 ])
 def test_loader_bad_arguments(argv, message, capsys):
     assert message in _one_line_error(loader.parse_args, argv, capsys)
@@ -68,6 +71,32 @@ def test_loader_keep_folder_checks(tmp_path, capsys):
     other = tmp_path / "other.csv"
     other.write_text("a,b\n1,2\n")
     assert "other columns" in _one_line_error(loader.parse_args, ["--csv", str(other)], capsys)
+
+
+def test_loader_output_csv_checks(tmp_path, capsys):
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes(range(128, 256)))
+    assert f"--csv {binary} cannot be read as a CSV" in _one_line_error(loader.parse_args, ["--csv", str(binary)],
+                                                                       capsys)
+    # an empty file gets the header (rows were appended without one), a missing folder is created (the run's
+    # figures were lost to FileNotFoundError at the end)
+    for path in (tmp_path / "empty.csv", tmp_path / "new" / "sub" / "l.csv"):
+        if path.name == "empty.csv":
+            path.write_text("")
+        loader.main(["--clips", "16", "--frames", "640", "--per-shard", "16", "--batch", "8", "--workers", "0",
+                     "--passes", "1", "--paths", "synthetic", "--csv", str(path)])
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert [r["path"] for r in rows] == ["synthetic"] and float(rows[0]["samples_per_s"]) > 0
+
+
+def test_loader_pass_with_one_batch_is_an_error_not_zero_samples_per_s():
+    one_batch = {"lms": np.zeros((8, 1, 80, 16), np.float16)}
+    with pytest.raises(SystemExit, match="indexed: a pass delivered a single batch, so nothing was timed"):
+        loader.measure("indexed", lambda: iter([one_batch]), 1, 1, 1)
+    with pytest.raises(SystemExit, match="nothing was timed"):
+        loader.measure("indexed", lambda: iter([]), 1, 1, 1)
+    assert loader.measure("indexed", lambda: iter([one_batch] * 3), 1, 1, 1)["samples"] == 16
 
 
 def test_loader_keep_regenerates_when_settings_differ(tmp_path, capsys):
@@ -123,6 +152,11 @@ def test_profile_step_bad_arguments(tmp_path, capsys):
     assert "cannot create its folder" in _one_line_error(
         profile_step.parse_args, ["--trace", str(tmp_path / "f" / "t.json")], capsys)
     assert "not a usable shard set" in _one_line_error(profile_step.parse_args, ["--data", str(tmp_path)], capsys)
+    # these were tracebacks from the trainer
+    assert "--attn-impl cudnn needs a CUDA GPU" in _one_line_error(
+        profile_step.parse_args, ["--attn-impl", "cudnn", "--device", "cpu"], capsys)
+    assert "--data synthetic:4 holds 4 clips, fewer than one global batch (8)" in _one_line_error(
+        profile_step.parse_args, ["--data", "synthetic:4", "--batch", "8", "--device", "cpu"], capsys)
     args = profile_step.parse_args(["--trace", str(tmp_path / "a" / "b" / "t.json"), "--device", "cpu"])
     assert (tmp_path / "a" / "b").is_dir() and args.preset == "matpac"
 
@@ -139,13 +173,13 @@ def test_kernels_bad_arguments(tmp_path):
     other.write_text("a,b\n")
     code = ("import sys; sys.path.insert(0, 'benchmarks'); import kernels\n"
             f"for argv in (['--k', '1'], ['--tokens', '0'], ['--batches', '2,x'], ['--ops', ''], "
-            f"['--out', {str(other)!r}]):\n"
+            f"['--out', {str(other)!r}], ['--out', {str(tmp_path)!r}]):\n"
             "    try:\n        kernels.parse_args(argv)\n    except SystemExit as e:\n        print('exit', e.code)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120,
                           cwd=ROOT)
-    assert proc.stdout.split() == ["exit", "2"] * 5, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["exit", "2"] * 6, proc.stderr[-2000:]
     err = proc.stderr
     for message in ("--k must be in [2, 8192]", "--batches, --tokens and --reps must be positive",
                     "--batches must be a comma list of integers", "unknown --ops entries [];",
-                    "has other columns than this script writes"):
+                    "has other columns than this script writes", f"--out {tmp_path} is a folder; give a file path"):
         assert message in err, err
