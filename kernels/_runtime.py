@@ -41,7 +41,7 @@ def _validated(name: str) -> str:
     return name
 
 
-_backend = _validated(os.environ.get(ENV_VAR, "auto"))
+_backend = _validated(os.environ.get(ENV_VAR) or "auto")  # set but empty: the default, as unset
 
 
 def get_backend() -> str:
@@ -77,7 +77,8 @@ def use_triton(device: torch.device, supported: bool = True, why: str = "") -> b
     if backend == "auto":
         return device.type == "cuda" and HAVE_TRITON and supported
     if not HAVE_TRITON:
-        raise ValueError(f"{ENV_VAR}=triton but triton is not installed; pip install triton or use 'auto'")
+        raise ValueError("the 'triton' kernel backend is chosen (set_backend / use_backend / "
+                         f"{ENV_VAR}) but triton is not installed; pip install triton or use 'auto'")
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"the Triton kernels run on CUDA or (interpreted) CPU tensors, not {device.type}")
     if device.type == "cpu" and not interpreter_active():

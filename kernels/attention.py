@@ -18,6 +18,8 @@ No atomics: every output element is written by exactly one program, so results a
 On CUDA the block sizes are autotuned (keys N, hd and D) over a few configurations; the interpreter uses one.
 """
 
+import numbers
+
 import torch
 
 from ._runtime import interpreter_active, jit, tl, triton, use_triton
@@ -105,10 +107,12 @@ def _attn_fwd_kernel(
         v = _rows(q_base + 2 * DM, cols, s_qn, N, HD)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         s = tl.where((cols < N)[None, :], s, float("-inf"))
-        # The first block always holds key 0, so m_new is finite and alpha = exp2(-inf) = 0 on the first pass.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # A row whose keys so far all score -inf (an -inf in q or k) has m_new = -inf: subtracting 0 instead keeps
+        # alpha and p at exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN (FlashAttention's guard).
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
@@ -320,7 +324,7 @@ _register_autograd(_fwd_cuda, _bwd_cuda)
 
 def _check_inputs(qkv_BNC, num_heads) -> str:
     """One-line errors for inputs no path can take; returns why the kernel cannot take valid ones ("" if it can)."""
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+    if not isinstance(num_heads, numbers.Integral) or isinstance(num_heads, bool) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
     if qkv_BNC.dim() != 3 or qkv_BNC.shape[-1] % (3 * num_heads) != 0:
         raise ValueError(
@@ -328,7 +332,7 @@ def _check_inputs(qkv_BNC, num_heads) -> str:
             f"{tuple(qkv_BNC.shape)} with num_heads={num_heads}"
         )
     if qkv_BNC.shape[1] < 1:
-        raise ValueError("qkv has no tokens (N = 0); attention needs at least one key per query")
+        return "no tokens (N = 0)"  # an empty result, which the reference gives
     hd = qkv_BNC.shape[-1] // (3 * num_heads)
     if hd not in HEAD_DIMS:
         return f"head_dim={hd} not in {HEAD_DIMS}"
@@ -347,6 +351,7 @@ def packed_attention(qkv_BNC: torch.Tensor, num_heads: int) -> torch.Tensor:
     elsewhere.
     """
     why = _check_inputs(qkv_BNC, num_heads)
+    num_heads = int(num_heads)  # a numpy integer too: the custom op's schema takes a Python int
     if not use_triton(qkv_BNC.device, supported=not why, why=why):
         return reference_packed_attention(qkv_BNC, num_heads)
     qkv = qkv_BNC if qkv_BNC.stride(-1) == 1 else qkv_BNC.contiguous()

@@ -30,13 +30,17 @@ def reference_centered_softmax_xent(student_MK, teacher_MK, center_K, tau_s, tau
     Same numbers as `matpac_fast.losses.centered_softmax_xent_reference` (the model's copy)."""
     if center_mode not in CENTER_MODES:
         raise ValueError(f"center_mode must be one of {CENTER_MODES}, got {center_mode!r}")
-    teacher = teacher_MK.detach().float()
-    log_p = torch.log_softmax((teacher - center_K.detach().float()) / tau_t, dim=-1)
-    p = log_p.exp()
+    # one-element tau tensors as 0-dim fp32: a (1,) float64 tau made every output float64
+    tau_s, tau_t = (t.reshape(()).float() if isinstance(t, torch.Tensor) else t for t in (tau_s, tau_t))
+    with torch.no_grad():  # the teacher side is a target: no gradient, to tau_t either (as the model's copy)
+        teacher = teacher_MK.detach().float()
+        log_p = torch.log_softmax((teacher - center_K.detach().float()) / tau_t, dim=-1)
+        p = log_p.exp()
+        center_sum = p.sum(0) if center_mode == "prob" else teacher.sum(0)
+        entropy = -(p * log_p).sum(-1)
+        max_prob = p.max(-1).values
     loss = -(p * torch.log_softmax(student_MK.float() / tau_s, dim=-1)).sum(-1)
-    center_sum = p.sum(0) if center_mode == "prob" else teacher.sum(0)
-    entropy = -(p * log_p).sum(-1)
-    return loss, center_sum, entropy, p.max(-1).values
+    return loss, center_sum, entropy, max_prob
 
 
 @jit
@@ -273,6 +277,8 @@ def _check_inputs(student_MK, teacher_MK, center_K, tau_s, tau_t, center_mode):
         )
     if center_K.shape != (student_MK.shape[1],):
         raise ValueError(f"center must have shape (K={student_MK.shape[1]},), got {tuple(center_K.shape)}")
+    if student_MK.shape[1] == 0:  # the kernels' row max over no columns gave a silent NaN loss
+        raise ValueError("the logits have K = 0 columns; give at least one prototype")
     # A kernel reads raw pointers: a tensor on another device would be read as garbage, not refused. (Comparing
     # .device attributes is free: no synchronisation, and torch.compile resolves it at trace time.)
     device = student_MK.device
@@ -315,18 +321,27 @@ def centered_softmax_xent(student_MK, teacher_MK, center_K, tau_s, tau_t, center
     center_K (K,) (no gradient), all on one device; tau_s, tau_t positive Python floats or one-element tensors
     (on that device, or CPU), center_mode "prob" (column sums of p, the authors') or "logit" (column sums of the
     teacher logits, DINO's). A tensor on another device is a one-line ValueError (a device check, no sync).
-    Returns fp32 (loss_M, center_sum_K, entropy_M, max_prob_M); only loss_M carries a gradient (to student_MK).
-    Runs the Triton kernels on CUDA for K <= 8192 (see `matpac_kernels.use_backend`), the reference elsewhere.
+    Returns fp32 (loss_M, center_sum_K, entropy_M, max_prob_M); only loss_M carries a gradient (to student_MK, and
+    to tau_s when it is a tensor that requires grad). Runs the Triton kernels on CUDA for K <= 8192 and a tau_s
+    without grad (see `matpac_kernels.use_backend`), the reference elsewhere. The kernels save the student and
+    teacher logits for backward: modifying them in place before backward() is an autograd error, as for most ops.
+    No double backward (create_graph=True) through the kernels.
     """
     _check_inputs(student_MK, teacher_MK, center_K, tau_s, tau_t, center_mode)
     K = student_MK.shape[1]
-    if not use_triton(student_MK.device, supported=K <= MAX_K, why=f"K={K} > {MAX_K}"):
+    # The kernels give no gradient to tau_s: a learnable one (a tensor that requires grad) runs the reference, which
+    # differentiates it, rather than silently getting none. (tau_t is the teacher's: no gradient on either path.)
+    tau_grad = torch.is_grad_enabled() and isinstance(tau_s, torch.Tensor) and tau_s.requires_grad
+    if not use_triton(student_MK.device, supported=K <= MAX_K and not tau_grad,
+                      why=f"K={K} > {MAX_K}" if K > MAX_K else "tau_s requires grad"):
         return reference_centered_softmax_xent(student_MK, teacher_MK, center_K, tau_s, tau_t, center_mode)
     fwd = _fwd_cuda if student_MK.is_cuda and not interpreter_active() else _fwd_interp
     loss, center_sum, entropy, max_prob, _, _ = fwd(
         _row_contiguous(student_MK),
         _row_contiguous(teacher_MK.detach()),
-        center_K.detach().contiguous(),
+        # A copy (K floats): the centre is saved for backward, and a DINO-style in-place centre update between this
+        # call and backward() must not invalidate it (it does not with the reference).
+        center_K.detach().clone(memory_format=torch.contiguous_format),
         _taus_tensor(tau_s, tau_t, student_MK.device),
         center_mode == "prob",
     )

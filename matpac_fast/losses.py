@@ -56,7 +56,8 @@ def centered_softmax_xent_reference(
     tau_t: float | torch.Tensor,
     center_mode: str = "prob",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (loss_M, center_sum_K, entropy_M, max_prob_M), all float32; gradient flows to `student_MK` only.
+    """-> (loss_M, center_sum_K, entropy_M, max_prob_M), all float32; gradient flows to `student_MK` (and a
+    `tau_s` tensor that requires grad) only.
 
     p = softmax((teacher − center) / tau_t); loss = −Σ_k p·log_softmax(student / tau_s);
     center_sum = Σ_m p ("prob", the authors') or Σ_m teacher ("logit", DINO);
@@ -64,6 +65,8 @@ def centered_softmax_xent_reference(
     """
     if center_mode not in ("prob", "logit"):
         raise ValueError(f"center_mode={center_mode!r}: use 'prob' or 'logit'")
+    # one-element tau tensors as 0-dim fp32: a (1,) float64 tau made every output float64
+    tau_s, tau_t = (x.reshape(()).float() if isinstance(x, torch.Tensor) else x for x in (tau_s, tau_t))
     with torch.no_grad():
         t = teacher_MK.detach().float()
         logp_t = torch.log_softmax((t - center_K.float()) / tau_t, dim=-1)

@@ -319,6 +319,53 @@ def test_xent_reference_is_the_models_reference():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@needs_triton
+def test_xent_learnable_tau_s_gets_its_gradient():
+    """A tau_s tensor that requires grad got no gradient from the kernels (silently None): "auto" now runs the
+    reference for it, a forced Triton backend says why it cannot."""
+    gen = torch.Generator().manual_seed(8)
+    student, teacher, center, upstream = _xent_inputs(5, 33, gen)
+    grads = {}
+    for backend in ("auto", "reference"):
+        tau_s = torch.tensor(0.1, device=DEVICE, requires_grad=True)
+        with mk.use_backend(backend):
+            (mk.centered_softmax_xent(student, teacher, center, tau_s, 0.04)[0] * upstream).sum().backward()
+        grads[backend] = tau_s.grad
+    assert grads["auto"] is not None and grads["auto"].abs() > 0
+    torch.testing.assert_close(grads["auto"], grads["reference"])
+    with mk.use_backend("triton"), pytest.raises(ValueError, match="tau_s requires grad"):
+        mk.centered_softmax_xent(student, teacher, center, torch.tensor(0.1, requires_grad=True), 0.04)
+    with mk.use_backend("triton"), torch.no_grad():  # no gradient wanted: the kernels run
+        mk.centered_softmax_xent(student, teacher, center, torch.tensor(0.1, requires_grad=True), 0.04)
+
+
+@needs_triton
+def test_xent_centre_updated_in_place_before_backward(triton_backend):
+    """A DINO-style in-place centre update between the loss and backward() raised an autograd error with the kernels
+    (the centre was saved for backward as is), not with the reference."""
+    gen = torch.Generator().manual_seed(9)
+    student, teacher, center, upstream = _xent_inputs(5, 33, gen)
+    want = _forward_backward(mk.reference_centered_softmax_xent, student, teacher, center.clone(), upstream, 0.1,
+                             0.04, "prob")
+    student.grad = None
+    buffer = center.clone()
+    outs = mk.centered_softmax_xent(student, teacher, buffer, 0.1, 0.04)
+    buffer.mul_(0.9).add_(outs[1] / 5, alpha=0.1)
+    (outs[0] * upstream).sum().backward()
+    _assert_xent_close(([o.detach() for o in outs], student.grad), want)
+
+
+def test_xent_references_keep_fp32_for_a_float64_tau():
+    """A one-element (1,) float64 tau made the references' outputs float64; the kernels return fp32."""
+    losses = pytest.importorskip("matpac_fast.losses")
+    gen = torch.Generator().manual_seed(10)
+    student, teacher, center, _ = _xent_inputs(3, 9, gen)
+    tau = torch.tensor([0.04], dtype=torch.float64)
+    for fn in (mk.reference_centered_softmax_xent, losses.centered_softmax_xent_reference):
+        outs = fn(student, teacher, center, tau * 2.5, tau, "prob")
+        assert [o.dtype for o in outs] == [torch.float32] * 4 and outs[0].shape == (3,)
+
+
 def test_patchify_reference_is_the_models_reference():
     masking = pytest.importorskip("matpac_fast.masking")
     gen = torch.Generator().manual_seed(6)
@@ -337,6 +384,7 @@ def test_patchify_reference_is_the_models_reference():
         ((4, 8, 2), (8,), "prob", 0.1, r"\(M, K\)"),
         ((4, 8), (7,), "prob", 0.1, "center must have shape"),
         ((4, 8), (8,), "prob", 0.0, "tau_s must be positive"),
+        ((4, 0), (0,), "prob", 0.1, "K = 0 columns"),  # the kernels returned a silent NaN loss
     ],
 )
 def test_xent_user_errors(s_shape, c_shape, mode, tau_s, match):
@@ -529,12 +577,48 @@ def test_packed_attention_under_torch_compile_fullgraph(triton_backend):
         ((2, 5, 96), True, "num_heads must be a positive integer"),
         ((5, 96), 2, r"qkv must be \(B, N, 3 \* num_heads \* head_dim\)"),
         ((2, 5, 100), 2, "got shape .2, 5, 100. with num_heads=2"),
-        ((2, 0, 96), 2, "no tokens"),
     ],
 )
 def test_packed_attention_user_errors(shape, heads, match):
     with pytest.raises(ValueError, match=match):
         mk.packed_attention(torch.zeros(shape), heads)
+
+
+def test_backend_variable_set_but_empty_is_the_default():
+    """`MATPAC_KERNELS_BACKEND=` (set, empty) made `import matpac_kernels` fail; it means the default, as unset."""
+    code = "import matpac_kernels as mk; print(mk.get_backend())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MATPAC_KERNELS_BACKEND": ""})
+    assert proc.returncode == 0 and proc.stdout.strip() == "auto", proc.stderr[-2000:]
+
+
+@needs_triton
+# numpy's warnings from the interpreter: the block's padding rows (beyond N, never stored) load q = 0, and 0 · -inf
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning", "ignore:All-NaN slice:RuntimeWarning")
+def test_packed_attention_keys_at_minus_inf_in_the_first_block(triton_backend):
+    """Every key of the first 64-key block scoring -inf (an -inf in k) made the kernel's running max -inf and its
+    output NaN (exp2(-inf + inf)); the reference's softmax gives the later keys' weights."""
+    gen = torch.Generator().manual_seed(11)
+    qkv = torch.rand(1, 70, 3 * 1 * 16, generator=gen)
+    qkv[0, :64, 16] = float("-inf")  # k[:, 0] of the first 64 keys: q (positive) . k = -inf
+    got = mk.packed_attention(qkv, 1)
+    want = mk.reference_packed_attention(qkv.double(), 1).float()
+    assert torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+
+
+@needs_triton
+def test_packed_attention_drop_in_edges():
+    """As the reference: N = 0 gives an empty result ("auto"; a forced Triton backend says why it cannot) and a numpy
+    integer head count is taken (both were refused)."""
+    empty = torch.zeros(2, 0, 96)
+    with mk.use_backend("auto"):
+        assert mk.packed_attention(empty, 2).shape == (2, 0, 32)
+    with mk.use_backend("triton"), pytest.raises(ValueError, match=r"no tokens \(N = 0\)"):
+        mk.packed_attention(empty, 2)
+    qkv = torch.randn(1, 5, 96)
+    with mk.use_backend("reference"):
+        torch.testing.assert_close(mk.packed_attention(qkv, np.int64(2)), mk.reference_packed_attention(qkv, 2))
 
 
 def test_model_config_knows_the_kernels_head_widths():
