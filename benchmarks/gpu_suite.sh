@@ -168,7 +168,10 @@ finish() {
 trap finish EXIT
 STEP_PID=  # the running step's `timeout`, which forwards a TERM to the step's whole process group
 on_signal() {
-  if [ -n "$STEP_PID" ]; then kill -TERM "$STEP_PID" 2>/dev/null; wait "$STEP_PID" 2>/dev/null; fi
+  # jobs -p as well: a signal between `timeout ... &` and `STEP_PID=$!` runs this trap with STEP_PID still empty
+  local pids
+  pids=$(echo "$STEP_PID" $(jobs -p))
+  if [ -n "$pids" ]; then kill -TERM $pids 2>/dev/null; wait $pids 2>/dev/null; fi
   echo "interrupted" | tee -a "$SUMMARY"
   exit 130
 }

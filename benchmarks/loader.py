@@ -209,15 +209,19 @@ def time_pass(make, label: str) -> tuple[int, float, float, float, float]:
     return n, t1 - t_first, t_first - t0, t1 - t0, _cpu_seconds() - c0
 
 
+class NothingTimed(RuntimeError):
+    """A path whose passes gave no timed batch (the first batch of a pass is not timed)."""
+
+
 def measure(name: str, make, passes: int, read_bytes: int, out_bytes: int) -> dict:
     time_pass(make, f"{name} warm-up")
     n = secs = start = whole = cpu = 0.0
     for _ in range(passes):
         k, s, st, w, c = time_pass(make, name)
         n, secs, start, whole, cpu = n + k, secs + s, start + st, whole + w, cpu + c
-    if n == 0:  # the shards' split over workers left a pass with one batch: nothing was timed
-        raise SystemExit(f"error: {name}: a pass delivered a single batch, so nothing was timed; raise --clips or "
-                         "lower --batch / --per-shard")
+    if n == 0:  # the shards' split over workers left a pass with at most one batch: nothing was timed
+        raise NothingTimed(f"{name}: a pass delivered at most one batch, so nothing was timed; raise --clips or "
+                           "lower --batch / --per-shard")
     rate = n / secs
     return {"path": name, "samples": int(n), "seconds": round(secs, 3), "samples_per_s": round(rate, 1),
             "read_MB_s": round(rate * read_bytes / 1e6, 1), "out_MB_s": round(rate * out_bytes / 1e6, 1),
@@ -246,7 +250,13 @@ def main(argv=None):
             "synthetic": (lambda: make_loader(cfg, epoch=next(epoch), source=SyntheticSource(
                 n_clips=args.clips, n_frames=args.frames)), 0, crop16),
         }
-        rows = [measure(p, *runs[p][:1], args.passes, *runs[p][1:]) for p in paths]
+        rows, failed = [], []
+        for p in paths:  # a path that times nothing is reported; the other paths' rows are kept
+            try:
+                rows.append(measure(p, *runs[p][:1], args.passes, *runs[p][1:]))
+            except NothingTimed as e:
+                failed.append(str(e))
+                print(f"error: {e}", file=sys.stderr)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -274,6 +284,8 @@ def main(argv=None):
     npy_rate = by.get("npy", float("nan"))
     print(f"RESULT loader samples_per_s={main_rate:.0f} npy_samples_per_s={npy_rate:.0f} "
           f"ratio={main_rate / npy_rate:.2f} workers={args.workers}")
+    if failed:
+        sys.exit("error: nothing was timed for " + "; ".join(failed))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ Last line: RESULT train samples_per_s=... mfu=... speedup_vs_reference_design=..
 (the fastest non-reference row; the speedup is against reference-design at that row's batch size; "n/a" when a
 figure cannot be computed, e.g. MFU on a CPU without --peak-tflops; all three "n/a" when no non-reference row was
 measured: reference-design is never reported as the winner). Exit status 1 when any run failed (the other runs'
-rows are kept); "every run failed" is an error with no RESULT line.
+rows are kept); "every run failed" is an error with no RESULT line. Ctrl-C: exit status 130, the finished runs' rows
+kept in --csv (--results-md and the RESULT line are not written), the temporary .npy folder removed.
 --csv: a CSV from an older version of this script (fewer columns, same order) is rewritten with the current header
 first, old rows keeping their values and the new columns empty; a CSV with other columns is refused before any run.
 """
@@ -204,7 +205,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         problem = npy_dir_problem(args.npy_dir, global_batch, get_model_config(args.preset))
         if problem:
             p.error(problem)
-    problem = data_problem(args.data, global_batch)
+    problem = data_problem(args.data, global_batch) if args.modes != ["reference-design"] else None  # it reads .npy
     if problem:
         p.error(problem)
     for flag, path in (("--csv", args.csv), ("--results-md", args.results_md)):
@@ -231,8 +232,8 @@ def npy_dir_problem(folder: Path, global_batch: int, cfg) -> str | None:
                 "clips or lower --batch-sizes")
     try:
         shape = np.load(files[0], mmap_mode="r", allow_pickle=False).shape
-    except (OSError, ValueError) as e:
-        return f"--npy-dir {folder}: cannot read {files[0].name} as a .npy array ({e})"
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file (a killed writer)
+        return f"--npy-dir {folder}: cannot read {files[0].name} as a .npy array ({type(e).__name__}: {e})"
     if len(shape) != 2 or shape[0] != cfg.n_mels or shape[1] < cfg.crop_frames:
         return (f"--npy-dir {folder}: {files[0].name} is {shape}; preset {cfg.name} needs ({cfg.n_mels}, T) log-mel "
                 f"clips with T >= {cfg.crop_frames} frames")

@@ -90,13 +90,28 @@ def test_loader_output_csv_checks(tmp_path, capsys):
         assert [r["path"] for r in rows] == ["synthetic"] and float(rows[0]["samples_per_s"]) > 0
 
 
-def test_loader_pass_with_one_batch_is_an_error_not_zero_samples_per_s():
+def test_loader_pass_with_one_batch_is_an_error_not_zero_samples_per_s(monkeypatch, tmp_path, capsys):
     one_batch = {"lms": np.zeros((8, 1, 80, 16), np.float16)}
-    with pytest.raises(SystemExit, match="indexed: a pass delivered a single batch, so nothing was timed"):
+    with pytest.raises(loader.NothingTimed, match="indexed: a pass delivered at most one batch, so nothing was timed"):
         loader.measure("indexed", lambda: iter([one_batch]), 1, 1, 1)
-    with pytest.raises(SystemExit, match="nothing was timed"):
+    with pytest.raises(loader.NothingTimed, match="nothing was timed"):
         loader.measure("indexed", lambda: iter([]), 1, 1, 1)
     assert loader.measure("indexed", lambda: iter([one_batch] * 3), 1, 1, 1)["samples"] == 16
+    # in a run: that path is an error (exit status 1), the other paths' rows are still written
+    real = loader.measure
+
+    def measure(name, *args):
+        if name == "indexed":
+            raise loader.NothingTimed("indexed: planted")
+        return real(name, *args)
+
+    monkeypatch.setattr(loader, "measure", measure)
+    path = tmp_path / "l.csv"
+    with pytest.raises(SystemExit, match="nothing was timed for indexed: planted"):
+        loader.main(["--clips", "16", "--frames", "640", "--per-shard", "16", "--batch", "8", "--workers", "0",
+                     "--passes", "1", "--paths", "indexed,synthetic", "--csv", str(path)])
+    with open(path, newline="") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == ["synthetic"]
 
 
 def test_loader_keep_regenerates_when_settings_differ(tmp_path, capsys):
