@@ -27,6 +27,11 @@
 #   attn_triton only with SUITE_ATTN_TRITON=1: compiled+kernels at batch 256 again with --attn-impl triton (the
 #               project's attention kernel, autotuned at its first call), beside train_b256's SDPA row (skipped in
 #               the dry run: the tiny preset's 8-wide predictor heads are not a width the kernel takes)
+#   gemm_autotune only with SUITE_GEMM_AUTOTUNE=1: compiled+kernels at batch 256 again with --compile-mode
+#               gemm-autotune (CUDA graphs + Inductor's Triton GEMM templates, which can fuse bias, GELU and casts
+#               into the GEMM; compile time unknown on a GPU: cap 240 s), beside train_b256's row. An MFU session:
+#               SUITE_ATTN_TRITON=1 SUITE_GEMM_AUTOTUNE=1 SUITE_MODES=compiled+kernels SUITE_BUDGET_S=540
+#               SUITE_SKIP=loader,kernels,train_small
 #   attention   benchmarks/attention.py: SDPA backends, compiled math and the Triton kernel on the student / teacher /
 #               predictor shapes (26-30 s before the kernel's column; its first calls compile and autotune ~26
 #               Triton variants, cached for the GPU tests after it: cap 90 s)
@@ -60,10 +65,10 @@
 # SUITE_COMPILE_MODE (torch.compile mode of the compiled modes: default | reduce-overhead | max-autotune-no-cudagraphs
 # | gemm-autotune),
 # SUITE_MODES (modes of train_b256, and of train_b64 unless SUITE_SMALL_MODES is set), SUITE_SMALL_MODES,
-# SUITE_STREAM=1 (run the stream step), SUITE_ATTN_TRITON=1 (run the attn_triton step), SUITE_PROFILE=1 (run the
-# profile step),
-# SUITE_SKIP (comma list of steps not to run: loader train_big stream attn_triton attention pytest_gpu kernels
-# train_small profile; e.g. an MFU session's SUITE_SKIP=loader,kernels,train_small: the training runs then read
+# SUITE_STREAM=1 (run the stream step), SUITE_ATTN_TRITON=1 (run the attn_triton step), SUITE_GEMM_AUTOTUNE=1 (run
+# the gemm_autotune step), SUITE_PROFILE=1 (run the profile step),
+# SUITE_SKIP (comma list of steps not to run: loader train_big stream attn_triton gemm_autotune attention pytest_gpu
+# kernels train_small profile; e.g. an MFU session's SUITE_SKIP=loader,kernels,train_small: the training runs then read
 # synthetic data),
 # SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable packages are missing; the GPU tests then
 # run with --continue-on-collection-errors). Each setting is checked before anything runs; a bad one stops the suite
@@ -117,14 +122,14 @@ case "${SUITE_COMPILE_MODE:-default}" in
   default|reduce-overhead|max-autotune-no-cudagraphs|gemm-autotune) ;;
   *) bad "SUITE_COMPILE_MODE=$SUITE_COMPILE_MODE: give default, reduce-overhead, max-autotune-no-cudagraphs or gemm-autotune" ;;
 esac
-SKIPPABLE=(loader train_big stream attn_triton attention pytest_gpu kernels train_small profile)
+SKIPPABLE=(loader train_big stream attn_triton gemm_autotune attention pytest_gpu kernels train_small profile)
 if [ -n "${SUITE_SKIP:-}" ]; then
   IFS=, read -ra entries <<< "$SUITE_SKIP"
   for k in "${entries[@]}"; do
     [[ " ${SKIPPABLE[*]} " == *" $k "* ]] || bad "SUITE_SKIP=$SUITE_SKIP: unknown step '$k' (steps: ${SKIPPABLE[*]})"
   done
 fi
-for v in SUITE_STREAM SUITE_ATTN_TRITON SUITE_PROFILE SUITE_ALLOW_MISSING; do
+for v in SUITE_STREAM SUITE_ATTN_TRITON SUITE_GEMM_AUTOTUNE SUITE_PROFILE SUITE_ALLOW_MISSING; do
   case "${!v:-0}" in 0|1) ;; *) bad "$v=${!v}: give 1 (on) or 0 (off)" ;; esac
 done
 
@@ -343,6 +348,9 @@ if [ "${SUITE_ATTN_TRITON:-0}" = 1 ] && [ "$DRY" = 1 ]; then
   say "SKIP  attn_triton: the tiny preset's predictor heads are 8 wide, which the Triton attention kernel does not take"
 elif [ "${SUITE_ATTN_TRITON:-0}" = 1 ]; then
   skipped attn_triton || train attn_triton 120 "$BIG" "$STREAM_MODES" --attn-impl triton
+fi
+if [ "${SUITE_GEMM_AUTOTUNE:-0}" = 1 ]; then  # the later --compile-mode wins over train()'s
+  skipped gemm_autotune || train gemm_autotune 240 "$BIG" "$STREAM_MODES" --compile-mode gemm-autotune
 fi
 skipped attention || step attention 90 "$PY" benchmarks/attention.py --preset "$PRESET" --batch "$ATTN_BATCH" --reps 1
 # No -q here: pyproject's addopts already has one, and -qq drops pytest's "N passed" line from the log.

@@ -753,6 +753,7 @@ def test_suite_usage_names_its_command_lines(tmp_path):
     ({"SUITE_STREAM": "yes"}, "SUITE_STREAM=yes: give 1 (on) or 0 (off)"),
     ({"SUITE_ATTN_TRITON": "2"}, "SUITE_ATTN_TRITON=2: give 1 (on) or 0 (off)"),
     ({"SUITE_PROFILE": "true"}, "SUITE_PROFILE=true: give 1 (on) or 0 (off)"),
+    ({"SUITE_GEMM_AUTOTUNE": "on"}, "SUITE_GEMM_AUTOTUNE=on: give 1 (on) or 0 (off)"),
     ({"SUITE_SKIP": "loader,train_b64"}, "SUITE_SKIP=loader,train_b64: unknown step 'train_b64' (steps: loader "),
 ])
 def test_suite_settings_are_checked_before_anything_runs(tmp_path, env, message):
@@ -783,12 +784,18 @@ def test_suite_skip_runs_only_the_other_steps(tmp_path):
     """SUITE_SKIP: a GPU session spent on one question (MFU) runs only its steps; training reads synthetic data."""
     out = tmp_path / "out"
     r = _suite(str(out), "--cpu-dry-run", SUITE_SKIP="loader,attention,pytest_gpu,kernels,train_small",
-               SUITE_MODES="eager", SUITE_STEPS="1")
+               SUITE_MODES="eager", SUITE_STEPS="1", SUITE_GEMM_AUTOTUNE="1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
     for key in ("loader", "attention", "pytest_gpu", "kernels", "train_small"):
         assert f"SKIP  {key}: in SUITE_SKIP" in summary
     assert "OK    train_b16" in summary and "train_b8" not in summary
+    # the opt-in gemm-autotune step, its --compile-mode winning over the suite's (the dry run's stream mode is
+    # eager, so nothing is compiled here)
+    assert "OK    gemm_autotune" in summary
+    headings = [line for line in (out / "RESULTS.md").read_text().splitlines() if line.startswith("### ")]
+    assert len(headings) == 2 and "compile mode default," in headings[0] and "compile mode gemm-autotune," in (
+        headings[1])
     assert "training runs use synthetic data" in summary
     assert "RESULT train " in summary
 
