@@ -51,3 +51,18 @@ def csv_header(path: Path, flag: str) -> list[str]:
             return next(csv.reader(f), [])
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"{flag} {path} cannot be read as a CSV ({type(e).__name__}); give a new path") from None
+
+
+def csv_output_problem(path: Path, flag: str, fields: list[str]) -> str | None:
+    """Why rows with `fields` cannot be appended to the CSV at `path` (one line), or None: a bad path, a file that is
+    not text, or another header (an empty or absent file is fine: it gets the header)."""
+    problem = output_problem(path, flag)
+    if problem or not path.exists() or path.stat().st_size == 0:
+        return problem
+    try:
+        header = csv_header(path, flag)
+    except ValueError as e:
+        return str(e)
+    if header != fields:
+        return f"{flag} {path} has other columns than this script writes; give a new {flag} path"
+    return None

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
 
 import matpac_kernels as mk  # noqa: E402
-from _common import commit, csv_header, output_problem  # noqa: E402
+from _common import commit, csv_output_problem  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 N_VIS, N_MASK = 57, 133  # the paper's 5 x 38 grid at mask ratio 0.7
@@ -77,17 +77,9 @@ def parse_args(argv=None):
     args.ops = [op.strip() for op in args.ops.split(",") if op.strip()]
     if not args.ops or set(args.ops) - {"xent", "gather"}:
         p.error(f"unknown --ops entries {sorted(set(args.ops) - {'xent', 'gather'})}; choose from xent, gather")
-    if args.out is not None:
-        problem = output_problem(args.out, "--out")
-        if problem:
-            p.error(problem)
-        if args.out.exists() and args.out.stat().st_size > 0:
-            try:
-                header = csv_header(args.out, "--out")
-            except ValueError as e:
-                p.error(str(e))
-            if header != CSV_FIELDS:
-                p.error(f"--out {args.out} has other columns than this script writes; give a new --out path")
+    problem = csv_output_problem(args.out, "--out", CSV_FIELDS) if args.out is not None else None
+    if problem:
+        p.error(problem)
     return args
 
 

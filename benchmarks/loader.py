@@ -42,7 +42,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
 
-from _common import commit, csv_header, output_problem  # noqa: E402
+from _common import commit, csv_output_problem  # noqa: E402
 
 from matpac_fast.data import DataConfig, ShardSource, SyntheticSource, make_loader  # noqa: E402
 from matpac_fast.data_fixtures import write_shard_set  # noqa: E402
@@ -88,17 +88,9 @@ def parse_args(argv=None):
         problem = keep_problem(args.keep)
         if problem:
             p.error(problem)
-    if args.csv is not None:
-        problem = output_problem(args.csv, "--csv")
-        if problem:
-            p.error(problem)
-        if args.csv.exists() and args.csv.stat().st_size > 0:
-            try:
-                header = csv_header(args.csv, "--csv")
-            except ValueError as e:
-                p.error(str(e))
-            if header != CSV_FIELDS:
-                p.error(f"--csv {args.csv} has other columns than this script writes; give a new --csv path")
+    problem = csv_output_problem(args.csv, "--csv", CSV_FIELDS) if args.csv is not None else None
+    if problem:
+        p.error(problem)
     return args
 
 
