@@ -51,7 +51,8 @@ def tau_teacher_at(step: int, start: float = 0.04, end: float = 0.07, warmup_ste
     return ema_decay_at(step, start, end, warmup_steps)
 
 
-def mcl_temperature_at(step: int, start: float = 0.1, decay: float = 0.99997, t_min: float = 1e-4) -> float:
-    """MATPAC++ assignment temperature start·decay^step, floored at t_min (where the hard minimum takes over)."""
+def mcl_temperature_at(step: float, start: float = 0.1, decay: float = 0.99997, t_min: float = 1e-4) -> float:
+    """MATPAC++ assignment temperature start·decay^step, floored at t_min (where the hard minimum takes over). `step`
+    may be fractional: the trainer maps a run's steps onto the authors' 294,816 (ScheduleConfig.mcl_reference_steps)."""
     _check(step, 0, "mcl_temperature_at")
     return max(start * decay**step, t_min)

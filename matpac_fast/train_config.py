@@ -38,6 +38,10 @@ class ScheduleConfig:
     tau_t_warmup_epochs: float = 10.0  # end-points: model fields tau_t_start / tau_t_end
     # EMA end-points are model fields (ema_start, ema_end, head_ema_start, head_ema_end: --model KEY=VALUE)
     ema_reference_batch: int = 2048  # decays are given for this global batch; rho -> rho**(batch/ref). 0: as given
+    # MATPAC++'s temperature 0.1 * 0.99997**step is the authors' curve over their 294,816 updates: a run of N steps
+    # follows it at step * ref / N, so that the soft-to-hard switch (78 % of their run) keeps its place whatever the
+    # batch, data and epochs (METHOD.md §5: step-count schedules scale). 0: raw optimizer steps.
+    mcl_reference_steps: int = 294816
 
 
 @dataclass
@@ -151,6 +155,8 @@ _HELP = {
     "only once the later checkpoints are moved out of --out/checkpoints)",
     "ckpt_every": "checkpoint every N optimizer steps (0: only at the end and on SIGTERM/SIGINT)",
     "ema_reference_batch": "EMA decays are for this global batch; rho becomes rho**(batch/ref); 0 uses them as given",
+    "mcl_reference_steps": "MATPAC++ temperature 0.1*0.99997^step is the authors' curve over this many updates (their "
+    "294,816): a run of N steps uses step*ref/N, keeping the soft-to-hard switch at 78 %% of training; 0: raw steps",
     "max_nonfinite": "abort after this many consecutive non-finite losses (each such step is skipped)",
     "peak_tflops": "peak dense TFLOP/s of one device for MFU (0: look the GPU up in a table)",
     "seed": "seed of initialisation, data order, crops and masks (identical on every rank)",
@@ -374,6 +380,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.schedule.tau_t_warmup_epochs <= MAX_EPOCHS,
          f"--tau-t-warmup-epochs must be within [0, {MAX_EPOCHS:g}] (got {cfg.schedule.tau_t_warmup_epochs:g})"),
         (cfg.schedule.ema_reference_batch >= 0, "--ema-reference-batch must be >= 0 (0: decays as given)"),
+        (cfg.schedule.mcl_reference_steps >= 0, "--mcl-reference-steps must be >= 0 (0: raw optimizer steps)"),
         (cfg.run.peak_tflops >= 0, "--peak-tflops must be >= 0 (0: look the device up)"),
     ]
     for ok, msg in optim_checks:

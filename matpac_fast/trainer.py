@@ -87,13 +87,15 @@ def _schedule_arrays(cfg: TrainConfig, m, steps_per_epoch: int, total_steps: int
     warmup = int(round(o.warmup_epochs * steps_per_epoch))
     tau_warm = int(round(s.tau_t_warmup_epochs * steps_per_epoch))
     out = {"lr": [], "ema": [], "head_ema": [], "tau_t": [], "mcl_t": []}
+    # MATPAC++'s temperature follows the authors' curve over the run's length (ScheduleConfig.mcl_reference_steps)
+    mcl_scale = s.mcl_reference_steps / total_steps if s.mcl_reference_steps > 0 and total_steps > 0 else 1.0
     for step in range(total_steps + 1):
         out["lr"].append(S.lr_at(step, base_lr=o.lr, warmup_steps=warmup, total_steps=total_steps))
         # When the global batch differs from the recipe's by kappa, rho -> rho**kappa (METHOD.md §5).
         out["ema"].append(S.ema_decay_at(step, m.ema_start, m.ema_end, total_steps) ** kappa)
         out["head_ema"].append(S.ema_decay_at(step, m.head_ema_start, m.head_ema_end, total_steps) ** kappa)
         out["tau_t"].append(S.tau_teacher_at(step, m.tau_t_start, m.tau_t_end, tau_warm))
-        out["mcl_t"].append(S.mcl_temperature_at(step, m.mcl_t_start, m.mcl_t_decay, m.mcl_t_min))
+        out["mcl_t"].append(S.mcl_temperature_at(step * mcl_scale, m.mcl_t_start, m.mcl_t_decay, m.mcl_t_min))
     return out
 
 

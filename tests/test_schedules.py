@@ -77,3 +77,26 @@ def test_ema_update_mixed_precision_student_and_errors():
     torch.testing.assert_close(t[0], torch.full((3,), 0.5))
     with pytest.raises(ValueError, match="teacher tensors"):
         ema_update([torch.zeros(1)], [], 0.5)
+
+
+def test_mcl_temperature_follows_the_authors_curve_over_any_run_length():
+    """MATPAC++'s 0.1 * 0.99997**step is the authors' curve over their 294,816 updates (METHOD.md §7; §5: step-count
+    schedules scale). It ran on raw steps: a one-GPU paper run (8x the steps) switched to the hard minimum at 10 % of
+    training instead of 78 %, a small run never did. Now a run of N steps reads the curve at step * 294,816 / N."""
+    from matpac_fast.config import get_model_config
+    from matpac_fast.train_config import TrainConfig
+    from matpac_fast.trainer import _schedule_arrays
+
+    m = get_model_config("matpac_plusplus")
+    switch = 230256  # first step of the authors' run with 0.1 * 0.99997**step <= 1e-4 (the hard minimum)
+    assert S.mcl_temperature_at(switch - 1) > 1e-4 >= 0.1 * 0.99997**switch
+    for total in (1000, 50000, 600000):  # a short run, a long one (a one-GPU paper run is 8 x 294,816)
+        t = _schedule_arrays(TrainConfig(), m, 100, total, 2048)["mcl_t"]
+        assert t[0] == pytest.approx(0.1) and t[total] == 1e-4
+        assert t[total // 2] == pytest.approx(0.1 * 0.99997 ** (294816 // 2), rel=1e-3)
+        first_hard = next(i for i, v in enumerate(t) if v == 1e-4)
+        assert first_hard / total == pytest.approx(switch / 294816, abs=2e-3)  # 78 % of any run
+    raw = TrainConfig()
+    raw.schedule.mcl_reference_steps = 0  # the literal formula on this run's steps
+    t = _schedule_arrays(raw, m, 100, 1000, 2048)["mcl_t"]
+    assert t[1000] == pytest.approx(0.1 * 0.99997**1000)
