@@ -324,8 +324,9 @@ def centered_softmax_xent(student_MK, teacher_MK, center_K, tau_s, tau_t, center
     Returns fp32 (loss_M, center_sum_K, entropy_M, max_prob_M); only loss_M carries a gradient (to student_MK, and
     to tau_s when it is a tensor that requires grad). Runs the Triton kernels on CUDA for K <= 8192 and a tau_s
     without grad (see `matpac_kernels.use_backend`), the reference elsewhere. The kernels save the student and
-    teacher logits for backward: modifying them in place before backward() is an autograd error, as for most ops.
-    No double backward (create_graph=True) through the kernels.
+    teacher logits for backward: modifying them in place before backward() is an autograd error, as for most ops; so
+    is an in-place centre update under torch.compile (eager copies the centre). No double backward
+    (create_graph=True) through the kernels. "tau_s requires grad" means while grad mode is on.
     """
     _check_inputs(student_MK, teacher_MK, center_K, tau_s, tau_t, center_mode)
     K = student_MK.shape[1]
@@ -340,7 +341,8 @@ def centered_softmax_xent(student_MK, teacher_MK, center_K, tau_s, tau_t, center
         _row_contiguous(student_MK),
         _row_contiguous(teacher_MK.detach()),
         # A copy (K floats): the centre is saved for backward, and a DINO-style in-place centre update between this
-        # call and backward() must not invalidate it (it does not with the reference).
+        # call and backward() must not invalidate it (it does not with the reference). Eager only: under
+        # torch.compile, Inductor drops the copy as a no-op, so there update the centre after backward().
         center_K.detach().clone(memory_format=torch.contiguous_format),
         _taus_tensor(tau_s, tau_t, student_MK.device),
         center_mode == "prob",

@@ -144,7 +144,7 @@ _HELP = {
     "preset": "model preset: matpac | matpac_plusplus | m2d | tiny",
     "frontend": "front end the shards must have been made with: matpac | m2d",
     "batch_size": "samples per device per micro-step",
-    "epochs": "epochs that the lr / EMA / tau_t schedules span",
+    "epochs": "epochs that the lr / EMA / tau_t / MATPAC++ temperature schedules span",
     "max_steps": "stop after this many optimizer steps (0: run all epochs)",
     "compile": "torch.compile: off, block (each transformer block), step (the whole forward)",
     "compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs: fewer launches, more memory), "
@@ -416,6 +416,11 @@ def _flag(key: str) -> str:
     return f"--model {name}" if section == "model" else "--" + name.replace("_", "-")
 
 
+# Fields added later whose absence from a saved config means a behaviour of today's field: older runs read the
+# MATPAC++ temperature on raw steps (= 0), so resuming one under the new default is a change, not a silent one.
+_BEFORE_THE_FIELD = {"schedule.mcl_reference_steps": 0}
+
+
 def _flat(d: dict) -> dict:
     out = {f"{section}.{k}": v for section in _SECTIONS for k, v in d.get(section, {}).items()}
     if "data.workers" in out:  # 0 workers reads like 1: the loader splits an epoch over max(workers, 1)
@@ -428,8 +433,12 @@ def resume_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
 
     `saved` / `new`: {"run": ..., "data": ..., "optim": ..., "schedule": ..., "model": {resolved ModelConfig}}
     (TrainConfig.to_dict() with "model" replaced by the resolved model fields). A key missing from `saved` (a
-    checkpoint from an older version) is not compared."""
+    checkpoint from an older version) is not compared, except where the older version behaved as a value of today's
+    field (_BEFORE_THE_FIELD): then it is that value."""
     a, b = _flat(saved), _flat(new)
+    for key, value in _BEFORE_THE_FIELD.items():
+        if saved.get(key.split(".")[0]) is not None:
+            a.setdefault(key, value)
     a.update({f"model.{k}": v for k, v in saved.get("model", {}).items()})
     b.update({f"model.{k}": v for k, v in new.get("model", {}).items()})
     blocking, free = [], []

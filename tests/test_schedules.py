@@ -100,3 +100,17 @@ def test_mcl_temperature_follows_the_authors_curve_over_any_run_length():
     raw.schedule.mcl_reference_steps = 0  # the literal formula on this run's steps
     t = _schedule_arrays(raw, m, 100, 1000, 2048)["mcl_t"]
     assert t[1000] == pytest.approx(0.1 * 0.99997**1000)
+
+
+def test_a_checkpoint_from_before_mcl_reference_steps_resumes_only_as_raw_steps():
+    """Such a run read the MATPAC++ temperature on raw steps: resuming it under the new default would move the
+    temperature mid-run (back from the hard minimum to soft), so the field's absence compares as 0 and blocks."""
+    from matpac_fast.train_config import TrainConfig, resume_changes
+
+    old = TrainConfig().to_dict()
+    del old["schedule"]["mcl_reference_steps"]
+    assert resume_changes({**old, "model": {}}, {**TrainConfig().to_dict(), "model": {}}) == (
+        ["--mcl-reference-steps 0 -> 294816"], [])
+    raw = TrainConfig()
+    raw.schedule.mcl_reference_steps = 0
+    assert resume_changes({**old, "model": {}}, {**raw.to_dict(), "model": {}}) == ([], [])
