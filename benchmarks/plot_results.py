@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import os
 import sys
 from pathlib import Path
@@ -71,6 +72,7 @@ def read_rows(paths: list[Path]) -> list[dict]:
                         r["batch"] = int(r["batch"])
                     except ValueError:
                         continue  # a row without a figure (should not happen; skip rather than plot garbage)
+                    r["mfu"] = _fraction(r.get("mfu"))
                     r["bar"] = bar_label(r)
                     # The data kind is part of the key: a side-by-side run on synthetic data used to replace the
                     # suite's row from shards (or the reverse) of the same mode and batch, whichever was later.
@@ -91,6 +93,16 @@ def read_rows(paths: list[Path]) -> list[dict]:
         if synthetic and len(kinds.get((device, preset, world), ())) > 1:
             r["bar"] += " · synthetic"
     return list(latest.values())
+
+
+def _fraction(cell) -> float | None:
+    """An MFU cell as a number, or None where there is none to print: empty, `n/a` (no peak known for the device)
+    or anything else that is not a finite number (a hand-edited cell used to end the chart in a traceback)."""
+    try:
+        value = float(cell)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def panels(rows: list[dict]) -> dict[tuple, list[dict]]:
@@ -122,9 +134,8 @@ def plot(rows: list[dict], out: Path, title: str | None = None) -> Path:
                     continue
                 xs.append(b_i + (m_i - (len(modes) - 1) / 2) * width)
                 ys.append(r["samples_per_s"])
-                mfu = r.get("mfu", "")
-                labels.append(f"{r['samples_per_s']:.0f}" + (f"\n{100 * float(mfu):.0f}%" if mfu not in
-                                                             ("", "n/a") else ""))
+                mfu = r.get("mfu")
+                labels.append(f"{r['samples_per_s']:.0f}" + (f"\n{100 * mfu:.0f}%" if mfu is not None else ""))
             # same colour, told apart by hatch: stream / earlier-peer variants //, another attention kernel \\,
             # synthetic-data bars dotted
             parts = mode.split(" · ")[1:]

@@ -673,6 +673,24 @@ def test_plot_keeps_synthetic_and_shard_rows_apart(tmp_path):
     assert b256["compiled+kernels · bf16 stream · synthetic"] == 3550.6
 
 
+def test_plot_mfu_cells_that_are_not_numbers_are_left_unlabelled(tmp_path):
+    """An MFU cell that is not a finite number (hand-edited, `nan`, text) gives a bar without an MFU line; such a
+    cell used to end the chart in a ValueError traceback."""
+    path = tmp_path / "t.csv"
+    base = {k: "" for k in tt.CSV_FIELDS} | {"device": "GPU A", "preset": "matpac", "world": "1", "mode": "eager",
+                                            "precision": "bf16", "samples_per_s": "100.0"}
+    cells = {"64": "0.3", "128": "n/a", "256": "nan", "512": "about a third", "1024": ""}
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=tt.CSV_FIELDS)
+        w.writeheader()
+        for batch, mfu in cells.items():
+            w.writerow(base | {"batch": batch, "mfu": mfu})
+    rows = plot_results.read_rows([path])
+    assert {r["batch"]: r["mfu"] for r in rows} == {64: 0.3, 128: None, 256: None, 512: None, 1024: None}
+    out = plot_results.plot(rows, tmp_path / "c.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_plot_bad_paths_are_one_line_errors(tmp_path, capsys):
     """A folder or a binary file as the CSV, an --out that is a folder or whose folder cannot be made: one line each,
     before drawing (each used to end in a traceback)."""
