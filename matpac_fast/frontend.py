@@ -48,7 +48,9 @@ class FrontendSpec:
 
     def num_frames(self, n_samples: int) -> int:
         if self.center:
-            return 1 + n_samples // self.hop_length
+            # reflect padding of n_fft // 2 on each side needs more samples than it pads (torch and nnAudio raise
+            # otherwise), so a shorter clip gives no frame at all
+            return 1 + n_samples // self.hop_length if n_samples > self.n_fft // 2 else 0
         if n_samples < self.n_fft:
             return 0
         return 1 + (n_samples - self.n_fft) // self.hop_length

@@ -210,7 +210,8 @@ def crop_and_flag(item: Item, wave: np.ndarray, sr: int) -> tuple[np.ndarray, tu
 def _too_short_detail(duration: float, frames: int, need: int, short: str, spec: FrontendSpec) -> str:
     if short == "drop":
         return f"{duration:.2f} s gives {max(frames, 0)} frames < --min-frames {need} (--short pad keeps it)"
-    return f"{duration:.3f} s gives no log-mel frame (one frame needs {1000 * spec.n_fft / spec.sample_rate:.0f} ms)"
+    least = spec.n_fft // 2 + 1 if spec.center else spec.n_fft  # samples for one frame (reflect padding: > n_fft/2)
+    return f"{duration:.4f} s gives no log-mel frame (one frame needs {1000 * least / spec.sample_rate:.1f} ms)"
 
 
 def prepare(item: Item, spec: FrontendSpec, min_frames: int, short: str) -> Prepared:

@@ -45,6 +45,8 @@ def test_nnaudio_matches_torchaudio_on_fsdd(fsdd_dir, preset):
 def test_frame_counts_match_method():
     assert get_spec("matpac").num_frames(160000) == 998
     assert get_spec("m2d").num_frames(160000) == 1001
+    # reflect padding (n_fft // 2 = 200 a side) needs more than 200 samples: shorter gives no frame
+    assert [get_spec("m2d").num_frames(n) for n in (0, 1, 200, 201)] == [0, 0, 0, 2]
     lm = LogMelSpec("matpac")
     assert lm(torch.zeros(2, 160000)).shape == (2, 80, 998)
     assert LogMelSpec("m2d")(torch.zeros(1, 160000)).shape == (1, 80, 1001)

@@ -132,6 +132,21 @@ def test_all_too_short_is_an_error_with_a_hint_and_the_folder_stays_usable(tmp_p
     assert run("folder", str(d), "--out", str(tmp_path / "pad"), "--short", "pad") == 0
 
 
+def test_m2d_clips_shorter_than_the_reflect_padding_are_too_short_not_a_crash(tmp_path):
+    """m2d pads each side by n_fft // 2 = 200 samples (reflect), which needs more samples than that: a 1-200 sample
+    clip (at 16 kHz) is skipped as too_short with the reason; it used to stop the whole run with a traceback."""
+    d = tmp_path / "in"
+    tone(d / "c" / "long.wav", sr=16000)
+    for n in (1, 150, 200, 201):
+        sf.write(d / "c" / f"n{n}.wav", 0.3 * np.cos(np.arange(n) / 3.0), 16000)
+    assert run("folder", str(d), "--out", str(tmp_path / "out"), "--frontend", "m2d") == 0
+    lines = manifest(tmp_path / "out")
+    for n in (1, 150, 200):
+        assert lines[f"c/n{n}.wav"]["skipped"] == "too_short"
+        assert "gives no log-mel frame (one frame needs 12.6 ms)" in lines[f"c/n{n}.wav"]["detail"]
+    assert "skipped" not in lines["c/n201.wav"] and "skipped" not in lines["c/long.wav"]
+
+
 def test_verify_never_says_ok_for_a_set_without_samples(tmp_path, capsys):
     out = tmp_path / "legacy"  # what an older make-shards left for an empty input
     out.mkdir()
