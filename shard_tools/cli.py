@@ -172,6 +172,12 @@ def main(argv: list[str] | None = None) -> int:
         summary = make_shards(disc, cfg)
     except ValueError as e:
         raise SystemExit(f"make-shards: error: {e}") from None
+    except RuntimeError as e:
+        from shard_tools.pipeline import WorkerDied
+
+        if not isinstance(e, WorkerDied):
+            raise
+        raise SystemExit(f"make-shards: error: {e}") from None
     except OSError as e:  # disk full, permissions, a folder that vanished: the journal keeps the work done so far
         where = f": {e.filename}" if e.filename else ""
         raise SystemExit(

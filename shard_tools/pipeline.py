@@ -225,6 +225,9 @@ def ordered_results(items: list[Item], cfg: MakeConfig) -> Iterator[Result]:
         return
     with _sigint_deferred() as stop:
         pool = _start_pool(cfg, on_gpu)
+        # The processes started now. A Pool silently replaces a worker that dies (the out-of-memory killer, kill -9)
+        # and the task it held is never answered, so without this check the run waited forever, saying nothing.
+        workers = list(getattr(pool, "_pool", ()))
         try:
             chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
             results = pool.imap(_work, chunks)  # chunksize 1: only then can next() wait with a timeout
@@ -233,6 +236,7 @@ def ordered_results(items: list[Item], cfg: MakeConfig) -> Iterator[Result]:
                     outs = results.next(timeout=0.2)
                 except mp.TimeoutError:
                     outs = []
+                    _check_workers(workers, cfg.workers)
                 except StopIteration:
                     break
                 if stop.is_set():
@@ -242,6 +246,25 @@ def ordered_results(items: list[Item], cfg: MakeConfig) -> Iterator[Result]:
         finally:
             pool.terminate()  # workers get SIGTERM: they end without a word
             pool.join()
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended during the run; the shards journaled so far are kept."""
+
+
+def _check_workers(workers: list, n_workers: int) -> None:
+    for p in workers:
+        code = p.exitcode
+        if code is None:
+            continue
+        try:
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        except ValueError:
+            how = f"ended with status {code}"
+        oom = " (often the out-of-memory killer: long clips decode whole)" if code == -signal.SIGKILL else ""
+        fewer = f", with fewer --workers than {n_workers} if memory ran short" if n_workers > 1 else ""
+        raise WorkerDied(f"a worker process {how}{oom}; the shards written so far are kept: run the same command "
+                         f"again to finish{fewer}")
 
 
 def _start_pool(cfg: MakeConfig, on_gpu: bool):

@@ -425,6 +425,52 @@ def test_ctrl_c_and_kill_with_workers_are_quiet_and_resume(tmp_path, capsys):
     assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)
 
 
+def _worker_pids(pid: int) -> list[int]:
+    """The pool's worker processes among pid's children (not Python's resource tracker)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
+                    reason="needs Linux's /proc/PID/task/PID/children to find the workers")
+def test_a_worker_killed_mid_run_ends_the_run_with_one_line_and_it_resumes(tmp_path, capsys):
+    """kill -9 of one worker (as the out-of-memory killer does): the Pool replaced it and never answered its task,
+    so make-shards waited forever without a word. Now: one line, exit 1, the journaled shards kept, a rerun finishes
+    the same set. (A worker killed while it held no task loses nothing: that run finishes the same set itself.)"""
+    n, size = 60, "3"
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "shard_tools", "synthetic", "--n", str(n), "--seed", "1", "--out", str(out),
+           "--shard-size", size, "--workers", "2", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    journal = out / ".make-shards" / "journal.jsonl"
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for_shards(proc, journal, 2)
+    workers = _worker_pids(proc.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("make-shards still waits after its worker was killed") from None
+    if proc.returncode == 0:  # the killed worker held no task (killed between two): nothing was lost
+        assert err == "" and (out / "stats.json").exists(), err
+    else:
+        assert proc.returncode == 1, err
+        assert err.splitlines() == [
+            "make-shards: error: a worker process was killed by SIGKILL (often the out-of-memory killer: long clips "
+            "decode whole); the shards written so far are kept: run the same command again to finish, with fewer "
+            "--workers than 2 if memory ran short"], err
+        assert not (out / "stats.json").exists() and journal.read_text().count("\n") >= 2
+        assert cli_main([*cmd[3:-3], "--workers", "0", "--no-progress"]) == 0  # in this process: no torch import
+        assert "resumed an interrupted run at input" in capsys.readouterr().out
+    ref = tmp_path / "ref"
+    make_synthetic_shards(ref, n=n, seed=1, workers=0, shard_size=size, progress=False)
+    a, b = _files(ref), _files(out)
+    assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)
+
+
 def test_shards_feed_the_streaming_loader(synth_set):
     """Interop with matpac_fast.data: every key comes out once per epoch as a (1, 80, 608) crop of its log-mel."""
     from matpac_fast.data import DataConfig, ShardSource, make_loader
