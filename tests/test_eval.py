@@ -111,8 +111,13 @@ def test_official_split_and_unseen_test_label_names_the_row(tmp_path):
     rows = ["file,label,split", "a0.wav,x,train", "a1.wav,y,train", "a2.wav,x,test", "a3.wav,z,test"]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
     ds = load_csv(tmp_path / "m.csv")
-    with pytest.raises(ValueError, match=r"row 4 \(line 5\).*'z' does not occur in the training"):
+    with pytest.raises(ValueError, match=r"row 4 \(line 5\): label 'z' has this one clip, so no fold can both"):
         make_folds(ds, "official")
+    sf.write(tmp_path / "a4.wav", tone(440, 0.1), 16000)
+    (tmp_path / "m.csv").write_text("\n".join([*rows, "a4.wav,z,test"]) + "\n")
+    with pytest.raises(ValueError, match=r"row 4 \(line 5\): label 'z' does not occur in the training part of "
+                       r"official \(its 2 clips are all in the test part\)"):
+        make_folds(load_csv(tmp_path / "m.csv"), "official")
 
 
 # --- CSV errors ---------------------------------------------------------------------------------------------------
@@ -348,3 +353,51 @@ def test_load_clip_resamples_like_the_front_end_and_crops_or_pads(tmp_path):
     np.testing.assert_array_equal(long[:8000], ref)  # the cached resampler gives the front end's numbers
     assert not long[8000:].any()  # zero-padded at the end
     np.testing.assert_array_equal(short, ref[:6000])  # cropped from the start
+
+
+# --- labelled CSVs as users write them (from an audit: each case was a traceback or a wrong task) -
+def _csv(tmp_path: Path, lines: list[str], n: int = 4) -> Path:
+    for i in range(n):
+        sf.write(tmp_path / f"a{i}.wav", tone(440, 0.1), 16000)
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "m.csv"
+
+
+def test_csv_rows_with_more_cells_than_the_header(tmp_path):
+    """Trailing commas (empty extra cells) are read as make-shards reads them; an unquoted comma inside a label is a
+    one-line error that names the row (DictReader's list of extras used to end in AttributeError)."""
+    path = _csv(tmp_path, ["file,label", "a0.wav,dog,", "a1.wav,cat,,", "a2.wav,dog", "a3.wav,cat"])
+    ds = load_csv(path)
+    assert [c.labels for c in ds.clips] == [("dog",), ("cat",), ("dog",), ("cat",)] and not ds.multilabel
+    path.write_text("file,label\na0.wav,dog\na1.wav,Male speech, man speaking\n")
+    with pytest.raises(ValueError, match=r"m.csv: row 2 \(line 3\) has 3 cells, the header 2 \(extra: "
+                       r"'man speaking'\); quote a cell that holds a comma"):
+        load_csv(path)
+
+
+def test_csv_split_column_in_any_case_and_repeated_labels(tmp_path):
+    path = _csv(tmp_path, ["File,Label,Split", "a0.wav,x,train", "a1.wav,y,Train", "a2.wav,x,test",
+                           "a3.wav,y;y,test"])
+    ds = load_csv(path)
+    assert ds.official == "split" and not ds.multilabel  # 'y;y' is one label, not a two-label row
+    (fold,) = make_folds(ds, "official")
+    assert fold.train.tolist() == [0, 1] and fold.test.tolist() == [2, 3]
+
+
+def test_empty_fold_cells_are_an_error_not_a_fold(tmp_path):
+    path = _csv(tmp_path, ["file,label,fold", "a0.wav,x,1", "a1.wav,y,1", "a2.wav,x,", "a3.wav,y,2"])
+    with pytest.raises(ValueError, match=r"row 3 \(line 4\): empty 'fold' cell \(1 row\(s\) without a fold\)"):
+        make_folds(load_csv(path), "official")
+
+
+def test_kfold_with_a_class_rarer_than_k_works_for_every_seed():
+    """A class of 2 clips under kfold:5: stratified folds put its clips in two different test folds, so it is
+    always seen in training. Plain shuffled K-fold (used for such a class before) failed for some seeds."""
+    labels = ["x"] * 2 + ["y"] * 8 + ["z"] * 6
+    ds = LabelledSet(name="rare", root=".", layout="csv", classes=["x", "y", "z"], multilabel=False, source="rare",
+                     clips=[Clip(f"{i}.wav", (lab,), {}, row=i + 1) for i, lab in enumerate(labels)])
+    y = ds.targets()
+    for seed in range(20):
+        folds = make_folds(ds, "kfold:5", seed=seed)  # raised "label 'x' does not occur in the training part"
+        assert sorted(np.concatenate([f.test for f in folds]).tolist()) == list(range(16))
+        assert [int((y[f.test] == 0).sum()) for f in folds].count(1) == 2  # x: one clip in each of two folds

@@ -178,6 +178,19 @@ def test_a_task_name_reused_for_other_data_says_what_it_replaces(tones, tmp_path
     assert "(data tones -> other; protocol kfold:2 -> kfold:3)" in err
 
 
+def test_same_dataset_name_with_other_clips_says_so_when_it_replaces(tones, tmp_path, capsys):
+    """Two folders of one name (x1/tones, x2/tones: one dataset name, one result row) with other clips, or a rerun
+    with other probe seeds: the replace note said nothing (it compared the dataset name only)."""
+    other = tmp_path / "x2" / "tones"
+    shutil.copytree(tones, other)
+    shutil.rmtree(other / "high")
+    out = tmp_path / "o"
+    _run(["--checkpoint", "logmel", "--data", str(tones), "--out", str(out), "--folds", "kfold:2", *FAST], capsys)
+    _, err = _run(["--checkpoint", "logmel", "--data", str(other), "--out", str(out), "--folds", "kfold:2", "--seed",
+                   "3", *FAST], capsys)  # fmt: skip
+    assert f"(data path {tones} -> {other}; clips 24 -> 16; classes 3 -> 2; seed 0 -> 3)" in err, err
+
+
 def test_float_input_is_used_as_it_is(tiny_pt):
     """Floats of any width and container give the same embedding, and are not rescaled (2w embeds as 2w)."""
     enc = load_encoder(tiny_pt, preset="tiny")

@@ -170,7 +170,10 @@ def test_too_few_decodable_clips_is_an_error(tmp_path):
     [
         (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
         (["--logreg-c", "0"], "--logreg-c must be > 0"),
-        (["--clip-seconds", "0.001"], "--clip-seconds must be >= 0.025"),
+        (["--clip-seconds", "0.001"], "--clip-seconds must be between 0.035 and 600 (every batch"),
+        # one frame (0.025 s) gave the log-mel baseline a NaN std; 1e12 s a 56 PiB allocation traceback
+        (["--clip-seconds", "0.03"], "--clip-seconds must be between 0.035 and 600"),
+        (["--clip-seconds", "1e12"], "cut longer recordings into clips), got 1000000000000.0"),
         (["--task", "a b"], "--task 'a b'"),
         (["--out", "FILE"], "exists and is not a folder"),
         (["--out", "FILE/sub"], "cannot create or write this folder"),

@@ -31,6 +31,7 @@ from matpac_fast.evaluation.probe import LinearProbeConfig, ProbeSettings, run_p
 # 160-d baseline; 3e-3 reaches the same or better validation scores in a few dozen epochs. `--lr 3e-5` gives parity.
 CLI_DEFAULT_LR = 3e-3
 MAX_AUTO_CLIP_SECONDS = 10.0
+MAX_CLIP_SECONDS = 600.0  # --clip-seconds: 10 minutes (32 such clips are 1.2 GB of float32 audio)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--clip-seconds",
         type=float,
-        help="crop/pad every clip to this length (default: the known "
+        help="crop/pad every clip to this length, 0.035 to 600 s (default: the known "
         "layout's, e.g. FSDD 1, ESC-50 5, US8K 4, GTZAN 30; otherwise the longest clip, at most 10)",
     )
     p.add_argument(
@@ -215,9 +216,13 @@ def _validate(a: argparse.Namespace) -> None:
     if not (math.isfinite(a.logreg_c) and a.logreg_c > 0):
         raise ValueError(f"--logreg-c must be > 0, got {a.logreg_c}")
     if a.clip_seconds is not None:
-        n_fft = embed.get_spec("matpac").n_fft
-        if not (math.isfinite(a.clip_seconds) and a.clip_seconds * embed.SAMPLE_RATE >= n_fft):
-            raise ValueError(f"--clip-seconds must be >= {n_fft / embed.SAMPLE_RATE:.3f}, got {a.clip_seconds}")
+        # two log-mel frames at least: the log-mel baseline's std over time is NaN on one
+        spec = embed.get_spec("matpac")
+        least = (spec.n_fft + spec.hop_length) / embed.SAMPLE_RATE
+        if not (math.isfinite(a.clip_seconds) and least <= a.clip_seconds <= MAX_CLIP_SECONDS):
+            raise ValueError(f"--clip-seconds must be between {least:.3f} and {MAX_CLIP_SECONDS:g} (every batch of "
+                             f"--embed-batch clips is held in memory at this length; cut longer recordings into "
+                             f"clips), got {a.clip_seconds}")
     if a.task is not None and (not a.task.strip() or any(ch.isspace() for ch in a.task)):
         raise ValueError(f"--task {a.task!r}: give a non-empty name without spaces (it is a field of the RESULT line)")
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -394,7 +399,7 @@ def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: 
         "checkpoint": a.checkpoint, "checkpoint_name": name, "embedder_identity": embedder.identity,
         "encoder_config": getattr(embedder, "config_source", None),
         "preset": a.preset if a.checkpoint != "logmel" else None, "probe": a.probe, "probe_id": probe_id,
-        "probe_config": probe_config,
+        "probe_config": probe_config, "seed": a.seed, "seeds": probe.seeds if a.probe == "linear" else 1,
         "metric": metric_name(ds.multilabel), "mean": mean, "std": std, "n_clips": len(ds),
         "n_classes": len(ds.classes), "classes": list(ds.classes), "clip_seconds": clip_seconds,
         "embedding_dim": int(X.shape[1]), "device": a.device, "cache_hit": ex.cache_hit,
@@ -459,6 +464,14 @@ def _settings_change(path: Path, result: dict) -> str:
     parts = [f"{label} {prev[k]} -> {result[k]}" for k, label in
              (("dataset", "data"), ("folds", "protocol"), ("clip_seconds", "clip seconds"))
              if k in prev and prev[k] != result.get(k)]  # fmt: skip
+    # The same dataset name can hold other clips: a known layout is named after its kind (a 2-digit copy of FSDD is
+    # 'fsdd' too), a generic CSV after its folder. Say so, and what changed.
+    if prev.get("dataset") == result.get("dataset") and isinstance(prev.get("data"), str) and (
+            os.path.realpath(prev["data"]) != os.path.realpath(result["data"])):
+        parts.append(f"data path {prev['data']} -> {result['data']}")
+    parts += [f"{label} {prev[k]} -> {result[k]}" for k, label in
+              (("n_clips", "clips"), ("n_classes", "classes"), ("seeds", "probe seeds"), ("seed", "seed"))
+              if k in prev and prev[k] != result.get(k)]  # fmt: skip
     diff = [f"{k} {prev_probe[k]:g} -> {v:g}" for k, v in (result.get("probe_config") or {}).items()
             if isinstance(prev_probe.get(k), (int, float)) and prev_probe[k] != v]  # fmt: skip
     if diff:

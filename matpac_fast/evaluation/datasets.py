@@ -178,7 +178,15 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
             if not reader.fieldnames:
                 raise ValueError(f"{path}: empty CSV (expected a header line such as 'file,label')")
             fields = [h.strip() for h in reader.fieldnames]
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+            rows = []
+            for n, r in enumerate(reader, start=1):
+                extra = [c.strip() for c in r.pop(None, None) or () if c.strip()]  # cells past the header's columns
+                if extra:  # an unquoted comma inside a label: reading on would cut the label silently
+                    raise ValueError(
+                        f"{path}: row {n} (line {reader.line_num}) has {len(fields) + len(extra)} cells, the header "
+                        f"{len(fields)} (extra: {extra[0]!r}); quote a cell that holds a comma, e.g. "
+                        '"Male speech, man speaking"')
+                rows.append({(k or "").strip(): (v or "").strip() for k, v in r.items()})  # empty extras: dropped
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save the "
                          "CSV as UTF-8") from None
@@ -197,7 +205,8 @@ def _split_labels(cell: str) -> tuple[str, ...]:
     """A label cell -> its labels. make-shards' manifest rule (shard_tools/discover.py, discover_manifest): labels are
     separated by ';', each piece stripped of whitespace, empty pieces dropped; a ',' (in a quoted cell such as
     "dog,cat", this reader's older documented separator) separates labels too."""
-    return tuple(s.strip() for s in re.split(r"[;,]", cell) if s.strip())
+    # a label repeated in one cell counts once: 'dog;dog' is one label, not a multi-label row
+    return tuple(dict.fromkeys(s.strip() for s in re.split(r"[;,]", cell) if s.strip()))
 
 
 def _csv_name(path: Path) -> str:
@@ -251,7 +260,12 @@ def load_csv(
     _warn_repeated_files(path, clips)
     multilabel = any(len(c.labels) > 1 for c in clips)
     vocab = list(classes) if classes is not None else _sorted_labels({lab for c in clips for lab in c.labels})
-    official = "split" if "split" in fields else ("fold" if "fold" in fields else None)
+    # any case, as the file and label columns: 'Split' is the split column
+    lower = {f.lower(): f for f in fields}
+    official = "split" if "split" in lower else ("fold" if "fold" in lower else None)
+    if official is not None and lower[official] != official:
+        for c in clips:
+            c.meta[official] = c.meta.pop(lower[official])
     return LabelledSet(
         name=name or _csv_name(path),
         root=str(path.parent),

@@ -12,6 +12,7 @@ Schemes (`--folds`):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -117,6 +118,10 @@ def _official(ds: LabelledSet) -> list[Fold]:
         return [Fold("official", tr, te, va if len(va) else None)]
     if ds.official == "fold":
         fold = np.array(ds.column("fold"))
+        empty = np.flatnonzero(fold == "")
+        if len(empty):  # scored as a fold of their own ('fold') before: say which rows lack one
+            raise ValueError(f"{ds.where(empty[0])}: empty 'fold' cell ({len(empty)} row(s) without a fold); give "
+                             "every row its fold, or use --folds kfold:K")
         values = sorted(set(fold), key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
         if len(values) < 2:
             raise ValueError(f"{ds.source}: the fold column has a single value {values[0]!r}; use --folds kfold:K")
@@ -143,12 +148,16 @@ def _kfold(ds: LabelledSet, k: int, column: str | None, seed: int) -> list[Fold]
     else:
         if k > n:
             raise ValueError(f"--folds kfold:{k}: only {n} clips")
-        # Stratify when every class can appear in every fold; a rarer class falls back to plain shuffled K-fold.
-        if y is not None and _min_count(y) >= k:
-            splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
+        # Stratified whenever there are labels to stratify by: a class with fewer clips than K is then spread over
+        # as many folds as it has clips, so any class of 2 clips or more is always seen in training. (Plain shuffled
+        # K-fold, used for such a class before, could put all its clips in one test fold: an error for some seeds.)
+        # Only when every class has fewer than K clips does scikit-learn refuse, and plain K-fold is the rest.
+        if y is not None and np.bincount(y).max() >= k:
+            with warnings.catch_warnings():  # "the least populated class has only N members": handled above
+                warnings.simplefilter("ignore", UserWarning)
+                it = list(StratifiedKFold(k, shuffle=True, random_state=seed).split(X, y))
         else:
-            splitter = KFold(k, shuffle=True, random_state=seed)
-        it = splitter.split(X, y)
+            it = KFold(k, shuffle=True, random_state=seed).split(X, y)
     return [Fold(f"kfold{i}", tr, te, None, groups) for i, (tr, te) in enumerate(it)]
 
 
@@ -178,9 +187,13 @@ def check_test_labels_seen(ds: LabelledSet, fold: Fold) -> None:
     for i in fold.test:
         for lab in ds.clips[i].labels:
             if lab not in seen:
+                n = sum(lab in c.labels for c in ds.clips)
+                if n == 1:  # no protocol can train on it and test it: the fix is in the data
+                    raise ValueError(f"{ds.where(i)}: label {lab!r} has this one clip, so no fold can both train "
+                                     "on it and test it; add clips of it, or drop the row (--classes selects classes)")
                 raise ValueError(
-                    f"{ds.where(i)}: label {lab!r} does not occur in the training part of {fold.name}; "
-                    "fix the label or use another --folds scheme"
+                    f"{ds.where(i)}: label {lab!r} does not occur in the training part of {fold.name} (its {n} "
+                    "clips are all in the test part); fix the label or use another --folds scheme"
                 )
 
 
