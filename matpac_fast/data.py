@@ -199,6 +199,19 @@ def _shard_name(url: str) -> str:
 def read_bytes(url: str) -> bytes:
     if is_local(url):
         return Path(_local_path(url)).read_bytes()
+    if url.startswith("pipe:"):
+        # Through open_stream, so the command runs in its own session, as shard streams do: a Ctrl-C to the run's
+        # process group is this process's KeyboardInterrupt (one line, exit 130), not the command's death read as
+        # "cannot read sizes.json"; close() stops the command either way.
+        f = open_stream(url)
+        try:
+            data = f.read()
+            status = f.proc.wait()
+        finally:
+            f.close()
+        if status != 0:
+            raise OSError(f"the command exited with status {status}")
+        return data
     from webdataset.gopen import gopen
 
     with gopen(url, "rb") as f:

@@ -99,6 +99,15 @@ def _schedule_arrays(cfg: TrainConfig, m, steps_per_epoch: int, total_steps: int
     return out
 
 
+def _tar_name(url: str, fallback: str) -> str:
+    from matpac_fast.data import _shard_name
+
+    try:
+        return _shard_name(url)
+    except ValueError:  # not a .tar name (a synthetic source): as it is
+        return fallback
+
+
 class TrainData:
     """The trainer's view of the loader: one per rank (never passed through `accelerator.prepare`)."""
 
@@ -130,12 +139,17 @@ class TrainData:
         self.batches_per_epoch = batches_per_epoch(self.cfg, self.source.total, world)
         self.stats = self.source.stats
         # What makes the data order: shard names and sizes (not the path, so a moved copy still resumes exactly).
-        names = [u.rstrip("/").rsplit("/", 1)[-1] for u in self.source.urls]
-        self.fingerprint = hashlib.sha256(json.dumps([names, list(self.source.sizes)]).encode()).hexdigest()[:16]
-        # How they are read (data._make_reader, reader "auto"): local files indexed, URLs / pipe: streamed through a
-        # shuffle buffer. The same shards read the other way give other crops and order: a resume says so.
         from matpac_fast.data import is_local
 
+        # A URL's or pipe: command's name is its .tar's: a signed URL's query or the words after a pipe's .tar (`aws
+        # s3 cp URL -`) are not the shard's name, and counting them refused a resume of the same shards.
+        # `legacy_fingerprint` is the rule before that (all after the last '/'), which checkpoints written then hold.
+        legacy = [u.rstrip("/").rsplit("/", 1)[-1] for u in self.source.urls]
+        names = [n if is_local(u) else _tar_name(u, n) for u, n in zip(self.source.urls, legacy)]
+        self.fingerprint, self.legacy_fingerprint = (
+            hashlib.sha256(json.dumps([n, list(self.source.sizes)]).encode()).hexdigest()[:16] for n in (names, legacy))
+        # How they are read (data._make_reader, reader "auto"): local files indexed, URLs / pipe: streamed through a
+        # shuffle buffer. The same shards read the other way give other crops and order: a resume says so.
         synthetic = d.shards.startswith("synthetic:")
         self.reader = "synthetic" if synthetic else "indexed" if all(map(is_local, self.source.urls)) else "stream"
         self._skipped = 0
@@ -835,7 +849,8 @@ class Trainer:
             saved["model"] = state["model_config"]
         new = {**json.loads(json.dumps(self.cfg.to_dict(), default=str)), "model": self.model_cfg.to_dict()}
         blocking, free = resume_changes(saved, new)
-        if state.get("data_fingerprint") not in (None, getattr(self.data, "fingerprint", None)):
+        if state.get("data_fingerprint") not in (None, getattr(self.data, "fingerprint", None),
+                                                 getattr(self.data, "legacy_fingerprint", None)):
             blocking.append(f"--shards {saved.get('data', {}).get('shards')} -> {self.cfg.data.shards} (other "
                             "shard names or sizes)")
         if blocking:

@@ -861,3 +861,37 @@ def test_a_bad_payload_skips_only_its_clip(tmp_path, reader, member, payload, re
     assert len(texts) == 1 and texts.pop().startswith(f"skipping sample k0009 of {source.urls[1]}: {reason}")
     with pytest.raises(ShardError, match=re.escape(f"shards-000001.tar: sample k0009: {reason}")):
         list(WorkerIterator(source, _cfg(reader=reader, with_labels=True, on_error="raise"), 0, 1, 0, 1, 0, 0))
+
+
+def test_read_bytes_through_pipe_checks_the_status_and_leaves_ctrl_c_to_the_caller(tmp_path):
+    """sizes.json / stats.json read through `pipe:`: a failing command is an OSError (not its partial output), and
+    the command runs in its own session: a Ctrl-C to the caller's process group is the caller's KeyboardInterrupt at
+    once. Through WebDataset's gopen (the same group) the command died of it first and the run reported "cannot
+    read sizes.json" with exit 2."""
+    import subprocess
+    import sys
+
+    from matpac_fast.data import read_bytes
+
+    (tmp_path / "x.json").write_text('{"a": 1}')
+    assert read_bytes(f"pipe:cat {tmp_path}/x.json") == b'{"a": 1}'
+    with pytest.raises(OSError, match="the command exited with status 3"):
+        read_bytes(f"pipe:cat {tmp_path}/x.json; exit 3")
+    code = ("import sys, time\n"
+            "from matpac_fast.data import read_bytes\n"
+            "print('ready', flush=True)\n"
+            "t = time.monotonic()\n"
+            "try:\n"
+            f"    read_bytes('pipe:sleep 30; echo late > {tmp_path}/late')\n"
+            "except KeyboardInterrupt:\n"
+            "    print(f'interrupted {time.monotonic() - t:.1f}', flush=True)\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.stdout.readline().strip() == "ready"
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert out.startswith("interrupted ") and float(out.split()[1]) < 5, (out, err)
+    time.sleep(0.5)
+    assert not (tmp_path / "late").exists()  # the command was stopped, not left running

@@ -558,6 +558,34 @@ def test_resume_reading_the_shards_another_way_is_warned_about(tmp_path, capsys)
     assert rc == 0 and "warning" not in err  # the same way: nothing to say
 
 
+def test_resume_knows_the_shards_by_their_tar_names_whatever_follows(tmp_path, capsys):
+    """Shards are known by name and size: a pipe: command's words after the .tar (`aws s3 cp URL -`, `| cat`) or a
+    signed URL's query are not part of the name. They were, so the same shards were refused on resume. A checkpoint
+    written under that older rule still resumes."""
+    import hashlib
+
+    shards = _shards(tmp_path)
+    out = tmp_path / "run"
+    pipe = f"pipe:cat {shards}/shards-{{000000..000001}}.tar | cat"
+    assert _main(capsys, "--shards", str(shards), "--out", str(out), "--max-steps", "1")[0] == 0
+    rc, _, err = _main(capsys, "--shards", pipe, "--out", str(out), "--max-steps", "2", "--resume", "auto")
+    assert rc == 0 and "other shard names or sizes" not in err and "crops and order differ" in err, err
+    state = out / "checkpoints" / "step_00000002" / "trainer_state.json"
+    saved = json.loads(state.read_text())
+    sizes = [8, 8]
+    legacy = ["shards-000000.tar | cat", "shards-000001.tar | cat"]  # all after the last '/', the older rule
+    for fingerprint, ok in ((hashlib.sha256(json.dumps([legacy, sizes]).encode()).hexdigest()[:16], True),
+                            ("0123456789abcdef", False)):
+        state.write_text(json.dumps({**saved, "data_fingerprint": fingerprint}))
+        rc, _, err = _main(capsys, "--shards", pipe, "--out", str(out), "--max-steps", "3", "--resume",
+                           str(state.parent))
+        assert (rc == 0) == ok and ("other shard names or sizes" in err) != ok, err
+        for later in (out / "checkpoints").glob("step_00000003"):
+            shutil.rmtree(later)
+        (out / "history.jsonl").write_text("".join(
+            line + "\n" for line in (out / "history.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 2))
+
+
 def test_train_gives_the_callers_signal_handlers_back(tmp_path, capsys):
     # A notebook calling Trainer.train() lost its Ctrl-C for good: the trainer's handler stayed installed.
     import signal
