@@ -8,6 +8,7 @@ the segment CSVs (the per-label download folders some tools produce only cause d
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import hashlib
 import io
@@ -15,6 +16,7 @@ import math
 import os
 import re
 import stat
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +88,28 @@ def path_key(rel: str) -> str:
     (os.fsencode: a non-UTF-8 file name hashes its raw bytes, a UTF-8 one its UTF-8 encoding)."""
     stem = os.path.splitext(rel)[0]
     return f"{sanitize_key(stem)}-{hashlib.sha1(os.fsencode(rel)).hexdigest()[:8]}"
+
+
+def unique_keys(items: list[Item]) -> list[Item]:
+    """Items whose keys are unique. A path key keeps 80 characters of the path and 32 bits of its hash, so two long
+    paths with one beginning can share a key (likely somewhere in a few hundred thousand files); a shared key gets
+    64 more bits of hash (of the file's path) and, should that still be shared, the item's position. Items are in
+    discovery order, so the result is deterministic; a set without a shared key keeps every key as it was."""
+    counts = Counter(it.key for it in items)
+    if len(counts) == len(items):
+        return items
+    out, taken = [], set(counts)
+    for i, it in enumerate(items):
+        if counts[it.key] == 1:
+            out.append(it)
+            continue
+        ident = os.fsencode(it.path) if it.path else it.source.encode("utf-8", "surrogateescape")
+        key = f"{it.key}-{hashlib.sha256(ident).hexdigest()[:16]}"
+        if key in taken:
+            key = f"{key}-{i}"
+        taken.add(key)
+        out.append(dataclasses.replace(it, key=key))
+    return out
 
 
 @dataclass(frozen=True)

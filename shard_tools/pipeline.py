@@ -38,7 +38,7 @@ import torch
 from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec
 from matpac_fast.locks import close_lock_fd, open_lock_fd
 from shard_tools.decode import PYAV_HINT, Prepared, Skip, prepare
-from shard_tools.discover import Discovery, Item, printable, segments_line
+from shard_tools.discover import Discovery, Item, printable, segments_line, unique_keys
 from shard_tools.writer import ShardLimit, ShardWriter, encode_json, encode_npy, parse_shard_size
 
 FORMAT_VERSION = 1
@@ -729,6 +729,7 @@ def make_shards(disc: Discovery, cfg: MakeConfig) -> dict:
     cfg.validate()
     if not disc.items:
         raise ValueError("no inputs: nothing to convert")
+    disc = dataclasses.replace(disc, items=unique_keys(disc.items))  # two clips under one key: verify says CORRUPT
     order = shuffled(disc.items, cfg.seed)
     cfg = _keep_earlier_m2d_short(disc, cfg)
     phash = plan_hash(disc, cfg)

@@ -147,6 +147,27 @@ def test_m2d_clips_shorter_than_the_reflect_padding_are_too_short_not_a_crash(tm
     assert "skipped" not in lines["c/n201.wav"] and "skipped" not in lines["c/long.wav"]
 
 
+def test_two_paths_with_one_key_get_two_keys(tmp_path, capsys):
+    """A path key keeps 80 characters of the path and 32 bits of its hash: these two names (found by a search over
+    117,594 names of one long prefix) share one. make-shards wrote both under it, and verify-shards called the set
+    CORRUPT (one sample with two .npy members)."""
+    from shard_tools.discover import path_key
+
+    stem = "c/long_recording_session_of_the_left_calibration_microphone_array_take_" + "x" * 14
+    a, b = f"{stem}0075043.wav", f"{stem}0117594.wav"
+    assert path_key(a) == path_key(b)
+    tone(tmp_path / "in" / a)
+    tone(tmp_path / "in" / b, freq=660.0)
+    out = tmp_path / "out"
+    assert run("folder", str(tmp_path / "in"), "--out", str(out)) == 0
+    lines = manifest(out)
+    keys = [lines[x]["key"] for x in (a, b)]
+    assert len(set(keys)) == 2 and all(k.startswith(path_key(a) + "-") for k in keys), keys
+    assert verify(out) == 0 and "OK" in capsys.readouterr().out
+    with tarfile.open(out / "shards-000000.tar") as t:
+        assert sorted(m.name for m in t.getmembers()) == sorted(f"{k}.{ext}" for k in keys for ext in ("json", "npy"))
+
+
 def test_verify_never_says_ok_for_a_set_without_samples(tmp_path, capsys):
     out = tmp_path / "legacy"  # what an older make-shards left for an empty input
     out.mkdir()
