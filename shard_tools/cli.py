@@ -73,9 +73,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--overwrite", action="store_true",
-        help="first delete what make-shards wrote in --out before (its shards under any --name, sizes.json, "
-        "stats.json, manifest.jsonl, .make-shards/) and any <name>-NNNNNN.tar of this --name, which it would "
-        "overwrite; other files are never touched",
+        help="first delete what make-shards wrote in --out before (the shards its sets list, under any --name; "
+        "sizes.json, stats.json, manifest.jsonl, .make-shards/) and any <name>-NNNNNN.tar of this --name, which it "
+        "would overwrite; other files are never touched",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 

@@ -464,27 +464,39 @@ def _check_no_foreign_files(out: Path) -> None:
                 )
 
 
-def _set_names(out: Path, name: str) -> set[str]:
-    """The shard-name prefixes of every set make-shards wrote (or was writing) in `out`, and `name`."""
-    shards: set[str] = set()
-    plan, _ = _read_json(out / WORK_DIR / "plan.json") if (out / WORK_DIR / "plan.json").is_file() else (None, None)
-    names = {name}
-    if isinstance(plan, dict) and isinstance(plan.get("name"), str):
-        names.add(plan["name"])
-    shards |= {e["shard"] for e in read_journal(out / WORK_DIR / "journal.jsonl") if e.get("shard")}
+def _written_files(out: Path, name: str) -> list[Path]:
+    """What --overwrite deletes among `out`'s shard-named files: the shards an earlier set lists (sizes.json,
+    stats.json's hashes, an interrupted run's journal) and their temporary files; an interrupted run's shard in
+    flight (renamed to its final name just before the kill, so not journaled yet); and every <name>-NNNNNN.tar of
+    this run's name, which it would overwrite. Another `<old name>-NNNNNN.tar` that no set lists is left alone: it
+    was deleted by name pattern alone before, a user's file included."""
+    listed: set[str] = set()
+    journal = read_journal(out / WORK_DIR / "journal.jsonl")
+    listed |= {e["shard"] for e in journal if isinstance(e.get("shard"), str)}
     for f in ("sizes.json", "stats.json"):
         obj, _ = _read_json(out / f) if (out / f).is_file() else (None, None)
         if isinstance(obj, dict):
-            shards |= set(obj.get("shard_sha256", {}) if f == "stats.json" else obj)
-    return names | {m["name"] for m in map(SHARD_RE.match, shards) if m}
+            held = obj.get("shard_sha256", {}) if f == "stats.json" else obj
+            listed |= {k for k in held if isinstance(k, str)} if isinstance(held, dict) else set()
+    plan, _ = _read_json(out / WORK_DIR / "plan.json") if (out / WORK_DIR / "plan.json").is_file() else (None, None)
+    in_flight = None
+    if isinstance(plan, dict) and isinstance(plan.get("name"), str):
+        in_flight = f"{plan['name']}-{sum(1 for e in journal if e.get('shard')):06d}.tar"
+    found = []
+    for p in out.iterdir():
+        base = p.name.removesuffix(".tmp")
+        m = SHARD_RE.match(base)
+        if m and (p.is_file() or p.is_symlink()) and (base in listed or base == in_flight or m["name"] == name):
+            found.append(p)
+    return sorted(found)
 
 
 def _clear(out: Path, name: str) -> None:
-    """--overwrite: delete what make-shards wrote in `out` (every earlier set's shards, whatever its --name; sizes,
-    stats, manifest; .make-shards/) and any <name>-NNNNNN.tar of this run's name (the files it would overwrite;
-    a run without --overwrite refuses them and names them), never other files. Foreign sizes/stats/manifest files
-    were refused before."""
-    for p in _shard_files(out, _set_names(out, name)):
+    """--overwrite: delete what make-shards wrote in `out` (`_written_files`: every earlier set's shards, whatever
+    its --name; and any <name>-NNNNNN.tar of this run's name, the files it would overwrite: a run without
+    --overwrite refuses them and names them), sizes, stats, manifest and .make-shards/; never other files.
+    Foreign sizes/stats/manifest files were refused before."""
+    for p in _written_files(out, name):
         p.unlink()
     for f in SET_FILES:
         (out / f).unlink(missing_ok=True)

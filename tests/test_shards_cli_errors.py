@@ -238,6 +238,40 @@ def test_overwrite_with_another_name_deletes_the_earlier_set_only(tmp_path, caps
     assert "warning: first-backup.tar is not part of this shard set" in capsys.readouterr().out
 
 
+def test_overwrite_deletes_only_the_shards_a_set_lists(tmp_path, monkeypatch):
+    """A user's `first-000042.tar` beside a set named `first` is no shard of it: --overwrite under another name
+    deleted it (every `<old name>-NNNNNN.tar` went). An interrupted run's journaled shards and the shard it had just
+    renamed, unjournaled (killed between the two), still go."""
+    from shard_tools import pipeline
+    from shard_tools.api import make_folder_shards
+
+    for i in range(3):
+        tone(tmp_path / "in" / "c" / f"{i}.wav", freq=440 + 110 * i)
+    out = tmp_path / "out"
+    calls = []
+
+    def killed_before_the_second_line(path, obj):
+        calls.append(obj)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, obj)
+
+    real = pipeline._append_line
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_append_line", killed_before_the_second_line)
+        with pytest.raises(KeyboardInterrupt):
+            make_folder_shards(out, tmp_path / "in", name="first", shard_size="1", workers=0, progress=False)
+    assert {p.name for p in out.glob("first-*")} == {"first-000000.tar", "first-000001.tar"}  # 1: not journaled
+    (out / "first-000042.tar").write_text("mine")
+    assert run("folder", str(tmp_path / "in"), "--out", str(out), "--name", "second", "--overwrite") == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "first-000042.tar", "manifest.jsonl", "second-000000.tar", "sizes.json", "stats.json"]
+    assert (out / "first-000042.tar").read_text() == "mine"
+    # a complete set: the shards its sizes.json lists go, the user's file stays
+    assert run("folder", str(tmp_path / "in"), "--out", str(out), "--name", "third", "--overwrite") == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["first-000042.tar", "third-000000.tar"]
+
+
 # ------------------------------------------------------------------------------------ 6. verify an interrupted run
 def test_verify_reports_an_interrupted_run_as_incomplete(tmp_path, capsys):
     tone(tmp_path / "in" / "c" / "a.wav")
