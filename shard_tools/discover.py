@@ -50,6 +50,7 @@ class Item:
     skip: str | None = None  # reason decided before decoding (partial_download, duplicate, not_in_csv, ...)
     detail: str = ""  # why, in words, when `skip` is set (e.g. which file this one duplicates)
     synth: tuple[int, int] | None = None  # (seed, index) for synthetic clips
+    mtime_ns: int = 0  # modification time (0: not read); in the plan hash with the size: a file edited in place
 
 
 @dataclass
@@ -121,6 +122,7 @@ class Found:
     size: int
     skip: str | None = None  # not_found (broken link), duplicate (same real file as an earlier one), undecodable
     detail: str = ""
+    mtime_ns: int = 0  # modification time: with the size, how a file changed in place is noticed
 
 
 @dataclass
@@ -224,7 +226,7 @@ def _stat_file(p: Path, rel: str, real_if_not_link: str) -> tuple[Found, str | N
         return Found(rel, p, 0, "undecodable", f"cannot read the file: {e.strerror}"), None, link
     if not stat.S_ISREG(st.st_mode):
         return Found(rel, p, 0, "undecodable", "not a regular file"), None, link
-    return Found(rel, p, st.st_size), real, link
+    return Found(rel, p, st.st_size, mtime_ns=st.st_mtime_ns), real, link
 
 
 def read_csv_text(path: Path, what: str) -> str:
@@ -391,6 +393,7 @@ def discover_audioset(
                 end=seg.end,
                 name_has_start=name_has_start,
                 size=f.size,
+                mtime_ns=f.mtime_ns,
                 skip="duplicate" if dup else None,
                 detail=_duplicate_detail(f, chosen) if dup else "",
             )
@@ -506,7 +509,8 @@ def discover_folder(root: str | Path) -> Discovery:
         if skip is None and is_partial(f.path.name):
             skip = "partial_download"
         items.append(
-            Item(printable(f.rel), path_key(f.rel), str(f.path), labels=labels, size=f.size, skip=skip, detail=detail)
+            Item(printable(f.rel), path_key(f.rel), str(f.path), labels=labels, size=f.size, skip=skip, detail=detail,
+                 mtime_ns=f.mtime_ns)
         )
     classes = _classes_from([it.labels for it in items])
     notes = scan.notes(root)
@@ -580,7 +584,7 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
         if any("," in label for label in labels):
             commas.append(f"line {reader.line_num}: {_label_text(labels)}")
         real = os.path.realpath(p)
-        skip, detail, size = None, "", 0
+        skip, detail, size, mtime_ns = None, "", 0, 0
         # Missing or partial files first: a missing file listed twice is not_found twice, not once "duplicate".
         if is_partial(p.name):
             skip = "partial_download"
@@ -596,9 +600,11 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
                 relabelled.append(f"line {reader.line_num}: {raw!r} labelled {_label_text(labels)}, first {where} "
                                   f"labelled {_label_text(kept)}")
         else:
-            size = p.stat().st_size
+            st = p.stat()
+            size, mtime_ns = st.st_size, st.st_mtime_ns
             first[real] = (f"{raw!r} (line {reader.line_num})", labels)
-        items.append(Item(raw, path_key(raw), str(p), labels=labels, size=size, skip=skip, detail=detail))
+        items.append(Item(raw, path_key(raw), str(p), labels=labels, size=size, skip=skip, detail=detail,
+                          mtime_ns=mtime_ns))
     if empty:
         lines = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
         notes.append(f"{csv_path}: ignored {len(empty)} row(s) with an empty path (line {lines})")

@@ -311,14 +311,22 @@ def shuffled(items: list[Item], seed: int) -> list[Item]:
     return [items[i] for i in order]
 
 
-def plan_hash(disc: Discovery, cfg: MakeConfig) -> str:
-    """Everything that determines the output bytes; a resume with a different hash is refused."""
+def plan_hash(disc: Discovery, cfg: MakeConfig, mtimes: bool = True) -> str:
+    """Everything that determines the output bytes; a resume with a different hash is refused. Each file's size and
+    modification time stand for its content (a file edited in place keeps its size: a wav of the same length).
+    `mtimes=False` is the hash of versions before the times were part of it, which their sets and plans hold."""
     h = hashlib.sha256()
     h.update(json.dumps(_settings(disc, cfg), sort_keys=True).encode())
     for it in disc.items:
         row = [it.source, it.key, it.labels, it.label_indices, it.size, it.skip, it.start, it.end, it.synth]
-        h.update(json.dumps(row).encode() + b"\n")
+        h.update(json.dumps(row + [it.mtime_ns] if mtimes else row).encode() + b"\n")
     return h.hexdigest()
+
+
+def plan_hashes(disc: Discovery, cfg: MakeConfig) -> set[str]:
+    """The hashes a set or plan of this command may hold: today's, and the one without modification times (a set
+    or interrupted run of an older version continues; from then on it is checked with the times)."""
+    return {plan_hash(disc, cfg), plan_hash(disc, cfg, mtimes=False)}
 
 
 def settings_hash(disc: Discovery, cfg: MakeConfig) -> str:
@@ -505,24 +513,26 @@ def _clear(out: Path, name: str) -> None:
         shutil.rmtree(out / WORK_DIR)
 
 
-def _open_plan(out: Path, cfg: MakeConfig, phash: str, shash: str, n_inputs: int) -> None:
-    """Start (or recognise) the plan of this run. A plan of another command that never completed a shard or a
-    skip segment is replaced: nothing of it would be lost. One with work done is refused."""
+def _open_plan(out: Path, cfg: MakeConfig, phash: str, accepted: set[str], shash: str, n_inputs: int) -> None:
+    """Start (or recognise: a plan holding one of the `accepted` hashes) the plan of this run. A plan of another
+    command that never completed a shard or a skip segment is replaced: nothing of it would be lost. One with work
+    done is refused."""
     work, plan_path = out / WORK_DIR, out / WORK_DIR / "plan.json"
     if plan_path.exists():
         plan, _ = _read_json(plan_path)
-        if isinstance(plan, dict) and plan.get("plan_hash") == phash:
+        if isinstance(plan, dict) and plan.get("plan_hash") in accepted:
             return
         if read_journal(work / "journal.jsonl"):
             if isinstance(plan, dict) and plan.get("settings_hash") == shash:
                 # The same command, but the files changed (downloads still arriving): "rerun that exact command"
                 # would send the user round in circles.
                 then = plan.get("inputs")
-                count = f"{then} then, {n_inputs} now" if then != n_inputs else f"{n_inputs}, but files resized"
+                count = (f"{then} then, {n_inputs} now" if then != n_inputs
+                         else f"{n_inputs}, but files resized or modified")
                 raise ValueError(
                     f"{out} holds an interrupted run with these options, but its inputs changed since ({count}, "
-                    "added, removed or relabelled): resuming would mix two corpora; pass --overwrite to start again "
-                    "with the current inputs, or choose another --out"
+                    "added, removed, modified or relabelled): resuming would mix two corpora; pass --overwrite to "
+                    "start again with the current inputs, or choose another --out"
                 )
             raise ValueError(
                 f"{out} holds an interrupted run with other inputs or options; rerun that exact command to finish "
@@ -726,7 +736,7 @@ def _keep_earlier_m2d_short(disc: Discovery, cfg: MakeConfig) -> MakeConfig:
                 if isinstance(obj, dict):
                     found.add(obj.get("plan_hash"))
     legacy = dataclasses.replace(cfg, short="drop")
-    if plan_hash(disc, cfg) in found or plan_hash(disc, legacy) not in found:
+    if plan_hashes(disc, cfg) & found or not plan_hashes(disc, legacy) & found:
         return cfg
     print(f"note: {out} was planned with --short drop (the m2d default before it became pad); continuing with it "
           "(pass --short pad --overwrite to redo it with padding)", file=sys.stderr, flush=True)
@@ -749,7 +759,7 @@ def make_shards(disc: Discovery, cfg: MakeConfig) -> dict:
     _make_out_dir(out)
     lock = _lock_out_dir(out)  # held until this process ends (closed with it)
     try:
-        return _make_shards_locked(disc, cfg, order, phash, out)
+        return _make_shards_locked(disc, cfg, order, phash, plan_hashes(disc, cfg), out)
     finally:
         close_lock_fd(lock)
 
@@ -795,22 +805,24 @@ def _check_complete_set(out: Path, stats: dict) -> None:
         )
 
 
-def _make_shards_locked(disc: Discovery, cfg: MakeConfig, order: list[Item], phash: str, out: Path) -> dict:
+def _make_shards_locked(disc: Discovery, cfg: MakeConfig, order: list[Item], phash: str, accepted: set[str],
+                        out: Path) -> dict:
     _check_no_foreign_files(out)
     work, stats_path, journal = out / WORK_DIR, out / "stats.json", out / WORK_DIR / "journal.jsonl"
     if cfg.overwrite:
         _clear(out, cfg.name)
     if stats_path.exists():
         old, _ = _read_json(stats_path)
-        if old.get("plan_hash") == phash and old.get("written"):
+        if old.get("plan_hash") in accepted and old.get("written"):
             _check_complete_set(out, old)
             if work.is_dir():  # killed after stats.json was written, before the clean-up
                 shutil.rmtree(work)
             return {**old, "out": str(out), "resumed_from": len(disc.items), "already_complete": True}
         if old.get("written"):
-            raise ValueError(f"{out} already holds a different shard set; choose another --out or pass --overwrite")
+            raise ValueError(f"{out} already holds a different shard set (other options, or inputs added, removed, "
+                             "modified or relabelled since); choose another --out or pass --overwrite")
         _clear(out, cfg.name)  # an empty set left by an older version: nothing to keep
-    _open_plan(out, cfg, phash, settings_hash(disc, cfg), len(disc.items))
+    _open_plan(out, cfg, phash, accepted, settings_hash(disc, cfg), len(disc.items))
     for p in _shard_files(out, {cfg.name}):  # a shard the killed run was writing
         if p.name.endswith(".tmp"):
             p.unlink()

@@ -389,6 +389,55 @@ def test_audioset_csv_errors_name_file_and_row(tmp_path, segments, class_index, 
 
 
 # ------------------------------------------------------------------------------------------------ 10. symlinks
+def test_a_file_edited_in_place_with_its_size_kept_is_noticed(tmp_path, monkeypatch, capsys):
+    """Other audio of the same length (same size) in a.wav: the rerun of a complete set said "already complete", and
+    a resume would have mixed old and new audio. Sizes and modification times now stand for the content. A set whose
+    stats.json holds the older hash (no times) is still recognised."""
+    from shard_tools import pipeline
+    from shard_tools.api import make_folder_shards
+    from shard_tools.cli import build_parser, config_from_args, discover
+
+    d, out = tmp_path / "in", tmp_path / "out"
+    for name, freq in (("a", 440.0), ("b", 550.0), ("c", 660.0)):
+        tone(d / "k" / f"{name}.wav", freq=freq)
+    argv = ["folder", str(d), "--out", str(out), "--shard-size", "1"]
+    assert run(*argv) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    args = build_parser().parse_args([*argv, "--workers", "0", "--no-progress"])
+    legacy = pipeline.plan_hash(discover(args), config_from_args(args), mtimes=False)
+    assert legacy != stats["plan_hash"]
+    (out / "stats.json").write_text(json.dumps({**stats, "plan_hash": legacy}))  # as an older version wrote it
+    assert run(*argv) == 0 and "already complete" in capsys.readouterr().out
+    (out / "stats.json").write_text(json.dumps(stats))  # (an older set is checked by sizes alone, as it was made)
+
+    size = (d / "k" / "a.wav").stat().st_size
+    tone(d / "k" / "a.wav", freq=880.0)
+    st = (d / "k" / "a.wav").stat()
+    os.utime(d / "k" / "a.wav", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a coarse clock: a later second
+    assert (d / "k" / "a.wav").stat().st_size == size
+    with pytest.raises(SystemExit, match="already holds a different shard set .*inputs added, removed, modified"):
+        run(*argv)
+    # an interrupted run of these files: the edited file is noticed on resume too
+    calls = []
+
+    def killed_at_the_second_line(path, obj):
+        calls.append(obj)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, obj)
+
+    real = pipeline._append_line
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_append_line", killed_at_the_second_line)
+        with pytest.raises(KeyboardInterrupt):
+            make_folder_shards(tmp_path / "o2", d, shard_size="1", workers=0, progress=False)
+    tone(d / "k" / "b.wav", freq=990.0)
+    st = (d / "k" / "b.wav").stat()
+    os.utime(d / "k" / "b.wav", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(SystemExit, match=r"inputs changed since \(3, but files resized or modified, added, removed"):
+        run("folder", str(d), "--out", str(tmp_path / "o2"), "--shard-size", "1")
+
+
 def test_symlink_loops_aliases_and_broken_links(tmp_path, capsys):
     d = tmp_path / "lp"
     tone(d / "cls" / "a.wav")
