@@ -229,6 +229,21 @@ def _stat_file(p: Path, rel: str, real_if_not_link: str) -> tuple[Found, str | N
     return Found(rel, p, st.st_size, mtime_ns=st.st_mtime_ns), real, link
 
 
+def _rows_checked(path: Path, reader: csv.DictReader):
+    """The rows of a manifest. A row running over several lines (a quote left open swallows every row
+    after it into one path) and a cell over the csv module's size limit are one-line errors naming the line."""
+    line = 1
+    try:
+        for row in reader:
+            first, line = line + 1, reader.line_num
+            if line > first and any("\n" in (v or "") for v in row.values() if isinstance(v, str)):
+                raise ValueError(f"{path}: line {first}: a quoted cell runs over {line - first + 1} lines (a quote "
+                                 "left open?); close the quote, or quote a path that holds a comma as \"a, b.wav\"")
+            yield row
+    except csv.Error as e:
+        raise ValueError(f"{path}: line {reader.line_num}: {e} (a quote left open?); check the quoting") from None
+
+
 def read_csv_text(path: Path, what: str) -> str:
     """A CSV's text: UTF-8 with or without a byte-order mark; any other encoding is a one-line error naming the
     file and line."""
@@ -574,7 +589,7 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
     names, notes = _manifest_columns(csv_path, reader.fieldnames)
     reader.fieldnames = names
     items, first, empty, relabelled, commas = [], {}, [], [], []
-    for row in reader:
+    for row in _rows_checked(csv_path, reader):
         raw = (row.get("path") or "").strip()
         if not raw:
             empty.append(reader.line_num)

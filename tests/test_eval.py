@@ -369,6 +369,9 @@ def test_csv_rows_with_more_cells_than_the_header(tmp_path):
     path = _csv(tmp_path, ["file,label", "a0.wav,dog,", "a1.wav,cat,,", "a2.wav,dog", "a3.wav,cat"])
     ds = load_csv(path)
     assert [c.labels for c in ds.clips] == [("dog",), ("cat",), ("dog",), ("cat",)] and not ds.multilabel
+    path.write_text('file,label\n"a0.wav,dog\n' + "a1.wav,cat\n" * 20000)  # a quote left open: a _csv.Error
+    with pytest.raises(ValueError, match=r"m.csv: line \d+: field larger than field limit .*check the quoting"):
+        load_csv(path)
     path.write_text("file,label\na0.wav,dog\na1.wav,Male speech, man speaking\n")
     with pytest.raises(ValueError, match=r"m.csv: row 2 \(line 3\) has 3 cells, the header 2 \(extra: "
                        r"'man speaking'\); quote a cell that holds a comma"):

@@ -353,6 +353,18 @@ def test_manifest_encoding_and_column_errors(tmp_path, capsys):
                                          r"files do not exist"):
         run("manifest", str(missing), "--out", str(tmp_path / "o3"))
     assert "no such file" in manifest(tmp_path / "o3")["not_there.wav"]["detail"]
+    # a quote left open: every later row became one not_found path, without a word; past the csv module's field
+    # limit (128 KiB of rows), a _csv.Error traceback. Both are one line naming where the quote opens.
+    open_quote = tmp_path / "open_quote.csv"
+    open_quote.write_text('path,label\nx.wav,dog\n"b, with comma.wav,dog\nx.wav,cat\n')
+    with pytest.raises(SystemExit, match=r"open_quote\.csv: line 3: a quoted cell runs over 2 lines \(a quote left "
+                                         r"open\?\); close the quote"):
+        run("manifest", str(open_quote), "--out", str(tmp_path / "o5"))
+    huge = tmp_path / "huge.csv"
+    huge.write_text('path,label\n"b.wav,dog\n' + "x.wav,cat\n" * 20000)
+    with pytest.raises(SystemExit, match=r"huge\.csv: line \d+: field larger than field limit .*check the quoting"):
+        run("manifest", str(huge), "--out", str(tmp_path / "o6"))
+    assert not (tmp_path / "o5").exists() and not (tmp_path / "o6").exists()
 
 
 # ------------------------------------------------------------------------------------------- 9. AudioSet CSVs

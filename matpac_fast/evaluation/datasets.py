@@ -190,6 +190,8 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save the "
                          "CSV as UTF-8") from None
+    except csv.Error as e:  # e.g. a quote left open swallowing 128 KiB of rows: "field larger than field limit"
+        raise ValueError(f"{path}: line {reader.line_num}: {e} (a quote left open?); check the quoting") from None
     return fields, rows
 
 
