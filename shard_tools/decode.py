@@ -126,7 +126,21 @@ def _read_soundfile(path: str) -> tuple[np.ndarray, int]:
     raise Skip("undecodable", _soundfile_detail(path, error, lines)) from None
 
 
+def _unopenable(path: str) -> str | None:
+    """Why the file cannot be opened at all (no read permission, a vanished file), or None: libsndfile says only
+    "System error." for an unreadable file, which does not tell the user what to fix."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as e:
+        fix = " (check its permissions)" if isinstance(e, PermissionError) else ""
+        return f"cannot open the file: {e.strerror or e}{fix}"
+
+
 def _soundfile_detail(path: str, e: Exception, decoder_lines: list[str]) -> str:
+    why = _unopenable(path)
+    if why:
+        return why
     msg = getattr(e, "error_string", None) or str(e)  # LibsndfileError: without the "Error opening b'...'" prefix
     if "possibly a pipe" in msg and os.path.isfile(path):  # what libsndfile says for a file that is not an MP3
         ext = os.path.splitext(path)[1].lower()
@@ -162,7 +176,7 @@ def _read_pyav(path: str) -> tuple[np.ndarray, int]:
     except Skip:
         raise
     except Exception as e:
-        raise Skip("undecodable", f"{type(e).__name__}: {e}") from None
+        raise Skip("undecodable", _unopenable(path) or f"{type(e).__name__}: {e}") from None
     if not chunks or sr is None:
         raise Skip("empty", "no audio frames")
     return np.concatenate(chunks, axis=1).T.astype(np.float32), int(sr)

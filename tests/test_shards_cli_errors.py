@@ -565,6 +565,35 @@ def test_text_named_mp3_is_undecodable_and_quiet(tmp_path, capfd):
         assert "not a valid .mp3 audio file" in lines[src]["detail"] and "pipe" not in lines[src]["detail"]
 
 
+def test_an_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
+    """libsndfile says only "System error." for a file without read permission. Root reads any file, so the
+    refusal is played by the decoder's open(); as another user, chmod 000 is the real thing."""
+    import builtins
+
+    from shard_tools import decode
+
+    d = tmp_path / "in" / "c"
+    tone(d / "ok.wav")
+    locked = tone(d / "locked.wav")
+    if os.geteuid() == 0:
+        def refuse(path, *args, **kwargs):
+            if os.fsdecode(path) == str(locked):
+                raise PermissionError(13, "Permission denied", str(path))
+            return builtins.open(path, *args, **kwargs)
+
+        real_read = sf.read
+        monkeypatch.setattr(decode, "open", refuse, raising=False)
+        monkeypatch.setattr(sf, "read", lambda p, *a, **k: (_ for _ in ()).throw(RuntimeError("System error."))
+                            if os.fsdecode(p) == str(locked) else real_read(p, *a, **k))
+    else:
+        locked.chmod(0)
+    out = tmp_path / "out"
+    assert run("folder", str(tmp_path / "in"), "--out", str(out)) == 0
+    line = manifest(out)["c/locked.wav"]
+    assert line["skipped"] == "undecodable"
+    assert line["detail"] == "undecodable: cannot open the file: Permission denied (check its permissions)", line
+
+
 def test_readme_lists_every_skip_reason():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## 1. Making shards") : readme.index("## 2.")]
