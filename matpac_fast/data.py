@@ -670,8 +670,11 @@ def _check_meta(sizes, stats, sizes_url: str, stats_url: str) -> None:
     if stats.get("short", "drop") not in ("drop", "pad"):
         raise _damaged(stats_url, f"'short' is {stats['short']!r}, expected 'drop' or 'pad'")
     for name in ("mean", "std"):
-        if name in stats and (isinstance(stats[name], bool) or not isinstance(stats[name], int | float)):
-            raise _damaged(stats_url, f"'{name}' is {stats[name]!r}, expected a number")
+        if name in stats and (isinstance(stats[name], bool) or not isinstance(stats[name], int | float)
+                              or not math.isfinite(stats[name])):
+            raise _damaged(stats_url, f"'{name}' is {stats[name]!r}, expected a finite number")
+    if "std" in stats and stats["std"] <= 0:  # the per-set normalisation divides by it
+        raise _damaged(stats_url, f"'std' is {stats['std']!r}, expected a number > 0")
 
 
 @dataclass

@@ -10,8 +10,11 @@ Prints counts, hours and a label histogram; exit status 1 on any problem.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import io
 import json
+import math
+import os
 import re
 import sys
 import tarfile
@@ -53,6 +56,7 @@ class Report:
     flags: Counter = field(default_factory=Counter)
     hop_s: float = 0.01
     stats: dict = field(default_factory=dict)  # stats.json as read, less any damaged field (for the report)
+    raw_stats: object = None  # stats.json as read (None: not read; not a dict: unreadable or damaged, reported)
 
     @property
     def ok(self) -> bool:
@@ -220,8 +224,9 @@ _STATS_FIELDS = {
     "inputs": ("an integer >= 0", _is_count),
     "written": ("an integer >= 0", _is_count),
     "n_frames": ("an integer >= 0", _is_count),
-    "mean": ("a number", _is_number),
-    "std": ("a number", _is_number),
+    # the loader normalises with them (M2D's recipe): NaN or a std <= 0 would make every input NaN or infinite
+    "mean": ("a finite number", lambda v: _is_number(v) and math.isfinite(v)),
+    "std": ("a finite number > 0", lambda v: _is_number(v) and math.isfinite(v) and v > 0),
 }
 
 
@@ -283,11 +288,31 @@ def _not_a_set(out: Path) -> str | None:
     return None
 
 
+def _being_written(out: Path) -> bool:
+    """True while a make-shards run holds `out`'s lock (pipeline._lock_out_dir: an exclusive flock on the folder).
+    Probed with a shared lock taken and dropped at once."""
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:  # a filesystem without flock
+        return False
+    finally:
+        os.close(fd)
+
+
 def _interrupted(out: Path) -> str | None:
     """Why `out` holds a make-shards run that has not finished, or None."""
     if (out / "stats.json").is_file():
         return None  # stats.json is written last: the set is complete (a leftover .make-shards/ is only clean-up)
     if (out / WORK_DIR).is_dir() or any(SHARD_RE.match(p.name.removesuffix(".tmp")) for p in out.glob("*.tar.tmp")):
+        if _being_written(out):  # not interrupted: running (rerunning it now would be refused)
+            return f"{out} is being written by a make-shards run now; verify it once that run has ended"
         return (
             f"{out} holds an interrupted make-shards run (no stats.json yet); run the same make-shards command "
             "again to finish it"
@@ -322,12 +347,16 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
     if report.not_a_set:
         return report
     sizes = _check_sizes(_load_json(out / "sizes.json", report), report)
-    stats = report.stats = _clean_stats(_load_json(out / "stats.json", report), report)
+    report.raw_stats = _load_json(out / "stats.json", report)
+    stats = report.stats = _clean_stats(report.raw_stats, report)
     if sizes is None:
         return report
     n_mels = int(stats.get("frontend", {}).get("n_mels", 80))
     classes = stats.get("classes")
     hashes = stats.get("shard_sha256", {})
+    if check_hashes and sizes and isinstance(report.raw_stats, dict) and "shard_sha256" not in report.raw_stats:
+        report.problems.append("stats.json has no shard_sha256, so the shards' contents cannot be checked: rebuild "
+                               "the set with make-shards, or pass --no-hash to check the rest")
     _other_tars(out, sizes, report)
     from tqdm import tqdm
 
@@ -338,7 +367,9 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
         if not path.is_file():
             report.problems.append(f"{name} is listed in sizes.json but missing")
             continue
-        if check_hashes and name in hashes and sha256_file(path) != hashes[name]:
+        if check_hashes and "shard_sha256" in stats and name not in hashes:
+            report.problems.append(f"{name} has no sha256 in stats.json: its content cannot be checked")
+        elif check_hashes and name in hashes and sha256_file(path) != hashes[name]:
             report.problems.append(f"{name}: sha256 differs from stats.json (the file was changed or damaged)")
         n = _read_shard(path, report, seen, n_mels, classes)
         report.n_samples += n

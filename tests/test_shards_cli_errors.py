@@ -286,6 +286,17 @@ def test_verify_reports_an_interrupted_run_as_incomplete(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "INCOMPLETE" in text and "run the same make-shards command again" in text
     assert "CORRUPT" not in text and "missing" not in text
+    # the same state while a make-shards run holds the folder's lock: running, not interrupted
+    from matpac_fast.locks import close_lock_fd
+    from shard_tools.pipeline import _lock_out_dir
+
+    fd = _lock_out_dir(out)
+    try:
+        assert verify(out) == 1
+    finally:
+        close_lock_fd(fd)
+    text = capsys.readouterr().out
+    assert f"INCOMPLETE: {out} is being written by a make-shards run now; verify it once that run has ended" in text
 
 
 # ----------------------------------------------------------------------------------------------- 7. --top
@@ -754,7 +765,10 @@ def small_set(tmp_path_factory) -> Path:
     ("stats.json", "frontend", {"n_mels": 0}, "'frontend' is {\"n_mels\": 0}"),
     ("stats.json", "classes", 5, "'classes' is 5, expected a list of strings or null"),
     ("stats.json", "skipped", ["x"], "'skipped' is [\"x\"], expected a JSON object {reason: count}"),
-    ("stats.json", "mean", "x", "'mean' is \"x\", expected a number"),
+    ("stats.json", "mean", "x", "'mean' is \"x\", expected a finite number"),
+    # the loader normalises with them: these passed verify-shards (and the loader) before
+    ("stats.json", "mean", float("nan"), "'mean' is NaN, expected a finite number"),
+    ("stats.json", "std", -1, "'std' is -1, expected a finite number > 0"),
     ("stats.json", "shard_sha256", ["x"], "'shard_sha256' is [\"x\"]"),  # used to switch the hash check off
     ("stats.json", "written", "12", "'written' is \"12\", expected an integer >= 0"),
 ])
@@ -771,6 +785,28 @@ def test_verify_reports_damaged_metadata_in_one_line(small_set, tmp_path, capsys
     text = capsys.readouterr().out
     assert "CORRUPT" in text and f"{file} is damaged: " in text and said in text, text
     assert "OK" not in text.split()
+
+
+def test_verify_needs_the_shard_hashes_to_say_ok(small_set, tmp_path, capsys):
+    """stats.json without its shard_sha256 list (or without one shard's entry) skipped the content check silently
+    and said OK, even for a shard with garbage appended. --no-hash still checks the rest."""
+    out = tmp_path / "set"
+    shutil.copytree(small_set, out)
+    stats = json.loads((out / "stats.json").read_text())
+    with open(out / "shards-000001.tar", "ab") as f:
+        f.write(b"\0" * 1024)  # whole zero blocks: still a readable tar of the same samples
+    for doc, said in (
+        ({k: v for k, v in stats.items() if k != "shard_sha256"}, "stats.json has no shard_sha256, so the shards' "
+         "contents cannot be checked: rebuild the set with make-shards, or pass --no-hash to check the rest"),
+        ({**stats, "shard_sha256": {k: v for k, v in stats["shard_sha256"].items() if k != "shards-000001.tar"}},
+         "shards-000001.tar has no sha256 in stats.json: its content cannot be checked"),
+    ):
+        (out / "stats.json").write_text(json.dumps(doc))
+        capsys.readouterr()
+        assert verify(out) == 1
+        text = capsys.readouterr().out
+        assert "CORRUPT" in text and said in text, text
+        assert verify(out, "--no-hash") == 0
 
 
 def test_verify_refuses_a_shard_cut_after_its_last_member_without_hashes(small_set, tmp_path, capsys):
