@@ -65,7 +65,8 @@ class Discovery:
 # ---------------------------------------------------------------------------------------------------------- helpers
 def is_partial(name: str) -> bool:
     low = name.lower()
-    return low.endswith(PARTIAL_SUFFIXES) or ".part-frag" in low
+    # yt-dlp's post-processors write "<name>.temp.<ext>" (e.g. Y<id>.temp.wav) and rename it when done
+    return low.endswith(PARTIAL_SUFFIXES) or ".part-frag" in low or os.path.splitext(low)[0].endswith(".temp")
 
 
 def printable(text: str) -> str:
