@@ -72,6 +72,13 @@ def _resume_advice(out: str | Path) -> str:
 _WORKER_DIED_ADVICE = "(with the same --workers, which split the epoch; if memory ran out, free some first)"
 
 
+def _after_a_dead_worker(out: str | Path) -> str:
+    """_resume_advice, plus how to resume; without a checkpoint a new run may use any --workers."""
+    if ckpt.list_checkpoints(out):
+        return f"{_resume_advice(out)} {_WORKER_DIED_ADVICE}"
+    return f"{_resume_advice(out)}; if memory ran out, free some first (or use fewer --workers)"
+
+
 class _LoaderWorkerDied(Exception):
     """A DataLoader worker died (torch's RuntimeError "DataLoader worker (pid ...) ..."), met while waiting for a
     batch, i.e. between optimizer steps."""
@@ -656,7 +663,7 @@ class Trainer:
             return TrainingAborted(f"{what}: a data-loader worker died (often the out-of-memory killer); checkpoint "
                                    f"at step {self.step}: {hint}")
         return TrainingAborted(f"{what}: a data-loader worker of process {self.accelerator.process_index} died "
-                               f"(often the out-of-memory killer); {_resume_advice(self.out)} {_WORKER_DIED_ADVICE}")
+                               f"(often the out-of-memory killer); {_after_a_dead_worker(self.out)}")
 
     def _abandon_partial_step(self) -> None:
         """Back to the last finished optimizer step, for a checkpoint taken between two: the micro-batches of an
@@ -1195,7 +1202,7 @@ def _main(argv: list[str] | None) -> int:
                          rank, world, stopping=trainer is not None and trainer._stop_requested)
         if str(e).startswith("DataLoader worker"):  # torch's SIGCHLD handler: raised wherever the main thread was
             return _fail(f"error: {str(e).strip().splitlines()[0]}: a data-loader worker died (often the out-of-memory "
-                         f"killer); {_resume_advice(cfg.run.out)} {_WORKER_DIED_ADVICE}", rank,
+                         f"killer); {_after_a_dead_worker(cfg.run.out)}", rank,
                          world)
         if isinstance(e, dist.DistError):  # e.g. the process group cannot be set up (a port in use, a timeout)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
