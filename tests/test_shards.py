@@ -390,18 +390,31 @@ def _wait_for_shards(proc: subprocess.Popen, journal: Path, n_lines: int, timeou
     raise AssertionError(f"the run ended or stalled before journaling {n_lines} shards: {proc.communicate()}")
 
 
-def test_ctrl_c_and_kill_with_workers_are_quiet_and_resume(tmp_path, capsys):
-    """Ctrl-C to the whole process group (as a terminal sends it) with 2 workers: exactly one line, exit 130.
-    kill -9 of the main process: the orphaned workers exit without a word. Then the rerun is byte-identical."""
-    n, size = 60, "3"
-    out = tmp_path / "out"
+def _two_worker_run(out: Path, n: int = 60, size: str = "3"):
+    """(command, start() -> Popen in its own session, journal path) of a make-shards run with 2 workers."""
     cmd = [sys.executable, "-m", "shard_tools", "synthetic", "--n", str(n), "--seed", "1", "--out", str(out),
            "--shard-size", size, "--workers", "2", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    journal = out / ".make-shards" / "journal.jsonl"
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    def start() -> subprocess.Popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+
+    return cmd, start, out / ".make-shards" / "journal.jsonl"
+
+
+def _same_as_an_uninterrupted_run(ref: Path, out: Path, n: int = 60, size: str = "3") -> None:
+    make_synthetic_shards(ref, n=n, seed=1, workers=0, shard_size=size, progress=False)
+    a, b = _files(ref), _files(out)
+    assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)
+
+
+def test_ctrl_c_and_kill_with_workers_are_quiet_and_resume(tmp_path, capsys):
+    """Ctrl-C to the whole process group (as a terminal sends it) with 2 workers: exactly one line, exit 130.
+    kill -9 of the main process: the orphaned workers exit without a word. Then the rerun is byte-identical."""
+    out = tmp_path / "out"
+    cmd, start, journal = _two_worker_run(out)
+    proc = start()
     _wait_for_shards(proc, journal, 2)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -409,20 +422,15 @@ def test_ctrl_c_and_kill_with_workers_are_quiet_and_resume(tmp_path, capsys):
     assert err.splitlines() == ["make-shards: interrupted; run the same command again to finish the job"]
 
     done_before = journal.read_text().count("\n")
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = start()
     _wait_for_shards(proc, journal, done_before + 2)
     proc.send_signal(signal.SIGKILL)  # the main process only: its workers are orphaned
     _, err = proc.communicate(timeout=60)  # returns once every worker has closed its end of stderr
     assert err == ""
     assert not (out / "stats.json").exists()
-
-    ref = tmp_path / "ref"
-    make_synthetic_shards(ref, n=n, seed=1, workers=0, shard_size=size, progress=False)
     assert cli_main([*cmd[3:-3], "--workers", "0", "--no-progress"]) == 0  # in this process: no torch import
     assert "resumed an interrupted run at input" in capsys.readouterr().out
-    a, b = _files(ref), _files(out)
-    assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)
+    _same_as_an_uninterrupted_run(tmp_path / "ref", out)
 
 
 def _worker_pids(pid: int) -> list[int]:
@@ -437,14 +445,9 @@ def test_a_worker_killed_mid_run_ends_the_run_with_one_line_and_it_resumes(tmp_p
     """kill -9 of one worker (as the out-of-memory killer does): the Pool replaced it and never answered its task,
     so make-shards waited forever without a word. Now: one line, exit 1, the journaled shards kept, a rerun finishes
     the same set. (A worker killed while it held no task loses nothing: that run finishes the same set itself.)"""
-    n, size = 60, "3"
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "shard_tools", "synthetic", "--n", str(n), "--seed", "1", "--out", str(out),
-           "--shard-size", size, "--workers", "2", "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    journal = out / ".make-shards" / "journal.jsonl"
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd, start, journal = _two_worker_run(out)
+    proc = start()
     _wait_for_shards(proc, journal, 2)
     workers = _worker_pids(proc.pid)
     assert len(workers) == 2, workers
@@ -465,10 +468,7 @@ def test_a_worker_killed_mid_run_ends_the_run_with_one_line_and_it_resumes(tmp_p
         assert not (out / "stats.json").exists() and journal.read_text().count("\n") >= 2
         assert cli_main([*cmd[3:-3], "--workers", "0", "--no-progress"]) == 0  # in this process: no torch import
         assert "resumed an interrupted run at input" in capsys.readouterr().out
-    ref = tmp_path / "ref"
-    make_synthetic_shards(ref, n=n, seed=1, workers=0, shard_size=size, progress=False)
-    a, b = _files(ref), _files(out)
-    assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)
+    _same_as_an_uninterrupted_run(tmp_path / "ref", out)
 
 
 def test_shards_feed_the_streaming_loader(synth_set):

@@ -238,29 +238,35 @@ def test_overwrite_with_another_name_deletes_the_earlier_set_only(tmp_path, caps
     assert "warning: first-backup.tar is not part of this shard set" in capsys.readouterr().out
 
 
-def test_overwrite_deletes_only_the_shards_a_set_lists(tmp_path, monkeypatch):
-    """A user's `first-000042.tar` beside a set named `first` is no shard of it: --overwrite under another name
-    deleted it (every `<old name>-NNNNNN.tar` went). An interrupted run's journaled shards and the shard it had just
-    renamed, unjournaled (killed between the two), still go."""
+def _interrupted_after_one_shard(monkeypatch, out: Path, root: Path, **options) -> None:
+    """A make-shards run stopped (KeyboardInterrupt) as its second shard was renamed but not journaled yet: the
+    state a kill between the two leaves."""
     from shard_tools import pipeline
     from shard_tools.api import make_folder_shards
 
-    for i in range(3):
-        tone(tmp_path / "in" / "c" / f"{i}.wav", freq=440 + 110 * i)
-    out = tmp_path / "out"
     calls = []
+    real = pipeline._append_line
 
-    def killed_before_the_second_line(path, obj):
+    def stopped_at_the_second_line(path, obj):
         calls.append(obj)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(path, obj)
 
-    real = pipeline._append_line
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "_append_line", killed_before_the_second_line)
+        m.setattr(pipeline, "_append_line", stopped_at_the_second_line)
         with pytest.raises(KeyboardInterrupt):
-            make_folder_shards(out, tmp_path / "in", name="first", shard_size="1", workers=0, progress=False)
+            make_folder_shards(out, root, shard_size="1", workers=0, progress=False, **options)
+
+
+def test_overwrite_deletes_only_the_shards_a_set_lists(tmp_path, monkeypatch):
+    """A user's `first-000042.tar` beside a set named `first` is no shard of it: --overwrite under another name
+    deleted it (every `<old name>-NNNNNN.tar` went). An interrupted run's journaled shards and the shard it had just
+    renamed, unjournaled (killed between the two), still go."""
+    for i in range(3):
+        tone(tmp_path / "in" / "c" / f"{i}.wav", freq=440 + 110 * i)
+    out = tmp_path / "out"
+    _interrupted_after_one_shard(monkeypatch, out, tmp_path / "in", name="first")
     assert {p.name for p in out.glob("first-*")} == {"first-000000.tar", "first-000001.tar"}  # 1: not journaled
     (out / "first-000042.tar").write_text("mine")
     assert run("folder", str(tmp_path / "in"), "--out", str(out), "--name", "second", "--overwrite") == 0
@@ -417,7 +423,6 @@ def test_a_file_edited_in_place_with_its_size_kept_is_noticed(tmp_path, monkeypa
     a resume would have mixed old and new audio. Sizes and modification times now stand for the content. A set whose
     stats.json holds the older hash (no times) is still recognised."""
     from shard_tools import pipeline
-    from shard_tools.api import make_folder_shards
     from shard_tools.cli import build_parser, config_from_args, discover
 
     d, out = tmp_path / "in", tmp_path / "out"
@@ -441,19 +446,7 @@ def test_a_file_edited_in_place_with_its_size_kept_is_noticed(tmp_path, monkeypa
     with pytest.raises(SystemExit, match="already holds a different shard set .*inputs added, removed, modified"):
         run(*argv)
     # an interrupted run of these files: the edited file is noticed on resume too
-    calls = []
-
-    def killed_at_the_second_line(path, obj):
-        calls.append(obj)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(path, obj)
-
-    real = pipeline._append_line
-    with monkeypatch.context() as m:
-        m.setattr(pipeline, "_append_line", killed_at_the_second_line)
-        with pytest.raises(KeyboardInterrupt):
-            make_folder_shards(tmp_path / "o2", d, shard_size="1", workers=0, progress=False)
+    _interrupted_after_one_shard(monkeypatch, tmp_path / "o2", d)
     tone(d / "k" / "b.wav", freq=990.0)
     st = (d / "k" / "b.wav").stat()
     os.utime(d / "k" / "b.wav", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
