@@ -385,6 +385,11 @@ def test_csv_split_column_in_any_case_and_repeated_labels(tmp_path):
     assert ds.official == "split" and not ds.multilabel  # 'y;y' is one label, not a two-label row
     (fold,) = make_folds(ds, "official")
     assert fold.train.tolist() == [0, 1] and fold.test.tolist() == [2, 3]
+    path.write_text("File,Label,Fold\na0.wav,x,1\na1.wav,y,1\na2.wav,x,2\na3.wav,y,2\n")
+    ds = load_csv(path)
+    assert [f.test.tolist() for f in make_folds(ds, "official")] == [[0, 1], [2, 3]]
+    # the column under its own name still serves a group scheme
+    assert [f.name for f in make_folds(ds, "group:Fold")] == ["Fold=1", "Fold=2"]
 
 
 def test_empty_fold_cells_are_an_error_not_a_fold(tmp_path):

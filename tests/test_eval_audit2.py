@@ -189,6 +189,14 @@ def test_same_dataset_name_with_other_clips_says_so_when_it_replaces(tones, tmp_
     _, err = _run(["--checkpoint", "logmel", "--data", str(other), "--out", str(out), "--folds", "kfold:2", "--seed",
                    "3", *FAST], capsys)  # fmt: skip
     assert f"(data path {tones} -> {other}; clips 24 -> 16; classes 3 -> 2; seed 0 -> 3)" in err, err
+    # the same folder typed relative to its parent, then absolute from tmp_path (where ./tones is the other folder):
+    # the same data, nothing to say (the typed path, resolved in the later run's directory, said it had changed)
+    for cwd, data in ((other.parent, "tones"), (tmp_path, str(other))):
+        with pytest.MonkeyPatch.context() as m:
+            m.chdir(cwd)
+            _, err = _run(["--checkpoint", "logmel", "--data", data, "--out", str(out), "--folds", "kfold:2",
+                           "--seed", "3", *FAST], capsys)  # fmt: skip
+        assert "replacing the earlier result of this embedder" in err and "data path" not in err, (data, err)
 
 
 def test_float_input_is_used_as_it_is(tiny_pt):

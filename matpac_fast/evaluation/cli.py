@@ -395,7 +395,8 @@ def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: 
     t_probe = time.perf_counter() - t0
     mean, std = summarize(runs)
     result = {
-        "task": task, "dataset": ds.name, "layout": ds.layout, "data": str(a.data), "folds": scheme.text,
+        "task": task, "dataset": ds.name, "layout": ds.layout, "data": str(a.data),
+        "source": os.path.realpath(ds.source), "folds": scheme.text,
         "checkpoint": a.checkpoint, "checkpoint_name": name, "embedder_identity": embedder.identity,
         "encoder_config": getattr(embedder, "config_source", None),
         "preset": a.preset if a.checkpoint != "logmel" else None, "probe": a.probe, "probe_id": probe_id,
@@ -466,9 +467,11 @@ def _settings_change(path: Path, result: dict) -> str:
              if k in prev and prev[k] != result.get(k)]  # fmt: skip
     # The same dataset name can hold other clips: a known layout is named after its kind (a 2-digit copy of FSDD is
     # 'fsdd' too), a generic CSV after its folder. Say so, and what changed.
-    if prev.get("dataset") == result.get("dataset") and isinstance(prev.get("data"), str) and (
-            os.path.realpath(prev["data"]) != os.path.realpath(result["data"])):
-        parts.append(f"data path {prev['data']} -> {result['data']}")
+    # `source` is the file or folder read, resolved when it was read (`data` is as typed: relative to the directory
+    # of that run, and `dir` reads dir/labels.csv), so it compares across working directories and spellings
+    if prev.get("dataset") == result.get("dataset") and isinstance(prev.get("source"), str) and (
+            prev["source"] != result.get("source")):
+        parts.append(f"data path {prev['source']} -> {result['source']}")
     parts += [f"{label} {prev[k]} -> {result[k]}" for k, label in
               (("n_clips", "clips"), ("n_classes", "classes"), ("seeds", "probe seeds"), ("seed", "seed"))
               if k in prev and prev[k] != result.get(k)]  # fmt: skip

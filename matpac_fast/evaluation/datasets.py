@@ -262,12 +262,13 @@ def load_csv(
     _warn_repeated_files(path, clips)
     multilabel = any(len(c.labels) > 1 for c in clips)
     vocab = list(classes) if classes is not None else _sorted_labels({lab for c in clips for lab in c.labels})
-    # any case, as the file and label columns: 'Split' is the split column
+    # any case, as the file and label columns: 'Split' is the split column. Its cells are also kept under the name as
+    # written, so that --folds group:Fold still finds the column.
     lower = {f.lower(): f for f in fields}
     official = "split" if "split" in lower else ("fold" if "fold" in lower else None)
     if official is not None and lower[official] != official:
         for c in clips:
-            c.meta[official] = c.meta.pop(lower[official])
+            c.meta.setdefault(official, c.meta.get(lower[official], ""))
     return LabelledSet(
         name=name or _csv_name(path),
         root=str(path.parent),
