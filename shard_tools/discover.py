@@ -65,8 +65,14 @@ class Discovery:
 # ---------------------------------------------------------------------------------------------------------- helpers
 def is_partial(name: str) -> bool:
     low = name.lower()
-    # yt-dlp's post-processors write "<name>.temp.<ext>" (e.g. Y<id>.temp.wav) and rename it when done
-    return low.endswith(PARTIAL_SUFFIXES) or ".part-frag" in low or os.path.splitext(low)[0].endswith(".temp")
+    return low.endswith(PARTIAL_SUFFIXES) or ".part-frag" in low
+
+
+def is_ytdlp_temp(name: str) -> bool:
+    """yt-dlp's post-processors write "<name>.temp.<ext>" (e.g. Y<id>.temp.wav) and rename it when done. Only an
+    AudioSet download holds such files for sure: in a plain folder or a manifest, `x.temp.wav` may be the user's own
+    (and sets of earlier versions decoded it), so there it is read like any file."""
+    return os.path.splitext(name.lower())[0].endswith(".temp")
 
 
 def printable(text: str) -> str:
@@ -381,7 +387,7 @@ def discover_audioset(
     claims: dict[str, list[tuple[int, Found, Segment, bool]]] = {}  # segment key -> its files (several: duplicates)
     for f in scan.files:
         rel, path, source = f.rel, f.path, printable(f.rel)
-        if f.skip is None and is_partial(path.name):
+        if f.skip is None and (is_partial(path.name) or is_ytdlp_temp(path.name)):
             f = Found(rel, path, f.size, "partial_download")
         if f.skip:
             items.append(Item(source, path_key(rel), str(path), size=f.size, skip=f.skip, detail=f.detail))

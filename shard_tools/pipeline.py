@@ -38,7 +38,15 @@ import torch
 from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec
 from matpac_fast.locks import close_lock_fd, open_lock_fd
 from shard_tools.decode import PYAV_HINT, Prepared, Skip, prepare
-from shard_tools.discover import Discovery, Item, printable, segments_line, unique_keys
+from shard_tools.discover import (
+    Discovery,
+    Item,
+    is_partial,
+    is_ytdlp_temp,
+    printable,
+    segments_line,
+    unique_keys,
+)
 from shard_tools.writer import ShardLimit, ShardWriter, encode_json, encode_npy, parse_shard_size
 
 FORMAT_VERSION = 1
@@ -318,7 +326,11 @@ def plan_hash(disc: Discovery, cfg: MakeConfig, mtimes: bool = True) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(_settings(disc, cfg), sort_keys=True).encode())
     for it in disc.items:
-        row = [it.source, it.key, it.labels, it.label_indices, it.size, it.skip, it.start, it.end, it.synth]
+        skip = it.skip
+        if not mtimes and skip == "partial_download" and it.ytid is None and is_ytdlp_temp(it.source) and not (
+                is_partial(it.source)):
+            skip = "not_in_csv"  # an AudioSet Y<id>.temp.wav, before such files were partial_download
+        row = [it.source, it.key, it.labels, it.label_indices, it.size, skip, it.start, it.end, it.synth]
         h.update(json.dumps(row + [it.mtime_ns] if mtimes else row).encode() + b"\n")
     return h.hexdigest()
 

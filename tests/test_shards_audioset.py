@@ -241,3 +241,33 @@ def test_full_video_ending_inside_or_before_its_segment(audioset_meta_dir, tmp_p
     w, sr = sf.read(root / "Y--PJHxphWEs.wav", dtype="float32")
     ref = LogMelSpec("matpac")(resample(torch.from_numpy(np.ascontiguousarray(w[30 * sr :])), sr)[None])[0]
     np.testing.assert_array_equal(arr, ref.numpy().astype(np.float16))
+
+
+def test_a_set_of_an_earlier_version_with_a_ytdlp_temp_file_is_still_complete(audioset_meta_dir, audioset_tree,
+                                                                               tmp_path, capsys):
+    """Y<id>.temp.wav was not_in_csv before it became partial_download. A set made then holds a plan hash with that
+    reason (and no modification times): the rerun of its command must still say "already complete", not "a
+    different shard set" (which would send the user to --overwrite and hours of lost shards)."""
+    import dataclasses
+
+    from shard_tools.cli import build_parser, config_from_args, discover
+    from shard_tools.discover import unique_keys
+    from shard_tools.pipeline import plan_hash
+
+    meta = audioset_meta_dir
+    argv = ["audioset", "--segments", str(meta / "balanced_train_segments.csv"), str(meta / "eval_segments.csv"),
+            "--class-index", str(meta / "class_labels_indices.csv"), "--audio-root", str(audioset_tree),
+            "--out", str(tmp_path / "shards"), "--workers", "0", "--no-progress", "--shard-size", "3"]
+    assert cli_main(argv) == 0
+    args = build_parser().parse_args(argv)
+    disc = discover(args)
+    then = [dataclasses.replace(it, skip="not_in_csv") if it.source == "YBh4oxwlwQMY.temp.wav" else it
+            for it in unique_keys(disc.items)]
+    assert then != unique_keys(disc.items)
+    earlier = plan_hash(dataclasses.replace(disc, items=then), config_from_args(args), mtimes=False)
+    stats_path = tmp_path / "shards" / "stats.json"
+    stats = json.loads(stats_path.read_text())
+    stats_path.write_text(json.dumps({**stats, "plan_hash": earlier}))
+    capsys.readouterr()
+    assert cli_main(argv) == 0
+    assert "already complete" in capsys.readouterr().out

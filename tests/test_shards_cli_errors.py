@@ -598,6 +598,14 @@ def test_an_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
     assert line["detail"] == "undecodable: cannot open the file: Permission denied (check its permissions)", line
 
 
+def test_a_temp_named_file_in_a_folder_is_read(tmp_path):
+    """Only an AudioSet download's <name>.temp.<ext> is yt-dlp's unfinished file; in a folder it may be the user's
+    (and earlier versions decoded it, so their sets' plans count it as an input)."""
+    tone(tmp_path / "in" / "c" / "rec.temp.wav")
+    assert run("folder", str(tmp_path / "in"), "--out", str(tmp_path / "out")) == 0
+    assert "skipped" not in manifest(tmp_path / "out")["c/rec.temp.wav"]
+
+
 def test_readme_lists_every_skip_reason():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index("## 1. Making shards") : readme.index("## 2.")]
