@@ -593,7 +593,11 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
     text = read_csv_text(csv_path, "manifest CSV")
     base = csv_path.resolve().parent
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    names, notes = _manifest_columns(csv_path, reader.fieldnames)
+    try:
+        header = reader.fieldnames
+    except csv.Error as e:  # a quote left open in the header line itself
+        raise ValueError(f"{csv_path}: line 1 (the header): {e} (a quote left open?); check the quoting") from None
+    names, notes = _manifest_columns(csv_path, header)
     reader.fieldnames = names
     items, first, empty, relabelled, commas = [], {}, [], [], []
     for row in _rows_checked(csv_path, reader):

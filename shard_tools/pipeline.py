@@ -539,12 +539,11 @@ def _open_plan(out: Path, cfg: MakeConfig, phash: str, accepted: set[str], shash
                 # The same command, but the files changed (downloads still arriving): "rerun that exact command"
                 # would send the user round in circles.
                 then = plan.get("inputs")
-                count = (f"{then} then, {n_inputs} now" if then != n_inputs
-                         else f"{n_inputs}, but files resized or modified")
+                count = f"{then} then, {n_inputs} now" if then != n_inputs else f"{n_inputs} both times"
                 raise ValueError(
-                    f"{out} holds an interrupted run with these options, but its inputs changed since ({count}, "
-                    "added, removed, modified or relabelled): resuming would mix two corpora; pass --overwrite to "
-                    "start again with the current inputs, or choose another --out"
+                    f"{out} holds an interrupted run with these options, but its inputs changed since ({count}; "
+                    "files added, removed, resized, modified or relabelled): resuming would mix two corpora; pass "
+                    "--overwrite to start again with the current inputs, or choose another --out"
                 )
             raise ValueError(
                 f"{out} holds an interrupted run with other inputs or options; rerun that exact command to finish "
