@@ -673,8 +673,8 @@ def _check_meta(sizes, stats, sizes_url: str, stats_url: str) -> None:
         if name in stats and (isinstance(stats[name], bool) or not isinstance(stats[name], int | float)
                               or not math.isfinite(stats[name])):
             raise _damaged(stats_url, f"'{name}' is {stats[name]!r}, expected a finite number")
-    if "std" in stats and stats["std"] <= 0:  # the per-set normalisation divides by it
-        raise _damaged(stats_url, f"'std' is {stats['std']!r}, expected a number > 0")
+    if "std" in stats and stats["std"] < 0:  # (0 is a set of constant clips: only M2D's normalisation refuses it)
+        raise _damaged(stats_url, f"'std' is {stats['std']!r}, expected a number >= 0")
 
 
 @dataclass

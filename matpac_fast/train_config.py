@@ -306,6 +306,9 @@ def model_config(cfg: TrainConfig, stats: dict | None = None):
     stats = stats or {}
     if spec.name == "m2d" and "mean" in stats:  # M2D normalises with dataset statistics (METHOD.md §1)
         mean, std = float(stats["mean"]), float(stats["std"])
+        if not std > 0:
+            raise ValueError(f"the shard set's stats.json has std {std}: M2D's normalisation divides by it; re-make "
+                             "the set with make-shards")
     overrides.setdefault("norm_mean", mean)
     overrides.setdefault("norm_std", std)
     overrides.setdefault("use_kernels", cfg.run.kernels)

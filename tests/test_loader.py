@@ -759,7 +759,7 @@ def test_a_copied_set_is_refused_by_its_recorded_digests(tmp_path):
     ("stats.json", lambda d: {**d, "short": "maybe"}, "'short' is 'maybe', expected 'drop' or 'pad'"),
     # the normalisation's statistics: NaN or a std <= 0 made every input NaN or infinite, without a word
     ("stats.json", lambda d: {**d, "mean": float("nan")}, "'mean' is nan, expected a finite number"),
-    ("stats.json", lambda d: {**d, "std": -1.0}, "'std' is -1.0, expected a number > 0"),
+    ("stats.json", lambda d: {**d, "std": -1.0}, "'std' is -1.0, expected a number >= 0"),
 ], ids=["sizes-list", "count-forty", "count-negative", "sizes-not-json", "stats-list", "frontend-name-only",
         "n_mels-string", "short-unknown", "mean-nan", "std-negative"])
 def test_metadata_of_the_wrong_shape_is_one_line_naming_the_file(tmp_path, name, edit, what):

@@ -507,6 +507,20 @@ def test_print_config_shows_the_model_config_the_run_uses(run2, capsys):
     assert err.startswith("note: --print-config does not fetch --shards") and len(err.splitlines()) == 1
 
 
+def test_m2d_refuses_a_zero_dataset_std_and_matpac_does_not_use_it():
+    """M2D normalises by the shard set's std: 0 (a set of constant clips, which the loader accepts) would divide by
+    zero; MATPAC's fixed pair ignores it."""
+    from matpac_fast.train_config import TrainConfig, model_config
+
+    stats = {"mean": -5.0, "std": 0.0}
+    with pytest.raises(ValueError, match="stats.json has std 0.0: M2D's normalisation divides by it"):
+        model_config(TrainConfig.from_dict({"run": {"preset": "tiny", "frontend": "m2d"}}), stats)
+    assert model_config(TrainConfig.from_dict({"run": {"preset": "tiny", "frontend": "m2d"}}),
+                        {"mean": -5.0, "std": 2.0}).norm_std == 2.0
+    assert model_config(TrainConfig.from_dict({"run": {"preset": "tiny"}}), stats).norm_std == pytest.approx(4.193,
+                                                                                                           abs=1e-3)
+
+
 def test_help_names_the_program_and_the_recipe_default(monkeypatch):
     from matpac_fast.train_config import build_parser
 
