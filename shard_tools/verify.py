@@ -223,9 +223,10 @@ _STATS_FIELDS = {
     "inputs": ("an integer >= 0", _is_count),
     "written": ("an integer >= 0", _is_count),
     "n_frames": ("an integer >= 0", _is_count),
-    # the loader normalises with them (M2D's recipe): NaN or a std <= 0 would make every input NaN or infinite
+    # M2D's recipe normalises with them: NaN or a negative std is damage (the loader refuses them too); a std of 0 is
+    # a set of constant clips, which the loader reads and only an m2d run refuses
     "mean": ("a finite number", lambda v: _is_number(v) and math.isfinite(v)),
-    "std": ("a finite number > 0", lambda v: _is_number(v) and math.isfinite(v) and v > 0),
+    "std": ("a finite number >= 0", lambda v: _is_number(v) and math.isfinite(v) and v >= 0),
 }
 
 
