@@ -746,7 +746,8 @@ class Trainer:
         if int(nonfinite_run) >= self.cfg.run.max_nonfinite:
             raise TrainingAborted(self._nonfinite_advice(int(nonfinite_run)))
         k = self.model_cfg.n_prototypes
-        ent = row.get("teacher_entropy")
+        # M2D (alpha 1) builds no heads: its teacher statistics are placeholder zeros, not a collapse
+        ent = row.get("teacher_entropy") if self.model_cfg.use_heads else None
         if ent is not None and self.accelerator.is_main_process and (ent < 0.05 * math.log(k) or
                                                                       ent > 0.98 * math.log(k)):
             state = "near 0 (one prototype dominates)" if ent < 0.05 * math.log(k) else "near ln K (uniform)"
@@ -1101,20 +1102,28 @@ def _resolved_config(cfg: TrainConfig) -> tuple[dict, str | None]:
     the model (a few seconds for a ViT-B; nothing is written). A remote set is not fetched: the options, --out, the
     checkpoint folder and the model fields are checked. Returns (config, a note when a field could not be resolved
     without the shards)."""
-    shards, note = cfg.data.shards, None
+    shards, notes = cfg.data.shards, []
     _check_out_path(cfg.run.out)  # these two fetch nothing: checked for a remote set too
     ckpt.check_out(cfg.run.out, cfg.run.resume)
-    if cfg.run.precision == "fp16" and (cfg.run.cpu or not torch.cuda.is_available()):
-        note = "note: --precision fp16 needs a CUDA GPU, which this run would not have here: start it on a GPU node"
+    no_gpu = cfg.run.cpu or not torch.cuda.is_available()
+    if cfg.run.precision == "fp16" and no_gpu:
+        notes.append("note: --precision fp16 needs a CUDA GPU, which this run would not have here: start it on a GPU "
+                     "node")
+    if cfg.run.compile == "off" and cfg.run.compile_mode != "default":
+        notes.append(f"note: --compile-mode {cfg.run.compile_mode} has no effect with --compile off: add --compile "
+                     "block or step")
     if shards.startswith("pipe:") or "://" in shards:
         if cfg.run.frontend == "m2d":
-            note = (f"note: --print-config does not fetch --shards {shards}: norm_mean / norm_std are the m2d front "
-                    "end's fallback pair; the run uses the set's stats.json mean / std")
+            notes.append(f"note: --print-config does not fetch --shards {shards}: norm_mean / norm_std are the m2d "
+                         "front end's fallback pair; the run uses the set's stats.json mean / std")
         model = model_config(cfg, None)
         _check_model_fits_shards(cfg, model, None)
-        return {**cfg.to_dict(), "model": model.to_dict()}, note
-    trainer = Trainer(cfg, device_checks=False)  # what only reading the clips can tell is left to the run
-    return {**cfg.to_dict(), "model": trainer.model_cfg.to_dict()}, note
+    else:
+        model = Trainer(cfg, device_checks=False).model_cfg  # what only reading the clips can tell is left to the run
+    if model.attn_impl in CUDA_ONLY_ATTN and no_gpu:  # the run refuses it here (Trainer's device check)
+        notes.append(f"note: --model attn_impl={model.attn_impl} needs a CUDA GPU (that SDPA backend has no CPU "
+                     "kernel), which this run would not have here: start it on a GPU node, or use sdpa, flash or math")
+    return {**cfg.to_dict(), "model": model.to_dict()}, "\n".join(notes) or None
 
 
 def _check_out_path(out: str) -> None:

@@ -521,6 +521,22 @@ def test_m2d_refuses_a_zero_dataset_std_and_matpac_does_not_use_it():
                                                                                                            abs=1e-3)
 
 
+def test_m2d_prints_no_collapse_warning_and_print_config_notes_what_the_run_would_refuse(tmp_path, capsys):
+    """alpha=1 (M2D) builds no heads: its teacher entropy is a placeholder 0, and every log row said "teacher entropy
+    0.000 is near 0 ... collapsing". --print-config passed a CUDA-only attention backend and a --compile-mode without
+    --compile silently, where --help promises a note."""
+    rc, _, err = _main(capsys, *SYN, "--out", str(tmp_path / "m2d"), "--max-steps", "2", "--log-every", "1",
+                       "--model", "alpha=1")
+    assert rc == 0 and "teacher entropy" not in err, err
+    rc, out, err = _main(capsys, *SYN, "--out", str(tmp_path / "p"), "--print-config", "--model",
+                         "attn_impl=efficient", "--compile-mode", "gemm-autotune")
+    assert rc == 0 and json.loads(out)["model"]["attn_impl"] == "efficient"
+    assert err.splitlines() == [
+        "note: --compile-mode gemm-autotune has no effect with --compile off: add --compile block or step",
+        "note: --model attn_impl=efficient needs a CUDA GPU (that SDPA backend has no CPU kernel), which this run "
+        "would not have here: start it on a GPU node, or use sdpa, flash or math"], err
+
+
 def test_help_names_the_program_and_the_recipe_default(monkeypatch):
     from matpac_fast.train_config import build_parser
 
