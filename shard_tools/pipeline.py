@@ -319,26 +319,28 @@ def shuffled(items: list[Item], seed: int) -> list[Item]:
     return [items[i] for i in order]
 
 
-def plan_hash(disc: Discovery, cfg: MakeConfig, mtimes: bool = True) -> str:
-    """Everything that determines the output bytes; a resume with a different hash is refused. Each file's size and
-    modification time stand for its content (a file edited in place keeps its size: a wav of the same length).
-    `mtimes=False` is the hash of versions before the times were part of it, which their sets and plans hold."""
-    h = hashlib.sha256()
-    h.update(json.dumps(_settings(disc, cfg), sort_keys=True).encode())
+def plan_hashes(disc: Discovery, cfg: MakeConfig) -> tuple[str, str]:
+    """(today's plan hash, the older one), in one pass over the inputs. The plan hash covers everything that
+    determines the output bytes; a resume with a different hash is refused. Each file's size and modification time
+    stand for its content (a file edited in place keeps its size: a wav of the same length). The older hash, without
+    the times and with an AudioSet Y<id>.temp.wav counted not_in_csv, is what sets and plans of versions before
+    those changes hold: an interrupted run of theirs resumes (and its stats.json gets today's hash), and a complete
+    set is still recognised (checked by sizes, as it was made)."""
+    settings = json.dumps(_settings(disc, cfg), sort_keys=True).encode()
+    today, older = hashlib.sha256(settings), hashlib.sha256(settings)
     for it in disc.items:
-        skip = it.skip
-        if not mtimes and skip == "partial_download" and it.ytid is None and is_ytdlp_temp(it.source) and not (
+        row = [it.source, it.key, it.labels, it.label_indices, it.size, it.skip, it.start, it.end, it.synth]
+        today.update(json.dumps(row + [it.mtime_ns]).encode() + b"\n")
+        if it.skip == "partial_download" and it.ytid is None and is_ytdlp_temp(it.source) and not (
                 is_partial(it.source)):
-            skip = "not_in_csv"  # an AudioSet Y<id>.temp.wav, before such files were partial_download
-        row = [it.source, it.key, it.labels, it.label_indices, it.size, skip, it.start, it.end, it.synth]
-        h.update(json.dumps(row + [it.mtime_ns] if mtimes else row).encode() + b"\n")
-    return h.hexdigest()
+            row[5] = "not_in_csv"
+        older.update(json.dumps(row).encode() + b"\n")
+    return today.hexdigest(), older.hexdigest()
 
 
-def plan_hashes(disc: Discovery, cfg: MakeConfig) -> set[str]:
-    """The hashes a set or plan of this command may hold: today's, and the one without modification times (a set
-    or interrupted run of an older version continues; from then on it is checked with the times)."""
-    return {plan_hash(disc, cfg), plan_hash(disc, cfg, mtimes=False)}
+def plan_hash(disc: Discovery, cfg: MakeConfig, mtimes: bool = True) -> str:
+    """Today's plan hash (`plan_hashes`), or with `mtimes=False` the older one."""
+    return plan_hashes(disc, cfg)[0 if mtimes else 1]
 
 
 def settings_hash(disc: Discovery, cfg: MakeConfig) -> str:
@@ -747,7 +749,7 @@ def _keep_earlier_m2d_short(disc: Discovery, cfg: MakeConfig) -> MakeConfig:
                 if isinstance(obj, dict):
                     found.add(obj.get("plan_hash"))
     legacy = dataclasses.replace(cfg, short="drop")
-    if plan_hashes(disc, cfg) & found or not plan_hashes(disc, legacy) & found:
+    if found.intersection(plan_hashes(disc, cfg)) or not found.intersection(plan_hashes(disc, legacy)):
         return cfg
     print(f"note: {out} was planned with --short drop (the m2d default before it became pad); continuing with it "
           "(pass --short pad --overwrite to redo it with padding)", file=sys.stderr, flush=True)
@@ -765,12 +767,12 @@ def make_shards(disc: Discovery, cfg: MakeConfig) -> dict:
     disc = dataclasses.replace(disc, items=unique_keys(disc.items))  # two clips under one key: verify says CORRUPT
     order = shuffled(disc.items, cfg.seed)
     cfg = _keep_earlier_m2d_short(disc, cfg)
-    phash = plan_hash(disc, cfg)
+    phash, older = plan_hashes(disc, cfg)
     out = Path(cfg.out)
     _make_out_dir(out)
     lock = _lock_out_dir(out)  # held until this process ends (closed with it)
     try:
-        return _make_shards_locked(disc, cfg, order, phash, plan_hashes(disc, cfg), out)
+        return _make_shards_locked(disc, cfg, order, phash, {phash, older}, out)
     finally:
         close_lock_fd(lock)
 
