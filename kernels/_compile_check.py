@@ -1,7 +1,8 @@
 """Compile every kernel ahead of time for an NVIDIA target, without a GPU: `python -m matpac_kernels._compile_check`.
 
 The interpreter tests check the numerics but not that the kernels pass Triton's compiler (types across branches,
-register pressure); this does, with the ptxas that ships in the triton wheel, and prints registers and spills.
+register pressure); this does, with the ptxas that ships in the triton wheel, and prints registers and spills
+(cuobjdump's STACK: ptxas puts spilled registers in the stack frame). A spill is a warning on stderr and exit 1.
 It must run in a process where TRITON_INTERPRET is unset (interpreted kernels cannot be compiled).
 """
 
@@ -89,13 +90,13 @@ def variants(quick: bool = False):
     for in_dtype, out_dtype in (("fp32", "fp32"), ("fp16", "bf16")):
         yield f"patchify_gather {in_dtype}->{out_dtype}", _gather(in_dtype, out_dtype)
     kernels = {"attn_fwd": _attn_fwd_kernel, "attn_dkdv": _attn_bwd_dkdv_kernel, "attn_dq": _attn_bwd_dq_kernel}
-    # Each autotuning configuration of the bf16 kernels at the model's head widths; fp32 at the first one only.
-    # (`--quick`: the first configuration only; the rest differ in block sizes, not in code paths.)
+    # Each autotuning configuration at each head width the op takes, 16-bit and fp32 inputs (`--quick`: the first
+    # configuration of each; the rest differ in block sizes, not in code paths).
     for dtype in ("bf16", "fp32"):
-        for hd in (32, 64) if dtype == "bf16" else (64,):
+        for hd in (16, 32, 64, 128):
             for name, kernel in kernels.items():
-                configs = _configs(kernel)
-                for config in configs if dtype == "bf16" and not quick else configs[:1]:
+                configs = _configs(kernel, hd, ieee=dtype == "fp32")
+                for config in configs[:1] if quick else configs:
                     tag = f"{name} {dtype} hd={hd} {config[0]}x{config[1]}"
                     yield tag, _attention(kernel, dtype, hd, config)
             delta_config = (_DELTA_BLOCK_M, 0, 4, 1)  # launched with triton's defaults: 4 warps
@@ -109,7 +110,24 @@ def resource_usage(cubin: bytes) -> str:
         f.flush()
         out = subprocess.run([str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     line = next((s for s in out.splitlines() if "REG:" in s), "")
-    return " ".join(w for w in line.split() if w.split(":")[0] in ("REG", "LOCAL", "SHARED"))
+    return " ".join(w for w in line.split() if w.split(":")[0] in ("REG", "STACK", "LOCAL", "SHARED"))
+
+
+def compile_variant(variant, arch: int = 90) -> str:
+    """Compile one variant (as `variants` yields them) for sm_<arch>; its resource usage, e.g.
+    "REG:124 STACK:0 SHARED:1024 LOCAL:0 DYN_SHARED:40960"."""
+    kernel, sig, consts, options = variant[:4]
+    options = options if isinstance(options, dict) else {"num_warps": options}
+    attrs = variant[4] if len(variant) > 4 else None
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options=options)
+    return f"{resource_usage(compiled.asm['cubin'])} DYN_SHARED:{compiled.metadata.shared}"
+
+
+def spills(usage: str) -> bool:
+    # ptxas puts spilled registers in the stack frame (STACK); LOCAL counts only static local arrays (an earlier
+    # check read LOCAL alone and passed attention kernels that spilled kilobytes per thread).
+    return not {"STACK:0", "LOCAL:0"} <= set(usage.split())
 
 
 def main(argv=None) -> int:
@@ -119,18 +137,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not hasattr(_xent_fwd_kernel, "fn") or type(_xent_fwd_kernel).__name__ != "JITFunction":
         sys.exit("the kernels are interpreted in this process: unset TRITON_INTERPRET and run again")
-    target = GPUTarget("cuda", args.arch, 32)
+    spilled = []
     for name, variant in variants(args.quick):
-        kernel, sig, consts, options = variant[:4]
-        options = options if isinstance(options, dict) else {"num_warps": options}
-        attrs = variant[4] if len(variant) > 4 else None
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs), target=target,
-                                  options=options)
-        usage = f"{resource_usage(compiled.asm['cubin'])} DYN_SHARED:{compiled.metadata.shared}"
-        print(f"ok  sm_{args.arch}  {name:42s} warps={options['num_warps']:2d}  {usage}")
-        if "LOCAL:0" not in usage.split():
+        usage = compile_variant(variant, args.arch)
+        warps = variant[3]["num_warps"] if isinstance(variant[3], dict) else variant[3]
+        print(f"ok  sm_{args.arch}  {name:42s} warps={warps:2d}  {usage}")
+        if spills(usage):
             print(f"    warning: {name} spills registers to local memory", file=sys.stderr)
-    return 0
+            spilled.append(name)
+    if spilled:
+        print(f"{len(spilled)} variant(s) spill registers: {', '.join(spilled)}", file=sys.stderr)
+    return 1 if spilled else 0
 
 
 if __name__ == "__main__":

@@ -185,13 +185,21 @@ def _attn_bwd_dq_kernel(
 # Block sizes. The interpreter runs one configuration (64 x 64 exercises the multi-block loops and padding at the
 # tests' sizes). On CUDA each kernel is autotuned per (N, hd, D) over a few configurations, chosen once per shape at
 # the first call (inductor: at run time as well); configurations that do not fit the GPU are skipped by triton's
-# autotuner. A program's own tile (BLOCK_M for the forward and dq, BLOCK_N for dk/dv) is at least 64 rows: at 32,
-# sm_90 code got no wgmma instructions (compiled without a GPU). Not yet tuned on a GPU: benchmarks/attention.py
-# compares the op with SDPA.
+# autotuner. A program's own tile (BLOCK_M for the forward and dq, BLOCK_N for dk/dv) is at least 64 rows in 16-bit:
+# at 32, sm_90 code got no wgmma instructions (compiled without a GPU). Every list below compiles for sm_90 without
+# register spills at its head widths (`python -m matpac_kernels._compile_check` compiles each one and fails on a
+# spill; it is how these were chosen). Not yet tuned on a GPU: benchmarks/attention.py compares the op with SDPA.
 _INTERP_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages), 16-bit inputs, heads up to 64 wide (the presets' 32 and 64)
 _QUERY_TILED = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2)]  # forward, dq
-_KEY_TILED = [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3), (32, 128, 4, 2)]  # dk, dv
+_KEY_TILED = [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 3), (32, 128, 8, 2)]  # dk, dv (at 4 warps 32x128 spilled)
+# 128-wide heads double the accumulators: dq at 128x32 and dk/dv at 64x64 and 64x128 spilled there
+_QUERY_TILED_HD128 = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)]
+_KEY_TILED_HD128 = [(32, 64, 4, 3), (32, 128, 8, 2)]
+# fp32 inputs get exact products (FMA code, no tensor cores), which spilled kilobytes per thread at the 16-bit tiles:
+# one small tile each (at 128 wide, the forward's 32x32 spilled too)
+_IEEE_TILED = [(32, 32, 4, 1)]
+_IEEE_TILED_HD128 = {"fwd": [(16, 16, 4, 1)], "bwd": [(32, 32, 8, 1)]}
 _DELTA_BLOCK_M = 64
 _AUTOTUNED = {}
 # Tests set this to one (BLOCK_M, BLOCK_N, num_warps, num_stages) tuple to run every kernel at that configuration
@@ -199,26 +207,33 @@ _AUTOTUNED = {}
 _forced_config = None
 
 
-def _configs(fn):
-    return _KEY_TILED if fn is _attn_bwd_dkdv_kernel else _QUERY_TILED
+def _configs(fn, hd: int, ieee: bool) -> list[tuple[int, int, int, int]]:
+    """The autotuning configurations of kernel `fn` at head width `hd`, fp32 inputs (`ieee`) or 16-bit ones."""
+    if ieee:
+        return _IEEE_TILED if hd <= 64 else _IEEE_TILED_HD128["fwd" if fn is _attn_fwd_kernel else "bwd"]
+    if fn is _attn_bwd_dkdv_kernel:
+        return _KEY_TILED if hd <= 64 else _KEY_TILED_HD128
+    return _QUERY_TILED if hd <= 64 else _QUERY_TILED_HD128
 
 
-def _kernel(fn):
+def _kernel(fn, hd: int, ieee: bool):
     """The launchable kernel: `fn` itself in the interpreter or under `_forced_config`, else its autotuned wrapper
-    (built once)."""
+    for this head width and input precision (built once each)."""
     if interpreter_active() or _forced_config is not None:
         return fn
-    if fn not in _AUTOTUNED:
+    key = (fn, hd, ieee)
+    if key not in _AUTOTUNED:
         configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in _configs(fn)
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in _configs(fn, hd, ieee)
         ]
-        _AUTOTUNED[fn] = triton.autotune(configs=configs, key=["N", "HD", "DM"])(fn)
-    return _AUTOTUNED[fn]
+        _AUTOTUNED[key] = triton.autotune(configs=configs, key=["N", "HD", "DM"])(fn)
+    return _AUTOTUNED[key]
 
 
 def _launch(kernel, block_name, N, B, H, args, consts, wrap=None):
     """Launch `kernel` over B·H·cdiv(N, block) programs, block = its `block_name` size (see `_program_ids`)."""
-    k = _kernel(kernel)
+    k = _kernel(kernel, consts["HD"], consts["IEEE"])
     k = k if wrap is None else wrap(k)
     if interpreter_active() or _forced_config is not None:
         config = _INTERP_CONFIG
@@ -348,7 +363,8 @@ def packed_attention(qkv_BNC: torch.Tensor, num_heads: int) -> torch.Tensor:
     layout), fp32/bf16/fp16, any strides with the last dimension contiguous (others are copied); num_heads.
     Returns (B, N, num_heads·hd) in qkv's dtype, heads concatenated along the last dimension; differentiable.
     Runs the Triton kernels on CUDA for hd in (16, 32, 64, 128) (see `matpac_kernels.use_backend`), the reference
-    elsewhere.
+    elsewhere. No double backward through the kernels (`create_graph=True` works, the second backward then raises
+    torch's "no autograd formula" error): use the reference backend for that.
     """
     why = _check_inputs(qkv_BNC, num_heads)
     num_heads = int(num_heads)  # a numpy integer too: the custom op's schema takes a Python int

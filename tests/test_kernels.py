@@ -651,19 +651,41 @@ def test_interpreter_tests_in_subprocess():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
 
 
-def test_kernels_compile_for_h100_without_a_gpu():
-    """The interpreter skips Triton's compiler; compile every kernel variant for sm_90 with the wheel's ptxas."""
+def _no_interpreter_env():
     triton = pytest.importorskip("triton")
     from pathlib import Path
 
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
         pytest.skip("this triton wheel ships no ptxas")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "matpac_kernels._compile_check", "--arch", "90", "--quick"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def test_kernels_compile_for_h100_without_a_gpu():
+    """The interpreter skips Triton's compiler; compile every kernel variant (each attention autotuning
+    configuration at each head width, 16-bit and fp32) for sm_90 with the wheel's ptxas: none may spill."""
+    cmd = [sys.executable, "-m", "matpac_kernels._compile_check", "--arch", "90"]
+    proc = subprocess.run(cmd, env=_no_interpreter_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("ok  sm_90") == 32, proc.stdout  # 18 xent + 2 patchify + 12 attention
-    assert "spills" not in proc.stderr, proc.stderr
+    # 18 xent + 2 patchify + attention: 16-bit 12 x 3 widths + 8 at 128 + 4 delta, fp32 3 x 4 widths + 4 delta
+    assert proc.stdout.count("ok  sm_90") == 84, proc.stdout
+    assert proc.stdout.count(" STACK:0 ") == 84 and "spills" not in proc.stderr, proc.stderr
+
+
+def test_compile_check_sees_register_spills():
+    """The check read cuobjdump's LOCAL alone, which stays 0 when registers spill (ptxas puts spills in the stack
+    frame), so it passed attention variants that spilled kilobytes per thread. A tile known to spill at sm_90 (dk/dv,
+    16-bit, 64-wide heads, 32x128 at 4 warps: replaced by 8 warps for that reason) must be reported as spilling."""
+    code = (
+        "from matpac_kernels import _compile_check as cc\n"
+        "from matpac_kernels.attention import _attn_bwd_dkdv_kernel as k\n"
+        "u = cc.compile_variant(cc._attention(k, 'bf16', 64, (32, 128, 4, 2)))\n"
+        "print(u, cc.spills(u))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=_no_interpreter_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "STACK:" in proc.stdout and "STACK:0 " not in proc.stdout, proc.stdout
+    assert proc.stdout.split()[-1] == "True", proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------ GPU only
