@@ -203,7 +203,8 @@ def patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch=16, ou
     int64/int32 patch indices in [0, n_patches), n_patches = (F / patch) * (T / patch) (patch index =
     f_idx * n_t + t_idx), on the device of lms; patch a power of two for the Triton path.
     Returns (vis (B, Nv, patch²), mask (B, Nm, patch²)) in out_dtype. Runs the Triton kernel on CUDA (see
-    `matpac_kernels.use_backend`), the reference `reference_patchify_gather` elsewhere.
+    `matpac_kernels.use_backend`), the reference `reference_patchify_gather` elsewhere, and also on CUDA when lms
+    requires grad (the kernel has none; a forced "triton" backend raises then).
 
     An index outside [0, n_patches) is an error, never a silent result, on every path, as in the reference
     (torch.gather): on CPU tensors (reference, or the kernel under TRITON_INTERPRET=1) a RuntimeError at the call;
@@ -220,14 +221,14 @@ def patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch=16, ou
     _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch)
     patch = int(patch)  # a numpy integer is accepted; the op schemas and Triton's constexpr get a plain int
     pow2 = patch > 0 and patch & (patch - 1) == 0
-    if not use_triton(lms_B1FT.device, supported=pow2, why=f"patch={patch} is not a power of two"):
+    # The op registers no backward (log-mels are data): for an lms that needs a gradient, "auto" runs the reference,
+    # which differentiates, on every device (it used to raise on CUDA only, so code tested on CPU failed on a GPU);
+    # a forced "triton" backend refuses rather than return outputs that fail only at backward().
+    needs_grad = lms_B1FT.requires_grad and torch.is_grad_enabled()
+    why = ("lms requires grad and the kernel has no gradient: pass lms.detach()" if needs_grad
+           else f"patch={patch} is not a power of two")
+    if not use_triton(lms_B1FT.device, supported=pow2 and not needs_grad, why=why):
         return reference_patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch, out_dtype)
-    if lms_B1FT.requires_grad and torch.is_grad_enabled():
-        # The op registers no backward: its outputs would claim requires_grad and fail only at backward().
-        raise ValueError(
-            "patchify_gather's Triton kernel has no gradient (log-mels are data): pass lms.detach(), or use the "
-            "'reference' backend to differentiate through it"
-        )
     # The kernel needs one index dtype for both index tensors (the branch-free load adds them).
     vis_idx, mask_idx = vis_idx_BNv.long(), mask_idx_BNm.long()
     op = _patchify_gather_cuda if lms_B1FT.is_cuda and not interpreter_active() else _patchify_gather_interp

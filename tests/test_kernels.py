@@ -206,7 +206,7 @@ def test_patchify_gather_kernel_refuses_an_input_that_needs_a_gradient(triton_ba
     """The kernel has no backward: its outputs used to claim requires_grad and fail only at backward()."""
     lms, vis, mask, want_vis, _ = _hand_case()
     lms = lms.to(DEVICE).requires_grad_()
-    with pytest.raises(ValueError, match=r"no gradient .*lms.detach\(\)"):
+    with pytest.raises(ValueError, match=r"lms requires grad and the kernel has no gradient: pass lms.detach\(\)"):
         mk.patchify_gather(lms, 2.0, 4.0, vis.to(DEVICE), mask.to(DEVICE), patch=2)
     with torch.no_grad():  # no graph is built: allowed
         got_vis, _ = mk.patchify_gather(lms, 2.0, 4.0, vis.to(DEVICE), mask.to(DEVICE), patch=2)
@@ -317,6 +317,24 @@ def test_xent_reference_is_the_models_reference():
         theirs = losses.centered_softmax_xent_reference(student, teacher, center, 0.1, 0.04, mode)
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_patchify_gather_auto_runs_the_reference_for_an_input_that_needs_a_gradient(monkeypatch):
+    """"auto" raised for an lms that requires grad on CUDA only (on CPU it is the reference anyway), so code tested on
+    CPU failed on a GPU. It now falls back to the reference, as for a learnable tau_s. `use_triton` is replaced by
+    "auto"'s rule on a CUDA device (Triton whenever the op supports the arguments), so the dispatch is tested here."""
+    import importlib
+
+    pg = importlib.import_module("matpac_kernels.patchify_gather")  # the module (the package exports the function)
+    calls = []
+    monkeypatch.setattr(pg, "use_triton", lambda device, supported=True, why="": calls.append(why) or supported)
+    lms, vis, mask, want_vis, _ = _hand_case()
+    lms = lms.requires_grad_()
+    got_vis, _ = mk.patchify_gather(lms, 2.0, 4.0, vis, mask, patch=2)
+    assert calls == ["lms requires grad and the kernel has no gradient: pass lms.detach()"]
+    assert got_vis.requires_grad and torch.equal(got_vis.detach(), want_vis)
+    got_vis.sum().backward()
+    assert lms.grad is not None and lms.grad.abs().sum() > 0
 
 
 @needs_triton
