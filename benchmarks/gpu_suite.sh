@@ -24,14 +24,16 @@
 #               in the run's dtype without autocast, written-out timm attention, FP16Optimizer, in-forward EMA)
 #   stream      only with SUITE_STREAM=1: compiled+kernels at batch 256 again with the residual stream in bf16
 #               (--stream-dtype amp), right after train_b256, so the two rows compare side by side
-#   attn_triton only with SUITE_ATTN_TRITON=1: compiled+kernels at batch 256 again with --attn-impl triton (the
-#               project's attention kernel, autotuned at its first call), beside train_b256's SDPA row (skipped in
-#               the dry run: the tiny preset's 8-wide predictor heads are not a width the kernel takes)
-#   gemm_autotune only with SUITE_GEMM_AUTOTUNE=1: compiled+kernels at batch 256 again with --compile-mode
-#               gemm-autotune (CUDA graphs + Inductor's Triton GEMM templates, which can fuse bias, GELU and casts
-#               into the GEMM; compile time unknown on a GPU: cap 240 s), beside train_b256's row. An MFU session:
-#               SUITE_ATTN_TRITON=1 SUITE_GEMM_AUTOTUNE=1 SUITE_MODES=compiled+kernels SUITE_BUDGET_S=540
-#               SUITE_SKIP=loader,kernels,train_small
+#   attn_triton only with SUITE_ATTN_TRITON=1: compiled+kernels at batch 256 with the bf16 stream, as the stream
+#               step, but --attn-impl triton (the project's attention kernel, autotuned at its first call) (skipped
+#               in the dry run: the tiny preset's 8-wide predictor heads are not a width the kernel takes)
+#   gemm_autotune only with SUITE_GEMM_AUTOTUNE=1: compiled+kernels at batch 256 with the bf16 stream, as the stream
+#               step, but --compile-mode gemm-autotune (CUDA graphs + Inductor's Triton GEMM templates, which can
+#               fuse bias, GELU and casts into the GEMM; compile time unknown on a GPU: cap 240 s; the dry run
+#               compiles it too: 9 s to ~100 s on 2 CPU cores, warm or cold compile cache). An MFU session, the stream step as the baseline (the
+#               best MFU so far was measured with the bf16 stream), each candidate beside it with one change:
+#               SUITE_STREAM=1 SUITE_ATTN_TRITON=1 SUITE_GEMM_AUTOTUNE=1 SUITE_BUDGET_S=520
+#               SUITE_SKIP=loader,train_big,kernels,train_small
 #   attention   benchmarks/attention.py: SDPA backends, compiled math and the Triton kernel on the student / teacher /
 #               predictor shapes (26-30 s before the kernel's column; its first calls compile and autotune ~26
 #               Triton variants, cached for the GPU tests after it: cap 90 s)
@@ -68,8 +70,8 @@
 # SUITE_STREAM=1 (run the stream step), SUITE_ATTN_TRITON=1 (run the attn_triton step), SUITE_GEMM_AUTOTUNE=1 (run
 # the gemm_autotune step), SUITE_PROFILE=1 (run the profile step),
 # SUITE_SKIP (comma list of steps not to run: loader train_big stream attn_triton gemm_autotune attention pytest_gpu
-# kernels train_small profile; e.g. an MFU session's SUITE_SKIP=loader,kernels,train_small: the training runs then read
-# synthetic data),
+# kernels train_small profile; e.g. an MFU session's SUITE_SKIP=loader,train_big,kernels,train_small: the training
+# runs then read synthetic data),
 # SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable packages are missing; the GPU tests then
 # run with --continue-on-collection-errors). Each setting is checked before anything runs; a bad one stops the suite
 # with one line naming it.
@@ -347,10 +349,13 @@ fi
 if [ "${SUITE_ATTN_TRITON:-0}" = 1 ] && [ "$DRY" = 1 ]; then
   say "SKIP  attn_triton: the tiny preset's predictor heads are 8 wide, which the Triton attention kernel does not take"
 elif [ "${SUITE_ATTN_TRITON:-0}" = 1 ]; then
-  skipped attn_triton || train attn_triton 120 "$BIG" "$STREAM_MODES" --attn-impl triton
+  skipped attn_triton || train attn_triton 120 "$BIG" compiled+kernels --attn-impl triton --stream-dtype amp
 fi
-if [ "${SUITE_GEMM_AUTOTUNE:-0}" = 1 ]; then  # the later --compile-mode wins over train()'s
-  skipped gemm_autotune || train gemm_autotune 240 "$BIG" "$STREAM_MODES" --compile-mode gemm-autotune
+# compiled+kernels in the dry run too (not the dry run's eager stream mode): an eager row would ignore the compile
+# mode, and the step's own code path would first run on a GPU. The later --compile-mode wins over train()'s.
+if [ "${SUITE_GEMM_AUTOTUNE:-0}" = 1 ]; then
+  skipped gemm_autotune || train gemm_autotune 240 "$BIG" compiled+kernels --compile-mode gemm-autotune \
+    --stream-dtype amp
 fi
 skipped attention || step attention 90 "$PY" benchmarks/attention.py --preset "$PRESET" --batch "$ATTN_BATCH" --reps 1
 # No -q here: pyproject's addopts already has one, and -qq drops pytest's "N passed" line from the log.

@@ -3,7 +3,8 @@
 One panel per (device, preset, processes); in each, groups of bars by batch size, one bar per mode, labelled with
 samples/s (and MFU when known). A run with the residual stream in the autocast dtype (`--stream-dtype amp`) is its
 own bar, hatched, labelled "<mode> · bf16 stream"; so is a run with another attention kernel than the mode's
-default (`--attn-impl`: "<mode> · cudnn attention"), and a reference-design row measured by an earlier peer (CSV
+default (`--attn-impl`: "<mode> · cudnn attention"), one with an autotuning compile mode ("<mode> · gemm-autotune";
+default and reduce-overhead rows share a bar), and a reference-design row measured by an earlier peer (CSV
 column `peer` = "earlier": see benchmarks/RESULTS.md), labelled "reference-design · earlier peer", so that it is
 never read as the current peer's figure. In a panel that holds rows from both synthetic data and shards (CSV column
 `data`), the synthetic ones are their own bars too, labelled "<bar> · synthetic". When the CSVs hold the same (device,
@@ -32,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 MODE_ORDER = ["reference-design", "eager", "compiled", "compiled+kernels"]
 COLORS = {"reference-design": "#9e9e9e", "eager": "#64b5f6", "compiled": "#1e88e5", "compiled+kernels": "#0d47a1"}
 NEEDED = ("device", "preset", "world", "mode", "batch", "samples_per_s", "mfu")
+AUTOTUNE_MODES = ("gemm-autotune", "max-autotune-no-cudagraphs", "max-autotune")
 
 
 def bar_label(row: dict) -> str:
@@ -45,8 +47,12 @@ def bar_label(row: dict) -> str:
     earlier = row["mode"] == "reference-design" and row.get("peer") == "earlier"
     default_attn = "math" if row["mode"] == "reference-design" else "sdpa"
     attn = row.get("attn_impl") or default_attn  # CSVs older than the column: the default
+    # An autotuning compile mode is its own bar too: the suite's gemm_autotune row used to replace the
+    # reduce-overhead row of the same mode and batch (default vs reduce-overhead stays one bar, as in older charts).
+    tuned = row.get("compile_mode") in AUTOTUNE_MODES and row["mode"] in ("compiled", "compiled+kernels")
     return (row["mode"] + (f" · {row['precision']} stream" if low else "")
             + (f" · {attn} attention" if attn != default_attn and not earlier else "")
+            + (f" · {row['compile_mode']}" if tuned else "")
             + (" · earlier peer" if earlier else ""))
 
 
@@ -70,8 +76,10 @@ def read_rows(paths: list[Path]) -> list[dict]:
                     try:
                         r["samples_per_s"] = float(r["samples_per_s"])
                         r["batch"] = int(r["batch"])
-                    except ValueError:
+                    except (TypeError, ValueError):  # TypeError: a cut-short row (a killed writer) has None cells
                         continue  # a row without a figure (should not happen; skip rather than plot garbage)
+                    if not math.isfinite(r["samples_per_s"]) or any(r.get(c) is None for c in NEEDED):
+                        continue  # inf / nan drew no chart (axis limits), a missing cell a traceback
                     r["mfu"] = _fraction(r.get("mfu"))
                     r["bar"] = bar_label(r)
                     # The data kind is part of the key: a side-by-side run on synthetic data used to replace the
@@ -137,10 +145,11 @@ def plot(rows: list[dict], out: Path, title: str | None = None) -> Path:
                 mfu = r.get("mfu")
                 labels.append(f"{r['samples_per_s']:.0f}" + (f"\n{100 * mfu:.0f}%" if mfu is not None else ""))
             # same colour, told apart by hatch: stream / earlier-peer variants //, another attention kernel \\,
-            # synthetic-data bars dotted
+            # an autotuning compile mode xx, synthetic-data bars dotted
             parts = mode.split(" · ")[1:]
             hatch = ("//" if any(p.endswith(" stream") or p == "earlier peer" for p in parts) else "") \
                 + ("\\\\" if any(p.endswith(" attention") for p in parts) else "") \
+                + ("xx" if any(p in AUTOTUNE_MODES for p in parts) else "") \
                 + (".." if "synthetic" in parts else "")
             bars = ax.bar(xs, ys, width * 0.95, label=mode, color=COLORS.get(mode.split(" · ")[0]),
                           hatch=hatch or None, edgecolor="white")

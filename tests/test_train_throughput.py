@@ -691,6 +691,53 @@ def test_plot_mfu_cells_that_are_not_numbers_are_left_unlabelled(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_gives_an_autotuning_compile_mode_its_own_bar(tmp_path):
+    """The suite's gemm_autotune row (same mode, batch, data, attention and stream as the baseline beside it) used
+    to replace that row's bar, drawn as plain compiled+kernels; default and reduce-overhead still share one bar."""
+    path = tmp_path / "t.csv"
+    base = {k: "" for k in tt.CSV_FIELDS} | {"device": "GPU A", "preset": "matpac", "world": "1", "batch": "256",
+                                            "mode": "compiled+kernels", "precision": "bf16", "stream_dtype": "amp",
+                                            "data": "synthetic", "attn_impl": "sdpa", "mfu": "0.3"}
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=tt.CSV_FIELDS)
+        w.writeheader()
+        w.writerow(base | {"time_utc": "2026-01-01T00:00:00Z", "compile_mode": "reduce-overhead",
+                           "samples_per_s": "3583.3"})
+        w.writerow(base | {"time_utc": "2026-01-01T00:05:00Z", "compile_mode": "gemm-autotune",
+                           "samples_per_s": "2800.0"})
+        w.writerow(base | {"time_utc": "2026-01-01T00:06:00Z", "compile_mode": "gemm-autotune",
+                           "samples_per_s": "2900.0", "attn_impl": "triton"})
+    bars = {r["bar"]: r["samples_per_s"] for r in plot_results.read_rows([path])}
+    assert bars == {"compiled+kernels · bf16 stream": 3583.3,
+                    "compiled+kernels · bf16 stream · gemm-autotune": 2800.0,
+                    "compiled+kernels · bf16 stream · triton attention · gemm-autotune": 2900.0}
+    assert plot_results.bar_label({"mode": "compiled", "compile_mode": "default"}) == "compiled"
+    assert plot_results.bar_label({"mode": "eager", "compile_mode": "gemm-autotune"}) == "eager"  # no compile
+    out = plot_results.plot(plot_results.read_rows([path]), tmp_path / "c.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_skips_rows_without_a_finite_figure_or_cut_short(tmp_path):
+    """samples/s = inf ended the chart in matplotlib's "Axis limits cannot be NaN or Inf", a row cut short (a killed
+    writer) in a TypeError traceback; both are skipped like a row without a figure."""
+    path = tmp_path / "t.csv"
+    base = {k: "" for k in tt.CSV_FIELDS} | {"device": "GPU A", "preset": "matpac", "world": "1", "mode": "eager",
+                                            "precision": "bf16", "mfu": "0.1"}
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=tt.CSV_FIELDS)
+        w.writeheader()
+        w.writerow(base | {"batch": "64", "samples_per_s": "100.0"})
+        w.writerow(base | {"batch": "128", "samples_per_s": "inf"})
+        w.writerow(base | {"batch": "256", "samples_per_s": "nan"})
+    with open(path, "a") as f:
+        f.write(",".join(["2026-01-01T00:00:00Z", "GPU A", "1", "matpac", "eager"]) + "\n")  # cut short
+        f.write(",".join(["2026-01-01T00:00:00Z", "GPU A", "1", "matpac", "eager", "512", "bf16", "x", "1",
+                          "1", "50.0"]) + "\n")  # cut after samples/s: no mfu cell
+    rows = plot_results.read_rows([path])
+    assert [(r["batch"], r["samples_per_s"]) for r in rows] == [(64, 100.0)]
+    assert plot_results.main([str(path), "--out", str(tmp_path / "c.png")]) == 0
+
+
 def test_plot_bad_paths_are_one_line_errors(tmp_path, capsys):
     """A folder or a binary file as the CSV, an --out that is a folder or whose folder cannot be made: one line each,
     before drawing (each used to end in a traceback)."""
@@ -802,20 +849,52 @@ def test_suite_skip_runs_only_the_other_steps(tmp_path):
     """SUITE_SKIP: a GPU session spent on one question (MFU) runs only its steps; training reads synthetic data."""
     out = tmp_path / "out"
     r = _suite(str(out), "--cpu-dry-run", SUITE_SKIP="loader,attention,pytest_gpu,kernels,train_small",
-               SUITE_MODES="eager", SUITE_STEPS="1", SUITE_GEMM_AUTOTUNE="1")
+               SUITE_MODES="eager", SUITE_STEPS="1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
     for key in ("loader", "attention", "pytest_gpu", "kernels", "train_small"):
         assert f"SKIP  {key}: in SUITE_SKIP" in summary
     assert "OK    train_b16" in summary and "train_b8" not in summary
-    # the opt-in gemm-autotune step, its --compile-mode winning over the suite's (the dry run's stream mode is
-    # eager, so nothing is compiled here)
-    assert "OK    gemm_autotune" in summary
     headings = [line for line in (out / "RESULTS.md").read_text().splitlines() if line.startswith("### ")]
-    assert len(headings) == 2 and "compile mode default," in headings[0] and "compile mode gemm-autotune," in (
-        headings[1])
+    assert len(headings) == 1 and "compile mode default," in headings[0]
     assert "training runs use synthetic data" in summary
     assert "RESULT train " in summary
+
+
+def test_suite_mfu_session_runs_each_candidate_beside_the_bf16_stream_baseline(tmp_path):
+    """The GPU-mode command lines of an MFU session, recorded by a stand-in interpreter that runs nothing (it
+    reports CUDA and imports the rest with the real one). The attn_triton and gemm_autotune steps ran the fp32 stream
+    while the best figure they were to beat used the bf16 one, and the dry run ran gemm_autotune as an eager row
+    that ignores the compile mode, so neither step's own path had run anywhere before a GPU session."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/bash\n"
+        f'case "$*" in *benchmarks/*|*"-m pytest"*) echo "$*" >> {log}; exit 0;; '
+        "*cuda.is_available*) exit 0;; esac\n"
+        f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    r = subprocess.run(["bash", str(SUITE), str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                       env={**ENV, "PYTHON": str(fake), "SUITE_STREAM": "1", "SUITE_ATTN_TRITON": "1",
+                            "SUITE_GEMM_AUTOTUNE": "1", "SUITE_BUDGET_S": "520",
+                            "SUITE_SKIP": "loader,train_big,kernels,train_small"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    calls = log.read_text().splitlines()
+    train = [c.split() for c in calls if "train_throughput.py" in c]
+    assert len(train) == 3 and any("attention.py" in c for c in calls) and any("-m gpu" in c for c in calls)
+
+    def opt(argv, name):  # the last value given (argparse keeps the last)
+        return [argv[i + 1] for i, a in enumerate(argv) if a == name][-1]
+
+    for argv in train:
+        assert (opt(argv, "--preset"), opt(argv, "--batch-sizes"), opt(argv, "--modes")) == (
+            "matpac", "256", "compiled+kernels")
+        assert (opt(argv, "--precision"), opt(argv, "--stream-dtype")) == ("bf16", "amp")
+        assert opt(argv, "--data") == "synthetic"
+    stream, attn, gemm = train
+    assert opt(stream, "--compile-mode") == opt(attn, "--compile-mode") == "reduce-overhead"
+    assert opt(gemm, "--compile-mode") == "gemm-autotune"
+    assert "--attn-impl" not in stream + gemm and opt(attn, "--attn-impl") == "triton"
 
 
 def test_suite_ctrl_c_stops_the_running_step_at_once(tmp_path):
