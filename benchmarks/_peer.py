@@ -435,7 +435,9 @@ class FP16Optimizer:
 
     def _unscale_grads(self) -> None:
         self._sync_fp16_grads_to_fp32()
-        if self._multiply_factor != 1.0:  # a tensor once clipped: this `if` is a host sync too
+        # fairseq's own test, which leaves a tensor factor (set by clipping) unread on the host: comparing it with
+        # 1.0 would be a device-to-host copy the authors' code does not make
+        if torch.is_tensor(self._multiply_factor) or self._multiply_factor != 1.0:
             c = self._multiply_factor
             grad = self.fp32_params.grad
             grad.data.mul_(c.to(grad.device) if torch.is_tensor(c) else c)  # FairseqOptimizer.multiply_grads

@@ -278,6 +278,22 @@ def test_peer_step_is_fairseqs_fp16_optimizer_update(tmp_path, fresh_accelerate)
     assert (adamw - expected).abs().max() > 1e-5
 
 
+def test_peer_unscale_reads_no_tensor_factor_on_the_host(monkeypatch):
+    """fairseq's `_unscale_grads` tests `torch.is_tensor(factor) or factor != 1.0`, so a factor made a tensor by
+    clipping is never read on the host; the peer compared it with 1.0 (a device-to-host copy the authors avoid),
+    which made the peer slower than their code."""
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))]
+    opt = _peer.FP16Optimizer(params, (0.9, 0.98), 1e-6, 0.0)
+    opt.fp32_params.grad.fill_(2.0)
+    opt._multiply_factor = torch.tensor(0.25)
+    reads = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t) or real_bool(t))
+    opt._unscale_grads()
+    assert reads == [] and opt._multiply_factor == 1.0
+    assert torch.equal(opt.fp32_params.grad, torch.full((5,), 0.5))
+
+
 def test_peer_ema_runs_in_forward_before_the_update(tmp_path, fresh_accelerate):
     """Update 0 leaves the teachers alone; update 1's forward moves them towards the student of after update 0 with
     the decay scheduled for update 1 (their do_ema_step), in fp32 shadows copied into the teacher."""
