@@ -3,6 +3,7 @@
 import csv
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,6 +41,15 @@ def output_problem(path: Path, flag: str) -> str | None:
     target = path if path.exists() else parent
     if not os.access(target, os.W_OK):
         return f"{flag} {path}: {target} is not writable; give another path"
+    try:  # os.access says yes to root almost everywhere (e.g. under /proc): a real open is the test
+        if path.exists():
+            with open(path, "a"):  # nothing written: the file is unchanged
+                pass
+        else:
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+    except OSError as e:
+        return f"{flag} {path}: cannot write there ({e.strerror or e}); give another path"
     return None
 
 

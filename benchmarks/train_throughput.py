@@ -36,6 +36,9 @@ aggregate samples/s; scaling efficiency = aggregate / (N x one-process samples/s
     python benchmarks/train_throughput.py --data /data/shards --batch-sizes 256 --modes compiled+kernels
     python benchmarks/train_throughput.py --preset tiny --device cpu --batch-sizes 8 --steps 3 --warmup 1 \\
         --modes eager,reference-design --precision no                     # CPU smoke test, seconds
+    python benchmarks/train_throughput.py --batch-sizes 256 --modes compiled+kernels --compile-mode reduce-overhead \\
+        --steps 30 --warmup 5 --stream-dtype amp                           # as the README's best H100 figure
+    benchmarks/gpu_suite.sh OUT .whl     # the README / RESULTS.md tables: every mode, both batch sizes, shards
     accelerate launch --num_processes 8 benchmarks/train_throughput.py --baseline-csv one_gpu.csv
 
 Rows are appended to --csv and, as a table headed by device, driver, versions and commit, to --results-md.
@@ -171,7 +174,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--single-process-sps", type=float, default=0.0,
                    help="one-process samples/s for the scaling efficiency of a multi-process run")
     p.add_argument("--baseline-csv", type=Path, default=None,
-                   help="look the one-process samples/s up in this CSV (same device, preset, mode, batch, precision)")
+                   help="look the one-process samples/s up in this CSV (a world-1 row with the same device, preset, "
+                        "mode, batch, precision, data kind, compile mode, attention, stream and peer)")
     p.add_argument("--csv", type=Path, default=None, help="append one row per run to this CSV")
     p.add_argument("--results-md", type=Path, default=None, help="append a markdown table of this run's rows here")
     p.add_argument("--seed", type=int, default=0)
@@ -185,6 +189,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown --preset {args.preset!r}; choose from {', '.join(PRESETS)}")
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    compiled = [m for m in args.modes if m.startswith("compiled")]
+    if compiled and args.warmup < 1:  # the first step compiles: timed, it gave 0.6 samples/s for 221 (tiny, CPU)
+        p.error(f"--warmup 0 with {compiled[0]} would time the compilation itself: give --warmup 1 or more")
+    if args.baseline_csv is not None and not args.baseline_csv.is_file():
+        p.error(f"--baseline-csv {args.baseline_csv}: no such file; give the --csv of a one-process run")
+    if args.modes != ["reference-design"]:
+        try:  # e.g. --attn-impl triton on a preset whose heads the kernel does not take: one line, not per-run
+            get_model_config(args.preset, attn_impl=args.attn_impl, stream_dtype=args.stream_dtype)
+        except ValueError as e:
+            p.error(str(e))
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but torch sees no CUDA device: use --device cpu or check the driver / torch build")
     if args.device == "auto":
@@ -476,11 +490,13 @@ def baseline_sps(args, env: dict, row: dict) -> float | None:
         return args.single_process_sps
     if args.baseline_csv is None or not args.baseline_csv.exists():
         return None
+    # Every setting that changes the figure must match: a synthetic-data run used to take a shards row (or another
+    # compile mode's, attention's, stream's or peer's) as its one-process baseline, whichever came last.
+    same = ("preset", "mode", "batch", "precision", "data", "compile_mode", "attn_impl", "stream_dtype", "peer")
     with open(args.baseline_csv, newline="") as f:
         for r in reversed(list(csv.DictReader(f))):
-            if (r.get("world") == "1" and r.get("device") == env["device"] and r.get("preset") == row["preset"]
-                    and r.get("mode") == row["mode"] and r.get("batch") == str(row["batch"])
-                    and r.get("precision") == row["precision"]):
+            if (r.get("world") == "1" and r.get("device") == env["device"]
+                    and all((r.get(k) or "") == str(row.get(k, "")) for k in same)):
                 return float(r["samples_per_s"])
     return None
 

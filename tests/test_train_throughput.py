@@ -398,6 +398,15 @@ def test_scaling_baseline_lookup(tmp_path):
     args = tt.parse_args(["--baseline-csv", str(path), "--device", "cpu"])
     assert tt.baseline_sps(args, env, row) == 1000.0
     assert tt.baseline_sps(args, env, {**row, "batch": 256}) is None
+    # a later one-process row with another setting is not this row's baseline (it was taken: the last match won)
+    tt.append_csv(path, tt.csv_row({**row, "world": 1, "samples_per_s": 500.0, "data": "shards",
+                                    "samples_per_s_per_device": 1.0, "step_ms": 1.0, "data_wait_ms": 0.0,
+                                    "compute_ms": 1.0, "data_wait_frac": 0.0, "mfu": None, "peak_mem_MB": 1.0,
+                                    "gflops_per_sample": 1.0, "peak_tflops": None, "final_loss": 1.0}, env))
+    assert tt.baseline_sps(args, env, {**row, "data": "shards"}) == 500.0
+    assert tt.baseline_sps(args, env, row) == 1000.0
+    for other in ({"compile_mode": "gemm-autotune"}, {"attn_impl": "triton"}, {"stream_dtype": "amp"}):
+        assert tt.baseline_sps(args, env, {**row, **other}) is None
     assert tt.baseline_sps(tt.parse_args(["--single-process-sps", "7", "--device", "cpu"]), env, row) == 7.0
 
 
@@ -418,6 +427,11 @@ def test_scaling_baseline_lookup(tmp_path):
     (["--attn-impl", "cudnn"], "--attn-impl cudnn needs a CUDA GPU"),
     (["--reference-attn", "efficient", "--modes", "eager,reference-design"], "--reference-attn efficient needs a "
                                                                              "CUDA GPU"),
+    # each of these was accepted: a traceback per run, a timed compilation (0.6 samples/s for 221), or no scaling
+    # efficiency without a word
+    (["--preset", "tiny", "--attn-impl", "triton"], "attn_impl='triton' takes heads 16, 32, 64, 128 wide"),
+    (["--modes", "eager,compiled", "--warmup", "0"], "--warmup 0 with compiled would time the compilation itself"),
+    (["--baseline-csv", "/nonexistent/one.csv"], "--baseline-csv /nonexistent/one.csv: no such file"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -485,6 +499,16 @@ def test_output_paths_are_checked_before_any_run(tmp_path, capsys):
         tt.parse_args(["--csv", str(damaged), "--device", "cpu"])
     assert "damaged.csv line 3 has a different number of fields" in capsys.readouterr().err
     assert tt.parse_args(["--results-md", str(tmp_path / "new" / "R.md"), "--device", "cpu"])  # created when written
+
+
+def test_output_path_is_tried_not_only_asked(monkeypatch, capsys):
+    """os.access says yes to root almost everywhere: --csv /proc/x.csv passed the check, the run was measured, and
+    the append died with a FileNotFoundError traceback, the figures lost. (os.access is made to say yes here, as it
+    does for root, so the test means the same for any user.)"""
+    monkeypatch.setattr(os, "access", lambda *a, **k: True)
+    with pytest.raises(SystemExit):
+        tt.parse_args(["--csv", "/proc/matpac-test.csv", "--device", "cpu"])
+    assert "--csv /proc/matpac-test.csv: cannot write there (" in capsys.readouterr().err
 
 
 def test_unwritable_output_path_is_refused(tmp_path, monkeypatch):
