@@ -5,6 +5,7 @@ Everything here runs on the host at log steps only; nothing forces a device sync
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -21,6 +22,7 @@ PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     ("A100", 312.0),
     ("A10G", 70.0),
     ("L40S", 362.0),
+    ("L40", 181.0),
     ("L4", 121.0),
     ("RTX 4090", 165.0),
     ("RTX 3090", 71.0),
@@ -34,9 +36,14 @@ def peak_tflops(device: torch.device, override: float = 0.0) -> float | None:
         return override
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_for_name(torch.cuda.get_device_name(device))
+
+
+def peak_for_name(name: str) -> float | None:
+    """The table's peak for a CUDA device name, matching whole words: as a substring, "L4" matched "NVIDIA L40" (121
+    instead of 181 TFLOP/s) and "H200" matched "NVIDIA GH200" (the same figure, by luck)."""
     for key, value in PEAK_BF16_TFLOPS:
-        if key in name:
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name):
             return value
     return None
 

@@ -372,6 +372,20 @@ def _row(mode, batch, sps, mfu=None):
     return {"mode": mode, "batch": batch, "samples_per_s": sps, "mfu": mfu}
 
 
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0), ("NVIDIA GeForce RTX 4090", 165.0),
+    ("Tesla V100-SXM2-16GB", 125.0), ("NVIDIA A10", None), ("NVIDIA RTX A6000", None),
+])
+def test_peak_table_matches_whole_names(name, peak):
+    """"NVIDIA L40" had no entry and matched "L4" as a substring: its MFU came out against 121 TFLOP/s instead of
+    181. Names now match whole words (so "GH200" is not "H200", whatever the table's order)."""
+    from matpac_fast.metrics import peak_for_name
+
+    assert peak_for_name(name) == peak
+
+
 def test_result_line_picks_fastest_mode_and_same_batch_reference():
     rows = [_row("eager", 64, 100.0, 0.1), _row("reference-design", 64, 40.0, 0.04),
             _row("compiled", 256, 300.0, 0.3), _row("reference-design", 256, 60.0, 0.06)]
