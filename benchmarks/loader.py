@@ -60,11 +60,12 @@ def parse_args(argv=None):
                    "+ ~3.8 GB of float32 .npy; both must fit in the page cache)")
     p.add_argument("--frames", type=int, default=1000, help="frames per clip (default 1000 = 10 s)")
     p.add_argument("--per-shard", type=int, default=500, help="clips per shard (default 500, ~80 MB shards)")
-    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--batch", type=int, default=256, help="clips per batch, as the trainer's per-device batch "
+                   "(default 256)")
     p.add_argument("--crop", type=int, default=608, help="frames per training crop, at most --frames (default 608)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers, >= 0 (default 2)")
     p.add_argument("--passes", type=int, default=2, help="timed passes per path after the warm-up (default 2)")
-    p.add_argument("--paths", default=",".join(PATHS), help=f"comma list of: {', '.join(PATHS)}")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma list of: {', '.join(PATHS)} (default: all)")
     p.add_argument("--keep", type=Path, default=None,
                    help="generate into (and reuse, when its settings.json matches) this folder instead of a temp")
     p.add_argument("--csv", type=Path, default=None, help="append result rows to this CSV")
