@@ -52,9 +52,9 @@ batches have been fetched: move it to the device (or copy it) before that.
 
 Crops: one uniform random 608-frame crop per sample per epoch (seeded by seed, epoch, rank, worker). Clips shorter
 than the crop are dropped or right-padded with `pad_value`, in raw log-mel units (default `default_pad_value`: for
-m2d 0.0, as M2D's `audio_dataset.py` pads the raw log-mel with zeros before normalising; otherwise the front end's
-normalisation mean, so the padding is zero after normalisation) — by default as the shard set's stats.json "short"
-says.
+m2d silence, ln(eps), as M2D's data preparation pads short waveforms (make-shards pads m2d clips to 6.1 s itself, so
+this applies to older m2d sets); otherwise the front end's normalisation mean, so the padding is zero after
+normalisation) — by default as the shard set's stats.json "short" says.
 """
 
 from __future__ import annotations
@@ -150,10 +150,14 @@ class DataConfig:
 
 
 def default_pad_value(frontend: dict) -> float:
-    """Raw log-mel value that pads a short clip: 0.0 for m2d (M2D's `audio_dataset.py` zero-pads the raw log-mel,
-    then normalises); otherwise the front end's normalisation mean (zero after normalisation; MATPAC's authors drop
-    short clips, so there is no precedent to follow)."""
-    return 0.0 if frontend.get("name") == "m2d" else float(frontend["norm_mean"])
+    """Raw log-mel value that pads a short clip: for m2d, silence, ln(log_eps) (M2D's data preparation, wav_to_lms.py,
+    zero-pads waveforms shorter than 6.1 s, so its training sees silence after a short clip; make-shards does that
+    itself since 2026-11-27, so this pads only older m2d sets. Raw log-mel 0, which M2D's `audio_dataset.py` would
+    pad with, never fires on its data, and is a loud block, +1.7 std); otherwise the front end's normalisation mean
+    (zero after normalisation; MATPAC's authors drop short clips, so there is no precedent to follow)."""
+    if frontend.get("name") == "m2d":
+        return math.log(float(frontend["log_eps"]))
+    return float(frontend["norm_mean"])
 
 
 def is_local(url: str) -> bool:

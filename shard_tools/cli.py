@@ -57,7 +57,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--short", choices=["drop", "pad"], default=None,
         help="drop: skip clips shorter than --min-frames as too_short; pad: keep every clip of at least one frame, "
-        "the loader pads it. Default: each front end's authors' choice (matpac: drop; m2d: pad)",
+        "the loader pads it (m2d: the waveform is first zero-padded to 6.1 s, as M2D's wav_to_lms.py does, flag "
+        "'padded'). Default: each front end's authors' choice (matpac: drop; m2d: pad)",
     )
     g.add_argument(
         "--shard-size", default="1GB",

@@ -22,6 +22,17 @@ from shard_tools.discover import PYAV_EXTS, Item, printable
 
 SILENCE_PEAK = 1e-6  # about -120 dBFS: below one LSB of 16-bit audio, i.e. digital silence
 TRUNCATION_TOLERANCE_S = 0.5  # AudioSet downloads are often a few tens of ms short; that is not truncation
+# M2D's data preparation (nttcslab/m2d wav_to_lms.py, min_length=6.1) zero-pads every waveform shorter than 6.1 s
+# before the log-mel, so its short clips reach training as >= 611 frames ending in silence (ln eps), and the
+# zero-padding of raw log-mel in its audio_dataset.py never fires on them. make-shards does the same for --frontend m2d
+# with --short pad (flag 'padded'); the loader's padding then never applies to such sets either.
+M2D_MIN_SECONDS = 6.1
+
+
+def pad_wave_samples(spec: FrontendSpec, short: str) -> int:
+    """Samples a short waveform is zero-padded to before the log-mel (at spec.sample_rate), 0 for none: M2D's
+    `int(sample_rate * min_length)` for the m2d front end with --short pad."""
+    return int(spec.sample_rate * M2D_MIN_SECONDS) if spec.name == "m2d" and short == "pad" else 0
 NEEDS_PYAV = "needs_pyav"
 PYAV_HINT = "m4a/webm/aac need PyAV: pip install av (or pip install 'matpac-fast[av]')"
 
@@ -254,4 +265,8 @@ def prepare(item: Item, spec: FrontendSpec, min_frames: int, short: str) -> Prep
     frames = spec.num_frames(wave.shape[0])
     if frames < need:
         raise Skip("too_short", _too_short_detail(duration, frames, need, short, spec))
+    pad_to = pad_wave_samples(spec, short)  # after the check: a clip too short for one frame alone stays too_short
+    if wave.shape[0] < pad_to:
+        wave = np.pad(wave, (0, pad_to - wave.shape[0]))
+        flags = (*flags, "padded")
     return Prepared(np.ascontiguousarray(wave, dtype=np.float32), sr, duration, flags)

@@ -37,7 +37,7 @@ import torch
 
 from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec
 from matpac_fast.locks import close_lock_fd, open_lock_fd
-from shard_tools.decode import PYAV_HINT, Prepared, Skip, prepare
+from shard_tools.decode import PYAV_HINT, Prepared, Skip, pad_wave_samples, prepare
 from shard_tools.discover import (
     Discovery,
     Item,
@@ -70,7 +70,8 @@ class MakeConfig:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     device: str = "cpu"
     min_frames: int = 608
-    # "drop": skip clips below min_frames (MATPAC's authors); "pad": keep them, the loader pads (M2D's authors);
+    # "drop": skip clips below min_frames (MATPAC's authors); "pad": keep them, the loader pads (M2D's authors; for
+    # m2d the waveform is zero-padded to 6.1 s first, as their wav_to_lms.py does);
     # None: the front end's own choice, resolved in __post_init__ (m2d: pad; matpac: drop).
     short: str | None = None
     shard_size: str = "1GB"
@@ -362,6 +363,9 @@ def _settings(disc: Discovery, cfg: MakeConfig) -> dict:
         "name": cfg.name,
         "classes": disc.class_ids,
     }
+    pad_to = pad_wave_samples(get_spec(cfg.frontend), cfg.short)
+    if pad_to:  # only where it applies: every other set keeps its plan hash
+        settings["pad_wave_samples"] = pad_to
     if disc.extra:  # e.g. AudioSet's segment counts, which are stored in stats.json
         settings["extra"] = disc.extra
     return settings

@@ -3,6 +3,7 @@
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -208,8 +209,11 @@ def test_crop_is_a_uniform_slice_of_the_clip(tmp_path, reader):
     assert all(0.12 < q < 0.38 for q in quarters), quarters
 
 
-def test_m2d_pads_short_clips_with_raw_zero_as_m2d_does(tmp_path):
-    # M2D's audio_dataset.py zero-pads the raw log-mel, then normalises; MATPAC's pad value (above) is the mean.
+def test_m2d_pads_short_clips_with_silence_as_m2d_data_has(tmp_path):
+    """An m2d set with short clips (made before make-shards padded m2d waveforms to 6.1 s) is padded with silence,
+    ln(eps), what M2D's wav_to_lms.py gives its short clips; raw log-mel 0 (its audio_dataset.py's branch, which
+    never fires on its data) was a loud block. MATPAC's pad value (above) is the mean."""
+    silence = torch.tensor(math.log(get_spec("m2d").log_eps), dtype=torch.float16)
     rng = np.random.default_rng(4)
     clips = [(f"k{i:04d}", clip(rng, CROP // 2 if i % 2 else CROP + 3), [0]) for i in range(8)]
     write_shard_set(tmp_path, clips, per_shard=4, frontend="m2d", min_frames=CROP, short="pad")
@@ -218,7 +222,8 @@ def test_m2d_pads_short_clips_with_raw_zero_as_m2d_does(tmp_path):
     for b in (b for v in _world(source, _cfg(batch_size=2)).values() for b in v):
         for i, key in enumerate(b["key"]):
             if int(key[1:]) % 2:
-                assert torch.all(b["lms"][i, 0, :, CROP // 2:] == 0) and b["lms"][i, 0, :, : CROP // 2].lt(0).any()
+                pad = b["lms"][i, 0, :, CROP // 2:]
+                assert torch.all(pad == silence.to(pad.dtype)) and b["lms"][i, 0, :, : CROP // 2].gt(-15).any()
                 padded += 1
     assert padded == 4
 

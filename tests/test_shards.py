@@ -300,11 +300,23 @@ def test_m2d_frontend_and_folder_labels(tmp_path):
     sf.write(d / "cars" / "short.flac", synth_clip(5, sample_rate=22050, seconds=3.0)[0], 22050)
     s = make_folder_shards(tmp_path / "out", d, frontend="m2d", workers=0, progress=False)
     assert s["frontend"]["name"] == "m2d" and s["classes"] == ["birds", "cars"]
-    assert s["short"] == "pad" and s["written"] == 3  # M2D pads short clips (the loader does), it does not drop them
+    assert s["short"] == "pad" and s["written"] == 3  # M2D pads short clips, it does not drop them
     for arr, meta in read_shard_set(tmp_path / "out").values():
         w, sr = sf.read(d / meta["source"], dtype="float32", always_2d=True)
-        assert arr.shape == (80, 1 + len(w) * 16000 // sr // 160)  # center=True
-        np.testing.assert_array_equal(arr, reference_lms(w, sr, "m2d").astype(np.float16))
+        if meta["source"] == "cars/short.flac":
+            # M2D's wav_to_lms.py: the 16 kHz waveform zero-padded to int(16000 * 6.1) samples, then the log-mel
+            # (the loader's raw-log-mel 0 padding used to stand for this: a loud block, +1.7 sigma, not silence)
+            w16 = resample(torch.from_numpy(to_mono(w)), sr, get_spec("m2d")).numpy()
+            assert len(w16) < 97600 and meta["flags"] == ["padded"] and meta["duration"] == pytest.approx(3.0)
+            padded = np.pad(w16, (0, 97600 - len(w16)))
+            want = LogMelSpec(get_spec("m2d"))(torch.from_numpy(padded)[None])[0].numpy()
+            assert arr.shape == (80, 611) and meta["n_frames"] == 611
+            np.testing.assert_array_equal(arr, want.astype(np.float16))
+            assert float(arr[:, -100:].max()) < -15.0  # silence: ln(eps) = -15.94
+        else:
+            assert arr.shape == (80, 1 + len(w) * 16000 // sr // 160)  # center=True
+            np.testing.assert_array_equal(arr, reference_lms(w, sr, "m2d").astype(np.float16))
+            assert "padded" not in meta["flags"]
         assert meta["labels"] == [Path(meta["source"]).parent.name]
 
 
