@@ -380,6 +380,18 @@ class Trainer:
             print(f"note: --tau-t-warmup-epochs {warm:g} is longer than --epochs {cfg.schedule.epochs:g}: the teacher "
                   f"temperature rises to {last:.4g}, not to tau_t_end {m.tau_t_end:g}", file=sys.stderr, flush=True)
         self.global_batch = cfg.data.batch_size * cfg.optim.grad_accum * acc.num_processes
+        ref = cfg.schedule.ema_reference_batch
+        if ref > 0 and self.global_batch != ref and acc.is_main_process:
+            # The paper's recipe is 2048 = 8 GPUs x 256; on one GPU the defaults train at 256 with 8x the updates,
+            # which only the EMA decays are adjusted for: said, so nobody takes such a run for the paper's.
+            per = cfg.data.batch_size * acc.num_processes
+            hint = f"; --grad-accum {ref // per} trains at {ref}" if ref % per == 0 and ref // per > 1 else ""
+            procs = f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
+            print(f"note: global batch {self.global_batch} (--batch-size {cfg.data.batch_size} per device x {procs} x "
+                  f"--grad-accum {cfg.optim.grad_accum}), not the {ref} the EMA decays are given for "
+                  f"(--ema-reference-batch; the paper trains at 2048 = 8 GPUs x 256): the decays are rescaled to "
+                  f"it, the learning rate {cfg.optim.lr:g} and the centre momentum are not{hint}",
+                  file=sys.stderr, flush=True)
         self.sched = _schedule_arrays(cfg, self.model_cfg, spe, self.total_steps, self.global_batch)
         # The temperatures enter forward as 0-d device tensors (no recompiles). They are indexed out of one tensor
         # uploaded here: building a CUDA tensor from a Python float every step would be a blocking copy (a sync).

@@ -942,6 +942,21 @@ def test_tau_t_warm_up_longer_than_the_run_is_a_note(tmp_path, capsys):
     assert "note: --tau-t-warmup-epochs 2 is longer than --epochs 1: the teacher temperature rises to " in err
 
 
+def test_a_global_batch_other_than_the_recipes_is_a_note(tmp_path, capsys):
+    """On one GPU the paper recipe trains at global batch 256, not its 2048, with 8x the updates; only the EMA decays
+    are rescaled for that, and nothing said so (README's "one GPU, the paper's recipe" was wrong)."""
+    rc, _, err = _main(capsys, *SYN, "--out", str(tmp_path / "a"), "--max-steps", "1", "--ema-reference-batch", "2048")
+    assert rc == 0, err
+    assert ("note: global batch 8 (--batch-size 8 per device x 1 process x --grad-accum 1), not the 2048 the EMA "
+            "decays are given for (--ema-reference-batch; the paper trains at 2048 = 8 GPUs x 256): the decays are "
+            "rescaled to it, the learning rate ") in err
+    assert err.count("note: global batch") == 1 and "--grad-accum 256 trains at 2048" in err
+    for same in ("8", "0"):  # the batch the decays are for, or no reference (the tiny recipe's): no note
+        rc, _, err = _main(capsys, *SYN, "--out", str(tmp_path / same), "--max-steps", "1",
+                           "--ema-reference-batch", same)
+        assert rc == 0 and "global batch" not in err, err
+
+
 def test_matpac_train_is_the_guarded_entry_point():
     """The console script imported the trainer (torch, seconds) outside any handler: a Ctrl-C then was a traceback.
     It is now train.py's entry point, which imports the trainer inside its guard."""
