@@ -19,7 +19,8 @@ Deviations from the authors' code, all numerically neutral unless stated:
 - The EMA and centre updates run outside forward, after the optimizer step (METHOD.md §4.9 allows it).
 - MATPAC++: the prediction loss keeps its gradient. (The authors' latest public `model.py` computes it inside a
   `torch.no_grad()` block, which would leave only the classification path training the predictor; METHOD.md §7
-  describes L_pred as a training loss, which we follow.)
+  describes L_pred as a training loss, which we follow. That block covers plain MATPAC (`use_mcl=False`) in the
+  latest file as well; the earlier one, of the same commit as `matpac.yaml`, computes it with its gradient, as here.)
 """
 
 from __future__ import annotations
