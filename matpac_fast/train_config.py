@@ -170,8 +170,8 @@ _HELP = {
     "grad_accum": "micro-batches per optimizer step (an epoch's last batches that cannot fill a step are not read)",
     "tau_t_warmup_epochs": "teacher temperature rises linearly over these epochs (end-points: --model tau_t_start/end)",
     "log_every": "optimizer steps between log rows: history.jsonl, TensorBoard and the progress bar's figures, not "
-    "printed as lines (the loop's only host synchronisation); with several processes also how often they agree on "
-    "a SIGTERM/Ctrl-C stop",
+    "printed as lines (a host synchronisation); with several processes also the most steps between "
+    "two agreements on a SIGTERM/Ctrl-C stop (they agree about every 5 s)",
     "keep_last": "completed checkpoints to keep",
     "cpu": "force CPU even when a GPU is present",
     "deterministic": "torch.use_deterministic_algorithms (warn only)",

@@ -55,6 +55,21 @@ class _StopInDataWait(BaseException):
     shard."""
 
 
+# With several processes a stop is agreed on about this often (seconds of training): a launcher kills its processes
+# some time after forwarding a stop signal (torchrun 30 s, Slurm's default KillWait 30 s), and the stop's step and
+# checkpoint must land well inside that, whatever --log-every is.
+STOP_CHECK_S = 5.0
+
+
+def _next_stop_check(step: int, steps: int, seconds: float, log_every: int, target: float = STOP_CHECK_S) -> int:
+    """The step of the next stop agreement after the one at `step`: `target` seconds ahead at the pace of the span
+    since the previous one (`steps` steps in `seconds`, figures every process shares), at least 1 step ahead and at
+    most `log_every` (the log step's rhythm, as before)."""
+    per_step = seconds / max(steps, 1)
+    ahead = int(target / per_step) if per_step > 0 else log_every
+    return step + max(1, min(log_every, ahead))
+
+
 _READERS = {"indexed": "as local files (indexed)", "stream": "as a stream (URLs or pipe:)"}
 
 
@@ -544,6 +559,7 @@ class Trainer:
         # left when an epoch ends inside a gradient accumulation (the dropped micro-batches were never stepped)
         step_sums, step_n, step_epoch = {}, 0, self.epoch
         done = self.step >= self.last_step
+        self._start_stop_checks()
         if done and self._resume is not None and acc.is_main_process:
             kept = ("the checkpoint is kept as it is" if self._saved_step == self.step
                     else "the checkpoint is written into --out")
@@ -1009,17 +1025,29 @@ class Trainer:
                 pass
         return previous
 
+    def _start_stop_checks(self) -> None:
+        """The first stop agreement comes after the first step: its span (start-up, a compile) says nothing of the
+        pace, so the second comes one step later, then about every STOP_CHECK_S seconds (_should_stop)."""
+        self._stop_check_at, self._stop_check_step, self._stop_check_time = self.step + 1, self.step, time.monotonic()
+
     def _should_stop(self) -> bool:
-        """SIGTERM/SIGINT: finish the step, checkpoint, exit 0. Ranks agree through one tiny all-reduce, done
-        only at log steps so that no collective runs every step (a signal is acted on within --log-every steps)."""
+        """SIGTERM/SIGINT: finish the step, checkpoint, exit 0. Ranks agree through one tiny all-reduce, about every
+        STOP_CHECK_S seconds of training (not every step: it is a host synchronisation). The seconds since the last
+        agreement ride in the same all-reduce (their maximum), so every rank computes the same next step without
+        another collective."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return self._stop_requested
-        if self.step % self.cfg.run.log_every != 0:
+        if self.step < self._stop_check_at:
             return False
-        flag = torch.tensor(float(self._stop_requested), device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self._stop_requested = bool(flag.item())
+        now = time.monotonic()
+        agreed = torch.tensor([float(self._stop_requested), now - self._stop_check_time], device=self.device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+        flag, seconds = agreed.tolist()
+        self._stop_check_at = _next_stop_check(self.step, self.step - self._stop_check_step, seconds,
+                                               self.cfg.run.log_every)
+        self._stop_check_step, self._stop_check_time = self.step, now
+        self._stop_requested = bool(flag)
         return self._stop_requested
 
 

@@ -622,3 +622,28 @@ def test_resume_across_compile_scopes_and_of_prefixed_checkpoints(tmp_path, monk
         resumed._maybe_resume()
         state = resumed.raw_model.state_dict()
         assert all(torch.equal(state[k], v) for k, v in plain.items())
+
+
+def test_next_stop_check_is_about_five_seconds_ahead_within_one_and_log_every():
+    from matpac_fast.trainer import _next_stop_check
+
+    assert _next_stop_check(10, 4, 2.0, 1000) == 10 + 10  # 0.5 s a step: 10 steps
+    assert _next_stop_check(10, 1, 60.0, 1000) == 11  # a slow step (start-up, a compile): the next one
+    assert _next_stop_check(10, 100, 0.1, 50) == 60  # fast steps: never further apart than --log-every
+    assert _next_stop_check(10, 0, 0.0, 50) == 60
+
+
+def test_two_processes_agree_on_a_stop_within_seconds_not_at_the_next_log_step(tmp_path):
+    # Before, the processes agreed on a stop only at log steps: with --log-every 1000, rank 1's SIGTERM at step 3 was
+    # acted on at no step of the run (torchrun SIGKILLs 30 s after forwarding a stop: no checkpoint). Now they agree
+    # about every 5 s of training: with steps of at least 0.25 s, within 20 steps.
+    torchrun = Path(PY).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29519",
+           str(ROOT / "tests" / "helpers" / "signal_train.py"), *TINY, "--cpu", "true", "--out", str(tmp_path),
+           "--log-every", "1000", "--max-steps", "40"]
+    env = {**ENV, "SIGNAL_NAME": "TERM", "SIGNAL_AT_STEP": "3", "SIGNAL_RANK": "1", "STEP_SLEEP": "0.25"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "stopped by signal" in res.stdout
+    step = int(_final_weights(tmp_path)[0][5:])
+    assert 3 <= step <= 3 + 20, step
