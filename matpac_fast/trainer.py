@@ -1200,8 +1200,22 @@ def _paper_recipe_on_cpu(args, cfg: TrainConfig) -> str | None:
             "meant for GPUs and will be very slow on the CPU; --recipe tiny is the CPU-sized one")
 
 
+def _die_with_launcher() -> None:
+    """torchrun (and `accelerate launch`, through it) starts each process in a session of its own: a launcher killed
+    with SIGKILL left them training, orphaned, still writing --out. Under it, the kernel now sends SIGTERM when the
+    launcher dies: the graceful stop (a checkpoint within seconds). The launcher may have died already."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    from matpac_fast.lifetime import set_parent_death_signal
+
+    parent = os.getppid()
+    if set_parent_death_signal(signal.SIGTERM) and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _main(argv: list[str] | None) -> int:
     rank, world = _launch_rank()
+    _die_with_launcher()
     trainer = None
     lock = None
     try:

@@ -1,5 +1,6 @@
 """Trainer acceptance: 2-process gloo run, resume after SIGTERM / SIGKILL, compiled step vs eager, CLI errors."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -647,3 +648,62 @@ def test_two_processes_agree_on_a_stop_within_seconds_not_at_the_next_log_step(t
     assert "stopped by signal" in res.stdout
     step = int(_final_weights(tmp_path)[0][5:])
     assert 3 <= step <= 3 + 20, step
+
+
+def _children(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # an orphan's zombie waits for a reaper that may never come (a container)
+
+
+def _wait_gone(pids: list[int], seconds: float) -> list[int]:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if _alive(p)]
+
+
+def _launch_in_background(out, log, port, *extra):
+    """torchrun, 2 gloo processes of train.py, in the background; returns once history.jsonl has a row (training
+    under way)."""
+    import time
+
+    torchrun = Path(PY).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), str(ROOT / "train.py"), *TINY,
+           "--cpu", "true", "--out", str(out), "--epochs", "1000", *extra]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not ((out / "history.jsonl").exists() and (out / "history.jsonl").read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
+        time.sleep(0.2)
+    return proc
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_launcher_killed_with_sigkill_stops_its_processes_with_a_checkpoint(tmp_path):
+    # torchrun starts its processes in sessions of their own: killed with SIGKILL, it left them training, orphaned,
+    # still writing --out. Now they get SIGTERM when it dies: the graceful stop, a checkpoint, exit.
+    out = tmp_path / "run"
+    with open(tmp_path / "log", "w") as log:
+        proc = _launch_in_background(out, log, 29520)
+        ranks = _children(proc.pid)
+        try:
+            assert len(ranks) == 2
+            proc.kill()
+            proc.wait()
+            assert _wait_gone(ranks, 40) == [], "the processes trained on after their launcher was killed"
+        finally:
+            for pid in ranks:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, 9)
+    assert list((out / "checkpoints").glob("step_*")), (tmp_path / "log").read_text()[-3000:]
+    assert "stopped by signal, checkpoint written" in (tmp_path / "log").read_text()

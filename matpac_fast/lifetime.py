@@ -1,0 +1,36 @@
+"""Tie a process's life to its parent's (Linux's PR_SET_PDEATHSIG): a process started in a session of its own (a
+training process under torchrun, a `pipe:` shard command) is out of reach of the signals its parent's group gets,
+and outlived a parent killed with SIGKILL, orphaned."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+@functools.cache
+def _prctl():
+    """libc's prctl, resolved once (a forked child then calls it without loading anything); None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """The kernel sends this process `sig` when the thread that started it ends (its parent's death). False where
+    that cannot be asked for (not Linux, no libc prctl)."""
+    prctl = _prctl()
+    return prctl is not None and prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+def parent_death_setter(sig: int):
+    """A subprocess `preexec_fn` that sets `sig` as the child's parent-death signal, or None where it cannot. prctl
+    is resolved here, in the parent: between fork and exec the child only calls it."""
+    return None if _prctl() is None else functools.partial(set_parent_death_signal, sig)
