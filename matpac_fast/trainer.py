@@ -995,13 +995,20 @@ class Trainer:
         is abandoned, the checkpoint is the last finished step). After the first SIGINT the caller's handler is
         back (Python's: a KeyboardInterrupt), so a second Ctrl-C quits at once, without a checkpoint: `main` says
         so in one line, a notebook keeps its kernel. SIGTERM stays graceful (launchers and Slurm may send it
-        twice). Returns the caller's handlers, which `train` puts back."""
+        twice), except after a SIGINT under torchrun, which passes a second Ctrl-C on as SIGTERM. Returns the
+        caller's handlers, which `train` puts back."""
         single = self.accelerator.num_processes == 1
         main = self.accelerator.is_main_process
+        launched = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun, or accelerate launch through it
+        stop_signal = None  # the signal that asked for the stop
         previous: dict = {}
 
         def handler(signum, frame):
+            nonlocal stop_signal
             first = not self._stop_requested
+            if not first and signum == signal.SIGTERM and stop_signal == signal.SIGINT and launched:
+                raise KeyboardInterrupt  # torchrun passes a second Ctrl-C on as SIGTERM: quit at once, as without it
+            stop_signal = stop_signal or signum
             self._stop_requested = True
             if signum == signal.SIGINT:
                 caller = previous.get(signal.SIGINT)

@@ -707,3 +707,37 @@ def test_a_launcher_killed_with_sigkill_stops_its_processes_with_a_checkpoint(tm
                     os.kill(pid, 9)
     assert list((out / "checkpoints").glob("step_*")), (tmp_path / "log").read_text()[-3000:]
     assert "stopped by signal, checkpoint written" in (tmp_path / "log").read_text()
+
+
+@pytest.mark.parametrize("launched", [True, False])
+def test_under_torchrun_a_sigterm_after_a_sigint_is_the_second_ctrl_c(tmp_path, monkeypatch, launched):
+    # torchrun passes the first Ctrl-C on as SIGINT and the second as SIGTERM: that SIGTERM quits at once, as a
+    # second Ctrl-C does without a launcher (before, it was one more graceful stop). Otherwise SIGTERM stays graceful.
+    import signal
+
+    from matpac_fast.trainer import Trainer
+
+    if launched:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    trainer = Trainer(resolve([*TINY, "--out", str(tmp_path / "run"), "--max-steps", "1"])[0])
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        trainer._install_signal_handlers()
+        handler = signal.getsignal(signal.SIGTERM)
+        handler(signal.SIGINT, None)
+        if launched:
+            with pytest.raises(KeyboardInterrupt):
+                handler(signal.SIGTERM, None)
+        else:
+            handler(signal.SIGTERM, None)
+        trainer._install_signal_handlers()  # a SIGTERM first, then another: graceful, launched or not
+        handler = signal.getsignal(signal.SIGTERM)
+        trainer._stop_requested = False
+        handler(signal.SIGTERM, None)
+        handler(signal.SIGTERM, None)
+        assert trainer._stop_requested
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
