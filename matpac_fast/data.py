@@ -82,6 +82,7 @@ import torch
 
 from matpac_fast.data_tar import IndexCache, ShardError, iter_stream_samples, npy_view
 from matpac_fast.frontend import FrontendSpec, check_compatible, get_spec, normalize
+from matpac_fast.lifetime import parent_death_setter
 
 _ORDER_SALT, _SHUFFLE_SALT, _CROP_SALT = 0x5EED, 1, 2
 _SHARD_EXCEPTIONS = (ShardError, OSError, ValueError, KeyError, EOFError)
@@ -235,9 +236,12 @@ def open_stream(url: str):
         # Its own session: the command's process group can be stopped as a whole (`sh -c "sleep 5 && cat x"`
         # forks; killing the shell alone would leave the rest running), and the Ctrl-C / SIGTERM that a training
         # run's process group receives (handled by finishing the step, see _worker_signals) does not cut the
-        # stream mid-shard.
+        # stream mid-shard. Out of the group's reach, it would outlive a loader worker killed with SIGKILL (the
+        # out-of-memory killer), orphaned: on Linux the kernel SIGKILLs it when the thread that starts it ends (a
+        # command's own children are not covered: `sh -c` runs a single command in its place, not as a child).
         proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                bufsize=1 << 20, start_new_session=True)
+                                bufsize=1 << 20, start_new_session=True,
+                                preexec_fn=parent_death_setter(signal.SIGKILL))
         return _CommandStream(proc, proc.stdout, own_group=True)
     from webdataset.gopen import gopen
 

@@ -5,6 +5,7 @@ and outlived a parent killed with SIGKILL, orphaned."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 _PR_SET_PDEATHSIG = 1
@@ -32,5 +33,14 @@ def set_parent_death_signal(sig: int) -> bool:
 
 def parent_death_setter(sig: int):
     """A subprocess `preexec_fn` that sets `sig` as the child's parent-death signal, or None where it cannot. prctl
-    is resolved here, in the parent: between fork and exec the child only calls it."""
-    return None if _prctl() is None else functools.partial(set_parent_death_signal, sig)
+    is resolved here, in the parent: between fork and exec the child only calls it. A parent that died before the
+    call cannot signal it any more: the child then ends there."""
+    if _prctl() is None:
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if set_parent_death_signal(sig) and os.getppid() != parent:
+            os._exit(1)
+
+    return preexec

@@ -1,5 +1,6 @@
 """matpac_fast.data: epoch modes over simulated worlds, determinism, crops, short clips, errors, pipe: URLs."""
 
+import contextlib
 import hashlib
 import io
 import json
@@ -8,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tarfile
 import time
 import warnings
@@ -903,3 +905,38 @@ def test_read_bytes_through_pipe_checks_the_status_and_leaves_ctrl_c_to_the_call
     assert out.startswith("interrupted ") and float(out.split()[1]) < 5, (out, err)
     time.sleep(0.5)
     assert not (tmp_path / "late").exists()  # the command was stopped, not left running
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_pipe_command_dies_with_the_process_that_started_it(tmp_path):
+    """A `pipe:` command runs in its own session (out of reach of the group's Ctrl-C): when its loader worker was
+    killed with SIGKILL (the out-of-memory killer) it ran on, orphaned. Now the kernel kills it with its starter."""
+    import subprocess
+
+    code = ("import time\n"
+            "from matpac_fast.data import open_stream\n"
+            "f = open_stream('pipe:exec sleep 60')\n"
+            "print(f.proc.pid, flush=True)\n"
+            "time.sleep(60)\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    command = int(proc.stdout.readline())
+    try:
+        assert os.getsid(command) == command  # still its own session
+        proc.kill()
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while _running(command) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(command), "the pipe: command outlived the process that started it"
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(command, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
