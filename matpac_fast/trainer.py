@@ -1019,9 +1019,13 @@ class Trainer:
             if first and main:
                 # os.write, not print: the handler may interrupt a write to sys.stderr (the progress bar), and a
                 # buffered stream refuses a reentrant call
+                # with several processes the checkpoint needs them all: a launcher also sends this signal when
+                # another process has died, and then there is none
+                every = "" if single else " if every process is still running"
                 again = "; Ctrl-C again quits at once, without one" if signum == signal.SIGINT else ""
                 with contextlib.suppress(OSError):
-                    os.write(2, f"\ntrain: stop requested: finishing the step, then a checkpoint{again}\n".encode())
+                    os.write(2, f"\ntrain: stop requested: finishing the step, then a checkpoint{every}{again}\n"
+                             .encode())
             if self._in_data_wait and single:
                 raise _StopInDataWait
 
@@ -1268,8 +1272,10 @@ def _main(argv: list[str] | None) -> int:
         return 130
     except RuntimeError as e:
         if world > 1 and _peer_failed(e):  # a traceback from inside gloo/NCCL would bury the real error
-            return _fail(f"error: process {rank} stopped: another process failed (its error is printed above)",
-                         rank, world, stopping=trainer is not None and trainer._stop_requested)
+            # a process killed outright (the out-of-memory killer) prints nothing: the launcher's report says how
+            return _fail(f"error: process {rank} stopped: another process failed (see its error, if any, and the "
+                         f"launcher's report); {_resume_advice(cfg.run.out)}", rank, world,
+                         stopping=trainer is not None and trainer._stop_requested)
         if str(e).startswith("DataLoader worker"):  # torch's SIGCHLD handler: raised wherever the main thread was
             return _fail(f"error: {str(e).strip().splitlines()[0]}: a data-loader worker died (often the out-of-memory "
                          f"killer); {_after_a_dead_worker(cfg.run.out)}", rank,

@@ -741,3 +741,24 @@ def test_under_torchrun_a_sigterm_after_a_sigint_is_the_second_ctrl_c(tmp_path, 
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+
+
+def test_a_process_killed_outright_leaves_truthful_lines(tmp_path):
+    # Rank 1 is SIGKILLed (the out-of-memory killer) at step 3: it prints nothing and no checkpoint can follow. Rank 0,
+    # in a slow step (3 s), gets torchrun's SIGTERM before it meets the broken connection. Before, it said "stop
+    # requested: finishing the step, then a checkpoint" and "another process failed (its error is printed above)".
+    torchrun = Path(PY).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", "29521",
+           str(ROOT / "tests" / "helpers" / "signal_train.py"), *TINY, "--cpu", "true", "--out", str(tmp_path),
+           "--max-steps", "40"]
+    env = {**ENV, "SIGNAL_NAME": "KILL", "SIGNAL_AT_STEP": "3", "SIGNAL_RANK": "1", "STEP_SLEEP": "3",
+           "SLEEP_RANK": "0"}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    lines = res.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == ["error: process 0 stopped: another process failed (see its error, if any, and the launcher's "
+                      "report); no checkpoint was written yet (--ckpt-every): nothing to resume; start again in a new "
+                      "--out (or delete its history.jsonl and tb/ first)"], res.stderr[-3000:]
+    stops = [line for line in lines if line.startswith("train: stop requested")]
+    assert stops == ["train: stop requested: finishing the step, then a checkpoint if every process is still running"]
