@@ -143,7 +143,7 @@ _HELP = {
     "out": "run directory (checkpoints, TensorBoard, resolved config, exported encoder)",
     "preset": "model preset: matpac | matpac_plusplus | m2d | tiny",
     "frontend": "front end the shards must have been made with: matpac | m2d",
-    "batch_size": "samples per device per micro-step",
+    "batch_size": "samples per process (device) per micro-step; the global batch is this x processes x --grad-accum",
     "epochs": "epochs that the lr / EMA / tau_t / MATPAC++ temperature schedules span",
     "max_steps": "stop after this many optimizer steps (0: run all epochs)",
     "compile": "torch.compile: off, block (each transformer block), step (the whole forward)",

@@ -377,10 +377,7 @@ class Trainer:
         self.inner_optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
         spe = self.data.batches_per_epoch // cfg.optim.grad_accum
         if spe < 1:
-            raise ValueError(
-                f"the shard set gives {self.data.batches_per_epoch} batches per rank per epoch, fewer than "
-                f"--grad-accum {cfg.optim.grad_accum}: lower --batch-size or use more data"
-            )
+            raise ValueError(self._too_few_batches())
         self.steps_per_epoch = spe
         self.total_steps = math.ceil(cfg.schedule.epochs * spe)
         self.last_step = min(self.total_steps, cfg.schedule.max_steps) if cfg.schedule.max_steps else self.total_steps
@@ -415,6 +412,18 @@ class Trainer:
 
         self.flops_per_sample = flops_per_sample(self.model_cfg)
         self.peak = peak_tflops(self.device, cfg.run.peak_tflops)
+
+    def _too_few_batches(self) -> str:
+        """The arithmetic of an epoch without a single optimizer step, where a per-process --batch-size taken for
+        the global batch shows."""
+        b, a, world = self.cfg.data.batch_size, self.cfg.optim.grad_accum, self.accelerator.num_processes
+        n = self.data.batches_per_epoch
+        clips = getattr(getattr(self.data, "source", None), "total", None)
+        procs = f"{world} process{'es' if world > 1 else ''}"
+        split = f"its {clips} clips / ({b} per process x {procs}) = {n}; " if clips is not None else ""
+        return (f"the shard set gives {n} batches per process per epoch, fewer than --grad-accum {a}: {split}"
+                f"--batch-size is per process, the global batch is {b} x {procs} x --grad-accum {a} = {b * world * a}: "
+                "lower --batch-size or use more data")
 
     # --------------------------------------------------------------------------------------------- one step
     def _masks(self, batch_size: int, micro: int):

@@ -445,8 +445,9 @@ def test_print_config_checks_the_options_as_a_run_does(capsys, argv, line):
 def test_print_config_meets_what_a_run_meets_before_its_first_step(tmp_path, run2, capsys):
     # Each of these printed JSON and exited 0, while the run itself then refused it.
     cases = [
-        (["--batch-size", "300"], "error: the shard set gives 0 batches per rank per epoch"),
-        (["--grad-accum", "9"], "error: the shard set gives 8 batches per rank per epoch, fewer than --grad-accum 9"),
+        (["--batch-size", "300"], "error: the shard set gives 0 batches per process per epoch"),
+        (["--grad-accum", "9"],
+         "error: the shard set gives 8 batches per process per epoch, fewer than --grad-accum 9"),
         (["--resume", str(tmp_path / "nowhere")], f"error: --resume {tmp_path / 'nowhere'}"),
         (["--out", ""], "error: --out is empty"),
         (["--out", str(run2)], f"error: --out {run2} already holds a run"),
@@ -455,6 +456,17 @@ def test_print_config_meets_what_a_run_meets_before_its_first_step(tmp_path, run
         rc, out, err = _main(capsys, *SYN, "--out", str(tmp_path / "fresh"), "--print-config", *argv)
         assert rc == 2 and out == "" and _one_line(err).startswith(start), (argv, err)
     assert not (tmp_path / "fresh").exists()  # nothing written
+
+
+def test_an_epoch_without_a_step_shows_the_arithmetic_of_the_batch(tmp_path, capsys):
+    # --batch-size is per process: the line shows clips, the per-process batch, processes and --grad-accum, where
+    # a global batch taken for a per-process one shows (before: "0 batches per rank per epoch" and no figures).
+    rc, _, err = _main(capsys, "--shards", "synthetic:24", "--batch-size", "16", "--grad-accum", "2", "--out",
+                       str(tmp_path / "run"))
+    assert rc == 2 and _one_line(err) == (
+        "error: the shard set gives 1 batches per process per epoch, fewer than --grad-accum 2: its 24 clips / (16 "
+        "per process x 1 process) = 1; --batch-size is per process, the global batch is 16 x 1 process x "
+        "--grad-accum 2 = 32: lower --batch-size or use more data")
 
 
 def test_print_config_notes_a_gpu_only_setting_on_a_cpu(tmp_path, capsys, fresh_accelerate):
