@@ -44,3 +44,17 @@ def parent_death_setter(sig: int):
             os._exit(1)
 
     return preexec
+
+
+def die_with_launcher() -> None:
+    """torchrun (and `accelerate launch`, through it) starts each process in a session of its own: a launcher killed
+    with SIGKILL left them training, orphaned, still writing --out. Under it, the kernel now sends SIGTERM when the
+    launcher dies: the trainer's graceful stop (a checkpoint within seconds). Called first thing (train.py imports
+    torch after it), since a launcher that died before the call cannot be told from the reaper that adopted us."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import signal
+
+    parent = os.getppid()
+    if set_parent_death_signal(signal.SIGTERM) and os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)

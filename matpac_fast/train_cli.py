@@ -8,6 +8,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from matpac_fast.lifetime import die_with_launcher  # light: os, ctypes
+
+    die_with_launcher()  # before the seconds of imports below, during which a killed launcher went unnoticed
     try:
         from matpac_fast.trainer import main as train_main
     except KeyboardInterrupt:

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from matpac_fast import checkpoint as ckpt
 from matpac_fast.config import CUDA_ONLY_ATTN
+from matpac_fast.lifetime import die_with_launcher
 from matpac_fast.metrics import Throughput, mfu, peak_tflops
 from matpac_fast.train_config import TrainConfig, compile_kwargs, model_config, resolve_args
 
@@ -1067,8 +1068,12 @@ class Trainer:
         self._stop_check_at = _next_stop_check(self.step, self.step - self._stop_check_step, seconds,
                                                self.cfg.run.log_every)
         self._stop_check_step, self._stop_check_time = self.step, now
-        self._stop_requested = bool(flag)
-        return self._stop_requested
+        # Or'ed, not assigned: a signal whose handler ran when the all-reduce returned (Python runs handlers between
+        # bytecodes, so one that arrived during the blocking call runs just after it) was cleared here, and with
+        # ranks waiting in the same call at once, every rank could lose it. It goes into the next agreement.
+        agreed = bool(flag)
+        self._stop_requested = self._stop_requested or agreed
+        return agreed
 
 
 _PACKAGE_DIRS = tuple(str(Path(__file__).resolve().parent.parent / d) + os.sep for d in ("matpac_fast", "shard_tools"))
@@ -1220,22 +1225,9 @@ def _paper_recipe_on_cpu(args, cfg: TrainConfig) -> str | None:
             "meant for GPUs and will be very slow on the CPU; --recipe tiny is the CPU-sized one")
 
 
-def _die_with_launcher() -> None:
-    """torchrun (and `accelerate launch`, through it) starts each process in a session of its own: a launcher killed
-    with SIGKILL left them training, orphaned, still writing --out. Under it, the kernel now sends SIGTERM when the
-    launcher dies: the graceful stop (a checkpoint within seconds). The launcher may have died already."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return
-    from matpac_fast.lifetime import set_parent_death_signal
-
-    parent = os.getppid()
-    if set_parent_death_signal(signal.SIGTERM) and os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
 def _main(argv: list[str] | None) -> int:
     rank, world = _launch_rank()
-    _die_with_launcher()
+    die_with_launcher()  # train.py / matpac-train did it before the heavy imports; here for direct callers
     trainer = None
     lock = None
     try:

@@ -634,6 +634,42 @@ def test_next_stop_check_is_about_five_seconds_ahead_within_one_and_log_every():
     assert _next_stop_check(10, 0, 0.0, 50) == 60
 
 
+def test_the_launcher_watch_is_set_before_the_heavy_imports():
+    """The parent-death signal was asked for after torch, accelerate and the trainer were imported (seconds): a
+    launcher killed then left the process orphaned and unaware (its parent already the reaper at both reads)."""
+    code = ("import sys, matpac_fast.lifetime as L\n"
+            "L.die_with_launcher = lambda: print('heavy:', sorted({'torch', 'accelerate', 'matpac_fast.trainer'} & "
+            "set(sys.modules)))\n"
+            "from matpac_fast.train_cli import main\n"
+            "main(['--help'])\n")
+    res = subprocess.run([PY, "-c", code], env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.stdout.startswith("heavy: []\n"), res.stdout[:300] + res.stderr[-2000:]
+
+
+def test_a_stop_signal_during_the_agreement_is_kept_for_the_next_one(monkeypatch):
+    """A signal handled as the stop all-reduce returns (one that arrived while a rank waited in it) was overwritten
+    by the agreed value: every rank, waiting in the same call, could lose a torchrun/Slurm stop. It now stays
+    requested, and the next agreement acts on it."""
+    from types import SimpleNamespace
+
+    import matpac_fast.trainer as T
+
+    t = SimpleNamespace(accelerator=SimpleNamespace(num_processes=2), device="cpu", step=11, _stop_requested=False,
+                        _stop_check_at=11, _stop_check_step=10, _stop_check_time=0.0,
+                        cfg=SimpleNamespace(run=SimpleNamespace(log_every=50)))
+    signalled = []
+
+    def all_reduce(x, op=None):  # the handler runs as the call returns: after this rank's flag was sent
+        if not signalled:
+            signalled.append(True)
+            t._stop_requested = True
+
+    monkeypatch.setattr(T.dist, "all_reduce", all_reduce)
+    assert T.Trainer._should_stop(t) is False and t._stop_requested  # not agreed yet, but not forgotten
+    t.step = t._stop_check_at
+    assert T.Trainer._should_stop(t) is True
+
+
 def test_two_processes_agree_on_a_stop_within_seconds_not_at_the_next_log_step(tmp_path):
     # Before, the processes agreed on a stop only at log steps: with --log-every 1000, rank 1's SIGTERM at step 3 was
     # acted on at no step of the run (torchrun SIGKILLs 30 s after forwarding a stop: no checkpoint). Now they agree
