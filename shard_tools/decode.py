@@ -239,8 +239,9 @@ def _too_short_detail(duration: float, frames: int, need: int, short: str, spec:
     return f"{duration:.4f} s gives no log-mel frame (one frame needs {1000 * least / spec.sample_rate:.1f} ms)"
 
 
-def prepare(item: Item, spec: FrontendSpec, min_frames: int, short: str) -> Prepared:
-    """Decode, check and resample one item; raises Skip with the reason when it cannot be used."""
+def prepare(item: Item, spec: FrontendSpec, min_frames: int, short: str, pad_to: int | None = None) -> Prepared:
+    """Decode, check and resample one item; raises Skip with the reason when it cannot be used. `pad_to`: samples a
+    shorter waveform is zero-padded to (None: `pad_wave_samples(spec, short)`; 0: none)."""
     if item.skip:
         raise Skip(item.skip, item.detail)
     if item.synth is not None:
@@ -265,7 +266,8 @@ def prepare(item: Item, spec: FrontendSpec, min_frames: int, short: str) -> Prep
     frames = spec.num_frames(wave.shape[0])
     if frames < need:
         raise Skip("too_short", _too_short_detail(duration, frames, need, short, spec))
-    pad_to = pad_wave_samples(spec, short)  # after the check: a clip too short for one frame alone stays too_short
+    if pad_to is None:  # after the check: a clip too short for one frame alone stays too_short
+        pad_to = pad_wave_samples(spec, short)
     if wave.shape[0] < pad_to:
         wave = np.pad(wave, (0, pad_to - wave.shape[0]))
         flags = (*flags, "padded")

@@ -79,6 +79,13 @@ class MakeConfig:
     name: str = "shards"
     overwrite: bool = False
     progress: bool = True
+    # False only to finish or recognise an m2d --short pad set made before make-shards padded m2d waveforms to 6.1 s
+    # (2026-11-27): its clips stay as they were written (`_keep_earlier_m2d_unpadded`)
+    m2d_wave_pad: bool = True
+
+    def pad_to(self) -> int:
+        """Samples a shorter waveform is zero-padded to before the log-mel (0: none)."""
+        return pad_wave_samples(get_spec(self.frontend), self.short) if self.m2d_wave_pad else 0
 
     def __post_init__(self) -> None:
         if self.short is None:  # resolved here so that the plan hash and stats.json always name the choice made
@@ -163,10 +170,11 @@ def _skip_result(item: Item, e: Skip) -> Result:
     return Result(item.source, item.key, skipped=e.reason, detail=printable(detail))
 
 
-def process_item(item: Item, spec: FrontendSpec, min_frames: int, short: str, mel: LogMelSpec | None):
+def process_item(item: Item, spec: FrontendSpec, min_frames: int, short: str, mel: LogMelSpec | None,
+                 pad_to: int | None = None):
     """CPU path: Result. GPU path (mel is None): (item, Prepared) for the main process to featurize, or a Result."""
     try:
-        prep = prepare(item, spec, min_frames, short)
+        prep = prepare(item, spec, min_frames, short, pad_to)
     except Skip as e:
         return _skip_result(item, e)
     except Exception as e:  # a bug or an exotic failure must not stop the run: record it as undecodable
@@ -201,7 +209,7 @@ def _exit_with_parent(sentinel: int) -> None:
     os._exit(0)
 
 
-def _init_worker(frontend: str, min_frames: int, short: str, cpu_mel: bool) -> None:
+def _init_worker(frontend: str, min_frames: int, short: str, cpu_mel: bool, pad_to: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it stops the pool (terminate)
     parent = mp.parent_process()
     if parent is not None and parent.sentinel is not None:  # readable once the main process has exited
@@ -209,12 +217,13 @@ def _init_worker(frontend: str, min_frames: int, short: str, cpu_mel: bool) -> N
         threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
     torch.set_num_threads(1)  # one clip per process: threads would only fight, and results must not depend on them
     spec = get_spec(frontend)
-    _WORKER.update(spec=spec, min_frames=min_frames, short=short, mel=LogMelSpec(spec) if cpu_mel else None)
+    _WORKER.update(spec=spec, min_frames=min_frames, short=short, mel=LogMelSpec(spec) if cpu_mel else None,
+                   pad_to=pad_to)
 
 
 def _work(chunk: list[Item]) -> list:
     w = _WORKER
-    return [process_item(item, w["spec"], w["min_frames"], w["short"], w["mel"]) for item in chunk]
+    return [process_item(item, w["spec"], w["min_frames"], w["short"], w["mel"], w["pad_to"]) for item in chunk]
 
 
 def ordered_results(items: list[Item], cfg: MakeConfig) -> Iterator[Result]:
@@ -228,7 +237,8 @@ def ordered_results(items: list[Item], cfg: MakeConfig) -> Iterator[Result]:
         try:
             mel = None if on_gpu else LogMelSpec(spec)
             for item in items:
-                yield _finish(process_item(item, spec, cfg.min_frames, cfg.short, mel), gpu_mel, cfg.device)
+                yield _finish(process_item(item, spec, cfg.min_frames, cfg.short, mel, cfg.pad_to()), gpu_mel,
+                              cfg.device)
         finally:
             torch.set_num_threads(threads)
         return
@@ -283,7 +293,8 @@ def _start_pool(cfg: MakeConfig, on_gpu: bool):
     main = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
     try:
-        return ctx.Pool(cfg.workers, _init_worker, (cfg.frontend, cfg.min_frames, cfg.short, not on_gpu))
+        return ctx.Pool(cfg.workers, _init_worker, (cfg.frontend, cfg.min_frames, cfg.short, not on_gpu,
+                                                    cfg.pad_to()))
     finally:
         if main:
             signal.signal(signal.SIGINT, old)
@@ -363,9 +374,8 @@ def _settings(disc: Discovery, cfg: MakeConfig) -> dict:
         "name": cfg.name,
         "classes": disc.class_ids,
     }
-    pad_to = pad_wave_samples(get_spec(cfg.frontend), cfg.short)
-    if pad_to:  # only where it applies: every other set keeps its plan hash
-        settings["pad_wave_samples"] = pad_to
+    if cfg.pad_to():  # only where it applies: every other set (and an older unpadded m2d one) keeps its plan hash
+        settings["pad_wave_samples"] = cfg.pad_to()
     if disc.extra:  # e.g. AudioSet's segment counts, which are stored in stats.json
         settings["extra"] = disc.extra
     return settings
@@ -738,13 +748,8 @@ def nothing_written(stats: dict, cfg: MakeConfig) -> str:
     )
 
 
-def _keep_earlier_m2d_short(disc: Discovery, cfg: MakeConfig) -> MakeConfig:
-    """m2d's default --short was drop before it became pad (M2D's authors pad). A folder whose set (or interrupted
-    run) was planned with that old default, rerun with the same command and no --short, continues with drop rather
-    than being refused as another plan."""
-    if not (getattr(cfg, "_short_defaulted", False) and cfg.frontend == "m2d") or cfg.overwrite:
-        return cfg
-    out = Path(cfg.out)
+def _planned_hashes(out: Path) -> set:
+    """The plan hashes the set (stats.json) and an interrupted run (plan.json) in `out` hold."""
     found = set()
     for path in (out / "stats.json", out / WORK_DIR / "plan.json"):
         if path.is_file():
@@ -752,6 +757,34 @@ def _keep_earlier_m2d_short(disc: Discovery, cfg: MakeConfig) -> MakeConfig:
                 obj = json.loads(path.read_text(encoding="utf-8"))
                 if isinstance(obj, dict):
                     found.add(obj.get("plan_hash"))
+    return found
+
+
+def _keep_earlier_m2d_unpadded(disc: Discovery, cfg: MakeConfig) -> MakeConfig:
+    """An m2d --short pad set (or interrupted run) made before make-shards padded m2d waveforms to 6.1 s, rerun with
+    the same command, is recognised (complete) or finished (interrupted) as it was made, unpadded, with a note,
+    rather than refused as another plan; the loader pads its short clips with silence."""
+    if not cfg.pad_to() or cfg.overwrite:
+        return cfg
+    out = Path(cfg.out)
+    found = _planned_hashes(out)
+    legacy = dataclasses.replace(cfg, m2d_wave_pad=False)
+    if found.intersection(plan_hashes(disc, cfg)) or not found.intersection(plan_hashes(disc, legacy)):
+        return cfg
+    print(f"note: {out} was made before make-shards zero-padded m2d waveforms to 6.1 s (as M2D's wav_to_lms.py); "
+          "continuing it unpadded (the loader pads its short clips with silence); pass --overwrite to remake it "
+          "padded", file=sys.stderr, flush=True)
+    return legacy
+
+
+def _keep_earlier_m2d_short(disc: Discovery, cfg: MakeConfig) -> MakeConfig:
+    """m2d's default --short was drop before it became pad (M2D's authors pad). A folder whose set (or interrupted
+    run) was planned with that old default, rerun with the same command and no --short, continues with drop rather
+    than being refused as another plan."""
+    if not (getattr(cfg, "_short_defaulted", False) and cfg.frontend == "m2d") or cfg.overwrite:
+        return cfg
+    out = Path(cfg.out)
+    found = _planned_hashes(out)
     legacy = dataclasses.replace(cfg, short="drop")
     if found.intersection(plan_hashes(disc, cfg)) or not found.intersection(plan_hashes(disc, legacy)):
         return cfg
@@ -770,7 +803,7 @@ def make_shards(disc: Discovery, cfg: MakeConfig) -> dict:
         raise ValueError("no inputs: nothing to convert")
     disc = dataclasses.replace(disc, items=unique_keys(disc.items))  # two clips under one key: verify says CORRUPT
     order = shuffled(disc.items, cfg.seed)
-    cfg = _keep_earlier_m2d_short(disc, cfg)
+    cfg = _keep_earlier_m2d_unpadded(disc, _keep_earlier_m2d_short(disc, cfg))
     phash, older = plan_hashes(disc, cfg)
     out = Path(cfg.out)
     _make_out_dir(out)

@@ -530,6 +530,45 @@ def test_demo_shard_and_verify_steps(tmp_path, capsys):
     assert "OK" in capsys.readouterr().out
 
 
+def test_m2d_set_made_before_the_waveform_padding_is_recognised_and_finished_unpadded(tmp_path, capsys,
+                                                                                     monkeypatch):
+    """An m2d --short pad set made before make-shards padded m2d waveforms (m2d_wave_pad=False makes one as that
+    version did) was refused on the rerun of its own command ("a different shard set"), complete or interrupted."""
+    import shard_tools.pipeline as pl
+
+    d = tmp_path / "in"
+    (d / "a").mkdir(parents=True)
+    for i in range(6):
+        sf.write(d / "a" / f"c{i}.flac", synth_clip(i, sample_rate=16000, seconds=3.0 if i % 2 else 6.5)[0], 16000)
+    old = make_folder_shards(tmp_path / "out", d, frontend="m2d", m2d_wave_pad=False, workers=0, progress=False)
+    assert old["written"] == 6 and min(m["n_frames"] for _, m in read_shard_set(tmp_path / "out").values()) < 611
+    capsys.readouterr()
+    again = make_folder_shards(tmp_path / "out", d, frontend="m2d", workers=0, progress=False)
+    assert again.get("already_complete")
+    assert "was made before make-shards zero-padded m2d waveforms to 6.1 s" in capsys.readouterr().err
+    # interrupted after its first shard: the rerun finishes it unpadded, as it began
+    real = pl.ordered_results
+
+    def cut(items, cfg):
+        for i, r in enumerate(real(items, cfg)):
+            if i == 4:
+                raise KeyboardInterrupt
+            yield r
+
+    monkeypatch.setattr(pl, "ordered_results", cut)
+    with pytest.raises(KeyboardInterrupt):
+        make_folder_shards(tmp_path / "cut", d, frontend="m2d", m2d_wave_pad=False, shard_size="2", workers=0,
+                           progress=False)
+    monkeypatch.setattr(pl, "ordered_results", real)
+    done = make_folder_shards(tmp_path / "cut", d, frontend="m2d", shard_size="2", workers=0, progress=False)
+    assert done["written"] == 6 and "continuing it unpadded" in capsys.readouterr().err
+    frames = sorted(m["n_frames"] for _, m in read_shard_set(tmp_path / "cut").values())
+    assert frames == sorted(m["n_frames"] for _, m in read_shard_set(tmp_path / "out").values())
+    # --overwrite remakes it padded
+    redone = make_folder_shards(tmp_path / "out", d, frontend="m2d", overwrite=True, workers=0, progress=False)
+    assert redone["written"] == 6 and min(m["n_frames"] for _, m in read_shard_set(tmp_path / "out").values()) == 611
+
+
 def test_m2d_folder_planned_with_the_old_drop_default_is_continued_not_refused(tmp_path, capsys):
     # m2d's --short default became pad; a set made with the old default (drop), rerun without --short, is the same
     # set (recognised as complete, one note), not "a different shard set".
