@@ -491,12 +491,15 @@ def baseline_sps(args, env: dict, row: dict) -> float | None:
     if args.baseline_csv is None or not args.baseline_csv.exists():
         return None
     # Every setting that changes the figure must match: a synthetic-data run used to take a shards row (or another
-    # compile mode's, attention's, stream's or peer's) as its one-process baseline, whichever came last.
-    same = ("preset", "mode", "batch", "precision", "data", "compile_mode", "attn_impl", "stream_dtype", "peer")
+    # compile mode's, attention's, stream's or peer's) as its one-process baseline, whichever came last. A cell of a
+    # column added later is empty in older (and upgraded) CSVs: it says nothing, so it does not exclude the row.
+    same = ("preset", "mode", "batch", "precision")
+    later = ("data", "compile_mode", "attn_impl", "stream_dtype", "peer")
     with open(args.baseline_csv, newline="") as f:
         for r in reversed(list(csv.DictReader(f))):
             if (r.get("world") == "1" and r.get("device") == env["device"]
-                    and all((r.get(k) or "") == str(row.get(k, "")) for k in same)):
+                    and all(r.get(k) == str(row.get(k, "")) for k in same)
+                    and all((r.get(k) or "") in ("", str(row.get(k, ""))) for k in later)):
                 return float(r["samples_per_s"])
     return None
 
@@ -700,6 +703,10 @@ def main(argv=None) -> int:
                 if row["world"] > 1:
                     base = baseline_sps(args, env, row)
                     row["scaling_eff"] = row["samples_per_s"] / (row["world"] * base) if base else None
+                    if base is None and args.baseline_csv is not None and is_main:  # not a silent n/a
+                        print(f"note: --baseline-csv {args.baseline_csv} has no one-process row like {name} B={batch} "
+                              "(same device, preset, batch, precision, data, compile mode, attention, stream): "
+                              "scaling efficiency n/a", flush=True)
                 raw_rows.append(row)
                 formatted.append(csv_row(row, env))
                 if is_main:

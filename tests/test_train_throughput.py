@@ -402,7 +402,8 @@ def test_result_line_picks_fastest_mode_and_same_batch_reference():
 
 def test_scaling_baseline_lookup(tmp_path):
     env = {"device": "GPU X"}
-    row = {"preset": "matpac", "mode": "eager", "batch": 64, "precision": "bf16"}
+    row = {"preset": "matpac", "mode": "compiled", "batch": 64, "precision": "bf16", "data": "synthetic",
+           "compile_mode": "default", "attn_impl": "sdpa", "stream_dtype": "fp32"}
     path = tmp_path / "base.csv"
     for r in ({"world": 1, "samples_per_s": 1000.0}, {"world": 2, "samples_per_s": 1900.0}):
         tt.append_csv(path, tt.csv_row({**row, **r, "samples_per_s_per_device": 1.0, "step_ms": 1.0,
@@ -421,6 +422,12 @@ def test_scaling_baseline_lookup(tmp_path):
     assert tt.baseline_sps(args, env, row) == 1000.0
     for other in ({"compile_mode": "gemm-autotune"}, {"attn_impl": "triton"}, {"stream_dtype": "amp"}):
         assert tt.baseline_sps(args, env, {**row, **other}) is None
+    # an older CSV's empty cell (a column it did not have) does not exclude its row: the committed H200 run
+    h200 = tt.parse_args(["--baseline-csv", str(ROOT / "benchmarks" / "results" / "nvidia_h200_772ded2.csv"),
+                          "--device", "cpu"])
+    ours = {"preset": "matpac", "mode": "compiled+kernels", "batch": 256, "precision": "bf16", "data": "shards",
+            "compile_mode": "reduce-overhead", "attn_impl": "sdpa", "stream_dtype": "fp32", "peer": ""}
+    assert tt.baseline_sps(h200, {"device": "NVIDIA H200"}, ours) == 3540.8  # its stream_dtype cell is empty
     assert tt.baseline_sps(tt.parse_args(["--single-process-sps", "7", "--device", "cpu"]), env, row) == 7.0
 
 
