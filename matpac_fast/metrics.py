@@ -10,8 +10,8 @@ import time
 
 import torch
 
-# Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity). Matched by substring of the CUDA
-# device name, first match wins, so the more specific names come first.
+# Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity). Matched as whole words of the
+# CUDA device name (`peak_for_name`), first match wins, so the more specific names come first.
 PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
     ("H200", 989.0),
     ("H100 PCIe", 756.0),
