@@ -123,6 +123,10 @@ class DataConfig:
     # a batch's "lms" is then valid until ~2 x num_workers further batches have been fetched. Consume it or move it
     # to the device (pinning copies it) before then; set False to get fresh tensors you may keep (e.g. list(loader)).
     reuse_buffers: bool = True
+    # Seconds the workers may take to deliver one batch before the epoch raises torch's "DataLoader timed out"
+    # RuntimeError (a pipe: command or URL that stopped sending hangs a run forever otherwise); 0 = no limit.
+    # Workers only (num_workers >= 1): in-process reading cannot be timed out.
+    timeout_s: float = 0.0
 
     def __post_init__(self):
         choices = {"mode": ("exact", "resampled"), "remainder": ("drop", "fill"), "short": (None, "drop", "pad"),
@@ -136,6 +140,10 @@ class DataConfig:
             if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
                 raise ValueError(f"DataConfig.{name} must be an integer >= {low} (got {v!r})")
             object.__setattr__(self, name, int(v))  # frozen; a numpy integer becomes a plain int
+        t = self.timeout_s
+        if isinstance(t, bool) or not isinstance(t, int | float) or not t >= 0:
+            raise ValueError(f"DataConfig.timeout_s must be a number >= 0 (got {t!r})")
+        object.__setattr__(self, "timeout_s", float(t))
         n = self.samples_per_epoch
         if n is not None:
             if self.mode != "resampled":
@@ -1340,7 +1348,8 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         cfg = self.cfg
-        kw = {"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False} if cfg.num_workers else {}
+        kw = ({"prefetch_factor": cfg.prefetch_factor, "persistent_workers": False, "timeout": cfg.timeout_s}
+              if cfg.num_workers else {})
         # Written to when this iteration ends, however it ends: see _worker_signals. (num_workers=0: the
         # generators' own `finally` stops the shard commands when the loop is left.)
         stop, stop_w = multiprocessing.Pipe(duplex=False) if cfg.num_workers else (None, None)

@@ -51,6 +51,7 @@ class DataConfig:
     workers: int = 8
     epoch_mode: str = "exact"  # exact | resampled
     on_error: str = "warn"  # warn | raise (corrupt shards)
+    data_timeout: float = 600.0  # seconds for one batch from the workers before the run stops (0: no limit)
 
 
 @dataclass
@@ -164,6 +165,9 @@ _HELP = {
     "workers": "loader worker processes per rank",
     "epoch_mode": "exact: each sample once per epoch across ranks; resampled: shards drawn with replacement",
     "on_error": "corrupt or missing shard: warn, count and skip it, or raise",
+    "data_timeout": "seconds the loader workers may take for one batch before the run stops with an error naming "
+    "the stall (a pipe: command or URL that stopped sending would hang it forever; with several processes the others "
+    "wait in a collective); 0: no limit; --workers 0 reads in-process, without a limit",
     "lr": "peak learning rate, absolute (not scaled by batch)",
     "warmup_epochs": "linear lr warm-up, then cosine to 0",
     "clip_grad": "gradient-norm clip (0 disables)",
@@ -345,6 +349,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.data.shards != "", "--shards is required: a make-shards output directory, a pattern, or synthetic:N"),
         (cfg.data.batch_size > 0, "--batch-size must be > 0"),
         (cfg.data.workers >= 0, "--workers must be >= 0"),
+        (cfg.data.data_timeout >= 0, f"--data-timeout must be >= 0 s, 0 = none (got {cfg.data.data_timeout:g})"),
         (cfg.optim.lr > 0, "--lr must be > 0"),
         (cfg.optim.grad_accum >= 1, "--grad-accum must be >= 1"),
         (cfg.optim.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping)"),
@@ -410,7 +415,7 @@ MAX_EPOCHS = 100_000.0
 RESUME_FREE = frozenset({
     "run.out", "run.resume", "run.log_every", "run.ckpt_every", "run.keep_last", "run.progress", "run.max_nonfinite",
     "run.peak_tflops", "run.compile", "run.compile_mode", "run.kernels", "run.cpu", "run.deterministic",
-    "schedule.max_steps", "data.on_error", "data.shards", "optim.lr", "optim.clip_grad",
+    "schedule.max_steps", "data.on_error", "data.data_timeout", "data.shards", "optim.lr", "optim.clip_grad",
     "model.use_kernels", "model.attn_impl", "model.stream_dtype",
 })
 

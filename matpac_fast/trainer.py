@@ -95,6 +95,11 @@ def _after_a_dead_worker(out: str | Path) -> str:
     return f"{_resume_advice(out)}; if memory ran out, free some first (or use fewer --workers)"
 
 
+class _LoaderStalled(Exception):
+    """No batch from the loader workers within --data-timeout (torch's "DataLoader timed out after N seconds"),
+    met while waiting for a batch, i.e. between optimizer steps."""
+
+
 class _LoaderWorkerDied(Exception):
     """A DataLoader worker died (torch's RuntimeError "DataLoader worker (pid ...) ..."), met while waiting for a
     batch, i.e. between optimizer steps."""
@@ -155,6 +160,7 @@ class TrainData:
             num_workers=d.workers,
             pin_memory=pin,
             on_error=d.on_error,
+            timeout_s=d.data_timeout,
         )
         # The loader checks this when an epoch starts, after --out/config.json is written: checked here, before
         # (e.g. two sets that disagree on `short`)
@@ -628,6 +634,9 @@ class Trainer:
             except _LoaderWorkerDied as e:
                 batches.close()
                 raise self._worker_died(str(e)) from None
+            except _LoaderStalled:
+                batches.close()
+                raise self._loader_stalled() from None
             # (met mid-step, where torch's SIGCHLD handler raises it, a dead worker's RuntimeError goes to main(),
             # which says it in one line: no checkpoint can be written inside a step)
             finally:
@@ -673,6 +682,8 @@ class Trainer:
                 except RuntimeError as e:
                     if str(e).startswith("DataLoader worker"):  # torch's words for a worker that died
                         raise _LoaderWorkerDied(str(e).strip().splitlines()[0]) from None
+                    if str(e).startswith("DataLoader timed out"):  # --data-timeout: a stalled read, not a traceback
+                        raise _LoaderStalled() from None
                     raise
                 finally:
                     self._in_data_wait = False
@@ -702,6 +713,22 @@ class Trainer:
                                    f"at step {self.step}: {hint}")
         return TrainingAborted(f"{what}: a data-loader worker of process {self.accelerator.process_index} died "
                                f"(often the out-of-memory killer); {_after_a_dead_worker(self.out)}")
+
+    def _loader_stalled(self) -> TrainingAborted:
+        """No batch within --data-timeout: one line naming the likely cause, after a checkpoint of the last finished
+        step when this is the only process (with several, the others wait in a collective and cannot join one)."""
+        t = self.cfg.data.data_timeout
+        what = (f"process {self.accelerator.process_index}'s loader gave no batch in {t:g} s (--data-timeout): a "
+                "stalled shard read, e.g. a pipe: command or URL that stopped sending")
+        if self.accelerator.num_processes == 1:
+            self._abandon_partial_step()
+            if self.step == 0:  # nothing trained: no checkpoint to write
+                return TrainingAborted(f"{what}; nothing was trained yet: check the shards' source, then run again")
+            if self.step != self._saved_step:
+                self.save_checkpoint()
+            return TrainingAborted(f"{what}; checkpoint at step {self.step}: --resume auto continues once the data "
+                                   "flows (or raise --data-timeout)")
+        return TrainingAborted(f"{what}; {_resume_advice(self.out)}")
 
     def _abandon_partial_step(self) -> None:
         """Back to the last finished optimizer step, for a checkpoint taken between two: the micro-batches of an

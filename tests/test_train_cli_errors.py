@@ -584,6 +584,29 @@ def _shards(tmp_path, n_frames: int = 640, n: int = 16) -> Path:
     return d
 
 
+def test_a_stalled_shard_read_ends_the_run_after_data_timeout(tmp_path, capsys):
+    """A pipe: command that stops sending held the run forever, without a word (with several processes, the others
+    waited in a collective until its 30-min timeout, then a gloo traceback). Now --data-timeout ends it in one line."""
+    import time
+
+    shards = _shards(tmp_path)
+    stall = tmp_path / "stall.sh"  # the second shard never comes (exec: the command itself sleeps, and is killed)
+    stall.write_text('case "$1" in *000001.tar) exec sleep 300;; esac\nexec cat "$1"\n')
+    pipe = f"pipe:sh {stall} {shards}/shards-{{000000..000001}}.tar"
+    t0 = time.monotonic()
+    rc, _, err = _main(capsys, "--shards", pipe, "--out", str(tmp_path / "run"), "--workers", "1",
+                       "--data-timeout", "3", "--max-steps", "20")
+    assert time.monotonic() - t0 < 90
+    assert rc == 2, err
+    line = _one_line(err)
+    assert line == ("error: process 0's loader gave no batch in 3 s (--data-timeout): a stalled shard read, e.g. a "
+                    "pipe: command or URL that stopped sending; nothing was trained yet: check the shards' source, "
+                    "then run again"), line
+    assert "Traceback" not in err
+    rc, _, err = _main(capsys, "--shards", str(shards), "--out", str(tmp_path / "x"), "--data-timeout", "-1")
+    assert rc == 2 and "--data-timeout must be >= 0 s, 0 = none (got -1)" in _one_line(err)
+
+
 def test_resume_reading_the_shards_another_way_is_warned_about(tmp_path, capsys):
     # The same shards through pipe:cat are streamed, not indexed: other crops and order. It was resumed silently and
     # the continuation differed (step 4's loss 3.1586 against 3.15189 uninterrupted).
