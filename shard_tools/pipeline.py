@@ -772,8 +772,8 @@ def _keep_earlier_m2d_unpadded(disc: Discovery, cfg: MakeConfig) -> MakeConfig:
     if found.intersection(plan_hashes(disc, cfg)) or not found.intersection(plan_hashes(disc, legacy)):
         return cfg
     print(f"note: {out} was made before make-shards zero-padded m2d waveforms to 6.1 s (as M2D's wav_to_lms.py); "
-          "continuing it unpadded (the loader pads its short clips with silence); pass --overwrite to remake it "
-          "padded", file=sys.stderr, flush=True)
+          "it is kept, or finished, unpadded (the loader pads its short clips with silence); pass --overwrite to "
+          "remake it padded", file=sys.stderr, flush=True)
     return legacy
 
 

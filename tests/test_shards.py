@@ -561,7 +561,7 @@ def test_m2d_set_made_before_the_waveform_padding_is_recognised_and_finished_unp
                            progress=False)
     monkeypatch.setattr(pl, "ordered_results", real)
     done = make_folder_shards(tmp_path / "cut", d, frontend="m2d", shard_size="2", workers=0, progress=False)
-    assert done["written"] == 6 and "continuing it unpadded" in capsys.readouterr().err
+    assert done["written"] == 6 and "it is kept, or finished, unpadded" in capsys.readouterr().err
     frames = sorted(m["n_frames"] for _, m in read_shard_set(tmp_path / "cut").values())
     assert frames == sorted(m["n_frames"] for _, m in read_shard_set(tmp_path / "out").values())
     # --overwrite remakes it padded
