@@ -62,6 +62,10 @@ class _StopInDataWait(BaseException):
 STOP_CHECK_S = 5.0
 
 
+def _processes(n: int) -> str:
+    return f"{n} process{'es' if n > 1 else ''}"
+
+
 def _next_stop_check(step: int, steps: int, seconds: float, log_every: int, target: float = STOP_CHECK_S) -> int:
     """The step of the next stop agreement after the one at `step`: `target` seconds ahead at the pace of the span
     since the previous one (`steps` steps in `seconds`, figures every process shares), at least 1 step ahead and at
@@ -405,8 +409,8 @@ class Trainer:
             # which only the EMA decays are adjusted for: said, so nobody takes such a run for the paper's.
             per = cfg.data.batch_size * acc.num_processes
             hint = f"; --grad-accum {ref // per} trains at {ref}" if ref % per == 0 and ref // per > 1 else ""
-            procs = f"{acc.num_processes} process{'es' if acc.num_processes > 1 else ''}"
-            print(f"note: global batch {self.global_batch} (--batch-size {cfg.data.batch_size} per device x {procs} x "
+            print(f"note: global batch {self.global_batch} (--batch-size {cfg.data.batch_size} per device x "
+                  f"{_processes(acc.num_processes)} x "
                   f"--grad-accum {cfg.optim.grad_accum}), not the {ref} the EMA decays are given for "
                   f"(--ema-reference-batch; the paper trains at 2048 = 8 GPUs x 256): the decays are rescaled to "
                   f"it, the learning rate {cfg.optim.lr:g} and the centre momentum are not{hint}",
@@ -426,7 +430,7 @@ class Trainer:
         b, a, world = self.cfg.data.batch_size, self.cfg.optim.grad_accum, self.accelerator.num_processes
         n = self.data.batches_per_epoch
         clips = getattr(getattr(self.data, "source", None), "total", None)
-        procs = f"{world} process{'es' if world > 1 else ''}"
+        procs = _processes(world)
         split = f"its {clips} clips / ({b} per process x {procs}) = {n}; " if clips is not None else ""
         return (f"the shard set gives {n} batches per process per epoch, fewer than --grad-accum {a}: {split}"
                 f"--batch-size is per process, the global batch is {b} x {procs} x --grad-accum {a} = {b * world * a}: "
