@@ -46,19 +46,20 @@ def _xent_bwd(dtype, block_k):
     return _xent_bwd_kernel, sig, {"BLOCK_K": block_k}, _num_warps(block_k)
 
 
-def _gather(in_dtype, out_dtype):
+def _gather(in_dtype, out_dtype, scalar="fp32"):
     sig = {"lms_ptr": f"*{in_dtype}", "vis_idx_ptr": "*i64", "mask_idx_ptr": "*i64", "vis_out_ptr": f"*{out_dtype}",
-           "mask_out_ptr": f"*{out_dtype}", "ok_ptr": "*i32", "mean": "fp32", "std": "fp32"}
+           "mask_out_ptr": f"*{out_dtype}", "ok_ptr": "*i32", "mean": scalar, "std": scalar}
     sig |= {n: I32 for n in ("n_vis", "n_mask", "n_t", "n_patches", "s_lb", "s_lf", "s_lt", "s_vb", "s_vn", "s_mb",
                              "s_mn")}
     sig |= {"PATCH": "constexpr", "TOK": "constexpr"}
     return _patchify_gather_kernel, sig, {"PATCH": 16, "TOK": TOKENS_PER_PROGRAM}, NUM_WARPS
 
 
-def _attention(kernel, dtype, hd, config):
+def _attention(kernel, dtype, hd, config, scalar="fp32"):
     """A variant of an attention kernel as a real launch specialises it: pointers and the 16-divisible strides of
     the model's tensors carry triton's divisibility hint (without it the compiler emits different, unpipelined
-    code), with the configuration's warps and stages. Returns (kernel, signature, constexprs, options, attrs)."""
+    code), with the configuration's warps and stages; the float scalars typed `scalar`. Returns (kernel,
+    signature, constexprs, options, attrs)."""
     bm, bn, warps, stages = config
     ptr_dtypes = {"lse_ptr": "fp32", "delta_ptr": "fp32"}
     sig, hinted = {}, []
@@ -72,7 +73,7 @@ def _attention(kernel, dtype, hd, config):
         elif name in ("N", "H"):
             sig[name] = I32
         elif name in ("qk_scale", "sm_scale"):
-            sig[name] = "fp32"
+            sig[name] = scalar
         else:
             sig[name] = "constexpr"
     consts = {"DM": 12 * hd, "HD": hd, "BLOCK_M": bm, "BLOCK_N": bn, "IEEE": dtype == "fp32"}
@@ -101,6 +102,15 @@ def variants(quick: bool = False):
                     yield tag, _attention(kernel, dtype, hd, config)
             delta_config = (_DELTA_BLOCK_M, 0, 4, 1)  # launched with triton's defaults: 4 warps
             yield f"attn_delta {dtype} hd={hd}", _attention(_attn_delta_kernel, dtype, hd, delta_config)
+    # An eager launch types a Python float fp32, torch.compile (Inductor's call of a user kernel) fp64: a kernel must
+    # compile both ways (the attention kernels did not, until they cast their scales to fp32 on entry). The type
+    # does not depend on the tile, so one configuration per kernel and input precision.
+    for in_dtype, out_dtype in (("fp32", "fp32"), ("fp16", "bf16")):
+        yield f"patchify_gather {in_dtype}->{out_dtype} fp64 scalars", _gather(in_dtype, out_dtype, "fp64")
+    for dtype in ("bf16", "fp32"):
+        for name, kernel in kernels.items():
+            config = _configs(kernel, 64, ieee=dtype == "fp32")[0]
+            yield f"{name} {dtype} hd=64 fp64 scalars", _attention(kernel, dtype, 64, config, "fp64")
 
 
 def resource_usage(cubin: bytes) -> str:

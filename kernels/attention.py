@@ -93,6 +93,7 @@ def _attn_fwd_kernel(
     qkv_ptr, o_ptr, lse_ptr, N, H, s_qb, s_qn, s_ob, s_on, qk_scale,
     DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
+    qk_scale = tl.cast(qk_scale, tl.float32)  # torch.compile passes a Python float as fp64: keep the loop's types fp32
     pid_bh, pid_m = _program_ids(N, BLOCK_M)
     q_base = qkv_ptr + _head(pid_bh, H, s_qb, HD)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -125,6 +126,7 @@ def _attn_bwd_dkdv_kernel(
     qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, N, H, s_qb, s_qn, s_db, s_dn, s_gb, s_gn, qk_scale, sm_scale,
     DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 under torch.compile
     pid_bh, pid_n = _program_ids(N, BLOCK_N)
     q_base = qkv_ptr + _head(pid_bh, H, s_qb, HD)
     do_base = do_ptr + _head(pid_bh, H, s_db, HD)
@@ -160,6 +162,7 @@ def _attn_bwd_dq_kernel(
     qkv_ptr, do_ptr, lse_ptr, delta_ptr, dqkv_ptr, N, H, s_qb, s_qn, s_db, s_dn, s_gb, s_gn, qk_scale, sm_scale,
     DM: tl.constexpr, HD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
+    qk_scale, sm_scale = tl.cast(qk_scale, tl.float32), tl.cast(sm_scale, tl.float32)  # fp64 under torch.compile
     pid_bh, pid_m = _program_ids(N, BLOCK_M)
     q_base = qkv_ptr + _head(pid_bh, H, s_qb, HD)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # this program's queries

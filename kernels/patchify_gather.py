@@ -84,7 +84,8 @@ def _patchify_gather_kernel(
     c = pix % PATCH
     src = lms_ptr + b * s_lb + (f0[:, None] + r[None, :]) * s_lf + (t0[:, None] + c[None, :]) * s_lt
     x = tl.load(src, mask=((vis_ok | mask_ok) & in_range)[:, None], other=0.0).to(tl.float32)
-    y = (x - mean) / std
+    # fp32 as in an eager launch: torch.compile passes the Python floats mean and std as fp64.
+    y = (x - tl.cast(mean, tl.float32)) / tl.cast(std, tl.float32)
     y = tl.where(in_range[:, None], y, float("nan"))
 
     dst = toks[:, None].to(tl.int64) * (PATCH * PATCH) + pix[None, :]
