@@ -10,6 +10,7 @@ are marked `gpu`.
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -706,6 +707,37 @@ def test_compile_check_sees_register_spills():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "STACK:" in proc.stdout and "STACK:0 " not in proc.stdout, proc.stdout
     assert proc.stdout.split()[-1] == "True", proc.stdout
+
+
+def test_compile_check_reports_a_kernel_that_fp64_scalars_break(tmp_path):
+    """torch.compile passes a Python float to a Triton kernel as fp64, an eager launch as fp32: a kernel whose loop
+    variable takes the scalar's type compiles one way only (the attention forward did, and failed on the first GPU
+    that ran it compiled). The check must name such a variant in one line and exit 1, not stop at a traceback."""
+    (tmp_path / "clash.py").write_text(
+        "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+        "def clash(x_ptr, scale, N, BLOCK: tl.constexpr):\n"
+        "    m = tl.full([BLOCK], 1.0, tl.float32)\n"
+        "    for _ in range(0, N, BLOCK):\n"
+        "        m = m * scale\n"
+        "    tl.store(x_ptr + tl.arange(0, BLOCK), m)\n"
+    )
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from clash import clash\n"
+        "from matpac_kernels import _compile_check as cc\n"
+        "sig = lambda t: {'x_ptr': '*fp32', 'scale': t, 'N': 'i32', 'BLOCK': 'constexpr'}\n"
+        "cc.variants = lambda quick: [(f'clash {t}', (clash, sig(t), {'BLOCK': 16}, 4)) for t in ('fp32', 'fp64')]\n"
+        "sys.exit(cc.main([]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=_no_interpreter_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"^ok  sm_90  clash fp32 ", proc.stdout, re.M), proc.stdout
+    fails = [ln for ln in proc.stderr.splitlines() if ln.startswith("FAIL ")]
+    assert len(fails) == 1 and fails[0].startswith("FAIL sm_90  clash fp64: ") and "fp64" in fails[0], proc.stderr
+    assert "1 variant(s) do not compile: clash fp64" in proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------ GPU only
