@@ -636,11 +636,13 @@ def test_committed_result_csvs_have_the_current_header():
         assert tt.csv_header_status(path) == "same", path
         assert len(plot_results.read_rows([path])) > 0
         # every committed reference-design row names its peer: the earlier one (every CSV before 9512281's H200
-        # run, as benchmarks/RESULTS.md says) or the authors' fairseq step (that run on)
+        # run, as benchmarks/RESULTS.md says) or the authors' fairseq step (that run on); a27f55a's H200 rows
+        # compare attention kernels and have no peer row
         with open(path, newline="") as f:
             peers = {r["peer"] for r in csv.DictReader(f) if r["mode"] == "reference-design"}
-        faithful = {"nvidia_h200_9512281.csv", "nvidia_h100_455c577.csv", "nvidia_h100_6f67a38.csv"}
-        expected = {_peer.PEER_VERSION} if path.name in faithful else {"earlier"}
+        earlier = {"cpu_tiny.csv", "nvidia_h200_772ded2.csv", "nvidia_h200_982ac11.csv"}
+        no_peer = {"nvidia_h200_a27f55a.csv"}
+        expected = {"earlier"} if path.name in earlier else set() if path.name in no_peer else {_peer.PEER_VERSION}
         assert peers == expected, (path, peers)
 
 
@@ -1121,6 +1123,19 @@ def test_attention_benchmark_cpu_smoke():
     assert default_ms == per_step["sdpa"]
     assert best in timed and best_ms == timed[best] == min(timed.values()), (best, best_ms, timed)
     assert speedup == pytest.approx(default_ms / best_ms, abs=0.01)  # 2 printed decimals, of 3-decimal times
+    assert re.search(r"^device cpu · .* · timing: wall clock$", proc.stdout, re.M), proc.stdout[-500:]
+
+
+def test_attention_benchmark_graphs_needs_cuda():
+    """--graphs (CUDA-graph replay) cannot run on CPU: a one-line usage error before any timing, not a traceback."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: --graphs runs there")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "attention.py"), "--preset", "tiny", "--batch", "2", "--graphs"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
+    assert proc.stderr.strip().splitlines()[-1].endswith("error: --graphs needs a CUDA GPU (CUDA graphs); on CPU "
+                                                          "leave it out"), proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_profile_step_cpu_smoke(tmp_path):
