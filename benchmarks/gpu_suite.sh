@@ -2,8 +2,9 @@
 # GPU suite: one command, results under OUT_DIR; every step fits a budget (460 s by default). With the defaults below
 # it finished in 385 s on one H100 at 6f67a38 (benchmarks/RESULTS.md): check 34 s, loader 16, train_b256 101,
 # attention 26, pytest_gpu 71, kernels 40, train_b64 96, plot 1. The Triton attention kernel (later) adds a column to
-# the attention step and tests to pytest_gpu, not yet timed: if the budget runs short, the last step (train_b64) is
-# the one cut, and SUITE_BUDGET_S can give it room. (At 455c577, with `compiled` and the stream step
+# the attention step (26 s with it on an H200 at a27f55a) and tests to pytest_gpu (~30 s more, from the H200's
+# attention tests): if the budget runs short, the last step (train_b64) is the one cut, and SUITE_BUDGET_S can give
+# it room. (At 455c577, with `compiled` and the stream step
 # also on by default, the budget ran out while train_b64 compiled, after its eager row; those two are now opt-in.)
 #
 #   benchmarks/gpu_suite.sh OUT_DIR [WHEELS_DIR]          # on the GPU machine, from any directory
@@ -24,25 +25,25 @@
 #               in the run's dtype without autocast, written-out timm attention, FP16Optimizer, in-forward EMA)
 #   stream      only with SUITE_STREAM=1: compiled+kernels at batch 256 again with the residual stream in bf16
 #               (--stream-dtype amp), right after train_b256, so the two rows compare side by side (cap 150 s: with
-#               train_big skipped it is the first compile, on a cold cache, ~70-90 s on the H100 machine)
+#               train_big skipped it is the first compile, on a cold cache, ~70-90 s on the H100 machine; 67-70 s on
+#               an H200)
 #   attn_triton only with SUITE_ATTN_TRITON=1: compiled+kernels at batch 256 with the bf16 stream, as the stream
-#               step, but --attn-impl triton (the project's attention kernel, autotuned at its first call) (skipped
-#               in the dry run: the tiny preset's 8-wide predictor heads are not a width the kernel takes)
+#               step, but --attn-impl triton (the project's attention kernel, autotuned at its first call; 71 s on an
+#               H200 at a27f55a, +8.7 % samples/s over the stream step) (skipped in the dry run: the tiny preset's
+#               8-wide predictor heads are not a width the kernel takes)
 #   gemm_autotune only with SUITE_GEMM_AUTOTUNE=1: compiled+kernels at batch 256 with the bf16 stream, as the stream
 #               step, but --compile-mode gemm-autotune (CUDA graphs + Inductor's Triton GEMM templates, which can
-#               fuse bias, GELU and casts into the GEMM; compile time unknown on a GPU: cap 240 s; the dry run
-#               compiles it too: 9 s to ~100 s on 2 CPU cores, warm or cold compile cache). An MFU session, the
-#               stream step as the baseline (the best MFU so far was measured with the bf16 stream), each candidate
-#               beside it with one change, and nothing else (check ~30 s + caps 150 + 120 + 240 fill the budget; the
-#               attention and GPU-test steps would be cut, so they are skipped: run them in a later call):
-#               SUITE_STREAM=1 SUITE_ATTN_TRITON=1 SUITE_GEMM_AUTOTUNE=1 SUITE_BUDGET_S=520
-#               SUITE_SKIP=loader,train_big,attention,pytest_gpu,kernels,train_small
+#               fuse bias, GELU and casts into the GEMM; cap 240 s, which is too short: on an H200 at 5702997 it
+#               had tuned 13 forward GEMMs, 8-25 s each, when the cap killed it; the dry run compiles it too: 9 s to
+#               ~100 s on 2 CPU cores). An MFU session, the stream step as the baseline (the best MFU was measured
+#               with the bf16 stream), the attention kernel beside it, and the attention and GPU-test steps
+#               (~300 s): SUITE_STREAM=1 SUITE_ATTN_TRITON=1 SUITE_SKIP=loader,train_big,kernels,train_small
 #   attention   benchmarks/attention.py: SDPA backends, compiled math and the Triton kernel on the student / teacher /
-#               predictor shapes (26-30 s before the kernel's column; its first calls compile and autotune ~26
-#               Triton variants, cached for the GPU tests after it: cap 90 s)
+#               predictor shapes (26-30 s, 26 s with the kernel's column on an H200: cap 90 s), each call timed
+#               eager, host cost included (`attention.py --graphs` times them from CUDA graphs; not a suite step)
 #   pytest_gpu  the GPU tests (pytest -m gpu: bf16 kernels, CUDA log-mel, pinned loader batches; the log lists the
 #               8 slowest and the pass count; it took 71-84 s on the H100 machine before the attention kernel's
-#               tests, whose time is not known yet: its cap is 150 s)
+#               tests, which took ~30 s on an H200: its cap is 150 s)
 #   kernels     benchmarks/kernels.py (Triton kernels vs eager / compiled references)
 #   train_b64   as train_b256 at batch 64 per device (SUITE_SMALL_MODES, default SUITE_MODES' value; each compiled
 #               mode compiles for ~40 s on an H200, ~70 s on the H100 machine)

@@ -150,7 +150,8 @@ _HELP = {
     "compile": "torch.compile: off, block (each transformer block), step (the whole forward)",
     "compile_mode": "torch.compile mode: default, reduce-overhead (CUDA graphs: fewer launches, more memory), "
     "max-autotune-no-cudagraphs (GEMM and kernel autotuning, minutes of compilation) or gemm-autotune (ours: CUDA "
-    "graphs plus GEMM autotuning only, so that Triton GEMMs can fuse bias/GELU epilogues; not yet timed on a GPU)",
+    "graphs plus GEMM autotuning only, so that Triton GEMMs can fuse bias/GELU epilogues; on an H200 its compile of "
+    "the ViT-B step took over 4 minutes, so its speed is unmeasured)",
     "kernels": "use the Triton kernels (fused patchify-gather and centred softmax cross-entropy)",
     "resume": "'auto' resumes from the latest checkpoint in --out, or give a checkpoint directory (an earlier one "
     "only once the later checkpoints are moved out of --out/checkpoints)",
