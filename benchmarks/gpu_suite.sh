@@ -36,8 +36,10 @@
 #               fuse bias, GELU and casts into the GEMM; cap 240 s, which is too short: on an H200 at 5702997 it
 #               had tuned 13 forward GEMMs, 8-25 s each, when the cap killed it; the dry run compiles it too: 9 s to
 #               ~100 s on 2 CPU cores). An MFU session, the stream step as the baseline (the best MFU was measured
-#               with the bf16 stream), the attention kernel beside it, and the attention and GPU-test steps
-#               (~300 s): SUITE_STREAM=1 SUITE_ATTN_TRITON=1 SUITE_SKIP=loader,train_big,kernels,train_small
+#               with the bf16 stream), the attention kernel beside it, the attention and GPU-test steps and a
+#               profile of the faster step (~370 s estimated from the step times measured so far):
+#               SUITE_STREAM=1 SUITE_ATTN_TRITON=1 SUITE_PROFILE=1 SUITE_BUDGET_S=520
+#               SUITE_SKIP=loader,train_big,kernels,train_small
 #   attention   benchmarks/attention.py: SDPA backends, compiled math and the Triton kernel on the student / teacher /
 #               predictor shapes (26-30 s, 26 s with the kernel's column on an H200: cap 90 s), each call timed
 #               eager, host cost included (`attention.py --graphs` times them from CUDA graphs; not a suite step)
@@ -48,7 +50,8 @@
 #   train_b64   as train_b256 at batch 64 per device (SUITE_SMALL_MODES, default SUITE_MODES' value; each compiled
 #               mode compiles for ~40 s on an H200, ~70 s on the H100 machine)
 #   profile     only with SUITE_PROFILE=1: benchmarks/profile_step.py on compiled+kernels at batch 256 with the bf16
-#               stream (where the GPU time goes, by kernel class; the table is in logs.tar.gz: profile.log)
+#               stream and, on a GPU, the Triton attention (the fastest step measured, H200 a27f55a; the dry run's
+#               tiny preset keeps SDPA): where the GPU time goes, by kernel class (logs.tar.gz: profile.log)
 #   plot        benchmarks/plot_results.py -> throughput.png (given up to 20 s past the budget when train.csv has rows)
 #
 # OUT_DIR receives (few files, so that a remote runner can ship them back): summary.txt (environment, each step's
@@ -314,12 +317,12 @@ if [ "$DRY" = 1 ]; then
   # One thread per process: on a small shared CPU, OpenMP threads that wait on each other slow steps ~50x.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   PRESET=tiny; DEVICE=cpu; PRECISION=no; BIG=16; SMALL=8; STEPS=${SUITE_STEPS:-2}; WARMUP=1
-  COMPILE_MODE=${SUITE_COMPILE_MODE:-default}; ATTN_BATCH=2
+  COMPILE_MODE=${SUITE_COMPILE_MODE:-default}; ATTN_BATCH=2; PROFILE_ATTN=sdpa
   MODES=${SUITE_MODES:-eager,reference-design}; SMALL_MODES=${SUITE_SMALL_MODES:-$MODES}; STREAM_MODES=eager
   LOADER_FRAMES=700; LOADER_PER_SHARD=16; LOADER_WORKERS=1
 else
   PRESET=matpac; DEVICE=cuda; PRECISION=bf16; BIG=256; SMALL=64
-  COMPILE_MODE=${SUITE_COMPILE_MODE:-reduce-overhead}; ATTN_BATCH=256
+  COMPILE_MODE=${SUITE_COMPILE_MODE:-reduce-overhead}; ATTN_BATCH=256; PROFILE_ATTN=triton
   # Most informative first: a run killed by its timeout keeps the rows it finished.
   MODES=${SUITE_MODES:-eager,compiled+kernels,reference-design}; STREAM_MODES=compiled+kernels
   SMALL_MODES=${SUITE_SMALL_MODES:-$MODES}
@@ -368,7 +371,7 @@ skipped kernels || step kernels 80 "$PY" benchmarks/kernels.py --out "$OUT/kerne
 skipped train_small || train "train_b$SMALL" 200 "$SMALL" "$SMALL_MODES"
 if [ "${SUITE_PROFILE:-0}" = 1 ]; then
   skipped profile || step profile 150 "$PY" benchmarks/profile_step.py --preset "$PRESET" --device "$DEVICE" --precision "$PRECISION" \
-    --batch "$BIG" --stream-dtype amp --steps 3 --warmup "$WARMUP" --top 30
+    --batch "$BIG" --stream-dtype amp --attn-impl "$PROFILE_ATTN" --steps 3 --warmup "$WARMUP" --top 30
 fi
 
 if [ -s "$OUT/train.csv" ]; then

@@ -960,6 +960,36 @@ def test_suite_mfu_session_runs_each_candidate_beside_the_bf16_stream_baseline(t
     assert "--attn-impl" not in stream + gemm and opt(attn, "--attn-impl") == "triton"
 
 
+def test_suite_next_mfu_session_profiles_the_step_with_the_triton_attention(tmp_path):
+    """The next GPU session's command (benchmarks/RESULTS.md), its GPU-mode command lines recorded by a stand-in
+    interpreter: the bf16-stream baseline, the same step with the Triton attention (8.7 % faster on an H200), the
+    standalone attention timings, the GPU tests, and a profile of the faster step: it profiled SDPA's."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/bash\n"
+        f'case "$*" in *benchmarks/*|*"-m pytest"*) echo "$*" >> {log}; exit 0;; '
+        "*cuda.is_available*) exit 0;; esac\n"
+        f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    r = subprocess.run(["bash", str(SUITE), str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                       env={**ENV, "PYTHON": str(fake), "SUITE_STREAM": "1", "SUITE_ATTN_TRITON": "1",
+                            "SUITE_PROFILE": "1", "SUITE_BUDGET_S": "520",
+                            "SUITE_SKIP": "loader,train_big,kernels,train_small"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    calls = [c.split() for c in log.read_text().splitlines()]
+    scripts = [next((Path(a).name for a in c if a.endswith(".py")), "pytest" if "pytest" in c else "?") for c in calls]
+    assert scripts == ["train_throughput.py", "train_throughput.py", "attention.py", "pytest", "profile_step.py"], calls
+
+    def opt(argv, name):  # the last value given (argparse keeps the last)
+        return [argv[i + 1] for i, a in enumerate(argv) if a == name][-1]
+
+    stream, attn, _, _, profile = calls
+    assert "--attn-impl" not in stream and opt(attn, "--attn-impl") == "triton"
+    assert (opt(profile, "--preset"), opt(profile, "--batch"), opt(profile, "--precision")) == ("matpac", "256", "bf16")
+    assert (opt(profile, "--stream-dtype"), opt(profile, "--attn-impl")) == ("amp", "triton")
+
+
 def test_suite_ctrl_c_stops_the_running_step_at_once(tmp_path):
     """Ctrl-C used to wait for the running step to finish (up to its cap: 240 s for a training step): bash runs a
     trap only between foreground commands, and timeout's own process group never saw the terminal's SIGINT."""
