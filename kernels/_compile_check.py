@@ -4,11 +4,13 @@ The interpreter tests check the numerics but not that the kernels pass Triton's 
 register pressure); this does, with the ptxas that ships in the triton wheel, and prints registers and spills
 (cuobjdump's STACK: ptxas puts spilled registers in the stack frame). A spill is a warning on stderr and exit 1; so
 is a variant that does not compile (each kernel is also compiled with its float scalars typed fp64, as
-torch.compile passes them).
+torch.compile passes them), and one whose code computes in fp64 (any fp64 instruction but the conversion of an fp64
+scalar to fp32: a scalar the kernel does not cast first makes the arithmetic it touches fp64, which compiles).
 It must run in a process where TRITON_INTERPRET is unset (interpreted kernels cannot be compiled).
 """
 
 import argparse
+import re
 import subprocess
 import sys
 import tempfile
@@ -127,13 +129,22 @@ def resource_usage(cubin: bytes) -> str:
 
 def compile_variant(variant, arch: int = 90) -> str:
     """Compile one variant (as `variants` yields them) for sm_<arch>; its resource usage, e.g.
-    "REG:124 STACK:0 SHARED:1024 LOCAL:0 DYN_SHARED:40960"."""
+    "REG:124 STACK:0 SHARED:1024 LOCAL:0 DYN_SHARED:40960", then " F64:<instructions>" if it computes in fp64."""
     kernel, sig, consts, options = variant[:4]
     options = options if isinstance(options, dict) else {"num_warps": options}
     attrs = variant[4] if len(variant) > 4 else None
     compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32), options=options)
-    return f"{resource_usage(compiled.asm['cubin'])} DYN_SHARED:{compiled.metadata.shared}"
+    ops = f64_ops(compiled.asm["ptx"])
+    f64 = f" F64:{','.join(ops)}" if ops else ""
+    return f"{resource_usage(compiled.asm['cubin'])} DYN_SHARED:{compiled.metadata.shared}{f64}"
+
+
+def f64_ops(ptx: str) -> list[str]:
+    """The fp64 instructions in `ptx` other than `cvt.rn.f32.f64` (an fp64 scalar argument cast to fp32 on entry).
+    Without that cast, torch.compile's fp64 scalars made 5702997's attention backward compute exp2 and the rest in
+    fp64, and patchify's normalisation: both compiled, so only the instructions show it."""
+    return sorted(set(re.findall(r"\b[a-z]+(?:\.[a-z0-9]+)*\.f64\b", ptx)) - {"cvt.rn.f32.f64"})
 
 
 def spills(usage: str) -> bool:
@@ -149,7 +160,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not hasattr(_xent_fwd_kernel, "fn") or type(_xent_fwd_kernel).__name__ != "JITFunction":
         sys.exit("the kernels are interpreted in this process: unset TRITON_INTERPRET and run again")
-    spilled, failed = [], []
+    spilled, failed, fp64 = [], [], []
     for name, variant in variants(args.quick):
         try:
             usage = compile_variant(variant, args.arch)
@@ -162,11 +173,16 @@ def main(argv=None) -> int:
         if spills(usage):
             print(f"    warning: {name} spills registers to local memory", file=sys.stderr)
             spilled.append(name)
+        if " F64:" in usage:
+            print(f"    warning: {name} computes in fp64 ({usage.split(' F64:')[1]})", file=sys.stderr)
+            fp64.append(name)
     if spilled:
         print(f"{len(spilled)} variant(s) spill registers: {', '.join(spilled)}", file=sys.stderr)
     if failed:
         print(f"{len(failed)} variant(s) do not compile: {', '.join(failed)}", file=sys.stderr)
-    return 1 if spilled or failed else 0
+    if fp64:
+        print(f"{len(fp64)} variant(s) compute in fp64: {', '.join(fp64)}", file=sys.stderr)
+    return 1 if spilled or failed or fp64 else 0
 
 
 if __name__ == "__main__":

@@ -740,6 +740,36 @@ def test_compile_check_reports_a_kernel_that_fp64_scalars_break(tmp_path):
     assert "1 variant(s) do not compile: clash fp64" in proc.stderr
 
 
+def test_compile_check_sees_fp64_arithmetic(tmp_path):
+    """An fp64 scalar that a kernel does not cast first turns the arithmetic it touches into fp64, which compiles
+    (5702997's attention backward and patchify did so under torch.compile): the check must name such a variant and
+    exit 1, and pass the same kernel with the scalar cast to fp32 on entry."""
+    (tmp_path / "scaled.py").write_text(
+        "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+        "def scaled(x_ptr, scale, CAST: tl.constexpr, BLOCK: tl.constexpr):\n"
+        "    if CAST:\n"
+        "        scale = tl.cast(scale, tl.float32)\n"
+        "    offs = tl.arange(0, BLOCK)\n"
+        "    tl.store(x_ptr + offs, tl.load(x_ptr + offs) * scale)\n"
+    )
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "from scaled import scaled\n"
+        "from matpac_kernels import _compile_check as cc\n"
+        "sig = lambda t: {'x_ptr': '*fp32', 'scale': t, 'CAST': 'constexpr', 'BLOCK': 'constexpr'}\n"
+        "cc.variants = lambda quick: [(f'scaled {t} cast={c}', (scaled, sig(t), {'CAST': c, 'BLOCK': 16}, 4))\n"
+        "                             for t in ('fp32', 'fp64') for c in (False, True)]\n"
+        "sys.exit(cc.main([]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=_no_interpreter_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    assert proc.stdout.count("ok  sm_90  scaled ") == 4 and proc.stdout.count(" F64:") == 1, proc.stdout
+    assert re.search(r"^ok  sm_90  scaled fp64 cast=False .* F64:\S*mul\S*\.f64", proc.stdout, re.M), proc.stdout
+    assert "1 variant(s) compute in fp64: scaled fp64 cast=False" in proc.stderr, proc.stderr
+
+
 # ------------------------------------------------------------------------------------------------ GPU only
 @gpu
 @needs_cuda
