@@ -191,7 +191,8 @@ def _attn_bwd_dq_kernel(
 # autotuner. A program's own tile (BLOCK_M for the forward and dq, BLOCK_N for dk/dv) is at least 64 rows in 16-bit:
 # at 32, sm_90 code got no wgmma instructions (compiled without a GPU). Every list below compiles for sm_90 without
 # register spills at its head widths (`python -m matpac_kernels._compile_check` compiles each one and fails on a
-# spill; it is how these were chosen). Not yet tuned on a GPU: benchmarks/attention.py compares the op with SDPA.
+# spill; it is how these were chosen). The lists are not tuned on a GPU; the op's first GPU run (H200, a27f55a) is in
+# benchmarks/RESULTS.md.
 _INTERP_CONFIG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages), 16-bit inputs, heads up to 64 wide (the presets' 32 and 64)
 _QUERY_TILED = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 4, 2)]  # forward, dq
