@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,19 @@ def test_a_sigkilled_holder_leaves_no_lock_even_with_a_forked_child_alive(case, 
         proc.kill()  # SIGKILL: no clean-up, no release
         proc.wait()
         assert _alive(child)  # the forked child outlives its parent, as an orphaned loader worker does ...
-        try_lock(out)  # ... yet the lock went with the process that took it
+        # ... yet the lock went with the process that took it. Once in a CI run on a loaded 2-core VM the lock was
+        # still reported held right after wait() returned (not reproduced in 25 runs, idle or loaded): the kernel's
+        # release of the dead process's files can lag. A few seconds' grace keeps the test's point: a child that
+        # kept the lock would hold it for its whole 30-s sleep.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                try_lock(out)
+                break
+            except ValueError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
         assert _alive(child)  # (and the child was alive all the while: the lock was not freed by its exit)
     finally:
         proc.kill()
