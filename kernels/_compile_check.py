@@ -164,8 +164,9 @@ def main(argv=None) -> int:
     for name, variant in variants(args.quick):
         try:
             usage = compile_variant(variant, args.arch)
-        except triton.CompilationError as e:  # e.g. a loop variable whose type a fp64 scalar changes
-            print(f"FAIL sm_{args.arch}  {name}: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+        except Exception as e:  # a type clash (CompilationError), ptxas (PTXASError), an MLIR pass (RuntimeError)
+            last = (str(e).strip().splitlines() or [""])[-1]
+            print(f"FAIL sm_{args.arch}  {name}: {type(e).__name__}: {last}", file=sys.stderr)
             failed.append(name)
             continue
         warps = variant[3]["num_warps"] if isinstance(variant[3], dict) else variant[3]
