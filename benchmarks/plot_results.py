@@ -143,7 +143,7 @@ def plot(rows: list[dict], out: Path, title: str | None = None) -> Path:
                 xs.append(b_i + (m_i - (len(modes) - 1) / 2) * width)
                 ys.append(r["samples_per_s"])
                 mfu = r.get("mfu")
-                labels.append(f"{r['samples_per_s']:.0f}" + (f"\n{100 * mfu:.0f}%" if mfu is not None else ""))
+                labels.append(f"{r['samples_per_s']:.0f}" + (f"\n{100 * mfu:.1f}%" if mfu is not None else ""))
             # same colour, told apart by hatch: stream / earlier-peer variants //, another attention kernel \\,
             # an autotuning compile mode xx, synthetic-data bars dotted
             parts = mode.split(" · ")[1:]
