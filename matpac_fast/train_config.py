@@ -116,7 +116,9 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "ge
 # with cuBLAS for each matrix product, and a template that wins can take the element-wise work after it (bias, the
 # exact GELU, casts) into its epilogue, the ~30 % of a step that is not GEMMs (benchmarks/RESULTS.md). Without
 # max-autotune's coordinate-descent tuning of every other kernel, meant to compile faster: max-autotune-no-cudagraphs
-# did not finish compiling within 3 minutes on an H200 (which of its parts took the time was not measured).
+# did not finish compiling within 3 minutes on an H200 (which of its parts took the time was not measured). It did
+# not help enough: gemm-autotune had not finished either after 4 minutes on an H200 (13 forward GEMMs tuned, 8-25 s
+# each; benchmarks/results/autotune_nvidia_h200_5702997.txt).
 GEMM_AUTOTUNE_OPTIONS = {"max_autotune_gemm": True, "coordinate_descent_tuning": False, "triton.cudagraphs": True}
 
 
