@@ -709,29 +709,36 @@ def test_compile_check_sees_register_spills():
     assert proc.stdout.split()[-1] == "True", proc.stdout
 
 
+def _check_variants(tmp_path, module: str, kernel_source: str, variants_code: str) -> subprocess.CompletedProcess:
+    """Run the compile check's main on the variants `variants_code` builds (a list expression over `kernel`) of the
+    one `@triton.jit` kernel in `kernel_source`, written as a module (Triton reads a kernel's source from its file)."""
+    header = "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+    (tmp_path / f"{module}.py").write_text(header + kernel_source)
+    code = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        f"from {module} import {module} as kernel\n"
+        "from matpac_kernels import _compile_check as cc\n"
+        f"cc.variants = lambda quick: {variants_code}\n"
+        "sys.exit(cc.main([]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", code], env=_no_interpreter_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
 def test_compile_check_reports_a_kernel_that_fp64_scalars_break(tmp_path):
     """torch.compile passes a Python float to a Triton kernel as fp64, an eager launch as fp32: a kernel whose loop
     variable takes the scalar's type compiles one way only (the attention forward did, and failed on the first GPU
     that ran it compiled). The check must name such a variant in one line and exit 1, not stop at a traceback."""
-    (tmp_path / "clash.py").write_text(
-        "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+    proc = _check_variants(
+        tmp_path, "clash",
         "def clash(x_ptr, scale, N, BLOCK: tl.constexpr):\n"
         "    m = tl.full([BLOCK], 1.0, tl.float32)\n"
         "    for _ in range(0, N, BLOCK):\n"
         "        m = m * scale\n"
-        "    tl.store(x_ptr + tl.arange(0, BLOCK), m)\n"
-    )
-    code = (
-        "import sys\n"
-        f"sys.path.insert(0, {str(tmp_path)!r})\n"
-        "from clash import clash\n"
-        "from matpac_kernels import _compile_check as cc\n"
-        "sig = lambda t: {'x_ptr': '*fp32', 'scale': t, 'N': 'i32', 'BLOCK': 'constexpr'}\n"
-        "cc.variants = lambda quick: [(f'clash {t}', (clash, sig(t), {'BLOCK': 16}, 4)) for t in ('fp32', 'fp64')]\n"
-        "sys.exit(cc.main([]))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], env=_no_interpreter_env(), capture_output=True, text=True,
-                          timeout=300)
+        "    tl.store(x_ptr + tl.arange(0, BLOCK), m)\n",
+        "[(f'clash {t}', (kernel, {'x_ptr': '*fp32', 'scale': t, 'N': 'i32', 'BLOCK': 'constexpr'}, {'BLOCK': 16}, 4))"
+        " for t in ('fp32', 'fp64')]")
     assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert re.search(r"^ok  sm_90  clash fp32 ", proc.stdout, re.M), proc.stdout
@@ -744,26 +751,15 @@ def test_compile_check_sees_fp64_arithmetic(tmp_path):
     """An fp64 scalar that a kernel does not cast first turns the arithmetic it touches into fp64, which compiles
     (5702997's attention backward and patchify did so under torch.compile): the check must name such a variant and
     exit 1, and pass the same kernel with the scalar cast to fp32 on entry."""
-    (tmp_path / "scaled.py").write_text(
-        "import triton\nimport triton.language as tl\n\n\n@triton.jit\n"
+    proc = _check_variants(
+        tmp_path, "scaled",
         "def scaled(x_ptr, scale, CAST: tl.constexpr, BLOCK: tl.constexpr):\n"
         "    if CAST:\n"
         "        scale = tl.cast(scale, tl.float32)\n"
         "    offs = tl.arange(0, BLOCK)\n"
-        "    tl.store(x_ptr + offs, tl.load(x_ptr + offs) * scale)\n"
-    )
-    code = (
-        "import sys\n"
-        f"sys.path.insert(0, {str(tmp_path)!r})\n"
-        "from scaled import scaled\n"
-        "from matpac_kernels import _compile_check as cc\n"
-        "sig = lambda t: {'x_ptr': '*fp32', 'scale': t, 'CAST': 'constexpr', 'BLOCK': 'constexpr'}\n"
-        "cc.variants = lambda quick: [(f'scaled {t} cast={c}', (scaled, sig(t), {'CAST': c, 'BLOCK': 16}, 4))\n"
-        "                             for t in ('fp32', 'fp64') for c in (False, True)]\n"
-        "sys.exit(cc.main([]))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], env=_no_interpreter_env(), capture_output=True, text=True,
-                          timeout=300)
+        "    tl.store(x_ptr + offs, tl.load(x_ptr + offs) * scale)\n",
+        "[(f'scaled {t} cast={c}', (kernel, {'x_ptr': '*fp32', 'scale': t, 'CAST': 'constexpr', "
+        "'BLOCK': 'constexpr'}, {'CAST': c, 'BLOCK': 16}, 4)) for t in ('fp32', 'fp64') for c in (False, True)]")
     assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
     assert proc.stdout.count("ok  sm_90  scaled ") == 4 and proc.stdout.count(" F64:") == 1, proc.stdout
     assert re.search(r"^ok  sm_90  scaled fp64 cast=False .* F64:\S*mul\S*\.f64", proc.stdout, re.M), proc.stdout

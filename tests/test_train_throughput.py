@@ -924,11 +924,9 @@ def test_suite_skip_runs_only_the_other_steps(tmp_path):
     assert "RESULT train " in summary
 
 
-def test_suite_mfu_session_runs_each_candidate_beside_the_bf16_stream_baseline(tmp_path):
-    """The GPU-mode command lines of an MFU session, recorded by a stand-in interpreter that runs nothing (it
-    reports CUDA and imports the rest with the real one). The attn_triton and gemm_autotune steps ran the fp32 stream
-    while the best figure they were to beat used the bf16 one, and the dry run ran gemm_autotune as an eager row
-    that ignores the compile mode, so neither step's own path had run anywhere before a GPU session."""
+def _suite_gpu_calls(tmp_path, **env) -> list[list[str]]:
+    """The suite's GPU-mode command lines (argv of each benchmark and pytest run) under `env`, recorded by a
+    stand-in interpreter that runs none of them: it reports CUDA and runs the suite's other checks with the real one."""
     log = tmp_path / "calls.txt"
     fake = tmp_path / "python"
     fake.write_text(
@@ -938,16 +936,27 @@ def test_suite_mfu_session_runs_each_candidate_beside_the_bf16_stream_baseline(t
         f'exec {sys.executable} "$@"\n')
     fake.chmod(0o755)
     r = subprocess.run(["bash", str(SUITE), str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
-                       env={**ENV, "PYTHON": str(fake), "SUITE_STREAM": "1", "SUITE_ATTN_TRITON": "1",
-                            "SUITE_GEMM_AUTOTUNE": "1", "SUITE_BUDGET_S": "520",
-                            "SUITE_SKIP": "loader,train_big,attention,pytest_gpu,kernels,train_small"})
+                       env={**ENV, "PYTHON": str(fake), **env})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    calls = log.read_text().splitlines()
-    train = [c.split() for c in calls if "train_throughput.py" in c]
-    assert len(train) == 3 and len(calls) == 3, calls
+    return [c.split() for c in log.read_text().splitlines()]
 
-    def opt(argv, name):  # the last value given (argparse keeps the last)
-        return [argv[i + 1] for i, a in enumerate(argv) if a == name][-1]
+
+def _last_opt(argv: list[str], name: str) -> str:
+    """The last value given for option `name` (argparse keeps the last)."""
+    return [argv[i + 1] for i, a in enumerate(argv) if a == name][-1]
+
+
+def test_suite_mfu_session_runs_each_candidate_beside_the_bf16_stream_baseline(tmp_path):
+    """The GPU-mode command lines of an MFU session, recorded by a stand-in interpreter that runs nothing (it
+    reports CUDA and imports the rest with the real one). The attn_triton and gemm_autotune steps ran the fp32 stream
+    while the best figure they were to beat used the bf16 one, and the dry run ran gemm_autotune as an eager row
+    that ignores the compile mode, so neither step's own path had run anywhere before a GPU session."""
+    calls = _suite_gpu_calls(tmp_path, SUITE_STREAM="1", SUITE_ATTN_TRITON="1", SUITE_GEMM_AUTOTUNE="1",
+                             SUITE_BUDGET_S="520",
+                             SUITE_SKIP="loader,train_big,attention,pytest_gpu,kernels,train_small")
+    train = [c for c in calls if any(a.endswith("train_throughput.py") for a in c)]
+    assert len(train) == 3 and len(calls) == 3, calls
+    opt = _last_opt
 
     for argv in train:
         assert (opt(argv, "--preset"), opt(argv, "--batch-sizes"), opt(argv, "--modes")) == (
@@ -964,25 +973,11 @@ def test_suite_next_mfu_session_profiles_the_step_with_the_triton_attention(tmp_
     """The next GPU session's command (benchmarks/RESULTS.md), its GPU-mode command lines recorded by a stand-in
     interpreter: the bf16-stream baseline, the same step with the Triton attention (8.7 % faster on an H200), the
     standalone attention timings, the GPU tests, and a profile of the faster step: it profiled SDPA's."""
-    log = tmp_path / "calls.txt"
-    fake = tmp_path / "python"
-    fake.write_text(
-        "#!/bin/bash\n"
-        f'case "$*" in *benchmarks/*|*"-m pytest"*) echo "$*" >> {log}; exit 0;; '
-        "*cuda.is_available*) exit 0;; esac\n"
-        f'exec {sys.executable} "$@"\n')
-    fake.chmod(0o755)
-    r = subprocess.run(["bash", str(SUITE), str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
-                       env={**ENV, "PYTHON": str(fake), "SUITE_STREAM": "1", "SUITE_ATTN_TRITON": "1",
-                            "SUITE_PROFILE": "1", "SUITE_BUDGET_S": "520",
-                            "SUITE_SKIP": "loader,train_big,kernels,train_small"})
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    calls = [c.split() for c in log.read_text().splitlines()]
+    calls = _suite_gpu_calls(tmp_path, SUITE_STREAM="1", SUITE_ATTN_TRITON="1", SUITE_PROFILE="1",
+                             SUITE_BUDGET_S="520", SUITE_SKIP="loader,train_big,kernels,train_small")
     scripts = [next((Path(a).name for a in c if a.endswith(".py")), "pytest" if "pytest" in c else "?") for c in calls]
     assert scripts == ["train_throughput.py", "train_throughput.py", "attention.py", "pytest", "profile_step.py"], calls
-
-    def opt(argv, name):  # the last value given (argparse keeps the last)
-        return [argv[i + 1] for i, a in enumerate(argv) if a == name][-1]
+    opt = _last_opt
 
     stream, attn, _, _, profile = calls
     assert "--attn-impl" not in stream and opt(attn, "--attn-impl") == "triton"
