@@ -17,9 +17,9 @@ On CUDA each call is timed as an eager call by default (`triton.testing.do_bench
 the Triton kernel's call goes through Python, its autotuner and five launches, so where a call is short that cost
 can dominate. `--graphs` times calls replayed from a CUDA graph (`triton.testing.do_bench_cudagraph`), as the
 compiled training step runs them (CUDA graphs), which leaves only the GPU's time; it also differs in not flushing
-the L2 cache between calls (`do_bench` does), so where a call's inputs fit in L2 they stay there. (On an H200 at a27f55a the eager
-timing put the Triton kernel at 18.9 ms per step against SDPA's 11.0, while the training step with it was 5.4 ms
-shorter; benchmarks/RESULTS.md.)
+the L2 cache between calls (`do_bench` does), so where a call's inputs fit in L2 they stay there. (On an H200 at
+a27f55a the eager timing put the Triton kernel at 18.9 ms per step against SDPA's 11.0, while the training step with
+it was 5.4 ms shorter; benchmarks/RESULTS.md.)
 
     python benchmarks/attention.py                     # CUDA: matpac preset, B 256, bf16, eager calls
     python benchmarks/attention.py --graphs            # CUDA: the same, each call replayed from a CUDA graph
