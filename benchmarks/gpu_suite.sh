@@ -40,6 +40,9 @@
 #               profile of the faster step (~370 s estimated from the step times measured so far):
 #               SUITE_STREAM=1 SUITE_ATTN_TRITON=1 SUITE_PROFILE=1 SUITE_BUDGET_S=520
 #               SUITE_SKIP=loader,train_big,kernels,train_small
+#               and, in a second call on the warm machine, both at batch 512 and the attention timed from CUDA
+#               graphs (~210 s estimated): SUITE_BIG_BATCH=512 SUITE_STREAM=1 SUITE_ATTN_TRITON=1
+#               SUITE_ATTN_GRAPHS=1 SUITE_SKIP=loader,train_big,pytest_gpu,kernels,train_small
 #   attention   benchmarks/attention.py: SDPA backends, compiled math and the Triton kernel on the student / teacher /
 #               predictor shapes (26-30 s, 26 s with the kernel's column on an H200: cap 90 s), each call timed
 #               eager, host cost included (`attention.py --graphs` times them from CUDA graphs; not a suite step)
@@ -71,11 +74,14 @@
 #
 # Environment: PYTHON (default python3), MATPAC_COMMIT (the commit to report, for a copied tree),
 # SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed steps per training run, default 25; 2 dry run),
+# SUITE_BIG_BATCH (the batch per device of train_big, stream, attn_triton, gemm_autotune and profile; default 256 on GPU,
+# 16 dry run; e.g. 512, the best MFU measured, for a second call after an MFU session's first),
 # SUITE_COMPILE_MODE (torch.compile mode of the compiled modes: default | reduce-overhead | max-autotune-no-cudagraphs
 # | gemm-autotune),
 # SUITE_MODES (modes of train_b256, and of train_b64 unless SUITE_SMALL_MODES is set), SUITE_SMALL_MODES,
 # SUITE_STREAM=1 (run the stream step), SUITE_ATTN_TRITON=1 (run the attn_triton step), SUITE_GEMM_AUTOTUNE=1 (run
-# the gemm_autotune step), SUITE_PROFILE=1 (run the profile step),
+# the gemm_autotune step), SUITE_PROFILE=1 (run the profile step), SUITE_ATTN_GRAPHS=1 (the attention step times each
+# call replayed from a CUDA graph, `attention.py --graphs`, as the training step runs them; GPU only),
 # SUITE_SKIP (comma list of steps not to run: loader train_big stream attn_triton gemm_autotune attention pytest_gpu
 # kernels train_small profile; e.g. an MFU session's SUITE_SKIP=loader,train_big,kernels,train_small: the training
 # runs then read synthetic data),
@@ -110,7 +116,7 @@ fi
 # device time (an unknown mode, SUITE_STEPS=0), or as a bash arithmetic error mid-suite (SUITE_BUDGET_S=abc; with
 # SUITE_BUDGET_S=1e3 every step was dropped and the suite exited 0); SUITE_STREAM=yes silently ran no stream step.
 bad() { echo "error: $*; see the header of $0 (nothing was run)" >&2; exit 2; }
-for v in SUITE_BUDGET_S SUITE_STEPS; do  # no leading zero: bash arithmetic reads 010 as octal
+for v in SUITE_BUDGET_S SUITE_STEPS SUITE_BIG_BATCH; do  # no leading zero: bash arithmetic reads 010 as octal
   [ -z "${!v:-}" ] || [[ "${!v}" =~ ^[1-9][0-9]*$ ]] ||
     bad "$v=${!v}: give a whole number >= 1 (digits only, no leading 0)"
 done
@@ -138,7 +144,7 @@ if [ -n "${SUITE_SKIP:-}" ]; then
     [[ " ${SKIPPABLE[*]} " == *" $k "* ]] || bad "SUITE_SKIP=$SUITE_SKIP: unknown step '$k' (steps: ${SKIPPABLE[*]})"
   done
 fi
-for v in SUITE_STREAM SUITE_ATTN_TRITON SUITE_GEMM_AUTOTUNE SUITE_PROFILE SUITE_ALLOW_MISSING; do
+for v in SUITE_STREAM SUITE_ATTN_TRITON SUITE_GEMM_AUTOTUNE SUITE_PROFILE SUITE_ATTN_GRAPHS SUITE_ALLOW_MISSING; do
   case "${!v:-0}" in 0|1) ;; *) bad "$v=${!v}: give 1 (on) or 0 (off)" ;; esac
 done
 
@@ -316,12 +322,12 @@ PYTEST_EXTRA=()
 if [ "$DRY" = 1 ]; then
   # One thread per process: on a small shared CPU, OpenMP threads that wait on each other slow steps ~50x.
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-  PRESET=tiny; DEVICE=cpu; PRECISION=no; BIG=16; SMALL=8; STEPS=${SUITE_STEPS:-2}; WARMUP=1
+  PRESET=tiny; DEVICE=cpu; PRECISION=no; BIG=${SUITE_BIG_BATCH:-16}; SMALL=8; STEPS=${SUITE_STEPS:-2}; WARMUP=1
   COMPILE_MODE=${SUITE_COMPILE_MODE:-default}; ATTN_BATCH=2; PROFILE_ATTN=sdpa
   MODES=${SUITE_MODES:-eager,reference-design}; SMALL_MODES=${SUITE_SMALL_MODES:-$MODES}; STREAM_MODES=eager
   LOADER_FRAMES=700; LOADER_PER_SHARD=16; LOADER_WORKERS=1
 else
-  PRESET=matpac; DEVICE=cuda; PRECISION=bf16; BIG=256; SMALL=64
+  PRESET=matpac; DEVICE=cuda; PRECISION=bf16; BIG=${SUITE_BIG_BATCH:-256}; SMALL=64
   COMPILE_MODE=${SUITE_COMPILE_MODE:-reduce-overhead}; ATTN_BATCH=256; PROFILE_ATTN=triton
   # Most informative first: a run killed by its timeout keeps the rows it finished.
   MODES=${SUITE_MODES:-eager,compiled+kernels,reference-design}; STREAM_MODES=compiled+kernels
@@ -364,7 +370,14 @@ if [ "${SUITE_GEMM_AUTOTUNE:-0}" = 1 ]; then
   skipped gemm_autotune || train gemm_autotune 240 "$BIG" compiled+kernels --compile-mode gemm-autotune \
     --stream-dtype amp
 fi
-skipped attention || step attention 90 "$PY" benchmarks/attention.py --preset "$PRESET" --batch "$ATTN_BATCH" --reps 1
+ATTN_TIMING=()
+if [ "${SUITE_ATTN_GRAPHS:-0}" = 1 ] && [ "$DRY" = 1 ]; then
+  say "note: SUITE_ATTN_GRAPHS=1 needs a CUDA GPU (CUDA graphs); the dry run's attention step times eager calls"
+elif [ "${SUITE_ATTN_GRAPHS:-0}" = 1 ]; then
+  ATTN_TIMING=(--graphs)
+fi
+skipped attention || step attention 90 "$PY" benchmarks/attention.py --preset "$PRESET" --batch "$ATTN_BATCH" --reps 1 \
+  "${ATTN_TIMING[@]}"
 # No -q here: pyproject's addopts already has one, and -qq drops pytest's "N passed" line from the log.
 skipped pytest_gpu || step pytest_gpu 150 "$PY" -m pytest -m gpu -p no:cacheprovider -rs --durations=8 "${PYTEST_EXTRA[@]}" tests
 skipped kernels || step kernels 80 "$PY" benchmarks/kernels.py --out "$OUT/kernels.csv"

@@ -877,6 +877,8 @@ def test_suite_usage_names_its_command_lines(tmp_path):
     ({"SUITE_BUDGET_S": "0"}, "SUITE_BUDGET_S=0: give a whole number >= 1"),
     ({"SUITE_STEPS": "0"}, "SUITE_STEPS=0: give a whole number >= 1"),
     ({"SUITE_STEPS": "x"}, "SUITE_STEPS=x: give a whole number >= 1"),
+    ({"SUITE_BIG_BATCH": "0"}, "SUITE_BIG_BATCH=0: give a whole number >= 1"),
+    ({"SUITE_ATTN_GRAPHS": "yes"}, "SUITE_ATTN_GRAPHS=yes: give 1 (on) or 0 (off)"),
     ({"SUITE_COMPILE_MODE": "fast"}, "SUITE_COMPILE_MODE=fast: give default, reduce-overhead"),
     ({"SUITE_STREAM": "yes"}, "SUITE_STREAM=yes: give 1 (on) or 0 (off)"),
     ({"SUITE_ATTN_TRITON": "2"}, "SUITE_ATTN_TRITON=2: give 1 (on) or 0 (off)"),
@@ -983,6 +985,28 @@ def test_suite_next_mfu_session_profiles_the_step_with_the_triton_attention(tmp_
     assert "--attn-impl" not in stream and opt(attn, "--attn-impl") == "triton"
     assert (opt(profile, "--preset"), opt(profile, "--batch"), opt(profile, "--precision")) == ("matpac", "256", "bf16")
     assert (opt(profile, "--stream-dtype"), opt(profile, "--attn-impl")) == ("amp", "triton")
+
+
+def test_suite_second_mfu_call_runs_batch_512_and_times_attention_from_cuda_graphs(tmp_path):
+    """The next GPU session's second call (benchmarks/RESULTS.md): the stream and Triton-attention steps at batch 512
+    (the best MFU measured), and the attention step with --graphs; they had to be typed by hand on the device."""
+    calls = _suite_gpu_calls(tmp_path, SUITE_BIG_BATCH="512", SUITE_STREAM="1", SUITE_ATTN_TRITON="1",
+                             SUITE_ATTN_GRAPHS="1", SUITE_SKIP="loader,train_big,pytest_gpu,kernels,train_small")
+    scripts = [next((Path(a).name for a in c if a.endswith(".py")), "?") for c in calls]
+    assert scripts == ["train_throughput.py", "train_throughput.py", "attention.py"], calls
+    stream, attn, timing = calls
+    assert _last_opt(stream, "--batch-sizes") == _last_opt(attn, "--batch-sizes") == "512"
+    assert "--attn-impl" not in stream and _last_opt(attn, "--attn-impl") == "triton"
+    assert "--graphs" in timing and _last_opt(timing, "--batch") == "256"
+
+
+def test_suite_attn_graphs_in_the_dry_run_says_it_times_eager_calls(tmp_path):
+    out = tmp_path / "out"
+    r = _suite(str(out), "--cpu-dry-run", SUITE_ATTN_GRAPHS="1",
+               SUITE_SKIP="loader,train_big,pytest_gpu,kernels,train_small")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    summary = (out / "summary.txt").read_text()
+    assert "SUITE_ATTN_GRAPHS=1 needs a CUDA GPU" in summary and "OK    attention" in summary, summary
 
 
 def test_suite_ctrl_c_stops_the_running_step_at_once(tmp_path):
