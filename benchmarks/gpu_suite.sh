@@ -45,7 +45,8 @@
 #               SUITE_ATTN_GRAPHS=1 SUITE_SKIP=loader,train_big,pytest_gpu,kernels,train_small
 #   attention   benchmarks/attention.py: SDPA backends, compiled math and the Triton kernel on the student / teacher /
 #               predictor shapes (26-30 s, 26 s with the kernel's column on an H200: cap 90 s), each call timed
-#               eager, host cost included (`attention.py --graphs` times them from CUDA graphs; not a suite step)
+#               eager, host cost included (with SUITE_ATTN_GRAPHS=1: `attention.py --graphs`, replayed from CUDA
+#               graphs, as the training step runs them; GPU only)
 #   pytest_gpu  the GPU tests (pytest -m gpu: bf16 kernels, CUDA log-mel, pinned loader batches; the log lists the
 #               8 slowest and the pass count; it took 71-84 s on the H100 machine before the attention kernel's
 #               tests, which took ~30 s on an H200: its cap is 150 s)

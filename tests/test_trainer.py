@@ -203,7 +203,10 @@ def test_ctrl_c_during_start_up_is_one_line(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
-def test_a_second_sigint_is_the_callers_sigterm_stays_graceful(tmp_path):
+@contextlib.contextmanager
+def _trainer_signal_handlers(tmp_path):
+    """A tiny Trainer with its SIGINT/SIGTERM handlers installed: yields (trainer, its handler, the handlers it
+    replaced); the process's own handlers are back afterwards, whatever the test did."""
     import signal
 
     from matpac_fast.trainer import Trainer
@@ -212,7 +215,16 @@ def test_a_second_sigint_is_the_callers_sigterm_stays_graceful(tmp_path):
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         trainer._install_signal_handlers()
-        handler = signal.getsignal(signal.SIGTERM)
+        yield trainer, signal.getsignal(signal.SIGTERM), saved
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
+
+
+def test_a_second_sigint_is_the_callers_sigterm_stays_graceful(tmp_path):
+    import signal
+
+    with _trainer_signal_handlers(tmp_path) as (trainer, handler, saved):
         handler(signal.SIGTERM, None)
         handler(signal.SIGTERM, None)  # a launcher and Slurm may both send it: still graceful
         assert trainer._stop_requested and signal.getsignal(signal.SIGTERM) is handler
@@ -220,9 +232,6 @@ def test_a_second_sigint_is_the_callers_sigterm_stays_graceful(tmp_path):
         handler(signal.SIGINT, None)
         # the next Ctrl-C is the caller's: a KeyboardInterrupt (main says so in one line; a notebook keeps its kernel)
         assert signal.getsignal(signal.SIGINT) is saved[signal.SIGINT]
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
 
 
 def test_a_new_epoch_counts_the_last_ones_skipped_shards_before_its_first_batch(tmp_path):
@@ -751,17 +760,11 @@ def test_under_torchrun_a_sigterm_after_a_sigint_is_the_second_ctrl_c(tmp_path, 
     # second Ctrl-C does without a launcher (before, it was one more graceful stop). Otherwise SIGTERM stays graceful.
     import signal
 
-    from matpac_fast.trainer import Trainer
-
     if launched:
         monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
     else:
         monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    trainer = Trainer(resolve([*TINY, "--out", str(tmp_path / "run"), "--max-steps", "1"])[0])
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        trainer._install_signal_handlers()
-        handler = signal.getsignal(signal.SIGTERM)
+    with _trainer_signal_handlers(tmp_path) as (trainer, handler, _):
         handler(signal.SIGINT, None)
         if launched:
             with pytest.raises(KeyboardInterrupt):
@@ -774,9 +777,6 @@ def test_under_torchrun_a_sigterm_after_a_sigint_is_the_second_ctrl_c(tmp_path, 
         handler(signal.SIGTERM, None)
         handler(signal.SIGTERM, None)
         assert trainer._stop_requested
-    finally:
-        for s, h in saved.items():
-            signal.signal(s, h)
 
 
 def test_a_process_killed_outright_leaves_truthful_lines(tmp_path):
