@@ -31,18 +31,23 @@
 #               step, but --attn-impl triton (the project's attention kernel, autotuned at its first call; 71 s on an
 #               H200 at a27f55a, +8.7 % samples/s over the stream step) (skipped in the dry run: the tiny preset's
 #               8-wide predictor heads are not a width the kernel takes)
+#   inductorN   only with SUITE_INDUCTOR: one step per variant (variants separated by |, each a space-separated list
+#               of KEY=VALUE torch.compile Inductor options, train_throughput.py --inductor): the attn_triton step's
+#               run plus those options (cap 120 s each; the dry run keeps SDPA), so that each row and the attn_triton
+#               row beside it differ in one setting, e.g.
+#               SUITE_INDUCTOR='keep_addmm_fused_for_half_dtypes=false|coordinate_descent_tuning=true'
 #   gemm_autotune only with SUITE_GEMM_AUTOTUNE=1: compiled+kernels at batch 256 with the bf16 stream, as the stream
 #               step, but --compile-mode gemm-autotune (CUDA graphs + Inductor's Triton GEMM templates, which can
 #               fuse bias, GELU and casts into the GEMM; cap 240 s, which is too short: on an H200 at 5702997 it
 #               had tuned 13 forward GEMMs, 8-25 s each, when the cap killed it; the dry run compiles it too: 9 s to
-#               ~100 s on 2 CPU cores). An MFU session, the stream step as the baseline (the best MFU was measured
-#               with the bf16 stream), the attention kernel beside it, the attention and GPU-test steps and a
-#               profile of the faster step (~370 s estimated from the step times measured so far):
-#               SUITE_STREAM=1 SUITE_ATTN_TRITON=1 SUITE_PROFILE=1 SUITE_BUDGET_S=520
+#               ~100 s on 2 CPU cores). An MFU session: the fastest step measured (attn_triton) as the baseline,
+#               Inductor variants beside it, the attention step, the GPU tests and a profile (~450 s estimated from
+#               the step times measured so far): SUITE_ATTN_TRITON=1 SUITE_PROFILE=1 SUITE_BUDGET_S=540
+#               SUITE_INDUCTOR='keep_addmm_fused_for_half_dtypes=false|coordinate_descent_tuning=true'
 #               SUITE_SKIP=loader,train_big,kernels,train_small
-#               and, in a second call on the warm machine, both at batch 512 and the attention timed from CUDA
-#               graphs (~210 s estimated): SUITE_BIG_BATCH=512 SUITE_STREAM=1 SUITE_ATTN_TRITON=1
-#               SUITE_ATTN_GRAPHS=1 SUITE_SKIP=loader,train_big,pytest_gpu,kernels,train_small
+#               and, in a second call on the warm machine, batch 512 and the attention timed from CUDA graphs:
+#               SUITE_BIG_BATCH=512 SUITE_ATTN_TRITON=1 SUITE_ATTN_GRAPHS=1
+#               SUITE_SKIP=loader,train_big,pytest_gpu,kernels,train_small (plus the best variant as SUITE_INDUCTOR)
 #   attention   benchmarks/attention.py: SDPA backends, compiled math and the Triton kernel on the student / teacher /
 #               predictor shapes (26-30 s, 26 s with the kernel's column on an H200: cap 90 s), each call timed
 #               eager, host cost included (with SUITE_ATTN_GRAPHS=1: `attention.py --graphs`, replayed from CUDA
@@ -75,17 +80,18 @@
 #
 # Environment: PYTHON (default python3), MATPAC_COMMIT (the commit to report, for a copied tree),
 # SUITE_BUDGET_S (default 460 on GPU, 1200 dry run), SUITE_STEPS (timed steps per training run, default 25; 2 dry run),
-# SUITE_BIG_BATCH (the batch per device of train_big, stream, attn_triton, gemm_autotune and profile; default 256 on GPU,
-# 16 dry run; e.g. 512, the best MFU measured, for a second call after an MFU session's first),
+# SUITE_BIG_BATCH (the batch per device of train_big, stream, attn_triton, inductorN, gemm_autotune and profile;
+# default 256 on GPU, 16 dry run; e.g. 512, the best MFU measured, for a second call after an MFU session's first),
 # SUITE_COMPILE_MODE (torch.compile mode of the compiled modes: default | reduce-overhead | max-autotune-no-cudagraphs
 # | gemm-autotune),
 # SUITE_MODES (modes of train_b256, and of train_b64 unless SUITE_SMALL_MODES is set), SUITE_SMALL_MODES,
-# SUITE_STREAM=1 (run the stream step), SUITE_ATTN_TRITON=1 (run the attn_triton step), SUITE_GEMM_AUTOTUNE=1 (run
-# the gemm_autotune step), SUITE_PROFILE=1 (run the profile step), SUITE_ATTN_GRAPHS=1 (the attention step times each
-# call replayed from a CUDA graph, `attention.py --graphs`, as the training step runs them; GPU only),
-# SUITE_SKIP (comma list of steps not to run: loader train_big stream attn_triton gemm_autotune attention pytest_gpu
-# kernels train_small profile; e.g. an MFU session's SUITE_SKIP=loader,train_big,kernels,train_small: the training
-# runs then read synthetic data),
+# SUITE_STREAM=1 (run the stream step), SUITE_ATTN_TRITON=1 (run the attn_triton step), SUITE_INDUCTOR (the
+# inductorN steps' variants, see above), SUITE_GEMM_AUTOTUNE=1 (run the gemm_autotune step), SUITE_PROFILE=1 (run the
+# profile step), SUITE_ATTN_GRAPHS=1 (the attention step times each call replayed from a CUDA graph,
+# `attention.py --graphs`, as the training step runs them; GPU only),
+# SUITE_SKIP (comma list of steps not to run: loader train_big stream attn_triton inductor gemm_autotune attention
+# pytest_gpu kernels train_small profile; e.g. an MFU session's SUITE_SKIP=loader,train_big,kernels,train_small: the
+# training runs then read synthetic data),
 # SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable packages are missing; the GPU tests then
 # run with --continue-on-collection-errors). Each setting is checked before anything runs; a bad one stops the suite
 # with one line naming it.
@@ -138,7 +144,7 @@ case "${SUITE_COMPILE_MODE:-default}" in
   default|reduce-overhead|max-autotune-no-cudagraphs|gemm-autotune) ;;
   *) bad "SUITE_COMPILE_MODE=$SUITE_COMPILE_MODE: give default, reduce-overhead, max-autotune-no-cudagraphs or gemm-autotune" ;;
 esac
-SKIPPABLE=(loader train_big stream attn_triton gemm_autotune attention pytest_gpu kernels train_small profile)
+SKIPPABLE=(loader train_big stream attn_triton inductor gemm_autotune attention pytest_gpu kernels train_small profile)
 if [ -n "${SUITE_SKIP:-}" ]; then
   IFS=, read -ra entries <<< "$SUITE_SKIP"
   for k in "${entries[@]}"; do
@@ -148,6 +154,21 @@ fi
 for v in SUITE_STREAM SUITE_ATTN_TRITON SUITE_GEMM_AUTOTUNE SUITE_PROFILE SUITE_ATTN_GRAPHS SUITE_ALLOW_MISSING; do
   case "${!v:-0}" in 0|1) ;; *) bad "$v=${!v}: give 1 (on) or 0 (off)" ;; esac
 done
+# SUITE_INDUCTOR: variants separated by |, each a space-separated list of KEY=VALUE Inductor options (whether each KEY
+# is an option of the machine's torch is checked by train_throughput.py, in seconds, before its step compiles).
+VARIANTS=()
+if [ -n "${SUITE_INDUCTOR:-}" ]; then
+  IFS='|' read -ra VARIANTS <<< "$SUITE_INDUCTOR"
+  [[ "$SUITE_INDUCTOR" != *"|" ]] || bad "SUITE_INDUCTOR='$SUITE_INDUCTOR' ends in |: an empty variant"
+  for variant in "${VARIANTS[@]}"; do
+    read -ra words <<< "$variant"
+    (( ${#words[@]} > 0 )) ||
+      bad "SUITE_INDUCTOR='$SUITE_INDUCTOR' has an empty variant (variants are separated by |, options by spaces)"
+    for w in "${words[@]}"; do
+      [[ "$w" =~ ^[A-Za-z_][A-Za-z0-9_.]*=.+$ ]] || bad "SUITE_INDUCTOR: '$w' is not KEY=VALUE (e.g. coordinate_descent_tuning=true)"
+    done
+  done
+fi
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=${PYTHON:-python3}
@@ -365,6 +386,18 @@ if [ "${SUITE_ATTN_TRITON:-0}" = 1 ] && [ "$DRY" = 1 ]; then
 elif [ "${SUITE_ATTN_TRITON:-0}" = 1 ]; then
   skipped attn_triton || train attn_triton 120 "$BIG" compiled+kernels --attn-impl triton --stream-dtype amp
 fi
+# One step per SUITE_INDUCTOR variant, each the attn_triton step's run (SDPA in the dry run) plus its options: the
+# attn_triton row beside them is their baseline.
+VARIANT_ATTN=(--attn-impl triton)
+[ "$DRY" = 1 ] && VARIANT_ATTN=()
+n=0
+for variant in "${VARIANTS[@]}"; do
+  n=$(( n + 1 ))
+  read -ra words <<< "$variant"
+  opts=()
+  for w in "${words[@]}"; do opts+=(--inductor "$w"); done
+  skipped inductor || train "inductor$n" 120 "$BIG" compiled+kernels "${VARIANT_ATTN[@]}" --stream-dtype amp "${opts[@]}"
+done
 # compiled+kernels in the dry run too (not the dry run's eager stream mode): an eager row would ignore the compile
 # mode, and the step's own code path would first run on a GPU. The later --compile-mode wins over train()'s.
 if [ "${SUITE_GEMM_AUTOTUNE:-0}" = 1 ]; then

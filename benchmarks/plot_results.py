@@ -4,12 +4,12 @@ One panel per (device, preset, processes); in each, groups of bars by batch size
 samples/s (and MFU when known). A run with the residual stream in the autocast dtype (`--stream-dtype amp`) is its
 own bar, hatched, labelled "<mode> · bf16 stream"; so is a run with another attention kernel than the mode's
 default (`--attn-impl`: "<mode> · cudnn attention"), one with an autotuning compile mode ("<mode> · gemm-autotune";
-default and reduce-overhead rows share a bar), and a reference-design row measured by an earlier peer (CSV
-column `peer` = "earlier": see benchmarks/RESULTS.md), labelled "reference-design · earlier peer", so that it is
-never read as the current peer's figure. In a panel that holds rows from both synthetic data and shards (CSV column
-`data`), the synthetic ones are their own bars too, labelled "<bar> · synthetic". When the CSVs hold the same (device,
-preset, processes, bar, data kind, batch) more than once, the most recent row (CSV column `time_utc`) is drawn,
-whatever the order of the files.
+default and reduce-overhead rows share a bar), one with Inductor options (`--inductor`: "<mode> · KEY=VALUE"), and a
+reference-design row measured by an earlier peer (CSV column `peer` = "earlier": see benchmarks/RESULTS.md),
+labelled "reference-design · earlier peer", so that it is never read as the current peer's figure. In a panel that
+holds rows from both synthetic data and shards (CSV column `data`), the synthetic ones are their own bars too,
+labelled "<bar> · synthetic". When the CSVs hold the same (device, preset, processes, bar, data kind, batch) more
+than once, the most recent row (CSV column `time_utc`) is drawn, whatever the order of the files.
 
     python benchmarks/plot_results.py results/train.csv --out docs/throughput.png
     python benchmarks/plot_results.py a.csv b.csv --out chart.png --title "MATPAC ViT-B, bf16"
@@ -49,10 +49,12 @@ def bar_label(row: dict) -> str:
     attn = row.get("attn_impl") or default_attn  # CSVs older than the column: the default
     # An autotuning compile mode is its own bar too: the suite's gemm_autotune row used to replace the
     # reduce-overhead row of the same mode and batch (default vs reduce-overhead stays one bar, as in older charts).
-    tuned = row.get("compile_mode") in AUTOTUNE_MODES and row["mode"] in ("compiled", "compiled+kernels")
+    compiled = row["mode"] in ("compiled", "compiled+kernels")
+    tuned = row.get("compile_mode") in AUTOTUNE_MODES and compiled
     return (row["mode"] + (f" · {row['precision']} stream" if low else "")
             + (f" · {attn} attention" if attn != default_attn and not earlier else "")
             + (f" · {row['compile_mode']}" if tuned else "")
+            + (f" · {row['inductor']}" if row.get("inductor") and compiled else "")
             + (" · earlier peer" if earlier else ""))
 
 

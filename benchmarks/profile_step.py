@@ -77,6 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default", choices=tt.COMPILE_MODES,
                    help="torch.compile mode (see train_throughput.py --help)")
     p.add_argument("--compile-scope", default="step", choices=("step", "block"))
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="a torch.compile Inductor option added to --compile-mode's (repeatable; see "
+                        "train_throughput.py --help)")
     p.add_argument("--attn-impl", default="sdpa", choices=tt.ATTN_IMPLS,
                    help="attention: sdpa (PyTorch picks the backend), one SDPA backend pinned, math, or triton "
                         "(matpac_kernels.packed_attention)")
@@ -91,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=20, help="rows in the kernel and host-op tables (default 20)")
     p.add_argument("--trace", type=Path, default=None, help="also write a Chrome trace (JSON) here")
     args = p.parse_args(argv)
+    try:
+        args.inductor = tt.parse_inductor_options(args.inductor)
+    except ValueError as e:
+        p.error(str(e))
     if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.top < 0:
         p.error("--batch and --steps must be >= 1, --warmup and --top >= 0")
     problem = tt.data_problem(args.data, args.batch)
@@ -119,7 +126,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # The throughput script's config builder, fed the fields it reads.
     ns = argparse.Namespace(preset=args.preset, precision=args.precision, compile_scope=args.compile_scope,
-                            compile_mode=args.compile_mode, attn_impl=args.attn_impl, reference_attn="math",
+                            compile_mode=args.compile_mode, inductor=args.inductor, attn_impl=args.attn_impl,
+                            reference_attn="math",
                             stream_dtype=args.stream_dtype, device=args.device,
                             peak_tflops=0.0, seed=0, warmup=args.warmup, steps=args.steps)
     data = args.data if args.data != "synthetic" else f"synthetic:{(args.warmup + args.steps + 1) * args.batch}"
@@ -152,7 +160,8 @@ def main(argv=None) -> int:
         by_name[e.name][1] += 1
 
     sps = args.batch / wall
-    print(f"{args.preset} · {args.mode} · compile mode {args.compile_mode} · attention {args.attn_impl} · "
+    print(f"{args.preset} · {args.mode} · compile mode {args.compile_mode}{tt._inductor_words(args)} · attention "
+          f"{args.attn_impl} · "
           f"stream {args.stream_dtype} · "
           f"B={args.batch} · {args.precision} · "
           f"{tt.environment(args.device)['device']} · torch {torch.__version__}")

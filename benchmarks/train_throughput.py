@@ -93,6 +93,8 @@ from matpac_fast.train_config import (  # noqa: E402
     RunConfig,
     ScheduleConfig,
     TrainConfig,
+    inductor_text,
+    parse_inductor_options,
 )
 from matpac_fast.trainer import Trainer  # noqa: E402
 
@@ -115,7 +117,7 @@ CSV_FIELDS = [
     "time_utc", "device", "world", "preset", "mode", "batch", "precision", "data", "steps", "warmup",
     "samples_per_s", "samples_per_s_per_device", "step_ms", "data_wait_ms", "compute_ms", "data_wait_frac", "mfu",
     "peak_mem_MB", "mem_kind", "gflops_per_sample", "peak_tflops", "scaling_eff", "final_loss", "driver", "torch",
-    "triton", "commit", "compile_mode", "attn_impl", "stream_dtype", "peer",
+    "triton", "commit", "compile_mode", "attn_impl", "stream_dtype", "peer", "inductor",
 ]
 NPY_FRAMES = 1000  # 10 s clips, as AudioSet's
 
@@ -152,6 +154,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
                    help="torch.compile mode of the compiled modes (reduce-overhead: CUDA graphs; gemm-autotune: "
                         "CUDA graphs plus inductor's GEMM autotuning, see matpac_fast.train_config)")
+    p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                   help="compiled modes: a torch.compile Inductor option added to --compile-mode's (repeatable; names "
+                        "as in torch._inductor.config), e.g. --inductor keep_addmm_fused_for_half_dtypes=false; the "
+                        "CSV's inductor column records them")
     p.add_argument("--attn-impl", default="sdpa", choices=ATTN_IMPLS,
                    help="attention of the non-reference modes: sdpa (PyTorch picks the backend), one SDPA backend "
                         "pinned, math, or triton (matpac_kernels.packed_attention on the fused qkv output; the math "
@@ -180,6 +186,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--results-md", type=Path, default=None, help="append a markdown table of this run's rows here")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    try:
+        args.inductor = parse_inductor_options(args.inductor)
+    except ValueError as e:
+        p.error(str(e))
     args.batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in args.modes if m not in MODES]
@@ -337,6 +347,7 @@ def train_config(args, mode: Mode, batch: int, data: str, workers: int) -> Train
                       peak_tflops=args.peak_tflops, seed=args.seed),
         data=DataConfig(shards=data, batch_size=batch, workers=workers, epoch_mode="exact"),
         model={"attn_impl": _attn(args, mode), "stream_dtype": args.stream_dtype},
+        inductor=dict(args.inductor) if mode.compile else {},
         optim=OptimConfig(warmup_epochs=0.1),
         # Schedules only need to exist: one nominal epoch keeps their precomputation trivial.
         schedule=ScheduleConfig(epochs=1.0, tau_t_warmup_epochs=0.1),
@@ -434,6 +445,7 @@ def run_one(args, name: str, batch: int, npy_dir: Path | None, workers: int) -> 
         "attn_impl": _attn(args, mode),
         "stream_dtype": _stream(args, mode),
         "peer": PEER_VERSION if mode.reference else "",
+        "inductor": " ".join(inductor_text(args.inductor)) if mode.compile else "",
     }
     del trainer, acc
     torch._dynamo.reset()  # compiled graphs hold the model: free it before the next run's memory is measured
@@ -494,7 +506,7 @@ def baseline_sps(args, env: dict, row: dict) -> float | None:
     # compile mode's, attention's, stream's or peer's) as its one-process baseline, whichever came last. A cell of a
     # column added later is empty in older (and upgraded) CSVs: it says nothing, so it does not exclude the row.
     same = ("preset", "mode", "batch", "precision")
-    later = ("data", "compile_mode", "attn_impl", "stream_dtype", "peer")
+    later = ("data", "compile_mode", "attn_impl", "stream_dtype", "peer", "inductor")
     with open(args.baseline_csv, newline="") as f:
         for r in reversed(list(csv.DictReader(f))):
             if (r.get("world") == "1" and r.get("device") == env["device"]
@@ -605,11 +617,16 @@ MD_COLUMNS = [("mode", "mode"), ("batch", "batch/dev"), ("world", "procs"), ("da
               ("peak_mem_MB", "peak mem MiB"), ("scaling_eff", "scaling eff")]
 
 
+def _inductor_words(args) -> str:
+    return f" with inductor options {' '.join(inductor_text(args.inductor))}" if args.inductor else ""
+
+
 def markdown_block(rows: list[dict], env: dict, args) -> str:
     """A heading with the environment, then one table row per (formatted) row."""
     first = rows[0]
     head = (f"### {env['device']} — preset `{args.preset}`, precision {args.precision}, {args.steps} timed steps after "
-            f"{args.warmup} warm-up, compile mode {args.compile_mode}, attention {args.attn_impl} "
+            f"{args.warmup} warm-up, compile mode {args.compile_mode}{_inductor_words(args)}, attention "
+            f"{args.attn_impl} "
             f"(reference-design: {args.reference_attn}), residual stream {args.stream_dtype} (reference-design: "
             f"its weights' dtype, no autocast), reference-design peer {PEER_VERSION}\n\n"
             f"{first['time_utc']} · driver {env['driver']} · torch {env['torch']} · triton {env['triton']} · "
@@ -705,7 +722,8 @@ def main(argv=None) -> int:
                     row["scaling_eff"] = row["samples_per_s"] / (row["world"] * base) if base else None
                     if base is None and args.baseline_csv is not None and is_main:  # not a silent n/a
                         print(f"note: --baseline-csv {args.baseline_csv} has no one-process row like {name} B={batch} "
-                              "(same device, preset, batch, precision, data, compile mode, attention, stream): "
+                              "(same device, preset, batch, precision, data, compile mode, attention, stream, "
+                              "inductor options): "
                               "scaling efficiency n/a", flush=True)
                 raw_rows.append(row)
                 formatted.append(csv_row(row, env))

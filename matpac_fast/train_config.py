@@ -82,6 +82,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     model: dict[str, Any] = field(default_factory=dict)  # overrides of ModelConfig fields
+    # torch.compile's Inductor options (torch._inductor.config names), added to --compile-mode's: `compile_kwargs`
+    inductor: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -94,6 +96,7 @@ class TrainConfig:
             optim=OptimConfig(**d.get("optim", {})),
             schedule=ScheduleConfig(**d.get("schedule", {})),
             model=dict(d.get("model", {})),
+            inductor=dict(d.get("inductor", {})),
         )
 
 
@@ -122,15 +125,110 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "ge
 GEMM_AUTOTUNE_OPTIONS = {"max_autotune_gemm": True, "coordinate_descent_tuning": False, "triton.cudagraphs": True}
 
 
-def compile_kwargs(compile_mode: str) -> dict:
-    """torch.compile keyword arguments for a COMPILE_MODES name (a mode, or inductor options for ours)."""
+def compile_kwargs(compile_mode: str, inductor: dict[str, Any] | None = None) -> dict:
+    """torch.compile keyword arguments for a COMPILE_MODES name (a mode, or inductor options for ours), plus
+    `inductor` (`--inductor` options, checked by `check_inductor_options`) over the mode's own options. torch.compile
+    takes a mode or options, not both: with `inductor`, a torch mode is given as the options it stands for."""
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
     if compile_mode == "default":
-        return {}
-    if compile_mode == "gemm-autotune":
-        return {"options": dict(GEMM_AUTOTUNE_OPTIONS)}
-    return {"mode": compile_mode}
+        base: dict[str, Any] = {}
+    elif compile_mode == "gemm-autotune":
+        base = dict(GEMM_AUTOTUNE_OPTIONS)
+    elif not inductor:
+        return {"mode": compile_mode}
+    else:
+        from torch._inductor import list_mode_options
+
+        base = dict(list_mode_options(compile_mode))
+    options = {**base, **(inductor or {})}
+    return {"options": options} if options else {}
+
+
+def _inductor_value(key: str, text: str, like: Any) -> Any:
+    """An --inductor value read as the type of the option's current value `like`; an option whose value is None is
+    read as true/false, a number or a string, in that order ("none": None)."""
+    if isinstance(like, bool) or (like is None and text.lower() in ("true", "false")):
+        try:
+            return _parse_bool(text)
+        except argparse.ArgumentTypeError:
+            raise ValueError(f"--inductor {key}={text}: expected true or false") from None
+    if like is None:
+        if text.lower() == "none":
+            return None
+        for kind in (int, float):
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        return text
+    if isinstance(like, (int, float)):
+        try:
+            return type(like)(text)
+        except ValueError:
+            raise ValueError(f"--inductor {key}={text}: expected a value like {like!r}") from None
+    if isinstance(like, str):
+        return text
+    raise ValueError(f"--inductor {key}: its value is a {type(like).__name__}, which this flag cannot give (only "
+                     "true/false, numbers and strings); set torch._inductor.config in your own script instead")
+
+
+def parse_inductor_options(items: list[str]) -> dict[str, Any]:
+    """`--inductor KEY=VALUE` items -> Inductor options for torch.compile: KEY a torch._inductor.config name
+    (sub-configs dotted: triton.cudagraphs), VALUE read as the type of its current value. One-line ValueError."""
+    defaults = _inductor_defaults()
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--inductor {item!r}: expected KEY=VALUE, e.g. --inductor coordinate_descent_tuning=true")
+        key, text = (part.strip() for part in item.split("=", 1))
+        _check_key(key, defaults)
+        out[key] = _inductor_value(key, text, defaults[key])
+    check_inductor_options(out)
+    return out
+
+
+def _inductor_defaults() -> dict[str, Any]:
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.get_config_copy()
+
+
+def _check_key(key: str, defaults: dict[str, Any]) -> None:
+    if key not in defaults:
+        import difflib
+
+        import torch
+
+        near = difflib.get_close_matches(key, defaults, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ValueError(f"--inductor {key}: not an Inductor option of torch {torch.__version__} (names: "
+                         f"torch._inductor.config){hint}")
+
+
+def check_inductor_options(options: dict[str, Any]) -> None:
+    """Every key an Inductor option of this torch, every value of a type torch.compile accepts for it (its own
+    check, run now on a trivial function: nothing is compiled). One-line ValueError naming the option."""
+    if not options:
+        return
+    import torch
+
+    defaults = _inductor_defaults()
+    for key in options:
+        _check_key(key, defaults)
+    try:
+        torch.compile(_identity, options=dict(options))
+    except RuntimeError as e:  # "Unexpected type of attr X, got int should be bool"
+        raise ValueError(f"--inductor: {str(e).splitlines()[0]}") from None
+
+
+def inductor_text(options: dict[str, Any]) -> list[str]:
+    """Inductor options as the KEY=VALUE words that give them (CSV cells, notes, chart labels)."""
+    return [f"{k}={v}" for k, v in options.items()]
+
+
+def _identity(x):
+    return x
 
 
 _SECTIONS = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig}
@@ -222,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a ModelConfig field (repeatable), e.g. --model alpha=1.0 --model center_mode=logit",
+    )
+    p.add_argument(
+        "--inductor",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a torch.compile Inductor option (repeatable; names as in torch._inductor.config, sub-configs dotted), "
+        "added to --compile-mode's, e.g. --inductor coordinate_descent_tuning=true; with --compile off, none applies",
     )
     p.add_argument("--print-config", action="store_true",
                    help="go through a run's start-up checks (options, --out, the checkpoint to resume, the shard "
@@ -342,6 +448,7 @@ def resolve_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.N
             section, name = key.split(".", 1)
             setattr(getattr(cfg, section), name, value)
     cfg.model.update(parse_model_overrides(args.model))
+    cfg.inductor.update(parse_inductor_options(args.inductor))
     validate(cfg)
     return cfg, args
 
@@ -403,6 +510,7 @@ def validate(cfg: TrainConfig) -> None:
              and not any(c in shards for c in "{*?["))  # patterns are expanded (and checked) by ShardSource.open
     if local and not Path(shards).exists():
         raise ValueError(f"--shards {shards}: no such directory or shard file; make one with make-shards")
+    check_inductor_options(cfg.inductor)
     model_config(cfg)  # --preset and the --model fields (the shards' statistics are checked when they are read)
 
 

@@ -34,7 +34,7 @@ from matpac_fast import checkpoint as ckpt
 from matpac_fast.config import CUDA_ONLY_ATTN
 from matpac_fast.lifetime import die_with_launcher
 from matpac_fast.metrics import Throughput, mfu, peak_tflops
-from matpac_fast.train_config import TrainConfig, compile_kwargs, model_config, resolve_args
+from matpac_fast.train_config import TrainConfig, compile_kwargs, inductor_text, model_config, resolve_args
 
 
 def _json_row(row: dict) -> str:
@@ -372,7 +372,7 @@ class Trainer:
             fused=fused,
         )
         model = model.to(self.device)
-        kwargs = compile_kwargs(cfg.run.compile_mode)
+        kwargs = compile_kwargs(cfg.run.compile_mode, cfg.inductor)
         if cfg.run.compile == "block":
             for m in model.modules():
                 if type(m).__name__ == "Block":
@@ -1208,6 +1208,9 @@ def _resolved_config(cfg: TrainConfig) -> tuple[dict, str | None]:
     if cfg.run.compile == "off" and cfg.run.compile_mode != "default":
         notes.append(f"note: --compile-mode {cfg.run.compile_mode} has no effect with --compile off: add --compile "
                      "block or step")
+    if cfg.run.compile == "off" and cfg.inductor:
+        notes.append(f"note: --inductor {' '.join(inductor_text(cfg.inductor))} has no effect with --compile off: add "
+                     "--compile block or step")
     if shards.startswith("pipe:") or "://" in shards:
         if cfg.run.frontend == "m2d":
             notes.append(f"note: --print-config does not fetch --shards {shards}: norm_mean / norm_std are the m2d "

@@ -549,6 +549,20 @@ def test_m2d_prints_no_collapse_warning_and_print_config_notes_what_the_run_woul
         "would not have here: start it on a GPU node, or use sdpa, flash or math"], err
 
 
+def test_print_config_shows_inductor_options_and_notes_them_without_compile(tmp_path, capsys):
+    """--inductor options are part of the resolved config; with --compile off nothing applies them: a note, as
+    for --compile-mode."""
+    argv = [*SYN, "--out", str(tmp_path / "p"), "--print-config", "--inductor", "coordinate_descent_tuning=true"]
+    rc, out, err = _main(capsys, *argv)
+    assert rc == 0 and json.loads(out)["inductor"] == {"coordinate_descent_tuning": True}
+    assert err.splitlines() == ["note: --inductor coordinate_descent_tuning=True has no effect with --compile off: "
+                                "add --compile block or step"], err
+    rc, out, err = _main(capsys, *argv, "--compile", "block")
+    assert rc == 0 and err == "", err
+    rc, _, err = _main(capsys, *argv[:-1], "coordinate_descent_tunin=true")
+    assert rc == 2 and err.strip().endswith("(did you mean coordinate_descent_tuning?)"), err
+
+
 def test_help_names_the_program_and_the_recipe_default(monkeypatch):
     from matpac_fast.train_config import build_parser
 

@@ -36,7 +36,7 @@ def smoke(tmp_path_factory):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--preset", "tiny", "--device", "cpu",
            "--batch-sizes", "8", "--steps", "3", "--warmup", "1", "--modes", "eager,reference-design",
            "--precision", "no", "--peak-tflops", "0.5", "--csv", str(out / "t.csv"), "--results-md", str(out / "R.md"),
-           "--tmp-dir", str(out)]
+           "--tmp-dir", str(out), "--inductor", "coordinate_descent_tuning=true"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / "t.csv", newline="") as f:
@@ -83,6 +83,7 @@ def test_smoke_rows_are_consistent(smoke):
     # The peer runs the authors' written-out attention (timm 0.4.12), ours SDPA; both the same residual stream.
     assert [(r["attn_impl"], r["stream_dtype"]) for r in rows] == [("sdpa", "fp32"), ("math", "fp32")]
     assert [r["peer"] for r in rows] == ["", _peer.PEER_VERSION]  # which peer measured the reference-design row
+    assert [r["inductor"] for r in rows] == ["", ""]  # --inductor given, but neither mode compiles anything
     md = (out / "R.md").read_text()
     assert "| mode | batch/dev |" in md and "| eager | 8 | 1 | synthetic |" in md and "| reference-design | 8 |" in md
     assert not list(out.glob("matpac-npy-*")), "the temporary .npy folder must be removed"
@@ -453,6 +454,8 @@ def test_scaling_baseline_lookup(tmp_path):
     (["--preset", "tiny", "--attn-impl", "triton"], "attn_impl='triton' takes heads 16, 32, 64, 128 wide"),
     (["--modes", "eager,compiled", "--warmup", "0"], "--warmup 0 with compiled would time the compilation itself"),
     (["--baseline-csv", "/nonexistent/one.csv"], "--baseline-csv /nonexistent/one.csv: no such file"),
+    (["--inductor", "coordinate_descent_tuning"], "--inductor 'coordinate_descent_tuning': expected KEY=VALUE"),
+    (["--inductor", "keep_addmm_fused=false"], "--inductor keep_addmm_fused: not an Inductor option of torch"),
 ])
 def test_bad_arguments_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -780,6 +783,37 @@ def test_plot_gives_an_autotuning_compile_mode_its_own_bar(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_inductor_options_reach_the_compiled_runs_csv_and_table_only(tmp_path):
+    """--inductor: the compiled modes' TrainConfig carries the options (eager and reference-design compile nothing:
+    theirs is empty), and so do their CSV cells, the table's heading, the baseline lookup and the chart's bar."""
+    args = tt.parse_args(["--device", "cpu", "--preset", "tiny", "--modes", "eager,compiled+kernels",
+                          "--inductor", "keep_addmm_fused_for_half_dtypes=false", "--inductor",
+                          "coordinate_descent_tuning=true"])
+    opts = {"keep_addmm_fused_for_half_dtypes": False, "coordinate_descent_tuning": True}
+    assert args.inductor == opts
+    assert tt.train_config(args, tt.MODES["compiled+kernels"], 8, "synthetic:64", 0).inductor == opts
+    for mode in ("eager", "reference-design"):
+        assert tt.train_config(args, tt.MODES[mode], 8, "synthetic:64", 0).inductor == {}
+    text = "keep_addmm_fused_for_half_dtypes=False coordinate_descent_tuning=True"
+    env = {"device": "CPU X", "driver": "n/a", "torch": "t", "triton": "n/a", "commit": "c", "python": "3"}
+    raw = {k: 1.0 for k in ("samples_per_s", "samples_per_s_per_device", "peak_mem_MB", "step_ms", "data_wait_ms",
+                            "compute_ms", "gflops_per_sample", "peak_tflops")}
+    row = tt.csv_row({**raw, "world": 1, "preset": "tiny", "mode": "compiled+kernels", "batch": 8, "precision": "no",
+                      "inductor": text}, env)
+    assert row["inductor"] == text
+    assert f"compile mode default with inductor options {text}, attention sdpa" in tt.markdown_block([row], env, args)
+    # a one-process row with other inductor options is not this run's scaling baseline
+    path = tmp_path / "one.csv"
+    tt.append_csv(path, {**row, "world": "1", "samples_per_s": "100.0", "inductor": "coordinate_descent_tuning=True"})
+    probe = {"preset": "tiny", "mode": "compiled+kernels", "batch": 8, "precision": "no", "inductor": text}
+    ns = tt.parse_args(["--device", "cpu", "--baseline-csv", str(path)])
+    assert tt.baseline_sps(ns, env, probe) is None
+    tt.append_csv(path, {**row, "world": "1", "samples_per_s": "90.0"})
+    assert tt.baseline_sps(ns, env, probe) == 90.0
+    assert plot_results.bar_label({"mode": "compiled+kernels", "inductor": text}) == f"compiled+kernels · {text}"
+    assert plot_results.bar_label({"mode": "eager", "inductor": text}) == "eager"
+
+
 def test_plot_skips_rows_without_a_finite_figure_or_cut_short(tmp_path):
     """samples/s = inf ended the chart in matplotlib's "Axis limits cannot be NaN or Inf", a row cut short (a killed
     writer) in a TypeError traceback; both are skipped like a row without a figure."""
@@ -885,6 +919,10 @@ def test_suite_usage_names_its_command_lines(tmp_path):
     ({"SUITE_PROFILE": "true"}, "SUITE_PROFILE=true: give 1 (on) or 0 (off)"),
     ({"SUITE_GEMM_AUTOTUNE": "on"}, "SUITE_GEMM_AUTOTUNE=on: give 1 (on) or 0 (off)"),
     ({"SUITE_SKIP": "loader,train_b64"}, "SUITE_SKIP=loader,train_b64: unknown step 'train_b64' (steps: loader "),
+    ({"SUITE_INDUCTOR": "a=1||b=2"}, "SUITE_INDUCTOR='a=1||b=2' has an empty variant"),
+    ({"SUITE_INDUCTOR": "a=1|"}, "SUITE_INDUCTOR='a=1|' ends in |: an empty variant"),
+    ({"SUITE_INDUCTOR": "a=1 coordinate_descent_tuning"}, "SUITE_INDUCTOR: 'coordinate_descent_tuning' is not "
+                                                          "KEY=VALUE"),
 ])
 def test_suite_settings_are_checked_before_anything_runs(tmp_path, env, message):
     """A bad setting used to surface at the training steps, after the check, loader, attention, GPU-test and kernel
@@ -971,20 +1009,32 @@ def test_suite_mfu_session_runs_each_candidate_beside_the_bf16_stream_baseline(t
     assert "--attn-impl" not in stream + gemm and opt(attn, "--attn-impl") == "triton"
 
 
-def test_suite_next_mfu_session_profiles_the_step_with_the_triton_attention(tmp_path):
-    """The next GPU session's command (benchmarks/RESULTS.md), its GPU-mode command lines recorded by a stand-in
-    interpreter: the bf16-stream baseline, the same step with the Triton attention (8.7 % faster on an H200), the
-    standalone attention timings, the GPU tests, and a profile of the faster step: it profiled SDPA's."""
-    calls = _suite_gpu_calls(tmp_path, SUITE_STREAM="1", SUITE_ATTN_TRITON="1", SUITE_PROFILE="1",
-                             SUITE_BUDGET_S="520", SUITE_SKIP="loader,train_big,kernels,train_small")
+def test_suite_next_mfu_session_runs_inductor_variants_beside_the_triton_attention_step(tmp_path):
+    """The next GPU session's first call (benchmarks/RESULTS.md, the suite's header), its GPU-mode command lines
+    recorded by a stand-in interpreter: the fastest step measured (Triton attention, bf16 stream), each
+    SUITE_INDUCTOR variant as that step plus its options, the standalone attention timings, the GPU tests and a
+    profile of the step."""
+    variants = "keep_addmm_fused_for_half_dtypes=false|coordinate_descent_tuning=true aggressive_fusion=true"
+    calls = _suite_gpu_calls(tmp_path, SUITE_ATTN_TRITON="1", SUITE_PROFILE="1", SUITE_BUDGET_S="540",
+                             SUITE_INDUCTOR=variants, SUITE_SKIP="loader,train_big,kernels,train_small")
     scripts = [next((Path(a).name for a in c if a.endswith(".py")), "pytest" if "pytest" in c else "?") for c in calls]
-    assert scripts == ["train_throughput.py", "train_throughput.py", "attention.py", "pytest", "profile_step.py"], calls
+    assert scripts == ["train_throughput.py"] * 3 + ["attention.py", "pytest", "profile_step.py"], calls
     opt = _last_opt
 
-    stream, attn, _, _, profile = calls
-    assert "--attn-impl" not in stream and opt(attn, "--attn-impl") == "triton"
-    assert (opt(profile, "--preset"), opt(profile, "--batch"), opt(profile, "--precision")) == ("matpac", "256", "bf16")
+    attn, first, second, _, _, profile = calls
+    for argv in (attn, first, second):
+        assert (opt(argv, "--batch-sizes"), opt(argv, "--modes"), opt(argv, "--compile-mode")) == (
+            "256", "compiled+kernels", "reduce-overhead")
+        assert (opt(argv, "--attn-impl"), opt(argv, "--stream-dtype"), opt(argv, "--precision")) == (
+            "triton", "amp", "bf16")
+    given = [[argv[i + 1] for i, a in enumerate(argv) if a == "--inductor"] for argv in (attn, first, second)]
+    assert given == [[], ["keep_addmm_fused_for_half_dtypes=false"],
+                     ["coordinate_descent_tuning=true", "aggressive_fusion=true"]]
     assert (opt(profile, "--stream-dtype"), opt(profile, "--attn-impl")) == ("amp", "triton")
+    (tmp_path / "skip").mkdir()
+    skip = _suite_gpu_calls(tmp_path / "skip", SUITE_ATTN_TRITON="1", SUITE_INDUCTOR=variants,
+                            SUITE_SKIP="loader,train_big,inductor,attention,pytest_gpu,kernels,train_small")
+    assert len(skip) == 1 and "--inductor" not in skip[0]
 
 
 def test_suite_second_mfu_call_runs_batch_512_and_times_attention_from_cuda_graphs(tmp_path):

@@ -511,6 +511,86 @@ def test_every_compile_mode_is_one_torch_compile_accepts():
         compile_kwargs("fastest")
 
 
+def test_inductor_options_are_read_as_their_types_and_join_the_compile_mode():
+    """--inductor KEY=VALUE: each value read as the type of the option's current value (an option whose value is
+    None: true/false, a number or a string); a torch mode given with them becomes the options it stands for, which
+    torch.compile then takes (it takes a mode or options, not both)."""
+    from torch import nn
+
+    from matpac_fast.train_config import compile_kwargs, inductor_text, parse_inductor_options
+
+    opts = parse_inductor_options(["keep_addmm_fused_for_half_dtypes=False", "triton.cudagraphs=true",
+                                   " max_autotune_gemm_backends = ATEN,TRITON", "autotune_remote_cache=none"])
+    assert opts == {"keep_addmm_fused_for_half_dtypes": False, "triton.cudagraphs": True,
+                    "max_autotune_gemm_backends": "ATEN,TRITON", "autotune_remote_cache": None}
+    assert inductor_text({"a": False, "b.c": 3}) == ["a=False", "b.c=3"]
+    assert parse_inductor_options([]) == {}
+    cd = {"coordinate_descent_tuning": True}
+    assert compile_kwargs("reduce-overhead", cd) == {"options": {"triton.cudagraphs": True, **cd}}
+    assert compile_kwargs("default", cd) == {"options": cd}
+    assert compile_kwargs("gemm-autotune", {"max_autotune_gemm": False}) == {"options": {
+        "max_autotune_gemm": False, "coordinate_descent_tuning": False, "triton.cudagraphs": True}}  # given wins
+    assert compile_kwargs("max-autotune-no-cudagraphs", cd)["options"]["max_autotune"] is True
+    assert compile_kwargs("reduce-overhead", {}) == {"mode": "reduce-overhead"}  # unchanged without options
+    for mode in ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "gemm-autotune"):
+        torch.compile(nn.Linear(2, 2), **compile_kwargs(mode, {"keep_addmm_fused_for_half_dtypes": False}))
+
+
+@pytest.mark.parametrize("items, message", [
+    (["coordinate_descent_tuning"], "--inductor 'coordinate_descent_tuning': expected KEY=VALUE"),
+    (["keep_addmm_fused=false"], "--inductor keep_addmm_fused: not an Inductor option of torch "),
+    (["coordinate_descent_tuning=maybe"], "--inductor coordinate_descent_tuning=maybe: expected true or false"),
+    (["inductor_default_autotune_rep=1.5"], "--inductor inductor_default_autotune_rep=1.5: expected a value like "),
+    (["post_grad_fusion_options={}"], "--inductor post_grad_fusion_options: its value is a dict, which this flag "),
+])
+def test_inductor_option_errors_are_one_line(items, message):
+    from matpac_fast.train_config import parse_inductor_options
+
+    with pytest.raises(ValueError) as e:
+        parse_inductor_options(items)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+    if "keep_addmm_fused=" in items[0]:
+        assert str(e.value).endswith("(did you mean keep_addmm_fused_for_half_dtypes?)")
+
+
+def test_inductor_options_built_in_code_are_checked_by_torchs_own_rule():
+    """A TrainConfig built in code skips the command line's reading of values: validate() runs torch.compile's own
+    option check (a misspelled name or a wrong type), as one line."""
+    from matpac_fast.train_config import validate
+
+    cfg, _ = resolve(["--shards", "synthetic:64", "--inductor", "coordinate_descent_tuning=true"])
+    assert cfg.inductor == {"coordinate_descent_tuning": True} and cfg.to_dict()["inductor"] == cfg.inductor
+    cfg.inductor = {"coordinate_descent_tuning": 1}
+    with pytest.raises(ValueError, match="^--inductor: Unexpected type of attr coordinate_descent_tuning, got int"):
+        validate(cfg)
+    cfg.inductor = {"coordinate_descent_tunin": True}
+    with pytest.raises(ValueError, match="^--inductor coordinate_descent_tunin: not an Inductor option"):
+        validate(cfg)
+
+
+@pytest.mark.parametrize("scope", ["step", "block"])
+def test_inductor_options_reach_torch_compile(tmp_path, monkeypatch, scope):
+    from torch import nn
+
+    from matpac_fast import train_config
+    from matpac_fast.trainer import Trainer
+
+    calls = []
+
+    def fake_compile(model, **kw):  # the options' check calls it on train_config._identity (compiling nothing)
+        if model is not train_config._identity:
+            calls.append(kw)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: calls.append(kw))
+    argv = [*TINY, "--out", str(tmp_path / "run"), "--max-steps", "1", "--compile", scope, "--compile-mode",
+            "reduce-overhead", "--inductor", "keep_addmm_fused_for_half_dtypes=false"]
+    Trainer(resolve(argv)[0])
+    expect = {"options": {"triton.cudagraphs": True, "keep_addmm_fused_for_half_dtypes": False}}
+    assert calls and all(kw == expect for kw in calls), calls
+
+
 def test_model_input_shape_error_names_the_setting_to_change():
     from matpac_fast.config import get_model_config
     from matpac_fast.masking import make_masks
