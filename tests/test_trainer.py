@@ -591,6 +591,30 @@ def test_inductor_options_reach_torch_compile(tmp_path, monkeypatch, scope):
     assert calls and all(kw == expect for kw in calls), calls
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_step_masks_reach_the_gpu_without_waiting_for_its_queue(tmp_path, fresh_accelerate):
+    """Each step's masks are drawn on the host; copied from pageable memory, the driver may wait for the GPU's queued
+    work first (a host sync per step). From pinned memory the call returns while a long kernel still runs, and the
+    masks are the host generator's, as on CPU."""
+    from matpac_fast.masking import make_masks
+    from matpac_fast.trainer import Trainer
+
+    tr = Trainer(resolve([*TINY, "--out", str(tmp_path / "run"), "--cpu", "false"])[0])
+    assert tr.device.type == "cuda"
+    tr._masks(8, 0)  # the first pinned allocation, outside the timed part
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time queued ahead of the copies
+    vis, mask = tr._masks(8, 0)
+    still_busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert still_busy, "the mask copies waited for the GPU's queue"
+    m = tr.model_cfg
+    g = torch.Generator().manual_seed(hash((tr.cfg.run.seed, tr.step, 0, 0)) & 0x7FFFFFFF)
+    ref_vis, ref_mask = make_masks(8, m.n_patches, m.n_visible, generator=g)
+    assert vis.device.type == "cuda" and torch.equal(vis.cpu(), ref_vis) and torch.equal(mask.cpu(), ref_mask)
+
+
 def test_model_input_shape_error_names_the_setting_to_change():
     from matpac_fast.config import get_model_config
     from matpac_fast.masking import make_masks
