@@ -176,6 +176,8 @@ def _inductor_value(key: str, text: str, like: Any) -> Any:
 def parse_inductor_options(items: list[str]) -> dict[str, Any]:
     """`--inductor KEY=VALUE` items -> Inductor options for torch.compile: KEY a torch._inductor.config name
     (sub-configs dotted: triton.cudagraphs), VALUE read as the type of its current value. One-line ValueError."""
+    if not items:
+        return {}
     defaults = _inductor_defaults()
     out: dict[str, Any] = {}
     for item in items:
