@@ -41,11 +41,12 @@
 #               fuse bias, GELU and casts into the GEMM; cap 240 s, which is too short: on an H200 at 5702997 it
 #               had tuned 13 forward GEMMs, 8-25 s each, when the cap killed it; the dry run compiles it too: 9 s to
 #               ~100 s on 2 CPU cores). An MFU session: the fastest step measured (attn_triton) as the baseline,
-#               Inductor variants beside it, the attention step, the GPU tests and a profile (~450 s estimated from
-#               the step times measured so far): SUITE_ATTN_TRITON=1 SUITE_PROFILE=1 SUITE_BUDGET_S=540
+#               Inductor variants beside it, the GPU tests and a profile (~470 s estimated from the step times
+#               measured so far): SUITE_ATTN_TRITON=1 SUITE_PROFILE=1 SUITE_BUDGET_S=500
 #               SUITE_INDUCTOR='keep_addmm_fused_for_half_dtypes=false|coordinate_descent_tuning=true'
-#               SUITE_SKIP=loader,train_big,kernels,train_small
-#               and, in a second call on the warm machine, batch 512 and the attention timed from CUDA graphs:
+#               SUITE_SKIP=loader,train_big,attention,kernels,train_small
+#               and, if the device time left allows a second call on the warm machine, batch 512 and the attention
+#               timed from CUDA graphs:
 #               SUITE_BIG_BATCH=512 SUITE_ATTN_TRITON=1 SUITE_ATTN_GRAPHS=1
 #               SUITE_SKIP=loader,train_big,pytest_gpu,kernels,train_small (plus the best variant as SUITE_INDUCTOR)
 #   attention   benchmarks/attention.py: SDPA backends, compiled math and the Triton kernel on the student / teacher /

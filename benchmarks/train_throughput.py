@@ -506,12 +506,14 @@ def baseline_sps(args, env: dict, row: dict) -> float | None:
     # compile mode's, attention's, stream's or peer's) as its one-process baseline, whichever came last. A cell of a
     # column added later is empty in older (and upgraded) CSVs: it says nothing, so it does not exclude the row.
     same = ("preset", "mode", "batch", "precision")
-    later = ("data", "compile_mode", "attn_impl", "stream_dtype", "peer", "inductor")
+    # `inductor` matches exactly: an empty cell is a run without options, which every CSV before the column was.
+    later = ("data", "compile_mode", "attn_impl", "stream_dtype", "peer")
     with open(args.baseline_csv, newline="") as f:
         for r in reversed(list(csv.DictReader(f))):
             if (r.get("world") == "1" and r.get("device") == env["device"]
                     and all(r.get(k) == str(row.get(k, "")) for k in same)
-                    and all((r.get(k) or "") in ("", str(row.get(k, ""))) for k in later)):
+                    and all((r.get(k) or "") in ("", str(row.get(k, ""))) for k in later)
+                    and (r.get("inductor") or "") == str(row.get("inductor") or "")):
                 return float(r["samples_per_s"])
     return None
 

@@ -14,6 +14,8 @@ import json
 import math
 import os
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,32 +147,47 @@ def compile_kwargs(compile_mode: str, inductor: dict[str, Any] | None = None) ->
     return {"options": options} if options else {}
 
 
-def _inductor_value(key: str, text: str, like: Any) -> Any:
-    """An --inductor value read as the type of the option's current value `like`; an option whose value is None is
-    read as true/false, a number or a string, in that order ("none": None)."""
-    if isinstance(like, bool) or (like is None and text.lower() in ("true", "false")):
+def _inductor_value(key: str, text: str, declared: Any) -> Any:
+    """An --inductor value read as the option's declared type (torch._inductor.config's annotation): bool (true/false,
+    on/off, yes/no, 1/0), int, float, str, one of a Literal's values, or None where the type allows it ("none")."""
+    origin, args = typing.get_origin(declared), typing.get_args(declared)
+    if origin is typing.Literal:
+        for choice in args:
+            if text == str(choice):
+                return choice
+        raise ValueError(f"--inductor {key}={text}: choose one of {', '.join(str(c) for c in args)}")
+    if origin in (typing.Union, types.UnionType):
+        kinds = [k for k in args if k is not type(None)]
+        if type(None) in args and text.lower() == "none":
+            return None
+        if len(kinds) == 1:
+            return _inductor_value(key, text, kinds[0])
+    if declared is bool:
         try:
             return _parse_bool(text)
         except argparse.ArgumentTypeError:
             raise ValueError(f"--inductor {key}={text}: expected true or false") from None
-    if like is None:
-        if text.lower() == "none":
-            return None
-        for kind in (int, float):
-            try:
-                return kind(text)
-            except ValueError:
-                pass
-        return text
-    if isinstance(like, (int, float)):
+    if declared in (int, float):
         try:
-            return type(like)(text)
+            return declared(text)
         except ValueError:
-            raise ValueError(f"--inductor {key}={text}: expected a value like {like!r}") from None
-    if isinstance(like, str):
+            raise ValueError(f"--inductor {key}={text}: expected {'an integer' if declared is int else 'a number'}"
+                             ) from None
+    if declared is str:
         return text
-    raise ValueError(f"--inductor {key}: its value is a {type(like).__name__}, which this flag cannot give (only "
-                     "true/false, numbers and strings); set torch._inductor.config in your own script instead")
+    raise ValueError(f"--inductor {key}: its type is {getattr(declared, '__name__', declared)}, which this flag cannot "
+                     "give (only true/false, numbers, strings and named choices); set torch._inductor.config in your "
+                     "own script instead")
+
+
+def _declared_type(key: str, current: Any) -> Any:
+    """The option's annotated type; the type of its current value where this torch's config cannot say."""
+    import torch._inductor.config as inductor_config
+
+    try:
+        return inductor_config.get_type(key)
+    except (AttributeError, KeyError):
+        return type(current) if current is not None else str
 
 
 def parse_inductor_options(items: list[str]) -> dict[str, Any]:
@@ -185,7 +202,7 @@ def parse_inductor_options(items: list[str]) -> dict[str, Any]:
             raise ValueError(f"--inductor {item!r}: expected KEY=VALUE, e.g. --inductor coordinate_descent_tuning=true")
         key, text = (part.strip() for part in item.split("=", 1))
         _check_key(key, defaults)
-        out[key] = _inductor_value(key, text, defaults[key])
+        out[key] = _inductor_value(key, text, _declared_type(key, defaults[key]))
     check_inductor_options(out)
     return out
 
@@ -569,4 +586,10 @@ def resume_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
         if old == cur or (isinstance(old, (list, tuple)) and list(old) == list(cur)):
             continue
         (free if key in RESUME_FREE else blocking).append(f"{_flag(key)} {old} -> {cur}")
+    # Inductor options change how the step is compiled (float rounding at most), never what it computes: free. A
+    # checkpoint from before --inductor had none.
+    old_opts, new_opts = saved.get("inductor") or {}, new.get("inductor") or {}
+    if old_opts != new_opts:
+        free.append(f"--inductor {' '.join(inductor_text(old_opts)) or '(none)'} -> "
+                    f"{' '.join(inductor_text(new_opts)) or '(none)'}")
     return blocking, free

@@ -114,3 +114,19 @@ def test_a_checkpoint_from_before_mcl_reference_steps_resumes_only_as_raw_steps(
     raw = TrainConfig()
     raw.schedule.mcl_reference_steps = 0
     assert resume_changes({**old, "model": {}}, {**raw.to_dict(), "model": {}}) == ([], [])
+
+
+def test_an_inductor_change_on_resume_is_free_and_listed():
+    """--inductor changes how the step compiles, not what it computes: free on resume, and named on the "resumed
+    from" line like --compile-mode (it was not compared at all, so a change went unsaid). A checkpoint from before
+    the flag had no options."""
+    from matpac_fast.train_config import TrainConfig, resume_changes
+
+    old = TrainConfig().to_dict()
+    new = TrainConfig(inductor={"coordinate_descent_tuning": True}).to_dict()
+    assert resume_changes({**old, "model": {}}, {**new, "model": {}}) == (
+        [], ["--inductor (none) -> coordinate_descent_tuning=True"])
+    del old["inductor"]
+    assert resume_changes({**old, "model": {}}, {**new, "model": {}})[1] == [
+        "--inductor (none) -> coordinate_descent_tuning=True"]
+    assert resume_changes({**new, "model": {}}, {**new, "model": {}}) == ([], [])

@@ -802,12 +802,14 @@ def test_inductor_options_reach_the_compiled_runs_csv_and_table_only(tmp_path):
                       "inductor": text}, env)
     assert row["inductor"] == text
     assert f"compile mode default with inductor options {text}, attention sdpa" in tt.markdown_block([row], env, args)
-    # a one-process row with other inductor options is not this run's scaling baseline
+    # a one-process row with other inductor options, or none (an empty cell), is not this run's scaling baseline
     path = tmp_path / "one.csv"
     tt.append_csv(path, {**row, "world": "1", "samples_per_s": "100.0", "inductor": "coordinate_descent_tuning=True"})
+    tt.append_csv(path, {**row, "world": "1", "samples_per_s": "110.0", "inductor": ""})
     probe = {"preset": "tiny", "mode": "compiled+kernels", "batch": 8, "precision": "no", "inductor": text}
     ns = tt.parse_args(["--device", "cpu", "--baseline-csv", str(path)])
     assert tt.baseline_sps(ns, env, probe) is None
+    assert tt.baseline_sps(ns, env, {**probe, "inductor": ""}) == 110.0
     tt.append_csv(path, {**row, "world": "1", "samples_per_s": "90.0"})
     assert tt.baseline_sps(ns, env, probe) == 90.0
     assert plot_results.bar_label({"mode": "compiled+kernels", "inductor": text}) == f"compiled+kernels · {text}"
@@ -1012,16 +1014,15 @@ def test_suite_mfu_session_runs_each_candidate_beside_the_bf16_stream_baseline(t
 def test_suite_next_mfu_session_runs_inductor_variants_beside_the_triton_attention_step(tmp_path):
     """The next GPU session's first call (benchmarks/RESULTS.md, the suite's header), its GPU-mode command lines
     recorded by a stand-in interpreter: the fastest step measured (Triton attention, bf16 stream), each
-    SUITE_INDUCTOR variant as that step plus its options, the standalone attention timings, the GPU tests and a
-    profile of the step."""
+    SUITE_INDUCTOR variant as that step plus its options, the GPU tests and a profile of the step."""
     variants = "keep_addmm_fused_for_half_dtypes=false|coordinate_descent_tuning=true aggressive_fusion=true"
-    calls = _suite_gpu_calls(tmp_path, SUITE_ATTN_TRITON="1", SUITE_PROFILE="1", SUITE_BUDGET_S="540",
-                             SUITE_INDUCTOR=variants, SUITE_SKIP="loader,train_big,kernels,train_small")
+    calls = _suite_gpu_calls(tmp_path, SUITE_ATTN_TRITON="1", SUITE_PROFILE="1", SUITE_BUDGET_S="500",
+                             SUITE_INDUCTOR=variants, SUITE_SKIP="loader,train_big,attention,kernels,train_small")
     scripts = [next((Path(a).name for a in c if a.endswith(".py")), "pytest" if "pytest" in c else "?") for c in calls]
-    assert scripts == ["train_throughput.py"] * 3 + ["attention.py", "pytest", "profile_step.py"], calls
+    assert scripts == ["train_throughput.py"] * 3 + ["pytest", "profile_step.py"], calls
     opt = _last_opt
 
-    attn, first, second, _, _, profile = calls
+    attn, first, second, _, profile = calls
     for argv in (attn, first, second):
         assert (opt(argv, "--batch-sizes"), opt(argv, "--modes"), opt(argv, "--compile-mode")) == (
             "256", "compiled+kernels", "reduce-overhead")

@@ -512,9 +512,9 @@ def test_every_compile_mode_is_one_torch_compile_accepts():
 
 
 def test_inductor_options_are_read_as_their_types_and_join_the_compile_mode():
-    """--inductor KEY=VALUE: each value read as the type of the option's current value (an option whose value is
-    None: true/false, a number or a string); a torch mode given with them becomes the options it stands for, which
-    torch.compile then takes (it takes a mode or options, not both)."""
+    """--inductor KEY=VALUE: each value read as the option's declared type (bool | None read "off" as the string
+    "off", i.e. true, and str | None "90" as the int 90, before); a torch mode given with them becomes the options
+    it stands for, which torch.compile then takes (it takes a mode or options, not both)."""
     from torch import nn
 
     from matpac_fast.train_config import compile_kwargs, inductor_text, parse_inductor_options
@@ -523,6 +523,11 @@ def test_inductor_options_are_read_as_their_types_and_join_the_compile_mode():
                                    " max_autotune_gemm_backends = ATEN,TRITON", "autotune_remote_cache=none"])
     assert opts == {"keep_addmm_fused_for_half_dtypes": False, "triton.cudagraphs": True,
                     "max_autotune_gemm_backends": "ATEN,TRITON", "autotune_remote_cache": None}
+    typed = parse_inductor_options(["fx_graph_remote_cache=off", "cuda.arch=90", "autotune_num_choices_displayed=none",
+                                    "cpp.simdlen=8", "max_autotune_gemm_search_space=EXHAUSTIVE", "memory_pool=none"])
+    assert typed == {"fx_graph_remote_cache": False, "cuda.arch": "90", "autotune_num_choices_displayed": None,
+                     "cpp.simdlen": 8, "max_autotune_gemm_search_space": "EXHAUSTIVE", "memory_pool": "none"}
+    assert [type(v) for v in typed.values()] == [bool, str, type(None), int, str, str]
     assert inductor_text({"a": False, "b.c": 3}) == ["a=False", "b.c=3"]
     assert parse_inductor_options([]) == {}
     cd = {"coordinate_descent_tuning": True}
@@ -540,8 +545,11 @@ def test_inductor_options_are_read_as_their_types_and_join_the_compile_mode():
     (["coordinate_descent_tuning"], "--inductor 'coordinate_descent_tuning': expected KEY=VALUE"),
     (["keep_addmm_fused=false"], "--inductor keep_addmm_fused: not an Inductor option of torch "),
     (["coordinate_descent_tuning=maybe"], "--inductor coordinate_descent_tuning=maybe: expected true or false"),
-    (["inductor_default_autotune_rep=1.5"], "--inductor inductor_default_autotune_rep=1.5: expected a value like "),
-    (["post_grad_fusion_options={}"], "--inductor post_grad_fusion_options: its value is a dict, which this flag "),
+    (["inductor_default_autotune_rep=1.5"], "--inductor inductor_default_autotune_rep=1.5: expected an integer"),
+    (["cpp.simdlen=wide"], "--inductor cpp.simdlen=wide: expected an integer"),
+    (["max_autotune_gemm_search_space=fast"], "--inductor max_autotune_gemm_search_space=fast: choose one of "
+                                              "DEFAULT, EXHAUSTIVE"),
+    (["post_grad_fusion_options={}"], "--inductor post_grad_fusion_options: its type is dict, which this flag "),
 ])
 def test_inductor_option_errors_are_one_line(items, message):
     from matpac_fast.train_config import parse_inductor_options
