@@ -517,7 +517,7 @@ def test_inductor_options_are_read_as_their_types_and_join_the_compile_mode():
     it stands for, which torch.compile then takes (it takes a mode or options, not both)."""
     from torch import nn
 
-    from matpac_fast.train_config import compile_kwargs, inductor_text, parse_inductor_options
+    from matpac_fast.train_config import check_inductor_options, compile_kwargs, inductor_text, parse_inductor_options
 
     opts = parse_inductor_options(["keep_addmm_fused_for_half_dtypes=False", "triton.cudagraphs=true",
                                    " max_autotune_gemm_backends = ATEN,TRITON", "autotune_remote_cache=none"])
@@ -528,6 +528,7 @@ def test_inductor_options_are_read_as_their_types_and_join_the_compile_mode():
     assert typed == {"fx_graph_remote_cache": False, "cuda.arch": "90", "autotune_num_choices_displayed": None,
                      "cpp.simdlen": 8, "max_autotune_gemm_search_space": "EXHAUSTIVE", "memory_pool": "none"}
     assert [type(v) for v in typed.values()] == [bool, str, type(None), int, str, str]
+    check_inductor_options({**opts, **typed})  # what the flag reads passes torch.compile's own check (no re-check)
     assert inductor_text({"a": False, "b.c": 3}) == ["a=False", "b.c=3"]
     assert parse_inductor_options([]) == {}
     cd = {"coordinate_descent_tuning": True}
