@@ -439,10 +439,9 @@ class Trainer:
     # --------------------------------------------------------------------------------------------- one step
     def _masks(self, batch_size: int, micro: int):
         """Masks from a generator seeded by (seed, step, micro, rank): reproducible, and identical on resume. Drawn
-        on the host (the same masks whatever the device) and, for a GPU, copied from pinned memory: a copy from
-        pageable memory is staged by the driver, which may wait for the stream's queued work first (CUDA's API
-        synchronisation rules), a host sync at the start of every step. The pinned buffers come from PyTorch's
-        caching host allocator, which reuses one only once its copy has run."""
+        on the host (the same masks whatever the device) and copied with non_blocking: these few-KiB copies from
+        pageable memory did not wait for the GPU's queue on an H200 (a GPU test checks it), and pinning them first
+        changed no step time measured (benchmarks/RESULTS.md, 455c577 and cb5dc27)."""
         from matpac_fast.masking import make_masks
 
         m = self.model_cfg
@@ -450,8 +449,6 @@ class Trainer:
             hash((self.cfg.run.seed, self.step, micro, self.accelerator.process_index)) & 0x7FFFFFFF
         )
         vis, mask = make_masks(batch_size, m.n_patches, m.n_visible, generator=g)
-        if self.device.type == "cuda":
-            vis, mask = vis.pin_memory(), mask.pin_memory()
         return vis.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
 
     def _step_state(self):

@@ -603,15 +603,16 @@ def test_inductor_options_reach_torch_compile(tmp_path, monkeypatch, scope):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_step_masks_reach_the_gpu_without_waiting_for_its_queue(tmp_path, fresh_accelerate):
-    """Each step's masks are drawn on the host; copied from pageable memory, the driver may wait for the GPU's queued
-    work first (a host sync per step). From pinned memory the call returns while a long kernel still runs, and the
-    masks are the host generator's, as on CPU."""
+    """Each step's masks are drawn on the host and copied to the GPU; the call must return while a long kernel still
+    runs (no host sync per step), with the host generator's masks, as on CPU. On an H200 (cb5dc27) this passed with
+    the masks copied from pageable or from pinned memory, and failed with a torch.cuda.synchronize() planted in
+    Trainer._masks."""
     from matpac_fast.masking import make_masks
     from matpac_fast.trainer import Trainer
 
     tr = Trainer(resolve([*TINY, "--out", str(tmp_path / "run"), "--cpu", "false"])[0])
     assert tr.device.type == "cuda"
-    tr._masks(8, 0)  # the first pinned allocation, outside the timed part
+    tr._masks(8, 0)  # first-call costs (allocations), outside the timed part
     torch.cuda.synchronize()
     torch.cuda._sleep(2_000_000_000)  # ~1 s of GPU time queued ahead of the copies
     vis, mask = tr._masks(8, 0)
