@@ -29,22 +29,28 @@
 #               an H200)
 #   attn_triton only with SUITE_ATTN_TRITON=1: compiled+kernels at batch 256 with the bf16 stream, as the stream
 #               step, but --attn-impl triton (the project's attention kernel, autotuned at its first call; 71 s on an
-#               H200 at a27f55a, +8.7 % samples/s over the stream step) (skipped in the dry run: the tiny preset's
-#               8-wide predictor heads are not a width the kernel takes)
+#               H200 at a27f55a after the stream step, +8.7 % samples/s over it; as the first compile, on cold caches,
+#               its first warm-up step alone took 87 s at cb5dc27: cap 180 s) (skipped in the dry run: the tiny
+#               preset's 8-wide predictor heads are not a width the kernel takes)
 #   inductorN   only with SUITE_INDUCTOR: one step per variant (variants separated by |, each a space-separated list
 #               of KEY=VALUE torch.compile Inductor options, train_throughput.py --inductor): the attn_triton step's
-#               run plus those options (cap 120 s each; the dry run keeps SDPA), so that each row and the attn_triton
-#               row beside it differ in one setting, e.g.
-#               SUITE_INDUCTOR='keep_addmm_fused_for_half_dtypes=false|coordinate_descent_tuning=true'
+#               run plus those options (cap 240 s each: GEMM autotuning restricted to one Triton configuration took
+#               197 s on an H200 at cb5dc27; the dry run keeps SDPA), so that each row and the attn_triton row beside
+#               it differ in one setting. A variant that repeats the baseline (triton.cudagraphs=true, which
+#               reduce-overhead sets anyway) as the last one shows drift over the run, e.g.
+#               SUITE_INDUCTOR='coordinate_descent_tuning=true|triton.cudagraphs=true'
 #   gemm_autotune only with SUITE_GEMM_AUTOTUNE=1: compiled+kernels at batch 256 with the bf16 stream, as the stream
 #               step, but --compile-mode gemm-autotune (CUDA graphs + Inductor's Triton GEMM templates, which can
 #               fuse bias, GELU and casts into the GEMM; cap 240 s, which is too short: on an H200 at 5702997 it
 #               had tuned 13 forward GEMMs, 8-25 s each, when the cap killed it; the dry run compiles it too: 9 s to
-#               ~100 s on 2 CPU cores). An MFU session: the fastest step measured (attn_triton) as the baseline,
-#               Inductor variants beside it, the GPU tests and a profile (~470 s estimated from the step times
-#               measured so far): SUITE_ATTN_TRITON=1 SUITE_PROFILE=1 SUITE_BUDGET_S=500
-#               SUITE_INDUCTOR='keep_addmm_fused_for_half_dtypes=false|coordinate_descent_tuning=true'
-#               SUITE_SKIP=loader,train_big,attention,kernels,train_small
+#               ~100 s on 2 CPU cores). An MFU session (benchmarks/RESULTS.md, "The next GPU session"): the fastest
+#               step measured (attn_triton) as the baseline, an Inductor variant beside it, the baseline repeated,
+#               and a profile (~470 s estimated from the step times measured so far):
+#               SUITE_ATTN_TRITON=1 SUITE_PROFILE=1 SUITE_BUDGET_S=500 SUITE_INDUCTOR="max_autotune_gemm=true
+#               test_configs.autotune_choice_desc_regex=$ONE_CONFIG|triton.cudagraphs=true"
+#               SUITE_SKIP=loader,train_big,attention,pytest_gpu,kernels,train_small, where ONE_CONFIG (no spaces, no |)
+#               keeps cuBLAS and one Triton GEMM configuration:
+#               '^(?:.*BLOCK_K=64,.BLOCK_M=128,.BLOCK_N=128,.*num_stages=3,.num_warps=4.*)?$'
 #               and, if the device time left allows a second call on the warm machine, batch 512 and the attention
 #               timed from CUDA graphs:
 #               SUITE_BIG_BATCH=512 SUITE_ATTN_TRITON=1 SUITE_ATTN_GRAPHS=1
@@ -255,7 +261,21 @@ step() {
   elif (( rc == 124 || rc == 137 )); then say "TIME  $name: killed after ${t}s (see logs.tar.gz: $name.log)"; FAILED=1
   else say "FAIL  $name: exit $rc after ${dt}s (see logs.tar.gz: $name.log)"; FAILED=1; fi
   grep -h '^RESULT' "$LOGS/$name.log" >> "$SUMMARY"
+  leftover_gpu_processes "$name"
   return $rc
+}
+
+# After a step its own processes are gone, so a process still on the GPU is a leftover (of a killed step, or not
+# the suite's) that slows every later figure. On an H200 at cb5dc27 one setting's step went from 64.6 to 78.4 ms
+# between two runs 7 minutes apart, after runs killed by their caps, on a machine no check then looked at.
+leftover_gpu_processes() {
+  [ "$DRY" = 1 ] && return 0
+  command -v nvidia-smi > /dev/null || return 0
+  local apps
+  apps=$(nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader 2>/dev/null | tr '\n' ';')
+  [ -z "$apps" ] && return 0
+  say "note: after $1, processes still on the GPU (later figures may be slowed): ${apps%;}" \
+    "· load average $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
 }
 
 # ---------------------------------------------------------------------------------------------------- check
@@ -385,7 +405,7 @@ fi
 if [ "${SUITE_ATTN_TRITON:-0}" = 1 ] && [ "$DRY" = 1 ]; then
   say "SKIP  attn_triton: the tiny preset's predictor heads are 8 wide, which the Triton attention kernel does not take"
 elif [ "${SUITE_ATTN_TRITON:-0}" = 1 ]; then
-  skipped attn_triton || train attn_triton 120 "$BIG" compiled+kernels --attn-impl triton --stream-dtype amp
+  skipped attn_triton || train attn_triton 180 "$BIG" compiled+kernels --attn-impl triton --stream-dtype amp
 fi
 # One step per SUITE_INDUCTOR variant, each the attn_triton step's run (SDPA in the dry run) plus its options: the
 # attn_triton row beside them is their baseline.
@@ -397,7 +417,7 @@ for variant in "${VARIANTS[@]}"; do
   read -ra words <<< "$variant"
   opts=()
   for w in "${words[@]}"; do opts+=(--inductor "$w"); done
-  skipped inductor || train "inductor$n" 120 "$BIG" compiled+kernels "${VARIANT_ATTN[@]}" --stream-dtype amp "${opts[@]}"
+  skipped inductor || train "inductor$n" 240 "$BIG" compiled+kernels "${VARIANT_ATTN[@]}" --stream-dtype amp "${opts[@]}"
 done
 # compiled+kernels in the dry run too (not the dry run's eager stream mode): an eager row would ignore the compile
 # mode, and the step's own code path would first run on a GPU. The later --compile-mode wins over train()'s.

@@ -16,6 +16,7 @@ import torch
 from matpac_fast.config import get_model_config
 from matpac_fast.flops import flops_per_sample
 from matpac_fast.losses import centered_softmax_xent_reference
+from matpac_fast.train_config import parse_inductor_options
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -1011,31 +1012,67 @@ def test_suite_mfu_session_runs_each_candidate_beside_the_bf16_stream_baseline(t
     assert "--attn-impl" not in stream + gemm and opt(attn, "--attn-impl") == "triton"
 
 
+ONE_CONFIG = r"^(?:.*BLOCK_K=64,.BLOCK_M=128,.BLOCK_N=128,.*num_stages=3,.num_warps=4.*)?$"
+
+
 def test_suite_next_mfu_session_runs_inductor_variants_beside_the_triton_attention_step(tmp_path):
     """The next GPU session's first call (benchmarks/RESULTS.md, the suite's header), its GPU-mode command lines
     recorded by a stand-in interpreter: the fastest step measured (Triton attention, bf16 stream), each
-    SUITE_INDUCTOR variant as that step plus its options, the GPU tests and a profile of the step."""
-    variants = "keep_addmm_fused_for_half_dtypes=false|coordinate_descent_tuning=true aggressive_fusion=true"
+    SUITE_INDUCTOR variant as that step plus its options (the last one repeats the baseline), and a profile."""
+    variants = (f"max_autotune_gemm=true test_configs.autotune_choice_desc_regex={ONE_CONFIG}"
+                "|triton.cudagraphs=true")
     calls = _suite_gpu_calls(tmp_path, SUITE_ATTN_TRITON="1", SUITE_PROFILE="1", SUITE_BUDGET_S="500",
-                             SUITE_INDUCTOR=variants, SUITE_SKIP="loader,train_big,attention,kernels,train_small")
+                             SUITE_INDUCTOR=variants,
+                             SUITE_SKIP="loader,train_big,attention,pytest_gpu,kernels,train_small")
     scripts = [next((Path(a).name for a in c if a.endswith(".py")), "pytest" if "pytest" in c else "?") for c in calls]
-    assert scripts == ["train_throughput.py"] * 3 + ["pytest", "profile_step.py"], calls
+    assert scripts == ["train_throughput.py"] * 3 + ["profile_step.py"], calls
     opt = _last_opt
 
-    attn, first, second, _, profile = calls
-    for argv in (attn, first, second):
+    attn, first, repeat, profile = calls
+    for argv in (attn, first, repeat):
         assert (opt(argv, "--batch-sizes"), opt(argv, "--modes"), opt(argv, "--compile-mode")) == (
             "256", "compiled+kernels", "reduce-overhead")
         assert (opt(argv, "--attn-impl"), opt(argv, "--stream-dtype"), opt(argv, "--precision")) == (
             "triton", "amp", "bf16")
-    given = [[argv[i + 1] for i, a in enumerate(argv) if a == "--inductor"] for argv in (attn, first, second)]
-    assert given == [[], ["keep_addmm_fused_for_half_dtypes=false"],
-                     ["coordinate_descent_tuning=true", "aggressive_fusion=true"]]
+    given = [[argv[i + 1] for i, a in enumerate(argv) if a == "--inductor"] for argv in (attn, first, repeat)]
+    assert given == [[], ["max_autotune_gemm=true", f"test_configs.autotune_choice_desc_regex={ONE_CONFIG}"],
+                     ["triton.cudagraphs=true"]]
     assert (opt(profile, "--stream-dtype"), opt(profile, "--attn-impl")) == ("amp", "triton")
     (tmp_path / "skip").mkdir()
     skip = _suite_gpu_calls(tmp_path / "skip", SUITE_ATTN_TRITON="1", SUITE_INDUCTOR=variants,
                             SUITE_SKIP="loader,train_big,inductor,attention,pytest_gpu,kernels,train_small")
     assert len(skip) == 1 and "--inductor" not in skip[0]
+
+
+def test_one_config_regex_keeps_cublas_and_one_triton_gemm_configuration():
+    """The plan's autotune filter (Inductor matches it against each choice's description with re.search): cuBLAS
+    choices have an empty description; Triton templates' descriptions are as in the H200 autotune logs."""
+    desc = ("ACC_TYPE='tl.float32', ALLOW_TF32=False, BLOCK_K={k}, BLOCK_M=128, BLOCK_N=128, EVEN_K=True, GROUP_M=8, "
+            "USE_FAST_ACCUM=False, num_stages={s}, num_warps={w}")
+    keep = ["", desc.format(k=64, s=3, w=4)]
+    drop = [desc.format(k=64, s=5, w=8), desc.format(k=32, s=3, w=4)]
+    assert [bool(re.search(ONE_CONFIG, d)) for d in keep + drop] == [True, True, False, False]
+    assert parse_inductor_options([f"test_configs.autotune_choice_desc_regex={ONE_CONFIG}"]) == {
+        "test_configs.autotune_choice_desc_regex": ONE_CONFIG}
+
+
+def test_suite_notes_processes_left_on_the_gpu_after_a_step(tmp_path):
+    """A process still on the GPU after a step (a killed step's leftover, or another user's) slows every later
+    figure; the suite says so in its summary, with the load average. A stand-in nvidia-smi plays the GPU: no
+    process after the first step, one after the second."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text('#!/bin/bash\ncase "$*" in *compute-apps*) n="$(dirname "$0")/n"; echo x >> "$n"; '
+                   '[ "$(wc -l < "$n")" -ge 2 ] && echo "4242, python3, 900 MiB";; '
+                   '*) echo "Stand-in GPU, 1.0, 1000 MiB";; esac\n')
+    smi.chmod(0o755)
+    _suite_gpu_calls(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", SUITE_ATTN_TRITON="1", SUITE_PROFILE="1",
+                     SUITE_SKIP="loader,train_big,attention,pytest_gpu,kernels,train_small")
+    notes = [line for line in (tmp_path / "out" / "summary.txt").read_text().splitlines() if "still on the GPU" in line]
+    assert len(notes) == 1, notes
+    assert notes[0].startswith("note: after profile, processes still on the GPU (later figures may be slowed): "
+                               "4242, python3, 900 MiB · load average "), notes
 
 
 def test_suite_second_mfu_call_runs_batch_512_and_times_attention_from_cuda_graphs(tmp_path):
