@@ -45,7 +45,7 @@
 #               had tuned 13 forward GEMMs, 8-25 s each, when the cap killed it; the dry run compiles it too: 9 s to
 #               ~100 s on 2 CPU cores). An MFU session (benchmarks/RESULTS.md, "The next GPU session"): the fastest
 #               step measured (attn_triton) as the baseline, an Inductor variant beside it, the baseline repeated,
-#               and a profile (~470 s estimated from the step times measured so far):
+#               and a profile (~450 s estimated from the step times measured so far):
 #               SUITE_ATTN_TRITON=1 SUITE_PROFILE=1 SUITE_BUDGET_S=500 SUITE_INDUCTOR="max_autotune_gemm=true
 #               test_configs.autotune_choice_desc_regex=$ONE_CONFIG|triton.cudagraphs=true"
 #               SUITE_SKIP=loader,train_big,attention,pytest_gpu,kernels,train_small, where ONE_CONFIG (no spaces, no |)

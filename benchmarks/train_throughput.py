@@ -156,7 +156,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "CUDA graphs plus inductor's GEMM autotuning, see matpac_fast.train_config)")
     p.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                    help="compiled modes: a torch.compile Inductor option added to --compile-mode's (repeatable; names "
-                        "as in torch._inductor.config), e.g. --inductor keep_addmm_fused_for_half_dtypes=false; the "
+                        "as in torch._inductor.config), e.g. --inductor coordinate_descent_tuning=true; the "
                         "CSV's inductor column records them")
     p.add_argument("--attn-impl", default="sdpa", choices=ATTN_IMPLS,
                    help="attention of the non-reference modes: sdpa (PyTorch picks the backend), one SDPA backend "
