@@ -441,7 +441,7 @@ class Trainer:
         """Masks from a generator seeded by (seed, step, micro, rank): reproducible, and identical on resume. Drawn
         on the host (the same masks whatever the device) and copied with non_blocking: these few-KiB copies from
         pageable memory did not wait for the GPU's queue on an H200 (a GPU test checks it), and pinning them first
-        changed no step time measured (benchmarks/RESULTS.md, 455c577 and cb5dc27)."""
+        changed no step time in the 455c577 A/B (benchmarks/RESULTS.md; cb5dc27's runs were too noisy to say)."""
         from matpac_fast.masking import make_masks
 
         m = self.model_cfg
