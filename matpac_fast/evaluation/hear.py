@@ -6,7 +6,8 @@ evaluation kits:
     emb, ts = hear.get_timestamp_embeddings(audio_BN, model)    # (B, n, 5·D), (B, n) in ms
     scene = hear.get_scene_embeddings(audio_BN, model)          # (B, 5·D) = mean of the timestamp embeddings
 
-Audio is float32 (n_sounds, n_samples) at 16 kHz (`model.sample_rate`). One embedding per 16 log-mel frames
+Audio is float32 (n_sounds, n_samples) at 16 kHz (`model.sample_rate`); integer PCM (int16/int32,
+uint8) is scaled to [-1, 1] as `Encoder.encode` does. One embedding per 16 log-mel frames
 (160 ms). Timestamps are the centres of those frames: with the MATPAC front end (n_fft 400, hop 160, no centring)
 log-mel frame j is centred at 10·j + 12.5 ms, so patch column i is centred at 160·i + 87.5 ms; with the M2D front
 end (centred frames) frame j is centred at 10·j ms and patch column i at 160·i + 75 ms. The last column, when the
@@ -54,7 +55,11 @@ def load_model(model_file_path: str = "random", preset: str = "matpac", device: 
 def _check(audio: torch.Tensor, model: HearModel) -> torch.Tensor:
     if not isinstance(model, HearModel):
         raise ValueError("model must come from matpac_fast.evaluation.hear.load_model")
-    audio = torch.as_tensor(audio, dtype=torch.float32)
+    # Integer PCM (scipy's int16, ...) is scaled to [-1, 1] as `Encoder.encode` does: a plain float32 cast kept
+    # int16 samples 32,768 times too loud, silently giving other embeddings than the same clip as float.
+    from matpac_fast.encoder import _float_wave
+
+    audio = _float_wave(audio)
     if audio.ndim != 2:
         raise ValueError(f"audio must be (n_sounds, n_samples) at {SAMPLE_RATE} Hz, got shape {tuple(audio.shape)}")
     return audio
