@@ -188,14 +188,7 @@ def _looks_like_path(arg: str) -> bool:
 
 def _auto_clip_seconds(ds: LabelledSet) -> float:
     """The longest readable clip (at most MAX_AUTO_CLIP_SECONDS); unreadable files are reported by the embedding."""
-    import soundfile as sf
-
-    durations = []
-    for c in ds.clips:
-        try:
-            durations.append(sf.info(c.path).duration)
-        except Exception:  # noqa: BLE001 - decoding errors are reported (and the clip skipped) by embed.extract
-            pass
+    durations = [d for d in (embed.audio_duration(c.path) for c in ds.clips) if d is not None]  # None: unreadable
     longest = max(durations, default=1.0)
     return float(min(MAX_AUTO_CLIP_SECONDS, max(longest, 0.1)))
 

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".aiff", ".aif", ".au", ".m4a", ".opus")
+# make-shards' (shard_tools.discover.AUDIO_EXTS): soundfile's formats, and the containers it decodes with PyAV
+AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aiff", ".aif", ".au", ".caf", ".w64",
+              ".m4a", ".webm", ".aac", ".mp4", ".mka", ".mkv")
 FILE_COLUMNS = ("file", "filename", "path", "file_name", "slice_file_name")
 LABEL_COLUMNS = ("label", "labels", "category", "class")
 GTZAN_GENRES = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")

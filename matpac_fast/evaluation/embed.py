@@ -10,10 +10,11 @@ Embedders (`make_embedder`):
 An encoder embeds with the front end it was trained on (`Encoder.frontend`: the run's, or m2d for an M2D model):
 the embedder's `spec` decides the resampler used here and the log-mel inside the encoder.
 
-Audio: soundfile decode -> mono (mean of channels) -> 16 kHz (the front end's resampler: Kaiser for matpac, soxr
-HQ for m2d) -> crop from the start / zero-pad at the end to exactly `clip_seconds` (a fixed length keeps batches
-rectangular; each task has its own length: FSDD 1 s, ESC-50 5 s, US8K 4 s, GTZAN 30 s). How many clips were longer
-(and so cropped) is reported by `extract` (`Extracted.n_cropped`); the CLI prints it in one note.
+Audio: soundfile decode (m4a/webm/aac/mp4/mka/mkv with PyAV, as make-shards does) -> mono (mean of channels) ->
+16 kHz (the front end's resampler: Kaiser for matpac, soxr HQ for m2d) -> crop from the start / zero-pad at the end
+to exactly `clip_seconds` (a fixed length keeps batches rectangular; each task has its own length: FSDD 1 s, ESC-50
+5 s, US8K 4 s, GTZAN 30 s). How many clips were longer (and so cropped) is reported by `extract`
+(`Extracted.n_cropped`); the CLI prints it in one note.
 
 A file that cannot be decoded (unknown format, empty, truncated, no samples, NaN/inf samples) is skipped, not
 fatal: `extract` returns which clips were embedded and why the others were not; the caller reports them.
@@ -88,17 +89,59 @@ def _reason(e: Exception) -> str:
     return text.strip().splitlines()[0].rstrip(".")[:120]
 
 
+def _needs_pyav(path: str) -> bool:
+    """A container libsndfile cannot read (m4a, webm, aac, ...): make-shards decodes it with PyAV, and so do we."""
+    from shard_tools.discover import PYAV_EXTS
+
+    return os.path.splitext(path)[1].lower() in PYAV_EXTS
+
+
+def _read_pyav(path: str) -> tuple[np.ndarray, int]:
+    """make-shards' PyAV decoder ((N, C) float32, rate); its Skip (no PyAV, undecodable, empty) -> UnreadableAudio."""
+    from shard_tools.decode import Skip, read_audio
+
+    try:
+        return read_audio(path)
+    except Skip as e:
+        raise UnreadableAudio(path, str(e).strip().splitlines()[0][:160]) from None
+
+
+def audio_duration(path: str) -> float | None:
+    """Seconds of audio in `path` from its header (soundfile, or PyAV for its containers), None when unknown."""
+    import soundfile as sf
+
+    try:
+        return float(sf.info(path).duration)
+    except Exception:  # noqa: BLE001 - not a soundfile format (or unreadable): PyAV's containers are tried below
+        pass
+    if not _needs_pyav(path):
+        return None
+    try:
+        import av
+
+        with av.open(path) as c:
+            if c.duration is not None:
+                return c.duration / av.time_base
+            s = c.streams.audio[0] if c.streams.audio else None
+            return float(s.duration * s.time_base) if s is not None and s.duration is not None else None
+    except Exception:  # noqa: BLE001 - no PyAV, or an unreadable file: the embedding reports it
+        return None
+
+
 def load_clip(path: str, clip_samples: int, spec: FrontendSpec, lengths: list[int] | None = None) -> np.ndarray:
     """float32 (clip_samples,) at spec.sample_rate: decoded, mono, resampled, cropped from the start / zero-padded.
     `lengths`, when given, gets the resampled length before the crop appended. Raises UnreadableAudio (a ValueError)
     for a file that cannot be decoded or holds no usable samples."""
     import soundfile as sf
 
-    try:
-        wave, sr = sf.read(path, dtype="float32", always_2d=False)
-    except Exception as e:  # noqa: BLE001 - soundfile raises several types; the user needs the file name, not the type
-        empty = os.path.isfile(path) and os.path.getsize(path) == 0
-        raise UnreadableAudio(path, "empty file" if empty else _reason(e)) from None
+    if _needs_pyav(path):
+        wave, sr = _read_pyav(path)
+    else:
+        try:
+            wave, sr = sf.read(path, dtype="float32", always_2d=False)
+        except Exception as e:  # noqa: BLE001 - soundfile raises several types; the user needs the file, not the type
+            empty = os.path.isfile(path) and os.path.getsize(path) == 0
+            raise UnreadableAudio(path, "empty file" if empty else _reason(e)) from None
     wave = to_mono(wave)
     if wave.size == 0:
         raise UnreadableAudio(path, "no audio samples")
