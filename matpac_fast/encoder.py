@@ -402,7 +402,22 @@ def _no_checkpoint_in_folder(path: Path) -> str:
         return f"{path} holds no checkpoint (no {looked}); {_run_hint(run)}"
     if _is_shard_set(path):
         return f"{path} is a shard set (training data written by make-shards), not a checkpoint; {PASS_INSTEAD}"
+    runs = _run_folders_in(path)  # e.g. `make demo`'s runs/demo, whose run is runs/demo/train
+    if runs:
+        run, export = runs[0], runs[0] / EXPORT_NAMES[0]
+        more = f" (one of {len(runs)})" if len(runs) > 1 else ""
+        what = f"pass that folder instead (it loads {export})" if export.is_file() else _run_hint(run)
+        return f"{path} holds no checkpoint (no {looked}) but the training run folder {run}{more}: {what}"
     return f"{path} holds no checkpoint (no {looked}); {PASS_INSTEAD}"
+
+
+def _run_folders_in(path: Path, limit: int = 200) -> list[Path]:
+    """The training run folders directly inside `path` that hold weights (an encoder.pt or a checkpoint)."""
+    try:
+        subs = sorted(d for d in path.iterdir() if d.is_dir())[:limit]
+    except OSError:
+        return []
+    return [d for d in subs if _is_run_folder(d) and ((d / EXPORT_NAMES[0]).is_file() or _run_checkpoints(d))]
 
 
 def _pickled_object(e: Exception) -> str | None:

@@ -82,3 +82,22 @@ def test_audio_duration_of_a_pyav_container(tmp_path):
     assert abs(embed.audio_duration(str(p)) - 2.0) < 0.1
     wave = embed.load_clip(str(p), 16000 * 3, embed.get_spec("matpac"))
     assert wave.shape == (48000,) and np.abs(wave[:16000]).max() > 0.1
+
+
+def test_a_folder_holding_a_run_folder_names_it(tmp_path):
+    """`make demo` leaves runs/demo/train/encoder.pt: --checkpoint runs/demo said only 'holds no checkpoint' with the
+    generic list of what to pass, not that the run is runs/demo/train."""
+    from matpac_fast.encoder import export_encoder_state, load_encoder
+
+    demo, run = tmp_path / "demo", tmp_path / "demo" / "train"
+    run.mkdir(parents=True)
+    torch.save(export_encoder_state(load_encoder("random", preset="tiny")), run / "encoder.pt")
+    cfg = {"train": {"run": {"preset": "tiny"}}, "model": {"name": "tiny", "dim": 64, "depth": 2, "heads": 4}}
+    (run / "config.json").write_text(json.dumps(cfg))
+    (demo / "shards").mkdir()
+    with pytest.raises(ValueError) as e:
+        load_encoder(demo, preset="tiny")
+    msg = str(e.value)
+    assert f"but the training run folder {run}: pass that folder instead (it loads {run / 'encoder.pt'})" in msg
+    assert "\n" not in msg
+    assert load_encoder(run).settings()["heads"] == 4  # what it points to loads
