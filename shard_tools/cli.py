@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="AudioSet: labels from the segment CSVs, audio from a download folder (any common layout)",
         description="Labels and splits come from the CSVs, never from folder names. Accepted file names under "
         "--audio-root (any depth, also per-label folders; duplicates are skipped as 'duplicate'): Y<ytid>.<ext>, "
-        "<ytid>.<ext>, <ytid>_<start>.<ext>, <ytid>_<start>-<end>.<ext>, audio/<split>/<ytid>.<ext>. "
+        "<ytid>.<ext>, <ytid>_<start>.<ext>, <ytid>_<start>-<end>.<ext>, <ytid>_<start ms>_<end ms>.<ext> "
+        "(audiosetdl), audio/<split>/<ytid>.<ext>. "
         "A file holding the whole video is cut to the CSV segment (flag 'cropped'). One shorter than its segment "
         "by more than 0.5 s gets the flag 'truncated' and is treated like any clip: written if it has at least "
         "--min-frames frames, else --short decides (drop: skipped as too_short; pad: written). The count of CSV "

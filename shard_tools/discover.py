@@ -362,11 +362,17 @@ def parse_audioset_name(stem: str, known: dict[str, list[Segment]]) -> tuple[str
 
 
 def _match_segment(segs: list[Segment], start: float | None) -> Segment | None:
+    """The segment a file of this id holds: the id's only one (no start in the name), or the one whose start the
+    name gives: in seconds (`<id>_30.000`), else in whole milliseconds (audiosetdl's `<id>_30000_40000.flac`)."""
     if start is None:
         return segs[0] if len(segs) == 1 else None
     for s in segs:
         if abs(s.start - start) < 1e-3:
             return s
+    if start.is_integer():
+        for s in segs:
+            if abs(s.start * 1000 - start) < 0.5:
+                return s
     return None
 
 

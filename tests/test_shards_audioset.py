@@ -271,3 +271,25 @@ def test_a_set_of_an_earlier_version_with_a_ytdlp_temp_file_is_still_complete(au
     capsys.readouterr()
     assert cli_main(argv) == 0
     assert "already complete" in capsys.readouterr().out
+
+
+def test_audiosetdl_millisecond_names_match_their_segments(audioset_meta_dir, tmp_path):
+    """audiosetdl names its files <ytid>_<start ms>_<end ms>.<ext> (its end is always start + 10 s): every one was
+    not_in_csv, so a whole audiosetdl download gave "nothing written"."""
+    from shard_tools.discover import discover_audioset
+
+    root = tmp_path / "data" / "balanced_train_segments"
+    root.mkdir(parents=True)
+    for name in ("--PJHxphWEs_30000_40000.flac", "AE5oZzfu2-E_239800_249800.flac", "--ZhevVpy1s_0_10000.flac"):
+        (root / name).write_bytes(b"\0" * 64)
+    disc = discover_audioset([audioset_meta_dir / "balanced_train_segments.csv"],
+                             audioset_meta_dir / "class_labels_indices.csv", tmp_path / "data")
+    items = {it.source.rsplit("/", 1)[-1]: it for it in disc.items}
+    first = items["--PJHxphWEs_30000_40000.flac"]
+    assert (first.skip, first.key, first.start, first.labels) == (None, "--PJHxphWEs_30000", 30.0,
+                                                                 ("/m/09x0r", "/t/dd00088"))
+    assert first.name_has_start  # never cropped: the file holds the segment
+    frac = items["AE5oZzfu2-E_239800_249800.flac"]
+    assert (frac.skip, frac.key, frac.start) == (None, "AE5oZzfu2-E_239800", 239.8)
+    assert items["--ZhevVpy1s_0_10000.flac"].skip == "not_in_csv"  # its segment starts at 50 s, not 0 s
+    assert disc.extra["segments"]["with_file"] == 2
