@@ -137,7 +137,6 @@ def featurize(item: Item, prep: Prepared, mel: LogMelSpec, device: str) -> Resul
     if not np.isfinite(lms).all():
         return Result(item.source, item.key, skipped="non_finite", detail="log-mel not finite")
     values = lms.astype(np.float64)  # statistics of exactly the values the loader will read
-    spec = mel.spec
     meta = {
         "key": item.key,
         "source": item.source,
@@ -158,7 +157,7 @@ def featurize(item: Item, prep: Prepared, mel: LogMelSpec, device: str) -> Resul
         n_frames=int(lms.shape[1]),
         value_sum=float(values.sum()),
         value_sumsq=float(np.square(values).sum()),
-        seconds=prep.wave.shape[0] / spec.sample_rate,
+        seconds=prep.duration,  # the source audio's, as the json's duration: not the m2d zero-padding (flag padded)
         flags=prep.flags,
     )
 

@@ -318,6 +318,10 @@ def test_m2d_frontend_and_folder_labels(tmp_path):
             np.testing.assert_array_equal(arr, reference_lms(w, sr, "m2d").astype(np.float16))
             assert "padded" not in meta["flags"]
         assert meta["labels"] == [Path(meta["source"]).parent.name]
+    # hours of audio, not of the zero padding: stats.json said 6.1 s for the 3 s clip while verify-shards (which sums
+    # the json durations) said 3 s, so the two tools disagreed on every padded set (tenfold on FSDD's digits)
+    assert s["hours"] == pytest.approx((6.5 + 6.5 + 3.0) / 3600)
+    assert verify_shards(tmp_path / "out")["hours"] == pytest.approx(s["hours"])
 
 
 def test_folder_with_every_file_in_one_subfolder_says_so(tmp_path):
