@@ -607,6 +607,15 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
     reader.fieldnames = names
     items, first, empty, relabelled, commas = [], {}, [], [], []
     for row in _rows_checked(csv_path, reader):
+        extra = [v for v in row.get(None) or [] if v.strip()]  # DictReader keeps fields past the header under None
+        if extra:
+            # an unquoted ',' in a path or a label (AudioSet's "Male speech, man speaking"): the rest of the row was
+            # dropped without a word, so the label was cut short or the path became another file's
+            raise ValueError(
+                f"{csv_path}: line {reader.line_num} has {len(names) + len(row[None])} fields but the header has "
+                f"{len(names)} (extra: {', '.join(map(repr, extra[:3]))}); quote a path or label that holds a ',' "
+                '(e.g. "Male speech, man speaking"), or add a header name for each column'
+            )
         raw = (row.get("path") or "").strip()
         if not raw:
             empty.append(reader.line_num)

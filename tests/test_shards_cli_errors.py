@@ -697,6 +697,23 @@ def test_manifest_label_with_a_comma_is_one_label_and_said_so(tmp_path, capsys):
     assert "with a ','" not in capsys.readouterr().err
 
 
+def test_manifest_row_with_an_unquoted_comma_is_an_error(tmp_path, capsys):
+    """A row with more fields than the header (an unquoted ',' in a label or path) lost its extra fields without a
+    word: x.wav was labelled 'Male speech' and 'Dog, bark/y.wav' became the path 'Dog'."""
+    tone(tmp_path / "x.wav")
+    tone(tmp_path / "y.wav", freq=660)
+    csv = tmp_path / "list.csv"
+    csv.write_text("path,label\ny.wav,dog,\nx.wav,Male speech, man speaking\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"list\.csv: line 3 has 3 fields but the header has 2 \(extra: ' man "
+                                         r"speaking'\); quote a path or label that holds a ','"):
+        run("manifest", str(csv), "--out", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    csv.write_text('path,label\ny.wav,dog,\nx.wav,"Male speech, man speaking"\n', encoding="utf-8")
+    assert run("manifest", str(csv), "--out", str(tmp_path / "out")) == 0  # a trailing empty field is harmless
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["classes"] == ["Male speech, man speaking",
+                                                                                    "dog"]
+
+
 # --------------------------------------------------------------------- 14. verify a folder of someone else's files
 @pytest.mark.parametrize("name,text", [
     ("stats.json", '{"mean": 0.5, "inputs": 3}\n'),
