@@ -96,6 +96,10 @@ class NoUsableData(RuntimeError):
 # configuration
 
 
+# The longest DataConfig.timeout_s: torch waits for a batch with select/poll, which take the timeout in milliseconds
+# as a C int (about 24.8 days); a longer one (or inf) raised OverflowError at the first batch. 0 means no limit.
+MAX_TIMEOUT_S = 1_000_000.0
+
 @dataclass(frozen=True)
 class DataConfig:
     """Loader settings. Defaults reproduce the authors' recipe (608-frame crop, drop_last)."""
@@ -141,8 +145,10 @@ class DataConfig:
                 raise ValueError(f"DataConfig.{name} must be an integer >= {low} (got {v!r})")
             object.__setattr__(self, name, int(v))  # frozen; a numpy integer becomes a plain int
         t = self.timeout_s
-        if isinstance(t, bool) or not isinstance(t, int | float) or not t >= 0:
-            raise ValueError(f"DataConfig.timeout_s must be a number >= 0 (got {t!r})")
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= MAX_TIMEOUT_S:
+            # inf or 1e7 passed this check and crashed the first batch (OverflowError deep in multiprocessing)
+            raise ValueError(f"DataConfig.timeout_s must be a number from 0 (no limit) to {MAX_TIMEOUT_S:g} s "
+                             f"(got {t!r})")
         object.__setattr__(self, "timeout_s", float(t))
         n = self.samples_per_epoch
         if n is not None:

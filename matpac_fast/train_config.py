@@ -499,6 +499,11 @@ def validate(cfg: TrainConfig) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    from matpac_fast.data import MAX_TIMEOUT_S
+
+    if not cfg.data.data_timeout <= MAX_TIMEOUT_S:  # inf crashed the first batch, after --out was written
+        raise ValueError(f"--data-timeout must be at most {MAX_TIMEOUT_S:g} s (got {cfg.data.data_timeout:g}); 0 "
+                         "means no limit")
     for section in (cfg.run, cfg.data):  # argparse checks choices; a TrainConfig built in code is checked here
         for name, allowed in _CHOICES.items():
             value = getattr(section, name, None)

@@ -833,6 +833,15 @@ def test_data_config_integer_fields_are_checked(field, value):
     assert cfg.batch_size == 8 and type(cfg.batch_size) is int
 
 
+@pytest.mark.parametrize("value", [math.inf, 1e7, -1.0])
+def test_data_config_timeout_is_within_what_the_workers_can_wait(value):
+    # inf and 1e7 were accepted, then the first batch raised OverflowError inside multiprocessing's poll()
+    with pytest.raises(ValueError) as e:
+        DataConfig(timeout_s=value)
+    assert str(e.value) == f"DataConfig.timeout_s must be a number from 0 (no limit) to 1e+06 s (got {value!r})"
+    assert DataConfig(timeout_s=1e6).timeout_s == 1e6
+
+
 def _replace_member(tar_path, member, payload):
     """Rewrite a shard with one member's payload replaced (order and the other members kept)."""
     with tarfile.open(tar_path) as tf:

@@ -621,6 +621,16 @@ def test_a_stalled_shard_read_ends_the_run_after_data_timeout(tmp_path, capsys):
     assert rc == 2 and "--data-timeout must be >= 0 s, 0 = none (got -1)" in _one_line(err)
 
 
+@pytest.mark.parametrize("value", ["inf", "1e7"])
+def test_a_data_timeout_too_long_for_the_loader_is_one_line(tmp_path, capsys, value):
+    # inf (a natural "no limit") and anything over ~24.8 days passed the check, wrote --out/config.json and tb/, then
+    # raised OverflowError from multiprocessing's poll() at the first batch: a traceback.
+    rc, _, err = _main(capsys, *SYN, "--out", str(tmp_path / "run"), "--workers", "1", "--data-timeout", value)
+    assert rc == 2 and _one_line(err) == (f"error: --data-timeout must be at most 1e+06 s (got {float(value):g}); 0 "
+                                          "means no limit"), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_reading_the_shards_another_way_is_warned_about(tmp_path, capsys):
     # The same shards through pipe:cat are streamed, not indexed: other crops and order. It was resumed silently and
     # the continuation differed (step 4's loss 3.1586 against 3.15189 uninterrupted).
