@@ -202,12 +202,18 @@ class TrainData:
         from matpac_fast.data import NoUsableData, ShardError, make_loader
 
         self._loader = make_loader(self.cfg, self.rank, self.world, epoch, self.seed, source=self.source)
+        batches = iter(self._loader)
         try:
-            for i, batch in enumerate(self._loader):
+            for i, batch in enumerate(batches):
                 if i >= skip:
                     yield batch
         except (NoUsableData, ShardError) as e:  # raised in a loader worker: one line for the user, not its trace
             raise TrainingAborted(self._data_error(e)) from None
+        finally:
+            # Closed here, not by the garbage collector: stopping its workers takes a moment, and a second Ctrl-C
+            # meanwhile must reach main() (quit at once, in one line). From a collected generator it was printed as
+            # "Exception ignored in: <generator ...>" with a traceback, and the run went on to its checkpoint.
+            batches.close()
 
     def _data_error(self, e: Exception) -> str:
         # A worker's exception comes back with its traceback in the message; the last line is the original one.

@@ -248,6 +248,31 @@ def test_a_new_epoch_counts_the_last_ones_skipped_shards_before_its_first_batch(
     it.close()
 
 
+def test_a_ctrl_c_while_the_loader_stops_its_workers_reaches_the_caller(tmp_path, monkeypatch):
+    # A second Ctrl-C while the epoch's loader stopped its workers (joined in its generator's `finally`) was raised
+    # in a generator finalised by the garbage collector: "Exception ignored in: <generator ...>" and a traceback, the
+    # Ctrl-C lost and the run went on to its checkpoint instead of quitting at once.
+    import matpac_fast.data as D
+    from matpac_fast.trainer import Trainer
+
+    class Loader:
+        skipped_shards = 0
+
+        def __iter__(self):
+            try:
+                yield {"lms": torch.zeros(1)}
+                yield {"lms": torch.zeros(1)}
+            finally:
+                raise KeyboardInterrupt  # as when the second Ctrl-C lands in the workers' join
+
+    data = Trainer(resolve([*TINY, "--out", str(tmp_path / "run"), "--max-steps", "1"])[0]).data
+    monkeypatch.setattr(D, "make_loader", lambda *a, **k: Loader())
+    it = data.epoch(0)
+    next(it)
+    with pytest.raises(KeyboardInterrupt):
+        it.close()
+
+
 def test_an_epoch_ending_inside_an_accumulation_leaves_its_losses_out_of_the_next_row(tmp_path, monkeypatch):
     # --grad-accum 2 and an epoch that gives 5 batches: the 5th is never stepped (drop_last at step level). Its loss
     # stayed in the running sums, so the next row (step 3) averaged 3 micro-batches, one of them never trained on.
