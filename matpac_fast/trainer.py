@@ -1214,12 +1214,7 @@ def _resolved_config(cfg: TrainConfig) -> tuple[dict, str | None]:
     if cfg.run.precision == "fp16" and no_gpu:
         notes.append("note: --precision fp16 needs a CUDA GPU, which this run would not have here: start it on a GPU "
                      "node")
-    if cfg.run.compile == "off" and cfg.run.compile_mode != "default":
-        notes.append(f"note: --compile-mode {cfg.run.compile_mode} has no effect with --compile off: add --compile "
-                     "block or step")
-    if cfg.run.compile == "off" and cfg.inductor:
-        notes.append(f"note: --inductor {' '.join(inductor_text(cfg.inductor))} has no effect with --compile off: add "
-                     "--compile block or step")
+    notes += _compile_notes(cfg)
     if shards.startswith("pipe:") or "://" in shards:
         if cfg.run.frontend == "m2d":
             notes.append(f"note: --print-config does not fetch --shards {shards}: norm_mean / norm_std are the m2d "
@@ -1232,6 +1227,19 @@ def _resolved_config(cfg: TrainConfig) -> tuple[dict, str | None]:
         notes.append(f"note: --model attn_impl={model.attn_impl} needs a CUDA GPU (that SDPA backend has no CPU "
                      "kernel), which this run would not have here: start it on a GPU node, or use sdpa, flash or math")
     return {**cfg.to_dict(), "model": model.to_dict()}, "\n".join(notes) or None
+
+
+def _compile_notes(cfg: TrainConfig) -> list[str]:
+    """Compile settings that do nothing without --compile: a note each, from --print-config and at a run's start
+    (a run given --compile-mode reduce-overhead alone trained uncompiled without a word)."""
+    notes = []
+    if cfg.run.compile == "off" and cfg.run.compile_mode != "default":
+        notes.append(f"note: --compile-mode {cfg.run.compile_mode} has no effect with --compile off: add --compile "
+                     "block or step")
+    if cfg.run.compile == "off" and cfg.inductor:
+        notes.append(f"note: --inductor {' '.join(inductor_text(cfg.inductor))} has no effect with --compile off: add "
+                     "--compile block or step")
+    return notes
 
 
 def _check_out_path(out: str) -> None:
@@ -1290,9 +1298,9 @@ def _main(argv: list[str] | None) -> int:
             lock = ckpt.OutLock(cfg.run.out)
             if Path(cfg.run.out).is_dir():
                 _lock(lock)
-            note = _paper_recipe_on_cpu(args, cfg)
-            if note:
-                print(note, file=sys.stderr, flush=True)
+            for note in [_paper_recipe_on_cpu(args, cfg), *_compile_notes(cfg)]:
+                if note:
+                    print(note, file=sys.stderr, flush=True)
         ckpt.check_out(cfg.run.out, cfg.run.resume)  # never mix two runs in one folder
         # Validates data, model and the checkpoint to resume first: a bad option leaves no empty run directory.
         trainer = Trainer(cfg)

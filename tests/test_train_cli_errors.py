@@ -563,6 +563,18 @@ def test_print_config_shows_inductor_options_and_notes_them_without_compile(tmp_
     assert rc == 2 and err.strip().endswith("(did you mean coordinate_descent_tuning?)"), err
 
 
+def test_a_run_notes_compile_settings_that_do_nothing_without_compile(tmp_path, capsys):
+    # Only --print-config said so: a run given --compile-mode reduce-overhead (or --inductor) alone trained
+    # uncompiled without a word.
+    rc, _, err = _main(capsys, *SYN, "--out", str(tmp_path / "r"), "--max-steps", "1", "--compile-mode",
+                       "reduce-overhead", "--inductor", "coordinate_descent_tuning=true")
+    assert rc == 0, err
+    assert err.splitlines()[:2] == [
+        "note: --compile-mode reduce-overhead has no effect with --compile off: add --compile block or step",
+        "note: --inductor coordinate_descent_tuning=True has no effect with --compile off: add --compile block or "
+        "step"], err
+
+
 def test_help_names_the_program_and_the_recipe_default(monkeypatch):
     from matpac_fast.train_config import build_parser
 
