@@ -1025,7 +1025,14 @@ class Trainer:
             # absent from checkpoints written before it was kept: the count starts from 0, as it did then
             self.data.restore_skipped(int(state.get("skipped_shards", 0)))
             notes = f" (changed: {', '.join(self._resume_notes)})" if self._resume_notes else ""
-            print(f"resumed from {path} at step {self.step}{notes}", file=sys.stderr)
+            # Inside an epoch the loader reads that epoch's first batches again and drops them (the order of an
+            # uninterrupted run); on a large set that is minutes before the next step, so it is said up front. At
+            # an epoch's end the next epoch starts and nothing is read again.
+            rereads = ""
+            if 0 < self.batch_in_epoch < self.steps_per_epoch * self.cfg.optim.grad_accum:
+                rereads = (f"; epoch {self.epoch}'s first {self.batch_in_epoch} batches are read again and dropped "
+                           "first, to go on with the data of an uninterrupted run")
+            print(f"resumed from {path} at step {self.step}{notes}{rereads}", file=sys.stderr)
 
     def export_encoder(self) -> Path:
         from matpac_fast.encoder import export_encoder_state

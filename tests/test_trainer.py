@@ -60,7 +60,9 @@ def _assert_same_run(out, ref):
 def test_resume_after_max_steps_matches_uninterrupted(tmp_path, reference_run):
     subprocess.run(_run(tmp_path, "--max-steps", "6"), check=True, env=ENV, capture_output=True)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000006"]
-    subprocess.run(_run(tmp_path, "--max-steps", "12", "--resume", "auto"), check=True, env=ENV, capture_output=True)
+    res = subprocess.run(_run(tmp_path, "--max-steps", "12", "--resume", "auto"), check=True, env=ENV,
+                         capture_output=True, text=True)
+    assert "at step 6 (changed: --max-steps 6 -> 12); epoch 0's first 6 batches are read again" in res.stderr
     _assert_same_run(tmp_path, reference_run)
 
 
@@ -120,8 +122,11 @@ def test_a_stop_inside_a_gradient_accumulation_rewinds_to_the_last_step(tmp_path
     assert res.returncode == 0, res.stderr[-2000:]
     state = json.loads((out / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
     assert (state["step"], state["batch_in_epoch"]) == (2, 4)
-    subprocess.run(_run(out, "--max-steps", "4", "--grad-accum", "2", "--resume", "auto"), check=True, env=ENV,
-                   capture_output=True)
+    res = subprocess.run(_run(out, "--max-steps", "4", "--grad-accum", "2", "--resume", "auto"), check=True,
+                         env=ENV, capture_output=True, text=True)
+    # the re-read is said up front: on a large set it is minutes of a still progress bar
+    assert (f"resumed from {out / 'checkpoints' / 'step_00000002'} at step 2; epoch 0's first 4 batches are read "
+            "again and dropped first, to go on with the data of an uninterrupted run\n") in res.stderr
     (na, wa), (nb, wb) = _final_weights(out), _final_weights(ref)
     assert na == nb == "step_00000004"
     for k in wa:
@@ -366,7 +371,8 @@ def test_grad_accum_that_does_not_divide_an_epoch_trains_whole_epochs(tmp_path):
     assert [(s["step"], s["epoch"], s["batch_in_epoch"]) for s in states] == [(2, 0, 6), (4, 1, 6), (6, 2, 6)]
     # Resumed from the checkpoint at the end of epoch 0, the run goes on with epoch 1 (not epoch 0's dropped batches).
     subprocess.run(_run(out, *args, "--max-steps", "2"), check=True, env=ENV, capture_output=True)
-    subprocess.run(_run(out, *args, "--resume", "auto"), check=True, env=ENV, capture_output=True)
+    res = subprocess.run(_run(out, *args, "--resume", "auto"), check=True, env=ENV, capture_output=True, text=True)
+    assert "at step 2 (changed: --max-steps 2 -> 0)\n" in res.stderr  # at an epoch's end nothing is read again
     assert _trace(out) == _trace(ref)
     (name_a, wa), (name_b, wb) = _final_weights(out), _final_weights(ref)
     assert name_a == name_b == "step_00000006"
