@@ -33,7 +33,7 @@ def make_synthetic_shards(out_dir: str | Path, n: int, seed: int = 0, frontend: 
 
 
 def make_folder_shards(out_dir: str | Path, root: str | Path, **options) -> dict:
-    return make_shards(discover_folder(root), _config(out_dir, **options))
+    return make_shards(discover_folder(root, options.get("progress", True)), _config(out_dir, **options))
 
 
 def make_manifest_shards(out_dir: str | Path, csv_path: str | Path, **options) -> dict:
@@ -43,7 +43,8 @@ def make_manifest_shards(out_dir: str | Path, csv_path: str | Path, **options) -
 def make_audioset_shards(
     out_dir: str | Path, segments: list[str | Path], class_index: str | Path, audio_root: str | Path, **options
 ) -> dict:
-    return make_shards(discover_audioset(segments, class_index, audio_root), _config(out_dir, **options))
+    disc = discover_audioset(segments, class_index, audio_root, options.get("progress", True))
+    return make_shards(disc, _config(out_dir, **options))
 
 
 def verify_shards(out_dir: str | Path, progress: bool = False) -> dict:

@@ -78,7 +78,9 @@ def _common(p: argparse.ArgumentParser) -> None:
         "sizes.json, stats.json, manifest.jsonl, .make-shards/) and any <name>-NNNNNN.tar of this --name, which it "
         "would overwrite; other files are never touched",
     )
-    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress on stderr (the bar over the files, and the file counter of an input scan that "
+                        "takes more than 2 s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def discover(args: argparse.Namespace):
     if args.source == "audioset":
-        return discover_audioset(args.segments, args.class_index, args.audio_root)
+        return discover_audioset(args.segments, args.class_index, args.audio_root, not args.no_progress)
     if args.source == "folder":
-        return discover_folder(args.dir)
+        return discover_folder(args.dir, not args.no_progress)
     if args.source == "manifest":
         return discover_manifest(args.csv)
     return discover_synthetic(args.n, args.seed)

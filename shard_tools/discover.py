@@ -16,6 +16,7 @@ import math
 import os
 import re
 import stat
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,26 +158,37 @@ class Scan:
         return notes
 
 
-def scan_files(root: Path) -> Scan:
-    """All audio and partial-download files under root, sorted by relative path.
+# A scan that takes longer than this shows a file counter on stderr (2 million files on a network share take
+# minutes, and nothing else is printed before discovery ends); a shorter one prints nothing.
+SCAN_PROGRESS_DELAY_S = 2.0
+
+
+def scan_files(root: Path, progress: bool = False) -> Scan:
+    """All audio and partial-download files under root, sorted by relative path. `progress`: a counter of the files
+    found on stderr once the scan has taken SCAN_PROGRESS_DELAY_S.
 
     Symlinks are followed, but every real folder is scanned once: the tree itself first, then each symlinked folder
     whose target lies outside everything scanned so far (a loop such as `ln -s .. loop`, or a second name for a
     folder of the tree, is not entered). A file reached under two names (a file symlink) is kept once, under its
     real name; the other is a `duplicate`. A broken symlink is `not_found`.
     """
+    from tqdm import tqdm
+
     scan = Scan([])
     found: list[tuple[Found, str | None, bool]] = []
     visited: set[str] = set()
     pending = [root]
-    while pending:
-        top = pending.pop(0)
-        real_top = os.path.realpath(top)
-        if real_top in visited:
-            scan.pruned += 1
-            continue
-        links = _scan_tree(root, top, real_top, visited, found, scan)
-        pending += links
+    bar = tqdm(desc=f"scanning {printable(str(root))}", unit=" audio files", file=sys.stderr, disable=not progress,
+               delay=SCAN_PROGRESS_DELAY_S, dynamic_ncols=True)
+    with bar:
+        while pending:
+            top = pending.pop(0)
+            real_top = os.path.realpath(top)
+            if real_top in visited:
+                scan.pruned += 1
+                continue
+            links = _scan_tree(root, top, real_top, visited, found, scan, bar)
+            pending += links
     found.sort(key=lambda f: (f[2], os.fsencode(f[0].rel)))  # real names before symlinks, then path order
     first: dict[str, str] = {}  # real path -> the relative path that keeps it
     files = []
@@ -190,8 +202,9 @@ def scan_files(root: Path) -> Scan:
     return scan
 
 
-def _scan_tree(root: Path, top: Path, real_top: str, visited: set[str], found: list, scan: Scan) -> list[Path]:
-    """Walk `top` without following symlinks; returns the symlinked folders met on the way (for `scan_files`)."""
+def _scan_tree(root: Path, top: Path, real_top: str, visited: set[str], found: list, scan: Scan, bar) -> list[Path]:
+    """Walk `top` without following symlinks; returns the symlinked folders met on the way (for `scan_files`).
+    `bar` (tqdm) counts the audio and partial-download files found."""
     links = []
     for dirpath, dirnames, filenames in os.walk(top, onerror=scan.unreadable_errors.append):
         rel_dir = os.path.relpath(dirpath, top)
@@ -212,6 +225,7 @@ def _scan_tree(root: Path, top: Path, real_top: str, visited: set[str], found: l
                 scan.ignored += 1
                 continue
             found.append(_stat_file(p, p.relative_to(root).as_posix(), os.path.join(real_dir, name)))
+            bar.update(1)
     return links
 
 
@@ -377,7 +391,7 @@ def _match_segment(segs: list[Segment], start: float | None) -> Segment | None:
 
 
 def discover_audioset(
-    segments_csvs: list[str | Path], class_index_csv: str | Path, audio_root: str | Path
+    segments_csvs: list[str | Path], class_index_csv: str | Path, audio_root: str | Path, progress: bool = False
 ) -> Discovery:
     mids, names = read_class_index(class_index_csv)
     mid_index = {m: i for i, m in enumerate(mids)}
@@ -386,7 +400,7 @@ def discover_audioset(
     root = Path(audio_root)
     if not root.is_dir():
         raise ValueError(f"--audio-root {root} is not a folder")
-    scan = scan_files(root)
+    scan = scan_files(root, progress)
     if not scan.files:
         raise ValueError(_no_audio(root, scan, "--audio-root"))
     items: list[Item | None] = []
@@ -521,12 +535,13 @@ def _with_indices(items: list[Item], classes: list[str]) -> list[Item]:
     ]
 
 
-def discover_folder(root: str | Path) -> Discovery:
-    """Every audio file under root; label = the name of the folder holding it (none for files directly in root)."""
+def discover_folder(root: str | Path, progress: bool = False) -> Discovery:
+    """Every audio file under root; label = the name of the folder holding it (none for files directly in root).
+    `progress`: a file counter on stderr while a long scan runs (see `scan_files`)."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"input folder {root} does not exist or is not a folder")
-    scan = scan_files(root)
+    scan = scan_files(root, progress)
     if not scan.files:
         raise ValueError(_no_audio(root, scan, "input folder"))
     items = []

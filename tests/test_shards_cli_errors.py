@@ -968,3 +968,20 @@ def test_a_decoder_warning_names_its_file(tmp_path, capfd):
     assert run("folder", str(tmp_path / "in"), "--out", str(out), "--short", "pad") == 0
     err = [line for line in capfd.readouterr().err.splitlines() if "Xing" in line]
     assert err and all(line.startswith(f"make-shards: {d / 'cut.mp3'}: ") for line in err), err
+
+
+def test_a_long_input_scan_shows_a_file_counter_unless_no_progress(tmp_path, capsys, monkeypatch):
+    """Discovery printed nothing until its scan ended: minutes for 2 million files on a network share. A scan that
+    takes longer than SCAN_PROGRESS_DELAY_S (2 s; 0 here) shows a counter of the audio files found."""
+    import shard_tools.discover as discover
+
+    monkeypatch.setattr(discover, "SCAN_PROGRESS_DELAY_S", 0.0)
+    for i, label in enumerate(("a", "a", "b")):
+        (tmp_path / "in" / label).mkdir(parents=True, exist_ok=True)
+        tone(tmp_path / "in" / label / f"{i}.wav", freq=300 + 100 * i)
+    (tmp_path / "in" / "readme.txt").write_text("not audio")
+    assert cli_main(["folder", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(rf"scanning {re.escape(str(tmp_path / 'in'))}: 3 audio files ", err), err
+    assert run("folder", str(tmp_path / "in"), "--out", str(tmp_path / "out2")) == 0  # --no-progress: none
+    assert "scanning" not in capsys.readouterr().err
