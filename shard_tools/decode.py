@@ -7,7 +7,6 @@ cannot stop a two-million-file run, and every file ends in the manifest with a r
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import sys
@@ -55,15 +54,25 @@ class Prepared:
     flags: tuple[str, ...]
 
 
-@functools.lru_cache(maxsize=32)
+# A resampler's kernel holds (new/g) x (orig/g + ~2·64·orig/(g·min rate)) floats for g = gcd(orig, new): 0.5 MB
+# for 44.1 kHz, but 720 MB for 11,127 Hz (g = 1; ~3 GB while it is built). Up to this many floats it is kept for
+# the run; a larger one is built for each clip and freed after it, so a worker does not hold gigabytes for a rate
+# it met once (32 such rates would have been tens of GB per worker).
+MAX_CACHED_KERNEL = 16 * 2**20  # floats: 64 MiB
+_RESAMPLERS: dict[tuple[int, int], torch.nn.Module] = {}
+
+
 def _kaiser_resampler(orig_sr: int, new_sr: int):
     """torchaudio's Resample module with the front end's Kaiser settings. Building the windowed-sinc kernel costs
     more than applying it (18 of 28 ms for 10 s at 44.1 kHz), and a corpus has only a few source rates, so the
-    kernel is built once per rate. With dtype float32 the output is bit-identical to frontend.resample
-    (tests/test_shards.py::test_cached_resampler_is_bit_identical)."""
+    kernel is built once per rate (at most 32 rates, kernels up to MAX_CACHED_KERNEL floats). With dtype float32
+    the output is bit-identical to frontend.resample (tests/test_shards.py::test_cached_resampler_is_bit_identical)."""
     import torchaudio.transforms as T
 
-    return T.Resample(
+    r = _RESAMPLERS.get((orig_sr, new_sr))
+    if r is not None:
+        return r
+    r = T.Resample(
         orig_sr,
         new_sr,
         resampling_method="sinc_interp_kaiser",
@@ -72,6 +81,9 @@ def _kaiser_resampler(orig_sr: int, new_sr: int):
         beta=14.769656459379492,
         dtype=torch.float32,
     )
+    if r.kernel.numel() <= MAX_CACHED_KERNEL and len(_RESAMPLERS) < 32:
+        _RESAMPLERS[(orig_sr, new_sr)] = r
+    return r
 
 
 def resample_np(mono: np.ndarray, sr: int, spec: FrontendSpec) -> np.ndarray:

@@ -101,6 +101,24 @@ def test_cached_resampler_is_bit_identical(sr):
     np.testing.assert_array_equal(resample(torch.from_numpy(x), sr, m2d).numpy(), direct)
 
 
+
+def test_a_resampler_with_a_huge_kernel_is_not_kept(monkeypatch):
+    """A rate sharing few factors with 16 kHz (11,127 Hz: a 720-MB kernel) stayed in the per-worker cache for the
+    whole run, up to 32 of them. Now a kernel over MAX_CACHED_KERNEL floats is built per clip and freed; the output
+    is the same either way. The limit is lowered here so that 22.05 kHz (201k floats) stands for the huge kernel."""
+    import shard_tools.decode as decode
+
+    monkeypatch.setattr(decode, "MAX_CACHED_KERNEL", 150_000)
+    monkeypatch.setattr(decode, "_RESAMPLERS", {})
+    spec = get_spec("matpac")
+    for sr in (44100, 22050):
+        x = synth_clip(3, sample_rate=sr, seconds=0.5)[0]
+        np.testing.assert_array_equal(decode.resample_np(x, sr, spec),
+                                      resample(torch.from_numpy(x), sr, spec).numpy())
+    assert decode._kaiser_resampler(44100, 16000).kernel.numel() <= 150_000 < decode._kaiser_resampler(
+        22050, 16000).kernel.numel()
+    assert list(decode._RESAMPLERS) == [(44100, 16000)]
+
 # ------------------------------------------------------------------------------- synthetic: values, stats, verify
 @pytest.fixture(scope="module")
 def synth_set(tmp_path_factory):
