@@ -1390,13 +1390,21 @@ class ShardLoader:
 
 
 def make_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int = 0,
-                source: ShardSource | SyntheticSource | None = None,
+                source: ShardSource | SyntheticSource | str | Path | Sequence[str | Path] | None = None,
                 frontend: str | FrontendSpec | None = None) -> ShardLoader:
     """The loader of one rank for one epoch (build a new one each epoch: the order and crops depend on it).
 
+    `source`: an opened ShardSource / SyntheticSource, a spec ShardSource.open takes (a path, pattern or list of
+    them: opened with cfg.meta), or None for cfg.source.
     rank in [0, world_size), epoch >= 0 and seed >= 0 are checked here, before any worker starts."""
     check_run_ids(rank, world_size, epoch, seed)
-    source = source if source is not None else ShardSource.open(cfg.source, cfg.meta)
+    if source is None:
+        source = ShardSource.open(cfg.source, cfg.meta)
+    elif isinstance(source, str | Path | list | tuple):  # a path here failed with "'str' object has no attribute"
+        source = ShardSource.open(source, cfg.meta)
+    elif not isinstance(source, ShardSource | SyntheticSource):
+        raise TypeError(f"make_loader: source must be a ShardSource, a shard set path or None, got "
+                        f"{type(source).__name__}")
     if frontend is not None:
         check_spec(frontend, source.stats)
     _check_source_for(cfg, source.stats)

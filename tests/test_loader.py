@@ -949,3 +949,12 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def test_make_loader_takes_a_path_as_source(tmp_path):
+    # make_loader(cfg, source="data/as2m") failed with "'str' object has no attribute 'stats'"
+    _make_set(tmp_path / "s", 12, per_shard=6)
+    for spec in (str(tmp_path / "s"), tmp_path / "s", [str(tmp_path / "s")]):
+        assert len(make_loader(_cfg(batch_size=2), source=spec)) == 6
+    with pytest.raises(TypeError, match="source must be a ShardSource"):
+        make_loader(_cfg(batch_size=2), source=12)
