@@ -150,6 +150,11 @@ class DataConfig:
             raise ValueError(f"DataConfig.timeout_s must be a number from 0 (no limit) to {MAX_TIMEOUT_S:g} s "
                              f"(got {t!r})")
         object.__setattr__(self, "timeout_s", float(t))
+        pad = self.pad_value  # NaN padded every short clip with NaN; a str failed deep in numpy at the first batch
+        if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int | float | np.number)
+                                or not math.isfinite(pad)):
+            raise ValueError(f"DataConfig.pad_value must be a finite number (raw log-mel) or None for the front "
+                             f"end's default (got {pad!r})")
         n = self.samples_per_epoch
         if n is not None:
             if self.mode != "resampled":

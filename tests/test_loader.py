@@ -958,3 +958,10 @@ def test_make_loader_takes_a_path_as_source(tmp_path):
         assert len(make_loader(_cfg(batch_size=2), source=spec)) == 6
     with pytest.raises(TypeError, match="source must be a ShardSource"):
         make_loader(_cfg(batch_size=2), source=12)
+
+
+def test_pad_value_must_be_a_finite_number():
+    for bad in (float("nan"), float("inf"), "x", True):
+        with pytest.raises(ValueError, match="pad_value must be a finite number"):
+            DataConfig(pad_value=bad)
+    assert DataConfig(pad_value=-15).pad_value == -15 and DataConfig(pad_value=np.float32(0.5)).pad_value == 0.5
