@@ -93,6 +93,9 @@ class Encoder(nn.Module):
         super().__init__()
         if n_mels % patch:
             raise ValueError(f"n_mels={n_mels} must be a multiple of the patch size {patch}")
+        from matpac_fast.frontend import get_spec
+
+        get_spec(frontend)  # an unknown name (load_encoder(frontend="m2x")) failed only at the first encode
         self.n_f, self.n_t, self.patch, self.n_mels = n_mels // patch, n_time_patches, patch, n_mels
         self.dim, self.norm_mean, self.norm_std, self.frontend = dim, norm_mean, norm_std, frontend
         self.config_source: str | None = None  # the run config file load_encoder read (None: none was)
@@ -656,6 +659,10 @@ def load_encoder(source, preset: str = "matpac", device: str | torch.device = "c
                  frontend: str | None = None) -> Encoder:
     """Path (file or checkpoint directory), state dict, or "random" -> Encoder in eval mode on `device`.
     `frontend` None: the run's front end when its config is read, else "m2d" for an M2D model, else "matpac"."""
+    if frontend is not None:
+        from matpac_fast.frontend import get_spec
+
+        get_spec(frontend)  # before any file is read: "unknown front end 'm2x': choose one of [...]"
     if isinstance(source, str) and source == "random":
         enc = Encoder.from_config(get_model_config(preset), _frontend(frontend, None, preset))
         enc.settings_from = enc.heads_from = f"preset {preset!r}"

@@ -150,3 +150,14 @@ def test_encode_resamples_and_validates():
         enc.encode(np.zeros(100, np.float32), 16000)
     with pytest.raises(ValueError, match="encode_lms expects"):
         enc.encode_lms(torch.zeros(1, 64, 100))
+
+
+def test_unknown_frontend_is_refused_at_load(tmp_path):
+    # load_encoder(frontend="m2x") returned an encoder whose first encode() failed
+    torch.save(export_encoder_state(MATPAC(get_model_config("tiny"))), tmp_path / "enc.pt")
+    for source in ("random", str(tmp_path / "enc.pt")):
+        with pytest.raises(ValueError, match="unknown front end 'm2x'"):
+            load_encoder(source, preset="tiny", frontend="m2x")
+    with pytest.raises(ValueError, match="unknown front end"):
+        Encoder(dim=64, depth=1, heads=4, frontend="bogus")
+    assert load_encoder("random", preset="tiny", frontend="m2d").frontend == "m2d"
