@@ -409,3 +409,14 @@ def test_kfold_with_a_class_rarer_than_k_works_for_every_seed():
         folds = make_folds(ds, "kfold:5", seed=seed)  # raised "label 'x' does not occur in the training part"
         assert sorted(np.concatenate([f.test for f in folds]).tolist()) == list(range(16))
         assert [int((y[f.test] == 0).sum()) for f in folds].count(1) == 2  # x: one clip in each of two folds
+
+
+def test_logmel_embedder_takes_what_the_encoder_embedders_take():
+    # it took only float torch tensors: numpy failed with AttributeError, int16 PCM was 32,768 times too loud
+    e = embed.make_embedder("logmel")
+    w = (0.1 * torch.randn(2, 8000)).clamp(-1, 1)
+    ref = e(w)
+    assert ref.shape == (2, 160) and ref.dtype == np.float32
+    np.testing.assert_allclose(e(w.numpy()), ref, rtol=1e-5, atol=1e-5)
+    pcm = (w * 32767).round().to(torch.int16)
+    np.testing.assert_allclose(e(pcm), e(pcm.float() / 32768), rtol=1e-5, atol=1e-5)

@@ -173,8 +173,13 @@ class LogMelEmbedder:
         self.identity = f"logmel:v1:{frontend}"
 
     @torch.no_grad()
-    def __call__(self, wave_BN: torch.Tensor) -> np.ndarray:
-        lms = normalize(self.mel(wave_BN.to(self.device)), self.spec.norm_mean, self.spec.norm_std)  # (B, F, T)
+    def __call__(self, wave_BN: torch.Tensor | np.ndarray) -> np.ndarray:
+        # As the encoder embedders (Encoder.encode): a numpy array too (was AttributeError: no `.to`), integer PCM
+        # scaled to [-1, 1] (was taken 32,768 times too loud for int16)
+        from matpac_fast.encoder import _float_wave
+
+        wave = _float_wave(wave_BN)
+        lms = normalize(self.mel(wave.to(self.device)), self.spec.norm_mean, self.spec.norm_std)  # (B, F, T)
         return torch.cat([lms.mean(-1), lms.std(-1)], dim=1).cpu().numpy().astype(np.float32)
 
 
