@@ -41,8 +41,15 @@ def make_manifest_shards(out_dir: str | Path, csv_path: str | Path, **options) -
 
 
 def make_audioset_shards(
-    out_dir: str | Path, segments: list[str | Path], class_index: str | Path, audio_root: str | Path, **options
+    out_dir: str | Path,
+    segments: str | Path | list[str | Path],
+    class_index: str | Path,
+    audio_root: str | Path,
+    **options,
 ) -> dict:
+    """`segments`: one segments CSV or a list of them (make-shards audioset --segments A.csv B.csv)."""
+    if isinstance(segments, str | Path):  # one CSV: a str was iterated, "segments CSV not found: /"
+        segments = [segments]
     disc = discover_audioset(segments, class_index, audio_root, options.get("progress", True))
     return make_shards(disc, _config(out_dir, **options))
 

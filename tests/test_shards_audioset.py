@@ -293,3 +293,19 @@ def test_audiosetdl_millisecond_names_match_their_segments(audioset_meta_dir, tm
     assert (frac.skip, frac.key, frac.start) == (None, "AE5oZzfu2-E_239800", 239.8)
     assert items["--ZhevVpy1s_0_10000.flac"].skip == "not_in_csv"  # its segment starts at 50 s, not 0 s
     assert disc.extra["segments"]["with_file"] == 2
+
+
+def test_api_takes_one_segments_csv_as_a_path(tmp_path):
+    # make_audioset_shards(out, "eval_segments.csv", ...) iterated the string: "segments CSV not found: /"
+    from shard_tools.api import make_audioset_shards
+
+    (tmp_path / "idx.csv").write_text('index,mid,display_name\n0,/m/a,"Dog"\n1,/m/b,"Cat"\n')
+    (tmp_path / "seg.csv").write_text('# YTID, start_seconds, end_seconds, positive_labels\n'
+                                      'abcdefghijk, 0.000, 7.000, "/m/b"\n')
+    (tmp_path / "audio").mkdir()
+    sf.write(tmp_path / "audio" / "abcdefghijk.wav", (0.1 * np.random.default_rng(0).standard_normal(7 * 16000)),
+             16000)
+    for seg in (str(tmp_path / "seg.csv"), tmp_path / "seg.csv"):
+        r = make_audioset_shards(tmp_path / "out", seg, tmp_path / "idx.csv", tmp_path / "audio", workers=1,
+                                 progress=False, overwrite=True)
+        assert r["written"] == 1 and r["segments"]["in_csvs"] == 1
