@@ -650,9 +650,10 @@ def _read_meta(sizes_url: str, stats_url: str) -> tuple[dict, dict]:
                                  "gives each file's reason); fix the input or options and run make-shards "
                                  "again") from None
             # The CLI's advice first; the last words are for Python users only (train.py has no meta option).
+            # (A folder always reads its own: the meta hint names shard files, which it was followed with a folder.)
             raise ValueError(f"cannot read {url} ({e.strerror or e}): give a folder that make-shards wrote, or make "
-                             "one from audio with make-shards (from Python, ShardSource.open(..., meta=DIR) reads "
-                             "sizes.json / stats.json kept elsewhere)") from None
+                             "one from audio with make-shards (from Python, ShardSource.open('SHARDS/*.tar', "
+                             "meta=DIR) reads sizes.json / stats.json kept elsewhere)") from None
         try:
             out.append(json.loads(raw))
         except ValueError as e:  # includes a UnicodeDecodeError

@@ -789,7 +789,14 @@ def test_not_a_shard_set_says_what_to_do_before_the_python_hint(tmp_path):
     cli, _, python = str(e.value).partition(" (from Python, ")
     assert cli == (f"cannot read {tmp_path / 'empty' / 'sizes.json'} (No such file or directory): give a folder that "
                    "make-shards wrote, or make one from audio with make-shards")  # all a train.py user needs
-    assert python.startswith("ShardSource.open(..., meta=DIR)")
+    # The hint's call works (a folder always reads its own sizes.json: "ShardSource.open(..., meta=DIR)" followed
+    # with the folder gave this same error again)
+    assert python.startswith("ShardSource.open('SHARDS/*.tar', meta=DIR)")
+    _make_set(tmp_path / "set", 12, per_shard=6)
+    for f in ("sizes.json", "stats.json"):
+        (tmp_path / "meta").mkdir(exist_ok=True)
+        (tmp_path / "set" / f).rename(tmp_path / "meta" / f)
+    assert ShardSource.open(f"{tmp_path / 'set'}/*.tar", meta=str(tmp_path / "meta")).total == 12
     (tmp_path / "none").mkdir()  # make-shards wrote nothing: its manifest.jsonl alone
     (tmp_path / "none" / "manifest.jsonl").write_text('{"source": "a.wav", "skipped": "too_short"}\n')
     with pytest.raises(ValueError) as e:
