@@ -138,6 +138,11 @@ class DataConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DataConfig.{name}={getattr(self, name)!r}: choose one of {allowed}")
+        for name in ("pin_memory", "with_labels", "reuse_buffers"):
+            v = getattr(self, name)  # "no" or "false" is truthy: a string here silently meant True
+            if not isinstance(v, bool | np.bool_):
+                raise ValueError(f"DataConfig.{name} must be True or False (got {v!r})")
+            object.__setattr__(self, name, bool(v))
         for name, low in (("batch_size", 1), ("crop_frames", 1), ("shuffle_buffer", 1), ("prefetch_factor", 1),
                           ("num_workers", 0)):
             v = getattr(self, name)  # a float or str here failed later, deep inside numpy / torch

@@ -972,3 +972,12 @@ def test_pad_value_must_be_a_finite_number():
         with pytest.raises(ValueError, match="pad_value must be a finite number"):
             DataConfig(pad_value=bad)
     assert DataConfig(pad_value=-15).pad_value == -15 and DataConfig(pad_value=np.float32(0.5)).pad_value == 0.5
+
+
+@pytest.mark.parametrize("field", ["pin_memory", "with_labels", "reuse_buffers"])
+def test_data_config_switches_must_be_booleans(field):
+    # DataConfig(with_labels="no") was truthy: batches came with labels, without a word
+    for bad in ("no", "false", 0, None):
+        with pytest.raises(ValueError, match=rf"DataConfig\.{field} must be True or False \(got "):
+            DataConfig(**{field: bad})
+    assert getattr(DataConfig(**{field: np.bool_(False)}), field) is False
