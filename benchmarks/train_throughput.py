@@ -119,6 +119,8 @@ CSV_FIELDS = [
     "peak_mem_MB", "mem_kind", "gflops_per_sample", "peak_tflops", "scaling_eff", "final_loss", "driver", "torch",
     "triton", "commit", "compile_mode", "attn_impl", "stream_dtype", "peer", "inductor",
 ]
+# The first version's columns: every CSV this script ever wrote starts with them (later columns were appended).
+FIRST_CSV_FIELDS = CSV_FIELDS[:CSV_FIELDS.index("commit") + 1]
 NPY_FRAMES = 1000  # 10 s clips, as AudioSet's
 
 
@@ -558,8 +560,10 @@ def _is_subsequence(header: list[str], fields: list[str]) -> bool:
 
 
 def csv_header_status(path: Path) -> str:
-    """"new" (absent or empty), "same" (this script's header) or "upgrade" (an older header of this script: its
-    columns are CSV_FIELDS minus some added since, in the same order). Raises ValueError for any other file."""
+    """"new" (absent or empty), "same" (this script's header) or "upgrade" (an older header of this script: the
+    first version's columns, then some of those added since, in the same order). Raises ValueError for any other
+    file: a CSV of a few of these columns (e.g. someone's own `mode,batch,samples_per_s` summary) is not this
+    script's, and used to be rewritten in place with the 32-column header."""
     if not path.exists() or path.stat().st_size == 0:
         return "new"
     if path.is_dir():
@@ -567,7 +571,8 @@ def csv_header_status(path: Path) -> str:
     header = csv_header(path, "--csv")
     if header == CSV_FIELDS:
         return "same"
-    if header and len(set(header)) == len(header) and _is_subsequence(header, CSV_FIELDS):
+    if (header[:len(FIRST_CSV_FIELDS)] == FIRST_CSV_FIELDS and len(set(header)) == len(header)
+            and _is_subsequence(header, CSV_FIELDS)):
         return "upgrade"
     raise ValueError(f"{path} has other columns than this script writes (not an older train_throughput.py CSV); "
                      "give a new --csv path")

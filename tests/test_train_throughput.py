@@ -633,6 +633,21 @@ def test_older_csv_is_upgraded_keeping_its_rows(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_csv_with_a_few_of_its_columns_is_refused_not_upgraded(tmp_path, capsys):
+    """Only a CSV this script wrote is upgraded: every version's header starts with the first version's 27 columns.
+    Someone's own summary with a few of the same column names was rewritten in place with the 32-column header."""
+    path = tmp_path / "mine.csv"
+    text = "mode,batch,samples_per_s\nmine,1,2\n"
+    path.write_text(text)
+    with pytest.raises(SystemExit):
+        tt.parse_args(["--csv", str(path), "--device", "cpu"])
+    assert "has other columns than this script writes" in capsys.readouterr().err
+    assert path.read_text() == text
+    first = tmp_path / "first.csv"  # the first version's header is still an older CSV of this script
+    first.write_text(",".join(tt.FIRST_CSV_FIELDS) + "\n")
+    assert tt.csv_header_status(first) == "upgrade"
+
+
 def test_committed_result_csvs_have_the_current_header():
     for path in sorted((ROOT / "benchmarks" / "results").glob("*.csv")):
         if path.name.startswith("kernels_"):
