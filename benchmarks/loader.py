@@ -52,6 +52,7 @@ ROW_FIELDS = ["path", "samples", "seconds", "samples_per_s", "read_MB_s", "out_M
 ENV_FIELDS = ["cpus", "workers", "batch", "crop", "frames", "clips", "torch", "python", "commit"]
 CSV_FIELDS = ROW_FIELDS + ENV_FIELDS
 SETTINGS = "settings.json"  # in a --keep folder: the settings its data was generated with
+SETTING_KEYS = ("clips", "frames", "per_shard")  # data_settings()'s keys: what settings.json holds
 
 
 def parse_args(argv=None):
@@ -97,7 +98,7 @@ def parse_args(argv=None):
 
 def data_settings(args) -> dict:
     """What the generated data depends on: reused from a --keep folder only when these match."""
-    return {"clips": args.clips, "frames": args.frames, "per_shard": args.per_shard}
+    return {key: getattr(args, key) for key in SETTING_KEYS}
 
 
 def keep_problem(keep: Path) -> str | None:
@@ -107,9 +108,14 @@ def keep_problem(keep: Path) -> str | None:
         return f"--keep {keep} is a file; give a folder"
     if (keep / SETTINGS).exists():
         try:
-            json.loads((keep / SETTINGS).read_text())
+            recorded = json.loads((keep / SETTINGS).read_text())
         except (OSError, ValueError) as e:
             return f"--keep {keep}: cannot read {SETTINGS} ({e}); delete {keep} or give a new folder"
+        # Another program's settings.json (an editor's, a project's) is not ours: a run would overwrite it and
+        # delete the folder's shards/ and npy/.
+        if not isinstance(recorded, dict) or set(recorded) != set(SETTING_KEYS):
+            return (f"--keep {keep}: its {SETTINGS} was not written by this script (keys {sorted(SETTING_KEYS)} "
+                    "expected); give a folder of its own")
         return None
     if (keep / "shards").exists() or (keep / "npy").exists():
         return (f"--keep {keep} holds shards/ or npy/ without {SETTINGS} (data of unknown settings, from an older "

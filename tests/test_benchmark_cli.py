@@ -68,6 +68,11 @@ def test_loader_keep_folder_checks(tmp_path, capsys):
     (old / "shards").mkdir(parents=True)  # an older version's kept folder: settings unknown, left alone
     assert "without settings.json" in _one_line_error(loader.parse_args, ["--keep", str(old)], capsys)
     assert (old / "shards").is_dir()
+    foreign = tmp_path / "project"  # another program's settings.json: it was overwritten and shards/ deleted
+    (foreign / "shards").mkdir(parents=True)
+    (foreign / "settings.json").write_text('{"editor.tabSize": 4}')
+    assert "was not written by this script" in _one_line_error(loader.parse_args, ["--keep", str(foreign)], capsys)
+    assert (foreign / "shards").is_dir()
     other = tmp_path / "other.csv"
     other.write_text("a,b\n1,2\n")
     assert "other columns" in _one_line_error(loader.parse_args, ["--csv", str(other)], capsys)
