@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import sys
 import tempfile
@@ -235,7 +236,9 @@ def main(argv=None):
         shards, npy = make_data(root, data_settings(args), "npy" in paths)
         source = ShardSource.open(str(shards))
         n = len(source.urls)
-        piped = ShardSource.open(f"pipe:cat {shards}/shards-{{000000..{n - 1:06d}}}.tar")
+        # Quoted, and sizes.json read from the folder itself: a --keep or temp path with a space split the command
+        piped = ShardSource.open(f"pipe:cat {shlex.quote(str(shards))}/shards-{{000000..{n - 1:06d}}}.tar",
+                                 meta=str(shards))
         clip16, crop16 = 80 * args.frames * 2, 80 * args.crop * 2
         cfg = DataConfig(batch_size=args.batch, crop_frames=args.crop, num_workers=args.workers, pin_memory=False)
         epoch = iter(range(1000))  # a new epoch per pass: new order and crops, as in training

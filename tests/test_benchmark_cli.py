@@ -95,6 +95,16 @@ def test_loader_output_csv_checks(tmp_path, capsys):
         assert [r["path"] for r in rows] == ["synthetic"] and float(rows[0]["samples_per_s"]) > 0
 
 
+def test_loader_pipe_path_with_a_space_in_the_folder(tmp_path, capsys):
+    """The pipe:cat path's command named the shard folder unquoted: a --keep (or temp) folder with a space in its
+    name ended the run in a traceback (`cat /x/a` and `b/shards/sizes.json`: no such files)."""
+    keep = tmp_path / "with space"
+    loader.main(["--clips", "16", "--frames", "640", "--per-shard", "16", "--batch", "8", "--workers", "0",
+                 "--passes", "1", "--paths", "pipe", "--keep", str(keep)])
+    out = capsys.readouterr().out
+    assert "RESULT loader" in out and any(line.startswith("pipe ") for line in out.splitlines()), out
+
+
 def test_loader_pass_with_one_batch_is_an_error_not_zero_samples_per_s(monkeypatch, tmp_path, capsys):
     one_batch = {"lms": np.zeros((8, 1, 80, 16), np.float16)}
     with pytest.raises(loader.NothingTimed, match="indexed: a pass delivered at most one batch, so nothing was timed"):
