@@ -227,6 +227,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                  ("--reference-attn", args.reference_attn, "reference-design" in args.modes)):
             if used and impl in CUDA_ONLY_ATTN:
                 p.error(f"{flag} {impl} needs a CUDA GPU (that SDPA backend has no CPU kernel); use sdpa or math")
+    if args.tmp_dir is not None and args.npy_dir is None and "reference-design" in args.modes:
+        # checked now: the .npy folder's mkdir under a file was a traceback
+        blocker = next((q for q in (args.tmp_dir, *args.tmp_dir.parents) if q.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            p.error(f"--tmp-dir {args.tmp_dir}: {blocker} is a file, not a folder; give a folder")
     if args.npy_dir is not None and "reference-design" in args.modes:
         problem = npy_dir_problem(args.npy_dir, global_batch, get_model_config(args.preset))
         if problem:

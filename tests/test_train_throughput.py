@@ -575,6 +575,21 @@ def test_npy_dir_is_checked_before_any_run(tmp_path, capsys):
                           "--batch-sizes", "8"]).data == "synthetic:2"
 
 
+def test_tmp_dir_under_a_file_is_a_usage_error(tmp_path, capsys):
+    """--tmp-dir naming a file (or a path under one) ended in a NotADirectoryError traceback when the .npy folder
+    was made; now a one-line error before any work."""
+    f = tmp_path / "f"
+    f.write_text("x")
+    for tmp in (f, f / "sub"):
+        with pytest.raises(SystemExit) as e:
+            tt.parse_args(["--preset", "tiny", "--device", "cpu", "--modes", "reference-design", "--batch-sizes", "2",
+                           "--tmp-dir", str(tmp)])
+        assert e.value.code == 2
+        assert f"--tmp-dir {tmp}: {f} is a file, not a folder" in capsys.readouterr().err
+    assert tt.parse_args(["--preset", "tiny", "--device", "cpu", "--modes", "reference-design", "--batch-sizes", "2",
+                          "--tmp-dir", str(tmp_path / "new")]).tmp_dir == tmp_path / "new"
+
+
 def test_ctrl_c_keeps_finished_rows_and_removes_the_npy_folder(tmp_path, monkeypatch, capsys):
     """Ctrl-C: the finished runs' rows stay in --csv, the user is told what was and was not written, exit 130,
     and the temporary .npy folder is removed, also when the interrupt comes while it is being written."""
