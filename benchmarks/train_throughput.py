@@ -249,6 +249,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                 check_rows(args.csv)  # refused now, not at the first row's append after a measured run
         except ValueError as e:
             p.error(str(e))
+    md = args.results_md
+    if md is not None:  # a markdown table appended to a CSV of this script broke it (its later rows, the chart)
+        if args.csv is not None and md.resolve() == args.csv.resolve():
+            p.error(f"--results-md {md} is the --csv file too; give them different paths")
+        try:
+            is_csv = md.exists() and csv_header_status(md) in ("same", "upgrade")
+        except ValueError:  # not a CSV of this script: markdown (or anything else) is appended to as before
+            is_csv = False
+        if is_csv:
+            p.error(f"--results-md {md} is a CSV of this script (--csv's format), not a markdown file; give the "
+                    "markdown file, e.g. benchmarks/RESULTS.md")
     return args
 
 

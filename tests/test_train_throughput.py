@@ -590,6 +590,22 @@ def test_tmp_dir_under_a_file_is_a_usage_error(tmp_path, capsys):
                           "--tmp-dir", str(tmp_path / "new")]).tmp_dir == tmp_path / "new"
 
 
+def test_results_md_is_never_a_csv_of_this_script(tmp_path, capsys):
+    """--results-md appended its markdown table to whatever it named: the --csv file itself (same path for both) or
+    a train CSV given by mistake, whose later rows and chart then read the table's lines."""
+    csv_path, md = tmp_path / "t.csv", tmp_path / "R.md"
+    base = ["--preset", "tiny", "--device", "cpu", "--modes", "eager", "--batch-sizes", "2"]
+    with pytest.raises(SystemExit):
+        tt.parse_args(base + ["--csv", str(csv_path), "--results-md", str(csv_path)])
+    assert "is the --csv file too" in capsys.readouterr().err
+    csv_path.write_text(",".join(tt.CSV_FIELDS) + "\n")
+    with pytest.raises(SystemExit):
+        tt.parse_args(base + ["--results-md", str(csv_path)])
+    assert "is a CSV of this script" in capsys.readouterr().err
+    md.write_text("# Results\n")  # a markdown file is appended to, as before
+    assert tt.parse_args(base + ["--csv", str(csv_path), "--results-md", str(md)]).results_md == md
+
+
 def test_ctrl_c_keeps_finished_rows_and_removes_the_npy_folder(tmp_path, monkeypatch, capsys):
     """Ctrl-C: the finished runs' rows stay in --csv, the user is told what was and was not written, exit 130,
     and the temporary .npy folder is removed, also when the interrupt comes while it is being written."""
