@@ -92,7 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--data", default="synthetic", help="'synthetic' (default) or a shard set")
     p.add_argument("--top", type=int, default=20, help="rows in the kernel and host-op tables (default 20)")
-    p.add_argument("--trace", type=Path, default=None, help="also write a Chrome trace (JSON) here")
+    p.add_argument("--trace", type=Path, default=None,
+                   help="also write a Chrome trace here (a .json or .json.gz path; an existing file is replaced)")
     args = p.parse_args(argv)
     try:
         args.inductor = tt.parse_inductor_options(args.inductor)
@@ -104,6 +105,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if problem:
         p.error(problem)
     if args.trace is not None:
+        # A JSON path only (.json, or .json.gz: gzipped by the profiler): the trace is written over the path, so a
+        # slip such as `--trace README.md` replaced that file with a trace, as plot_results.py --out wants a .png.
+        if not args.trace.name.lower().endswith((".json", ".json.gz")):
+            p.error(f"--trace {args.trace}: give a .json (or .json.gz) path; the trace is written over it")
         if args.trace.is_dir():
             p.error(f"--trace {args.trace} is a folder; give a file path such as {args.trace / 'trace.json'}")
         try:  # now, not after the profiled steps: a path that cannot be written is reported before any work

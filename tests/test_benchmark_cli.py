@@ -177,7 +177,13 @@ def test_profile_step_bad_arguments(tmp_path, capsys):
     import profile_step
 
     assert "invalid choice: 'foo'" in _one_line_error(profile_step.parse_args, ["--preset", "foo"], capsys)
-    assert "is a folder" in _one_line_error(profile_step.parse_args, ["--trace", str(tmp_path)], capsys)
+    (tmp_path / "d.json").mkdir()
+    assert "is a folder" in _one_line_error(profile_step.parse_args, ["--trace", str(tmp_path / "d.json")], capsys)
+    notes = tmp_path / "README.md"  # the trace used to be written over any file named
+    notes.write_text("mine")
+    assert "give a .json (or .json.gz) path" in _one_line_error(profile_step.parse_args, ["--trace", str(notes)],
+                                                                capsys)
+    assert notes.read_text() == "mine"
     (tmp_path / "f").write_text("")
     assert "cannot create its folder" in _one_line_error(
         profile_step.parse_args, ["--trace", str(tmp_path / "f" / "t.json")], capsys)
