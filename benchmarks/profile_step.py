@@ -101,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(str(e))
     if args.batch < 1 or args.steps < 1 or args.warmup < 0 or args.top < 0:
         p.error("--batch and --steps must be >= 1, --warmup and --top >= 0")
+    if args.warmup < 1 and args.mode != "eager":  # as train_throughput.py: the first step compiles
+        p.error(f"--warmup 0 with {args.mode} would profile the compilation itself: give --warmup 1 or more")
     problem = tt.data_problem(args.data, args.batch)
     if problem:
         p.error(problem)

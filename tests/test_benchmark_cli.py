@@ -179,6 +179,10 @@ def test_profile_step_bad_arguments(tmp_path, capsys):
     assert "invalid choice: 'foo'" in _one_line_error(profile_step.parse_args, ["--preset", "foo"], capsys)
     (tmp_path / "d.json").mkdir()
     assert "is a folder" in _one_line_error(profile_step.parse_args, ["--trace", str(tmp_path / "d.json")], capsys)
+    # the first compiled step compiles: profiled, its table was the compiler's host work (train_throughput refuses it)
+    assert "--warmup 0 with compiled+kernels would profile the compilation" in _one_line_error(
+        profile_step.parse_args, ["--warmup", "0", "--device", "cpu"], capsys)
+    assert profile_step.parse_args(["--warmup", "0", "--mode", "eager", "--device", "cpu"]).warmup == 0
     notes = tmp_path / "README.md"  # the trace used to be written over any file named
     notes.write_text("mine")
     assert "give a .json (or .json.gz) path" in _one_line_error(profile_step.parse_args, ["--trace", str(notes)],
