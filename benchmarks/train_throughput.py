@@ -647,8 +647,12 @@ def _inductor_words(args) -> str:
 def markdown_block(rows: list[dict], env: dict, args) -> str:
     """A heading with the environment, then one table row per (formatted) row."""
     first = rows[0]
+    # Only a compiled row was compiled: a table of eager / reference-design rows used to be headed with the unused
+    # --compile-mode and --inductor options, as if its rows had run with them (their CSV cells are empty).
+    compiled = any(r["mode"] in ("compiled", "compiled+kernels") for r in rows)
+    compile_words = f"compile mode {args.compile_mode}{_inductor_words(args)}" if compiled else "no compiled mode"
     head = (f"### {env['device']} — preset `{args.preset}`, precision {args.precision}, {args.steps} timed steps after "
-            f"{args.warmup} warm-up, compile mode {args.compile_mode}{_inductor_words(args)}, attention "
+            f"{args.warmup} warm-up, {compile_words}, attention "
             f"{args.attn_impl} "
             f"(reference-design: {args.reference_attn}), residual stream {args.stream_dtype} (reference-design: "
             f"its weights' dtype, no autocast), reference-design peer {PEER_VERSION}\n\n"
