@@ -125,6 +125,9 @@ WHEELS=${POS[1]:-}
 if [ -n "$WHEELS" ] && [ ! -d "$WHEELS" ]; then
   echo "error: WHEELS_DIR $WHEELS is not a directory" >&2; exit 2
 fi
+# Absolute now: the suite runs from the repository root, so a relative WHEELS_DIR given from another directory
+# was looked up there (pip: "'wh/*.whl' ... does not exist") and the check stopped the suite.
+[ -z "$WHEELS" ] || WHEELS=$(cd "$WHEELS" && pwd)
 
 # The settings are checked before anything runs. A typo used to surface only at the training steps, after minutes of
 # device time (an unknown mode, SUITE_STEPS=0), or as a bash arithmetic error mid-suite (SUITE_BUDGET_S=abc; with

@@ -919,6 +919,24 @@ def _suite(*args, **env):
                           env={**ENV, "PYTHON": sys.executable, **env})
 
 
+def test_suite_relative_wheels_dir_is_read_from_the_callers_directory(tmp_path):
+    """A relative WHEELS_DIR given from outside the repository: pip was handed it relative to the repository root
+    (the suite cds there), found no wheel and the check stopped the suite. A stand-in interpreter reports webdataset
+    missing until pip has run, records pip's arguments, and runs nothing else."""
+    (tmp_path / "wh").mkdir()
+    (tmp_path / "wh" / "webdataset-1.0-py3-none-any.whl").write_bytes(b"")
+    log, mark, fake = tmp_path / "pip.txt", tmp_path / "installed", tmp_path / "python"
+    fake.write_text(
+        "#!/bin/bash\n"
+        f'case "$*" in "- webdataset"*) [ -e {mark} ] || echo "webdataset: ImportError: planted";; '
+        f'"-m pip install"*) echo "$*" > {log}; touch {mark};; esac\nexit 0\n')
+    fake.chmod(0o755)
+    r = subprocess.run(["bash", str(SUITE), str(tmp_path / "out"), "wh", "--cpu-dry-run"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60, env={**ENV, "PYTHON": str(fake)})
+    assert "OK    check" in r.stdout, r.stdout[-3000:] + r.stderr[-2000:]
+    assert f"{tmp_path}/wh/webdataset-1.0-py3-none-any.whl" in log.read_text()
+
+
 def test_suite_usage_and_bad_wheels_dir(tmp_path):
     r = _suite()
     assert r.returncode == 2 and "OUT_DIR" in r.stdout + r.stderr
