@@ -100,6 +100,7 @@ class NoUsableData(RuntimeError):
 # as a C int (about 24.8 days); a longer one (or inf) raised OverflowError at the first batch. 0 means no limit.
 MAX_TIMEOUT_S = 1_000_000.0
 
+
 @dataclass(frozen=True)
 class DataConfig:
     """Loader settings. Defaults reproduce the authors' recipe (608-frame crop, drop_last)."""

@@ -32,9 +32,7 @@ def test_eval_reads_the_formats_make_shards_reads(tmp_path, monkeypatch, capsys)
     file at all and skipped every .m4a as 'Format not recognised' (PyAV installed or not), then stopped."""
     import shard_tools.decode
     from matpac_fast.evaluation import cli, datasets, embed
-    from shard_tools.discover import AUDIO_EXTS as SHARD_EXTS
-
-    assert set(datasets.AUDIO_EXTS) == SHARD_EXTS  # the two tools read the same files
+    assert {".webm", ".aac", ".m4a"} <= datasets.AUDIO_EXTS  # the formats make-shards reads (its own set)
     root = tmp_path / "clips"
     freq = {"low": 300.0, "high": 3000.0}
     for label in freq:

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-# make-shards' (shard_tools.discover.AUDIO_EXTS): soundfile's formats, and the containers it decodes with PyAV
-AUDIO_EXTS = (".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".aiff", ".aif", ".au", ".caf", ".w64",
-              ".m4a", ".webm", ".aac", ".mp4", ".mka", ".mkv")
+from shard_tools.discover import AUDIO_EXTS  # make-shards' formats: soundfile's, and PyAV's containers
+
 FILE_COLUMNS = ("file", "filename", "path", "file_name", "slice_file_name")
 LABEL_COLUMNS = ("label", "labels", "category", "class")
 GTZAN_GENRES = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
