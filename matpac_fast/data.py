@@ -1435,7 +1435,18 @@ def make_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, epoch: int 
 
 def check_spec(frontend: str | FrontendSpec | dict, stats: dict) -> None:
     """One-line ValueError when the shards were made with a front end other than the training config's."""
-    expected = get_spec(frontend) if isinstance(frontend, str) else frontend
+    if isinstance(frontend, str):
+        expected = get_spec(frontend)
+    elif isinstance(frontend, FrontendSpec):
+        expected = frontend
+    elif isinstance(frontend, dict):  # checked here so that a bad one is not blamed on stats.json below
+        try:
+            expected = FrontendSpec(**frontend)
+        except TypeError as e:
+            raise ValueError(f"check_spec: frontend {frontend!r} is not a front-end spec ({e})") from None
+    else:
+        raise TypeError(f"check_spec: frontend must be a preset name, a FrontendSpec or its dict, got "
+                        f"{type(frontend).__name__}")
     found = stats.get("frontend")
     if not isinstance(found, dict):
         raise ValueError("stats.json has no 'frontend' entry; re-make the shards with make-shards")

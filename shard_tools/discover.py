@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import io
 import math
+import numbers
 import os
 import re
 import stat
@@ -687,6 +688,9 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
 def discover_synthetic(n: int, seed: int = 0) -> Discovery:
     from shard_tools.synthetic import CLASSES
 
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):  # 4.5 was a TypeError from range()
+        raise ValueError(f"--n must be a whole number of clips (got {n!r})")
+    n = int(n)
     if n <= 0:
         raise ValueError(f"--n must be a positive number of clips (got {n})")
     items = [

@@ -407,6 +407,12 @@ def test_spec_mismatch_is_one_line(tmp_path):
         make_loader(_cfg(batch_size=2), source=source, frontend="matpac")
     check_spec("m2d", source.stats)  # the matching spec passes
     check_spec(get_spec("m2d"), source.stats)
+    check_spec(get_spec("m2d").to_dict(), source.stats)
+    # A bad argument is the caller's error, not stats.json's (it once said "stats.json 'frontend' is not ...").
+    with pytest.raises(TypeError, match="check_spec: frontend must be"):
+        check_spec(5, source.stats)
+    with pytest.raises(ValueError, match=r"check_spec: frontend \{'n_mel': 80\}"):
+        check_spec({"n_mel": 80}, source.stats)
 
 
 def test_config_and_source_errors(tmp_path):

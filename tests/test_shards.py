@@ -369,7 +369,10 @@ def test_one_line_errors(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA is not available"):
             cli_main(["synthetic", "--n", "3", "--out", str(tmp_path / "o"), "--device", "cuda"])
-    make_synthetic_shards(tmp_path / "o", n=2, workers=0, min_frames=10, progress=False)
+    with pytest.raises(ValueError, match="whole number of clips"):  # a TypeError from range() before
+        make_synthetic_shards(tmp_path / "o", 4.5, workers=0, progress=False)
+    assert not (tmp_path / "o").exists()
+    make_synthetic_shards(tmp_path / "o", n=np.int64(2), workers=0, min_frames=10, progress=False)
     again = make_synthetic_shards(tmp_path / "o", n=2, workers=0, min_frames=10, progress=False)
     assert again["already_complete"]
     with pytest.raises(SystemExit, match="different shard set.*--overwrite"):
