@@ -16,6 +16,8 @@ Backward kernel: one row per program, recomputes both softmaxes from the saved l
   d loss / d student = (softmax(student / tau_s) - p) / tau_s * grad_loss[row]
 """
 
+import numbers
+
 import torch
 
 from ._runtime import interpreter_active, jit, next_pow2, tl, use_triton
@@ -288,6 +290,9 @@ def _check_inputs(student_MK, teacher_MK, center_K, tau_s, tau_t, center_mode):
     for name, tau in (("tau_s", tau_s), ("tau_t", tau_t)):
         # Tensor temperatures (the trainer passes tau_t as a device tensor to avoid recompiles) are not checked:
         # reading their value would synchronise with the GPU.
+        if not isinstance(tau, torch.Tensor | numbers.Real) or isinstance(tau, bool):
+            # float() took "0.1" on the kernel path while the reference failed on it: one rule for both backends
+            raise TypeError(f"{name} must be a float or a one-element tensor, got {type(tau).__name__} {tau!r}")
         if not isinstance(tau, torch.Tensor) and not float(tau) > 0:
             raise ValueError(f"{name} must be positive, got {tau}")
         if isinstance(tau, torch.Tensor) and tau.numel() != 1:

@@ -41,6 +41,8 @@ of a trainer checkpoint folder other than its weights) is a one-line ValueError 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import re
 import warnings
 from pathlib import Path
@@ -200,13 +202,20 @@ class Encoder(nn.Module):
         if wave.shape[1] <= 8 < wave.shape[0]:
             raise ValueError(f"encode got shape {tuple(wave.shape)}: that looks like (samples, channels) audio; pass "
                              "mono (N,), e.g. wave.mean(axis=1), or clips as rows (B, N)")
-        wave = resample(wave.to(device), int(sr), spec)
+        wave = resample(wave.to(device), _sample_rate(sr), spec)
         if wave.shape[-1] < spec.n_fft:
             raise ValueError(f"audio too short: {wave.shape[-1]} samples at {spec.sample_rate} Hz < n_fft {spec.n_fft}")
         if self._melspec is None:
             self._melspec = LogMelSpec(spec)
         frames = self.encode_lms(self._melspec.to(device)(wave))
         return frames, frames.mean(dim=1)
+
+
+def _sample_rate(sr) -> int:
+    """`sr` as an int; a string or a fractional rate was truncated by int() (or failed inside the resampler)."""
+    if isinstance(sr, bool) or not isinstance(sr, numbers.Real) or not math.isfinite(sr) or sr != int(sr) or sr <= 0:
+        raise ValueError(f"encode: sr must be the audio's sample rate in Hz, a positive whole number (got {sr!r})")
+    return int(sr)
 
 
 def _float_wave(wave) -> torch.Tensor:

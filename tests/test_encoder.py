@@ -150,6 +150,11 @@ def test_encode_resamples_and_validates():
         enc.encode(np.zeros(100, np.float32), 16000)
     with pytest.raises(ValueError, match="encode_lms expects"):
         enc.encode_lms(torch.zeros(1, 64, 100))
+    # int() took "16000" and truncated 22050.5: a rate that is not a positive whole number is refused
+    for sr in ("16000", 22050.5, 0, -16000, float("nan"), True):
+        with pytest.raises(ValueError, match="sr must be the audio's sample rate"):
+            enc.encode(wave[0], sr)
+    torch.testing.assert_close(enc.encode(wave, np.int64(44100))[1], enc.encode(wave, 44100.0)[1])
 
 
 def test_unknown_frontend_is_refused_at_load(tmp_path):

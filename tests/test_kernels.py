@@ -416,6 +416,17 @@ def test_xent_user_errors(s_shape, c_shape, mode, tau_s, match):
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+@pytest.mark.parametrize("tau", ["0.1", True, None])
+def test_xent_temperature_types_are_one_rule_on_both_backends(backend, tau):
+    # "0.1" ran on the Triton path (float() took it) and failed inside the reference's division
+    args = torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(8)
+    with mk.use_backend(backend):
+        for taus in ((tau, 0.04), (0.1, tau)):
+            with pytest.raises(TypeError, match="must be a float or a one-element tensor"):
+                mk.centered_softmax_xent(*args, *taus)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("where", ["teacher", "center", "tau_t"])
 def test_xent_inputs_on_another_device_are_refused(backend, where):
     """A kernel would read another device's tensor as garbage: every tensor input must share the student's device
