@@ -281,6 +281,8 @@ def main(argv=None):
                 w.writeheader()
             for r in rows:
                 w.writerow(r | env)
+    if not rows:  # a RESULT line of nan figures read as a run that measured something
+        sys.exit("error: nothing was timed for " + "; ".join(failed))
     by = {r["path"]: r["samples_per_s"] for r in rows}
     main_rate = by.get("indexed", float("nan"))
     npy_rate = by.get("npy", float("nan"))

@@ -184,13 +184,14 @@ def main(argv=None) -> int:
     # Checked before drawing: a folder, or a path whose folder cannot be made or written, used to end in a traceback.
     if args.out.is_dir():
         p.error(f"--out {args.out} is a folder; give a file path such as {args.out / 'throughput.png'}")
+    rows = read_rows(args.csv)  # before the folder is made: a bad CSV left a new empty folder behind
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         p.error(f"--out {args.out}: cannot create its folder {args.out.parent} ({e.strerror or e})")
     if not os.access(args.out.parent, os.W_OK):
         p.error(f"--out {args.out}: its folder {args.out.parent} is not writable")
-    path = plot(read_rows(args.csv), args.out, args.title)
+    path = plot(rows, args.out, args.title)
     print(f"wrote {path}")
     return 0
 

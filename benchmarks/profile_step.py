@@ -12,7 +12,8 @@ up (compilation happens there), then profiles --steps optimizer steps and prints
     python benchmarks/profile_step.py --mode eager --batch 64 --steps 3
     python benchmarks/profile_step.py --preset tiny --device cpu --precision no --batch 4 --steps 1 --warmup 1
 
-On CPU the GPU columns are empty; it still runs (the CI smoke test uses that).
+On CPU there are no GPU figures (the RESULT line's GPU fields are nan); it still runs (the CI smoke test uses
+that).
 """
 
 from __future__ import annotations
@@ -106,7 +107,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     problem = tt.data_problem(args.data, args.batch)
     if problem:
         p.error(problem)
-    if args.trace is not None:
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but torch sees no CUDA device")
+    if args.device == "cpu" and args.attn_impl in tt.CUDA_ONLY_ATTN:
+        p.error(f"--attn-impl {args.attn_impl} needs a CUDA GPU (that SDPA backend has no CPU kernel); use sdpa or "
+                "math")
+    if args.trace is not None:  # last: no folder is made for a run that another check refuses
         # A JSON path only (.json, or .json.gz: gzipped by the profiler): the trace is written over the path, so a
         # slip such as `--trace README.md` replaced that file with a trace, as plot_results.py --out wants a .png.
         if not args.trace.name.lower().endswith((".json", ".json.gz")):
@@ -119,13 +127,6 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--trace {args.trace}: cannot create its folder ({e.strerror or e})")
         if not os.access(args.trace.parent, os.W_OK):
             p.error(f"--trace {args.trace}: its folder {args.trace.parent} is not writable")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but torch sees no CUDA device")
-    if args.device == "cpu" and args.attn_impl in tt.CUDA_ONLY_ATTN:
-        p.error(f"--attn-impl {args.attn_impl} needs a CUDA GPU (that SDPA backend has no CPU kernel); use sdpa or "
-                "math")
     return args
 
 
@@ -172,8 +173,12 @@ def main(argv=None) -> int:
           f"stream {args.stream_dtype} · "
           f"B={args.batch} · {args.precision} · "
           f"{tt.environment(args.device)['device']} · torch {torch.__version__}")
-    print(f"wall {wall * 1e3:.2f} ms/step ({sps:.0f} samples/s, under the profiler) · GPU busy {busy:.2f} ms/step "
-          f"({busy / (wall * 1e3):.1%} of wall) · {len(kernels) / args.steps:.0f} kernels/step")
+    if device.type == "cuda":
+        print(f"wall {wall * 1e3:.2f} ms/step ({sps:.0f} samples/s, under the profiler) · GPU busy {busy:.2f} ms/step "
+              f"({busy / (wall * 1e3):.1%} of wall) · {len(kernels) / args.steps:.0f} kernels/step")
+    else:  # "GPU busy 0.00 ms/step (0.0% of wall)" read as a measured idle GPU
+        print(f"wall {wall * 1e3:.2f} ms/step ({sps:.0f} samples/s, under the profiler) · no GPU in this run: "
+              "host ops only")
     if kernels:
         flops = trainer.flops_per_sample * args.batch
         print(f"model TFLOP/s over GPU busy time: {flops / (busy / 1e3) / 1e12:.0f} · over wall: "
@@ -197,8 +202,9 @@ def main(argv=None) -> int:
         else:
             print(f"error: the profiler did not write --trace {args.trace} (see its messages above)", file=sys.stderr)
             rc = 1
-    print(f"RESULT profile wall_ms={wall * 1e3:.2f} gpu_busy_ms={busy:.2f} "
-          f"gemm_ms={by_class.get('gemm', 0.0):.2f} attention_ms={by_class.get('attention', 0.0):.2f}")
+    gpu = {"gpu_busy_ms": busy, "gemm_ms": by_class.get("gemm", 0.0), "attention_ms": by_class.get("attention", 0.0)}
+    gpu_words = " ".join(f"{k}={v:.2f}" if device.type == "cuda" else f"{k}=nan" for k, v in gpu.items())
+    print(f"RESULT profile wall_ms={wall * 1e3:.2f} {gpu_words}")
     return rc
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from matpac_fast.data import ShardSource
 
@@ -127,6 +128,11 @@ def test_loader_pass_with_one_batch_is_an_error_not_zero_samples_per_s(monkeypat
                      "--passes", "1", "--paths", "indexed,synthetic", "--csv", str(path)])
     with open(path, newline="") as f:
         assert [r["path"] for r in csv.DictReader(f)] == ["synthetic"]
+    assert "RESULT loader samples_per_s=nan" in capsys.readouterr().out  # a path timed: its RESULT, nan for the rest
+    with pytest.raises(SystemExit, match="nothing was timed for indexed: planted"):
+        loader.main(["--clips", "16", "--frames", "640", "--per-shard", "16", "--batch", "8", "--workers", "0",
+                     "--passes", "1", "--paths", "indexed"])
+    assert "RESULT" not in capsys.readouterr().out  # nothing timed: no RESULT line of nan figures
 
 
 def test_loader_keep_regenerates_when_settings_differ(tmp_path, capsys):
@@ -197,6 +203,10 @@ def test_profile_step_bad_arguments(tmp_path, capsys):
         profile_step.parse_args, ["--attn-impl", "cudnn", "--device", "cpu"], capsys)
     assert "--data synthetic:4 holds 4 clips, fewer than one global batch (8)" in _one_line_error(
         profile_step.parse_args, ["--data", "synthetic:4", "--batch", "8", "--device", "cpu"], capsys)
+    if not torch.cuda.is_available():  # a refused run made the trace's folders first
+        assert "--device cuda but torch sees no CUDA device" in _one_line_error(
+            profile_step.parse_args, ["--trace", str(tmp_path / "c" / "t.json"), "--device", "cuda"], capsys)
+        assert not (tmp_path / "c").exists()
     args = profile_step.parse_args(["--trace", str(tmp_path / "a" / "b" / "t.json"), "--device", "cpu"])
     assert (tmp_path / "a" / "b").is_dir() and args.preset == "matpac"
 
