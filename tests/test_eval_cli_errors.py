@@ -306,3 +306,19 @@ def test_an_empty_path_is_an_error_not_the_current_folder(tmp_path, monkeypatch,
     assert e.value.code == 2
     assert f"matpac-eval: error: argument {option}: empty path: give a folder or file" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_two_tasks_of_one_dataset_are_two_projection_panels(tmp_path):
+    """Two --classes tasks of one dataset with one checkpoint: the chart kept one panel (the last file read replaced
+    the other). A file written before the task was saved takes it from its name."""
+    xy, label = np.zeros((4, 2), np.float32), np.array([0, 1, 0, 1])
+    report.save_projection(tmp_path, "fsdd-digits", "ckpt", "fsdd", xy, label, ["0", "1"], "pca")
+    report.save_projection(tmp_path, "fsdd-speakers", "ckpt", "fsdd", xy, label, ["george", "jackson"], "pca")
+    old = dict(np.load(report.save_projection(tmp_path, "fsdd-old", "ckpt", "fsdd", xy, label, ["a", "b"], "pca")))
+    del old["task"]
+    np.savez(tmp_path / "fsdd-old__ckpt.proj.npz", **old)
+    report.save_projection(tmp_path, "tones", "ckpt", "tones", xy, label, ["a", "b"], "pca")  # another dataset
+    panels = report.read_projections(tmp_path, "fsdd")
+    assert sorted(panels) == [("fsdd-digits", "ckpt"), ("fsdd-old", "ckpt"), ("fsdd-speakers", "ckpt")]
+    assert [str(c) for c in panels[("fsdd-speakers", "ckpt")]["classes"]] == ["george", "jackson"]
+    assert report.plot_projections(tmp_path, "fsdd").stat().st_size > 1000

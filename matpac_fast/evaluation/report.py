@@ -1,5 +1,5 @@
 """Reports: one JSON per run, a markdown table over every run in the output folder, and a PNG of a 2-D
-projection of the embeddings coloured by label (one panel per checkpoint of a task).
+projection of the embeddings coloured by label (one panel per task and checkpoint of a dataset).
 
 Each CLI run writes `<out>/<task>__<checkpoint>__<probe>.json` and `<out>/<task>__<checkpoint>.proj.npz`, then
 rebuilds `<out>/results.md` and `<out>/<dataset>_projection.png` from everything in the folder, so several runs
@@ -213,45 +213,62 @@ def save_projection(out: Path, task: str, checkpoint_name: str, dataset: str, xy
     p = out / f"{safe_name(task)}__{safe_name(checkpoint_name)}.proj.npz"
     np.savez(
         p, xy=np.asarray(xy, np.float32), label=np.asarray(label_idx, np.int64), classes=np.array(classes),
-        checkpoint=np.array(checkpoint_name), dataset=np.array(dataset), method=np.array(method),
+        checkpoint=np.array(checkpoint_name), dataset=np.array(dataset), method=np.array(method), task=np.array(task),
     )  # fmt: skip
     return p
 
 
-def plot_projections(out: Path, dataset: str) -> Path | None:
-    """One panel per saved projection of `dataset` in `out`; returns the PNG path (None when there is none)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def read_projections(out: Path, dataset: str) -> dict[tuple[str, str], dict]:
+    """{(task, checkpoint name): {xy, label, classes, method}} of the projections of `dataset` saved in `out`."""
     panels = {}
     for p in sorted(out.glob("*.proj.npz")):
         try:
             with np.load(p, allow_pickle=False) as z:
                 if str(z["dataset"]) == dataset:
-                    panels[str(z["checkpoint"])] = {k: z[k] for k in ("xy", "label", "classes", "method")}
+                    # files written before the task was saved: their name starts with it (save_projection)
+                    task = str(z["task"]) if "task" in z.files else p.name.split("__")[0]
+                    panels[(task, str(z["checkpoint"]))] = {k: z[k] for k in ("xy", "label", "classes", "method")}
         except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:  # a damaged earlier file: skip, say so
             print(f"warning: {p} is not a readable projection ({type(e).__name__}); left out of the chart (rerun "
                   "that evaluation, or delete the file)", file=sys.stderr)
+    return panels
+
+
+def plot_projections(out: Path, dataset: str) -> Path | None:
+    """One panel per saved projection of `dataset` in `out` (per task and checkpoint: two --classes tasks of one
+    dataset are two panels); returns the PNG path (None when there is none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = read_projections(out, dataset)
     if not panels:
         return None
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + 1.2, 4.2), squeeze=False)
+    # One legend for the figure (right of the panels) when every panel has the same classes; else each panel its
+    # own (the figure's used to show the last panel's classes for all).
+    shared = len({tuple(str(c) for c in v["classes"]) for v in panels.values()}) == 1
+    legend_w = 1.2 if shared else 0.0
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n + legend_w, 4.2), squeeze=False)
     cmap = plt.get_cmap("tab10" if max(len(v["classes"]) for v in panels.values()) <= 10 else "tab20")
-    for ax, (name, v) in zip(axes[0], panels.items()):
+    several_tasks = len({task for task, _ in panels}) > 1
+    for ax, ((task, name), v) in zip(axes[0], panels.items()):
         classes = [str(c) for c in v["classes"]]
         for ci, cname in enumerate(classes):
             m = v["label"] == ci
             ax.scatter(v["xy"][m, 0], v["xy"][m, 1], s=4, alpha=0.6, color=cmap(ci % cmap.N), label=cname)
-        ax.set_title(f"{name} ({str(v['method']).upper()})", fontsize=10)
+        title = f"{task} · {name}" if several_tasks else name
+        ax.set_title(f"{title} ({str(v['method']).upper()})", fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
+        if not shared and len(classes) <= 20:
+            ax.legend(markerscale=3, fontsize=7, loc="best")
     handles, labels = axes[0][-1].get_legend_handles_labels()
-    if len(labels) <= 20:
+    if shared and len(labels) <= 20:
         fig.legend(handles, labels, loc="center right", markerscale=3, fontsize=8, title="label")
     fig.suptitle(f"{dataset}: clip embeddings, 2-D projection coloured by label", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1 - 1.1 / (4.2 * n + 1.2), 0.95))
+    fig.tight_layout(rect=(0, 0, 1 - (1.1 if shared else 0.0) / (4.2 * n + legend_w), 0.95))
     png = out / f"{safe_name(dataset)}_projection.png"
     fig.savefig(png, dpi=110)
     plt.close(fig)
