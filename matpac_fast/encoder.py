@@ -68,6 +68,10 @@ AUTHORS_EMA_KEYS = ("_ema", "_cls_head_ema")
 # Keys that only the authors' full training state dict has: its other training-only keys are dropped only then, so
 # that a stray key such as `decoder.x` in any other dict is still reported as unknown.
 AUTHORS_TRAINING_MARKERS = ("decoder.decoder_embed.weight", "cls_head_loss.center") + AUTHORS_EMA_KEYS
+# The authors' AudioSet-fine-tuned release with its classifier (`*_enc_and_head.pt`, their inference package's
+# `TaskHead`: BatchNorm1d without affine + Linear 768 -> 527, keys `head.norm.*`, `head.mlp.mlp.0.*`). Embeddings come
+# from the encoder, so the head is dropped, only when its marker key is present (a stray `head.x` is still unknown).
+AUTHORS_AS_HEAD, AUTHORS_AS_HEAD_MARKER = "head.", "head.mlp.mlp.0.weight"
 # The trainer's export: <run>/encoder.pt beside <run>/config.json (trainer.export_encoder).
 EXPORT_NAMES = ("encoder.pt",)
 # The model file a checkpoint folder is read from (the first one present).
@@ -579,6 +583,8 @@ def _unwrap(obj) -> tuple[dict, dict | None]:
         obj = obj["model"]
     if isinstance(obj, dict) and any(k in obj for k in AUTHORS_TRAINING_MARKERS):
         obj = _drop_authors_training(obj)
+    if isinstance(obj, dict) and AUTHORS_AS_HEAD_MARKER in obj:
+        obj = {k: v for k, v in obj.items() if not (isinstance(k, str) and k.startswith(AUTHORS_AS_HEAD))}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError("not a state dict: expected a dict of tensors (optionally nested under 'model')")
     if not all(isinstance(k, str) for k in obj):

@@ -56,6 +56,23 @@ def test_authors_layout_loads_strictly_vit_b(tmp_path):
     assert frames.shape == (1, 13, 3840) and torch.isfinite(frames).all()
 
 
+def test_authors_audioset_release_with_its_head_loads_the_encoder(tmp_path):
+    """`matpac_plus_as_48_1_map_enc_and_head.pt`: the encoder (992-frame positions) plus their AudioSet classifier
+    (`TaskHead`: BatchNorm1d(affine=False) + Linear 768 -> 527), refused as unknown keys before."""
+    sd = authors_layout(dim=64, depth=2, n_tokens=5 * 62)
+    head = {"head.norm.running_mean": torch.zeros(64), "head.norm.running_var": torch.ones(64),
+            "head.norm.num_batches_tracked": torch.tensor(7), "head.mlp.mlp.0.weight": torch.zeros(527, 64),
+            "head.mlp.mlp.0.bias": torch.zeros(527)}
+    torch.save({**sd, **head}, tmp_path / "matpac_plus_as_48_1_map_enc_and_head.pt")
+    enc = load_encoder(tmp_path / "matpac_plus_as_48_1_map_enc_and_head.pt", preset="tiny")
+    assert enc.n_t == 62
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    # without the head's marker key, a `head.` key is still an unknown key
+    with pytest.raises(ValueError, match=r"unknown keys \['head.norm.running_mean'\]"):
+        load_encoder({**sd, "head.norm.running_mean": torch.zeros(64)}, preset="tiny")
+
+
 def test_unknown_and_missing_keys_are_listed():
     sd = authors_layout(dim=64, depth=2)
     sd["decoder.mask_token"] = torch.zeros(1)
