@@ -1283,6 +1283,34 @@ def _paper_recipe_on_cpu(args, cfg: TrainConfig) -> str | None:
             "meant for GPUs and will be very slow on the CPU; --recipe tiny is the CPU-sized one")
 
 
+def _launcher_argv() -> list[str]:
+    """The parent process's command line (Linux /proc; empty where it cannot be read)."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _accelerate_cpu_note(world: int) -> str | None:
+    """`accelerate launch --cpu --num_processes N` starts one process whatever N (accelerate 1.15's CPU launcher
+    ignores it): a run that trained alone while its user counted N processes, and the resume of an N-process
+    checkpoint refused for "1 process", said nothing of why. One warning line naming launchers that do start N."""
+    if world != 1 or os.environ.get("ACCELERATE_USE_CPU") != "True" or "TORCHELASTIC_RUN_ID" in os.environ:
+        return None
+    argv, asked = _launcher_argv(), None
+    for i, a in enumerate(argv):
+        name, eq, value = a.partition("=")
+        if name in ("--num_processes", "--num-processes"):
+            asked = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    if asked is None or not asked.isdigit() or int(asked) < 2:
+        return None
+    return (f"warning: accelerate launch --cpu started 1 process, not the {asked} of --num_processes (its CPU launcher "
+            f"runs one); for {asked} CPU processes use torchrun --nproc_per_node {asked} train.py ..., or accelerate "
+            f"launch --multi_gpu --num_processes {asked} --num_machines 1 --mixed_precision no --dynamo_backend no "
+            "train.py ...")
+
+
 def _main(argv: list[str] | None) -> int:
     rank, world = _launch_rank()
     die_with_launcher()  # train.py / matpac-train did it before the heavy imports; here for direct callers
@@ -1305,7 +1333,7 @@ def _main(argv: list[str] | None) -> int:
             lock = ckpt.OutLock(cfg.run.out)
             if Path(cfg.run.out).is_dir():
                 _lock(lock)
-            for note in [_paper_recipe_on_cpu(args, cfg), *_compile_notes(cfg)]:
+            for note in [_accelerate_cpu_note(world), _paper_recipe_on_cpu(args, cfg), *_compile_notes(cfg)]:
                 if note:
                     print(note, file=sys.stderr, flush=True)
         ckpt.check_out(cfg.run.out, cfg.run.resume)  # never mix two runs in one folder
