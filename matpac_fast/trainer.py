@@ -83,8 +83,12 @@ def _resume_advice(out: str | Path) -> str:
     found = ckpt.list_checkpoints(out)
     if found:
         return f"the last checkpoint ({found[-1].name}) is kept: --resume auto continues from it"
-    return ("no checkpoint was written yet (--ckpt-every): nothing to resume; start again in a new --out (or delete "
-            "its history.jsonl and tb/ first)")
+    # Only what exists is named: a run stopped before its first row has no history.jsonl to delete.
+    left = [n for n in ckpt.RUN_FILES if (Path(out) / n).exists()] + ["tb/"] * (Path(out) / "tb").is_dir()
+    if not left:
+        return "no checkpoint was written yet (--ckpt-every): nothing to resume; the same command starts over"
+    return (f"no checkpoint was written yet (--ckpt-every): nothing to resume; start again in a new --out (or delete "
+            f"its {' and '.join(left)} first)")
 
 
 # A resume must keep --workers (they split the epoch, so another count reads another in-epoch position): the advice

@@ -1080,3 +1080,15 @@ def test_a_run_rolled_back_within_its_own_out_may_resume(run2, tmp_path, capsys)
                        str(out / "old" / "step_00000002"))  # fmt: skip
     assert rc == 0, err
     assert [r["step"] for r in _rows(out)] == [1, 2, 3]
+
+
+def test_advice_without_a_checkpoint_names_only_what_exists(tmp_path):
+    # "delete its history.jsonl and tb/" was said of a run stopped before its first row (neither existed)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    assert T._resume_advice(out).endswith("nothing to resume; the same command starts over")
+    (out / "history.jsonl").write_text("")
+    assert T._resume_advice(out).endswith("start again in a new --out (or delete its history.jsonl first)")
+    (out / "tb").mkdir()
+    assert T._resume_advice(out).endswith("(or delete its history.jsonl and tb/ first)")
