@@ -566,10 +566,12 @@ _BEFORE_THE_FIELD = {"schedule.mcl_reference_steps": 0}
 
 
 def _flat(d: dict) -> dict:
-    out = {f"{section}.{k}": v for section in _SECTIONS for k, v in d.get(section, {}).items()}
-    if "data.workers" in out:  # 0 workers reads like 1: the loader splits an epoch over max(workers, 1)
-        out["data.workers"] = max(int(out["data.workers"]), 1)
-    return out
+    return {f"{section}.{k}": v for section in _SECTIONS for k, v in d.get(section, {}).items()}
+
+
+def _compared(key: str, value):
+    """The value a resume compares: 0 workers reads like 1 (the loader splits an epoch over max(workers, 1))."""
+    return max(int(value), 1) if key == "data.workers" else value
 
 
 def resume_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
@@ -587,8 +589,9 @@ def resume_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
     b.update({f"model.{k}": v for k, v in new.get("model", {}).items()})
     blocking, free = [], []
     for key in sorted(set(a) & set(b), key=lambda k: (k.startswith("model."), k)):  # the preset before its fields
-        old, cur = a[key], b[key]
-        if old == cur or (isinstance(old, (list, tuple)) and list(old) == list(cur)):
+        old, cur = a[key], b[key]  # shown as given: a --workers 0 checkpoint said "--workers 1 -> 2"
+        x, y = _compared(key, old), _compared(key, cur)
+        if x == y or (isinstance(x, (list, tuple)) and list(x) == list(y)):
             continue
         (free if key in RESUME_FREE else blocking).append(f"{_flag(key)} {old} -> {cur}")
     # Inductor options change how the step is compiled (float rounding at most), never what it computes: free. A

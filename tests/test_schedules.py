@@ -130,3 +130,17 @@ def test_an_inductor_change_on_resume_is_free_and_listed():
     assert resume_changes({**old, "model": {}}, {**new, "model": {}})[1] == [
         "--inductor (none) -> coordinate_descent_tuning=True"]
     assert resume_changes({**new, "model": {}}, {**new, "model": {}}) == ([], [])
+
+
+def test_a_workers_change_on_resume_shows_the_counts_given():
+    """0 workers splits an epoch as 1 does (0 -> 1 is no change), but a refusal shows the counts as given: a
+    --workers 0 checkpoint was refused with "--workers 1 -> 2"."""
+    from matpac_fast.train_config import TrainConfig, resume_changes
+
+    def cfg(workers):
+        d = TrainConfig().to_dict()
+        return {**d, "data": {**d["data"], "workers": workers}, "model": {}}
+
+    assert resume_changes(cfg(0), cfg(1)) == ([], [])
+    assert resume_changes(cfg(0), cfg(2)) == (["--workers 0 -> 2"], [])
+    assert resume_changes(cfg(2), cfg(0)) == (["--workers 2 -> 0"], [])
