@@ -357,6 +357,9 @@ def _check_inputs(qkv_BNC, num_heads) -> str:
         return f"head_dim={hd} not in {HEAD_DIMS}"
     if qkv_BNC.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"dtype {qkv_BNC.dtype}"
+    if qkv_BNC.dtype == torch.bfloat16 and interpreter_active():
+        # Triton's interpreter holds bf16 as uint16 and its tl.dot multiplies those bit patterns: outputs ~1e9, silently
+        return "bf16 in Triton's interpreter (its tl.dot multiplies bf16 bit patterns); use fp32 or fp16 there"
     return ""
 
 
@@ -367,8 +370,9 @@ def packed_attention(qkv_BNC: torch.Tensor, num_heads: int) -> torch.Tensor:
     layout), fp32/bf16/fp16, any strides with the last dimension contiguous (others are copied); num_heads.
     Returns (B, N, num_heads·hd) in qkv's dtype, heads concatenated along the last dimension; differentiable.
     Runs the Triton kernels on CUDA for hd in (16, 32, 64, 128) (see `matpac_kernels.use_backend`), the reference
-    elsewhere. No double backward through the kernels (`create_graph=True` works, the second backward then raises
-    torch's "no autograd formula" error): use the reference backend for that.
+    elsewhere; in Triton's interpreter (TRITON_INTERPRET=1) not for bf16, which its tl.dot gets wrong. No double
+    backward through the kernels (`create_graph=True` works, the second backward then raises torch's "no autograd
+    formula" error): use the reference backend for that.
     """
     why = _check_inputs(qkv_BNC, num_heads)
     num_heads = int(num_heads)  # a numpy integer too: the custom op's schema takes a Python int

@@ -670,6 +670,17 @@ def test_packed_attention_unsupported_head_width():
         torch.testing.assert_close(mk.packed_attention(qkv, 2), mk.reference_packed_attention(qkv, 2))
 
 
+@pytest.mark.skipif(not mk.interpreter_active(), reason="Triton's interpreter only")
+def test_packed_attention_refuses_bf16_in_the_interpreter():
+    """The interpreter's tl.dot multiplies bf16 bit patterns (stored as uint16): a forced Triton backend returned
+    outputs ~1e9 without a word. It now says why it cannot; "auto" takes the reference (as on CPU anyway)."""
+    qkv = torch.randn(1, 5, 48, generator=torch.Generator().manual_seed(12)).bfloat16()
+    with mk.use_backend("triton"), pytest.raises(ValueError, match="bf16 in Triton's interpreter"):
+        mk.packed_attention(qkv, 1)
+    with mk.use_backend("auto"):
+        torch.testing.assert_close(mk.packed_attention(qkv, 1), mk.reference_packed_attention(qkv, 1))
+
+
 # ------------------------------------------------------------------------------------------------ fallback
 def test_interpreter_tests_in_subprocess():
     """When triton was imported before this module could select the interpreter, run this file in a fresh process."""
