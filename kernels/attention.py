@@ -341,6 +341,15 @@ _register_autograd(_fwd_interp, _bwd_interp)
 _register_autograd(_fwd_cuda, _bwd_cuda)
 
 
+def _compute_dtype(qkv_BNC) -> torch.dtype:
+    """qkv's dtype, or for fp32 input under autocast on its device the autocast dtype: the reference's matmuls (and
+    SDPA) run in it there, and autocast does not cast a custom op's inputs itself."""
+    device = qkv_BNC.device.type
+    if qkv_BNC.dtype == torch.float32 and device in ("cuda", "cpu") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return qkv_BNC.dtype
+
+
 def _check_inputs(qkv_BNC, num_heads) -> str:
     """One-line errors for inputs no path can take; returns why the kernel cannot take valid ones ("" if it can)."""
     if not isinstance(num_heads, numbers.Integral) or isinstance(num_heads, bool) or num_heads < 1:
@@ -355,9 +364,10 @@ def _check_inputs(qkv_BNC, num_heads) -> str:
     hd = qkv_BNC.shape[-1] // (3 * num_heads)
     if hd not in HEAD_DIMS:
         return f"head_dim={hd} not in {HEAD_DIMS}"
-    if qkv_BNC.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"dtype {qkv_BNC.dtype}"
-    if qkv_BNC.dtype == torch.bfloat16 and interpreter_active():
+    dtype = _compute_dtype(qkv_BNC)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {dtype}"
+    if dtype == torch.bfloat16 and interpreter_active():
         # Triton's interpreter holds bf16 as uint16 and its tl.dot multiplies those bit patterns: outputs ~1e9, silently
         return "bf16 in Triton's interpreter (its tl.dot multiplies bf16 bit patterns); use fp32 or fp16 there"
     return ""
@@ -368,7 +378,8 @@ def packed_attention(qkv_BNC: torch.Tensor, num_heads: int) -> torch.Tensor:
 
     Args: qkv_BNC (B, N, 3·num_heads·hd): the output of `Attention.qkv`, channels [q | k | v][head][dim] (timm's
     layout), fp32/bf16/fp16, any strides with the last dimension contiguous (others are copied); num_heads.
-    Returns (B, N, num_heads·hd) in qkv's dtype, heads concatenated along the last dimension; differentiable.
+    Returns (B, N, num_heads·hd) in qkv's dtype, heads concatenated along the last dimension; differentiable. Under
+    autocast, fp32 qkv is computed (and returned) in the autocast dtype, as by the reference's matmuls.
     Runs the Triton kernels on CUDA for hd in (16, 32, 64, 128) (see `matpac_kernels.use_backend`), the reference
     elsewhere; in Triton's interpreter (TRITON_INTERPRET=1) not for bf16, which its tl.dot gets wrong. No double
     backward through the kernels (`create_graph=True` works, the second backward then raises torch's "no autograd
@@ -378,6 +389,7 @@ def packed_attention(qkv_BNC: torch.Tensor, num_heads: int) -> torch.Tensor:
     num_heads = int(num_heads)  # a numpy integer too: the custom op's schema takes a Python int
     if not use_triton(qkv_BNC.device, supported=not why, why=why):
         return reference_packed_attention(qkv_BNC, num_heads)
-    qkv = qkv_BNC if qkv_BNC.stride(-1) == 1 else qkv_BNC.contiguous()
+    qkv = qkv_BNC.to(_compute_dtype(qkv_BNC))
+    qkv = qkv if qkv.stride(-1) == 1 else qkv.contiguous()
     fwd = _fwd_cuda if qkv.is_cuda and not interpreter_active() else _fwd_interp
     return fwd(qkv, num_heads)[0]

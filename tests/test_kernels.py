@@ -681,6 +681,21 @@ def test_packed_attention_refuses_bf16_in_the_interpreter():
         torch.testing.assert_close(mk.packed_attention(qkv, 1), mk.reference_packed_attention(qkv, 1))
 
 
+@needs_triton
+def test_packed_attention_under_autocast_computes_in_its_dtype(triton_backend):
+    """fp32 qkv under autocast: the reference's matmuls run in the autocast dtype and return it; the kernels (a custom
+    op, which autocast does not cast) returned fp32, computed in the slow exact-fp32 path. (fp16: the interpreter
+    cannot run bf16.)"""
+    qkv, grad = _qkv(1, 5, 1, 16, torch.Generator().manual_seed(13))
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        got = _attention_and_grad(mk.packed_attention, qkv, grad, 1)
+        with mk.use_backend("reference"):
+            want = _attention_and_grad(mk.packed_attention, qkv, grad, 1)
+    assert got[0].dtype == want[0].dtype == torch.float16 and got[1].dtype == torch.float32
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-3)
+
+
 # ------------------------------------------------------------------------------------------------ fallback
 def test_interpreter_tests_in_subprocess():
     """When triton was imported before this module could select the interpreter, run this file in a fresh process."""
