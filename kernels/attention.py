@@ -354,11 +354,13 @@ def _check_inputs(qkv_BNC, num_heads) -> str:
     """One-line errors for inputs no path can take; returns why the kernel cannot take valid ones ("" if it can)."""
     if not isinstance(num_heads, numbers.Integral) or isinstance(num_heads, bool) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive integer, got {num_heads!r}")
-    if qkv_BNC.dim() != 3 or qkv_BNC.shape[-1] % (3 * num_heads) != 0:
+    if qkv_BNC.dim() != 3 or qkv_BNC.shape[-1] % (3 * num_heads) != 0 or qkv_BNC.shape[-1] == 0:
         raise ValueError(
             f"qkv must be (B, N, 3 * num_heads * head_dim) (the fused qkv Linear's output); got shape "
             f"{tuple(qkv_BNC.shape)} with num_heads={num_heads}"
         )
+    if not qkv_BNC.dtype.is_floating_point:  # the reference's matmul failed on it with a dtype-mismatch error
+        raise ValueError(f"qkv must be a floating-point tensor (fp32, bf16, fp16 or fp64), got {qkv_BNC.dtype}")
     if qkv_BNC.shape[1] < 1:
         return "no tokens (N = 0)"  # an empty result, which the reference gives
     hd = qkv_BNC.shape[-1] // (3 * num_heads)

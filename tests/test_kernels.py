@@ -618,6 +618,17 @@ def test_packed_attention_user_errors(shape, heads, match):
         mk.packed_attention(torch.zeros(shape), heads)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_packed_attention_inputs_no_path_takes_are_one_rule_on_both_backends(backend):
+    """No channels (head_dim 0) and integer qkv: the reference failed deep inside (ZeroDivisionError from hd**-0.5, a
+    matmul dtype error) while a forced Triton backend said "use backend 'auto'"."""
+    with mk.use_backend(backend):
+        with pytest.raises(ValueError, match=r"got shape \(2, 5, 0\) with num_heads=1"):
+            mk.packed_attention(torch.zeros(2, 5, 0), 1)
+        with pytest.raises(ValueError, match="qkv must be a floating-point tensor .* got torch.int64"):
+            mk.packed_attention(torch.zeros(2, 5, 48, dtype=torch.long), 1)
+
+
 def test_backend_variable_set_but_empty_is_the_default():
     """`MATPAC_KERNELS_BACKEND=` (set, empty) made `import matpac_kernels` fail; it means the default, as unset."""
     code = "import matpac_kernels as mk; print(mk.get_backend())"
