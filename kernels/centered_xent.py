@@ -334,6 +334,9 @@ def centered_softmax_xent(student_MK, teacher_MK, center_K, tau_s, tau_t, center
     (create_graph=True) through the kernels. "tau_s requires grad" means while grad mode is on.
     """
     _check_inputs(student_MK, teacher_MK, center_K, tau_s, tau_t, center_mode)
+    # Any real number as a float on both paths (a Fraction went through float() on the kernel path only: the
+    # reference's division refused it)
+    tau_s, tau_t = (t if isinstance(t, torch.Tensor) else float(t) for t in (tau_s, tau_t))
     K = student_MK.shape[1]
     # The kernels give no gradient to tau_s: a learnable one (a tensor that requires grad) runs the reference, which
     # differentiates it, rather than silently getting none. (tau_t is the teacher's: no gradient on either path.)

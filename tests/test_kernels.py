@@ -427,6 +427,19 @@ def test_xent_temperature_types_are_one_rule_on_both_backends(backend, tau):
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_xent_any_real_temperature_on_both_backends(backend):
+    """A Fraction passes the numbers.Real check: the kernel path took it (float()), the reference's division did not."""
+    from fractions import Fraction
+
+    student, teacher, center = torch.randn(3, 5, generator=torch.Generator().manual_seed(14)).to(DEVICE).unbind(0)
+    args = student[None], teacher[None], center
+    with mk.use_backend(backend):
+        got = mk.centered_softmax_xent(*args, Fraction(1, 10), Fraction(1, 25))
+    for g, w in zip(got, mk.reference_centered_softmax_xent(*args, 0.1, 0.04)):
+        torch.testing.assert_close(g, w, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("where", ["teacher", "center", "tau_t"])
 def test_xent_inputs_on_another_device_are_refused(backend, where):
     """A kernel would read another device's tensor as garbage: every tensor input must share the student's device
