@@ -166,7 +166,10 @@ def _patchify_gather_cuda(
     return _launch(lms, mean, std, vis_idx, mask_idx, patch, out_dtype, wrap=torch.library.wrap_triton)
 
 
-def _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch):
+def _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch, out_dtype):
+    # None or `float` ran on the reference (.to() took them: no cast, float64) and failed inside the kernel's op
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise ValueError(f"out_dtype must be a floating-point torch.dtype (e.g. torch.float32), got {out_dtype!r}")
     if isinstance(patch, bool) or not isinstance(patch, numbers.Integral) or patch < 1:
         raise ValueError(f"patch must be a positive integer (16 for the paper's model), got {patch!r}")
     if lms_B1FT.dim() != 4 or lms_B1FT.shape[1] != 1:
@@ -203,9 +206,9 @@ def patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch=16, ou
     Args: lms_B1FT raw log-mel (B, 1, F, T), any float dtype; mean, std Python floats; vis_idx_BNv, mask_idx_BNm
     int64/int32 patch indices in [0, n_patches), n_patches = (F / patch) * (T / patch) (patch index =
     f_idx * n_t + t_idx), on the device of lms; patch a power of two for the Triton path.
-    Returns (vis (B, Nv, patch²), mask (B, Nm, patch²)) in out_dtype. Runs the Triton kernel on CUDA (see
-    `matpac_kernels.use_backend`), the reference `reference_patchify_gather` elsewhere, and also on CUDA when lms
-    requires grad (the kernel has none; a forced "triton" backend raises then).
+    Returns (vis (B, Nv, patch²), mask (B, Nm, patch²)) in out_dtype, a floating-point torch.dtype. Runs the Triton
+    kernel on CUDA (see `matpac_kernels.use_backend`), the reference `reference_patchify_gather` elsewhere, and also
+    on CUDA when lms requires grad (the kernel has none; a forced "triton" backend raises then).
 
     An index outside [0, n_patches) is an error, never a silent result, on every path, as in the reference
     (torch.gather): on CPU tensors (reference, or the kernel under TRITON_INTERPRET=1) a RuntimeError at the call;
@@ -219,7 +222,7 @@ def patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch=16, ou
     writes NaN (never an out-of-bounds read) for such an index, which is what remains where device asserts are
     compiled out (ROCm builds without GPU asserts).
     """
-    _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch)
+    _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch, out_dtype)
     patch = int(patch)  # a numpy integer is accepted; the op schemas and Triton's constexpr get a plain int
     pow2 = patch > 0 and patch & (patch - 1) == 0
     # The op registers no backward (log-mels are data): for an lms that needs a gradient, "auto" runs the reference,

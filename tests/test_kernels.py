@@ -194,6 +194,17 @@ def test_patchify_gather_user_errors(shape, idx_shape, match):
             mk.patchify_gather(torch.zeros(2, 1, 80, 608), 0.0, 1.0, idx[:2], idx[:2], patch=patch)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_patchify_gather_out_dtype_is_one_rule_on_both_backends(backend):
+    """None and `float` ran on the reference (no cast; float64) and failed inside the kernel's op schema; complex ran
+    on the reference and raised KeyError in the kernel."""
+    lms, vis, mask, _, _ = _hand_case()
+    with mk.use_backend(backend):
+        for out_dtype in (None, float, "float16", torch.complex64, torch.int64):
+            with pytest.raises(ValueError, match="out_dtype must be a floating-point torch.dtype"):
+                mk.patchify_gather(lms.to(DEVICE), 2.0, 4.0, vis.to(DEVICE), mask.to(DEVICE), 2, out_dtype)
+
+
 def test_patchify_gather_takes_a_numpy_integer_patch():
     """A patch size read from a numpy array or config (np.int64) is an integer like any other."""
     lms, vis, mask, want_vis, want_mask = _hand_case()
