@@ -88,7 +88,9 @@ class LabelledSet:
         h = hashlib.sha256()
         for c in self.clips:
             st = os.stat(c.path)
-            h.update(f"{c.path}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+            # os.fsencode: a file name that is not valid UTF-8 (make-shards reads those too) holds surrogates, which
+            # str.encode() refuses; for every other name the bytes, and so the cache keys, are the same
+            h.update(os.fsencode(c.path) + f"\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
         return h.hexdigest()
 
 

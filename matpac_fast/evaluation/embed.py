@@ -111,7 +111,7 @@ def audio_duration(path: str) -> float | None:
     import soundfile as sf
 
     try:
-        return float(sf.info(path).duration)
+        return float(sf.info(os.fsencode(path)).duration)  # bytes: also a name that is not valid UTF-8
     except Exception:  # noqa: BLE001 - not a soundfile format (or unreadable): PyAV's containers are tried below
         pass
     if not _needs_pyav(path):
@@ -138,7 +138,8 @@ def load_clip(path: str, clip_samples: int, spec: FrontendSpec, lengths: list[in
         wave, sr = _read_pyav(path)
     else:
         try:
-            wave, sr = sf.read(path, dtype="float32", always_2d=False)
+            # bytes, as make-shards reads it: libsndfile opens any file name, also one that is not valid UTF-8
+            wave, sr = sf.read(os.fsencode(path), dtype="float32", always_2d=False)
         except Exception as e:  # noqa: BLE001 - soundfile raises several types; the user needs the file, not the type
             empty = os.path.isfile(path) and os.path.getsize(path) == 0
             raise UnreadableAudio(path, "empty file" if empty else _reason(e)) from None

@@ -1,0 +1,32 @@
+"""Seams between the tools, found by following the README end to end: what one step writes or accepts that the
+next step read another way (make-shards -> matpac-eval)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from test_eval import RESULT_RE
+from test_eval_cli_errors import _run
+
+FAST = ["--quiet", "--probe", "logreg", "--folds", "kfold:2", "--projection", "none"]
+
+
+def test_eval_reads_a_file_name_that_is_not_utf8_as_make_shards_does(tones, tmp_path, capsys):
+    """make-shards reads such files (shown with \\xNN escapes); matpac-eval skipped them as undecodable, and with its
+    embedding cache (the default) stopped on the first one: 'utf-8' codec can't encode character '\\udce9'."""
+    src = tones / "low" / "low_0.wav"
+    target = os.fsencode(tones / "low") + b"/caf\xe9.wav"
+    try:
+        os.rename(os.fsencode(src), target)
+    except OSError:
+        pytest.skip("this file system does not accept non-UTF-8 file names")
+    args = ["--checkpoint", "logmel", "--data", str(tones), "--out", str(tmp_path / "o"),
+            "--cache-dir", str(tmp_path / "cache"), *FAST]  # fmt: skip
+    for _ in range(2):  # written to the cache, then read from it
+        lines, err = _run(args, capsys)
+        assert RESULT_RE.match(lines[-1]), lines[-1]
+        assert "skipped" not in err, err
+        assert any(line.startswith("embeddings 24 x 160") for line in lines), lines
+    assert Path(os.fsdecode(target)).is_file()
