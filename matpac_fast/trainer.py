@@ -185,6 +185,15 @@ class TrainData:
         names = [n if is_local(u) else _tar_name(u, n) for u, n in zip(self.source.urls, legacy)]
         self.fingerprint, self.legacy_fingerprint = (
             hashlib.sha256(json.dumps([n, list(self.source.sizes)]).encode()).hexdigest()[:16] for n in (names, legacy))
+        # A set re-made in place (make-shards --overwrite with another --seed or other audio) keeps its shard names
+        # and sizes: its stats.json shard digests tell it apart (a moved copy keeps them). Checkpoints written before
+        # this hold the names-and-sizes fingerprint, which `names_fingerprint` keeps accepting.
+        recorded = self.source.stats.get("shard_sha256")
+        digests = [recorded.get(n) if isinstance(recorded, dict) else None for n in names]
+        if any(isinstance(h, str) for h in digests):
+            self.names_fingerprint = self.fingerprint
+            self.fingerprint = hashlib.sha256(
+                json.dumps([names, list(self.source.sizes), digests]).encode()).hexdigest()[:16]
         # How they are read (data._make_reader, reader "auto"): local files indexed, URLs / pipe: streamed through a
         # shuffle buffer. The same shards read the other way give other crops and order: a resume says so.
         synthetic = d.shards.startswith("synthetic:")
@@ -940,9 +949,10 @@ class Trainer:
         new = {**json.loads(json.dumps(self.cfg.to_dict(), default=str)), "model": self.model_cfg.to_dict()}
         blocking, free = resume_changes(saved, new)
         if state.get("data_fingerprint") not in (None, getattr(self.data, "fingerprint", None),
+                                                 getattr(self.data, "names_fingerprint", None),
                                                  getattr(self.data, "legacy_fingerprint", None)):
             blocking.append(f"--shards {saved.get('data', {}).get('shards')} -> {self.cfg.data.shards} (other "
-                            "shard names or sizes)")
+                            "shard names or sizes, or a set re-made since: other shard contents)")
         if blocking:
             shown = ", ".join(blocking[:6]) + (f" and {len(blocking) - 6} more" if len(blocking) > 6 else "")
             raise ValueError(

@@ -30,3 +30,25 @@ def test_eval_reads_a_file_name_that_is_not_utf8_as_make_shards_does(tones, tmp_
         assert "skipped" not in err, err
         assert any(line.startswith("embeddings 24 x 160") for line in lines), lines
     assert Path(os.fsdecode(target)).is_file()
+
+
+def test_resume_refuses_a_shard_set_remade_in_place_with_other_clips(tmp_path, capsys):
+    """make-shards --overwrite with another --seed keeps every shard's name and sample count; a resume compared only
+    those, went on silently, and said it continued 'with the data of an uninterrupted run'. stats.json's shard
+    digests tell the sets apart (a moved copy keeps them)."""
+    import shutil
+
+    from test_train_cli_errors import _main
+
+    from shard_tools.api import make_synthetic_shards
+
+    shards, out = tmp_path / "shards", str(tmp_path / "run")
+    make_synthetic_shards(shards, n=16, seed=0, workers=0, shard_size="8", progress=False)
+    assert _main(capsys, "--shards", str(shards), "--out", out, "--max-steps", "1")[0] == 0
+    shutil.copytree(shards, tmp_path / "moved")  # a moved copy still resumes
+    rc, _, err = _main(capsys, "--shards", str(tmp_path / "moved"), "--out", out, "--max-steps", "2", "--resume",
+                       "auto")
+    assert rc == 0, err
+    make_synthetic_shards(shards, n=16, seed=1, workers=0, shard_size="8", progress=False, overwrite=True)
+    rc, _, err = _main(capsys, "--shards", str(shards), "--out", out, "--max-steps", "3", "--resume", "auto")
+    assert rc == 2 and "(other shard names or sizes, or a set re-made since: other shard contents)" in err, err
