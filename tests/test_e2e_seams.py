@@ -52,3 +52,20 @@ def test_resume_refuses_a_shard_set_remade_in_place_with_other_clips(tmp_path, c
     make_synthetic_shards(shards, n=16, seed=1, workers=0, shard_size="8", progress=False, overwrite=True)
     rc, _, err = _main(capsys, "--shards", str(shards), "--out", out, "--max-steps", "3", "--resume", "auto")
     assert rc == 2 and "(other shard names or sizes, or a set re-made since: other shard contents)" in err, err
+
+
+def test_eval_reads_a_symlinked_manifest_as_make_shards_does(tones, tmp_path, capsys):
+    """A manifest's relative paths start at the folder of the CSV the link points to in make-shards; matpac-eval
+    looked beside the link and stopped: "file 'low/low_0.wav' not found (looked at links/low/low_0.wav)"."""
+    from shard_tools.discover import discover_manifest
+
+    rows = [f"{label}/{label}_{i}.wav,{label}" for label in ("low", "mid", "high") for i in range(8)]
+    (tones / "set.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "set.csv").symlink_to(tones / "set.csv")
+    made = discover_manifest(tmp_path / "links" / "set.csv")
+    assert [it.skip for it in made.items] == [None] * 24
+    lines, _ = _run(["--checkpoint", "logmel", "--data", str(tmp_path / "links" / "set.csv"), "--out",
+                     str(tmp_path / "o"), "--no-cache", *FAST], capsys)  # fmt: skip
+    assert RESULT_RE.match(lines[-1]), lines[-1]
+    assert any(line.startswith("embeddings 24 x 160") for line in lines), lines

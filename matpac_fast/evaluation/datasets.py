@@ -6,9 +6,10 @@ grouping column (e.g. FSDD speaker). Audio is not read here (see `embed.py`).
 
 Generic CSV: columns `file` (or filename/path), `label` (or labels/category/class); optional `fold` or `split`
 (train/valid/test); any other column can name groups (`--folds group:COLUMN`). Paths are relative to the CSV's
-folder. Several labels in one cell are separated by ';' as in make-shards' manifests ("dog;bark"), or by ',' in a
-quoted cell ("dog,bark"); any such cell makes the whole task multi-label (metric: mAP). Dataset names come from the
-resolved path, so one dataset has one name however `--data` is typed.
+folder (for a symlinked CSV, that of the file it points to, as in make-shards). Several labels in one cell are
+separated by ';' as in make-shards' manifests ("dog;bark"), or by ',' in a quoted cell ("dog,bark"); any such cell
+makes the whole task multi-label (metric: mAP). Dataset names come from the resolved path, so one dataset has one
+name however `--data` is typed.
 """
 
 from __future__ import annotations
@@ -242,6 +243,10 @@ def load_csv(
     fcol = file_column or _pick(fields, FILE_COLUMNS, "file", path)
     lcol = label_column or _pick(fields, LABEL_COLUMNS, "label", path)
     base = Path(audio_dir) if audio_dir is not None else path.parent
+    if audio_dir is None and layout == "csv" and path.is_symlink():
+        # make-shards' rule (discover_manifest): relative paths start at the folder of the file the link points to;
+        # a manifest made into shards through a link found none of its files here
+        base = path.resolve().parent
     allowed = set(classes) if classes is not None else None
     clips = []
     for n, r in enumerate(rows, start=1):
