@@ -265,7 +265,7 @@ def test_resume_auto_never_starts_over_on_a_run_without_a_usable_checkpoint(run2
         (["--seed", "1", "--epochs", "5"], "--epochs 10.0 -> 5.0"),
         (["--preset", "matpac"], "--preset tiny -> matpac"),
         (["--model", "dim=128"], "--model dim 64 -> 128"),
-        (["--workers", "2"], "--workers 1 -> 2"),
+        (["--workers", "2"], "--workers 0 -> 2"),
         (["--shards", "synthetic:72"], "--shards synthetic:64 -> synthetic:72"),
     ],
 )
