@@ -14,7 +14,8 @@ content is random (it does not change the I/O or the copy cost).
     python benchmarks/loader.py --clips 64 --frames 700 --per-shard 16 --batch 8 --workers 1 --passes 1  # CPU, secs
 
 --keep DIR records the data's settings (clips, frames, clips per shard) in DIR/settings.json and reuses the data only
-when they match; otherwise it rewrites DIR/shards and DIR/npy (its own folders: nothing else in DIR is touched).
+when they match; otherwise it rewrites DIR/shards and DIR/npy (its own folders: nothing else in DIR is touched). A DIR
+whose settings.json this script did not write, or with shards/ or npy/ but no settings.json, is refused.
 
 MB/s columns: "read" = clip bytes the loader had to touch per sample (whole stored clip), "out" = batch bytes
 delivered (fp16 crops for shards, the float32 crops the npy loader makes). "samples/CPU-s" = samples per second of
