@@ -165,8 +165,9 @@ class Encoder(nn.Module):
     def encode_lms(self, lms_BFT: torch.Tensor) -> torch.Tensor:
         """Raw log-mel (B, n_mels, T) -> frame embeddings (B, ceil(T / patch), n_f·D), one per 160 ms.
 
-        608-frame chunks; the input is zero-padded (after normalisation) to a multiple of the patch, so the last
-        chunk is shorter and uses a truncated positional table. Full chunks run as one batch.
+        `chunk_frames`-frame chunks (608 for the presets; loaded weights: their position table's length, e.g. 992 for
+        the authors' AudioSet-fine-tuned encoder); the input is zero-padded (after normalisation) to a multiple of the
+        patch, so the last chunk is shorter and uses a truncated positional table. Full chunks run as one batch.
 
         Runs under the caller's autograd mode: outside `torch.no_grad()` / `torch.inference_mode()` the result
         keeps the autograd graph (for fine-tuning), which holds every block's activations in memory. For
