@@ -323,7 +323,7 @@ def centered_softmax_xent(student_MK, teacher_MK, center_K, tau_s, tau_t, center
     """Per-row cross-entropy between the centred teacher softmax and the student log-softmax, plus centre statistics.
 
     Args: student_MK (M, K) logits (fp32/bf16/fp16; receives the gradient), teacher_MK (M, K) logits and
-    center_K (K,) (no gradient), all on one device; tau_s, tau_t positive Python floats or one-element tensors
+    center_K (K,) (no gradient), all on one device; tau_s, tau_t positive real numbers or one-element tensors
     (on that device, or CPU), center_mode "prob" (column sums of p, the authors') or "logit" (column sums of the
     teacher logits, DINO's). A tensor on another device is a one-line ValueError (a device check, no sync).
     Returns fp32 (loss_M, center_sum_K, entropy_M, max_prob_M); only loss_M carries a gradient (to student_MK, and
