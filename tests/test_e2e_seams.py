@@ -69,3 +69,19 @@ def test_eval_reads_a_symlinked_manifest_as_make_shards_does(tones, tmp_path, ca
                      str(tmp_path / "o"), "--no-cache", *FAST], capsys)  # fmt: skip
     assert RESULT_RE.match(lines[-1]), lines[-1]
     assert any(line.startswith("embeddings 24 x 160") for line in lines), lines
+
+
+def test_a_csv_with_path_and_file_columns_reads_path_in_both_tools(tones, tmp_path):
+    """make-shards' manifest reader takes 'path' (its aliases only without one); matpac-eval took 'file' first, so
+    the shards and the evaluation of one CSV could be of different files."""
+    from matpac_fast.evaluation.datasets import load_dataset
+    from shard_tools.discover import discover_manifest
+
+    rows = [f"{label}/{label}_{i}.wav,{label}/{label}_{7 - i}.wav,{label}" for label in ("low", "high")
+            for i in range(4)]
+    (tones / "both.csv").write_text("file,path,label\n" + "\n".join(rows) + "\n")
+    made = discover_manifest(tones / "both.csv")
+    ds = load_dataset(str(tones / "both.csv"))
+    want = [os.path.realpath(tones / r.split(",")[1]) for r in rows]
+    assert sorted(os.path.realpath(it.path) for it in made.items) == sorted(want)
+    assert sorted(os.path.realpath(c.path) for c in ds.clips) == sorted(want)

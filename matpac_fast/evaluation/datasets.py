@@ -4,12 +4,12 @@ Everything a probe needs is resolved here, once, with one-line errors that name 
 the label vocabulary, whether the task is multi-label, which column the "official" protocol uses, and the natural
 grouping column (e.g. FSDD speaker). Audio is not read here (see `embed.py`).
 
-Generic CSV: columns `file` (or filename/path), `label` (or labels/category/class); optional `fold` or `split`
-(train/valid/test); any other column can name groups (`--folds group:COLUMN`). Paths are relative to the CSV's
-folder (for a symlinked CSV, that of the file it points to, as in make-shards). Several labels in one cell are
-separated by ';' as in make-shards' manifests ("dog;bark"), or by ',' in a quoted cell ("dog,bark"); any such cell
-makes the whole task multi-label (metric: mAP). Dataset names come from the resolved path, so one dataset has one
-name however `--data` is typed.
+Generic CSV: columns `path` (or file/filename; `path` first, as in make-shards), `label` (or labels/category/class);
+optional `fold` or `split` (train/valid/test); any other column can name groups (`--folds group:COLUMN`). Paths are
+relative to the CSV's folder (for a symlinked CSV, that of the file it points to, as in make-shards). Several labels
+in one cell are separated by ';' as in make-shards' manifests ("dog;bark"), or by ',' in a quoted cell ("dog,bark");
+any such cell makes the whole task multi-label (metric: mAP). Dataset names come from the resolved path, so one
+dataset has one name however `--data` is typed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import numpy as np
 
 from shard_tools.discover import AUDIO_EXTS  # make-shards' formats: soundfile's, and PyAV's containers
 
-FILE_COLUMNS = ("file", "filename", "path", "file_name", "slice_file_name")
+# 'path' first, as make-shards' manifest reader takes it: a CSV with both 'path' and 'file' was made into shards from
+# one column and evaluated from the other.
+FILE_COLUMNS = ("path", "file", "filename", "file_name", "slice_file_name")
 LABEL_COLUMNS = ("label", "labels", "category", "class")
 GTZAN_GENRES = ("blues", "classical", "country", "disco", "hiphop", "jazz", "metal", "pop", "reggae", "rock")
 US8K_CLASSES = (
