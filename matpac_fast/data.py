@@ -474,6 +474,9 @@ def _resolve(specs: list, meta: str | None) -> list[Path | tuple[list[str], set[
         elif path.exists() or path.suffix == ".tar":
             if globbed and path.suffix != ".tar":
                 return False  # sizes.json, manifests, ... matched by "dir/*": not shards
+            hint = _make_shards_hint(path)
+            if hint:  # was "cannot read <its folder>/sizes.json", which did not say the input was the wrong kind
+                raise ValueError(hint)
             if not path.parent.is_dir():
                 raise ValueError(f"no such directory: {path.parent} (named by shard {url})")
             add_file(url, globbed)
@@ -640,6 +643,34 @@ def _unfinished_run(stats_url: str) -> str | None:
     return None
 
 
+# Common audio suffixes, for advice only (make-shards' full list is shard_tools.discover.AUDIO_EXTS; data never
+# imports shard_tools).
+_AUDIO_HINT_SUFFIXES = frozenset(".wav .flac .mp3 .ogg .opus .m4a .aac .aif .aiff .webm .mp4 .mka .wma".split())
+
+
+def _make_shards_hint(path: Path) -> str | None:
+    """For a CSV, an audio file or a folder of audio given where shards belong: the make-shards command that makes
+    shards of it. None for anything else."""
+    if path.is_file():
+        if path.suffix.lower() == ".csv":
+            return (f"{path} is a CSV file, not a shard set: make shards of the files it lists with make-shards "
+                    f"manifest {path} --out DIR, then give DIR")
+        if path.suffix.lower() in _AUDIO_HINT_SUFFIXES:
+            return (f"{path} is an audio file, not a shard set: make shards of its folder with make-shards folder "
+                    f"{path.parent} --out DIR, then give DIR")
+        return None
+    if path.is_dir():
+        try:
+            audio = next((p for _, p in zip(range(1000), path.rglob("*"))
+                          if p.suffix.lower() in _AUDIO_HINT_SUFFIXES and p.is_file()), None)
+        except OSError:
+            return None
+        if audio is not None:
+            return (f"{path} holds audio files (e.g. {audio.relative_to(path)}), not shards: make shards of it with "
+                    f"make-shards folder {path} --out DIR, then give DIR")
+    return None
+
+
 def _read_meta(sizes_url: str, stats_url: str) -> tuple[dict, dict]:
     unfinished = _unfinished_run(stats_url)
     if unfinished:
@@ -655,6 +686,9 @@ def _read_meta(sizes_url: str, stats_url: str) -> tuple[dict, dict]:
                 raise ValueError(f"{folder} is not a shard set: make-shards wrote no sample there (manifest.jsonl "
                                  "gives each file's reason); fix the input or options and run make-shards "
                                  "again") from None
+            hint = _make_shards_hint(folder) if is_local(url) and url.endswith("/sizes.json") else None
+            if hint and not (folder / "stats.json").exists():
+                raise ValueError(hint) from None
             # The CLI's advice first; the last words are for Python users only (train.py has no meta option).
             # (A folder always reads its own: the meta hint names shard files, which it was followed with a folder.)
             raise ValueError(f"cannot read {url} ({e.strerror or e}): give a folder that make-shards wrote, or make "

@@ -987,3 +987,22 @@ def test_data_config_switches_must_be_booleans(field):
         with pytest.raises(ValueError, match=rf"DataConfig\.{field} must be True or False \(got "):
             DataConfig(**{field: bad})
     assert getattr(DataConfig(**{field: np.bool_(False)}), field) is False
+
+
+def test_audio_or_a_csv_given_as_shards_names_the_make_shards_command(tmp_path):
+    # "cannot read <folder>/sizes.json" did not say that a CSV manifest or audio is the input of make-shards
+    (tmp_path / "a" / "dog").mkdir(parents=True)
+    (tmp_path / "a" / "dog" / "x.WAV").write_bytes(b"RIFF")
+    (tmp_path / "files.csv").write_text("path,label\na/dog/x.WAV,dog\n")
+    for given, words in ((tmp_path / "files.csv", "is a CSV file, not a shard set: make shards of the files it "
+                          f"lists with make-shards manifest {tmp_path / 'files.csv'} --out DIR"),
+                         (tmp_path / "a", f"holds audio files (e.g. {Path('dog/x.WAV')}), not shards: make shards of "
+                          f"it with make-shards folder {tmp_path / 'a'} --out DIR"),
+                         (tmp_path / "a" / "dog" / "x.WAV", "is an audio file, not a shard set: make shards of its "
+                          f"folder with make-shards folder {tmp_path / 'a' / 'dog'} --out DIR")):
+        with pytest.raises(ValueError) as e:
+            ShardSource.open(str(given))
+        assert str(e.value) == f"{given} {words}, then give DIR"
+    (tmp_path / "empty").mkdir()  # nothing of make-shards' input: the usual words
+    with pytest.raises(ValueError, match="cannot read .*sizes.json"):
+        ShardSource.open(str(tmp_path / "empty"))
