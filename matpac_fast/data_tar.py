@@ -16,6 +16,7 @@ Supported tar dialects: POSIX ustar (with prefix), GNU long names ('L'), PAX ext
 from __future__ import annotations
 
 import ast
+import math
 import mmap
 import os
 import re
@@ -46,9 +47,12 @@ def _number(field: bytes) -> int:
         return int.from_bytes(field[1:], "big")
     text = field.split(b"\0", 1)[0].strip()
     try:
-        return int(text, 8) if text else 0
+        n = int(text, 8) if text else 0
     except ValueError as e:
         raise ShardError(f"bad number field {field!r} in tar header") from e
+    if n < 0:  # a negative size would step the walk backwards: an endless loop over the same headers
+        raise ShardError(f"bad number field {field!r} in tar header")
+    return n
 
 
 def parse_header(block: bytes) -> tuple[str, int, bytes]:
@@ -68,10 +72,12 @@ def parse_header(block: bytes) -> tuple[str, int, bytes]:
 def _parse_pax(data: bytes) -> dict[str, str]:
     out, pos = {}, 0
     while pos < len(data):
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
+        space = data.find(b" ", pos)
+        length = int(data[pos:space]) if data[pos:space].isdigit() else 0
+        if space < 0 or length <= space - pos:  # a record longer than its length field: 0 would never advance
+            raise ShardError("bad PAX extended header (corrupt shard)")
         key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        out[key.decode()] = value.decode("utf-8", "replace")
+        out[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
         pos += length
     return out
 
@@ -155,7 +161,10 @@ def iter_members(cur, want: Callable[[str], bool]) -> Iterator[tuple[str, object
             name = pax["path"]
         elif long_name is not None:
             name = long_name
-        size = int(pax.get("size", size))
+        if "size" in pax:
+            if not (pax["size"].isascii() and pax["size"].isdigit()):
+                raise ShardError(f"bad PAX size {pax['size'][:30]!r} in tar header")
+            size = int(pax["size"])
         long_name, pax = None, {}
         padded = (size + BLOCK - 1) & ~(BLOCK - 1)
         if typ in _REGULAR and want(name):
@@ -172,9 +181,13 @@ def iter_members(cur, want: Callable[[str], bool]) -> Iterator[tuple[str, object
 class NpyLayout:
     data_offset: int  # bytes from the start of the payload
     shape: tuple[int, ...]
+    count: int  # elements
 
 
-_HEADER_CACHE: dict[bytes, tuple[str, bool, tuple]] = {}
+_HEADER_CACHE: dict[bytes, tuple[str, bool, tuple, int]] = {}
+# numpy's own limit (np.load's max_header_size): a float16 2-D header is ~120 bytes, and ast.literal_eval of a
+# 10-MB header (a shape of millions of entries) takes ~5 GB and ~20 s.
+MAX_NPY_HEADER = 10_000
 
 
 def npy_layout(buf, offset: int, size: int) -> NpyLayout:
@@ -188,30 +201,33 @@ def npy_layout(buf, offset: int, size: int) -> NpyLayout:
         hlen, start = int.from_bytes(head[8:12], "little"), 12
     else:
         raise ShardError(f"unsupported npy version {head[6]}")
+    if hlen > MAX_NPY_HEADER:
+        raise ShardError(f"npy header of {hlen} bytes (at most {MAX_NPY_HEADER})")
     text = bytes(buf[offset + start : offset + start + hlen])
     parsed = _HEADER_CACHE.get(text)
     if parsed is None:
         try:
             d = ast.literal_eval(text.decode("latin1"))  # literals only: cannot run code
-            parsed = (d["descr"], bool(d["fortran_order"]), tuple(int(x) for x in d["shape"]))
-        except (ValueError, SyntaxError, KeyError, TypeError) as e:
+            shape = tuple(d["shape"])
+            if not all(type(x) is int and x >= 0 for x in shape):  # -1 read the rest of the shard as this clip
+                raise ValueError(f"shape {shape}")
+            parsed = (d["descr"], bool(d["fortran_order"]), shape, math.prod(shape))  # Python ints: no overflow
+        except (ValueError, SyntaxError, KeyError, TypeError, MemoryError, RecursionError) as e:
             raise ShardError(f"bad npy header {text[:60]!r}") from e
         if len(_HEADER_CACHE) < 4096:
             _HEADER_CACHE[text] = parsed
-    descr, fortran, shape = parsed
+    descr, fortran, shape, count = parsed
     if descr not in ("<f2", "f2") or fortran:
         raise ShardError(f"npy payload is {descr} fortran_order={fortran}; the shard format is C-order float16")
-    nbytes = 2 * int(np.prod(shape))
-    if start + hlen + nbytes > size:
+    if start + hlen + 2 * count > size:
         raise ShardError("npy payload shorter than its header says")
-    return NpyLayout(start + hlen, shape)
+    return NpyLayout(start + hlen, shape, count)
 
 
 def npy_view(buf, offset: int, size: int) -> np.ndarray:
     """Zero-copy float16 view of the .npy payload stored at buf[offset:offset+size]."""
     lay = npy_layout(buf, offset, size)
-    count = int(np.prod(lay.shape))
-    return np.frombuffer(buf, dtype="<f2", count=count, offset=offset + lay.data_offset).reshape(lay.shape)
+    return np.frombuffer(buf, dtype="<f2", count=lay.count, offset=offset + lay.data_offset).reshape(lay.shape)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The tar/npy parser of matpac_fast.data_tar, checked against the standard library's tarfile and np.load."""
 
 import io
+import signal
 import tarfile
 
 import numpy as np
@@ -99,3 +100,65 @@ def test_npy_header_checks():
         npy_view(obj, 0, len(obj))
     with pytest.raises(ShardError):
         npy_view(good[:-10], 0, len(good) - 10)  # payload shorter than the header says
+
+
+def _header(name: bytes, size_field: bytes, typ: bytes = b"0") -> bytes:
+    """A ustar header with any size field (tarfile refuses to write a bad one), its checksum correct."""
+    b = bytearray(512)
+    b[0 : len(name)], b[124:136], b[156:157], b[257:263] = name, size_field, typ, b"ustar\0"
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+def _read_both(raw: bytes, tmp_path):
+    """Both readers raise ShardError (within seconds: SIGALRM turns a hang into a failure)."""
+    path = tmp_path / "s.tar"
+    path.write_bytes(raw)
+
+    def hung(*_):
+        raise TimeoutError("the tar walk did not end")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        with pytest.raises(ShardError):
+            TarIndex(str(path))
+        with open(path, "rb") as f, pytest.raises(ShardError):
+            list(iter_stream_samples(f))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("size", [b"-0000001000\0", b"-0000002000\0"])
+def test_negative_member_size_is_a_shard_error_not_a_hang(tmp_path, size):
+    # -512 re-read the same header forever (the index walk grew without bound); -1024 stepped backwards
+    good = npy_bytes(np.zeros((4, 10), np.float16))
+    raw = _header(b"a.npy", b"%011o\0" % len(good)) + good + bytes(-len(good) % 512)
+    _read_both(raw + _header(b"b.npy", size) + bytes(1024), tmp_path)
+
+
+@pytest.mark.parametrize("record", [b"0 x=1\n", b"13 size=-1024\n", b"11 size=abc\n", b"no length here\n"])
+def test_bad_pax_header_is_a_shard_error_not_a_hang(tmp_path, record):
+    # a record of length 0 never advanced the PAX parser; a negative size stepped the walk backwards
+    pax = _header(b"pax", b"%011o\0" % len(record), b"x") + record + bytes(-len(record) % 512)
+    _read_both(pax + _header(b"b.npy", b"%011o\0" % 0) + bytes(1024), tmp_path)
+
+
+@pytest.mark.parametrize("shape", ["(-1, 4)", "(4.5, 10)", "(4294967296, 4294967296)"])
+def test_npy_header_shape_must_be_sizes(shape):
+    # (-1, 4) made np.frombuffer read the rest of the mapping (other members, headers) as this clip
+    head = ("{'descr': '<f2', 'fortran_order': False, 'shape': " + shape + ", }").encode()
+    head += b" " * (-(len(head) + 11) % 64) + b"\n"
+    raw = b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head + bytes(800)
+    with pytest.raises(ShardError):
+        npy_view(raw, 0, len(raw))
+
+
+def test_npy_header_size_is_bounded():
+    # literal_eval of a 10-MB header took ~5 GB and ~20 s; numpy itself refuses headers over 10,000 bytes
+    head = b"{'descr': '<f2', 'fortran_order': False, 'shape': [" + b"0," * 6000 + b"], }\n"
+    raw = b"\x93NUMPY\x02\x00" + len(head).to_bytes(4, "little") + head
+    with pytest.raises(ShardError, match="header of"):
+        npy_view(raw, 0, len(raw))
