@@ -84,7 +84,7 @@ def _load_json(path: Path, report: Report):
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         report.problems.append(f"{path.name} is missing")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         report.problems.append(f"{path.name} is not valid JSON: {e}")
     return _UNREADABLE
 
@@ -99,7 +99,7 @@ def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: i
         return [f"{where}: sample {key!r}: npy unreadable ({type(e).__name__}: {e})"]
     try:
         meta = json.loads(members["json"].decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         return [f"{where}: sample {key!r}: json unreadable ({e})"]
     if arr.dtype != np.float16:
         errs.append(f"{where}: sample {key!r}: dtype {arr.dtype}, expected float16")
@@ -158,7 +158,9 @@ def _read_shard(path: Path, report: Report, seen: set[str], n_mels: int, classes
         with tarfile.open(path, mode="r:") as tar:
             for info in tar:
                 end = info.offset_data + (info.size + 511) // 512 * 512
-                if not info.isfile():
+                # A sparse member reads as its declared size, holes filled with zeros: a few bytes of shard
+                # would become gigabytes in memory (and the loader does not read sparse members).
+                if not info.isfile() or info.issparse():
                     report.problems.append(f"{path.name}: member {info.name!r} is not a regular file")
                     continue
                 base = info.name.rsplit("/", 1)[-1]
@@ -267,7 +269,7 @@ def _foreign(path: Path) -> bool:
             line = json.loads(first)
             return not (isinstance(line, dict) and "source" in line and ("shard" in line or "skipped" in line))
         obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return False
     if path.name == "stats.json":
         return not is_make_shards_stats(obj)

@@ -216,6 +216,32 @@ def test_verify_structural_checks_without_hashes(tmp_path):
     assert "'d' has members ['npy']" in problems
 
 
+def test_verify_refuses_sparse_members_and_deep_json(tmp_path):
+    """A GNU sparse member reads as its declared size with holes as zeros: a 1.5-KB shard declaring 2^50 bytes made
+    verify-shards allocate them (MemoryError, or gigabytes for a smaller claim). JSON nested 100,000 deep raised
+    RecursionError, a traceback instead of a problem line."""
+    out = tmp_path / "bad"
+    out.mkdir()
+
+    def header(name: bytes, typ: bytes, size: int, realsize: int = 0) -> bytes:
+        b = bytearray(512)
+        b[0 : len(name)], b[124:136], b[156:157], b[257:263] = name, b"%011o\0" % size, typ, b"ustar\0"
+        if typ == b"S":  # one sparse entry: no data at offset realsize; realsize as the member's size
+            b[386:398], b[398:410], b[483:495] = b"%011o\0" % realsize, b"%011o\0" % 0, b"%011o\0" % realsize
+        b[148:156] = b" " * 8
+        b[148:156] = b"%06o\0 " % sum(b)
+        return bytes(b)
+
+    deep = b"[" * 100_000
+    shard = header(b"a.npy", b"S", 0, 2**50) + header(b"a.json", b"0", len(deep)) + deep + bytes(-len(deep) % 512)
+    (out / "shards-000000.tar").write_bytes(shard + bytes(1024))
+    (out / "sizes.json").write_text(json.dumps({"shards-000000.tar": 1}))
+    (out / "stats.json").write_bytes(deep)
+    problems = " | ".join(verify_shards(out)["problems"])
+    assert "'a.npy' is not a regular file" in problems
+    assert "stats.json is not valid JSON" in problems
+
+
 # ------------------------------------------------------------------------------------- corrupt-file zoo (folder)
 def _write_zoo(root: Path) -> dict[str, str | None]:
     """Every file of the zoo -> expected manifest outcome (None = written)."""
