@@ -10,6 +10,7 @@ Shapes: waveforms are float32 (B, N) at 16 kHz; log-mel is float32 (B, 80, T), u
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,11 +90,30 @@ def to_mono(wave: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(wave)
 
 
+KAISER_WIDTH, KAISER_ROLLOFF = 64, 0.9475937167399596
+# The Kaiser resampler's windowed-sinc kernel holds (new/g) x (orig/g + 2·ceil(64·orig/(rolloff·min rate))) floats
+# for g = gcd(orig, new): 180 M for 11,127 Hz, but 16 G (64 GB) for a 999,983 Hz header, which a 60-KB WAV can
+# declare. Above this many floats a rate is refused rather than allocated.
+MAX_KAISER_KERNEL = 2**28
+
+
+def check_kaiser_rate(orig_sr: int, new_sr: int) -> None:
+    """ValueError (one line) when resampling orig_sr -> new_sr with the Kaiser resampler would need a kernel over
+    MAX_KAISER_KERNEL floats (a rate sharing almost no factor with the target: a damaged or hostile header)."""
+    g = math.gcd(orig_sr, new_sr)
+    o, n = orig_sr // g, new_sr // g
+    floats = n * (o + 2 * math.ceil(KAISER_WIDTH * o / (min(o, n) * KAISER_ROLLOFF)))
+    if floats > MAX_KAISER_KERNEL:
+        raise ValueError(f"sample rate {orig_sr} Hz cannot be resampled to {new_sr} Hz (its resampling kernel would "
+                         f"take {4 * floats / 2**30:.0f} GiB); convert the file to a common rate first")
+
+
 def resample(wave: torch.Tensor, orig_sr: int, spec: FrontendSpec = PRESETS["matpac"]) -> torch.Tensor:
     """Resample float32 (..., N) from `orig_sr` to `spec.sample_rate` with the spec's resampler."""
     if orig_sr == spec.sample_rate:
         return wave
     if spec.resampler == "kaiser":
+        check_kaiser_rate(orig_sr, spec.sample_rate)
         import torchaudio.functional as AF
 
         # The authors' settings (= librosa "kaiser_best"): windowed sinc, Kaiser window.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from matpac_fast.frontend import FrontendSpec, resample, to_mono
+from matpac_fast.frontend import FrontendSpec, check_kaiser_rate, resample, to_mono
 from shard_tools.discover import PYAV_EXTS, Item, printable
 
 SILENCE_PEAK = 1e-6  # about -120 dBFS: below one LSB of 16-bit audio, i.e. digital silence
@@ -92,6 +92,10 @@ def resample_np(mono: np.ndarray, sr: int, spec: FrontendSpec) -> np.ndarray:
         return mono
     x = torch.from_numpy(np.ascontiguousarray(mono))
     if spec.resampler == "kaiser":
+        try:
+            check_kaiser_rate(sr, spec.sample_rate)
+        except ValueError as e:
+            raise Skip("undecodable", str(e)) from None
         return _kaiser_resampler(sr, spec.sample_rate)(x).numpy()
     return resample(x, sr, spec).numpy()
 

@@ -119,6 +119,22 @@ def test_a_resampler_with_a_huge_kernel_is_not_kept(monkeypatch):
         22050, 16000).kernel.numel()
     assert list(decode._RESAMPLERS) == [(44100, 16000)]
 
+
+def test_a_rate_whose_resampling_kernel_is_gigabytes_is_skipped(tmp_path):
+    """A 60-KB WAV whose header says 999,983 Hz (prime) asked the Kaiser resampler for a 16,000 x 1,008,000 kernel:
+    make-shards (and matpac-eval) tried to allocate 64 GB. The rate's kernel size is checked before it is built;
+    11,127 Hz (a 720-MB kernel, the largest the resampler cache test keeps in mind) is still resampled."""
+    from matpac_fast.evaluation.embed import UnreadableAudio, load_clip
+    from matpac_fast.frontend import check_kaiser_rate
+    from shard_tools.decode import Skip, resample_np
+
+    check_kaiser_rate(11127, 16000)
+    sf.write(tmp_path / "a.wav", np.full(30000, 0.1, np.float32), 999983, subtype="PCM_16")
+    with pytest.raises(Skip, match="999983 Hz cannot be resampled"):
+        resample_np(np.full(30000, 0.1, np.float32), 999983, get_spec("matpac"))
+    with pytest.raises(UnreadableAudio, match="999983 Hz cannot be resampled"):
+        load_clip(str(tmp_path / "a.wav"), 16000, get_spec("matpac"))
+
 # ------------------------------------------------------------------------------- synthetic: values, stats, verify
 @pytest.fixture(scope="module")
 def synth_set(tmp_path_factory):

@@ -52,7 +52,7 @@ import torch
 from tqdm.auto import tqdm
 
 from matpac_fast.evaluation.datasets import LabelledSet
-from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec, normalize, resample, to_mono
+from matpac_fast.frontend import FrontendSpec, LogMelSpec, check_kaiser_rate, get_spec, normalize, resample, to_mono
 
 EMBED_VERSION = 1
 SAMPLE_RATE = 16000
@@ -149,6 +149,11 @@ def load_clip(path: str, clip_samples: int, spec: FrontendSpec, lengths: list[in
     if not np.isfinite(wave).all():
         raise UnreadableAudio(path, "NaN or infinite samples")
     if sr != spec.sample_rate:
+        if spec.resampler == "kaiser":
+            try:
+                check_kaiser_rate(sr, spec.sample_rate)
+            except ValueError as e:
+                raise UnreadableAudio(path, str(e).split(";")[0]) from None
         x = torch.from_numpy(wave)
         wave = (_kaiser(sr, spec.sample_rate)(x) if spec.resampler == "kaiser" else resample(x, sr, spec)).numpy()
     if lengths is not None:
