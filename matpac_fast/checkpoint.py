@@ -243,7 +243,7 @@ def read_state(path: Path) -> dict:
         state = json.loads(f.read_text())
     except FileNotFoundError:
         raise ValueError(f"{f} is missing: the checkpoint is incomplete; {_EARLIER}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # nested too deep
         raise ValueError(f"{f} is not valid JSON ({e}); {_EARLIER}") from None
     bad = [k for k in _REQUIRED if not isinstance(state, dict) or type(state.get(k)) is not int]
     if bad:

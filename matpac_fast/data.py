@@ -696,7 +696,7 @@ def _read_meta(sizes_url: str, stats_url: str) -> tuple[dict, dict]:
                              "meta=DIR) reads sizes.json / stats.json kept elsewhere)") from None
         try:
             out.append(json.loads(raw))
-        except ValueError as e:  # includes a UnicodeDecodeError
+        except (ValueError, RecursionError) as e:  # a UnicodeDecodeError; JSON nested too deep
             raise _damaged(url, f"not JSON: {e}") from None
     sizes, stats = out
     _check_meta(sizes, stats, sizes_url, stats_url)
@@ -894,7 +894,7 @@ def _labels(raw: bytes | None) -> list[int]:
         return []
     try:
         meta = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deep (it stopped the loader)
         raise ValueError(f"its .json is not valid JSON ({e})") from None
     found = meta.get("label_indices", []) if isinstance(meta, dict) else None
     if not isinstance(found, list) or any(isinstance(x, bool) or not isinstance(x, int) for x in found):

@@ -1006,3 +1006,21 @@ def test_audio_or_a_csv_given_as_shards_names_the_make_shards_command(tmp_path):
     (tmp_path / "empty").mkdir()  # nothing of make-shards' input: the usual words
     with pytest.raises(ValueError, match="cannot read .*sizes.json"):
         ShardSource.open(str(tmp_path / "empty"))
+
+
+def test_json_nested_too_deep_is_a_one_line_error(tmp_path):
+    """stats.json, a sample's .json or trainer_state.json of 100,000 '[' raised RecursionError (a traceback, and in
+    a loader worker the end of training) instead of naming the damaged file or skipping the clip."""
+    from matpac_fast.checkpoint import read_state
+    from matpac_fast.data import _labels
+
+    deep = b"[" * 100_000
+    _make_set(tmp_path / "s", 3, per_shard=3)
+    (tmp_path / "s" / "stats.json").write_bytes(deep)
+    with pytest.raises(ValueError, match="stats.json is damaged"):
+        ShardSource.open(str(tmp_path / "s"))
+    with pytest.raises(ValueError, match="not valid JSON"):
+        _labels(deep)
+    (tmp_path / "trainer_state.json").write_bytes(deep)
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_state(tmp_path)
