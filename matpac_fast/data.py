@@ -703,6 +703,11 @@ def _read_meta(sizes_url: str, stats_url: str) -> tuple[dict, dict]:
     return sizes, stats
 
 
+def _plain_shard_name(name: str) -> bool:
+    """A file name as make-shards writes it (`<name>-NNNNNN.tar`): no folder part, so it names a file of the set."""
+    return name.endswith(".tar") and not any(c in name for c in "/\\\0")
+
+
 def _damaged(url: str, what: str) -> ValueError:
     return ValueError(f"{url} is damaged ({what}); re-make the set with make-shards, or restore the file")
 
@@ -718,6 +723,8 @@ def _check_meta(sizes, stats, sizes_url: str, stats_url: str) -> None:
     for name, n in sizes.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise _damaged(sizes_url, f"shard {name} has count {n!r}; counts are integers >= 0")
+        if not _plain_shard_name(name):  # '../x.tar' or '/abs/x.tar' was read from outside the set's folder
+            raise _damaged(sizes_url, f"shard name {name[:80]!r} is not a file name in the set's folder")
     if not isinstance(stats, dict):
         raise _damaged(stats_url, f"a JSON object was expected, found {type(stats).__name__}")
     if stats.get("format_version") != 1:

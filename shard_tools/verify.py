@@ -199,6 +199,11 @@ def _check_sizes(sizes, report: Report) -> dict | None:
         report.problems.append(f"sizes.json is damaged: shard {bad[0]} has count {_short(sizes[bad[0]])}; counts are "
                                "integers >= 0")
         return None
+    odd = [k for k in sizes if not k.endswith(".tar") or "/" in k or "\\" in k or "\0" in k]
+    if odd:  # '../x.tar' or '/abs/x.tar' named a file outside the set (the loader refuses the set too)
+        report.problems.append(f"sizes.json is damaged: shard name {_short(odd[0])} is not a file name in the set's "
+                               "folder")
+        return None
     return sizes
 
 

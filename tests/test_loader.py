@@ -1024,3 +1024,19 @@ def test_json_nested_too_deep_is_a_one_line_error(tmp_path):
     (tmp_path / "trainer_state.json").write_bytes(deep)
     with pytest.raises(ValueError, match="not valid JSON"):
         read_state(tmp_path)
+
+
+def test_shard_names_in_sizes_json_must_be_files_of_the_set(tmp_path):
+    # '../x.tar' or an absolute path in sizes.json was read from outside the set's folder (by the loader and by
+    # verify-shards); make-shards writes plain names only
+    from shard_tools.api import verify_shards
+
+    _make_set(tmp_path / "s", 3, per_shard=3)
+    sizes = json.loads((tmp_path / "s" / "sizes.json").read_text())
+    (tmp_path / "outside.tar").write_bytes((tmp_path / "s" / next(iter(sizes))).read_bytes())
+    for name in ("../outside.tar", str(tmp_path / "outside.tar")):
+        (tmp_path / "s" / "sizes.json").write_text(json.dumps({**sizes, name: 3}))
+        with pytest.raises(ValueError, match="is not a file name in the set's folder"):
+            ShardSource.open(str(tmp_path / "s"))
+        report = verify_shards(tmp_path / "s")
+        assert not report["ok"] and any("is not a file name in the set's folder" in p for p in report["problems"])
