@@ -32,6 +32,11 @@ def pad_wave_samples(spec: FrontendSpec, short: str) -> int:
     """Samples a short waveform is zero-padded to before the log-mel (at spec.sample_rate), 0 for none: M2D's
     `int(sample_rate * min_length)` for the m2d front end with --short pad."""
     return int(spec.sample_rate * M2D_MIN_SECONDS) if spec.name == "m2d" and short == "pad" else 0
+# A file is decoded whole before its log-mel: an hour at 48 kHz stereo is 1.4 GB of float32 per worker. Longer
+# files (a recorded lecture, or a few-KB FLAC that declares days of constant audio) are skipped as too_long rather
+# than read: a worker the out-of-memory killer ended stopped the run, and the same command met the same file again.
+MAX_SECONDS = 3600.0
+TOO_LONG_HINT = "split such files into shorter ones, e.g. ffmpeg -i IN -f segment -segment_time 600 OUT_%03d.flac"
 NEEDS_PYAV = "needs_pyav"
 PYAV_HINT = "m4a/webm/aac need PyAV: pip install av (or pip install 'matpac-fast[av]')"
 
@@ -137,13 +142,21 @@ def _read_soundfile(path: str) -> tuple[np.ndarray, int]:
 
     is_mp3 = path.lower().endswith(".mp3")
     quiet = _captured_stderr_fd() if is_mp3 else contextlib.nullcontext([""])
-    error = None
+    error, seconds = None, 0.0
     with quiet as captured:
         try:  # bytes: libsndfile opens any file name, also one that is not valid UTF-8
-            data, sr = sf.read(os.fsencode(path), dtype="float32", always_2d=True)
+            with sf.SoundFile(os.fsencode(path)) as f:
+                sr, limit = f.samplerate, int(MAX_SECONDS * f.samplerate)
+                if f.frames > limit:  # what the header declares: nothing is decoded
+                    seconds = f.frames / sr
+                else:  # = sf.read(path, dtype="float32", always_2d=True), at most `limit` frames
+                    data = f.read(frames=limit + 1, dtype="float32", always_2d=True)
+                    seconds = len(data) / sr if len(data) > limit else 0.0
         except Exception as e:  # libsndfile raises LibsndfileError/RuntimeError/TypeError depending on the damage
             error = e
     lines = [line for line in captured[0].splitlines() if line.strip()]
+    if error is None and seconds:
+        raise Skip("too_long", _too_long_detail(seconds))
     if error is None:
         real = [line for line in lines if not _is_decoder_noise(line)]
         if real:  # the decoder's own lines do not say which file (one of two million) they are about
@@ -151,6 +164,11 @@ def _read_soundfile(path: str) -> tuple[np.ndarray, int]:
             print("\n".join(f"make-shards: {name}: {line.strip()}" for line in real), file=sys.stderr)
         return data, int(sr)
     raise Skip("undecodable", _soundfile_detail(path, error, lines)) from None
+
+
+def _too_long_detail(seconds: float, at_least: bool = False) -> str:
+    return (f"{'at least ' if at_least else ''}{seconds / 3600:.2f} h of audio, more than make-shards decodes per file "
+            f"({MAX_SECONDS / 3600:g} h): {TOO_LONG_HINT}")
 
 
 def _unopenable(path: str) -> str | None:
@@ -193,9 +211,12 @@ def _read_pyav(path: str) -> tuple[np.ndarray, int]:
             stream = container.streams.audio[0]
             # planar float keeps the channels apart so that the downmix is the same mean as for soundfile
             resampler = av.AudioResampler(format="fltp")
-            chunks, sr = [], None
+            chunks, sr, samples = [], None, 0
             for frame in container.decode(stream):
                 sr = sr or frame.sample_rate
+                samples += frame.samples
+                if samples > MAX_SECONDS * sr:  # stop decoding: the rest is not read
+                    raise Skip("too_long", _too_long_detail(samples / sr, at_least=True))
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray())
             for out in resampler.resample(None):

@@ -37,7 +37,7 @@ import torch
 
 from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec
 from matpac_fast.locks import close_lock_fd, open_lock_fd
-from shard_tools.decode import PYAV_HINT, Prepared, Skip, pad_wave_samples, prepare
+from shard_tools.decode import PYAV_HINT, TOO_LONG_HINT, Prepared, Skip, pad_wave_samples, prepare
 from shard_tools.discover import (
     Discovery,
     Item,
@@ -738,6 +738,7 @@ def nothing_written(stats: dict, cfg: MakeConfig) -> str:
         "needs_pyav": PYAV_HINT,
         "not_found": "the listed files do not exist: check the paths (relative paths start at the CSV's folder)",
         "partial_download": "only unfinished downloads (.part/.ytdl/.temp) were found: let the downloads finish",
+        "too_long": f"they are longer than make-shards decodes per file: {TOO_LONG_HINT}",
     }
     hint = hints.get(top, f"most are {top}: check the files")
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))

@@ -102,6 +102,26 @@ def test_cached_resampler_is_bit_identical(sr):
 
 
 
+def test_a_file_longer_than_make_shards_decodes_is_skipped_unread(tmp_path, monkeypatch):
+    """A file is decoded whole: a many-hour recording (or a tiny FLAC declaring days of constant audio) took a
+    worker's memory until the out-of-memory killer ended it, which stopped the run, and the same command met the same
+    file again. Over decode.MAX_SECONDS (here lowered to 1 s) it is a too_long skip, decided from the header."""
+    import shard_tools.decode as decode
+
+    monkeypatch.setattr(decode, "MAX_SECONDS", 1.0)
+    t = np.arange(24000) / 16000
+    x = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    sf.write(tmp_path / "one.flac", x[:16000], 16000)
+    sf.write(tmp_path / "long.flac", np.stack([x, x], 1), 16000)
+    wave, sr = decode.read_audio(str(tmp_path / "one.flac"))  # exactly the limit: read as sf.read reads it
+    assert sr == 16000 and np.array_equal(wave, sf.read(tmp_path / "one.flac", dtype="float32", always_2d=True)[0])
+    read = []
+    monkeypatch.setattr(sf.SoundFile, "read", lambda *a, **k: read.append(1))
+    with pytest.raises(decode.Skip, match="too_long: 0.00 h of audio, more than make-shards decodes per file") as e:
+        decode.read_audio(str(tmp_path / "long.flac"))
+    assert e.value.reason == "too_long" and "ffmpeg" in str(e.value) and read == []
+
+
 def test_a_resampler_with_a_huge_kernel_is_not_kept(monkeypatch):
     """A rate sharing few factors with 16 kHz (11,127 Hz: a 720-MB kernel) stayed in the per-worker cache for the
     whole run, up to 32 of them. Now a kernel over MAX_CACHED_KERNEL floats is built per clip and freed; the output

@@ -592,10 +592,10 @@ def test_an_unreadable_file_says_permission_denied(tmp_path, monkeypatch):
                 raise PermissionError(13, "Permission denied", str(path))
             return builtins.open(path, *args, **kwargs)
 
-        real_read = sf.read
+        real_soundfile = sf.SoundFile
         monkeypatch.setattr(decode, "open", refuse, raising=False)
-        monkeypatch.setattr(sf, "read", lambda p, *a, **k: (_ for _ in ()).throw(RuntimeError("System error."))
-                            if os.fsdecode(p) == str(locked) else real_read(p, *a, **k))
+        monkeypatch.setattr(sf, "SoundFile", lambda p, *a, **k: (_ for _ in ()).throw(RuntimeError("System error."))
+                            if os.fsdecode(p) == str(locked) else real_soundfile(p, *a, **k))
     else:
         locked.chmod(0)
     out = tmp_path / "out"
