@@ -35,6 +35,7 @@ def pad_wave_samples(spec: FrontendSpec, short: str) -> int:
 # A file is decoded whole before its log-mel: an hour at 48 kHz stereo is 1.4 GB of float32 per worker. Longer
 # files (a recorded lecture, or a few-KB FLAC that declares days of constant audio) are skipped as too_long rather
 # than read: a worker the out-of-memory killer ended stopped the run, and the same command met the same file again.
+# (Not for an AudioSet file that may hold the whole video: crop_and_flag cuts its segment out of it after decoding.)
 MAX_SECONDS = 3600.0
 TOO_LONG_HINT = "split such files into shorter ones, e.g. ffmpeg -i IN -f segment -segment_time 600 OUT_%03d.flac"
 NEEDS_PYAV = "needs_pyav"
@@ -137,7 +138,7 @@ def _is_decoder_noise(line: str) -> bool:
     return line.startswith("Note:") or ("libmpg123" in line and "warning:" in line)
 
 
-def _read_soundfile(path: str) -> tuple[np.ndarray, int]:
+def _read_soundfile(path: str, max_seconds: float = math.inf) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     is_mp3 = path.lower().endswith(".mp3")
@@ -146,7 +147,8 @@ def _read_soundfile(path: str) -> tuple[np.ndarray, int]:
     with quiet as captured:
         try:  # bytes: libsndfile opens any file name, also one that is not valid UTF-8
             with sf.SoundFile(os.fsencode(path)) as f:
-                sr, limit = f.samplerate, int(MAX_SECONDS * f.samplerate)
+                sr = f.samplerate
+                limit = f.frames if math.isinf(max_seconds) else int(max_seconds * sr)
                 if f.frames > limit:  # what the header declares: nothing is decoded
                     seconds = f.frames / sr
                 else:  # = sf.read(path, dtype="float32", always_2d=True), at most `limit` frames
@@ -156,7 +158,7 @@ def _read_soundfile(path: str) -> tuple[np.ndarray, int]:
             error = e
     lines = [line for line in captured[0].splitlines() if line.strip()]
     if error is None and seconds:
-        raise Skip("too_long", _too_long_detail(seconds))
+        raise Skip("too_long", _too_long_detail(seconds, max_seconds))
     if error is None:
         real = [line for line in lines if not _is_decoder_noise(line)]
         if real:  # the decoder's own lines do not say which file (one of two million) they are about
@@ -166,9 +168,9 @@ def _read_soundfile(path: str) -> tuple[np.ndarray, int]:
     raise Skip("undecodable", _soundfile_detail(path, error, lines)) from None
 
 
-def _too_long_detail(seconds: float, at_least: bool = False) -> str:
+def _too_long_detail(seconds: float, max_seconds: float, at_least: bool = False) -> str:
     return (f"{'at least ' if at_least else ''}{seconds / 3600:.2f} h of audio, more than make-shards decodes per file "
-            f"({MAX_SECONDS / 3600:g} h): {TOO_LONG_HINT}")
+            f"({max_seconds / 3600:g} h): {TOO_LONG_HINT}")
 
 
 def _unopenable(path: str) -> str | None:
@@ -196,7 +198,7 @@ def _soundfile_detail(path: str, e: Exception, decoder_lines: list[str]) -> str:
     return f"{detail}; decoder said: {said[0]}" if said else detail
 
 
-def _read_pyav(path: str) -> tuple[np.ndarray, int]:
+def _read_pyav(path: str, max_seconds: float = math.inf) -> tuple[np.ndarray, int]:
     if not pyav_available():
         raise Skip(NEEDS_PYAV, PYAV_HINT)
     import av
@@ -215,8 +217,8 @@ def _read_pyav(path: str) -> tuple[np.ndarray, int]:
             for frame in container.decode(stream):
                 sr = sr or frame.sample_rate
                 samples += frame.samples
-                if samples > MAX_SECONDS * sr:  # stop decoding: the rest is not read
-                    raise Skip("too_long", _too_long_detail(samples / sr, at_least=True))
+                if samples > max_seconds * sr:  # stop decoding: the rest is not read
+                    raise Skip("too_long", _too_long_detail(samples / sr, max_seconds, at_least=True))
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray())
             for out in resampler.resample(None):
@@ -230,12 +232,14 @@ def _read_pyav(path: str) -> tuple[np.ndarray, int]:
     return np.concatenate(chunks, axis=1).T.astype(np.float32), int(sr)
 
 
-def read_audio(path: str, size: int | None = None) -> tuple[np.ndarray, int]:
-    """(N, C) float32 and the sample rate; Skip on any problem."""
+def read_audio(path: str, size: int | None = None, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """(N, C) float32 and the sample rate; Skip on any problem, also ("too_long") a file over `max_seconds` (None:
+    MAX_SECONDS; math.inf: no limit)."""
     if size == 0:
         raise Skip("empty", "0-byte file")
+    max_seconds = MAX_SECONDS if max_seconds is None else max_seconds
     ext = path[path.rfind(".") :].lower() if "." in path else ""
-    return _read_pyav(path) if ext in PYAV_EXTS else _read_soundfile(path)
+    return _read_pyav(path, max_seconds) if ext in PYAV_EXTS else _read_soundfile(path, max_seconds)
 
 
 def check_wave(wave: np.ndarray) -> None:
@@ -287,7 +291,8 @@ def prepare(item: Item, spec: FrontendSpec, min_frames: int, short: str, pad_to:
         mono, _ = synth_clip(item.synth[1], item.synth[0], sample_rate=spec.sample_rate)
         sr, flags = spec.sample_rate, ()
     else:
-        data, sr = read_audio(item.path, item.size)
+        whole_video = item.end is not None and not item.name_has_start  # may be cut to its segment: no limit
+        data, sr = read_audio(item.path, item.size, math.inf if whole_video else None)
         if data.shape[0] == 0:
             raise Skip("empty", "no samples")
         data, flags = crop_and_flag(item, data, sr)

@@ -1,5 +1,6 @@
 """make-shards / verify-shards: format, reference values, corrupt inputs, determinism, SIGKILL resume, corruption."""
 
+import dataclasses
 import io
 import json
 import os
@@ -120,6 +121,17 @@ def test_a_file_longer_than_make_shards_decodes_is_skipped_unread(tmp_path, monk
     with pytest.raises(decode.Skip, match="too_long: 0.00 h of audio, more than make-shards decodes per file") as e:
         decode.read_audio(str(tmp_path / "long.flac"))
     assert e.value.reason == "too_long" and "ffmpeg" in str(e.value) and read == []
+    monkeypatch.undo()
+    monkeypatch.setattr(decode, "MAX_SECONDS", 1.0)
+    # an AudioSet file that may hold the whole video is read whole and cut to its segment, however long
+    from shard_tools.discover import Item
+
+    item = Item("long.flac", "k", path=str(tmp_path / "long.flac"), ytid="abcdefghijk", start=0.25, end=0.5,
+                size=(tmp_path / "long.flac").stat().st_size)
+    got = decode.prepare(item, get_spec("matpac"), 1, "pad")
+    assert got.flags == ("cropped",) and got.duration == 0.25
+    with pytest.raises(decode.Skip, match="too_long"):  # a file named by its segment is never cut: the limit holds
+        decode.prepare(dataclasses.replace(item, name_has_start=True), get_spec("matpac"), 1, "pad")
 
 
 def test_a_resampler_with_a_huge_kernel_is_not_kept(monkeypatch):
