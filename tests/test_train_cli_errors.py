@@ -951,7 +951,7 @@ def test_a_folder_of_audio_given_as_shards_points_to_make_shards(tmp_path, capsy
     (audio / "a.wav").write_bytes(b"RIFF")
     rc, _, err = _main(capsys, "--shards", str(audio), "--out", str(tmp_path / "run"), "--max-steps", "1")
     line = _one_line(err)
-    assert rc == 2 and "make one from audio with make-shards" in line and "pass meta=" not in line
+    assert rc == 2 and f"make shards of it with make-shards folder {audio} --out DIR" in line and "meta=" not in line
 
 
 def test_an_existing_out_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
