@@ -198,7 +198,9 @@ def _soundfile_detail(path: str, e: Exception, decoder_lines: list[str]) -> str:
     return f"{detail}; decoder said: {said[0]}" if said else detail
 
 
-def _read_pyav(path: str, max_seconds: float = math.inf) -> tuple[np.ndarray, int]:
+def _read_pyav(path: str, max_seconds: float = math.inf, stop_seconds: float = math.inf) -> tuple[np.ndarray, int]:
+    """(N, C) float32 and the rate. Decoding ends once more than `stop_seconds` are decoded (the caller needs only the
+    start; what was decoded is returned) and fails with Skip("too_long") past `max_seconds`."""
     if not pyav_available():
         raise Skip(NEEDS_PYAV, PYAV_HINT)
     import av
@@ -221,6 +223,8 @@ def _read_pyav(path: str, max_seconds: float = math.inf) -> tuple[np.ndarray, in
                     raise Skip("too_long", _too_long_detail(samples / sr, max_seconds, at_least=True))
                 for out in resampler.resample(frame):
                     chunks.append(out.to_ndarray())
+                if samples > stop_seconds * sr:
+                    break
             for out in resampler.resample(None):
                 chunks.append(out.to_ndarray())
     except Skip:
@@ -232,14 +236,17 @@ def _read_pyav(path: str, max_seconds: float = math.inf) -> tuple[np.ndarray, in
     return np.concatenate(chunks, axis=1).T.astype(np.float32), int(sr)
 
 
-def read_audio(path: str, size: int | None = None, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+def read_audio(
+    path: str, size: int | None = None, max_seconds: float | None = None, stop_seconds: float = math.inf
+) -> tuple[np.ndarray, int]:
     """(N, C) float32 and the sample rate; Skip on any problem, also ("too_long") a file over `max_seconds` (None:
-    MAX_SECONDS; math.inf: no limit)."""
+    MAX_SECONDS; math.inf: no limit). PyAV containers only: decoding ends once more than `stop_seconds` are decoded
+    (for a caller that needs only the start; the array then ends there)."""
     if size == 0:
         raise Skip("empty", "0-byte file")
     max_seconds = MAX_SECONDS if max_seconds is None else max_seconds
     ext = path[path.rfind(".") :].lower() if "." in path else ""
-    return _read_pyav(path, max_seconds) if ext in PYAV_EXTS else _read_soundfile(path, max_seconds)
+    return _read_pyav(path, max_seconds, stop_seconds) if ext in PYAV_EXTS else _read_soundfile(path, max_seconds)
 
 
 def check_wave(wave: np.ndarray) -> None:

@@ -41,7 +41,7 @@ def test_eval_reads_the_formats_make_shards_reads(tmp_path, monkeypatch, capsys)
             for ext in (".m4a", ".webm"):
                 (root / label / f"{label}_{i}{ext}").write_bytes(b"\0" * 64)  # decoded by the stand-in below
 
-    def fake_pyav(path):  # PyAV's (N, C) float32 at the file's rate, as shard_tools.decode.read_audio gives it
+    def fake_pyav(path, **kwargs):  # (N, C) float32 at the file's rate, as shard_tools.decode.read_audio gives it
         w = tone(freq[os.path.basename(path).split("_")[0]], 0.5, sr=22050)
         return np.stack([w, w], 1), 22050
 

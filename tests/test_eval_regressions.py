@@ -644,3 +644,44 @@ def test_nested_class_folders_warn_once_and_keep_their_labels(tmp_path, tones, c
     (root / "dog" / "s1" / "b.wav").unlink()
     load_dataset(root)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("preset", ["matpac", "m2d"])  # Kaiser and soxr HQ resamplers
+def test_a_long_file_is_decoded_only_as_far_as_its_clip(tmp_path, monkeypatch, preset):
+    # A 20 s file embedded as a 1 s clip: the clip is the one the whole file gave (bit for bit), its length is the
+    # whole file's, and libsndfile was asked for the clip plus the resampler margin, not for 20 s.
+    from matpac_fast.frontend import get_spec, resample, to_mono
+
+    sr, spec = 22050, get_spec(preset)
+    x = (np.random.default_rng(0).standard_normal((20 * sr, 2)) * 0.1).astype(np.float32)
+    sf.write(tmp_path / "long.wav", x, sr, subtype="FLOAT")
+    asked = []
+    real_read = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, frames=-1, **kw: asked.append(frames) or
+                        real_read(self, frames, **kw))  # fmt: skip
+    lengths = []
+    got = embed.load_clip(str(tmp_path / "long.wav"), 16000, spec, lengths)
+    whole = resample(torch.from_numpy(to_mono(x)), sr, spec).numpy()
+    assert np.array_equal(got, whole[:16000])
+    assert lengths == [len(whole)] == [320000]
+    assert asked == [int((1 + embed.DECODE_MARGIN_S) * sr)]
+
+
+def test_a_long_pyav_file_stops_decoding_after_its_clip(tmp_path, monkeypatch):
+    # PyAV containers: decoding stops after clip + margin (no 1 h make-shards limit applies), and the length comes
+    # from the container's header
+    import shard_tools.decode
+
+    sr, calls = 16000, []
+
+    def fake_read_audio(path, size=None, max_seconds=None, stop_seconds=float("inf")):
+        calls.append((max_seconds, stop_seconds))
+        n = int(min(7200.0, stop_seconds + 0.02) * sr)  # a 2 h file, decoded in 20 ms frames
+        return np.full((n, 1), 0.25, np.float32), sr
+
+    monkeypatch.setattr(shard_tools.decode, "read_audio", fake_read_audio)
+    monkeypatch.setattr(embed, "audio_duration", lambda path: 7200.0)
+    lengths = []
+    got = embed.load_clip(str(tmp_path / "talk.m4a"), 32000, embed.get_spec("matpac"), lengths)
+    assert calls == [(float("inf"), 2 + embed.DECODE_MARGIN_S)]
+    assert np.array_equal(got, np.full(32000, 0.25, np.float32)) and lengths == [7200 * sr]

@@ -13,8 +13,9 @@ the embedder's `spec` decides the resampler used here and the log-mel inside the
 Audio: soundfile decode (m4a/webm/aac/mp4/mka/mkv with PyAV, as make-shards does) -> mono (mean of channels) ->
 16 kHz (the front end's resampler: Kaiser for matpac, soxr HQ for m2d) -> crop from the start / zero-pad at the end
 to exactly `clip_seconds` (a fixed length keeps batches rectangular; each task has its own length: FSDD 1 s, ESC-50
-5 s, US8K 4 s, GTZAN 30 s). How many clips were longer (and so cropped) is reported by `extract`
-(`Extracted.n_cropped`); the CLI prints it in one note.
+5 s, US8K 4 s, GTZAN 30 s). Only the first `clip_seconds` + 1 s of a file are decoded, so an hour-long recording costs
+what its clip costs (the clip is the same, bit for bit, as the one cut from the whole file). How many clips were
+longer (and so cropped) is reported by `extract` (`Extracted.n_cropped`); the CLI prints it in one note.
 
 A file that cannot be decoded (unknown format, empty, truncated, no samples, NaN/inf samples) is skipped, not
 fatal: `extract` returns which clips were embedded and why the others were not; the caller reports them.
@@ -40,6 +41,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -96,14 +98,48 @@ def _needs_pyav(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in PYAV_EXTS
 
 
-def _read_pyav(path: str) -> tuple[np.ndarray, int]:
-    """make-shards' PyAV decoder ((N, C) float32, rate); its Skip (no PyAV, undecodable, empty) -> UnreadableAudio."""
+# Input read beyond the clip: the resamplers' filters reach ~0.01 s (Kaiser, width 64) or less (soxr HQ) past an
+# output sample, so a clip resampled from its first clip + 1 s equals the clip cut from the whole file resampled.
+DECODE_MARGIN_S = 1.0
+
+
+def _read_pyav(path: str, seconds: float) -> tuple[np.ndarray, int, int | None]:
+    """make-shards' PyAV decoder, stopped after `seconds` -> ((N, C) float32, rate, frames in the whole file or None
+    when unknown); its Skip (no PyAV, undecodable, empty) -> UnreadableAudio."""
     from shard_tools.decode import Skip, read_audio
 
-    try:
-        return read_audio(path)
+    try:  # no length limit: only the start is decoded
+        wave, sr = read_audio(path, max_seconds=math.inf, stop_seconds=seconds)
     except Skip as e:
         raise UnreadableAudio(path, str(e).strip().splitlines()[0][:160]) from None
+    if len(wave) <= seconds * sr:  # decoded to the end
+        return wave, sr, len(wave)
+    duration = audio_duration(path)  # the container's header, as matpac-eval's length summary reads it
+    return wave, sr, max(len(wave), int(round(duration * sr))) if duration is not None else None
+
+
+def _read_soundfile(path: str, seconds: float) -> tuple[np.ndarray, int, int]:
+    """The first `seconds` of `path` (all of it when shorter) -> ((N,) or (N, C) float32, rate, frames in the file)."""
+    import soundfile as sf
+
+    try:
+        # bytes, as make-shards reads it: libsndfile opens any file name, also one that is not valid UTF-8
+        with sf.SoundFile(os.fsencode(path)) as f:
+            sr, frames = f.samplerate, f.frames
+            wave = f.read(frames=min(frames, int(np.ceil(seconds * sr))), dtype="float32", always_2d=False)
+    except Exception as e:  # noqa: BLE001 - soundfile raises several types; the user needs the file, not the type
+        empty = os.path.isfile(path) and os.path.getsize(path) == 0
+        raise UnreadableAudio(path, "empty file" if empty else _reason(e)) from None
+    return wave, sr, max(frames, len(wave))
+
+
+def _resampled_length(frames: int, orig_sr: int, spec: FrontendSpec) -> int:
+    """Samples `resample` makes from `frames` (torchaudio's Kaiser: ceil; soxr: nearest)."""
+    if orig_sr == spec.sample_rate:
+        return frames
+    if spec.resampler == "kaiser":
+        return -(-frames * spec.sample_rate // orig_sr)
+    return (2 * frames * spec.sample_rate + orig_sr) // (2 * orig_sr)
 
 
 def audio_duration(path: str) -> float | None:
@@ -132,17 +168,9 @@ def load_clip(path: str, clip_samples: int, spec: FrontendSpec, lengths: list[in
     """float32 (clip_samples,) at spec.sample_rate: decoded, mono, resampled, cropped from the start / zero-padded.
     `lengths`, when given, gets the resampled length before the crop appended. Raises UnreadableAudio (a ValueError)
     for a file that cannot be decoded or holds no usable samples."""
-    import soundfile as sf
-
-    if _needs_pyav(path):
-        wave, sr = _read_pyav(path)
-    else:
-        try:
-            # bytes, as make-shards reads it: libsndfile opens any file name, also one that is not valid UTF-8
-            wave, sr = sf.read(os.fsencode(path), dtype="float32", always_2d=False)
-        except Exception as e:  # noqa: BLE001 - soundfile raises several types; the user needs the file, not the type
-            empty = os.path.isfile(path) and os.path.getsize(path) == 0
-            raise UnreadableAudio(path, "empty file" if empty else _reason(e)) from None
+    # Only the start is decoded: a long recording costs the clip's time and memory, not the file's.
+    seconds = clip_samples / spec.sample_rate + DECODE_MARGIN_S
+    wave, sr, frames = (_read_pyav if _needs_pyav(path) else _read_soundfile)(path, seconds)
     wave = to_mono(wave)
     if wave.size == 0:
         raise UnreadableAudio(path, "no audio samples")
@@ -156,8 +184,8 @@ def load_clip(path: str, clip_samples: int, spec: FrontendSpec, lengths: list[in
                 raise UnreadableAudio(path, str(e).split(";")[0]) from None
         x = torch.from_numpy(wave)
         wave = (_kaiser(sr, spec.sample_rate)(x) if spec.resampler == "kaiser" else resample(x, sr, spec)).numpy()
-    if lengths is not None:
-        lengths.append(len(wave))
+    if lengths is not None:  # the whole file's length (a lower bound when its header has none)
+        lengths.append(max(len(wave), _resampled_length(frames or 0, sr, spec)))
     out = np.zeros(clip_samples, dtype=np.float32)
     n = min(len(wave), clip_samples)
     out[:n] = wave[:n]
