@@ -218,6 +218,18 @@ def sibling(url: str, name: str) -> str:
     return url.rsplit("/", 1)[0] + "/" + name
 
 
+def shard_key(url: str) -> str:
+    """A shard's name in its set's sizes.json / stats.json: a local file's name, or the .tar a URL or pipe: command
+    names (a signed URL's query or the words after a pipe's .tar are not part of it); as it is when none."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    if is_local(url):
+        return name
+    try:
+        return _shard_name(url)
+    except ValueError:  # not a .tar name (a synthetic source)
+        return name
+
+
 def _shard_name(url: str) -> str:
     tar = re.findall(r"[^\s/]+\.tar\b", url)
     if not tar:
@@ -379,6 +391,17 @@ class ShardSource:
     urls: list[str]
     sizes: list[int]
     stats: dict
+    # Each shard's recorded sha256, in `urls` order; None: look it up by shard name in stats["shard_sha256"] (one
+    # set). Concatenated sets carry their own, as their stats.json each name a shards-000000.tar.
+    digests: list | None = None
+
+    def shard_digests(self) -> list:
+        """Each shard's stats.json shard_sha256 entry as recorded (None where there is none), in `urls` order."""
+        if self.digests is not None:
+            return list(self.digests)
+        recorded = self.stats.get("shard_sha256")
+        recorded = recorded if isinstance(recorded, dict) else {}
+        return [recorded.get(shard_key(u)) for u in self.urls]
 
     @property
     def total(self) -> int:
@@ -577,7 +600,8 @@ def _concat(parts: list[ShardSource]) -> ShardSource:
         sd = np.array([p.stats["std"] for p in parts], float)
         stats["mean"] = float(w @ m)
         stats["std"] = float(np.sqrt(max(float(w @ (sd**2 + m**2)) - stats["mean"] ** 2, 0.0)))
-    return ShardSource([u for p in parts for u in p.urls], [n for p in parts for n in p.sizes], stats)
+    return ShardSource([u for p in parts for u in p.urls], [n for p in parts for n in p.sizes], stats,
+                       [h for p in parts for h in p.shard_digests()])
 
 
 def _check_unique(parts: list[ShardSource]) -> None:
@@ -588,15 +612,12 @@ def _check_unique(parts: list[ShardSource]) -> None:
     seen: set[str] = set()
     by_digest: dict[str, str] = {}
     for p in parts:
-        recorded = p.stats.get("shard_sha256")
-        recorded = recorded if isinstance(recorded, dict) else {}
-        for u, n in zip(p.urls, p.sizes):
+        for u, n, digest in zip(p.urls, p.sizes, p.shard_digests()):
             k = os.path.realpath(_local_path(u)) if is_local(u) else u
             if k in seen:
                 raise ValueError(f"shard {u} is given twice; name each shard once (its samples would repeat every "
                                  "epoch)")
             seen.add(k)
-            digest = recorded.get(u.rsplit("/", 1)[-1] if is_local(u) else _shard_name(u))
             if isinstance(digest, str) and digest and n > 0:
                 first = by_digest.setdefault(digest, u)
                 if first != u:

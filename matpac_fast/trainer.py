@@ -135,15 +135,6 @@ def _schedule_arrays(cfg: TrainConfig, m, steps_per_epoch: int, total_steps: int
     return out
 
 
-def _tar_name(url: str, fallback: str) -> str:
-    from matpac_fast.data import _shard_name
-
-    try:
-        return _shard_name(url)
-    except ValueError:  # not a .tar name (a synthetic source): as it is
-        return fallback
-
-
 class TrainData:
     """The trainer's view of the loader: one per rank (never passed through `accelerator.prepare`)."""
 
@@ -176,24 +167,30 @@ class TrainData:
         self.batches_per_epoch = batches_per_epoch(self.cfg, self.source.total, world)
         self.stats = self.source.stats
         # What makes the data order: shard names and sizes (not the path, so a moved copy still resumes exactly).
-        from matpac_fast.data import is_local
+        from matpac_fast.data import is_local, shard_key
 
         # A URL's or pipe: command's name is its .tar's: a signed URL's query or the words after a pipe's .tar (`aws
         # s3 cp URL -`) are not the shard's name, and counting them refused a resume of the same shards.
         # `legacy_fingerprint` is the rule before that (all after the last '/'), which checkpoints written then hold.
         legacy = [u.rstrip("/").rsplit("/", 1)[-1] for u in self.source.urls]
-        names = [n if is_local(u) else _tar_name(u, n) for u, n in zip(self.source.urls, legacy)]
+        names = [shard_key(u) for u in self.source.urls]
         self.fingerprint, self.legacy_fingerprint = (
             hashlib.sha256(json.dumps([n, list(self.source.sizes)]).encode()).hexdigest()[:16] for n in (names, legacy))
         # A set re-made in place (make-shards --overwrite with another --seed or other audio) keeps its shard names
         # and sizes: its stats.json shard digests tell it apart (a moved copy keeps them). Checkpoints written before
         # this hold the names-and-sizes fingerprint, which `names_fingerprint` keeps accepting.
+        # Concatenated sets were fingerprinted with the first set's digests looked up by every shard's name (before
+        # `shard_digests`): checkpoints written then hold that, which `first_set_fingerprint` keeps accepting.
         recorded = self.source.stats.get("shard_sha256")
-        digests = [recorded.get(n) if isinstance(recorded, dict) else None for n in names]
+        first = [recorded.get(n) if isinstance(recorded, dict) else None for n in names]
+        digests = self.source.shard_digests() if hasattr(self.source, "shard_digests") else first  # synthetic: none
         if any(isinstance(h, str) for h in digests):
             self.names_fingerprint = self.fingerprint
             self.fingerprint = hashlib.sha256(
                 json.dumps([names, list(self.source.sizes), digests]).encode()).hexdigest()[:16]
+        if first != digests and any(isinstance(h, str) for h in first):
+            self.first_set_fingerprint = hashlib.sha256(
+                json.dumps([names, list(self.source.sizes), first]).encode()).hexdigest()[:16]
         # How they are read (data._make_reader, reader "auto"): local files indexed, URLs / pipe: streamed through a
         # shuffle buffer. The same shards read the other way give other crops and order: a resume says so.
         synthetic = d.shards.startswith("synthetic:")
@@ -950,7 +947,8 @@ class Trainer:
         blocking, free = resume_changes(saved, new)
         if state.get("data_fingerprint") not in (None, getattr(self.data, "fingerprint", None),
                                                  getattr(self.data, "names_fingerprint", None),
-                                                 getattr(self.data, "legacy_fingerprint", None)):
+                                                 getattr(self.data, "legacy_fingerprint", None),
+                                                 getattr(self.data, "first_set_fingerprint", None)):
             blocking.append(f"--shards {saved.get('data', {}).get('shards')} -> {self.cfg.data.shards} (other "
                             "shard names or sizes, or a set re-made since: other shard contents)")
         if blocking:

@@ -54,6 +54,41 @@ def test_resume_refuses_a_shard_set_remade_in_place_with_other_clips(tmp_path, c
     assert rc == 2 and "(other shard names or sizes, or a set re-made since: other shard contents)" in err, err
 
 
+def test_resume_refuses_the_second_of_two_sets_remade_in_place(tmp_path, capsys):
+    """Two sets given together ('data/*') each name their shards shards-000000.tar...: the run's fingerprint looked
+    every shard up in the first set's stats.json, so a second set re-made in place resumed silently. A checkpoint
+    written under that rule still resumes."""
+    import hashlib
+    import json
+
+    from test_train_cli_errors import _main
+
+    from matpac_fast.data import ShardSource
+    from shard_tools.api import make_synthetic_shards
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    for seed, name in enumerate("ab"):
+        make_synthetic_shards(data / name, n=16, seed=seed, workers=0, shard_size="8", progress=False)
+    both = ShardSource.open(str(data / "*"))
+    recorded = [json.loads((data / n / "stats.json").read_text())["shard_sha256"] for n in "ab"]
+    assert both.shard_digests() == [recorded[i][f"shards-{k:06d}.tar"] for i in (0, 1) for k in (0, 1)]
+    assert _main(capsys, "--shards", str(data / "*"), "--out", str(out), "--max-steps", "1")[0] == 0
+
+    state = out / "checkpoints" / "step_00000001" / "trainer_state.json"
+    saved = json.loads(state.read_text())
+    names = [f"shards-{k:06d}.tar" for k in (0, 1)] * 2
+    first_rule = [recorded[0][n] for n in names]
+    state.write_text(json.dumps({**saved, "data_fingerprint": hashlib.sha256(
+        json.dumps([names, [8] * 4, first_rule]).encode()).hexdigest()[:16]}))
+    rc, _, err = _main(capsys, "--shards", str(data / "*"), "--out", str(out), "--max-steps", "2", "--resume",
+                       str(state.parent))
+    assert rc == 0, err
+
+    make_synthetic_shards(data / "b", n=16, seed=2, workers=0, shard_size="8", progress=False, overwrite=True)
+    rc, _, err = _main(capsys, "--shards", str(data / "*"), "--out", str(out), "--max-steps", "3", "--resume", "auto")
+    assert rc == 2 and "a set re-made since: other shard contents" in err, err
+
+
 def test_eval_reads_a_symlinked_manifest_as_make_shards_does(tones, tmp_path, capsys):
     """A manifest's relative paths start at the folder of the CSV the link points to in make-shards; matpac-eval
     looked beside the link and stopped: "file 'low/low_0.wav' not found (looked at links/low/low_0.wav)"."""
