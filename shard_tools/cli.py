@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--class-index", required=True, type=path_arg, help="class_labels_indices.csv")
     a.add_argument("--audio-root", required=True, type=path_arg, help="folder holding the downloaded clips")
     _common(a)
-    f = sub.add_parser("folder", help="every audio file under DIR; label = name of the folder that holds it")
+    f = sub.add_parser("folder", help="every audio file under DIR; label = name of the folder that holds it "
+                       "(no label for files directly in DIR)")
     f.add_argument("dir", type=path_arg, help="input folder")
     _common(f)
     m = sub.add_parser(

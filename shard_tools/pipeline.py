@@ -834,8 +834,11 @@ def _lock_out_dir(out: Path) -> int:
 
 def _check_complete_set(out: Path, stats: dict) -> None:
     """A cheap look before "already complete": every shard stats.json lists is there and has a tar's shape (a
-    whole number of 512-byte blocks, at least a header and the end marker). Hashing a corpus-sized set would take
-    the time of a verify-shards run; that is the check the error points to."""
+    whole number of 512-byte blocks, at least a header, ending in the tar's end marker of two zero blocks). A
+    shard cut short on a 4 KiB page boundary (a full disk, a copy killed part way) keeps a whole number of
+    blocks, so the end marker is what catches it: ShardWriter's tarfile always writes it, while a cut lands in
+    member data. Hashing a corpus-sized set would take the time of a verify-shards run; that is the check the
+    error points to."""
     bad = []
     for name in sorted(stats.get("shard_sha256") or {}):
         path = out / name
@@ -846,6 +849,16 @@ def _check_complete_set(out: Path, stats: dict) -> None:
             continue
         if size < 1024 or size % 512:
             bad.append(f"{name} ({size} bytes: not a whole tar)")
+            continue
+        try:
+            with open(path, "rb") as f:
+                f.seek(size - 1024)
+                tail = f.read(1024)
+        except OSError as e:
+            bad.append(f"{name} (unreadable: {e.strerror})")
+            continue
+        if tail.count(0) != 1024:
+            bad.append(f"{name} (no tar end marker: cut short)")
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise ValueError(

@@ -925,6 +925,26 @@ def test_rerun_of_a_complete_set_with_a_lost_or_garbled_shard_is_not_already_com
     assert run(*again, "--overwrite") == 0 and verify(out) == 0
 
 
+def test_rerun_of_a_complete_set_with_a_shard_cut_on_a_page_boundary_is_not_already_complete(small_set, tmp_path):
+    """A shard cut short at a 4 KiB boundary (a full disk, a killed copy) is a whole number of tar blocks: the
+    rerun said "already complete" and the loader met the cut mid-training. The tar end marker catches it."""
+    out = tmp_path / "set"
+    shutil.copytree(small_set, out)
+    shard = out / "shards-000001.tar"
+    data = shard.read_bytes()
+    cut = (len(data) // 2) // 4096 * 4096
+    assert cut >= 1024 and data[cut - 1024:cut].count(0) < 1024  # the cut lands in member data
+    shard.write_bytes(data[:cut])
+    again = ("synthetic", "--n", "12", "--out", str(out), "--shard-size", "4")
+    with pytest.raises(SystemExit) as e:
+        run(*again)
+    msg = str(e.value)
+    assert "\n" not in msg and "shards-000001.tar (no tar end marker: cut short) is damaged" in msg, msg
+    assert "verify-shards" in msg and "--overwrite" in msg
+    shard.write_bytes(data)  # the file as it was: "already complete" again
+    assert run(*again) == 0
+
+
 def test_unknown_shard_files_are_counted_and_overwrite_says_it_deletes_them(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
