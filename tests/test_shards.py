@@ -337,6 +337,60 @@ def _write_zoo(root: Path) -> dict[str, str | None]:
     return expected
 
 
+def _encode_with_pyav(path: Path, wave_NC: np.ndarray, sr: int, fmt: str, codec: str) -> None:
+    import av
+
+    layout = "mono" if wave_NC.shape[1] == 1 else "stereo"
+    with av.open(str(path), "w", format=fmt) as out:
+        st = out.add_stream(codec, rate=sr, layout=layout)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave_NC.T, dtype=np.float32), format="fltp",
+                                           layout=layout)
+        frame.sample_rate = sr
+        for f in av.AudioResampler(format=st.codec_context.format.name, layout=layout, rate=sr).resample(frame):
+            for packet in st.encode(f):
+                out.mux(packet)
+        for packet in st.encode(None):
+            out.mux(packet)
+
+
+def _best_aligned_corr(lms: np.ndarray, ref: np.ndarray, max_shift: int = 12) -> float:
+    """Correlation of two log-mels at the best frame shift of `lms` (an AAC encoder's priming samples delay it)."""
+    best = -1.0
+    for shift in range(max_shift + 1):
+        n = min(lms.shape[1] - shift, ref.shape[1])
+        best = max(best, float(np.corrcoef(lms[:, shift:shift + n].ravel(), ref[:, :n].ravel())[0, 1]))
+    return best
+
+
+def test_real_m4a_and_stereo_webm_are_decoded_with_pyav(tmp_path):
+    """The containers AudioSet downloads come in (YouTube's m4a/AAC and webm/Opus) go through PyAV: the shard's
+    log-mel is that of the encoded audio (lossy codecs: compared by correlation and per-bin level, not bit for bit),
+    a stereo file is the mean of its channels like a soundfile one, and the rate is the file's own."""
+    pytest.importorskip("av", reason="PyAV is in the dev extra; `pip install av` to run this test")
+    m4a = synth_clip(3, sample_rate=16000, seconds=7.0)[0][:, None]
+    left, right = synth_clip(4, sample_rate=48000, seconds=7.0)[0], synth_clip(5, sample_rate=48000, seconds=7.0)[0]
+    webm = np.stack([left, right], axis=1)
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    (tmp_path / "in" / "b").mkdir()
+    _encode_with_pyav(tmp_path / "in" / "a" / "x.m4a", m4a, 16000, "mp4", "aac")
+    _encode_with_pyav(tmp_path / "in" / "b" / "y.webm", webm, 48000, "webm", "libopus")
+    out = tmp_path / "out"
+    assert cli_main(["folder", str(tmp_path / "in"), "--out", str(out), "--workers", "0", "--no-progress"]) == 0
+    by_source = {meta["source"]: (arr.astype(np.float32), meta) for arr, meta in read_shard_set(out).values()}
+    assert set(by_source) == {"a/x.m4a", "b/y.webm"}
+    for src, wave, sr, min_corr in (("a/x.m4a", m4a, 16000, 0.7), ("b/y.webm", webm, 48000, 0.9)):
+        lms, meta = by_source[src]
+        ref = reference_lms(wave, sr)
+        assert meta["labels"] == [src[0]] and meta["flags"] == [], meta
+        assert 0 <= lms.shape[1] - ref.shape[1] <= 12, (src, lms.shape, ref.shape)  # AAC adds its priming
+        assert _best_aligned_corr(lms, ref) > min_corr, src
+        assert np.abs(lms.mean(axis=1) - ref.mean(axis=1)).max() < 0.3, src  # the level of every mel bin
+    # the mean of both channels: either channel alone is a different sound
+    lms = by_source["b/y.webm"][0]
+    assert _best_aligned_corr(lms, reference_lms(webm, 48000)) > _best_aligned_corr(
+        lms, reference_lms(webm[:, :1], 48000)) + 0.05
+
+
 def test_corrupt_file_zoo(tmp_path, capsys):
     expected = _write_zoo(tmp_path / "in")
     out = tmp_path / "out"
