@@ -56,3 +56,53 @@ def fresh_accelerate():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture
+def kernels_auto_as_on_cuda(monkeypatch):
+    """matpac_kernels' backend "auto", deciding for this process's CPU tensors as it decides for CUDA tensors, and a
+    count of which path each op took.
+
+    On CPU "auto" is the reference, so a test of "auto" there compares the reference with itself and cannot see "auto"
+    fall back to the reference on a GPU. Here each op's `use_triton` calls the real rule (`_runtime.use_triton`) with
+    a CUDA device in place of a CPU one: "auto" then picks Triton exactly where it would on a GPU, and the kernels run
+    in Triton's interpreter (TRITON_INTERPRET=1; tests that reach a kernel need it). Yields a Counter with one entry
+    per kernel launch ("xent fwd_launch", "xent bwd_launch", "patchify launch", "attention fwd_launch",
+    "attention bwd_launch") and per call of an op's reference ("xent reference", "patchify reference",
+    "attention reference"). matpac_kernels is imported here, at test time: importing it from this file at collection
+    would import triton before the kernel test modules could choose the interpreter.
+    """
+    import collections
+    import importlib
+
+    import matpac_kernels as mk
+    import torch
+
+    runtime = importlib.import_module("matpac_kernels._runtime")
+    calls = collections.Counter()
+
+    def use_triton_as_on_cuda(device, supported=True, why=""):
+        return runtime.use_triton(torch.device("cuda") if device.type == "cpu" else device, supported, why)
+
+    def count(module, attr, key):
+        real = getattr(module, attr)
+
+        def counted(*args, **kwargs):
+            calls[key] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, attr, counted)
+
+    ops = (
+        ("xent", "centered_xent", ("_fwd_launch", "_bwd_launch"), "reference_centered_softmax_xent"),
+        ("patchify", "patchify_gather", ("_launch",), "reference_patchify_gather"),
+        ("attention", "attention", ("_fwd_launch", "_bwd_launch"), "reference_packed_attention"),
+    )
+    for op, module_name, launchers, reference in ops:
+        module = importlib.import_module(f"matpac_kernels.{module_name}")
+        monkeypatch.setattr(module, "use_triton", use_triton_as_on_cuda)
+        for attr in launchers:
+            count(module, attr, f"{op} {attr.strip('_')}")
+        count(module, reference, f"{op} reference")
+    with mk.use_backend("auto"):
+        yield calls

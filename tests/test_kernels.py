@@ -731,6 +731,81 @@ def test_packed_attention_under_autocast_computes_in_its_dtype(triton_backend):
         torch.testing.assert_close(g, w, rtol=2e-3, atol=2e-3)
 
 
+# ------------------------------------------------------------------------------------------------ "auto" on CUDA
+def test_auto_backend_rule_on_each_device():
+    """The rule itself (no kernel runs): "auto" is Triton for a CUDA device when triton is installed and the op
+    supports the arguments, the reference for a CPU device or unsupported arguments; "reference" never Triton."""
+    import importlib
+
+    runtime = importlib.import_module("matpac_kernels._runtime")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    with mk.use_backend("auto"):
+        assert runtime.use_triton(cuda) is runtime.HAVE_TRITON
+        assert runtime.use_triton(cuda, supported=False, why="K=9000 > 8192") is False
+        assert runtime.use_triton(cpu) is False
+    with mk.use_backend("reference"):
+        assert runtime.use_triton(cuda) is False
+
+
+@needs_triton
+def test_auto_on_cuda_runs_the_xent_kernels(kernels_auto_as_on_cuda):
+    """"auto" as on CUDA: the fused forward and backward run (and give the reference's numbers); had "auto" fallen
+    back to the reference there, the numbers would agree as well, so the launches are counted."""
+    calls = kernels_auto_as_on_cuda
+    inputs = _xent_inputs(5, 33, torch.Generator().manual_seed(21))
+    got = _forward_backward(mk.centered_softmax_xent, *inputs, 0.1, 0.04, "prob")
+    assert calls == {"xent fwd_launch": 1, "xent bwd_launch": 1}, calls
+    want = _forward_backward(mk.reference_centered_softmax_xent, *inputs, 0.1, 0.04, "prob")
+    _assert_xent_close(got, want)
+
+
+@needs_triton
+def test_auto_on_cuda_runs_the_patchify_kernel(kernels_auto_as_on_cuda):
+    calls = kernels_auto_as_on_cuda
+    lms, vis, mask, want_vis, want_mask = _hand_case()
+    got_vis, got_mask = mk.patchify_gather(lms.to(DEVICE), 2.0, 4.0, vis.to(DEVICE), mask.to(DEVICE), patch=2)
+    assert calls == {"patchify launch": 1}, calls
+    assert torch.equal(got_vis.cpu(), want_vis) and torch.equal(got_mask.cpu(), want_mask)
+
+
+@needs_triton
+def test_auto_on_cuda_runs_the_attention_kernels(kernels_auto_as_on_cuda):
+    calls = kernels_auto_as_on_cuda
+    qkv, grad = _qkv(1, 9, 2, 16, torch.Generator().manual_seed(22))
+    got = _attention_and_grad(mk.packed_attention, qkv, grad, 2)
+    assert calls == {"attention fwd_launch": 1, "attention bwd_launch": 1}, calls
+    want = _attention_and_grad(mk.reference_packed_attention, qkv, grad, 2)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=RTOL, atol=ATOL)
+
+
+def test_auto_on_cuda_takes_the_reference_for_what_a_kernel_cannot_do(kernels_auto_as_on_cuda):
+    """Where a kernel cannot run, "auto" as on CUDA takes the reference (and no kernel launches): K above the xent
+    kernel's limit, a learnable tau_s (the kernels give it no gradient), an lms that needs a gradient, a head width
+    the attention kernel lacks, no tokens."""
+    calls = kernels_auto_as_on_cuda
+    s = torch.zeros(2, 8193, device=DEVICE)
+    loss = mk.centered_softmax_xent(s, s, torch.zeros(8193, device=DEVICE), 0.1, 0.04)[0]
+    torch.testing.assert_close(loss.cpu(), torch.full((2,), math.log(8193.0)))
+    assert calls == {"xent reference": 1}, calls
+
+    student, teacher, center, _ = _xent_inputs(3, 7, torch.Generator().manual_seed(23))
+    tau_s = torch.tensor(0.1, device=DEVICE, requires_grad=True)
+    mk.centered_softmax_xent(student, teacher, center, tau_s, 0.04)[0].sum().backward()
+    assert calls == {"xent reference": 2}, calls
+    assert tau_s.grad is not None and tau_s.grad.abs() > 0
+
+    lms, vis, mask, want_vis, _ = _hand_case()
+    lms = lms.to(DEVICE).requires_grad_()
+    got_vis, _ = mk.patchify_gather(lms, 2.0, 4.0, vis.to(DEVICE), mask.to(DEVICE), patch=2)
+    assert calls == {"xent reference": 2, "patchify reference": 1}, calls
+    assert got_vis.requires_grad and torch.equal(got_vis.detach().cpu(), want_vis)
+
+    mk.packed_attention(torch.randn(1, 5, 3 * 2 * 24, device=DEVICE), 2)  # head_dim 24
+    assert mk.packed_attention(torch.zeros(2, 0, 96, device=DEVICE), 2).shape == (2, 0, 32)
+    assert calls == {"xent reference": 2, "patchify reference": 1, "attention reference": 2}, calls
+
+
 # ------------------------------------------------------------------------------------------------ fallback
 def test_interpreter_tests_in_subprocess():
     """When triton was imported before this module could select the interpreter, run this file in a fresh process."""

@@ -93,6 +93,31 @@ def test_tiny_model_triton_attention_matches_math():
         _assert_same_grads(ref, loss_ref, fast, loss_fast)
 
 
+@pytest.mark.skipif(not TRITON_IN_PROCESS, reason="triton was imported before TRITON_INTERPRET=1; see subprocess test")
+def test_tiny_model_auto_backend_as_on_cuda_runs_every_kernel(kernels_auto_as_on_cuda):
+    """The trainer's default backend, "auto", deciding as on CUDA (tests/conftest.py): a model with use_kernels=True and
+    attn_impl="triton" must run all three kernels (patchify, centred xent forward and backward, attention forward and
+    backward) and none of their references, with the plain model's loss and gradients. The tests above force
+    "triton", so they would pass with "auto" quietly taking the references on a GPU."""
+    calls = kernels_auto_as_on_cuda
+    torch.manual_seed(0)
+    cfg = dict(pred_heads=2)  # predictor heads 16 wide: the attention kernel takes 16 to 128
+    ref = model_mod.MATPAC(get_model_config("tiny", attn_impl="math", **cfg)).to(DEVICE)
+    fast = model_mod.MATPAC(get_model_config("tiny", use_kernels=True, attn_impl="triton", **cfg)).to(DEVICE)
+    fast.load_state_dict(ref.state_dict())
+    batch = _batch(ref.cfg, 1)
+    step = model_mod.StepState(tau_t=0.05, mcl_temperature=0.1)
+    loss_fast, _ = fast(batch, step)
+    assert not any(k.endswith("reference") for k in calls), calls
+    assert calls["patchify launch"] == 1 and calls["xent fwd_launch"] >= 1, calls
+    assert calls["attention fwd_launch"] >= 2, calls  # the student's blocks at least (the teacher's too, no grad)
+    loss_ref, _ = ref(batch, step)  # use_kernels=False, attn_impl="math": matpac_fast's own code, no matpac_kernels
+    torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-5, atol=1e-5)
+    _assert_same_grads(ref, loss_ref, fast, loss_fast)
+    assert calls["xent bwd_launch"] == calls["xent fwd_launch"] and calls["attention bwd_launch"] >= 1, calls
+    assert not any(k.endswith("reference") for k in calls), calls
+
+
 def test_model_kernel_tests_in_subprocess():
     if TRITON_IN_PROCESS:
         pytest.skip("the kernel model tests ran in this process")
