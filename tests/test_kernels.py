@@ -309,6 +309,82 @@ def test_xent_hand_computed(backend, mode):
     torch.testing.assert_close(student.grad.cpu(), torch.tensor([[0.25, -0.25]]))  # (q - p) / tau_s
 
 
+# Hand-sized rows (M = 3, K = 4). At the paper's temperatures the rows are peaked: the student gradient spans 1e-10
+# to 10, so it is compared entry by entry (rtol) with an absolute floor (1e-8) far below most entries.
+XENT_SMALL_STUDENT = [[0.3, -1.2, 0.8, 0.05], [2.0, 0.0, -0.5, 1.1], [-0.7, 0.4, 0.4, -2.2]]
+XENT_SMALL_TEACHER = [[1.0, 0.2, -0.3, 0.6], [0.0, -1.5, 0.9, 0.25], [0.8, 0.8, -0.1, 0.3]]
+XENT_SMALL_CENTER = [0.1, -0.2, 0.05, 0.3]
+XENT_SMALL_UPSTREAM = [1.0, 0.5, 2.0]
+
+
+def _xent_loss_float64(student, teacher, center, tau_s, tau_t):
+    """The loss written out in float64 (not the package's reference, which computes in fp32)."""
+    p = torch.softmax((teacher.double() - center.double()) / tau_t, dim=-1)
+    return -(p * torch.log_softmax(student / tau_s, dim=-1)).sum(-1)
+
+
+def _small64(values):
+    """The fp32 inputs the op gets, widened to float64 (so only the op's arithmetic differs)."""
+    return torch.tensor(values, dtype=torch.float32).double()
+
+
+def _xent_grads_float64(tau_s, tau_t):
+    """d(sum_m upstream_m * loss_m) / d student and / d tau_s by float64 autograd, with the float64 loss."""
+    student = _small64(XENT_SMALL_STUDENT).requires_grad_()
+    tau = torch.tensor(tau_s, dtype=torch.float64, requires_grad=True)
+    loss = _xent_loss_float64(student, _small64(XENT_SMALL_TEACHER), _small64(XENT_SMALL_CENTER), tau, tau_t)
+    (loss * _small64(XENT_SMALL_UPSTREAM)).sum().backward()
+    return loss.detach(), student.grad, tau.grad
+
+
+XENT_SMALL_TAUS = [(0.1, 0.04), (0.7, 0.3), (2.5, 1.5)]  # the paper's pair, then both milder, then tau_s > 1
+
+
+@needs_triton
+@pytest.mark.parametrize("tau_s,tau_t", XENT_SMALL_TAUS)
+def test_xent_kernel_student_gradient_matches_float64_autograd(triton_backend, tau_s, tau_t):
+    """The fused backward's d loss / d student against float64 autograd of the loss formula, with a non-zero centre
+    and a different upstream gradient per row. The student is a column slice of a wider leaf (row stride 7, offset 1):
+    the kernels read it in place, and the gradient must land in those columns of the leaf and nowhere else."""
+    want_loss, want_grad, _ = _xent_grads_float64(tau_s, tau_t)
+    wide = torch.zeros(3, 7)
+    wide[:, 1:5] = torch.tensor(XENT_SMALL_STUDENT)
+    wide = wide.to(DEVICE).requires_grad_()
+    student = wide[:, 1:5]
+    assert student.stride() == (7, 1) and student.storage_offset() == 1
+    teacher, center, upstream = (torch.tensor(v).to(DEVICE) for v in
+                                 (XENT_SMALL_TEACHER, XENT_SMALL_CENTER, XENT_SMALL_UPSTREAM))
+    loss = mk.centered_softmax_xent(student, teacher, center, tau_s, tau_t)[0]
+    (loss * upstream).sum().backward()
+    torch.testing.assert_close(loss.detach().cpu().double(), want_loss, rtol=1e-6, atol=1e-6)
+    grad = wide.grad.cpu()
+    torch.testing.assert_close(grad[:, 1:5].double(), want_grad, rtol=1e-5, atol=1e-8)
+    assert grad[:, 0].abs().max() == 0 and grad[:, 5:].abs().max() == 0
+
+
+@pytest.mark.parametrize("tau_s,tau_t", XENT_SMALL_TAUS)
+def test_xent_learnable_tau_s_gradient_matches_float64_autograd(kernels_auto_as_on_cuda, tau_s, tau_t):
+    """A tau_s that requires grad, with the backend "auto" deciding as on CUDA (where it must not pick the kernels,
+    which give tau_s no gradient): d loss / d tau_s and d loss / d student against float64 autograd. The float64
+    tau_s gradient is also checked against its closed form, sum_m u_m (1 / tau_s²) sum_k (p_mk - q_mk) s_mk."""
+    calls = kernels_auto_as_on_cuda
+    _, want_student, want_tau = _xent_grads_float64(tau_s, tau_t)
+    s64, t64, c64, u64 = map(_small64, (XENT_SMALL_STUDENT, XENT_SMALL_TEACHER, XENT_SMALL_CENTER, XENT_SMALL_UPSTREAM))
+    p, q = torch.softmax((t64 - c64) / tau_t, -1), torch.softmax(s64 / tau_s, -1)
+    torch.testing.assert_close(want_tau, (u64 * ((p - q) * s64).sum(-1)).sum() / tau_s**2, rtol=1e-12, atol=1e-12)
+
+    student = torch.tensor(XENT_SMALL_STUDENT, device=DEVICE, requires_grad=True)
+    tau = torch.tensor(tau_s, device=DEVICE, requires_grad=True)
+    teacher, center, upstream = (torch.tensor(v).to(DEVICE) for v in
+                                 (XENT_SMALL_TEACHER, XENT_SMALL_CENTER, XENT_SMALL_UPSTREAM))
+    (mk.centered_softmax_xent(student, teacher, center, tau, tau_t)[0] * upstream).sum().backward()
+    assert calls == {"xent reference": 1}, calls
+    assert tau.grad is not None, "tau_s got no gradient"
+    torch.testing.assert_close(tau.grad.cpu().double(), want_tau, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(student.grad.cpu().double(), want_student, rtol=1e-5, atol=1e-8)
+    assert want_tau.abs() > 1e-2
+
+
 @needs_triton
 def test_xent_only_loss_is_differentiable_and_centre_sum_deterministic(triton_backend):
     gen = torch.Generator().manual_seed(4)
