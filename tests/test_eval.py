@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -409,6 +410,41 @@ def test_kfold_with_a_class_rarer_than_k_works_for_every_seed():
         folds = make_folds(ds, "kfold:5", seed=seed)  # raised "label 'x' does not occur in the training part"
         assert sorted(np.concatenate([f.test for f in folds]).tolist()) == list(range(16))
         assert [int((y[f.test] == 0).sum()) for f in folds].count(1) == 2  # x: one clip in each of two folds
+
+
+def test_logmel_embedder_per_bin_mean_and_std_by_hand():
+    """The logmel baseline: normalise with the matpac pair ((x + 7.056) / 4.193), then per mel bin the mean over time
+    and the standard deviation over time (n - 1 in the denominator, torch's default: the numbers cached under
+    `logmel:v1`), means of all bins first. The log-mel is replaced by raw values x = -7.056 + 4.193 z for chosen z."""
+    e = embed.make_embedder("logmel")
+    m, s = -7.056, 4.193
+    z = torch.tensor([
+        [[0, 0, 4, 4], [-1, 1, -1, 1], [5, 5, 5, 5]],  # clip 0: 3 mel bins x 4 frames
+        [[1, 2, 3, 4], [-1, -1, -1, -1], [0, 0, 0, 8]],  # clip 1
+    ], dtype=torch.float64)
+    raw = (m + s * z).float()
+    seen = []
+    e.mel = lambda wave: seen.append(wave) or raw  # the log-mel of any (2, N) waveform: `raw`
+    got = e(torch.zeros(2, 1600))
+    assert len(seen) == 1 and seen[0].shape == (2, 1600) and seen[0].dtype == torch.float32
+    r3 = math.sqrt(3)
+    want = np.array([
+        # means 2, 0, 5; stds sqrt((4 · 2²) / 3), sqrt((4 · 1²) / 3), 0
+        [2.0, 0.0, 5.0, 4 / r3, 2 / r3, 0.0],
+        # means 2.5, -1, 2; stds sqrt((1.5² + 0.5² + 0.5² + 1.5²) / 3), 0, sqrt((3 · 2² + 6²) / 3) = 4
+        [2.5, -1.0, 2.0, math.sqrt(5 / 3), 0.0, 4.0],
+    ], dtype=np.float32)
+    assert got.dtype == np.float32 and got.shape == (2, 6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+
+
+def test_logmel_embedder_of_silence_by_hand():
+    """Silence through the real front end: every log-mel value is ln(float32 eps) = ln(2^-23), so each of the 80
+    bins has mean (ln(2^-23) + 7.056) / 4.193 and standard deviation 0."""
+    got = embed.make_embedder("logmel")(np.zeros((2, 16000), dtype=np.float32))
+    want = np.concatenate([np.full(80, (math.log(2.0**-23) + 7.056) / 4.193), np.zeros(80)])
+    assert got.shape == (2, 160)
+    np.testing.assert_allclose(got, np.stack([want, want]), rtol=1e-6, atol=1e-6)
 
 
 def test_logmel_embedder_takes_what_the_encoder_embedders_take():

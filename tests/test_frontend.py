@@ -57,6 +57,25 @@ def test_silence_is_log_eps():
     assert torch.allclose(out, torch.full_like(out, float(np.log(np.float32(1.1920929e-07)))))
 
 
+def test_normalize_with_the_sets_stats_by_hand():
+    """(x - mean) / std with a shard set's own statistics (norm_stats "dataset": stats.json's mean and std, not the
+    front end's fixed pair), in fp32 from the loader's fp16 batch. Every number below is exact in fp16 and fp32, and
+    so is the fp32 arithmetic; 1000 is the case that fp16 arithmetic gets wrong (1000 + 4.75 rounds in fp16)."""
+    from matpac_fast.data import norm_stats, normalize_on_device
+    from matpac_fast.frontend import normalize
+
+    stats = {"mean": -4.75, "std": 0.5, "frontend": get_spec("matpac").to_dict()}
+    assert norm_stats(stats, "dataset") == (-4.75, 0.5)
+    assert norm_stats(stats, "frontend") == (-7.056, 4.193)
+    lms = torch.tensor([[[[-4.75, -4.25, -6.0], [0.0, 1000.0, -12.5]]]], dtype=torch.float16)  # (B, 1, F, T)
+    # (-4.75 + 4.75) / 0.5, (-4.25 + 4.75) / 0.5, (-6 + 4.75) / 0.5; (0 + 4.75) / 0.5, (1000 + 4.75) / 0.5, ...
+    want = torch.tensor([[[[0.0, 1.0, -2.5], [9.5, 2009.5, -15.5]]]])
+    for got in (normalize_on_device(lms, *norm_stats(stats, "dataset")),
+                normalize_on_device(lms, -4.75, 0.5, device="cpu"), normalize(lms, -4.75, 0.5)):
+        assert got.dtype == torch.float32 and got.shape == lms.shape
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 # METHOD.md §1, resampling for the matpac front end: windowed sinc, Kaiser window, lowpass width 64,
 # rolloff 0.9475937, beta 14.769656 (written out here, not read from the code under test).
 METHOD_KAISER = {"resampling_method": "sinc_interp_kaiser", "lowpass_filter_width": 64, "rolloff": 0.9475937,
