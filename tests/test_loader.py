@@ -1008,6 +1008,18 @@ def test_audio_or_a_csv_given_as_shards_names_the_make_shards_command(tmp_path):
         ShardSource.open(str(tmp_path / "empty"))
 
 
+def test_a_folder_whose_subfolder_is_the_shard_set_names_that_subfolder(tmp_path):
+    # ShardSource.open("runs/demo") (make demo's run folder; its set is runs/demo/shards) said "cannot read
+    # runs/demo/sizes.json", not which folder to give
+    _make_set(tmp_path / "demo" / "shards", 12, per_shard=6)
+    (tmp_path / "demo" / "train").mkdir()
+    with pytest.raises(ValueError) as e:
+        ShardSource.open(str(tmp_path / "demo"))
+    assert str(e.value) == (f"{tmp_path / 'demo'} is not a shard set, but its subfolder {tmp_path / 'demo' / 'shards'}"
+                            f" is one: pass {tmp_path / 'demo' / 'shards'}")
+    assert ShardSource.open(str(tmp_path / "demo" / "shards")).total == 12
+
+
 def test_json_nested_too_deep_is_a_one_line_error(tmp_path):
     """stats.json, a sample's .json or trainer_state.json of 100,000 '[' raised RecursionError (a traceback, and in
     a loader worker the end of training) instead of naming the damaged file or skipping the clip."""

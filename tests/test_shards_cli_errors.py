@@ -733,6 +733,23 @@ def test_verify_still_tells_an_empty_make_shards_run(tmp_path, capsys):
     assert "make-shards wrote no sample there; manifest.jsonl gives each file's reason" in capsys.readouterr().out
 
 
+def test_verify_of_a_folder_holding_a_shard_set_names_that_subfolder(tmp_path, capsys):
+    # `verify-shards runs/demo` (make demo's run folder; its set is runs/demo/shards) said only "it has no sizes.json
+    # or stats.json", not which folder to pass
+    demo = tmp_path / "demo"
+    assert run("synthetic", "--n", "3", "--out", str(demo / "shards")) == 0
+    (demo / "train").mkdir()
+    capsys.readouterr()
+    assert verify(demo) == 1
+    assert capsys.readouterr().out == (f"NOT A SHARD SET: {demo} is not a shard set: it has no sizes.json or "
+                                       f"stats.json, but its subfolder {demo / 'shards'} is one: pass "
+                                       f"{demo / 'shards'}\n")
+    shutil.copytree(demo / "shards", demo / "more")
+    assert verify(demo) == 1
+    assert capsys.readouterr().out.endswith(f"but its subfolders {demo / 'more'}, {demo / 'shards'} are shard sets: "
+                                            "pass one of them\n")
+
+
 def test_a_second_make_shards_into_the_same_folder_is_refused_while_the_first_runs(tmp_path, capsys):
     """Two jobs writing one --out (a double submit) would delete each other's half-written shards: the second is
     refused in one line before it touches anything; the lock goes with the process that holds it."""

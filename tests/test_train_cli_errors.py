@@ -631,6 +631,16 @@ def _shards(tmp_path, n_frames: int = 640, n: int = 16) -> Path:
     return d
 
 
+def test_shards_given_as_the_folder_above_the_set_names_the_set(tmp_path, capsys):
+    # --shards runs/demo (make demo's run folder) for runs/demo/shards said "cannot read runs/demo/sizes.json"
+    shards = _shards(tmp_path / "demo")
+    for extra in (["--print-config"], ["--out", str(tmp_path / "run")]):
+        rc, _, err = _main(capsys, "--shards", str(tmp_path / "demo"), *extra)
+        assert rc == 2 and _one_line(err) == (f"error: {tmp_path / 'demo'} is not a shard set, but its subfolder "
+                                              f"{shards} is one: pass {shards}")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_stalled_shard_read_ends_the_run_after_data_timeout(tmp_path, capsys):
     """A pipe: command that stops sending held the run forever, without a word (with several processes, the others
     waited in a collective until its 30-min timeout, then a gloo traceback). Now --data-timeout ends it in one line."""
