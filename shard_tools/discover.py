@@ -576,24 +576,30 @@ PATH_ALIASES = ("file", "filename")
 def _manifest_columns(csv_path: Path, fieldnames: list[str] | None) -> tuple[list[str], list[str]]:
     """Header -> (normalized column names, notes). Names are matched ignoring case and spaces; a near miss of an
     accepted name ('labels', 'Path ') with the accepted one absent is an error, other columns are ignored."""
-    accepted = ", ".join(MANIFEST_COLUMNS)
+    accepted = f"path (or {', '.join(PATH_ALIASES)}), label"
     if not fieldnames:
         raise ValueError(f"{csv_path}: empty file; expected a header row with columns {accepted}")
     names = [(f or "").strip().lower() for f in fieldnames]
     aliases = [n for n in names if n in PATH_ALIASES]
     if "path" not in names and len(aliases) == 1:
         names = ["path" if n == aliases[0] else n for n in names]
+    elif "path" not in names and aliases:  # was "needs a 'path' column", with both of its other names there
+        raise ValueError(f"{csv_path}: columns {' and '.join(map(repr, aliases))} could each be the path column; "
+                         "rename the one that holds the audio paths to 'path'")
     unknown = [n for n in names if n not in MANIFEST_COLUMNS]
     for want in MANIFEST_COLUMNS:
         if want in names:
             continue
-        close = [n for n in unknown if difflib.get_close_matches(n, [want], n=1, cutoff=0.7)]
+        wanted = (want, *PATH_ALIASES) if want == "path" else (want,)
+        close = [(n, m[0]) for n in unknown if (m := difflib.get_close_matches(n, wanted, n=1, cutoff=0.7))]
         if close:
             raise ValueError(
-                f"{csv_path}: unknown column {close[0]!r} (did you mean {want!r}?); accepted columns: {accepted}"
+                f"{csv_path}: unknown column {close[0][0]!r} (did you mean {close[0][1]!r}?); accepted columns: "
+                f"{accepted}"
             )
         if want == "path":
-            raise ValueError(f"{csv_path}: needs a 'path' column (and optionally 'label'); got {fieldnames}")
+            raise ValueError(f"{csv_path}: no path column: name the column of audio paths 'path' (or "
+                             f"{' or '.join(map(repr, PATH_ALIASES))}); 'label' is optional; got {fieldnames}")
     notes = []
     if unknown:
         notes.append(

@@ -342,6 +342,24 @@ def test_manifest_bom_dedupe_and_empty_paths(tmp_path, capsys):
     assert stats["classes"] == ["cat", "dog"] and stats["skipped"] == {"duplicate": 2}
 
 
+@pytest.mark.parametrize("header,message", [
+    # said "needs a 'path' column (and optionally 'label')", not that file or filename are read as the path column
+    ("name,label", "no path column: name the column of audio paths 'path' (or 'file' or 'filename'); 'label' is "
+                   "optional; got ['name', 'label']"),
+    ("filenames,label", "unknown column 'filenames' (did you mean 'filename'?); accepted columns: path (or file, "
+                        "filename), label"),  # was "needs a 'path' column"
+    ("file,filename,label", "columns 'file' and 'filename' could each be the path column; rename the one that holds "
+                            "the audio paths to 'path'"),  # was "needs a 'path' column", with both there
+])
+def test_manifest_without_a_path_column_names_the_accepted_names(tmp_path, header, message):
+    csv_path = tmp_path / "m.csv"
+    csv_path.write_text(f"{header}\nx.wav,dog,\n")
+    with pytest.raises(SystemExit) as e:
+        run("manifest", str(csv_path), "--out", str(tmp_path / "o"))
+    assert str(e.value) == f"make-shards: error: {csv_path}: {message}"
+    assert not (tmp_path / "o").exists()
+
+
 def test_manifest_encoding_and_column_errors(tmp_path, capsys):
     tone(tmp_path / "x.wav")
     bad = tmp_path / "latin1.csv"
@@ -351,16 +369,16 @@ def test_manifest_encoding_and_column_errors(tmp_path, capsys):
     typo = tmp_path / "typo.csv"
     typo.write_text("path,labels\nx.wav,dog\n")
     with pytest.raises(SystemExit, match=r"unknown column 'labels' \(did you mean 'label'\?\); accepted columns: "
-                                         r"path, label"):
+                                         r"path \(or file, filename\), label"):
         run("manifest", str(typo), "--out", str(tmp_path / "o"))
     extra = tmp_path / "extra.csv"
     extra.write_text("Path,duration\nx.wav,7\n")
     assert run("manifest", str(extra), "--out", str(tmp_path / "o")) == 0
-    assert "ignored column(s) 'duration' (accepted: path, label); there is no 'label' column, so every clip is " \
-           "unlabelled" in capsys.readouterr().err
+    assert "ignored column(s) 'duration' (accepted: path (or file, filename), label); there is no 'label' column, " \
+           "so every clip is unlabelled" in capsys.readouterr().err
     nopath = tmp_path / "nopath.csv"
     nopath.write_text("name,label\nx.wav,dog\n")
-    with pytest.raises(SystemExit, match="needs a 'path' column"):
+    with pytest.raises(SystemExit, match="no path column"):
         run("manifest", str(nopath), "--out", str(tmp_path / "o2"))
     alias = tmp_path / "alias.csv"  # FSDD's labels.csv and matpac-eval's CSVs name the column filename / file
     alias.write_text("filename,label,speaker\nx.wav,dog,a\n")
