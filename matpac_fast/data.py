@@ -72,7 +72,7 @@ import subprocess
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -427,10 +427,19 @@ class ShardSource:
             if not n.isdigit():
                 raise ValueError(f"{spec!r}: write synthetic:N with N the number of clips, e.g. synthetic:4096")
             return SyntheticSource(n_clips=int(n))
-        specs = [spec] if isinstance(spec, str | Path) else list(spec)
+        what = ("pass a directory made by make-shards, shard files (dir/shards-{000000..000099}.tar, dir/*.tar), URLs "
+                "or a list of them")
+        # None (a DataConfig(source=None), an unset variable) was a bare "TypeError: 'NoneType' object is not
+        # iterable"; another type was that TypeError too, or (bytes) read as a list of ints
+        one = isinstance(spec, str | Path | bytes | bytearray) or not isinstance(spec, Iterable)
+        specs = [spec] if one else list(spec)
+        if any(s is None for s in specs):
+            raise ValueError(f"no shard set given (got None): {what}")
+        wrong = next((s for s in specs if not isinstance(s, str | Path)), None)
+        if wrong is not None:
+            raise ValueError(f"a shard set is a path or URL, got {type(wrong).__name__} {wrong!r:.60}: {what}")
         if not specs or any(not str(s) for s in specs):
-            raise ValueError("no shard set given: pass a directory made by make-shards, shard files "
-                             "(dir/shards-{000000..000099}.tar, dir/*.tar), URLs or a list of them")
+            raise ValueError(f"no shard set given: {what}")
         parts = [cls._open_dir(x) if isinstance(x, Path) else cls._open_urls(*x, meta) for x in _resolve(specs, meta)]
         _check_unique(parts)
         return parts[0] if len(parts) == 1 else _concat(parts)

@@ -526,6 +526,25 @@ def test_open_names_a_missing_path(tmp_path):
         ShardSource.open([])
 
 
+def test_open_of_none_or_a_non_path_is_a_one_line_value_error(tmp_path):
+    # ShardSource.open(None) (DataConfig(source=None) through make_loader, an unset variable) was a bare "TypeError:
+    # 'NoneType' object is not iterable", as was an int; bytes were read as a list of ints ("no such shard
+    # directory: 100"). No CLI passes these (train.py's --shards is a string); the API says what to pass.
+    what = ("pass a directory made by make-shards, shard files (dir/shards-{000000..000099}.tar, dir/*.tar), URLs or "
+            "a list of them")
+    for spec in (None, [str(tmp_path), None]):
+        with pytest.raises(ValueError) as e:
+            ShardSource.open(spec)
+        assert str(e.value) == f"no shard set given (got None): {what}"
+    with pytest.raises(ValueError) as e:
+        make_loader(DataConfig(source=None, batch_size=2, num_workers=0))
+    assert str(e.value) == f"no shard set given (got None): {what}"
+    for spec, got in ((5, "int 5"), (b"dir", "bytes b'dir'"), ([str(tmp_path), 3], "int 3")):
+        with pytest.raises(ValueError) as e:
+            ShardSource.open(spec)
+        assert str(e.value) == f"a shard set is a path or URL, got {got}: {what}"
+
+
 def test_open_list_of_directories_concatenates(tmp_path):
     a, keys_a = _make_set(tmp_path / "a", 20, per_shard=6)
     clips_b = [(f"b{i:04d}", clip(np.random.default_rng(1), CROP + 10), [0]) for i in range(14)]
