@@ -137,6 +137,12 @@ class Encoder(nn.Module):
 
     def forward_chunk(self, x_B1FT: torch.Tensor) -> torch.Tensor:
         """Normalised chunk of at most `chunk_frames` frames (a multiple of the patch) -> (B, n_t', n_f·D)."""
+        if x_B1FT.ndim != 4 or x_B1FT.shape[1] != 1 or x_B1FT.shape[2] != self.n_mels:
+            # (B, 80, T) was torch's "expected input[1, B, 80, T] to have 1 channels, but got B channels instead"
+            shape = tuple(x_B1FT.shape)
+            hint = (": add the channel axis with .unsqueeze(1), or pass raw log-mel to encode_lms, which takes "
+                    f"(B, {self.n_mels}, T)" if len(shape) == 3 and shape[1] == self.n_mels else "")
+            raise ValueError(f"forward_chunk expects a normalised (B, 1, {self.n_mels}, T) chunk, got {shape}{hint}")
         x = self.patch_embed(x_B1FT.to(self.cls_token.dtype))
         n_t = x.shape[1] // self.n_f
         x = x + truncate_time(self.pos_embed[:, 1:], self.n_f, n_t)
@@ -173,7 +179,8 @@ class Encoder(nn.Module):
         keeps the autograd graph (for fine-tuning), which holds every block's activations in memory. For
         inference wrap the call in `torch.inference_mode()` or use `encode`, which runs without a graph."""
         if lms_BFT.ndim != 3 or lms_BFT.shape[1] != self.n_mels:
-            raise ValueError(f"encode_lms expects (B, {self.n_mels}, T) log-mel, got {tuple(lms_BFT.shape)}")
+            raise ValueError(f"encode_lms expects (B, {self.n_mels}, T) log-mel, got {tuple(lms_BFT.shape)}"
+                             f"{_lms_shape_hint(tuple(lms_BFT.shape), self.n_mels)}")
         x = (lms_BFT.float() - self.norm_mean) / self.norm_std
         b, f, t = x.shape
         if t == 0:
@@ -203,7 +210,8 @@ class Encoder(nn.Module):
         if wave.ndim == 1:
             wave = wave[None]
         if wave.ndim != 2:
-            raise ValueError(f"encode expects a waveform (N,) or (B, N), got shape {tuple(wave.shape)}")
+            hint = ": drop the channel axis with .squeeze(1)" if wave.ndim == 3 and wave.shape[1] == 1 else ""
+            raise ValueError(f"encode expects a waveform (N,) or (B, N), got shape {tuple(wave.shape)}{hint}")
         if wave.shape[1] <= 8 < wave.shape[0]:
             raise ValueError(f"encode got shape {tuple(wave.shape)}: that looks like (samples, channels) audio; pass "
                              "mono (N,), e.g. wave.mean(axis=1), or clips as rows (B, N)")
@@ -214,6 +222,17 @@ class Encoder(nn.Module):
             self._melspec = LogMelSpec(spec)
         frames = self.encode_lms(self._melspec.to(device)(wave))
         return frames, frames.mean(dim=1)
+
+
+def _lms_shape_hint(shape: tuple, n_mels: int) -> str:
+    """How to turn a log-mel of a near-miss shape into encode_lms' (B, n_mels, T); "" when none fits."""
+    if len(shape) == 4 and shape[1] == 1 and shape[2] == n_mels:  # the loader's and the model's (B, 1, F, T)
+        return ": drop the channel axis with .squeeze(1)"
+    if len(shape) == 2 and shape[0] == n_mels:
+        return ": add the batch axis with .unsqueeze(0)"
+    if len(shape) == 3 and shape[2] == n_mels:
+        return ": put the mel bins second with .transpose(1, 2)"
+    return ""
 
 
 def _sample_rate(sr) -> int:

@@ -322,3 +322,26 @@ def test_two_tasks_of_one_dataset_are_two_projection_panels(tmp_path):
     assert sorted(panels) == [("fsdd-digits", "ckpt"), ("fsdd-old", "ckpt"), ("fsdd-speakers", "ckpt")]
     assert [str(c) for c in panels[("fsdd-speakers", "ckpt")]["classes"]] == ["george", "jackson"]
     assert report.plot_projections(tmp_path, "fsdd").stat().st_size > 1000
+
+
+# --- 16: the encoder API given a tensor of a near-miss shape ---------------------------------------------------------
+def test_encoder_given_a_log_mel_of_a_near_miss_shape_says_how_to_fix_it():
+    # encode_lms named only the expected (B, 80, T) for the loader's (B, 1, 80, T) batches, and forward_chunk given
+    # (B, 80, T) raised torch's "expected input[1, 2, 80, 608] to have 1 channels, but got 2 channels instead"
+    enc = load_encoder("random", preset="tiny")
+    for shape, hint in (((2, 1, 80, 50), ": drop the channel axis with .squeeze(1)"),
+                        ((80, 50), ": add the batch axis with .unsqueeze(0)"),
+                        ((2, 50, 80), ": put the mel bins second with .transpose(1, 2)"),
+                        ((2, 64, 50), "")):
+        with pytest.raises(ValueError) as e:
+            enc.encode_lms(torch.zeros(shape))
+        assert str(e.value) == f"encode_lms expects (B, 80, T) log-mel, got {shape}{hint}"
+    assert enc.encode_lms(torch.zeros(2, 1, 80, 50).squeeze(1)).shape == (2, 4, 320)
+    with pytest.raises(ValueError) as e:
+        enc.forward_chunk(torch.zeros(2, 80, 32))
+    assert str(e.value) == ("forward_chunk expects a normalised (B, 1, 80, T) chunk, got (2, 80, 32): add the channel "
+                            "axis with .unsqueeze(1), or pass raw log-mel to encode_lms, which takes (B, 80, T)")
+    with pytest.raises(ValueError) as e:
+        enc.encode(torch.zeros(2, 1, 16000), 16000)
+    assert str(e.value) == ("encode expects a waveform (N,) or (B, N), got shape (2, 1, 16000): drop the channel axis "
+                            "with .squeeze(1)")
