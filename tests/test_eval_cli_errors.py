@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,40 @@ def test_too_few_decodable_clips_is_an_error(tmp_path):
     msg = _one_line_error(
         ["--checkpoint", "logmel", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")] + FAST_NO_FILES
     )
-    assert "only one class ('a') after skipping 3 undecodable clips of 6" in msg
+    assert msg.endswith("d: only one class ('a') after skipping 3 of 6 clips (3 cannot be decoded: convert them to "
+                        "wav/flac, or re-export the damaged ones); a probe needs at least 2 classes")
+
+
+def test_float_clips_with_nan_or_inf_are_reported_as_such_not_as_undecodable(tmp_path, capsys):
+    # A float32 WAV holding NaN or inf samples decodes fine, but matpac-eval said it "cannot be decoded", "no decodable
+    # clip left" for its class, "undecodable" in the error, and load_clip advised converting it to wav/flac
+    for label in ("a", "b", "c"):
+        (tmp_path / "d" / label).mkdir(parents=True)
+        for i in range(3):
+            wave = tone(300.0 * (1 + "abc".index(label)), 0.1, seed=i).astype(np.float32)
+            if label == "c" or (label == "a" and i == 0):
+                wave[7] = np.nan if i % 2 else np.inf
+            sf.write(tmp_path / "d" / label / f"{i}.wav", wave, 16000, subtype="FLOAT")
+    (tmp_path / "d" / "b" / "cut.wav").write_bytes((tmp_path / "d" / "b" / "0.wav").read_bytes()[:60])
+    _, err = _run(["--checkpoint", "logmel", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o")]
+                  + FAST_NO_FILES, capsys)
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("matpac-eval: warning: skipped 5 of 10 clips (4 with NaN or infinite samples, 1 cannot "
+                               f"be decoded): {tmp_path / 'd' / 'a' / '0.wav'} (NaN or infinite samples), "), lines
+    assert lines[1] == ("matpac-eval: warning: no clip of class(es) 'c' could be used (3 with NaN or infinite "
+                        "samples); evaluating without them")
+    with pytest.raises(embed.UnreadableAudio) as e:
+        embed.load_clip(str(tmp_path / "d" / "c" / "1.wav"), 1600, embed.get_spec("matpac"))
+    assert str(e.value) == (f"{tmp_path / 'd' / 'c' / '1.wav'}: holds NaN or infinite samples; replace those samples "
+                            "with finite values (e.g. numpy.nan_to_num) and save it again, or drop it")
+    (tmp_path / "d" / "b" / "cut.wav").rename(tmp_path / "d" / "c" / "cut.wav")
+    shutil.rmtree(tmp_path / "d" / "b")
+    msg = _one_line_error(["--checkpoint", "logmel", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "o2")]
+                          + FAST_NO_FILES)
+    assert msg == (f"matpac-eval: error: {tmp_path / 'd'}: only one class ('a') after skipping 5 of 7 clips (4 with "
+                   "NaN or infinite samples: replace those samples with finite values (e.g. numpy.nan_to_num) and save "
+                   "the files again; 1 cannot be decoded: convert them to wav/flac, or re-export the damaged ones); a "
+                   "probe needs at least 2 classes")
 
 
 # --- 12: arguments and --out before any work --------------------------------------------------------------------------

@@ -290,20 +290,39 @@ def _task_name(a: argparse.Namespace, ds: LabelledSet, scheme: Scheme, classes: 
     return name if scheme.kind == "official" else f"{name}-{scheme.slug}"
 
 
+def _skip_counts(reasons: list[str], advice: bool = False) -> str:
+    """'2 cannot be decoded, 1 with NaN or infinite samples' (with advice: '...: what to do; ...'), by cause. Every
+    skipped clip was called undecodable, also a float file holding NaN or inf samples, which decodes."""
+    counts: dict[str, int] = {}
+    for r in reasons:
+        cause = embed.skip_cause(r)
+        counts[cause] = counts.get(cause, 0) + 1
+    causes = sorted(counts, key=lambda c: -counts[c])
+    if not advice:
+        return ", ".join(f"{counts[c]} {embed.SKIP_CAUSES[c][0]}" for c in causes)
+    return "; ".join(f"{counts[c]} {embed.SKIP_CAUSES[c][0]}: {embed.SKIP_CAUSES[c][1]}" for c in causes)
+
+
 def _drop_skipped(ds: LabelledSet, ex: embed.Extracted) -> None:
-    """Keep the clips that were embedded; warn once, naming the files left out."""
+    """Keep the clips that were embedded; warn once, naming the files left out and why."""
     n = len(ds)
     listed = ", ".join(f"{p} ({r})" for p, r in ex.skipped[:3]) + (
         f", ... ({len(ex.skipped) - 3} more)" if len(ex.skipped) > 3 else ""
     )
-    embed.warn(f"skipped {len(ex.skipped)} of {n} clips that cannot be decoded: {listed}; all are listed in the JSON")
+    reasons = [r for _, r in ex.skipped]
+    embed.warn(f"skipped {len(ex.skipped)} of {n} clips ({_skip_counts(reasons)}): {listed}; all are listed in the "
+               "JSON")
+    dropped = [c for c, ok in zip(ds.clips, ex.ok) if not ok]
     ds.clips = [c for c, ok in zip(ds.clips, ex.ok) if ok]
     present = {lab for c in ds.clips for lab in c.labels}
     gone = [c for c in ds.classes if c not in present]
     if gone and len(present) >= 2:
-        embed.warn(f"no decodable clip left for class(es) {', '.join(map(repr, gone))}; evaluating without them")
+        why = dict(ex.skipped)
+        theirs = [why.get(c.path, "") for c in dropped if set(c.labels) & set(gone)]
+        embed.warn(f"no clip of class(es) {', '.join(map(repr, gone))} could be used ({_skip_counts(theirs)}); "
+                   "evaluating without them")
     ds.classes = [c for c in ds.classes if c in present]
-    _check_classes(ds, f" after skipping {len(ex.skipped)} undecodable clips of {n}")
+    _check_classes(ds, f" after skipping {len(ex.skipped)} of {n} clips ({_skip_counts(reasons, advice=True)})")
 
 
 def _note(msg: str) -> None:

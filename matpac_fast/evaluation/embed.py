@@ -17,7 +17,7 @@ to exactly `clip_seconds` (a fixed length keeps batches rectangular; each task h
 what its clip costs (the clip is the same, bit for bit, as the one cut from the whole file). How many clips were
 longer (and so cropped) is reported by `extract` (`Extracted.n_cropped`); the CLI prints it in one note.
 
-A file that cannot be decoded (unknown format, empty, truncated, no samples, NaN/inf samples) is skipped, not
+A file that cannot be used (unknown format, empty, truncated, no samples, NaN/inf samples) is skipped, not
 fatal: `extract` returns which clips were embedded and why the others were not; the caller reports them.
 
 Names: a checkpoint file is named `<stem>-<sha8>` (the first 8 hex digits of its SHA-256), with the nearest
@@ -78,12 +78,44 @@ def _kaiser(orig_sr: int, new_sr: int):
 
 
 # --- audio --------------------------------------------------------------------------------------------------------
+NON_FINITE = "NaN or infinite samples"  # the reason of a clip that decodes but holds them (a float WAV can)
+NO_SAMPLES = "no audio samples"
+
+# Why skipped clips were skipped, read from their short reasons (a cached entry keeps only those), and what to do:
+# matpac-eval called every skipped clip "undecodable" and advised converting it to wav/flac, also a float WAV that
+# decodes fine but holds NaN or infinite samples. cause: (counted as, what to do with them, what to do with it)
+SKIP_CAUSES = {
+    "undecodable": ("cannot be decoded", "convert them to wav/flac, or re-export the damaged ones",
+                    "convert it to wav/flac, or re-export it if it is damaged"),
+    "non_finite": (f"with {NON_FINITE}", "replace those samples with finite values (e.g. numpy.nan_to_num) and save "
+                   "the files again", "replace those samples with finite values (e.g. numpy.nan_to_num) and save "
+                   "it again"),
+    "empty": ("without audio samples", "replace them with their recordings", "replace it with its recording"),
+    "rate": ("at a sample rate that cannot be resampled", "convert them to a common rate, e.g. 16000 Hz",
+             "convert it to a common rate, e.g. 16000 Hz"),
+    "needs_pyav": ("that need PyAV", "pip install av", "pip install av"),
+}
+
+
+def skip_cause(reason: str) -> str:
+    """The SKIP_CAUSES key of a skipped clip's reason."""
+    if reason == NON_FINITE:
+        return "non_finite"
+    if reason in (NO_SAMPLES, "empty file") or reason.startswith("empty:"):  # the last: PyAV's Skip("empty", ...)
+        return "empty"
+    if reason.startswith("sample rate "):  # check_kaiser_rate's
+        return "rate"
+    return "needs_pyav" if reason.startswith("needs_pyav") else "undecodable"
+
+
 class UnreadableAudio(ValueError):
     """A clip that cannot be used; `reason` is short (for a one-line report listing several files)."""
 
     def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: cannot decode audio ({reason}); convert it to wav/flac or drop it")
-        self.path, self.reason = path, reason
+        cause = skip_cause(reason)
+        what = {"undecodable": f"cannot decode audio ({reason})", "non_finite": f"holds {reason}"}.get(cause, reason)
+        super().__init__(f"{path}: {what}; {SKIP_CAUSES[cause][2]}, or drop it")
+        self.path, self.reason, self.cause = path, reason, cause
 
 
 def _reason(e: Exception) -> str:
@@ -167,15 +199,16 @@ def audio_duration(path: str) -> float | None:
 def load_clip(path: str, clip_samples: int, spec: FrontendSpec, lengths: list[int] | None = None) -> np.ndarray:
     """float32 (clip_samples,) at spec.sample_rate: decoded, mono, resampled, cropped from the start / zero-padded.
     `lengths`, when given, gets the resampled length before the crop appended. Raises UnreadableAudio (a ValueError)
-    for a file that cannot be decoded or holds no usable samples."""
+    for a file that cannot be decoded, holds no samples or NaN/infinite ones, or has a rate that cannot be
+    resampled (its `cause` and message say which)."""
     # Only the start is decoded: a long recording costs the clip's time and memory, not the file's.
     seconds = clip_samples / spec.sample_rate + DECODE_MARGIN_S
     wave, sr, frames = (_read_pyav if _needs_pyav(path) else _read_soundfile)(path, seconds)
     wave = to_mono(wave)
     if wave.size == 0:
-        raise UnreadableAudio(path, "no audio samples")
+        raise UnreadableAudio(path, NO_SAMPLES)
     if not np.isfinite(wave).all():
-        raise UnreadableAudio(path, "NaN or infinite samples")
+        raise UnreadableAudio(path, NON_FINITE)
     if sr != spec.sample_rate:
         if spec.resampler == "kaiser":
             try:
@@ -329,7 +362,7 @@ class Extracted:
 
 
 def extract(ds: LabelledSet, embedder, task: str, s: ExtractSettings) -> Extracted:
-    """Embeddings of every decodable clip of `ds` (undecodable ones are listed in `skipped`, not fatal)."""
+    """Embeddings of every usable clip of `ds` (the others are listed in `skipped` with their reasons, not fatal)."""
     path = cache_path(ds, embedder, task, s)
     paths = np.array([c.path for c in ds.clips])
     n_samples = int(round(s.clip_seconds * SAMPLE_RATE))
