@@ -80,7 +80,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from matpac_fast.data_tar import IndexCache, ShardError, iter_stream_samples, npy_view
+from matpac_fast.data_tar import IndexCache, ShardError, iter_stream_samples, npy_view, shard_set_subfolder_hint
 from matpac_fast.frontend import FrontendSpec, check_compatible, get_spec, normalize
 from matpac_fast.lifetime import parent_death_setter
 
@@ -701,28 +701,6 @@ def _make_shards_hint(path: Path) -> str | None:
     return None
 
 
-def _shard_set_subfolders(folder: Path) -> list[Path]:
-    """The direct subfolders of `folder` that hold a shard set (sizes.json and stats.json), sorted; for advice when
-    `folder` itself is none (`make demo`'s runs/demo, whose set is runs/demo/shards)."""
-    try:
-        with os.scandir(folder) as entries:
-            subs = [folder / e.name for e in entries if e.is_dir()]
-    except OSError:
-        return []
-    return sorted(p for p in subs if (p / "sizes.json").is_file() and (p / "stats.json").is_file())
-
-
-def _subfolder_hint(folder: Path) -> str | None:
-    """"..., but its subfolder X is one: pass X" when a direct subfolder of `folder` is a shard set, else None."""
-    subs = _shard_set_subfolders(folder)
-    if not subs:
-        return None
-    if len(subs) == 1:
-        return f"its subfolder {subs[0]} is one: pass {subs[0]}"
-    shown = ", ".join(map(str, subs[:3])) + (f" and {len(subs) - 3} more" if len(subs) > 3 else "")
-    return f"its subfolders {shown} are shard sets: pass one of them"
-
-
 def _read_meta(sizes_url: str, stats_url: str) -> tuple[dict, dict]:
     unfinished = _unfinished_run(stats_url)
     if unfinished:
@@ -739,7 +717,7 @@ def _read_meta(sizes_url: str, stats_url: str) -> tuple[dict, dict]:
                                  "gives each file's reason); fix the input or options and run make-shards "
                                  "again") from None
             given_dir = is_local(url) and url.endswith("/sizes.json")
-            sub = _subfolder_hint(folder) if given_dir and not (folder / "stats.json").exists() else None
+            sub = shard_set_subfolder_hint(folder) if given_dir and not (folder / "stats.json").exists() else None
             if sub and not (folder / "sizes.json").exists():  # e.g. runs/demo for runs/demo/shards
                 raise ValueError(f"{folder} is not a shard set, but {sub}") from None
             hint = _make_shards_hint(folder) if given_dir else None

@@ -23,6 +23,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -352,3 +353,21 @@ def iter_stream_samples(f) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Samples (key, {"npy": bytes, "json": bytes}) of a tar byte stream, in tar order."""
     cur = _StreamCursor(f)
     yield from group_samples(iter_members(cur, lambda n: n.endswith((".npy", ".json"))))
+
+
+def shard_set_subfolder_hint(folder: Path) -> str | None:
+    """"its subfolder X is one: pass X" when a direct subfolder of `folder` holds a shard set (sizes.json and
+    stats.json), else None: for the one line when `folder` itself is none (`make demo`'s runs/demo, whose set is
+    runs/demo/shards). Here, torch-free, so that verify-shards and the loader share it."""
+    try:
+        with os.scandir(folder) as entries:
+            subs = [folder / e.name for e in entries if e.is_dir()]
+    except OSError:
+        return None
+    subs = sorted(p for p in subs if (p / "sizes.json").is_file() and (p / "stats.json").is_file())
+    if not subs:
+        return None
+    if len(subs) == 1:
+        return f"its subfolder {subs[0]} is one: pass {subs[0]}"
+    shown = ", ".join(map(str, subs[:3])) + (f" and {len(subs) - 3} more" if len(subs) > 3 else "")
+    return f"its subfolders {shown} are shard sets: pass one of them"

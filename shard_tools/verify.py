@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from matpac_fast.data_tar import shard_set_subfolder_hint
 from shard_tools.writer import sha256_file
 
 JSON_FIELDS = {
@@ -281,24 +282,6 @@ def _foreign(path: Path) -> bool:
     return not (isinstance(obj, dict) and all(SHARD_RE.match(k) and isinstance(v, int) for k, v in obj.items()))
 
 
-def _subfolder_hint(out: Path) -> str | None:
-    """"its subfolder X is one: pass X" when a direct subfolder of `out` holds a shard set (sizes.json and stats.json),
-    else None: `make demo`'s runs/demo holds its set in runs/demo/shards. (= matpac_fast.data._subfolder_hint, not
-    imported: verify must not pull in torch.)"""
-    try:
-        with os.scandir(out) as entries:
-            subs = [out / e.name for e in entries if e.is_dir()]
-    except OSError:
-        return None
-    subs = sorted(p for p in subs if (p / "sizes.json").is_file() and (p / "stats.json").is_file())
-    if not subs:
-        return None
-    if len(subs) == 1:
-        return f"its subfolder {subs[0]} is one: pass {subs[0]}"
-    shown = ", ".join(map(str, subs[:3])) + (f" and {len(subs) - 3} more" if len(subs) > 3 else "")
-    return f"its subfolders {shown} are shard sets: pass one of them"
-
-
 def _not_a_set(out: Path) -> str | None:
     """Why `out` holds no shard set at all (and no interrupted run), or None."""
     stats, sizes, manifest = out / "stats.json", out / "sizes.json", out / "manifest.jsonl"
@@ -309,7 +292,7 @@ def _not_a_set(out: Path) -> str | None:
         why = "it has no sizes.json or stats.json"
         if manifest.is_file():
             why = "make-shards wrote no sample there; manifest.jsonl gives each file's reason"
-        elif sub := _subfolder_hint(out):
+        elif sub := shard_set_subfolder_hint(out):
             why += f", but {sub}"
         return f"{out} is not a shard set: {why}"
     return None
