@@ -1415,6 +1415,37 @@ def _worker_signals(worker_id: int, stop=None) -> None:
     threading.Thread(target=wait, name="sigterm-from-parent", daemon=True).start()
 
 
+def _dead_worker_as_torch_says(it, wait_s: float = 5.0) -> Iterator[dict]:
+    """`it`'s batches; a worker killed while handing over a batch (the out-of-memory killer) is torch's RuntimeError
+    "DataLoader worker (pid(s) ...) exited unexpectedly", as when it is killed at any other moment.
+
+    A batch's tensors arrive as file descriptors fetched from the worker over a socket (multiprocessing's
+    resource_sharer). Killed during that fetch, the worker is still exiting when torch checks its workers, so torch
+    re-raises the socket's ConnectionResetError (or EOFError) with no word of a worker, and the run ended in a
+    traceback (seen under load). A worker that is gone within a few seconds of such an error is what caused it."""
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except (ConnectionError, EOFError) as e:
+            if str(e).startswith("Caught "):  # raised inside a worker and re-raised here by torch: its own error
+                raise
+            workers = getattr(it, "_workers", None) or []
+            deadline = time.monotonic() + wait_s
+            while True:
+                dead = [w for w in workers if not w.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            if not dead:
+                raise
+            pids = ", ".join(str(w.pid) for w in dead)
+            raise RuntimeError(f"DataLoader worker (pid(s) {pids}) exited unexpectedly ({type(e).__name__} while "
+                               "receiving a batch from it)") from e
+        yield batch
+
+
 class ShardLoader:
     """One epoch of one rank: iterable of batch dicts, `len()` = batches, skip counts summed over workers.
 
@@ -1453,7 +1484,7 @@ class ShardLoader:
         it = iter(dl)
         issued: set[tuple[type, str]] = set()
         try:
-            for batch in it:
+            for batch in _dead_worker_as_torch_says(it):
                 self._per_worker[batch["worker"]] = (batch["skipped_shards"], batch["skipped_samples"])
                 for w in batch.pop("warnings", ()):  # the workers' warnings, issued here once (see WorkerIterator)
                     if w not in issued:

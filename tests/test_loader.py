@@ -1071,3 +1071,52 @@ def test_shard_names_in_sizes_json_must_be_files_of_the_set(tmp_path):
             ShardSource.open(str(tmp_path / "s"))
         report = verify_shards(tmp_path / "s")
         assert not report["ok"] and any("is not a file name in the set's folder" in p for p in report["problems"])
+
+
+def test_a_worker_killed_while_handing_over_a_batch_is_torchs_worker_error():
+    """Killed while the main process fetched a batch's tensors from it over a socket, a worker was still exiting when
+    torch checked its workers: torch re-raised the socket's ConnectionResetError, and train.py ended in a traceback
+    instead of its one line for a dead worker (tests/test_train_cli_errors.py's real kill, 2 runs in 6 under load).
+    The error becomes torch's "DataLoader worker (pid(s) ...) exited unexpectedly" once the worker is seen gone."""
+    from matpac_fast import data
+
+    class Worker:
+        def __init__(self, pid, alive_checks):
+            self.pid, self._alive_checks = pid, alive_checks
+
+        def is_alive(self):  # alive for the first `alive_checks` looks: still exiting when the error came
+            self._alive_checks -= 1
+            return self._alive_checks >= 0
+
+    class Iter:
+        def __init__(self, error, workers):
+            self.error, self._workers, self.n = error, workers, 0
+
+        def __next__(self):
+            self.n += 1
+            if self.n == 1:
+                return {"batch": 1}
+            raise self.error
+
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    it = data._dead_worker_as_torch_says(Iter(reset, [Worker(11, 10**9), Worker(4242, 3)]), wait_s=5.0)
+    assert next(it) == {"batch": 1}
+    with pytest.raises(RuntimeError) as e:
+        next(it)
+    assert str(e.value) == ("DataLoader worker (pid(s) 4242) exited unexpectedly (ConnectionResetError while "
+                            "receiving a batch from it)")
+    assert e.value.__cause__ is reset
+    # no worker gone: the error is not a dead worker's and stays as it was
+    t0 = time.monotonic()
+    it = data._dead_worker_as_torch_says(Iter(EOFError("eof"), [Worker(11, 10**9)]), wait_s=0.2)
+    assert next(it) == {"batch": 1}
+    with pytest.raises(EOFError, match="^eof$"):
+        next(it)
+    assert time.monotonic() - t0 >= 0.2
+    # raised inside a worker (a URL read) and re-raised by torch: the worker's own error, not a dead worker
+    caught = ConnectionResetError("Caught ConnectionResetError in DataLoader worker process 0.\nOriginal Traceback")
+    it = data._dead_worker_as_torch_says(Iter(caught, [Worker(11, 0)]))
+    next(it)
+    with pytest.raises(ConnectionResetError, match="^Caught "):
+        next(it)
+    assert list(data._dead_worker_as_torch_says(iter([{"a": 1}, {"a": 2}]))) == [{"a": 1}, {"a": 2}]
