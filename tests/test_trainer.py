@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -689,6 +690,133 @@ def test_ema_after_step_n_uses_the_decay_of_update_n_plus_1(tmp_path):
     assert d1 != d0
     for t0, t, s in zip(before, t_enc, s_enc):
         torch.testing.assert_close(t, d1 * t0 + (1 - d1) * s.detach(), rtol=0, atol=1e-6)
+
+
+# The tiny recipe's numbers, written out for the hand references below: --shards synthetic:64 at --batch-size 8 is 8
+# optimizer steps per epoch; --epochs 10 gives 80 steps; --warmup-epochs 1 is 8 warm-up steps at --lr 1e-3;
+# --tau-t-warmup-epochs 2 is 16 steps; AdamW betas (0.9, 0.95), eps 1e-6, weight decay 0.05 and clip 3.0 are the
+# paper's (METHOD.md §5); EMA end-points 0.99 -> 0.999 (encoder) and 0.99 -> 1.0 (head), --ema-reference-batch 0.
+TRAINED = ("cls_token", "patch_embed.", "student_encoder.", "predictor.", "student_head.")  # METHOD.md §3: θ, υ, ψ
+
+
+def _tiny_lms(n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, 1, 80, 608, generator=g) * 4 - 7 for _ in range(n)]
+
+
+def _hand_lr(k: int) -> float:
+    """The tiny recipe's lr at (0-based) step k: linear warm-up from 0 over 8 steps, then cosine to 0 at step 80."""
+    return 1e-3 * k / 8 if k < 8 else 0.5 * 1e-3 * (1 + math.cos(math.pi * (k - 8) / (80 - 8)))
+
+
+def test_optimizer_steps_are_a_clip_then_adamw_written_out(tmp_path):
+    """Ten real optimizer steps (warm-up from lr 0 and the first cosine step; the clip at 3.0 binds in steps 0-5)
+    against AdamW written out by hand on the gradients the backward left: clip by the global norm (torch's
+    3 / (norm + 1e-6)), m and v with betas (0.9, 0.95), bias corrections 1 - beta^t, eps 1e-6 added to sqrt(v_hat)
+    (torch's AdamW), weight decay 0.05 decoupled (p <- p (1 - lr wd)) on every trained parameter: METHOD.md §5 and
+    OptimConfig exclude none, biases, LayerNorm gains, the CLS and mask tokens and the weight-norm gains included.
+    Each step is applied by hand to the weights the trainer had before it, with m and v carried in float64."""
+    from matpac_fast.trainer import Trainer
+
+    trainer = Trainer(resolve([*TINY, "--out", str(tmp_path / "run"), "--max-steps", "10"])[0])
+    model = trainer.raw_model
+    named = [(n, p) for n, p in model.named_parameters() if n.startswith(TRAINED)]
+    opt_params = [p for g in trainer.inner_optimizer.param_groups for p in g["params"]]
+    assert sorted(map(id, opt_params)) == sorted(id(p) for _, p in named)  # the student's, no teacher weight
+    assert any(p.ndim == 1 for _, p in named) and "predictor.mask_token" in dict(named)
+    raw, seen = {}, []
+    hooks = [p.register_post_accumulate_grad_hook(lambda p, n=n: raw.__setitem__(n, p.grad.detach().double().clone()))
+             for n, p in named]
+    hooks.append(trainer.inner_optimizer.register_step_pre_hook(
+        lambda opt, args, kwargs: seen.append({n: p.grad.detach().double().clone() for n, p in named})))
+    b1, b2, eps, wd, clip = 0.9, 0.95, 1e-6, 0.05, 3.0
+    m = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named}
+    v = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in named}
+    clipped_steps = 0
+    try:
+        for k, lms in enumerate(_tiny_lms(10)):
+            before = {n: p.detach().double().clone() for n, p in named}
+            raw.clear()
+            seen.clear()
+            trainer.micro_step(lms)
+            assert trainer.step == k + 1 and len(raw) == len(named) and len(seen) == 1
+            lr, t = _hand_lr(k), k + 1
+            norm = math.sqrt(sum(float((g**2).sum()) for g in raw.values()))
+            coef = min(1.0, clip / (norm + 1e-6))
+            clipped_steps += coef < 1
+            for n, p in named:
+                g = raw[n] * coef
+                torch.testing.assert_close(seen[0][n], g, rtol=1e-5, atol=1e-9, msg=f"step {k}: clipped grad of {n}")
+                m[n] = b1 * m[n] + (1 - b1) * g
+                v[n] = b2 * v[n] + (1 - b2) * g * g
+                m_hat, v_hat = m[n] / (1 - b1**t), v[n] / (1 - b2**t)
+                expected = before[n] * (1 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps)
+                if k == 0:  # the warm-up starts at lr 0: the first update leaves every weight as it was
+                    assert lr == 0.0 and torch.equal(p.detach().double(), before[n]), n
+                # about 1 float32 ulp apart; dropping the decay of a LayerNorm gain (1.0) moves it by lr * wd >= 6e-6
+                torch.testing.assert_close(p.detach().double(), expected, rtol=3e-7, atol=2e-8,
+                                           msg=lambda s, n=n, k=k: f"step {k}, {n}: {s}")
+    finally:
+        for h in hooks:
+            h.remove()
+    assert clipped_steps >= 3  # the clip was exercised (the tiny model's first grad norms are about 5)
+
+
+@pytest.mark.parametrize("ref_batch, kappa", [("0", 1), ("4", 2)])
+def test_ema_teacher_encoder_and_head_follow_the_linear_decays_by_hand(tmp_path, ref_batch, kappa):
+    """After optimizer step k (0-based) the teacher encoder and the teacher head are d*teacher + (1 - d)*student,
+    the student being the one after that step and d the decay of update k + 1 (schedules.py), linear over all 80
+    updates (METHOD.md §4.9): encoder 0.99 -> 0.999, head 0.99 -> 1.0, each raised to the power
+    kappa = global batch / --ema-reference-batch (METHOD.md §5; 8 / 4 = 2). Matched by parameter name
+    (teacher_encoder.X <- student_encoder.X, teacher_head.X <- student_head.X); the patch embedding, CLS and predictor
+    have no teacher (the teacher reuses the student's embedding, METHOD.md §2)."""
+    from matpac_fast.trainer import Trainer
+
+    trainer = Trainer(resolve([*TINY, "--out", str(tmp_path / "run"), "--max-steps", "3",
+                               "--ema-reference-batch", ref_batch])[0])
+    model = trainer.raw_model
+    teacher_names = {n.split(".")[0] for n, _ in model.named_parameters() if not n.startswith(TRAINED)}
+    assert teacher_names == {"teacher_encoder", "teacher_head"}
+    pairs = {"encoder": (model.teacher_encoder, model.student_encoder, 0.99, 0.999),
+             "head": (model.teacher_head, model.student_head, 0.99, 1.0)}
+    for k, lms in enumerate(_tiny_lms(3)):
+        t0 = {key: {n: p.detach().double().clone() for n, p in t.named_parameters()} for key, (t, *_) in pairs.items()}
+        trainer.micro_step(lms)
+        for key, (teacher, student, start, end) in pairs.items():
+            d = (start + (end - start) * (k + 1) / 80) ** kappa
+            s1 = dict(student.named_parameters())
+            num = den = 0.0
+            for n, t in teacher.named_parameters():
+                s = s1[n].detach().double()
+                torch.testing.assert_close(t.detach().double(), d * t0[key][n] + (1 - d) * s, rtol=3e-7, atol=1e-9,
+                                           msg=lambda msg, n=n, key=key, k=k: f"step {k}, teacher {key} {n}: {msg}")
+                num += float(((t.detach().double() - s) * (t0[key][n] - s)).sum())
+                den += float(((t0[key][n] - s) ** 2).sum())
+            # the decay the update used, fitted over the whole module: a clear figure when it is the wrong one
+            assert num / den == pytest.approx(d, abs=1e-7), (key, k)
+
+
+def test_the_teacher_temperature_reaching_the_loss_is_the_warm_up_by_hand(tmp_path, monkeypatch):
+    """The tau_t that the loss receives in each of 18 steps of a real training loop (two epoch boundaries): linear
+    0.04 -> 0.07 over the first 2 epochs (16 steps), then 0.07 (METHOD.md §4.5); the forward of step k (0-based) uses
+    the value of k, as the authors' forward at num_updates = k. tau_s stays 0.1. Captured at the loss function the
+    model calls (a spy), not read from the schedule."""
+    import matpac_fast.model as M
+    from matpac_fast.trainer import Trainer
+
+    real, taus = M.centered_softmax_xent_reference, []
+
+    def spy(student_MK, teacher_MK, center_K, tau_s, tau_t, center_mode="prob"):
+        taus.append((float(tau_s), float(tau_t)))
+        return real(student_MK, teacher_MK, center_K, tau_s, tau_t, center_mode=center_mode)
+
+    monkeypatch.setattr(M, "centered_softmax_xent_reference", spy)
+    trainer = Trainer(resolve([*TINY, "--out", str(tmp_path / "run"), "--max-steps", "18", "--log-every", "100"])[0])
+    assert trainer.train()["step"] == 18
+    hand = [0.04 + (0.07 - 0.04) * k / 16 for k in range(16)] + [0.07, 0.07]
+    assert len(taus) == 18
+    assert [s for s, _ in taus] == [pytest.approx(0.1)] * 18
+    assert [t for _, t in taus] == pytest.approx(hand, rel=1e-6, abs=0)
 
 
 def test_dropping_a_partial_accumulation_clears_its_gradients(tmp_path):
