@@ -25,9 +25,10 @@ import matpac_kernels as mk  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON_IN_PROCESS = torch.cuda.is_available() or mk.interpreter_active()
-needs_triton = pytest.mark.skipif(
-    not TRITON_IN_PROCESS, reason="triton was imported before TRITON_INTERPRET=1; the subprocess test runs these"
-)
+_NO_TRITON_WHY = ("triton is not installed (test_triton_is_installed_where_it_is_a_dependency fails for it)"
+                  if not mk._runtime.HAVE_TRITON else
+                  "triton was imported before TRITON_INTERPRET=1; the subprocess test runs these")
+needs_triton = pytest.mark.skipif(not TRITON_IN_PROCESS, reason=_NO_TRITON_WHY)
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
