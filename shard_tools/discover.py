@@ -685,7 +685,9 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
             f"the first row's labels are used (e.g. {relabelled[0]})"
         )
     if not items:
-        raise ValueError(f"{csv_path}: no rows with a path; add one row per audio file under the 'path' header")
+        path_header = next((f or "").strip() for f, n in zip(header, names) if n == "path")  # as the file spells it
+        raise ValueError(f"{csv_path}: no rows with a path; add one row per audio file under the {path_header!r} "
+                         "header")
     items.sort(key=lambda it: it.source)
     classes = _classes_from([it.labels for it in items])
     return Discovery(_with_indices(items, classes), classes, classes, notes)

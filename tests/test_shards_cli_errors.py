@@ -1040,3 +1040,13 @@ def test_a_long_input_scan_shows_a_file_counter_unless_no_progress(tmp_path, cap
     assert re.search(rf"scanning {re.escape(str(tmp_path / 'in'))}: 3 audio files ", err), err
     assert run("folder", str(tmp_path / "in"), "--out", str(tmp_path / "out2")) == 0  # --no-progress: none
     assert "scanning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("header", "said"), [("path,label", "'path'"), ("Filename,label", "'Filename'")])
+def test_a_manifest_without_rows_names_its_own_path_header(tmp_path, header, said):
+    """A header-only manifest: the advice named the 'path' header also when the file's path column is 'Filename'."""
+    (tmp_path / "m.csv").write_text(header + "\n")
+    with pytest.raises(SystemExit) as e:
+        run("manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "out"))
+    msg = str(e.value)
+    assert "\n" not in msg and f"no rows with a path; add one row per audio file under the {said} header" in msg, msg
