@@ -58,8 +58,9 @@ def test_eval_reads_the_formats_make_shards_reads(tmp_path, monkeypatch, capsys)
     # without PyAV: each such clip is skipped with make-shards' reason and its fix, not "Format not recognised"
     monkeypatch.undo()
     monkeypatch.setattr(shard_tools.decode, "pyav_available", lambda: False)
-    with pytest.raises(embed.UnreadableAudio, match=r"needs_pyav: .*pip install av"):
+    with pytest.raises(embed.UnreadableAudio, match=r"needs_pyav: .*pip install av") as e:
         embed.load_clip(str(root / "low" / "low_0.m4a"), 8000, embed.get_spec("matpac"))
+    assert str(e.value).count("pip install av") == 1, str(e.value)  # the advice once, not appended again
     assert embed.audio_duration(str(root / "low" / "low_0.webm")) is None
 
 

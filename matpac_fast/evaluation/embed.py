@@ -114,7 +114,8 @@ class UnreadableAudio(ValueError):
     def __init__(self, path: str, reason: str):
         cause = skip_cause(reason)
         what = {"undecodable": f"cannot decode audio ({reason})", "non_finite": f"holds {reason}"}.get(cause, reason)
-        super().__init__(f"{path}: {what}; {SKIP_CAUSES[cause][2]}, or drop it")
+        advice = "" if cause == "needs_pyav" else f"; {SKIP_CAUSES[cause][2]}"  # its reason names the fix already
+        super().__init__(f"{path}: {what}{advice}, or drop it")
         self.path, self.reason, self.cause = path, reason, cause
 
 
