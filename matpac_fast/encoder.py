@@ -219,7 +219,10 @@ class Encoder(nn.Module):
         if wave.shape[-1] < spec.n_fft:
             raise ValueError(f"audio too short: {wave.shape[-1]} samples at {spec.sample_rate} Hz < n_fft {spec.n_fft}")
         if self._melspec is None:
-            self._melspec = LogMelSpec(spec)
+            # A plain attribute, not a submodule: registered, its mel filters joined state_dict() after the first
+            # encode (that dict then failed to load: "unknown keys _melspec.*") and .half() cast them (the next
+            # encode: "expected scalar type Float but found Half"). encode moves it to the device itself.
+            object.__setattr__(self, "_melspec", LogMelSpec(spec))
         frames = self.encode_lms(self._melspec.to(device)(wave))
         return frames, frames.mean(dim=1)
 

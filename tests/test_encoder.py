@@ -174,6 +174,21 @@ def test_encode_resamples_and_validates():
     torch.testing.assert_close(enc.encode(wave, np.int64(44100))[1], enc.encode(wave, 44100.0)[1])
 
 
+def test_encode_adds_nothing_to_the_state_dict_and_survives_a_dtype_cast():
+    """The log-mel module encode builds on first use is no part of the model: it joined state_dict() (a dict saved
+    after an encode failed to load: unknown keys _melspec.*) and .half() / .to(bfloat16) cast its filters (the next
+    encode failed: expected scalar type Float)."""
+    enc = load_encoder("random", preset="tiny")
+    keys = set(enc.state_dict())
+    wave = np.random.default_rng(2).standard_normal(16000).astype(np.float32) * 0.1
+    clip = enc.encode(wave, 16000)[1]
+    assert set(enc.state_dict()) == keys
+    assert torch.equal(load_encoder(enc.state_dict(), preset="tiny").encode(wave, 16000)[1], clip)
+    low = enc.to(torch.bfloat16).encode(wave, 16000)[1]  # the log-mel stays float32, the encoder runs in bf16
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), clip, atol=0.05, rtol=0.05)
+
+
 def test_unknown_frontend_is_refused_at_load(tmp_path):
     # load_encoder(frontend="m2x") returned an encoder whose first encode() failed
     torch.save(export_encoder_state(MATPAC(get_model_config("tiny"))), tmp_path / "enc.pt")
