@@ -248,7 +248,12 @@ def _sample_rate(sr) -> int:
 def _float_wave(wave) -> torch.Tensor:
     """float32 tensor of `wave`; integer PCM scaled to [-1, 1] as soundfile and librosa read it (int16 / 2^15,
     int32 / 2^31, uint8 centred on 128): taken as is, int16 audio is 32,768 times too loud for the log-mel."""
-    t = torch.as_tensor(np.asarray(wave) if not isinstance(wave, torch.Tensor) else wave)
+    if not isinstance(wave, torch.Tensor):
+        # torch.as_tensor refuses big-endian samples (scipy reads a RIFX WAV as >i2) and negative strides (w[::-1]):
+        # a copy in native order, only when needed
+        wave = np.asarray(wave)
+        wave = np.require(wave, dtype=wave.dtype.newbyteorder("="), requirements="C")
+    t = torch.as_tensor(wave)
     if t.dtype == torch.uint8:
         return (t.to(torch.float32) - 128.0) / 128.0
     if t.dtype in (torch.int8, torch.int16, torch.int32):

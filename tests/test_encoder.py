@@ -189,6 +189,19 @@ def test_encode_adds_nothing_to_the_state_dict_and_survives_a_dtype_cast():
     torch.testing.assert_close(low.float(), clip, atol=0.05, rtol=0.05)
 
 
+def test_big_endian_and_reversed_samples_embed_like_native_ones():
+    """scipy.io.wavfile reads a RIFX (big-endian) WAV as >i2: torch.as_tensor refused it ("byte order different
+    from the native byte order ... not supported"), with no hint of what to do; and a reversed view (w[::-1])."""
+    enc = load_encoder("random", preset="tiny")
+    wave = np.random.default_rng(3).standard_normal(16000).astype(np.float32) * 0.1
+    pcm = np.round(wave * 32767).astype(np.int16)
+    for native in (pcm, wave):
+        swapped = native.astype(native.dtype.newbyteorder("S"))  # the other byte order, same values
+        assert not swapped.dtype.isnative and np.array_equal(swapped, native)
+        assert torch.equal(enc.encode(swapped, 16000)[1], enc.encode(native, 16000)[1])
+        assert torch.equal(enc.encode(native[::-1], 16000)[1], enc.encode(native[::-1].copy(), 16000)[1])
+
+
 def test_unknown_frontend_is_refused_at_load(tmp_path):
     # load_encoder(frontend="m2x") returned an encoder whose first encode() failed
     torch.save(export_encoder_state(MATPAC(get_model_config("tiny"))), tmp_path / "enc.pt")
