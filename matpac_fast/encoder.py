@@ -168,8 +168,9 @@ class Encoder(nn.Module):
                     n_mels=self.n_mels, patch=self.patch, n_time_patches=self.n_t, norm_mean=self.norm_mean,
                     norm_std=self.norm_std, frontend=self.frontend)  # fmt: skip
 
-    def encode_lms(self, lms_BFT: torch.Tensor) -> torch.Tensor:
-        """Raw log-mel (B, n_mels, T) -> frame embeddings (B, ceil(T / patch), n_f·D), one per 160 ms.
+    def encode_lms(self, lms_BFT: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Raw log-mel (B, n_mels, T), a tensor or numpy array -> frame embeddings (B, ceil(T / patch), n_f·D), one
+        per 160 ms.
 
         `chunk_frames`-frame chunks (608 for the presets; loaded weights: their position table's length, e.g. 992 for
         the authors' AudioSet-fine-tuned encoder); the input is zero-padded (after normalisation) to a multiple of the
@@ -178,6 +179,8 @@ class Encoder(nn.Module):
         Runs under the caller's autograd mode: outside `torch.no_grad()` / `torch.inference_mode()` the result
         keeps the autograd graph (for fine-tuning), which holds every block's activations in memory. For
         inference wrap the call in `torch.inference_mode()` or use `encode`, which runs without a graph."""
+        if not isinstance(lms_BFT, torch.Tensor):  # a numpy log-mel (librosa's) failed with "has no attribute 'float'"
+            lms_BFT = torch.as_tensor(np.asarray(lms_BFT), device=self.cls_token.device)
         if lms_BFT.ndim != 3 or lms_BFT.shape[1] != self.n_mels:
             raise ValueError(f"encode_lms expects (B, {self.n_mels}, T) log-mel, got {tuple(lms_BFT.shape)}"
                              f"{_lms_shape_hint(tuple(lms_BFT.shape), self.n_mels)}")

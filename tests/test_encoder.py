@@ -202,6 +202,16 @@ def test_big_endian_and_reversed_samples_embed_like_native_ones():
         assert torch.equal(enc.encode(native[::-1], 16000)[1], enc.encode(native[::-1].copy(), 16000)[1])
 
 
+def test_encode_lms_takes_a_numpy_log_mel():
+    """encode takes numpy audio; encode_lms failed on a numpy log-mel (librosa's) with an AttributeError."""
+    enc = load_encoder("random", preset="tiny")
+    lms = np.random.default_rng(4).standard_normal((2, 80, 100)).astype(np.float32) * 4 - 7
+    with torch.inference_mode():
+        assert torch.equal(enc.encode_lms(lms), enc.encode_lms(torch.from_numpy(lms)))
+        with pytest.raises(ValueError, match=r"got \(2, 100, 80\): put the mel bins second"):
+            enc.encode_lms(lms.transpose(0, 2, 1))
+
+
 def test_unknown_frontend_is_refused_at_load(tmp_path):
     # load_encoder(frontend="m2x") returned an encoder whose first encode() failed
     torch.save(export_encoder_state(MATPAC(get_model_config("tiny"))), tmp_path / "enc.pt")
