@@ -480,6 +480,37 @@ def test_dataloader_two_workers_matches_simulation(tmp_path, reuse):
     assert sum(max((b["skipped_shards"] for b in v), default=0) for v in sim.values()) >= 1
 
 
+def _loader_digest(source, cfg) -> str:
+    """sha256 over every batch's keys and log-mel of rank 0's epoch 1, seed 3."""
+    h = hashlib.sha256()
+    for b in make_loader(cfg, 0, 1, epoch=1, seed=3, source=source):
+        h.update(repr(b["key"]).encode() + b["lms"].numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_workers_started_by_forkserver_and_spawn_give_the_forked_workers_batches(tmp_path):
+    """Python 3.14 starts processes with forkserver on Linux (spawn on macOS): workers then get the dataset and
+    worker_init pickled instead of inherited, so a part that cannot be pickled would break every loader there.
+    Runs each start method in a child process (a start method is set once per process)."""
+    source, _ = _make_set(tmp_path, 40, per_shard=6)
+    cfg = {"batch_size": 4, "crop_frames": CROP, "shuffle_buffer": 16, "num_workers": 2}
+    code = ("import json, multiprocessing as mp, sys\n"
+            "from matpac_fast.data import DataConfig, ShardSource\n"
+            "from tests.test_loader import _loader_digest\n"
+            "out = {}\n"
+            "for method in ('forkserver', 'spawn'):\n"
+            "    mp.set_start_method(method, force=True)\n"
+            "    out[method] = _loader_digest(ShardSource.open(sys.argv[1]), DataConfig(**json.loads(sys.argv[2])))\n"
+            "print(json.dumps(out))\n")
+    import subprocess
+
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path), json.dumps(cfg)], cwd=Path(__file__).parents[1],
+                       capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    forked = _loader_digest(source, DataConfig(**cfg))
+    assert json.loads(r.stdout.splitlines()[-1]) == {"forkserver": forked, "spawn": forked}
+
+
 def test_synthetic_source_contract():
     source = SyntheticSource(n_clips=50, n_frames=100, per_shard=16)
     cfg = _cfg(with_labels=True)
