@@ -327,6 +327,17 @@ def test_missing_checkpoint_and_empty_classes_are_prefixed_one_line_errors(tones
         load_encoder(tmp_path / "bad.safetensors")
 
 
+def test_a_shard_set_as_data_says_eval_reads_audio(tmp_path):
+    """make-shards' output is the natural next thing to pass; it said only "no audio files in label subfolders"."""
+    from matpac_fast.data_fixtures import clip, write_shard_set
+
+    write_shard_set(tmp_path / "sh", [("k0", clip(np.random.default_rng(0), 80), [0])], per_shard=1, min_frames=16)
+    msg = _one_line_error(["--checkpoint", "logmel", "--data", str(tmp_path / "sh"), "--out", str(tmp_path / "o")])
+    assert msg.endswith(f"--data {tmp_path / 'sh'} is a make-shards shard set (log-mel): matpac-eval reads audio; "
+                        "pass the folder or CSV the shards were made from"), msg
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("option", ["--out", "--data", "--checkpoint", "--cache-dir"])
 def test_an_empty_path_is_an_error_not_the_current_folder(tmp_path, monkeypatch, capsys, option):
     # `--out ""` (an unset shell variable) wrote results.md, JSON and PNG into the current folder; `--data ""`

@@ -334,6 +334,10 @@ def load_folder(root: str | os.PathLike, classes: list[str] | None = None, layou
                 if f.parent.name != sub.name:  # make-shards' rule (the folder holding it) gives another label
                     nested.append(f)
     if not clips:
+        if (root / "sizes.json").is_file() and (root / "stats.json").is_file():
+            # a make-shards output is the natural next thing to point at; its clips are log-mel, not audio
+            raise ValueError(f"--data {root} is a make-shards shard set (log-mel): matpac-eval reads audio; pass the "
+                             "folder or CSV the shards were made from")
         raise ValueError(
             f"--data {root}: no audio files in label subfolders (expected {root}/<label>/*.wav) and no labels CSV"
         )
