@@ -279,17 +279,34 @@ class TarIndex:
 
     def __init__(self, path: str):
         self.path = path
+        self._stamp = self._map()
+        self._build()
+
+    def _map(self) -> tuple[int, int]:
+        """Map the file into `mm` (`release` sets it to None); returns the file's (size, mtime_ns)."""
         try:
-            with open(path, "rb") as f:
-                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b""
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else b""
         except OSError as e:
             raise ShardError(f"{e.strerror or e}") from e
+        return st.st_size, st.st_mtime_ns
+
+    def release(self) -> None:
+        """Drop the mapping (Python's mmap holds a file descriptor, closed once no array view of it is left) but keep
+        the member table: `remap` then costs an open and an mmap instead of a walk over every header of the shard."""
+        self.mm = None
+
+    def remap(self) -> None:
+        stamp = self._map()
+        if stamp != self._stamp:  # replaced or rewritten since it was indexed: its table may be stale
+            self._stamp = stamp
+            self._build()
+
+    def _build(self) -> None:
         self.keys: list[str] = []
         self.npy: list[tuple[int, int]] = []
         self.json: list[tuple[int, int] | None] = []
-        self._build()
-
-    def _build(self) -> None:
         members = _plain_members(self.mm)
         if members is None:  # extended headers (long names): the general walker
             cur = _MmapCursor(self.mm)
@@ -331,21 +348,31 @@ def group_samples(members) -> Iterator[tuple[str, dict[str, object]]]:
 
 
 class IndexCache:
-    """Per-process LRU of open TarIndex objects (a mapping costs one fd and no memory until read)."""
+    """Per-process cache of TarIndex objects: every member table is kept, the mappings (one file descriptor each,
+    no memory until read) of the `capacity` most recently used shards only. Tables must outlive their mappings: an
+    exact-mode worker draws samples from its whole range in random order, so with more shards than `capacity`
+    nearly every sample was a miss, and a miss walked every header of its shard again (a worker with 792 or 1,980
+    shards made a batch 50-60x slower than one with 198)."""
 
     def __init__(self, capacity: int = 256):
         self.capacity = capacity
-        self._items: OrderedDict[str, TarIndex] = OrderedDict()
+        self._index: dict[str, TarIndex] = {}
+        self._mapped: OrderedDict[str, None] = OrderedDict()  # least recently used first
 
     def get(self, path: str) -> TarIndex:
-        idx = self._items.get(path)
+        idx = self._index.get(path)
         if idx is None:
-            idx = TarIndex(path)
-            self._items[path] = idx
-            if len(self._items) > self.capacity:
-                self._items.popitem(last=False)
-        else:
-            self._items.move_to_end(path)
+            idx = self._index[path] = TarIndex(path)
+        elif idx.mm is None:
+            try:
+                idx.remap()
+            except ShardError:
+                del self._index[path]  # as a shard that failed its first indexing: tried again on the next get
+                raise
+        self._mapped[path] = None
+        self._mapped.move_to_end(path)
+        if len(self._mapped) > self.capacity:
+            self._index[self._mapped.popitem(last=False)[0]].release()
         return idx
 
 

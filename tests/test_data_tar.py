@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from matpac_fast.data_fixtures import clip, npy_bytes
-from matpac_fast.data_tar import ShardError, TarIndex, iter_stream_samples, npy_view
+from matpac_fast.data_tar import IndexCache, ShardError, TarIndex, iter_stream_samples, npy_view
 
 
 def _write(path, members, fmt=tarfile.PAX_FORMAT):
@@ -64,6 +64,32 @@ def test_index_is_zero_copy(tmp_path):
     _write(path, [("x.npy", npy_bytes(clip(rng, 700)))])
     arr = TarIndex(str(path)).array(0)
     assert not arr.flags.owndata and not arr.flags.writeable  # a view into the read-only mapping
+
+
+def test_index_cache_keeps_tables_of_released_shards(tmp_path, monkeypatch):
+    """More shards than open mappings (an exact-mode worker reads its range in random order): each shard's headers
+    are walked once, not again at every miss; at most `capacity` stay mapped; a shard rewritten since is re-read."""
+    rng = np.random.default_rng(2)
+    paths = []
+    for s in range(5):
+        paths.append(str(tmp_path / f"s{s}.tar"))
+        _write(paths[-1], [(f"k{s}_{j}.npy", npy_bytes(clip(rng, 10 + j))) for j in range(3)])
+    walks = []
+    build = TarIndex._build
+    monkeypatch.setattr(TarIndex, "_build", lambda self: (walks.append(self.path), build(self))[1])
+    cache = IndexCache(capacity=2)
+    for _ in range(3):
+        for s, path in enumerate(paths):
+            idx = cache.get(path)
+            assert idx.keys == [f"k{s}_{j}" for j in range(3)] and idx.array(2).shape == (80, 12)
+    assert walks == paths  # once each
+    assert sum(i.mm is not None for i in cache._index.values()) == 2
+    _write(paths[0], [("new.npy", npy_bytes(clip(rng, 10)))])  # another size: the old table is stale
+    assert cache.get(paths[0]).keys == ["new"] and walks[-1] == paths[0]
+    (tmp_path / "s1.tar").unlink()
+    for _ in range(2):  # a shard that cannot be read again fails each time, as one that never could
+        with pytest.raises(ShardError):
+            cache.get(paths[1])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "checksum", "empty", "not_tar"])
