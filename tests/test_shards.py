@@ -722,6 +722,21 @@ def test_m2d_set_made_before_the_waveform_padding_is_recognised_and_finished_unp
     assert redone["written"] == 6 and min(m["n_frames"] for _, m in read_shard_set(tmp_path / "out").values()) == 611
 
 
+def test_an_m2d_run_hashes_its_inputs_once(tmp_path, monkeypatch):
+    """plan_hashes is a pass over every input (~15 s at 2 million files). An m2d run's checks for a set of an earlier
+    version (the old --short default, unpadded waveforms) made it 5 passes on a fresh run and 3 on a rerun."""
+    import shard_tools.pipeline as pl
+
+    passes = []
+    real = pl.plan_hashes
+    monkeypatch.setattr(pl, "plan_hashes", lambda disc, cfg: passes.append(cfg) or real(disc, cfg))
+    first = make_synthetic_shards(tmp_path / "out", 2, frontend="m2d", workers=0, progress=False)
+    assert first["written"] == 2 and len(passes) == 1
+    passes.clear()
+    assert make_synthetic_shards(tmp_path / "out", 2, frontend="m2d", workers=0, progress=False)["already_complete"]
+    assert len(passes) == 1
+
+
 def test_m2d_folder_planned_with_the_old_drop_default_is_continued_not_refused(tmp_path, capsys):
     # m2d's --short default became pad; a set made with the old default (drop), rerun without --short, is the same
     # set (recognised as complete, one note), not "a different shard set".
