@@ -305,8 +305,7 @@ class TarIndex:
 
     def _build(self) -> None:
         self.keys: list[str] = []
-        self.npy: list[tuple[int, int]] = []
-        self.json: list[tuple[int, int] | None] = []
+        refs: list[tuple[int, int, int, int]] = []
         members = _plain_members(self.mm)
         if members is None:  # extended headers (long names): the general walker
             cur = _MmapCursor(self.mm)
@@ -315,19 +314,22 @@ class TarIndex:
             if "npy" not in parts:
                 raise ShardError(f"sample {key!r} has no .npy member")
             self.keys.append(key)
-            self.npy.append(parts["npy"])
-            self.json.append(parts.get("json"))
+            refs.append(parts["npy"] + parts.get("json", (-1, 0)))
+        # One int64 row per sample (npy offset, size, json offset or -1, size): the cache keeps every shard's table
+        # for the whole run, and lists of tuples of Python ints made a table with its keys 301 bytes a sample, 116
+        # this way (20,000 AudioSet-like keys; 2 million clips, as a resampled-mode worker indexes: 0.6 -> 0.23 GB).
+        self._refs = np.array(refs, dtype=np.int64).reshape(-1, 4)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def array(self, i: int) -> np.ndarray:
-        off, size = self.npy[i]
+        off, size = self._refs[i, :2].tolist()
         return npy_view(self.mm, off, size)
 
     def json_bytes(self, i: int) -> bytes | None:
-        ref = self.json[i]
-        return None if ref is None else bytes(self.mm[ref[0] : ref[0] + ref[1]]).rstrip(b"\0")
+        off, size = self._refs[i, 2:].tolist()
+        return None if off < 0 else bytes(self.mm[off : off + size]).rstrip(b"\0")
 
 
 def group_samples(members) -> Iterator[tuple[str, dict[str, object]]]:
