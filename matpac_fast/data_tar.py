@@ -274,6 +274,13 @@ def _plain_members(mm) -> list[tuple[str, tuple[int, int]]] | None:
     return out
 
 
+def _advise(mm, option: str, start: int = 0, length: int | None = None) -> None:
+    """mm.madvise(mmap.<option>) over [start, start + length) (default: to the end), where the platform has it."""
+    flag = getattr(mmap, option, None)
+    if flag is not None and isinstance(mm, mmap.mmap) and len(mm):
+        mm.madvise(flag, start, len(mm) - start if length is None else length)
+
+
 class TarIndex:
     """mmap of one local shard + the (key, npy, json) member table in tar order."""
 
@@ -290,6 +297,12 @@ class TarIndex:
                 self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else b""
         except OSError as e:
             raise ShardError(f"{e.strerror or e}") from e
+        # The index walk touches one header page per member, but a fault's default read-around (up to the device's
+        # read-ahead, 8 MiB on this project's CPU machine) read whole shards: a worker read its whole range before
+        # its first batch, and a set larger than the page cache was read ~17x over during the epoch (a 31 GiB set,
+        # 23 GiB of RAM: first batch after 31.8 GiB read, then 41 GiB for 2.4 GiB of samples, ~1,000 samples/s).
+        # Random access, with each sample asking for its own payload (`array`): 1.7 GiB, then 2.3 GiB, ~8,300/s.
+        _advise(self.mm, "MADV_RANDOM")
         return st.st_size, st.st_mtime_ns
 
     def release(self) -> None:
@@ -325,6 +338,8 @@ class TarIndex:
 
     def array(self, i: int) -> np.ndarray:
         off, size = self._refs[i, :2].tolist()
+        start = off - off % mmap.PAGESIZE  # madvise wants a page-aligned start
+        _advise(self.mm, "MADV_WILLNEED", start, off + size - start)  # one read of the payload, not a page per fault
         return npy_view(self.mm, off, size)
 
     def json_bytes(self, i: int) -> bytes | None:
