@@ -10,11 +10,13 @@ Prints counts, hours and a label histogram; exit status 1 on any problem.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
 import os
 import re
+import signal
 import sys
 import tarfile
 from collections import Counter
@@ -129,10 +131,12 @@ def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: i
     return errs
 
 
-def _read_shard(path: Path, report: Report, seen: set[str], n_mels: int, classes: list[str] | None) -> int:
-    """Check every sample of one shard; returns the number of samples read."""
+def _read_shard(path: Path, report: Report, keys: list[str], n_mels: int, classes: list[str] | None) -> int:
+    """Check every sample of one shard; returns the number of samples read. Its distinct keys are appended to
+    `keys` in tar order (a key repeated inside the shard is reported here; across shards, by the caller)."""
     count = 0
     current, members = None, {}
+    seen: set[str] = set()
 
     def flush():
         nonlocal count
@@ -141,7 +145,9 @@ def _read_shard(path: Path, report: Report, seen: set[str], n_mels: int, classes
         count += 1
         if current in seen:
             report.problems.append(f"{path.name}: key {current!r} appears more than once in the set")
-        seen.add(current)
+        else:
+            seen.add(current)
+            keys.append(current)
         errs = _check_sample(current, members, n_mels, len(classes) if classes else None, path.name)
         report.problems.extend(errs)
         if not errs:
@@ -339,7 +345,52 @@ def _other_tars(out: Path, sizes: dict, report: Report) -> None:
             report.warnings.append(f"{p.name} is not part of this shard set (not in sizes.json); ignored")
 
 
-def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True) -> Report:
+def _check_shard(job) -> tuple[str, Report, list[str]]:
+    """One shard's checks (a worker's job): (name, its partial Report, its keys in tar order)."""
+    out, name, digest, listed, n_mels, classes = job
+    part, keys = Report(), []
+    path = out / name
+    if not path.is_file():
+        part.problems.append(f"{name} is listed in sizes.json but missing")
+        return name, part, keys
+    if digest == "":
+        part.problems.append(f"{name} has no sha256 in stats.json: its content cannot be checked")
+    elif digest is not None and sha256_file(path) != digest:
+        part.problems.append(f"{name}: sha256 differs from stats.json (the file was changed or damaged)")
+    part.n_samples = _read_shard(path, part, keys, n_mels, classes)
+    if part.n_samples != listed:
+        part.problems.append(f"{name}: {part.n_samples} samples, sizes.json says {listed}")
+    return name, part, keys
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group: the main process stops the pool and says so in one line; workers
+    # that also raised KeyboardInterrupt would each print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _shard_checks(jobs: list, workers: int):
+    """_check_shard over `jobs`, results in job order: in this process for one worker (or one shard), else in a
+    pool of `workers` spawned processes (hashing and parsing are CPU-bound; spawn, as make-shards: no fork of a
+    process that may hold threads)."""
+    workers = max(1, min(workers, len(jobs)))
+    if workers == 1:
+        yield map(_check_shard, jobs)
+        return
+    import multiprocessing as mp
+
+    pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint)
+    try:
+        yield pool.imap(_check_shard, jobs)
+        pool.close()
+    finally:
+        pool.terminate()  # done, or left early (an error, Ctrl-C): no worker outlives the check
+        pool.join()
+
+
+def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True, workers: int = 1) -> Report:
+    """Check the shard set in `out_dir` (every shard; `workers` processes check shards in parallel)."""
     out = Path(out_dir)
     report = Report()
     if not out.is_dir():
@@ -365,21 +416,24 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
     _other_tars(out, sizes, report)
     from tqdm import tqdm
 
+    # (shard, its expected sha256: None = no check, "" = stats.json has none for it) for _check_shard
+    want = [(name, None if not check_hashes or "shard_sha256" not in stats else hashes.get(name, "")) for name in
+            sorted(sizes)]
+    jobs = [(out, name, digest, sizes[name], n_mels, classes) for name, digest in want]
     seen: set[str] = set()
-    for name in tqdm(sorted(sizes), desc="verify-shards", unit="shard", file=sys.stderr, disable=not progress):
-        path = out / name
-        report.n_shards += 1
-        if not path.is_file():
-            report.problems.append(f"{name} is listed in sizes.json but missing")
-            continue
-        if check_hashes and "shard_sha256" in stats and name not in hashes:
-            report.problems.append(f"{name} has no sha256 in stats.json: its content cannot be checked")
-        elif check_hashes and name in hashes and sha256_file(path) != hashes[name]:
-            report.problems.append(f"{name}: sha256 differs from stats.json (the file was changed or damaged)")
-        n = _read_shard(path, report, seen, n_mels, classes)
-        report.n_samples += n
-        if n != sizes[name]:
-            report.problems.append(f"{name}: {n} samples, sizes.json says {sizes[name]}")
+    with _shard_checks(jobs, workers) as results:
+        for name, part, keys in tqdm(results, total=len(jobs), desc="verify-shards", unit="shard", file=sys.stderr,
+                                     disable=not progress):
+            report.n_shards += 1
+            report.problems += part.problems
+            # a key repeated inside one shard is reported by its check; across shards, here
+            report.problems += [f"{name}: key {k!r} appears more than once in the set" for k in keys if k in seen]
+            seen.update(keys)
+            report.n_samples += part.n_samples
+            report.n_frames += part.n_frames
+            report.seconds += part.seconds
+            report.labels.update(part.labels)
+            report.flags.update(part.flags)
     if stats:
         if "written" in stats and stats["written"] != report.n_samples:  # absent: damaged, reported above
             report.problems.append(
@@ -438,6 +492,13 @@ def _count(text: str) -> int:
     return n
 
 
+def _workers(text: str) -> int:
+    n = _count(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a worker count: give an integer >= 1")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="verify-shards",
@@ -451,10 +512,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-hash", action="store_true", help="skip the sha256 comparison (faster on huge sets)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--workers", type=_workers, default=os.cpu_count() or 1,
+                   help="processes checking shards in parallel (default: all cores, %(default)s here; 1 = in this "
+                   "process); each reads and hashes whole shards, so a slow disk may want fewer")
     args = p.parse_args(argv)
     if not args.dir.is_dir():
         raise SystemExit(f"verify-shards: error: {args.dir} is not a folder; pass the --out folder of make-shards")
-    report = verify(args.dir, check_hashes=not args.no_hash, progress=not args.no_progress)
+    try:
+        report = verify(args.dir, check_hashes=not args.no_hash, progress=not args.no_progress, workers=args.workers)
+    except KeyboardInterrupt:
+        print("verify-shards: interrupted; nothing was changed (the check only reads)", file=sys.stderr)
+        return 130
     print(format_report(report, report.stats if is_make_shards_stats(report.stats) else None, args.top))
     return 0 if report.ok else 1
 
