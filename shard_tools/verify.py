@@ -416,10 +416,10 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
     _other_tars(out, sizes, report)
     from tqdm import tqdm
 
-    # (shard, its expected sha256: None = no check, "" = stats.json has none for it) for _check_shard
-    want = [(name, None if not check_hashes or "shard_sha256" not in stats else hashes.get(name, "")) for name in
-            sorted(sizes)]
-    jobs = [(out, name, digest, sizes[name], n_mels, classes) for name, digest in want]
+    # _check_shard's jobs; a shard's expected sha256 is None for no check, "" when stats.json has none for it
+    check = check_hashes and "shard_sha256" in stats
+    jobs = [(out, name, hashes.get(name, "") if check else None, sizes[name], n_mels, classes)
+            for name in sorted(sizes)]
     seen: set[str] = set()
     with _shard_checks(jobs, workers) as results:
         for name, part, keys in tqdm(results, total=len(jobs), desc="verify-shards", unit="shard", file=sys.stderr,
