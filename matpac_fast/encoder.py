@@ -184,10 +184,17 @@ class Encoder(nn.Module):
         if lms_BFT.ndim != 3 or lms_BFT.shape[1] != self.n_mels:
             raise ValueError(f"encode_lms expects (B, {self.n_mels}, T) log-mel, got {tuple(lms_BFT.shape)}"
                              f"{_lms_shape_hint(tuple(lms_BFT.shape), self.n_mels)}")
+        if lms_BFT.shape[-1] == 0:
+            raise ValueError("encode_lms: the input has no frames")
+        # NaN or inf in a clip gave it NaN embeddings, silently (a probe on them scores chance and looks like a result)
+        _refuse_non_finite(lms_BFT, "encode_lms", "lms", "NaN or infinite values", "replace them with finite values "
+                           "(silence is ln(mel + eps), not ln(0) = -inf) or drop the clip")
+        return self._frames(lms_BFT)
+
+    def _frames(self, lms_BFT: torch.Tensor) -> torch.Tensor:
+        """encode_lms on a checked (B, n_mels, T > 0) finite log-mel tensor."""
         x = (lms_BFT.float() - self.norm_mean) / self.norm_std
         b, f, t = x.shape
-        if t == 0:
-            raise ValueError("encode_lms: the input has no frames")
         x = F.pad(x, (0, (-t) % self.patch))
         unit = self.chunk_frames
         n_full = x.shape[-1] // unit
@@ -210,6 +217,7 @@ class Encoder(nn.Module):
         spec = get_spec(self.frontend)
         device = self.cls_token.device
         wave = _float_wave(wave)
+        batched = wave.ndim != 1
         if wave.ndim == 1:
             wave = wave[None]
         if wave.ndim != 2:
@@ -218,6 +226,10 @@ class Encoder(nn.Module):
         if wave.shape[1] <= 8 < wave.shape[0]:
             raise ValueError(f"encode got shape {tuple(wave.shape)}: that looks like (samples, channels) audio; pass "
                              "mono (N,), e.g. wave.mean(axis=1), or clips as rows (B, N)")
+        # NaN or inf samples (a float WAV can hold them) gave NaN embeddings, silently: make-shards and matpac-eval
+        # skip such clips as non_finite; here the caller chooses, so the clip is named
+        _refuse_non_finite(wave, "encode", "wave" if batched else None, "NaN or infinite samples",
+                           "replace them with finite values (e.g. numpy.nan_to_num) or drop the clip")
         wave = resample(wave.to(device), _sample_rate(sr), spec)
         if wave.shape[-1] < spec.n_fft:
             raise ValueError(f"audio too short: {wave.shape[-1]} samples at {spec.sample_rate} Hz < n_fft {spec.n_fft}")
@@ -226,7 +238,11 @@ class Encoder(nn.Module):
             # encode (that dict then failed to load: "unknown keys _melspec.*") and .half() cast them (the next
             # encode: "expected scalar type Float but found Half"). encode moves it to the device itself.
             object.__setattr__(self, "_melspec", LogMelSpec(spec))
-        frames = self.encode_lms(self._melspec.to(device)(wave))
+        lms = self._melspec.to(device)(wave)
+        # finite samples of magnitude ~1e17 and above overflow the float32 power spectrum: inf log-mel, NaN embeddings
+        _refuse_non_finite(lms, "encode", "wave" if batched else None, "samples so loud that the log-mel overflows "
+                           "to inf", "the front end expects [-1, 1]: scale the audio down")
+        frames = self._frames(lms)
         return frames, frames.mean(dim=1)
 
 
@@ -239,6 +255,25 @@ def _lms_shape_hint(shape: tuple, n_mels: int) -> str:
     if len(shape) == 3 and shape[2] == n_mels:
         return ": put the mel bins second with .transpose(1, 2)"
     return ""
+
+
+def _refuse_non_finite(x: torch.Tensor, caller: str, name: str | None, problem: str, fix: str) -> None:
+    """One-line ValueError naming the clips of `x` (B, ...) that hold NaN or inf: rows of the caller's batch `name`
+    (None: the caller passed one clip). Costs one torch.isfinite over x (a bool per element), reduced per clip."""
+    ok = torch.isfinite(x)
+    while ok.ndim > 1:
+        ok = ok.all(dim=-1)
+    if bool(ok.all()):
+        return
+    bad = (~ok).nonzero().flatten().tolist()
+    rows = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    if name is None:
+        clips = "the clip holds"
+    elif len(bad) == 1:
+        clips = f"clip {rows} of the batch ({name}[{rows}]) holds"
+    else:
+        clips = f"clips {rows} of the batch hold"
+    raise ValueError(f"{caller}: {clips} {problem}; {fix}")
 
 
 def _sample_rate(sr) -> int:

@@ -221,3 +221,27 @@ def test_unknown_frontend_is_refused_at_load(tmp_path):
     with pytest.raises(ValueError, match="unknown front end"):
         Encoder(dim=64, depth=1, heads=4, frontend="bogus")
     assert load_encoder("random", preset="tiny", frontend="m2d").frontend == "m2d"
+
+
+def test_non_finite_audio_or_log_mel_is_refused_naming_the_clip():
+    """NaN or inf samples (a float WAV can hold them) gave NaN embeddings for their clip, silently: a probe on them
+    scores chance and looks like a result. make-shards and matpac-eval skip such clips; encode names them."""
+    enc = load_encoder("random", preset="tiny")
+    wave = np.random.default_rng(5).standard_normal((3, 16000)).astype(np.float32) * 0.1
+    bad = wave.copy()
+    bad[2, 7] = np.nan
+    with pytest.raises(ValueError, match=r"^encode: clip 2 of the batch \(wave\[2\]\) holds NaN or infinite samples; "
+                       r"replace them with finite values \(e.g. numpy.nan_to_num\) or drop the clip$"):
+        enc.encode(bad, 44100)
+    bad[0, 0] = -np.inf
+    with pytest.raises(ValueError, match=r"^encode: clips 0, 2 of the batch hold NaN or infinite samples"):
+        enc.encode(bad, 16000)
+    with pytest.raises(ValueError, match=r"^encode: the clip holds NaN or infinite samples"):
+        enc.encode(torch.from_numpy(bad[0]), 16000)
+    with pytest.raises(ValueError, match=r"^encode: the clip holds samples so loud that the log-mel overflows"):
+        enc.encode(wave[0] * 1e20, 16000)  # finite, but its power spectrum is not in float32
+    lms = torch.randn(2, 80, 100) * 4 - 7
+    lms[1, 3, 5] = -float("inf")  # ln(0): a log-mel without the epsilon
+    with pytest.raises(ValueError, match=r"^encode_lms: clip 1 of the batch \(lms\[1\]\) holds NaN or infinite values"):
+        enc.encode_lms(lms)
+    assert torch.isfinite(enc.encode(wave, 16000)[0]).all()  # finite input is untouched
