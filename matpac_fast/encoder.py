@@ -143,6 +143,13 @@ class Encoder(nn.Module):
             hint = (": add the channel axis with .unsqueeze(1), or pass raw log-mel to encode_lms, which takes "
                     f"(B, {self.n_mels}, T)" if len(shape) == 3 and shape[1] == self.n_mels else "")
             raise ValueError(f"forward_chunk expects a normalised (B, 1, {self.n_mels}, T) chunk, got {shape}{hint}")
+        t = x_B1FT.shape[-1]
+        if t == 0 or t % self.patch or t > self.chunk_frames:
+            # T < patch was the Conv2d's RuntimeError "Kernel size can't be greater than actual input size"; a T not a
+            # multiple of the patch silently dropped its last T % patch frames (encode_lms pads them, METHOD.md §6)
+            raise ValueError(f"forward_chunk expects {self.patch} to {self.chunk_frames} frames, a multiple of "
+                             f"{self.patch} (zero-padded after normalisation), got {t}; encode_lms takes raw log-mel "
+                             "of any length and pads and chunks it")
         x = self.patch_embed(x_B1FT.to(self.cls_token.dtype))
         n_t = x.shape[1] // self.n_f
         x = x + truncate_time(self.pos_embed[:, 1:], self.n_f, n_t)
@@ -185,7 +192,8 @@ class Encoder(nn.Module):
             raise ValueError(f"encode_lms expects (B, {self.n_mels}, T) log-mel, got {tuple(lms_BFT.shape)}"
                              f"{_lms_shape_hint(tuple(lms_BFT.shape), self.n_mels)}")
         if lms_BFT.shape[-1] == 0:
-            raise ValueError("encode_lms: the input has no frames")
+            raise ValueError(f"encode_lms: the input has no frames (T = 0); at least one is needed (a clip under "
+                             f"{self.patch} frames is zero-padded to one patch)")
         # NaN or inf in a clip gave it NaN embeddings, silently (a probe on them scores chance and looks like a result)
         _refuse_non_finite(lms_BFT, "encode_lms", "lms", "NaN or infinite values", "replace them with finite values "
                            "(silence is ln(mel + eps), not ln(0) = -inf) or drop the clip")
@@ -230,9 +238,15 @@ class Encoder(nn.Module):
         # skip such clips as non_finite; here the caller chooses, so the clip is named
         _refuse_non_finite(wave, "encode", "wave" if batched else None, "NaN or infinite samples",
                            "replace them with finite values (e.g. numpy.nan_to_num) or drop the clip")
-        wave = resample(wave.to(device), _sample_rate(sr), spec)
+        rate, n = _sample_rate(sr), wave.shape[-1]
+        wave = resample(wave.to(device), rate, spec)
         if wave.shape[-1] < spec.n_fft:
-            raise ValueError(f"audio too short: {wave.shape[-1]} samples at {spec.sample_rate} Hz < n_fft {spec.n_fft}")
+            # named in the caller's rate: "4 samples at 16000 Hz" for 10 at 44100 Hz read as a miscount
+            got = f"{n} samples at {rate} Hz" + (f" ({wave.shape[-1]} at {spec.sample_rate} Hz)"
+                                                 if rate != spec.sample_rate else "")
+            raise ValueError(f"encode: audio too short: {got}; one log-mel frame needs {spec.n_fft} samples at "
+                             f"{spec.sample_rate} Hz ({1000 * spec.n_fft / spec.sample_rate:g} ms): zero-pad the clip "
+                             "to that or drop it")
         if self._melspec is None:
             # A plain attribute, not a submodule: registered, its mel filters joined state_dict() after the first
             # encode (that dict then failed to load: "unknown keys _melspec.*") and .half() cast them (the next

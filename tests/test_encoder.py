@@ -245,3 +245,24 @@ def test_non_finite_audio_or_log_mel_is_refused_naming_the_clip():
     with pytest.raises(ValueError, match=r"^encode_lms: clip 1 of the batch \(lms\[1\]\) holds NaN or infinite values"):
         enc.encode_lms(lms)
     assert torch.isfinite(enc.encode(wave, 16000)[0]).all()  # finite input is untouched
+
+
+def test_too_short_input_names_the_minimum_and_chunks_are_checked():
+    """A clip under one log-mel frame was "audio too short: 4 samples at 16000 Hz < n_fft 400" for 10 samples at
+    44.1 kHz; forward_chunk given under 16 frames raised the Conv2d's "Kernel size can't be greater than actual input
+    size", and given 20 silently dropped the last 4 frames (encode_lms pads them: METHOD.md §6)."""
+    enc = load_encoder("random", preset="tiny")
+    with pytest.raises(ValueError, match=r"^encode: audio too short: 10 samples at 44100 Hz \(4 at 16000 Hz\); one "
+                       r"log-mel frame needs 400 samples at 16000 Hz \(25 ms\): zero-pad the clip to that or drop it$"):
+        enc.encode(np.zeros(10, np.float32), 44100)
+    with pytest.raises(ValueError, match=r"^encode: audio too short: 0 samples at 16000 Hz; one log-mel frame needs"):
+        enc.encode(np.zeros(0, np.float32), 16000)
+    assert enc.encode(np.zeros(400, np.float32), 16000)[0].shape == (1, 1, 320)  # one frame: padded to one patch
+    with pytest.raises(ValueError, match=r"^encode_lms: the input has no frames \(T = 0\); at least one is needed"):
+        enc.encode_lms(torch.zeros(1, 80, 0))
+    assert enc.encode_lms(torch.zeros(1, 80, 15)).shape == (1, 1, 320)
+    for t in (0, 10, 20, 624):
+        with pytest.raises(ValueError, match=rf"^forward_chunk expects 16 to 608 frames, a multiple of 16 "
+                           rf"\(zero-padded after normalisation\), got {t}; encode_lms takes raw log-mel"):
+            enc.forward_chunk(torch.zeros(1, 1, 80, t))
+    assert enc.forward_chunk(torch.zeros(1, 1, 80, 32)).shape == (1, 2, 320)
