@@ -187,7 +187,7 @@ class Encoder(nn.Module):
         keeps the autograd graph (for fine-tuning), which holds every block's activations in memory. For
         inference wrap the call in `torch.inference_mode()` or use `encode`, which runs without a graph."""
         if not isinstance(lms_BFT, torch.Tensor):  # a numpy log-mel (librosa's) failed with "has no attribute 'float'"
-            lms_BFT = torch.as_tensor(np.asarray(lms_BFT), device=self.cls_token.device)
+            lms_BFT = torch.as_tensor(_as_array(lms_BFT, "encode_lms", "log-mel"), device=self.cls_token.device)
         if lms_BFT.ndim != 3 or lms_BFT.shape[1] != self.n_mels:
             raise ValueError(f"encode_lms expects (B, {self.n_mels}, T) log-mel, got {tuple(lms_BFT.shape)}"
                              f"{_lms_shape_hint(tuple(lms_BFT.shape), self.n_mels)}")
@@ -297,13 +297,28 @@ def _sample_rate(sr) -> int:
     return int(sr)
 
 
+def _as_array(x, caller: str, what: str) -> np.ndarray:
+    """np.asarray(x), whose failures were numpy's and torch's words: clips of different lengths in a list were
+    "setting an array element with a sequence ... inhomogeneous shape", None or text "can't convert np.ndarray of
+    type numpy.object_"."""
+    try:
+        a = np.asarray(x)
+    except ValueError:
+        raise ValueError(f"{caller}: the clips differ in length; pad them to one length or pass them one at a "
+                         "time") from None
+    if a.dtype.kind not in "biufc":  # object, str, bytes, datetime, structured
+        got = f"an array of {a.dtype}" if isinstance(x, np.ndarray) else type(x).__name__
+        raise ValueError(f"{caller} expects {what} (a numpy array or tensor of numbers), got {got}")
+    return a
+
+
 def _float_wave(wave) -> torch.Tensor:
     """float32 tensor of `wave`; integer PCM scaled to [-1, 1] as soundfile and librosa read it (int16 / 2^15,
     int32 / 2^31, uint8 centred on 128): taken as is, int16 audio is 32,768 times too loud for the log-mel."""
     if not isinstance(wave, torch.Tensor):
         # torch.as_tensor refuses big-endian samples (scipy reads a RIFX WAV as >i2) and negative strides (w[::-1]):
         # a copy in native order, only when needed
-        wave = np.asarray(wave)
+        wave = _as_array(wave, "encode", "audio samples")
         wave = np.require(wave, dtype=wave.dtype.newbyteorder("="), requirements="C")
     t = torch.as_tensor(wave)
     if t.dtype == torch.uint8:

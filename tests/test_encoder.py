@@ -266,3 +266,19 @@ def test_too_short_input_names_the_minimum_and_chunks_are_checked():
                            rf"\(zero-padded after normalisation\), got {t}; encode_lms takes raw log-mel"):
             enc.forward_chunk(torch.zeros(1, 1, 80, t))
     assert enc.forward_chunk(torch.zeros(1, 1, 80, 32)).shape == (1, 2, 320)
+
+
+def test_ragged_or_non_numeric_input_is_one_line():
+    """A list of clips of different lengths was numpy's "setting an array element with a sequence ... inhomogeneous
+    shape"; None (a failed load) or text was torch's TypeError "can't convert np.ndarray of type numpy.object_"."""
+    enc = load_encoder("random", preset="tiny")
+    with pytest.raises(ValueError, match=r"^encode: the clips differ in length; pad them to one length or pass them"):
+        enc.encode([np.zeros(800, np.float32), np.zeros(600, np.float32)], 16000)
+    with pytest.raises(ValueError, match=r"^encode_lms: the clips differ in length"):
+        enc.encode_lms([np.zeros((80, 30)), np.zeros((80, 20))])
+    with pytest.raises(ValueError, match=r"^encode expects audio samples \(a numpy array or tensor of numbers\), got "
+                       r"NoneType$"):
+        enc.encode(None, 16000)
+    with pytest.raises(ValueError, match=r"^encode_lms expects log-mel .*, got an array of object$"):
+        enc.encode_lms(np.array([None]))
+    assert enc.encode([np.zeros(800, np.float32)] * 2, 16000)[0].shape == (2, 1, 320)  # equal lengths: a batch
