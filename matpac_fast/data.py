@@ -955,9 +955,11 @@ class _IndexedReader:
     def get(self, shard: int, j: int) -> Sample:
         idx = self.cache.get(_local_path(self.urls[shard]))  # an unreadable tar raises: the shard is skipped
         try:
-            return Sample(idx.keys[j], idx.array(j), _labels(idx.json_bytes(j)) if self.with_labels else None, shard)
+            # the array first: a table from a stale index file is replaced by a walk of the tar as it is read
+            array = idx.array(j)
+            return Sample(idx.keys[j], array, _labels(idx.json_bytes(j)) if self.with_labels else None, shard)
         except _CLIP_EXCEPTIONS as e:
-            return Sample(idx.keys[j], None, None, shard, str(e))
+            return Sample(idx.keys[j] if j < len(idx) else f"#{j}", None, None, shard, str(e))
 
 
 class _SyntheticReader:

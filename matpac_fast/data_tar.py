@@ -2,8 +2,9 @@
 
 Why not `tarfile` / WebDataset's iterator: both parse every header through several Python layers and copy every
 payload; for 80 x 1000 fp16 clips they manage ~2,500 samples/s per core. Here a local shard is mmap'd once, its
-512-byte headers are walked to build a member index (~2 headers per sample, microseconds each), and a sample is a
-zero-copy `np.frombuffer` view of the `.npy` payload inside the mapping; the loader then copies only the time crop.
+member table is read from the index file make-shards writes beside it (`<shard>.tar.idx`) or built by walking its
+512-byte headers (~2 headers per sample, microseconds each when cached, a random read each when not), and a sample is
+a zero-copy `np.frombuffer` view of the `.npy` payload inside the mapping; the loader then copies only the time crop.
 Remote shards (URLs, `pipe:` commands) cannot be mapped, so the same header parser also runs over a byte stream.
 
 Only two payload kinds are ever decoded: `.npy` (header parsed with `ast.literal_eval`, the data read as raw
@@ -16,10 +17,12 @@ Supported tar dialects: POSIX ustar (with prefix), GNU long names ('L'), PAX ext
 from __future__ import annotations
 
 import ast
+import json
 import math
 import mmap
 import os
 import re
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -317,34 +320,146 @@ class TarIndex:
             self._build()
 
     def _build(self) -> None:
-        self.keys: list[str] = []
-        refs: list[tuple[int, int, int, int]] = []
-        members = _plain_members(self.mm)
-        if members is None:  # extended headers (long names): the general walker
-            cur = _MmapCursor(self.mm)
-            members = iter_members(cur, lambda n: n.endswith((".npy", ".json")))
-        for key, parts in group_samples(members):
-            if "npy" not in parts:
-                raise ShardError(f"sample {key!r} has no .npy member")
-            self.keys.append(key)
-            refs.append(parts["npy"] + parts.get("json", (-1, 0)))
-        # One int64 row per sample (npy offset, size, json offset or -1, size): the cache keeps every shard's table
-        # for the whole run, and lists of tuples of Python ints made a table with its keys 301 bytes a sample, 116
-        # this way (20,000 AudioSet-like keys; 2 million clips, as a resampled-mode worker indexes: 0.6 -> 0.23 GB).
-        self._refs = np.array(refs, dtype=np.int64).reshape(-1, 4)
+        """The member table: from the shard's index file when it has a usable one (one small read instead of a
+        random read of every member header), else by walking the headers."""
+        self.from_file, self._checked = False, -1
+        if os.path.exists(index_path(self.path)):
+            try:
+                self.keys, self._refs = read_index_file(self.path, self._stamp[0])
+                self.from_file = True
+                return
+            except ShardError as e:
+                warnings.warn(f"{index_path(self.path)} was not used ({e}); the shard's headers were read instead. "
+                              "Check the set with verify-shards", stacklevel=2)
+        self.keys, self._refs = walk_table(self.mm)
+
+    def _stale(self, why: str) -> None:
+        """A table read from the index file that the tar contradicts: walk the tar instead, from now on."""
+        warnings.warn(f"{index_path(self.path)} does not match its shard ({why}); the shard's headers were read "
+                      "instead. Check the set with verify-shards", stacklevel=3)
+        self.keys, self._refs = walk_table(self.mm)
+        self.from_file = False
+
+    def _row(self, i: int) -> list[int]:
+        """Sample i's [npy offset, size, json offset or -1, size]. A table read from an index file is first checked
+        against the tar headers in front of the payloads (blocks beside the data, read anyway): a shard replaced
+        without its index file must not give one sample's key or labels with another's clip."""
+        if i >= len(self.keys):
+            raise ShardError(f"sample {i} is past the end of the shard ({len(self.keys)} samples)")
+        row = self._refs[i].tolist()
+        if self.from_file and i != self._checked:
+            key = self.keys[i]
+            why = _header_mismatch(self.mm, row[0], row[1], f"{key}.npy")
+            if why is None and row[2] >= 0:
+                why = _header_mismatch(self.mm, row[2], row[3], f"{key}.json")
+            if why:
+                self._stale(why)
+                return self._row(i)
+            self._checked = i  # `array` then `json_bytes` of one sample: its headers are checked once
+        return row
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def array(self, i: int) -> np.ndarray:
-        off, size = self._refs[i, :2].tolist()
+        off, size = self._row(i)[:2]
         start = off - off % mmap.PAGESIZE  # madvise wants a page-aligned start
         _advise(self.mm, "MADV_WILLNEED", start, off + size - start)  # one read of the payload, not a page per fault
         return npy_view(self.mm, off, size)
 
     def json_bytes(self, i: int) -> bytes | None:
-        off, size = self._refs[i, 2:].tolist()
+        off, size = self._row(i)[2:]
         return None if off < 0 else bytes(self.mm[off : off + size]).rstrip(b"\0")
+
+
+def walk_table(mm) -> tuple[list[str], np.ndarray]:
+    """(keys, refs) of a mapped tar by reading its headers: refs is one int64 row per sample (npy offset, size,
+    json offset or -1, size), in tar order."""
+    keys: list[str] = []
+    refs: list[tuple[int, int, int, int]] = []
+    members = _plain_members(mm)
+    if members is None:  # extended headers (long names): the general walker
+        members = iter_members(_MmapCursor(mm), lambda n: n.endswith((".npy", ".json")))
+    for key, parts in group_samples(members):
+        if "npy" not in parts:
+            raise ShardError(f"sample {key!r} has no .npy member")
+        keys.append(key)
+        refs.append(parts["npy"] + parts.get("json", (-1, 0)))
+    # One int64 row per sample: the cache keeps every shard's table for the whole run, and lists of tuples of
+    # Python ints made a table with its keys 301 bytes a sample, 116 this way (20,000 AudioSet-like keys; 2 million
+    # clips, as a resampled-mode worker indexes: 0.6 -> 0.23 GB).
+    return keys, np.array(refs, dtype=np.int64).reshape(-1, 4)
+
+
+def _header_mismatch(mm, off: int, size: int, name: str) -> str | None:
+    """Why the tar header in front of the payload at `off` is not that of member `name` of `size` bytes, or None.
+    Its name, size and type fields only, not its checksum: this runs for every clip read (~1 us; with parse_header's
+    checksum ~5 us), and a stale table's offset lands on a header of the right name and size only by being right."""
+    if off < BLOCK or off % BLOCK:
+        return f"{name} at byte {off}, not after a header"
+    head = mm[off - BLOCK : off - BLOCK + 157]
+    try:
+        hsize = _number(head[124:136])
+    except ShardError:
+        hsize = -1
+    hname = head[:100].split(b"\0", 1)[0]
+    # A long or non-ASCII name is in an extended header further back; its ustar name is a stand-in.
+    named = not (name.isascii() and len(name) < 100) or hname == name.encode()
+    if head[156:157] not in _REGULAR or hsize != size or not named:
+        return f"{name} ({size} bytes) is {hname.decode('utf-8', 'replace')!r} ({hsize} bytes) in the tar"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# index files: <shard>.tar.idx, written by make-shards beside each shard
+
+INDEX_FORMAT = "matpac_fast.tar_index"
+INDEX_VERSION = 1
+
+
+def index_path(tar_path: str | Path) -> str:
+    return f"{tar_path}.idx"
+
+
+def encode_index(keys: list[str], refs, tar_bytes: int) -> bytes:
+    """The index file of a shard of `tar_bytes` bytes: UTF-8 JSON (data, never code), one line."""
+    rows = np.asarray(refs, dtype=np.int64).reshape(-1, 4).tolist()
+    obj = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "tar_bytes": tar_bytes, "keys": keys, "refs": rows}
+    return (json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n").encode("utf-8")
+
+
+def read_index_file(tar_path: str | Path, tar_bytes: int) -> tuple[list[str], np.ndarray]:
+    """(keys, refs) from a shard's index file, as `walk_table` gives them; ShardError saying why it cannot be used:
+    unreadable, not an index of this format, made for a tar of another size, or offsets outside the tar."""
+    try:
+        with open(index_path(tar_path), "rb") as f:
+            obj = json.loads(f.read())
+    except OSError as e:
+        raise ShardError(f"unreadable: {e.strerror or e}") from None
+    except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ShardError("not valid JSON") from None
+    if not isinstance(obj, dict) or obj.get("format") != INDEX_FORMAT:
+        raise ShardError("not a shard index file")
+    if obj.get("version") != INDEX_VERSION:
+        raise ShardError(f"index version {obj.get('version')!r}; this version reads {INDEX_VERSION}")
+    if obj.get("tar_bytes") != tar_bytes:
+        raise ShardError(f"made for a tar of {obj.get('tar_bytes')!r} bytes; the shard has {tar_bytes}")
+    keys, rows = obj.get("keys"), obj.get("refs")
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        raise ShardError("its keys are not a list of strings")
+    try:
+        refs = np.array(rows if rows else np.zeros((0, 4), np.int64))
+    except ValueError:  # ragged rows
+        refs = np.zeros(0)
+    if refs.dtype.kind != "i" or refs.shape != (len(keys), 4):
+        raise ShardError(f"its refs are not {len(keys)} rows of 4 integers")
+    refs = refs.astype(np.int64)
+    npy_ok = (refs[:, 0] >= BLOCK) & (refs[:, 1] >= 0) & (refs[:, 0] + refs[:, 1] <= tar_bytes)
+    json_ok = ((refs[:, 2] == -1) & (refs[:, 3] == 0)) | (
+        (refs[:, 2] >= BLOCK) & (refs[:, 3] >= 0) & (refs[:, 2] + refs[:, 3] <= tar_bytes))
+    if not (npy_ok & json_ok).all():
+        raise ShardError("it has offsets outside the tar")
+    return keys, refs
 
 
 def group_samples(members) -> Iterator[tuple[str, dict[str, object]]]:

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from matpac_fast.data_tar import ShardError, index_path, walk_table
 from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec
 from matpac_fast.locks import close_lock_fd, open_lock_fd
 from shard_tools.decode import PYAV_HINT, TOO_LONG_HINT, Prepared, Skip, pad_wave_samples, prepare
@@ -48,7 +49,7 @@ from shard_tools.discover import (
     segments_line,
     unique_keys,
 )
-from shard_tools.writer import ShardLimit, ShardWriter, encode_json, encode_npy, parse_shard_size
+from shard_tools.writer import ShardLimit, ShardWriter, encode_json, encode_npy, parse_shard_size, write_index
 
 FORMAT_VERSION = 1
 WORK_DIR = ".make-shards"
@@ -443,11 +444,17 @@ def _make_out_dir(out: Path) -> None:
         raise ValueError(f"cannot create --out {out}: {e.strerror}; choose another --out") from None
 
 
+def shard_base(filename: str) -> str:
+    """The shard a file of the set belongs to: `x.tar` for x.tar, x.tar.tmp, x.tar.idx (its index) and x.tar.idx.tmp."""
+    return filename.removesuffix(".tmp").removesuffix(".idx")
+
+
 def _shard_files(out: Path, names: set[str]) -> list[Path]:
-    """`<name>-NNNNNN.tar` and `.tar.tmp` files of the given set names (nothing else, whatever its name)."""
+    """`<name>-NNNNNN.tar` files of the given set names, their index files and the `.tmp` files of both (nothing
+    else, whatever its name)."""
     found = []
     for p in out.iterdir():
-        m = SHARD_RE.match(p.name.removesuffix(".tmp"))
+        m = SHARD_RE.match(shard_base(p.name))
         if m and m["name"] in names and (p.is_file() or p.is_symlink()):
             found.append(p)
     return sorted(found)
@@ -502,10 +509,10 @@ def _check_no_foreign_files(out: Path) -> None:
 
 def _written_files(out: Path, name: str) -> list[Path]:
     """What --overwrite deletes among `out`'s shard-named files: the shards an earlier set lists (sizes.json,
-    stats.json's hashes, an interrupted run's journal) and their temporary files; an interrupted run's shard in
-    flight (renamed to its final name just before the kill, so not journaled yet); and every <name>-NNNNNN.tar of
-    this run's name, which it would overwrite. Another `<old name>-NNNNNN.tar` that no set lists is left alone: it
-    was deleted by name pattern alone before, a user's file included."""
+    stats.json's hashes, an interrupted run's journal), their index files and the temporary files of both; an
+    interrupted run's shard in flight (renamed to its final name just before the kill, so not journaled yet); and
+    every <name>-NNNNNN.tar of this run's name, which it would overwrite. Another `<old name>-NNNNNN.tar` that no set
+    lists is left alone: it was deleted by name pattern alone before, a user's file included."""
     listed: set[str] = set()
     journal = read_journal(out / WORK_DIR / "journal.jsonl")
     listed |= {e["shard"] for e in journal if isinstance(e.get("shard"), str)}
@@ -520,7 +527,7 @@ def _written_files(out: Path, name: str) -> list[Path]:
         in_flight = f"{plan['name']}-{sum(1 for e in journal if e.get('shard')):06d}.tar"
     found = []
     for p in out.iterdir():
-        base = p.name.removesuffix(".tmp")
+        base = shard_base(p.name)
         m = SHARD_RE.match(base)
         if m and (p.is_file() or p.is_symlink()) and (base in listed or base == in_flight or m["name"] == name):
             found.append(p)
@@ -712,7 +719,7 @@ def _finalize(disc: Discovery, cfg: MakeConfig, entries: list[dict], phash: str)
         raise RuntimeError(f"internal error: accounted {stats['inputs']} of {len(disc.items)} inputs")
     keep = {e["shard"] for e in shards}
     for p in _shard_files(out, {cfg.name}):  # leftovers of an older, longer run under the same name
-        if p.name not in keep:
+        if shard_base(p.name) not in keep:
             p.unlink()
     _write_atomic(out / "manifest.jsonl", "".join(json.dumps(line, sort_keys=True) + "\n" for line in manifest))
     if written:  # no sizes.json or stats.json for an empty set: it is not a shard set, and nothing locks the folder
@@ -877,6 +884,30 @@ def _check_complete_set(out: Path, stats: dict) -> None:
         )
 
 
+def _add_missing_indexes(out: Path, stats: dict, progress: bool) -> int:
+    """Index files for the shards of a complete set made before make-shards wrote them (without one, the loader walks
+    a shard's headers at every epoch start: a random read per clip on a cold cache). Returns how many were written;
+    a shard whose headers cannot be walked gets none (verify-shards says what is wrong with it)."""
+    import mmap
+
+    from tqdm import tqdm
+
+    names = sorted(stats.get("shard_sha256") or {})
+    missing = [out / name for name in names if not os.path.exists(index_path(out / name))]
+    written = 0
+    bar = tqdm(missing, desc="indexing shards", unit="shard", file=sys.stderr, disable=not (progress and missing))
+    for path in bar:
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                keys, refs = walk_table(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        except (OSError, ShardError):
+            continue
+        write_index(path, keys, refs, size)
+        written += 1
+    return written
+
+
 def _make_shards_locked(disc: Discovery, cfg: MakeConfig, order: list[Item], phash: str, accepted: set[str],
                         out: Path) -> dict:
     _check_no_foreign_files(out)
@@ -889,7 +920,9 @@ def _make_shards_locked(disc: Discovery, cfg: MakeConfig, order: list[Item], pha
             _check_complete_set(out, old)
             if work.is_dir():  # killed after stats.json was written, before the clean-up
                 shutil.rmtree(work)
-            return {**old, "out": str(out), "resumed_from": len(disc.items), "already_complete": True}
+            indexed = _add_missing_indexes(out, old, cfg.progress)
+            return {**old, "out": str(out), "resumed_from": len(disc.items), "already_complete": True,
+                    "indexed_now": indexed}
         if old.get("written"):
             raise ValueError(f"{out} already holds a different shard set (other options, or inputs added, removed, "
                              "modified or relabelled since); choose another --out or pass --overwrite")
@@ -926,7 +959,10 @@ def format_summary(s: dict) -> str:
         f"shards {len(s['shard_sha256'])} in {s['out']}  hours {s['hours']:.3f}  frames {s['n_frames']}  "
         f"log-mel mean {s['mean']:.4f} std {s['std']:.4f}"
     )
-    if s.get("already_complete"):
+    if s.get("already_complete") and s.get("indexed_now"):
+        parts.insert(0, f"already complete (same inputs and options); wrote the index files of {s['indexed_now']} "
+                        "shard(s) made before make-shards wrote them")
+    elif s.get("already_complete"):
         parts.insert(0, "already complete (same inputs and options): nothing to do")
     elif s.get("resumed_from"):
         parts.insert(0, f"resumed an interrupted run at input {s['resumed_from']}")

@@ -3,7 +3,8 @@
 Checks: sizes.json lists exactly the shard files; each shard's sha256 matches stats.json (catches any flipped
 byte); each tar reads to the end; each sample has exactly one .npy and one .json; the npy is float16 (n_mels, T)
 with finite values and T equal to the json's n_frames; the json has the contract's fields and its key; keys are
-unique in the set; label indices agree with stats.json's classes; counts, frames agree with stats.json.
+unique in the set; label indices agree with stats.json's classes; counts, frames agree with stats.json; a shard's
+index file (`<shard>.tar.idx`, where there is one) describes exactly its members.
 Prints counts, hours and a label histogram; exit status 1 on any problem.
 """
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matpac_fast.data_tar import shard_set_subfolder_hint
+from matpac_fast.data_tar import ShardError, index_path, read_index_file, shard_set_subfolder_hint, walk_table
 from shard_tools.writer import sha256_file
 
 JSON_FIELDS = {
@@ -335,6 +336,9 @@ def _other_tars(out: Path, sizes: dict, report: Report) -> None:
     """.tar files not in sizes.json: a stale shard of this set is a problem; any other .tar is only a warning
     (the loader reads sizes.json and ignores it too)."""
     names = {m["name"] for m in map(SHARD_RE.match, sizes) if m}
+    for p in sorted(out.glob("*.tar.idx")):
+        if p.name.removesuffix(".idx") not in sizes:
+            report.warnings.append(f"{p.name} is the index of no shard of this set (not in sizes.json); ignored")
     for p in sorted(out.glob("*.tar")) + sorted(out.glob("*.tar.tmp")):
         if p.name in sizes:
             continue
@@ -360,7 +364,31 @@ def _check_shard(job) -> tuple[str, Report, list[str]]:
     part.n_samples = _read_shard(path, part, keys, n_mels, classes)
     if part.n_samples != listed:
         part.problems.append(f"{name}: {part.n_samples} samples, sizes.json says {listed}")
+    if os.path.exists(index_path(path)):
+        part.problems += _check_index(path)
     return name, part, keys
+
+
+def _check_index(path: Path) -> list[str]:
+    """A shard's index file against the loader's own walk of the shard's headers: the loader trusts the file's
+    table (each member's header is checked as it is read, and a mismatch costs a walk and a warning)."""
+    import mmap
+
+    fix = "delete it (the loader then reads the shard's headers), or rebuild the set with make-shards --overwrite"
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        keys, refs = walk_table(mm)
+    except (OSError, ShardError):
+        return []  # the shard itself is unreadable: reported by its read
+    try:
+        got_keys, got_refs = read_index_file(path, size)
+    except ShardError as e:
+        return [f"{path.name}.idx cannot be used ({e}): {fix}"]
+    if got_keys != keys or not np.array_equal(got_refs, refs):
+        return [f"{path.name}.idx does not match its shard (another shard's, or an older one's): {fix}"]
+    return []
 
 
 def _ignore_sigint() -> None:

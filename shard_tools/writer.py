@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from matpac_fast.data_tar import encode_index, index_path
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
@@ -78,7 +80,9 @@ def _tarinfo(member: str, size: int) -> tarfile.TarInfo:
 
 
 class ShardWriter:
-    """Writes one shard: add(key, {ext: bytes}) ..., then close() -> (final path, n_bytes, sha256)."""
+    """Writes one shard: add(key, {ext: bytes}) ..., then close() -> (final path, n_bytes, sha256). Beside the shard,
+    close() writes its index file (`<shard>.tar.idx`, matpac_fast.data_tar): where each sample's members lie, so
+    the loader reads one small file instead of every member header of the shard (a random read each)."""
 
     def __init__(self, out_dir: str | Path, name: str, index: int):
         self.final = Path(out_dir) / shard_name(name, index)
@@ -86,6 +90,8 @@ class ShardWriter:
         self._file = open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
         self.count = 0
+        self._keys: list[str] = []
+        self._refs: list[list[int]] = []  # per sample: npy offset, size, json offset (-1: none), size
 
     @property
     def n_bytes(self) -> int:
@@ -94,8 +100,15 @@ class ShardWriter:
     def add(self, key: str, members: dict[str, bytes]) -> None:
         if "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+        row = [-1, 0, -1, 0]
         for ext, payload in members.items():
             self._tar.addfile(_tarinfo(f"{key}.{ext}", len(payload)), io.BytesIO(payload))
+            if ext in ("npy", "json"):  # addfile leaves the file at the end of the payload's last block
+                col = 0 if ext == "npy" else 2
+                row[col : col + 2] = [self._file.tell() - (len(payload) + 511) // 512 * 512, len(payload)]
+        if "npy" in members:
+            self._keys.append(key)
+            self._refs.append(row)
         self.count += 1
 
     def close(self) -> tuple[Path, int, str]:
@@ -106,6 +119,9 @@ class ShardWriter:
         digest = sha256_file(self.tmp)
         size = self.tmp.stat().st_size
         os.replace(self.tmp, self.final)  # atomic: a shard under its final name is always complete
+        # After the shard: an index file always describes a complete shard. One lost to a crash here only costs
+        # the loader a walk of the shard's headers (as for sets made before index files).
+        write_index(self.final, self._keys, self._refs, size)
         return self.final, size, digest
 
     def abort(self) -> None:
@@ -114,6 +130,17 @@ class ShardWriter:
             self._file.close()
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+def write_index(tar: Path, keys: list[str], refs, tar_bytes: int) -> None:
+    """The index file of shard `tar`, written as .tmp and renamed: under its final name it is always whole."""
+    idx = Path(index_path(tar))
+    tmp = idx.with_name(idx.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(encode_index(keys, refs, tar_bytes))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, idx)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

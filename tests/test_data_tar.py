@@ -1,7 +1,10 @@
 """The tar/npy parser of matpac_fast.data_tar, checked against the standard library's tarfile and np.load."""
 
 import io
+import json
 import mmap
+import os
+import shutil
 import signal
 import tarfile
 
@@ -9,7 +12,9 @@ import numpy as np
 import pytest
 
 from matpac_fast.data_fixtures import clip, npy_bytes
-from matpac_fast.data_tar import IndexCache, ShardError, TarIndex, iter_stream_samples, npy_view
+from matpac_fast.data_tar import (
+    IndexCache, ShardError, TarIndex, iter_stream_samples, npy_view, read_index_file, walk_table,
+)
 
 
 def _write(path, members, fmt=tarfile.PAX_FORMAT):
@@ -138,6 +143,119 @@ def test_a_mapping_is_read_at_random_and_each_sample_asks_for_its_payload(tmp_pa
         off, size = idx._refs[j, :2].tolist()
         assert option == "MADV_WILLNEED" and start % mmap.PAGESIZE == 0 and start <= off < start + mmap.PAGESIZE
         assert start + length == off + size
+
+
+def _shard(folder, keys, seed, frames=(40, 41, 42, 43)) -> str:
+    """A shard as make-shards writes it: ShardWriter's tar and index file. Sample i has label i."""
+    from shard_tools.writer import ShardWriter
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    w = ShardWriter(folder, "s", 0)
+    for i, key in enumerate(keys):
+        w.add(key, {"npy": npy_bytes(clip(rng, frames[i])), "json": b'{"label_indices": [%d]}' % i})
+    return str(w.close()[0])
+
+
+def _walk(path):
+    with open(path, "rb") as f:
+        return walk_table(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+
+
+def test_an_index_file_replaces_the_header_walk(tmp_path, monkeypatch):
+    """make-shards writes each shard's member table beside it: the loader reads that one small file instead of
+    every member header (a random read each on a cold set), and gets the table the walk would."""
+    from matpac_fast import data_tar
+
+    keys = ["a0", "k" * 150, "clé_ü", "a3"]  # a long and a non-ASCII name: PAX headers in front of their members
+    path = _shard(tmp_path, keys, 0)
+    walked = _walk(path)
+    read = read_index_file(path, os.path.getsize(path))
+    assert read[0] == walked[0] == keys and np.array_equal(read[1], walked[1]) and read[1].dtype == np.int64
+    ref = _reference(path)
+    monkeypatch.setattr(data_tar, "walk_table", lambda mm: pytest.fail("the headers were walked"))
+    idx = TarIndex(path)
+    assert idx.from_file and idx.keys == keys
+    for i, key in enumerate(keys):
+        np.testing.assert_array_equal(idx.array(i), ref[key]["npy"])
+        assert idx.json_bytes(i) == ref[key]["json"] == b'{"label_indices": [%d]}' % i
+
+
+def test_a_shard_replaced_without_its_index_file_gives_each_sample_its_own_key_and_labels(tmp_path):
+    """Another shard's index file that fits the tar's size (same clip lengths, keys of the same length) names the
+    wrong key at every offset: the header in front of each payload says so, the shard is walked instead (one
+    warning), and every sample keeps its own key, clip and labels."""
+    from matpac_fast.data import _IndexedReader
+
+    a = _shard(tmp_path / "a", ["a0", "a1", "a2", "a3"], 0)
+    b = _shard(tmp_path / "b", ["b3", "b2", "b1", "b0"], 1)
+    shutil.copy(a + ".idx", b + ".idx")
+    assert read_index_file(b, os.path.getsize(b))[0] == ["a0", "a1", "a2", "a3"]  # it fits: only the tar can tell
+    ref = _reference(b)
+    reader = _IndexedReader([b], with_labels=True)
+    with pytest.warns(UserWarning, match=r"s-000000\.tar\.idx does not match its shard \(a2\.npy \(\d+ bytes\) is \'b1\.npy\'"):
+        sample = reader.get(0, 2)
+    assert sample.key == "b1" and sample.labels == [2]
+    np.testing.assert_array_equal(sample.arr, ref["b1"]["npy"])
+    for j, key in enumerate(["b3", "b2", "b1", "b0"]):  # no further warning: the walked table is kept
+        sample = reader.get(0, j)
+        assert sample.key == key and sample.labels == [j] and sample.error is None
+        np.testing.assert_array_equal(sample.arr, ref[key]["npy"])
+
+
+def test_an_index_file_with_another_samples_json_is_caught_too(tmp_path):
+    """The .npy member matches, the .json row is another sample's: the labels would be wrong."""
+    path = _shard(tmp_path, ["a0", "a1", "a2", "a3"], 0)
+    obj = json.loads(open(path + ".idx", "rb").read())
+    obj["refs"][0][2:], obj["refs"][1][2:] = obj["refs"][1][2:], obj["refs"][0][2:]
+    open(path + ".idx", "w").write(json.dumps(obj))
+    idx = TarIndex(path)
+    with pytest.warns(UserWarning, match=r"does not match its shard \(a0\.json \(\d+ bytes\) is 'a1\.json'"):
+        idx.array(0)
+    assert not idx.from_file and [idx.json_bytes(j) for j in range(2)] == [b'{"label_indices": [0]}',
+                                                                           b'{"label_indices": [1]}']
+
+
+def _damage_index(path, what):
+    obj = json.loads(open(path + ".idx", "rb").read())
+    if what == "not_json":
+        open(path + ".idx", "wb").write(b"\x00\x93 half a file")
+        return
+    if what == "format":
+        obj["format"] = "someone.else"
+    elif what == "version":
+        obj["version"] = 2
+    elif what == "size":
+        obj["tar_bytes"] += 512
+    elif what == "outside":
+        obj["refs"][1][0] = obj["tar_bytes"] - 10
+    elif what == "ragged":
+        obj["refs"][1] = obj["refs"][1][:3]
+    elif what == "float":
+        obj["refs"][1][1] = 1.5
+    elif what == "key":
+        obj["keys"][1] = 7
+    elif what == "count":
+        obj["keys"].pop()
+    open(path + ".idx", "w").write(json.dumps(obj))
+
+
+@pytest.mark.parametrize("what, why", [
+    ("not_json", "not valid JSON"), ("format", "not a shard index file"), ("version", "index version 2"),
+    ("size", "made for a tar of"), ("outside", "offsets outside the tar"), ("ragged", "not 4 rows of 4 integers"),
+    ("float", "not 4 rows of 4 integers"), ("key", "keys are not a list of strings"),
+    ("count", "not 3 rows of 4 integers"),
+])
+def test_an_unusable_index_file_is_said_and_the_shard_walked(tmp_path, what, why):
+    keys = ["a0", "a1", "a2", "a3"]
+    path = _shard(tmp_path, keys, 0)
+    _damage_index(path, what)
+    with pytest.raises(ShardError, match=why):
+        read_index_file(path, os.path.getsize(path))
+    with pytest.warns(UserWarning, match=rf"s-000000\.tar\.idx was not used \(.*{why}"):
+        idx = TarIndex(path)
+    assert not idx.from_file and idx.keys == keys
+    assert np.array_equal(idx._refs, _walk(path)[1]) and idx.json_bytes(3) == b'{"label_indices": [3]}'
 
 
 @pytest.mark.parametrize("damage", ["truncate", "checksum", "empty", "not_tar"])

@@ -242,6 +242,33 @@ def test_verify_ok_and_detects_corruption(synth_set, tmp_path, capsys):
     assert verify_main([str(missing), "--no-progress"]) == 1
 
 
+def test_verify_checks_each_index_file_against_its_shard(synth_set, tmp_path, capsys):
+    """The loader trusts a shard's index file (checking each member's header as it reads it): verify-shards compares
+    the whole file with the walked table, says what to do with one that does not match, and warns of a stray one."""
+    import shutil
+
+    out = tmp_path / "set"
+    shutil.copytree(synth_set[0], out)
+    names = sorted(json.loads((out / "sizes.json").read_text()))
+    assert all((out / f"{n}.idx").is_file() for n in names)
+    idx = out / f"{names[1]}.idx"
+    good = idx.read_text()
+    for field in ("keys", "refs"):  # two samples' keys or two rows swapped: it still fits the tar's size and offsets
+        obj = json.loads(good)
+        obj[field][:2] = obj[field][1::-1]
+        idx.write_text(json.dumps(obj))
+        assert verify_main([str(out), "--no-progress", "--no-hash"]) == 1
+        text = capsys.readouterr().out
+        assert f"{names[1]}.idx does not match its shard" in text and "CORRUPT: 1 problem" in text, text
+    idx.write_text("{")
+    assert verify_main([str(out), "--no-progress", "--no-hash"]) == 1
+    assert f"{names[1]}.idx cannot be used (not valid JSON): delete it" in capsys.readouterr().out
+    idx.unlink()  # no index file: the loader walks the shard's headers, as for sets made before index files
+    (out / "shards-000099.tar.idx").write_text("{}")
+    assert verify_main([str(out), "--no-progress"]) == 0
+    assert "shards-000099.tar.idx is the index of no shard of this set" in capsys.readouterr().out
+
+
 def test_verify_with_workers_reports_what_one_process_does_and_repeated_keys(synth_set, tmp_path, capsys):
     """--workers checks shards in parallel processes; keys repeated across shards (or inside one) are still found
     and the report is the one-process report. No test covered repeated keys before."""

@@ -230,8 +230,9 @@ def test_overwrite_with_another_name_deletes_the_earlier_set_only(tmp_path, caps
     (out / "notes.txt").write_text("mine")
     (out / "first-backup.tar").write_text("mine too")  # not a shard name make-shards writes
     assert run("folder", str(tmp_path / "in"), "--out", str(out), "--name", "second", "--overwrite") == 0
-    assert sorted(p.name for p in out.iterdir()) == [
-        "first-backup.tar", "manifest.jsonl", "notes.txt", "second-000000.tar", "sizes.json", "stats.json",
+    assert sorted(p.name for p in out.iterdir()) == [  # the earlier shards' index files went with them
+        "first-backup.tar", "manifest.jsonl", "notes.txt", "second-000000.tar", "second-000000.tar.idx", "sizes.json",
+        "stats.json",
     ]
     capsys.readouterr()
     assert verify(out) == 0
@@ -267,11 +268,14 @@ def test_overwrite_deletes_only_the_shards_a_set_lists(tmp_path, monkeypatch):
         tone(tmp_path / "in" / "c" / f"{i}.wav", freq=440 + 110 * i)
     out = tmp_path / "out"
     _interrupted_after_one_shard(monkeypatch, out, tmp_path / "in", name="first")
-    assert {p.name for p in out.glob("first-*")} == {"first-000000.tar", "first-000001.tar"}  # 1: not journaled
+    assert {p.name for p in out.glob("first-*")} == {  # 1: not journaled
+        "first-000000.tar", "first-000000.tar.idx", "first-000001.tar", "first-000001.tar.idx"}
     (out / "first-000042.tar").write_text("mine")
+    (out / "first-000042.tar.idx").write_text("mine too")
     assert run("folder", str(tmp_path / "in"), "--out", str(out), "--name", "second", "--overwrite") == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "first-000042.tar", "manifest.jsonl", "second-000000.tar", "sizes.json", "stats.json"]
+        "first-000042.tar", "first-000042.tar.idx", "manifest.jsonl", "second-000000.tar", "second-000000.tar.idx",
+        "sizes.json", "stats.json"]
     assert (out / "first-000042.tar").read_text() == "mine"
     # a complete set: the shards its sizes.json lists go, the user's file stays
     assert run("folder", str(tmp_path / "in"), "--out", str(out), "--name", "third", "--overwrite") == 0
@@ -855,6 +859,7 @@ def test_verify_needs_the_shard_hashes_to_say_ok(small_set, tmp_path, capsys):
     stats = json.loads((out / "stats.json").read_text())
     with open(out / "shards-000001.tar", "ab") as f:
         f.write(b"\0" * 1024)  # whole zero blocks: still a readable tar of the same samples
+    (out / "shards-000001.tar.idx").unlink()  # made for the tar before: verify would call it stale, rightly
     for doc, said in (
         ({k: v for k, v in stats.items() if k != "shard_sha256"}, "stats.json has no shard_sha256, so the shards' "
          "contents cannot be checked: rebuild the set with make-shards, or pass --no-hash to check the rest"),
@@ -978,6 +983,25 @@ def test_rerun_of_a_complete_set_with_a_shard_cut_on_a_page_boundary_is_not_alre
     assert "verify-shards" in msg and "--overwrite" in msg
     shard.write_bytes(data)  # the file as it was: "already complete" again
     assert run(*again) == 0
+
+
+def test_rerun_of_a_complete_set_made_before_index_files_adds_them(small_set, tmp_path, capsys):
+    """Without index files the loader walks every shard's headers each epoch: the rerun of the set's command writes
+    them (the same bytes a fresh run writes), and says so; then there is nothing to do."""
+    out = tmp_path / "set"
+    shutil.copytree(small_set, out)
+    made = {p.name: p.read_bytes() for p in sorted(out.glob("*.tar.idx"))}
+    assert len(made) == 3
+    for name in made:
+        (out / name).unlink()
+    again = ("synthetic", "--n", "12", "--out", str(out), "--shard-size", "4")
+    capsys.readouterr()
+    assert run(*again) == 0
+    text = capsys.readouterr().out
+    assert "already complete (same inputs and options); wrote the index files of 3 shard(s) made before" in text
+    assert {p.name: p.read_bytes() for p in sorted(out.glob("*.tar.idx"))} == made
+    assert run(*again) == 0 and "nothing to do" in capsys.readouterr().out
+    assert verify(out) == 0
 
 
 def test_unknown_shard_files_are_counted_and_overwrite_says_it_deletes_them(tmp_path):
