@@ -1,4 +1,6 @@
 """Loader throughput: shards (indexed local, sequential stream, pipe:cat) vs a folder of per-clip float32 .npy files.
+"indexed" reads the shards' index files (as make-shards writes them), "walked" the same shards without them (links
+in DIR/walked: member tables built from the tar headers, as for a set made before index files).
 
 The question: does the shard loader feed a GPU (~5,400 samples/s per H100 at 50% MFU) with few CPU workers, and by
 how much does it beat the authors' design (one float32 .npy per clip, np.load + crop in a map-style Dataset)?
@@ -14,8 +16,9 @@ content is random (it does not change the I/O or the copy cost).
     python benchmarks/loader.py --clips 64 --frames 700 --per-shard 16 --batch 8 --workers 1 --passes 1  # CPU, secs
 
 --keep DIR records the data's settings (clips, frames, clips per shard) in DIR/settings.json and reuses the data only
-when they match; otherwise it rewrites DIR/shards and DIR/npy (its own folders: nothing else in DIR is touched). A DIR
-whose settings.json this script did not write, or with shards/ or npy/ but no settings.json, is refused.
+when they match; otherwise it rewrites DIR/shards and DIR/npy (DIR/walked is made anew each run; its own folders:
+nothing else in DIR is touched). A DIR whose settings.json this script did not write, or with shards/ or npy/ but no
+settings.json, is refused.
 
 MB/s columns: "read" = clip bytes the loader had to touch per sample (whole stored clip), "out" = batch bytes
 delivered (fp16 crops for shards, the float32 crops the npy loader makes). "samples/CPU-s" = samples per second of
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import mmap
 import os
 import platform
 import resource
@@ -48,8 +52,9 @@ from _common import commit, csv_output_problem  # noqa: E402
 
 from matpac_fast.data import DataConfig, ShardSource, SyntheticSource, make_loader  # noqa: E402
 from matpac_fast.data_fixtures import write_shard_set  # noqa: E402
+from matpac_fast.data_tar import encode_index, index_path, walk_table  # noqa: E402
 
-PATHS = ("indexed", "stream", "pipe", "npy", "synthetic")
+PATHS = ("indexed", "walked", "stream", "pipe", "npy", "synthetic")
 ROW_FIELDS = ["path", "samples", "seconds", "samples_per_s", "read_MB_s", "out_MB_s", "startup_s", "samples_per_cpu_s"]
 ENV_FIELDS = ["cpus", "workers", "batch", "crop", "frames", "clips", "torch", "python", "commit"]
 CSV_FIELDS = ROW_FIELDS + ENV_FIELDS
@@ -151,12 +156,31 @@ def make_data(root: Path, settings: dict, need_npy: bool) -> tuple[Path, Path]:
         gen = ((f"clip{i:07d}", pool[i % len(pool)], [i % 10]) for i in range(clips))
         write_shard_set(shards, tqdm(gen, total=clips, desc="writing shards", unit="clip"),
                         per_shard=settings["per_shard"])
+    for tar in sorted(shards.glob("*.tar")):  # index files, as make-shards writes them (kept data of older versions)
+        if not os.path.exists(index_path(tar)):
+            with open(tar, "rb") as f:
+                table = walk_table(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            Path(index_path(tar)).write_bytes(encode_index(*table, tar.stat().st_size))
     if need_npy and not (npy / ".done").exists():
         npy.mkdir(parents=True, exist_ok=True)
         for i in tqdm(range(clips), desc="writing per-clip float32 .npy", unit="clip"):
             np.save(npy / f"clip{i:07d}.npy", pool[i % len(pool)].astype(np.float32))
         (npy / ".done").touch()
     return shards, npy
+
+
+def walked_view(root: Path, shards: Path) -> Path:
+    """The same shards without their index files (links to the tars, with sizes.json and stats.json): the loader
+    builds their member tables by walking the tar headers, as for a set made before index files."""
+    view = root / "walked"
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir()
+    for p in shards.iterdir():
+        if p.suffix == ".tar":
+            (view / p.name).symlink_to(p.resolve())
+        elif p.name in ("sizes.json", "stats.json"):
+            shutil.copy(p, view / p.name)
+    return view
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -236,6 +260,7 @@ def main(argv=None):
     try:
         shards, npy = make_data(root, data_settings(args), "npy" in paths)
         source = ShardSource.open(str(shards))
+        walked = ShardSource.open(str(walked_view(root, shards))) if "walked" in paths else None
         n = len(source.urls)
         # Quoted, and sizes.json read from the folder itself: a --keep or temp path with a space split the command
         piped = ShardSource.open(f"pipe:cat {shlex.quote(str(shards))}/shards-{{000000..{n - 1:06d}}}.tar",
@@ -246,6 +271,7 @@ def main(argv=None):
 
         runs = {
             "indexed": (lambda: make_loader(cfg, epoch=next(epoch), source=source), clip16, crop16),
+            "walked": (lambda: make_loader(cfg, epoch=next(epoch), source=walked), clip16, crop16),
             "stream": (lambda: make_loader(DataConfig(**{**cfg.__dict__, "reader": "stream"}), epoch=next(epoch),
                                            source=source), clip16, crop16),
             "pipe": (lambda: make_loader(cfg, epoch=next(epoch), source=piped), clip16, crop16),

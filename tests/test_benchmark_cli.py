@@ -34,6 +34,7 @@ def _load(name: str):
 
 loader = _load("loader")
 make_shards = _load("make_shards")
+shard_index = _load("shard_index")
 
 
 def _one_line_error(fn, argv, capsys) -> str:
@@ -176,6 +177,22 @@ def test_make_shards_clip_length_is_checked_up_front(tmp_path, capsys):
     assert "no such folder" in _one_line_error(make_shards.parse_args, ["--work", str(tmp_path / "no")], capsys)
     assert make_shards.parse_args(["--n", "4", "--seconds", "1", "--short", "pad"]).short == "pad"
     assert make_shards.parse_args(["--seconds", "6.1"]).seconds == 6.1  # 608 frames: the minimum
+
+
+# ------------------------------------------------------------------------------------------------ shard_index.py
+def test_shard_index_bad_arguments_and_a_tiny_run(tmp_path, capsys, monkeypatch):
+    for argv, message in ((["--clips", "0"], "--clips must be >= 1"), (["--per-shard", "0"], "--per-shard must be"),
+                          (["--tmp", str(tmp_path / "no")], "is not a folder")):
+        assert message in _one_line_error(shard_index.parse_args, argv, capsys)
+    monkeypatch.setattr(shard_index, "DROP_CACHES", str(tmp_path / "no" / "drop_caches"))  # as without root
+    assert "--cold needs to write" in _one_line_error(shard_index.parse_args, ["--cold"], capsys)
+    assert shard_index.main(["--clips", "7", "--per-shard", "3", "--frames", "20", "--passes", "1",
+                             "--tmp", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "7 clips of 80 x 20 in 3 shards" in out and "RESULT shard_index clips=7 shards=3 warm walk/file" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("warm")]
+    assert [r[1] for r in rows] == ["walk", "index"] and all(float(r[-1]) > 0 for r in rows)  # ms/shard
+    assert list(tmp_path.iterdir()) == []  # the data is deleted
 
 
 # ------------------------------------------------------------------------------------------------ profile / attention
