@@ -398,6 +398,11 @@ def _header_mismatch(mm, off: int, size: int, name: str) -> str | None:
     if off < BLOCK or off % BLOCK:
         return f"{name} at byte {off}, not after a header"
     head = mm[off - BLOCK : off - BLOCK + 157]
+    # First what ShardWriter's tarfile writes (the name NUL-terminated, the size as 11 octal digits and a NUL): two
+    # byte compares, half the time of parsing the fields, for every clip the loader reads.
+    expect = name.encode()
+    if head[124:136] == b"%011o\0" % size and head[: len(expect) + 1] == expect + b"\0" and head[156:157] == b"0":
+        return None
     try:
         hsize = _number(head[124:136])
     except ShardError:
