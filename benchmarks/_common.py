@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+DROP_CACHES = "/proc/sys/vm/drop_caches"
 
 
 def _git(*args: str) -> str:
@@ -76,3 +77,19 @@ def csv_output_problem(path: Path, flag: str, fields: list[str]) -> str | None:
     if header != fields:
         return f"{flag} {path} has other columns than this script writes; give a new {flag} path"
     return None
+
+
+def can_drop_caches() -> bool:
+    """Whether `drop_caches` may run here (root on Linux): opening the file for writing is the check."""
+    try:
+        with open(DROP_CACHES, "w"):  # nothing written: opening alone drops nothing
+            return True
+    except OSError:
+        return False
+
+
+def drop_caches() -> None:
+    """Empty the whole machine's page cache (after writing dirty pages out): the next reads come from the device."""
+    os.sync()
+    with open(DROP_CACHES, "w") as f:
+        f.write("1\n")

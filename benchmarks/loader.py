@@ -14,6 +14,7 @@ content is random (it does not change the I/O or the copy cost).
     python benchmarks/loader.py                 # ~1-2 min on 2 cores; last line: RESULT loader ...
     python benchmarks/loader.py --clips 4000 --passes 1 --keep /tmp/loader-bench
     python benchmarks/loader.py --clips 64 --frames 700 --per-shard 16 --batch 8 --workers 1 --passes 1  # CPU, secs
+    sudo python benchmarks/loader.py --cold --paths indexed,walked --clips 40000 --frames 608   # from the device
 
 --keep DIR records the data's settings (clips, frames, clips per shard) in DIR/settings.json and reuses the data only
 when they match; otherwise it rewrites DIR/shards and DIR/npy (DIR/walked is made anew each run; its own folders:
@@ -48,6 +49,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
 
+import _common  # noqa: E402
 from _common import commit, csv_output_problem  # noqa: E402
 
 from matpac_fast.data import DataConfig, ShardSource, SyntheticSource, make_loader  # noqa: E402
@@ -56,7 +58,7 @@ from matpac_fast.data_tar import encode_index, index_path, walk_table  # noqa: E
 
 PATHS = ("indexed", "walked", "stream", "pipe", "npy", "synthetic")
 ROW_FIELDS = ["path", "samples", "seconds", "samples_per_s", "read_MB_s", "out_MB_s", "startup_s", "samples_per_cpu_s"]
-ENV_FIELDS = ["cpus", "workers", "batch", "crop", "frames", "clips", "torch", "python", "commit"]
+ENV_FIELDS = ["cpus", "workers", "batch", "crop", "frames", "clips", "cache", "torch", "python", "commit"]
 CSV_FIELDS = ROW_FIELDS + ENV_FIELDS
 SETTINGS = "settings.json"  # in a --keep folder: the settings its data was generated with
 SETTING_KEYS = ("clips", "frames", "per_shard")  # data_settings()'s keys: what settings.json holds
@@ -77,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=Path, default=None,
                    help="generate into (and reuse, when its settings.json matches) this folder instead of a temp")
     p.add_argument("--csv", type=Path, default=None, help="append result rows to this CSV")
+    p.add_argument("--cold", action="store_true", help="drop the page cache before each timed pass (root, Linux): "
+                   "start-up and reads from the device, not memory; the warm-up pass stays warm")
     args = p.parse_args(argv)
     for flag in ("clips", "frames", "per_shard", "batch", "crop", "passes"):
         if getattr(args, flag) < 1:
@@ -93,6 +97,8 @@ def parse_args(argv=None):
     unknown = set(args.paths) - set(PATHS)
     if unknown or not args.paths:
         p.error(f"unknown --paths entries {sorted(unknown)}; choose from {', '.join(PATHS)}")
+    if args.cold and not _common.can_drop_caches():
+        p.error(f"--cold needs to write {_common.DROP_CACHES} (root on Linux); run without --cold")
     if args.keep is not None:
         problem = keep_problem(args.keep)
         if problem:
@@ -238,10 +244,12 @@ class NothingTimed(RuntimeError):
     """A path whose passes gave no timed batch (the first batch of a pass is not timed)."""
 
 
-def measure(name: str, make, passes: int, read_bytes: int, out_bytes: int) -> dict:
+def measure(name: str, make, passes: int, read_bytes: int, out_bytes: int, cold: bool = False) -> dict:
     time_pass(make, f"{name} warm-up")
     n = secs = start = whole = cpu = 0.0
     for _ in range(passes):
+        if cold:
+            _common.drop_caches()
         k, s, st, w, c = time_pass(make, name)
         n, secs, start, whole, cpu = n + k, secs + s, start + st, whole + w, cpu + c
     if n == 0:  # the shards' split over workers left a pass with at most one batch: nothing was timed
@@ -282,7 +290,7 @@ def main(argv=None):
         rows, failed = [], []
         for p in paths:  # a path that times nothing is reported; the other paths' rows are kept
             try:
-                rows.append(measure(p, *runs[p][:1], args.passes, *runs[p][1:]))
+                rows.append(measure(p, *runs[p][:1], args.passes, *runs[p][1:], cold=args.cold))
             except NothingTimed as e:
                 failed.append(str(e))
                 print(f"error: {e}", file=sys.stderr)
@@ -291,7 +299,8 @@ def main(argv=None):
             shutil.rmtree(root, ignore_errors=True)
 
     env = {"cpus": os.cpu_count(), "workers": args.workers, "batch": args.batch, "crop": args.crop,
-           "frames": args.frames, "clips": args.clips, "torch": torch.__version__, "python": platform.python_version(),
+           "frames": args.frames, "clips": args.clips, "cache": "cold" if args.cold else "warm",
+           "torch": torch.__version__, "python": platform.python_version(),
            "commit": commit()}
     load = os.getloadavg()[0]
     print(f"\n{'path':<10} {'samples/s':>10} {'read MB/s':>10} {'out MB/s':>9} {'start-up s':>11} "

@@ -30,13 +30,12 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
 
-from _common import commit  # noqa: E402
+import _common  # noqa: E402
+from _common import commit, drop_caches  # noqa: E402
 
 from matpac_fast.data_fixtures import npy_bytes  # noqa: E402
 from matpac_fast.data_tar import _advise, read_index_file, walk_table  # noqa: E402
 from shard_tools.writer import ShardWriter, encode_json  # noqa: E402
-
-DROP_CACHES = "/proc/sys/vm/drop_caches"
 
 
 def parse_args(argv=None):
@@ -53,23 +52,9 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.tmp is not None and not args.tmp.is_dir():
         p.error(f"--tmp {args.tmp} is not a folder")
-    if args.cold and not _can_drop_caches():
-        p.error(f"--cold needs to write {DROP_CACHES} (root on Linux); run without --cold for the warm figures")
+    if args.cold and not _common.can_drop_caches():
+        p.error(f"--cold needs to write {_common.DROP_CACHES} (root on Linux); run without --cold for the warm figures")
     return args
-
-
-def _can_drop_caches() -> bool:
-    try:
-        with open(DROP_CACHES, "w"):  # opening for writing is the permission check; nothing is written
-            return True
-    except OSError:
-        return False
-
-
-def drop_caches() -> None:
-    os.sync()
-    with open(DROP_CACHES, "w") as f:
-        f.write("1\n")
 
 
 def write_shards(folder: Path, args) -> list[str]:

@@ -114,13 +114,17 @@ def test_loader_pass_with_one_batch_is_an_error_not_zero_samples_per_s(monkeypat
     with pytest.raises(loader.NothingTimed, match="nothing was timed"):
         loader.measure("indexed", lambda: iter([]), 1, 1, 1)
     assert loader.measure("indexed", lambda: iter([one_batch] * 3), 1, 1, 1)["samples"] == 16
+    dropped = []  # --cold: the page cache is dropped before each timed pass, not before the warm-up
+    monkeypatch.setattr(loader._common, "drop_caches", lambda: dropped.append(1))
+    assert loader.measure("indexed", lambda: iter([one_batch] * 3), 2, 1, 1, cold=True)["samples"] == 32
+    assert dropped == [1, 1]
     # in a run: that path is an error (exit status 1), the other paths' rows are still written
     real = loader.measure
 
-    def measure(name, *args):
+    def measure(name, *args, **kwargs):
         if name == "indexed":
             raise loader.NothingTimed("indexed: planted")
-        return real(name, *args)
+        return real(name, *args, **kwargs)
 
     monkeypatch.setattr(loader, "measure", measure)
     path = tmp_path / "l.csv"
@@ -184,8 +188,9 @@ def test_shard_index_bad_arguments_and_a_tiny_run(tmp_path, capsys, monkeypatch)
     for argv, message in ((["--clips", "0"], "--clips must be >= 1"), (["--per-shard", "0"], "--per-shard must be"),
                           (["--tmp", str(tmp_path / "no")], "is not a folder")):
         assert message in _one_line_error(shard_index.parse_args, argv, capsys)
-    monkeypatch.setattr(shard_index, "DROP_CACHES", str(tmp_path / "no" / "drop_caches"))  # as without root
+    monkeypatch.setattr(shard_index._common, "DROP_CACHES", str(tmp_path / "no" / "drop_caches"))  # as without root
     assert "--cold needs to write" in _one_line_error(shard_index.parse_args, ["--cold"], capsys)
+    assert "--cold needs to write" in _one_line_error(loader.parse_args, ["--cold"], capsys)
     assert shard_index.main(["--clips", "7", "--per-shard", "3", "--frames", "20", "--passes", "1",
                              "--tmp", str(tmp_path)]) == 0
     out = capsys.readouterr().out

@@ -13,7 +13,13 @@ import pytest
 
 from matpac_fast.data_fixtures import clip, npy_bytes
 from matpac_fast.data_tar import (
-    IndexCache, ShardError, TarIndex, iter_stream_samples, npy_view, read_index_file, walk_table,
+    IndexCache,
+    ShardError,
+    TarIndex,
+    iter_stream_samples,
+    npy_view,
+    read_index_file,
+    walk_table,
 )
 
 
@@ -193,7 +199,8 @@ def test_a_shard_replaced_without_its_index_file_gives_each_sample_its_own_key_a
     assert read_index_file(b, os.path.getsize(b))[0] == ["a0", "a1", "a2", "a3"]  # it fits: only the tar can tell
     ref = _reference(b)
     reader = _IndexedReader([b], with_labels=True)
-    with pytest.warns(UserWarning, match=r"s-000000\.tar\.idx does not match its shard \(a2\.npy \(\d+ bytes\) is \'b1\.npy\'"):
+    said = r"s-000000\.tar\.idx does not match its shard \(a2\.npy \(\d+ bytes\) is 'b1\.npy'"
+    with pytest.warns(UserWarning, match=said):
         sample = reader.get(0, 2)
     assert sample.key == "b1" and sample.labels == [2]
     np.testing.assert_array_equal(sample.arr, ref["b1"]["npy"])
