@@ -362,10 +362,24 @@ class TarIndex:
         return len(self.keys)
 
     def array(self, i: int) -> np.ndarray:
+        asked = self._prefetch(i) if self.from_file else None
         off, size = self._row(i)[:2]
-        start = off - off % mmap.PAGESIZE  # madvise wants a page-aligned start
-        _advise(self.mm, "MADV_WILLNEED", start, off + size - start)  # one read of the payload, not a page per fault
+        if asked != (off, size):  # a walked table (the walk read the headers), or one a stale index file gave way to
+            start = off - off % mmap.PAGESIZE  # madvise wants a page-aligned start
+            _advise(self.mm, "MADV_WILLNEED", start, off + size - start)  # one read of the payload, not one per fault
         return npy_view(self.mm, off, size)
+
+    def _prefetch(self, i: int) -> tuple[int, int] | None:
+        """Ask for sample i's .npy header, payload and the .json right after it in one request, before the header
+        check reads the header: on a cold cache that check was a read of its own, waited for, before the payload's
+        (from the device, 5,240 clips/s against 7,312 for a walked table, whose walk had read the headers)."""
+        if i >= len(self.keys):
+            return None
+        off, size, joff, jsize = self._refs[i].tolist()
+        end = joff + jsize if 0 <= joff - (off + size) <= 2 * BLOCK else off + size  # make-shards: .json follows
+        start = off - BLOCK - (off - BLOCK) % mmap.PAGESIZE
+        _advise(self.mm, "MADV_WILLNEED", start, end - start)
+        return off, size
 
     def json_bytes(self, i: int) -> bytes | None:
         off, size = self._row(i)[2:]

@@ -265,6 +265,26 @@ def test_an_unusable_index_file_is_said_and_the_shard_walked(tmp_path, what, why
     assert np.array_equal(idx._refs, _walk(path)[1]) and idx.json_bytes(3) == b'{"label_indices": [3]}'
 
 
+def test_with_an_index_file_a_clip_asks_for_its_header_payload_and_json_at_once(tmp_path, monkeypatch):
+    """A table from an index file checks each clip's tar header before using it: cold, that header read was waited
+    for before the payload's read began. One request covers header, payload and the .json after it."""
+    from matpac_fast import data_tar
+
+    path = _shard(tmp_path, ["a0", "a1", "a2", "a3"], 0, frames=(30, 31, 32, 33))
+    calls = []
+    real = data_tar._advise
+    monkeypatch.setattr(data_tar, "_advise", lambda mm, *a: (calls.append(a), real(mm, *a))[1])
+    idx = TarIndex(path)
+    assert idx.from_file and calls == [("MADV_RANDOM",)]
+    for j in range(4):
+        calls.clear()
+        assert idx.array(j).shape == (80, 30 + j)
+        (option, start, length), = calls
+        off, _, joff, jsize = idx._refs[j].tolist()
+        assert option == "MADV_WILLNEED" and start % mmap.PAGESIZE == 0 and start <= off - 512 < start + mmap.PAGESIZE
+        assert start + length == joff + jsize > off
+
+
 @pytest.mark.parametrize("damage", ["truncate", "checksum", "empty", "not_tar"])
 def test_corrupt_tar_raises_shard_error(tmp_path, damage):
     rng = np.random.default_rng(2)
