@@ -58,7 +58,8 @@ from matpac_fast.data_tar import encode_index, index_path, walk_table  # noqa: E
 
 PATHS = ("indexed", "walked", "stream", "pipe", "npy", "synthetic")
 ROW_FIELDS = ["path", "samples", "seconds", "samples_per_s", "read_MB_s", "out_MB_s", "startup_s", "samples_per_cpu_s"]
-ENV_FIELDS = ["cpus", "workers", "batch", "crop", "frames", "clips", "cache", "torch", "python", "commit"]
+ENV_FIELDS = ["cpus", "workers", "batch", "crop", "frames", "clips", "cache", "read_ahead", "torch", "python",
+              "commit"]
 CSV_FIELDS = ROW_FIELDS + ENV_FIELDS
 SETTINGS = "settings.json"  # in a --keep folder: the settings its data was generated with
 SETTING_KEYS = ("clips", "frames", "per_shard")  # data_settings()'s keys: what settings.json holds
@@ -79,12 +80,16 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=Path, default=None,
                    help="generate into (and reuse, when its settings.json matches) this folder instead of a temp")
     p.add_argument("--csv", type=Path, default=None, help="append result rows to this CSV")
+    p.add_argument("--read-ahead", type=int, default=DataConfig.read_ahead, help="DataConfig.read_ahead: clips a "
+                   f"worker asks for ahead of the one it reads (default {DataConfig.read_ahead}; 0: none)")
     p.add_argument("--cold", action="store_true", help="drop the page cache before each timed pass (root, Linux): "
                    "start-up and reads from the device, not memory; the warm-up pass stays warm")
     args = p.parse_args(argv)
     for flag in ("clips", "frames", "per_shard", "batch", "crop", "passes"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
+    if args.read_ahead < 0:
+        p.error(f"--read-ahead must be >= 0 (got {args.read_ahead})")
     if args.workers < 0:
         p.error(f"--workers must be >= 0 (got {args.workers})")
     if args.crop > args.frames:
@@ -274,7 +279,8 @@ def main(argv=None):
         piped = ShardSource.open(f"pipe:cat {shlex.quote(str(shards))}/shards-{{000000..{n - 1:06d}}}.tar",
                                  meta=str(shards))
         clip16, crop16 = 80 * args.frames * 2, 80 * args.crop * 2
-        cfg = DataConfig(batch_size=args.batch, crop_frames=args.crop, num_workers=args.workers, pin_memory=False)
+        cfg = DataConfig(batch_size=args.batch, crop_frames=args.crop, num_workers=args.workers, pin_memory=False,
+                         read_ahead=args.read_ahead)
         epoch = iter(range(1000))  # a new epoch per pass: new order and crops, as in training
 
         runs = {
@@ -300,6 +306,7 @@ def main(argv=None):
 
     env = {"cpus": os.cpu_count(), "workers": args.workers, "batch": args.batch, "crop": args.crop,
            "frames": args.frames, "clips": args.clips, "cache": "cold" if args.cold else "warm",
+           "read_ahead": args.read_ahead,
            "torch": torch.__version__, "python": platform.python_version(),
            "commit": commit()}
     load = os.getloadavg()[0]

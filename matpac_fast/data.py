@@ -132,6 +132,10 @@ class DataConfig:
     # RuntimeError (a pipe: command or URL that stopped sending hangs a run forever otherwise); 0 = no limit.
     # Workers only (num_workers >= 1): in-process reading cannot be timed out.
     timeout_s: float = 0.0
+    # Exact epochs over local shards: clips a worker asks the OS for ahead of the one it reads, so that reads from the
+    # device overlap instead of waiting one by one (a 3.9 GB set from a cold cache, 2 workers: 6,848 samples/s with
+    # 0, 13,504 with 16, 15,221 with 32); in memory it costs ~1 %. 0: none.
+    read_ahead: int = 32
 
     def __post_init__(self):
         choices = {"mode": ("exact", "resampled"), "remainder": ("drop", "fill"), "short": (None, "drop", "pad"),
@@ -145,7 +149,7 @@ class DataConfig:
                 raise ValueError(f"DataConfig.{name} must be True or False (got {v!r})")
             object.__setattr__(self, name, bool(v))
         for name, low in (("batch_size", 1), ("crop_frames", 1), ("shuffle_buffer", 1), ("prefetch_factor", 1),
-                          ("num_workers", 0)):
+                          ("num_workers", 0), ("read_ahead", 0)):
             v = getattr(self, name)  # a float or str here failed later, deep inside numpy / torch
             if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < low:
                 raise ValueError(f"DataConfig.{name} must be an integer >= {low} (got {v!r})")
@@ -962,6 +966,10 @@ class _IndexedReader:
             return Sample(idx.keys[j] if j < len(idx) else f"#{j}", None, None, shard, str(e))
 
 
+    def prefetch(self, shard: int, j: int) -> None:
+        self.cache.get(_local_path(self.urls[shard])).prefetch(j)
+
+
 class _SyntheticReader:
     random_access = True
 
@@ -1183,11 +1191,26 @@ class WorkerIterator:
             self._fail(shard, e)
             return None
 
+    def _prefetch(self, shard: int, j: int) -> None:
+        """Ask for a clip's bytes ahead of its read (readers that can: local shards). Advice only: a shard that
+        cannot be read fails, and is reported, when the clip is read."""
+        if shard not in self.bad and hasattr(self.reader, "prefetch"):
+            try:
+                self.reader.prefetch(shard, j)
+            except _SHARD_EXCEPTIONS:
+                pass
+
     def _real(self) -> Iterator[Sample]:
         segs = self.plan.segments
         if self.reader.random_access:
             refs = list(self._refs(segs))
-            for k in self.rng_shuffle.permutation(len(refs)):
+            order = self.rng_shuffle.permutation(len(refs)).tolist()
+            ahead = self.cfg.read_ahead
+            for k in order[:ahead]:
+                self._prefetch(*refs[k])
+            for n, k in enumerate(order):
+                if ahead and n + ahead < len(order):
+                    self._prefetch(*refs[order[n + ahead]])
                 sample = self._get(*refs[k])
                 if sample is not None:
                     yield sample

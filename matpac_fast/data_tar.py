@@ -369,6 +369,15 @@ class TarIndex:
             _advise(self.mm, "MADV_WILLNEED", start, off + size - start)  # one read of the payload, not one per fault
         return npy_view(self.mm, off, size)
 
+    def prefetch(self, i: int) -> None:
+        """Ask for sample i's bytes ahead of `array(i)` (advice only)."""
+        if self.from_file:
+            self._prefetch(i)
+        elif i < len(self.keys):
+            off, size = self._refs[i, :2].tolist()
+            start = off - off % mmap.PAGESIZE
+            _advise(self.mm, "MADV_WILLNEED", start, off + size - start)
+
     def _prefetch(self, i: int) -> tuple[int, int] | None:
         """Ask for sample i's .npy header, payload and the .json right after it in one request, before the header
         check reads the header: on a cold cache that check was a read of its own, waited for, before the payload's

@@ -149,6 +149,9 @@ def test_a_mapping_is_read_at_random_and_each_sample_asks_for_its_payload(tmp_pa
         off, size = idx._refs[j, :2].tolist()
         assert option == "MADV_WILLNEED" and start % mmap.PAGESIZE == 0 and start <= off < start + mmap.PAGESIZE
         assert start + length == off + size
+        calls.clear()
+        idx.prefetch(j)  # the loader's read-ahead asks for the same range
+        assert calls == [(option, start, length)]
 
 
 def _shard(folder, keys, seed, frames=(40, 41, 42, 43)) -> str:
@@ -283,6 +286,9 @@ def test_with_an_index_file_a_clip_asks_for_its_header_payload_and_json_at_once(
         off, _, joff, jsize = idx._refs[j].tolist()
         assert option == "MADV_WILLNEED" and start % mmap.PAGESIZE == 0 and start <= off - 512 < start + mmap.PAGESIZE
         assert start + length == joff + jsize > off
+        calls.clear()
+        idx.prefetch(j)
+        assert calls == [(option, start, length)]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "checksum", "empty", "not_tar"])

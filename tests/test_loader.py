@@ -488,6 +488,30 @@ def _loader_digest(source, cfg) -> str:
     return h.hexdigest()
 
 
+def test_read_ahead_asks_for_each_clip_before_it_is_read_and_changes_no_batch(tmp_path, monkeypatch):
+    """Exact epochs over local shards ask the reader for the clip `read_ahead` places further in the worker's
+    order as each clip is read (reads from the device then overlap). Advice only: the batches are the same."""
+    from matpac_fast.data import _IndexedReader
+
+    source, _ = _make_set(tmp_path, 40, per_shard=6)
+    calls = []
+    real_get, real_prefetch = _IndexedReader.get, _IndexedReader.prefetch
+    monkeypatch.setattr(_IndexedReader, "get",
+                        lambda self, s, j: (calls.append(("get", s, j)), real_get(self, s, j))[1])
+    monkeypatch.setattr(_IndexedReader, "prefetch",
+                        lambda self, s, j: (calls.append(("ahead", s, j)), real_prefetch(self, s, j))[1])
+    digests = {}
+    for ahead in (0, 3):
+        calls.clear()
+        digests[ahead] = _loader_digest(source, _cfg(num_workers=0, read_ahead=ahead))
+        gets = [c[1:] for c in calls if c[0] == "get"]
+        asked = [c[1:] for c in calls if c[0] == "ahead"]
+        assert len(gets) > 10 and asked == (gets if ahead else [])  # every clip, in the order it is then read
+        for n in range(ahead, len(gets) if ahead else 0):  # ... each before the read `ahead` places earlier
+            assert calls.index(("ahead", *gets[n])) < calls.index(("get", *gets[n - ahead]))
+    assert digests[0] == digests[3]
+
+
 def test_workers_started_by_forkserver_and_spawn_give_the_forked_workers_batches(tmp_path):
     """Python 3.14 starts processes with forkserver on Linux (spawn on macOS): workers then get the dataset and
     worker_init pickled instead of inherited, so a part that cannot be pickled would break every loader there.
@@ -884,14 +908,14 @@ def test_brace_pattern_beyond_the_set_says_the_files_do_not_exist(tmp_path):
 
 @pytest.mark.parametrize("field,value", [
     ("batch_size", 8.5), ("crop_frames", 100.5), ("num_workers", "2"), ("shuffle_buffer", True),
-    ("prefetch_factor", None), ("num_workers", -1),
+    ("prefetch_factor", None), ("num_workers", -1), ("read_ahead", -1), ("read_ahead", 2.0),
 ])
 def test_data_config_integer_fields_are_checked(field, value):
     # 8.5, 100.5 were accepted (a raw TypeError later); "2" was a raw TypeError from the `<` comparison.
     with pytest.raises(ValueError) as e:
         DataConfig(**{field: value})
-    assert str(e.value) == f"DataConfig.{field} must be an integer >= {0 if field == 'num_workers' else 1} " \
-                           f"(got {value!r})"
+    low = 0 if field in ("num_workers", "read_ahead") else 1
+    assert str(e.value) == f"DataConfig.{field} must be an integer >= {low} (got {value!r})"
     cfg = DataConfig(batch_size=np.int64(8))
     assert cfg.batch_size == 8 and type(cfg.batch_size) is int
 
