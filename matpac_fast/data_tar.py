@@ -322,7 +322,7 @@ class TarIndex:
     def _build(self) -> None:
         """The member table: from the shard's index file when it has a usable one (one small read instead of a
         random read of every member header), else by walking the headers."""
-        self.from_file, self._checked = False, -1
+        self.from_file, self._checked, self._asked = False, -1, set()
         if os.path.exists(index_path(self.path)):
             try:
                 self.keys, self._refs = read_index_file(self.path, self._stamp[0])
@@ -362,33 +362,39 @@ class TarIndex:
         return len(self.keys)
 
     def array(self, i: int) -> np.ndarray:
-        asked = self._prefetch(i) if self.from_file else None
+        refs = self._refs
+        if i in self._asked:  # the loader's read-ahead asked for its bytes already
+            self._asked.discard(i)
+            asked = True
+        else:
+            asked = self.prefetch(i, keep=False)
         off, size = self._row(i)[:2]
-        if asked != (off, size):  # a walked table (the walk read the headers), or one a stale index file gave way to
+        if not asked or self._refs is not refs:  # a stale index file gave way to a walk: the offsets moved
             start = off - off % mmap.PAGESIZE  # madvise wants a page-aligned start
             _advise(self.mm, "MADV_WILLNEED", start, off + size - start)  # one read of the payload, not one per fault
         return npy_view(self.mm, off, size)
 
-    def prefetch(self, i: int) -> None:
-        """Ask for sample i's bytes ahead of `array(i)` (advice only)."""
-        if self.from_file:
-            self._prefetch(i)
-        elif i < len(self.keys):
-            off, size = self._refs[i, :2].tolist()
-            start = off - off % mmap.PAGESIZE
-            _advise(self.mm, "MADV_WILLNEED", start, off + size - start)
-
-    def _prefetch(self, i: int) -> tuple[int, int] | None:
-        """Ask for sample i's .npy header, payload and the .json right after it in one request, before the header
-        check reads the header: on a cold cache that check was a read of its own, waited for, before the payload's
-        (from the device, 5,240 clips/s against 7,312 for a walked table, whose walk had read the headers)."""
+    def prefetch(self, i: int, keep: bool = True) -> bool:
+        """Ask for sample i's bytes ahead of `array(i)` (advice only; `keep`: remember it, so that `array` does not
+        ask again, a syscall per clip). With a table from an index file: the .npy header, payload and the .json right
+        after it in one request, asked before the header check reads the header (cold, that check was a read of its
+        own, waited for before the payload's: 5,240 clips/s against 7,312 for a walked table, whose walk had read
+        the headers). A walked table: only the payload (its header was read by the walk)."""
         if i >= len(self.keys):
-            return None
+            return False
         off, size, joff, jsize = self._refs[i].tolist()
-        end = joff + jsize if 0 <= joff - (off + size) <= 2 * BLOCK else off + size  # make-shards: .json follows
-        start = off - BLOCK - (off - BLOCK) % mmap.PAGESIZE
+        if self.from_file:
+            end = joff + jsize if 0 <= joff - (off + size) <= 2 * BLOCK else off + size  # make-shards: .json follows
+            off -= BLOCK
+        elif not keep:
+            return False  # array asks for the payload itself
+        else:
+            end = off + size
+        start = off - off % mmap.PAGESIZE
         _advise(self.mm, "MADV_WILLNEED", start, end - start)
-        return off, size
+        if keep:
+            self._asked.add(i)
+        return True
 
     def json_bytes(self, i: int) -> bytes | None:
         off, size = self._row(i)[2:]

@@ -150,8 +150,11 @@ def test_a_mapping_is_read_at_random_and_each_sample_asks_for_its_payload(tmp_pa
         assert option == "MADV_WILLNEED" and start % mmap.PAGESIZE == 0 and start <= off < start + mmap.PAGESIZE
         assert start + length == off + size
         calls.clear()
-        idx.prefetch(j)  # the loader's read-ahead asks for the same range
+        idx.prefetch(j)  # the loader's read-ahead asks for the same range, and the read then asks no more
         assert calls == [(option, start, length)]
+        calls.clear()
+        idx.array(j)
+        assert calls == []
 
 
 def _shard(folder, keys, seed, frames=(40, 41, 42, 43)) -> str:
@@ -289,6 +292,8 @@ def test_with_an_index_file_a_clip_asks_for_its_header_payload_and_json_at_once(
         calls.clear()
         idx.prefetch(j)
         assert calls == [(option, start, length)]
+        calls.clear()
+        assert idx.array(j).shape == (80, 30 + j) and calls == []
 
 
 @pytest.mark.parametrize("damage", ["truncate", "checksum", "empty", "not_tar"])
