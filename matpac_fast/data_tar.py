@@ -467,6 +467,9 @@ def read_index_file(tar_path: str | Path, tar_bytes: int) -> tuple[list[str], np
     unreadable, not an index of this format, made for a tar of another size, or offsets outside the tar."""
     try:
         with open(index_path(tar_path), "rb") as f:
+            n = os.fstat(f.fileno()).st_size
+            if n > max(tar_bytes, 1 << 20):  # ~60 bytes a clip of >= 2 KB in the tar: not this shard's index
+                raise ShardError(f"{n} bytes, larger than its shard")
             obj = json.loads(f.read())
     except OSError as e:
         raise ShardError(f"unreadable: {e.strerror or e}") from None

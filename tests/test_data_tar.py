@@ -234,6 +234,10 @@ def _damage_index(path, what):
     if what == "not_json":
         open(path + ".idx", "wb").write(b"\x00\x93 half a file")
         return
+    if what == "huge":  # never read into memory
+        with open(path + ".idx", "wb") as f:
+            f.truncate(2 << 20)
+        return
     if what == "format":
         obj["format"] = "someone.else"
     elif what == "version":
@@ -257,7 +261,7 @@ def _damage_index(path, what):
     ("not_json", "not valid JSON"), ("format", "not a shard index file"), ("version", "index version 2"),
     ("size", "made for a tar of"), ("outside", "offsets outside the tar"), ("ragged", "not 4 rows of 4 integers"),
     ("float", "not 4 rows of 4 integers"), ("key", "keys are not a list of strings"),
-    ("count", "not 3 rows of 4 integers"),
+    ("count", "not 3 rows of 4 integers"), ("huge", "2097152 bytes, larger than its shard"),
 ])
 def test_an_unusable_index_file_is_said_and_the_shard_walked(tmp_path, what, why):
     keys = ["a0", "a1", "a2", "a3"]
