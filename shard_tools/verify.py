@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -132,9 +133,50 @@ def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: i
     return errs
 
 
-def _read_shard(path: Path, report: Report, keys: list[str], n_mels: int, classes: list[str] | None) -> int:
+class _HashingReader:
+    """The file object tarfile reads a shard through: every byte is hashed as it goes by, once, so a shard is read
+    once for its members and its sha256 (it was read twice: a corpus-sized set read twice from the device). tarfile
+    only seeks forward here (to a header, to a payload); a forward seek reads the bytes it skips. Should it ever seek
+    back, `hexdigest` returns None and the caller hashes the file on its own."""
+
+    def __init__(self, f):
+        self.f, self.h, self.pos, self.whole = f, hashlib.sha256(), 0, True
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.h.update(data)
+        self.pos += len(data)
+        return data
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 1:
+            pos += self.pos
+        elif whence == 2:
+            pos += os.fstat(self.f.fileno()).st_size
+        while self.whole and pos > self.pos:
+            if not self.read(min(pos - self.pos, 1 << 20)):
+                break  # past the end of the file
+        if pos != self.pos:
+            self.whole = False  # backwards (or past the end): the hash no longer covers the file once, in order
+            self.pos = self.f.seek(pos)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def hexdigest(self) -> str | None:
+        """sha256 of the whole file (the rest read here), or None when the reads were not one forward pass."""
+        while self.whole and self.read(1 << 20):
+            pass
+        return self.h.hexdigest() if self.whole else None
+
+
+def _read_shard(path: Path, report: Report, keys: list[str], n_mels: int, classes: list[str] | None,
+                hasher: list | None = None) -> int:
     """Check every sample of one shard; returns the number of samples read. Its distinct keys are appended to
-    `keys` in tar order (a key repeated inside the shard is reported here; across shards, by the caller)."""
+    `keys` in tar order (a key repeated inside the shard is reported here; across shards, by the caller). With
+    `hasher` (a list), the shard's sha256 computed on the way is appended to it (None: the read was not one
+    forward pass)."""
     count = 0
     current, members = None, {}
     seen: set[str] = set()
@@ -163,7 +205,9 @@ def _read_shard(path: Path, report: Report, keys: list[str], n_mels: int, classe
 
     end = 0  # where the last member's padded payload ends: the end-of-archive block must follow
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with open(path, "rb") as raw:
+            reader = _HashingReader(raw)
+            tar = tarfile.open(fileobj=reader, mode="r:")
             for info in tar:
                 end = info.offset_data + (info.size + 511) // 512 * 512
                 # A sparse member reads as its declared size, holes filled with zeros: a few bytes of shard
@@ -184,6 +228,8 @@ def _read_shard(path: Path, report: Report, keys: list[str], n_mels: int, classe
                 f = tar.extractfile(info)
                 members[ext] = f.read() if f else b""
             flush()
+            if hasher is not None:
+                hasher.append(reader.hexdigest())
         # tarfile accepts a file cut right after a member; the loader does not (it drops the whole shard), so
         # neither does this check, with or without --no-hash.
         with open(path, "rb") as f:
@@ -357,11 +403,13 @@ def _check_shard(job) -> tuple[str, Report, list[str]]:
     if not path.is_file():
         part.problems.append(f"{name} is listed in sizes.json but missing")
         return name, part, keys
+    hashed: list = []
+    part.n_samples = _read_shard(path, part, keys, n_mels, classes, hashed if digest else None)
     if digest == "":
-        part.problems.append(f"{name} has no sha256 in stats.json: its content cannot be checked")
-    elif digest is not None and sha256_file(path) != digest:
-        part.problems.append(f"{name}: sha256 differs from stats.json (the file was changed or damaged)")
-    part.n_samples = _read_shard(path, part, keys, n_mels, classes)
+        part.problems.insert(0, f"{name} has no sha256 in stats.json: its content cannot be checked")
+    elif digest is not None and ((hashed[0] if hashed and hashed[0] else sha256_file(path)) != digest):
+        # (a read that stopped early, or was not one forward pass, hashed nothing: the whole file is read for it)
+        part.problems.insert(0, f"{name}: sha256 differs from stats.json (the file was changed or damaged)")
     if part.n_samples != listed:
         part.problems.append(f"{name}: {part.n_samples} samples, sizes.json says {listed}")
     if os.path.exists(index_path(path)):

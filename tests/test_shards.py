@@ -269,6 +269,36 @@ def test_verify_checks_each_index_file_against_its_shard(synth_set, tmp_path, ca
     assert "shards-000099.tar.idx is the index of no shard of this set" in capsys.readouterr().out
 
 
+def test_verify_reads_each_shard_once_for_its_members_and_its_hash(synth_set, tmp_path, monkeypatch, capsys):
+    """The sha256 is computed from the bytes tarfile reads (a shard was read twice: once to hash, once to check):
+    verify-shards of an intact set never hashes a file on its own, and a changed byte is still caught."""
+    import hashlib
+    import io
+    import shutil
+
+    from shard_tools import verify as verify_mod
+
+    out = tmp_path / "set"
+    shutil.copytree(synth_set[0], out)
+    monkeypatch.setattr(verify_mod, "sha256_file", lambda p: pytest.fail(f"{p} was read a second time to hash it"))
+    assert verify_main([str(out), "--no-progress"]) == 0
+    shard = out / "shards-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a payload: only the hash can tell
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert verify_main([str(out), "--no-progress"]) == 1
+    assert "shards-000001.tar: sha256 differs from stats.json" in capsys.readouterr().out
+    # the reader: forward seeks hash the bytes they skip; a backward seek leaves the hash to the caller
+    blob = bytes(range(256)) * 40
+    r = verify_mod._HashingReader(io.BytesIO(blob))
+    r.read(100), r.seek(3000), r.read(10), r.seek(5, 1)
+    assert r.tell() == 3015 and r.hexdigest() == hashlib.sha256(blob).hexdigest()
+    r = verify_mod._HashingReader(io.BytesIO(blob))
+    r.read(100), r.seek(50)
+    assert r.read(10) == blob[50:60] and r.hexdigest() is None
+
+
 def test_verify_with_workers_reports_what_one_process_does_and_repeated_keys(synth_set, tmp_path, capsys):
     """--workers checks shards in parallel processes; keys repeated across shards (or inside one) are still found
     and the report is the one-process report. No test covered repeated keys before."""
