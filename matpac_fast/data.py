@@ -493,8 +493,12 @@ def _resolve(specs: list, meta: str | None) -> list[Path | tuple[list[str], set[
     shard files that share one sizes.json (all of them when `meta` is given)."""
     parts: list = []
     groups: dict[str, tuple[list[str], set[str]]] = {}
+    named: set[str] = set()  # the local shard files added, by real path
+    index_files: list[str] = []  # local `<shard>.tar.idx` files named in a list (a shell's `dir/shards-*`)
 
     def add_file(url: str, globbed: bool) -> None:
+        if is_local(url):
+            named.add(os.path.realpath(_local_path(url)))
         key = meta or sibling(url, "sizes.json")
         if key not in groups:
             groups[key] = ([], set())
@@ -507,6 +511,11 @@ def _resolve(specs: list, meta: str | None) -> list[Path | tuple[list[str], set[
         path = Path(_local_path(url))
         if path.is_dir():
             parts.append(path)
+        elif path.name.endswith(".tar.idx") and path.is_file() and not globbed:  # a glob skips it as a non-.tar
+            # make-shards' index file of shard X.tar, read with its shard: named as a shard (a shell expands
+            # `dir/shards-*` to both), it was opened as a tar, skipped as corrupt and counted, doubling the epoch
+            index_files.append(url)
+            return False
         elif path.exists() or path.suffix == ".tar":
             if globbed and path.suffix != ".tar":
                 return False  # sizes.json, manifests, ... matched by "dir/*": not shards
@@ -541,6 +550,10 @@ def _resolve(specs: list, meta: str | None) -> list[Path | tuple[list[str], set[
                     raise ValueError(f"{url} matches no .tar file or shard directory")
             else:
                 add_local(url, False)
+    alone = [u for u in index_files if os.path.realpath(_local_path(u).removesuffix(".idx")) not in named]
+    if alone:
+        raise ValueError(f"{alone[0]} is the index file of shard {alone[0].removesuffix('.idx')} (make-shards writes "
+                         "one beside each shard; the loader reads it with its shard): pass the shard, or its folder")
     return parts
 
 

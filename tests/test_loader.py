@@ -1175,3 +1175,20 @@ def test_a_worker_killed_while_handing_over_a_batch_is_torchs_worker_error():
     with pytest.raises(ConnectionResetError, match="^Caught "):
         next(it)
     assert list(data._dead_worker_as_torch_says(iter([{"a": 1}, {"a": 2}]))) == [{"a": 1}, {"a": 2}]
+
+
+def test_a_shell_expanded_list_skips_the_shards_index_files(tmp_path):
+    """make-shards writes `X.tar.idx` beside each `X.tar`, so a shell's `dir/shards-*` (or Python's glob of it) names
+    them too: they are read with their shards, never as shards of their own (each was opened as a tar, failed as a
+    corrupt shard and its sizes.json count was added, doubling the epoch). One named alone says which shard to pass."""
+    source, _ = _make_set(tmp_path, 12, per_shard=6)
+    for u in source.urls:
+        Path(f"{u}.idx").write_text("{}")
+    listed = sorted(str(p) for p in tmp_path.glob("shards-*"))
+    assert len(listed) == 4
+    opened = ShardSource.open(listed)
+    assert opened.urls == source.urls and opened.total == 12
+    with pytest.raises(ValueError, match=r"shards-000001\.tar\.idx is the index file of shard .*shards-000001\.tar"):
+        ShardSource.open(f"{source.urls[1]}.idx")
+    (tmp_path / "shards-000099.tar.idx").write_text("{}")  # a stray one: a glob skips it, as any non-.tar file
+    assert ShardSource.open(str(tmp_path / "*")).urls == source.urls
