@@ -884,10 +884,11 @@ def _check_complete_set(out: Path, stats: dict) -> None:
         )
 
 
-def _add_missing_indexes(out: Path, stats: dict, progress: bool) -> int:
+def _add_missing_indexes(out: Path, stats: dict, progress: bool) -> tuple[int, str | None]:
     """Index files for the shards of a complete set made before make-shards wrote them (without one, the loader walks
-    a shard's headers at every epoch start: a random read per clip on a cold cache). Returns how many were written;
-    a shard whose headers cannot be walked gets none (verify-shards says what is wrong with it)."""
+    a shard's headers at every epoch start: a random read per clip on a cold cache). Returns how many were written
+    and, when some could not be written, why; a shard whose headers cannot be walked gets none (verify-shards says
+    what is wrong with it)."""
     import mmap
 
     from tqdm import tqdm
@@ -903,9 +904,15 @@ def _add_missing_indexes(out: Path, stats: dict, progress: bool) -> int:
                 keys, refs = walk_table(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
         except (OSError, ShardError):
             continue
-        write_index(path, keys, refs, size)
+        try:
+            write_index(path, keys, refs, size)
+        except OSError as e:
+            # A read-only folder (a shared set) or a full disk: the set is complete and index files are optional, so
+            # this is no error (it was one, "Permission denied ... run the same command again to finish", exit 1).
+            Path(f"{index_path(path)}.tmp").unlink(missing_ok=True)
+            return written, f"{len(missing) - written} could not be written ({e.strerror or e})"
         written += 1
-    return written
+    return written, None
 
 
 def _make_shards_locked(disc: Discovery, cfg: MakeConfig, order: list[Item], phash: str, accepted: set[str],
@@ -920,9 +927,9 @@ def _make_shards_locked(disc: Discovery, cfg: MakeConfig, order: list[Item], pha
             _check_complete_set(out, old)
             if work.is_dir():  # killed after stats.json was written, before the clean-up
                 shutil.rmtree(work)
-            indexed = _add_missing_indexes(out, old, cfg.progress)
+            indexed, unindexed = _add_missing_indexes(out, old, cfg.progress)
             return {**old, "out": str(out), "resumed_from": len(disc.items), "already_complete": True,
-                    "indexed_now": indexed}
+                    "indexed_now": indexed, "unindexed": unindexed}
         if old.get("written"):
             raise ValueError(f"{out} already holds a different shard set (other options, or inputs added, removed, "
                              "modified or relabelled since); choose another --out or pass --overwrite")
@@ -959,11 +966,14 @@ def format_summary(s: dict) -> str:
         f"shards {len(s['shard_sha256'])} in {s['out']}  hours {s['hours']:.3f}  frames {s['n_frames']}  "
         f"log-mel mean {s['mean']:.4f} std {s['std']:.4f}"
     )
-    if s.get("already_complete") and s.get("indexed_now"):
-        parts.insert(0, f"already complete (same inputs and options); wrote the index files of {s['indexed_now']} "
-                        "shard(s) made before make-shards wrote them")
-    elif s.get("already_complete"):
-        parts.insert(0, "already complete (same inputs and options): nothing to do")
+    if s.get("already_complete"):
+        head = "already complete (same inputs and options)"
+        if s.get("indexed_now"):
+            head += f"; wrote the index files of {s['indexed_now']} shard(s) made before make-shards wrote them"
+        if s.get("unindexed"):  # a read-only folder: the set is complete, the index files are optional
+            head += (f"; index files of shards made before make-shards wrote them: {s['unindexed']}, so the loader "
+                     "reads those shards' headers instead")
+        parts.insert(0, head if s.get("indexed_now") or s.get("unindexed") else f"{head}: nothing to do")
     elif s.get("resumed_from"):
         parts.insert(0, f"resumed an interrupted run at input {s['resumed_from']}")
     return "\n".join(parts)

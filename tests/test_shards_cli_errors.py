@@ -1004,6 +1004,40 @@ def test_rerun_of_a_complete_set_made_before_index_files_adds_them(small_set, tm
     assert verify(out) == 0
 
 
+def test_rerun_of_a_complete_set_in_a_read_only_folder_cannot_add_index_files_and_says_so(small_set, tmp_path,
+                                                                                         monkeypatch, capsys):
+    """Index files are optional: the rerun of a complete set made before them, in a folder it may not write (a
+    shared, read-only set), was "error: Permission denied: ...tar.idx.tmp; fix that and run the same command again
+    to finish", exit 1. It says the set is complete, that they could not be written and what that costs."""
+    import builtins
+
+    from shard_tools import writer
+
+    out = tmp_path / "set"
+    shutil.copytree(small_set, out)
+    for p in out.glob("*.tar.idx"):
+        p.unlink()
+    before = sorted(p.name for p in out.iterdir())
+    if os.geteuid() == 0:  # root writes anywhere: the refusal is played by the writer's open()
+        def refuse(path, *args, **kwargs):
+            if os.fsdecode(path).endswith(".tar.idx.tmp"):
+                raise PermissionError(13, "Permission denied", str(path))
+            return builtins.open(path, *args, **kwargs)
+
+        monkeypatch.setattr(writer, "open", refuse, raising=False)
+    else:
+        out.chmod(0o555)
+    try:
+        capsys.readouterr()
+        assert run("synthetic", "--n", "12", "--out", str(out), "--shard-size", "4") == 0
+    finally:
+        out.chmod(0o755)
+    text = capsys.readouterr().out
+    assert "already complete (same inputs and options); index files of shards made before make-shards wrote them: " \
+           "3 could not be written (Permission denied), so the loader reads those shards' headers instead" in text
+    assert sorted(p.name for p in out.iterdir()) == before  # no .tmp left behind
+
+
 def test_unknown_shard_files_are_counted_and_overwrite_says_it_deletes_them(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
