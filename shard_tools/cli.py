@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 DESCRIPTION = """\
 Convert an audio corpus into WebDataset tar shards of float16 log-mel spectrograms (80 x T, the whole clip),
+each with its index file (<shard>.tar.idx: where each clip lies, so the loader need not read every tar header),
 plus sizes.json, stats.json (front end, global mean/std, counts) and manifest.jsonl (one line per input file:
 its key and shard, or why it was skipped). Clips are shuffled across shards with --seed; the same inputs and seed
 give byte-identical shards for any --workers. An interrupted run (even SIGKILL) is finished by running the same

@@ -579,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="verify-shards",
         description="Read every sample of a make-shards output folder and check it (sizes.json, sha256, tar "
-        "structure, float16 (80, T) finite log-mels, json fields, unique keys, label indices, counts). Prints "
+        "structure, float16 (80, T) finite log-mels, json fields, unique keys, label indices, counts, each shard's "
+        "index file against the shard). Prints "
         "counts, total hours and a label histogram; exits 1 on any problem.",
     )
     p.add_argument("dir", type=Path, help="folder written by make-shards")
