@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import mmap
 import os
 import platform
 import resource
@@ -54,7 +53,7 @@ from _common import commit, csv_output_problem  # noqa: E402
 
 from matpac_fast.data import DataConfig, ShardSource, SyntheticSource, make_loader  # noqa: E402
 from matpac_fast.data_fixtures import write_shard_set  # noqa: E402
-from matpac_fast.data_tar import encode_index, index_path, walk_table  # noqa: E402
+from matpac_fast.data_tar import encode_index, index_path, walk_file  # noqa: E402
 
 PATHS = ("indexed", "walked", "stream", "pipe", "npy", "synthetic")
 ROW_FIELDS = ["path", "samples", "seconds", "samples_per_s", "read_MB_s", "out_MB_s", "startup_s", "samples_per_cpu_s"]
@@ -169,9 +168,7 @@ def make_data(root: Path, settings: dict, need_npy: bool) -> tuple[Path, Path]:
                         per_shard=settings["per_shard"])
     for tar in sorted(shards.glob("*.tar")):  # index files, as make-shards writes them (kept data of older versions)
         if not os.path.exists(index_path(tar)):
-            with open(tar, "rb") as f:
-                table = walk_table(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-            Path(index_path(tar)).write_bytes(encode_index(*table, tar.stat().st_size))
+            Path(index_path(tar)).write_bytes(encode_index(*walk_file(tar)))
     if need_npy and not (npy / ".done").exists():
         npy.mkdir(parents=True, exist_ok=True)
         for i in tqdm(range(clips), desc="writing per-clip float32 .npy", unit="clip"):

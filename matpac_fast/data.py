@@ -133,8 +133,9 @@ class DataConfig:
     # Workers only (num_workers >= 1): in-process reading cannot be timed out.
     timeout_s: float = 0.0
     # Exact epochs over local shards: clips a worker asks the OS for ahead of the one it reads, so that reads from the
-    # device overlap instead of waiting one by one (a 3.9 GB set from a cold cache, 2 workers: 6,848 samples/s with
-    # 0, 13,504 with 16, 15,221 with 32); in memory it costs ~1 %. 0: none.
+    # device overlap instead of waiting one by one (a 3.9 GB set from a cold cache, 2 workers, f1c24c8: 13,103
+    # samples/s with 32, 6,722 with 0; before, 16 gave 13,504 and 32 15,221 against 6,848); in memory it costs
+    # ~2 % of the rate. 0: none.
     read_ahead: int = 32
 
     def __post_init__(self):
@@ -977,7 +978,6 @@ class _IndexedReader:
             return Sample(idx.keys[j], array, _labels(idx.json_bytes(j)) if self.with_labels else None, shard)
         except _CLIP_EXCEPTIONS as e:
             return Sample(idx.keys[j] if j < len(idx) else f"#{j}", None, None, shard, str(e))
-
 
     def prefetch(self, shard: int, j: int) -> None:
         self.cache.get(_local_path(self.urls[shard])).prefetch(j)

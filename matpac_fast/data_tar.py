@@ -420,6 +420,15 @@ def walk_table(mm) -> tuple[list[str], np.ndarray]:
     return keys, np.array(refs, dtype=np.int64).reshape(-1, 4)
 
 
+def walk_file(path: str | Path) -> tuple[list[str], np.ndarray, int]:
+    """`walk_table` of the tar at `path`, and its size: what an index file of it holds (ShardError or OSError when
+    it cannot be read)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    return (*walk_table(mm), size)
+
+
 def _header_mismatch(mm, off: int, size: int, name: str) -> str | None:
     """Why the tar header in front of the payload at `off` is not that of member `name` of `size` bytes, or None.
     Its name, size and type fields only, not its checksum: this runs for every clip read (~1 us; with parse_header's

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from matpac_fast.data_tar import ShardError, index_path, walk_table
+from matpac_fast.data_tar import ShardError, index_path, walk_file
 from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec
 from matpac_fast.locks import close_lock_fd, open_lock_fd
 from shard_tools.decode import PYAV_HINT, TOO_LONG_HINT, Prepared, Skip, pad_wave_samples, prepare
@@ -905,8 +905,6 @@ def _add_missing_indexes(out: Path, stats: dict, progress: bool) -> tuple[int, s
     a shard's headers at every epoch start: a random read per clip on a cold cache). Returns how many were written
     and, when some could not be written, why; a shard whose headers cannot be walked gets none (verify-shards says
     what is wrong with it)."""
-    import mmap
-
     from tqdm import tqdm
 
     names = sorted(stats.get("shard_sha256") or {})
@@ -915,9 +913,7 @@ def _add_missing_indexes(out: Path, stats: dict, progress: bool) -> tuple[int, s
     bar = tqdm(missing, desc="indexing shards", unit="shard", file=sys.stderr, disable=not (progress and missing))
     for path in bar:
         try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                keys, refs = walk_table(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+            keys, refs, size = walk_file(path)
         except (OSError, ShardError):
             continue
         try:

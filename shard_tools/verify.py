@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matpac_fast.data_tar import ShardError, index_path, read_index_file, shard_set_subfolder_hint, walk_table
+from matpac_fast.data_tar import ShardError, index_path, read_index_file, shard_set_subfolder_hint, walk_file
 from shard_tools.writer import sha256_file
 
 JSON_FIELDS = {
@@ -420,14 +420,9 @@ def _check_shard(job) -> tuple[str, Report, list[str]]:
 def _check_index(path: Path) -> list[str]:
     """A shard's index file against the loader's own walk of the shard's headers: the loader trusts the file's
     table (each member's header is checked as it is read, and a mismatch costs a walk and a warning)."""
-    import mmap
-
     fix = "delete it (the loader then reads the shard's headers), or rebuild the set with make-shards --overwrite"
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        keys, refs = walk_table(mm)
+        keys, refs, size = walk_file(path)
     except (OSError, ShardError):
         return []  # the shard itself is unreadable: reported by its read
     try:

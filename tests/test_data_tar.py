@@ -19,7 +19,7 @@ from matpac_fast.data_tar import (
     iter_stream_samples,
     npy_view,
     read_index_file,
-    walk_table,
+    walk_file,
 )
 
 
@@ -169,11 +169,6 @@ def _shard(folder, keys, seed, frames=(40, 41, 42, 43)) -> str:
     return str(w.close()[0])
 
 
-def _walk(path):
-    with open(path, "rb") as f:
-        return walk_table(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-
-
 def test_an_index_file_replaces_the_header_walk(tmp_path, monkeypatch):
     """make-shards writes each shard's member table beside it: the loader reads that one small file instead of
     every member header (a random read each on a cold set), and gets the table the walk would."""
@@ -181,7 +176,7 @@ def test_an_index_file_replaces_the_header_walk(tmp_path, monkeypatch):
 
     keys = ["a0", "k" * 150, "clé_ü", "a3"]  # a long and a non-ASCII name: PAX headers in front of their members
     path = _shard(tmp_path, keys, 0)
-    walked = _walk(path)
+    walked = walk_file(path)[:2]
     read = read_index_file(path, os.path.getsize(path))
     assert read[0] == walked[0] == keys and np.array_equal(read[1], walked[1]) and read[1].dtype == np.int64
     ref = _reference(path)
@@ -272,7 +267,7 @@ def test_an_unusable_index_file_is_said_and_the_shard_walked(tmp_path, what, why
     with pytest.warns(UserWarning, match=rf"s-000000\.tar\.idx was not used \(.*{why}"):
         idx = TarIndex(path)
     assert not idx.from_file and idx.keys == keys
-    assert np.array_equal(idx._refs, _walk(path)[1]) and idx.json_bytes(3) == b'{"label_indices": [3]}'
+    assert np.array_equal(idx._refs, walk_file(path)[1]) and idx.json_bytes(3) == b'{"label_indices": [3]}'
 
 
 def test_with_an_index_file_a_clip_asks_for_its_header_payload_and_json_at_once(tmp_path, monkeypatch):
