@@ -1,6 +1,7 @@
 """make-shards / verify-shards: format, reference values, corrupt inputs, determinism, SIGKILL resume, corruption."""
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -65,14 +66,18 @@ def test_parse_shard_size():
 
 def test_writer_is_deterministic_and_rejects_dotted_keys(tmp_path):
     arr = np.arange(80 * 3, dtype=np.float16).reshape(80, 3)
+    big = np.random.default_rng(0).standard_normal((80, 9000)).astype(np.float16)  # > tarfile's 16 KiB copy buffer
     digests = []
     for sub in ("a", "b"):
         (tmp_path / sub).mkdir()
         w = ShardWriter(tmp_path / sub, "x", 0)
         w.add("k1", {"npy": encode_npy(arr), "json": encode_json({"key": "k1"})})
+        w.add("k2", {"npy": encode_npy(big)})
         path, size, sha = w.close()
         assert path.name == "x-000000.tar" and not (tmp_path / sub / "x-000000.tar.tmp").exists()
         digests.append((path.read_bytes(), sha))
+        # close() hashes what tarfile wrote (headers, payloads, padding, end blocks) instead of reading it back
+        assert sha == hashlib.sha256(digests[-1][0]).hexdigest() and size == len(digests[-1][0])
         with tarfile.open(path) as t:
             info = t.getmember("k1.npy")
             assert (info.mtime, info.uid, info.gid, info.uname, info.mode) == (0, 0, 0, "", 0o644)
