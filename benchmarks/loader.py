@@ -15,6 +15,7 @@ content is random (it does not change the I/O or the copy cost).
     python benchmarks/loader.py --clips 4000 --passes 1 --keep /tmp/loader-bench
     python benchmarks/loader.py --clips 64 --frames 700 --per-shard 16 --batch 8 --workers 1 --passes 1  # CPU, secs
     sudo python benchmarks/loader.py --cold --paths indexed,walked --clips 40000 --frames 608   # from the device
+    sudo python benchmarks/loader.py --cold --paths indexed --mode resampled --clips 40000 --frames 608
 
 --keep DIR records the data's settings (clips, frames, clips per shard) in DIR/settings.json and reuses the data only
 when they match; otherwise it rewrites DIR/shards and DIR/npy (DIR/walked is made anew each run; its own folders:
@@ -57,8 +58,8 @@ from matpac_fast.data_tar import encode_index, index_path, walk_file  # noqa: E4
 
 PATHS = ("indexed", "walked", "stream", "pipe", "npy", "synthetic")
 ROW_FIELDS = ["path", "samples", "seconds", "samples_per_s", "read_MB_s", "out_MB_s", "startup_s", "samples_per_cpu_s"]
-ENV_FIELDS = ["cpus", "workers", "batch", "crop", "frames", "clips", "cache", "read_ahead", "torch", "python",
-              "commit"]
+ENV_FIELDS = ["cpus", "workers", "batch", "crop", "frames", "clips", "cache", "mode", "read_ahead", "torch",
+              "python", "commit"]
 CSV_FIELDS = ROW_FIELDS + ENV_FIELDS
 SETTINGS = "settings.json"  # in a --keep folder: the settings its data was generated with
 SETTING_KEYS = ("clips", "frames", "per_shard")  # data_settings()'s keys: what settings.json holds
@@ -81,6 +82,9 @@ def parse_args(argv=None):
     p.add_argument("--csv", type=Path, default=None, help="append result rows to this CSV")
     p.add_argument("--read-ahead", type=int, default=DataConfig.read_ahead, help="DataConfig.read_ahead: clips a "
                    f"worker asks for ahead of the one it reads (default {DataConfig.read_ahead}; 0: none)")
+    p.add_argument("--mode", choices=("exact", "resampled"), default="exact",
+                   help="DataConfig.mode of the shard paths: exact epochs (default) or shards drawn with replacement "
+                   "(a pass: as many samples as --clips)")
     p.add_argument("--cold", action="store_true", help="drop the page cache before each timed pass (root, Linux): "
                    "start-up and reads from the device, not memory; the warm-up pass stays warm")
     args = p.parse_args(argv)
@@ -277,7 +281,7 @@ def main(argv=None):
                                  meta=str(shards))
         clip16, crop16 = 80 * args.frames * 2, 80 * args.crop * 2
         cfg = DataConfig(batch_size=args.batch, crop_frames=args.crop, num_workers=args.workers, pin_memory=False,
-                         read_ahead=args.read_ahead)
+                         mode=args.mode, read_ahead=args.read_ahead)
         epoch = iter(range(1000))  # a new epoch per pass: new order and crops, as in training
 
         runs = {
@@ -303,7 +307,7 @@ def main(argv=None):
 
     env = {"cpus": os.cpu_count(), "workers": args.workers, "batch": args.batch, "crop": args.crop,
            "frames": args.frames, "clips": args.clips, "cache": "cold" if args.cold else "warm",
-           "read_ahead": args.read_ahead,
+           "mode": args.mode, "read_ahead": args.read_ahead,
            "torch": torch.__version__, "python": platform.python_version(),
            "commit": commit()}
     load = os.getloadavg()[0]

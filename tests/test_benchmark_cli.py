@@ -97,6 +97,17 @@ def test_loader_output_csv_checks(tmp_path, capsys):
         assert [r["path"] for r in rows] == ["synthetic"] and float(rows[0]["samples_per_s"]) > 0
 
 
+def test_loader_mode_reaches_the_loader_and_the_csv(tmp_path, monkeypatch, capsys):
+    seen, real = [], loader.make_loader
+    monkeypatch.setattr(loader, "make_loader", lambda cfg, **kw: (seen.append(cfg.mode), real(cfg, **kw))[1])
+    path = tmp_path / "l.csv"
+    loader.main(["--clips", "16", "--frames", "640", "--per-shard", "16", "--batch", "8", "--workers", "0",
+                 "--passes", "1", "--paths", "indexed", "--mode", "resampled", "--csv", str(path)])
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert seen and set(seen) == {"resampled"} and [r["mode"] for r in rows] == ["resampled"]
+
+
 def test_loader_pipe_path_with_a_space_in_the_folder(tmp_path, capsys):
     """The pipe:cat path's command named the shard folder unquoted: a --keep (or temp) folder with a space in its
     name ended the run in a traceback (`cat /x/a` and `b/shards/sizes.json`: no such files)."""
