@@ -20,7 +20,7 @@ import stat
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 # Extensions soundfile (libsndfile) decodes, and those that need FFmpeg through PyAV.
 SOUNDFILE_EXTS = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64"}
@@ -35,7 +35,8 @@ _YTID_CHARS = re.compile(r"^[A-Za-z0-9_-]{11}$")
 _SUFFIX = re.compile(r"^(?:_(?P<start>\d+(?:\.\d+)?)(?:[-_](?P<end>\d+(?:\.\d+)?))?)?$")
 
 
-@dataclass(frozen=True)
+# slots (no instance dict): ~60 bytes less per Item, each kept for the whole run (2 million at AudioSet's size)
+@dataclass(frozen=True, slots=True)
 class Item:
     """One input file (or one synthetic clip) and everything known about it before decoding."""
 
@@ -122,16 +123,25 @@ def unique_keys(items: list[Item]) -> list[Item]:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Found:
     """One candidate input file found by `scan_files`."""
 
     rel: str  # path relative to the root, '/'-separated, as the OS gave it (may hold surrogates)
-    path: Path
+    # str(Path), the string the Item keeps: a Path per file held ~300 bytes more (its parts list and name strings)
+    path: str
     size: int
     skip: str | None = None  # not_found (broken link), duplicate (same real file as an earlier one), undecodable
     detail: str = ""
     mtime_ns: int = 0  # modification time: with the size, how a file changed in place is noticed
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    @property
+    def suffix(self) -> str:
+        return PurePath(self.path).suffix
 
 
 @dataclass
@@ -190,16 +200,18 @@ def scan_files(root: Path, progress: bool = False) -> Scan:
                 continue
             links = _scan_tree(root, top, real_top, visited, found, scan, bar)
             pending += links
-    found.sort(key=lambda f: (f[2], os.fsencode(f[0].rel)))  # real names before symlinks, then path order
+    # Sorted once, in place: a second sorted copy (and its sort keys) held ~50 bytes per file more at the peak.
+    found.sort(key=lambda f: os.fsencode(f[0].rel))
+    scan.files = [f for f, _, _ in found]
     first: dict[str, str] = {}  # real path -> the relative path that keeps it
-    files = []
-    for f, real, _ in found:
-        if f.skip is None and real in first:
-            f = Found(f.rel, f.path, f.size, "duplicate", f"same file as {printable(first[real])}")
-        elif f.skip is None:
-            first[real] = f.rel
-        files.append(f)
-    scan.files = sorted(files, key=lambda f: os.fsencode(f.rel))
+    for links in (False, True):  # real names before symlinks, each in path order
+        for i, (f, real, link) in enumerate(found):
+            if link != links or f.skip is not None:
+                continue
+            if real in first:
+                scan.files[i] = Found(f.rel, f.path, f.size, "duplicate", f"same file as {printable(first[real])}")
+            else:
+                first[real] = f.rel
     return scan
 
 
@@ -221,16 +233,16 @@ def _scan_tree(root: Path, top: Path, real_top: str, visited: set[str], found: l
                 keep.append(d)
         dirnames[:] = keep
         for name in sorted(filenames):
-            p = Path(dirpath) / name
+            p = Path(dirpath) / name  # not kept: see Found.path
             if not (p.suffix.lower() in AUDIO_EXTS or is_partial(name)):
                 scan.ignored += 1
                 continue
-            found.append(_stat_file(p, p.relative_to(root).as_posix(), os.path.join(real_dir, name)))
+            found.append(_stat_file(str(p), p.relative_to(root).as_posix(), os.path.join(real_dir, name)))
             bar.update(1)
     return links
 
 
-def _stat_file(p: Path, rel: str, real_if_not_link: str) -> tuple[Found, str | None, bool]:
+def _stat_file(p: str, rel: str, real_if_not_link: str) -> tuple[Found, str | None, bool]:
     """(Found, real path, is a symlink) with one lstat for a plain file; a symlink is followed to its target."""
     try:
         st = os.lstat(p)
@@ -248,6 +260,7 @@ def _stat_file(p: Path, rel: str, real_if_not_link: str) -> tuple[Found, str | N
         return Found(rel, p, 0, "undecodable", f"cannot read the file: {e.strerror}"), None, link
     if not stat.S_ISREG(st.st_mode):
         return Found(rel, p, 0, "undecodable", "not a regular file"), None, link
+    real = p if real == p else real  # usually so (an absolute root without symlinks): one string per file less
     return Found(rel, p, st.st_size, mtime_ns=st.st_mtime_ns), real, link
 
 
@@ -282,14 +295,22 @@ def read_csv_text(path: Path, what: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- AudioSet
-@dataclass(frozen=True)
+# Every row of the CSVs (2 million for AudioSet) is held while the files are matched: slots, and the row's place as
+# the CSV's name (one string per CSV) and a line number, saved ~110 bytes a row (a "<csv>: line N" string each).
+@dataclass(frozen=True, slots=True)
 class Segment:
     ytid: str
     start: float
     end: float
     labels: tuple[str, ...]
     split: str
-    where: str = field(default="", compare=False)  # "<csv>: line N": for messages about this row
+    csv_path: str = field(default="", compare=False)  # the CSV that lists it, as given
+    line: int = field(default=0, compare=False)  # its line there
+
+    @property
+    def where(self) -> str:
+        """"<csv>: line N": for messages about this row."""
+        return f"{self.csv_path}: line {self.line}"
 
 
 def read_class_index(path: str | Path) -> tuple[list[str], list[str]]:
@@ -332,11 +353,19 @@ def read_segments(path: str | Path) -> list[Segment]:
     `YTID, start, end, "mid1,mid2"` rows."""
     path = Path(path)
     text = read_csv_text(path, "segments CSV")
-    split = path.stem.removesuffix("_segments")
+    split, csv_path = path.stem.removesuffix("_segments"), str(path)
     out = []
     # One tuple per distinct label set, shared by its rows (balanced_train: 5,561 sets in 22,160 rows): each row's own
     # tuple of mid strings took ~150 bytes per input file more, kept for the run by the Items that use it.
     label_sets: dict[tuple[str, ...], tuple[str, ...]] = {}
+    # Likewise one float per distinct time (AudioSet's CSVs hold a few hundred): 48 bytes a row.
+    times: dict[str, float] = {}
+
+    def seconds(text: str, what: str, where: str) -> float:
+        if text not in times:
+            times[text] = _seconds(text, what, where)
+        return times[text]
+
     numbered = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip() and not line.startswith("#")]
     reader = csv.reader((line for _, line in numbered), skipinitialspace=True)
     n = 0
@@ -344,23 +373,25 @@ def read_segments(path: str | Path) -> list[Segment]:
         if n == 0 and row and row[0].strip().upper() == "YTID":
             continue  # a plain header row instead of AudioSet's '#' lines
         n += 1
-        line = f"{path}: line {numbered[reader.line_num - 1][0]}"
-        where = f"{line} (data row {n})"
+        line = numbered[reader.line_num - 1][0]
+        where = f"{path}: line {line} (data row {n})"
         if len(row) != 4:
             raise ValueError(f"{where} has {len(row)} fields, expected YTID, start, end, labels")
         ytid, start, end, labels = row
         if not _YTID_CHARS.match(ytid):
             raise ValueError(f"{where}: {ytid!r} is not an 11-character YouTube id")
-        t0, t1 = _seconds(start, "start", where), _seconds(end, "end", where)
+        t0, t1 = seconds(start, "start", where), seconds(end, "end", where)
         if t1 <= t0:
             raise ValueError(f"{where}: end {end} is not after start {start}")
         mids = tuple(dict.fromkeys(m.strip() for m in labels.split(",") if m.strip()))  # a repeat counts once
         mids = label_sets.setdefault(mids, mids)
-        out.append(Segment(ytid, t0, t1, mids, split, line))
+        out.append(Segment(ytid, t0, t1, mids, split, csv_path, line))
     return out
 
 
-def parse_audioset_name(stem: str, known: dict[str, list[Segment]]) -> tuple[str, float | None, float | None] | None:
+def parse_audioset_name(
+    stem: str, known: dict[str, tuple[Segment, ...]]
+) -> tuple[str, float | None, float | None] | None:
     """File stem -> (ytid, start or None, end or None) for every layout, or None when no reading names a CSV id.
 
     Ids are exactly 11 characters and may begin with '-' or 'Y' or contain '_', so the name is read as
@@ -380,7 +411,7 @@ def parse_audioset_name(stem: str, known: dict[str, list[Segment]]) -> tuple[str
     return None
 
 
-def _match_segment(segs: list[Segment], start: float | None) -> Segment | None:
+def _match_segment(segs: tuple[Segment, ...], start: float | None) -> Segment | None:
     """The segment a file of this id holds: the id's only one (no start in the name), or the one whose start the
     name gives: in seconds (`<id>_30.000`), else in whole milliseconds (audiosetdl's `<id>_30000_40000.flac`)."""
     if start is None:
@@ -411,16 +442,16 @@ def discover_audioset(
     items: list[Item | None] = []
     claims: dict[str, list[tuple[int, Found, Segment, bool]]] = {}  # segment key -> its files (several: duplicates)
     for f in scan.files:
-        rel, path, source = f.rel, f.path, printable(f.rel)
-        if f.skip is None and (is_partial(path.name) or is_ytdlp_temp(path.name)):
+        rel, path, name, suffix, source = f.rel, f.path, f.name, f.suffix, printable(f.rel)
+        if f.skip is None and (is_partial(name) or is_ytdlp_temp(name)):
             f = Found(rel, path, f.size, "partial_download")
         if f.skip:
-            items.append(Item(source, path_key(rel), str(path), size=f.size, skip=f.skip, detail=f.detail))
+            items.append(Item(source, path_key(rel), path, size=f.size, skip=f.skip, detail=f.detail))
             continue
-        parsed = parse_audioset_name(path.name[: -len(path.suffix)] if path.suffix else path.name, known)
+        parsed = parse_audioset_name(name[: -len(suffix)] if suffix else name, known)
         seg = _match_segment(known[parsed[0]], parsed[1]) if parsed else None
         if seg is None:
-            items.append(Item(source, path_key(rel), str(path), size=f.size, skip="not_in_csv"))
+            items.append(Item(source, path_key(rel), path, size=f.size, skip="not_in_csv"))
             continue
         key = f"{seg.ytid}_{int(round(seg.start * 1000))}"
         claims.setdefault(key, []).append((len(items), f, seg, parsed[1] is not None))
@@ -433,7 +464,7 @@ def discover_audioset(
             items[i] = Item(
                 printable(f.rel),
                 path_key(f.rel) if dup else key,
-                str(f.path),
+                f.path,
                 labels=seg.labels,
                 label_indices=indices.setdefault(seg.labels, tuple(mid_index[m] for m in seg.labels)),
                 ytid=seg.ytid,
@@ -452,7 +483,7 @@ def discover_audioset(
 
 def _needs_pyav(f: Found) -> bool:
     """The file can only be decoded with the optional PyAV (decode.read_audio picks the decoder by extension)."""
-    return f.path.suffix.lower() in PYAV_EXTS
+    return f.suffix.lower() in PYAV_EXTS
 
 
 def _segment_file_rank(f: Found) -> tuple:
@@ -470,7 +501,7 @@ def _duplicate_detail(f: Found, chosen: Found) -> str:
     if f.size == 0:
         why = "this file is empty"
     elif _needs_pyav(f) and not _needs_pyav(chosen):
-        why = f"this file needs PyAV ({f.path.suffix.lower()}), that one does not"
+        why = f"this file needs PyAV ({f.suffix.lower()}), that one does not"
     elif f.size < chosen.size:
         why = f"this file is smaller ({f.size} < {chosen.size} bytes)"
     return f"same segment as {printable(chosen.rel)}" + (f", which is used instead: {why}" if why else "")
@@ -478,11 +509,11 @@ def _duplicate_detail(f: Found, chosen: Found) -> str:
 
 def _read_all_segments(
     segments_csvs: list[str | Path], mid_index: dict[str, int], class_index_csv: str | Path
-) -> tuple[dict[str, list[Segment]], list[str]]:
+) -> tuple[dict[str, tuple[Segment, ...]], list[str]]:
     """ytid -> its segments, from every CSV in order, and a warning (a list of at most one note) when a segment is
     listed again with other labels. A segment (ytid, start) listed twice keeps its first listing: with the same
     labels that is harmless (e.g. a CSV given twice); with other labels the later ones are dropped, and said so."""
-    known: dict[str, list[Segment]] = {}
+    known: dict[str, tuple[Segment, ...]] = {}  # tuples: most ids have one segment, and a list took ~40 bytes more
     unknown: dict[str, str] = {}  # mid -> the first row that uses it
     relabelled: list[tuple[Segment, Segment]] = []
     for p in segments_csvs:
@@ -490,9 +521,9 @@ def _read_all_segments(
             for m in s.labels:
                 if m not in mid_index:
                     unknown.setdefault(m, s.where)
-            kept = next((o for o in known.get(s.ytid, []) if abs(o.start - s.start) < 1e-3), None)
+            kept = next((o for o in known.get(s.ytid, ()) if abs(o.start - s.start) < 1e-3), None)
             if kept is None:
-                known.setdefault(s.ytid, []).append(s)
+                known[s.ytid] = known.get(s.ytid, ()) + (s,)
             elif set(kept.labels) != set(s.labels):
                 relabelled.append((s, kept))
     if unknown:
@@ -534,11 +565,16 @@ def _classes_from(labels: list[tuple[str, ...]]) -> list[str]:
 
 
 def _with_indices(items: list[Item], classes: list[str]) -> list[Item]:
+    """`items`, each given its label indices in place (a new list held every Item twice for a moment), with one
+    tuple per label set shared by its items (as the label tuples are): ~50 bytes per input kept for the run."""
     idx = {c: i for i, c in enumerate(classes)}
-    return [
-        Item(**{**it.__dict__, "label_indices": tuple(idx[lab] for lab in it.labels)}) if it.labels else it
-        for it in items
-    ]
+    indices: dict[tuple[str, ...], tuple[int, ...]] = {}
+    for i, it in enumerate(items):
+        if it.labels:
+            if it.labels not in indices:
+                indices[it.labels] = tuple(idx[lab] for lab in it.labels)
+            items[i] = dataclasses.replace(it, label_indices=indices[it.labels])
+    return items
 
 
 def discover_folder(root: str | Path, progress: bool = False) -> Discovery:
@@ -551,14 +587,15 @@ def discover_folder(root: str | Path, progress: bool = False) -> Discovery:
     if not scan.files:
         raise ValueError(_no_audio(root, scan, "input folder"))
     items = []
+    label_sets: dict[str, tuple[str, ...]] = {}  # folder name -> its files' labels: one tuple shared (~100 bytes each)
     for f in scan.files:
         parent = printable(Path(f.rel).parent.name)
-        labels = (parent,) if parent else ()
+        labels = label_sets.setdefault(parent, (parent,) if parent else ())
         skip, detail = f.skip, f.detail
-        if skip is None and is_partial(f.path.name):
+        if skip is None and is_partial(f.name):
             skip = "partial_download"
         items.append(
-            Item(printable(f.rel), path_key(f.rel), str(f.path), labels=labels, size=f.size, skip=skip, detail=detail,
+            Item(printable(f.rel), path_key(f.rel), f.path, labels=labels, size=f.size, skip=skip, detail=detail,
                  mtime_ns=f.mtime_ns)
         )
     classes = _classes_from([it.labels for it in items])
@@ -633,6 +670,7 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
     names, notes = _manifest_columns(csv_path, header)
     reader.fieldnames = names
     items, first, empty, relabelled, commas = [], {}, [], [], []
+    label_sets: dict[tuple[str, ...], tuple[str, ...]] = {}
     for row in _rows_checked(csv_path, reader):
         extra = [v for v in row.get(None) or [] if v.strip()]  # DictReader keeps fields past the header under None
         if extra:
@@ -649,9 +687,11 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
             continue
         p = Path(raw) if Path(raw).is_absolute() else base / raw
         labels = tuple(dict.fromkeys(s.strip() for s in (row.get("label") or "").split(";") if s.strip()))
+        labels = label_sets.setdefault(labels, labels)  # one tuple per label set, shared (~100 bytes per row)
         if any("," in label for label in labels):
             commas.append(f"line {reader.line_num}: {_label_text(labels)}")
         real = os.path.realpath(p)
+        real = str(p) if real == str(p) else real  # one string per file less (kept in `first`)
         skip, detail, size, mtime_ns = None, "", 0, 0
         # Missing or partial files first: a missing file listed twice is not_found twice, not once "duplicate".
         if is_partial(p.name):
