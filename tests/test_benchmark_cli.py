@@ -35,6 +35,7 @@ def _load(name: str):
 loader = _load("loader")
 make_shards = _load("make_shards")
 shard_index = _load("shard_index")
+shard_writer = _load("shard_writer")
 
 
 def _one_line_error(fn, argv, capsys) -> str:
@@ -209,6 +210,19 @@ def test_shard_index_bad_arguments_and_a_tiny_run(tmp_path, capsys, monkeypatch)
     rows = [line.split() for line in out.splitlines() if line.startswith("warm")]
     assert [r[1] for r in rows] == ["walk", "index"] and all(float(r[-1]) > 0 for r in rows)  # ms/shard
     assert list(tmp_path.iterdir()) == []  # the data is deleted
+
+
+# ------------------------------------------------------------------------------------------------ shard_writer.py
+def test_shard_writer_bad_arguments_and_a_tiny_run(tmp_path, capsys):
+    for argv, message in ((["--clips", "0"], "--clips must be >= 1"), (["--repeats", "0"], "--repeats must be"),
+                          (["--shard-size", "1XB"], "--shard-size '1XB'"),
+                          (["--tmp", str(tmp_path / "no")], "is not a folder")):
+        assert message in _one_line_error(shard_writer.parse_args, argv, capsys)
+    shard_writer.main(["--clips", "9", "--frames", "30", "--shard-size", "4", "--repeats", "2", "--tmp", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.count("repeat ") == 2 and "9 clips" in out and "RESULT shard_writer clips_per_s=" in out, out
+    assert float(out.split("clips_per_s=")[1].split()[0]) > 0
+    assert list(tmp_path.iterdir()) == []  # the shards are deleted
 
 
 # ------------------------------------------------------------------------------------------------ profile / attention

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -87,6 +88,8 @@ def test_writer_is_deterministic_and_rejects_dotted_keys(tmp_path):
         w.add("a.b", {"npy": b""})
     w.abort()
     assert not list((tmp_path / "a").glob("y-*"))
+    # close() and abort() end the thread that hashes the shard as it is written
+    assert not [t for t in threading.enumerate() if t.name == "shard-sha256"]
 
 
 @pytest.mark.parametrize("sr", [8000, 22050, 44100, 48000])
