@@ -1099,6 +1099,9 @@ class WorkerIterator:
         self._rejects = 0  # consecutive unusable clips
         self._filling = False  # past this worker's share (exact mode: re-drawing); losses then not counted
         self._miscounted: set[int] = set()  # shards whose sample count differs from sizes.json (reported once)
+        # Shards read whole that hold no sample although sizes.json lists some: a resampled epoch whose every
+        # drawable shard is one would draw for ever, nothing failing and nothing read.
+        self._empty: set[int] = set()
         self.shared_memory = shared_memory
         # In a DataLoader worker, warnings travel with the batches and ShardLoader issues them in the main process
         # (once there, in order with its own output) instead of each worker printing its own copy to stderr.
@@ -1175,6 +1178,8 @@ class WorkerIterator:
                 self._fail(seg.shard, e)
                 continue
             self._check_count(seg.shard, *self.reader.seen)
+            if self.reader.seen[0] == 0:
+                self._empty.add(seg.shard)
             self._lost(seg.stop - seg.start - got)  # > 0 when the tar ended early (fewer samples than listed)
 
     def _refs(self, segments) -> Iterator[tuple[int, int]]:
@@ -1188,6 +1193,8 @@ class WorkerIterator:
                 self._lost(seg.stop - seg.start)
                 self._fail(seg.shard, e)
                 continue
+            if n == 0:
+                self._empty.add(seg.shard)
             if n != self.sizes[seg.shard]:
                 self._check_count(seg.shard, n, True)
                 self._lost(max(0, seg.stop - max(n, seg.start)))
@@ -1261,7 +1268,7 @@ class WorkerIterator:
         def draws():
             while True:
                 alive = [s for s in range(len(self.sizes)) if s not in self.bad and self.sizes[s] > 0]
-                if not alive:
+                if not alive or self._empty.issuperset(alive):
                     raise NoUsableData("no readable sample left in the shard set: every shard failed")
                 s = alive[int(self.rng_shuffle.integers(len(alive)))]
                 yield Segment(s, 0, self.sizes[s])

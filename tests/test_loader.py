@@ -480,6 +480,32 @@ def test_dataloader_two_workers_matches_simulation(tmp_path, reuse):
     assert sum(max((b["skipped_shards"] for b in v), default=0) for v in sim.values()) >= 1
 
 
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+def test_all_shards_empty_is_an_error_not_a_hang(tmp_path, reader):
+    """Every shard a valid tar holding no sample where sizes.json lists some (nothing fails, nothing is read): a
+    resampled epoch drew shard after shard without end, in the worker, before its first batch."""
+    source, _ = _make_set(tmp_path, 12, per_shard=6)
+    for u in source.urls:
+        with tarfile.open(u, "w", format=tarfile.PAX_FORMAT):
+            pass
+        Path(f"{u}.idx").unlink(missing_ok=True)
+
+    def hung(signum, frame):
+        raise TimeoutError("no error after 20 s: the epoch draws empty shards for ever")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for mode in ("exact", "resampled"):
+                with pytest.raises(RuntimeError, match="every shard failed"):
+                    list(WorkerIterator(source, _cfg(mode=mode, reader=reader), 0, 1, 0, 1, 0, 0))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def _loader_digest(source, cfg) -> str:
     """sha256 over every batch's keys and log-mel of rank 0's epoch 1, seed 3."""
     h = hashlib.sha256()
