@@ -1262,14 +1262,14 @@ class WorkerIterator:
                 yield sample
             barren = 0 if got else barren + 1
             if barren > len(self.sizes):
-                raise NoUsableData("no readable sample left in the shard set: every shard failed")
+                raise NoUsableData("no readable sample left in the shard set: every shard failed or held no sample")
 
     def _resampled(self) -> Iterator[Sample]:
         def draws():
             while True:
                 alive = [s for s in range(len(self.sizes)) if s not in self.bad and self.sizes[s] > 0]
                 if not alive or self._empty.issuperset(alive):
-                    raise NoUsableData("no readable sample left in the shard set: every shard failed")
+                    raise NoUsableData("no readable sample left in the shard set: every shard failed or held no sample")
                 s = alive[int(self.rng_shuffle.integers(len(alive)))]
                 yield Segment(s, 0, self.sizes[s])
 
