@@ -5,7 +5,7 @@ headers and payloads, the shard's sha256, the journal, a 1 GB shard's fsync. Wit
 the decoding, sets the pace. Here it is fed precomputed results (the workers' part replaced by a list; the pipe
 transfer from the workers is not included), so the figure is the loop's own cost per clip.
 
-    python benchmarks/shard_writer.py            # 6,000 clips of 80 x 1000 fp16 (0.97 GB), 3 repeats, ~15 s
+    python benchmarks/shard_writer.py            # 12,000 clips of 80 x 1000 fp16 (1.9 GB) in 250 MB shards, 3 repeats
     python benchmarks/shard_writer.py --clips 200 --repeats 1   # seconds
 
 Written under --tmp (default: the system's temporary folder) and deleted after each repeat.
@@ -35,9 +35,10 @@ from shard_tools.writer import encode_json, encode_npy  # noqa: E402
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--clips", type=int, default=6000, help="clips per repeat (default 6000)")
+    p.add_argument("--clips", type=int, default=12000, help="clips per repeat (default 12000)")
     p.add_argument("--frames", type=int, default=1000, help="frames per clip (default 1000: 160 KB of fp16)")
-    p.add_argument("--shard-size", default="1GB", help="make-shards --shard-size (default 1GB, make-shards' own)")
+    p.add_argument("--shard-size", default="250MB", help="make-shards --shard-size (default 250MB: 8 shards, so that "
+                   "closing one overlaps writing the next as in a long run; make-shards' own default is 1GB)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (default 3)")
     p.add_argument("--tmp", type=Path, default=None, help="folder for the shards (default: the system's temp)")
     args = p.parse_args(argv)

@@ -954,3 +954,35 @@ def test_workers_get_a_bounded_number_of_tasks_ahead_of_the_writer(monkeypatch, 
         keys.append(r.key)
         assert sum(sent) - len(keys) < 2 * pl.TASKS_AHEAD_PER_WORKER * pl.CHUNK, (sum(sent), len(keys))
     assert keys == [it.key for it in items]
+
+
+def test_a_shard_whose_close_fails_ends_the_run_in_one_line_and_the_rerun_finishes(tmp_path, monkeypatch):
+    """A full shard is closed (end of its hash, fsync, rename, index file, journal entry) in a thread while the next
+    one is written. An error there (a disk that fills at the fsync) still ends the run with make-shards' one-line
+    message, the shards closed before it kept; the rerun gives the set an uninterrupted run gives."""
+    import shard_tools.pipeline as pl
+
+    real, closes = ShardWriter.close, []
+
+    def close(self):
+        closes.append(threading.current_thread().name)
+        if len(closes) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self)
+
+    def run(out):
+        cli_main(["synthetic", "--n", "30", "--shard-size", "8", "--workers", "0", "--out", str(out)])
+
+    monkeypatch.setattr(ShardWriter, "close", close)
+    with pytest.raises(SystemExit, match="No space left on device; fix that and run the same command again"):
+        run(tmp_path / "a")
+    assert closes == ["shard-close", "shard-close"]  # off the main thread
+    assert [e["shard"] for e in pl.iter_journal(tmp_path / "a" / pl.WORK_DIR / "journal.jsonl")] == [
+        "shards-000000.tar"]
+    monkeypatch.setattr(ShardWriter, "close", real)
+    run(tmp_path / "a")
+    run(tmp_path / "b")
+    files = sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "a").iterdir()) and "shards-000003.tar" in files
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
