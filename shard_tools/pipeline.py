@@ -650,32 +650,59 @@ class _ShardCloser:
     """Closes a full shard (the end of its hash, fsync, rename, index file, then its journal entry) in a thread while
     the next shard is written: the fsync of a 1 GB shard took 0.5 s here, ~40 % of the writer loop, which is
     make-shards' ceiling with many workers. One close at a time, so journal entries keep shard order; an error in a
-    close is raised in the caller at the next `close` or `wait`."""
+    close is raised in the caller at the next `close` or `wait`.
+
+    A Ctrl-C can land anywhere in `close`, also inside `Thread.start` (before the thread exists, or after it started
+    but before `start` returned): the shard is then closed by whichever of the thread and `wait` claims it first
+    (`_Close.claim`), never by both, and `wait` never joins a thread that may not exist. A shard whose close fails is
+    aborted (its file closed, its `.tmp` deleted, its hashing thread ended)."""
 
     def __init__(self, journal: Path):
         self.journal = journal
-        self._thread: threading.Thread | None = None
+        self._job: _Close | None = None
         self._error: BaseException | None = None
 
     def close(self, writer: ShardWriter, seg: _Segment, end: int) -> None:
         self.wait()
-        self._thread = threading.Thread(target=self._close, args=(writer, seg, end), name="shard-close")
-        self._thread.start()
+        self._job = job = _Close(writer, seg, end)  # from here on the writer is this closer's
+        threading.Thread(target=self._run, args=(job,), name="shard-close").start()
 
-    def _close(self, writer: ShardWriter, seg: _Segment, end: int) -> None:
+    def holds(self, writer: ShardWriter | None) -> bool:
+        """Whether `writer` was handed to this closer (its caller must not abort it)."""
+        return self._job is not None and self._job.writer is writer
+
+    def _run(self, job: _Close) -> None:
+        if job.claim.acquire(blocking=False):  # else `wait` took it back: the hand-off was interrupted
+            self._do(job)
+
+    def _do(self, job: _Close) -> None:
         try:
-            path, n_bytes, sha = writer.close()
-            _append_line(self.journal, seg.entry(end, path.name, writer.count, n_bytes, sha))
+            path, n_bytes, sha = job.writer.close()
+            _append_line(self.journal, job.seg.entry(job.end, path.name, job.writer.count, n_bytes, sha))
         except BaseException as e:  # raised in the main thread by wait()
             self._error = e
+            with contextlib.suppress(BaseException):
+                job.writer.abort()
+        finally:
+            job.done.set()
 
     def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        job = self._job
+        if job is not None:
+            if job.claim.acquire(blocking=False):  # its thread has not started (or never will): close it here
+                self._do(job)
+            job.done.wait()
+            self._job = None
         if self._error is not None:
             error, self._error = self._error, None
             raise error
+
+
+class _Close:
+    def __init__(self, writer: ShardWriter, seg: _Segment, end: int):
+        self.writer, self.seg, self.end = writer, seg, end
+        self.claim = threading.Lock()  # taken by whoever closes the shard: the thread, or `wait` if it is first
+        self.done = threading.Event()
 
 
 def _run_segments(order: list[Item], start: int, shard_index: int, cfg: MakeConfig, journal: Path) -> None:
@@ -719,7 +746,9 @@ def _run_segments(order: list[Item], start: int, shard_index: int, cfg: MakeConf
         try:
             closer.wait()  # interrupted: the shard being closed is finished (and journaled) first
         finally:
-            if writer is not None:  # interrupted (Ctrl-C, error): leave no half shard under its final name
+            # interrupted (Ctrl-C, error): leave no half shard under its final name; a writer handed to the closer
+            # (a Ctrl-C inside closer.close) is the closer's to finish
+            if writer is not None and not closer.holds(writer):
                 writer.abort()
 
 

@@ -986,3 +986,58 @@ def test_a_shard_whose_close_fails_ends_the_run_in_one_line_and_the_rerun_finish
     assert files == sorted(p.name for p in (tmp_path / "a").iterdir()) and "shards-000003.tar" in files
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_a_ctrl_c_inside_the_hand_off_to_the_close_thread_ends_the_run_as_interrupted(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C can land inside `Thread.start` of the close thread, before the thread runs: the run then raised
+    RuntimeError('cannot join thread before it is started') with a traceback (and the main thread aborted the shard
+    while a thread that did start could still be closing it). The shard handed over is closed (and journaled) once,
+    the run ends as interrupted, and the rerun gives the set an uninterrupted run gives."""
+    import shard_tools.pipeline as pl
+
+    real_start, starts = threading.Thread.start, []
+
+    def start(self):
+        if self.name == "shard-close":
+            starts.append(self)
+            if len(starts) == 2:
+                raise KeyboardInterrupt  # the Ctrl-C, before the thread exists
+        return real_start(self)
+
+    def run(out):
+        cli_main(["synthetic", "--n", "30", "--shard-size", "8", "--workers", "0", "--no-progress", "--out", str(out)])
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "a")
+    assert e.value.code == 130 and "interrupted" in capsys.readouterr().err
+    assert [e["shard"] for e in pl.iter_journal(tmp_path / "a" / pl.WORK_DIR / "journal.jsonl")] == [
+        "shards-000000.tar", "shards-000001.tar"]
+    assert not [t for t in threading.enumerate() if t.name == "shard-close" and t.is_alive()]
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    run(tmp_path / "a")
+    run(tmp_path / "b")
+    files = sorted(p.name for p in (tmp_path / "b").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "a").iterdir()) and "shards-000003.tar" in files
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_a_shard_whose_close_fails_in_the_thread_is_aborted(tmp_path, monkeypatch):
+    """A close that fails in the close thread (here writing the tar's end, as on a full disk) leaves, as one in the
+    main thread did, no `.tmp` file, open file or hashing thread behind it: in a notebook they outlived the call."""
+    real, closes = tarfile.TarFile.close, []
+
+    def close(self):
+        closes.append(threading.current_thread().name)
+        if len(closes) == 2:
+            raise OSError(28, "No space left on device")
+        return real(self)
+
+    monkeypatch.setattr(tarfile.TarFile, "close", close)
+    with pytest.raises(OSError, match="No space left"):
+        make_synthetic_shards(tmp_path, 30, shard_size="8", workers=0, progress=False)
+    assert closes[1] == "shard-close"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert not [t for t in threading.enumerate() if t.name == "shard-sha256" and t.is_alive()]
+    assert not [f for f in os.listdir("/proc/self/fd") if str(tmp_path) in os.path.realpath(f"/proc/self/fd/{f}")]
