@@ -956,6 +956,14 @@ def test_workers_get_a_bounded_number_of_tasks_ahead_of_the_writer(monkeypatch, 
     assert keys == [it.key for it in items]
 
 
+def _assert_same_files(a: Path, b: Path, expected: str) -> None:
+    """Folders `a` and `b` hold the same files, byte for byte, `expected` among them."""
+    files = sorted(p.name for p in b.iterdir())
+    assert files == sorted(p.name for p in a.iterdir()) and expected in files
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
 def test_a_shard_whose_close_fails_ends_the_run_in_one_line_and_the_rerun_finishes(tmp_path, monkeypatch):
     """A full shard is closed (end of its hash, fsync, rename, index file, journal entry) in a thread while the next
     one is written. An error there (a disk that fills at the fsync) still ends the run with make-shards' one-line
@@ -982,10 +990,7 @@ def test_a_shard_whose_close_fails_ends_the_run_in_one_line_and_the_rerun_finish
     monkeypatch.setattr(ShardWriter, "close", real)
     run(tmp_path / "a")
     run(tmp_path / "b")
-    files = sorted(p.name for p in (tmp_path / "b").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "a").iterdir()) and "shards-000003.tar" in files
-    for name in files:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    _assert_same_files(tmp_path / "a", tmp_path / "b", "shards-000003.tar")
 
 
 def test_a_ctrl_c_inside_the_hand_off_to_the_close_thread_ends_the_run_as_interrupted(tmp_path, monkeypatch, capsys):
@@ -1017,10 +1022,7 @@ def test_a_ctrl_c_inside_the_hand_off_to_the_close_thread_ends_the_run_as_interr
     monkeypatch.setattr(threading.Thread, "start", real_start)
     run(tmp_path / "a")
     run(tmp_path / "b")
-    files = sorted(p.name for p in (tmp_path / "b").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "a").iterdir()) and "shards-000003.tar" in files
-    for name in files:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    _assert_same_files(tmp_path / "a", tmp_path / "b", "shards-000003.tar")
 
 
 def test_a_shard_whose_close_fails_in_the_thread_is_aborted(tmp_path, monkeypatch):
