@@ -139,7 +139,8 @@ class _HashingFile:
     """The shard's file, hashed as tarfile writes it: in mode "w" tarfile only appends (write, tell), so the sha256
     of the bytes written is the file's, and close() need not read the whole shard back. The hashing runs in a thread
     (hashlib releases the GIL): in the writer's loop it took 30 % of the time, and that loop is make-shards' ceiling
-    however many workers decode (2,600 clips/s here before, 4,300 with this and one write per payload)."""
+    however many workers decode (benchmarks/shard_writer.py, 6,000 clips in one 1 GB shard: 2,750 clips/s before,
+    4,700 with this and one write per payload)."""
 
     def __init__(self, f):
         self.f, self._h = f, hashlib.sha256()
