@@ -60,8 +60,6 @@ CHUNK = 2  # inputs per task sent to a worker
 # Tasks per worker sent ahead of the one whose results are written next. Pool.imap sent every task at once and kept
 # each result that came back before its turn, so a writer slower than the workers (a slow disk; one main process
 # for 32+ workers) or one slow input let finished clips pile up in the main process without bound (~70 KB each).
-# The price: an input far slower than the rest (a long video decoded whole) now holds the other workers back once
-# they are this far ahead, where they used to go on and fill memory.
 TASKS_AHEAD_PER_WORKER = 4
 
 
