@@ -28,7 +28,7 @@ import shutil
 import signal
 import sys
 import threading
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,10 +57,6 @@ NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 SHARD_RE = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)-\d{6}\.tar$")  # <name>-000000.tar: what make-shards writes
 SET_FILES = ("sizes.json", "stats.json", "manifest.jsonl")
 CHUNK = 2  # inputs per task sent to a worker
-# Tasks per worker sent ahead of the one whose results are written next. Pool.imap sent every task at once and kept
-# each result that came back before its turn, so a writer slower than the workers (a slow disk; one main process
-# for 32+ workers) or one slow input let finished clips pile up in the main process without bound (~70 KB each).
-TASKS_AHEAD_PER_WORKER = 4
 
 
 def tool_version() -> str:
@@ -253,18 +249,16 @@ def ordered_results(items: list[Item], cfg: MakeConfig) -> Iterator[Result]:
         # and the task it held is never answered, so without this check the run waited forever, saying nothing.
         workers = list(getattr(pool, "_pool", ()))
         try:
-            starts, pending = iter(range(0, len(items), CHUNK)), deque()
+            chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
+            results = pool.imap(_work, chunks)  # chunksize 1: only then can next() wait with a timeout
             while True:
-                while len(pending) < cfg.workers * TASKS_AHEAD_PER_WORKER and (i := next(starts, None)) is not None:
-                    pending.append(pool.apply_async(_work, (items[i : i + CHUNK],)))
-                if not pending:
-                    break
                 try:
-                    outs = pending[0].get(timeout=0.2)  # in input order; a worker's exception is raised here
-                    pending.popleft()
+                    outs = results.next(timeout=0.2)
                 except mp.TimeoutError:
                     outs = []
                     _check_workers(workers, cfg.workers)
+                except StopIteration:
+                    break
                 if stop.is_set():
                     raise KeyboardInterrupt
                 for out in outs:
