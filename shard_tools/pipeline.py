@@ -20,8 +20,6 @@ import fcntl
 import functools
 import hashlib
 import json
-import multiprocessing as mp
-import multiprocessing.connection
 import os
 import re
 import shutil
@@ -49,6 +47,7 @@ from shard_tools.discover import (
     segments_line,
     unique_keys,
 )
+from shard_tools.workpool import WorkerDied, ordered_map
 from shard_tools.writer import ShardLimit, ShardWriter, encode_json, encode_npy, parse_shard_size, write_index
 
 FORMAT_VERSION = 1
@@ -188,34 +187,7 @@ def process_item(item: Item, spec: FrontendSpec, min_frames: int, short: str, me
 _WORKER: dict = {}
 
 
-class _QuietOrphanStream:
-    """A worker's stderr that says nothing once the main process is gone: a worker that was sending a result at
-    that moment meets a broken pipe, and its traceback would only bury the user's terminal."""
-
-    def __init__(self, stream, sentinel: int):
-        self._stream, self._sentinel = stream, sentinel
-
-    def write(self, text: str) -> int:
-        if mp.connection.wait([self._sentinel], timeout=0):
-            return len(text)
-        return self._stream.write(text)
-
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
-
-
-def _exit_with_parent(sentinel: int) -> None:
-    """Worker thread: end this worker quietly as soon as the main process is gone (kill -9 included)."""
-    mp.connection.wait([sentinel])
-    os._exit(0)
-
-
 def _init_worker(frontend: str, min_frames: int, short: str, cpu_mel: bool, pad_to: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it stops the pool (terminate)
-    parent = mp.parent_process()
-    if parent is not None and parent.sentinel is not None:  # readable once the main process has exited
-        sys.stderr = _QuietOrphanStream(sys.stderr, parent.sentinel)
-        threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
     torch.set_num_threads(1)  # one clip per process: threads would only fight, and results must not depend on them
     spec = get_spec(frontend)
     _WORKER.update(spec=spec, min_frames=min_frames, short=short, mel=LogMelSpec(spec) if cpu_mel else None,
@@ -244,68 +216,44 @@ def ordered_results(items: list[Item], cfg: MakeConfig) -> Iterator[Result]:
             torch.set_num_threads(threads)
         return
     with _sigint_deferred() as stop:
-        pool = _start_pool(cfg, on_gpu)
-        # The processes started now. A Pool silently replaces a worker that dies (the out-of-memory killer, kill -9)
-        # and the task it held is never answered, so without this check the run waited forever, saying nothing.
-        workers = list(getattr(pool, "_pool", ()))
-        try:
-            chunks = [items[i : i + CHUNK] for i in range(0, len(items), CHUNK)]
-            results = pool.imap(_work, chunks)  # chunksize 1: only then can next() wait with a timeout
-            while True:
-                try:
-                    outs = results.next(timeout=0.2)
-                except mp.TimeoutError:
-                    outs = []
-                    _check_workers(workers, cfg.workers)
-                except StopIteration:
-                    break
-                if stop.is_set():
-                    raise KeyboardInterrupt
-                for out in outs:
-                    yield _finish(out, gpu_mel, cfg.device)
-        finally:
-            pool.terminate()  # workers get SIGTERM: they end without a word
-            pool.join()
+
+        def poll() -> None:
+            if stop.is_set():
+                raise KeyboardInterrupt
+
+        chunks = (items[i : i + CHUNK] for i in range(0, len(items), CHUNK))
+        # A bounded number of chunks ahead of the writer: the ones that come back before their turn wait here.
+        results = ordered_map(_work, chunks, cfg.workers, ahead=chunks_ahead(cfg.workers), initializer=_init_worker,
+                              initargs=(cfg.frontend, cfg.min_frames, cfg.short, not on_gpu, cfg.pad_to()),
+                              poll=poll)
+        with contextlib.closing(results):  # the workers end here, however the run ends
+            try:
+                for outs in results:
+                    poll()
+                    for out in outs:
+                        yield _finish(out, gpu_mel, cfg.device)
+            except WorkerDied as e:
+                raise WorkerDied(_died_message(e, cfg.workers), e.exitcode) from None
 
 
-class WorkerDied(RuntimeError):
-    """A worker process ended during the run; the shards journaled so far are kept."""
+def chunks_ahead(workers: int) -> int:
+    """Chunks handed out past the one the writer takes next. Finished ones wait in memory for their turn (~70 KB a
+    10 s clip on the CPU, ~0.6 MB as a waveform for --device cuda), and a long input holds the others back only
+    after this many: so a few MB, and at least 8 chunks per worker."""
+    return max(64, 8 * workers)
 
 
-def _check_workers(workers: list, n_workers: int) -> None:
-    for p in workers:
-        code = p.exitcode
-        if code is None:
-            continue
-        try:
-            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        except ValueError:
-            how = f"ended with status {code}"
-        oom = " (often the out-of-memory killer: long clips decode whole)" if code == -signal.SIGKILL else ""
-        fewer = f", with fewer --workers than {n_workers} if memory ran short" if n_workers > 1 else ""
-        raise WorkerDied(f"a worker process {how}{oom}; the shards written so far are kept: run the same command "
-                         f"again to finish{fewer}")
-
-
-def _start_pool(cfg: MakeConfig, on_gpu: bool):
-    """A spawn pool whose workers ignore SIGINT from their first instruction: a disposition of SIG_IGN survives
-    exec, so a Ctrl-C sent to the whole process group while they import torch prints nothing."""
-    ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock; spawn is always safe
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:
-        return ctx.Pool(cfg.workers, _init_worker, (cfg.frontend, cfg.min_frames, cfg.short, not on_gpu,
-                                                    cfg.pad_to()))
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, old)
+def _died_message(e: WorkerDied, n_workers: int) -> str:
+    oom = " (often the out-of-memory killer: long clips decode whole)" if e.exitcode == -signal.SIGKILL else ""
+    fewer = f", with fewer --workers than {n_workers} if memory ran short" if n_workers > 1 else ""
+    return f"{e}{oom}; the shards written so far are kept: run the same command again to finish{fewer}"
 
 
 @contextlib.contextmanager
 def _sigint_deferred() -> Iterator[threading.Event]:
-    """While the worker pool runs, Ctrl-C only sets the returned flag; the loop over results turns it into a
-    KeyboardInterrupt at a safe point. A KeyboardInterrupt raised inside the pool's locks and threads would leave
-    them broken ("release unlocked lock", leaked semaphores) and print tracebacks."""
+    """While the workers run, Ctrl-C only sets the returned flag; the loop over results turns it into a
+    KeyboardInterrupt at a safe point, between two results. Raised anywhere, it could land half-way through reading
+    a worker's answer or handing a shard to the close thread."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread() or (
         signal.getsignal(signal.SIGINT) is not signal.default_int_handler

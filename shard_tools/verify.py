@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import signal
 import sys
 import tarfile
 from collections import Counter
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from matpac_fast.data_tar import ShardError, index_path, read_index_file, shard_set_subfolder_hint, walk_file
+from shard_tools.workpool import WorkerDied, ordered_map
 from shard_tools.writer import sha256_file
 
 JSON_FIELDS = {
@@ -434,30 +434,17 @@ def _check_index(path: Path) -> list[str]:
     return []
 
 
-def _ignore_sigint() -> None:
-    # Ctrl-C reaches the whole process group: the main process stops the pool and says so in one line; workers
-    # that also raised KeyboardInterrupt would each print a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 @contextlib.contextmanager
 def _shard_checks(jobs: list, workers: int):
-    """_check_shard over `jobs`, results in job order: in this process for one worker (or one shard), else in a
-    pool of `workers` spawned processes (hashing and parsing are CPU-bound; spawn, as make-shards: no fork of a
-    process that may hold threads)."""
+    """_check_shard over `jobs`, results in job order: in this process for one worker (or one shard), else in
+    `workers` spawned processes (hashing and parsing are CPU-bound; spawn, as make-shards: no fork of a process that
+    may hold threads). Ctrl-C is this process's: it ends the workers, which ignore it."""
     workers = max(1, min(workers, len(jobs)))
     if workers == 1:
         yield map(_check_shard, jobs)
         return
-    import multiprocessing as mp
-
-    pool = mp.get_context("spawn").Pool(workers, initializer=_ignore_sigint)
-    try:
-        yield pool.imap(_check_shard, jobs)
-        pool.close()
-    finally:
-        pool.terminate()  # done, or left early (an error, Ctrl-C): no worker outlives the check
-        pool.join()
+    with contextlib.closing(ordered_map(_check_shard, jobs, workers, ahead=4 * workers)) as results:
+        yield results  # done, or left early (an error, Ctrl-C): no worker outlives the check
 
 
 def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True, workers: int = 1) -> Report:
@@ -595,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("verify-shards: interrupted; nothing was changed (the check only reads)", file=sys.stderr)
         return 130
+    except WorkerDied as e:  # the out-of-memory killer, kill -9: one line, not a wait for an answer never sent
+        fewer = f", with fewer --workers than {args.workers} if memory ran short" if args.workers > 1 else ""
+        raise SystemExit(f"verify-shards: error: {e}; nothing was changed: run it again{fewer}") from None
     print(format_report(report, report.stats if is_make_shards_stats(report.stats) else None, args.top))
     return 0 if report.ok else 1
 

@@ -368,6 +368,30 @@ def test_verify_leaves_no_worker_behind_when_stopped_early(synth_set, monkeypatc
     assert capsys.readouterr().err == "verify-shards: interrupted; nothing was changed (the check only reads)\n"
 
 
+def test_verify_with_a_worker_killed_says_so_in_one_line(synth_set):
+    """kill -9 of a verify-shards worker (as the out-of-memory killer does): its Pool replaced it and waited forever
+    for the answer it owed. Now one line, at once, and no worker is left."""
+    import multiprocessing as mp
+    import threading
+
+    out = synth_set[0]
+
+    def kill_a_worker():  # as soon as both exist: they are still starting, so the killed one owes its first shard
+        deadline = time.monotonic() + 60
+        while len(mp.active_children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        os.kill(mp.active_children()[0].pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_a_worker, daemon=True)
+    killer.start()
+    with pytest.raises(SystemExit) as info:
+        verify_main([str(out), "--no-progress", "--workers", "2"])
+    killer.join()
+    assert str(info.value) == ("verify-shards: error: a worker process was killed by SIGKILL; nothing was changed: "
+                               "run it again, with fewer --workers than 2 if memory ran short")
+    assert mp.active_children() == []
+
+
 def test_verify_structural_checks_without_hashes(tmp_path):
     """Samples that are well-formed tar members but break the contract: wrong dtype, NaN, wrong n_frames."""
     out = tmp_path / "bad"
@@ -1005,3 +1029,33 @@ def test_a_shard_whose_close_fails_in_the_thread_is_aborted(tmp_path, monkeypatc
     assert not [t for t in threading.enumerate() if t.name == "shard-sha256" and t.is_alive()]
     if Path("/proc/self/fd").is_dir():  # Linux: the open files of this process
         assert not [f for f in os.listdir("/proc/self/fd") if str(tmp_path) in os.path.realpath(f"/proc/self/fd/{f}")]
+
+
+def test_make_shards_hands_its_workers_a_bounded_number_of_chunks_ahead_of_the_writer(monkeypatch, tmp_path):
+    """Results that come back before their turn wait in the main process. Pool.imap took every task at once, so a
+    writer slower than its workers (a slow disk, or one main process for 32+ workers) or one slow input let finished
+    clips pile up without bound (2 workers, a writer taking 20 ms a clip: +208 MB after 1,000 clips). ordered_results
+    hands out at most chunks_ahead(workers) chunks past the one it writes next, and still gives input order."""
+    import shard_tools.pipeline as pl
+    from shard_tools.discover import discover_synthetic
+
+    pulled, real_map = [], pl.ordered_map
+
+    def counting_map(fn, tasks, workers, ahead, **kw):
+        assert ahead == 3 and workers == 2
+
+        def counted():
+            for chunk in tasks:
+                pulled.append(len(chunk))
+                yield chunk
+
+        return real_map(fn, counted(), workers, ahead, **kw)
+
+    monkeypatch.setattr(pl, "chunks_ahead", lambda workers: 3)
+    monkeypatch.setattr(pl, "ordered_map", counting_map)
+    items = discover_synthetic(40).items
+    keys = []
+    for r in pl.ordered_results(items, pl.MakeConfig(out=tmp_path, workers=2, progress=False)):
+        keys.append(r.key)
+        assert sum(pulled) - len(keys) < 3 * pl.CHUNK, (sum(pulled), len(keys))
+    assert keys == [it.key for it in items]

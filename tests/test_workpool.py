@@ -1,0 +1,133 @@
+"""shard_tools.workpool.ordered_map: order, the bound on tasks ahead, errors from workers, dead workers, clean ends.
+
+The functions the workers run live here, at module level, so that spawned workers can import them; this module
+imports no torch, so a worker starts in a fraction of a second."""
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import time
+
+import pytest
+
+from shard_tools.workpool import RemoteTraceback, WorkerDied, describe_exit, ordered_map
+
+
+def jittered_square(x: int) -> int:
+    time.sleep(0.002 * (x * 7 % 5))  # answers come back out of order between workers
+    return x * x
+
+
+def fail_on_three(x: int) -> int:
+    if x == 3:
+        raise ValueError(f"no {x}")
+    return x
+
+
+def unpicklable(x: int):
+    return lambda: x
+
+
+def exit_on_two(x: int) -> int:
+    if x == 2:
+        os._exit(3)
+    return x
+
+
+def slow_first(x: int) -> int:
+    time.sleep(0.5 if x == 0 else 0)
+    return x
+
+
+def sleep_then(x: float) -> float:
+    time.sleep(x)
+    return x
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail, rather than hang the suite, if the block waits longer than this (what a dead worker used to cause)."""
+
+    def expired(signum, frame):
+        raise AssertionError(f"still waiting after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_results_come_in_task_order_whatever_the_worker_count():
+    for workers in (1, 2, 3):
+        assert list(ordered_map(jittered_square, range(40), workers, ahead=5)) == [x * x for x in range(40)]
+    assert list(ordered_map(jittered_square, [], 2, ahead=4)) == []
+    assert mp.active_children() == []
+
+
+def test_tasks_are_taken_only_a_bounded_number_ahead_of_the_next_result():
+    """One slow task: the other worker goes on only until `ahead` tasks are out past it, so at most that many answers
+    wait in memory for their turn (multiprocessing.Pool.imap took every task at once and kept every answer). A task
+    is taken from the iterable only when it is handed to a worker."""
+    pulled = []
+
+    def tasks():
+        for i in range(30):
+            pulled.append(i)
+            yield i
+
+    results = ordered_map(slow_first, tasks(), 2, ahead=4)
+    assert next(results) == 0
+    assert len(pulled) == 4  # 0 and 2 to the slow worker, 1 and 3 to the other, which then waited
+    assert list(results) == list(range(1, 30))
+
+
+def test_an_exception_in_a_worker_is_raised_with_its_traceback_and_the_workers_end():
+    with pytest.raises(ValueError, match="no 3") as info:
+        list(ordered_map(fail_on_three, range(10), 2, ahead=4))
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "fail_on_three" in str(info.value.__cause__)  # where it happened, in the worker
+    with pytest.raises(Exception, match="pickle"):  # a result that cannot travel back: said, not a dead worker
+        list(ordered_map(unpicklable, range(3), 2, ahead=4))
+    assert mp.active_children() == []
+
+
+def test_a_worker_that_exits_or_is_killed_ends_the_map_at_once():
+    with pytest.raises(WorkerDied, match="^a worker process exited with status 3$") as info, deadline(20):
+        list(ordered_map(exit_on_two, range(10), 2, ahead=4))
+    assert info.value.exitcode == 3
+    assert mp.active_children() == []
+
+    results = ordered_map(sleep_then, [0.2] * 40, 2, ahead=8)
+    assert next(results) == 0.2
+    workers = mp.active_children()
+    assert len(workers) == 2
+    os.kill(workers[0].pid, signal.SIGKILL)  # as the out-of-memory killer does: it held a task
+    with pytest.raises(WorkerDied, match="^a worker process was killed by SIGKILL$"), deadline(20):
+        list(results)  # a multiprocessing.Pool replaced it and waited forever for the answer it owed
+    assert mp.active_children() == []
+
+
+def test_closing_early_or_a_poll_that_raises_ends_the_workers():
+    results = ordered_map(sleep_then, [0.01] * 100, 2, ahead=8)
+    assert next(results) == 0.01 and len(mp.active_children()) == 2
+    results.close()
+    assert mp.active_children() == []
+
+    def poll():
+        raise KeyboardInterrupt  # as make-shards' deferred Ctrl-C does
+
+    with pytest.raises(KeyboardInterrupt):
+        list(ordered_map(sleep_then, [1.0] * 4, 2, ahead=8, poll=poll, timeout=0.05))
+    assert mp.active_children() == []
+
+
+def test_worker_count_is_checked_and_exits_are_described():
+    with pytest.raises(ValueError, match="at least 1 worker"):
+        next(ordered_map(jittered_square, range(3), 0, ahead=4))
+    assert describe_exit(-9) == "was killed by SIGKILL"
+    assert describe_exit(2) == "exited with status 2"
+    assert describe_exit(-200) == "ended with status -200"
