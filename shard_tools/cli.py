@@ -152,21 +152,8 @@ def config_from_args(args: argparse.Namespace) -> MakeConfig:
     )
 
 
-QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
-
-
-def _quiet_resource_tracker() -> None:
-    """After a `kill -9` of make-shards, Python's resource tracker (a helper process started with the worker pool)
-    frees the pool's semaphores and warns about them in two lines that ask nothing of the user: silence just that
-    warning in the processes make-shards starts (they inherit the environment)."""
-    current = os.environ.get("PYTHONWARNINGS", "")
-    if QUIET_TRACKER not in current.split(","):
-        os.environ["PYTHONWARNINGS"] = f"{current},{QUIET_TRACKER}" if current else QUIET_TRACKER
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_resource_tracker()
     try:
         from shard_tools.pipeline import format_summary, make_shards  # imports torch: a Ctrl-C here is caught too
 
