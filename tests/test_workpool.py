@@ -90,7 +90,7 @@ def test_an_exception_in_a_worker_is_raised_with_its_traceback_and_the_workers_e
         list(ordered_map(fail_on_three, range(10), 2, ahead=4))
     assert isinstance(info.value.__cause__, RemoteTraceback)
     assert "fail_on_three" in str(info.value.__cause__)  # where it happened, in the worker
-    with pytest.raises(Exception, match="pickle"):  # a result that cannot travel back: said, not a dead worker
+    with pytest.raises(Exception, match=r"local object .unpicklable\.<locals>\.<lambda>"):  # said, not a dead worker
         list(ordered_map(unpicklable, range(3), 2, ahead=4))
     assert mp.active_children() == []
 
