@@ -161,7 +161,9 @@ class _Map:
                         i, ok, value = conn.recv()
                     except (EOFError, OSError):  # it ended, maybe in the middle of an answer
                         break
-                    assert i == self.owed[w].popleft(), "a worker answered out of order"
+                    # Not an assert: under `python -O` the popleft would go with it, and the map would wait forever.
+                    if i != self.owed[w].popleft():
+                        raise RuntimeError("a worker answered out of order")
                     self.done[i] = (ok, value if ok else _rebuild(value))
             if proc.sentinel in ready:
                 if self.owed[w] or not self.exhausted:

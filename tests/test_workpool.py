@@ -7,6 +7,8 @@ import contextlib
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -131,3 +133,15 @@ def test_worker_count_is_checked_and_exits_are_described():
     assert describe_exit(-9) == "was killed by SIGKILL"
     assert describe_exit(2) == "exited with status 2"
     assert describe_exit(-200) == "ended with status -200"
+
+
+def test_the_map_works_under_python_O():
+    """`python -O` strips asserts: the answer bookkeeping must not live in one (it did: every run hung)."""
+    code = ("from shard_tools.workpool import ordered_map\n"
+            "if __name__ == '__main__':\n"
+            "    print(list(ordered_map(abs, range(-6, 6), 2, ahead=3)))\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-O", "-c", code], env={**os.environ, "PYTHONPATH": root},
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{[abs(x) for x in range(-6, 6)]}\n"
