@@ -25,6 +25,7 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.reduction import ForkingPickler
 
 PER_WORKER = 2  # tasks handed to one worker at a time: the one it works on and the next, so it never waits for us
 
@@ -158,11 +159,19 @@ class _Map:
             if conn in ready or (proc.sentinel in ready and self.owed[w]):
                 while self.owed[w] and conn.poll():  # a worker that ended may still have answers in its pipe
                     try:
-                        i, ok, value = conn.recv()
+                        data = conn.recv_bytes()
                     except (EOFError, OSError):  # it ended, maybe in the middle of an answer
                         break
+                    first = self.owed[w].popleft()
+                    try:
+                        i, ok, value = ForkingPickler.loads(data)
+                    except Exception as e:  # pickled there, but not rebuilt here (an __init__ that wants other
+                        # arguments, a class this process cannot import): this task's error, not a puzzling one here
+                        self.done[first] = (False, RuntimeError(f"the answer to task {first} could not be unpickled "
+                                                                f"in the calling process: {type(e).__name__}: {e}"))
+                        continue
                     # Not an assert: under `python -O` the popleft would go with it, and the map would wait forever.
-                    if i != self.owed[w].popleft():
+                    if i != first:
                         raise RuntimeError("a worker answered out of order")
                     self.done[i] = (ok, value if ok else _rebuild(value))
             if proc.sentinel in ready:
@@ -209,6 +218,18 @@ def _exit_with_parent(sentinel: int) -> None:
     os._exit(0)
 
 
+def _sendable(e: Exception) -> tuple[Exception, str]:
+    """(e, its traceback text), e replaced by a RuntimeError that names it if it would not come back whole: many
+    exceptions pickle but do not unpickle (an __init__ with other arguments than its args), and the caller would
+    get that TypeError instead of this one and its traceback."""
+    tb = "".join(traceback.format_exception(e))
+    try:
+        ForkingPickler.loads(ForkingPickler.dumps(e))
+    except Exception as why:
+        e = RuntimeError(f"{type(e).__name__}: {e} (cannot be sent back: {type(why).__name__}: {why})")
+    return e, tb
+
+
 def _serve(conn, fn: Callable, initializer: Callable | None, initargs: tuple) -> None:
     """A worker's life: answer (index, task) with (index, ok, result or (exception, traceback text)) until EOF."""
     parent = mp.parent_process()
@@ -225,7 +246,7 @@ def _serve(conn, fn: Callable, initializer: Callable | None, initargs: tuple) ->
         try:
             answer = (i, True, fn(task))
         except Exception as e:
-            answer = (i, False, (e, "".join(traceback.format_exception(e))))
+            answer = (i, False, _sendable(e))
         try:
             conn.send(answer)
         except Exception as e:  # the result or the exception cannot be pickled: say so rather than die

@@ -31,6 +31,33 @@ def unpicklable(x: int):
     return lambda: x
 
 
+class TwoPartError(Exception):
+    """Pickles, but does not unpickle: its __init__ wants two arguments, and args holds one message."""
+
+    def __init__(self, what: str, why: str):
+        super().__init__(f"{what}: {why}")
+
+
+def raise_two_part_on_two(x: int) -> int:
+    if x == 2:
+        raise TwoPartError("clip 2", "too short")
+    return x
+
+
+class RebuiltWrong:
+    """Pickles, but its reduce gives the class no argument: unpickling it raises TypeError."""
+
+    def __init__(self, x: int):
+        self.x = x
+
+    def __reduce__(self):
+        return (RebuiltWrong, ())
+
+
+def rebuilt_wrong_on_two(x: int):
+    return RebuiltWrong(x) if x == 2 else x
+
+
 def exit_on_two(x: int) -> int:
     if x == 2:
         os._exit(3)
@@ -94,6 +121,22 @@ def test_an_exception_in_a_worker_is_raised_with_its_traceback_and_the_workers_e
     assert "fail_on_three" in str(info.value.__cause__)  # where it happened, in the worker
     with pytest.raises(Exception, match=r"local object .unpicklable\.<locals>\.<lambda>"):  # said, not a dead worker
         list(ordered_map(unpicklable, range(3), 2, ahead=4))
+    assert mp.active_children() == []
+
+
+def test_an_answer_that_does_not_unpickle_is_said_with_its_own_error():
+    """An exception (or a result) that pickles in the worker but does not unpickle here: the caller got a TypeError
+    about __init__ arguments, from nowhere it could see, instead of the worker's error and its traceback."""
+    results = ordered_map(raise_two_part_on_two, range(6), 2, ahead=4)
+    assert next(results) == 0 and next(results) == 1
+    with pytest.raises(RuntimeError, match="^TwoPartError: clip 2: too short \\(cannot be sent back: ") as info:
+        next(results)
+    assert "raise_two_part_on_two" in str(info.value.__cause__)  # the worker's traceback still comes along
+    results = ordered_map(rebuilt_wrong_on_two, range(6), 2, ahead=4)
+    assert next(results) == 0 and next(results) == 1
+    with pytest.raises(RuntimeError, match="^the answer to task 2 could not be unpickled in the calling process: "
+                                           "TypeError: "):
+        next(results)
     assert mp.active_children() == []
 
 
