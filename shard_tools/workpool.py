@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import multiprocessing.connection
 import os
+import queue
 import signal
 import sys
 import threading
@@ -218,6 +219,18 @@ def _exit_with_parent(sentinel: int) -> None:
     os._exit(0)
 
 
+def _take_tasks(conn, tasks: queue.SimpleQueue) -> None:
+    """Worker thread: take each task off the pipe as it comes. Read only between two answers, a task larger than
+    the pipe holds (~200 KB) could deadlock: the calling process blocked sending it, this worker blocked sending a
+    large answer that the calling process, still in that send, would not read. (Unpickled in the worker's main
+    thread: a task that cannot be rebuilt ends the worker, as before.)"""
+    try:
+        while True:
+            tasks.put(conn.recv_bytes())
+    except (EOFError, OSError):
+        tasks.put(None)
+
+
 def _sendable(e: Exception) -> tuple[Exception, str]:
     """(e, its traceback text), e replaced by a RuntimeError that names it if it would not come back whole: many
     exceptions pickle but do not unpickle (an __init__ with other arguments than its args), and the caller would
@@ -238,11 +251,13 @@ def _serve(conn, fn: Callable, initializer: Callable | None, initargs: tuple) ->
         threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
     if initializer is not None:
         initializer(*initargs)
+    tasks: queue.SimpleQueue = queue.SimpleQueue()  # PER_WORKER at most: the calling process sends no more
+    threading.Thread(target=_take_tasks, args=(conn, tasks), daemon=True).start()
     while True:
-        try:
-            i, task = conn.recv()
-        except EOFError:
+        data = tasks.get()
+        if data is None:  # EOF: the map is over
             return
+        i, task = ForkingPickler.loads(data)
         try:
             answer = (i, True, fn(task))
         except Exception as e:

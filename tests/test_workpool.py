@@ -58,6 +58,10 @@ def rebuilt_wrong_on_two(x: int):
     return RebuiltWrong(x) if x == 2 else x
 
 
+def as_long_again(task: bytes) -> bytes:
+    return task + task
+
+
 def exit_on_two(x: int) -> int:
     if x == 2:
         os._exit(3)
@@ -112,6 +116,15 @@ def test_tasks_are_taken_only_a_bounded_number_ahead_of_the_next_result():
     assert next(results) == 0
     assert len(pulled) == 4  # 0 and 2 to the slow worker, 1 and 3 to the other, which then waited
     assert list(results) == list(range(1, 30))
+
+
+def test_large_tasks_and_large_answers_do_not_deadlock():
+    """1 MB tasks, 2 MB answers: the calling process blocked sending a worker its next task while that worker blocked
+    sending an answer, and both pipes stayed full (from ~250 KB tasks on). Workers now read tasks as they come."""
+    task = bytes(range(256)) * 4096
+    with deadline(30):
+        assert list(ordered_map(as_long_again, [task] * 12, 2, ahead=6)) == [task + task] * 12
+    assert mp.active_children() == []
 
 
 def test_an_exception_in_a_worker_is_raised_with_its_traceback_and_the_workers_end():
