@@ -23,12 +23,14 @@ import queue
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.reduction import ForkingPickler
 
 PER_WORKER = 2  # tasks handed to one worker at a time: the one it works on and the next, so it never waits for us
+STOP_WAIT = 2.0  # seconds a worker has to end after SIGTERM before it gets SIGKILL
 
 
 class WorkerDied(RuntimeError):
@@ -108,12 +110,19 @@ def _start(workers: int, fn: Callable, initializer: Callable | None, initargs: t
 
 
 def _stop(procs: list, conns: list) -> None:
-    """End the workers (SIGTERM: they stop at once, without a word) and wait for them."""
+    """End the workers (SIGTERM: they stop at once, without a word) and wait for them. One still there after
+    STOP_WAIT seconds gets SIGKILL: fn or its libraries may have a SIGTERM handler, a worker may be stopped (SIGSTOP,
+    a debugger), and a wait for it here hung the caller's Ctrl-C or error for good."""
     for p in procs:
         if p.exitcode is None:
             p.terminate()
+    deadline = time.monotonic() + STOP_WAIT
     for p in procs:
-        p.join()
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+        p.close()  # its sentinel and pipe to the child now, not when the garbage collector gets to it
     for c in conns:
         c.close()
 
