@@ -258,8 +258,12 @@ def _serve(conn, fn: Callable, initializer: Callable | None, initargs: tuple) ->
     if parent is not None and parent.sentinel is not None:  # readable once the calling process has exited
         sys.stderr = _QuietOrphanStream(sys.stderr, parent.sentinel)
         threading.Thread(target=_exit_with_parent, args=(parent.sentinel,), daemon=True).start()
+    failed = None
     if initializer is not None:
-        initializer(*initargs)
+        try:
+            initializer(*initargs)
+        except Exception as e:  # the answer to every task: the caller raises it, with its traceback, where it got
+            failed = _sendable(e)  # a traceback per worker on stderr and "a worker process exited with status 1"
     tasks: queue.SimpleQueue = queue.SimpleQueue()  # PER_WORKER at most: the calling process sends no more
     threading.Thread(target=_take_tasks, args=(conn, tasks), daemon=True).start()
     while True:
@@ -268,7 +272,7 @@ def _serve(conn, fn: Callable, initializer: Callable | None, initargs: tuple) ->
             return
         i, task = ForkingPickler.loads(data)
         try:
-            answer = (i, True, fn(task))
+            answer = (i, True, fn(task)) if failed is None else (i, False, failed)
         except Exception as e:
             answer = (i, False, _sendable(e))
         try:

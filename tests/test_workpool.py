@@ -78,6 +78,10 @@ def sleep_then(x: float) -> float:
     return x
 
 
+def no_model(name: str) -> None:
+    raise FileNotFoundError(f"no model {name}")
+
+
 def ignore_sigterm() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as some libraries' handlers do, in effect
 
@@ -154,6 +158,17 @@ def test_an_answer_that_does_not_unpickle_is_said_with_its_own_error():
     with pytest.raises(RuntimeError, match="^the answer to task 2 could not be unpickled in the calling process: "
                                            "TypeError: "):
         next(results)
+    assert mp.active_children() == []
+
+
+def test_an_initializer_that_raises_is_raised_here_once(capfd):
+    """Each worker printed its initializer's traceback and died, and the map said only "a worker process exited with
+    status 1" (make-shards added: run it again, with fewer workers if memory ran short). Now the caller gets the
+    initializer's own exception, with the worker's traceback as its cause, and the workers print nothing."""
+    with pytest.raises(FileNotFoundError, match="^no model big$") as info, deadline(20):
+        list(ordered_map(jittered_square, range(10), 2, ahead=4, initializer=no_model, initargs=("big",)))
+    assert "no_model" in str(info.value.__cause__)
+    assert capfd.readouterr().err == ""
     assert mp.active_children() == []
 
 
