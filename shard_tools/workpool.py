@@ -153,6 +153,11 @@ class _Map:
                 except StopIteration:
                     self.exhausted = True
                     return
+                except Exception as e:  # raised in its turn, after the results of the tasks before it (as imap)
+                    self.done[self.sent] = (False, e)
+                    self.sent += 1
+                    self.exhausted = True
+                    return
                 try:
                     self.conns[w].send((i, task))
                 except OSError:  # its end is closed: the worker is gone

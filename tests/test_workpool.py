@@ -135,6 +135,22 @@ def test_large_tasks_and_large_answers_do_not_deadlock():
     assert mp.active_children() == []
 
 
+def test_tasks_that_raise_give_the_results_before_them_first():
+    """An iterable that raised at its 6th task lost the 5 results before it (taken out, some computed, never given);
+    multiprocessing.Pool.imap gives them and then raises, and so does this now."""
+
+    def tasks():
+        yield from range(5)
+        raise OSError("the task list is on a disk that went away")
+
+    got = []
+    with pytest.raises(OSError, match="went away"):
+        for x in ordered_map(jittered_square, tasks(), 2, ahead=8):
+            got.append(x)
+    assert got == [x * x for x in range(5)]
+    assert mp.active_children() == []
+
+
 def test_an_exception_in_a_worker_is_raised_with_its_traceback_and_the_workers_end():
     with pytest.raises(ValueError, match="no 3") as info:
         list(ordered_map(fail_on_three, range(10), 2, ahead=4))
