@@ -27,6 +27,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from multiprocessing import resource_tracker
 from multiprocessing.reduction import ForkingPickler
 
 PER_WORKER = 2  # tasks handed to one worker at a time: the one it works on and the next, so it never waits for us
@@ -92,10 +93,14 @@ def ordered_map(fn: Callable, tasks: Iterable, workers: int, ahead: int, initial
 def _start(workers: int, fn: Callable, initializer: Callable | None, initargs: tuple, procs: list,
            conns: list) -> None:
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock; spawn is always safe
-    # Workers ignore SIGINT from their first instruction (SIG_IGN survives exec), so a Ctrl-C sent to the whole
-    # process group while they import torch prints nothing: Ctrl-C is the calling process's to handle.
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    # Ctrl-C is the calling process's to handle; a worker ignores it. It is blocked while the workers start: a child
+    # inherits the block through exec, so a Ctrl-C to the whole process group while a worker imports torch waits,
+    # and is dropped when the worker sets SIG_IGN (_serve), instead of printing a traceback. Here it waits until the
+    # block is lifted below and is handled then. (Setting SIG_IGN here instead, as before, dropped it here too.)
+    # Python's resource tracker, started by the first spawn, unblocks SIGINT in the spawning thread once it runs
+    # (multiprocessing.resource_tracker.ensure_running): start it before the block, or the workers would not get it.
+    resource_tracker.ensure_running()
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         for _ in range(workers):
             ours, theirs = ctx.Pipe(duplex=True)
@@ -105,8 +110,7 @@ def _start(workers: int, fn: Callable, initializer: Callable | None, initargs: t
             procs.append(p)
             theirs.close()  # the worker holds its end: our recv sees EOF once it is gone
     finally:
-        if main:
-            signal.signal(signal.SIGINT, old)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _stop(procs: list, conns: list) -> None:
@@ -259,6 +263,8 @@ def _sendable(e: Exception) -> tuple[Exception, str]:
 
 def _serve(conn, fn: Callable, initializer: Callable | None, initargs: tuple) -> None:
     """A worker's life: answer (index, task) with (index, ok, result or (exception, traceback text)) until EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C that came while it started (blocked: _start) is dropped
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     parent = mp.parent_process()
     if parent is not None and parent.sentinel is not None:  # readable once the calling process has exited
         sys.stderr = _QuietOrphanStream(sys.stderr, parent.sentinel)

@@ -269,3 +269,40 @@ def test_the_map_works_under_python_O():
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{[abs(x) for x in range(-6, 6)]}\n"
+
+
+def _interrupting_start(monkeypatch, targets: str) -> None:
+    """Process.start that sends SIGINT right after the spawn, as a Ctrl-C to the process group would, to the new
+    worker (still starting: Python is not even imported yet) and/or to this, the calling process."""
+    import multiprocessing.context
+
+    real = multiprocessing.context.SpawnProcess.start
+
+    def start(self):
+        real(self)
+        if "worker" in targets:
+            os.kill(self.pid, signal.SIGINT)
+        if "caller" in targets:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start)
+
+
+def test_a_ctrl_c_while_a_worker_starts_does_not_reach_it(monkeypatch, capfd):
+    """SIGINT is blocked from the spawn until the worker ignores it: no KeyboardInterrupt traceback in a worker that
+    is importing, no worker lost. (Without the block, each worker died with a traceback and the map raised
+    WorkerDied.)"""
+    _interrupting_start(monkeypatch, "worker")
+    with deadline(30):
+        assert list(ordered_map(jittered_square, range(12), 2, ahead=4)) == [x * x for x in range(12)]
+    assert "KeyboardInterrupt" not in capfd.readouterr().err
+    assert mp.active_children() == []
+
+
+def test_a_ctrl_c_while_the_workers_start_reaches_the_caller(monkeypatch):
+    """The caller's own Ctrl-C during the spawn is held (blocked), not dropped: it is raised once the workers have
+    started, and they are ended. (SIGINT was set to SIG_IGN during the spawn before: the map then ran to its end.)"""
+    _interrupting_start(monkeypatch, "caller")
+    with pytest.raises(KeyboardInterrupt), deadline(30):
+        list(ordered_map(sleep_then, [0.5] * 8, 2, ahead=4))
+    assert mp.active_children() == []
