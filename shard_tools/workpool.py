@@ -99,7 +99,13 @@ def _start(workers: int, fn: Callable, initializer: Callable | None, initargs: t
     # block is lifted below and is handled then. (Setting SIG_IGN here instead, as before, dropped it here too.)
     # Python's resource tracker, started by the first spawn, unblocks SIGINT in the spawning thread once it runs
     # (multiprocessing.resource_tracker.ensure_running): start it before the block, or the workers would not get it.
+    # The block is this thread's only: a process with another thread (tqdm's monitor) gets a Ctrl-C there, and Python
+    # raised it here at once, half-way through a spawn (a worker left reading an empty pipe, its EOFError printed).
+    # So in the main thread a handler also holds it, and it is raised again once the old handler is back.
     resource_tracker.ensure_running()
+    held: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if main else None
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         for _ in range(workers):
@@ -110,7 +116,11 @@ def _start(workers: int, fn: Callable, initializer: Callable | None, initargs: t
             procs.append(p)
             theirs.close()  # the worker holds its end: our recv sees EOF once it is gone
     finally:
+        if main:
+            signal.signal(signal.SIGINT, old)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        if held:
+            signal.raise_signal(signal.SIGINT)  # to the handler that was there: KeyboardInterrupt, make-shards' flag
 
 
 def _stop(procs: list, conns: list) -> None:

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -306,3 +307,36 @@ def test_a_ctrl_c_while_the_workers_start_reaches_the_caller(monkeypatch):
     with pytest.raises(KeyboardInterrupt), deadline(30):
         list(ordered_map(sleep_then, [0.5] * 8, 2, ahead=4))
     assert mp.active_children() == []
+
+
+def test_a_ctrl_c_while_the_workers_start_is_held_with_another_thread_running(monkeypatch, capfd):
+    """A caller with another thread (tqdm's monitor): the blocked SIGINT went to that thread and was raised in the
+    spawn, leaving a worker started but never sent its work (it printed EOFError once the caller exited). It is
+    held until every worker has started, then raised."""
+    import multiprocessing.context
+
+    real = multiprocessing.context.SpawnProcess.start
+    raised_in_start = []
+
+    def start(self):
+        os.kill(os.getpid(), signal.SIGINT)  # goes to the other thread: the main thread blocks it
+        try:
+            time.sleep(0.2)  # Python runs the handler here, in the main thread
+            real(self)
+        except KeyboardInterrupt:
+            raised_in_start.append(True)
+            raise
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        with pytest.raises(KeyboardInterrupt), deadline(30):
+            list(ordered_map(sleep_then, [0.5] * 8, 2, ahead=4))
+    finally:
+        stop.set()
+        other.join()
+    assert raised_in_start == []
+    assert mp.active_children() == []
+    assert "EOFError" not in capfd.readouterr().err
