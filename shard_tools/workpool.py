@@ -116,9 +116,10 @@ def _start(workers: int, fn: Callable, initializer: Callable | None, initargs: t
             procs.append(p)
             theirs.close()  # the worker holds its end: our recv sees EOF once it is gone
     finally:
+        # The mask first: a KeyboardInterrupt from the old handler, once it is back, must not leave SIGINT blocked.
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         if main:
             signal.signal(signal.SIGINT, old)
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         if held:
             signal.raise_signal(signal.SIGINT)  # to the handler that was there: KeyboardInterrupt, make-shards' flag
 
