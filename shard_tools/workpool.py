@@ -11,7 +11,8 @@ Why not `multiprocessing.Pool`, which this replaced:
   writer for many workers) finished results piled up in memory without bound.
 Here every worker has its own pipe, so no lock is shared; a dead worker is seen through its process sentinel; and
 tasks are handed out only `ahead` past the caller. There are no helper threads in the calling process either, so a
-KeyboardInterrupt anywhere in it leaves nothing broken: `close()` ends the workers.
+KeyboardInterrupt anywhere in it leaves nothing broken: closing the map (or its end, however it ends) ends the
+workers.
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def _stop(procs: list, conns: list) -> None:
 
 
 class _Map:
-    """The state of one `imap`: what each worker owes, the answers not yet taken, how far the tasks went."""
+    """The state of one `ordered_map`: what each worker owes, the answers not yet taken, how far the tasks went."""
 
     def __init__(self, procs: list, conns: list, tasks: Iterable, ahead: int):
         self.procs, self.conns, self.ahead = procs, conns, ahead
@@ -302,4 +303,4 @@ def _serve(conn, fn: Callable, initializer: Callable | None, initargs: tuple) ->
         except Exception as e:  # the result or the exception cannot be pickled: say so rather than die
             if not answer[1]:
                 e = RuntimeError(f"{type(answer[2][0]).__name__}: {answer[2][0]} (not picklable: {e})")
-            conn.send((i, False, (e, "".join(traceback.format_exception(e)))))
+            conn.send((i, False, _sendable(e)))
