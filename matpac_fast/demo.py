@@ -10,8 +10,21 @@ import argparse
 import math
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
+
+from matpac_fast.interrupts import held_ctrl_c
+
+
+class Stopped(Exception):
+    """Pre-training was stopped by a signal (the trainer's graceful stop: its checkpoint is written). A table of a
+    part-trained encoder would read as the demo's result, so the demo ends there."""
+
+    def __init__(self, step: int, signum: int | None):
+        name = signal.Signals(signum).name if signum else "a signal"
+        super().__init__(f"pre-training stopped by {name} at step {step}")
+        self.exit_code = 128 + (signum or signal.SIGINT)  # as a shell reports a process that signal ended
 
 
 def shards_step(out_dir: Path, n: int, seed: int = 0, workers: int | None = None, n_shards: int = 8) -> dict:
@@ -64,6 +77,8 @@ def pretrain_step(shard_dir: Path, run_dir: Path, epochs: float, batch_size: int
         "--batch-size", str(batch_size), "--seed", str(seed), "--workers", "1", "--log-every", "25",
     ])  # fmt: skip
     result = Trainer(cfg).train()
+    if result["stopped_early"]:
+        raise Stopped(result["step"], result.get("stop_signal"))
     first, last = result["history"][0], result["history"][-1]
     print(f"[demo] loss {first['loss']:.3f} -> {last['loss']:.3f} over {result['step']} steps; teacher entropy "
           f"{last['teacher_entropy']:.2f} (ln K = {math.log(64):.2f})", flush=True)
@@ -176,13 +191,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fsdd", type=Path, default=default_fsdd(), help="FSDD root (default: ../shared/data/fsdd)")
     p.add_argument("--skip-fsdd", action="store_true", help="do not evaluate on FSDD")
     args = p.parse_args(argv)
-    # One intra-op thread: the loader worker needs the other core, and on 2 cores two OpenMP threads per process
-    # made the tiny model's step several times slower (measured: ~1 s vs ~0.2 s per step at batch 32).
-    import torch
-
-    torch.set_num_threads(1)
     if args.n < 1 or args.probe_n < 20:
         raise SystemExit("demo: --n must be >= 1 and --probe-n >= 20")
+    again = "run the same command again to start over (finished shards are kept; pre-training starts afresh)"
+    try:
+        return _run(args)
+    except KeyboardInterrupt:  # "\n": a progress bar may be half-way through its line
+        print(f"\ndemo: interrupted: no table; {again}", file=sys.stderr, flush=True)
+        return 130
+    except Stopped as e:
+        print(f"demo: {e} (its checkpoint is written): no table from a part-trained encoder; {again}",
+              file=sys.stderr, flush=True)
+        return e.exit_code
+
+
+def _run(args: argparse.Namespace) -> int:
+    # One intra-op thread: the loader worker needs the other core, and on 2 cores two OpenMP threads per process
+    # made the tiny model's step several times slower (measured: ~1 s vs ~0.2 s per step at batch 32).
+    with held_ctrl_c():  # a Ctrl-C half-way through torch's import could abort the process: handled after it
+        import torch
+
+    torch.set_num_threads(1)
     shard_dir = args.out / "shards"
     try:
         shards_step(shard_dir, args.n, args.seed, args.workers)

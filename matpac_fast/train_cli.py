@@ -8,11 +8,13 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from matpac_fast.interrupts import held_ctrl_c  # light: signal, threading
     from matpac_fast.lifetime import die_with_launcher  # light: os, ctypes
 
     die_with_launcher()  # before the seconds of imports below, during which a killed launcher went unnoticed
     try:
-        from matpac_fast.trainer import main as train_main
+        with held_ctrl_c():  # a Ctrl-C half-way through torch's import could abort the process: handled after it
+            from matpac_fast.trainer import main as train_main
     except KeyboardInterrupt:
         print("\ntrain: interrupted while starting: nothing was trained", file=sys.stderr, flush=True)
         return 130

@@ -304,6 +304,7 @@ class Trainer:
         self._build_model()
         self._verify_resume()  # files checked before main() creates --out
         self._stop_requested = False
+        self._stop_signal: int | None = None
         self._in_data_wait = False  # the signal handler breaks a one-process data wait (see _StopInDataWait)
         self._wait_started: float | None = None  # when the current data wait began (the stop row's data wait)
         self._saved_step: int | None = None  # the step of the checkpoint on disk for this run (saved or resumed)
@@ -565,10 +566,13 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------- the loop
     def train(self) -> dict:
-        """Train to the last step (or a stop signal); returns {"step", "history", "stopped_early"}. The SIGTERM /
-        SIGINT handlers are this call's only: the caller's come back when it returns (a notebook's Ctrl-C)."""
+        """Train to the last step (or a stop signal); returns {"step", "history", "stopped_early", "stop_signal"}
+        (the signal number that stopped this process, None when it was not stopped or another process was signalled).
+        The SIGTERM / SIGINT handlers are this call's only: the caller's come back when it returns (a notebook's
+        Ctrl-C)."""
         self._maybe_resume()
         self._stop_requested = False  # a second train() on this Trainer is a new run of the loop
+        self._stop_signal = None
         previous = self._install_signal_handlers()
         try:
             return self._train()
@@ -684,7 +688,8 @@ class Trainer:
         if writer is not None:
             writer.close()
         acc.wait_for_everyone()
-        return {"step": self.step, "history": history, "stopped_early": self._stop_requested}
+        return {"step": self.step, "history": history, "stopped_early": self._stop_requested,
+                "stop_signal": self._stop_signal}
 
     def _epoch_batches(self, per_epoch: int):
         """(batch, host seconds waited for it) for the rest of the current epoch, up to `per_epoch` micro-batches:
@@ -1069,15 +1074,13 @@ class Trainer:
         single = self.accelerator.num_processes == 1
         main = self.accelerator.is_main_process
         launched = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun, or accelerate launch through it
-        stop_signal = None  # the signal that asked for the stop
         previous: dict = {}
 
         def handler(signum, frame):
-            nonlocal stop_signal
             first = not self._stop_requested
-            if not first and signum == signal.SIGTERM and stop_signal == signal.SIGINT and launched:
+            if not first and signum == signal.SIGTERM and self._stop_signal == signal.SIGINT and launched:
                 raise KeyboardInterrupt  # torchrun passes a second Ctrl-C on as SIGTERM: quit at once, as without it
-            stop_signal = stop_signal or signum
+            self._stop_signal = self._stop_signal or signum  # the signal that asked for the stop
             self._stop_requested = True
             if signum == signal.SIGINT:
                 caller = previous.get(signal.SIGINT)

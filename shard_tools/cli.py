@@ -8,6 +8,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from matpac_fast.cli_args import path_arg
+from matpac_fast.interrupts import held_ctrl_c
 from shard_tools.discover import (
     discover_audioset,
     discover_folder,
@@ -155,7 +156,8 @@ def config_from_args(args: argparse.Namespace) -> MakeConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from shard_tools.pipeline import format_summary, make_shards  # imports torch: a Ctrl-C here is caught too
+        with held_ctrl_c():  # torch's import: a Ctrl-C in it is handled (below) once it is done, not inside it
+            from shard_tools.pipeline import format_summary, make_shards
 
         cfg = config_from_args(args)
         cfg.validate()  # before discovery: a wrong option should not wait for a two-million-file scan

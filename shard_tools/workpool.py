@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterable, Iterator
 from multiprocessing import resource_tracker
 from multiprocessing.reduction import ForkingPickler
 
+from matpac_fast.interrupts import held_ctrl_c
+
 PER_WORKER = 2  # tasks handed to one worker at a time: the one it works on and the next, so it never waits for us
 STOP_WAIT = 2.0  # seconds a worker has to end after SIGTERM before it gets SIGKILL
 
@@ -102,27 +104,21 @@ def _start(workers: int, fn: Callable, initializer: Callable | None, initargs: t
     # (multiprocessing.resource_tracker.ensure_running): start it before the block, or the workers would not get it.
     # The block is this thread's only: a process with another thread (tqdm's monitor) gets a Ctrl-C there, and Python
     # raised it here at once, half-way through a spawn (a worker left reading an empty pipe, its EOFError printed).
-    # So in the main thread a handler also holds it, and it is raised again once the old handler is back.
+    # So in the main thread the handler holds it too (held_ctrl_c), and it is handled once the old handler is back.
     resource_tracker.ensure_running()
-    held: list[int] = []
-    main = threading.current_thread() is threading.main_thread()
-    old = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if main else None
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        for _ in range(workers):
-            ours, theirs = ctx.Pipe(duplex=True)
-            conns.append(ours)
-            p = ctx.Process(target=_serve, args=(theirs, fn, initializer, initargs), daemon=True)
-            p.start()
-            procs.append(p)
-            theirs.close()  # the worker holds its end: our recv sees EOF once it is gone
-    finally:
-        # The mask first: a KeyboardInterrupt from the old handler, once it is back, must not leave SIGINT blocked.
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        if main:
-            signal.signal(signal.SIGINT, old)
-        if held:
-            signal.raise_signal(signal.SIGINT)  # to the handler that was there: KeyboardInterrupt, make-shards' flag
+    with held_ctrl_c():
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for _ in range(workers):
+                ours, theirs = ctx.Pipe(duplex=True)
+                conns.append(ours)
+                p = ctx.Process(target=_serve, args=(theirs, fn, initializer, initargs), daemon=True)
+                p.start()
+                procs.append(p)
+                theirs.close()  # the worker holds its end: our recv sees EOF once it is gone
+        finally:
+            # Before the handler is back: a KeyboardInterrupt from it must not leave SIGINT blocked.
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _stop(procs: list, conns: list) -> None:

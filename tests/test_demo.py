@@ -86,3 +86,39 @@ def test_table_marks_missing_fsdd():
     assert "| pre-trained encoder (tiny, this demo) | 60.0% | n/a (no ../shared) |" in table
     table = format_table(synth, {"chance": 0.1, "logmel": 0.95, "random": 0.94, "pretrained": 0.96})
     assert "| chance | 10.0% | 10.0% |" in table and "| raw log-mel baseline | 50.0% | 95.0% |" in table
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_during_pretraining_ends_the_demo_without_a_table(tmp_path, capsys, monkeypatch, sig):
+    # Before, the trainer's graceful stop (Ctrl-C: finish the step, checkpoint) returned to the demo, which went on
+    # to probe the part-trained encoder and printed its table and RESULT line, exit 0, as if the demo had run.
+    import signal
+
+    import torch
+
+    from matpac_fast.trainer import Trainer
+
+    signum = signal.Signals[sig]
+    real, sent = Trainer.micro_step, []
+
+    def micro_step(self, lms):
+        if not sent:  # in the first step: the stop comes after it
+            sent.append(signum)
+            signal.raise_signal(signum)
+        return real(self, lms)
+
+    monkeypatch.setattr(Trainer, "micro_step", micro_step)
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["--out", str(tmp_path), "--n", "64", "--epochs", "2", "--batch-size", "16", "--probe-n", "40",
+                   "--skip-fsdd", "--workers", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    captured = capsys.readouterr()
+    assert rc == 128 + signum and sent == [signum]
+    assert captured.err.strip().splitlines()[-1] == (
+        f"demo: pre-training stopped by {sig} at step 1 (its checkpoint is written): no table from a part-trained "
+        "encoder; run the same command again to start over (finished shards are kept; pre-training starts afresh)")
+    assert "[demo] 4/5" not in captured.out and "RESULT" not in captured.out
+    assert not (tmp_path / "results.md").exists()
+    assert (tmp_path / "train" / "checkpoints" / "step_00000001").is_dir()
