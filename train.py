@@ -4,9 +4,7 @@
 entry point, matpac_fast/train_cli.py).
 """
 
-import sys
-
 if __name__ == "__main__":
-    from matpac_fast.train_cli import main  # light: the trainer (torch, seconds) is imported inside main's guard
+    from matpac_fast.train_cli import command  # light: the trainer (torch, seconds) is imported inside main's guard
 
-    sys.exit(main())
+    command()

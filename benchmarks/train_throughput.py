@@ -85,6 +85,7 @@ from _peer import PEER_VERSION, ReferenceDesignTrainer  # noqa: E402
 
 from matpac_fast.config import ATTN_IMPLS, CUDA_ONLY_ATTN, PRESETS, STREAM_DTYPES, get_model_config  # noqa: E402
 from matpac_fast.data import ShardSource, is_local  # noqa: E402
+from matpac_fast.interrupts import INTERRUPTED, run_main  # noqa: E402
 from matpac_fast.metrics import mfu  # noqa: E402
 from matpac_fast.train_config import (  # noqa: E402
     COMPILE_MODES,
@@ -773,7 +774,7 @@ def main(argv=None) -> int:
             print(interrupted_line(formatted, args), file=sys.stderr)
             if formatted:
                 print_table(formatted)
-        return 130
+        return INTERRUPTED
     if not raw_rows:
         print("error: every run failed:\n  " + "\n  ".join(failed), file=sys.stderr)
         return 1
@@ -795,4 +796,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)  # after a Ctrl-C the process ends by SIGINT: a script running the benchmark stops too

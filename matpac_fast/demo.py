@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from matpac_fast.interrupts import held_ctrl_c
+from matpac_fast.interrupts import INTERRUPTED, held_ctrl_c, run_main
 
 
 class Stopped(Exception):
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except KeyboardInterrupt:  # "\n": a progress bar may be half-way through its line
         print(f"\ndemo: interrupted: no table; {again}", file=sys.stderr, flush=True)
-        return 130
+        return INTERRUPTED
     except Stopped as e:
         print(f"demo: {e} (its checkpoint is written): no table from a part-trained encoder; {again}",
               file=sys.stderr, flush=True)
@@ -235,4 +235,4 @@ def _run(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)  # after a Ctrl-C the process ends by SIGINT: `make demo` in a script stops there too

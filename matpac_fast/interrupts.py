@@ -1,18 +1,21 @@
-"""Ctrl-C held over a stretch of code that must not be cut half-way, then handled as if it came at the end.
+"""Ctrl-C in the commands: held over code that must not be cut half-way (held_ctrl_c), and the way a command's
+process ends after one (run_main).
 
-`import torch` is the case in point: seconds of C++ start-up that runs Python through pybind11. A KeyboardInterrupt
-raised in there aborted the process ("terminate called after throwing an instance of 'pybind11::error_already_set'",
-SIGABRT), left numpy half-imported (a RecursionError traceback), or, caught and turned into a CLI's one line, was
-followed by the process dying of SIGINT anyway. Measured on this project's CLIs, 2026-11-29: 5 of 60 Ctrl-Cs sent
-0.2-1.8 s into make-shards and 1 of 40 sent 0.2-6 s into train.py, before the commands held it. Importing this
-module imports nothing heavy."""
+`import torch` is the case in point for holding: seconds of C++ start-up that runs Python through pybind11. A
+KeyboardInterrupt raised in there aborted the process ("terminate called after throwing an instance of
+'pybind11::error_already_set'", SIGABRT), left numpy half-imported (a RecursionError traceback), or, caught and
+turned into a CLI's one line, was followed by the process dying of SIGINT anyway. Measured on this project's CLIs,
+2026-11-29: 5 of 60 Ctrl-Cs sent 0.2-1.8 s into make-shards and 1 of 40 sent 0.2-6 s into train.py, before the
+commands held it. Importing this module imports nothing heavy."""
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NoReturn
 
 
 @contextlib.contextmanager
@@ -33,3 +36,30 @@ def held_ctrl_c() -> Iterator[None]:
         signal.signal(signal.SIGINT, old)
         if held:
             signal.raise_signal(signal.SIGINT)
+
+
+INTERRUPTED = 130  # 128 + SIGINT: the status a shell shows for a command that a Ctrl-C ended
+
+
+def run_main(main: Callable[..., int | str | None], *args) -> NoReturn:
+    """A command's process entry (its console script, `python -m`, `python train.py`): main(*args), then the process
+    ends with main's status, as sys.exit(main(*args)) would, except INTERRUPTED (main has printed its one line for a
+    Ctrl-C). The process then ends as Python ends one on an uncaught KeyboardInterrupt: killed by SIGINT once its
+    clean-up is done, without a traceback. A shell shows status 130 either way, but bash stops a script or a loop
+    only for a command that SIGINT ended; after one that exits 130 by itself it takes the Ctrl-C as handled and runs
+    the next command (a `for` over corpora went on to the next one at each Ctrl-C)."""
+    try:
+        code = main(*args)
+    except SystemExit as e:
+        code = e.code
+    if code != INTERRUPTED or threading.current_thread() is not threading.main_thread():
+        sys.exit(code)
+    interrupt = KeyboardInterrupt()
+    previous = sys.excepthook
+
+    def quiet(kind, value, tb):  # main has said what happened in one line: no traceback
+        if value is not interrupt:
+            previous(kind, value, tb)
+
+    sys.excepthook = quiet
+    raise interrupt  # uncaught: Python ends the process with SIGINT after finalizing (since Python 3.8)

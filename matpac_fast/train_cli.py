@@ -5,11 +5,13 @@ this module imports nothing heavy (`matpac_fast` loads its top-level names on fi
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
+
+from matpac_fast.interrupts import INTERRUPTED, held_ctrl_c, run_main  # light: signal, threading
+from matpac_fast.lifetime import die_with_launcher  # light: os, ctypes
 
 
 def main(argv: list[str] | None = None) -> int:
-    from matpac_fast.interrupts import held_ctrl_c  # light: signal, threading
-    from matpac_fast.lifetime import die_with_launcher  # light: os, ctypes
 
     die_with_launcher()  # before the seconds of imports below, during which a killed launcher went unnoticed
     try:
@@ -17,9 +19,15 @@ def main(argv: list[str] | None = None) -> int:
             from matpac_fast.trainer import main as train_main
     except KeyboardInterrupt:
         print("\ntrain: interrupted while starting: nothing was trained", file=sys.stderr, flush=True)
-        return 130
+        return INTERRUPTED
     return train_main(argv)
 
 
+def command() -> NoReturn:
+    """The `matpac-train` console script and `python train.py`: main(), then the process ends as
+    interrupts.run_main says (after a Ctrl-C, by SIGINT, so that a shell script running it stops too)."""
+    run_main(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from matpac_fast import checkpoint as ckpt
 from matpac_fast.config import CUDA_ONLY_ATTN
+from matpac_fast.interrupts import INTERRUPTED
 from matpac_fast.lifetime import die_with_launcher
 from matpac_fast.metrics import Throughput, mfu, peak_tflops
 from matpac_fast.train_config import TrainConfig, compile_kwargs, inductor_text, model_config, resolve_args
@@ -572,7 +573,6 @@ class Trainer:
         Ctrl-C)."""
         self._maybe_resume()
         self._stop_requested = False  # a second train() on this Trainer is a new run of the loop
-        self._stop_signal = None
         previous = self._install_signal_handlers()
         try:
             return self._train()
@@ -1074,13 +1074,14 @@ class Trainer:
         single = self.accelerator.num_processes == 1
         main = self.accelerator.is_main_process
         launched = "TORCHELASTIC_RUN_ID" in os.environ  # torchrun, or accelerate launch through it
+        self._stop_signal = None  # the signal that asked for the stop
         previous: dict = {}
 
         def handler(signum, frame):
             first = not self._stop_requested
             if not first and signum == signal.SIGTERM and self._stop_signal == signal.SIGINT and launched:
                 raise KeyboardInterrupt  # torchrun passes a second Ctrl-C on as SIGTERM: quit at once, as without it
-            self._stop_signal = self._stop_signal or signum  # the signal that asked for the stop
+            self._stop_signal = self._stop_signal or signum
             self._stop_requested = True
             if signum == signal.SIGINT:
                 caller = previous.get(signal.SIGINT)
@@ -1371,7 +1372,7 @@ def _main(argv: list[str] | None) -> int:
                       f"{_resume_advice(cfg.run.out)}", file=sys.stderr, flush=True)
             else:
                 print("\ntrain: interrupted while starting: nothing was trained", file=sys.stderr, flush=True)
-        return 130
+        return INTERRUPTED
     except RuntimeError as e:
         if world > 1 and _peer_failed(e):  # a traceback from inside gloo/NCCL would bury the real error
             # a process killed outright (the out-of-memory killer) prints nothing: the launcher's report says how
@@ -1396,6 +1397,11 @@ def _main(argv: list[str] | None) -> int:
         if loss and last.get("step") != result["step"]:
             loss += f" (at step {last.get('step')})"
         print(f"done: step {result['step']}{note}{loss}; encoder: {Path(cfg.run.out) / 'encoder.pt'}")
+    if result["stop_signal"] == signal.SIGINT and "TORCHELASTIC_RUN_ID" not in os.environ:
+        # A Ctrl-C's stop, checkpoint written: the status a Ctrl-C gives (the process then ends by SIGINT, see
+        # interrupts.run_main), so that `train.py ... && matpac-eval ...` or a loop over runs stops here too. SIGTERM
+        # (a scheduler's stop) exits 0, and so does a process under torchrun, whose launcher reports the run.
+        return INTERRUPTED
     return 0
 
 

@@ -3,10 +3,11 @@
 import sys
 
 if len(sys.argv) > 1 and sys.argv[1] == "verify":
+    from matpac_fast.interrupts import run_main
     from shard_tools.verify import main as verify_main
 
-    sys.exit(verify_main(sys.argv[2:]))
+    run_main(verify_main, sys.argv[2:])
 
-from shard_tools.cli import main  # noqa: E402
+from shard_tools.cli import command  # noqa: E402
 
-sys.exit(main())
+command()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from matpac_fast.cli_args import path_arg
-from matpac_fast.interrupts import held_ctrl_c
+from matpac_fast.interrupts import INTERRUPTED, held_ctrl_c, run_main
 from shard_tools.discover import (
     discover_audioset,
     discover_folder,
@@ -180,10 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         ) from None
     except KeyboardInterrupt:  # the worker pool is already stopped; completed shards are journaled
         print("make-shards: interrupted; run the same command again to finish the job", file=sys.stderr)
-        raise SystemExit(130) from None  # 128 + SIGINT, as a shell reports a Ctrl-C
+        raise SystemExit(INTERRUPTED) from None  # 128 + SIGINT, as a shell reports a Ctrl-C
     print(format_summary(summary))
     return 0
 
 
+def command() -> NoReturn:
+    """The `make-shards` console script: main(), then the process ends as interrupts.run_main says (after a Ctrl-C,
+    by SIGINT, so that a shell script running it stops too)."""
+    run_main(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -23,10 +23,12 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
 from matpac_fast.data_tar import ShardError, index_path, read_index_file, shard_set_subfolder_hint, walk_file
+from matpac_fast.interrupts import INTERRUPTED, run_main
 from shard_tools.workpool import WorkerDied, ordered_map
 from shard_tools.writer import sha256_file
 
@@ -581,7 +583,7 @@ def main(argv: list[str] | None = None) -> int:
         report = verify(args.dir, check_hashes=not args.no_hash, progress=not args.no_progress, workers=args.workers)
     except KeyboardInterrupt:
         print("verify-shards: interrupted; nothing was changed (the check only reads)", file=sys.stderr)
-        return 130
+        return INTERRUPTED
     except WorkerDied as e:  # the out-of-memory killer, kill -9: one line, not a wait for an answer never sent
         fewer = f", with fewer --workers than {args.workers} if memory ran short" if args.workers > 1 else ""
         raise SystemExit(f"verify-shards: error: {e}; nothing was changed: run it again{fewer}") from None
@@ -589,5 +591,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report.ok else 1
 
 
+def command() -> NoReturn:
+    """The `verify-shards` console script: main(), then the process ends as interrupts.run_main says (after a Ctrl-C,
+    by SIGINT, so that a shell script running it stops too)."""
+    run_main(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -76,44 +76,81 @@ def test_outside_the_main_thread_it_changes_no_handler():
     assert seen == [signal.default_int_handler]
 
 
-# Sends this process SIGINT when torch's import reaches its first Python submodule after its C++ core (torch._C):
-# half-way through `import torch`, where a KeyboardInterrupt left torch unimported (it is dropped from sys.modules)
-# and, at other moments, aborted the process. Then runs the command's main and says whether torch got imported.
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_run_main_ends_an_interrupted_command_by_sigint_without_a_traceback():
+    p = _python("from matpac_fast.interrupts import run_main; print('main ran', flush=True); run_main(lambda: 130)")
+    assert (p.returncode, p.stdout, p.stderr) == (-signal.SIGINT, "main ran\n", "")
+
+
+@pytest.mark.parametrize("main, code, err", [
+    ("lambda: 0", 0, ""),
+    ("lambda: None", 0, ""),
+    ("lambda: 3", 3, ""),
+    ("lambda *a: sys.exit(130 if a == (7,) else 5)", -signal.SIGINT, ""),  # SystemExit(130) too; args passed on
+    ("lambda: sys.exit('cmd: error: a message')", 1, "cmd: error: a message\n"),
+])  # fmt: skip
+def test_run_main_exits_as_sys_exit_would_otherwise(main, code, err):
+    args = ", 7" if "*a" in main else ""
+    p = _python(f"import sys; from matpac_fast.interrupts import run_main; run_main({main}{args})")
+    assert (p.returncode, p.stderr) == (code, err)
+
+
+def test_the_console_scripts_end_through_run_main():
+    import re
+
+    # pyproject.toml's [project.scripts] lines, read as text: tomllib is Python 3.11+ and the project supports 3.10
+    text = (ROOT / "pyproject.toml").read_text()
+    section = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+    scripts = dict(re.findall(r'^([\w-]+)\s*=\s*"([^"]*)"', section, re.M))
+    assert scripts == {"make-shards": "shard_tools.cli:command", "verify-shards": "shard_tools.verify:command",
+                       "matpac-eval": "matpac_fast.evaluation.entry:command",
+                       "matpac-train": "matpac_fast.train_cli:command"}
+
+
+# sitecustomize for the commands below: when torch's import reaches its first Python submodule after its C++ core
+# (torch._C), SIGINT goes to the whole process group, as a terminal's Ctrl-C does: to the command and to the bash
+# that runs it. That is half-way through `import torch`, where a KeyboardInterrupt left torch unimported (dropped
+# from sys.modules) and, at other moments, aborted the process. At exit it says whether torch got imported.
 _CTRL_C_IN_TORCH_IMPORT = """
-import importlib, os, signal, sys
+import atexit, os, signal, sys
 
 class CtrlC:
     def find_spec(self, name, path=None, target=None):
         if name.startswith("torch.") and "torch._C" in sys.modules:
             sys.meta_path.remove(self)
-            os.kill(os.getpid(), signal.SIGINT)
+            os.killpg(os.getpgrp(), signal.SIGINT)
         return None
 
 sys.meta_path.insert(0, CtrlC())
-try:
-    code = importlib.import_module(sys.argv[1]).main(sys.argv[2:])
-except SystemExit as e:
-    code = e.code
-print("torch imported:", "torch" in sys.modules and hasattr(sys.modules["torch"], "ones"))
-sys.exit(code)
+atexit.register(lambda: print("torch imported:", "torch" in sys.modules and hasattr(sys.modules["torch"], "ones")))
 """
 
 
-@pytest.mark.parametrize("module, args, line", [
-    ("shard_tools.cli", ["synthetic", "--n", "4", "--out", "{tmp}/shards", "--no-progress"],
+@pytest.mark.parametrize("entry, args, line", [
+    (["-m", "shard_tools"], ["synthetic", "--n", "4", "--out", "{tmp}/shards", "--no-progress"],
      "make-shards: interrupted; run the same command again to finish the job"),
-    ("matpac_fast.train_cli", ["--recipe", "tiny", "--shards", "synthetic:64", "--out", "{tmp}/run"],
+    ([str(ROOT / "train.py")], ["--recipe", "tiny", "--shards", "synthetic:64", "--out", "{tmp}/run"],
      "train: interrupted while starting: nothing was trained"),
-    ("matpac_fast.evaluation.entry", ["--checkpoint", "logmel", "--data", "{tmp}", "--out", "{tmp}/eval"],
+    (["-m", "matpac_fast.evaluation"], ["--checkpoint", "logmel", "--data", "{tmp}", "--out", "{tmp}/eval"],
      "matpac-eval: interrupted while starting: nothing was done"),
-    ("matpac_fast.demo", ["--out", "{tmp}/demo"],
+    (["-m", "matpac_fast.demo"], ["--out", "{tmp}/demo"],
      "demo: interrupted: no table; run the same command again to start over (finished shards are kept; "
      "pre-training starts afresh)"),
 ], ids=["make-shards", "train", "matpac-eval", "demo"])  # fmt: skip
-def test_a_ctrl_c_during_torchs_import_ends_the_command_in_one_line_after_it(module, args, line, tmp_path):
-    args = [a.format(tmp=tmp_path) for a in args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-c", _CTRL_C_IN_TORCH_IMPORT, module, *args], env=env, capture_output=True,
-                       text=True, timeout=120)
-    assert (p.returncode, p.stderr.strip(), p.stdout) == (130, line, "torch imported: True\n")
-    assert sorted(os.listdir(tmp_path)) == []  # nothing was started
+def test_a_ctrl_c_during_torchs_import_ends_the_command_and_its_script(entry, args, line, tmp_path):
+    # The command says so in one line once torch is imported, then ends by SIGINT, so the bash script running it
+    # stops there too (before: it exited 130 by itself, and bash ran the next command).
+    hook, work = tmp_path / "hook", tmp_path / "work"
+    hook.mkdir()
+    work.mkdir()
+    (hook / "sitecustomize.py").write_text(_CTRL_C_IN_TORCH_IMPORT)
+    env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{ROOT}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, *entry, *(a.format(tmp=work) for a in args)]
+    p = subprocess.run(["bash", "-c", '"$@"; echo "the next command ran: $?"', "bash", *cmd], env=env,
+                       capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert (p.returncode, p.stderr.strip(), p.stdout) == (-signal.SIGINT, line, "torch imported: True\n")
+    assert sorted(os.listdir(work)) == []  # nothing was started

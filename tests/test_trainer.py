@@ -102,7 +102,8 @@ def test_a_signal_during_a_stalled_data_wait_stops_at_once_then_resumes(tmp_path
     t0 = time.monotonic()
     res = _stalled(tmp_path, mode, 6, "--max-steps", "12")  # batch 6 stalls: steps 1-5 are done
     assert time.monotonic() - t0 < 45, "the 60-s stall was waited out"
-    assert res.returncode == 0, res.stderr[-2000:]
+    # a Ctrl-C's stop has a Ctrl-C's status (trainer.main: 130, and the process then ends by SIGINT); SIGTERM's is 0
+    assert res.returncode == (130 if mode == "int" else 0), res.stderr[-2000:]
     assert "stopped by signal" in res.stdout
     again = "; Ctrl-C again quits at once, without one" if mode == "int" else ""
     assert f"train: stop requested: finishing the step, then a checkpoint{again}\n" in res.stderr

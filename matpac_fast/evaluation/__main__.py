@@ -1,5 +1,5 @@
 """`python -m matpac_fast.evaluation ...` = `matpac-eval ...`."""
 
-from matpac_fast.evaluation.entry import main
+from matpac_fast.evaluation.entry import command
 
-raise SystemExit(main())
+command()

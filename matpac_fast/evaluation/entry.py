@@ -5,19 +5,28 @@ Importing this module imports nothing heavy."""
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
+
+from matpac_fast.interrupts import INTERRUPTED, run_main
 
 
 def main(argv: list[str] | None = None) -> int:
-    from matpac_fast.interrupts import held_ctrl_c  # light: signal, threading
+    from matpac_fast.interrupts import held_ctrl_c
 
     try:
         with held_ctrl_c():
             from matpac_fast.evaluation.cli import main as eval_main
     except KeyboardInterrupt:
         print("matpac-eval: interrupted while starting: nothing was done", file=sys.stderr, flush=True)
-        return 130
+        return INTERRUPTED
     return eval_main(argv)
 
 
+def command() -> NoReturn:
+    """The `matpac-eval` console script: main(), then the process ends as interrupts.run_main says (after a Ctrl-C,
+    by SIGINT, so that a shell script running it stops too)."""
+    run_main(main)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()
