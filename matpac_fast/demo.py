@@ -54,12 +54,17 @@ def verify_step(out_dir: Path) -> dict:
     return report.to_dict()
 
 
+# What the trainer writes in its --out, any one of which marks a folder as an earlier demo run: a run stopped a few
+# ms after it began may hold only tb/, and one cut while this demo deleted it, any of them.
+_RUN_FILES = ("config.json", "history.jsonl", "checkpoints", "tb", "encoder.pt")
+
+
 def _clear_earlier_demo_run(run_dir: Path) -> None:
     """A second `make demo` starts its run afresh (the trainer refuses to mix two runs in one folder, and the demo is
     deterministic, so nothing is lost). Only a folder that looks like a trainer run is removed."""
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
-    if not run_dir.is_dir() or not any((run_dir / n).exists() for n in ("config.json", "history.jsonl", "checkpoints")):
+    if not run_dir.is_dir() or not any((run_dir / n).exists() for n in _RUN_FILES):
         raise ValueError(f"{run_dir} exists and is not an earlier demo run; give another --out or empty it")
     print(f"[demo] replacing the earlier demo run in {run_dir}", flush=True)
     shutil.rmtree(run_dir)
@@ -212,6 +217,8 @@ def _run(args: argparse.Namespace) -> int:
         import torch
 
     torch.set_num_threads(1)
+    # An earlier run's table goes first: beside this run's encoder, should this run stop, it would read as its result.
+    (args.out / "results.md").unlink(missing_ok=True)
     shard_dir = args.out / "shards"
     try:
         shards_step(shard_dir, args.n, args.seed, args.workers)

@@ -108,6 +108,7 @@ def test_a_stop_during_pretraining_ends_the_demo_without_a_table(tmp_path, capsy
         return real(self, lms)
 
     monkeypatch.setattr(Trainer, "micro_step", micro_step)
+    (tmp_path / "results.md").write_text("| an earlier run's table |\n")  # it would sit beside the part-trained one
     threads = torch.get_num_threads()
     try:
         rc = main(["--out", str(tmp_path), "--n", "64", "--epochs", "2", "--batch-size", "16", "--probe-n", "40",
@@ -122,3 +123,25 @@ def test_a_stop_during_pretraining_ends_the_demo_without_a_table(tmp_path, capsy
     assert "[demo] 4/5" not in captured.out and "RESULT" not in captured.out
     assert not (tmp_path / "results.md").exists()
     assert (tmp_path / "train" / "checkpoints" / "step_00000001").is_dir()
+
+
+@pytest.mark.parametrize("left", ["tb", "encoder.pt", "config.json", "history.jsonl", "checkpoints"])
+def test_a_rerun_replaces_what_any_earlier_demo_run_left(tmp_path, left):
+    # A run stopped a few ms after the trainer began holds only tb/, and one cut while the demo deleted the earlier
+    # run may hold any one of these: the rerun refused it ("exists and is not an earlier demo run") for tb/ and
+    # encoder.pt alone.
+    from matpac_fast.demo import _clear_earlier_demo_run
+
+    run = tmp_path / "train"
+    run.mkdir()
+    if "." in left:
+        (run / left).write_bytes(b"x")
+    else:
+        (run / left).mkdir()
+    _clear_earlier_demo_run(run)
+    assert not run.exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a run")
+    with pytest.raises(ValueError, match="is not an earlier demo run"):
+        _clear_earlier_demo_run(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "not a run"
