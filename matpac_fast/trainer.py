@@ -1308,6 +1308,16 @@ def _launcher_argv() -> list[str]:
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
 
 
+def _accelerate_launched() -> bool:
+    """Started by `accelerate launch`'s one-process launcher (no torchrun: that sets TORCHELASTIC_RUN_ID), which
+    turns a trainer that SIGINT ended into its own CalledProcessError traceback and status 1. A Ctrl-C to the
+    terminal reaches accelerate too, which then ends by SIGINT itself, so a script running it stops anyway."""
+    argv = _launcher_argv()
+    names = [Path(a).name for a in argv]
+    return ("accelerate-launch" in names or "accelerate.commands.launch" in argv
+            or any(n == "accelerate" and a == "launch" for n, a in zip(names, argv[1:])))
+
+
 def _accelerate_cpu_note(world: int) -> str | None:
     """`accelerate launch --cpu --num_processes N` starts one process whatever N (accelerate 1.15's CPU launcher
     ignores it): a run that trained alone while its user counted N processes, and the resume of an N-process
@@ -1397,10 +1407,12 @@ def _main(argv: list[str] | None) -> int:
         if loss and last.get("step") != result["step"]:
             loss += f" (at step {last.get('step')})"
         print(f"done: step {result['step']}{note}{loss}; encoder: {Path(cfg.run.out) / 'encoder.pt'}")
-    if result["stop_signal"] == signal.SIGINT and "TORCHELASTIC_RUN_ID" not in os.environ:
+    launched = "TORCHELASTIC_RUN_ID" in os.environ or _accelerate_launched()
+    if result["stop_signal"] == signal.SIGINT and not launched:
         # A Ctrl-C's stop, checkpoint written: the status a Ctrl-C gives (the process then ends by SIGINT, see
         # interrupts.run_main), so that `train.py ... && matpac-eval ...` or a loop over runs stops here too. SIGTERM
-        # (a scheduler's stop) exits 0, and so does a process under torchrun, whose launcher reports the run.
+        # (a scheduler's stop) exits 0, and so does a process under torchrun or accelerate launch, whose launcher
+        # reports the run (accelerate's one-process launcher with a traceback for a trainer that SIGINT ended).
         return INTERRUPTED
     return 0
 

@@ -1102,3 +1102,28 @@ def test_advice_without_a_checkpoint_names_only_what_exists(tmp_path):
     assert T._resume_advice(out).endswith("start again in a new --out (or delete its history.jsonl first)")
     (out / "tb").mkdir()
     assert T._resume_advice(out).endswith("(or delete its history.jsonl and tb/ first)")
+
+
+@pytest.mark.parametrize("launcher, rc", [
+    ([], 130),
+    (["/venv/bin/python", "/venv/bin/accelerate", "launch", "--cpu", "train.py"], 0),
+    (["/venv/bin/python", "/venv/bin/accelerate-launch", "train.py"], 0),
+    (["python", "-m", "accelerate.commands.launch", "train.py"], 0),
+    (["python", "some_accelerate_tool.py", "launch"], 130),
+])  # fmt: skip
+def test_a_ctrl_c_stop_under_accelerate_launch_exits_zero(tmp_path, capsys, monkeypatch, launcher, rc):
+    # `accelerate launch` of one process (no torchrun) waits for the trainer and raises CalledProcessError, a
+    # traceback and status 1, for a trainer that SIGINT ended: `kill -INT` of the trainer alone (the terminal's
+    # Ctrl-C reaches accelerate too, which then ends by SIGINT itself). At c99fd25 that stop exited 0, quietly.
+    monkeypatch.setattr(T, "_launcher_argv", lambda: launcher)
+    real, sent = T.Trainer.micro_step, []
+
+    def micro_step(self, lms):
+        if not sent:  # in the first step: the stop comes after it
+            sent.append(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return real(self, lms)
+
+    monkeypatch.setattr(T.Trainer, "micro_step", micro_step)
+    assert T.main([*TINY, *SYN, "--out", str(tmp_path / "run"), "--max-steps", "5"]) == rc
+    assert "stopped by signal, checkpoint written" in capsys.readouterr().out
