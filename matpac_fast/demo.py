@@ -218,7 +218,8 @@ def _run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     # An earlier run's table goes first: beside this run's encoder, should this run stop, it would read as its result.
-    (args.out / "results.md").unlink(missing_ok=True)
+    if args.out.is_dir():  # an --out that is a file: shards_step says so in one line
+        (args.out / "results.md").unlink(missing_ok=True)
     shard_dir = args.out / "shards"
     try:
         shards_step(shard_dir, args.n, args.seed, args.workers)

@@ -145,3 +145,22 @@ def test_a_rerun_replaces_what_any_earlier_demo_run_left(tmp_path, left):
     with pytest.raises(ValueError, match="is not an earlier demo run"):
         _clear_earlier_demo_run(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "not a run"
+
+
+def test_an_out_that_is_a_file_is_one_line_not_a_traceback(tmp_path):
+    # fb35af1's deletion of an earlier results.md ran first: unlink("FILE/results.md") raised NotADirectoryError, a
+    # traceback, where c99fd25 said in one line that no folder can be made under a file.
+    import torch
+
+    from matpac_fast.demo import main
+
+    out = tmp_path / "afile"
+    out.write_text("mine")
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["--out", str(out), "--n", "8", "--probe-n", "20", "--skip-fsdd", "--workers", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert str(e.value.code).startswith(f"demo: --out {out / 'shards'}: {out} is a file"), e.value.code
+    assert out.read_text() == "mine"
