@@ -109,6 +109,13 @@ def test_the_console_scripts_end_through_run_main():
     assert scripts == {"make-shards": "shard_tools.cli:command", "verify-shards": "shard_tools.verify:command",
                        "matpac-eval": "matpac_fast.evaluation.entry:command",
                        "matpac-train": "matpac_fast.train_cli:command"}
+    # ... and each of those functions ends its process through run_main: run as pip's generated script runs it
+    # (sys.exit(command())), with the module's main giving a Ctrl-C's status, the process ends by SIGINT. (The
+    # mapping alone passed with a `command` that did sys.exit(main()), exiting 130 by itself.)
+    for target in scripts.values():
+        module, function = target.split(":")
+        p = _python(f"import sys, {module} as m; m.main = lambda *a, **k: 130; sys.exit(m.{function}())")
+        assert (p.returncode, p.stderr) == (-signal.SIGINT, ""), (target, p.returncode, p.stderr[-2000:])
 
 
 # sitecustomize for the commands below: when torch's import reaches its first Python submodule after its C++ core
