@@ -162,9 +162,20 @@ def fsdd_step(encoder_path: Path, fsdd: Path, out: Path) -> dict[str, float]:
     return scores
 
 
+TABLE_HEADER = "| encoder | held-out synthetic (10 classes) | FSDD digits (official split) |"
+
+
+def _first_line(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.readline(len(TABLE_HEADER) + 2).rstrip("\n")
+    except OSError:
+        return ""
+
+
 def format_table(synth: dict[str, float], fsdd: dict[str, float] | None, fsdd_note: str = "no ../shared") -> str:
     """The demo's table; `fsdd_note` says why the FSDD column is empty when `fsdd` is None."""
-    rows = ["| encoder | held-out synthetic (10 classes) | FSDD digits (official split) |", "|---|---|---|"]
+    rows = [TABLE_HEADER, "|---|---|---|"]
     names = {"chance": "chance", "logmel": "raw log-mel baseline", "random": "random-init encoder (tiny)",
              "pretrained": "pre-trained encoder (tiny, this demo)"}
     for key, label in names.items():
@@ -218,8 +229,14 @@ def _run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)
     # An earlier run's table goes first: beside this run's encoder, should this run stop, it would read as its result.
-    if args.out.is_dir():  # an --out that is a file: shards_step says so in one line
-        (args.out / "results.md").unlink(missing_ok=True)
+    # Only the demo's own: another results.md (matpac-eval's) is refused, before any work, as matpac-eval refuses
+    # the demo's. An --out that is a file: shards_step says so in one line.
+    table = args.out / "results.md"
+    if args.out.is_dir() and (table.exists() or table.is_symlink()):
+        if not table.is_file() or _first_line(table) != TABLE_HEADER:
+            raise SystemExit(f"demo: --out {args.out} holds a results.md that the demo did not write; choose another "
+                             "--out (or move that file away)")
+        table.unlink()
     shard_dir = args.out / "shards"
     try:
         shards_step(shard_dir, args.n, args.seed, args.workers)

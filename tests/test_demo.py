@@ -108,7 +108,8 @@ def test_a_stop_during_pretraining_ends_the_demo_without_a_table(tmp_path, capsy
         return real(self, lms)
 
     monkeypatch.setattr(Trainer, "micro_step", micro_step)
-    (tmp_path / "results.md").write_text("| an earlier run's table |\n")  # it would sit beside the part-trained one
+    earlier = format_table({"chance": 0.1, "logmel": 0.5, "random": 0.4, "pretrained": 0.6}, None)
+    (tmp_path / "results.md").write_text(earlier + "\n")  # an earlier run's: it would sit beside the part-trained one
     threads = torch.get_num_threads()
     try:
         rc = main(["--out", str(tmp_path), "--n", "64", "--epochs", "2", "--batch-size", "16", "--probe-n", "40",
@@ -164,3 +165,20 @@ def test_an_out_that_is_a_file_is_one_line_not_a_traceback(tmp_path):
         torch.set_num_threads(threads)
     assert str(e.value.code).startswith(f"demo: --out {out / 'shards'}: {out} is a file"), e.value.code
     assert out.read_text() == "mine"
+
+
+def test_a_results_md_the_demo_did_not_write_is_refused_before_any_work(tmp_path):
+    # The demo deletes its earlier table when it starts (see the stop test): matpac-eval's was deleted too, and the
+    # demo then went on (or refused the run for another reason, the table gone all the same).
+    import torch
+
+    theirs = "# matpac-eval results\n\n| task | checkpoint |\n"
+    (tmp_path / "results.md").write_text(theirs)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit, match=r"^demo: --out .* holds a results\.md that the demo did not write; "):
+            main(["--out", str(tmp_path), "--n", "64", "--skip-fsdd", "--workers", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    assert (tmp_path / "results.md").read_text() == theirs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]  # no shards, no run
