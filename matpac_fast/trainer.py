@@ -1103,6 +1103,10 @@ class Trainer:
                 raise _StopInDataWait
 
         for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                # Ignored from the start: a run in the background of a script (`train.py &`), which the shell shields
+                # from the terminal's Ctrl-C, meant for the script (a Ctrl-C there stopped this run too)
+                continue
             try:
                 previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread (e.g. inside a test runner thread)

@@ -241,6 +241,22 @@ def test_a_second_sigint_is_the_callers_sigterm_stays_graceful(tmp_path):
         assert signal.getsignal(signal.SIGINT) is saved[signal.SIGINT]
 
 
+def test_a_run_that_ignores_ctrl_c_from_the_start_keeps_ignoring_it(tmp_path):
+    # `train.py &` in a script: the shell starts it with SIGINT ignored, so that the terminal's Ctrl-C stops the
+    # script, not the background run. The trainer's handler replaced that, and the Ctrl-C stopped the run too.
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with _trainer_signal_handlers(tmp_path) as (trainer, handler, saved):
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is handler  # SIGTERM still stops it gracefully
+            handler(signal.SIGTERM, None)
+            assert trainer._stop_requested and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def test_a_new_epoch_counts_the_last_ones_skipped_shards_before_its_first_batch(tmp_path):
     # The finished epoch's count was added inside the new epoch's first read: a stop landing before it checkpointed
     # (epoch + 1, batch 0) without that epoch's skipped shards.
