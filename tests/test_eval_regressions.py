@@ -516,6 +516,40 @@ def test_result_line_values_have_no_spaces(tones, tmp_path, capsys):
     assert f"| my tones-kfold-3 | my tones | kfold:3 | {r['checkpoint_name']} |" in (out / "results.md").read_text()
 
 
+@pytest.mark.parametrize("where", ["embed", "probe"])
+def test_ctrl_c_clears_the_progress_bar_before_its_line(tones, tmp_path, capsys, monkeypatch, where):
+    # The bars were closed only when their loop finished: after a Ctrl-C the line was printed after the bar's text,
+    # on the bar's line, and the bar was cleared (its width overwritten with spaces) later, when collected.
+    from matpac_fast.evaluation import cli, embed, probe
+
+    calls = []
+
+    def interrupt_on_the_third(real):
+        def wrapped(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return real(*a, **k)
+        return wrapped
+
+    if where == "embed":
+        monkeypatch.setattr(embed, "load_clip", interrupt_on_the_third(embed.load_clip))
+    else:
+        monkeypatch.setattr(probe, "fit_linear_probe", interrupt_on_the_third(probe.fit_linear_probe))
+    args = ["--checkpoint", "logmel", "--data", str(tones), "--out", str(tmp_path / "o"), "--folds", "kfold:3",
+            "--no-cache", "--projection", "none", "--embed-batch", "1", "--max-epochs", "2"]  # progress bars on
+    with pytest.raises(SystemExit) as e:
+        cli.main(args)
+    import gc
+
+    gc.collect()  # a bar left open is cleared when collected: after the line, on a terminal over its start
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and calls and len(calls) == 3
+    last = err.split("\n")
+    assert last[-1] == "" and last[-2].split("\r")[-1].startswith("matpac-eval: interrupted"), repr(err[-600:])
+    assert "\r" not in err.split("matpac-eval: interrupted", 1)[1]  # nothing written over it afterwards
+
+
 # --- 13: Ctrl-C is one line and exit status 130 ---------------------------------------------------------------------
 def test_ctrl_c_is_one_line_and_exit_130(tones, tmp_path):
     # Before: a KeyboardInterrupt traceback. A real SIGINT, sent by the process to itself while it embeds.

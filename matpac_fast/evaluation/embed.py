@@ -375,20 +375,20 @@ def extract(ds: LabelledSet, embedder, task: str, s: ExtractSettings) -> Extract
     if n_samples < spec.n_fft:
         raise ValueError(f"--clip-seconds {s.clip_seconds}: too short (needs >= {spec.n_fft / SAMPLE_RATE:.3f} s)")
     chunks, reasons, lengths = [], [""] * len(ds), np.zeros(len(ds), np.int64)
-    bar = tqdm(total=len(ds), desc=f"embed {embedder.name}", unit="clip", disable=not s.progress, leave=False)
-    for i in range(0, len(ds), s.batch_size):
-        waves = []
-        for j in range(i, min(i + s.batch_size, len(ds))):
-            n = []
-            try:
-                waves.append(load_clip(ds.clips[j].path, n_samples, spec, lengths=n))
-                lengths[j] = n[0] if n else 0
-            except UnreadableAudio as e:
-                reasons[j] = e.reason
-        if waves:
-            chunks.append(embedder(torch.from_numpy(np.stack(waves))))
-        bar.update(min(s.batch_size, len(ds) - i))
-    bar.close()
+    # Closed however the loop ends: a bar left open after a Ctrl-C had the CLI's one line printed after it, on its line
+    with tqdm(total=len(ds), desc=f"embed {embedder.name}", unit="clip", disable=not s.progress, leave=False) as bar:
+        for i in range(0, len(ds), s.batch_size):
+            waves = []
+            for j in range(i, min(i + s.batch_size, len(ds))):
+                n = []
+                try:
+                    waves.append(load_clip(ds.clips[j].path, n_samples, spec, lengths=n))
+                    lengths[j] = n[0] if n else 0
+                except UnreadableAudio as e:
+                    reasons[j] = e.reason
+            if waves:
+                chunks.append(embedder(torch.from_numpy(np.stack(waves))))
+            bar.update(min(s.batch_size, len(ds) - i))
     ok = np.array([r == "" for r in reasons], dtype=bool)
     emb = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 0), np.float32)
     if not np.isfinite(emb).all():  # a probe on NaN features scores chance and looks like a result: stop, cache nothing

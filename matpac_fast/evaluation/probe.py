@@ -209,24 +209,26 @@ def _cpu_threads(n: int | None):
 def _run_jobs(X, Y, jobs, n_classes, multilabel, settings: ProbeSettings, progress: bool) -> list[RunScore]:
     strat = None if multilabel else Y
     out = []
-    for fold, s in tqdm(jobs, desc=f"{settings.kind} probe", unit="run", disable=not progress, leave=False):
-        t0 = time.perf_counter()
-        if settings.kind == "linear":
-            if fold.val is not None:
-                fit, val = fold.train, fold.val
-            else:
-                fit, val = carve_validation(fold.train, strat, fold.groups, settings.linear.val_fraction, s)
-            p = fit_linear_probe(
-                X[fit], Y[fit], X[val], Y[val], n_classes, multilabel, settings.linear, s, settings.device
-            )
-            test_scores, best = p.scores(X[fold.test]), p.best_epoch
-        else:  # no early stopping, so the predefined validation part (if any) is training data too
-            fit = fold.train if fold.val is None else np.concatenate([fold.train, fold.val])
-            val, best = np.array([], dtype=np.int64), None
-            scores_fn, _ = fit_logreg(X[fit], Y[fit], n_classes, multilabel, settings.logreg_c)
-            test_scores = scores_fn(X[fold.test])
-        sc = score(Y[fold.test], test_scores, multilabel)
-        out.append(RunScore(fold.name, s, sc, len(fit), len(val), len(fold.test), best, time.perf_counter() - t0))
+    # Closed however the loop ends: a bar left open after a Ctrl-C had the CLI's one line printed after it, on its line
+    with tqdm(jobs, desc=f"{settings.kind} probe", unit="run", disable=not progress, leave=False) as bar:
+        for fold, s in bar:
+            t0 = time.perf_counter()
+            if settings.kind == "linear":
+                if fold.val is not None:
+                    fit, val = fold.train, fold.val
+                else:
+                    fit, val = carve_validation(fold.train, strat, fold.groups, settings.linear.val_fraction, s)
+                p = fit_linear_probe(
+                    X[fit], Y[fit], X[val], Y[val], n_classes, multilabel, settings.linear, s, settings.device
+                )
+                test_scores, best = p.scores(X[fold.test]), p.best_epoch
+            else:  # no early stopping, so the predefined validation part (if any) is training data too
+                fit = fold.train if fold.val is None else np.concatenate([fold.train, fold.val])
+                val, best = np.array([], dtype=np.int64), None
+                scores_fn, _ = fit_logreg(X[fit], Y[fit], n_classes, multilabel, settings.logreg_c)
+                test_scores = scores_fn(X[fold.test])
+            sc = score(Y[fold.test], test_scores, multilabel)
+            out.append(RunScore(fold.name, s, sc, len(fit), len(val), len(fold.test), best, time.perf_counter() - t0))
     return out
 
 
