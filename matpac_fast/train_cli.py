@@ -12,7 +12,6 @@ from matpac_fast.lifetime import die_with_launcher  # light: os, ctypes
 
 
 def main(argv: list[str] | None = None) -> int:
-
     die_with_launcher()  # before the seconds of imports below, during which a killed launcher went unnoticed
     try:
         with held_ctrl_c():  # a Ctrl-C half-way through torch's import could abort the process: handled after it

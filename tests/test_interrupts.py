@@ -1,4 +1,5 @@
-"""A Ctrl-C held over torch's import (matpac_fast.interrupts.held_ctrl_c) and the commands that use it."""
+"""Ctrl-C in the commands (matpac_fast.interrupts): held over torch's import (held_ctrl_c), and the process ended by
+SIGINT after the command's one line (run_main), so that the shell script running it stops too."""
 
 from __future__ import annotations
 

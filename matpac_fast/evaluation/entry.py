@@ -7,12 +7,10 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
-from matpac_fast.interrupts import INTERRUPTED, run_main
+from matpac_fast.interrupts import INTERRUPTED, held_ctrl_c, run_main  # light: signal, threading
 
 
 def main(argv: list[str] | None = None) -> int:
-    from matpac_fast.interrupts import held_ctrl_c
-
     try:
         with held_ctrl_c():
             from matpac_fast.evaluation.cli import main as eval_main
