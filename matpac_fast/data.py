@@ -971,17 +971,18 @@ class _IndexedReader:
     def count(self, shard: int) -> int:
         return len(self.cache.get(_local_path(self.urls[shard])))
 
-    def get(self, shard: int, j: int) -> Sample:
+    def get(self, shard: int, j: int, data: bool = True) -> Sample:
+        """Sample j of the shard; `data=False`: its clip's bytes are not read, only its header (see WorkerIterator)."""
         idx = self.cache.get(_local_path(self.urls[shard]))  # an unreadable tar raises: the shard is skipped
         try:
             # the array first: a table from a stale index file is replaced by a walk of the tar as it is read
-            array = idx.array(j)
+            array = idx.array(j, data)
             return Sample(idx.keys[j], array, _labels(idx.json_bytes(j)) if self.with_labels else None, shard)
         except _CLIP_EXCEPTIONS as e:
             return Sample(idx.keys[j] if j < len(idx) else f"#{j}", None, None, shard, str(e))
 
-    def prefetch(self, shard: int, j: int) -> None:
-        self.cache.get(_local_path(self.urls[shard])).prefetch(j)
+    def prefetch(self, shard: int, j: int, data: bool = True) -> None:
+        self.cache.get(_local_path(self.urls[shard])).prefetch(j, data=data)
 
 
 class _SyntheticReader:
@@ -993,7 +994,7 @@ class _SyntheticReader:
     def count(self, shard: int) -> int:
         return self.source.sizes[shard]
 
-    def get(self, shard: int, j: int) -> Sample:
+    def get(self, shard: int, j: int, data: bool = True) -> Sample:  # made, not read: `data` changes nothing
         i = shard * self.source.per_shard + j
         return Sample(f"syn{i:09d}", self.source.array(shard, j),
                       [i % self.source.n_classes] if self.with_labels else None, shard)
@@ -1085,8 +1086,9 @@ class WorkerIterator:
     """The batches of one (rank, worker) for one epoch; used in-process by tests and inside DataLoader workers."""
 
     def __init__(self, source, cfg: DataConfig, rank: int, world: int, worker: int, workers: int, epoch: int,
-                 seed: int, shared_memory: bool = False, forward_warnings: bool = False):
+                 seed: int, shared_memory: bool = False, forward_warnings: bool = False, skip: int = 0):
         check_run_ids(rank, world, epoch, seed)
+        _check_skip(skip)
         if not 0 <= worker < max(workers, 1):
             raise ValueError(f"worker={worker} with workers={workers}: worker must be in [0, {max(workers, 1)})")
         _check_source_for(cfg, source.stats)
@@ -1121,6 +1123,11 @@ class WorkerIterator:
             self.plan = None
             nb = batches_per_epoch(cfg, source.total, world)
             self.n_batches = worker_batch_counts(nb, self.workers)[worker]
+        # This worker's first `skip` batches are passed over, not made (a resume inside an epoch): their samples are
+        # drawn as for made ones (the same order, crops, dropped clips and fills, so the batches after them are the
+        # uninterrupted run's) but nothing is copied or sent, and a local shard's clip is not read, only its headers.
+        self.skip = min(int(skip), self.n_batches)
+        self._passing = False  # inside a passed-over batch: readers leave the clips' bytes unread
 
     # -- errors -----------------------------------------------------------------------------------------------
     def _fail(self, shard: int, err: BaseException) -> None:
@@ -1206,7 +1213,7 @@ class WorkerIterator:
             self._lost(1)
             return None
         try:
-            return self.reader.get(shard, j)
+            return self.reader.get(shard, j, not self._passing)
         except _SHARD_EXCEPTIONS as e:
             self._lost(1)
             self._fail(shard, e)
@@ -1217,7 +1224,7 @@ class WorkerIterator:
         cannot be read fails, and is reported, when the clip is read."""
         if shard not in self.bad and hasattr(self.reader, "prefetch"):
             try:
-                self.reader.prefetch(shard, j)
+                self.reader.prefetch(shard, j, data=not self._passing)
             except _SHARD_EXCEPTIONS:
                 pass
 
@@ -1293,22 +1300,25 @@ class WorkerIterator:
                 yield Sample(s.key, out, s.labels, s.shard)
 
     # -- crops and batches ------------------------------------------------------------------------------------
-    def _crop_into(self, dst: np.ndarray, arr: np.ndarray) -> bool:
-        """Uniform random crop of arr (n_mels, T) into dst (n_mels, crop); short clips padded or dropped."""
+    def _crop_into(self, dst: np.ndarray | None, arr: np.ndarray) -> bool:
+        """Uniform random crop of arr (n_mels, T) into dst (n_mels, crop); short clips padded or dropped. dst None:
+        the same checks and random draw, nothing copied (a passed-over batch: arr's data is then never touched)."""
         if arr.ndim != 2 or arr.shape[0] != self.n_mels:
             raise ShardError(f"clip shape {arr.shape}, expected ({self.n_mels}, T)")
-        crop, T = dst.shape[1], arr.shape[1]
+        crop, T = self.cfg.crop_frames, arr.shape[1]
         if T >= crop:
             s = int(self.rng_crop.integers(T - crop + 1)) if T > crop else 0
-            np.copyto(dst, arr[:, s : s + crop])
+            if dst is not None:
+                np.copyto(dst, arr[:, s : s + crop])
             return True
         if self.short == "drop":
             return False
-        dst[:, :T] = arr
-        dst[:, T:] = self.pad_value
+        if dst is not None:
+            dst[:, :T] = arr
+            dst[:, T:] = self.pad_value
         return True
 
-    def _crop_checked(self, dst: np.ndarray, sample: Sample) -> bool:
+    def _crop_checked(self, dst: np.ndarray | None, sample: Sample) -> bool:
         """_crop_into with a dropped or malformed clip counted and skipped (a malformed one named with its shard,
         or raised with on_error="raise"), and a guard against a set with no usable clip."""
         try:
@@ -1360,21 +1370,46 @@ class WorkerIterator:
             yield s, True
 
     def __iter__(self) -> Iterator[dict]:
+        """This worker's batches after the first `skip`; when it has none left after them, one `passed` dict instead
+        (no "lms": its counters and warnings, for ShardLoader)."""
         if self.n_batches == 0:
             return
         it = self.samples()
+        held: list[tuple[type, str]] = []  # forwarded warnings of passed-over batches: sent with the next one
         try:
             for i in range(self.n_batches):
+                passing = i < self.skip
                 if not self.forward_warnings:
-                    yield self._batch(i, it)
+                    if passing:
+                        self._pass(it)
+                    else:
+                        yield self._batch(i - self.skip, it)
                     continue
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")  # the main process's filters decide what is shown
-                    batch = self._batch(i, it)
-                batch["warnings"] = self._new_warnings(caught)
-                yield batch
+                    batch = self._pass(it) if passing else self._batch(i - self.skip, it)
+                held += self._new_warnings(caught)
+                if batch is not None:
+                    batch["warnings"], held = held, []
+                    yield batch
+            if self.skip == self.n_batches:
+                yield {"passed": True, "worker": self.worker, "skipped_shards": self.counters.skipped_shards,
+                       "skipped_samples": self.counters.skipped_samples, "warnings": held}
         finally:
             it.close()
+
+    def _pass(self, it: Iterator[tuple[Sample, bool]]) -> None:
+        """Draw one batch's samples as _batch does, making nothing (see `skip`)."""
+        self._passing = True
+        try:
+            n = 0
+            while n < self.cfg.batch_size:
+                sample, fill = next(it)
+                if self._crop_checked(None, sample):
+                    self.counters.filled += fill
+                    n += 1
+        finally:
+            self._passing = False
 
     def _batch(self, i: int, it: Iterator[tuple[Sample, bool]]) -> dict:
         B = self.cfg.batch_size
@@ -1412,16 +1447,20 @@ class WorkerIterator:
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):
-    def __init__(self, source, cfg, rank, world, epoch, seed):
+    def __init__(self, source, cfg, rank, world, epoch, seed, skip=0):
         super().__init__()
-        self.args = (source, cfg, rank, world, epoch, seed)
+        self.args = (source, cfg, rank, world, epoch, seed, skip)
 
     def __iter__(self):
-        source, cfg, rank, world, epoch, seed = self.args
+        source, cfg, rank, world, epoch, seed, skip = self.args
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        loader_worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # Batch i is made by worker i % workers, and a DataLoader asks its workers in turn from its worker 0: after
+        # `skip` passed-over batches, its worker 0 makes batch `skip`, i.e. runs the plan of worker skip % workers.
+        worker = (loader_worker + skip) % workers
         return iter(WorkerIterator(source, cfg, rank, world, worker, workers, epoch, seed,
-                                   shared_memory=info is not None, forward_warnings=info is not None))
+                                   shared_memory=info is not None, forward_warnings=info is not None,
+                                   skip=len(range(worker, skip, workers))))
 
 
 def _identity(x):
@@ -1500,16 +1539,18 @@ def _dead_worker_as_torch_says(it, wait_s: float = 5.0) -> Iterator[dict]:
 
 
 class ShardLoader:
-    """One epoch of one rank: iterable of batch dicts, `len()` = batches, skip counts summed over workers.
+    """One epoch of one rank: iterable of batch dicts, `len()` = batches, skip counts summed over workers. With
+    `skip` = k, the epoch's batches from the k-th on (those of a loader without it), the first k passed over.
 
     Each iteration starts fresh DataLoader workers and stops them when it ends, raises or is closed early
     (`break` out of the loop, or `close()` on the iterator)."""
 
-    def __init__(self, source, cfg: DataConfig, rank: int, world: int, epoch: int, seed: int):
+    def __init__(self, source, cfg: DataConfig, rank: int, world: int, epoch: int, seed: int, skip: int = 0):
         check_run_ids(rank, world, epoch, seed)
+        _check_skip(skip)
         self.source, self.cfg = source, cfg
-        self.n_batches = batches_per_epoch(cfg, source.total, world)
-        self.dataset = _EpochDataset(source, cfg, rank, world, epoch, seed)
+        self.n_batches = max(0, batches_per_epoch(cfg, source.total, world) - int(skip))
+        self.dataset = _EpochDataset(source, cfg, rank, world, epoch, seed, int(skip))
         self._per_worker: dict[int, tuple[int, int]] = {}
 
     def __len__(self) -> int:
@@ -1543,7 +1584,8 @@ class ShardLoader:
                     if w not in issued:
                         issued.add(w)
                         warnings.warn(w[1], w[0], stacklevel=2)
-                yield batch
+                if not batch.get("passed"):  # a worker whose batches were all passed over, reporting its counts
+                    yield batch
         finally:
             # Stop the workers now, whether the epoch ended, raised or the consumer stopped early (generator
             # close). Left to the garbage collector, an iterator kept alive by a caught exception's traceback is
@@ -1562,13 +1604,18 @@ class ShardLoader:
 
 def make_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, epoch: int = 0, seed: int = 0,
                 source: ShardSource | SyntheticSource | str | Path | Sequence[str | Path] | None = None,
-                frontend: str | FrontendSpec | None = None) -> ShardLoader:
+                frontend: str | FrontendSpec | None = None, skip: int = 0) -> ShardLoader:
     """The loader of one rank for one epoch (build a new one each epoch: the order and crops depend on it).
 
     `source`: an opened ShardSource / SyntheticSource, a spec ShardSource.open takes (a path, pattern or list of
     them: opened with cfg.meta), or None for cfg.source.
+    `skip`: the epoch's first `skip` batches are passed over (a resume inside an epoch): the loader yields the
+    batches a loader without it yields from its skip-th on, the same keys, crops and fills, without making the
+    first ones. Their samples' order, crops and drops are still drawn, which needs each clip's headers; a local
+    shard's clip data is not read (a streamed shard, URL or pipe:, is read to get past it).
     rank in [0, world_size), epoch >= 0 and seed >= 0 are checked here, before any worker starts."""
     check_run_ids(rank, world_size, epoch, seed)
+    _check_skip(skip)
     if source is None:
         source = ShardSource.open(cfg.source, cfg.meta)
     elif isinstance(source, str | Path | list | tuple):  # a path here failed with "'str' object has no attribute"
@@ -1585,7 +1632,15 @@ def make_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1, epoch: int 
             what, fix = f"samples_per_epoch={cfg.samples_per_epoch} is", "raise samples_per_epoch"
         raise ValueError(f"{what} fewer than world_size x batch_size = {world_size * cfg.batch_size}; lower "
                          f"batch_size or {fix}")
-    return ShardLoader(source, cfg, rank, world_size, epoch, seed)
+    nb = batches_per_epoch(cfg, source.total, world_size)
+    if skip > nb:
+        raise ValueError(f"skip={skip}: the epoch has {nb} batches per rank; skip at most that many")
+    return ShardLoader(source, cfg, rank, world_size, epoch, seed, skip)
+
+
+def _check_skip(skip: int) -> None:
+    if isinstance(skip, bool) or not isinstance(skip, int | np.integer) or skip < 0:
+        raise ValueError(f"skip must be an integer >= 0, the batches to pass over (got {skip!r})")
 
 
 # ---------------------------------------------------------------------------------------------------------------

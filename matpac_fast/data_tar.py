@@ -361,28 +361,37 @@ class TarIndex:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def array(self, i: int) -> np.ndarray:
+    def array(self, i: int, data: bool = True) -> np.ndarray:
+        """Zero-copy view of sample i's clip. `data=False`: its bytes are not asked for, only the .npy header is read
+        (to check it and give the shape): for passing over a clip without reading it (a resume inside an epoch)."""
         refs = self._refs
         if i in self._asked:  # the loader's read-ahead asked for its bytes already
             self._asked.discard(i)
             asked = True
         else:
-            asked = self.prefetch(i, keep=False)
+            asked = self.prefetch(i, keep=False) if data else True
         off, size = self._row(i)[:2]
-        if not asked or self._refs is not refs:  # a stale index file gave way to a walk: the offsets moved
+        if not asked or (data and self._refs is not refs):  # a stale index file gave way to a walk: offsets moved
             start = off - off % mmap.PAGESIZE  # madvise wants a page-aligned start
             _advise(self.mm, "MADV_WILLNEED", start, off + size - start)  # one read of the payload, not one per fault
         return npy_view(self.mm, off, size)
 
-    def prefetch(self, i: int, keep: bool = True) -> bool:
+    def prefetch(self, i: int, keep: bool = True, data: bool = True) -> bool:
         """Ask for sample i's bytes ahead of `array(i)` (advice only; `keep`: remember it, so that `array` does not
         ask again, a syscall per clip). With a table from an index file: the .npy header, payload and the .json right
         after it in one request, asked before the header check reads the header (cold, that check was a read of its
         own, waited for before the payload's: 5,240 clips/s against 7,312 for a walked table, whose walk had read
-        the headers). A walked table: only the payload (its header was read by the walk)."""
+        the headers). A walked table: only the payload (its header was read by the walk).
+        `data=False`: only the page(s) of the tar and .npy headers, for `array(i, data=False)`; not remembered, so
+        that an `array(i)` asks for the payload itself."""
         if i >= len(self.keys):
             return False
         off, size, joff, jsize = self._refs[i].tolist()
+        if not data:
+            if self.from_file:  # a walked table's headers were read by the walk
+                start = off - BLOCK - (off - BLOCK) % mmap.PAGESIZE
+                _advise(self.mm, "MADV_WILLNEED", start, min(off + size, off + 2 * BLOCK) - start)
+            return False
         if self.from_file:
             end = joff + jsize if 0 <= joff - (off + size) <= 2 * BLOCK else off + size  # make-shards: .json follows
             off -= BLOCK

@@ -200,8 +200,8 @@ class TrainData:
         self._loader = None
 
     def epoch(self, epoch: int, skip: int = 0):
-        """Batches of one epoch for this rank; `skip` batches already consumed (resume) are read and dropped, so
-        the rest of the epoch is exactly what an uninterrupted run would have seen."""
+        """Batches of one epoch for this rank; the first `skip` (consumed before a resume) are passed over by the
+        loader (make_loader's skip), so the rest of the epoch is exactly what an uninterrupted run would have seen."""
         if self._loader is not None:
             # The finished epoch's count is added now, not when the new epoch's first batch is asked for: a stop
             # in between would checkpoint (epoch + 1, batch 0) without it.
@@ -212,12 +212,10 @@ class TrainData:
     def _batches(self, epoch: int, skip: int):
         from matpac_fast.data import NoUsableData, ShardError, make_loader
 
-        self._loader = make_loader(self.cfg, self.rank, self.world, epoch, self.seed, source=self.source)
+        self._loader = make_loader(self.cfg, self.rank, self.world, epoch, self.seed, source=self.source, skip=skip)
         batches = iter(self._loader)
         try:
-            for i, batch in enumerate(batches):
-                if i >= skip:
-                    yield batch
+            yield from batches
         except (NoUsableData, ShardError) as e:  # raised in a loader worker: one line for the user, not its trace
             raise TrainingAborted(self._data_error(e)) from None
         finally:
@@ -1042,13 +1040,15 @@ class Trainer:
             # absent from checkpoints written before it was kept: the count starts from 0, as it did then
             self.data.restore_skipped(int(state.get("skipped_shards", 0)))
             notes = f" (changed: {', '.join(self._resume_notes)})" if self._resume_notes else ""
-            # Inside an epoch the loader reads that epoch's first batches again and drops them (the order of an
-            # uninterrupted run); on a large set that is minutes before the next step, so it is said up front. At
-            # an epoch's end the next epoch starts and nothing is read again.
+            # Inside an epoch the loader passes over that epoch's first batches (the order of an uninterrupted run):
+            # drawn again from the clips' headers, or, for streamed shards, read again and dropped, which on a large
+            # set is minutes before the next step; so it is said up front. At an epoch's end the next epoch starts.
             rereads = ""
             if 0 < self.batch_in_epoch < self.steps_per_epoch * self.cfg.optim.grad_accum:
-                rereads = (f"; epoch {self.epoch}'s first {self.batch_in_epoch} batches are read again and dropped "
-                           "first, to go on with the data of an uninterrupted run")
+                how = {"stream": " (streamed shards: read again and dropped)",
+                       "indexed": " (their clips' headers are read, not their data)"}.get(self.data.reader, "")
+                rereads = (f"; epoch {self.epoch}'s first {self.batch_in_epoch} batches are passed over first{how}, to "
+                           "go on with the data of an uninterrupted run")
             print(f"resumed from {path} at step {self.step}{notes}{rereads}", file=sys.stderr)
 
     def export_encoder(self) -> Path:

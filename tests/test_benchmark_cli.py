@@ -36,6 +36,7 @@ loader = _load("loader")
 make_shards = _load("make_shards")
 shard_index = _load("shard_index")
 shard_writer = _load("shard_writer")
+resume = _load("resume")
 
 
 def _one_line_error(fn, argv, capsys) -> str:
@@ -280,3 +281,26 @@ def test_kernels_bad_arguments(tmp_path):
                     "--batches must be a comma list of integers", "unknown --ops entries [];",
                     "has other columns than this script writes", f"--out {tmp_path} is a folder; give a file path"):
         assert message in err, err
+
+
+# ------------------------------------------------------------------------------------------------ resume.py
+@pytest.mark.parametrize("argv, message", [
+    (["--at", "1"], "--at 1.0: give a fraction of the epoch between 0 and 1"),
+    (["--at", "0"], "--at 0.0: give a fraction of the epoch between 0 and 1"),
+    (["--clips", "8", "--batch", "8"], "--clips 8 gives 1 batch(es) of --batch 8; it needs at least 2"),
+    (["--crop", "2000"], "--crop 2000 is longer than the clips (--frames 1000)"),
+    (["--workers", "-1"], "--workers >= 0"),
+])
+def test_resume_bad_values_are_one_line_errors(argv, message, capsys):
+    assert message in _one_line_error(resume.parse_args, argv, capsys)
+
+
+def test_resume_times_both_ways_to_the_same_batch(tmp_path, capsys):
+    """A tiny run completes, compares the batch both ways give (it exits with an error if they differ) and prints
+    its RESULT line."""
+    assert resume.main(["--clips", "48", "--frames", "80", "--crop", "64", "--per-shard", "10", "--batch", "4",
+                        "--workers", "1", "--keep", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "resume at batch 11 of 12" in out
+    result = out.strip().splitlines()[-1]
+    assert result.startswith("RESULT resume batch=11/12 cache=warm read_and_drop_s=") and "speedup=" in result

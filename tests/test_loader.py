@@ -525,9 +525,9 @@ def test_read_ahead_asks_for_each_clip_before_it_is_read_and_changes_no_batch(tm
     calls = []
     real_get, real_prefetch = _IndexedReader.get, _IndexedReader.prefetch
     monkeypatch.setattr(_IndexedReader, "get",
-                        lambda self, s, j: (calls.append(("get", s, j)), real_get(self, s, j))[1])
+                        lambda self, s, j, *a: (calls.append(("get", s, j)), real_get(self, s, j, *a))[1])
     monkeypatch.setattr(_IndexedReader, "prefetch",
-                        lambda self, s, j: (calls.append(("ahead", s, j)), real_prefetch(self, s, j))[1])
+                        lambda self, s, j, **k: (calls.append(("ahead", s, j)), real_prefetch(self, s, j, **k))[1])
     digests = {}
     for ahead in (0, 3):
         calls.clear()

@@ -63,7 +63,7 @@ def test_resume_after_max_steps_matches_uninterrupted(tmp_path, reference_run):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000006"]
     res = subprocess.run(_run(tmp_path, "--max-steps", "12", "--resume", "auto"), check=True, env=ENV,
                          capture_output=True, text=True)
-    assert "at step 6 (changed: --max-steps 6 -> 12); epoch 0's first 6 batches are read again" in res.stderr
+    assert "at step 6 (changed: --max-steps 6 -> 12); epoch 0's first 6 batches are passed over first" in res.stderr
     _assert_same_run(tmp_path, reference_run)
 
 
@@ -126,9 +126,9 @@ def test_a_stop_inside_a_gradient_accumulation_rewinds_to_the_last_step(tmp_path
     assert (state["step"], state["batch_in_epoch"]) == (2, 4)
     res = subprocess.run(_run(out, "--max-steps", "4", "--grad-accum", "2", "--resume", "auto"), check=True,
                          env=ENV, capture_output=True, text=True)
-    # the re-read is said up front: on a large set it is minutes of a still progress bar
-    assert (f"resumed from {out / 'checkpoints' / 'step_00000002'} at step 2; epoch 0's first 4 batches are read "
-            "again and dropped first, to go on with the data of an uninterrupted run\n") in res.stderr
+    # the pass over is said up front: on a large set it can take a while, with a still progress bar
+    assert (f"resumed from {out / 'checkpoints' / 'step_00000002'} at step 2; epoch 0's first 4 batches are passed "
+            "over first, to go on with the data of an uninterrupted run\n") in res.stderr
     (na, wa), (nb, wb) = _final_weights(out), _final_weights(ref)
     assert na == nb == "step_00000004"
     for k in wa:
