@@ -168,7 +168,18 @@ class LogMelSpec(torch.nn.Module):
     def forward(self, wave_BN: torch.Tensor) -> torch.Tensor:
         if wave_BN.ndim == 1:
             wave_BN = wave_BN[None]
-        return torch.log(self.mel(wave_BN.float()) + self.spec.log_eps)
+        # nnAudio's STFT is a conv1d, and PyTorch lets cuDNN run float32 convolutions in TF32 by default
+        # (torch.backends.cudnn.allow_tf32; 10-bit mantissa on Ampere and later GPUs). The DFT's rounding error then
+        # scales with the loudest component of a frame: bins 60-80 dB below it are lifted by up to ~1.5 in ln(mel)
+        # (a tone over quiet noise, emulated on the CPU), where the authors' torch.stft stays float32. The convolution
+        # runs in full float32 here, so the GPU log-mel is the CPU one (the setting is restored afterwards).
+        previous = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            mel = self.mel(wave_BN.float())
+        finally:
+            torch.backends.cudnn.allow_tf32 = previous
+        return torch.log(mel + self.spec.log_eps)
 
 
 def normalize(lms: torch.Tensor, mean: float, std: float) -> torch.Tensor:

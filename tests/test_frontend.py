@@ -200,3 +200,36 @@ def test_logmel_filterbank_and_window_match_method(preset):
     window = torch.hann_window(400, periodic=True)
     torch.testing.assert_close(mel.stft.wcos[0, 0].float(), window, rtol=0, atol=1e-6)
     assert mel.stft.wcos.shape == (201, 1, 400)
+
+
+def test_logmel_stft_convolution_runs_in_full_fp32(monkeypatch):
+    """nnAudio computes the STFT with conv1d, which cuDNN runs in TF32 under PyTorch's default
+    (torch.backends.cudnn.allow_tf32 = True): on an Ampere or later GPU quiet bins next to loud ones moved by up to
+    ~1.5 in ln(mel). The convolutions must see TF32 off, and the caller's setting must come back afterwards."""
+    import nnAudio.features.stft as nn_stft
+
+    seen = []
+    real_conv1d = nn_stft.conv1d
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cudnn.allow_tf32)
+        return real_conv1d(*args, **kwargs)
+
+    monkeypatch.setattr(nn_stft, "conv1d", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default
+    LogMelSpec("matpac")(torch.randn(1, 4000))
+    assert seen == [False, False]  # the sine and cosine kernels
+    assert torch.backends.cudnn.allow_tf32 is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_logmel_matches_torchaudio_on_a_wide_dynamic_range():
+    """A loud tone over noise 74 dB below it: the GPU log-mel is torchaudio's float32 one in the quiet bands too."""
+    spec = get_spec("matpac")
+    t = torch.arange(4 * 16000) / 16000
+    g = torch.Generator().manual_seed(0)
+    wave = (0.5 * torch.sin(2 * torch.pi * 1000 * t) + 1e-4 * torch.randn(t.shape, generator=g))[None]
+    ref = _torchaudio_logmel(wave, spec)
+    got = LogMelSpec(spec).to("cuda")(wave.to("cuda")).cpu()
+    assert (got - ref).abs().max().item() <= 1e-2
