@@ -9,8 +9,10 @@ Shapes: waveforms are float32 (B, N) at 16 kHz; log-mel is float32 (B, 80, T), u
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,18 +170,35 @@ class LogMelSpec(torch.nn.Module):
     def forward(self, wave_BN: torch.Tensor) -> torch.Tensor:
         if wave_BN.ndim == 1:
             wave_BN = wave_BN[None]
-        # nnAudio's STFT is a conv1d, and PyTorch lets cuDNN run float32 convolutions in TF32 by default
-        # (torch.backends.cudnn.allow_tf32; 10-bit mantissa on Ampere and later GPUs). The DFT's rounding error then
-        # scales with the loudest component of a frame: bins 60-80 dB below it are lifted by up to ~1.5 in ln(mel)
-        # (a tone over quiet noise, emulated on the CPU), where the authors' torch.stft stays float32. The convolution
-        # runs in full float32 here, so the GPU log-mel is the CPU one (the setting is restored afterwards).
-        previous = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = False
-        try:
+        with _convolutions_in_full_fp32():
             mel = self.mel(wave_BN.float())
-        finally:
-            torch.backends.cudnn.allow_tf32 = previous
         return torch.log(mel + self.spec.log_eps)
+
+
+@contextlib.contextmanager
+def _convolutions_in_full_fp32() -> Iterator[None]:
+    """cuDNN convolutions in full float32 inside the block, the caller's setting back afterwards.
+
+    nnAudio's STFT is a conv1d, and PyTorch lets cuDNN run float32 convolutions in TF32 by default (10-bit mantissa
+    on Ampere and later GPUs). The DFT's rounding error then scales with the loudest component of a frame: bins
+    60-80 dB below it were lifted by up to ~1.5 in ln(mel) (a tone over quiet noise, TF32 emulated on the CPU), where
+    the authors' torch.stft stays float32. Through the per-operation flag where torch has it (2.9+): reading the
+    older `cudnn.allow_tf32` raises a RuntimeError once conv and RNN flags differ, as a caller's may."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        previous = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = previous
+        return
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
 
 
 def normalize(lms: torch.Tensor, mean: float, std: float) -> torch.Tensor:

@@ -202,24 +202,48 @@ def test_logmel_filterbank_and_window_match_method(preset):
     assert mel.stft.wcos.shape == (201, 1, 400)
 
 
-def test_logmel_stft_convolution_runs_in_full_fp32(monkeypatch):
-    """nnAudio computes the STFT with conv1d, which cuDNN runs in TF32 under PyTorch's default
-    (torch.backends.cudnn.allow_tf32 = True): on an Ampere or later GPU quiet bins next to loud ones moved by up to
-    ~1.5 in ln(mel). The convolutions must see TF32 off, and the caller's setting must come back afterwards."""
+@pytest.mark.parametrize("caller", ["default", "new API, conv only"])
+def test_logmel_stft_convolution_runs_in_full_fp32(monkeypatch, caller):
+    """nnAudio computes the STFT with conv1d, which cuDNN runs in TF32 under PyTorch's default: on an Ampere or later
+    GPU quiet bins next to loud ones moved by up to ~1.5 in ln(mel). The convolutions must run in full fp32, and the
+    caller's setting must come back afterwards, also when the caller set the conv flag alone with torch's newer
+    per-operation API (where reading the legacy `cudnn.allow_tf32` raises a RuntimeError)."""
     import nnAudio.features.stft as nn_stft
+
+    conv = torch.backends.cudnn.conv
+
+    def tf32_on() -> bool:
+        return conv.fp32_precision == "tf32" if hasattr(conv, "fp32_precision") else torch.backends.cudnn.allow_tf32
 
     seen = []
     real_conv1d = nn_stft.conv1d
 
     def spy(*args, **kwargs):
-        seen.append(torch.backends.cudnn.allow_tf32)
+        seen.append(tf32_on())
         return real_conv1d(*args, **kwargs)
 
     monkeypatch.setattr(nn_stft, "conv1d", spy)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # PyTorch's default
-    LogMelSpec("matpac")(torch.randn(1, 4000))
-    assert seen == [False, False]  # the sine and cosine kernels
-    assert torch.backends.cudnn.allow_tf32 is True
+    per_op = hasattr(conv, "fp32_precision")
+    if caller != "default" and not per_op:
+        pytest.skip(f"torch {torch.__version__} has no per-operation TF32 flags")
+    # torch's flag objects are not monkeypatch-able (their undo fails): set and put back by hand
+    saved = (conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision) if per_op else None
+    legacy = torch.backends.cudnn.allow_tf32
+    try:
+        if caller == "default":
+            torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+        else:
+            conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = "tf32", "ieee"
+        before = conv.fp32_precision if per_op else None
+        assert tf32_on()
+        LogMelSpec("matpac")(torch.randn(1, 4000))
+        assert seen == [False, False]  # the sine and cosine kernels
+        assert tf32_on() and (conv.fp32_precision if per_op else None) == before
+    finally:
+        if per_op:
+            conv.fp32_precision, torch.backends.cudnn.rnn.fp32_precision = saved
+        else:
+            torch.backends.cudnn.allow_tf32 = legacy
 
 
 @pytest.mark.gpu
