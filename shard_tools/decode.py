@@ -37,6 +37,10 @@ def pad_wave_samples(spec: FrontendSpec, short: str) -> int:
 # than read: a worker the out-of-memory killer ended stopped the run, and the same command met the same file again.
 # (Not for an AudioSet file that may hold the whole video: crop_and_flag cuts its segment out of it after decoding.)
 MAX_SECONDS = 3600.0
+# An AudioSet file that may hold the whole video is cut to its segment: only its audio up to the segment's end and
+# this much past it is decoded (enough for crop_and_flag to see that the file runs past its segment, so the cut, the
+# flags and the bytes are those of a whole read). Decoded whole, a 1.2-MB FLAC of a 90-minute video took 1.6 GB.
+WHOLE_VIDEO_MARGIN_S = 2.0
 TOO_LONG_HINT = "split such files into shorter ones, e.g. ffmpeg -i IN -f segment -segment_time 600 OUT_%03d.flac"
 NEEDS_PYAV = "needs_pyav"
 PYAV_HINT = "m4a/webm/aac need PyAV: pip install av (or pip install 'matpac-fast[av]')"
@@ -138,7 +142,9 @@ def _is_decoder_noise(line: str) -> bool:
     return line.startswith("Note:") or ("libmpg123" in line and "warning:" in line)
 
 
-def _read_soundfile(path: str, max_seconds: float = math.inf) -> tuple[np.ndarray, int]:
+def _read_soundfile(
+    path: str, max_seconds: float = math.inf, stop_seconds: float = math.inf
+) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     is_mp3 = path.lower().endswith(".mp3")
@@ -152,7 +158,8 @@ def _read_soundfile(path: str, max_seconds: float = math.inf) -> tuple[np.ndarra
                 if f.frames > limit:  # what the header declares: nothing is decoded
                     seconds = f.frames / sr
                 else:  # = sf.read(path, dtype="float32", always_2d=True), at most `limit` frames
-                    data = f.read(frames=limit + 1, dtype="float32", always_2d=True)
+                    n = limit + 1 if math.isinf(stop_seconds) else min(limit + 1, int(stop_seconds * sr) + 1)
+                    data = f.read(frames=n, dtype="float32", always_2d=True)
                     seconds = len(data) / sr if len(data) > limit else 0.0
         except Exception as e:  # libsndfile raises LibsndfileError/RuntimeError/TypeError depending on the damage
             error = e
@@ -240,13 +247,15 @@ def read_audio(
     path: str, size: int | None = None, max_seconds: float | None = None, stop_seconds: float = math.inf
 ) -> tuple[np.ndarray, int]:
     """(N, C) float32 and the sample rate; Skip on any problem, also ("too_long") a file over `max_seconds` (None:
-    MAX_SECONDS; math.inf: no limit). PyAV containers only: decoding ends once more than `stop_seconds` are decoded
-    (for a caller that needs only the start; the array then ends there)."""
+    MAX_SECONDS; math.inf: no limit). Decoding ends once more than `stop_seconds` are decoded (for a caller that needs
+    only the start; the array then ends there)."""
     if size == 0:
         raise Skip("empty", "0-byte file")
     max_seconds = MAX_SECONDS if max_seconds is None else max_seconds
     ext = path[path.rfind(".") :].lower() if "." in path else ""
-    return _read_pyav(path, max_seconds, stop_seconds) if ext in PYAV_EXTS else _read_soundfile(path, max_seconds)
+    if ext in PYAV_EXTS:
+        return _read_pyav(path, max_seconds, stop_seconds)
+    return _read_soundfile(path, max_seconds, stop_seconds)
 
 
 def check_wave(wave: np.ndarray) -> None:
@@ -299,7 +308,10 @@ def prepare(item: Item, spec: FrontendSpec, min_frames: int, short: str, pad_to:
         sr, flags = spec.sample_rate, ()
     else:
         whole_video = item.end is not None and not item.name_has_start  # may be cut to its segment: no limit
-        data, sr = read_audio(item.path, item.size, math.inf if whole_video else None)
+        if whole_video:  # read up to just past the segment's end: the rest would be cut off anyway
+            data, sr = read_audio(item.path, item.size, math.inf, item.end + WHOLE_VIDEO_MARGIN_S)
+        else:
+            data, sr = read_audio(item.path, item.size)
         if data.shape[0] == 0:
             raise Skip("empty", "no samples")
         data, flags = crop_and_flag(item, data, sr)

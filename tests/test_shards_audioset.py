@@ -345,3 +345,42 @@ def test_discovery_memory_per_input(tmp_path):
     items, kept, peak = map(int, out.stdout.split())
     assert items == n and kept == 2400
     assert peak < 1450 * n, f"discover_audioset peaked at {peak / n:.0f} bytes per input"
+
+
+def test_a_whole_video_file_is_decoded_only_up_to_its_segment(tmp_path, monkeypatch):
+    """An AudioSet file that may hold the whole video is exempt from the too_long limit, since it is cut to its
+    segment; it was decoded whole first (a 1.2-MB FLAC of a 90-minute video: 1.6 GB per worker, an hours-long one the
+    out-of-memory killer, met again by every rerun). Now only its start, up to just past the segment, is read: the
+    cut clip, its flags and duration are those of a whole read."""
+    import shard_tools.decode as decode
+    from matpac_fast.frontend import get_spec
+    from shard_tools.discover import Item
+
+    path = tmp_path / "abcdefghijk.flac"
+    wave = synth_clip(3, sample_rate=SR, seconds=60.0)[0]
+    sf.write(path, wave, SR)
+    item = Item("abcdefghijk.flac", "abcdefghijk_10000", path=str(path), ytid="abcdefghijk", start=10.0, end=20.0,
+                size=path.stat().st_size)
+    requested = []
+    real_read = sf.SoundFile.read
+
+    def read(self, frames=-1, *args, **kwargs):
+        requested.append(frames)
+        return real_read(self, frames, *args, **kwargs)
+
+    monkeypatch.setattr(sf.SoundFile, "read", read)
+    got = decode.prepare(item, get_spec("matpac"), 1, "pad")
+    assert requested and max(requested) <= (20.0 + 2.0) * SR + 1  # not the 60 s
+    assert got.flags == ("cropped",) and got.duration == 10.0
+    cut = sf.read(path, dtype="float32")[0][10 * SR : 20 * SR]  # the whole file read, then cut
+    np.testing.assert_array_equal(got.wave, decode.resample_np(cut, SR, get_spec("matpac")))
+    # a file that ends inside its segment is still read to its end: cut and flagged as before
+    short = dataclasses_replace(item, start=55.0, end=65.0)
+    got = decode.prepare(short, get_spec("matpac"), 1, "pad")
+    assert got.flags == ("cropped", "truncated") and got.duration == 5.0
+
+
+def dataclasses_replace(obj, **changes):
+    import dataclasses
+
+    return dataclasses.replace(obj, **changes)
