@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a SLURM job or `taskset` allots fewer than the machine has, and
+    os.cpu_count() counts the machine (a default of "all cores" started 128 worker processes, each importing torch,
+    in an 8-CPU job on a 128-core node)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no sched_getaffinity (macOS)
+        return os.cpu_count() or 1
 
 
 def path_arg(text: str) -> Path:

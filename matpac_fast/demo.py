@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shutil
 import signal
 import sys
 from pathlib import Path
 
+from matpac_fast.cli_args import usable_cpus
 from matpac_fast.interrupts import INTERRUPTED, held_ctrl_c, run_main
 
 
@@ -36,7 +36,7 @@ def shards_step(out_dir: Path, n: int, seed: int = 0, workers: int | None = None
         out_dir,
         n=n,
         seed=seed,
-        workers=os.cpu_count() or 1 if workers is None else workers,
+        workers=usable_cpus() if workers is None else workers,
         shard_size=str(max(1, math.ceil(n / n_shards))),
     )
     print(format_summary(summary), flush=True)
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=float, default=24.0, help="pre-training epochs (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="pre-training batch (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="corpus, shuffle and init seed (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=None, help="make-shards processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="make-shards processes (default: all usable cores)")
     p.add_argument("--fsdd", type=Path, default=default_fsdd(), help="FSDD root (default: ../shared/data/fsdd)")
     p.add_argument("--skip-fsdd", action="store_true", help="do not evaluate on FSDD")
     args = p.parse_args(argv)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from matpac_fast.cli_args import usable_cpus
 from shard_tools.discover import discover_audioset, discover_folder, discover_manifest, discover_synthetic
 from shard_tools.pipeline import MakeConfig, format_summary, make_shards
 from shard_tools.verify import Report, format_report, verify
@@ -21,7 +21,7 @@ __all__ = [
 
 
 def _config(out_dir, **options) -> MakeConfig:
-    options.setdefault("workers", min(4, os.cpu_count() or 1))
+    options.setdefault("workers", min(4, usable_cpus()))
     return MakeConfig(out=Path(out_dir), **options)
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import TYPE_CHECKING, NoReturn
 
-from matpac_fast.cli_args import path_arg
+from matpac_fast.cli_args import path_arg, usable_cpus
 from matpac_fast.interrupts import INTERRUPTED, held_ctrl_c, run_main
 from shard_tools.discover import (
     discover_audioset,
@@ -42,8 +41,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("common options")
     g.add_argument("--out", required=True, type=path_arg, help="output folder (created if missing)")
     g.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1,
-        help="decode/log-mel processes (default: all %(default)s cores; 0 or 1 = in this process)",
+        "--workers", type=int, default=usable_cpus(),
+        help="decode/log-mel processes (default: all %(default)s usable cores; 0 or 1 = in this process)",
     )
     g.add_argument("--device", default="cpu", help="where the log-mel is computed: cpu (default) or cuda")
     g.add_argument(

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from matpac_fast.cli_args import usable_cpus
 from matpac_fast.data_tar import ShardError, index_path, walk_file
 from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec
 from matpac_fast.locks import close_lock_fd, open_lock_fd
@@ -68,7 +69,7 @@ def tool_version() -> str:
 class MakeConfig:
     out: Path
     frontend: str = "matpac"
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    workers: int = field(default_factory=usable_cpus)
     device: str = "cpu"
     min_frames: int = 608
     # "drop": skip clips below min_frames (MATPAC's authors); "pad": keep them, the loader pads (M2D's authors; for

@@ -27,6 +27,7 @@ from typing import NoReturn
 
 import numpy as np
 
+from matpac_fast.cli_args import usable_cpus
 from matpac_fast.data_tar import ShardError, index_path, read_index_file, shard_set_subfolder_hint, walk_file
 from matpac_fast.interrupts import INTERRUPTED, run_main
 from shard_tools.workpool import WorkerDied, ordered_map
@@ -573,9 +574,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--no-hash", action="store_true", help="skip the sha256 comparison (faster on huge sets)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-    p.add_argument("--workers", type=_workers, default=os.cpu_count() or 1,
-                   help="processes checking shards in parallel (default: all cores, %(default)s here; 1 = in this "
-                   "process); each reads and hashes whole shards, so a slow disk may want fewer")
+    p.add_argument("--workers", type=_workers, default=usable_cpus(),
+                   help="processes checking shards in parallel (default: all usable cores, %(default)s here; 1 = in "
+                   "this process); each reads and hashes whole shards, so a slow disk may want fewer")
     args = p.parse_args(argv)
     if not args.dir.is_dir():
         raise SystemExit(f"verify-shards: error: {args.dir} is not a folder; pass the --out folder of make-shards")

@@ -1108,3 +1108,28 @@ def test_a_manifest_without_rows_names_its_own_path_header(tmp_path, header, sai
         run("manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "out"))
     msg = str(e.value)
     assert "\n" not in msg and f"no rows with a path; add one row per audio file under the {said} header" in msg, msg
+
+
+def test_default_workers_are_the_cpus_this_process_may_use(monkeypatch, tmp_path, capsys):
+    """A SLURM job or `taskset` allots fewer CPUs than the machine has: the default --workers ("all cores") counted
+    the machine (os.cpu_count), so an 8-CPU job on a 128-core node started 128 processes, each importing torch.
+    The demo's own --workers was ignored as well (`os.cpu_count() or 1 if workers is None else workers` reads as
+    `os.cpu_count() or (...)`)."""
+    import matpac_fast.demo as demo
+    import shard_tools.api as api
+    from shard_tools.pipeline import MakeConfig
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    args = build_parser().parse_args(["synthetic", "--n", "1", "--out", str(tmp_path / "o")])
+    assert args.workers == 1
+    assert MakeConfig(out=tmp_path / "o").workers == 1
+    with pytest.raises(SystemExit):
+        verify_main(["--help"])
+    assert "1 here" in capsys.readouterr().out
+    seen = []
+    monkeypatch.setattr(api, "make_synthetic_shards", lambda out, **kw: seen.append(kw["workers"]) or {})
+    monkeypatch.setattr(api, "format_summary", lambda s: "")
+    demo.shards_step(tmp_path / "d", n=4, workers=2)
+    demo.shards_step(tmp_path / "d", n=4)
+    assert seen == [2, 1]
