@@ -45,6 +45,7 @@ JSON_FIELDS = {
 }
 JSON_OPTIONAL = ("ytid", "start", "end")
 MAX_REPORTED = 20
+NO_LABEL = "(no label)"  # the histogram's row of the samples without a label: not a class
 WORK_DIR = ".make-shards"  # = pipeline.WORK_DIR (not imported: verify must not pull in torch)
 SHARD_RE = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)-\d{6}\.tar$")
 
@@ -203,7 +204,7 @@ def _read_shard(path: Path, report: Report, keys: list[str], n_mels: int, classe
             for i, lab in zip(meta["label_indices"], meta["labels"]):
                 report.labels[classes[i] if classes else lab] += 1
             if not meta["labels"]:
-                report.labels["(no label)"] += 1
+                report.labels[NO_LABEL] += 1
             report.flags.update(meta["flags"])
 
     end = 0  # where the last member's padded payload ends: the end-of-archive block must follow
@@ -507,6 +508,11 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
     return report
 
 
+def _classes_present(r: Report) -> str:
+    n = sum(1 for k in r.labels if k != NO_LABEL)
+    return f"{n} classes present" + (f", {r.labels[NO_LABEL]} samples without a label" if NO_LABEL in r.labels else "")
+
+
 def format_report(r: Report, stats: dict | None = None, top: int = 15) -> str:
     if r.interrupted:
         return f"INCOMPLETE: {r.interrupted}"
@@ -526,12 +532,12 @@ def format_report(r: Report, stats: dict | None = None, top: int = 15) -> str:
     if r.flags:
         lines.append("flags: " + ", ".join(f"{k} {v}" for k, v in sorted(r.flags.items())))
     if r.labels and top > 0:
-        lines.append(f"labels ({len(r.labels)} classes present; top {min(top, len(r.labels))}):")
+        lines.append(f"labels ({_classes_present(r)}; top {min(top, len(r.labels))}):")
         width = max(len(k) for k, _ in r.labels.most_common(top))
         for name, n in r.labels.most_common(top):
             lines.append(f"  {name:<{width}}  {n}")
     elif r.labels:
-        lines.append(f"labels: {len(r.labels)} classes present")
+        lines.append(f"labels: {_classes_present(r)}")
     lines += [f"warning: {w}" for w in r.warnings]
     if r.problems:
         lines.append(f"CORRUPT: {len(r.problems)} problem(s)")

@@ -1133,3 +1133,22 @@ def test_default_workers_are_the_cpus_this_process_may_use(monkeypatch, tmp_path
     demo.shards_step(tmp_path / "d", n=4, workers=2)
     demo.shards_step(tmp_path / "d", n=4)
     assert seen == [2, 1]
+
+
+def test_verify_does_not_count_unlabelled_samples_as_a_class(tmp_path, capsys):
+    """A folder set whose files lie partly in DIR itself (no label): the histogram's "(no label)" row was counted
+    as one of the "classes present" (2 classes in folders a and b read as 3)."""
+    for rel, seed in (("a/x.wav", 1), ("b/y.wav", 2), ("z.wav", 3)):
+        p = tmp_path / "in" / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        t = np.arange(8000) / 8000
+        sf.write(p, (0.2 * np.sin(2 * np.pi * 200 * seed * t)).astype(np.float32), 8000)
+    out = tmp_path / "out"
+    assert cli_main(["folder", str(tmp_path / "in"), "--out", str(out), "--short", "pad", "--workers", "0",
+                     "--no-progress"]) == 0
+    capsys.readouterr()
+    assert verify_main([str(out), "--no-progress", "--workers", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "labels (2 classes present, 1 samples without a label; top 3):" in text and "(no label)  1" in text
+    assert verify_main([str(out), "--no-progress", "--workers", "1", "--top", "0"]) == 0
+    assert "labels: 2 classes present, 1 samples without a label" in capsys.readouterr().out
