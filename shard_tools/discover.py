@@ -451,7 +451,8 @@ def discover_audioset(
         parsed = parse_audioset_name(name[: -len(suffix)] if suffix else name, known)
         seg = _match_segment(known[parsed[0]], parsed[1]) if parsed else None
         if seg is None:
-            items.append(Item(source, path_key(rel), path, size=f.size, skip="not_in_csv"))
+            detail = _not_in_csv_detail(parsed, known)
+            items.append(Item(source, path_key(rel), path, size=f.size, skip="not_in_csv", detail=detail))
             continue
         key = f"{seg.ytid}_{int(round(seg.start * 1000))}"
         claims.setdefault(key, []).append((len(items), f, seg, parsed[1] is not None))
@@ -479,6 +480,24 @@ def discover_audioset(
     segments = {"in_csvs": n_segments, "with_file": len(claims), "missing": n_segments - len(claims)}
     notes = [segments_line(segments)] + relabelled + scan.notes(root)
     return Discovery(items, names, mids, notes, extra={"segments": segments})
+
+
+# One string shared by every such file (a download root of AS-2M given with the balanced CSV alone: ~2 million).
+NO_CSV_ID = ("the file name holds no YouTube id of the --segments CSVs (names: Y<ytid>.<ext>, <ytid>.<ext>, "
+             "<ytid>_<start>.<ext>, ...)")
+
+
+def _not_in_csv_detail(parsed: tuple | None, known: dict[str, tuple[Segment, ...]]) -> str:
+    """Why a file whose name is read as an AudioSet id matches no CSV segment: no id of the CSVs in its name, a start
+    that none of its id's segments has, or no start in the name of an id with several segments."""
+    if parsed is None:
+        return NO_CSV_ID
+    ytid, start, _ = parsed
+    starts = ", ".join(f"{s.start:g}" for s in known[ytid][:5]) + (" ..." if len(known[ytid]) > 5 else "")
+    if start is None:
+        return (f"{ytid} has {len(known[ytid])} segments in the CSVs (starting at {starts} s) and the file name does "
+                "not say which: name it <ytid>_<start>.<ext>")
+    return f"{ytid} is in the CSVs, but none of its segments starts at {start:g} (s or ms); they start at {starts} s"
 
 
 def _needs_pyav(f: Found) -> bool:

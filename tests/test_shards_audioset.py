@@ -384,3 +384,31 @@ def dataclasses_replace(obj, **changes):
     import dataclasses
 
     return dataclasses.replace(obj, **changes)
+
+
+def test_a_file_matching_no_segment_says_why(tmp_path):
+    """not_in_csv came without a detail: a file whose id is in the CSVs but whose start is not (or whose id has
+    several segments and whose name gives no start) read the same as a stranger's file, so the user could not tell
+    a wrong --segments from a naming problem."""
+    from shard_tools.discover import discover_audioset
+
+    (tmp_path / "classes.csv").write_text('index,mid,display_name\n0,/m/a,"A"\n1,/m/b,"B"\n')
+    (tmp_path / "segs.csv").write_text(
+        "# YTID, start_seconds, end_seconds, positive_labels\n"
+        'abcdefghijk, 30.000, 40.000, "/m/a"\n'
+        'twosegments, 0.000, 10.000, "/m/a"\n'
+        'twosegments, 50.000, 60.000, "/m/b"\n'
+    )
+    root = tmp_path / "audio"
+    for name in ("abcdefghijk_30.wav", "abcdefghijk_0.wav", "twosegments.wav", "zzzzzzzzzzz.wav",
+                 "Some title [abcdefghijk].wav"):
+        _write(root / name, 1.0, 0)
+    disc = discover_audioset([tmp_path / "segs.csv"], tmp_path / "classes.csv", root)
+    got = {it.source: (it.skip, it.detail) for it in disc.items}
+    assert got["abcdefghijk_30.wav"] == (None, "")
+    assert got["abcdefghijk_0.wav"] == (
+        "not_in_csv", "abcdefghijk is in the CSVs, but none of its segments starts at 0 (s or ms); they start at 30 s")
+    assert got["twosegments.wav"][0] == "not_in_csv" and "has 2 segments in the CSVs (starting at 0, 50 s)" in (
+        got["twosegments.wav"][1])
+    for name in ("zzzzzzzzzzz.wav", "Some title [abcdefghijk].wav"):
+        assert got[name][0] == "not_in_csv" and got[name][1].startswith("the file name holds no YouTube id")
