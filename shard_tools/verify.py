@@ -509,8 +509,8 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
 
 
 def _classes_present(r: Report) -> str:
-    n = sum(1 for k in r.labels if k != NO_LABEL)
-    return f"{n} classes present" + (f", {r.labels[NO_LABEL]} samples without a label" if NO_LABEL in r.labels else "")
+    n, bare = sum(1 for k in r.labels if k != NO_LABEL), r.labels.get(NO_LABEL, 0)
+    return f"{n} classes present" + (f", {bare} sample{'s' * (bare != 1)} without a label" if bare else "")
 
 
 def format_report(r: Report, stats: dict | None = None, top: int = 15) -> str:

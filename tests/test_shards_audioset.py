@@ -1,5 +1,6 @@
 """AudioSet path: the real CSVs + a generated download tree in every common layout -> shards with the CSV labels."""
 
+import dataclasses
 import json
 import tarfile
 
@@ -375,15 +376,10 @@ def test_a_whole_video_file_is_decoded_only_up_to_its_segment(tmp_path, monkeypa
     cut = sf.read(path, dtype="float32")[0][10 * SR : 20 * SR]  # the whole file read, then cut
     np.testing.assert_array_equal(got.wave, decode.resample_np(cut, SR, get_spec("matpac")))
     # a file that ends inside its segment is still read to its end: cut and flagged as before
-    short = dataclasses_replace(item, start=55.0, end=65.0)
+    short = dataclasses.replace(item, start=55.0, end=65.0)
     got = decode.prepare(short, get_spec("matpac"), 1, "pad")
     assert got.flags == ("cropped", "truncated") and got.duration == 5.0
 
-
-def dataclasses_replace(obj, **changes):
-    import dataclasses
-
-    return dataclasses.replace(obj, **changes)
 
 
 def test_a_file_matching_no_segment_says_why(tmp_path):

@@ -1149,6 +1149,6 @@ def test_verify_does_not_count_unlabelled_samples_as_a_class(tmp_path, capsys):
     capsys.readouterr()
     assert verify_main([str(out), "--no-progress", "--workers", "1"]) == 0
     text = capsys.readouterr().out
-    assert "labels (2 classes present, 1 samples without a label; top 3):" in text and "(no label)  1" in text
+    assert "labels (2 classes present, 1 sample without a label; top 3):" in text and "(no label)  1" in text
     assert verify_main([str(out), "--no-progress", "--workers", "1", "--top", "0"]) == 0
-    assert "labels: 2 classes present, 1 samples without a label" in capsys.readouterr().out
+    assert "labels: 2 classes present, 1 sample without a label" in capsys.readouterr().out
