@@ -316,6 +316,8 @@ def prepare(item: Item, spec: FrontendSpec, min_frames: int, short: str, pad_to:
             raise Skip("empty", "no samples")
         data, flags = crop_and_flag(item, data, sr)
         mono = to_mono(data)
+        if data.shape[1] > 1 and mono.size and float(np.abs(mono).max()) <= SILENCE_PEAK < float(np.abs(data).max()):
+            raise Skip("silent", "its channels cancel out in the mono downmix (one is the other inverted)")
     check_wave(mono)
     duration = mono.shape[0] / sr
     # frame count known before resampling: skip too-short clips without paying for the resampler

@@ -142,6 +142,23 @@ def test_a_file_longer_than_make_shards_decodes_is_skipped_unread(tmp_path, monk
         decode.prepare(dataclasses.replace(item, name_has_start=True), get_spec("matpac"), 1, "pad")
 
 
+def test_stereo_whose_channels_cancel_is_silent_and_says_why(tmp_path):
+    """Anti-phase stereo (right = -left) averages to zero: skipped as silent, but "all samples are (near) zero" was
+    untrue of the file, whose channels are loud; the detail now names the downmix."""
+    from shard_tools import decode
+    from shard_tools.discover import Item
+
+    t = np.arange(16000 * 7) / 16000
+    x = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    for name, wave, detail in (("anti.wav", np.stack([x, -x], 1), "its channels cancel out in the mono downmix"),
+                               ("zero.wav", np.zeros((len(x), 2), np.float32), "all samples are (near) zero")):
+        sf.write(tmp_path / name, wave, 16000, subtype="FLOAT")
+        item = Item(name, name, path=str(tmp_path / name), size=(tmp_path / name).stat().st_size)
+        with pytest.raises(decode.Skip, match=r"silent: ") as e:
+            decode.prepare(item, get_spec("matpac"), 1, "pad")
+        assert e.value.reason == "silent" and detail in str(e.value)
+
+
 def test_a_resampler_with_a_huge_kernel_is_not_kept(monkeypatch):
     """A rate sharing few factors with 16 kHz (11,127 Hz: a 720-MB kernel) stayed in the per-worker cache for the
     whole run, up to 32 of them. Now a kernel over MAX_CACHED_KERNEL floats is built per clip and freed; the output
