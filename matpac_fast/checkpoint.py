@@ -275,6 +275,12 @@ def verify(path: Path) -> None:
         try:
             torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a damaged file
+            from matpac_fast.encoder import _pickled_object
+
+            pickled = _pickled_object(e)
+            if pickled:  # intact, but not weights-only data: never called damaged (nor unpickled)
+                raise ValueError(f"{f} holds pickled Python objects ({pickled}), which could run code when loaded: "
+                                 f"refused (checkpoints are read weights-only); {_EARLIER}") from None
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"{f} is damaged ({msg.split('. ')[0]}); {_EARLIER}") from None
 
