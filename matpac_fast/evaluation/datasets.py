@@ -93,7 +93,10 @@ class LabelledSet:
             st = os.stat(c.path)
             # os.fsencode: a file name that is not valid UTF-8 (make-shards reads those too) holds surrogates, which
             # str.encode() refuses; for every other name the bytes, and so the cache keys, are the same
-            h.update(os.fsencode(c.path) + f"\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
+            # nanosecond times: a file rewritten with as many bytes within the same second (whole seconds before)
+            # kept its key, and the cache served the old file's embeddings; ctime also changes when a tool sets the
+            # modification time back (touch -r, cp -p over it) or a file is renamed over another
+            h.update(os.fsencode(c.path) + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
         return h.hexdigest()
 
 
