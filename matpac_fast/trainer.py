@@ -61,6 +61,8 @@ class _StopInDataWait(BaseException):
 # some time after forwarding a stop signal (torchrun 30 s, Slurm's default KillWait 30 s), and the stop's step and
 # checkpoint must land well inside that, whatever --log-every is.
 STOP_CHECK_S = 5.0
+# In a checkpoint folder: the teacher EMA's Kahan terms (Trainer._ema_residual), one tensor per teacher parameter
+EMA_RESIDUAL = "ema_residual.safetensors"
 
 
 def _processes(n: int) -> str:
@@ -307,6 +309,7 @@ class Trainer:
         self._in_data_wait = False  # the signal handler breaks a one-process data wait (see _StopInDataWait)
         self._wait_started: float | None = None  # when the current data wait began (the stop row's data wait)
         self._saved_step: int | None = None  # the step of the checkpoint on disk for this run (saved or resumed)
+        self._residual: dict[str, torch.Tensor] | None = None  # _ema_residual
         self.step = 0  # optimizer steps done
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
@@ -520,12 +523,25 @@ class Trainer:
         return gnorm, lr
 
     def _update_ema(self, i: int) -> None:
-        """Teacher encoder and head <- EMA of the student's, with the decays of schedule step `i`."""
+        """Teacher encoder and head <- EMA of the student's, with the decays of schedule step `i`, compensated."""
         from matpac_fast.ema import ema_update
 
         (t_enc, s_enc), (t_head, s_head) = self.raw_model.ema_pairs()
-        ema_update(t_enc, s_enc, self.sched["ema"][i])
-        ema_update(t_head, s_head, self.sched["head_ema"][i])
+        res = list(self._ema_residual().values())
+        ema_update(t_enc, s_enc, self.sched["ema"][i], res[: len(t_enc)])
+        ema_update(t_head, s_head, self.sched["head_ema"][i], res[len(t_enc) :])
+
+    def _ema_residual(self) -> dict[str, torch.Tensor]:
+        """The teacher EMA's Kahan terms (ema.py), by teacher parameter name, in ema_pairs' order: what fp32 rounding
+        took from each teacher weight so far. Trainer state like the optimizer's, made at first use (the benchmarks'
+        reference-design trainer never uses it) and checkpointed in EMA_RESIDUAL."""
+        if self._residual is None:
+            m = self.raw_model
+            named = [(f"teacher_encoder.{n}", p) for n, p in m.teacher_encoder.named_parameters()]
+            if m.student_head is not None:
+                named += [(f"teacher_head.{n}", p) for n, p in m.teacher_head.named_parameters()]
+            self._residual = {n: torch.zeros_like(p) for n, p in named}
+        return self._residual
 
     def micro_step(self, lms: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """One micro-batch `lms` (B, 1, F, T) already on the device: forward, backward and, when it completes the
@@ -897,6 +913,10 @@ class Trainer:
         # test, the final checkpoint then lacking that rank's RNG state).
         acc.wait_for_everyone()
         if acc.is_main_process:
+            from safetensors.torch import save_file
+
+            # the same on every rank (the EMA is computed from identical weights): written once
+            save_file({k: v.detach().cpu() for k, v in self._ema_residual().items()}, str(tmp / EMA_RESIDUAL))
             ckpt.write_state(
                 tmp,
                 {
@@ -1023,6 +1043,7 @@ class Trainer:
         try:
             with self._model_keys_of(path):
                 self.accelerator.load_state(str(path))
+            self._load_ema_residual(Path(path) / EMA_RESIDUAL)
         except Exception as e:  # anything Accelerate/torch/safetensors raise on a file that passed verify()
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {first}); pick an earlier "
@@ -1050,6 +1071,19 @@ class Trainer:
                 rereads = (f"; epoch {self.epoch}'s first {self.batch_in_epoch} batches are passed over first{how}, to "
                            "go on with the data of an uninterrupted run")
             print(f"resumed from {path} at step {self.step}{notes}{rereads}", file=sys.stderr)
+
+    def _load_ema_residual(self, f: Path) -> None:
+        """The EMA's Kahan terms of a checkpoint (safetensors: no pickle). A checkpoint from before they were kept
+        has none: they start from zero, as that run's were."""
+        if not f.exists():
+            return
+        from safetensors.torch import load_file
+
+        saved, mine = load_file(str(f)), self._ema_residual()
+        if saved.keys() != mine.keys() or any(saved[k].shape != v.shape for k, v in mine.items()):
+            raise ValueError(f"{f.name} does not hold this model's teacher tensors")
+        for k, v in mine.items():
+            v.copy_(saved[k])
 
     def export_encoder(self) -> Path:
         from matpac_fast.encoder import export_encoder_state

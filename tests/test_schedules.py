@@ -70,6 +70,54 @@ def test_ema_update_values():
     torch.testing.assert_close(t[0], s[0])
 
 
+def test_ema_update_with_residual_matches_the_hand_computed_values():
+    # 1 - d = 0.25, exact in fp32: the residual stays 0 and the values are those of the plain update
+    t, r = [torch.tensor([1.0, 2.0])], [torch.zeros(2)]
+    ema_update(t, [torch.tensor([3.0, 6.0])], 0.75, r)
+    torch.testing.assert_close(t[0], torch.tensor([1.5, 3.0]), rtol=0, atol=0)
+    assert torch.equal(r[0], torch.zeros(2))
+    # an update of 2^-25 to 1.0 is half an ulp: rounded away (to even) from t, kept whole in the residual; the second
+    # one makes a whole ulp (2^-24 above 1.0 is not representable: 1 + 2^-23 is the next float), and so on
+    t, r, s = [torch.tensor([1.0])], [torch.zeros(1)], [torch.tensor([1.0 + 2.0**-20])]
+    w = 2.0**-5  # (1 - d)(s - t) = 2^-25
+    ema_update(t, s, 1 - w, r)
+    assert t[0].item() == 1.0 and r[0].item() == 2.0**-25
+    ema_update(t, s, 1 - w, r)  # y = 2^-25 + 2^-25: a tie, to even (1.0); all of it in the residual
+    assert t[0].item() == 1.0 and r[0].item() == 2.0**-24
+    ema_update(t, s, 1 - w, r)  # y = 3 * 2^-25 = 0.75 ulp: t goes up one ulp, the residual gives back the excess
+    assert t[0].item() == 1.0 + 2.0**-23 and r[0].item() == -(2.0**-25)
+
+
+@pytest.mark.parametrize("decay", [0.99999 ** (256 / 2048), torch.tensor(0.99999 ** (256 / 2048))])
+def test_ema_update_at_one_gpus_rescaled_decay_moves_the_teacher(decay):
+    """The recipe's final decay rescaled to a 256 batch (rho^kappa, 1 - d = 1.25e-6): with the plain fp32 update
+    every teacher weight within ~5 % of its student never moved (each step's change under half an ulp; as a tensor
+    decay, d*t + (1 - d)*s, each moved by what its roundings happened to give); with the residual the teacher
+    follows the float64 EMA."""
+    g = torch.Generator().manual_seed(0)
+    t0 = torch.rand(4096, generator=g) + 0.5
+    s = [t0 * 1.01]  # the student 1 % away
+    plain, compensated, r = [t0.clone()], [t0.clone()], [torch.zeros(4096)]
+    exact = t0.double()
+    w = 1 - float(decay)
+    for _ in range(2000):
+        ema_update(plain, s, decay)
+        ema_update(compensated, s, decay, r)
+        exact = exact + w * (s[0].double() - exact)
+    moved = exact - t0.double()
+
+    def share(x):  # of the float64 EMA's move, per weight
+        return (x.double() - t0.double()).div(moved)
+
+    if isinstance(decay, float):
+        assert torch.equal(plain[0], t0)  # what the plain update did here: nothing
+    else:
+        assert (share(plain[0]) - 1).abs().max().item() > 0.5  # from 0 to several times the move
+    assert (share(compensated[0]) - 1).abs().max().item() < 0.05  # within an ulp of it
+    err = (compensated[0].double() + r[0].double() - exact).abs().div(moved).max().item()
+    assert err < 1e-5  # teacher + residual: the float64 EMA
+
+
 def test_ema_update_mixed_precision_student_and_errors():
     t = [torch.zeros(3)]
     ema_update(t, [torch.ones(3, dtype=torch.bfloat16)], 0.5)
@@ -77,6 +125,9 @@ def test_ema_update_mixed_precision_student_and_errors():
     torch.testing.assert_close(t[0], torch.full((3,), 0.5))
     with pytest.raises(ValueError, match="teacher tensors"):
         ema_update([torch.zeros(1)], [], 0.5)
+    for residual in ([], [torch.zeros(2)], [torch.zeros(1, dtype=torch.float64)]):
+        with pytest.raises(ValueError, match="residual needs one tensor of each teacher tensor's shape and dtype"):
+            ema_update([torch.zeros(1)], [torch.ones(1)], 0.5, residual)
 
 
 def test_mcl_temperature_follows_the_authors_curve_over_any_run_length():

@@ -67,6 +67,30 @@ def test_resume_after_max_steps_matches_uninterrupted(tmp_path, reference_run):
     _assert_same_run(tmp_path, reference_run)
 
 
+def test_the_teacher_emas_rounding_residual_is_checkpointed(tmp_path):
+    """The EMA's Kahan terms are trainer state: in the checkpoint by teacher parameter name (safetensors), restored on
+    resume (test_resume_after_max_steps_matches_uninterrupted fails without them). A checkpoint from before they
+    were kept resumes from zeros; a damaged file is the checkpoint's one-line error."""
+    import shutil
+
+    run = tmp_path / "run"
+    subprocess.run(_run(run, "--max-steps", "3"), check=True, env=ENV, capture_output=True)
+    ck = run / "checkpoints" / "step_00000003"
+    res, model = load_file(str(ck / "ema_residual.safetensors")), load_file(str(ck / "model.safetensors"))
+    assert set(res) == {k for k in model if k.startswith(("teacher_encoder.", "teacher_head."))} and res
+    assert all(res[k].shape == model[k].shape and res[k].dtype == torch.float32 for k in res)
+    assert any(v.abs().max() > 0 for v in res.values())  # what fp32 rounding took from the teacher
+    older = tmp_path / "older"
+    shutil.copytree(run, older)
+    (older / "checkpoints" / "step_00000003" / "ema_residual.safetensors").unlink()
+    subprocess.run(_run(older, "--max-steps", "4", "--resume", "auto"), check=True, env=ENV, capture_output=True)
+    assert _final_weights(older)[0] == "step_00000004"
+    (ck / "ema_residual.safetensors").write_bytes(b"not a safetensors file")
+    res = subprocess.run(_run(run, "--max-steps", "4", "--resume", "auto"), env=ENV, capture_output=True, text=True)
+    assert res.returncode == 2 and "Traceback" not in res.stderr  # the status of the trainer's other bad inputs
+    assert f"checkpoint {ck} cannot be loaded (" in res.stderr.strip().splitlines()[-1]
+
+
 def _signalled(out, name, at_step, *extra):
     """The training command, but the process signals itself at optimizer step `at_step` (tests/helpers)."""
     cmd = _run(out, *extra)
