@@ -310,6 +310,7 @@ class Trainer:
         self._wait_started: float | None = None  # when the current data wait began (the stop row's data wait)
         self._saved_step: int | None = None  # the step of the checkpoint on disk for this run (saved or resumed)
         self._residual: dict[str, torch.Tensor] | None = None  # _ema_residual
+        self._input_flags: list[tuple[list[str], torch.Tensor]] = []  # _check_input
         self.step = 0  # optimizer steps done
         self.epoch = 0
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
@@ -632,6 +633,7 @@ class Trainer:
                 for batch, wait in batches:
                     self.batch_in_epoch += 1
                     lms = batch["lms"].to(self.device, non_blocking=True)
+                    self._check_input(lms, batch["key"])
                     loss, stats = self.micro_step(lms)
                     tput.add(lms.shape[0], wait)
                     for k in ("loss_pred", "loss_cls", "teacher_entropy", "teacher_max_prob", "center_norm"):
@@ -830,6 +832,7 @@ class Trainer:
             dist.all_reduce(summed, op=dist.ReduceOp.SUM)
         values = torch.cat([summed, torch.stack([gnorm.float().to(self.device), self.nonfinite_total,
                                                  self.nonfinite_run])]).tolist()
+        self._report_nonfinite_inputs()  # before an abort for non-finite losses: the clip may be their cause
         world = acc.num_processes
         row = {k: v / max(n, 1) / world for k, v in zip(keys, values[: len(keys)])}
         skipped_shards, sps_total, wait_sum, row["grad_norm"], nonfinite_total, nonfinite_run = values[len(keys):]
@@ -868,6 +871,28 @@ class Trainer:
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", pred=f"{row.get('loss_pred', 0):.3f}",
                             cls=f"{row.get('loss_cls', 0):.3f}", sps=f"{row['samples_per_s']:.0f}")
         return row
+
+    def _check_input(self, lms: torch.Tensor, keys: list[str]) -> None:
+        """Queue which clips of this micro-batch are finite, read with the next log row's transfer (no host sync
+        here). make-shards never writes NaN or Inf, but a shard damaged after it can hold them, and one such clip
+        makes its step's loss non-finite: the step is skipped, every epoch, and the skipped-step count alone does
+        not lead to the clip."""
+        self._input_flags.append((keys, torch.isfinite(lms).flatten(1).all(1)))
+
+    def _report_nonfinite_inputs(self) -> None:
+        """A warning naming each clip queued by _check_input that held NaN or Inf (once per clip and run: the CLI
+        prints a warning text once)."""
+        if not self._input_flags:
+            return
+        finite = torch.cat([f for _, f in self._input_flags]).tolist()
+        keys = [k for ks, _ in self._input_flags for k in ks]
+        self._input_flags.clear()
+        for key, ok in zip(keys, finite):
+            if not ok:
+                warnings.warn(f"clip {key} of --shards {self.cfg.data.shards} holds NaN or Inf log-mel values: "
+                              "every step it is in is skipped (skipped_steps); make-shards never writes such "
+                              "values, so its shard was damaged since: check the set with verify-shards",
+                              stacklevel=2)
 
     def _nonfinite_advice(self, n: int) -> str:
         """The abort line for `n` non-finite losses in a row: what to do depends on what exists (a checkpoint in

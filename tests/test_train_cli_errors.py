@@ -1127,3 +1127,28 @@ def test_a_ctrl_c_stop_under_accelerate_launch_exits_zero(tmp_path, capsys, monk
     monkeypatch.setattr(T.Trainer, "micro_step", micro_step)
     assert T.main([*TINY, *SYN, "--out", str(tmp_path / "run"), "--max-steps", "5"]) == rc
     assert "stopped by signal, checkpoint written" in capsys.readouterr().out
+
+
+def test_a_clip_holding_nan_is_named_once_and_its_steps_skipped(tmp_path, capsys):
+    # make-shards never writes NaN, but a shard damaged since can hold it: the loader passes such a clip on (its
+    # header is fine), its step's loss is NaN and skipped, every epoch, and nothing named the clip
+    from matpac_fast.data_tar import npy_layout, walk_file
+
+    d = _shards(tmp_path)
+    tar = d / "shards-000000.tar"
+    keys, refs, _ = walk_file(tar)
+    off, size = refs[keys.index("k005")][:2].tolist()
+    with open(tar, "r+b") as f:  # a NaN over the whole clip's third mel band, as a damaged disk block might
+        raw = f.read()
+        start = off + npy_layout(raw, off, size).data_offset + 3 * 640 * 2
+        f.seek(start)
+        f.write(np.full(640, np.nan, np.float16).tobytes())
+    out = tmp_path / "run"
+    rc, _, err = _main(capsys, "--shards", str(d), "--out", str(out), "--epochs", "3", "--model", "crop_frames=608")
+    assert rc == 0, err
+    said = [line for line in err.splitlines() if "k005" in line]
+    assert said == [f"warning: clip k005 of --shards {d} holds NaN or Inf log-mel values: every step it is in is "
+                    "skipped (skipped_steps); make-shards never writes such values, so its shard was damaged since: "
+                    "check the set with verify-shards"], err
+    rows = _rows(out)
+    assert rows[-1]["skipped_steps"] == 3 and sum(r["loss"] is None for r in rows) == 3  # once per epoch
