@@ -172,12 +172,20 @@ def _read_soundfile(
             name = os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
             print("\n".join(f"make-shards: {name}: {line.strip()}" for line in real), file=sys.stderr)
         return data, int(sr)
-    raise Skip("undecodable", _soundfile_detail(path, error, lines)) from None
+    raise _vanished(path) or Skip("undecodable", _soundfile_detail(path, error, lines)) from None
 
 
 def _too_long_detail(seconds: float, max_seconds: float, at_least: bool = False) -> str:
     return (f"{'at least ' if at_least else ''}{seconds / 3600:.2f} h of audio, more than make-shards decodes per file "
             f"({max_seconds / 3600:g} h): {TOO_LONG_HINT}")
+
+
+def _vanished(path: str) -> Skip | None:
+    """A file listed by the scan but gone when its turn came (deleted or moved while make-shards ran): not_found, as
+    for a manifest path that does not exist, not undecodable."""
+    if os.path.lexists(path):
+        return None
+    return Skip("not_found", "the file was deleted or moved after make-shards listed it")
 
 
 def _unopenable(path: str) -> str | None:
@@ -237,7 +245,7 @@ def _read_pyav(path: str, max_seconds: float = math.inf, stop_seconds: float = m
     except Skip:
         raise
     except Exception as e:
-        raise Skip("undecodable", _unopenable(path) or f"{type(e).__name__}: {e}") from None
+        raise _vanished(path) or Skip("undecodable", _unopenable(path) or f"{type(e).__name__}: {e}") from None
     if not chunks or sr is None:
         raise Skip("empty", "no audio frames")
     return np.concatenate(chunks, axis=1).T.astype(np.float32), int(sr)

@@ -159,6 +159,21 @@ def test_stereo_whose_channels_cancel_is_silent_and_says_why(tmp_path):
         assert e.value.reason == "silent" and detail in str(e.value)
 
 
+@pytest.mark.parametrize("ext", [".wav", ".m4a"])
+def test_a_file_gone_before_its_turn_is_not_found_not_undecodable(tmp_path, ext):
+    """A file deleted or moved after the scan listed it was reported undecodable ("cannot open the file: No such
+    file or directory"); not_found is the reason the README gives for a path that does not exist."""
+    from shard_tools import decode
+    from shard_tools.discover import Item
+
+    if ext == ".m4a" and not pyav_available():
+        pytest.skip("PyAV is not installed")
+    item = Item("gone" + ext, "gone", path=str(tmp_path / ("gone" + ext)), size=1000)
+    with pytest.raises(decode.Skip) as e:
+        decode.prepare(item, get_spec("matpac"), 1, "pad")
+    assert e.value.reason == "not_found" and "deleted or moved after make-shards listed it" in str(e.value)
+
+
 def test_a_resampler_with_a_huge_kernel_is_not_kept(monkeypatch):
     """A rate sharing few factors with 16 kHz (11,127 Hz: a 720-MB kernel) stayed in the per-worker cache for the
     whole run, up to 32 of them. Now a kernel over MAX_CACHED_KERNEL floats is built per clip and freed; the output
