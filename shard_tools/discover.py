@@ -640,6 +640,12 @@ def _manifest_columns(csv_path: Path, fieldnames: list[str] | None) -> tuple[lis
     accepted = f"path (or {', '.join(PATH_ALIASES)}), label"
     if not fieldnames:
         raise ValueError(f"{csv_path}: empty file; expected a header row with columns {accepted}")
+    seps = {";": "semicolon", "\t": "tab", "|": "pipe"}
+    sep = next((c for c in seps if len(fieldnames) == 1 and c in (fieldnames[0] or "")), None)
+    if sep:  # a spreadsheet's export in another locale: one column named 'path;label'
+        raise ValueError(f"{csv_path}: the header {fieldnames[0]!r} is a single column: the file looks "
+                         f"{seps[sep]}-separated; make-shards reads comma-separated CSV: save it with commas (columns "
+                         f"{accepted})")
     names = [(f or "").strip().lower() for f in fieldnames]
     aliases = [n for n in names if n in PATH_ALIASES]
     if "path" not in names and len(aliases) == 1:

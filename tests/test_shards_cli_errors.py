@@ -1110,6 +1110,18 @@ def test_a_manifest_without_rows_names_its_own_path_header(tmp_path, header, sai
     assert "\n" not in msg and f"no rows with a path; add one row per audio file under the {said} header" in msg, msg
 
 
+@pytest.mark.parametrize(("sep", "name"), [(";", "semicolon"), ("\t", "tab")])
+def test_a_manifest_separated_by_another_character_says_so(tmp_path, sep, name):
+    """A spreadsheet saved in a locale that separates with ';' (or a TSV): the error was "no path column ... got
+    ['path;label']", which did not say what was wrong."""
+    (tmp_path / "m.csv").write_text(f"path{sep}label\na.wav{sep}x\n")
+    with pytest.raises(SystemExit) as e:
+        run("manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "out"))
+    msg = str(e.value)
+    assert "\n" not in msg and f"is a single column: the file looks {name}-separated" in msg, msg
+    assert "save it with commas" in msg and not (tmp_path / "out").exists()
+
+
 def test_default_workers_are_the_cpus_this_process_may_use(monkeypatch, tmp_path, capsys):
     """A SLURM job or `taskset` allots fewer CPUs than the machine has: the default --workers ("all cores") counted
     the machine (os.cpu_count), so an 8-CPU job on a 128-core node started 128 processes, each importing torch.
