@@ -39,6 +39,36 @@ def held_ctrl_c() -> Iterator[None]:
 
 
 INTERRUPTED = 130  # 128 + SIGINT: the status a shell shows for a command that a Ctrl-C ended
+TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM raised as an interrupt inside `sigterm_as_interrupt` (a job scheduler's stop, `timeout`, `kill`):
+    a KeyboardInterrupt, so that every clean-up written for a Ctrl-C runs for it too, and a command says in one line
+    what was kept instead of dying without a word."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """A SIGTERM inside the block raises Terminated (where Python runs signal handlers: the main thread), if SIGTERM
+    was at its default (ending the process at once); a caller's own handler, or SIG_IGN, is left alone."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def sigterm_is_interrupt() -> bool:
+    """Whether a SIGTERM now raises Terminated (inside sigterm_as_interrupt)."""
+    return signal.getsignal(signal.SIGTERM) is _raise_terminated
 
 
 def run_main(main: Callable[..., int | str | None], *args) -> NoReturn:

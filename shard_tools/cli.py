@@ -7,7 +7,7 @@ import sys
 from typing import TYPE_CHECKING, NoReturn
 
 from matpac_fast.cli_args import path_arg, usable_cpus
-from matpac_fast.interrupts import INTERRUPTED, held_ctrl_c, run_main
+from matpac_fast.interrupts import INTERRUPTED, TERMINATED, Terminated, held_ctrl_c, run_main, sigterm_as_interrupt
 from shard_tools.discover import (
     discover_audioset,
     discover_folder,
@@ -158,12 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         with held_ctrl_c():  # torch's import: a Ctrl-C in it is handled (below) once it is done, not inside it
             from shard_tools.pipeline import format_summary, make_shards
 
-        cfg = config_from_args(args)
-        cfg.validate()  # before discovery: a wrong option should not wait for a two-million-file scan
-        disc = discover(args)
-        for note in disc.notes:
-            print(f"make-shards: {note}", file=sys.stderr)
-        summary = make_shards(disc, cfg)
+        with sigterm_as_interrupt():  # after torch's import: raised inside it, an interrupt could abort the process
+            cfg = config_from_args(args)
+            cfg.validate()  # before discovery: a wrong option should not wait for a two-million-file scan
+            disc = discover(args)
+            for note in disc.notes:
+                print(f"make-shards: {note}", file=sys.stderr)
+            summary = make_shards(disc, cfg)
     except ValueError as e:
         raise SystemExit(f"make-shards: error: {e}") from None
     except RuntimeError as e:
@@ -177,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"make-shards: error: {e.strerror or e}{where}; fix that and run the same command again to finish"
         ) from None
+    except Terminated:  # SIGTERM (a job scheduler's time limit, `timeout`, `kill`): as a Ctrl-C, with its own status
+        print("make-shards: stopped by SIGTERM; run the same command again to finish the job", file=sys.stderr)
+        raise SystemExit(TERMINATED) from None
     except KeyboardInterrupt:  # the worker pool is already stopped; completed shards are journaled
         print("make-shards: interrupted; run the same command again to finish the job", file=sys.stderr)
         raise SystemExit(INTERRUPTED) from None  # 128 + SIGINT, as a shell reports a Ctrl-C

@@ -37,6 +37,7 @@ import torch
 from matpac_fast.cli_args import usable_cpus
 from matpac_fast.data_tar import ShardError, index_path, walk_file
 from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec
+from matpac_fast.interrupts import Terminated, sigterm_is_interrupt
 from matpac_fast.locks import close_lock_fd, open_lock_fd
 from shard_tools.decode import PYAV_HINT, TOO_LONG_HINT, Prepared, Skip, pad_wave_samples, prepare
 from shard_tools.discover import (
@@ -220,7 +221,7 @@ def ordered_results(items: list[Item], cfg: MakeConfig) -> Iterator[Result]:
 
         def poll() -> None:
             if stop.is_set():
-                raise KeyboardInterrupt
+                raise Terminated if stop.signum == signal.SIGTERM else KeyboardInterrupt
 
         chunks = (items[i : i + CHUNK] for i in range(0, len(items), CHUNK))
         # A bounded number of chunks ahead of the writer: the ones that come back before their turn wait here.
@@ -234,6 +235,7 @@ def ordered_results(items: list[Item], cfg: MakeConfig) -> Iterator[Result]:
                     for out in outs:
                         yield _finish(out, gpu_mel, cfg.device)
             except WorkerDied as e:
+                poll()  # a SIGTERM to the whole process group ends the workers too: the stop is the news
                 raise WorkerDied(_died_message(e, cfg.workers), e.exitcode) from None
 
 
@@ -251,22 +253,33 @@ def _died_message(e: WorkerDied, n_workers: int) -> str:
     return f"{e}{oom}; the shards written so far are kept: run the same command again to finish{fewer}"
 
 
+class _Stop(threading.Event):
+    signum: int = 0  # the signal that set it
+
+
 @contextlib.contextmanager
-def _sigint_deferred() -> Iterator[threading.Event]:
-    """While the workers run, Ctrl-C only sets the returned flag; the loop over results turns it into a
-    KeyboardInterrupt at a safe point, between two results. Raised anywhere, it could land half-way through reading
-    a worker's answer or handing a shard to the close thread."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread() or (
-        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield stop  # not ours to change (a thread, or a caller with its own handler): the flag is never set
+def _sigint_deferred() -> Iterator[_Stop]:
+    """While the workers run, Ctrl-C (and a SIGTERM that the CLI turns into Terminated: interrupts.
+    sigterm_as_interrupt) only sets the returned flag; the loop over results turns it into a KeyboardInterrupt (or
+    Terminated) at a safe point, between two results. Raised anywhere, it could land half-way through reading a
+    worker's answer or handing a shard to the close thread."""
+    stop = _Stop()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # not ours to change: the flag is never set
         return
-    old = signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+
+    def flag(signum, frame) -> None:
+        stop.signum = stop.signum or signum
+        stop.set()
+
+    ours = [s for s, mine in ((signal.SIGINT, signal.getsignal(signal.SIGINT) is signal.default_int_handler),
+                              (signal.SIGTERM, sigterm_is_interrupt())) if mine]  # a caller's own handler: theirs
+    old = {s: signal.signal(s, flag) for s in ours}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
 
 
 def _finish(out, gpu_mel: LogMelSpec | None, device: str) -> Result:

@@ -12,9 +12,26 @@ from pathlib import Path
 
 import pytest
 
-from matpac_fast.interrupts import held_ctrl_c
+from matpac_fast.interrupts import Terminated, held_ctrl_c, sigterm_as_interrupt, sigterm_is_interrupt
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sigterm_as_interrupt_raises_terminated_only_over_the_default():
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    with pytest.raises(Terminated), sigterm_as_interrupt():  # a KeyboardInterrupt, so Ctrl-C clean-ups run for it
+        assert sigterm_is_interrupt()
+        signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and issubclass(Terminated, KeyboardInterrupt)
+    seen = []
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with sigterm_as_interrupt():  # a caller's own handler is theirs
+            assert not sigterm_is_interrupt()
+            signal.raise_signal(signal.SIGTERM)
+        assert seen == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def test_a_ctrl_c_in_the_block_is_raised_once_it_ends():

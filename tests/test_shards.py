@@ -780,6 +780,34 @@ def test_ctrl_c_and_kill_with_workers_are_quiet_and_resume(tmp_path, capsys):
     _same_as_an_uninterrupted_run(tmp_path / "ref", out)
 
 
+@pytest.mark.parametrize("to", ["main process", "process group", "main process, no workers"])
+def test_sigterm_stops_with_one_line_and_resumes(tmp_path, capsys, to):
+    """SIGTERM (a Slurm time limit, `timeout`, `kill`) ended make-shards at once without a word: the log stopped at
+    a progress bar. Now as a Ctrl-C: one line, status 143, the journaled shards kept, the workers ended (also when
+    the signal reached them too, which is not a dead worker's error), and a rerun finishes the same set."""
+    out = tmp_path / "out"
+    cmd, start, journal = _two_worker_run(out)
+    if to.endswith("no workers"):
+        i = cmd.index("--workers")
+        cmd[i + 1] = "1"
+        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    else:
+        proc = start()
+    _wait_for_shards(proc, journal, 2)
+    if to == "process group":
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)  # returns once every worker has closed its end of stderr
+    assert proc.returncode == 143
+    assert err.splitlines() == ["make-shards: stopped by SIGTERM; run the same command again to finish the job"]
+    assert not (out / "stats.json").exists()
+    assert cli_main([*cmd[3:-3], "--workers", "0", "--no-progress"]) == 0
+    assert "resumed an interrupted run at input" in capsys.readouterr().out
+    _same_as_an_uninterrupted_run(tmp_path / "ref", out)
+
+
 def _worker_pids(pid: int) -> list[int]:
     """The pool's worker processes among pid's children (not Python's resource tracker)."""
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
