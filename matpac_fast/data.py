@@ -1370,36 +1370,29 @@ class WorkerIterator:
             yield s, True
 
     def __iter__(self) -> Iterator[dict]:
-        """This worker's batches after the first `skip`; when it has none left after them, one `passed` dict instead
-        (no "lms": its counters and warnings, for ShardLoader)."""
+        """This worker's batches; each of the first `skip` as a `passed` dict instead (no "lms": the worker's counters
+        and warnings so far, for ShardLoader, which drops it). One item per batch, made or passed over: the DataLoader
+        then yields them in the whole epoch's order, and a worker passing over many batches still answers within the
+        loader's timeout for each (held back until its first made batch, a long pass read as a stalled worker)."""
         if self.n_batches == 0:
             return
         it = self.samples()
-        held: list[tuple[type, str]] = []  # forwarded warnings of passed-over batches: sent with the next one
         try:
             for i in range(self.n_batches):
                 passing = i < self.skip
                 if not self.forward_warnings:
-                    if passing:
-                        self._pass(it)
-                    else:
-                        yield self._batch(i - self.skip, it)
+                    yield self._pass(it) if passing else self._batch(i - self.skip, it)
                     continue
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")  # the main process's filters decide what is shown
                     batch = self._pass(it) if passing else self._batch(i - self.skip, it)
-                held += self._new_warnings(caught)
-                if batch is not None:
-                    batch["warnings"], held = held, []
-                    yield batch
-            if self.skip == self.n_batches:
-                yield {"passed": True, "worker": self.worker, "skipped_shards": self.counters.skipped_shards,
-                       "skipped_samples": self.counters.skipped_samples, "warnings": held}
+                batch["warnings"] = self._new_warnings(caught)
+                yield batch
         finally:
             it.close()
 
-    def _pass(self, it: Iterator[tuple[Sample, bool]]) -> None:
-        """Draw one batch's samples as _batch does, making nothing (see `skip`)."""
+    def _pass(self, it: Iterator[tuple[Sample, bool]]) -> dict:
+        """Draw one batch's samples as _batch does, making nothing (see `skip`); the `passed` dict of __iter__."""
         self._passing = True
         try:
             n = 0
@@ -1410,6 +1403,8 @@ class WorkerIterator:
                     n += 1
         finally:
             self._passing = False
+        return {"passed": True, "worker": self.worker, "skipped_shards": self.counters.skipped_shards,
+                "skipped_samples": self.counters.skipped_samples}
 
     def _batch(self, i: int, it: Iterator[tuple[Sample, bool]]) -> dict:
         B = self.cfg.batch_size
@@ -1454,10 +1449,8 @@ class _EpochDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         source, cfg, rank, world, epoch, seed, skip = self.args
         info = torch.utils.data.get_worker_info()
-        loader_worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # Batch i is made by worker i % workers, and a DataLoader asks its workers in turn from its worker 0: after
-        # `skip` passed-over batches, its worker 0 makes batch `skip`, i.e. runs the plan of worker skip % workers.
-        worker = (loader_worker + skip) % workers
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # Batch i is made (or passed over, as a `passed` dict: see WorkerIterator) by worker i % workers
         return iter(WorkerIterator(source, cfg, rank, world, worker, workers, epoch, seed,
                                    shared_memory=info is not None, forward_warnings=info is not None,
                                    skip=len(range(worker, skip, workers))))
@@ -1584,7 +1577,7 @@ class ShardLoader:
                     if w not in issued:
                         issued.add(w)
                         warnings.warn(w[1], w[0], stacklevel=2)
-                if not batch.get("passed"):  # a worker whose batches were all passed over, reporting its counts
+                if not batch.get("passed"):  # a batch passed over (make_loader's skip): its counts and warnings only
                     yield batch
         finally:
             # Stop the workers now, whether the epoch ended, raised or the consumer stopped early (generator

@@ -102,3 +102,18 @@ def test_skip_is_checked_before_any_worker_starts(tmp_path, skip, match):
     source = _make_set(tmp_path, 24, per_shard=6)[0]
     with pytest.raises(ValueError, match=match):
         make_loader(_cfg(batch_size=4), source=source, skip=skip)
+
+
+def test_a_long_pass_answers_within_the_loader_timeout_for_each_batch(tmp_path):
+    """A worker passing over its share of the first k batches (here a streamed set: read again to get past it) told
+    the DataLoader nothing until its first made batch: a pass longer than `timeout_s` (the trainer's --data-timeout,
+    600 s by default; a resume late in a streamed AudioSet epoch) ended the resume with "DataLoader timed out", a
+    resume that every later try met again. A passed-over batch is answered as one, within the timeout of each."""
+    source = _make_set(tmp_path, 64, per_shard=8)[0]
+    n = len(source.urls)
+    slow = ShardSource.open(f"pipe:sleep 0.5 && cat {tmp_path}/shards-{{000000..{n - 1:06d}}}.tar", str(tmp_path))
+    # each batch of the whole epoch needs at most two shards read (1 s of sleeps); the pass over 14 batches, seven
+    cfg = _cfg(reader="stream", num_workers=1, shuffle_buffer=8, timeout_s=3.0)
+    whole = _epoch(make_loader(_cfg(reader="stream", num_workers=1, shuffle_buffer=8), source=source))[0]
+    assert len(whole) == 16
+    assert _epoch(make_loader(cfg, source=slow, skip=14))[0] == whole[14:]
