@@ -257,3 +257,33 @@ def test_cuda_logmel_matches_torchaudio_on_a_wide_dynamic_range():
     ref = _torchaudio_logmel(wave, spec)
     got = LogMelSpec(spec).to("cuda")(wave.to("cuda")).cpu()
     assert (got - ref).abs().max().item() <= 1e-2
+
+
+def test_kaiser_resampling_convolution_runs_in_full_fp32(monkeypatch):
+    """torchaudio's resample is a conv1d too (encode resamples on the model's device): in TF32 it lifted the quiet
+    bins of the log-mel computed after it as the STFT's conv did (up to ~0.9 in ln(mel), TF32 emulated on the CPU)."""
+    conv = torch.backends.cudnn.conv
+    per_op = hasattr(conv, "fp32_precision")
+
+    def tf32_on() -> bool:
+        return conv.fp32_precision == "tf32" if per_op else torch.backends.cudnn.allow_tf32
+
+    seen = []
+    real_conv1d = torch.nn.functional.conv1d
+
+    def spy(*args, **kwargs):
+        seen.append(tf32_on())
+        return real_conv1d(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv1d", spy)
+    saved = conv.fp32_precision if per_op else torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # PyTorch's default
+        out = resample(torch.randn(1, 4410), 44100, get_spec("matpac"))
+        assert out.shape == (1, 1600) and seen == [False]
+        assert tf32_on()
+    finally:
+        if per_op:
+            conv.fp32_precision = saved
+        else:
+            torch.backends.cudnn.allow_tf32 = saved
