@@ -263,11 +263,13 @@ def verify(path: Path) -> None:
     model = path / "model.safetensors"
     if not model.is_file():
         raise ValueError(f"{model} is missing: the checkpoint is incomplete; {_EARLIER}")
-    try:
-        with safe_open(str(model), framework="pt") as f:
-            f.keys()
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{model} is damaged ({e}); {_EARLIER}") from None
+    # the teacher EMA's Kahan terms (trainer.EMA_RESIDUAL), absent from checkpoints written before them
+    for f in (model, *[p for p in (path / "ema_residual.safetensors",) if p.exists()]):
+        try:
+            with safe_open(str(f), framework="pt") as opened:
+                opened.keys()
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is damaged ({e}); {_EARLIER}") from None
     optim = sorted(path.glob("optimizer*.bin"))
     if not optim:
         raise ValueError(f"{path / 'optimizer.bin'} is missing: the checkpoint is incomplete; {_EARLIER}")
