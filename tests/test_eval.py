@@ -375,8 +375,22 @@ def test_csv_rows_with_more_cells_than_the_header(tmp_path):
         load_csv(path)
     path.write_text("file,label\na0.wav,dog\na1.wav,Male speech, man speaking\n")
     with pytest.raises(ValueError, match=r"m.csv: row 2 \(line 3\) has 3 cells, the header 2 \(extra: "
-                       r"'man speaking'\); quote a cell that holds a comma"):
+                       r"'man speaking'\); quote a path that holds a comma; put several labels in one cell "
+                       r"separated by ';' .*is two labels here: rename such a label"):
         load_csv(path)
+
+
+def test_csv_quoted_comma_label_is_warned_about(tmp_path, capsys):
+    """Quoting a label that holds a comma (what the error above advised) made it two labels and the task multi-label
+    (mAP, classes 'Male speech' and 'man speaking') without a word: a warning names the row and what was read."""
+    path = _csv(tmp_path, ["file,label", 'a0.wav,"Male speech, man speaking"', "a1.wav,dog", "a2.wav,dog;cat"])
+    ds = load_csv(path)
+    assert ds.multilabel and ds.classes == ["Male speech", "cat", "dog", "man speaking"]  # documented reading
+    err = capsys.readouterr().err
+    assert ("m.csv: 1 row(s) have a ',' in their label cell (e.g. row 1: 'Male speech, man speaking' read as the "
+            "labels 'Male speech', 'man speaking')") in err and "multi-label" in err
+    load_csv(_csv(tmp_path, ["file,label", "a0.wav,cat", "a1.wav,dog;cat"]))  # ';' alone: no warning
+    assert "label cell" not in capsys.readouterr().err
 
 
 def test_csv_split_column_in_any_case_and_repeated_labels(tmp_path):

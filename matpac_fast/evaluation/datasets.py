@@ -193,8 +193,9 @@ def _read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
                 if extra:  # an unquoted comma inside a label: reading on would cut the label silently
                     raise ValueError(
                         f"{path}: row {n} (line {reader.line_num}) has {len(fields) + len(extra)} cells, the header "
-                        f"{len(fields)} (extra: {extra[0]!r}); quote a cell that holds a comma, e.g. "
-                        '"Male speech, man speaking"')
+                        f"{len(fields)} (extra: {extra[0]!r}); quote a path that holds a comma; put several labels "
+                        "in one cell separated by ';' (a ',' separates labels too, also in a quoted cell, so "
+                        "\"Male speech, man speaking\" is two labels here: rename such a label)")
                 rows.append({(k or "").strip(): (v or "").strip() for k, v in r.items()})  # empty extras: dropped
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save the "
@@ -273,6 +274,7 @@ def load_csv(
     if not clips:
         raise ValueError(f"{path}: no rows")
     _warn_repeated_files(path, clips)
+    _warn_comma_labels(path, rows, lcol, clips)
     multilabel = any(len(c.labels) > 1 for c in clips)
     vocab = list(classes) if classes is not None else _sorted_labels({lab for c in clips for lab in c.labels})
     # any case, as the file and label columns: 'Split' is the split column. Its cells are also kept under the name as
@@ -310,6 +312,19 @@ def _warn_repeated_files(path: Path, clips: list[Clip]) -> None:
         print(f"matpac-eval: warning: {path}: {len(repeats)} row(s) repeat a file of an earlier row (e.g. row {row} "
               f"repeats row {was}: {f}); a file on both the training and the test side inflates the score: list "
               "each file once", file=sys.stderr, flush=True)
+
+
+def _warn_comma_labels(path: Path, rows: list[dict[str, str]], lcol: str, clips: list[Clip]) -> None:
+    """A quoted label cell holding a ',' (AudioSet's "Male speech, man speaking") is several labels here, one label to
+    make-shards: it made the task multi-label (mAP) with made-up classes without a word (and the error for an
+    unquoted one advised quoting it). Say so, once."""
+    split = [(c, r[lcol]) for c, r in zip(clips, rows) if "," in r.get(lcol, "") and len(c.labels) > 1]
+    if split:
+        c, cell = split[0]
+        print(f"matpac-eval: warning: {path}: {len(split)} row(s) have a ',' in their label cell (e.g. row {c.row}: "
+              f"{cell!r} read as the labels {', '.join(map(repr, c.labels))}); matpac-eval separates labels by ',' "
+              "and ';', so these rows are multi-label (make-shards reads such a cell as one label); rename a label "
+              "that holds a comma", file=sys.stderr, flush=True)
 
 
 def _short(items: list[str], n: int = 12) -> str:
