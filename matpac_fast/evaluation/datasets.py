@@ -332,9 +332,11 @@ def _short(items: list[str], n: int = 12) -> str:
 
 
 def _sorted_labels(labels: set[str]) -> list[str]:
-    """Numeric labels sort numerically ("2" < "10"), others alphabetically."""
+    """Numeric labels sort numerically ("2" < "10"), others alphabetically. Labels of one value ("1", "01") sort by
+    their text: the order of a set's strings changes with PYTHONHASHSEED, and with it the class indices (and so the
+    probe's seeded initial weights per class and the scores of one command)."""
     if all(lab.lstrip("-").isdigit() for lab in labels):
-        return sorted(labels, key=int)
+        return sorted(labels, key=lambda lab: (int(lab), lab))
     return sorted(labels)
 
 
