@@ -390,3 +390,14 @@ def test_encoder_given_a_log_mel_of_a_near_miss_shape_says_how_to_fix_it():
         enc.encode(torch.zeros(2, 1, 16000), 16000)
     assert str(e.value) == ("encode expects a waveform (N,) or (B, N), got shape (2, 1, 16000): drop the channel axis "
                             "with .squeeze(1)")
+
+
+def test_known_layout_classes_without_clips_are_no_probe_outputs(tmp_path, capsys):
+    """An FSDD layout holding digits 0-2 only: the probe and the result have 3 classes, not FSDD's 10 (the 7 empty
+    ones were outputs the probe could predict, and were dropped only when some clip was skipped)."""
+    fsdd = _fsdd_like(tmp_path / "fsdd")
+    out = tmp_path / "out"
+    r = cli.run(cli.build_parser().parse_args([
+        "--checkpoint", "logmel", "--data", str(fsdd), "--out", str(out), "--no-cache", "--quiet", "--seeds", "1",
+        "--max-epochs", "2", "--projection", "none"]))
+    assert r["n_classes"] == 3 and r["classes"] == ["0", "1", "2"]

@@ -373,6 +373,12 @@ class Interrupted(KeyboardInterrupt):
 def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: Path, kept: dict) -> dict:
     ds = _load(a, classes)
     _check_classes(ds, " after --classes" if classes is not None else "")
+    # A known layout's fixed vocabulary (FSDD's 10 digits, ESC-50's 50 classes, ...) keeps classes no clip has: the
+    # probe got an output for each, which it could predict (an FSDD subset of 2 digits scored 0 % with a 10-way probe
+    # and 33 % with a 2-way one: the width depended on whether a clip was skipped, which pruned them), and the JSON
+    # counted them. Only the classes the clips have, in the dataset's order, as after a skip.
+    present = {lab for c in ds.clips for lab in c.labels}
+    ds.classes = [c for c in ds.classes if c in present]
     scheme = scheme.for_dataset(ds)  # plain 'group' -> 'group:<the layout's group column>': one protocol, one name
     make_folds(ds, scheme, seed=a.seed)  # the protocol is valid for this data (made again if clips are skipped)
     task = _task_name(a, ds, scheme, classes)
