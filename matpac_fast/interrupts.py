@@ -11,6 +11,7 @@ commands held it. Importing this module imports nothing heavy."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -83,6 +84,8 @@ def run_main(main: Callable[..., int | str | None], *args) -> NoReturn:
     except SystemExit as e:
         code = e.code
     if code != INTERRUPTED or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and (code is None or isinstance(code, int)):
+            _finished(0 if code is None else code)
         sys.exit(code)
     interrupt = KeyboardInterrupt()
     previous = sys.excepthook
@@ -93,3 +96,20 @@ def run_main(main: Callable[..., int | str | None], *args) -> NoReturn:
 
     sys.excepthook = quiet
     raise interrupt  # uncaught: Python ends the process with SIGINT after finalizing (since Python 3.8)
+
+
+def _finished(status: int) -> None:
+    """The command is done and has said so: a Ctrl-C (or SIGTERM) during the interpreter's clean-up that follows
+    (torch's and multiprocessing's exit handlers, up to a second) ends the process at once with the command's own
+    status. It ended it by SIGINT, status 130 and no line, after a complete make-shards run's summary: a script's
+    `make-shards ... && train.py ...` then stopped with the set made."""
+
+    def leave(signum, frame) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(status)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) not in (signal.SIG_IGN, None):
+            signal.signal(sig, leave)
