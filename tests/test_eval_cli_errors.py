@@ -336,6 +336,13 @@ def test_a_shard_set_as_data_says_eval_reads_audio(tmp_path):
     assert msg.endswith(f"--data {tmp_path / 'sh'} is a make-shards shard set (log-mel): matpac-eval reads audio; "
                         "pass the folder or CSV the shards were made from"), msg
     assert not (tmp_path / "o").exists()
+    # a synthetic set was made from no files: the advice to pass them could not be followed
+    from shard_tools.api import make_synthetic_shards
+
+    make_synthetic_shards(tmp_path / "syn", n=4, workers=0, progress=False)
+    msg = _one_line_error(["--checkpoint", "logmel", "--data", str(tmp_path / "syn"), "--out", str(tmp_path / "o")])
+    assert "is a make-shards synthetic set (log-mel of generated sounds)" in msg and "python -m matpac_fast.demo" in msg
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("option", ["--out", "--data", "--checkpoint", "--cache-dir"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import re
 import sys
@@ -327,6 +328,16 @@ def _warn_comma_labels(path: Path, rows: list[dict[str, str]], lcol: str, clips:
               "that holds a comma", file=sys.stderr, flush=True)
 
 
+def _synthetic_set(root: Path) -> bool:
+    """Whether a shard set's manifest says it was made by `make-shards synthetic` (sources "synthetic/<seed>/<i>")."""
+    try:
+        with open(root / "manifest.jsonl", encoding="utf-8") as f:
+            first = json.loads(f.readline() or "{}")
+    except (OSError, ValueError):
+        return False
+    return isinstance(first, dict) and str(first.get("source", "")).startswith("synthetic/")
+
+
 def _short(items: list[str], n: int = 12) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
@@ -356,6 +367,11 @@ def load_folder(root: str | os.PathLike, classes: list[str] | None = None, layou
     if not clips:
         if (root / "sizes.json").is_file() and (root / "stats.json").is_file():
             # a make-shards output is the natural next thing to point at; its clips are log-mel, not audio
+            if _synthetic_set(root):  # made from no files: there is no folder to name
+                raise ValueError(f"--data {root} is a make-shards synthetic set (log-mel of generated sounds): "
+                                 "matpac-eval reads audio files, and this corpus has none; the demo probes an encoder "
+                                 "on a held-out synthetic split (python -m matpac_fast.demo), or give a folder or CSV "
+                                 "of audio")
             raise ValueError(f"--data {root} is a make-shards shard set (log-mel): matpac-eval reads audio; pass the "
                              "folder or CSV the shards were made from")
         raise ValueError(
