@@ -132,6 +132,28 @@ def test_two_runs_encoder_pt_get_two_rows(tones, tmp_path, capsys):
     assert table.count(f"| {names[0]} |") == 1 and table.count(f"| {names[1]} |") == 1
 
 
+def test_a_part_trained_runs_encoder_is_said_to_be_one(tones, tmp_path, capsys):
+    """A run stopped early (the demo after a Ctrl-C, a SIGTERM, --max-steps) leaves an encoder.pt that was evaluated
+    as any other, its scores read as a trained encoder's. Its run's newest checkpoint says how far it got."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    torch.save(export_encoder_state(load_encoder("random", preset="tiny")), run / "encoder.pt")
+    state = run / "checkpoints" / "step_00000002" / "trainer_state.json"
+    common = ["--data", str(tones), "--preset", "tiny", "--out", str(tmp_path / "out")] + FAST_NO_FILES
+    for step, total, said in ((2, 10, True), (10, 10, False)):
+        state.write_text(json.dumps({"step": step, "total_steps": total}))
+        _, err = _run(["--checkpoint", str(run)] + common, capsys)
+        line = (f"{run / 'encoder.pt'} (its run's newest checkpoint, step_00000002) is at step 2 of the 10 its "
+                "schedule has: a part-trained encoder")
+        assert (line in err) == said, err
+    folder = tmp_path / "step_00000003"  # a trainer checkpoint folder, read by its own state
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text(json.dumps({"step": 3, "total_steps": 8}))
+    assert cli._short_of_schedule(folder).startswith(f"checkpoint {folder} is at step 3 of the 8 its schedule has")
+    (folder / "trainer_state.json").write_text("{")  # unreadable: no line, never an error
+    assert cli._short_of_schedule(folder) is None
+
+
 def test_unique_name_never_replaces_another_embedders_result(tmp_path):
     report.write_json(tmp_path, {"task": "t", "checkpoint_name": "enc", "probe": "linear", "embedder_identity": "A"})
     assert report.unique_name(tmp_path, "t", "enc", "linear", "A") == ("enc", tmp_path / "t__enc__linear.json")

@@ -435,6 +435,30 @@ def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: 
     return result
 
 
+def _short_of_schedule(path: Path) -> str | None:
+    """For a training run's encoder.pt or a trainer checkpoint folder: a line when the training had not reached
+    the end of its schedule (stopped by a signal, a Ctrl-C of the demo, or --max-steps), so that the scores are not
+    read as a trained encoder's. The run's newest checkpoint tells (trainer_state.json: step, total_steps)."""
+    if path.is_dir() and (path / "trainer_state.json").is_file():
+        state_file, what = path / "trainer_state.json", f"checkpoint {path}"
+    elif path.name == "encoder.pt" and (path.parent / "checkpoints").is_dir():
+        steps = sorted(path.parent.glob("checkpoints/step_*/trainer_state.json"))
+        if not steps:
+            return None
+        state_file, what = steps[-1], f"{path} (its run's newest checkpoint, {steps[-1].parent.name})"
+    else:
+        return None
+    try:
+        state = json.loads(state_file.read_text())
+        step, total = int(state["step"]), int(state["total_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if step >= total:
+        return None
+    return (f"{what} is at step {step} of the {total} its schedule has: a part-trained encoder (the run was "
+            "stopped or cut short by --max-steps; --resume auto trains it to the end)")
+
+
 def _note_encoder_config(a: argparse.Namespace, embedder) -> None:
     """One line: where a checkpoint's heads, normalisation and front end come from (a run's config.json, the
     checkpoint's saved config, or --preset)."""
@@ -451,6 +475,9 @@ def _note_encoder_config(a: argparse.Namespace, embedder) -> None:
     note = enc.settings_note() if hasattr(enc, "settings_note") else (
         f"heads, normalisation and front end ({enc.frontend}) from {enc.settings_from}")
     _note(f"{a.checkpoint}{read}: {note}")
+    short = _short_of_schedule(path) if path is not None else None
+    if short:
+        _note(short)
     if getattr(enc, "heads_guessed", False):
         source = enc.heads_from.removesuffix(" (guess)").replace(" (same dim and depth)", ", same dim and depth")
         link = "=" if source.startswith("dim ") else "from"
