@@ -11,7 +11,7 @@ holds rows from both synthetic data and shards (CSV column `data`), the syntheti
 labelled "<bar> · synthetic". When the CSVs hold the same (device, preset, processes, bar, data kind, batch) more
 than once, the most recent row (CSV column `time_utc`) is drawn, whatever the order of the files.
 
-    python benchmarks/plot_results.py results/train.csv --out docs/throughput.png
+    python benchmarks/plot_results.py benchmarks/results/cpu_tiny.csv --out /tmp/throughput.png
     python benchmarks/plot_results.py a.csv b.csv --out chart.png --title "MATPAC ViT-B, bf16"
 """
 

@@ -58,6 +58,27 @@ def _fsdd_like(root: Path) -> Path:
     return root
 
 
+def test_fsdd_as_its_repository_ships_it_without_labels_csv(tmp_path):
+    """FSDD's repository has recordings/ only (labels.csv is a staged copy's): read as a folder it was one class,
+    'recordings' (or, given recordings/ itself, no labelled subfolder). Its file names carry label, speaker and take,
+    and its README the official split (takes 0-4 test)."""
+    rec = tmp_path / "fsdd" / "recordings"
+    rec.mkdir(parents=True)
+    for d in (2, 0):
+        for spk in ("bob", "ann"):
+            for take in (10, 0, 6, 4):
+                sf.write(rec / f"{d}_{spk}_{take}.wav", tone(300.0 * (d + 1), 0.1, seed=take), 8000)
+    for given in (tmp_path / "fsdd", rec):
+        ds = load_dataset(given)
+        assert (ds.layout, ds.name, ds.official, ds.default_group) == ("fsdd", "fsdd", "split", "speaker")
+        assert [Path(c.path).name for c in ds.clips[:5]] == ["0_ann_0.wav", "0_ann_4.wav", "0_ann_6.wav",
+                                                              "0_ann_10.wav", "0_bob_0.wav"]  # as labels.csv lists
+        assert [c.meta["split"] for c in ds.clips[:4]] == ["test", "test", "train", "train"]
+        assert {c.labels for c in ds.clips} == {("0",), ("2",)} and ds.column("speaker")[4] == "bob"
+    (rec / "notes.txt").write_text("not FSDD's")  # anything else in it: a plain folder, as before
+    assert load_dataset(tmp_path / "fsdd").layout == "folder"
+
+
 # --- 9: --classes ---------------------------------------------------------------------------------------------------
 def test_classes_filter_known_layouts_and_folders(tmp_path, tones):
     fsdd = _fsdd_like(tmp_path / "fsdd")

@@ -47,3 +47,16 @@ def test_fsdd_subset_logmel_official(fsdd_dir, tmp_path, capsys):
     r = json.loads((tmp_path / "o" / "fsdd-sub__logmel__linear-lr0.01-ep60.json").read_text())
     assert r["n_clips"] == 600 and r["runs"][0]["n_test"] == 300
     assert r["mean"] > 0.6  # chance is 0.1; the full-data baseline is ~0.95
+
+
+def test_fsdd_from_its_file_names_is_its_labels_csv(fsdd_dir):
+    """Without labels.csv (FSDD's repository ships recordings/ only), the file names give the same clips, labels,
+    speakers, takes and official split as the staged copy's labels.csv, in its order."""
+    from matpac_fast.evaluation.datasets import load_fsdd_recordings
+
+    a, b = load_dataset(fsdd_dir), load_fsdd_recordings(fsdd_dir / "recordings")
+    assert len(a) == len(b) == 3000
+    keys = ("speaker", "take", "split")
+    assert [(c.path, c.labels, *(c.meta[k] for k in keys)) for c in a.clips] == [
+        (c.path, c.labels, *(c.meta[k] for k in keys)) for c in b.clips]
+    assert (a.classes, a.official, a.default_group) == (b.classes, b.official, b.default_group)

@@ -131,6 +131,9 @@ def _load_any(data: str | os.PathLike) -> LabelledSet:
     for name in ("labels.csv", "meta.csv", "metadata.csv"):
         if (p / name).is_file():
             return load_csv(p / name)
+    recordings = _fsdd_recordings(p)
+    if recordings is not None:
+        return load_fsdd_recordings(recordings)
     return load_folder(p)
 
 
@@ -420,6 +423,34 @@ def load_fsdd(root: str | os.PathLike) -> LabelledSet:
     ds = load_csv(root / "labels.csv", classes=list(FSDD_CLASSES), layout="fsdd", name="fsdd")
     ds.official, ds.default_group, ds.default_clip_seconds = "split", "speaker", 1.0
     return ds
+
+
+FSDD_NAME = re.compile(r"([0-9])_([A-Za-z]+)_([0-9]+)\.wav")  # {digit}_{speaker}_{take}.wav
+
+
+def _fsdd_recordings(p: Path) -> Path | None:
+    """FSDD as its repository ships it, without a labels.csv: `p/recordings` (or `p`) holding only files named
+    {digit}_{speaker}_{take}.wav. Read as a folder, it was one class, 'recordings', or no labelled subfolder."""
+    for d in (p / "recordings", p):
+        if d.is_dir():
+            names = [f.name for f in d.iterdir() if not f.name.startswith(".")]
+            if names and all(FSDD_NAME.fullmatch(n) for n in names):
+                return d
+    return None
+
+
+def load_fsdd_recordings(folder: str | os.PathLike) -> LabelledSet:
+    """FSDD from its file names (`_fsdd_recordings`): label, speaker and take, and its README's official split
+    (takes 0-4 test, 5-49 train), in the order of the labels.csv that copies of it carry (digit, speaker, take)."""
+    folder = Path(folder)
+    found = sorted(((int(m[1]), m[2], int(m[3])), f) for f in folder.iterdir()
+                   if (m := FSDD_NAME.fullmatch(f.name)))
+    clips = [Clip(str(f), (str(d),), {"speaker": spk, "take": str(take), "split": "test" if take < 5 else "train"})
+             for (d, spk, take), f in found]
+    root = folder.parent if folder.name == "recordings" else folder
+    return LabelledSet(name="fsdd", root=str(root), layout="fsdd", clips=clips, classes=list(FSDD_CLASSES),
+                       multilabel=False, source=str(folder), official="split", default_group="speaker",
+                       default_clip_seconds=1.0)
 
 
 def load_esc50(root: str | os.PathLike) -> LabelledSet:
