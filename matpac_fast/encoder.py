@@ -72,6 +72,12 @@ AUTHORS_TRAINING_MARKERS = ("decoder.decoder_embed.weight", "cls_head_loss.cente
 # `TaskHead`: BatchNorm1d without affine + Linear 768 -> 527, keys `head.norm.*`, `head.mlp.mlp.0.*`). Embeddings come
 # from the encoder, so the head is dropped, only when its marker key is present (a stray `head.x` is still unknown).
 AUTHORS_AS_HEAD, AUTHORS_AS_HEAD_MARKER = "head.", "head.mlp.mlp.0.weight"
+# The same classifier as the wrapper's later version builds it (inference_matpac/matpac/model.py at 1bc5678, loaded
+# with strict=False): `head_norm` (BatchNorm1d without affine) and `head` (Linear 768 -> 527). Dropped when both are
+# there (the markers); the released file's own key names are not known here, so both layouts are read.
+AUTHORS_AS_HEAD_V2_MARKERS = ("head_norm.running_mean", "head.weight")
+AUTHORS_AS_HEAD_V2 = ("head_norm.running_mean", "head_norm.running_var", "head_norm.num_batches_tracked", "head.weight",
+                      "head.bias")
 # The trainer's export: <run>/encoder.pt beside <run>/config.json (trainer.export_encoder).
 EXPORT_NAMES = ("encoder.pt",)
 # The model file a checkpoint folder is read from (the first one present).
@@ -680,6 +686,8 @@ def _unwrap(obj) -> tuple[dict, dict | None]:
         obj = _drop_authors_training(obj)
     if isinstance(obj, dict) and AUTHORS_AS_HEAD_MARKER in obj:
         obj = {k: v for k, v in obj.items() if not (isinstance(k, str) and k.startswith(AUTHORS_AS_HEAD))}
+    if isinstance(obj, dict) and all(k in obj for k in AUTHORS_AS_HEAD_V2_MARKERS):
+        obj = {k: v for k, v in obj.items() if k not in AUTHORS_AS_HEAD_V2}
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError("not a state dict: expected a dict of tensors (optionally nested under 'model')")
     if not all(isinstance(k, str) for k in obj):

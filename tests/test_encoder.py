@@ -71,6 +71,15 @@ def test_authors_audioset_release_with_its_head_loads_the_encoder(tmp_path):
     # without the head's marker key, a `head.` key is still an unknown key
     with pytest.raises(ValueError, match=r"unknown keys \['head.norm.running_mean'\]"):
         load_encoder({**sd, "head.norm.running_mean": torch.zeros(64)}, preset="tiny")
+    # the wrapper's later layout of the same classifier (`head_norm`, `head` Linear), read as well
+    later = {"head_norm.running_mean": torch.zeros(64), "head_norm.running_var": torch.ones(64),
+             "head_norm.num_batches_tracked": torch.tensor(7), "head.weight": torch.zeros(527, 64),
+             "head.bias": torch.zeros(527)}
+    enc = load_encoder({**sd, **later}, preset="tiny")
+    for k, v in enc.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    with pytest.raises(ValueError, match=r"unknown keys \['head.bias', 'head.weight'\]"):  # no head_norm: not it
+        load_encoder({**sd, "head.weight": torch.zeros(527, 64), "head.bias": torch.zeros(527)}, preset="tiny")
 
 
 def test_unknown_and_missing_keys_are_listed():
