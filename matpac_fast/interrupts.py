@@ -10,8 +10,8 @@ commands held it. Importing this module imports nothing heavy."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -85,7 +85,9 @@ def run_main(main: Callable[..., int | str | None], *args) -> NoReturn:
         code = e.code
     if code != INTERRUPTED or threading.current_thread() is not threading.main_thread():
         if threading.current_thread() is threading.main_thread() and (code is None or isinstance(code, int)):
-            _finished(0 if code is None else code)
+            # at exit, not now: a caller that catches the SystemExit (IPython) goes on with its own handlers; exit
+            # handlers run last registered first, so this one comes before those of torch and multiprocessing
+            atexit.register(_finished)
         sys.exit(code)
     interrupt = KeyboardInterrupt()
     previous = sys.excepthook
@@ -98,18 +100,11 @@ def run_main(main: Callable[..., int | str | None], *args) -> NoReturn:
     raise interrupt  # uncaught: Python ends the process with SIGINT after finalizing (since Python 3.8)
 
 
-def _finished(status: int) -> None:
+def _finished() -> None:
     """The command is done and has said so: a Ctrl-C (or SIGTERM) during the interpreter's clean-up that follows
-    (torch's and multiprocessing's exit handlers, up to a second) ends the process at once with the command's own
-    status. It ended it by SIGINT, status 130 and no line, after a complete make-shards run's summary: a script's
-    `make-shards ... && train.py ...` then stopped with the set made."""
-
-    def leave(signum, frame) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(status)
-
+    (torch's and multiprocessing's exit handlers, then C++ teardown: up to a second) is ignored, and the process ends
+    with the command's own status. It ended it by SIGINT, status 130 and no line, after a complete make-shards run's
+    summary: a script's `make-shards ... && train.py ...` then stopped with the set made. Ignored rather than
+    handled: Python resets its own handlers before the last of that clean-up, where one would die of SIGINT."""
     for sig in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(sig) not in (signal.SIG_IGN, None):
-            signal.signal(sig, leave)
+        signal.signal(sig, signal.SIG_IGN)
