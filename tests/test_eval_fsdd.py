@@ -60,3 +60,17 @@ def test_fsdd_from_its_file_names_is_its_labels_csv(fsdd_dir):
     assert [(c.path, c.labels, *(c.meta[k] for k in keys)) for c in a.clips] == [
         (c.path, c.labels, *(c.meta[k] for k in keys)) for c in b.clips]
     assert (a.classes, a.official, a.default_group) == (b.classes, b.official, b.default_group)
+
+
+def test_folder_with_a_recordings_class_is_not_fsdd(tmp_path):
+    """A user's folder of classes, one of them named 'recordings' holding files named like FSDD's, is read as a
+    folder: all its classes, not FSDD from that one subfolder (the other classes were dropped without a word)."""
+    import numpy as np
+    import soundfile as sf
+
+    for cls, names in {"recordings": ["1_a_2.wav", "3_b_7.wav"], "speech": ["x.wav", "y.wav"]}.items():
+        (tmp_path / cls).mkdir()
+        for n in names:
+            sf.write(tmp_path / cls / n, np.zeros(1600), 16000)
+    ds = load_dataset(tmp_path)
+    assert ds.layout == "folder" and ds.classes == ["recordings", "speech"] and len(ds.clips) == 4

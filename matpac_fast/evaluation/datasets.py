@@ -432,11 +432,20 @@ def _fsdd_recordings(p: Path) -> Path | None:
     """FSDD as its repository ships it, without a labels.csv: `p/recordings` (or `p`) holding only files named
     {digit}_{speaker}_{take}.wav. Read as a folder, it was one class, 'recordings', or no labelled subfolder."""
     for d in (p / "recordings", p):
+        if d.is_dir() and d != p and _other_class_folders(p, d):
+            continue  # `p` is a folder of classes, one of them named 'recordings': read as a folder, not as FSDD
         if d.is_dir():
             names = [f.name for f in d.iterdir() if not f.name.startswith(".")]
             if names and all(FSDD_NAME.fullmatch(n) for n in names):
                 return d
     return None
+
+
+def _other_class_folders(p: Path, recordings: Path) -> bool:
+    """Whether `p` has a first-level subfolder other than `recordings` holding audio files (a label folder)."""
+    return any(sub != recordings and sub.is_dir() and not sub.name.startswith(".")
+               and any(f.suffix.lower() in AUDIO_EXTS and f.is_file() for f in sub.rglob("*"))
+               for sub in p.iterdir())
 
 
 def load_fsdd_recordings(folder: str | os.PathLike) -> LabelledSet:
