@@ -451,3 +451,18 @@ def test_known_layout_classes_without_clips_are_no_probe_outputs(tmp_path, capsy
         "--checkpoint", "logmel", "--data", str(fsdd), "--out", str(out), "--no-cache", "--quiet", "--seeds", "1",
         "--max-epochs", "2", "--projection", "none"]))
     assert r["n_classes"] == 3 and r["classes"] == ["0", "1", "2"]
+
+
+def test_part_trained_note_skips_a_half_written_checkpoint(tmp_path):
+    """A step_XXXXXXXX.tmp left by a kill while the last checkpoint was being written is not the run's newest
+    checkpoint: the completed one before it says the encoder is part-trained (the .tmp silenced the note)."""
+    import json
+
+    from matpac_fast.evaluation import cli
+
+    (tmp_path / "encoder.pt").write_bytes(b"")
+    for name, step in (("step_00000005", 5), ("step_00000010.tmp", 10)):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        state = {"step": step, "total_steps": 10}
+        (tmp_path / "checkpoints" / name / "trainer_state.json").write_text(json.dumps(state))
+    assert "is at step 5 of the 10" in cli._short_of_schedule(tmp_path / "encoder.pt")

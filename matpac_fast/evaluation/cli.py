@@ -442,7 +442,10 @@ def _short_of_schedule(path: Path) -> str | None:
     if path.is_dir() and (path / "trainer_state.json").is_file():
         state_file, what = path / "trainer_state.json", f"checkpoint {path}"
     elif path.name == "encoder.pt" and (path.parent / "checkpoints").is_dir():
-        steps = sorted(path.parent.glob("checkpoints/step_*/trainer_state.json"))
+        from matpac_fast.checkpoint import STATE_FILE, list_checkpoints
+
+        # completed ones only: a step_XXXXXXXX.tmp left by a kill while saving is not where the run is
+        steps = [d / STATE_FILE for d in list_checkpoints(path.parent)]
         if not steps:
             return None
         state_file, what = steps[-1], f"{path} (its run's newest checkpoint, {steps[-1].parent.name})"
