@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -87,6 +88,7 @@ def run_main(main: Callable[..., int | str | None], *args) -> NoReturn:
         if threading.current_thread() is threading.main_thread() and (code is None or isinstance(code, int)):
             # at exit, not now: a caller that catches the SystemExit (IPython) goes on with its own handlers; exit
             # handlers run last registered first, so this one comes before those of torch and multiprocessing
+            _done.append(0 if code is None else code)
             atexit.register(_finished)
         sys.exit(code)
     interrupt = KeyboardInterrupt()
@@ -100,11 +102,35 @@ def run_main(main: Callable[..., int | str | None], *args) -> NoReturn:
     raise interrupt  # uncaught: Python ends the process with SIGINT after finalizing (since Python 3.8)
 
 
+_done: list[int] = []  # the status of a command that run_main saw finish
+
+
 def _finished() -> None:
-    """The command is done and has said so: a Ctrl-C (or SIGTERM) during the interpreter's clean-up that follows
-    (torch's and multiprocessing's exit handlers, then C++ teardown: up to a second) is ignored, and the process ends
-    with the command's own status. It ended it by SIGINT, status 130 and no line, after a complete make-shards run's
-    summary: a script's `make-shards ... && train.py ...` then stopped with the set made. Ignored rather than
-    handled: Python resets its own handlers before the last of that clean-up, where one would die of SIGINT."""
+    """The command is done and has said so: a Ctrl-C (or SIGTERM) during the exit handlers that follow (torch's,
+    multiprocessing's joining of child processes) ends the process at once with the command's own status. It ended
+    it by SIGINT, status 130 and no line, after a complete make-shards run's summary: a script's `make-shards ... &&
+    train.py ...` then stopped with the set made. A handler, not SIG_IGN: an exit handler that hangs can still be
+    stopped, and a process an exit handler starts does not inherit ignored signals (they survive exec)."""
+
+    def leave(signum, frame) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(_done[-1])
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, leave)
+
+
+def _finished_last() -> None:
+    """After the last exit handler (this module is imported before torch and multiprocessing, so this one, registered
+    then, runs after theirs): Python resets its own signal handlers next, before the C++ teardown that follows (torch's
+    takes a fraction of a second), where a Ctrl-C would kill the finished command by SIGINT (5 of 6 Ctrl-Cs sent just
+    after make-shards' summary did, with a handler alone); from here the two signals are ignored."""
+    if _done:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
+atexit.register(_finished_last)
