@@ -25,6 +25,9 @@ from matpac_fast.locks import close_lock_fd, open_lock_fd
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
+# The teacher EMA's Kahan terms (Trainer._ema_residual), one tensor per teacher parameter; absent from checkpoints
+# written before them (they then start from zeros)
+EMA_RESIDUAL = "ema_residual.safetensors"
 
 
 def checkpoint_root(out: str | Path) -> Path:
@@ -263,8 +266,8 @@ def verify(path: Path) -> None:
     model = path / "model.safetensors"
     if not model.is_file():
         raise ValueError(f"{model} is missing: the checkpoint is incomplete; {_EARLIER}")
-    # the teacher EMA's Kahan terms (trainer.EMA_RESIDUAL), absent from checkpoints written before them
-    for f in (model, *[p for p in (path / "ema_residual.safetensors",) if p.exists()]):
+    residual = path / EMA_RESIDUAL
+    for f in (model, residual) if residual.exists() else (model,):
         try:
             with safe_open(str(f), framework="pt") as opened:
                 opened.keys()

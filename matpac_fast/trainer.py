@@ -61,8 +61,6 @@ class _StopInDataWait(BaseException):
 # some time after forwarding a stop signal (torchrun 30 s, Slurm's default KillWait 30 s), and the stop's step and
 # checkpoint must land well inside that, whatever --log-every is.
 STOP_CHECK_S = 5.0
-# In a checkpoint folder: the teacher EMA's Kahan terms (Trainer._ema_residual), one tensor per teacher parameter
-EMA_RESIDUAL = "ema_residual.safetensors"
 
 
 def _processes(n: int) -> str:
@@ -535,7 +533,7 @@ class Trainer:
     def _ema_residual(self) -> dict[str, torch.Tensor]:
         """The teacher EMA's Kahan terms (ema.py), by teacher parameter name, in ema_pairs' order: what fp32 rounding
         took from each teacher weight so far. Trainer state like the optimizer's, made at first use (the benchmarks'
-        reference-design trainer never uses it) and checkpointed in EMA_RESIDUAL."""
+        reference-design trainer never uses it) and checkpointed in ckpt.EMA_RESIDUAL."""
         if self._residual is None:
             m = self.raw_model
             named = [(f"teacher_encoder.{n}", p) for n, p in m.teacher_encoder.named_parameters()]
@@ -941,7 +939,7 @@ class Trainer:
             from safetensors.torch import save_file
 
             # the same on every rank (the EMA is computed from identical weights): written once
-            save_file({k: v.detach().cpu() for k, v in self._ema_residual().items()}, str(tmp / EMA_RESIDUAL))
+            save_file({k: v.detach().cpu() for k, v in self._ema_residual().items()}, str(tmp / ckpt.EMA_RESIDUAL))
             ckpt.write_state(
                 tmp,
                 {
@@ -1068,7 +1066,7 @@ class Trainer:
         try:
             with self._model_keys_of(path):
                 self.accelerator.load_state(str(path))
-            self._load_ema_residual(Path(path) / EMA_RESIDUAL)
+            self._load_ema_residual(Path(path) / ckpt.EMA_RESIDUAL)
         except Exception as e:  # anything Accelerate/torch/safetensors raise on a file that passed verify()
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {first}); pick an earlier "
