@@ -54,7 +54,7 @@
 #               and, if the device time left allows a second call on the warm machine, batch 512 and the attention
 #               timed from CUDA graphs:
 #               SUITE_BIG_BATCH=512 SUITE_ATTN_TRITON=1 SUITE_ATTN_GRAPHS=1
-#               SUITE_SKIP=loader,train_big,pytest_gpu,kernels,train_small (plus the best variant as SUITE_INDUCTOR)
+#               SUITE_SKIP=loader,train_big,pytest_gpu,kernels,ema,train_small (plus the best variant as SUITE_INDUCTOR)
 #   attention   benchmarks/attention.py: SDPA backends, compiled math and the Triton kernel on the student / teacher /
 #               predictor shapes (26-30 s, 26 s with the kernel's column on an H200: cap 90 s), each call timed
 #               eager, host cost included (with SUITE_ATTN_GRAPHS=1: `attention.py --graphs`, replayed from CUDA
@@ -63,6 +63,9 @@
 #               8 slowest and the pass count; it took 71-84 s on the H100 machine before the attention kernel's
 #               tests, which took ~30 s on an H200: its cap is 150 s)
 #   kernels     benchmarks/kernels.py (Triton kernels vs eager / compiled references)
+#   ema         benchmarks/ema.py: the teacher EMA's compensated update eager vs compiled (what a compiled training step
+#               runs) on the preset's weights, plus the plain update; its first compiled call compiles (not yet run on
+#               a GPU: 135 s for ViT-B on 2 loaded CPU cores, 23 s for the dry run's tiny preset; cap 90 s)
 #   train_b64   as train_b256 at batch 64 per device (SUITE_SMALL_MODES, default SUITE_MODES' value; each compiled
 #               mode compiles for ~40 s on an H200, ~70 s on the H100 machine)
 #   profile     only with SUITE_PROFILE=1: benchmarks/profile_step.py on compiled+kernels at batch 256 with the bf16
@@ -97,7 +100,7 @@
 # profile step), SUITE_ATTN_GRAPHS=1 (the attention step times each call replayed from a CUDA graph,
 # `attention.py --graphs`, as the training step runs them; GPU only),
 # SUITE_SKIP (comma list of steps not to run: loader train_big stream attn_triton inductor gemm_autotune attention
-# pytest_gpu kernels train_small profile; e.g. an MFU session's SUITE_SKIP=loader,train_big,kernels,train_small: the
+# pytest_gpu kernels ema train_small profile; e.g. an MFU session's SUITE_SKIP=loader,train_big,kernels,train_small: the
 # training runs then read synthetic data),
 # SUITE_ALLOW_MISSING=1 (warn instead of stopping when the wheel-installable packages are missing; the GPU tests then
 # run with --continue-on-collection-errors). Each setting is checked before anything runs; a bad one stops the suite
@@ -154,7 +157,8 @@ case "${SUITE_COMPILE_MODE:-default}" in
   default|reduce-overhead|max-autotune-no-cudagraphs|gemm-autotune) ;;
   *) bad "SUITE_COMPILE_MODE=$SUITE_COMPILE_MODE: give default, reduce-overhead, max-autotune-no-cudagraphs or gemm-autotune" ;;
 esac
-SKIPPABLE=(loader train_big stream attn_triton inductor gemm_autotune attention pytest_gpu kernels train_small profile)
+SKIPPABLE=(loader train_big stream attn_triton inductor gemm_autotune attention pytest_gpu kernels ema train_small
+  profile)
 if [ -n "${SUITE_SKIP:-}" ]; then
   IFS=, read -ra entries <<< "$SUITE_SKIP"
   for k in "${entries[@]}"; do
@@ -371,14 +375,14 @@ if [ "$DRY" = 1 ]; then
   PRESET=tiny; DEVICE=cpu; PRECISION=no; BIG=${SUITE_BIG_BATCH:-16}; SMALL=8; STEPS=${SUITE_STEPS:-2}; WARMUP=1
   COMPILE_MODE=${SUITE_COMPILE_MODE:-default}; ATTN_BATCH=2; PROFILE_ATTN=sdpa
   MODES=${SUITE_MODES:-eager,reference-design}; SMALL_MODES=${SUITE_SMALL_MODES:-$MODES}; STREAM_MODES=eager
-  LOADER_FRAMES=700; LOADER_PER_SHARD=16; LOADER_WORKERS=1
+  LOADER_FRAMES=700; LOADER_PER_SHARD=16; LOADER_WORKERS=1; EMA_REPEATS=1
 else
   PRESET=matpac; DEVICE=cuda; PRECISION=bf16; BIG=${SUITE_BIG_BATCH:-256}; SMALL=64
   COMPILE_MODE=${SUITE_COMPILE_MODE:-reduce-overhead}; ATTN_BATCH=256; PROFILE_ATTN=triton
   # Most informative first: a run killed by its timeout keeps the rows it finished.
   MODES=${SUITE_MODES:-eager,compiled+kernels,reference-design}; STREAM_MODES=compiled+kernels
   SMALL_MODES=${SUITE_SMALL_MODES:-$MODES}
-  LOADER_FRAMES=1000; LOADER_PER_SHARD=256; LOADER_WORKERS=8
+  LOADER_FRAMES=1000; LOADER_PER_SHARD=256; LOADER_WORKERS=8; EMA_REPEATS=20
 fi
 CLIPS=$(( (WARMUP + STEPS + 1) * BIG ))  # one epoch covers every step of the big-batch runs: no worker restarts
 DATA="$WORK/data"
@@ -439,6 +443,9 @@ skipped attention || step attention 90 "$PY" benchmarks/attention.py --preset "$
 # No -q here: pyproject's addopts already has one, and -qq drops pytest's "N passed" line from the log.
 skipped pytest_gpu || step pytest_gpu 150 "$PY" -m pytest -m gpu -p no:cacheprovider -rs --durations=8 "${PYTEST_EXTRA[@]}" tests
 skipped kernels || step kernels 80 "$PY" benchmarks/kernels.py --out "$OUT/kernels.csv"
+# The teacher EMA's compensated update, eager against compiled (what a compiled training step runs), on the
+# preset's weights; the first compiled call compiles.
+skipped ema || step ema 90 "$PY" benchmarks/ema.py --preset "$PRESET" --device "$DEVICE" --repeats "$EMA_REPEATS"
 skipped train_small || train "train_b$SMALL" 200 "$SMALL" "$SMALL_MODES"
 if [ "${SUITE_PROFILE:-0}" = 1 ]; then
   skipped profile || step profile 150 "$PY" benchmarks/profile_step.py --preset "$PRESET" --device "$DEVICE" --precision "$PRECISION" \

@@ -118,6 +118,32 @@ def test_ema_update_at_one_gpus_rescaled_decay_moves_the_teacher(decay):
     assert err < 1e-5  # teacher + residual: the float64 EMA
 
 
+def test_the_compiled_compensated_update_is_the_eager_one_and_compiles_once():
+    """ema_update(..., compiled=True) (what a compiled training run uses): torch.compile of the same six passes,
+    given the weight as a 0-d tensor. On the CPU it is the eager update to the bit, teacher and residual, over
+    updates with different decays, and all of them run one graph (a float weight would recompile at every step)."""
+    from torch._dynamo.utils import counters
+
+    from matpac_fast.ema import _compensated
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 3), (5,), (11, 2, 3)]  # shapes no other test compiles: this test's graph is new
+    teacher = [torch.rand(s, generator=g) + 0.5 for s in shapes]
+    student = [t * 1.01 for t in teacher]
+    eager_t, eager_r = [t.clone() for t in teacher], [torch.randn(t.shape, generator=g) * 1e-9 for t in teacher]
+    comp_t, comp_r = [t.clone() for t in eager_t], [r.clone() for r in eager_r]
+    before = counters["stats"]["unique_graphs"]
+    for decay in (1 - 1.25e-6, 1 - 6.25e-6, 0.99):
+        _compensated(eager_t, student, eager_r, torch.full((), 1 - decay))
+        ema_update(comp_t, student, decay, comp_r, compiled=True)
+        for a, b in zip(eager_t + eager_r, comp_t + comp_r):
+            assert torch.equal(a, b)
+    assert counters["stats"]["unique_graphs"] - before == 1
+    assert not torch.equal(comp_t[0], teacher[0])  # it moved (0.99: 1 % of 1 % of the weight)
+    ema_update(comp_t, student, 1.0, comp_r, compiled=True)  # decay 1: nothing, as eager
+    assert all(torch.equal(a, b) for a, b in zip(eager_t, comp_t))
+
+
 def test_ema_update_mixed_precision_student_and_errors():
     t = [torch.zeros(3)]
     ema_update(t, [torch.ones(3, dtype=torch.bfloat16)], 0.5)

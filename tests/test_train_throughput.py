@@ -1028,6 +1028,7 @@ def test_suite_skip_runs_only_the_other_steps(tmp_path):
     for key in ("loader", "attention", "pytest_gpu", "kernels", "train_small"):
         assert f"SKIP  {key}: in SUITE_SKIP" in summary
     assert "OK    train_b16" in summary and "train_b8" not in summary
+    assert "OK    ema" in summary and "RESULT ema plain_ms=" in summary and " max_diff=0 " in summary
     headings = [line for line in (out / "RESULTS.md").read_text().splitlines() if line.startswith("### ")]
     assert len(headings) == 1 and "no compiled mode," in headings[0]  # SUITE_MODES=eager: nothing compiled
     assert "training runs use synthetic data" in summary
@@ -1063,7 +1064,7 @@ def test_suite_mfu_session_runs_each_candidate_beside_the_bf16_stream_baseline(t
     that ignores the compile mode, so neither step's own path had run anywhere before a GPU session."""
     calls = _suite_gpu_calls(tmp_path, SUITE_STREAM="1", SUITE_ATTN_TRITON="1", SUITE_GEMM_AUTOTUNE="1",
                              SUITE_BUDGET_S="520",
-                             SUITE_SKIP="loader,train_big,attention,pytest_gpu,kernels,train_small")
+                             SUITE_SKIP="loader,train_big,attention,pytest_gpu,kernels,ema,train_small")
     train = [c for c in calls if any(a.endswith("train_throughput.py") for a in c)]
     assert len(train) == 3 and len(calls) == 3, calls
     opt = _last_opt
@@ -1092,10 +1093,11 @@ def test_suite_next_mfu_session_runs_inductor_variants_beside_the_triton_attenti
                              SUITE_INDUCTOR=variants,
                              SUITE_SKIP="loader,train_big,attention,pytest_gpu,kernels,train_small")
     scripts = [next((Path(a).name for a in c if a.endswith(".py")), "pytest" if "pytest" in c else "?") for c in calls]
-    assert scripts == ["train_throughput.py"] * 3 + ["profile_step.py"], calls
+    assert scripts == ["train_throughput.py"] * 3 + ["ema.py", "profile_step.py"], calls
     opt = _last_opt
 
-    attn, first, repeat, profile = calls
+    attn, first, repeat, ema, profile = calls
+    assert (opt(ema, "--preset"), opt(ema, "--device"), opt(ema, "--repeats")) == ("matpac", "cuda", "20")
     for argv in (attn, first, repeat):
         assert (opt(argv, "--batch-sizes"), opt(argv, "--modes"), opt(argv, "--compile-mode")) == (
             "256", "compiled+kernels", "reduce-overhead")
@@ -1107,7 +1109,7 @@ def test_suite_next_mfu_session_runs_inductor_variants_beside_the_triton_attenti
     assert (opt(profile, "--stream-dtype"), opt(profile, "--attn-impl")) == ("amp", "triton")
     (tmp_path / "skip").mkdir()
     skip = _suite_gpu_calls(tmp_path / "skip", SUITE_ATTN_TRITON="1", SUITE_INDUCTOR=variants,
-                            SUITE_SKIP="loader,train_big,inductor,attention,pytest_gpu,kernels,train_small")
+                            SUITE_SKIP="loader,train_big,inductor,attention,pytest_gpu,kernels,ema,train_small")
     assert len(skip) == 1 and "--inductor" not in skip[0]
 
 
@@ -1135,7 +1137,7 @@ def test_suite_notes_processes_left_on_the_gpu_after_a_step(tmp_path):
                    '*) echo "Stand-in GPU, 1.0, 1000 MiB";; esac\n')
     smi.chmod(0o755)
     _suite_gpu_calls(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", SUITE_ATTN_TRITON="1", SUITE_PROFILE="1",
-                     SUITE_SKIP="loader,train_big,attention,pytest_gpu,kernels,train_small")
+                     SUITE_SKIP="loader,train_big,attention,pytest_gpu,kernels,ema,train_small")
     notes = [line for line in (tmp_path / "out" / "summary.txt").read_text().splitlines() if "still on the GPU" in line]
     assert len(notes) == 1, notes
     assert notes[0].startswith("note: after profile, processes still on the GPU (later figures may be slowed): "
@@ -1146,7 +1148,7 @@ def test_suite_second_mfu_call_runs_batch_512_and_times_attention_from_cuda_grap
     """The next GPU session's second call (benchmarks/RESULTS.md): the stream and Triton-attention steps at batch 512
     (the best MFU measured), and the attention step with --graphs; they had to be typed by hand on the device."""
     calls = _suite_gpu_calls(tmp_path, SUITE_BIG_BATCH="512", SUITE_STREAM="1", SUITE_ATTN_TRITON="1",
-                             SUITE_ATTN_GRAPHS="1", SUITE_SKIP="loader,train_big,pytest_gpu,kernels,train_small")
+                             SUITE_ATTN_GRAPHS="1", SUITE_SKIP="loader,train_big,pytest_gpu,kernels,ema,train_small")
     scripts = [next((Path(a).name for a in c if a.endswith(".py")), "?") for c in calls]
     assert scripts == ["train_throughput.py", "train_throughput.py", "attention.py"], calls
     stream, attn, timing = calls
@@ -1158,7 +1160,7 @@ def test_suite_second_mfu_call_runs_batch_512_and_times_attention_from_cuda_grap
 def test_suite_attn_graphs_in_the_dry_run_says_it_times_eager_calls(tmp_path):
     out = tmp_path / "out"
     r = _suite(str(out), "--cpu-dry-run", SUITE_ATTN_GRAPHS="1",
-               SUITE_SKIP="loader,train_big,pytest_gpu,kernels,train_small")
+               SUITE_SKIP="loader,train_big,pytest_gpu,kernels,ema,train_small")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
     assert "SUITE_ATTN_GRAPHS=1 needs a CUDA GPU" in summary and "OK    attention" in summary, summary

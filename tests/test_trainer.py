@@ -570,6 +570,24 @@ def test_compile_mode_reaches_torch_compile(tmp_path, monkeypatch, scope, mode, 
     assert len(calls) == (1 if scope == "step" else 3)  # depth=1, pred_depth=1: student, teacher, predictor block
 
 
+def test_a_compiled_run_compiles_the_teacher_ema_too(tmp_path, monkeypatch):
+    """--compile block or step also compiles the teacher's compensated EMA (one pass over the weights, not six:
+    benchmarks/ema.py); --compile off keeps it eager. torch.compile is stubbed out: this is the wiring."""
+    from torch import nn
+
+    from matpac_fast import ema
+    from matpac_fast.trainer import Trainer
+
+    seen, real = [], ema.ema_update
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: None)
+    monkeypatch.setattr(ema, "ema_update", lambda *a, compiled=False, **kw: seen.append(compiled) or real(*a, **kw))
+    for scope in ("off", "block", "step"):
+        Trainer(resolve([*TINY, "--out", str(tmp_path / scope), "--max-steps", "1", "--compile", scope])[0]).train()
+    # two calls a step (encoder, head) with a residual each
+    assert seen == [False, False, True, True, True, True], seen
+
+
 def test_every_compile_mode_is_one_torch_compile_accepts():
     """torch.compile checks mode names and inductor option names when it is called (a misspelled option is a
     RuntimeError), so each mapping is checked against torch itself, not only against the table it came from."""
