@@ -22,9 +22,10 @@ DESCRIPTION = """\
 Convert an audio corpus into WebDataset tar shards of float16 log-mel spectrograms (80 x T, the whole clip),
 each with its index file (<shard>.tar.idx: where each clip lies, so the loader need not read every tar header),
 plus sizes.json, stats.json (front end, global mean/std, counts) and manifest.jsonl (one line per input file:
-its key and shard, or why it was skipped). Clips are shuffled across shards with --seed; the same inputs and seed
-give byte-identical shards for any --workers. An interrupted run (even SIGKILL) is finished by running the same
-command again. A run in which every input is skipped writes only manifest.jsonl and exits with an error that says
+its key and shard and any flags, or why it was skipped). A WAV, AIFF, W64 or RF64 file that ends before the size
+its header declares (an interrupted download or copy) is kept as far as it goes, with the flag 'truncated'. Clips
+are shuffled across shards with --seed; the same inputs and seed give byte-identical shards for any --workers. An
+interrupted run (even SIGKILL) is finished by running the same command again. A run in which every input is skipped writes only manifest.jsonl and exits with an error that says
 why (by skip reason) and what to do.
 
 examples:

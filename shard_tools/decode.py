@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -142,9 +143,34 @@ def _is_decoder_noise(line: str) -> bool:
     return line.startswith("Note:") or ("libmpg123" in line and "warning:" in line)
 
 
+# libsndfile's log lines of a chunk's size, "data : 64000 (should be 31978)" when the file ends before it. WAV and
+# AIFF: the audio chunk's (data, SSND; a file cut in a chunk after the audio has all its audio). W64 and RF64 leave
+# theirs uncorrected (RF64's is 0xFFFFFFFF): the whole file's (riff, Riff size).
+_SIZE_LINE = {"audio": re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE),
+              "file": re.compile(r"^\s*(?:riff|Riff size)\s*:\s*(\d+) \(should be (\d+)\)", re.MULTILINE)}
+_SIZE_LINE_OF = {"WAV": "audio", "WAVEX": "audio", "AIFF": "audio", "W64": "file", "RF64": "file"}
+CUT_SHORT_FRACTION = 0.001  # of the declared size missing: 10 ms of a 10-s clip; a writer's miscount is a few bytes
+UNKNOWN_SIZE = 0xFFFFFF00  # a streaming writer (e.g. ffmpeg to a pipe) declares 0xFFFFFFFF: length unknown, not cut
+
+
+def cut_short(log: str, fmt: str) -> bool:
+    """True when libsndfile's log of an opened file (SoundFile.extra_info; `fmt` SoundFile.format) says its audio
+    ends before the size its header declares: an interrupted download or copy, which libsndfile reads without an
+    error. Formats other than WAV, AIFF, W64 and RF64: False (a cut FLAC, Ogg or MP3 is a decode error or ends early
+    without a trace here)."""
+    kind = _SIZE_LINE_OF.get(fmt)
+    m = _SIZE_LINE[kind].search(log) if kind else None
+    if m is None:
+        return False
+    declared, actual = int(m.group(1)), int(m.group(2))
+    return actual < declared < UNKNOWN_SIZE and (declared - actual) > CUT_SHORT_FRACTION * declared
+
+
 def _read_soundfile(
-    path: str, max_seconds: float = math.inf, stop_seconds: float = math.inf
+    path: str, max_seconds: float = math.inf, stop_seconds: float = math.inf, flags: list[str] | None = None
 ) -> tuple[np.ndarray, int]:
+    """(N, C) float32 and the rate, as read_audio; `flags`, when given, gets 'truncated' appended for a file that
+    ends before the size its header declares (what is there is returned)."""
     import soundfile as sf
 
     is_mp3 = path.lower().endswith(".mp3")
@@ -154,6 +180,8 @@ def _read_soundfile(
         try:  # bytes: libsndfile opens any file name, also one that is not valid UTF-8
             with sf.SoundFile(os.fsencode(path)) as f:
                 sr = f.samplerate
+                if flags is not None and cut_short(f.extra_info, f.format):
+                    flags.append("truncated")
                 limit = f.frames if math.isinf(max_seconds) else int(max_seconds * sr)
                 if f.frames > limit:  # what the header declares: nothing is decoded
                     seconds = f.frames / sr
@@ -252,18 +280,20 @@ def _read_pyav(path: str, max_seconds: float = math.inf, stop_seconds: float = m
 
 
 def read_audio(
-    path: str, size: int | None = None, max_seconds: float | None = None, stop_seconds: float = math.inf
+    path: str, size: int | None = None, max_seconds: float | None = None, stop_seconds: float = math.inf,
+    flags: list[str] | None = None,
 ) -> tuple[np.ndarray, int]:
     """(N, C) float32 and the sample rate; Skip on any problem, also ("too_long") a file over `max_seconds` (None:
     MAX_SECONDS; math.inf: no limit). Decoding ends once more than `stop_seconds` are decoded (for a caller that needs
-    only the start; the array then ends there)."""
+    only the start; the array then ends there). `flags`, when given, gets 'truncated' appended for a WAV, AIFF, W64
+    or RF64 file shorter than its header declares (`cut_short`)."""
     if size == 0:
         raise Skip("empty", "0-byte file")
     max_seconds = MAX_SECONDS if max_seconds is None else max_seconds
     ext = path[path.rfind(".") :].lower() if "." in path else ""
     if ext in PYAV_EXTS:
         return _read_pyav(path, max_seconds, stop_seconds)
-    return _read_soundfile(path, max_seconds, stop_seconds)
+    return _read_soundfile(path, max_seconds, stop_seconds, flags)
 
 
 def check_wave(wave: np.ndarray) -> None:
@@ -316,13 +346,15 @@ def prepare(item: Item, spec: FrontendSpec, min_frames: int, short: str, pad_to:
         sr, flags = spec.sample_rate, ()
     else:
         whole_video = item.end is not None and not item.name_has_start  # may be cut to its segment: no limit
+        cut: list[str] = []  # 'truncated' when the file is shorter than its header says
         if whole_video:  # read up to just past the segment's end: the rest would be cut off anyway
-            data, sr = read_audio(item.path, item.size, math.inf, item.end + WHOLE_VIDEO_MARGIN_S)
+            data, sr = read_audio(item.path, item.size, math.inf, item.end + WHOLE_VIDEO_MARGIN_S, flags=cut)
         else:
-            data, sr = read_audio(item.path, item.size)
+            data, sr = read_audio(item.path, item.size, flags=cut)
         if data.shape[0] == 0:
             raise Skip("empty", "no samples")
         data, flags = crop_and_flag(item, data, sr)
+        flags = (*flags, *(f for f in cut if f not in flags))
         mono = to_mono(data)
         if data.shape[1] > 1 and mono.size and float(np.abs(mono).max()) <= SILENCE_PEAK < float(np.abs(data).max()):
             raise Skip("silent", "its channels cancel out in the mono downmix (one is the other inverted)")

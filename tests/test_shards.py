@@ -1119,3 +1119,43 @@ def test_make_shards_hands_its_workers_a_bounded_number_of_chunks_ahead_of_the_w
         keys.append(r.key)
         assert sum(pulled) - len(keys) < 3 * pl.CHUNK, (sum(pulled), len(keys))
     assert keys == [it.key for it in items]
+
+
+def _cut(path: Path, keep: float) -> None:
+    """Truncate the file to `keep` of its size, as an interrupted download or copy leaves it."""
+    n = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(int(n * keep))
+
+
+def test_a_file_shorter_than_its_header_declares_is_kept_and_flagged_truncated(tmp_path):
+    """A WAV or AIFF cut short (an interrupted download or copy) reads without an error: libsndfile returns what is
+    there. It was kept without a word; now it carries the flag 'truncated' (counted in stats.json). Not flagged: a
+    whole file, one cut only in a chunk after its audio (all its audio is there), and a streaming writer's WAV whose
+    header declares the unknown length 0xFFFFFFFF."""
+    import struct
+
+    root = tmp_path / "in" / "a"
+    root.mkdir(parents=True)
+    wave = synth_clip(1, sample_rate=16000, seconds=4.0)[0]
+    for name, fmt in (("whole.wav", "WAV"), ("cut.wav", "WAV"), ("cut.aiff", "AIFF"), ("cut.w64", "W64"),
+                      ("streamed.wav", "WAV"), ("tail.wav", "WAV")):
+        sf.write(root / name, wave, 16000, format=fmt, subtype="PCM_16")
+    for name in ("cut.wav", "cut.aiff", "cut.w64"):
+        _cut(root / name, 0.5)
+    b = bytearray((root / "streamed.wav").read_bytes())  # ffmpeg writing to a pipe cannot go back to the sizes
+    i = b.index(b"data")
+    b[4:8] = b[i + 4 : i + 8] = struct.pack("<I", 0xFFFFFFFF)
+    (root / "streamed.wav").write_bytes(b)
+    b = bytearray((root / "tail.wav").read_bytes()) + b"LIST" + struct.pack("<I", 1000) + b"INFO" + b"x" * 996
+    b[4:8] = struct.pack("<I", len(b) - 8)
+    (root / "tail.wav").write_bytes(b[:-500])  # cut inside the trailing LIST chunk
+    out = tmp_path / "out"
+    assert cli_main(["folder", str(tmp_path / "in"), "--out", str(out), "--workers", "0", "--no-progress",
+                     "--short", "pad"]) == 0
+    flags = {Path(m["source"]).name: m.get("flags", []) for m in manifest(out)}  # listed when there are some
+    assert flags == {"whole.wav": [], "cut.wav": ["truncated"], "cut.aiff": ["truncated"], "cut.w64": ["truncated"],
+                     "streamed.wav": [], "tail.wav": []}, flags
+    frames = {Path(meta["source"]).name: meta["n_frames"] for _, meta in read_shard_set(out).values()}
+    assert frames["cut.wav"] < 0.55 * frames["whole.wav"]  # what was there, kept
+    assert json.loads((out / "stats.json").read_text())["flags"] == {"truncated": 3}
