@@ -7,6 +7,7 @@ trainer -> linear probes (held-out synthetic split; FSDD when ../shared is prese
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import signal
@@ -54,20 +55,39 @@ def verify_step(out_dir: Path) -> dict:
     return report.to_dict()
 
 
-# What the trainer writes in its --out, any one of which marks a folder as an earlier demo run: a run stopped a few
-# ms after it began may hold only tb/, and one cut while this demo deleted it, any of them.
-_RUN_FILES = ("config.json", "history.jsonl", "checkpoints", "tb", "encoder.pt")
+# The demo's mark on its pre-training folder, written before the trainer starts and deleted last: what a rerun may
+# replace. Any trainer-looking folder was replaced before: `make demo DEMO_DIR=runs` deleted a real runs/train.
+DEMO_MARK = ".matpac-demo"
+
+
+def _is_earlier_demo_run(run_dir: Path) -> bool:
+    """Marked by the demo, or (a demo from before the mark) a run whose config.json trained on the demo's shards
+    into this folder."""
+    if (run_dir / DEMO_MARK).is_file():
+        return True
+    try:
+        train = json.loads((run_dir / "config.json").read_text())["train"]
+        return train["data"]["shards"] == str(run_dir.parent / "shards") and train["run"]["out"] == str(run_dir)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _clear_earlier_demo_run(run_dir: Path) -> None:
     """A second `make demo` starts its run afresh (the trainer refuses to mix two runs in one folder, and the demo is
-    deterministic, so nothing is lost). Only a folder that looks like a trainer run is removed."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return
-    if not run_dir.is_dir() or not any((run_dir / n).exists() for n in _RUN_FILES):
-        raise ValueError(f"{run_dir} exists and is not an earlier demo run; give another --out or empty it")
-    print(f"[demo] replacing the earlier demo run in {run_dir}", flush=True)
-    shutil.rmtree(run_dir)
+    deterministic, so nothing is lost). Only the demo's own earlier run is removed, its mark last (a removal cut
+    short leaves a folder the next rerun still knows); then the folder is made and marked for this run."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is a file, not an earlier demo run; give another --out or move it")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not _is_earlier_demo_run(run_dir):
+            raise ValueError(f"{run_dir} exists and is not an earlier demo run (no {DEMO_MARK}); give another --out "
+                             "or empty it")
+        print(f"[demo] replacing the earlier demo run in {run_dir}", flush=True)
+        for p in run_dir.iterdir():
+            if p.name != DEMO_MARK:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / DEMO_MARK).write_text("pre-training folder of `python -m matpac_fast.demo`: a rerun replaces it\n")
 
 
 def pretrain_step(shard_dir: Path, run_dir: Path, epochs: float, batch_size: int, seed: int) -> Path:

@@ -25,8 +25,8 @@ plus sizes.json, stats.json (front end, global mean/std, counts) and manifest.js
 its key and shard and any flags, or why it was skipped). A WAV, AIFF, W64 or RF64 file that ends before the size
 its header declares (an interrupted download or copy) is kept as far as it goes, with the flag 'truncated'. Clips
 are shuffled across shards with --seed; the same inputs and seed give byte-identical shards for any --workers. An
-interrupted run (even SIGKILL) is finished by running the same command again. A run in which every input is skipped writes only manifest.jsonl and exits with an error that says
-why (by skip reason) and what to do.
+interrupted run (even SIGKILL) is finished by running the same command again. A run in which every input is
+skipped writes only manifest.jsonl and exits with an error that says why (by skip reason) and what to do.
 
 examples:
   make-shards synthetic --n 2000 --out data/synth

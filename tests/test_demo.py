@@ -130,17 +130,42 @@ def test_a_stop_during_pretraining_ends_the_demo_without_a_table(tmp_path, capsy
 def test_a_rerun_replaces_what_any_earlier_demo_run_left(tmp_path, left):
     # A run stopped a few ms after the trainer began holds only tb/, and one cut while the demo deleted the earlier
     # run may hold any one of these: the rerun refused it ("exists and is not an earlier demo run") for tb/ and
-    # encoder.pt alone.
-    from matpac_fast.demo import _clear_earlier_demo_run
+    # encoder.pt alone. The demo's mark (made before the trainer starts, deleted last) says it is the demo's.
+    from matpac_fast.demo import DEMO_MARK, _clear_earlier_demo_run
 
     run = tmp_path / "train"
-    run.mkdir()
+    _clear_earlier_demo_run(run)  # a first run: the folder made and marked
+    assert [p.name for p in run.iterdir()] == [DEMO_MARK]
     if "." in left:
         (run / left).write_bytes(b"x")
     else:
         (run / left).mkdir()
     _clear_earlier_demo_run(run)
-    assert not run.exists()
+    assert [p.name for p in run.iterdir()] == [DEMO_MARK]
+
+
+def test_a_rerun_never_deletes_a_run_the_demo_did_not_make(tmp_path, capsys):
+    """Any folder holding one of a trainer run's files was taken for an earlier demo run and deleted whole:
+    `make demo DEMO_DIR=runs` deleted a real runs/train (found by review). Now only the demo's marked folder, or a
+    demo run from before the mark (its config.json trained on the demo's shards into that folder), is replaced."""
+    import json
+
+    from matpac_fast.demo import DEMO_MARK, _clear_earlier_demo_run
+
+    def run_folder(name: str, shards: str, out: str):
+        run = tmp_path / name / "train"
+        (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+        (run / "NOTES.txt").write_text("mine")
+        (run / "config.json").write_text(json.dumps({"train": {"data": {"shards": shards}, "run": {"out": out}}}))
+        return run
+
+    real = run_folder("runs", "/data/as2m", "runs/train")
+    with pytest.raises(ValueError, match=f"exists and is not an earlier demo run \\(no {DEMO_MARK}\\)"):
+        _clear_earlier_demo_run(real)
+    assert (real / "NOTES.txt").read_text() == "mine" and (real / "checkpoints" / "step_00000010").is_dir()
+    old_demo = run_folder("demo", str(tmp_path / "demo" / "shards"), str(tmp_path / "demo" / "train"))
+    _clear_earlier_demo_run(old_demo)
+    assert [p.name for p in old_demo.iterdir()] == [DEMO_MARK]
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a run")
     with pytest.raises(ValueError, match="is not an earlier demo run"):
