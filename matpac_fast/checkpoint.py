@@ -258,7 +258,8 @@ def read_state(path: Path) -> dict:
 def verify(path: Path) -> None:
     """Check that checkpoint `path`'s model and optimizer files are complete before anything is loaded (a
     truncated file otherwise fails deep inside Accelerate without naming itself). Reads headers only: the
-    safetensors header, and the optimizer's zip directory through a memory map (`weights_only=True`)."""
+    safetensors header, and the optimizer's zip directory through a memory map (`weights_only=True`); and each
+    random-state file weights-only (a few KB)."""
     import torch
     from safetensors import SafetensorError, safe_open
 
@@ -288,6 +289,45 @@ def verify(path: Path) -> None:
                                  f"refused (checkpoints are read weights-only); {_EARLIER}") from None
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"{f} is damaged ({msg.split('. ')[0]}); {_EARLIER}") from None
+    for f in sorted(path.glob("random_states_*.pkl")):
+        _check_random_states(f)
+
+
+def _rng_safe_globals() -> list:
+    """What Accelerate's random-state files hold beyond tensors (numpy's RNG state: arrays, dtypes, bytes through
+    codecs.encode): Accelerate's own allow-list where it has one, else the same by hand."""
+    try:
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+        return list(TORCH_SAFE_GLOBALS)
+    except ImportError:
+        import codecs
+
+        import numpy as np
+
+        core = getattr(np, "_core", None) or np.core
+        return [core.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode,
+                *([np.dtypes.UInt32DType] if hasattr(np, "dtypes") else [])]
+
+
+def _check_random_states(f: Path) -> None:
+    """A random-state file must read weights-only (with numpy's arrays allowed). Accelerate versions before its
+    weights-only default unpickle it in full, and later ones refuse a pickled object in it and then resume without a
+    word, not exactly: refused here, before Accelerate reads it."""
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(_rng_safe_globals()):
+            torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - as for the optimizer file above
+        from matpac_fast.encoder import _pickled_object
+
+        pickled = _pickled_object(e)
+        if pickled:
+            raise ValueError(f"{f} holds pickled Python objects ({pickled}), which could run code when loaded: "
+                             f"refused (checkpoints are read weights-only); {_EARLIER}") from None
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{f} is damaged ({msg.split('. ')[0]}); {_EARLIER}") from None
 
 
 def finalize(tmp: Path, final: Path) -> None:
