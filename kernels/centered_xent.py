@@ -279,6 +279,9 @@ def _check_inputs(student_MK, teacher_MK, center_K, tau_s, tau_t, center_mode):
         )
     if center_K.shape != (student_MK.shape[1],):
         raise ValueError(f"center must have shape (K={student_MK.shape[1]},), got {tuple(center_K.shape)}")
+    for name, t in (("student", student_MK), ("teacher", teacher_MK), ("center", center_K)):
+        if t.is_complex():  # the kernel failed with KeyError 'complex64'; the reference dropped the imaginary part
+            raise ValueError(f"{name} must be real logits, got {t.dtype}")
     if student_MK.shape[1] == 0:  # the kernels' row max over no columns gave a silent NaN loss
         raise ValueError("the logits have K = 0 columns; give at least one prototype")
     # A kernel reads raw pointers: a tensor on another device would be read as garbage, not refused. (Comparing

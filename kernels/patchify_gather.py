@@ -174,6 +174,8 @@ def _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch, out_dtype):
         raise ValueError(f"patch must be a positive integer (16 for the paper's model), got {patch!r}")
     if lms_B1FT.dim() != 4 or lms_B1FT.shape[1] != 1:
         raise ValueError(f"lms must have shape (B, 1, F, T), got {tuple(lms_B1FT.shape)}; add the channel dim")
+    if lms_B1FT.is_complex():  # the kernel failed with KeyError 'complex64'; the reference dropped the imaginary part
+        raise ValueError(f"lms must be real (a log-mel), got {lms_B1FT.dtype}")
     _, _, F, T = lms_B1FT.shape
     if F % patch or T % patch:
         raise ValueError(f"F={F} and T={T} must be multiples of patch={patch}; crop or pad the input first")

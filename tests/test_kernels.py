@@ -540,6 +540,22 @@ def test_xent_inputs_on_another_device_are_refused(backend, where):
         mk.centered_softmax_xent(student, inputs["teacher"], inputs["center"], 0.1, inputs["tau_t"])
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=needs_triton)])
+def test_complex_inputs_are_one_line_errors(backend):
+    """A complex tensor failed inside the kernels with KeyError: 'complex64', while the references silently dropped
+    the imaginary part: both refuse it now, as packed_attention did."""
+    lms = torch.zeros(1, 1, 16, 16, dtype=torch.complex64)
+    idx = torch.zeros(1, 1, dtype=torch.int64)
+    with mk.use_backend(backend), pytest.raises(ValueError, match="lms must be real"):
+        mk.patchify_gather(lms, 0.0, 1.0, idx, idx, patch=16)
+    real = torch.zeros(2, 4)
+    for name in ("student", "teacher", "center"):
+        args = {"student": real, "teacher": real, "center": torch.zeros(4)}
+        args[name] = args[name].to(torch.complex64)
+        with mk.use_backend(backend), pytest.raises(ValueError, match=f"{name} must be real logits"):
+            mk.centered_softmax_xent(args["student"], args["teacher"], args["center"], 0.1, 0.04)
+
+
 def test_xent_k_above_kernel_limit():
     s = torch.zeros(2, 8193)
     c = torch.zeros(8193)
