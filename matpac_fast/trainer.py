@@ -136,6 +136,27 @@ def _schedule_arrays(cfg: TrainConfig, m, steps_per_epoch: int, total_steps: int
     return out
 
 
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
+def _check_same_resume(step: int, out: Path, device: torch.device) -> None:
+    """Every process must resume from the same checkpoint step (-1: none). Each reads --resume auto in its own view of
+    --out: on machines with local disks, one that saw no checkpoint started over with fresh weights beside ranks that
+    resumed, trained on without a word, then hung at a collective (found by review, two 1-process nodes). One
+    all-reduce of (step, -step) at start; on disagreement every process raises the same one-line ValueError."""
+    import torch.distributed as dist
+
+    t = torch.tensor([step, -step], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    high, low = int(t[0]), -int(t[1])
+    if high != low:
+        seen = ", ".join("no checkpoint" if s < 0 else f"step {s}" for s in sorted({low, high}))
+        raise ValueError(f"the processes found different checkpoints to resume ({seen}) in --out {out}: --out must "
+                         "be one folder every machine reads and writes (a shared file system), not a local path on "
+                         "each")
+
+
 class TrainData:
     """The trainer's view of the loader: one per rank (never passed through `accelerator.prepare`)."""
 
@@ -300,6 +321,9 @@ class Trainer:
         self.data.set_crop(self.model_cfg.crop_frames)  # the loader's crop is the model's input length
         self.data.patch = self.model_cfg.patch
         self._resume = self._read_resume()  # settings compared before the model is built
+        if acc.num_processes > 1:
+            _check_same_resume(-1 if self._resume is None else int(self._resume[1].get("step", 0)), self.out,
+                               self.device)
         self._build_model()
         self._verify_resume()  # files checked before main() creates --out
         self._stop_requested = False
@@ -985,7 +1009,7 @@ class Trainer:
             )
         if state.get("world_size", 1) != self.accelerator.num_processes:
             raise ValueError(
-                f"checkpoint {path} was written by {state['world_size']} processes, this run has "
+                f"checkpoint {path} was written by {_processes(state['world_size'])}, this run has "
                 f"{self.accelerator.num_processes}: resume with the same number of processes"
             )
         saved = dict(state.get("config") or {})

@@ -442,6 +442,45 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     assert rng == ["random_states_0.pkl", "random_states_1.pkl"]
 
 
+def _resume_check_worker(rank: int, steps: tuple[int, int], init: str, result: Path) -> None:
+    import torch.distributed as dist
+
+    from matpac_fast.trainer import _check_same_resume
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        _check_same_resume(steps[rank], Path("runs/x"), torch.device("cpu"))
+        result.write_text("ok")
+    except ValueError as e:
+        result.write_text(str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("steps, expect", [
+    ((4, 4), "ok"), ((-1, -1), "ok"),
+    ((4, -1), "the processes found different checkpoints to resume (no checkpoint, step 4) in --out runs/x: --out "
+              "must be one folder every machine reads and writes (a shared file system), not a local path on each"),
+    ((6, 4), "the processes found different checkpoints to resume (step 4, step 6) in --out runs/x: "),
+])
+def test_processes_that_would_resume_from_different_checkpoints_all_stop_in_one_line(tmp_path, steps, expect):
+    """Each rank reads --resume auto in its own view of --out: with a local --out per machine, a rank that saw no
+    checkpoint started over beside ranks that resumed, trained on without a word and hung at a collective (found by
+    review). Every rank now compares its step with the others' at start and all stop with the same line."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_resume_check_worker, args=(r, steps, init, tmp_path / f"r{r}.txt")) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    got = [(tmp_path / f"r{r}.txt").read_text() for r in (0, 1)]
+    assert got[0] == got[1] and got[0].startswith(expect), got
+
+
 def test_one_rank_non_finite_loss_is_skipped_by_every_rank(tmp_path):
     # Rank 1's loss is +inf in optimizer step 2 (0-based 1) while the all-reduced gradients stay finite: the skip is
     # decided from the global loss, so both ranks skip it (before the fix only rank 1 did and the weights parted).
