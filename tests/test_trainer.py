@@ -442,6 +442,20 @@ def test_two_process_gloo_run_keeps_ranks_identical(tmp_path):
     assert rng == ["random_states_0.pkl", "random_states_1.pkl"]
 
 
+def test_two_process_resume_matches_the_uninterrupted_run(tmp_path):
+    """A 2-process run stopped after 2 of 4 optimizer steps (grad-accum 2) and resumed with --resume auto ends with
+    the weights, teacher and centre of the 2-process run that was never stopped, bit for bit, and logs the same
+    losses for the steps after the resume (the exact-resume tests above run one process)."""
+    ref, out = tmp_path / "ref", tmp_path / "resumed"
+    r0, _ = _two_processes(ref, 29531, "--grad-accum", "2", "--max-steps", "4")
+    _two_processes(out, 29532, "--grad-accum", "2", "--max-steps", "2")
+    s0, s1 = _two_processes(out, 29533, "--grad-accum", "2", "--max-steps", "4", "--resume", "auto")
+    assert s0["steps"] == [3, 4] and r0["steps"] == [1, 2, 3, 4]
+    assert torch.equal(s0["losses"], r0["losses"][2:])
+    _assert_same_weights(s0, r0)
+    _assert_same_weights(s1, r0)
+
+
 def _resume_check_worker(rank: int, steps: tuple[int, int], init: str, result: Path) -> None:
     import torch.distributed as dist
 
