@@ -61,6 +61,43 @@ def test_tiny_model_kernels_match_reference(center_mode, B):
     _assert_same_grads(ref, loss_ref, fast, loss_fast)
 
 
+@pytest.mark.skipif(not TRITON_IN_PROCESS, reason="triton was imported before TRITON_INTERPRET=1; see subprocess test")
+@pytest.mark.parametrize("overrides", [{"mcl_heads": 3}, {"alpha": 0.0}, {"alpha": 1.0}],
+                         ids=["matpac++ 3 heads", "alpha 0", "alpha 1 (m2d, no heads)"])
+def test_kernel_path_follows_the_reference_over_training_steps(overrides):
+    """Three optimizer steps with EMA and centre updates, the kernels against the reference: MATPAC++'s multiple-choice
+    heads (the hard minimum at the last step's temperature), α = 0 (classification only) and α = 1 (no heads: the
+    cross-entropy kernel unused, the patchify kernel still in). Losses at each step; centres, teachers at the end."""
+    from matpac_fast.ema import ema_update
+
+    torch.manual_seed(0)
+    models = [model_mod.MATPAC(get_model_config("tiny", use_kernels=k, **overrides)).to(DEVICE) for k in (False, True)]
+    models[1].load_state_dict(models[0].state_dict())
+    # SGD, not Adam: Adam scales a ~0 gradient (a key bias's, which softmax ignores) up to a full step whose sign
+    # is rounding noise, different on the two paths
+    opts = [torch.optim.SGD(m.student_parameters(), lr=0.05) for m in models]
+    batch = _batch(models[0].cfg, B=2)
+    for step, mcl_t in enumerate((0.1, 0.05, 1e-5)):  # 1e-5: at or below mcl_t_min, the hard minimum
+        state = model_mod.StepState(tau_t=0.05, mcl_temperature=mcl_t)
+        losses = []
+        for m, opt in zip(models, opts):
+            with mk.use_backend("triton" if m.cfg.use_kernels else "reference"):
+                loss, stats = m(batch, state)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            (te, se), (th, sh) = m.ema_pairs()
+            ema_update(te, se, 0.9)
+            ema_update(th, sh, 0.8)
+            if "center_batch" in stats:
+                m.update_center(stats["center_batch"].detach())
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5, msg=f"step {step}")
+    fast_state = models[1].state_dict()
+    for name, value in models[0].state_dict().items():
+        torch.testing.assert_close(fast_state[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def _assert_same_grads(ref, loss_ref, fast, loss_fast):
     loss_ref.backward()
     loss_fast.backward()
