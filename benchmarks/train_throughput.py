@@ -87,6 +87,7 @@ from matpac_fast.config import ATTN_IMPLS, CUDA_ONLY_ATTN, PRESETS, STREAM_DTYPE
 from matpac_fast.data import ShardSource, is_local  # noqa: E402
 from matpac_fast.interrupts import INTERRUPTED, run_main  # noqa: E402
 from matpac_fast.metrics import mfu  # noqa: E402
+from matpac_fast.safe_files import create_new  # noqa: E402
 from matpac_fast.train_config import (  # noqa: E402
     COMPILE_MODES,
     DataConfig,
@@ -612,7 +613,7 @@ def upgrade_csv(path: Path) -> None:
     added since are empty. Written to a temporary file beside it, then renamed over it (never half-written)."""
     rows = check_rows(path)
     tmp = path.with_name(path.name + ".upgrade.tmp")
-    with open(tmp, "w", newline="") as f:
+    with os.fdopen(create_new(tmp), "w", newline="") as f:  # never through a link planted under that name
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for r in rows:

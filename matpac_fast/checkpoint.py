@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 from pathlib import Path
 
 from matpac_fast.locks import close_lock_fd, open_lock_fd
@@ -178,9 +179,18 @@ class OutLock:
             return None
         for _ in range(20):
             try:
-                fd = open_lock_fd(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                # O_NOFOLLOW: the file is truncated below; through a planted link it was the link's target
+                fd = open_lock_fd(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise ValueError(f"{self.path} is a symbolic link, which matpac-train never writes through: "
+                                     "delete the link (not its target), or choose another --out") from None
                 return self._degrade(f"cannot create {self.path} ({e.strerror or e})")
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:  # a FIFO, or a hard link to someone's file
+                close_lock_fd(fd)
+                raise ValueError(f"{self.path} is not a plain file of its own (a FIFO, device or hard link), which "
+                                 "matpac-train never writes into: delete it, or choose another --out")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -330,9 +340,23 @@ def _check_random_states(f: Path) -> None:
         raise ValueError(f"{f} is damaged ({msg.split('. ')[0]}); {_EARLIER}") from None
 
 
+def start_tmp(tmp: Path) -> None:
+    """Make `tmp` (step_XXXXXXXX.tmp) a new, empty folder for a checkpoint to be written into (main process, before
+    save_state). What is there is a save cut short by a kill, or not ours: a symbolic link is removed, never its
+    target (save_state wrote a whole checkpoint into the folder it pointed to, and the link became the checkpoint),
+    and a leftover folder is deleted (files in it, links included, would be written over in place)."""
+    if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
+        tmp.unlink()
+    elif tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+
+
 def finalize(tmp: Path, final: Path) -> None:
     """Atomically publish a completed checkpoint directory (main process only)."""
-    if final.exists():
+    if final.is_symlink():  # not ours: the link goes, never what it points to (rmtree refuses a link: a traceback)
+        final.unlink()
+    elif final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
 

@@ -35,6 +35,7 @@ from matpac_fast.config import CUDA_ONLY_ATTN
 from matpac_fast.interrupts import INTERRUPTED
 from matpac_fast.lifetime import die_with_launcher
 from matpac_fast.metrics import Throughput, mfu, peak_tflops
+from matpac_fast.safe_files import atomic_write, write_atomic
 from matpac_fast.train_config import TrainConfig, compile_kwargs, inductor_text, model_config, resolve_args
 
 
@@ -627,10 +628,9 @@ class Trainer:
         writer = self._writer()
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            tmp = self.out / "config.json.tmp"  # atomic: a half-written config.json would read as someone else's
-            tmp.write_text(json.dumps({"train": cfg.to_dict(), "model": self.model_cfg.__dict__}, indent=1,
-                                      default=str))
-            os.replace(tmp, self.out / "config.json")
+            run_cfg = {"train": cfg.to_dict(), "model": self.model_cfg.__dict__}
+            # atomic: a half-written config.json would read as someone else's
+            write_atomic(self.out / "config.json", json.dumps(run_cfg, indent=1, default=str))
         bar = self._progress()
         tput = Throughput()
         sums: dict[str, torch.Tensor] = {}
@@ -831,9 +831,7 @@ class Trainer:
                 continue
             if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step:
                 keep.append(line + "\n")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(keep))
-        os.replace(tmp, path)
+        write_atomic(path, "".join(keep))
 
     def _progress(self):
         if not (self.accelerator.is_main_process and self.cfg.run.progress):
@@ -955,6 +953,8 @@ class Trainer:
         skipped = torch.tensor(float(self.data.skipped_before_resume_point(epoch_done)), device=self.device)
         if acc.num_processes > 1 and dist.is_initialized():
             dist.all_reduce(skipped, op=dist.ReduceOp.SUM)
+        if acc.is_main_process:
+            ckpt.start_tmp(tmp)  # a new folder: never a leftover one, nor a link planted there
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         # save_state has no closing barrier and every rank writes its own RNG file into tmp: without this one, the
@@ -1139,9 +1139,8 @@ class Trainer:
 
         path = self.out / "encoder.pt"
         state = {k: v.detach().cpu().contiguous() for k, v in export_encoder_state(self.raw_model).items()}
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)  # a kill while writing leaves the previous encoder.pt whole, not a truncated one
+        with atomic_write(path, "wb") as f:  # a kill while writing leaves the previous encoder.pt whole
+            torch.save(state, f)
         return path
 
     # ------------------------------------------------------------------------------------------------ signals

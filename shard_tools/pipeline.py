@@ -39,6 +39,7 @@ from matpac_fast.data_tar import ShardError, index_path, walk_file
 from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec
 from matpac_fast.interrupts import Terminated, sigterm_is_interrupt
 from matpac_fast.locks import close_lock_fd, open_lock_fd
+from matpac_fast.safe_files import create_new, write_atomic
 from shard_tools.decode import PYAV_HINT, TOO_LONG_HINT, Prepared, Skip, pad_wave_samples, prepare
 from shard_tools.discover import (
     Discovery,
@@ -386,9 +387,7 @@ def _append_line(path: Path, obj: dict) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, text, encoding="utf-8")  # never through a link planted at <path>.tmp
 
 
 # ------------------------------------------------------------------------------------------- the output folder
@@ -715,7 +714,7 @@ def _finalize(disc: Discovery, cfg: MakeConfig, journal: Path, phash: str) -> di
     # inputs themselves, and this was the run's peak. Only the shards' entries are kept, without their lines.
     shards, skipped, flags, n_inputs = [], Counter(), Counter(), 0
     manifest_tmp = out / "manifest.jsonl.tmp"  # as _write_atomic
-    with open(manifest_tmp, "w", encoding="utf-8") as f:
+    with os.fdopen(create_new(manifest_tmp), "w", encoding="utf-8") as f:  # never through a planted link
         for e in iter_journal(journal):
             lines = e.pop("manifest")
             f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines)
@@ -958,6 +957,9 @@ def _make_shards_locked(disc: Discovery, cfg: MakeConfig, order: list[Item], pha
                         out: Path) -> dict:
     _check_no_foreign_files(out)
     work, stats_path, journal = out / WORK_DIR, out / "stats.json", out / WORK_DIR / "journal.jsonl"
+    if work.is_symlink():  # the plan and journal would be written into (and the folder deleted at) its target
+        raise ValueError(f"{work} is a symbolic link, which make-shards never writes through: delete the link (not "
+                         "its target), or choose another --out")
     if cfg.overwrite:
         _clear(out, cfg.name)
     if stats_path.exists():

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from matpac_fast.data_tar import encode_index, index_path
+from matpac_fast.safe_files import create_new, write_atomic
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*$", re.IGNORECASE)
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -89,7 +90,7 @@ class ShardWriter:
     def __init__(self, out_dir: str | Path, name: str, index: int):
         self.final = Path(out_dir) / shard_name(name, index)
         self.tmp = self.final.with_name(self.final.name + ".tmp")
-        self._file = _HashingFile(open(self.tmp, "wb"))
+        self._file = _HashingFile(os.fdopen(create_new(self.tmp), "wb"))  # never through a link planted there
         # copybufsize: a payload goes to the file (and the hash) in one write, not in 16 KiB pieces
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT, copybufsize=1 << 22)
         self.count = 0
@@ -180,12 +181,7 @@ class _HashingFile:
 def write_index(tar: Path, keys: list[str], refs, tar_bytes: int) -> None:
     """The index file of shard `tar`, written as .tmp and renamed: under its final name it is always whole."""
     idx = Path(index_path(tar))
-    tmp = idx.with_name(idx.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(encode_index(keys, refs, tar_bytes))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, idx)
+    write_atomic(idx, encode_index(keys, refs, tar_bytes), fsync=True)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

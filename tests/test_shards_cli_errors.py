@@ -1009,22 +1009,22 @@ def test_rerun_of_a_complete_set_in_a_read_only_folder_cannot_add_index_files_an
     """Index files are optional: the rerun of a complete set made before them, in a folder it may not write (a
     shared, read-only set), was "error: Permission denied: ...tar.idx.tmp; fix that and run the same command again
     to finish", exit 1. It says the set is complete, that they could not be written and what that costs."""
-    import builtins
-
-    from shard_tools import writer
+    from matpac_fast import safe_files
 
     out = tmp_path / "set"
     shutil.copytree(small_set, out)
     for p in out.glob("*.tar.idx"):
         p.unlink()
     before = sorted(p.name for p in out.iterdir())
-    if os.geteuid() == 0:  # root writes anywhere: the refusal is played by the writer's open()
+    if os.geteuid() == 0:  # root writes anywhere: the refusal is played by the creation of the .tmp file
+        create_new = safe_files.create_new
+
         def refuse(path, *args, **kwargs):
             if os.fsdecode(path).endswith(".tar.idx.tmp"):
                 raise PermissionError(13, "Permission denied", str(path))
-            return builtins.open(path, *args, **kwargs)
+            return create_new(path, *args, **kwargs)
 
-        monkeypatch.setattr(writer, "open", refuse, raising=False)
+        monkeypatch.setattr(safe_files, "create_new", refuse)
     else:
         out.chmod(0o555)
     try:

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from matpac_fast.evaluation.datasets import LabelledSet
 from matpac_fast.frontend import FrontendSpec, LogMelSpec, check_kaiser_rate, get_spec, normalize, resample, to_mono
+from matpac_fast.safe_files import create_new
 
 EMBED_VERSION = 1
 SAMPLE_RATE = 16000
@@ -449,7 +450,8 @@ def _write_cache(path: Path, **arrays) -> None:
     tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(tmp, **arrays)
+        with os.fdopen(create_new(tmp), "wb") as f:  # never through a link planted under that name
+            np.savez(f, **arrays)
         os.replace(tmp, path)
     except OSError as e:
         warn(f"could not write the embedding cache entry {path} ({e.strerror or e}); continuing without it")

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from matpac_fast.safe_files import write_atomic
 
 TABLE_HEADER = (
     "| task | data | protocol | checkpoint | probe | lr | metric | mean ± std (%) | runs | dim | embed s | probe s |\n"
@@ -88,9 +89,7 @@ def unique_name(out: Path, task: str, name: str, probe: str, identity: str) -> t
 def write_json(out: Path, result: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     p = result_path(out, result["task"], result["checkpoint_name"], result.get("probe_id", result["probe"]))
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, p)  # atomic: an interrupted write never leaves half a result
+    write_atomic(p, json.dumps(result, indent=2) + "\n")  # atomic: an interrupted write never leaves half a result
     return p
 
 
@@ -173,9 +172,7 @@ def write_table(out: Path) -> Path:
     """Rebuild `out/results.md` (atomically) from every result JSON in `out`; refuses a results.md it did not write."""
     check_table(out)
     p = out / "results.md"
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(markdown_table(load_results(out)) + "\n" + TABLE_MARKER + "\n")
-    os.replace(tmp, p)
+    write_atomic(p, markdown_table(load_results(out)) + "\n" + TABLE_MARKER + "\n")
     return p
 
 

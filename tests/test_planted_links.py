@@ -1,0 +1,131 @@
+"""Folders someone else prepared (a run folder to resume, a shard set, an --out that exists): a planted symbolic
+link is never written through. Found by a security review; `matpac_fast.safe_files`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_shards_cli_errors import run, tone
+
+from matpac_fast import checkpoint as ckpt
+from matpac_fast.evaluation import report
+from matpac_fast.safe_files import atomic_write
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _victims(folder: Path, *names: str) -> dict[Path, str]:
+    folder.mkdir(exist_ok=True)
+    out = {}
+    for n in names:
+        (folder / n).write_text(f"victim {n}\n")
+        out[folder / n] = f"victim {n}\n"
+    return out
+
+
+def _unchanged(victims: dict[Path, str]) -> None:
+    for p, text in victims.items():
+        assert p.read_text() == text, p
+
+
+# ------------------------------------------------------------------------------- writes: links are not followed
+def test_atomic_write_replaces_a_planted_tmp_link_and_leaves_nothing_on_error(tmp_path):
+    victims = _victims(tmp_path / "victim", "a")
+    (tmp_path / "f.json.tmp").symlink_to(tmp_path / "victim" / "a")
+    with atomic_write(tmp_path / "f.json") as f:
+        f.write("mine")
+    assert (tmp_path / "f.json").read_text() == "mine" and not (tmp_path / "f.json.tmp").exists()
+    with pytest.raises(RuntimeError), atomic_write(tmp_path / "f.json") as f:
+        f.write("half")
+        raise RuntimeError
+    assert (tmp_path / "f.json").read_text() == "mine" and not os.path.lexists(tmp_path / "f.json.tmp")
+    _unchanged(victims)
+
+
+def test_make_shards_never_writes_through_planted_tmp_links(tmp_path):
+    # manifest.jsonl.tmp and sizes.json.tmp linked to other files: make-shards overwrote them
+    for i in range(2):
+        tone(tmp_path / "audio" / "cls" / f"t{i}.wav", freq=300.0 + 200 * i)
+    out = tmp_path / "out"
+    out.mkdir()
+    tmps = ["manifest.jsonl.tmp", "sizes.json.tmp", "stats.json.tmp", "shards-000000.tar.idx.tmp"]
+    victims = _victims(tmp_path / "victim", *[t.replace(".", "_") for t in tmps])
+    for t in tmps:
+        (out / t).symlink_to(tmp_path / "victim" / t.replace(".", "_"))
+    assert run("folder", str(tmp_path / "audio"), "--out", str(out)) == 0
+    _unchanged(victims)
+    for f in ("manifest.jsonl", "sizes.json", "stats.json", "shards-000000.tar.idx"):
+        assert (out / f).is_file() and not (out / f).is_symlink(), f
+    assert json.loads((out / "sizes.json").read_text()) == {"shards-000000.tar": 2}
+
+
+def test_make_shards_refuses_a_linked_work_folder(tmp_path):
+    # .make-shards linked to another folder: the plan and the journal were written there
+    tone(tmp_path / "audio" / "cls" / "t.wav")
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep")
+    (out / ".make-shards").symlink_to(elsewhere)
+    with pytest.raises(SystemExit, match=r"\.make-shards is a symbolic link, which make-shards never writes through"):
+        run("folder", str(tmp_path / "audio"), "--out", str(out))
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
+
+
+def test_a_resumed_run_never_writes_through_planted_links(tmp_path):
+    # A stranger's run folder, resumed: config.json.tmp, history.jsonl.tmp and encoder.pt.tmp linked to other files
+    # were overwritten, and checkpoints/step_00000006.tmp linked to another folder received the checkpoint (and the
+    # link became the checkpoint).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+        "PYTHONPATH", "")])}
+    tiny = [sys.executable, str(ROOT / "train.py"), "--recipe", "tiny", "--shards", "synthetic:64", "--batch-size",
+            "8", "--workers", "0", "--log-every", "1", "--progress", "false", "--model", "depth=1", "--model",
+            "pred_depth=1", "--out", str(tmp_path / "run")]
+    subprocess.run([*tiny, "--max-steps", "3"], check=True, env=env, capture_output=True)
+    run_dir = tmp_path / "run"
+    names = ["config.json.tmp", "history.jsonl.tmp", "encoder.pt.tmp"]
+    victims = _victims(tmp_path / "victim", *names)
+    for n in names:
+        (run_dir / n).symlink_to(tmp_path / "victim" / n)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run_dir / "checkpoints" / "step_00000006.tmp").symlink_to(outside)
+    res = subprocess.run([*tiny, "--max-steps", "6", "--resume", "auto"], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _unchanged(victims)
+    assert list(outside.iterdir()) == []
+    final = run_dir / "checkpoints" / "step_00000006"
+    assert final.is_dir() and not final.is_symlink() and (final / "trainer_state.json").is_file()
+    assert not any(os.path.lexists(run_dir / n) for n in names)
+
+
+def test_a_linked_or_hard_linked_lock_file_is_refused_and_its_target_kept(tmp_path):
+    # .matpac-train.lock linked to another file: the lock truncated it and wrote a pid into it
+    victims = _victims(tmp_path / "victim", "lock.txt")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ckpt.LOCK_FILE).symlink_to(tmp_path / "victim" / "lock.txt")
+    with pytest.raises(ValueError, match=r"\.matpac-train\.lock is a symbolic link"):
+        ckpt.OutLock(out).acquire()
+    (out / ckpt.LOCK_FILE).unlink()
+    os.link(tmp_path / "victim" / "lock.txt", out / ckpt.LOCK_FILE)
+    with pytest.raises(ValueError, match=r"is not a plain file of its own"):
+        ckpt.OutLock(out).acquire()
+    _unchanged(victims)
+    (out / ckpt.LOCK_FILE).unlink()
+    lock = ckpt.OutLock(out)
+    assert lock.acquire() is None and (out / ckpt.LOCK_FILE).read_text().startswith(f"{os.getpid()} ")
+    lock.release()
+
+
+def test_matpac_eval_never_writes_its_table_through_a_planted_link(tmp_path):
+    victims = _victims(tmp_path / "victim", "ev.txt")
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "results.md.tmp").symlink_to(tmp_path / "victim" / "ev.txt")
+    p = report.write_table(out)
+    _unchanged(victims)
+    assert report.TABLE_MARKER in p.read_text() and not os.path.lexists(out / "results.md.tmp")
