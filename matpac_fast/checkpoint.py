@@ -81,6 +81,9 @@ def check_out(out: str | Path, resume: str) -> None:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file: give a directory for the run")
+    if (out / "history.jsonl").is_symlink():  # appended to in place: rows went into the link's target (made if none)
+        raise ValueError(f"{out / 'history.jsonl'} is a symbolic link, which matpac-train never writes through: "
+                         "delete the link (not its target), or choose another --out")
     if _foreign_config(out / "config.json"):  # the run writes its own there at start: never over someone else's
         raise ValueError(f"--out {out} holds a config.json that matpac-train did not write: choose another --out (or "
                          "move that file)")

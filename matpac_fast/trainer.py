@@ -765,7 +765,8 @@ class Trainer:
     def _append_row(self, row: dict, history: list[dict]) -> None:
         history.append(row)
         if self.accelerator.is_main_process:  # appended as we go: a killed run keeps its trace
-            with open(self.out / "history.jsonl", "a") as f:
+            # O_NOFOLLOW: a link planted after check_out is an error, never a write into its target
+            with open(self.out / "history.jsonl", "a", opener=lambda p, fl: os.open(p, fl | os.O_NOFOLLOW, 0o666)) as f:
                 f.write(_json_row(row) + "\n")
 
     def _worker_died(self, what: str) -> TrainingAborted:

@@ -129,3 +129,14 @@ def test_matpac_eval_never_writes_its_table_through_a_planted_link(tmp_path):
     p = report.write_table(out)
     _unchanged(victims)
     assert report.TABLE_MARKER in p.read_text() and not os.path.lexists(out / "results.md.tmp")
+
+
+def test_a_linked_history_is_refused_before_a_row_is_appended_through_it(tmp_path):
+    # history.jsonl, a dangling link in a new run's --out: the rows were appended to (a new file at) its target
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "history.jsonl").symlink_to(tmp_path / "made.txt")
+    for resume in ("", "auto"):
+        with pytest.raises(ValueError, match=r"history\.jsonl is a symbolic link, which matpac-train never writes"):
+            ckpt.check_out(out, resume)
+    assert not (tmp_path / "made.txt").exists()
