@@ -23,6 +23,7 @@ import stat
 from pathlib import Path
 
 from matpac_fast.locks import close_lock_fd, open_lock_fd
+from matpac_fast.safe_files import JSON_MAX_BYTES, read_regular
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "trainer_state.json"
@@ -73,6 +74,9 @@ def resolve_resume(resume: str, out: str | Path) -> Path | None:
 # What marks a folder as holding a run: a new run there would prune, overwrite or append to them. (A run that failed
 # before its first log step leaves only config.json and tb/: nothing to lose, so the corrected command may reuse it.)
 RUN_FILES = ("history.jsonl", "encoder.pt")
+# history.jsonl's bound (a row is ~400 bytes: millions of rows), and JSON_MAX_BYTES the bound of the small JSON files
+# read here: what reading one may cost (a link to /dev/zero was read until memory ran out)
+HISTORY_MAX_BYTES = 1 << 30
 
 
 def check_out(out: str | Path, resume: str) -> None:
@@ -111,7 +115,7 @@ def check_out(out: str | Path, resume: str) -> None:
         # resumed one would keep its rows as its own history. (Rows after the step are this resume's own, redone
         # as after a kill; the same settings are the same run rolled back, its checkpoints moved away.)
         try:
-            state = json.loads((Path(resume) / STATE_FILE).read_text())
+            state = json.loads(read_regular(Path(resume) / STATE_FILE, JSON_MAX_BYTES))
         except (OSError, ValueError):
             state = None  # reported in its own words when the trainer reads it (read_state)
         mixed = "encoder.pt" in found or _history_reaches(out / "history.jsonl", state)
@@ -126,7 +130,7 @@ def _same_settings(config: Path, state) -> bool:
     from matpac_fast.train_config import resume_changes
 
     try:
-        run = json.loads(config.read_text())
+        run = json.loads(read_regular(config, JSON_MAX_BYTES))
         blocking, _ = resume_changes({**state["config"], "model": state["model_config"]},
                                      {**run["train"], "model": run["model"]})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -139,17 +143,22 @@ def _foreign_config(path: Path) -> bool:
     if not path.exists():
         return False
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
+        obj = json.loads(read_regular(path, JSON_MAX_BYTES))
+    except (OSError, ValueError, RecursionError):
         return True
     return not (isinstance(obj, dict) and isinstance(obj.get("train"), dict) and isinstance(obj.get("model"), dict))
+
+
+def read_history(path: Path) -> str:
+    """The text of history.jsonl (OSError when it is not a regular file or is over HISTORY_MAX_BYTES)."""
+    return read_regular(path, HISTORY_MAX_BYTES).decode(errors="replace")
 
 
 def _history_reaches(history: Path, state) -> bool:
     """True when `history` has a row at or before the step of the checkpoint whose trainer state is `state`."""
     try:
         step = state["step"]
-        rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in read_history(history).splitlines() if line.strip()]
     except (OSError, ValueError, KeyError, TypeError):
         return history.exists()  # unreadable: not this resume's to keep
     return any(isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step for r in rows)
@@ -256,10 +265,12 @@ def read_state(path: Path) -> dict:
     """trainer_state.json of checkpoint `path`, checked: a one-line ValueError naming the file if it is unusable."""
     f = Path(path) / STATE_FILE
     try:
-        state = json.loads(f.read_text())
+        state = json.loads(read_regular(f, JSON_MAX_BYTES))
     except FileNotFoundError:
         raise ValueError(f"{f} is missing: the checkpoint is incomplete; {_EARLIER}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # nested too deep
+    except OSError as e:  # not a regular file (a link to /dev/zero, a FIFO), too large, unreadable
+        raise ValueError(f"{f} is unreadable ({e.strerror or e}); {_EARLIER}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # nested too deep
         raise ValueError(f"{f} is not valid JSON ({e}); {_EARLIER}") from None
     bad = [k for k in _REQUIRED if not isinstance(state, dict) or type(state.get(k)) is not int]
     if bad:

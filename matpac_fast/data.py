@@ -84,6 +84,7 @@ import torch
 from matpac_fast.data_tar import IndexCache, ShardError, iter_stream_samples, npy_view, shard_set_subfolder_hint
 from matpac_fast.frontend import FrontendSpec, check_compatible, get_spec, normalize
 from matpac_fast.lifetime import parent_death_setter
+from matpac_fast.safe_files import JSON_MAX_BYTES, read_regular
 
 _ORDER_SALT, _SHUFFLE_SALT, _CROP_SALT = 0x5EED, 1, 2
 _SHARD_EXCEPTIONS = (ShardError, OSError, ValueError, KeyError, EOFError)
@@ -245,8 +246,8 @@ def _shard_name(url: str) -> str:
 
 
 def read_bytes(url: str) -> bytes:
-    if is_local(url):
-        return Path(_local_path(url)).read_bytes()
+    if is_local(url):  # a regular file of a bounded size: a link to /dev/zero was read until memory ran out
+        return read_regular(_local_path(url), JSON_MAX_BYTES)
     if url.startswith("pipe:"):
         # Through open_stream, so the command runs in its own session, as shard streams do: a Ctrl-C to the run's
         # process group is this process's KeyboardInterrupt (one line, exit 130), not the command's death read as
@@ -577,7 +578,7 @@ def _listed_missing(pattern: str, found: list[str], meta: str | None) -> list[st
     for d in dirs:
         sizes_path = os.path.join(_local_path(meta), "sizes.json") if meta else os.path.join(d, "sizes.json")
         try:
-            listed = json.loads(Path(sizes_path).read_text())
+            listed = json.loads(read_regular(sizes_path, JSON_MAX_BYTES))
         except (OSError, ValueError):
             continue  # no sizes.json here: the glob is all there is (_open_urls says what is wrong, if anything)
         have = present.setdefault(sizes_path, set())

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from matpac_fast.safe_files import TooLarge, read_regular
+
 BLOCK = 512
 _ZERO_BLOCK = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")
@@ -467,6 +469,8 @@ def _header_mismatch(mm, off: int, size: int, name: str) -> str | None:
 
 INDEX_FORMAT = "matpac_fast.tar_index"
 INDEX_VERSION = 1
+# ~60 bytes a clip: AudioSet's 2 million clips in one shard make ~120 MB
+INDEX_MAX_BYTES = 256 << 20
 
 
 def index_path(tar_path: str | Path) -> str:
@@ -483,14 +487,20 @@ def encode_index(keys: list[str], refs, tar_bytes: int) -> bytes:
 def read_index_file(tar_path: str | Path, tar_bytes: int) -> tuple[list[str], np.ndarray]:
     """(keys, refs) from a shard's index file, as `walk_table` gives them; ShardError saying why it cannot be used:
     unreadable, not an index of this format, made for a tar of another size, or offsets outside the tar."""
+    # ~60 bytes a clip of >= 2 KB in the tar: a larger file is not this shard's index; nor one over INDEX_MAX_BYTES
+    # (a sparse file costs nothing on disk, and the tar's own size is no bound on a huge shard's index).
+    limit = min(max(tar_bytes, 1 << 20), INDEX_MAX_BYTES)
     try:
-        with open(index_path(tar_path), "rb") as f:
-            n = os.fstat(f.fileno()).st_size
-            if n > max(tar_bytes, 1 << 20):  # ~60 bytes a clip of >= 2 KB in the tar: not this shard's index
-                raise ShardError(f"{n} bytes, larger than its shard")
-            obj = json.loads(f.read())
+        # a regular file only: a link to /dev/zero (st_size 0) was read without end, and a FIFO's open hung
+        raw = read_regular(index_path(tar_path), limit)
+    except TooLarge as e:
+        what = f"{e.size} bytes" if e.size is not None else "it grew while read"
+        than = "its shard" if limit < INDEX_MAX_BYTES else f"an index file may be ({limit} bytes)"
+        raise ShardError(f"{what}, larger than {than}") from None
     except OSError as e:
         raise ShardError(f"unreadable: {e.strerror or e}") from None
+    try:
+        obj = json.loads(raw)
     except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise ShardError("not valid JSON") from None
     if not isinstance(obj, dict) or obj.get("format") != INDEX_FORMAT:

@@ -825,7 +825,11 @@ class Trainer:
         if not path.exists():
             return
         keep = []
-        for line in path.read_text().splitlines():
+        try:
+            text = ckpt.read_history(path)
+        except OSError as e:  # not a regular file (a link to /dev/zero, a FIFO), too large
+            raise ValueError(f"{path} is unreadable ({e.strerror or e}): move it away to resume without it") from None
+        for line in text.splitlines():
             try:
                 row = json.loads(line)
             except ValueError:

@@ -30,6 +30,7 @@ import numpy as np
 from matpac_fast.cli_args import usable_cpus
 from matpac_fast.data_tar import ShardError, index_path, read_index_file, shard_set_subfolder_hint, walk_file
 from matpac_fast.interrupts import INTERRUPTED, run_main
+from matpac_fast.safe_files import JSON_MAX_BYTES, read_regular
 from shard_tools.workpool import WorkerDied, ordered_map
 from shard_tools.writer import sha256_file
 
@@ -90,9 +91,12 @@ _UNREADABLE = object()  # _load_json's answer for a missing or invalid file (alr
 
 def _load_json(path: Path, report: Report):
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        # a regular file of a bounded size: a link to /dev/zero was read until memory ran out
+        return json.loads(read_regular(path, JSON_MAX_BYTES).decode("utf-8"))
     except FileNotFoundError:
         report.problems.append(f"{path.name} is missing")
+    except OSError as e:
+        report.problems.append(f"{path.name} is unreadable: {e.strerror or e}")
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         report.problems.append(f"{path.name} is not valid JSON: {e}")
     return _UNREADABLE
@@ -331,7 +335,7 @@ def _foreign(path: Path) -> bool:
                 return False  # an empty manifest: nothing to tell
             line = json.loads(first)
             return not (isinstance(line, dict) and "source" in line and ("shard" in line or "skipped" in line))
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(read_regular(path, JSON_MAX_BYTES).decode("utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return False
     if path.name == "stats.json":

@@ -1,10 +1,12 @@
 """Folders someone else prepared (a run folder to resume, a shard set, an --out that exists): a planted symbolic
-link is never written through. Found by a security review; `matpac_fast.safe_files`."""
+link is never written through, and a link to /dev/zero (or a FIFO) in place of a metadata file is a quick one-line
+error, not a read until memory runs out (or a hang). Found by a security review; `matpac_fast.safe_files`."""
 
 import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,16 @@ def _victims(folder: Path, *names: str) -> dict[Path, str]:
 def _unchanged(victims: dict[Path, str]) -> None:
     for p, text in victims.items():
         assert p.read_text() == text, p
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory) -> Path:
+    """A complete two-clip set (make-shards of two tones)."""
+    base = tmp_path_factory.mktemp("set")
+    for i in range(2):
+        tone(base / "audio" / "cls" / f"t{i}.wav", freq=300.0 + 200 * i)
+    assert run("folder", str(base / "audio"), "--out", str(base / "shards")) == 0
+    return base / "shards"
 
 
 # ------------------------------------------------------------------------------- writes: links are not followed
@@ -140,3 +152,75 @@ def test_a_linked_history_is_refused_before_a_row_is_appended_through_it(tmp_pat
         with pytest.raises(ValueError, match=r"history\.jsonl is a symbolic link, which matpac-train never writes"):
             ckpt.check_out(out, resume)
     assert not (tmp_path / "made.txt").exists()
+
+
+# ------------------------------------------------------------------ reads: a device or FIFO is a one-line error
+def _bounded(code: str, timeout: float = 60) -> str:
+    """Run `code` in a Python whose address space may grow by 1 GiB at most after its imports (a read of /dev/zero
+    is a MemoryError there, not the machine's memory) and that is stopped after `timeout` s (a FIFO's open
+    hangs). Returns its stdout; it must end with "done"."""
+    prelude = textwrap.dedent("""
+        import resource
+        import matpac_fast.data, matpac_fast.checkpoint, shard_tools.verify
+        vm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmSize:")) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
+        "PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code) + "\nprint('done')\n"], env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0 and res.stdout.rstrip().endswith("done"), (res.stdout, res.stderr[-3000:])
+    return res.stdout
+
+
+@pytest.mark.parametrize("kind", ["zero", "fifo"])
+def test_an_index_file_that_is_a_device_or_fifo_is_not_used(shard_set, tmp_path, kind):
+    d = tmp_path / "set"
+    d.mkdir()
+    for p in shard_set.iterdir():
+        if p.is_file():
+            (d / p.name).write_bytes(p.read_bytes())
+    idx = d / "shards-000000.tar.idx"
+    idx.unlink()
+    idx.symlink_to("/dev/zero") if kind == "zero" else os.mkfifo(idx)
+    out = _bounded(f"""
+        import os
+        from matpac_fast.data_tar import ShardError, read_index_file
+        from shard_tools.verify import verify
+        tar = {str(d / "shards-000000.tar")!r}
+        try:
+            read_index_file(tar, os.path.getsize(tar))
+        except ShardError as e:
+            print("error:", e)
+        print("problems:", verify({str(d)!r}, workers=1, progress=False).problems)
+    """)
+    assert "error: unreadable: not a regular file" in out
+    assert "not a regular file" in out.split("problems:")[1]
+
+
+@pytest.mark.parametrize("kind", ["zero", "fifo"])
+def test_sizes_json_or_trainer_state_that_is_a_device_is_a_one_line_error(shard_set, tmp_path, kind):
+    d = tmp_path / "set"
+    d.mkdir()
+    for p in shard_set.iterdir():
+        if p.is_file():
+            (d / p.name).write_bytes(p.read_bytes())
+    (d / "sizes.json").unlink()
+    (d / "sizes.json").symlink_to("/dev/zero") if kind == "zero" else os.mkfifo(d / "sizes.json")
+    state = tmp_path / "ck" / "step_00000001" / ckpt.STATE_FILE
+    state.parent.mkdir(parents=True)
+    state.symlink_to("/dev/zero") if kind == "zero" else os.mkfifo(state)
+    out = _bounded(f"""
+        from matpac_fast.data import ShardSource
+        from matpac_fast.checkpoint import read_state
+        from shard_tools.verify import verify
+        for f in (lambda: ShardSource.open({str(d)!r}), lambda: read_state({str(state.parent)!r})):
+            try:
+                f()
+            except ValueError as e:
+                print("error:", e)
+        print("problems:", verify({str(d)!r}, workers=1, progress=False).problems)
+    """)
+    assert "sizes.json (not a regular file)" in out
+    assert f"{state} is unreadable (not a regular file)" in out
+    assert "sizes.json is unreadable: not a regular file" in out

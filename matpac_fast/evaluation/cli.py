@@ -26,6 +26,7 @@ from matpac_fast.evaluation.datasets import LabelledSet, UnknownLabels, load_dat
 from matpac_fast.evaluation.folds import Scheme, make_folds, parse_scheme
 from matpac_fast.evaluation.metrics import metric_name
 from matpac_fast.evaluation.probe import LinearProbeConfig, ProbeSettings, run_probes, summarize
+from matpac_fast.safe_files import JSON_MAX_BYTES, read_regular
 
 # The M2D probe learning rate (3e-5) needs most of its 200 epochs on small CPU-sized sets and still under-fits a
 # 160-d baseline; 3e-3 reaches the same or better validation scores in a few dozen epochs. `--lr 3e-5` gives parity.
@@ -452,7 +453,7 @@ def _short_of_schedule(path: Path) -> str | None:
     else:
         return None
     try:
-        state = json.loads(state_file.read_text())
+        state = json.loads(read_regular(state_file, JSON_MAX_BYTES))  # a link to /dev/zero: read without end
         step, total = int(state["step"]), int(state["total_steps"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
