@@ -50,6 +50,7 @@ from shard_tools.discover import (
     segments_line,
     unique_keys,
 )
+from shard_tools.verify import is_manifest_line
 from shard_tools.workpool import WorkerDied, ordered_map
 from shard_tools.writer import ShardLimit, ShardWriter, encode_json, encode_npy, parse_shard_size, write_index
 
@@ -446,11 +447,15 @@ def _not_ours(path: Path) -> str | None:
     if path.name == "manifest.jsonl":
         with open(path, "rb") as f:
             first = f.readline()
+        if not first.strip():
+            return None  # empty: nothing in it to lose
         try:
-            line = json.loads(first) if first.strip() else {"source": ""}
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            line = json.loads(first)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             line = None
-        return None if isinstance(line, dict) and "source" in line else "is not a make-shards manifest"
+        # verify-shards' rule: a first line with "source" was enough here, and a user's attribution manifest (source,
+        # path, license, author) was replaced without --overwrite
+        return None if is_manifest_line(line) else "is not a make-shards manifest"
     obj, why = _read_json(path)
     if why:
         return why

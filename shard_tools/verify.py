@@ -49,6 +49,8 @@ MAX_REPORTED = 20
 NO_LABEL = "(no label)"  # the histogram's row of the samples without a label: not a class
 WORK_DIR = ".make-shards"  # = pipeline.WORK_DIR (not imported: verify must not pull in torch)
 SHARD_RE = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)-\d{6}\.tar$")
+# manifest.jsonl's lines as make-shards writes them: a written input, or a skipped one (pipeline._Segment.add)
+MANIFEST_WRITTEN, MANIFEST_SKIPPED = {"source", "key", "shard", "flags"}, {"source", "skipped", "detail"}
 
 
 @dataclass
@@ -324,6 +326,17 @@ def is_make_shards_stats(obj) -> bool:
     return isinstance(obj, dict) and "format_version" in obj and ("tool_version" in obj or "plan_hash" in obj)
 
 
+def is_manifest_line(line) -> bool:
+    """A line of manifest.jsonl as make-shards writes it: source with key and shard (a written input) or with skipped
+    (a skipped one), and no other field. A user's manifest (source, path, license, ...) is not one. make-shards
+    replaces a manifest.jsonl only when this says its first line is its own."""
+    if not isinstance(line, dict) or not isinstance(line.get("source"), str):
+        return False
+    if "skipped" in line:
+        return set(line) <= MANIFEST_SKIPPED and isinstance(line["skipped"], str)
+    return set(line) <= MANIFEST_WRITTEN and isinstance(line.get("key"), str) and isinstance(line.get("shard"), str)
+
+
 def _foreign(path: Path) -> bool:
     """True when `path` (stats.json, sizes.json or manifest.jsonl) is valid JSON that make-shards did not write.
     Unreadable or invalid JSON is not called foreign: it may be a damaged file of a set, reported as such."""
@@ -333,8 +346,7 @@ def _foreign(path: Path) -> bool:
                 first = f.readline()
             if not first.strip():
                 return False  # an empty manifest: nothing to tell
-            line = json.loads(first)
-            return not (isinstance(line, dict) and "source" in line and ("shard" in line or "skipped" in line))
+            return not is_manifest_line(json.loads(first))
         obj = json.loads(read_regular(path, JSON_MAX_BYTES).decode("utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         return False

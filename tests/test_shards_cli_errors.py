@@ -524,6 +524,46 @@ def test_foreign_stats_json_is_named_and_kept(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["stats.json"]
 
 
+@pytest.mark.parametrize("first", [
+    '{"source": "freesound/123", "path": "a.wav", "license": "CC-BY", "author": "x"}',  # an attribution list
+    '{"source": "a.wav", "label": "dog"}',
+    '{"source": "a.wav", "shard": "shards-000000.tar", "license": "CC0"}',
+])
+def test_a_users_manifest_jsonl_is_kept_and_both_tools_call_it_foreign(tmp_path, capsys, first):
+    """A manifest.jsonl whose first line merely had a "source" key counted as make-shards' own and was replaced
+    without --overwrite (security review 3a); verify-shards already called the first one foreign: one rule now."""
+    tone(tmp_path / "in" / "c" / "a.wav")
+    out = tmp_path / "out"
+    out.mkdir()
+    text = first + '\n{"source": "b.wav"}\n'
+    (out / "manifest.jsonl").write_text(text)
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as e:
+            run("folder", str(tmp_path / "in"), "--out", str(out), *extra)
+        msg = str(e.value)
+        assert "manifest.jsonl is not a make-shards manifest" in msg and "move it out of" in msg and "\n" not in msg
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.jsonl"]
+    assert (out / "manifest.jsonl").read_text() == text
+    capsys.readouterr()
+    assert verify(out) == 1
+    assert "NOT A SHARD SET" in capsys.readouterr().out
+
+
+def test_make_shards_and_verify_agree_on_whose_manifest_it_is(tmp_path):
+    from shard_tools.pipeline import _not_ours
+    from shard_tools.verify import _foreign
+
+    lines = ['{"key": "k", "shard": "shards-000000.tar", "source": "a.wav"}',
+             '{"flags": ["cropped"], "key": "k", "shard": "shards-000000.tar", "source": "a.wav"}',
+             '{"skipped": "too_short", "source": "a.wav"}', '{"detail": "x", "skipped": "empty", "source": "a.wav"}',
+             '{"source": "a.wav"}', '{"source": "a.wav", "path": "a.wav"}', '{"source": 3, "skipped": "empty"}',
+             '{"key": "k", "source": "a.wav"}', '["source"]']
+    for i, line in enumerate(lines):  # the first four are lines make-shards writes
+        (tmp_path / "manifest.jsonl").write_text(line + "\n")
+        assert _foreign(tmp_path / "manifest.jsonl") == (i >= 4), line
+        assert (_not_ours(tmp_path / "manifest.jsonl") is not None) == (i >= 4), line
+
+
 def test_verify_only_warns_about_unrelated_tar_files(tmp_path, capsys):
     tone(tmp_path / "in" / "c" / "a.wav")
     out = tmp_path / "out"
