@@ -50,7 +50,7 @@ from shard_tools.discover import (
     segments_line,
     unique_keys,
 )
-from shard_tools.verify import is_manifest_line
+from shard_tools.verify import is_make_shards_stats, is_manifest_line
 from shard_tools.workpool import WorkerDied, ordered_map
 from shard_tools.writer import ShardLimit, ShardWriter, encode_json, encode_npy, parse_shard_size, write_index
 
@@ -460,10 +460,34 @@ def _not_ours(path: Path) -> str | None:
     if why:
         return why
     if path.name == "stats.json":
-        ok = isinstance(obj, dict) and "plan_hash" in obj and "format_version" in obj
-        return None if ok else "is not a make-shards stats.json (it has no plan_hash)"
+        return _stats_not_ours(obj)
     ok = isinstance(obj, dict) and all(SHARD_RE.match(k) and isinstance(v, int) for k, v in obj.items())
     return None if ok else "is not a make-shards sizes.json"
+
+
+def _stats_not_ours(obj) -> str | None:
+    """Why stats.json's `obj` is not one make-shards can act on, or None. make-shards deletes the shards a stats.json
+    lists (--overwrite) and takes one with "written" 0 for an empty set to replace, so beyond verify-shards' rule for
+    whose file it is, the fields it acts on must be as make-shards writes them: "written" a count, "shard_sha256"
+    {<name>-NNNNNN.tar: digest} (absent only in an empty set), and shards listed exactly when clips were written. A
+    "written" of 0 (or none) beside a list of shards replaced a complete set, a user's shards-000099.tar included."""
+    if not (is_make_shards_stats(obj) and isinstance(obj.get("plan_hash"), str)):
+        return "is not a make-shards stats.json (it has no plan_hash)"
+    written, listed = obj.get("written"), obj.get("shard_sha256", {})
+    if isinstance(written, bool) or not isinstance(written, int) or written < 0:
+        return f"is not as make-shards writes it ('written' is {_short(written)})"
+    if not isinstance(listed, dict) or not all(
+        isinstance(k, str) and SHARD_RE.match(k) and isinstance(v, str) for k, v in listed.items()
+    ):
+        return f"is not as make-shards writes it ('shard_sha256' is {_short(listed)})"
+    if bool(written) != bool(listed):
+        return f"is not as make-shards writes it ({written} clips written, {len(listed)} shards listed)"
+    return None
+
+
+def _short(v) -> str:
+    text = json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_no_foreign_files(out: Path) -> None:
@@ -474,8 +498,8 @@ def _check_no_foreign_files(out: Path) -> None:
             why = _not_ours(p)
             if why:
                 raise ValueError(
-                    f"{p} {why}, and make-shards writes a file of that name: move it out of {out} or choose "
-                    f"another --out"
+                    f"{p} {why}, and make-shards writes a file of that name: move it out of {out} (or remove the "
+                    f"set it belongs to) or choose another --out; nothing was changed"
                 )
 
 
@@ -506,12 +530,12 @@ def _written_files(out: Path, name: str) -> list[Path]:
     return sorted(found)
 
 
-def _clear(out: Path, name: str) -> None:
+def _clear(out: Path, name: str, shards: bool = True) -> None:
     """--overwrite: delete what make-shards wrote in `out` (`_written_files`: every earlier set's shards, whatever
     its --name; and any <name>-NNNNNN.tar of this run's name, the files it would overwrite: a run without
     --overwrite refuses them and names them), sizes, stats, manifest and .make-shards/; never other files.
-    Foreign sizes/stats/manifest files were refused before."""
-    for p in _written_files(out, name):
+    Foreign sizes/stats/manifest files were refused before. `shards=False`: only the files that are not shards."""
+    for p in _written_files(out, name) if shards else []:
         p.unlink()
     for f in SET_FILES:
         (out / f).unlink(missing_ok=True)
@@ -549,15 +573,20 @@ def _open_plan(out: Path, cfg: MakeConfig, phash: str, accepted: set[str], shash
             if p.name.endswith(".tmp"):
                 p.unlink()  # the unfinished first shard of the run that never finished one
         shutil.rmtree(work)
-    unknown = [p for p in _shard_files(out, {cfg.name}) if p.suffix == ".tar"]
-    if unknown:
-        raise ValueError(
-            f"{out} already has {len(unknown)} {cfg.name}-NNNNNN.tar file(s) from an unknown run; pass --overwrite to "
-            "delete them, or choose another --out"
-        )
+    _refuse_unknown_shards(out, cfg.name)
     work.mkdir(exist_ok=True)
     plan = {"plan_hash": phash, "settings_hash": shash, "inputs": n_inputs, "name": cfg.name}
     _write_atomic(plan_path, json.dumps(plan) + "\n")
+
+
+def _refuse_unknown_shards(out: Path, name: str) -> None:
+    """A <name>-NNNNNN.tar that no run of this folder lists would be overwritten: refused (--overwrite deletes it)."""
+    unknown = [p for p in _shard_files(out, {name}) if p.suffix == ".tar"]
+    if unknown:
+        raise ValueError(
+            f"{out} already has {len(unknown)} {name}-NNNNNN.tar file(s) from an unknown run; pass --overwrite to "
+            "delete them, or choose another --out"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------- run
@@ -979,7 +1008,10 @@ def _make_shards_locked(disc: Discovery, cfg: MakeConfig, order: list[Item], pha
         if old.get("written"):
             raise ValueError(f"{out} already holds a different shard set (other options, or inputs added, removed, "
                              "modified or relabelled since); choose another --out or pass --overwrite")
-        _clear(out, cfg.name)  # an empty set left by an older version: nothing to keep
+        # an empty set left by an older version (no shards: _stats_not_ours): its files go, but no shard-named file,
+        # which is someone else's (one of this run's name is refused first, as _open_plan does)
+        _refuse_unknown_shards(out, cfg.name)
+        _clear(out, cfg.name, shards=False)
     _open_plan(out, cfg, phash, accepted, settings_hash(disc, cfg), len(disc.items))
     for p in _shard_files(out, {cfg.name}):  # a shard the killed run was writing
         if p.name.endswith(".tmp"):

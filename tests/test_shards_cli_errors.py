@@ -564,6 +564,44 @@ def test_make_shards_and_verify_agree_on_whose_manifest_it_is(tmp_path):
         assert (_not_ours(tmp_path / "manifest.jsonl") is not None) == (i >= 4), line
 
 
+@pytest.mark.parametrize("change", [{"written": 0}, {"written": None}, {"written": "4"}, {"shard_sha256": None},
+                                    {"shard_sha256": {}}, {"shard_sha256": ["shards-000000.tar"]}])
+def test_a_stats_json_not_as_make_shards_writes_it_deletes_nothing(small_set, tmp_path, change):
+    """stats.json with "written" 0 (or without "written") counted as an empty set of an older version: the whole set
+    went without --overwrite, every shard it listed and a user's shards-000099.tar too, and a smaller set took its
+    place (security review 3c). Now refused in one line, with or without --overwrite, nothing deleted."""
+    out = tmp_path / "set"
+    shutil.copytree(small_set, out)
+    stats = json.loads((out / "stats.json").read_text())
+    stats.update(change)
+    if change.get("written", 1) is None:
+        del stats["written"]
+    (out / "stats.json").write_text(json.dumps(stats))
+    (out / "shards-000099.tar").write_bytes(b"mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as e:
+            run("synthetic", "--n", "4", "--out", str(out), *extra)
+        msg = str(e.value)
+        assert "stats.json is not as make-shards writes it" in msg and "nothing was changed" in msg, msg
+        assert "\n" not in msg
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_an_empty_set_of_an_older_version_is_replaced_but_not_a_users_shard_file(tmp_path):
+    out = tmp_path / "legacy"
+    out.mkdir()
+    (out / "sizes.json").write_text("{}")
+    (out / "stats.json").write_text(json.dumps({"format_version": 1, "plan_hash": "x", "written": 0, "inputs": 0}))
+    (out / "shards-000099.tar").write_bytes(b"mine")
+    with pytest.raises(SystemExit, match="already has 1 shards-NNNNNN.tar file.s. from an unknown run"):
+        run("synthetic", "--n", "2", "--out", str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["shards-000099.tar", "sizes.json", "stats.json"]
+    assert run("synthetic", "--n", "2", "--out", str(out), "--name", "other") == 0
+    assert (out / "shards-000099.tar").read_bytes() == b"mine"
+    assert json.loads((out / "stats.json").read_text())["written"] == 2
+
+
 def test_verify_only_warns_about_unrelated_tar_files(tmp_path, capsys):
     tone(tmp_path / "in" / "c" / "a.wav")
     out = tmp_path / "out"
