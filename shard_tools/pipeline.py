@@ -462,7 +462,27 @@ def _not_ours(path: Path) -> str | None:
     if path.name == "stats.json":
         return _stats_not_ours(obj)
     ok = isinstance(obj, dict) and all(SHARD_RE.match(k) and isinstance(v, int) for k, v in obj.items())
-    return None if ok else "is not a make-shards sizes.json"
+    if not ok:
+        return "is not a make-shards sizes.json"
+    # A WebDataset set's own sizes.json has that shape too ({"audio-000000.tar": 100}): it was replaced, and with
+    # --overwrite the shards it lists were deleted. make-shards writes sizes.json just before stats.json, listing
+    # the same shards, so it is make-shards' when stats.json (checked first) or, killed between the two, the
+    # interrupted run's journal lists exactly its shards.
+    listed = _listed_by_make_shards(path.parent)
+    if listed is None or set(obj) != listed:
+        return "is not make-shards' (no make-shards stats.json or interrupted run in that folder lists its shards)"
+    return None
+
+
+def _listed_by_make_shards(out: Path) -> set[str] | None:
+    """The shards make-shards' stats.json in `out` lists, else those its interrupted run journaled; None: neither."""
+    if (out / "stats.json").is_file():
+        stats, _ = _read_json(out / "stats.json")
+        return set(stats.get("shard_sha256", {})) if isinstance(stats, dict) and not _stats_not_ours(stats) else None
+    journal = out / WORK_DIR / "journal.jsonl"
+    if journal.is_file():
+        return {e["shard"] for e in iter_journal(journal) if isinstance(e, dict) and isinstance(e.get("shard"), str)}
+    return None
 
 
 def _stats_not_ours(obj) -> str | None:
@@ -492,7 +512,7 @@ def _short(v) -> str:
 
 def _check_no_foreign_files(out: Path) -> None:
     """make-shards replaces sizes.json, stats.json and manifest.jsonl: refuse when one of them is someone else's."""
-    for name in SET_FILES:
+    for name in ("stats.json", "sizes.json", "manifest.jsonl"):  # stats.json first: sizes.json's check reads it
         p = out / name
         if p.exists() or p.is_symlink():
             why = _not_ours(p)

@@ -215,7 +215,9 @@ def test_a_plan_without_work_does_not_lock_the_folder(tmp_path):
     (out / ".make-shards").mkdir()
     (out / ".make-shards" / "plan.json").write_text(json.dumps({"plan_hash": "other", "inputs": 1}))
     (out / ".make-shards" / "journal.jsonl").write_text(json.dumps({"shard": None, "start": 0, "end": 1}) + "\n")
+    # (sizes.json too: one that neither a stats.json nor the journal lists the shards of is no longer make-shards')
     (out / "stats.json").unlink()
+    (out / "sizes.json").unlink()
     with pytest.raises(SystemExit, match="interrupted run with other inputs.*--overwrite"):
         run("folder", str(tmp_path / "in"), "--out", str(out))
 
@@ -600,6 +602,47 @@ def test_an_empty_set_of_an_older_version_is_replaced_but_not_a_users_shard_file
     assert run("synthetic", "--n", "2", "--out", str(out), "--name", "other") == 0
     assert (out / "shards-000099.tar").read_bytes() == b"mine"
     assert json.loads((out / "stats.json").read_text())["written"] == 2
+
+
+def test_another_tools_sizes_json_and_its_shards_are_kept(small_set, tmp_path):
+    """A WebDataset set's sizes.json ({"audio-000000.tar": n}) has make-shards' shape: it was replaced, and with
+    --overwrite the audio-*.tar shards it lists were deleted (security review 3b)."""
+    out = tmp_path / "wds"
+    out.mkdir()
+    for i in range(2):
+        shutil.copy(small_set / f"shards-00000{i}.tar", out / f"audio-00000{i}.tar")
+    (out / "sizes.json").write_text(json.dumps({"audio-000000.tar": 4, "audio-000001.tar": 4}))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    for extra in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as e:
+            run("synthetic", "--n", "4", "--out", str(out), *extra)
+        assert "sizes.json is not make-shards'" in str(e.value) and "nothing was changed" in str(e.value)
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a make-shards set's sizes.json beside another tool's stats.json-less shards: the same
+    shutil.copy(small_set / "sizes.json", out / "sizes.json")
+    with pytest.raises(SystemExit, match="sizes.json is not make-shards'"):
+        run("synthetic", "--n", "4", "--out", str(out), "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == ["audio-000000.tar", "audio-000001.tar", "sizes.json"]
+
+
+def test_a_run_killed_between_sizes_json_and_stats_json_is_finished(tmp_path, monkeypatch):
+    from shard_tools import pipeline
+
+    real = pipeline._write_atomic
+
+    def killed_before_stats(path, text):
+        if path.name == "stats.json":
+            raise KeyboardInterrupt
+        real(path, text)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_write_atomic", killed_before_stats)
+        with pytest.raises(SystemExit, match="130"):  # the CLI's status for a Ctrl-C
+            run("synthetic", "--n", "4", "--out", str(out), "--shard-size", "2")
+    assert (out / "sizes.json").is_file() and not (out / "stats.json").exists()
+    assert run("synthetic", "--n", "4", "--out", str(out), "--shard-size", "2") == 0
+    assert json.loads((out / "stats.json").read_text())["written"] == 4 and verify(out) == 0
 
 
 def test_verify_only_warns_about_unrelated_tar_files(tmp_path, capsys):
