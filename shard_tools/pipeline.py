@@ -50,14 +50,13 @@ from shard_tools.discover import (
     segments_line,
     unique_keys,
 )
-from shard_tools.verify import is_make_shards_stats, is_manifest_line
+from shard_tools.verify import SHARD_RE, is_make_shards_stats, is_manifest_line  # one rule for both
 from shard_tools.workpool import WorkerDied, ordered_map
 from shard_tools.writer import ShardLimit, ShardWriter, encode_json, encode_npy, parse_shard_size, write_index
 
 FORMAT_VERSION = 1
 WORK_DIR = ".make-shards"
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")
-SHARD_RE = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)-\d{6}\.tar$")  # <name>-000000.tar: what make-shards writes
+NAME_RE = re.compile(r"^[A-Za-z0-9_-]+\Z")  # \Z: $ also matches before a final newline
 SET_FILES = ("sizes.json", "stats.json", "manifest.jsonl")
 CHUNK = 2  # inputs per task sent to a worker
 

@@ -48,7 +48,10 @@ JSON_OPTIONAL = ("ytid", "start", "end")
 MAX_REPORTED = 20
 NO_LABEL = "(no label)"  # the histogram's row of the samples without a label: not a class
 WORK_DIR = ".make-shards"  # = pipeline.WORK_DIR (not imported: verify must not pull in torch)
-SHARD_RE = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)-\d{6}\.tar$")
+# <name>-000000.tar: what make-shards writes (pipeline uses this one). \Z, not $ (which also matches before a final
+# newline), and ASCII digits, not \d (any script's): a name read from sizes.json or stats.json is a plain file name
+# of this form, never a path, or no shard of the set.
+SHARD_RE = re.compile(r"^(?P<name>[A-Za-z0-9_-]+)-[0-9]{6}\.tar\Z")
 # manifest.jsonl's lines as make-shards writes them: a written input, or a skipped one (pipeline._Segment.add)
 MANIFEST_WRITTEN, MANIFEST_SKIPPED = {"source", "key", "shard", "flags"}, {"source", "skipped", "detail"}
 
@@ -263,10 +266,10 @@ def _check_sizes(sizes, report: Report) -> dict | None:
         report.problems.append(f"sizes.json is damaged: shard {bad[0]} has count {_short(sizes[bad[0]])}; counts are "
                                "integers >= 0")
         return None
-    odd = [k for k in sizes if not k.endswith(".tar") or "/" in k or "\\" in k or "\0" in k]
+    odd = [k for k in sizes if not SHARD_RE.match(k)]
     if odd:  # '../x.tar' or '/abs/x.tar' named a file outside the set (the loader refuses the set too)
         report.problems.append(f"sizes.json is damaged: shard name {_short(odd[0])} is not a file name in the set's "
-                               "folder")
+                               "folder of the form <name>-NNNNNN.tar")
         return None
     return sizes
 
@@ -288,8 +291,10 @@ _STATS_FIELDS = {
                  and v.get("n_mels", 1) >= 1),
     "classes": ("a list of strings or null", lambda v: v is None or (isinstance(v, list)
                                                                     and all(isinstance(c, str) for c in v))),
-    "shard_sha256": ("a JSON object {shard: hex digest}", lambda v: isinstance(v, dict)
-                     and all(isinstance(h, str) for h in v.values())),
+    # its names are joined onto the set's folder (make-shards indexes the shards of a complete set): '../x.tar' or
+    # '/abs/x.tar' made make-shards write x.tar.idx outside --out, and verify-shards said OK
+    "shard_sha256": ("a JSON object {<name>-NNNNNN.tar: hex digest}", lambda v: isinstance(v, dict)
+                     and all(SHARD_RE.match(k) and isinstance(h, str) for k, h in v.items())),
     "skipped": ("a JSON object {reason: count}", lambda v: isinstance(v, dict) and all(map(_is_count, v.values()))),
     "inputs": ("an integer >= 0", _is_count),
     "written": ("an integer >= 0", _is_count),
@@ -491,6 +496,10 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
     if check_hashes and sizes and isinstance(report.raw_stats, dict) and "shard_sha256" not in report.raw_stats:
         report.problems.append("stats.json has no shard_sha256, so the shards' contents cannot be checked: rebuild "
                                "the set with make-shards, or pass --no-hash to check the rest")
+    unsized = sorted(set(hashes) - set(sizes))
+    if unsized:  # make-shards lists each shard in both
+        more = f" and {len(unsized) - 1} more" if len(unsized) > 1 else ""
+        report.problems.append(f"stats.json lists shard {_short(unsized[0])}{more} that sizes.json does not")
     _other_tars(out, sizes, report)
     from tqdm import tqdm
 

@@ -972,6 +972,46 @@ def test_verify_reports_damaged_metadata_in_one_line(small_set, tmp_path, capsys
     assert "OK" not in text.split()
 
 
+@pytest.mark.parametrize("name", ["../outside/victim.tar", "/abs/victim.tar", "victim.tar", "shards-000007.tar\n",
+                                  "shards-\u0660\u0660\u0660\u0660\u0660\u0661.tar"])
+def test_shard_names_in_stats_json_are_plain_shard_file_names(small_set, tmp_path, capsys, name):
+    """A name in stats.json's shard_sha256 was joined onto --out: rerunning a complete set's command wrote
+    <name>.idx wherever it pointed (../outside/victim.tar.idx), and verify-shards said OK (security review 6)."""
+    root = tmp_path / "r"
+    out = root / "set"
+    shutil.copytree(small_set, out)
+    (root / "outside").mkdir()
+    shutil.copy(out / "shards-000000.tar", root / "outside" / "victim.tar")
+    stats = json.loads((out / "stats.json").read_text())
+    stats["shard_sha256"][name.replace("/abs", str(root / "outside"))] = "0" * 64
+    (out / "stats.json").write_text(json.dumps(stats))
+    capsys.readouterr()
+    assert verify(out) == 1
+    text = capsys.readouterr().out
+    assert "CORRUPT" in text and "stats.json is damaged: 'shard_sha256'" in text, text
+    with pytest.raises(SystemExit, match="stats.json is not as make-shards writes it .'shard_sha256' is"):
+        run("synthetic", "--n", "12", "--out", str(out), "--shard-size", "4")
+    assert sorted(p.name for p in (root / "outside").iterdir()) == ["victim.tar"]
+
+
+def test_verify_wants_stats_json_and_sizes_json_to_list_the_same_shards(small_set, tmp_path, capsys):
+    out = tmp_path / "set"
+    shutil.copytree(small_set, out)
+    stats = json.loads((out / "stats.json").read_text())
+    (out / "stats.json").write_text(json.dumps({**stats, "shard_sha256": {**stats["shard_sha256"],
+                                                                          "shards-000007.tar": "0" * 64}}))
+    capsys.readouterr()
+    assert verify(out) == 1
+    assert "stats.json lists shard \"shards-000007.tar\" that sizes.json does not" in capsys.readouterr().out
+    (out / "stats.json").write_text(json.dumps(stats))
+    sizes = json.loads((out / "sizes.json").read_text())
+    (out / "sizes.json").write_text(json.dumps({("x.tar" if k == "shards-000000.tar" else k): n
+                                                for k, n in sizes.items()}))
+    os.rename(out / "shards-000000.tar", out / "x.tar")
+    assert verify(out) == 1
+    assert "shard name \"x.tar\" is not a file name in the set's folder of the form" in capsys.readouterr().out
+
+
 def test_verify_needs_the_shard_hashes_to_say_ok(small_set, tmp_path, capsys):
     """stats.json without its shard_sha256 list (or without one shard's entry) skipped the content check silently
     and said OK, even for a shard with garbage appended. --no-hash still checks the rest."""
