@@ -123,7 +123,7 @@ def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: i
         errs.append(f"{where}: sample {key!r}: dtype {arr.dtype}, expected float16")
     if arr.ndim != 2 or arr.shape[0] != n_mels or arr.shape[1] < 1:
         errs.append(f"{where}: sample {key!r}: shape {arr.shape}, expected ({n_mels}, T>=1)")
-    elif not np.isfinite(arr).all():
+    elif arr.dtype.kind in "biufc" and not np.isfinite(arr).all():  # (a string or void npy: its dtype is reported)
         errs.append(f"{where}: sample {key!r}: non-finite values")
     if not isinstance(meta, dict):
         return errs + [f"{where}: sample {key!r}: json is not an object"]
@@ -132,6 +132,9 @@ def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: i
             errs.append(f"{where}: sample {key!r}: json field {name!r} missing or not {typ}")
     if any(name not in meta for name in JSON_OPTIONAL):
         errs.append(f"{where}: sample {key!r}: json lacks one of {JSON_OPTIONAL}")
+    for name in ("labels", "flags"):  # counted in the report's histograms: a list or object there was a traceback
+        if name in meta and isinstance(meta[name], list) and not all(isinstance(x, str) for x in meta[name]):
+            errs.append(f"{where}: sample {key!r}: json field {name!r} holds something other than strings")
     if errs:
         return errs
     if meta["key"] != key:
@@ -154,8 +157,16 @@ class _HashingReader:
 
     def __init__(self, f):
         self.f, self.h, self.pos, self.whole = f, hashlib.sha256(), 0, True
+        try:
+            self.size = os.fstat(f.fileno()).st_size
+        except OSError:  # (io.UnsupportedOperation: an in-memory file) no bound for the reads
+            self.size = None
 
     def read(self, n: int = -1) -> bytes:
+        if n is not None and n > 0 and self.size is not None:
+            # tarfile reads a member (or a GNU long name) by its header's size: a base-256 size of 2**80 raised
+            # OverflowError (a traceback), and 8 GiB on a small file allocated 8 GiB. No read goes past the file's end.
+            n = min(n, max(self.size - self.pos, 0))
         data = self.f.read(n)
         self.h.update(data)
         self.pos += len(data)
@@ -165,7 +176,7 @@ class _HashingReader:
         if whence == 1:
             pos += self.pos
         elif whence == 2:
-            pos += os.fstat(self.f.fileno()).st_size
+            pos += self.size if self.size is not None else os.fstat(self.f.fileno()).st_size
         while self.whole and pos > self.pos:
             if not self.read(min(pos - self.pos, 1 << 20)):
                 break  # past the end of the file
@@ -249,7 +260,7 @@ def _read_shard(path: Path, report: Report, keys: list[str], n_mels: int, classe
             f.seek(end)
             if f.read(512) != bytes(512):
                 report.problems.append(f"{path.name}: truncated tar (no end-of-archive marker after the last member)")
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, OverflowError) as e:  # Overflow: a header's size past any offset
         report.problems.append(f"{path.name}: unreadable tar ({type(e).__name__}: {e})")
     return count
 
@@ -282,6 +293,14 @@ def _is_number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _is_finite(v) -> bool:
+    """A number that is a finite float: an integer past float's range (10**400) raised OverflowError in isfinite."""
+    try:
+        return _is_number(v) and math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 # stats.json fields this check and its report read, with the shape make-shards writes. A field of another shape is
 # a damaged file: reported as a problem and left out, rather than a traceback where it is first used. (The loader's
 # matpac_fast.data._check_meta checks the fields it reads, raising; that module imports torch, which verify-shards
@@ -301,8 +320,8 @@ _STATS_FIELDS = {
     "n_frames": ("an integer >= 0", _is_count),
     # M2D's recipe normalises with them: NaN or a negative std is damage (the loader refuses them too); a std of 0 is
     # a set of constant clips, which the loader reads and only an m2d run refuses
-    "mean": ("a finite number", lambda v: _is_number(v) and math.isfinite(v)),
-    "std": ("a finite number >= 0", lambda v: _is_number(v) and math.isfinite(v) and v >= 0),
+    "mean": ("a finite number", lambda v: _is_finite(v)),
+    "std": ("a finite number >= 0", lambda v: _is_finite(v) and v >= 0),
 }
 
 

@@ -1012,6 +1012,69 @@ def test_verify_wants_stats_json_and_sizes_json_to_list_the_same_shards(small_se
     assert "shard name \"x.tar\" is not a file name in the set's folder of the form" in capsys.readouterr().out
 
 
+def _tar_header(name: str, size_field: bytes, kind: bytes = b"0") -> bytes:
+    """A ustar header block with a raw size field (GNU base-256 or octal), as a crafted shard holds."""
+    b = bytearray(512)
+    b[0:len(name)] = name.encode()
+    b[100:108], b[108:116], b[116:124] = b"0000644\0", b"0000000\0", b"0000000\0"
+    b[124:136], b[136:148], b[156:157] = size_field, b"00000000000\0", kind
+    b[257:263], b[263:265] = b"ustar\0", b"00"
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+def _member(name: str, data: bytes, kind: bytes = b"0") -> bytes:
+    return _tar_header(name, b"%011o\0" % len(data), kind) + data + bytes(-len(data) % 512)
+
+
+def _sample(key: str, npy: bytes | None = None, **meta) -> bytes:
+    doc = {"key": key, "source": f"{key}.wav", "ytid": None, "start": None, "end": None, "labels": [],
+           "label_indices": [], "source_sr": 16000, "duration": 7.0, "n_frames": 700, "flags": [], **meta}
+    npy_data = npy if npy is not None else _npy(np.zeros((80, 700), np.float16))
+    return _member(f"{key}.npy", npy_data) + _member(f"{key}.json", json.dumps(doc).encode())
+
+
+def _npy(arr) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("stats_change", "shard", "said"), [
+    ({}, _tar_header("././@LongLink", bytes([0x80]) + (2**80).to_bytes(11, "big"), b"L") + bytes(512) + _sample("a"),
+     "shards-000000.tar: unreadable tar"),  # a GNU base-256 size of 2**80
+    ({}, _member("pax", b"28 size=99999999999999999999\n", b"x") + _sample("a"), "shards-000000.tar: unreadable tar"),
+    ({}, _sample("s", npy=_npy(np.array([["a"] * 700] * 80))), "sample 's': dtype <U1, expected float16"),
+    ({}, _sample("f", flags=[[1]]), "sample 'f': json field 'flags' holds something other than strings"),
+    ({"classes": None}, _sample("f", labels=[[1]], label_indices=[0]),
+     "sample 'f': json field 'labels' holds something other than strings"),
+    ({"mean": 10**400}, None, "'mean' is 1000000000"),
+])
+def test_verify_reports_hostile_shards_and_stats_without_a_traceback(small_set, tmp_path, capsys, stats_change, shard,
+                                                                     said):
+    """Each was a traceback (OverflowError, TypeError: unhashable list or isfinite of strings) where verify-shards
+    promises a report (security review 7)."""
+    import hashlib
+
+    out = tmp_path / "set"
+    shutil.copytree(small_set, out)
+    stats = json.loads((out / "stats.json").read_text())
+    if shard is not None:
+        data = shard + bytes(1024)
+        (out / "shards-000000.tar").write_bytes(data)
+        (out / "shards-000000.tar.idx").unlink()
+        stats["shard_sha256"]["shards-000000.tar"] = hashlib.sha256(data).hexdigest()
+    (out / "stats.json").write_text(json.dumps({**stats, **stats_change}))
+    capsys.readouterr()
+    for workers in ("1", "2"):
+        assert verify(out, "--workers", workers) == 1
+        text = capsys.readouterr().out
+        assert "CORRUPT" in text and said in text, text
+
+
 def test_verify_needs_the_shard_hashes_to_say_ok(small_set, tmp_path, capsys):
     """stats.json without its shard_sha256 list (or without one shard's entry) skipped the content check silently
     and said OK, even for a shard with garbage appended. --no-hash still checks the rest."""
