@@ -132,6 +132,9 @@ def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: i
             errs.append(f"{where}: sample {key!r}: json field {name!r} missing or not {typ}")
     if any(name not in meta for name in JSON_OPTIONAL):
         errs.append(f"{where}: sample {key!r}: json lacks one of {JSON_OPTIONAL}")
+    if isinstance(meta.get("duration"), int | float) and not (_is_finite(meta["duration"]) and meta["duration"] >= 0):
+        # NaN made the report's hours nan and still said OK (10**400 raised OverflowError in the sum)
+        errs.append(f"{where}: sample {key!r}: json duration {_short(meta['duration'])}, expected seconds >= 0")
     for name in ("labels", "flags"):  # counted in the report's histograms: a list or object there was a traceback
         if name in meta and isinstance(meta[name], list) and not all(isinstance(x, str) for x in meta[name]):
             errs.append(f"{where}: sample {key!r}: json field {name!r} holds something other than strings")

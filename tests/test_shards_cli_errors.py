@@ -1052,6 +1052,9 @@ def _npy(arr) -> bytes:
     ({"classes": None}, _sample("f", labels=[[1]], label_indices=[0]),
      "sample 'f': json field 'labels' holds something other than strings"),
     ({"mean": 10**400}, None, "'mean' is 1000000000"),
+    ({}, _sample("n", duration=float("nan")), "sample 'n': json duration NaN, expected seconds >= 0"),  # said OK
+    ({}, _sample("n", duration=10**400), "sample 'n': json duration 1000000000"),
+    ({}, _sample("n", duration=-7.0), "sample 'n': json duration -7.0, expected seconds >= 0"),
 ])
 def test_verify_reports_hostile_shards_and_stats_without_a_traceback(small_set, tmp_path, capsys, stats_change, shard,
                                                                      said):
