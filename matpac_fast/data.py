@@ -87,7 +87,12 @@ from matpac_fast.lifetime import parent_death_setter
 from matpac_fast.safe_files import JSON_MAX_BYTES, read_regular
 
 _ORDER_SALT, _SHUFFLE_SALT, _CROP_SALT = 0x5EED, 1, 2
-_SHARD_EXCEPTIONS = (ShardError, OSError, ValueError, KeyError, EOFError)
+# OverflowError: a streamed shard's header size past any offset (a GNU base-256 2**80): a bad shard like any other,
+# skipped with on_error="warn" (it ended the run)
+_SHARD_EXCEPTIONS = (ShardError, OSError, ValueError, KeyError, EOFError, OverflowError)
+# More samples than any shard holds (each takes at least 2 KiB: two members of a 512-byte header and a block): a count
+# past it in sizes.json is damage (2**70 raised OverflowError in the plan)
+MAX_SHARD_COUNT = 2**31
 
 
 class NoUsableData(RuntimeError):
@@ -762,6 +767,19 @@ def _plain_shard_name(name: str) -> bool:
     return name.endswith(".tar") and not any(c in name for c in "/\\\0")
 
 
+def _finite(v: int | float) -> bool:
+    """math.isfinite, False for an integer past float's range (10**400 raised OverflowError)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _brief(v) -> str:
+    text = repr(v)  # (an integer of 400 digits: its start)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _damaged(url: str, what: str) -> ValueError:
     return ValueError(f"{url} is damaged ({what}); re-make the set with make-shards, or restore the file")
 
@@ -776,7 +794,9 @@ def _check_meta(sizes, stats, sizes_url: str, stats_url: str) -> None:
         raise _damaged(sizes_url, f"a JSON object {{shard: sample count}} was expected, found {type(sizes).__name__}")
     for name, n in sizes.items():
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise _damaged(sizes_url, f"shard {name} has count {n!r}; counts are integers >= 0")
+            raise _damaged(sizes_url, f"shard {name} has count {_brief(n)}; counts are integers >= 0")
+        if n > MAX_SHARD_COUNT:
+            raise _damaged(sizes_url, f"shard {name} has count {_brief(n)}, more than a shard can hold")
         if not _plain_shard_name(name):  # '../x.tar' or '/abs/x.tar' was read from outside the set's folder
             raise _damaged(sizes_url, f"shard name {name[:80]!r} is not a file name in the set's folder")
     if not isinstance(stats, dict):
@@ -800,8 +820,8 @@ def _check_meta(sizes, stats, sizes_url: str, stats_url: str) -> None:
         raise _damaged(stats_url, f"'short' is {stats['short']!r}, expected 'drop' or 'pad'")
     for name in ("mean", "std"):
         if name in stats and (isinstance(stats[name], bool) or not isinstance(stats[name], int | float)
-                              or not math.isfinite(stats[name])):
-            raise _damaged(stats_url, f"'{name}' is {stats[name]!r}, expected a finite number")
+                              or not _finite(stats[name])):
+            raise _damaged(stats_url, f"'{name}' is {_brief(stats[name])}, expected a finite number")
     if "std" in stats and stats["std"] < 0:  # (0 is a set of constant clips: only M2D's normalisation refuses it)
         raise _damaged(stats_url, f"'std' is {stats['std']!r}, expected a number >= 0")
 

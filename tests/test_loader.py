@@ -336,6 +336,23 @@ def test_skipped_samples_counts_every_sample_of_the_share_replaced(tmp_path, rea
 
 
 @pytest.mark.parametrize("reader", ["indexed", "stream"])
+def test_a_shard_whose_header_size_overflows_is_skipped_with_a_warning(tmp_path, reader):
+    """A GNU base-256 size of 2**80 in a streamed shard's header raised OverflowError, which on_error="warn" did not
+    catch: one hostile shard ended the training run instead of being skipped (security review 7)."""
+    source, _ = _make_set(tmp_path, 12, per_shard=6)
+    head = bytearray(512)
+    head[0:13], head[124:136], head[156:157] = b"././@LongLink", bytes([0x80]) + (2**80).to_bytes(11, "big"), b"L"
+    head[257:263], head[148:156] = b"ustar\0", b" " * 8
+    head[148:156] = b"%06o\0 " % sum(head)
+    Path(source.urls[0]).write_bytes(bytes(head) + bytes(2048))
+    Path(source.urls[0] + ".idx").unlink(missing_ok=True)
+    with pytest.warns(UserWarning, match="shards-000000.tar"):
+        batches = list(WorkerIterator(source, _cfg(reader=reader), 0, 1, 0, 1, 0, 0))
+    assert {f"k{i:04d}" for i in range(6, 12)} <= {k for b in batches for k in b["key"]}
+    assert batches[-1]["skipped_samples"] == 6
+
+
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
 def test_malformed_clip_names_its_shard_and_key(tmp_path, reader):
     rng = np.random.default_rng(5)
     clips = [(f"k{i:04d}", clip(rng, CROP + 10, n_mels=64 if i == 9 else 80), [0]) for i in range(16)]
@@ -881,8 +898,13 @@ def test_a_copied_set_is_refused_by_its_recorded_digests(tmp_path):
     # the normalisation's statistics: NaN or a std <= 0 made every input NaN or infinite, without a word
     ("stats.json", lambda d: {**d, "mean": float("nan")}, "'mean' is nan, expected a finite number"),
     ("stats.json", lambda d: {**d, "std": -1.0}, "'std' is -1.0, expected a number >= 0"),
+    # OverflowError tracebacks (security review 7)
+    ("sizes.json", lambda d: {**d, "shards-000001.tar": 2**70}, "shard shards-000001.tar has count "
+     "1180591620717411303424, more than a shard can hold"),
+    ("stats.json", lambda d: {**d, "mean": 10**400}, "'mean' is 1000000000000000000000000000000000000..., expected a "
+     "finite number"),
 ], ids=["sizes-list", "count-forty", "count-negative", "sizes-not-json", "stats-list", "frontend-name-only",
-        "n_mels-string", "short-unknown", "mean-nan", "std-negative"])
+        "n_mels-string", "short-unknown", "mean-nan", "std-negative", "count-2**70", "mean-10**400"])
 def test_metadata_of_the_wrong_shape_is_one_line_naming_the_file(tmp_path, name, edit, what):
     # These were a TypeError / AttributeError traceback, "invalid literal for int()" without the file, a count of -5
     # accepted, or a KeyError 'n_mels' once the loader started.
