@@ -433,7 +433,7 @@ def _read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8")), None
     except UnicodeDecodeError:
         return None, "is not UTF-8 text"
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep (was a traceback)
         return None, f"is not valid JSON ({e})"
     except OSError as e:
         return None, f"cannot be read ({e.strerror})"
@@ -856,7 +856,7 @@ def _planned_hashes(out: Path) -> set:
     found = set()
     for path in (out / "stats.json", out / WORK_DIR / "plan.json"):
         if path.is_file():
-            with contextlib.suppress(OSError, ValueError):
+            with contextlib.suppress(OSError, ValueError, RecursionError):  # RecursionError: nested too deep
                 obj = json.loads(path.read_text(encoding="utf-8"))
                 if isinstance(obj, dict):
                     found.add(obj.get("plan_hash"))

@@ -512,17 +512,18 @@ def test_symlink_loops_aliases_and_broken_links(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------- 11. other people's files
-def test_foreign_stats_json_is_named_and_kept(tmp_path):
+@pytest.mark.parametrize("text", ["my own notes, not JSON\n", "[" * 100_000])  # deep JSON: was a RecursionError
+def test_foreign_stats_json_is_named_and_kept(tmp_path, text):
     tone(tmp_path / "in" / "c" / "a.wav")
     out = tmp_path / "out"
     out.mkdir()
-    (out / "stats.json").write_text("my own notes, not JSON\n")
+    (out / "stats.json").write_text(text)
     for extra in ([], ["--overwrite"]):
         with pytest.raises(SystemExit) as e:
             run("folder", str(tmp_path / "in"), "--out", str(out), *extra)
         msg = str(e.value)
         assert str(out / "stats.json") in msg and "move it out of" in msg and "\n" not in msg
-    assert (out / "stats.json").read_text() == "my own notes, not JSON\n"
+    assert (out / "stats.json").read_text() == text
     assert sorted(p.name for p in out.iterdir()) == ["stats.json"]
 
 
