@@ -392,7 +392,7 @@ def _is_run_folder(d: Path) -> bool:
 
     try:
         cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
         cfg = None
     try:
         return _is_training_config(cfg) or bool(list_checkpoints(d))
@@ -445,7 +445,7 @@ def _tar_members(path: Path, n: int = 16) -> list[str] | None:
                 if len(names) >= n:
                     break
             return names or None
-    except (tarfile.TarError, OSError, ValueError, EOFError):
+    except (tarfile.TarError, OSError, ValueError, EOFError, OverflowError):  # Overflow: a header size of 2**80
         return None
 
 
@@ -660,7 +660,7 @@ def _read_run_config(path: Path, training_only: bool = False) -> RunConfig | Non
     matpac_fast training config (a config.json of another tool beside a weights file is not ours to read)."""
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # Recursion: nested too deep
         if training_only:
             return None
         raise ValueError(f"{path}: not a readable JSON run config ({_first_line(e)}); fix or remove it") from None

@@ -115,3 +115,29 @@ def test_malformed_or_mislabelled_weight_files_are_one_line_errors(tmp_path):
         with pytest.raises(ValueError, match="is a plain Python pickle, not torch.save or safetensors data: refused"):
             load_encoder(tmp_path / name, preset="tiny")
     assert not marker.exists()
+
+
+def test_a_deep_config_json_or_a_crafted_tar_checkpoint_is_a_one_line_error(tmp_path):
+    """A run folder whose config.json is nested deeper than json's recursion limit ended load_encoder (and matpac-eval)
+    in a RecursionError, a tar whose first header has a GNU base-256 size of 2**80 in an OverflowError (security
+    review 7)."""
+    from safetensors.torch import save_file
+
+    sd = load_encoder("random", preset="tiny").state_dict()
+    deep = '{"model": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    (tmp_path / "ck").mkdir()
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "ck" / "model.safetensors"))
+    (tmp_path / "ck" / "config.json").write_text(deep)
+    with pytest.raises(ValueError, match="config.json: not a readable JSON run config"):
+        load_encoder(tmp_path / "ck", preset="tiny")
+    (tmp_path / "run").mkdir()
+    torch.save(export_encoder_state(load_encoder("random", preset="tiny")), tmp_path / "run" / "encoder.pt")
+    (tmp_path / "run" / "config.json").write_text(deep)  # another tool's file beside the weights: not read
+    assert load_encoder(tmp_path / "run", preset="tiny") is not None
+    head = bytearray(512)
+    head[0:13], head[124:136], head[156:157] = b"././@LongLink", bytes([0x80]) + (2**80).to_bytes(11, "big"), b"L"
+    head[257:263], head[148:156] = b"ustar\0", b" " * 8
+    head[148:156] = b"%06o\0 " % sum(head)
+    (tmp_path / "crafted.tar").write_bytes(bytes(head) + bytes(2048))
+    with pytest.raises(ValueError, match="crafted.tar cannot be read"):
+        load_encoder(tmp_path / "crafted.tar", preset="tiny")
