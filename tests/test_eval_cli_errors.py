@@ -466,3 +466,6 @@ def test_part_trained_note_skips_a_half_written_checkpoint(tmp_path):
         state = {"step": step, "total_steps": 10}
         (tmp_path / "checkpoints" / name / "trainer_state.json").write_text(json.dumps(state))
     assert "is at step 5 of the 10" in cli._short_of_schedule(tmp_path / "encoder.pt")
+    # a trainer_state.json nested too deep is no note (it was a RecursionError ending matpac-eval)
+    (tmp_path / "checkpoints" / "step_00000005" / "trainer_state.json").write_text("[" * 100_000)
+    assert cli._short_of_schedule(tmp_path / "encoder.pt") is None

@@ -455,7 +455,7 @@ def _short_of_schedule(path: Path) -> str | None:
     try:
         state = json.loads(read_regular(state_file, JSON_MAX_BYTES))  # a link to /dev/zero: read without end
         step, total = int(state["step"]), int(state["total_steps"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested too deep
         return None
     if step >= total:
         return None
