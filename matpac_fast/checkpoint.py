@@ -116,7 +116,7 @@ def check_out(out: str | Path, resume: str) -> None:
         # as after a kill; the same settings are the same run rolled back, its checkpoints moved away.)
         try:
             state = json.loads(read_regular(Path(resume) / STATE_FILE, JSON_MAX_BYTES))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep
             state = None  # reported in its own words when the trainer reads it (read_state)
         mixed = "encoder.pt" in found or _history_reaches(out / "history.jsonl", state)
         if mixed and not _same_settings(out / "config.json", state):
@@ -159,7 +159,7 @@ def _history_reaches(history: Path, state) -> bool:
     try:
         step = state["step"]
         rows = [json.loads(line) for line in read_history(history).splitlines() if line.strip()]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):  # RecursionError: a row nested too deep
         return history.exists()  # unreadable: not this resume's to keep
     return any(isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step for r in rows)
 

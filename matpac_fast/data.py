@@ -584,7 +584,7 @@ def _listed_missing(pattern: str, found: list[str], meta: str | None) -> list[st
         sizes_path = os.path.join(_local_path(meta), "sizes.json") if meta else os.path.join(d, "sizes.json")
         try:
             listed = json.loads(read_regular(sizes_path, JSON_MAX_BYTES))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep (_read_meta names the file)
             continue  # no sizes.json here: the glob is all there is (_open_urls says what is wrong, if anything)
         have = present.setdefault(sizes_path, set())
         for name in listed if isinstance(listed, dict) else ():

@@ -832,7 +832,7 @@ class Trainer:
         for line in text.splitlines():
             try:
                 row = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested too deep, a damaged row like any other
                 continue
             if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= self.step:
                 keep.append(line + "\n")

@@ -1168,6 +1168,38 @@ def test_json_nested_too_deep_is_a_one_line_error(tmp_path):
         read_state(tmp_path)
 
 
+def test_json_nested_too_deep_in_a_glob_s_sizes_json_or_a_resume_is_a_one_line_error(tmp_path):
+    """The same 100,000 '[' where the fixes above did not reach: sizes.json beside shards given as a glob (read for
+    the shards it lists that the glob misses), and --resume PATH into an --out that holds a finished run (its
+    trainer_state.json, a history.jsonl row): RecursionError tracebacks."""
+    from matpac_fast import checkpoint as ckpt
+
+    deep = b"[" * 100_000
+    _make_set(tmp_path / "s", 3, per_shard=3)
+    (tmp_path / "s" / "sizes.json").write_bytes(deep)
+    with pytest.raises(ValueError, match="sizes.json is damaged"):
+        ShardSource.open(str(tmp_path / "s" / "*.tar"))
+    out, resume = tmp_path / "run", tmp_path / "ck"
+    out.mkdir()
+    resume.mkdir()
+    (out / "encoder.pt").write_bytes(b"x")
+    (resume / ckpt.STATE_FILE).write_bytes(deep)
+    with pytest.raises(ValueError, match="holds another run"):
+        ckpt.check_out(out, str(resume))
+    (out / "encoder.pt").unlink()
+    (out / "history.jsonl").write_bytes(deep + b"\n")
+    (resume / ckpt.STATE_FILE).write_text('{"step": 4}')
+    assert ckpt._history_reaches(out / "history.jsonl", {"step": 4})  # unreadable: not this resume's to keep
+    # the resumed trainer's truncation of history.jsonl drops that row as it drops a row cut short by a kill
+    from types import SimpleNamespace
+
+    from matpac_fast.trainer import Trainer
+
+    (out / "history.jsonl").write_bytes(b'{"step": 2}\n' + deep + b"\n" + b'{"step": 6}\n')
+    Trainer._truncate_history(SimpleNamespace(out=out, step=4))
+    assert (out / "history.jsonl").read_text() == '{"step": 2}\n'
+
+
 def test_shard_names_in_sizes_json_must_be_files_of_the_set(tmp_path):
     # '../x.tar' or an absolute path in sizes.json was read from outside the set's folder (by the loader and by
     # verify-shards); make-shards writes plain names only
