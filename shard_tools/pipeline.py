@@ -568,6 +568,15 @@ def _open_plan(out: Path, cfg: MakeConfig, phash: str, accepted: set[str], shash
     command that never completed a shard or a skip segment is replaced: nothing of it would be lost. One with work
     done is refused."""
     work, plan_path = out / WORK_DIR, out / WORK_DIR / "plan.json"
+    journal = work / "journal.jsonl"
+    if journal.is_symlink():  # appended to in place: the run's entries went into the link's target
+        raise ValueError(f"{journal} is a symbolic link, which make-shards never writes through: delete the link (not "
+                         "its target), pass --overwrite, or choose another --out")
+    if journal.exists() and not plan_path.exists():
+        # make-shards writes plan.json before any journal entry: this journal is no run's it could finish (read as
+        # its own, its entries were kept and the run ended in "internal error: accounted 0 of N inputs")
+        raise ValueError(f"{work} holds a journal.jsonl but no plan.json, so it is no interrupted run make-shards can "
+                         "finish: pass --overwrite to delete it, or choose another --out")
     if plan_path.exists():
         plan, _ = _read_json(plan_path)
         if isinstance(plan, dict) and plan.get("plan_hash") in accepted:

@@ -87,6 +87,26 @@ def test_make_shards_refuses_a_linked_work_folder(tmp_path):
     assert sorted(p.name for p in elsewhere.iterdir()) == ["keep.txt"]
 
 
+def test_make_shards_never_appends_to_a_planted_journal_link(tmp_path):
+    # .make-shards/journal.jsonl linked to another file (a real folder, no plan.json): each shard's journal entry was
+    # appended to the link's target, and the run then ended in "internal error: accounted 0 of 1 inputs"
+    tone(tmp_path / "audio" / "cls" / "t.wav")
+    out = tmp_path / "out"
+    (out / ".make-shards").mkdir(parents=True)
+    victims = _victims(tmp_path / "victim", "journal")
+    (out / ".make-shards" / "journal.jsonl").symlink_to(tmp_path / "victim" / "journal")
+    with pytest.raises(SystemExit, match=r"journal\.jsonl is a symbolic link, which make-shards never writes through"):
+        run("folder", str(tmp_path / "audio"), "--out", str(out))
+    _unchanged(victims)
+    # a journal without the plan make-shards writes before any entry: no run to finish, said in one line
+    (out / ".make-shards" / "journal.jsonl").unlink()
+    (out / ".make-shards" / "journal.jsonl").write_text("not a journal\n")
+    with pytest.raises(SystemExit, match=r"holds a journal\.jsonl but no plan\.json"):
+        run("folder", str(tmp_path / "audio"), "--out", str(out))
+    assert run("folder", str(tmp_path / "audio"), "--out", str(out), "--overwrite") == 0
+    _unchanged(victims)
+
+
 def test_a_resumed_run_never_writes_through_planted_links(tmp_path):
     # A stranger's run folder, resumed: config.json.tmp, history.jsonl.tmp and encoder.pt.tmp linked to other files
     # were overwritten, and checkpoints/step_00000006.tmp linked to another folder received the checkpoint (and the
