@@ -319,11 +319,11 @@ def verify(path: Path) -> None:
 
 def _rng_safe_globals() -> list:
     """What Accelerate's random-state files hold beyond tensors (numpy's RNG state: arrays, dtypes, bytes through
-    codecs.encode): Accelerate's own allow-list where it has one, else the same by hand."""
+    codecs.encode): Accelerate's own allow-list where it has one, else the same by hand; plus `numpy_aliases`."""
     try:
         from accelerate.utils.other import TORCH_SAFE_GLOBALS
 
-        return list(TORCH_SAFE_GLOBALS)
+        return [*TORCH_SAFE_GLOBALS, *numpy_aliases()]
     except ImportError:
         import codecs
 
@@ -331,7 +331,18 @@ def _rng_safe_globals() -> list:
 
         core = getattr(np, "_core", None) or np.core
         return [core.multiarray._reconstruct, np.ndarray, np.dtype, codecs.encode,
-                *([np.dtypes.UInt32DType] if hasattr(np, "dtypes") else [])]
+                *([np.dtypes.UInt32DType] if hasattr(np, "dtypes") else []), *numpy_aliases()]
+
+
+def numpy_aliases() -> list[tuple]:
+    """numpy's array reconstructor under both of its module names: a random-state file written with numpy 1.x names
+    numpy.core.multiarray._reconstruct, one written with numpy 2 numpy._core.multiarray._reconstruct, and a
+    weights-only load allows a global by the name it is pickled under. Without the other name, a genuine checkpoint
+    made with the other numpy was refused here as holding pickled objects."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return [(core.multiarray._reconstruct, f"numpy.{m}.multiarray._reconstruct") for m in ("core", "_core")]
 
 
 def _check_random_states(f: Path) -> None:

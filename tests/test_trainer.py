@@ -1184,3 +1184,34 @@ def test_a_process_killed_outright_leaves_truthful_lines(tmp_path):
                       "--out (or delete its history.jsonl and tb/ first)"], res.stderr[-3000:]
     stops = [line for line in lines if line.startswith("train: stop requested")]
     assert stops == ["train: stop requested: finishing the step, then a checkpoint if every process is still running"]
+
+
+def _as_numpy_1_wrote_it(f: Path) -> None:
+    """Rewrite Accelerate's random-state file `f` as under numpy 1.x: the same states, numpy's array reconstructor
+    named numpy.core.multiarray._reconstruct (numpy 2 names it numpy._core...). Legacy torch.save format: a plain
+    pickle stream, whose GLOBAL names are text."""
+    import io
+
+    from matpac_fast import checkpoint as ckpt
+
+    with torch.serialization.safe_globals(ckpt._rng_safe_globals()):
+        states = torch.load(f, map_location="cpu", weights_only=True)
+    buf = io.BytesIO()
+    torch.save(states, buf, _use_new_zipfile_serialization=False)
+    raw = buf.getvalue()
+    if b"numpy._core.multiarray" in raw:
+        raw = raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    else:  # this test running under numpy 1.x: the other way round
+        raw = raw.replace(b"numpy.core.multiarray", b"numpy._core.multiarray")
+    f.write_bytes(raw)
+
+
+def test_a_checkpoint_whose_random_states_another_numpy_wrote_resumes_exactly(tmp_path, reference_run):
+    """numpy 1.x pickles its arrays as numpy.core.multiarray._reconstruct, numpy 2 as numpy._core...: a weights-only
+    load allows a global by that name only. A genuine checkpoint made under the other numpy (numpy>=1.24 is
+    supported) was refused by checkpoint.verify as 'holds pickled Python objects ... which could run code' (and its
+    advice, an earlier checkpoint, held the same names)."""
+    subprocess.run(_run(tmp_path, "--max-steps", "6"), check=True, env=ENV, capture_output=True)
+    _as_numpy_1_wrote_it(tmp_path / "checkpoints" / "step_00000006" / "random_states_0.pkl")
+    subprocess.run(_run(tmp_path, "--max-steps", "12", "--resume", "auto"), check=True, env=ENV, capture_output=True)
+    _assert_same_run(tmp_path, reference_run)
