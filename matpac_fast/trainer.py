@@ -152,10 +152,40 @@ def _check_same_resume(step: int, out: Path, device: torch.device) -> None:
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     high, low = int(t[0]), -int(t[1])
     if high != low:
+        if low == _UNREADABLE:
+            raise ValueError(f"another process could not read its checkpoint to resume in --out {out} (its error is "
+                             "in its own output): --out must be one folder every machine reads and writes (a shared "
+                             "file system), not a local path on each")
         seen = ", ".join("no checkpoint" if s < 0 else f"step {s}" for s in sorted({low, high}))
         raise ValueError(f"the processes found different checkpoints to resume ({seen}) in --out {out}: --out must "
                          "be one folder every machine reads and writes (a shared file system), not a local path on "
                          "each")
+
+
+# _check_same_resume's step for a process whose read of its checkpoint raised (it raises its own error after the
+# comparison; the others say that the processes disagree)
+_UNREADABLE = -2
+
+
+def _agree_on_resume(read, out: Path, device: torch.device, processes: int) -> tuple[Path, dict] | None:
+    """`read()` (Trainer._read_resume), then, with several processes, `_check_same_resume` of its step. A process
+    whose read raised still takes part in the comparison before raising its error: it left the others waiting in the
+    all-reduce until the process-group timeout (30 min), e.g. --resume PATH on machines where only the first holds
+    PATH."""
+    try:
+        resume, error = read(), None
+    except ValueError as e:
+        resume, error = None, e
+    if processes > 1:
+        step = _UNREADABLE if error else -1 if resume is None else int(resume[1].get("step", 0))
+        try:
+            _check_same_resume(step, out, device)
+        except ValueError:
+            if error is None:
+                raise
+    if error is not None:
+        raise error
+    return resume
 
 
 class TrainData:
@@ -321,10 +351,8 @@ class Trainer:
             self._warn_short_clips()
         self.data.set_crop(self.model_cfg.crop_frames)  # the loader's crop is the model's input length
         self.data.patch = self.model_cfg.patch
-        self._resume = self._read_resume()  # settings compared before the model is built
-        if acc.num_processes > 1:
-            _check_same_resume(-1 if self._resume is None else int(self._resume[1].get("step", 0)), self.out,
-                               self.device)
+        # settings compared before the model is built; every process then compares what it found with the others'
+        self._resume = _agree_on_resume(self._read_resume, self.out, self.device, acc.num_processes)
         self._build_model()
         self._verify_resume()  # files checked before main() creates --out
         self._stop_requested = False

@@ -1215,3 +1215,45 @@ def test_a_checkpoint_whose_random_states_another_numpy_wrote_resumes_exactly(tm
     _as_numpy_1_wrote_it(tmp_path / "checkpoints" / "step_00000006" / "random_states_0.pkl")
     subprocess.run(_run(tmp_path, "--max-steps", "12", "--resume", "auto"), check=True, env=ENV, capture_output=True)
     _assert_same_run(tmp_path, reference_run)
+
+
+def _agree_worker(rank: int, init: str, result: Path) -> None:
+    import torch.distributed as dist
+
+    from matpac_fast.trainer import _agree_on_resume
+
+    def read():  # rank 1 lacks the checkpoint (--resume PATH on a machine without PATH)
+        if rank == 1:
+            raise ValueError("--resume /local/step_00000004: not a checkpoint directory")
+        return Path("/local/step_00000004"), {"step": 4}
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        _agree_on_resume(read, Path("runs/x"), torch.device("cpu"), 2)
+        result.write_text("ok")
+    except ValueError as e:
+        result.write_text(str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_process_that_cannot_read_its_checkpoint_does_not_leave_the_others_waiting(tmp_path):
+    """A process whose read of the checkpoint raised (before the comparison of resume steps) exited, and the others
+    waited in that comparison's all-reduce for the process-group timeout (30 min): e.g. --resume PATH with a local
+    --out per machine, PATH on the first only. Now it takes part, then raises its own error; the others say why."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [ctx.Process(target=_agree_worker, args=(r, init, tmp_path / f"r{r}.txt")) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, "a process still waits for the one that could not read its checkpoint"
+    got = [(tmp_path / f"r{r}.txt").read_text() for r in (0, 1)]
+    assert got[0].startswith("another process could not read its checkpoint to resume in --out runs/x"), got
+    assert got[1] == "--resume /local/step_00000004: not a checkpoint directory", got
