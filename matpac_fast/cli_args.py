@@ -1,9 +1,11 @@
-"""argparse types shared by the command lines (make-shards, verify-shards, matpac-eval)."""
+"""argparse types and progress-bar settings shared by the command lines (make-shards, verify-shards, matpac-eval,
+matpac-train)."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 
@@ -29,3 +31,22 @@ def nonempty_arg(text: str) -> str:
     """As `path_arg` for an argument kept as text (a path or a keyword such as 'logmel')."""
     path_arg(text)
     return text
+
+
+# A bar written to a file or pipe (a batch job's log) refreshes this often at most, in seconds.
+LOG_REFRESH_S = 60.0
+
+
+def bar_settings(stream=None) -> dict:
+    """tqdm keyword arguments for a long-running bar on `stream` (default stderr). On a terminal, tqdm's own. Into a
+    file or a pipe, one refresh a minute: each refresh is the whole bar again after a carriage return on the same
+    line of the log, and at tqdm's up to 10 a second a 46-hour training run's log would grow by ~1 KB/s as one
+    line (a reviewer's 32 steps: 37 copies). TQDM_MININTERVAL, when set, is the user's choice and is left to tqdm."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        tty = False
+    if tty or "TQDM_MININTERVAL" in os.environ:
+        return {}
+    return {"mininterval": LOG_REFRESH_S}

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from matpac_fast import checkpoint as ckpt
+from matpac_fast.cli_args import bar_settings
 from matpac_fast.config import CUDA_ONLY_ATTN
 from matpac_fast.interrupts import INTERRUPTED
 from matpac_fast.lifetime import die_with_launcher
@@ -871,7 +872,8 @@ class Trainer:
             return None
         from tqdm import tqdm
 
-        return tqdm(total=self.last_step, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        return tqdm(total=self.last_step, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
+                    **bar_settings(sys.stderr))  # tqdm's default file
 
     def _log(self, sums, n, gnorm, lr, tput, writer, bar) -> dict:
         """The only host synchronisation of the loop: one all-reduce and one transfer of the summed statistics.
@@ -922,9 +924,10 @@ class Trainer:
             for key, v in row.items():
                 if key not in ("step",) and isinstance(v, (int, float)):
                     writer.add_scalar(f"train/{key}", v, self.step)
-        if bar is not None:
+        if bar is not None:  # shown at the bar's next refresh: into a log, a row did not force one more copy
             bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", pred=f"{row.get('loss_pred', 0):.3f}",
-                            cls=f"{row.get('loss_cls', 0):.3f}", sps=f"{row['samples_per_s']:.0f}")
+                            cls=f"{row.get('loss_cls', 0):.3f}", sps=f"{row['samples_per_s']:.0f}",
+                            refresh="mininterval" not in bar_settings(sys.stderr))
         return row
 
     def _check_input(self, lms: torch.Tensor, keys: list[str]) -> None:

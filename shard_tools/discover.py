@@ -185,12 +185,14 @@ def scan_files(root: Path, progress: bool = False) -> Scan:
     """
     from tqdm import tqdm
 
+    from matpac_fast.cli_args import bar_settings
+
     scan = Scan([])
     found: list[tuple[Found, str | None, bool]] = []
     visited: set[str] = set()
     pending = [root]
     bar = tqdm(desc=f"scanning {printable(str(root))}", unit=" audio files", file=sys.stderr, disable=not progress,
-               delay=SCAN_PROGRESS_DELAY_S, dynamic_ncols=True)
+               delay=SCAN_PROGRESS_DELAY_S, dynamic_ncols=True, **bar_settings(sys.stderr))
     with bar:
         while pending:
             top = pending.pop(0)

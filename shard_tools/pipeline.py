@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from matpac_fast.cli_args import usable_cpus
+from matpac_fast.cli_args import bar_settings, usable_cpus
 from matpac_fast.data_tar import ShardError, index_path, walk_file
 from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec
 from matpac_fast.interrupts import Terminated, sigterm_is_interrupt
@@ -727,7 +727,7 @@ def _run_segments(order: list[Item], start: int, shard_index: int, cfg: MakeConf
 
     bar = tqdm(
         total=len(order), initial=start, unit="file", desc="make-shards", file=sys.stderr,
-        disable=not cfg.progress, dynamic_ncols=True, smoothing=0.05,
+        disable=not cfg.progress, dynamic_ncols=True, smoothing=0.05, **bar_settings(sys.stderr),
     )
     seg, writer, pos = _Segment(start), None, start
     counts = Counter()

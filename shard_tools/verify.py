@@ -27,7 +27,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from matpac_fast.cli_args import usable_cpus
+from matpac_fast.cli_args import bar_settings, usable_cpus
 from matpac_fast.data_tar import ShardError, index_path, read_index_file, shard_set_subfolder_hint, walk_file
 from matpac_fast.interrupts import INTERRUPTED, run_main
 from matpac_fast.safe_files import JSON_MAX_BYTES, read_regular
@@ -532,7 +532,7 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
     seen: set[str] = set()
     with _shard_checks(jobs, workers) as results:
         for name, part, keys in tqdm(results, total=len(jobs), desc="verify-shards", unit="shard", file=sys.stderr,
-                                     disable=not progress):
+                                     disable=not progress, **bar_settings(sys.stderr)):
             report.n_shards += 1
             report.problems += part.problems
             # a key repeated inside one shard is reported by its check; across shards, here
