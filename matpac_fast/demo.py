@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from matpac_fast.cli_args import usable_cpus
+from matpac_fast.cli_args import path_arg, usable_cpus
 from matpac_fast.interrupts import INTERRUPTED, held_ctrl_c, run_main
 
 
@@ -182,6 +182,23 @@ def fsdd_step(encoder_path: Path, fsdd: Path, out: Path) -> dict[str, float]:
     return scores
 
 
+def _check_fsdd(fsdd: Path) -> None:
+    """SystemExit (one line) unless `fsdd` reads as FSDD with its official split (what fsdd_step evaluates)."""
+    import warnings
+
+    from matpac_fast.evaluation.datasets import load_dataset
+    from matpac_fast.evaluation.folds import make_folds
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a layout warning is for matpac-eval's --data; the error below says it
+            make_folds(load_dataset(fsdd), "official")
+    except ValueError as e:
+        why = str(e).removeprefix(f"--data {fsdd}: ").removeprefix(f"{fsdd}: ").split("; use --folds")[0]
+        raise SystemExit(f"demo: --fsdd {fsdd} is not the Free Spoken Digit Dataset with its official split ({why}); "
+                         "give its folder (recordings/ or labels.csv) or --skip-fsdd") from None
+
+
 TABLE_HEADER = "| encoder | held-out synthetic (10 classes) | FSDD digits (official split) |"
 
 
@@ -217,18 +234,27 @@ def main(argv: list[str] | None = None) -> int:
         "FSDD when ../shared/data/fsdd exists) -> a table of chance, raw log-mel, random-init and pre-trained "
         "encoders. Last line: RESULT demo chance=... logmel=... random=... pretrained=...",
     )
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default: %(default)s)")
+    p.add_argument("--out", type=path_arg, default=Path("runs/demo"), help="run folder (default: %(default)s)")
     p.add_argument("--n", type=int, default=2000, help="pre-training clips, 6.5 s each (default: %(default)s)")
     p.add_argument("--probe-n", type=int, default=600, help="held-out labelled clips (default: %(default)s)")
     p.add_argument("--epochs", type=float, default=24.0, help="pre-training epochs (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=32, help="pre-training batch (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="corpus, shuffle and init seed (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="make-shards processes (default: all usable cores)")
-    p.add_argument("--fsdd", type=Path, default=default_fsdd(), help="FSDD root (default: ../shared/data/fsdd)")
+    p.add_argument("--fsdd", type=path_arg, default=default_fsdd(), help="FSDD root (default: ../shared/data/fsdd)")
     p.add_argument("--skip-fsdd", action="store_true", help="do not evaluate on FSDD")
     args = p.parse_args(argv)
     if args.n < 1 or args.probe_n < 20:
         raise SystemExit("demo: --n must be >= 1 and --probe-n >= 20")
+    # Checked before any work: these failed at pre-training (stage 3) or, for --fsdd, after it (stage 5, ~5 min in),
+    # in the words of options the demo does not have (--warmup-epochs, --data, --folds).
+    if not (math.isfinite(args.epochs) and args.epochs >= 1):
+        raise SystemExit(f"demo: --epochs {args.epochs:g}: give a number >= 1 (the tiny recipe warms the learning "
+                         "rate up over its first epoch)")
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
+        raise SystemExit("demo: --batch-size must be >= 1 and --workers >= 0")
+    if args.fsdd is not None and not args.skip_fsdd:
+        _check_fsdd(args.fsdd)
     again = "run the same command again to start over (finished shards are kept; pre-training starts afresh)"
     try:
         return _run(args)

@@ -207,3 +207,29 @@ def test_a_results_md_the_demo_did_not_write_is_refused_before_any_work(tmp_path
         torch.set_num_threads(threads)
     assert (tmp_path / "results.md").read_text() == theirs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]  # no shards, no run
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--fsdd", "{tmp}/nowhere"], "demo: --fsdd {tmp}/nowhere is not the Free Spoken Digit Dataset with its official "
+                                  "split (no such file or folder); give its folder (recordings/ or labels.csv) or "
+                                  "--skip-fsdd"),
+    (["--fsdd", "{tmp}/notfsdd"], "demo: --fsdd {tmp}/notfsdd is not the Free Spoken Digit Dataset with its official "
+                                  "split (no official protocol (no 'split' or 'fold' column))"),
+    (["--epochs", "0.5"], "demo: --epochs 0.5: give a number >= 1 (the tiny recipe warms the learning rate up"),
+    (["--epochs", "nan"], "demo: --epochs nan: give a number >= 1"),
+    (["--batch-size", "0"], "demo: --batch-size must be >= 1 and --workers >= 0"),
+])
+def test_bad_options_are_refused_before_any_work(tmp_path, argv, message):
+    """A bad --fsdd failed at stage 5, after the whole pre-training (~5 min), naming matpac-eval's --data and --folds;
+    --epochs 0.5 after the shards were made, naming --warmup-epochs (found by review). Now one line, nothing made."""
+    import soundfile as sf
+
+    (tmp_path / "notfsdd" / "a").mkdir(parents=True)  # a folder of classes: read, but without an official split
+    (tmp_path / "notfsdd" / "b").mkdir()
+    for c in "ab":
+        sf.write(tmp_path / "notfsdd" / c / "x.wav", [0.1, -0.1] * 4000, 8000)
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(out), *[a.format(tmp=tmp_path) for a in argv]])
+    assert str(e.value.code).startswith(message.format(tmp=tmp_path)), e.value.code
+    assert not out.exists()
