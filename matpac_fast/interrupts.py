@@ -84,6 +84,12 @@ def run_main(main: Callable[..., int | str | None], *args) -> NoReturn:
         code = main(*args)
     except SystemExit as e:
         code = e.code
+    except BrokenPipeError:
+        if not _stdout_is_gone():
+            raise  # another pipe (a worker's): its traceback is the report
+        # stdout's reader left (`make-shards ... | head`): end as a tool that SIGPIPE ends, status 141, without the
+        # two tracebacks Python printed (the write's, then the flush's at exit)
+        code = 128 + signal.SIGPIPE
     if code != INTERRUPTED or threading.current_thread() is not threading.main_thread():
         if threading.current_thread() is threading.main_thread() and (code is None or isinstance(code, int)):
             # at exit, not now: a caller that catches the SystemExit (IPython) goes on with its own handlers; exit
@@ -100,6 +106,27 @@ def run_main(main: Callable[..., int | str | None], *args) -> NoReturn:
 
     sys.excepthook = quiet
     raise interrupt  # uncaught: Python ends the process with SIGINT after finalizing (since Python 3.8)
+
+
+def _stdout_is_gone() -> bool:
+    """True when stdout is a pipe without a reader (poll says POLLERR on its write end; a flush cannot tell: the
+    failed write dropped what was buffered). stdout then points at /dev/null, so that Python's own flush at exit does
+    not fail again."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fileno (a replaced stdout), no poll (not POSIX)
+        return False
+    if gone:
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
+    return gone
 
 
 _done: list[int] = []  # the status of a command that run_main saw finish

@@ -117,6 +117,34 @@ def test_run_main_exits_as_sys_exit_would_otherwise(main, code, err):
     assert (p.returncode, p.stderr) == (code, err)
 
 
+def _closed_stdout(argv: list[str]) -> subprocess.CompletedProcess:
+    """Run `argv` with stdout a pipe whose reader is gone before it starts (`cmd | true`, `cmd | head` once head has
+    read its lines): every write fails with EPIPE."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run(argv, stdout=w, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        os.close(w)
+
+
+def test_a_command_whose_stdout_reader_left_ends_quietly_as_sigpipe_would(tmp_path):
+    """`make-shards ... | head -1` or `... | true`: every command ended with a BrokenPipeError traceback (two: the
+    write's and Python's flush at exit), status 1 (found by review). Now status 141 (128 + SIGPIPE, what a shell
+    shows for a tool that SIGPIPE ends) and nothing on stderr. A broken pipe not stdout's keeps its traceback."""
+    p = _closed_stdout([sys.executable, "-m", "shard_tools", "synthetic", "--n", "4", "--out", str(tmp_path / "s"),
+                        "--workers", "0", "--no-progress", "--short", "pad"])
+    assert (p.returncode, p.stderr) == (128 + signal.SIGPIPE, ""), p.stderr  # at its summary: the set is made
+    assert (tmp_path / "s" / "stats.json").is_file()
+    p = _closed_stdout([sys.executable, "-c", "from matpac_fast.interrupts import run_main\n"
+                        "run_main(lambda: print('a line' * 1000))"])
+    assert (p.returncode, p.stderr) == (128 + signal.SIGPIPE, ""), p.stderr
+    p = _python("from matpac_fast.interrupts import run_main\n"  # stdout fine: the pipe was another one
+                "def main():\n    raise BrokenPipeError(32, 'a worker pipe')\nrun_main(main)")
+    assert p.returncode == 1 and "BrokenPipeError: [Errno 32] a worker pipe" in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("status", [0, 1])
 def test_a_ctrl_c_after_the_command_is_done_ends_it_with_its_own_status(status):
     """A Ctrl-C while the interpreter cleans up after a finished command (exit handlers, then torch's C++ teardown:
