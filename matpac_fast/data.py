@@ -93,6 +93,7 @@ _SHARD_EXCEPTIONS = (ShardError, OSError, ValueError, KeyError, EOFError, Overfl
 # More samples than any shard holds (each takes at least 2 KiB: two members of a 512-byte header and a block): a count
 # past it in sizes.json is damage (2**70 raised OverflowError in the plan)
 MAX_SHARD_COUNT = 2**31
+MAX_SYNTHETIC_CLIPS = 10**9
 
 
 class NoUsableData(RuntimeError):
@@ -438,6 +439,8 @@ class ShardSource:
             n = spec.split(":", 1)[1]
             if not n.isdigit():
                 raise ValueError(f"{spec!r}: write synthetic:N with N the number of clips, e.g. synthetic:4096")
+            if int(n) > MAX_SYNTHETIC_CLIPS:  # its table of virtual shards is a list: 10**12 was a MemoryError
+                raise ValueError(f"{spec!r}: at most synthetic:{MAX_SYNTHETIC_CLIPS} clips (AudioSet has ~2 million)")
             return SyntheticSource(n_clips=int(n))
         what = ("pass a directory made by make-shards, shard files (dir/shards-{000000..000099}.tar, dir/*.tar), URLs "
                 "or a list of them")
