@@ -20,9 +20,12 @@ exported file loads strictly here and in the authors' wrapper. `load_encoder` ac
   flat or under "model", optionally with "config" (ModelConfig.to_dict()) beside it; a `.safetensors` file; a
   trainer checkpoint directory (`model.safetensors` inside; `config.json` of the run, up to two levels up, is read;
   its `model.safetensors` file is that directory);
-  or the trainer's export `<run>/encoder.pt`, whose `<run>/config.json` is read when it is a matpac_fast training
-  config ({"train": {...}, "model": ModelConfig fields}); a training run folder `<run>` is that encoder.pt
-  (`resolve_checkpoint`: the same file, config, settings and so result identity);
+  or the trainer's export `<run>/encoder.pt`, whose `<run>/config.json` is read as the checkpoint folders' is; a
+  training run folder `<run>` is that encoder.pt (`resolve_checkpoint`: the same file, config, settings and so
+  result identity). A run config that cannot be used (unreadable, not a JSON object, a "model" without dim and
+  heads or with values of the wrong type, another dim than the weights') is a one-line ValueError naming it, never
+  replaced by `preset`'s settings; a JSON object with neither "train" nor "model" (another tool's config.json) is
+  not read, and model fields this version does not know are ignored, each with a `RunConfigWarning`;
 - "random": a freshly initialised encoder of `preset`.
 
 A run config supplies the number of heads, n_mels, the normalisation pair and the front end
@@ -641,8 +644,13 @@ def _read_path(path: Path) -> tuple[dict, RunConfig | None]:
         return _read_file(found[0]), cfg
     cfg = None
     if path.name in EXPORT_NAMES and (path.parent / "config.json").is_file():  # the trainer's <run>/encoder.pt
-        cfg = _read_run_config(path.parent / "config.json", training_only=True)
+        cfg = _read_run_config(path.parent / "config.json")
     return _read_file(path), cfg
+
+
+class RunConfigWarning(UserWarning):
+    """A config.json beside the weights that is another tool's (not read), or a run config with model fields this
+    version does not know (ignored). matpac-eval prints it as its own warning line."""
 
 
 def _is_training_config(cfg) -> bool:
@@ -655,24 +663,75 @@ def _is_training_config(cfg) -> bool:
     return {"dim", "heads"} <= set(model) and set(model) <= {f.name for f in fields(ModelConfig)}
 
 
-def _read_run_config(path: Path, training_only: bool = False) -> RunConfig | None:
-    """The model part of a run's config.json (None when it has none). `training_only`: None unless the file is a
-    matpac_fast training config (a config.json of another tool beside a weights file is not ours to read)."""
+def _json_kind(x) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(x), "a number")
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _is_finite_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _read_run_config(path: Path) -> RunConfig | None:
+    """The model part of the run config `path` (the config.json of a run folder, beside its encoder.pt or two levels
+    above its checkpoint folders), read the same way for every spelling of a run's weights (run folder, encoder.pt,
+    checkpoints/step_N), so that one set of weights gets one set of settings. A file that is meant as a run config
+    (a JSON object with "train" or "model") but cannot be used is a one-line ValueError naming the file and what is
+    wrong: it used to be dropped in silence, and the weights were embedded with --preset's normalisation and front
+    end while the CLI said the run "has no run config". A JSON object without either (another tool's config.json,
+    e.g. a Hugging Face one) is not read, with a RunConfigWarning saying so (None). Model fields this version does
+    not know are ignored with a RunConfigWarning: the fields the encoder uses are all checked."""
+    from dataclasses import fields
+
+    from matpac_fast.frontend import PRESETS as FRONTENDS
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: {what}; fix or remove it")
+
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        cfg = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:  # Recursion: nested too deep
-        if training_only:
-            return None
-        raise ValueError(f"{path}: not a readable JSON run config ({_first_line(e)}); fix or remove it") from None
-    if training_only and not _is_training_config(cfg):
+        reason = "an empty file" if isinstance(e, json.JSONDecodeError) and not text.strip() else _first_line(e)
+        raise bad(f"not a readable JSON run config ({reason})") from None
+    if not isinstance(cfg, dict):  # no tool writes a config.json that is a list or a number: damaged or hand-made
+        raise bad(f"not a run config: the file holds {_json_kind(cfg)}, not a JSON object")
+    if "train" not in cfg and "model" not in cfg:
+        warnings.warn(f"{path} is not a matpac_fast run config (a JSON object without \"train\" and \"model\"; "
+                      "another tool's?): not read", RunConfigWarning, stacklevel=4)
         return None
-    model = cfg.get("model") if isinstance(cfg, dict) else None
+    model, train = cfg.get("model"), cfg.get("train", {})
     if not isinstance(model, dict):
-        return None
+        raise bad(f"its \"model\" is {_json_kind(model)}, not a JSON object of model settings")
+    if not isinstance(train, dict):
+        raise bad(f"its \"train\" is {_json_kind(train)}, not a JSON object")
+    missing = [k for k in ("dim", "heads") if k not in model]
+    if missing:
+        raise bad(f"its \"model\" has no {' or '.join(missing)}")
+    count = "a positive whole number"
+    for key, ok, want in (("dim", _is_count, count), ("heads", _is_count, count), ("n_mels", _is_count, count),
+                          ("norm_mean", _is_finite_number, "a finite number"),
+                          ("norm_std", lambda x: _is_finite_number(x) and x > 0, "a positive number"),
+                          ("name", lambda x: isinstance(x, str), "a preset name (text)")):
+        if key in model and not ok(model[key]):
+            raise bad(f"model {key} is {model[key]!r}, not {want}")
+    run = train.get("run", {})
+    if not isinstance(run, dict):
+        raise bad(f"its train.run is {_json_kind(run)}, not a JSON object")
+    frontend = run.get("frontend")  # None: not recorded (then m2d for an M2D model, else matpac)
+    if frontend is not None and frontend not in FRONTENDS:
+        raise bad(f"train.run.frontend is {frontend!r}, not one of the front ends {sorted(FRONTENDS)}")
+    unknown = sorted(set(model) - {f.name for f in fields(ModelConfig)})
+    if unknown:
+        warnings.warn(f"{path}: model field(s) {', '.join(map(str, unknown))} unknown to this version of matpac_fast "
+                      "and ignored (written by a newer version, or edited?); the others are read", RunConfigWarning,
+                      stacklevel=4)
     out = RunConfig(model)
-    run = cfg["train"].get("run") if isinstance(cfg.get("train"), dict) else None
-    frontend = run.get("frontend") if isinstance(run, dict) else None
-    out.frontend = frontend if isinstance(frontend, str) else None
+    out.frontend = frontend
     out.source = str(path)
     return out
 
@@ -732,6 +791,10 @@ def _infer_arch(state: dict, preset: str, cfg: dict | None, why: dict | None = N
     fc1 = state.get("student_encoder.blocks.0.mlp.fc1.weight")
     mlp_ratio = fc1.shape[0] / dim if fc1 is not None else 4.0
     base = get_model_config(preset)
+    if isinstance(cfg, RunConfig) and cfg.get("dim") != dim:
+        # its heads were passed over for --preset's, but its normalisation and front end were used: half a config
+        raise ValueError(f"the run config {cfg.source} has model dim {cfg.get('dim')}, the weights {dim}: it is not "
+                         "these weights' config; fix or remove it")
     cfg = cfg or {}
     source, guessed = None, False
     if cfg.get("dim") == dim and "heads" in cfg:

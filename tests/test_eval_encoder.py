@@ -132,8 +132,9 @@ def test_a_deep_config_json_or_a_crafted_tar_checkpoint_is_a_one_line_error(tmp_
         load_encoder(tmp_path / "ck", preset="tiny")
     (tmp_path / "run").mkdir()
     torch.save(export_encoder_state(load_encoder("random", preset="tiny")), tmp_path / "run" / "encoder.pt")
-    (tmp_path / "run" / "config.json").write_text(deep)  # another tool's file beside the weights: not read
-    assert load_encoder(tmp_path / "run", preset="tiny") is not None
+    (tmp_path / "run" / "config.json").write_text(deep)  # beside encoder.pt too (was dropped in silence: CLI review 1)
+    with pytest.raises(ValueError, match="config.json: not a readable JSON run config"):
+        load_encoder(tmp_path / "run", preset="tiny")
     head = bytearray(512)
     head[0:13], head[124:136], head[156:157] = b"././@LongLink", bytes([0x80]) + (2**80).to_bytes(11, "big"), b"L"
     head[257:263], head[148:156] = b"ustar\0", b" " * 8

@@ -15,6 +15,7 @@ import re
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -391,8 +392,15 @@ def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: 
     )  # fmt: skip
     probe_config = vars(probe.linear) if a.probe == "linear" else {"C": a.logreg_c}
     probe_id = report.probe_id(a.probe, probe_config, probe_defaults())
-    embedder = embed.make_embedder(a.checkpoint, preset=a.preset, device=a.device, seed=a.seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        embedder = embed.make_embedder(a.checkpoint, preset=a.preset, device=a.device, seed=a.seed)
     _note_encoder_config(a, embedder)
+    for w in caught:  # a run config.json not read, or read without fields it does not know: one line of ours
+        if w.category.__name__ == "RunConfigWarning":
+            embed.warn(str(w.message))
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     name, replaces = report.unique_name(out, task, embedder.name, probe_id, embedder.identity)
     if name != embedder.name:
         _note(f"{out} already holds a result of another embedder named {embedder.name!r}; this one is {name!r}")
