@@ -135,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--logreg-c", type=float, default=1.0, help="inverse L2 strength for --probe logreg")
     e = p.add_argument_group("embedding")
     e.add_argument("--embed-batch", type=int, default=32, help="clips per encoder batch")
-    e.add_argument("--cache-dir", type=path_arg, default=embed.default_cache_dir(), help="embedding cache")
+    # default None (resolved in `run`): an unwritable default is then named after where it came from, XDG_CACHE_HOME
+    # or the home folder, not after a --cache-dir the user never passed
+    e.add_argument("--cache-dir", type=path_arg, default=None,
+                   help="embedding cache (default: $XDG_CACHE_HOME/matpac_fast/embeddings when XDG_CACHE_HOME is an "
+                        "absolute path, else ~/.cache/matpac_fast/embeddings)")  # fmt: skip
     e.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
     e.add_argument("--projection", default="pca", choices=["pca", "tsne", "none"], help="2-D projection for the PNG")
     e.add_argument(
@@ -337,7 +341,15 @@ def run(a: argparse.Namespace) -> dict:
     classes = _classes(a.classes)
     scheme = parse_scheme(a.folds)
     out = Path(a.out).expanduser()
-    if not a.no_cache:
+    if a.no_cache and a.cache_dir is not None:
+        _note(f"--no-cache: --cache-dir {a.cache_dir} is not used (neither read nor written)")
+    elif a.cache_dir is None:
+        a.cache_dir = embed.default_cache_dir()
+        option = (f"the embedding cache (XDG_CACHE_HOME={embed.xdg_cache_home()})" if embed.xdg_cache_home()
+                  else "the embedding cache (in the home folder)")
+        _writable_dir(a.cache_dir, option, "set XDG_CACHE_HOME to a writable folder, give a writable --cache-dir or "
+                      "pass --no-cache")
+    else:
         _writable_dir(a.cache_dir, "--cache-dir", "give a writable --cache-dir or pass --no-cache")
     report.check_table(out)  # another tool's results.md (e.g. the demo's) is never replaced
     created = _writable_dir(out, "--out", "give a folder that can be created and written (results go inside it)")

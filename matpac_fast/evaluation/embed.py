@@ -62,8 +62,16 @@ SAMPLE_RATE = 16000
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "matpac_fast" / "embeddings"
+    """$XDG_CACHE_HOME/matpac_fast/embeddings, else ~/.cache/matpac_fast/embeddings. A relative XDG_CACHE_HOME is
+    ignored, as the XDG base directory spec says: it was used as given, so the cache moved with the working
+    directory."""
+    return Path(xdg_cache_home() or os.path.join(os.path.expanduser("~"), ".cache")) / "matpac_fast" / "embeddings"
+
+
+def xdg_cache_home() -> str | None:
+    """XDG_CACHE_HOME when it is set to an absolute path, else None."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    return base if base and os.path.isabs(base) else None
 
 
 @functools.lru_cache(maxsize=16)
