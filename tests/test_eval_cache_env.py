@@ -35,3 +35,10 @@ def test_no_cache_with_cache_dir_says_the_folder_is_not_used(tones, tmp_path, ca
                   capsys)  # fmt: skip
     assert f"--no-cache: --cache-dir {cache} is not used" in err, err
     assert not cache.exists()
+
+
+def test_an_unknown_preset_is_refused_for_every_checkpoint(tones, tmp_path):
+    for ckpt in ("logmel", "random"):  # before: accepted with logmel (and written into the result's JSON)
+        args = ["--checkpoint", ckpt, "--preset", "foo", "--data", str(tones), "--out", str(tmp_path / "o")]
+        assert "--preset foo: unknown model preset; choose one of " in _one_line_error(args)
+    assert not (tmp_path / "o").exists()

@@ -204,6 +204,10 @@ def _validate(a: argparse.Namespace) -> None:
     for name in ("seeds", "embed_batch", "probe_batch", "max_epochs", "patience"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    from matpac_fast.config import PRESETS  # plain data: no model code is imported for --checkpoint logmel
+
+    if a.preset not in PRESETS:  # was accepted with --checkpoint logmel, and refused only after loading otherwise
+        raise ValueError(f"--preset {a.preset}: unknown model preset; choose one of {', '.join(sorted(PRESETS))}")
     if not 0 <= a.seed <= 2**32 - a.seeds:  # numpy takes seeds 0 .. 2^32 - 1; the runs use seed .. seed + seeds - 1
         raise ValueError(f"--seed must be between 0 and {2**32 - a.seeds} (with --seeds {a.seeds}), got {a.seed}")
     if not (math.isfinite(a.lr) and a.lr > 0):
