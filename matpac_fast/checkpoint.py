@@ -13,6 +13,7 @@ anything is loaded or written (`read_state`, `verify`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -220,8 +221,15 @@ class OutLock:
             if not same:  # its holder removed it between our open and flock: lock the file now at the path
                 close_lock_fd(fd)
                 continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            except OSError as e:  # a full disk (ENOSPC): it was a traceback, the resume after a checkpoint's failure
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)  # ours: locked, and checked above to be the file at the path
+                close_lock_fd(fd)
+                then = "free space on that disk, then run again" if e.errno in DISK_FULL else "choose another --out"
+                raise ValueError(f"--out {self.out}: cannot write {self.path}: {write_failure(e)}; {then}") from None
             self._fd = fd
             return None
         return self._degrade(f"{self.path} keeps being replaced")
@@ -363,6 +371,28 @@ def _check_random_states(f: Path) -> None:
                              f"refused (checkpoints are read weights-only); {_EARLIER}") from None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{f} is damaged ({msg.split('. ')[0]}); {_EARLIER}") from None
+
+
+# errno values of a full disk: out of space, out of quota
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+# torch's zip writer reports a short write (its errno lost) as "[enforce fail at inline_container.cc:N] . unexpected
+# pos N vs M", or "... failed writing file X: file write failed"
+_TORCH_SHORT_WRITE = ("unexpected pos", "file write failed")
+
+
+def write_failure(e: BaseException) -> str | None:
+    """What `e`, raised while files were written, says about the disk, in a few words (None: `e` is no failed write).
+    A full disk surfaces as an OSError from Python's own writes, as torch's RuntimeError above (a GB-sized
+    optimizer.bin is usually what no longer fits), or as safetensors' SafetensorError "I/O error: ... (os error 28)"."""
+    if isinstance(e, OSError):
+        return f"the disk is full ({e.strerror})" if e.errno in DISK_FULL else (e.strerror or str(e))
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if isinstance(e, RuntimeError) and any(s in text for s in _TORCH_SHORT_WRITE):
+        return f"the disk is full or failing (torch's writer: {text})"
+    if type(e).__name__ == "SafetensorError" and "I/O error" in text:
+        full = any(f"os error {n})" in text for n in DISK_FULL)
+        return f"the disk is full ({text})" if full else f"the disk is failing ({text})"
+    return None
 
 
 def start_tmp(tmp: Path) -> None:

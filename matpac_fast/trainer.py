@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -989,41 +990,60 @@ class Trainer:
         skipped = torch.tensor(float(self.data.skipped_before_resume_point(epoch_done)), device=self.device)
         if acc.num_processes > 1 and dist.is_initialized():
             dist.all_reduce(skipped, op=dist.ReduceOp.SUM)
-        if acc.is_main_process:
-            ckpt.start_tmp(tmp)  # a new folder: never a leftover one, nor a link planted there
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        # save_state has no closing barrier and every rank writes its own RNG file into tmp: without this one, the
-        # main process could rename tmp while another rank still writes (found as a stray step_X.tmp in a 2-rank
-        # test, the final checkpoint then lacking that rank's RNG state).
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            from safetensors.torch import save_file
+        try:
+            if acc.is_main_process:
+                ckpt.start_tmp(tmp)  # a new folder: never a leftover one, nor a link planted there
+            acc.wait_for_everyone()
+            acc.save_state(str(tmp))
+            # save_state has no closing barrier and every rank writes its own RNG file into tmp: without this one,
+            # the main process could rename tmp while another rank still writes (found as a stray step_X.tmp in a
+            # 2-rank test, the final checkpoint then lacking that rank's RNG state).
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                from safetensors.torch import save_file
 
-            # the same on every rank (the EMA is computed from identical weights): written once
-            save_file({k: v.detach().cpu() for k, v in self._ema_residual().items()}, str(tmp / ckpt.EMA_RESIDUAL))
-            ckpt.write_state(
-                tmp,
-                {
-                    "step": self.step,
-                    "epoch": self.epoch,
-                    "batch_in_epoch": self.batch_in_epoch,
-                    "nonfinite_total": float(self.nonfinite_total),
-                    "nonfinite_run": float(self.nonfinite_run),
-                    "skipped_shards": int(round(skipped.item())),
-                    "total_steps": self.total_steps,
-                    "world_size": acc.num_processes,
-                    "config": self.cfg.to_dict(),
-                    "model_config": self.model_cfg.to_dict(),
-                    "data_fingerprint": getattr(self.data, "fingerprint", None),
-                    "data_reader": getattr(self.data, "reader", None),
-                },
-            )
-            ckpt.finalize(tmp, final)
+                # the same on every rank (the EMA is computed from identical weights): written once
+                save_file({k: v.detach().cpu() for k, v in self._ema_residual().items()},
+                          str(tmp / ckpt.EMA_RESIDUAL))
+                ckpt.write_state(
+                    tmp,
+                    {
+                        "step": self.step,
+                        "epoch": self.epoch,
+                        "batch_in_epoch": self.batch_in_epoch,
+                        "nonfinite_total": float(self.nonfinite_total),
+                        "nonfinite_run": float(self.nonfinite_run),
+                        "skipped_shards": int(round(skipped.item())),
+                        "total_steps": self.total_steps,
+                        "world_size": acc.num_processes,
+                        "config": self.cfg.to_dict(),
+                        "model_config": self.model_cfg.to_dict(),
+                        "data_fingerprint": getattr(self.data, "fingerprint", None),
+                        "data_reader": getattr(self.data, "reader", None),
+                    },
+                )
+                ckpt.finalize(tmp, final)
+        except Exception as e:  # a full disk: torch's, safetensors' or Python's error, by write_failure's reading
+            why = ckpt.write_failure(e)
+            if why is None:
+                raise
+            raise self._unwritten(tmp, why) from None
+        if acc.is_main_process:
             ckpt.prune(self.out, self.cfg.run.keep_last)
         acc.wait_for_everyone()
         self._saved_step = self.step
         return final
+
+    def _unwritten(self, tmp: Path, why: str) -> TrainingAborted:
+        """A checkpoint that could not be written (`why`: write_failure's words, usually a full disk): one line
+        saying what is kept and how to go on, after removing the half-written `tmp` (GBs for a large model, which
+        kept the disk full: the next run failed in turn). Without this, torch's traceback, and the .tmp stayed."""
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        left = (f"its half-written {tmp.name} could not be removed either: delete it" if tmp.exists()
+                else f"its half-written {tmp.name} was removed")
+        return TrainingAborted(f"the checkpoint of step {self.step} could not be written in {tmp.parent}: {why}; "
+                               f"{left}; free space on that disk: {_resume_advice(self.out)}")
 
     def _read_resume(self) -> tuple[Path, dict] | None:
         """The checkpoint to resume and its state, after checking that this run's settings would continue it
@@ -1175,8 +1195,17 @@ class Trainer:
 
         path = self.out / "encoder.pt"
         state = {k: v.detach().cpu().contiguous() for k, v in export_encoder_state(self.raw_model).items()}
-        with atomic_write(path, "wb") as f:  # a kill while writing leaves the previous encoder.pt whole
-            torch.save(state, f)
+        try:
+            with atomic_write(path, "wb") as f:  # a kill while writing leaves the previous encoder.pt whole
+                torch.save(state, f)
+        except Exception as e:  # a full disk (ckpt.write_failure): one line; atomic_write removed encoder.pt.tmp
+            why = ckpt.write_failure(e)
+            if why is None:
+                raise
+            kept = (f"the checkpoint of step {self.step} is kept: free space on that disk, then --resume auto writes "
+                    "encoder.pt from it" if self._saved_step == self.step else f"free space on that disk: "
+                    f"{_resume_advice(self.out)}")
+            raise TrainingAborted(f"{path} could not be written: {why}; {kept}") from None
         return path
 
     # ------------------------------------------------------------------------------------------------ signals
@@ -1497,6 +1526,13 @@ def _main(argv: list[str] | None) -> int:
         result = trainer.train()
     except (ValueError, TrainingAborted) as e:
         return _fail(f"error: {e}", rank, world, stopping=trainer is not None and trainer._stop_requested)
+    except OSError as e:
+        if e.errno not in ckpt.DISK_FULL:
+            raise
+        # a full disk met outside a checkpoint (config.json, a history.jsonl row): one line, not a traceback
+        where = f" writing {e.filename}" if e.filename else ""
+        then = _resume_advice(cfg.run.out) if trainer is not None else "then run again"
+        return _fail(f"error: the disk is full{where} ({e.strerror}); free space on that disk: {then}", rank, world)
     except KeyboardInterrupt:  # Ctrl-C before train() installs its handlers (start-up), or a second Ctrl-C
         if rank == 0:
             if trainer is not None and trainer._stop_requested:

@@ -352,6 +352,106 @@ def test_file_system_without_locks_is_a_warning_not_a_refusal(tmp_path, capsys, 
                       "available); training without the lock: make sure no other process writes this --out"]
 
 
+def _disk_full(kind: str) -> BaseException:
+    """What a full disk raises while a checkpoint is written: Python's own write, torch's zip writer (its errno lost),
+    safetensors' writer (the model file)."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    return {"oserror": OSError(errno.ENOSPC, "No space left on device"),
+            "torch": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 76800 vs 76688"),
+            "safetensors": SafetensorError("Error while serializing: I/O error: No space left on device (os error "
+                                           "28)")}[kind]
+
+
+@pytest.mark.parametrize("kind", ["oserror", "torch", "safetensors"])
+def test_a_full_disk_while_checkpointing_is_one_line_and_removes_the_half_written_checkpoint(tmp_path, capsys,
+                                                                                            monkeypatch, kind):
+    # Found by review (a small tmpfs): torch's "unexpected pos" traceback, and the half-written step_N.tmp (GBs for
+    # ViT-B) stayed, keeping the disk full, so that the --resume auto after it failed in turn.
+    import accelerate
+
+    save_state = accelerate.Accelerator.save_state
+
+    def save_state_on_a_full_disk(self, output_dir=None, **kwargs):
+        if not output_dir.endswith("step_00000004.tmp"):
+            return save_state(self, output_dir, **kwargs)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"\0" * 1000)  # as far as it got
+        raise _disk_full(kind)
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state_on_a_full_disk)
+    out = tmp_path / "run"
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "6", "--ckpt-every", "2")
+    line = _one_line(err)
+    assert rc == 2 and "the checkpoint of step 4 could not be written" in line and "the disk is full" in line, line
+    assert line.endswith("its half-written step_00000004.tmp was removed; free space on that disk: the last "
+                         "checkpoint (step_00000002) is kept: --resume auto continues from it"), line
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
+    assert not (out / ".matpac-train.lock").exists()
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)  # space freed: the advice works
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "6", "--ckpt-every", "2", "--resume", "auto")
+    assert rc == 0 and "resumed from" in err, err
+
+
+def test_a_full_disk_met_by_the_lock_or_a_run_file_is_one_line(run2, tmp_path, capsys, monkeypatch):
+    # The --resume auto after a full disk: OSError tracebacks from OutLock.acquire (the holder's pid), or from the
+    # first write of the run (config.json, a history row)
+    import errno
+
+    from matpac_fast import checkpoint as ckpt
+    from matpac_fast import locks
+
+    out, _ = _copy(run2, tmp_path)
+    before = _snapshot(out)
+    write = os.write
+
+    def write_on_a_full_disk(fd, data):
+        if fd in locks._held:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(fd, data)
+
+    monkeypatch.setattr(os, "write", write_on_a_full_disk)
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "3", "--resume", "auto")
+    assert rc == 2 and _one_line(err) == (f"error: --out {out}: cannot write {out / ckpt.LOCK_FILE}: the disk is full "
+                                          "(No space left on device); free space on that disk, then run again")
+    assert _snapshot(out) == before  # nor an empty lock file left behind
+    monkeypatch.setattr(os, "write", write)
+
+    def write_atomic(path, data, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(T, "write_atomic", write_atomic)  # the history's truncation on resume, then config.json
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "3", "--resume", "auto")
+    assert rc == 2 and "Traceback" not in err, err  # after the line saying that it resumed
+    assert err.strip().splitlines()[-1] == (f"error: the disk is full writing {out / 'history.jsonl'} (No space left "
+                                            "on device); free space on that disk: the last checkpoint (step_00000002) "
+                                            "is kept: --resume auto continues from it")
+
+
+def test_a_full_disk_while_writing_encoder_pt_is_one_line(tmp_path, capsys, monkeypatch):
+    import torch
+
+    save = torch.save
+
+    def save_on_a_full_disk(obj, f, *args, **kwargs):
+        if not isinstance(f, (str, os.PathLike)):  # encoder.pt, through atomic_write's file object
+            raise _disk_full("torch")
+        return save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_on_a_full_disk)
+    out = tmp_path / "run"
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "2")
+    line = _one_line(err)
+    assert rc == 2 and line.startswith(f"error: {out / 'encoder.pt'} could not be written: the disk is full"), line
+    assert line.endswith("the checkpoint of step 2 is kept: free space on that disk, then --resume auto writes "
+                         "encoder.pt from it"), line
+    assert not (out / "encoder.pt").exists() and not (out / "encoder.pt.tmp").exists()
+    monkeypatch.setattr(torch, "save", save)
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "2", "--resume", "auto")
+    assert rc == 0 and (out / "encoder.pt").exists(), err
+
+
 # ------------------------------------------------------------------------------------- 4: damaged checkpoints
 def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
