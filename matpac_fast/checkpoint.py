@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -284,7 +285,48 @@ def read_state(path: Path) -> dict:
     if bad:
         raise ValueError(f"{f} lacks a whole-number {', '.join(bad)}: it is damaged or not a trainer state; "
                          f"{_EARLIER}")
+    for key, value in _misfits(state):
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise ValueError(f"{f}: {key} is {shown}, not {_FIELDS.get(key.split('.')[0], 'an object')}: the file is "
+                         f"damaged or was edited; {_EARLIER}")
     return state
+
+
+# What each field of trainer_state.json holds as the trainer writes it (save_checkpoint). A field from after a
+# checkpoint's version is absent from it, and not checked; a present one of another kind (a hand-edited "1", a
+# list) was a traceback (TypeError, AttributeError) or a nonsense comparison ("written by 1 processes, this run
+# has 1", "schedules 32 steps, this run 32") after the resume error had sent the user to this file.
+_FIELDS = {"step": "a whole number of 0 or more", "epoch": "a whole number of 0 or more",
+           "batch_in_epoch": "a whole number of 0 or more", "skipped_shards": "a whole number of 0 or more",
+           "total_steps": "a whole number of 0 or more", "world_size": "a whole number of 1 or more",
+           "nonfinite_total": "a finite number of 0 or more", "nonfinite_run": "a finite number of 0 or more",
+           "config": "an object", "model_config": "an object",
+           "data_fingerprint": "a text or null", "data_reader": "a text or null"}
+# the objects inside "config" (TrainConfig.to_dict): every one is an object of settings
+_CONFIG_SECTIONS = ("run", "data", "optim", "schedule", "model", "inductor")
+
+
+def _misfits(state: dict):
+    """(field, value) of each field of `state` that holds something other than _FIELDS says."""
+    for key, value in state.items():
+        want = _FIELDS.get(key)
+        if want is None:
+            continue
+        if want.startswith("a whole number"):
+            ok = type(value) is int and value >= (1 if key == "world_size" else 0)
+        elif want.startswith("a finite number"):
+            ok = type(value) in (int, float) and math.isfinite(value) and value >= 0
+        elif want == "an object":
+            ok = isinstance(value, dict)
+        else:
+            ok = value is None or isinstance(value, str)
+        if not ok:
+            yield key, value
+    for section in _CONFIG_SECTIONS if isinstance(state.get("config"), dict) else ():
+        value = state["config"].get(section)
+        if value is not None and not isinstance(value, dict):
+            yield f"config.{section}", value
 
 
 def verify(path: Path) -> None:

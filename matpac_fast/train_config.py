@@ -574,6 +574,28 @@ def _compared(key: str, value):
     return max(int(value), 1) if key == "data.workers" else value
 
 
+def json_kind(value) -> str | None:
+    """The JSON kind of a setting (None for null, which an optional setting may hold whatever its kind)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number" if math.isfinite(value) else "a non-finite number"
+    return {str: "a text", list: "a list", tuple: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+
+
+def mistyped(saved: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, saved value, this run's value) of each setting a checkpoint holds as another JSON kind than this run
+    (`saved` / `new` as for resume_changes): a hand-edited "8" for 8, a list, a NaN. resume_changes compared them
+    as values: "--batch-size 8 -> 8", or a bare "invalid literal for int()"."""
+    a, b = _flat(saved), _flat(new)
+    a.update({f"model.{k}": v for k, v in saved.get("model", {}).items()})
+    b.update({f"model.{k}": v for k, v in new.get("model", {}).items()})
+    return [(k, a[k], b[k]) for k in sorted(set(a) & set(b))
+            if None not in (json_kind(a[k]), json_kind(b[k])) and json_kind(a[k]) != json_kind(b[k])]
+
+
 def resume_changes(saved: dict, new: dict) -> tuple[list[str], list[str]]:
     """Compare a checkpoint's settings with this run's: (blocking, free) lists of "--flag old -> new".
 

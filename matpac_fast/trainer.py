@@ -66,10 +66,6 @@ class _StopInDataWait(BaseException):
 STOP_CHECK_S = 5.0
 
 
-def _processes(n: int) -> str:
-    return f"{n} process{'es' if n > 1 else ''}"
-
-
 def _next_stop_check(step: int, steps: int, seconds: float, log_every: int, target: float = STOP_CHECK_S) -> int:
     """The step of the next stop agreement after the one at `step`: `target` seconds ahead at the pace of the span
     since the previous one (`steps` steps in `seconds`, figures every process shares), at least 1 step ahead and at
@@ -1048,7 +1044,7 @@ class Trainer:
     def _read_resume(self) -> tuple[Path, dict] | None:
         """The checkpoint to resume and its state, after checking that this run's settings would continue it
         exactly (train_config.RESUME_FREE lists what may change): one-line ValueError otherwise."""
-        from matpac_fast.train_config import resume_changes
+        from matpac_fast.train_config import json_kind, mistyped, resume_changes
 
         path = ckpt.resolve_resume(self.cfg.run.resume, self.out)
         if path is None:
@@ -1072,6 +1068,11 @@ class Trainer:
         if "model_config" in state:
             saved["model"] = state["model_config"]
         new = {**json.loads(json.dumps(self.cfg.to_dict(), default=str)), "model": self.model_cfg.to_dict()}
+        for key, was, now in mistyped(saved, new):
+            field = f"model_config.{key[6:]}" if key.startswith("model.") else f"config.{key}"
+            raise ValueError(f"{path / ckpt.STATE_FILE}: {field} is {json.dumps(was)[:40]}, not {json_kind(now)} "
+                             f"(this run: {json.dumps(now, default=str)[:40]}): the file is damaged or was edited; "
+                             "pick an earlier checkpoint with --resume PATH")
         blocking, free = resume_changes(saved, new)
         if state.get("data_fingerprint") not in (None, getattr(self.data, "fingerprint", None),
                                                  getattr(self.data, "names_fingerprint", None),

@@ -481,6 +481,36 @@ def test_damaged_checkpoint_is_one_line_naming_the_file(run2, tmp_path, capsys, 
     assert not fresh.exists()
 
 
+@pytest.mark.parametrize("edit, field, shown, kind", [
+    (lambda s: s.update(config=[1]), "config", "[1]", "an object"),
+    (lambda s: s.update(model_config="x"), "model_config", '"x"', "an object"),
+    (lambda s: s.update(nonfinite_total="0"), "nonfinite_total", '"0"', "a finite number of 0 or more"),
+    (lambda s: s.update(data_reader=["indexed"]), "data_reader", '["indexed"]', "a text or null"),
+    (lambda s: s.update(world_size="1"), "world_size", '"1"', "a whole number of 1 or more"),
+    (lambda s: s.update(total_steps="80"), "total_steps", '"80"', "a whole number of 0 or more"),
+    (lambda s: s.update(skipped_shards=float("nan")), "skipped_shards", "NaN", "a whole number of 0 or more"),
+    (lambda s: s["config"].update(data=[]), "config.data", "[]", "an object"),
+    (lambda s: s["config"]["data"].update(batch_size="8"), "config.data.batch_size", '"8"', "a number (this run: 8)"),
+    (lambda s: s["config"]["data"].update(workers="abc"), "config.data.workers", '"abc"', "a number (this run: 0)"),
+    (lambda s: s["model_config"].update(dim="64"), "model_config.dim", '"64"', "a number (this run: 64)"),
+], ids=["config", "model_config", "nonfinite_total", "data_reader", "world_size", "total_steps", "skipped_shards",
+        "config.data", "batch_size", "workers", "dim"])
+def test_a_trainer_state_field_of_another_kind_is_one_line_naming_the_file_and_field(run2, tmp_path, capsys, edit,
+                                                                                    field, shown, kind):
+    # Found by review: hand-edited or damaged fields were tracebacks (config a list: TypeError; model_config a text:
+    # AttributeError; nonfinite_total a text: torch's TypeError; data_reader a list: unhashable), bare lines
+    # ("invalid literal for int()") or nonsense ("written by 1 processes, this run has 1", "schedules 80 steps, this
+    # run 80", "--batch-size 8 -> 8"), while the resume error sends the user to this very file.
+    out, ckpt = _copy(run2, tmp_path)
+    f = ckpt / "trainer_state.json"
+    state = json.loads(f.read_text())
+    edit(state)
+    f.write_text(json.dumps(state))
+    rc, _, err = _main(capsys, *SYN, "--out", str(out), "--max-steps", "4", "--resume", "auto")
+    assert rc == 2 and _one_line(err) == (f"error: {f}: {field} is {shown}, not {kind}: the file is damaged or was "
+                                          "edited; pick an earlier checkpoint with --resume PATH")
+
+
 # ------------------------------------------------------------------------------ 5, 7: model and optimizer values
 @pytest.mark.parametrize(
     "argv, message",
