@@ -575,7 +575,8 @@ def test_nonfinite_abort_advice_fits_what_exists_and_what_was_used(tmp_path, cap
         (["--shards", "synthetic:64", "--model", "alpha"], "expected KEY=VALUE"),
         (["--shards", "synthetic:64", "--warmup-epochs", "400"], "--warmup-epochs"),
         # its table of virtual shards was built first: a MemoryError traceback (found by review)
-        (["--shards", "synthetic:1000000000000"], "'synthetic:1000000000000': at most synthetic:1000000000 clips"),
+        (["--shards", "synthetic:1000000000000", "--recipe", "tiny"],
+         "'synthetic:1000000000000': at most synthetic:1000000000 clips"),
     ],
 )
 def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path):
