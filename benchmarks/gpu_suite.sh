@@ -65,7 +65,7 @@
 #   kernels     benchmarks/kernels.py (Triton kernels vs eager / compiled references)
 #   ema         benchmarks/ema.py: the teacher EMA's compensated update eager vs compiled (what a compiled training step
 #               runs) on the preset's weights, plus the plain update; its first compiled call compiles (not yet run on
-#               a GPU: 135 s for ViT-B on 2 loaded CPU cores, 23 s for the dry run's tiny preset; cap 90 s)
+#               a GPU: 46 s for ViT-B on 2 idle CPU cores, 135 s loaded, 23 s for the dry run's tiny preset; cap 90 s)
 #   train_b64   as train_b256 at batch 64 per device (SUITE_SMALL_MODES, default SUITE_MODES' value; each compiled
 #               mode compiles for ~40 s on an H200, ~70 s on the H100 machine)
 #   profile     only with SUITE_PROFILE=1: benchmarks/profile_step.py on compiled+kernels at batch 256 with the bf16

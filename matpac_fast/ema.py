@@ -29,7 +29,7 @@ def ema_update(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor],
     `compiled`: the compensated update through torch.compile (the trainer's choice when it compiles the model),
     with the weight as a 0-d tensor: the same operations in the same order as eager with a tensor weight, and
     bit-identical to it on the CPU. (Eager with a float weight rounds r + (1 − d)(s − t) in one step rather than
-    two: the residual's last bits differ.) The first call compiles: 52–135 s for ViT-B on 2 CPU cores (not yet
+    two: the residual's last bits differ.) The first call compiles: 46–135 s for ViT-B on 2 CPU cores (not yet
     timed on a GPU)."""
     teacher, student = list(teacher), list(student)
     if len(teacher) != len(student):
@@ -86,7 +86,7 @@ def _compensated(teacher: list[torch.Tensor], src: list[torch.Tensor], residual:
 @functools.cache
 def _compiled_compensated():
     """`_compensated` through torch.compile, made at first use: on a GPU, foreach kernels that read and write each
-    element once instead of six passes (`python benchmarks/ema.py`: ViT-B teacher + head on a loaded 2-core CPU, one
-    thread, 365 ms an update against 1,651 eager and 314 for the plain EMA). Static shapes: one graph per list of
-    teacher tensors; the host's part of a call (guards, launches) is 0.44 ms for 154 tensors against 1.73 eager."""
+    element once instead of six passes (`python benchmarks/ema.py`: ViT-B teacher + head on an idle 2-core CPU, one
+    thread, 71 ms an update against 433 eager and 62 for the plain EMA). Static shapes: one graph per list of teacher
+    tensors; the host's part of a call (guards, launches) is 0.44 ms for 154 tensors against 1.73 eager."""
     return torch.compile(_compensated, dynamic=False)

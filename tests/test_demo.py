@@ -62,6 +62,7 @@ def test_results_md_and_result_line_show_the_probe_figures(tmp_path, capsys, mon
     monkeypatch.setattr(demo, "pretrain_step", lambda *a, **k: tmp_path / "encoder.pt")
     monkeypatch.setattr(demo, "probe_step", lambda *a, **k: dict(synth))
     monkeypatch.setattr(demo, "fsdd_step", lambda *a, **k: dict(fsdd))
+    monkeypatch.setattr(demo, "_check_fsdd", lambda path: None)  # --fsdd is a stand-in folder here
     threads = torch.get_num_threads()
     try:
         args = ["--out", str(tmp_path)] + (["--fsdd", str(tmp_path)] if with_fsdd else ["--skip-fsdd"])

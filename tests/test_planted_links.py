@@ -193,13 +193,18 @@ def _bounded(code: str, timeout: float = 60) -> str:
     return res.stdout
 
 
-@pytest.mark.parametrize("kind", ["zero", "fifo"])
-def test_an_index_file_that_is_a_device_or_fifo_is_not_used(shard_set, tmp_path, kind):
-    d = tmp_path / "set"
+def _copy_of(shard_set: Path, d: Path) -> Path:
+    """A copy of the shard set's files in `d`, to plant a link or FIFO in."""
     d.mkdir()
     for p in shard_set.iterdir():
         if p.is_file():
             (d / p.name).write_bytes(p.read_bytes())
+    return d
+
+
+@pytest.mark.parametrize("kind", ["zero", "fifo"])
+def test_an_index_file_that_is_a_device_or_fifo_is_not_used(shard_set, tmp_path, kind):
+    d = _copy_of(shard_set, tmp_path / "set")
     idx = d / "shards-000000.tar.idx"
     idx.unlink()
     idx.symlink_to("/dev/zero") if kind == "zero" else os.mkfifo(idx)
@@ -220,11 +225,7 @@ def test_an_index_file_that_is_a_device_or_fifo_is_not_used(shard_set, tmp_path,
 
 @pytest.mark.parametrize("kind", ["zero", "fifo"])
 def test_sizes_json_or_trainer_state_that_is_a_device_is_a_one_line_error(shard_set, tmp_path, kind):
-    d = tmp_path / "set"
-    d.mkdir()
-    for p in shard_set.iterdir():
-        if p.is_file():
-            (d / p.name).write_bytes(p.read_bytes())
+    d = _copy_of(shard_set, tmp_path / "set")
     (d / "sizes.json").unlink()
     (d / "sizes.json").symlink_to("/dev/zero") if kind == "zero" else os.mkfifo(d / "sizes.json")
     state = tmp_path / "ck" / "step_00000001" / ckpt.STATE_FILE
