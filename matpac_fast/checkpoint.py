@@ -355,16 +355,22 @@ def verify(path: Path) -> None:
         try:
             torch.load(f, map_location="cpu", weights_only=True, mmap=True)
         except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a damaged file
-            from matpac_fast.encoder import _pickled_object
-
-            pickled = _pickled_object(e)
-            if pickled:  # intact, but not weights-only data: never called damaged (nor unpickled)
-                raise ValueError(f"{f} holds pickled Python objects ({pickled}), which could run code when loaded: "
-                                 f"refused (checkpoints are read weights-only); {_EARLIER}") from None
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"{f} is damaged ({msg.split('. ')[0]}); {_EARLIER}") from None
+            raise _unloadable(f, e) from None
     for f in sorted(path.glob("random_states_*.pkl")):
         _check_random_states(f)
+
+
+def _unloadable(f: Path, e: Exception) -> ValueError:
+    """The one-line error for weights-only file `f` whose load raised `e`: pickled objects, named as such (intact,
+    but not weights-only data: never called damaged, nor unpickled), else damaged."""
+    from matpac_fast.encoder import _pickled_object
+
+    pickled = _pickled_object(e)
+    if pickled:
+        return ValueError(f"{f} holds pickled Python objects ({pickled}), which could run code when loaded: refused "
+                          f"(checkpoints are read weights-only); {_EARLIER}")
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return ValueError(f"{f} is damaged ({msg.split('. ')[0]}); {_EARLIER}")
 
 
 def _rng_safe_globals() -> list:
@@ -404,15 +410,8 @@ def _check_random_states(f: Path) -> None:
     try:
         with torch.serialization.safe_globals(_rng_safe_globals()):
             torch.load(f, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - as for the optimizer file above
-        from matpac_fast.encoder import _pickled_object
-
-        pickled = _pickled_object(e)
-        if pickled:
-            raise ValueError(f"{f} holds pickled Python objects ({pickled}), which could run code when loaded: "
-                             f"refused (checkpoints are read weights-only); {_EARLIER}") from None
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{f} is damaged ({msg.split('. ')[0]}); {_EARLIER}") from None
+    except Exception as e:  # noqa: BLE001 - as for the optimizer file
+        raise _unloadable(f, e) from None
 
 
 # errno values of a full disk: out of space, out of quota

@@ -1,9 +1,10 @@
-"""argparse types and progress-bar settings shared by the command lines (make-shards, verify-shards, matpac-eval,
-matpac-train)."""
+"""argparse types, progress-bar settings and a value check shared by the command lines (make-shards, verify-shards,
+matpac-eval, matpac-train)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -50,3 +51,14 @@ def bar_settings(stream=None) -> dict:
     if tty or "TQDM_MININTERVAL" in os.environ:
         return {}
     return {"mininterval": LOG_REFRESH_S}
+
+
+def finite_number(v) -> bool:
+    """A JSON number (int or float, not bool) that is finite. An integer past float's range (10**400, which JSON
+    reads as an int) made math.isfinite raise OverflowError: a traceback where a one-line error was due."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False

@@ -81,6 +81,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from matpac_fast.cli_args import finite_number
 from matpac_fast.data_tar import IndexCache, ShardError, iter_stream_samples, npy_view, shard_set_subfolder_hint
 from matpac_fast.frontend import FrontendSpec, check_compatible, get_spec, normalize
 from matpac_fast.lifetime import parent_death_setter
@@ -770,14 +771,6 @@ def _plain_shard_name(name: str) -> bool:
     return name.endswith(".tar") and not any(c in name for c in "/\\\0")
 
 
-def _finite(v: int | float) -> bool:
-    """math.isfinite, False for an integer past float's range (10**400 raised OverflowError)."""
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
-
-
 def _brief(v) -> str:
     text = repr(v)  # (an integer of 400 digits: its start)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -822,8 +815,7 @@ def _check_meta(sizes, stats, sizes_url: str, stats_url: str) -> None:
     if stats.get("short", "drop") not in ("drop", "pad"):
         raise _damaged(stats_url, f"'short' is {stats['short']!r}, expected 'drop' or 'pad'")
     for name in ("mean", "std"):
-        if name in stats and (isinstance(stats[name], bool) or not isinstance(stats[name], int | float)
-                              or not _finite(stats[name])):
+        if name in stats and not finite_number(stats[name]):
             raise _damaged(stats_url, f"'{name}' is {_brief(stats[name])}, expected a finite number")
     if "std" in stats and stats["std"] < 0:  # (0 is a set of constant clips: only M2D's normalisation refuses it)
         raise _damaged(stats_url, f"'std' is {stats['std']!r}, expected a number >= 0")

@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from matpac_fast.cli_args import finite_number
 from matpac_fast.config import PRESETS, ModelConfig, get_model_config
 from matpac_fast.pos_embed import sincos_2d, truncate_time
 from matpac_fast.vit import PatchEmbed, ViTEncoder
@@ -663,17 +664,15 @@ def _is_training_config(cfg) -> bool:
     return {"dim", "heads"} <= set(model) and set(model) <= {f.name for f in fields(ModelConfig)}
 
 
-def _json_kind(x) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-        type(x), "a number")
+def _kind(x) -> str:
+    """train_config.json_kind's words, "null" for None."""
+    from matpac_fast.train_config import json_kind
+
+    return json_kind(x) or "null"
 
 
 def _is_count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x > 0
-
-
-def _is_finite_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _read_run_config(path: Path) -> RunConfig | None:
@@ -699,29 +698,29 @@ def _read_run_config(path: Path) -> RunConfig | None:
         reason = "an empty file" if isinstance(e, json.JSONDecodeError) and not text.strip() else _first_line(e)
         raise bad(f"not a readable JSON run config ({reason})") from None
     if not isinstance(cfg, dict):  # no tool writes a config.json that is a list or a number: damaged or hand-made
-        raise bad(f"not a run config: the file holds {_json_kind(cfg)}, not a JSON object")
+        raise bad(f"not a run config: the file holds {_kind(cfg)}, not a JSON object")
     if "train" not in cfg and "model" not in cfg:
         warnings.warn(f"{path} is not a matpac_fast run config (a JSON object without \"train\" and \"model\"; "
                       "another tool's?): not read", RunConfigWarning, stacklevel=4)
         return None
     model, train = cfg.get("model"), cfg.get("train", {})
     if not isinstance(model, dict):
-        raise bad(f"its \"model\" is {_json_kind(model)}, not a JSON object of model settings")
+        raise bad(f"its \"model\" is {_kind(model)}, not a JSON object of model settings")
     if not isinstance(train, dict):
-        raise bad(f"its \"train\" is {_json_kind(train)}, not a JSON object")
+        raise bad(f"its \"train\" is {_kind(train)}, not a JSON object")
     missing = [k for k in ("dim", "heads") if k not in model]
     if missing:
         raise bad(f"its \"model\" has no {' or '.join(missing)}")
     count = "a positive whole number"
     for key, ok, want in (("dim", _is_count, count), ("heads", _is_count, count), ("n_mels", _is_count, count),
-                          ("norm_mean", _is_finite_number, "a finite number"),
-                          ("norm_std", lambda x: _is_finite_number(x) and x > 0, "a positive number"),
+                          ("norm_mean", finite_number, "a finite number"),
+                          ("norm_std", lambda x: finite_number(x) and x > 0, "a positive number"),
                           ("name", lambda x: isinstance(x, str), "a preset name (text)")):
         if key in model and not ok(model[key]):
             raise bad(f"model {key} is {model[key]!r}, not {want}")
     run = train.get("run", {})
     if not isinstance(run, dict):
-        raise bad(f"its train.run is {_json_kind(run)}, not a JSON object")
+        raise bad(f"its train.run is {_kind(run)}, not a JSON object")
     frontend = run.get("frontend")  # None: not recorded (then m2d for an M2D model, else matpac)
     if frontend is not None and frontend not in FRONTENDS:
         raise bad(f"train.run.frontend is {frontend!r}, not one of the front ends {sorted(FRONTENDS)}")

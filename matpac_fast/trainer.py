@@ -66,6 +66,10 @@ class _StopInDataWait(BaseException):
 STOP_CHECK_S = 5.0
 
 
+def _processes(n: int) -> str:
+    return f"{n} process{'es' if n > 1 else ''}"
+
+
 def _next_stop_check(step: int, steps: int, seconds: float, log_every: int, target: float = STOP_CHECK_S) -> int:
     """The step of the next stop agreement after the one at `step`: `target` seconds ahead at the pace of the span
     since the previous one (`steps` steps in `seconds`, figures every process shares), at least 1 step ahead and at
@@ -135,17 +139,11 @@ def _schedule_arrays(cfg: TrainConfig, m, steps_per_epoch: int, total_steps: int
     return out
 
 
-def _processes(n: int) -> str:
-    return f"{n} process" if n == 1 else f"{n} processes"
-
-
 def _check_same_resume(step: int, out: Path, device: torch.device) -> None:
     """Every process must resume from the same checkpoint step (-1: none). Each reads --resume auto in its own view of
     --out: on machines with local disks, one that saw no checkpoint started over with fresh weights beside ranks that
     resumed, trained on without a word, then hung at a collective (found by review, two 1-process nodes). One
     all-reduce of (step, -step) at start; on disagreement every process raises the same one-line ValueError."""
-    import torch.distributed as dist
-
     t = torch.tensor([step, -step], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     high, low = int(t[0]), -int(t[1])

@@ -50,7 +50,7 @@ from shard_tools.discover import (
     segments_line,
     unique_keys,
 )
-from shard_tools.verify import SHARD_RE, is_make_shards_stats, is_manifest_line  # one rule for both
+from shard_tools.verify import SHARD_RE, brief, is_make_shards_stats, is_manifest_line  # one rule for both
 from shard_tools.workpool import WorkerDied, ordered_map
 from shard_tools.writer import ShardLimit, ShardWriter, encode_json, encode_npy, parse_shard_size, write_index
 
@@ -494,19 +494,14 @@ def _stats_not_ours(obj) -> str | None:
         return "is not a make-shards stats.json (it has no plan_hash)"
     written, listed = obj.get("written"), obj.get("shard_sha256", {})
     if isinstance(written, bool) or not isinstance(written, int) or written < 0:
-        return f"is not as make-shards writes it ('written' is {_short(written)})"
+        return f"is not as make-shards writes it ('written' is {brief(written)})"
     if not isinstance(listed, dict) or not all(
         isinstance(k, str) and SHARD_RE.match(k) and isinstance(v, str) for k, v in listed.items()
     ):
-        return f"is not as make-shards writes it ('shard_sha256' is {_short(listed)})"
+        return f"is not as make-shards writes it ('shard_sha256' is {brief(listed)})"
     if bool(written) != bool(listed):
         return f"is not as make-shards writes it ({written} clips written, {len(listed)} shards listed)"
     return None
-
-
-def _short(v) -> str:
-    text = json.dumps(v)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _check_no_foreign_files(out: Path) -> None:
@@ -892,7 +887,7 @@ def _keep_earlier_m2d_unpadded(hashes, cfg: MakeConfig) -> MakeConfig:
     return legacy
 
 
-def _keep_earlier_m2d_short(hashes, cfg: MakeConfig) -> MakeConfig:
+def _keep_earlier_m2dbrief(hashes, cfg: MakeConfig) -> MakeConfig:
     """m2d's default --short was drop before it became pad (M2D's authors pad). A folder whose set (or interrupted
     run) was planned with that old default, rerun with the same command and no --short, continues with drop rather
     than being refused as another plan. `hashes`: config -> `plan_hashes` of the run's inputs."""
@@ -923,7 +918,7 @@ def make_shards(disc: Discovery, cfg: MakeConfig) -> dict:
     # Each config's hashes are computed once: a pass over the inputs takes ~15 s at 2 million files, and an m2d
     # run's checks for an earlier set ask for the same config's hashes again.
     hashes = functools.cache(lambda c: plan_hashes(disc, c))
-    cfg = _keep_earlier_m2d_unpadded(hashes, _keep_earlier_m2d_short(hashes, cfg))
+    cfg = _keep_earlier_m2d_unpadded(hashes, _keep_earlier_m2dbrief(hashes, cfg))
     phash, older = hashes(cfg)
     out = Path(cfg.out)
     _make_out_dir(out)

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import io
 import json
-import math
 import os
 import re
 import sys
@@ -27,7 +26,7 @@ from typing import NoReturn
 
 import numpy as np
 
-from matpac_fast.cli_args import bar_settings, usable_cpus
+from matpac_fast.cli_args import bar_settings, finite_number, usable_cpus
 from matpac_fast.data_tar import ShardError, index_path, read_index_file, shard_set_subfolder_hint, walk_file
 from matpac_fast.interrupts import INTERRUPTED, run_main
 from matpac_fast.safe_files import JSON_MAX_BYTES, read_regular
@@ -132,9 +131,10 @@ def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: i
             errs.append(f"{where}: sample {key!r}: json field {name!r} missing or not {typ}")
     if any(name not in meta for name in JSON_OPTIONAL):
         errs.append(f"{where}: sample {key!r}: json lacks one of {JSON_OPTIONAL}")
-    if isinstance(meta.get("duration"), int | float) and not (_is_finite(meta["duration"]) and meta["duration"] >= 0):
+    duration = meta.get("duration")
+    if isinstance(duration, int | float) and not (finite_number(duration) and duration >= 0):
         # NaN made the report's hours nan and still said OK (10**400 raised OverflowError in the sum)
-        errs.append(f"{where}: sample {key!r}: json duration {_short(meta['duration'])}, expected seconds >= 0")
+        errs.append(f"{where}: sample {key!r}: json duration {brief(meta['duration'])}, expected seconds >= 0")
     for name in ("labels", "flags"):  # counted in the report's histograms: a list or object there was a traceback
         if name in meta and isinstance(meta[name], list) and not all(isinstance(x, str) for x in meta[name]):
             errs.append(f"{where}: sample {key!r}: json field {name!r} holds something other than strings")
@@ -273,16 +273,16 @@ def _check_sizes(sizes, report: Report) -> dict | None:
     if not isinstance(sizes, dict):
         if sizes is not _UNREADABLE:
             report.problems.append(f"sizes.json is damaged: a JSON object {{shard: sample count}} was expected, "
-                                   f"found {_short(sizes)}")
+                                   f"found {brief(sizes)}")
         return None
     bad = [k for k, n in sizes.items() if isinstance(n, bool) or not isinstance(n, int) or n < 0]
     if bad:
-        report.problems.append(f"sizes.json is damaged: shard {bad[0]} has count {_short(sizes[bad[0]])}; counts are "
+        report.problems.append(f"sizes.json is damaged: shard {bad[0]} has count {brief(sizes[bad[0]])}; counts are "
                                "integers >= 0")
         return None
     odd = [k for k in sizes if not SHARD_RE.match(k)]
     if odd:  # '../x.tar' or '/abs/x.tar' named a file outside the set (the loader refuses the set too)
-        report.problems.append(f"sizes.json is damaged: shard name {_short(odd[0])} is not a file name in the set's "
+        report.problems.append(f"sizes.json is damaged: shard name {brief(odd[0])} is not a file name in the set's "
                                "folder of the form <name>-NNNNNN.tar")
         return None
     return sizes
@@ -294,14 +294,6 @@ def _is_count(v) -> bool:
 
 def _is_number(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _is_finite(v) -> bool:
-    """A number that is a finite float: an integer past float's range (10**400) raised OverflowError in isfinite."""
-    try:
-        return _is_number(v) and math.isfinite(v)
-    except OverflowError:
-        return False
 
 
 # stats.json fields this check and its report read, with the shape make-shards writes. A field of another shape is
@@ -323,8 +315,8 @@ _STATS_FIELDS = {
     "n_frames": ("an integer >= 0", _is_count),
     # M2D's recipe normalises with them: NaN or a negative std is damage (the loader refuses them too); a std of 0 is
     # a set of constant clips, which the loader reads and only an m2d run refuses
-    "mean": ("a finite number", lambda v: _is_finite(v)),
-    "std": ("a finite number >= 0", lambda v: _is_finite(v) and v >= 0),
+    "mean": ("a finite number", lambda v: finite_number(v)),
+    "std": ("a finite number >= 0", lambda v: finite_number(v) and v >= 0),
 }
 
 
@@ -332,17 +324,18 @@ def _clean_stats(stats, report: Report) -> dict:
     """stats.json without its damaged fields (each one reported)."""
     if not isinstance(stats, dict):
         if stats is not _UNREADABLE:
-            report.problems.append(f"stats.json is damaged: a JSON object was expected, found {_short(stats)}")
+            report.problems.append(f"stats.json is damaged: a JSON object was expected, found {brief(stats)}")
         return {}
     clean = dict(stats)
     for name, (shape, ok) in _STATS_FIELDS.items():
         if name in clean and not ok(clean[name]):
-            report.problems.append(f"stats.json is damaged: {name!r} is {_short(clean[name])}, expected {shape}")
+            report.problems.append(f"stats.json is damaged: {name!r} is {brief(clean[name])}, expected {shape}")
             del clean[name]
     return clean
 
 
-def _short(v) -> str:
+def brief(v) -> str:
+    """`v` as JSON, shortened to 60 characters for a one-line report."""
     text = json.dumps(v)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -521,7 +514,7 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
     unsized = sorted(set(hashes) - set(sizes))
     if unsized:  # make-shards lists each shard in both
         more = f" and {len(unsized) - 1} more" if len(unsized) > 1 else ""
-        report.problems.append(f"stats.json lists shard {_short(unsized[0])}{more} that sizes.json does not")
+        report.problems.append(f"stats.json lists shard {brief(unsized[0])}{more} that sizes.json does not")
     _other_tars(out, sizes, report)
     from tqdm import tqdm
 

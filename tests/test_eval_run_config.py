@@ -57,10 +57,12 @@ def test_an_unknown_model_field_is_ignored_with_a_warning_for_every_spelling(tmp
     ("", "not a readable JSON run config (an empty file)"),
     ('{"train": {', "not a readable JSON run config (Expecting"),
     ("[1, 2]", "the file holds a list, not a JSON object"),
-    ('{"train": {}, "model": "tiny"}', 'its "model" is a string'),
+    ('{"train": {}, "model": "tiny"}', 'its "model" is a text'),
     ('{"train": [], "model": {"dim": 64, "heads": 2}}', 'its "train" is a list'),
     ('{"train": {}, "model": {"dim": 64}}', 'its "model" has no heads'),
     ('{"train": {}, "model": {"dim": 64, "heads": 2, "norm_std": "3"}}', "model norm_std is '3', not a positive"),
+    # an integer past float's range: math.isfinite raised OverflowError, a traceback
+    ('{"train": {}, "model": {"dim": 64, "heads": 2, "norm_mean": 1' + "0" * 400 + '}}', "model norm_mean is 1000"),
     ('{"train": {"run": {"frontend": "m2x"}}, "model": {"dim": 64, "heads": 2}}', "train.run.frontend is 'm2x'"),
     ('{"train": {}, "model": {"dim": 768, "heads": 12}}', "has model dim 768, the weights 64"),
 ])
