@@ -1,5 +1,8 @@
+import getpass
 import os
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,21 @@ FSDD = SHARED / "fsdd"
 AUDIOSET_META = SHARED / "audioset_meta"
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# torchrun and `accelerate launch` make a `torchelastic_*` log folder in $TMPDIR per launch and never remove it: each
+# run of the suite left five in /tmp (628 after a few weeks of runs). The processes the tests start get a $TMPDIR of
+# their own, removed when the session ends. Set here, at import, because test modules copy os.environ into their
+# subprocess environments at import. This process's own temporary folder (tempfile's, cached by the first call, which
+# pytest's tmp_path also uses) and Inductor's compile cache (torch's default place, so compiles stay warm between
+# runs) do not move.
+_TMP = tempfile.gettempdir()
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_TMP, f"torchinductor_{getpass.getuser()}"))
+_SUBPROCESS_TMP = tempfile.mkdtemp(prefix="matpac-test-subprocesses-")
+os.environ["TMPDIR"] = _SUBPROCESS_TMP
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_SUBPROCESS_TMP, ignore_errors=True)
 
 # A test run started as a background job of a non-interactive shell (`make test &`) inherits SIGINT ignored, and so
 # does every process the tests start: the Ctrl-C tests then saw their SIGINT ignored and a run finish normally
