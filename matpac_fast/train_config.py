@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from matpac_fast.cli_args import path_arg
+
 
 @dataclass
 class OptimConfig:
@@ -333,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="paper", choices=sorted(RECIPES),
                    help="named defaults to start from: paper (METHOD.md §5, for GPUs) or tiny (CPU-sized) "
                    "(default: paper)")
+    p.add_argument("--config", metavar="FILE", type=path_arg,
+                   help="start from the settings in FILE, a JSON file: a --print-config output, a run's "
+                   "config.json, or any part of either (e.g. {\"optim\": {\"lr\": 1e-4}}); the flags given here "
+                   "override it, and --recipe's defaults fill what it leaves out. A --print-config output pins the "
+                   "model fields it shows that differ from its preset (an m2d run's normalisation pair from its "
+                   "shards' stats.json among them); a run's config.json keeps its --model options as given")
     p.add_argument(
         "--model",
         action="append",
@@ -462,6 +470,13 @@ def resolve_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.N
     """As `resolve`, returning the parsed arguments (the recipe's name, --print-config) beside the config."""
     args = build_parser().parse_args(argv)
     cfg = TrainConfig.from_dict(json.loads(json.dumps(RECIPES[args.recipe])))
+    if args.config is not None:  # the recipe's defaults, then the file, then the flags
+        given = read_config_file(args.config, cfg)
+        for section in _SECTIONS:
+            for name, value in given.get(section, {}).items():
+                setattr(getattr(cfg, section), name, value)
+        cfg.model.update(given.get("model", {}))
+        cfg.inductor.update(given.get("inductor", {}))
     for key, value in vars(args).items():
         if "." in key and value is not None:
             section, name = key.split(".", 1)
@@ -470,6 +485,117 @@ def resolve_args(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.N
     cfg.inductor.update(parse_inductor_options(args.inductor))
     validate(cfg)
     return cfg, args
+
+
+def _kind_fits(value: Any, like: Any) -> bool:
+    """A config file's `value` has the JSON kind of a field whose default is `like` (an integer for a float field is
+    fine: JSON writes 1e-3 and 1 alike; a float for an integer field, a text for a number, a number for a flag not)."""
+    if isinstance(like, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(like, bool)
+    if isinstance(like, float):
+        return isinstance(value, (int, float))
+    if isinstance(like, int):
+        return isinstance(value, int)
+    return isinstance(value, type(like))
+
+
+def _kind_name(like: Any) -> str:
+    return "an integer" if isinstance(like, int) and not isinstance(like, bool) else json_kind(like)
+
+
+def _unknown(where: str, key: str, known) -> ValueError:
+    import difflib
+
+    near = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(known), n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return ValueError(f"{where}: {key} is not a setting of matpac-train{hint}; fix or remove it")
+
+
+def read_config_file(path: str | os.PathLike, base: TrainConfig | None = None) -> dict:
+    """--config FILE: the settings of a `--print-config` output ({"run": .., "data": .., "optim": .., "schedule": ..,
+    "model": every model field, "inductor": ..}), of a run's config.json ({"train": that layout with "model" holding
+    the --model options, "model": every model field}) or of any part of either, as a partial TrainConfig dict. `base`:
+    the recipe's config the file's values go over (its preset and front end apply where the file names none).
+
+    A --print-config output lists every model field: only those that differ from its preset (its front end's
+    normalisation pair, its --kernels) are kept as --model options, so that the file's preset and a flag given with
+    it (--kernels) still decide the rest. A run's config.json is read from its "train" part: the options as given.
+    Anything else (not JSON, an unknown section or setting, a value of the wrong kind) is a one-line ValueError
+    naming the file and the setting."""
+    from matpac_fast.config import ModelConfig, get_model_config
+    from matpac_fast.frontend import get_spec
+    from matpac_fast.safe_files import JSON_MAX_BYTES, TooLarge, read_regular
+
+    where = f"--config {path}"
+    try:
+        d = json.loads(read_regular(path, JSON_MAX_BYTES))
+    except FileNotFoundError:
+        raise ValueError(f"{where}: no such file") from None
+    except TooLarge as e:
+        raise ValueError(f"{where}: {e.strerror}: not a config file") from None
+    except IsADirectoryError:
+        inside = Path(path) / "config.json"
+        hint = f": give its config.json ({inside})" if inside.is_file() else "; give a JSON file"
+        raise ValueError(f"{where}: is a folder{hint}") from None
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read it ({e.strerror or e}); give a JSON file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where}: not a JSON file ({e}); give a --print-config output or a run's config.json"
+                         ) from None
+    except RecursionError:
+        raise ValueError(f"{where}: nested too deeply to be a config file") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: holds {json_kind(d) or 'null'}, not an object of settings such as "
+                         '{"optim": {"lr": 0.0003}}')
+    resolved_model = "train" not in d
+    if not resolved_model:  # a run's config.json: "train" is the config as given, "model" the resolved fields
+        d = d["train"]
+        if not isinstance(d, dict):
+            raise ValueError(f'{where}: its "train" is {json_kind(d) or "null"}, not the run\'s settings')
+    known = (*_SECTIONS, "model", "inductor")
+    for section in d:
+        if section not in known:
+            import difflib
+
+            near = difflib.get_close_matches(section, known, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ValueError(f"{where}: {section!r} is not a section of matpac-train's config{hint}; the sections "
+                             f"are {', '.join(known)}")
+    for section, values in d.items():
+        if not isinstance(values, dict):
+            raise ValueError(f'{where}: "{section}" is {json_kind(values) or "null"}, not an object of settings')
+    out: dict[str, Any] = {}
+    for section, cls in _SECTIONS.items():
+        defaults = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+        for name, value in d.get(section, {}).items():
+            if name not in defaults:
+                raise _unknown(where, f"{section}.{name}", defaults)
+            if not _kind_fits(value, defaults[name]):
+                raise ValueError(f"{where}: {section}.{name} is {json.dumps(value)[:40]} ({json_kind(value) or 'null'}"
+                                 f"), not {_kind_name(defaults[name])} like {defaults[name]!r}")
+        out[section] = dict(d.get(section, {}))
+    model_defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    model = dict(d.get("model", {}))
+    for name, value in model.items():
+        if name not in model_defaults:
+            raise _unknown(where, f"model.{name}", model_defaults)
+        if not _kind_fits(value, model_defaults[name]):
+            raise ValueError(f"{where}: model.{name} is {json.dumps(value)[:40]} ({json_kind(value) or 'null'}), "
+                             f"not {_kind_name(model_defaults[name])} like {model_defaults[name]!r}")
+    base = base or TrainConfig()
+    run = {**dataclasses.asdict(base.run), **out.get("run", {})}
+    if resolved_model and model:  # keep what differs from the file's preset, front end and --kernels
+        from matpac_fast.config import PRESETS
+
+        preset = run["preset"]
+        if preset in PRESETS and run["frontend"] in ("matpac", "m2d"):
+            spec = get_spec(run["frontend"])
+            implied = {**get_model_config(preset).to_dict(), "norm_mean": spec.norm_mean, "norm_std": spec.norm_std,
+                       "use_kernels": run["kernels"]}
+            model = {k: v for k, v in model.items() if v != implied[k]}
+    out["model"] = model
+    out["inductor"] = dict(d.get("inductor", {}))  # checked by validate (check_inductor_options)
+    return out
 
 
 def validate(cfg: TrainConfig) -> None:
