@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "config.json, or any part of either (e.g. {\"optim\": {\"lr\": 1e-4}}); the flags given here "
                    "override it, and --recipe's defaults fill what it leaves out. A --print-config output pins the "
                    "model fields it shows that differ from its preset (an m2d run's normalisation pair from its "
-                   "shards' stats.json among them); a run's config.json keeps its --model options as given")
+                   "shards' stats.json among them); a run's config.json keeps its --model options as given. A "
+                   "file's resume setting is not read: give --resume each time")
     p.add_argument(
         "--model",
         action="append",
@@ -515,7 +516,8 @@ def read_config_file(path: str | os.PathLike, base: TrainConfig | None = None) -
     """--config FILE: the settings of a `--print-config` output ({"run": .., "data": .., "optim": .., "schedule": ..,
     "model": every model field, "inductor": ..}), of a run's config.json ({"train": that layout with "model" holding
     the --model options, "model": every model field}) or of any part of either, as a partial TrainConfig dict. `base`:
-    the recipe's config the file's values go over (its preset and front end apply where the file names none).
+    the recipe's config the file's values go over (its preset and front end apply where the file names none). The
+    file's run.resume is not read: --resume is given on the command line each time.
 
     A --print-config output lists every model field: only those that differ from its preset (its front end's
     normalisation pair, its --kernels) are kept as --model options, so that the file's preset and a flag given with
@@ -574,6 +576,9 @@ def read_config_file(path: str | os.PathLike, base: TrainConfig | None = None) -
                 raise ValueError(f"{where}: {section}.{name} is {json.dumps(value)[:40]} ({json_kind(value) or 'null'}"
                                  f"), not {_kind_name(defaults[name])} like {defaults[name]!r}")
         out[section] = dict(d.get(section, {}))
+    # --resume is what this command does, not a setting of the run: a resumed run's config.json says "auto", or the
+    # checkpoint it resumed, which a new run started from that file would have resumed in turn
+    out["run"].pop("resume", None)
     model_defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     model = dict(d.get("model", {}))
     for name, value in model.items():

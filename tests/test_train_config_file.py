@@ -66,6 +66,12 @@ def test_a_run_config_json_gives_the_options_as_given_and_resumes(tmp_path, caps
     assert T.main(["--config", str(out / "config.json"), "--resume", "auto", "--max-steps", "3"]) == 0
     printed = capsys.readouterr()
     assert "(changed: --max-steps 2 -> 3)" in printed.err and "done: step 3" in printed.out
+    # The resumed run's config.json says resume "auto": a new run started from it is a new run, whatever its --out
+    assert json.loads((out / "config.json").read_text())["train"]["run"]["resume"] == "auto"
+    cfg, _ = resolve_args(["--config", str(out / "config.json"), "--out", str(tmp_path / "new")])
+    assert cfg.run.resume == ""
+    path = _write(tmp_path, {"run": {"resume": str(out / "checkpoints" / "step_00000002")}})
+    assert resolve_args(["--config", path, *SYN])[0].run.resume == ""
 
 
 def test_the_recipe_fills_what_a_file_leaves_out(tmp_path):
