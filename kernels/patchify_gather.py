@@ -13,6 +13,7 @@ host sync on CUDA); the kernel itself never reads out of bounds, writes NaN toke
 them in a per-program flag that the caller asserts on (one reduction, no separate pass over the indices).
 """
 
+import math
 import numbers
 
 import torch
@@ -166,7 +167,7 @@ def _patchify_gather_cuda(
     return _launch(lms, mean, std, vis_idx, mask_idx, patch, out_dtype, wrap=torch.library.wrap_triton)
 
 
-def _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch, out_dtype):
+def _check_inputs(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch, out_dtype):
     # None or `float` ran on the reference (.to() took them: no cast, float64) and failed inside the kernel's op
     if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
         raise ValueError(f"out_dtype must be a floating-point torch.dtype (e.g. torch.float32), got {out_dtype!r}")
@@ -186,8 +187,16 @@ def _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch, out_dtype):
             raise ValueError(f"{name} must be int32 or int64, got {idx.dtype}")
         if idx.device != lms_B1FT.device:
             raise ValueError(f"{name} is on {idx.device} but lms is on {lms_B1FT.device}; move both to one device")
-    if not float(std) > 0:
-        raise ValueError(f"std must be positive, got {float(std)}")
+    for name, v in (("mean", mean), ("std", std)):
+        # float() took "0" on the kernel path while the reference failed on it (as centered_xent's temperatures)
+        if not isinstance(v, torch.Tensor | numbers.Real) or isinstance(v, bool):
+            raise TypeError(f"{name} must be a float or a one-element tensor, got {type(v).__name__} {v!r}")
+    # Comparisons, not math.isfinite: torch.compile traces a float argument as a symbolic float, which compares
+    # (a guard) but is not a Python float (isfinite was a graph break)
+    if not -math.inf < float(mean) < math.inf:  # NaN or inf made every patch NaN, silently
+        raise ValueError(f"mean must be finite, got {float(mean)}")
+    if not 0 < float(std) < math.inf:  # inf made every patch 0
+        raise ValueError(f"std must be positive and finite, got {float(std)}")
 
 
 INDEX_ERROR = (
@@ -224,7 +233,7 @@ def patchify_gather(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch=16, ou
     writes NaN (never an out-of-bounds read) for such an index, which is what remains where device asserts are
     compiled out (ROCm builds without GPU asserts).
     """
-    _check_inputs(lms_B1FT, std, vis_idx_BNv, mask_idx_BNm, patch, out_dtype)
+    _check_inputs(lms_B1FT, mean, std, vis_idx_BNv, mask_idx_BNm, patch, out_dtype)
     patch = int(patch)  # a numpy integer is accepted; the op schemas and Triton's constexpr get a plain int
     pow2 = patch > 0 and patch & (patch - 1) == 0
     # The op registers no backward (log-mels are data): for an lms that needs a gradient, "auto" runs the reference,

@@ -188,8 +188,15 @@ def test_patchify_gather_user_errors(shape, idx_shape, match):
         mk.patchify_gather(torch.zeros(shape), 0.0, 1.0, idx, idx)
     with pytest.raises(ValueError, match="int32 or int64"):
         mk.patchify_gather(torch.zeros(2, 1, 80, 608), 0.0, 1.0, torch.zeros(2, 5), torch.zeros(2, 5))
-    with pytest.raises(ValueError, match="std must be positive"):
-        mk.patchify_gather(torch.zeros(2, 1, 80, 608), 0.0, 0.0, idx[:2], idx[:2])
+    for std in (0.0, float("inf"), float("nan")):  # inf made every patch 0
+        with pytest.raises(ValueError, match="std must be positive and finite"):
+            mk.patchify_gather(torch.zeros(2, 1, 80, 608), 0.0, std, idx[:2], idx[:2])
+    for mean in (float("nan"), float("-inf")):  # every patch NaN
+        with pytest.raises(ValueError, match="mean must be finite"):
+            mk.patchify_gather(torch.zeros(2, 1, 80, 608), mean, 1.0, idx[:2], idx[:2])
+    for mean, std in (("0", 1.0), (0.0, "1"), (True, 1.0), (None, 1.0)):  # "0" ran on the kernel path only
+        with pytest.raises(TypeError, match="must be a float or a one-element tensor"):
+            mk.patchify_gather(torch.zeros(2, 1, 80, 608), mean, std, idx[:2], idx[:2])
     for patch in (0, True, 16.0):  # 0 was a ZeroDivisionError
         with pytest.raises(ValueError, match="patch must be a positive integer"):
             mk.patchify_gather(torch.zeros(2, 1, 80, 608), 0.0, 1.0, idx[:2], idx[:2], patch=patch)
