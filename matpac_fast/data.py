@@ -28,7 +28,9 @@ Samples a worker cannot use (a corrupt or missing shard, a short clip under shor
 or whose .npy / .json payload cannot be decoded: that clip alone) are replaced the same way — by reading on past the
 end of its range, flagged `filled` — so the batch counts never change: DDP never hangs.
 Plans follow sizes.json: a shard holding fewer samples than it lists loses the missing ones (replaced the same way),
-extra samples are not read; either is warned about (on_error="raise": raised, as for a corrupt shard).
+extra samples are not read; either is warned about (on_error="raise": raised, as for a corrupt shard). A worker
+whose shards hold fewer samples than sizes.json lists by more than a tenth of the epoch (sizes.json says 10**6 for
+a 10-clip shard: an epoch of re-drawn samples) raises NoUsableData naming the shard and both counts.
 
 `resampled`: each worker draws shards with replacement (seeded by seed, epoch, rank, worker) and yields exactly its
 share of floor(samples_per_epoch / (world B)) batches per rank; it never runs dry. samples_per_epoch (>= 1, resampled
@@ -95,10 +97,16 @@ _SHARD_EXCEPTIONS = (ShardError, OSError, ValueError, KeyError, EOFError, Overfl
 # past it in sizes.json is damage (2**70 raised OverflowError in the plan)
 MAX_SHARD_COUNT = 2**31
 MAX_SYNTHETIC_CLIPS = 10**9
+# Samples that sizes.json lists but the shards it names do not hold, as a share of the epoch it plans, past which a
+# worker refuses the set instead of filling in: sizes.json saying 10**6 for a 10-clip shard made an epoch of 250,000
+# batches of re-drawn samples (and a schedule sized for it) that only warned once. A few missing (a shard re-made
+# smaller) stay a warning.
+MAX_MISSING_SHARE = 0.1
 
 
 class NoUsableData(RuntimeError):
-    """The shard set cannot fill a batch: every shard failed, or every clip is shorter than the crop."""
+    """The shard set cannot fill a batch: every shard failed, or every clip is shorter than the crop; or its
+    sizes.json lists far more samples than its shards hold (MAX_MISSING_SHARE)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1117,6 +1125,7 @@ class WorkerIterator:
         self._rejects = 0  # consecutive unusable clips
         self._filling = False  # past this worker's share (exact mode: re-drawing); losses then not counted
         self._miscounted: set[int] = set()  # shards whose sample count differs from sizes.json (reported once)
+        self._missing = 0  # samples sizes.json lists that the shards met hold not (see MAX_MISSING_SHARE)
         # Shards read whole that hold no sample although sizes.json lists some: a resampled epoch whose every
         # drawable shard is one would draw for ever, nothing failing and nothing read.
         self._empty: set[int] = set()
@@ -1176,6 +1185,12 @@ class WorkerIterator:
                         (f"more samples than the {listed} that sizes.json lists", "the extra ones are not used"))
         if self.cfg.on_error == "raise":
             raise ShardError(f"{url}: {what}; check the set with verify-shards")
+        total = sum(self.sizes)
+        self._missing += max(0, listed - n)
+        if self._missing > MAX_MISSING_SHARE * total:
+            raise NoUsableData(f"{url} holds {n} samples where sizes.json lists {listed} ({self._missing} of the "
+                               f"{total} samples it lists are missing): fix sizes.json or re-make the set "
+                               "(verify-shards names each shard whose count differs)")
         warnings.warn(f"{url}: {what} ({effect}; check the set with verify-shards)", stacklevel=3)
 
     # -- samples ----------------------------------------------------------------------------------------------

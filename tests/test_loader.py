@@ -22,6 +22,7 @@ import torch
 
 from matpac_fast.data import (
     DataConfig,
+    NoUsableData,
     ShardError,
     ShardSource,
     SyntheticSource,
@@ -404,6 +405,23 @@ def test_sample_count_differing_from_sizes_json(tmp_path, reader):
         _every_worker(_relist(tmp_path, s1=8, s3=5), _cfg(reader=reader, batch_size=2, on_error="raise"))
 
 
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_sizes_json_listing_far_more_than_a_shard_holds_is_refused(tmp_path, reader, mode):
+    """sizes.json saying 10**6 for an 8-clip shard: every rank planned 10**6 / (world B) batches, all but a few made
+    of re-drawn samples (an epoch of repeats, and a schedule sized for it), and said so in one warning. Refused now,
+    naming the shard and both counts; a few missing samples (test above) stay a warning."""
+    _make_set(tmp_path, 40, per_shard=8)
+    source = _relist(tmp_path, s1=10**6)
+    cfg = _cfg(reader=reader, mode=mode, batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NoUsableData, match=r"shards-000001\.tar holds 8 samples where sizes\.json lists 1000000 "
+                                               r"\(999992 of the 1000032 samples it lists are missing\): fix sizes"):
+            for _, _batch in zip(range(100), WorkerIterator(source, cfg, 0, WORLD, 0, WORKERS, 0, 0)):
+                pass
+
+
 def test_all_shards_bad_is_an_error_not_a_hang(tmp_path):
     source, _ = _make_set(tmp_path, 12, per_shard=6)
     for u in source.urls:
@@ -500,12 +518,14 @@ def test_dataloader_two_workers_matches_simulation(tmp_path, reuse):
 @pytest.mark.parametrize("reader", ["indexed", "stream"])
 def test_all_shards_empty_is_an_error_not_a_hang(tmp_path, reader):
     """Every shard a valid tar holding no sample where sizes.json lists some (nothing fails, nothing is read): a
-    resampled epoch drew shard after shard without end, in the worker, before its first batch."""
-    source, _ = _make_set(tmp_path, 12, per_shard=6)
-    for u in source.urls:
-        with tarfile.open(u, "w", format=tarfile.PAX_FORMAT):
-            pass
-        Path(f"{u}.idx").unlink(missing_ok=True)
+    resampled epoch drew shard after shard without end, in the worker, before its first batch. One empty shard and
+    nine unreadable ones: sizes.json listing samples of empty shards past a tenth of the set is refused on its own
+    (test_sizes_json_listing_far_more_than_a_shard_holds_is_refused)."""
+    source, _ = _make_set(tmp_path, 60, per_shard=6)
+    with tarfile.open(source.urls[0], "w", format=tarfile.PAX_FORMAT):
+        pass
+    for u in source.urls[1:]:
+        Path(u).write_bytes(b"x" * 100)
 
     def hung(signum, frame):
         raise TimeoutError("no error after 20 s: the epoch draws empty shards for ever")
