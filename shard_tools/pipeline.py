@@ -367,6 +367,29 @@ def iter_journal(path: Path) -> Iterator[dict]:
             yield entry
 
 
+def _drop_cut_entry(path: Path) -> None:
+    """Cut off the journal's last line when it is incomplete (no newline: a kill or a full disk in `_append_line`).
+    `read_journal` drops such a line, but the resumed run appends after it: its first entry was glued to the cut one
+    (invalid JSON), so it and every entry after it were lost, and the run ended in "internal error: accounted N of M
+    inputs". An append only ever leaves a prefix of its line, so everything up to the last newline is whole."""
+    if not path.is_file():
+        return
+    with open(path, "r+b") as f:
+        size = end = f.seek(0, os.SEEK_END)
+        while end > 0:  # back to the last newline, a block at a time (the journal may be a gigabyte)
+            start = max(0, end - (1 << 16))
+            f.seek(start)
+            i = f.read(end - start).rfind(b"\n")
+            if i >= 0:
+                end = start + i + 1
+                break
+            end = start
+        if end != size:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+
+
 def _valid_prefix(entries: list[dict], out: Path) -> list[dict]:
     """Journaled shards whose file is still there with the journaled size (a user may have deleted one)."""
     ok = []
@@ -1039,6 +1062,7 @@ def _make_shards_locked(disc: Discovery, cfg: MakeConfig, order: list[Item], pha
     for p in _shard_files(out, {cfg.name}):  # a shard the killed run was writing
         if p.name.endswith(".tmp"):
             p.unlink()
+    _drop_cut_entry(journal)  # before anything is appended to it
     journaled = read_journal(journal)
     entries = _valid_prefix(journaled, out)
     if len(entries) != len(journaled):  # rewrite the journal without the entries we cannot trust

@@ -1159,3 +1159,34 @@ def test_a_file_shorter_than_its_header_declares_is_kept_and_flagged_truncated(t
     frames = {Path(meta["source"]).name: meta["n_frames"] for _, meta in read_shard_set(out).values()}
     assert frames["cut.wav"] < 0.55 * frames["whole.wav"]  # what was there, kept
     assert json.loads((out / "stats.json").read_text())["flags"] == {"truncated": 3}
+
+
+def test_a_journal_entry_cut_by_a_full_disk_or_a_kill_is_dropped_before_the_rerun_appends(tmp_path, monkeypatch):
+    """A full disk (or a kill) in the middle of appending a shard's journal entry leaves a cut last line. The rerun
+    dropped it when reading, but appended its own entries to the file right after it: the first one was glued to the
+    cut line (invalid JSON), so it and every entry after it were lost, and the run ended in a traceback ("internal
+    error: accounted 8 of 30 inputs"). Now the cut line is cut off the file first; the set is the uninterrupted one."""
+    import shard_tools.pipeline as pl
+
+    real, appends = pl._append_line, []
+
+    def append(path, obj):
+        appends.append(obj["shard"])
+        if len(appends) == 2:  # the second shard's entry: half of it reaches the disk, then the disk is full
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(obj, sort_keys=True)[:100])
+            raise OSError(28, "No space left on device")
+        real(path, obj)
+
+    def run(out):
+        cli_main(["synthetic", "--n", "30", "--shard-size", "8", "--workers", "0", "--no-progress", "--out", str(out)])
+
+    monkeypatch.setattr(pl, "_append_line", append)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        run(tmp_path / "a")
+    journal = tmp_path / "a" / pl.WORK_DIR / "journal.jsonl"
+    assert not journal.read_text().endswith("\n")  # the cut entry
+    monkeypatch.setattr(pl, "_append_line", real)
+    run(tmp_path / "a")
+    run(tmp_path / "b")
+    _assert_same_files(tmp_path / "a", tmp_path / "b", "shards-000003.tar")
