@@ -3,8 +3,9 @@
 Checks: sizes.json lists exactly the shard files; each shard's sha256 matches stats.json (catches any flipped
 byte); each tar reads to the end; each sample has exactly one .npy and one .json; the npy is float16 (n_mels, T)
 with finite values and T equal to the json's n_frames; the json has the contract's fields and its key; keys are
-unique in the set; label indices agree with stats.json's classes; counts, frames agree with stats.json; a shard's
-index file (`<shard>.tar.idx`, where there is one) describes exactly its members.
+unique in the set; label indices agree with stats.json's classes; counts, frames agree with stats.json, and so do its
+mean, std, hours and shortest clip, recomputed from the shards (the hashes, kept in stats.json, do not cover it); a
+shard's index file (`<shard>.tar.idx`, where there is one) describes exactly its members.
 Prints counts, hours and a label histogram; exit status 1 on any problem.
 """
 
@@ -15,6 +16,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -65,6 +67,11 @@ class Report:
     n_samples: int = 0
     n_frames: int = 0
     seconds: float = 0.0
+    # the log-mel values' sum and sum of squares (float64, clip by clip, shard by shard: as make-shards sums them for
+    # stats.json's mean and std) and the shortest clip, to check those stats.json fields
+    value_sum: float = 0.0
+    value_sumsq: float = 0.0
+    min_clip_frames: int | None = None
     labels: Counter = field(default_factory=Counter)
     flags: Counter = field(default_factory=Counter)
     hop_s: float = 0.01
@@ -106,7 +113,16 @@ def _load_json(path: Path, report: Report):
     return _UNREADABLE
 
 
-def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: int | None, where: str) -> list[str]:
+def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: int | None, where: str
+                  ) -> tuple[list[str], np.ndarray | None]:
+    """(the sample's problems, its log-mel array when it has none)."""
+    errs = _sample_problems(key, members, n_mels, n_classes, where)
+    return (errs, None) if isinstance(errs, list) else ([], errs)
+
+
+def _sample_problems(key: str, members: dict[str, bytes], n_mels: int, n_classes: int | None, where: str
+                     ) -> list[str] | np.ndarray:
+    """The sample's problems, or its log-mel array when it has none."""
     errs = []
     if set(members) != {"npy", "json"}:
         return [f"{where}: sample {key!r} has members {sorted(members)}, expected ['json', 'npy']"]
@@ -149,7 +165,7 @@ def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: i
         errs.append(f"{where}: sample {key!r}: labels and label_indices disagree")
     elif n_classes is not None and any(i < 0 or i >= n_classes for i in idx):
         errs.append(f"{where}: sample {key!r}: label index out of range 0..{n_classes - 1}")
-    return errs
+    return errs or arr
 
 
 class _HashingReader:
@@ -198,6 +214,30 @@ class _HashingReader:
         return self.h.hexdigest() if self.whole else None
 
 
+def _stats_differ(stats: dict, report: Report, n_mels: int) -> list[str]:
+    """stats.json's figures that the shards' contents do not give: the mean and std that an M2D run normalises by
+    (a changed digit went unnoticed: the hashes cover the shards, not stats.json), the hours and the shortest clip.
+    Recomputed as make-shards computes them; a tolerance for summation order only."""
+    problems = []
+    n_values = report.n_frames * n_mels
+    if n_values and _is_number(stats.get("mean")) and _is_number(stats.get("std")):
+        mean = report.value_sum / n_values
+        std = math.sqrt(max(report.value_sumsq / n_values - mean * mean, 0.0))
+        for name, got in (("mean", mean), ("std", std)):
+            if not math.isclose(stats[name], got, rel_tol=1e-7, abs_tol=1e-9):
+                problems.append(f"stats.json says {name} {stats[name]!r}, the shards' log-mels give {got!r} (the file "
+                                "was edited or damaged; an M2D run normalises by it): rebuild the set with make-shards")
+    hours = stats.get("hours")
+    # make-shards sums each clip's duration, the json its value to 6 decimals: 0.5 us a clip at most
+    if _is_number(hours) and not abs(hours * 3600 - report.seconds) <= 1e-6 * report.n_samples + 1e-9 * report.seconds:
+        problems.append(f"stats.json says {hours!r} hours, the shards' clips last {report.seconds / 3600!r}")
+    shortest = stats.get("min_clip_frames")
+    if _is_count(shortest) and report.min_clip_frames is not None and shortest != report.min_clip_frames:
+        problems.append(f"stats.json says the shortest clip has {shortest} frames, the shards' has "
+                        f"{report.min_clip_frames}")
+    return problems
+
+
 def _read_shard(path: Path, report: Report, keys: list[str], n_mels: int, classes: list[str] | None,
                 hasher: list | None = None) -> int:
     """Check every sample of one shard; returns the number of samples read. Its distinct keys are appended to
@@ -218,10 +258,15 @@ def _read_shard(path: Path, report: Report, keys: list[str], n_mels: int, classe
         else:
             seen.add(current)
             keys.append(current)
-        errs = _check_sample(current, members, n_mels, len(classes) if classes else None, path.name)
+        errs, arr = _check_sample(current, members, n_mels, len(classes) if classes else None, path.name)
         report.problems.extend(errs)
         if not errs:
             meta = json.loads(members["json"])
+            values = arr.astype(np.float64)  # make-shards' own sums (pipeline.featurize)
+            report.value_sum += float(values.sum())
+            report.value_sumsq += float(np.square(values).sum())
+            frames = arr.shape[1]
+            report.min_clip_frames = frames if report.min_clip_frames is None else min(report.min_clip_frames, frames)
             report.n_frames += meta["n_frames"]
             report.seconds += meta["duration"]
             for i, lab in zip(meta["label_indices"], meta["labels"]):
@@ -534,6 +579,10 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
             report.n_samples += part.n_samples
             report.n_frames += part.n_frames
             report.seconds += part.seconds
+            report.value_sum += part.value_sum
+            report.value_sumsq += part.value_sumsq
+            if part.min_clip_frames is not None:
+                report.min_clip_frames = min(report.min_clip_frames or part.min_clip_frames, part.min_clip_frames)
             report.labels.update(part.labels)
             report.flags.update(part.flags)
     if stats:
@@ -543,6 +592,8 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
             )
         if "n_frames" in stats and stats["n_frames"] != report.n_frames and not report.problems:
             report.problems.append(f"stats.json says {stats.get('n_frames')} frames, shards hold {report.n_frames}")
+        if not report.problems:
+            report.problems += _stats_differ(stats, report, n_mels)
     if report.n_samples == 0 and not report.problems:
         report.problems.append("the set holds no samples (make-shards wrote nothing; manifest.jsonl says why)")
     return report

@@ -282,6 +282,32 @@ def test_verify_ok_and_detects_corruption(synth_set, tmp_path, capsys):
     assert verify_main([str(missing), "--no-progress"]) == 1
 
 
+@pytest.mark.parametrize("field, change, said", [
+    ("mean", lambda v: v + 0.1, "stats.json says mean {new!r}, the shards' log-mels give {old!r}"),
+    ("std", lambda v: v * 1.001, "stats.json says std {new!r}, the shards' log-mels give {old!r}"),
+    ("hours", lambda v: v * 1.001, "stats.json says {new!r} hours, the shards' clips last "),
+    ("min_clip_frames", lambda v: v - 1, "stats.json says the shortest clip has {new} frames, the shards' has {old}"),
+])
+def test_verify_recomputes_the_figures_stats_json_gives(synth_set, tmp_path, field, change, said):
+    """The shards' hashes are in stats.json, so they cannot cover it: an edited mean or std (what an M2D run normalises
+    by), hours or shortest clip said OK. They are recomputed from the shards, as make-shards computes them (the
+    untouched set passes, with one worker or two)."""
+    import shutil
+
+    from shard_tools.verify import verify
+
+    out = tmp_path / "set"
+    shutil.copytree(synth_set[0], out)
+    for workers in (1, 2):
+        assert verify(out, progress=False, workers=workers).ok
+    stats = json.loads((out / "stats.json").read_text())
+    old = stats[field]
+    stats[field] = new = change(old)
+    (out / "stats.json").write_text(json.dumps(stats))
+    problems = verify(out, progress=False).problems
+    assert len(problems) == 1 and problems[0].startswith(said.format(new=new, old=old)), problems
+
+
 def test_verify_checks_each_index_file_against_its_shard(synth_set, tmp_path, capsys):
     """The loader trusts a shard's index file (checking each member's header as it reads it): verify-shards compares
     the whole file with the walked table, says what to do with one that does not match, and warns of a stray one."""
