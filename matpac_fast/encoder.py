@@ -865,10 +865,12 @@ def load_encoder(source, preset: str = "matpac", device: str | torch.device = "c
     enc = Encoder(**arch, frontend=_frontend(frontend, cfg, preset))
     enc.config_source = cfg.source if isinstance(cfg, RunConfig) else None
     # What this file gave before an exported encoder.pt read its run config (`preset` alone): equal settings mean
-    # equal embeddings, so a result keyed by file and preset keeps its name (evaluation.embed). Checkpoint folders
-    # and nested configs were read before too: their settings are their own.
+    # equal embeddings, so a result keyed by file and preset keeps its name (evaluation.embed). A nested config is
+    # part of the file (and of its digest): its settings are its own. A run config beside the file or above a
+    # checkpoint folder is not in the digest, so a folder read in its run and a copy read without it (--preset's
+    # settings) had one identity and one embedding cache entry: the second was served the first one's embeddings.
     enc.preset_settings = enc.settings()
-    if nested_cfg is None and file_cfg is not None and Path(source).is_file():
+    if nested_cfg is None and file_cfg is not None:
         try:
             alone = {**_infer_arch(state, preset, None), "frontend": _frontend(None, None, preset)}
             enc.preset_settings = {k: alone.get(k, v) for k, v in enc.settings().items()}

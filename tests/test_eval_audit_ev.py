@@ -1,0 +1,50 @@
+"""Regressions from the embeddings / linear-probe audit (ev): cache keys of checkpoint folders read with and without
+their run's config.json, ..."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from matpac_fast.config import get_model_config
+from matpac_fast.encoder import Encoder, export_encoder_state
+from matpac_fast.evaluation import embed
+from matpac_fast.train_config import RECIPES, TrainConfig
+
+
+def _checkpoint_folder(run: Path, **model) -> Path:
+    """A run folder with config.json and checkpoints/step_00000003/model.safetensors (the encoder's weights)."""
+    cfg = TrainConfig.from_dict(RECIPES["tiny"])
+    cfg.run.out = str(run)
+    mcfg = get_model_config("tiny", **model)
+    step = run / "checkpoints" / "step_00000003"
+    step.mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": cfg.to_dict(), "model": mcfg.__dict__}, indent=1))
+    torch.manual_seed(3)
+    save_file({k: v.contiguous() for k, v in export_encoder_state(Encoder.from_config(mcfg)).items()},
+              str(step / "model.safetensors"))
+    return step
+
+
+def test_checkpoint_folder_with_and_without_its_run_config_are_two_cache_entries(tmp_path):
+    # A checkpoint folder's digest covers the folder, not the run's config.json two levels up, which gives the
+    # heads and normalisation: the folder read in its run (heads 2) and a copy of it without the run (the preset's 4
+    # heads) had one identity and one cache entry, and the second evaluation was served the first one's embeddings.
+    step = _checkpoint_folder(tmp_path / "a" / "run", heads=2, norm_mean=-6.0)
+    copy = tmp_path / "b" / "run" / "checkpoints" / step.name
+    shutil.copytree(step, copy)
+    in_run, alone = embed.make_embedder(str(step), "tiny"), embed.make_embedder(str(copy), "tiny")
+    assert in_run.encoder.settings() != alone.encoder.settings()
+    assert in_run.name == alone.name  # same folder names: the same cache file name but for the key
+    assert in_run.identity != alone.identity
+    assert alone.identity == f"ckpt:{embed.file_digest(copy)}:tiny"  # the preset's settings: the plain identity
+    ds = embed.LabelledSet("t", str(tmp_path), "csv", [], [], False, "t")
+    s = embed.ExtractSettings(1.0, cache_dir=tmp_path / "cache")
+    assert embed.cache_path(ds, in_run, "t", s) != embed.cache_path(ds, alone, "t", s)
+    # a run config with the preset's own settings changes nothing: the plain identity, as before
+    same = _checkpoint_folder(tmp_path / "c" / "run")
+    assert embed.make_embedder(str(same), "tiny").identity == f"ckpt:{embed.file_digest(same)}:tiny"
