@@ -7,12 +7,16 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import soundfile as sf
 import torch
 from safetensors.torch import save_file
+from test_eval import tone
 
 from matpac_fast.config import get_model_config
 from matpac_fast.encoder import Encoder, export_encoder_state
 from matpac_fast.evaluation import embed
+from matpac_fast.evaluation.datasets import load_dataset
 from matpac_fast.train_config import RECIPES, TrainConfig
 
 
@@ -48,3 +52,29 @@ def test_checkpoint_folder_with_and_without_its_run_config_are_two_cache_entries
     # a run config with the preset's own settings changes nothing: the plain identity, as before
     same = _checkpoint_folder(tmp_path / "c" / "run")
     assert embed.make_embedder(str(same), "tiny").identity == f"ckpt:{embed.file_digest(same)}:tiny"
+
+
+def test_clips_skipped_for_want_of_pyav_are_embedded_once_it_is_installed(tmp_path, monkeypatch):
+    # A cache entry written without PyAV lists the m4a clips as skipped ("needs_pyav: ... pip install av"); the key
+    # holds no word of PyAV, so after `pip install av` the same command was served that entry: the clips stayed
+    # skipped, with the advice to install what was installed.
+    import shard_tools.decode
+
+    root = tmp_path / "clips"
+    for label, f in (("low", 300.0), ("high", 3000.0)):
+        (root / label).mkdir(parents=True)
+        for i in range(3):
+            sf.write(root / label / f"{label}_{i}.wav", tone(f, 0.5), 16000)
+        (root / label / f"{label}_9.m4a").write_bytes(b"\0" * 64)  # decoded by the stand-in below
+    ds = load_dataset(root)
+    s = embed.ExtractSettings(0.5, cache_dir=tmp_path / "cache", progress=False)
+    emb = embed.make_embedder("logmel")
+    monkeypatch.setattr(shard_tools.decode, "pyav_available", lambda: False)
+    first = embed.extract(ds, emb, ds.name, s)
+    assert [embed.skip_cause(r) for _, r in first.skipped] == ["needs_pyav"] * 2
+    monkeypatch.undo()  # PyAV installed (its decoder stood in for)
+    monkeypatch.setattr(shard_tools.decode, "read_audio", lambda path, **kw: (tone(440.0, 0.5)[:, None], 16000))
+    second = embed.extract(ds, emb, ds.name, s)
+    assert not second.skipped and second.ok.all() and not second.cache_hit
+    third = embed.extract(ds, emb, ds.name, s)  # complete now: served from the cache
+    assert third.cache_hit and np.array_equal(third.emb, second.emb)

@@ -378,7 +378,7 @@ def extract(ds: LabelledSet, embedder, task: str, s: ExtractSettings) -> Extract
     n_samples = int(round(s.clip_seconds * SAMPLE_RATE))
     if path is not None and path.is_file():
         hit = _read_cache(path, paths, n_samples)
-        if hit is not None:
+        if hit is not None and not _pyav_installed_since(hit):
             return hit
     spec = getattr(embedder, "spec", None) or get_spec("matpac")
     if n_samples < spec.n_fft:
@@ -408,6 +408,17 @@ def extract(ds: LabelledSet, embedder, task: str, s: ExtractSettings) -> Extract
         _write_cache(path, emb=emb, paths=paths, ok=ok, reasons=np.array(reasons), lengths=lengths)
     skipped = [(p, r) for p, r in zip(paths.tolist(), reasons) if r]
     return Extracted(emb, ok, skipped, False, *_cropped(lengths, n_samples))
+
+
+def _pyav_installed_since(hit: Extracted) -> bool:
+    """Whether a cache entry skipped clips for want of PyAV, which is installed now: the key does not hold PyAV's
+    presence (it changes no embedding), so after `pip install av` the entry kept those clips skipped, with the advice
+    to install it. Such an entry is recomputed (and replaced)."""
+    if not any(skip_cause(r) == "needs_pyav" for _, r in hit.skipped):
+        return False
+    from shard_tools.decode import pyav_available
+
+    return pyav_available()
 
 
 def _cropped(lengths: np.ndarray, n_samples: int) -> tuple[int, float]:
