@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 from safetensors.torch import save_file
@@ -78,3 +79,21 @@ def test_clips_skipped_for_want_of_pyav_are_embedded_once_it_is_installed(tmp_pa
     assert not second.skipped and second.ok.all() and not second.cache_hit
     third = embed.extract(ds, emb, ds.name, s)  # complete now: served from the cache
     assert third.cache_hit and np.array_equal(third.emb, second.emb)
+
+
+def test_a_clip_too_loud_to_embed_is_named_by_its_file(tmp_path):
+    # Encoder.encode refuses a clip whose log-mel overflows (finite samples of ~1e17 and above) and names its row in
+    # the batch: matpac-eval stopped with "encode: clip 2 of the batch (wave[2]) holds samples so loud ...", which
+    # does not say which file of the dataset it is (the log-mel baseline names it).
+
+    root = tmp_path / "clips"
+    for label, f in (("low", 300.0), ("high", 3000.0)):
+        (root / label).mkdir(parents=True)
+        for i in range(3):
+            sf.write(root / label / f"{label}_{i}.wav", tone(f, 0.5) * (1e19 if (label, i) == ("low", 2) else 1.0),
+                     16000, subtype="FLOAT")
+    ds = load_dataset(root)
+    emb = embed.make_embedder("random", preset="tiny")
+    with pytest.raises(ValueError, match=r"low_2\.wav: encode: the clip holds samples so loud") as e:
+        embed.extract(ds, emb, ds.name, embed.ExtractSettings(0.5, progress=False))
+    assert "batch" not in str(e.value)

@@ -387,16 +387,17 @@ def extract(ds: LabelledSet, embedder, task: str, s: ExtractSettings) -> Extract
     # Closed however the loop ends: a bar left open after a Ctrl-C had the CLI's one line printed after it, on its line
     with tqdm(total=len(ds), desc=f"embed {embedder.name}", unit="clip", disable=not s.progress, leave=False) as bar:
         for i in range(0, len(ds), s.batch_size):
-            waves = []
+            waves, rows = [], []
             for j in range(i, min(i + s.batch_size, len(ds))):
                 n = []
                 try:
                     waves.append(load_clip(ds.clips[j].path, n_samples, spec, lengths=n))
+                    rows.append(j)
                     lengths[j] = n[0] if n else 0
                 except UnreadableAudio as e:
                     reasons[j] = e.reason
             if waves:
-                chunks.append(embedder(torch.from_numpy(np.stack(waves))))
+                chunks.append(_embed_batch(embedder, waves, [ds.clips[j].path for j in rows]))
             bar.update(min(s.batch_size, len(ds) - i))
     ok = np.array([r == "" for r in reasons], dtype=bool)
     emb = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 0), np.float32)
@@ -419,6 +420,21 @@ def _pyav_installed_since(hit: Extracted) -> bool:
     from shard_tools.decode import pyav_available
 
     return pyav_available()
+
+
+def _embed_batch(embedder, waves: list[np.ndarray], paths: list[str]) -> np.ndarray:
+    """embedder(batch). `Encoder.encode` refuses a batch holding a clip it cannot embed (samples so loud that the
+    log-mel overflows) naming the clip's row in the batch ("clip 6 of the batch (wave[6])"), which says nothing
+    about which of the dataset's files it is: the clips are then embedded one by one and the file is named."""
+    try:
+        return embedder(torch.from_numpy(np.stack(waves)))
+    except ValueError:
+        for w, p in zip(waves, paths):
+            try:
+                embedder(torch.from_numpy(w))  # one clip (N,): "the clip holds ..."
+            except ValueError as e:
+                raise ValueError(f"{p}: {e}") from None
+        raise
 
 
 def _cropped(lengths: np.ndarray, n_samples: int) -> tuple[int, float]:
