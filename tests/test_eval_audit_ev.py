@@ -1,5 +1,6 @@
-"""Regressions from the embeddings / linear-probe audit (ev): cache keys of checkpoint folders read with and without
-their run's config.json, ..."""
+"""Regressions from the embeddings / linear-probe audit (ev): the identity (cache key) of a checkpoint folder read with
+and without its run's config.json, cache entries that skipped clips for want of PyAV, a clip too loud to embed named
+by its file, and the resamplers' memory."""
 
 from __future__ import annotations
 
@@ -97,3 +98,19 @@ def test_a_clip_too_loud_to_embed_is_named_by_its_file(tmp_path):
     with pytest.raises(ValueError, match=r"low_2\.wav: encode: the clip holds samples so loud") as e:
         embed.extract(ds, emb, ds.name, embed.ExtractSettings(0.5, progress=False))
     assert "batch" not in str(e.value)
+
+
+def test_large_resampling_kernels_are_not_all_kept(monkeypatch):
+    # embed's resamplers were an lru_cache of 16: a Kaiser kernel for a rate sharing few factors with 16 kHz is
+    # hundreds of MB (690 MB for 11,127 Hz; 1 GiB is allowed), and each one met stayed (RSS +690 MB per such rate,
+    # measured: 1.2, 1.9, 2.6 GB after clips at 11127, 11131, 11133 Hz). Now only the last large one is kept.
+    from matpac_fast.frontend import resample
+
+    monkeypatch.setattr(embed, "_RESAMPLERS", {})
+    monkeypatch.setattr(embed, "_BIG_RESAMPLER", {})
+    monkeypatch.setattr(embed, "SMALL_KERNEL", 2**20)  # 1001 / 1003 Hz kernels (17 M floats) count as large
+    x = torch.from_numpy(tone(300.0, 0.5, sr=1001))
+    for sr in (1001, 1003, 22050):
+        assert embed._kaiser(sr, 16000) is embed._kaiser(sr, 16000)  # kept while it is the last large one
+    assert list(embed._BIG_RESAMPLER) == [(1003, 16000)] and list(embed._RESAMPLERS) == [(22050, 16000)]
+    torch.testing.assert_close(embed._kaiser(1001, 16000)(x), resample(x, 1001), rtol=0, atol=0)
