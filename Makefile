@@ -27,5 +27,8 @@ test: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 
+# runs/ is not ours to delete: besides the demo's output it holds what the README's commands write there (training
+# runs such as runs/as2m, days of GPU time; evaluations), which `make clean` used to delete with the rest.
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) build *.egg-info
+	@if [ -e runs ]; then echo "kept runs/ (training runs, evaluations, the demo's $(DEMO_DIR)): delete what you no longer need yourself"; fi
