@@ -16,6 +16,10 @@ Deviations from the authors' code, all numerically neutral unless stated:
 - Visible/masked indices come sorted (`masking.make_masks`), theirs shuffled: only the token order differs.
 - The positional tables are buffers (theirs: frozen Parameters); the state-dict keys are the same.
 - α = 1 builds no classification heads (theirs builds and runs them, then drops the loss): no effect on training.
+  Its loss is 1·L_pred (METHOD.md §8). Their α only chooses which losses are summed, with the yaml's loss weights
+  (0.5 each in both public configs): if their α = 1 run kept those, its loss was 0.5·L_pred. Adam cancels a
+  constant scale except through eps and the 3.0 gradient clip; the config of that run is not public. (The `m2d`
+  preset's weight of 1 is M2D's own.)
 - The EMA and centre updates run outside forward, after the optimizer step (METHOD.md §4.9 allows it).
 - MATPAC++: the prediction loss keeps its gradient. (The authors' latest public `model.py` computes it inside a
   `torch.no_grad()` block, which would leave only the classification path training the predictor; METHOD.md §7
