@@ -340,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "config.json, or any part of either (e.g. {\"optim\": {\"lr\": 1e-4}}); the flags given here "
                    "override it, and --recipe's defaults fill what it leaves out. A --print-config output pins the "
                    "model fields it shows that differ from its preset (an m2d run's normalisation pair from its "
-                   "shards' stats.json among them); a run's config.json keeps its --model options as given. A "
+                   "shards' stats.json among them); a \"model\" that names no preset (hand-written) and a run's "
+                   "config.json keep their --model options as given. A "
                    "file's resume setting is not read: give --resume each time")
     p.add_argument(
         "--model",
@@ -521,7 +522,8 @@ def read_config_file(path: str | os.PathLike, base: TrainConfig | None = None) -
 
     A --print-config output lists every model field: only those that differ from its preset (its front end's
     normalisation pair, its --kernels) are kept as --model options, so that the file's preset and a flag given with
-    it (--kernels) still decide the rest. A run's config.json is read from its "train" part: the options as given.
+    it (--kernels) still decide the rest; a "model" in a file that names no preset (no run.preset, no model.name: one
+    written by hand) is kept whole. A run's config.json is read from its "train" part: the options as given.
     Anything else (not JSON, an unknown section or setting, a value of the wrong kind) is a one-line ValueError
     naming the file and the setting."""
     from matpac_fast.config import ModelConfig, get_model_config
@@ -589,14 +591,20 @@ def read_config_file(path: str | os.PathLike, base: TrainConfig | None = None) -
                              f"not {_kind_name(model_defaults[name])} like {model_defaults[name]!r}")
     base = base or TrainConfig()
     run = {**dataclasses.asdict(base.run), **out.get("run", {})}
-    if resolved_model and model:  # keep what differs from the file's preset, front end and --kernels
+    # Only a file that names its preset (a --print-config output does, twice) shows fields its preset implies: a
+    # "model" written by hand, with no preset named, is kept as given, as --model would be (its alpha 0.5 was dropped
+    # for equalling the recipe's matpac preset's, and --preset m2d then trained with alpha 1).
+    names_preset = "preset" in out["run"] or "name" in model
+    if resolved_model and model and names_preset:  # keep what differs from the file's preset, front end, --kernels
         from matpac_fast.config import PRESETS
 
         preset = run["preset"]
         if preset in PRESETS and run["frontend"] in ("matpac", "m2d"):
             spec = get_spec(run["frontend"])
+            # ... and from the recipe's --model defaults, which would otherwise take a dropped field's place (the
+            # tiny recipe's ema_start 0.99 over a file's 0.99995, the tiny preset's own value)
             implied = {**get_model_config(preset).to_dict(), "norm_mean": spec.norm_mean, "norm_std": spec.norm_std,
-                       "use_kernels": run["kernels"]}
+                       "use_kernels": run["kernels"], **base.model}
             model = {k: v for k, v in model.items() if v != implied[k]}
     out["model"] = model
     out["inductor"] = dict(d.get("inductor", {}))  # checked by validate (check_inductor_options)

@@ -114,3 +114,18 @@ def test_a_missing_file_or_a_run_folder_says_what_to_give(tmp_path, capsys):
         assert T.main(["--config", str(given), *SYN, "--print-config"]) == 2
         assert capsys.readouterr().err.strip() == f"error: --config {given}: {says}"
     shutil.rmtree(run)
+
+
+def test_a_file_model_value_is_not_dropped_for_equalling_a_preset_it_does_not_use(tmp_path):
+    # A field of a --print-config output equal to its preset's value was dropped so that --preset could decide it,
+    # and the recipe's --model defaults then took its place: the tiny recipe's ema_start 0.99 over the file's 0.99995
+    printed = _resolved([*SYN, "--preset", "tiny"])
+    path = _write(tmp_path, printed)
+    assert _resolved(["--recipe", "tiny", "--config", path]) == printed
+    part = _write(tmp_path, {"model": {"ema_start": 0.99995}}, "part.json")
+    assert model_config(resolve_args(["--recipe", "tiny", *SYN, "--config", part])[0]).ema_start == 0.99995
+    # A hand-written "model" (no preset named in the file) is kept as given, as --model would be: alpha 0.5 is the
+    # matpac preset's value, and was dropped, so that --preset m2d silently trained with its alpha 1
+    part = _write(tmp_path, {"model": {"alpha": 0.5}}, "alpha.json")
+    cfg, _ = resolve_args(["--preset", "m2d", *SYN, "--config", part])
+    assert model_config(cfg).alpha == 0.5
