@@ -505,6 +505,21 @@ def _kind_name(like: Any) -> str:
     return "an integer" if isinstance(like, int) and not isinstance(like, bool) else json_kind(like)
 
 
+def _setting(where: str, key: str, value: Any, like: Any) -> Any:
+    """A config file's `value` for the setting `key` whose default is `like`, checked (`_kind_fits`): an integer for a
+    float setting becomes a float, as a flag's value would (JSON's 1 for 1.0; one of 400 digits, which float settings
+    took as an int and which failed as a traceback where first used as a float, is a one-line error)."""
+    if not _kind_fits(value, like):
+        raise ValueError(f"{where}: {key} is {json.dumps(value)[:40]} ({json_kind(value) or 'null'}), not "
+                         f"{_kind_name(like)} like {like!r}")
+    if isinstance(like, float) and isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:
+            raise ValueError(f"{where}: {key} is {json.dumps(value)[:40]}..., too large for a number") from None
+    return value
+
+
 def _unknown(where: str, key: str, known) -> ValueError:
     import difflib
 
@@ -543,7 +558,7 @@ def read_config_file(path: str | os.PathLike, base: TrainConfig | None = None) -
         raise ValueError(f"{where}: is a folder{hint}") from None
     except OSError as e:
         raise ValueError(f"{where}: cannot read it ({e.strerror or e}); give a JSON file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a number of over 4,300 digits (int's own limit)
         raise ValueError(f"{where}: not a JSON file ({e}); give a --print-config output or a run's config.json"
                          ) from None
     except RecursionError:
@@ -571,24 +586,20 @@ def read_config_file(path: str | os.PathLike, base: TrainConfig | None = None) -
     out: dict[str, Any] = {}
     for section, cls in _SECTIONS.items():
         defaults = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+        out[section] = {}
         for name, value in d.get(section, {}).items():
             if name not in defaults:
                 raise _unknown(where, f"{section}.{name}", defaults)
-            if not _kind_fits(value, defaults[name]):
-                raise ValueError(f"{where}: {section}.{name} is {json.dumps(value)[:40]} ({json_kind(value) or 'null'}"
-                                 f"), not {_kind_name(defaults[name])} like {defaults[name]!r}")
-        out[section] = dict(d.get(section, {}))
+            out[section][name] = _setting(where, f"{section}.{name}", value, defaults[name])
     # --resume is what this command does, not a setting of the run: a resumed run's config.json says "auto", or the
     # checkpoint it resumed, which a new run started from that file would have resumed in turn
     out["run"].pop("resume", None)
     model_defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    model = dict(d.get("model", {}))
-    for name, value in model.items():
+    model = {}
+    for name, value in d.get("model", {}).items():
         if name not in model_defaults:
             raise _unknown(where, f"model.{name}", model_defaults)
-        if not _kind_fits(value, model_defaults[name]):
-            raise ValueError(f"{where}: model.{name} is {json.dumps(value)[:40]} ({json_kind(value) or 'null'}), "
-                             f"not {_kind_name(model_defaults[name])} like {model_defaults[name]!r}")
+        model[name] = _setting(where, f"model.{name}", value, model_defaults[name])
     base = base or TrainConfig()
     run = {**dataclasses.asdict(base.run), **out.get("run", {})}
     # Only a file that names its preset (a --print-config output does, twice) shows fields its preset implies: a

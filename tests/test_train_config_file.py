@@ -95,6 +95,7 @@ def test_the_recipe_fills_what_a_file_leaves_out(tmp_path):
     ('{"train": 3}', 'its "train" is a number, not the run\'s settings'),
     ("lr: 1e-4\n", "not a JSON file (Expecting value: line 1 column 1 (char 0))"),
     ('{"a":' * 100_000, "nested too deeply to be a config file"),
+    ('{"optim": {"lr": 1' + "0" * 5000 + "}}", "Exceeds the limit (4300 digits)"),
 ])
 def test_a_bad_config_file_is_one_line_naming_the_setting(tmp_path, capsys, content, says):
     path = _write(tmp_path, content)
@@ -129,3 +130,18 @@ def test_a_file_model_value_is_not_dropped_for_equalling_a_preset_it_does_not_us
     part = _write(tmp_path, {"model": {"alpha": 0.5}}, "alpha.json")
     cfg, _ = resolve_args(["--preset", "m2d", *SYN, "--config", part])
     assert model_config(cfg).alpha == 0.5
+
+
+@pytest.mark.parametrize("content, says", [
+    ('{"optim": {"lr": 1' + "0" * 400 + "}}", "optim.lr is 1000"),
+    ('{"model": {"tau_s": 1' + "0" * 400 + "}}", "model.tau_s is 1000"),
+])
+def test_an_integer_too_large_for_a_float_setting_is_one_line(tmp_path, capsys, content, says):
+    # JSON integers are read as Python ints, which a float setting took as they were: the lr's reached the schedule
+    # (OverflowError: integer division result too large for a float), the model's math.isfinite
+    path = _write(tmp_path, content)
+    assert T.main(["--config", path, "--recipe", "tiny", *SYN, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err and "too large" in err, err
+    cfg, _ = resolve_args(["--config", _write(tmp_path, '{"optim": {"lr": 1}}', "one.json"), *SYN])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)  # an integer for a float setting is a float
