@@ -367,27 +367,32 @@ def iter_journal(path: Path) -> Iterator[dict]:
             yield entry
 
 
-def _drop_cut_entry(path: Path) -> None:
-    """Cut off the journal's last line when it is incomplete (no newline: a kill or a full disk in `_append_line`).
-    `read_journal` drops such a line, but the resumed run appends after it: its first entry was glued to the cut one
-    (invalid JSON), so it and every entry after it were lost, and the run ended in "internal error: accounted N of M
-    inputs". An append only ever leaves a prefix of its line, so everything up to the last newline is whole."""
+def _read_and_trim_journal(path: Path) -> list[dict]:
+    """`read_journal`, with the file cut back to the entries it returns, before anything is appended to it. A kill or a
+    full disk in `_append_line` leaves a cut last line (no newline), which read_journal drops; but the resumed run
+    appended its own entries right after it: its first entry was glued to the cut one (invalid JSON), so it and every
+    entry after it were lost, and the run ended in "internal error: accounted N of M inputs". A folder an older
+    version resumed that way holds such a glued line mid-file, where read_journal stops: cut there too, or every
+    rerun appended after it and failed the same way. Read in one pass (the journal may be a gigabyte)."""
+    entries: list[dict] = []
     if not path.is_file():
-        return
-    with open(path, "r+b") as f:
-        size = end = f.seek(0, os.SEEK_END)
-        while end > 0:  # back to the last newline, a block at a time (the journal may be a gigabyte)
-            start = max(0, end - (1 << 16))
-            f.seek(start)
-            i = f.read(end - start).rfind(b"\n")
-            if i >= 0:
-                end = start + i + 1
+        return entries
+    end = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
                 break
-            end = start
-        if end != size:
+            try:
+                entries.append(json.loads(line))
+            except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+                break
+            end += len(line)
+    if end != path.stat().st_size:
+        with open(path, "r+b") as f:
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
+    return entries
 
 
 def _valid_prefix(entries: list[dict], out: Path) -> list[dict]:
@@ -1062,8 +1067,7 @@ def _make_shards_locked(disc: Discovery, cfg: MakeConfig, order: list[Item], pha
     for p in _shard_files(out, {cfg.name}):  # a shard the killed run was writing
         if p.name.endswith(".tmp"):
             p.unlink()
-    _drop_cut_entry(journal)  # before anything is appended to it
-    journaled = read_journal(journal)
+    journaled = _read_and_trim_journal(journal)  # cut back to its whole entries before anything is appended to it
     entries = _valid_prefix(journaled, out)
     if len(entries) != len(journaled):  # rewrite the journal without the entries we cannot trust
         _write_atomic(journal, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))

@@ -1216,3 +1216,36 @@ def test_a_journal_entry_cut_by_a_full_disk_or_a_kill_is_dropped_before_the_reru
     run(tmp_path / "a")
     run(tmp_path / "b")
     _assert_same_files(tmp_path / "a", tmp_path / "b", "shards-000003.tar")
+
+
+def test_a_journal_glued_by_an_older_version_is_cut_back_to_its_whole_entries(tmp_path, monkeypatch):
+    """A folder that a version before the cut line was dropped resumed: its entries were appended right after the cut
+    line, leaving a line that does not parse in the middle of the journal, where reading it stops. Every rerun then
+    appended after that line and ended in the same traceback ("internal error: accounted 8 of 30 inputs"), the
+    cut-line fix included (it looked at the last line only). The journal is now cut back to its whole entries."""
+    import shard_tools.pipeline as pl
+
+    real, appends = pl._append_line, []
+
+    def append(path, obj):
+        appends.append(obj["shard"])
+        if len(appends) == 2:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(obj, sort_keys=True)[:100])
+            raise OSError(28, "No space left on device")
+        real(path, obj)
+
+    def run(out):
+        cli_main(["synthetic", "--n", "30", "--shard-size", "8", "--workers", "0", "--no-progress", "--out", str(out)])
+
+    monkeypatch.setattr(pl, "_append_line", append)
+    with pytest.raises(SystemExit, match="No space left on device"):
+        run(tmp_path / "a")
+    monkeypatch.setattr(pl, "_append_line", real)
+    journal = tmp_path / "a" / pl.WORK_DIR / "journal.jsonl"
+    with open(journal, "a", encoding="utf-8") as f:  # what the older version's rerun appended after the cut line
+        f.write(json.dumps({"end": 16, "shard": 1}) + "\n")
+    assert len(pl.read_journal(journal)) == 1 and journal.read_text().endswith("\n")
+    run(tmp_path / "a")
+    run(tmp_path / "b")
+    _assert_same_files(tmp_path / "a", tmp_path / "b", "shards-000003.tar")
