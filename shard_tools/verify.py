@@ -230,33 +230,12 @@ def _stats_differ(stats: dict, report: Report, n_mels: int) -> list[str]:
     hours = stats.get("hours")
     # make-shards sums each clip's duration, the json its value to 6 decimals: 0.5 us a clip at most
     if _is_number(hours) and not abs(hours * 3600 - report.seconds) <= 1e-6 * report.n_samples + 1e-9 * report.seconds:
-        if _waves_length(stats, report, hours):
-            report.warnings.append(
-                f"stats.json says {hours!r} hours, the length of the waveforms its log-mels were made from (m2d: with "
-                "its zero-padding), as earlier versions of make-shards counted it; the clips' own audio lasts "
-                f"{report.seconds / 3600!r} hours (the shards are not affected)")
-        else:
-            problems.append(f"stats.json says {hours!r} hours, the shards' clips last {report.seconds / 3600!r}")
+        problems.append(f"stats.json says {hours!r} hours, the shards' clips last {report.seconds / 3600!r}")
     shortest = stats.get("min_clip_frames")
     if _is_count(shortest) and report.min_clip_frames is not None and shortest != report.min_clip_frames:
         problems.append(f"stats.json says the shortest clip has {shortest} frames, the shards' has "
                         f"{report.min_clip_frames}")
     return problems
-
-
-def _waves_length(stats: dict, report: Report, hours: float) -> bool:
-    """Whether `hours` is what make-shards before 8e82ff4 wrote: the length of the (resampled, m2d: zero-padded) waves
-    the log-mels were made from, not the json durations (which verify-shards sums). A set made then said CORRUPT for
-    that figure alone (an m2d --short pad set of FSDD digits: 0.051 hours against 0.0034). That length is not stored,
-    but each clip's frame count bounds it: T frames come from hop * (T - 1) to hop * T - 1 samples (+ n_fft without
-    centring)."""
-    fe = stats.get("frontend")
-    if not isinstance(fe, dict) or not all(_is_count(fe.get(k)) for k in ("sample_rate", "hop_length", "n_fft")):
-        return False
-    n, frames, hop = report.n_samples, report.n_frames, fe["hop_length"]
-    offset = 0 if fe.get("center") else fe["n_fft"] * n
-    lo, hi = (frames - n) * hop + offset, frames * hop - n + offset
-    return lo / fe["sample_rate"] - 1e-6 <= hours * 3600 <= hi / fe["sample_rate"] + 1e-6
 
 
 def _read_shard(path: Path, report: Report, keys: list[str], n_mels: int, classes: list[str] | None,
