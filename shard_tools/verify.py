@@ -4,7 +4,7 @@ Checks: sizes.json lists exactly the shard files; each shard's sha256 matches st
 byte); each tar reads to the end; each sample has exactly one .npy and one .json; the npy is float16 (n_mels, T)
 with finite values and T equal to the json's n_frames; the json has the contract's fields and its key; keys are
 unique in the set; label indices agree with stats.json's classes; counts, frames agree with stats.json, and so do its
-mean, std, hours and shortest clip, recomputed from the shards (the hashes, kept in stats.json, do not cover it); a
+mean, std and shortest clip, recomputed from the shards (the hashes, kept in stats.json, do not cover it); a
 shard's index file (`<shard>.tar.idx`, where there is one) describes exactly its members.
 Prints counts, hours and a label histogram; exit status 1 on any problem.
 """
@@ -216,8 +216,10 @@ class _HashingReader:
 
 def _stats_differ(stats: dict, report: Report, n_mels: int) -> list[str]:
     """stats.json's figures that the shards' contents do not give: the mean and std that an M2D run normalises by
-    (a changed digit went unnoticed: the hashes cover the shards, not stats.json), the hours and the shortest clip.
-    Recomputed as make-shards computes them; a tolerance for summation order only."""
+    (a changed digit went unnoticed: the hashes cover the shards, not stats.json) and the shortest clip, recomputed
+    as make-shards has always computed them; a tolerance for summation order only. Not the hours: make-shards before
+    8e82ff4 counted the length of the waves it made the log-mels from (m2d: zero-padded to 6.1 s), which the shards
+    do not hold, so an intact older set would read as CORRUPT; and nothing reads that figure."""
     problems = []
     n_values = report.n_frames * n_mels
     if n_values and _is_number(stats.get("mean")) and _is_number(stats.get("std")):
@@ -227,10 +229,6 @@ def _stats_differ(stats: dict, report: Report, n_mels: int) -> list[str]:
             if not math.isclose(stats[name], got, rel_tol=1e-7, abs_tol=1e-9):
                 problems.append(f"stats.json says {name} {stats[name]!r}, the shards' log-mels give {got!r} (the file "
                                 "was edited or damaged; an M2D run normalises by it): rebuild the set with make-shards")
-    hours = stats.get("hours")
-    # make-shards sums each clip's duration, the json its value to 6 decimals: 0.5 us a clip at most
-    if _is_number(hours) and not abs(hours * 3600 - report.seconds) <= 1e-6 * report.n_samples + 1e-9 * report.seconds:
-        problems.append(f"stats.json says {hours!r} hours, the shards' clips last {report.seconds / 3600!r}")
     shortest = stats.get("min_clip_frames")
     if _is_count(shortest) and report.min_clip_frames is not None and shortest != report.min_clip_frames:
         problems.append(f"stats.json says the shortest clip has {shortest} frames, the shards' has "
