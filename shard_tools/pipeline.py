@@ -39,7 +39,7 @@ from matpac_fast.data_tar import ShardError, index_path, walk_file
 from matpac_fast.frontend import FrontendSpec, LogMelSpec, get_spec
 from matpac_fast.interrupts import Terminated, sigterm_is_interrupt
 from matpac_fast.locks import close_lock_fd, open_lock_fd
-from matpac_fast.safe_files import create_new, write_atomic
+from matpac_fast.safe_files import JSON_MAX_BYTES, create_new, read_regular, write_atomic
 from shard_tools.decode import PYAV_HINT, TOO_LONG_HINT, Prepared, Skip, pad_wave_samples, prepare
 from shard_tools.discover import (
     Discovery,
@@ -458,12 +458,13 @@ def _shard_files(out: Path, names: set[str]) -> list[Path]:
 def _read_json(path: Path):
     """(object, None) or (None, why it cannot be read)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")), None
+        # capped: a stats.json of gigabytes in --out (not ours) was read whole to be told apart from ours
+        return json.loads(read_regular(path, JSON_MAX_BYTES).decode("utf-8")), None
     except UnicodeDecodeError:
         return None, "is not UTF-8 text"
     except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep (was a traceback)
         return None, f"is not valid JSON ({e})"
-    except OSError as e:
+    except OSError as e:  # TooLarge among them
         return None, f"cannot be read ({e.strerror})"
 
 

@@ -1392,3 +1392,20 @@ def test_verify_does_not_count_unlabelled_samples_as_a_class(tmp_path, capsys):
     assert "labels (2 classes present, 1 sample without a label; top 3):" in text and "(no label)  1" in text
     assert verify_main([str(out), "--no-progress", "--workers", "1", "--top", "0"]) == 0
     assert "labels: 2 classes present, 1 sample without a label" in capsys.readouterr().out
+
+
+def test_a_huge_stats_json_in_out_is_refused_without_being_read_whole(tmp_path, capsys, monkeypatch):
+    """make-shards reads a stats.json (sizes.json, plan.json) found in --out to tell its own from another's: read
+    whole, one of gigabytes took gigabytes of memory before its 'is not valid JSON'. Reads are capped now
+    (JSON_MAX_BYTES, lowered here)."""
+    from shard_tools import pipeline
+
+    monkeypatch.setattr(pipeline, "JSON_MAX_BYTES", 1000)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stats.json").write_text(json.dumps({"x": "y" * 2000}))
+    with pytest.raises(SystemExit) as e:
+        run("synthetic", "--n", "4", "--out", str(out))
+    err = str(e.value)
+    assert err.startswith(f"make-shards: error: {out / 'stats.json'} cannot be read (") and "more than the 1000" in err
+    assert sorted(p.name for p in out.iterdir()) == ["stats.json"]  # nothing written
