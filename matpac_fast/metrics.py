@@ -13,6 +13,7 @@ import torch
 # Dense bf16 peak TFLOP/s per device (vendor datasheets, without sparsity). Matched as whole words of the
 # CUDA device name (`peak_for_name`), first match wins, so the more specific names come first.
 PEAK_BF16_TFLOPS: list[tuple[str, float]] = [
+    ("H200 NVL", 835.0),  # 600 W PCIe card: the H100 NVL's figure, not the SXM part's 989
     ("H200", 989.0),
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
