@@ -57,7 +57,8 @@ def mfu(samples_per_s: float, flops_per_sample: float, peak: float | None) -> fl
 
 
 class Throughput:
-    """Wall-clock samples/s and the share of time spent waiting for data, over one log interval."""
+    """Samples, data-wait seconds and wall-clock time over one log interval: samples/s and the data-wait share are
+    taken from them by the trainer's log row, with the time read after its host transfer (`elapsed`)."""
 
     def __init__(self) -> None:
         self.reset()
@@ -71,7 +72,7 @@ class Throughput:
         self.samples += samples
         self.data_wait += data_wait_s
 
-    def read(self) -> tuple[float, float]:
-        """(samples/s, data-wait fraction) since the last reset."""
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        return self.samples / dt, min(self.data_wait / dt, 1.0)
+    def elapsed(self) -> float:
+        """Seconds since the last reset. Read it after a host transfer of the device's results (the trainer's log
+        row): before it, the steps still queued on the device are counted in `samples` but not in the time."""
+        return max(time.perf_counter() - self.t0, 1e-9)

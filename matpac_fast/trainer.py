@@ -876,18 +876,22 @@ class Trainer:
         samples/s sums over ranks; grad norm, centre norm and the non-finite counters are the same on every rank."""
         acc = self.accelerator
         keys = sorted(sums)
-        sps, wait_frac = tput.read()
-        per_rank = [float(self.data.skipped_shards()), sps, wait_frac]
+        # Counts only: the clock is read after the transfer below, which waits for the device's queue. micro_step
+        # never synchronises, so the host runs steps ahead; read before it, the time left out the queued steps
+        # that `samples` counts, and samples/s and MFU came out high.
+        per_rank = [float(self.data.skipped_shards()), float(tput.samples), tput.data_wait]
         summed = torch.cat([torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, device=self.device),
                             torch.tensor(per_rank, device=self.device)])
         if acc.num_processes > 1 and dist.is_initialized():
             dist.all_reduce(summed, op=dist.ReduceOp.SUM)
         values = torch.cat([summed, torch.stack([gnorm.float().to(self.device), self.nonfinite_total,
                                                  self.nonfinite_run])]).tolist()
+        elapsed = tput.elapsed()  # after the host transfer: every counted sample's device work is done
         self._report_nonfinite_inputs()  # before an abort for non-finite losses: the clip may be their cause
         world = acc.num_processes
         row = {k: v / max(n, 1) / world for k, v in zip(keys, values[: len(keys)])}
-        skipped_shards, sps_total, wait_sum, row["grad_norm"], nonfinite_total, nonfinite_run = values[len(keys):]
+        skipped_shards, samples, wait_sum, row["grad_norm"], nonfinite_total, nonfinite_run = values[len(keys):]
+        sps_total = samples / elapsed  # the ranks leave the all-reduce together: one interval for all of them
         sps = sps_total / world  # per device, for the MFU
         i = min(self.step, self.total_steps)
         row.update(
@@ -898,7 +902,7 @@ class Trainer:
             ema=self.sched["ema"][i],
             head_ema=self.sched["head_ema"][i],
             samples_per_s=sps_total,
-            data_wait=wait_sum / world,
+            data_wait=min(wait_sum / world / elapsed, 1.0),
             skipped_steps=int(nonfinite_total),
             skipped_shards=int(round(skipped_shards)),
         )

@@ -1260,3 +1260,28 @@ def test_a_process_that_cannot_read_its_checkpoint_does_not_leave_the_others_wai
     got = [(tmp_path / f"r{r}.txt").read_text() for r in (0, 1)]
     assert got[0].startswith("another process could not read its checkpoint to resume in --out runs/x"), got
     assert got[1] == "--resume /local/step_00000004: not a checkpoint directory", got
+
+
+def test_a_log_rows_samples_per_s_includes_the_device_time_of_its_queued_steps(tmp_path, monkeypatch):
+    """micro_step never synchronises, so on a GPU the host runs steps ahead of the device. The row's clock was read
+    before its statistics' transfer to the host, where the host waits for that queue: the queued steps' samples
+    were counted, their device time not, and samples/s (and MFU) came out high. The transfer is simulated here by a
+    `tolist` that takes 0.3 s, as a queue that drains in 0.3 s would."""
+    import time
+
+    from matpac_fast.metrics import Throughput
+    from matpac_fast.trainer import Trainer
+
+    trainer = Trainer(resolve([*TINY, "--out", str(tmp_path / "run"), "--max-steps", "1"])[0])
+    tput = Throughput()
+    tput.add(8, 0.0)  # one micro-batch of 8 samples, queued at once
+    real_tolist = torch.Tensor.tolist
+
+    def draining_tolist(self):
+        time.sleep(0.3)
+        return real_tolist(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", draining_tolist)
+    row = trainer._log({"loss": torch.ones(())}, 1, torch.zeros(()), 0.0, tput, None, None)
+    assert 0 < row["samples_per_s"] <= 8 / 0.3
+    assert 0 <= row["data_wait"] < 0.1
