@@ -247,6 +247,8 @@ def test_float_clips_with_nan_or_inf_are_reported_as_such_not_as_undecodable(tmp
     [
         (["--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
         (["--logreg-c", "0"], "--logreg-c must be > 0"),
+        (["--seeds", "100000000"], "--seeds must be at most 1000 (linear-probe runs per fold; the protocol uses 3), "
+                                   "got 100000000"),
         (["--clip-seconds", "0.001"], "--clip-seconds must be between 0.035 and 600 (every batch"),
         # one frame (0.025 s) gave the log-mel baseline a NaN std; 1e12 s a 56 PiB allocation traceback
         (["--clip-seconds", "0.03"], "--clip-seconds must be between 0.035 and 600"),

@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="linear = EVAR/M2D linear probe with early stopping; logreg = scikit-learn logistic "
         "regression (deterministic, one run per fold)",
     )
-    p.add_argument("--seeds", type=int, default=3, help="linear-probe runs per fold (different seeds)")
+    p.add_argument("--seeds", type=int, default=3, help="linear-probe runs per fold (different seeds), 1 to 1000")
     p.add_argument(
         "--seed",
         type=int,
@@ -199,11 +199,17 @@ def _auto_clip_seconds(ds: LabelledSet) -> float:
     return float(min(MAX_AUTO_CLIP_SECONDS, max(longest, 0.1)))
 
 
+MAX_SEEDS = 1000
+
+
 def _validate(a: argparse.Namespace) -> None:
     """Every argument check that needs no data: all of them run before any file is read or embedded."""
     for name in ("seeds", "embed_batch", "probe_batch", "max_epochs", "patience"):
         if getattr(a, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if a.seeds > MAX_SEEDS:  # 10**8 was accepted: a probe per seed and fold, a run that would never end
+        raise ValueError(f"--seeds must be at most {MAX_SEEDS} (linear-probe runs per fold; the protocol uses 3), got "
+                         f"{a.seeds}")
     from matpac_fast.config import PRESETS  # plain data: no model code is imported for --checkpoint logmel
 
     if a.preset not in PRESETS:  # was accepted with --checkpoint logmel, and refused only after loading otherwise
