@@ -1203,34 +1203,40 @@ def test_a_file_shorter_than_its_header_declares_is_kept_and_flagged_truncated(t
     assert json.loads((out / "stats.json").read_text())["flags"] == {"truncated": 3}
 
 
-def test_a_journal_entry_cut_by_a_full_disk_or_a_kill_is_dropped_before_the_rerun_appends(tmp_path, monkeypatch):
-    """A full disk (or a kill) in the middle of appending a shard's journal entry leaves a cut last line. The rerun
-    dropped it when reading, but appended its own entries to the file right after it: the first one was glued to the
-    cut line (invalid JSON), so it and every entry after it were lost, and the run ended in a traceback ("internal
-    error: accounted 8 of 30 inputs"). Now the cut line is cut off the file first; the set is the uninterrupted one."""
+def _synthetic_run(out):
+    cli_main(["synthetic", "--n", "30", "--shard-size", "8", "--workers", "0", "--no-progress", "--out", str(out)])
+
+
+def _run_cut_in_the_second_journal_entry(out, monkeypatch) -> Path:
+    """A synthetic run whose disk fills half-way through its second journal entry; returns the journal."""
     import shard_tools.pipeline as pl
 
     real, appends = pl._append_line, []
 
     def append(path, obj):
         appends.append(obj["shard"])
-        if len(appends) == 2:  # the second shard's entry: half of it reaches the disk, then the disk is full
+        if len(appends) == 2:  # half of the second shard's entry reaches the disk, then the disk is full
             with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(obj, sort_keys=True)[:100])
             raise OSError(28, "No space left on device")
         real(path, obj)
 
-    def run(out):
-        cli_main(["synthetic", "--n", "30", "--shard-size", "8", "--workers", "0", "--no-progress", "--out", str(out)])
-
     monkeypatch.setattr(pl, "_append_line", append)
     with pytest.raises(SystemExit, match="No space left on device"):
-        run(tmp_path / "a")
-    journal = tmp_path / "a" / pl.WORK_DIR / "journal.jsonl"
-    assert not journal.read_text().endswith("\n")  # the cut entry
+        _synthetic_run(out)
     monkeypatch.setattr(pl, "_append_line", real)
-    run(tmp_path / "a")
-    run(tmp_path / "b")
+    return out / pl.WORK_DIR / "journal.jsonl"
+
+
+def test_a_journal_entry_cut_by_a_full_disk_or_a_kill_is_dropped_before_the_rerun_appends(tmp_path, monkeypatch):
+    """A full disk (or a kill) in the middle of appending a shard's journal entry leaves a cut last line. The rerun
+    dropped it when reading, but appended its own entries to the file right after it: the first one was glued to the
+    cut line (invalid JSON), so it and every entry after it were lost, and the run ended in a traceback ("internal
+    error: accounted 8 of 30 inputs"). Now the cut line is cut off the file first; the set is the uninterrupted one."""
+    journal = _run_cut_in_the_second_journal_entry(tmp_path / "a", monkeypatch)
+    assert not journal.read_text().endswith("\n")  # the cut entry
+    _synthetic_run(tmp_path / "a")
+    _synthetic_run(tmp_path / "b")
     _assert_same_files(tmp_path / "a", tmp_path / "b", "shards-000003.tar")
 
 
@@ -1241,27 +1247,10 @@ def test_a_journal_glued_by_an_older_version_is_cut_back_to_its_whole_entries(tm
     cut-line fix included (it looked at the last line only). The journal is now cut back to its whole entries."""
     import shard_tools.pipeline as pl
 
-    real, appends = pl._append_line, []
-
-    def append(path, obj):
-        appends.append(obj["shard"])
-        if len(appends) == 2:
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(obj, sort_keys=True)[:100])
-            raise OSError(28, "No space left on device")
-        real(path, obj)
-
-    def run(out):
-        cli_main(["synthetic", "--n", "30", "--shard-size", "8", "--workers", "0", "--no-progress", "--out", str(out)])
-
-    monkeypatch.setattr(pl, "_append_line", append)
-    with pytest.raises(SystemExit, match="No space left on device"):
-        run(tmp_path / "a")
-    monkeypatch.setattr(pl, "_append_line", real)
-    journal = tmp_path / "a" / pl.WORK_DIR / "journal.jsonl"
+    journal = _run_cut_in_the_second_journal_entry(tmp_path / "a", monkeypatch)
     with open(journal, "a", encoding="utf-8") as f:  # what the older version's rerun appended after the cut line
         f.write(json.dumps({"end": 16, "shard": 1}) + "\n")
     assert len(pl.read_journal(journal)) == 1 and journal.read_text().endswith("\n")
-    run(tmp_path / "a")
-    run(tmp_path / "b")
+    _synthetic_run(tmp_path / "a")
+    _synthetic_run(tmp_path / "b")
     _assert_same_files(tmp_path / "a", tmp_path / "b", "shards-000003.tar")
