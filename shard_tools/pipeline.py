@@ -474,7 +474,10 @@ def _not_ours(path: Path) -> str | None:
         return "is not a regular file"
     if path.name == "manifest.jsonl":
         with open(path, "rb") as f:
-            first = f.readline()
+            # capped as the JSON files are: a first line of gigabytes (no newline) was read whole
+            first = f.readline(JSON_MAX_BYTES + 1)
+        if len(first) > JSON_MAX_BYTES:
+            return f"is not a make-shards manifest (its first line is over {JSON_MAX_BYTES} bytes)"
         if not first.strip():
             return None  # empty: nothing in it to lose
         try:

@@ -406,7 +406,7 @@ def _foreign(path: Path) -> bool:
     try:
         if path.name == "manifest.jsonl":
             with open(path, "rb") as f:
-                first = f.readline()
+                first = f.readline(JSON_MAX_BYTES)  # capped: a first line of gigabytes was read whole
             if not first.strip():
                 return False  # an empty manifest: nothing to tell
             return not is_manifest_line(json.loads(first))

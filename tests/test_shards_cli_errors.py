@@ -1409,3 +1409,28 @@ def test_a_huge_stats_json_in_out_is_refused_without_being_read_whole(tmp_path, 
     err = str(e.value)
     assert err.startswith(f"make-shards: error: {out / 'stats.json'} cannot be read (") and "more than the 1000" in err
     assert sorted(p.name for p in out.iterdir()) == ["stats.json"]  # nothing written
+
+
+def test_a_huge_manifest_jsonl_first_line_is_not_read_whole(tmp_path, monkeypatch):
+    """make-shards (and verify-shards, in a folder without stats.json) read manifest.jsonl's first line to tell
+    make-shards' own from another's: a file of gigabytes without a newline was read whole (300 MB: +465 MB peak RSS
+    in make-shards, +600 MB in verify-shards), the very cost JSON_MAX_BYTES bounds for stats.json. The line is read
+    up to the cap (lowered here); a longer one is not make-shards'."""
+    import tracemalloc
+
+    from shard_tools import pipeline, verify
+
+    monkeypatch.setattr(pipeline, "JSON_MAX_BYTES", 1000)
+    monkeypatch.setattr(verify, "JSON_MAX_BYTES", 1000)
+    path = tmp_path / "manifest.jsonl"
+    path.write_bytes(b" " * 4_000_000 + b'{"source": "a.wav", "skipped": "silent"}\n')
+    tracemalloc.start()
+    try:
+        why = pipeline._not_ours(path)
+        foreign = verify._foreign(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, peak
+    assert why == "is not a make-shards manifest (its first line is over 1000 bytes)"
+    assert foreign is False  # unreadable as JSON: not called another's (as before for invalid JSON)
