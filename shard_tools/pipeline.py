@@ -354,7 +354,7 @@ def read_journal(path: Path) -> list[dict]:
 def iter_journal(path: Path) -> Iterator[dict]:
     """`read_journal`'s entries one at a time: parsed, each input's manifest line takes ~470 bytes (~1 GB for
     AudioSet's 2 million files), so a pass that needs each entry once does not hold them all."""
-    if not path.exists():
+    if not path.is_file():  # a FIFO there blocked the open for good; _open_plan refuses what is not a file
         return
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -599,6 +599,9 @@ def _open_plan(out: Path, cfg: MakeConfig, phash: str, accepted: set[str], shash
     if journal.is_symlink():  # appended to in place: the run's entries went into the link's target
         raise ValueError(f"{journal} is a symbolic link, which make-shards never writes through: delete the link (not "
                          "its target), pass --overwrite, or choose another --out")
+    if journal.exists() and not journal.is_file():  # a FIFO: reading or appending to it would wait for ever
+        raise ValueError(f"{journal} is not a regular file, which make-shards keeps its journal in: delete it, pass "
+                         "--overwrite, or choose another --out")
     if journal.exists() and not plan_path.exists():
         # make-shards writes plan.json before any journal entry: this journal is no run's it could finish (read as
         # its own, its entries were kept and the run ended in "internal error: accounted 0 of N inputs")

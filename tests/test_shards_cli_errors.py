@@ -1434,3 +1434,20 @@ def test_a_huge_manifest_jsonl_first_line_is_not_read_whole(tmp_path, monkeypatc
     assert peak < 1_000_000, peak
     assert why == "is not a make-shards manifest (its first line is over 1000 bytes)"
     assert foreign is False  # unreadable as JSON: not called another's (as before for invalid JSON)
+
+
+def test_a_fifo_in_place_of_the_journal_is_refused_not_waited_on(tmp_path):
+    """A FIFO at --out/.make-shards/journal.jsonl (beside a plan.json) made make-shards wait for ever: the journal
+    was opened for reading after an exists() check only. Now it is one line; --overwrite clears it and runs."""
+    out = tmp_path / "o"
+    (out / ".make-shards").mkdir(parents=True)
+    os.mkfifo(out / ".make-shards" / "journal.jsonl")
+    (out / ".make-shards" / "plan.json").write_text('{"plan_hash": "x"}\n')
+    cmd = [sys.executable, "-m", "shard_tools", "synthetic", "--n", "4", "--out", str(out), "--no-progress",
+           "--workers", "0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"make-shards: error: {out}/.make-shards/journal.jsonl is not a regular file, which make-shards keeps its "
+        "journal in: delete it, pass --overwrite, or choose another --out"), r.stderr
+    r = subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and (out / "stats.json").is_file(), r.stderr
