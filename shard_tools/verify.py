@@ -3,9 +3,10 @@
 Checks: sizes.json lists exactly the shard files; each shard's sha256 matches stats.json (catches any flipped
 byte); each tar reads to the end; each sample has exactly one .npy and one .json; the npy is float16 (n_mels, T)
 with finite values and T equal to the json's n_frames; the json has the contract's fields and its key; keys are
-unique in the set; label indices agree with stats.json's classes; counts, frames agree with stats.json, and so do its
-mean, std and shortest clip, recomputed from the shards (the hashes, kept in stats.json, do not cover it); a
-shard's index file (`<shard>.tar.idx`, where there is one) describes exactly its members.
+unique in the set; label indices agree with stats.json's classes and point at the labels in its class_ids; counts,
+frames agree with stats.json, and so do its mean, std and shortest clip, recomputed from the shards (the hashes,
+kept in stats.json, do not cover it); a shard's index file (`<shard>.tar.idx`, where there is one) describes
+exactly its members.
 Prints counts, hours and a label histogram; exit status 1 on any problem.
 """
 
@@ -113,16 +114,17 @@ def _load_json(path: Path, report: Report):
     return _UNREADABLE
 
 
-def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: int | None, where: str
-                  ) -> tuple[list[str], np.ndarray | None]:
+def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: int | None, where: str,
+                  class_ids: list[str] | None = None) -> tuple[list[str], np.ndarray | None]:
     """(the sample's problems, its log-mel array when it has none)."""
-    errs = _sample_problems(key, members, n_mels, n_classes, where)
+    errs = _sample_problems(key, members, n_mels, n_classes, where, class_ids)
     return (errs, None) if isinstance(errs, list) else ([], errs)
 
 
-def _sample_problems(key: str, members: dict[str, bytes], n_mels: int, n_classes: int | None, where: str
-                     ) -> list[str] | np.ndarray:
-    """The sample's problems, or its log-mel array when it has none."""
+def _sample_problems(key: str, members: dict[str, bytes], n_mels: int, n_classes: int | None, where: str,
+                     class_ids: list[str] | None = None) -> list[str] | np.ndarray:
+    """The sample's problems, or its log-mel array when it has none. `class_ids`: stats.json's, the label each class
+    index stands for in the samples' "labels"."""
     errs = []
     if set(members) != {"npy", "json"}:
         return [f"{where}: sample {key!r} has members {sorted(members)}, expected ['json', 'npy']"]
@@ -165,6 +167,11 @@ def _sample_problems(key: str, members: dict[str, bytes], n_mels: int, n_classes
         errs.append(f"{where}: sample {key!r}: labels and label_indices disagree")
     elif n_classes is not None and any(i < 0 or i >= n_classes for i in idx):
         errs.append(f"{where}: sample {key!r}: label index out of range 0..{n_classes - 1}")
+    elif class_ids is not None and any(not 0 <= i < len(class_ids) or class_ids[i] != lab
+                                       for i, lab in zip(idx, meta["labels"])):
+        # the hashes cover the samples, not stats.json: a reordered or edited class list mislabelled every index
+        errs.append(f"{where}: sample {key!r}: its labels {brief(meta['labels'])} are not stats.json's class_ids at "
+                    f"its label_indices {brief(idx)}")
     return errs or arr
 
 
@@ -237,7 +244,7 @@ def _stats_differ(stats: dict, report: Report, n_mels: int) -> list[str]:
 
 
 def _read_shard(path: Path, report: Report, keys: list[str], n_mels: int, classes: list[str] | None,
-                hasher: list | None = None) -> int:
+                hasher: list | None = None, class_ids: list[str] | None = None) -> int:
     """Check every sample of one shard; returns the number of samples read. Its distinct keys are appended to
     `keys` in tar order (a key repeated inside the shard is reported here; across shards, by the caller). With
     `hasher` (a list), the shard's sha256 computed on the way is appended to it (None: the read was not one
@@ -256,7 +263,7 @@ def _read_shard(path: Path, report: Report, keys: list[str], n_mels: int, classe
         else:
             seen.add(current)
             keys.append(current)
-        errs, arr = _check_sample(current, members, n_mels, len(classes) if classes else None, path.name)
+        errs, arr = _check_sample(current, members, n_mels, len(classes) if classes else None, path.name, class_ids)
         report.problems.extend(errs)
         if not errs:
             meta = json.loads(members["json"])
@@ -348,6 +355,8 @@ _STATS_FIELDS = {
                  and v.get("n_mels", 1) >= 1),
     "classes": ("a list of strings or null", lambda v: v is None or (isinstance(v, list)
                                                                     and all(isinstance(c, str) for c in v))),
+    "class_ids": ("a list of strings or null", lambda v: v is None or (isinstance(v, list)
+                                                                      and all(isinstance(c, str) for c in v))),
     # its names are joined onto the set's folder (make-shards indexes the shards of a complete set): '../x.tar' or
     # '/abs/x.tar' made make-shards write x.tar.idx outside --out, and verify-shards said OK
     "shard_sha256": ("a JSON object {<name>-NNNNNN.tar: hex digest}", lambda v: isinstance(v, dict)
@@ -480,14 +489,14 @@ def _other_tars(out: Path, sizes: dict, report: Report) -> None:
 
 def _check_shard(job) -> tuple[str, Report, list[str]]:
     """One shard's checks (a worker's job): (name, its partial Report, its keys in tar order)."""
-    out, name, digest, listed, n_mels, classes = job
+    out, name, digest, listed, n_mels, classes, class_ids = job
     part, keys = Report(), []
     path = out / name
     if not path.is_file():
         part.problems.append(f"{name} is listed in sizes.json but missing")
         return name, part, keys
     hashed: list = []
-    part.n_samples = _read_shard(path, part, keys, n_mels, classes, hashed if digest else None)
+    part.n_samples = _read_shard(path, part, keys, n_mels, classes, hashed if digest else None, class_ids)
     if digest == "":
         part.problems.insert(0, f"{name} has no sha256 in stats.json: its content cannot be checked")
     elif digest is not None and ((hashed[0] if hashed and hashed[0] else sha256_file(path)) != digest):
@@ -563,7 +572,11 @@ def verify(out_dir: str | Path, check_hashes: bool = True, progress: bool = True
 
     # _check_shard's jobs; a shard's expected sha256 is None for no check, "" when stats.json has none for it
     check = check_hashes and "shard_sha256" in stats
-    jobs = [(out, name, hashes.get(name, "") if check else None, sizes[name], n_mels, classes)
+    class_ids = stats.get("class_ids")
+    if isinstance(classes, list) and isinstance(class_ids, list) and len(class_ids) != len(classes):
+        report.problems.append(f"stats.json lists {len(classes)} classes but {len(class_ids)} class_ids")
+        class_ids = None
+    jobs = [(out, name, hashes.get(name, "") if check else None, sizes[name], n_mels, classes, class_ids)
             for name in sorted(sizes)]
     seen: set[str] = set()
     with _shard_checks(jobs, workers) as results:

@@ -307,6 +307,26 @@ def test_verify_recomputes_the_figures_stats_json_gives(synth_set, tmp_path, fie
     assert len(problems) == 1 and problems[0].startswith(said.format(new=new, old=old)), problems
 
 
+def test_verify_checks_that_label_indices_point_at_the_labels_in_class_ids(synth_set, tmp_path):
+    """The hashes cover the samples, not stats.json: class_ids reordered (every index then names another class for a
+    user of the loader's label indices) said OK. Each sample's labels must be class_ids at its label_indices."""
+    import shutil
+
+    from shard_tools.verify import verify
+
+    out = tmp_path / "set"
+    shutil.copytree(synth_set[0], out)
+    stats = json.loads((out / "stats.json").read_text())
+    stats["class_ids"] = stats["class_ids"][1:] + stats["class_ids"][:1]
+    (out / "stats.json").write_text(json.dumps(stats))
+    problems = verify(out, progress=False).problems
+    assert len(problems) == 24 and all("are not stats.json's class_ids at its label_indices" in p for p in problems)
+    stats["class_ids"] = stats["class_ids"][:-1]
+    (out / "stats.json").write_text(json.dumps(stats))
+    problems = verify(out, progress=False).problems
+    assert problems == [f"stats.json lists {len(stats['classes'])} classes but {len(stats['class_ids'])} class_ids"]
+
+
 def test_verify_does_not_check_hours_which_older_sets_counted_otherwise(synth_set, tmp_path):
     """make-shards before 8e82ff4 wrote hours as the length of the waves it made the log-mels from (m2d: zero-padded
     to 6.1 s, 0.051 hours for 30 FSDD digits of 0.0034): not what the shards hold, so recomputing it called intact
@@ -427,7 +447,7 @@ def test_verify_leaves_no_worker_behind_when_stopped_early(synth_set, monkeypatc
     from shard_tools import verify as v
 
     out = synth_set[0]
-    jobs = [(out, f"shards-{i:06d}.tar", None, 10**6, 80, None) for i in range(3)]
+    jobs = [(out, f"shards-{i:06d}.tar", None, 10**6, 80, None, None) for i in range(3)]
     with pytest.raises(RuntimeError, match="stop"):
         with v._shard_checks(jobs, 2) as results:
             assert next(results)[0] == "shards-000000.tar" and len(mp.active_children()) == 2
