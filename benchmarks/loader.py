@@ -127,6 +127,10 @@ def keep_problem(keep: Path) -> str | None:
     made before settings were recorded: its contents are unknown, so it is neither reused nor overwritten."""
     if keep.exists() and not keep.is_dir():
         return f"--keep {keep} is a file; give a folder"
+    # A file above it: the folder cannot be made (was a NotADirectoryError traceback once the run began)
+    blocker = next((q for q in (keep, *keep.parents) if q.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        return f"--keep {keep}: {blocker} is a file, not a folder; give a folder"
     if (keep / SETTINGS).exists():
         try:
             recorded = json.loads((keep / SETTINGS).read_text())

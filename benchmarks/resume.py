@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common  # noqa: E402
 from _common import commit  # noqa: E402
-from loader import make_data  # noqa: E402
+from loader import keep_problem, make_data  # noqa: E402
 
 from matpac_fast.data import DataConfig, ShardSource, make_loader  # noqa: E402
 
@@ -63,6 +63,11 @@ def parse_args(argv=None):
         p.error(f"--crop {args.crop} is longer than the clips (--frames {args.frames})")
     if args.cold and not _common.can_drop_caches():
         p.error("--cold empties the page cache through /proc/sys/vm/drop_caches, which needs root: run with sudo")
+    # loader.py's checks: unchecked, a folder with another program's settings.json had that file overwritten and
+    # its shards/ and npy/ deleted
+    problem = keep_problem(args.keep) if args.keep is not None else None
+    if problem:
+        p.error(problem)
     return args
 
 

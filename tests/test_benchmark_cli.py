@@ -304,3 +304,23 @@ def test_resume_times_both_ways_to_the_same_batch(tmp_path, capsys):
     assert "resume at batch 11 of 12" in out
     result = out.strip().splitlines()[-1]
     assert result.startswith("RESULT resume batch=11/12 cache=warm read_and_drop_s=") and "speedup=" in result
+
+
+def test_resume_keep_folder_gets_loaders_checks(tmp_path, capsys):
+    """resume.py --keep shares loader.py's data folder and its checks: a folder with another program's
+    settings.json was rewritten (its settings.json replaced, its shards/ deleted) without a word."""
+    folder = tmp_path / "project"
+    (folder / "shards").mkdir(parents=True)
+    (folder / "settings.json").write_text('{"name": "my project"}\n')
+    (folder / "shards" / "mine.txt").write_text("precious")
+    assert "was not written by this script" in _one_line_error(resume.parse_args, ["--keep", str(folder)], capsys)
+    assert (folder / "shards" / "mine.txt").read_text() == "precious"
+    assert json.loads((folder / "settings.json").read_text()) == {"name": "my project"}
+
+
+@pytest.mark.parametrize("module", [loader, resume], ids=["loader", "resume"])
+def test_keep_folder_under_a_file_is_a_one_line_error(module, tmp_path, capsys):
+    """A --keep path below a file was a NotADirectoryError traceback after the arguments were accepted."""
+    (tmp_path / "f").write_text("x")
+    message = _one_line_error(module.parse_args, ["--keep", str(tmp_path / "f" / "data")], capsys)
+    assert f"{tmp_path / 'f'} is a file, not a folder" in message
