@@ -8,8 +8,9 @@ sizes/stats/manifest and sha256 hashes, in one pass.
 CPU check in seconds: `python benchmarks/make_shards.py --n 8 --seconds 7 --workers 1 --repeats 1`. Clips shorter
 than make-shards' 608-frame minimum (~6.1 s) are refused up front unless `--short pad`.
 
-Both run in `--workers` spawned processes with one torch thread each, on a warm page cache, and include process
-start-up. Last line: RESULT make_shards clips_per_s=... per_file_clips_per_s=... ratio=... clips_per_s_per_core=...
+Both run in `--workers` spawned processes with one torch thread each (`--workers 1`: both in this process, as
+make-shards runs a single worker), on a warm page cache, and include process start-up.
+Last line: RESULT make_shards clips_per_s=... per_file_clips_per_s=... ratio=... clips_per_s_per_core=...
 """
 
 from __future__ import annotations
@@ -85,8 +86,18 @@ def per_file_approach(paths: list[Path], out: Path, workers: int, frontend: str)
         dst = out / p.parent.name / (p.stem + ".npy")
         dst.parent.mkdir(parents=True, exist_ok=True)
         jobs.append((str(p), str(dst)))
-    with mp.get_context("spawn").Pool(workers, _init_per_file, (frontend,)) as pool:
-        written = list(pool.imap(_per_file_one, jobs, chunksize=2))
+    if workers <= 1:  # as make-shards runs one worker (pipeline.ordered_results): in this process, not spawned
+        import torch
+
+        threads = torch.get_num_threads()
+        _init_per_file(frontend)
+        try:
+            written = [_per_file_one(job) for job in jobs]
+        finally:
+            torch.set_num_threads(threads)
+    else:
+        with mp.get_context("spawn").Pool(workers, _init_per_file, (frontend,)) as pool:
+            written = list(pool.imap(_per_file_one, jobs, chunksize=2))
     # manifest pass: re-open every file to learn its length
     rows = []
     for f in written:
@@ -134,6 +145,17 @@ def dir_bytes(d: Path) -> tuple[int, int]:
     return sum(p.stat().st_size for p in files), len(files)
 
 
+def warm_up(clip: Path, folder: Path, args) -> None:
+    """Both approaches once, untimed, on one clip (a copy in its own corpus folder), then the folder removed."""
+    corpus = folder / "corpus" / clip.parent.name
+    corpus.mkdir(parents=True)
+    shutil.copy(clip, corpus / clip.name)
+    (folder / "per_file").mkdir()
+    per_file_approach([corpus / clip.name], folder / "per_file", 1, args.frontend)
+    make_shards_approach(folder / "corpus", folder / "make_shards", 1, args.frontend, args.short)
+    shutil.rmtree(folder)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=400, help="clips in the generated corpus (default: %(default)s)")
@@ -172,6 +194,8 @@ def main(argv=None) -> None:
         paths = make_corpus(corpus, args.n, args.seconds, args.sr)
         for path in paths:  # warm the page cache so that neither approach pays the first read
             path.read_bytes()
+        if args.workers == 1:  # both in this process: first calls (imports, filter banks: ~0.7 s) would be timed
+            warm_up(paths[0], work / "warm-up", args)  # in whichever approach ran first; untimed here for both
         times = {"per_file": [], "make_shards": []}
         cpu = {"per_file": [], "make_shards": []}
         sizes = {}

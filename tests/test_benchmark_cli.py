@@ -196,6 +196,30 @@ def test_make_shards_clip_length_is_checked_up_front(tmp_path, capsys):
     assert make_shards.parse_args(["--seconds", "6.1"]).seconds == 6.1  # 608 frames: the minimum
 
 
+def test_make_shards_one_worker_runs_both_approaches_alike(tmp_path, monkeypatch, capsys):
+    """--workers 1: make-shards runs its one worker in this process, so the per-file approach must too (it spawned a
+    pool, whose start-up, ~1.3 s of imports, made the ratio 25.9 instead of 1.4 at --n 8 --repeats 2); and both are
+    run once untimed first (in one process, the first calls fell on whichever approach ran first)."""
+    def no_spawn(*a, **k):
+        raise AssertionError("--workers 1 spawned a process")
+
+    monkeypatch.setattr(make_shards.mp, "get_context", no_spawn)
+    calls = []
+    for name in ("per_file_approach", "make_shards_approach"):
+        real = getattr(make_shards, name)
+
+        def record(*a, real=real, name=name):
+            calls.append((name, Path(a[1]).name))
+            return real(*a)
+
+        monkeypatch.setattr(make_shards, name, record)
+    make_shards.main(["--n", "2", "--seconds", "6.5", "--workers", "1", "--repeats", "1", "--work", str(tmp_path)])
+    assert calls == [("per_file_approach", "per_file"), ("make_shards_approach", "make_shards"),  # the warm-up
+                     ("per_file_approach", "per_file_0"), ("make_shards_approach", "make_shards_0")]
+    assert "RESULT make_shards" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
+
+
 # ------------------------------------------------------------------------------------------------ shard_index.py
 def test_shard_index_bad_arguments_and_a_tiny_run(tmp_path, capsys, monkeypatch):
     for argv, message in ((["--clips", "0"], "--clips must be >= 1"), (["--per-shard", "0"], "--per-shard must be"),
