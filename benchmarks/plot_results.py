@@ -22,6 +22,7 @@ import csv
 import math
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -168,9 +169,26 @@ def plot(rows: list[dict], out: Path, title: str | None = None) -> Path:
     fig.suptitle(title or "MATPAC training throughput (bar labels: samples/s, MFU)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    # Into a temporary file beside it, then renamed over it: a save cut short (Ctrl-C, the suite's timeout) left a
+    # truncated PNG in place of the chart that was there.
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=110, format="png")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the chart private
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def main(argv=None) -> int:

@@ -742,6 +742,32 @@ def test_plot_writes_a_png_per_device(tmp_path):
         plot_results.read_rows([bad])
 
 
+def test_plot_cut_short_keeps_the_chart_that_was_there(tmp_path, monkeypatch):
+    """The PNG goes to a temporary file renamed over the old one: a save cut short (Ctrl-C, the suite's 20 s cap)
+    wrote a truncated PNG over the previous chart."""
+    rows = [{"device": "GPU A", "preset": "matpac", "world": "1", "mode": "eager", "batch": 64, "samples_per_s": 10.0,
+             "mfu": None, "bar": "eager"}]
+    out = plot_results.plot(rows, tmp_path / "c.png")
+    before = out.read_bytes()
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # as a plain open() would have made it
+
+    def cut_short(self, fname, **kwargs):
+        (open(fname, "wb") if isinstance(fname, str | Path) else fname).write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plot_results.plt.Figure, "savefig", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        plot_results.plot(rows, out)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png"]  # no temporary file left
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_plot_draws_the_most_recent_row_whatever_the_file_order(tmp_path):
     # A shell glob sorts files by name: the later file on the command line used to win even when it was older.
     paths = {}
