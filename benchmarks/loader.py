@@ -6,10 +6,11 @@ The question: does the shard loader feed a GPU (~5,400 samples/s per H100 at 50%
 how much does it beat the authors' design (one float32 .npy per clip, np.load + crop in a map-style Dataset)?
 
 Both loaders run with the same batch size, crop, worker count and a DataLoader; every path gets one untimed
-warm-up pass (page cache, imports, first-touch) and then `--passes` timed passes. samples/s is the steady rate, from
-the first batch of a pass to its last; the time to the first batch (worker start-up, index building) is reported
-apart as "start-up s" — per epoch, negligible at AudioSet scale, not on this small set. Clips are 80 x --frames;
-content is random (it does not change the I/O or the copy cost).
+warm-up pass (page cache, imports, first-touch) and then `--passes` timed passes, the paths taking turns (one
+pass of each, --passes times), so that a change in the machine's load falls on all of them. samples/s is the steady
+rate, from the first batch of a pass to its last; the time to the first batch (worker start-up, index building) is
+reported apart as "start-up s" — per epoch, negligible at AudioSet scale, not on this small set. Clips are 80 x
+--frames; content is random (it does not change the I/O or the copy cost).
 
     python benchmarks/loader.py                 # ~1-2 min on 2 cores; last line: RESULT loader ...
     python benchmarks/loader.py --clips 4000 --passes 1 --keep /tmp/loader-bench
@@ -255,20 +256,38 @@ class NothingTimed(RuntimeError):
 
 
 def measure(name: str, make, passes: int, read_bytes: int, out_bytes: int, cold: bool = False) -> dict:
-    time_pass(make, f"{name} warm-up")
-    n = secs = start = whole = cpu = 0.0
+    """One path's row (measure_paths for that path alone); NothingTimed when its passes timed nothing."""
+    rows, failed = measure_paths({name: (make, read_bytes, out_bytes)}, passes, cold)
+    if failed:
+        raise NothingTimed(failed[0])
+    return rows[0]
+
+
+def measure_paths(runs: dict, passes: int, cold: bool = False) -> tuple[list[dict], list[str]]:
+    """Rows of the paths in `runs` (name: (make, read bytes, out bytes) a sample), and the messages of those that
+    timed nothing. Every path's untimed warm-up pass first, then `passes` rounds of one timed pass of each path in
+    turn: timed one path after another, a busy spell of the machine (other jobs, a page-cache flush) fell on one
+    path's passes only and moved its ratio to the others."""
+    for name, (make, _, _) in runs.items():
+        time_pass(make, f"{name} warm-up")
+    sums = {name: [0.0] * 5 for name in runs}  # samples, seconds, start-up, whole-pass seconds, CPU seconds
     for _ in range(passes):
-        if cold:
-            _common.drop_caches()
-        k, s, st, w, c = time_pass(make, name)
-        n, secs, start, whole, cpu = n + k, secs + s, start + st, whole + w, cpu + c
-    if n == 0:  # the shards' split over workers left a pass with at most one batch: nothing was timed
-        raise NothingTimed(f"{name}: a pass delivered at most one batch, so nothing was timed; raise --clips or "
-                           "lower --batch / --per-shard")
-    rate = n / secs
-    return {"path": name, "samples": int(n), "seconds": round(secs, 3), "samples_per_s": round(rate, 1),
-            "read_MB_s": round(rate * read_bytes / 1e6, 1), "out_MB_s": round(rate * out_bytes / 1e6, 1),
-            "startup_s": round(start / passes, 2), "samples_per_cpu_s": round(n / max(cpu, 1e-9), 1)}
+        for name, (make, _, _) in runs.items():
+            if cold:
+                _common.drop_caches()
+            sums[name] = [a + b for a, b in zip(sums[name], time_pass(make, name))]
+    rows, failed = [], []
+    for name, (_, read_bytes, out_bytes) in runs.items():
+        n, secs, start, _, cpu = sums[name]
+        if n == 0:  # the shards' split over workers left a pass with at most one batch: nothing was timed
+            failed.append(f"{name}: a pass delivered at most one batch, so nothing was timed; raise --clips or lower "
+                          "--batch / --per-shard")
+            continue
+        rate = n / secs
+        rows.append({"path": name, "samples": int(n), "seconds": round(secs, 3), "samples_per_s": round(rate, 1),
+                     "read_MB_s": round(rate * read_bytes / 1e6, 1), "out_MB_s": round(rate * out_bytes / 1e6, 1),
+                     "startup_s": round(start / passes, 2), "samples_per_cpu_s": round(n / max(cpu, 1e-9), 1)})
+    return rows, failed
 
 
 def main(argv=None):
@@ -298,13 +317,10 @@ def main(argv=None):
             "synthetic": (lambda: make_loader(cfg, epoch=next(epoch), source=SyntheticSource(
                 n_clips=args.clips, n_frames=args.frames)), 0, crop16),
         }
-        rows, failed = [], []
-        for p in paths:  # a path that times nothing is reported; the other paths' rows are kept
-            try:
-                rows.append(measure(p, *runs[p][:1], args.passes, *runs[p][1:], cold=args.cold))
-            except NothingTimed as e:
-                failed.append(str(e))
-                print(f"error: {e}", file=sys.stderr)
+        # a path that times nothing is reported; the other paths' rows are kept
+        rows, failed = measure_paths({p: runs[p] for p in paths}, args.passes, cold=args.cold)
+        for message in failed:
+            print(f"error: {message}", file=sys.stderr)
     finally:
         if args.keep is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -132,25 +132,35 @@ def test_loader_pass_with_one_batch_is_an_error_not_zero_samples_per_s(monkeypat
     assert loader.measure("indexed", lambda: iter([one_batch] * 3), 2, 1, 1, cold=True)["samples"] == 32
     assert dropped == [1, 1]
     # in a run: that path is an error (exit status 1), the other paths' rows are still written
-    real = loader.measure
+    real = loader.time_pass
 
-    def measure(name, *args, **kwargs):
-        if name == "indexed":
-            raise loader.NothingTimed("indexed: planted")
-        return real(name, *args, **kwargs)
+    def time_pass(make, label):  # indexed's timed passes deliver one batch: nothing timed
+        return (0, 0.0, 0.1, 0.1, 0.1) if label == "indexed" else real(make, label)
 
-    monkeypatch.setattr(loader, "measure", measure)
+    monkeypatch.setattr(loader, "time_pass", time_pass)
     path = tmp_path / "l.csv"
-    with pytest.raises(SystemExit, match="nothing was timed for indexed: planted"):
+    with pytest.raises(SystemExit, match="nothing was timed for indexed: a pass delivered at most one batch"):
         loader.main(["--clips", "16", "--frames", "640", "--per-shard", "16", "--batch", "8", "--workers", "0",
                      "--passes", "1", "--paths", "indexed,synthetic", "--csv", str(path)])
     with open(path, newline="") as f:
         assert [r["path"] for r in csv.DictReader(f)] == ["synthetic"]
     assert "RESULT loader samples_per_s=nan" in capsys.readouterr().out  # a path timed: its RESULT, nan for the rest
-    with pytest.raises(SystemExit, match="nothing was timed for indexed: planted"):
+    with pytest.raises(SystemExit, match="nothing was timed for indexed: a pass delivered at most one batch"):
         loader.main(["--clips", "16", "--frames", "640", "--per-shard", "16", "--batch", "8", "--workers", "0",
                      "--passes", "1", "--paths", "indexed"])
     assert "RESULT" not in capsys.readouterr().out  # nothing timed: no RESULT line of nan figures
+
+
+def test_loader_paths_take_turns(tmp_path, monkeypatch, capsys):
+    """Each path's warm-up, then one timed pass of each path per round: the paths were timed one after another (all
+    of indexed's passes, then all of npy's), so a busy spell of the machine could fall on one side of the ratio."""
+    order, real = [], loader.time_pass
+    monkeypatch.setattr(loader, "time_pass", lambda make, label: (order.append(label), real(make, label))[1])
+    loader.main(["--clips", "16", "--frames", "640", "--per-shard", "8", "--batch", "4", "--workers", "0",
+                 "--passes", "2", "--paths", "indexed,npy"])
+    assert order == ["indexed warm-up", "npy warm-up", "indexed", "npy", "indexed", "npy"]
+    result = capsys.readouterr().out.strip().splitlines()[-1]
+    assert result.startswith("RESULT loader samples_per_s=") and "ratio=" in result and "nan" not in result
 
 
 def test_loader_keep_regenerates_when_settings_differ(tmp_path, capsys):
