@@ -60,18 +60,22 @@ def _weights(preset: str, device: str):
     return teacher, student, [torch.zeros_like(t) for t in teacher]
 
 
-def _time_ms(fn, repeats: int, device: str) -> list[float]:
-    """Milliseconds of each of `repeats` calls, after one untimed call; synchronised around each on a GPU."""
-    fn()
-    out = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+def _time_ms(fns: dict, repeats: int, device: str) -> dict[str, list[float]]:
+    """Milliseconds of each of `repeats` calls of each function, after one untimed call of each; the functions take
+    turns (one call of each per round), so that a change in the machine's load falls on all of them (timed one after
+    another, a busy spell could fall on one variant only); synchronised around each call on a GPU."""
+    for fn in fns.values():
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out.append((time.perf_counter() - t0) * 1e3)
+    out = {label: [] for label in fns}
+    for _ in range(repeats):
+        for label, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            out[label].append((time.perf_counter() - t0) * 1e3)
     return out
 
 
@@ -98,10 +102,11 @@ def main(argv=None) -> int:
     print(f"first compiled call (compiles): {compile_s:.1f} s; largest difference from eager: {worst:.3g}")
 
     rows = {}
-    for label, fn in (("plain", lambda: ema_update(teacher, student, decay)),
-                      ("eager", lambda: ema_update(teacher, student, decay, residual)),
-                      ("compiled", lambda: ema_update(teacher, student, decay, residual, compiled=True))):
-        ms = _time_ms(fn, args.repeats, args.device)
+    times = _time_ms({"plain": lambda: ema_update(teacher, student, decay),
+                      "eager": lambda: ema_update(teacher, student, decay, residual),
+                      "compiled": lambda: ema_update(teacher, student, decay, residual, compiled=True)},
+                     args.repeats, args.device)
+    for label, ms in times.items():
         rows[label] = statistics.median(ms)
         gbs = n * 4 * (3 if label == "plain" else 5) / (rows[label] / 1e3) / 1e9  # the bytes a fused update moves
         print(f"{label:>9}: median {rows[label]:8.3f} ms  (min {min(ms):.3f}, max {max(ms):.3f}; "

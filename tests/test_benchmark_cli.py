@@ -358,3 +358,16 @@ def test_keep_folder_under_a_file_is_a_one_line_error(module, tmp_path, capsys):
     (tmp_path / "f").write_text("x")
     message = _one_line_error(module.parse_args, ["--keep", str(tmp_path / "f" / "data")], capsys)
     assert f"{tmp_path / 'f'} is a file, not a folder" in message
+
+
+# ------------------------------------------------------------------------------------------------ ema.py
+def test_ema_variants_take_turns():
+    """plain, eager and compiled were each timed in a block of --repeats calls, one block after another: a busy
+    spell of the machine fell on one variant (the README's loaded-machine figures moved 5x). Now: one untimed call
+    of each, then rounds of one timed call of each."""
+    ema = _load("ema")
+    order = []
+    times = ema._time_ms({name: (lambda name=name: order.append(name)) for name in ("plain", "eager", "compiled")},
+                         2, "cpu")
+    assert order == ["plain", "eager", "compiled"] * 3
+    assert {k: len(v) for k, v in times.items()} == {"plain": 2, "eager": 2, "compiled": 2}
