@@ -1,8 +1,10 @@
-"""Shared by the benchmark scripts: the commit their figures belong to, and checks of their output paths."""
+"""Shared by the benchmark scripts: the commit their figures belong to, checks of their output paths, and their
+process entry."""
 
 import csv
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -93,3 +95,20 @@ def drop_caches() -> None:
     os.sync()
     with open(DROP_CACHES, "w") as f:
         f.write("1\n")
+
+
+def command(main) -> None:
+    """A benchmark's process entry: the process ends with main()'s status; after a Ctrl-C, with one line instead of a
+    traceback, by SIGINT as the project's tools end (matpac_fast.interrupts.run_main: a script or loop running the
+    benchmark stops too). Whatever main cleans up in `finally` / `with` (temporary folders, worker processes) still is.
+    """
+    from matpac_fast.interrupts import INTERRUPTED, run_main
+
+    def guarded():
+        try:
+            return main()
+        except KeyboardInterrupt:
+            print(f"\n{Path(sys.argv[0]).name}: interrupted before its RESULT line", file=sys.stderr, flush=True)
+            return INTERRUPTED
+
+    run_main(guarded)

@@ -42,6 +42,9 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common
+
+import _common  # noqa: E402
 
 from matpac_fast.config import PRESETS, get_model_config  # noqa: E402
 from matpac_fast.vit import SDPA_BACKENDS, attention_math  # noqa: E402
@@ -171,4 +174,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.command(main)  # Ctrl-C: one line, no traceback

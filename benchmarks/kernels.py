@@ -44,6 +44,7 @@ from tqdm import tqdm  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
 
+import _common  # noqa: E402
 import matpac_kernels as mk  # noqa: E402
 from _common import commit, csv_output_problem  # noqa: E402
 
@@ -260,4 +261,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _common.command(main)  # Ctrl-C: one line, no traceback

@@ -357,4 +357,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    _common.command(main)  # Ctrl-C: one line, no traceback

@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
 
+import _common  # noqa: E402
 from _common import commit  # noqa: E402
 
 
@@ -245,4 +246,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _common.command(main)  # Ctrl-C: one line, no traceback

@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _common  # noqa: E402
 import train_throughput as tt  # noqa: E402
 
 # First match wins; names are CUDA kernel names as the profiler reports them.
@@ -209,4 +210,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _common.command(main)  # Ctrl-C: one line, no traceback

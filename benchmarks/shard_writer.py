@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, when imported
 
+import _common  # noqa: E402
 from _common import commit  # noqa: E402
 
 import shard_tools.pipeline as pipeline  # noqa: E402
@@ -102,4 +103,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    _common.command(main)  # Ctrl-C: one line, no traceback

@@ -371,3 +371,19 @@ def test_ema_variants_take_turns():
                          2, "cpu")
     assert order == ["plain", "eager", "compiled"] * 3
     assert {k: len(v) for k, v in times.items()} == {"plain": 2, "eager": 2, "compiled": 2}
+
+
+def test_a_benchmark_interrupted_by_ctrl_c_says_one_line_and_ends_by_sigint():
+    """Ctrl-C in loader.py, make_shards.py or resume.py printed a KeyboardInterrupt traceback (nothing was left behind).
+    Every benchmark but plot_results now ends through _common.command: one line, then SIGINT, as the tools end."""
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import _common\n"
+            "def main():\n    print('measuring', flush=True)\n    raise KeyboardInterrupt\n"
+            "sys.argv[0] = 'loader.py'; _common.command(main)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == -2 and r.stdout == "measuring\n", (r.returncode, r.stderr[-2000:])
+    assert r.stderr.strip() == "loader.py: interrupted before its RESULT line"
+    scripts = sorted(p.name for p in BENCH.glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
+    entries = {name: (BENCH / name).read_text().split('if __name__ == "__main__":')[1].split("\n")[1].strip()
+               for name in scripts}
+    assert {n for n, line in entries.items() if not line.startswith(("_common.command(main)", "run_main(main)"))} == {
+        "plot_results.py"}, entries
