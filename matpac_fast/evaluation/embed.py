@@ -497,7 +497,9 @@ def _cache_reason(e: Exception) -> str:
 
 
 def _write_cache(path: Path, **arrays) -> None:
-    """Atomic (a killed run never leaves a truncated entry); a failure costs the cache, never the run's results."""
+    """Atomic (a killed run never leaves a truncated entry); a failure costs the cache, never the run's results.
+    An interruption while writing removes the temporary file: left there, each Ctrl-C added one to the cache folder
+    for good (an entry's size: tens of MB for a ViT-B over a few thousand clips)."""
     tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npz")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -507,3 +509,6 @@ def _write_cache(path: Path, **arrays) -> None:
     except OSError as e:
         warn(f"could not write the embedding cache entry {path} ({e.strerror or e}); continuing without it")
         tmp.unlink(missing_ok=True)
+    except BaseException:  # Ctrl-C while writing: the half-written file (named by pid, never reused) went nowhere
+        tmp.unlink(missing_ok=True)
+        raise
