@@ -1039,6 +1039,10 @@ class Trainer:
                     },
                 )
                 ckpt.finalize(tmp, final)
+        except KeyboardInterrupt:  # a second Ctrl-C: quit at once, without the half-written folder (GBs for a
+            if acc.is_main_process:  # ViT-B, left until a resumed run's next checkpoint pruned it, or for good)
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         except Exception as e:  # a full disk: torch's, safetensors' or Python's error, by write_failure's reading
             why = ckpt.write_failure(e)
             if why is None:
