@@ -571,6 +571,19 @@ def test_ctrl_c_is_one_line_and_exit_130(tones, tmp_path):
     assert not (tmp_path / "o").exists()  # the --out it created is removed again (it is empty)
 
 
+def main_ends_by_ctrl_c(args: list[str]) -> None:
+    """matpac-eval's main(args), in which a Ctrl-C comes (planted by the caller): it must end with status 130, not
+    let the KeyboardInterrupt out (a traceback) nor go on."""
+    try:
+        cli.main(args)
+    except KeyboardInterrupt:  # not re-raised: it would stop the whole pytest session
+        pytest.fail("Ctrl-C escaped matpac-eval's main (a traceback, not one line and exit 130)")
+    except SystemExit as e:
+        assert e.code == 130, e.code
+    else:
+        pytest.fail("matpac-eval went on after Ctrl-C")
+
+
 def test_ctrl_c_after_embedding_says_the_cache_is_kept(tones, tmp_path, capsys, monkeypatch):
     args = ["--checkpoint", "logmel", "--data", str(tones), "--out", str(tmp_path / "o"), "--quiet", "--probe",
             "logreg", "--folds", "kfold:3", "--projection", "none", "--cache-dir", str(tmp_path / "cache")]  # fmt: skip
@@ -580,14 +593,7 @@ def test_ctrl_c_after_embedding_says_the_cache_is_kept(tones, tmp_path, capsys, 
 
     with monkeypatch.context() as m:
         m.setattr(cli, "run_probes", interrupt)
-        try:
-            cli.main(args)
-        except KeyboardInterrupt:  # not re-raised: it would stop the whole pytest session
-            pytest.fail("Ctrl-C escaped matpac-eval's main (a traceback, not one line and exit 130)")
-        except SystemExit as e:
-            assert e.code == 130, e.code
-        else:
-            pytest.fail("matpac-eval went on after Ctrl-C")
+        main_ends_by_ctrl_c(args)
     (entry,) = (tmp_path / "cache").glob("*.npz")
     err = capsys.readouterr().err.strip()
     assert err == (f"matpac-eval: interrupted; kept the embeddings, cached in {entry}: rerunning the same command "

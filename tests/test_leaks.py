@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-from matpac_fast.evaluation import cli
+from test_eval_regressions import main_ends_by_ctrl_c
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,14 +28,7 @@ def test_ctrl_c_while_the_embedding_cache_is_written_leaves_no_temporary_file(to
 
     with monkeypatch.context() as m:
         m.setattr(np, "savez", interrupted_savez)
-        try:
-            cli.main(args)
-        except KeyboardInterrupt:  # not re-raised: it would stop the whole pytest session
-            pytest.fail("Ctrl-C escaped matpac-eval's main")
-        except SystemExit as e:
-            assert e.code == 130, e.code
-        else:
-            pytest.fail("matpac-eval went on after Ctrl-C")
+        main_ends_by_ctrl_c(args)
     assert "nothing was kept" in capsys.readouterr().err
     assert sorted(p.name for p in cache.iterdir()) == []  # before: ['tones-logmel-<key>.<pid>.tmp.npz']
 
