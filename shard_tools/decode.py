@@ -73,7 +73,7 @@ MAX_CACHED_KERNEL = 16 * 2**20  # floats: 64 MiB
 _RESAMPLERS: dict[tuple[int, int], torch.nn.Module] = {}
 
 
-def _kaiser_resampler(orig_sr: int, new_sr: int):
+def kaiser_resampler(orig_sr: int, new_sr: int):
     """torchaudio's Resample module with the front end's Kaiser settings. Building the windowed-sinc kernel costs
     more than applying it (18 of 28 ms for 10 s at 44.1 kHz), and a corpus has only a few source rates, so the
     kernel is built once per rate (at most 32 rates, kernels up to MAX_CACHED_KERNEL floats). With dtype float32
@@ -107,7 +107,7 @@ def resample_np(mono: np.ndarray, sr: int, spec: FrontendSpec) -> np.ndarray:
             check_kaiser_rate(sr, spec.sample_rate)
         except ValueError as e:
             raise Skip("undecodable", str(e)) from None
-        return _kaiser_resampler(sr, spec.sample_rate)(x).numpy()
+        return kaiser_resampler(sr, spec.sample_rate)(x).numpy()
     return resample(x, sr, spec).numpy()
 
 

@@ -105,12 +105,13 @@ def test_large_resampling_kernels_are_not_all_kept(monkeypatch):
     # hundreds of MB (690 MB for 11,127 Hz; 1 GiB is allowed), and each one met stayed (RSS +690 MB per such rate,
     # measured: 1.2, 1.9, 2.6 GB after clips at 11127, 11131, 11133 Hz). Now only the last large one is kept.
     from matpac_fast.frontend import resample
+    from shard_tools import decode
 
-    monkeypatch.setattr(embed, "_RESAMPLERS", {})
-    monkeypatch.setattr(embed, "_BIG_RESAMPLER", {})
-    monkeypatch.setattr(embed, "SMALL_KERNEL", 2**20)  # 1001 / 1003 Hz kernels (17 M floats) count as large
+    monkeypatch.setattr(decode, "_RESAMPLERS", {})
+    monkeypatch.setattr(embed, "_LAST_LARGE", {})
+    monkeypatch.setattr(decode, "MAX_CACHED_KERNEL", 2**20)  # 1001 / 1003 Hz kernels (17 M floats) count as large
     x = torch.from_numpy(tone(300.0, 0.5, sr=1001))
     for sr in (1001, 1003, 22050):
         assert embed._kaiser(sr, 16000) is embed._kaiser(sr, 16000)  # kept while it is the last large one
-    assert list(embed._BIG_RESAMPLER) == [(1003, 16000)] and list(embed._RESAMPLERS) == [(22050, 16000)]
+    assert list(embed._LAST_LARGE) == [(1003, 16000)] and list(decode._RESAMPLERS) == [(22050, 16000)]
     torch.testing.assert_close(embed._kaiser(1001, 16000)(x), resample(x, 1001), rtol=0, atol=0)

@@ -73,32 +73,23 @@ def xdg_cache_home() -> str | None:
     return base if base and os.path.isabs(base) else None
 
 
-# Resamplers are kept per source rate (building the sinc kernel costs more than applying it to a short clip), but a
-# kernel over this many floats (a rate sharing few factors with 16 kHz: 690 MB for 11,127 Hz) is kept alone: an
-# lru_cache of 16 held each one met, gigabytes for a set with a few such rates (make-shards keeps none of them).
-SMALL_KERNEL = 16 * 2**20  # floats: 64 MiB, make-shards' MAX_CACHED_KERNEL
-_RESAMPLERS: dict[tuple[int, int], torch.nn.Module] = {}  # kernels up to SMALL_KERNEL, at most 32 rates
-_BIG_RESAMPLER: dict[tuple[int, int], torch.nn.Module] = {}  # the last larger one
+# The last resampler whose kernel is too large for make-shards' cache (a rate sharing few factors with 16 kHz: 690 MB
+# for 11,127 Hz): kept here alone, since an evaluation runs in one process and a dataset usually has one such rate
+# (an lru_cache of 16 held each one met: gigabytes for a set with a few of them).
+_LAST_LARGE: dict[tuple[int, int], torch.nn.Module] = {}
 
 
 def _kaiser(orig_sr: int, new_sr: int):
-    """torchaudio's Resample module with the front end's Kaiser settings, built once per source rate (a large kernel:
-    only the last one is kept). Same numbers as frontend.resample (tested)."""
-    import torchaudio.transforms as T
+    """make-shards' cached Kaiser resampler (same numbers as frontend.resample, tested), plus the last large one."""
+    from shard_tools import decode
 
     key = (orig_sr, new_sr)
-    r = _RESAMPLERS.get(key) or _BIG_RESAMPLER.get(key)
-    if r is not None:
-        return r
-    r = T.Resample(
-        orig_sr, new_sr, resampling_method="sinc_interp_kaiser", lowpass_filter_width=64,
-        rolloff=0.9475937167399596, beta=14.769656459379492, dtype=torch.float32,
-    )  # fmt: skip
-    if r.kernel.numel() > SMALL_KERNEL:
-        _BIG_RESAMPLER.clear()
-        _BIG_RESAMPLER[key] = r
-    elif len(_RESAMPLERS) < 32:
-        _RESAMPLERS[key] = r
+    if key in _LAST_LARGE:
+        return _LAST_LARGE[key]
+    r = decode.kaiser_resampler(orig_sr, new_sr)
+    if r.kernel.numel() > decode.MAX_CACHED_KERNEL:  # not kept by decode (its workers would each hold one)
+        _LAST_LARGE.clear()
+        _LAST_LARGE[key] = r
     return r
 
 
