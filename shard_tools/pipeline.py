@@ -354,45 +354,43 @@ def read_journal(path: Path) -> list[dict]:
 def iter_journal(path: Path) -> Iterator[dict]:
     """`read_journal`'s entries one at a time: parsed, each input's manifest line takes ~470 bytes (~1 GB for
     AudioSet's 2 million files), so a pass that needs each entry once does not hold them all."""
-    if not path.is_file():  # a FIFO there blocked the open for good; _open_plan refuses what is not a file
-        return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                return
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
-                return
-            yield entry
+    for entry, _ in _journal_entries(path):
+        yield entry
 
 
-def _read_and_trim_journal(path: Path) -> list[dict]:
-    """`read_journal`, with the file cut back to the entries it returns, before anything is appended to it. A kill or a
-    full disk in `_append_line` leaves a cut last line (no newline), which read_journal drops; but the resumed run
-    appended its own entries right after it: its first entry was glued to the cut one (invalid JSON), so it and every
-    entry after it were lost, and the run ended in "internal error: accounted N of M inputs". A folder an older
-    version resumed that way holds such a glued line mid-file, where read_journal stops: cut there too, or every
-    rerun appended after it and failed the same way. Read in one pass (the journal may be a gigabyte)."""
-    entries: list[dict] = []
+def _journal_entries(path: Path) -> Iterator[tuple[dict, int]]:
+    """(entry, the file offset just past its line) for each whole entry, up to the first line that is cut (no
+    newline: a kill or a full disk in `_append_line`) or not JSON. Regular files only: a FIFO there blocked the open
+    for good (_open_plan refuses one)."""
     if not path.is_file():
-        return entries
+        return
     end = 0
     with open(path, "rb") as f:
         for line in f:
             if not line.endswith(b"\n"):
-                break
+                return
             try:
-                entries.append(json.loads(line))
+                entry = json.loads(line)
             except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
-                break
+                return
             end += len(line)
-    if end != path.stat().st_size:
+            yield entry, end
+
+
+def _read_and_trim_journal(path: Path) -> list[dict]:
+    """`read_journal`, with the file cut back to the entries it returns, before anything is appended to it. The
+    resumed run appended its own entries right after a cut last line: its first entry was glued to the cut one
+    (invalid JSON), so it and every entry after it were lost, and the run ended in "internal error: accounted N of M
+    inputs". A folder an older version resumed that way holds such a glued line mid-file, where reading stops: cut
+    there too, or every rerun appended after it and failed the same way. Read in one pass (it may be a gigabyte)."""
+    pairs = list(_journal_entries(path))
+    end = pairs[-1][1] if pairs else 0
+    if path.is_file() and end != path.stat().st_size:
         with open(path, "r+b") as f:
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
-    return entries
+    return [entry for entry, _ in pairs]
 
 
 def _valid_prefix(entries: list[dict], out: Path) -> list[dict]:
