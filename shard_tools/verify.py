@@ -115,27 +115,20 @@ def _load_json(path: Path, report: Report):
 
 
 def _check_sample(key: str, members: dict[str, bytes], n_mels: int, n_classes: int | None, where: str,
-                  class_ids: list[str] | None = None) -> tuple[list[str], np.ndarray | None]:
-    """(the sample's problems, its log-mel array when it has none)."""
-    errs = _sample_problems(key, members, n_mels, n_classes, where, class_ids)
-    return (errs, None) if isinstance(errs, list) else ([], errs)
-
-
-def _sample_problems(key: str, members: dict[str, bytes], n_mels: int, n_classes: int | None, where: str,
-                     class_ids: list[str] | None = None) -> list[str] | np.ndarray:
-    """The sample's problems, or its log-mel array when it has none. `class_ids`: stats.json's, the label each class
-    index stands for in the samples' "labels"."""
+                  class_ids: list[str] | None = None) -> tuple[list[str], np.ndarray | None, dict | None]:
+    """(the sample's problems, and when it has none its log-mel array and json). `class_ids`: stats.json's, the label
+    each class index stands for in the samples' "labels"."""
     errs = []
     if set(members) != {"npy", "json"}:
-        return [f"{where}: sample {key!r} has members {sorted(members)}, expected ['json', 'npy']"]
+        return [f"{where}: sample {key!r} has members {sorted(members)}, expected ['json', 'npy']"], None, None
     try:
         arr = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
     except Exception as e:  # a damaged npy header can raise ValueError, OSError, EOFError...
-        return [f"{where}: sample {key!r}: npy unreadable ({type(e).__name__}: {e})"]
+        return [f"{where}: sample {key!r}: npy unreadable ({type(e).__name__}: {e})"], None, None
     try:
         meta = json.loads(members["json"].decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
-        return [f"{where}: sample {key!r}: json unreadable ({e})"]
+        return [f"{where}: sample {key!r}: json unreadable ({e})"], None, None
     if arr.dtype != np.float16:
         errs.append(f"{where}: sample {key!r}: dtype {arr.dtype}, expected float16")
     if arr.ndim != 2 or arr.shape[0] != n_mels or arr.shape[1] < 1:
@@ -143,7 +136,7 @@ def _sample_problems(key: str, members: dict[str, bytes], n_mels: int, n_classes
     elif arr.dtype.kind in "biufc" and not np.isfinite(arr).all():  # (a string or void npy: its dtype is reported)
         errs.append(f"{where}: sample {key!r}: non-finite values")
     if not isinstance(meta, dict):
-        return errs + [f"{where}: sample {key!r}: json is not an object"]
+        return errs + [f"{where}: sample {key!r}: json is not an object"], None, None
     for name, typ in JSON_FIELDS.items():
         if not isinstance(meta.get(name), typ):
             errs.append(f"{where}: sample {key!r}: json field {name!r} missing or not {typ}")
@@ -157,7 +150,7 @@ def _sample_problems(key: str, members: dict[str, bytes], n_mels: int, n_classes
         if name in meta and isinstance(meta[name], list) and not all(isinstance(x, str) for x in meta[name]):
             errs.append(f"{where}: sample {key!r}: json field {name!r} holds something other than strings")
     if errs:
-        return errs
+        return errs, None, None
     if meta["key"] != key:
         errs.append(f"{where}: sample {key!r}: json key is {meta['key']!r}")
     if arr.ndim == 2 and meta["n_frames"] != arr.shape[1]:
@@ -172,7 +165,7 @@ def _sample_problems(key: str, members: dict[str, bytes], n_mels: int, n_classes
         # the hashes cover the samples, not stats.json: a reordered or edited class list mislabelled every index
         errs.append(f"{where}: sample {key!r}: its labels {brief(meta['labels'])} are not stats.json's class_ids at "
                     f"its label_indices {brief(idx)}")
-    return errs or arr
+    return (errs, None, None) if errs else ([], arr, meta)
 
 
 class _HashingReader:
@@ -263,10 +256,10 @@ def _read_shard(path: Path, report: Report, keys: list[str], n_mels: int, classe
         else:
             seen.add(current)
             keys.append(current)
-        errs, arr = _check_sample(current, members, n_mels, len(classes) if classes else None, path.name, class_ids)
+        errs, arr, meta = _check_sample(current, members, n_mels, len(classes) if classes else None, path.name,
+                                        class_ids)
         report.problems.extend(errs)
         if not errs:
-            meta = json.loads(members["json"])
             values = arr.astype(np.float64)  # make-shards' own sums (pipeline.featurize)
             report.value_sum += float(values.sum())
             report.value_sumsq += float(np.square(values).sum())
