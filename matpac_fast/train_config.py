@@ -215,16 +215,20 @@ def _inductor_defaults() -> dict[str, Any]:
     return inductor_config.get_config_copy()
 
 
+def _did_you_mean(word: str, known) -> str:
+    """' (did you mean X?)' for the known name closest to a mistyped `word`, or ''."""
+    import difflib
+
+    near = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
 def _check_key(key: str, defaults: dict[str, Any]) -> None:
     if key not in defaults:
-        import difflib
-
         import torch
 
-        near = difflib.get_close_matches(key, defaults, n=1)
-        hint = f" (did you mean {near[0]}?)" if near else ""
         raise ValueError(f"--inductor {key}: not an Inductor option of torch {torch.__version__} (names: "
-                         f"torch._inductor.config){hint}")
+                         f"torch._inductor.config){_did_you_mean(key, defaults)}")
 
 
 def check_inductor_options(options: dict[str, Any]) -> None:
@@ -521,10 +525,7 @@ def _setting(where: str, key: str, value: Any, like: Any) -> Any:
 
 
 def _unknown(where: str, key: str, known) -> ValueError:
-    import difflib
-
-    near = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(known), n=1)
-    hint = f" (did you mean {near[0]}?)" if near else ""
+    hint = _did_you_mean(key.rsplit(".", 1)[-1], known)
     return ValueError(f"{where}: {key} is not a setting of matpac-train{hint}; fix or remove it")
 
 
@@ -574,12 +575,8 @@ def read_config_file(path: str | os.PathLike, base: TrainConfig | None = None) -
     known = (*_SECTIONS, "model", "inductor")
     for section in d:
         if section not in known:
-            import difflib
-
-            near = difflib.get_close_matches(section, known, n=1)
-            hint = f" (did you mean {near[0]}?)" if near else ""
-            raise ValueError(f"{where}: {section!r} is not a section of matpac-train's config{hint}; the sections "
-                             f"are {', '.join(known)}")
+            raise ValueError(f"{where}: {section!r} is not a section of matpac-train's config"
+                             f"{_did_you_mean(section, known)}; the sections are {', '.join(known)}")
     for section, values in d.items():
         if not isinstance(values, dict):
             raise ValueError(f'{where}: "{section}" is {json_kind(values) or "null"}, not an object of settings')
