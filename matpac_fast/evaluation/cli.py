@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embedding cache (default: $XDG_CACHE_HOME/matpac_fast/embeddings when XDG_CACHE_HOME is an "
                         "absolute path, else ~/.cache/matpac_fast/embeddings)")  # fmt: skip
     e.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
+    e.add_argument("--cache-max-gb", type=float, default=embed.CACHE_MAX_GB,
+                   help="bound on the embedding cache folder: after each run its least recently used entries are "
+                        "removed (one line says so) until the rest fit, never this run's entry; 0 keeps only this "
+                        "run's, inf removes none")  # fmt: skip
     e.add_argument("--projection", default="pca", choices=["pca", "tsne", "none"], help="2-D projection for the PNG")
     e.add_argument(
         "--classes",
@@ -216,6 +220,8 @@ def _validate(a: argparse.Namespace) -> None:
         raise ValueError(f"--preset {a.preset}: unknown model preset; choose one of {', '.join(sorted(PRESETS))}")
     if not 0 <= a.seed <= 2**32 - a.seeds:  # numpy takes seeds 0 .. 2^32 - 1; the runs use seed .. seed + seeds - 1
         raise ValueError(f"--seed must be between 0 and {2**32 - a.seeds} (with --seeds {a.seeds}), got {a.seed}")
+    if not a.cache_max_gb >= 0:  # also NaN
+        raise ValueError(f"--cache-max-gb must be >= 0 (inf: no bound), got {a.cache_max_gb}")
     if not (math.isfinite(a.lr) and a.lr > 0):
         raise ValueError("--lr must be > 0")
     if not (math.isfinite(a.weight_decay) and a.weight_decay >= 0):
@@ -426,7 +432,8 @@ def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: 
     name, replaces = report.unique_name(out, task, embedder.name, probe_id, embedder.identity)
     if name != embedder.name:
         _note(f"{out} already holds a result of another embedder named {embedder.name!r}; this one is {name!r}")
-    settings = embed.ExtractSettings(clip_seconds, a.embed_batch, None if a.no_cache else a.cache_dir, not a.quiet)
+    settings = embed.ExtractSettings(clip_seconds, a.embed_batch, None if a.no_cache else a.cache_dir, not a.quiet,
+                                     a.cache_max_gb * 1e9)
     t0 = time.perf_counter()
     kept["cache"] = embed.cache_path(ds, embedder, ds.name, settings)  # the entry extract reads or writes
     ex = embed.extract(ds, embedder, ds.name, settings)

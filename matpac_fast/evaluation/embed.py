@@ -33,7 +33,9 @@ Cache: `<cache_dir>/<task>-<embedder>-<key16>.npz` holding `emb` (n_ok, D) float
 `reasons` (n,) (why a clip was skipped, "" if embedded) and `lengths` (n,) (samples at 16 kHz before the crop, 0 if
 skipped; older entries lack it); the key hashes the embedder identity (above), the data (file paths, sizes,
 mtimes), clip seconds, sample rate and this module's version. Loaded with allow_pickle=False; an unreadable or
-inconsistent entry is reported, deleted and recomputed.
+inconsistent entry is reported, deleted and recomputed. The folder is bounded (`ExtractSettings.cache_max_bytes`,
+matpac-eval's --cache-max-gb, default 10 GB): after each extraction the least recently used entries (an entry's mtime:
+when it was written or last read) are removed until the folder's entries fit, never the entry of this extraction.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -58,6 +61,10 @@ from matpac_fast.safe_files import create_new
 
 EMBED_VERSION = 1
 SAMPLE_RATE = 16000
+# The cache folder's bound: the key holds the data files' times, so re-downloading or touching a dataset adds a whole
+# new entry (tens to hundreds of MB for a ViT-B over a few thousand clips), and the folder grew without end.
+CACHE_MAX_GB = 10.0
+CACHE_ENTRY = re.compile(r"-[0-9a-f]{16}\.npz$")  # `cache_path`'s names; a writer's `.<pid>.tmp.npz` does not match
 
 
 def default_cache_dir() -> Path:
@@ -242,6 +249,10 @@ def load_clip(path: str, clip_samples: int, spec: FrontendSpec, lengths: list[in
     return out
 
 
+def note(msg: str) -> None:
+    print(f"matpac-eval: {msg}", file=sys.stderr, flush=True)
+
+
 def warn(msg: str) -> None:
     print(f"matpac-eval: warning: {msg}", file=sys.stderr, flush=True)
 
@@ -357,6 +368,7 @@ class ExtractSettings:
     batch_size: int = 32
     cache_dir: Path | None = None  # None = no cache
     progress: bool = True
+    cache_max_bytes: float = CACHE_MAX_GB * 1e9  # the cache folder's entries at most (least recently used go first)
 
 
 def cache_path(ds: LabelledSet, embedder, task: str, s: ExtractSettings) -> Path | None:
@@ -386,6 +398,8 @@ def extract(ds: LabelledSet, embedder, task: str, s: ExtractSettings) -> Extract
     if path is not None and path.is_file():
         hit = _read_cache(path, paths, n_samples)
         if hit is not None and not _pyav_installed_since(hit):
+            _touch(path)  # read now: the most recently used entry
+            bound_cache(path, s.cache_max_bytes)
             return hit
     spec = getattr(embedder, "spec", None) or get_spec("matpac")
     if n_samples < spec.n_fft:
@@ -414,6 +428,7 @@ def extract(ds: LabelledSet, embedder, task: str, s: ExtractSettings) -> Extract
                          f"(e.g. {bad[0]}); the weights or the audio give values out of range, nothing was scored")
     if path is not None:
         _write_cache(path, emb=emb, paths=paths, ok=ok, reasons=np.array(reasons), lengths=lengths)
+        bound_cache(path, s.cache_max_bytes)
     skipped = [(p, r) for p, r in zip(paths.tolist(), reasons) if r]
     return Extracted(emb, ok, skipped, False, *_cropped(lengths, n_samples))
 
@@ -452,7 +467,7 @@ def _cropped(lengths: np.ndarray, n_samples: int) -> tuple[int, float]:
 def _read_cache(path: Path, paths: np.ndarray, n_samples: int) -> Extracted | None:
     """The cached entry, or None when it belongs to other clips; a corrupt entry is reported and deleted."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        with np.load(path, allow_pickle=False) as z:  # opened: another run removing the file now changes nothing
             if z["paths"].shape != paths.shape or not (z["paths"] == paths).all():
                 return None
             emb = z["emb"]
@@ -464,6 +479,8 @@ def _read_cache(path: Path, paths: np.ndarray, n_samples: int) -> Extracted | No
             raise ValueError(f"inconsistent shapes emb {emb.shape}, ok {ok.shape} for {len(paths)} clips")
         if not np.isfinite(emb).all():
             raise ValueError("non-finite values")
+    except FileNotFoundError:  # removed since it was found (another run's `bound_cache`): a miss, nothing to report
+        return None
     except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile) as e:
         warn(f"embedding cache entry {path} is unreadable ({_cache_reason(e)}); deleting it and recomputing")
         path.unlink(missing_ok=True)
@@ -485,6 +502,51 @@ def _cache_reason(e: Exception) -> str:
     if isinstance(e, ValueError) and "allow_pickle" in str(e):
         return "not an .npz archive"
     return _reason(e)
+
+
+def _touch(path: Path) -> None:
+    """Mark a cache entry used now (its mtime orders `bound_cache`'s removals); a read-only folder keeps its time."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def bound_cache(keep: Path, max_bytes: float) -> None:
+    """Remove the least recently used entries of `keep`'s folder until its entries total at most `max_bytes`; `keep`
+    (this extraction's entry) always stays, even alone over the bound. Runs at the same time may remove entries too:
+    one gone already is passed over. One line says what was removed."""
+    folder = keep.parent
+    try:
+        names = [n for n in os.listdir(folder) if CACHE_ENTRY.search(n)]
+    except OSError:
+        return
+    entries, total = [], 0
+    for name in names:
+        try:
+            st = os.lstat(folder / name)
+        except OSError:  # removed by another run meanwhile
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        total += st.st_size
+        if name != keep.name:
+            entries.append((st.st_mtime_ns, name, st.st_size))
+    removed, freed = 0, 0
+    for _, name, size in sorted(entries):  # oldest first
+        if total <= max_bytes:
+            break
+        try:
+            os.unlink(folder / name)
+        except FileNotFoundError:  # another run removed it: it no longer counts
+            total -= size
+            continue
+        except OSError:
+            continue
+        total, removed, freed = total - size, removed + 1, freed + size
+    if removed:
+        note(f"embedding cache {folder} over {max_bytes / 1e9:g} GB (--cache-max-gb): removed {removed} least "
+             f"recently used entr{'y' if removed == 1 else 'ies'} ({freed / 1e9:.2f} GB)")
 
 
 def _write_cache(path: Path, **arrays) -> None:
