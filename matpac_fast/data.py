@@ -29,8 +29,10 @@ or whose .npy / .json payload cannot be decoded: that clip alone) are replaced t
 end of its range, flagged `filled` — so the batch counts never change: DDP never hangs.
 Plans follow sizes.json: a shard holding fewer samples than it lists loses the missing ones (replaced the same way),
 extra samples are not read; either is warned about (on_error="raise": raised, as for a corrupt shard). A worker
-whose shards hold fewer samples than sizes.json lists by more than a tenth of the epoch (sizes.json says 10**6 for
-a 10-clip shard: an epoch of re-drawn samples) raises NoUsableData naming the shard and both counts.
+whose shards hold fewer samples than sizes.json lists for them by more than a tenth, and by more than 100 samples
+(a tenth of the set, when that is fewer), raises NoUsableData naming the shard and both counts: sizes.json saying
+10**6 for a 10-clip shard, or 100 for every 10-clip shard, would make an epoch of re-drawn samples. The shares are of
+the shards that worker has read, so the rule holds whatever the number of ranks and workers (see MAX_MISSING_SHARE).
 
 `resampled`: each worker draws shards with replacement (seeded by seed, epoch, rank, worker) and yields exactly its
 share of floor(samples_per_epoch / (world B)) batches per rank; it never runs dry. samples_per_epoch (>= 1, resampled
@@ -97,16 +99,22 @@ _SHARD_EXCEPTIONS = (ShardError, OSError, ValueError, KeyError, EOFError, Overfl
 # past it in sizes.json is damage (2**70 raised OverflowError in the plan)
 MAX_SHARD_COUNT = 2**31
 MAX_SYNTHETIC_CLIPS = 10**9
-# Samples that sizes.json lists but the shards it names do not hold, as a share of the epoch it plans, past which a
-# worker refuses the set instead of filling in: sizes.json saying 10**6 for a 10-clip shard made an epoch of 250,000
-# batches of re-drawn samples (and a schedule sized for it) that only warned once. A few missing (a shard re-made
-# smaller) stay a warning.
+# A worker refuses the set (instead of filling in) when the shards whose count it has learnt hold fewer samples than
+# sizes.json lists for them by more than MAX_MISSING_SHARE of that listed count, and by more than MIN_MISSING_REFUSED
+# samples (or a tenth of the whole set, when that is fewer: a set under 1,000 samples). sizes.json saying 10**6 for a
+# 10-clip shard made an epoch of 250,000 batches of re-drawn samples (and a schedule sized for it) that only warned
+# once. The share is of the shards this worker met, not of the whole set: each of 16 readers (ranks x workers) meets
+# about 1/16 of the shards, so with a whole-set share a set whose every shard listed 10x its count was refused only
+# 15-20 % into the epoch (once the re-drawing had read enough further shards), and one listing 1.5x (a third of each
+# epoch re-drawn) was never refused. The floor keeps a few missing samples (a shard re-made a bit smaller, in a set
+# of tiny shards) a warning.
 MAX_MISSING_SHARE = 0.1
+MIN_MISSING_REFUSED = 100
 
 
 class NoUsableData(RuntimeError):
     """The shard set cannot fill a batch: every shard failed, or every clip is shorter than the crop; or its
-    sizes.json lists far more samples than its shards hold (MAX_MISSING_SHARE)."""
+    sizes.json lists far more samples than the shards a worker has read hold (MAX_MISSING_SHARE)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1124,8 +1132,11 @@ class WorkerIterator:
         self.bad: set[int] = set()
         self._rejects = 0  # consecutive unusable clips
         self._filling = False  # past this worker's share (exact mode: re-drawing); losses then not counted
-        self._miscounted: set[int] = set()  # shards whose sample count differs from sizes.json (reported once)
-        self._missing = 0  # samples sizes.json lists that the shards met hold not (see MAX_MISSING_SHARE)
+        # Shards whose sample count this worker has learnt and checked against sizes.json (a difference is reported
+        # once); what sizes.json lists for them, and how many of those they hold not (see MAX_MISSING_SHARE).
+        self._counted: set[int] = set()
+        self._listed_counted = 0
+        self._missing = 0
         # Shards read whole that hold no sample although sizes.json lists some: a resampled epoch whose every
         # drawable shard is one would draw for ever, nothing failing and nothing read.
         self._empty: set[int] = set()
@@ -1174,24 +1185,34 @@ class WorkerIterator:
         """A shard holding n samples (exact) or more than n - 1 (not exact) where sizes.json lists another count.
         The plans (and every rank's batch count) follow sizes.json: missing samples are replaced by others, extra
         ones are never read. Warned once per text (the shard's counts, not a segment's, so every worker that meets
-        it says the same), or raised with on_error="raise": the set does not match its sizes.json."""
+        it says the same), or raised with on_error="raise": the set does not match its sizes.json. Called for every
+        shard read (a matching one counts in the listed total that MAX_MISSING_SHARE is a share of)."""
         listed = self.sizes[shard]
-        if n == listed or (n < listed and not exact) or shard in self._miscounted:
+        if shard in self._counted or (n < listed and not exact):  # checked already, or its count not known yet
             return
-        self._miscounted.add(shard)
+        self._counted.add(shard)
+        self._listed_counted += listed
+        if n == listed:
+            return
         url = self.source.urls[shard]
         what, effect = ((f"{n} samples where sizes.json lists {listed}", "the missing ones are replaced by others")
                         if n < listed else
                         (f"more samples than the {listed} that sizes.json lists", "the extra ones are not used"))
         if self.cfg.on_error == "raise":
             raise ShardError(f"{url}: {what}; check the set with verify-shards")
-        total = sum(self.sizes)
         self._missing += max(0, listed - n)
-        if self._missing > MAX_MISSING_SHARE * total:
+        if self._too_many_missing():
             raise NoUsableData(f"{url} holds {n} samples where sizes.json lists {listed} ({self._missing} of the "
-                               f"{total} samples it lists are missing): fix sizes.json or re-make the set "
-                               "(verify-shards names each shard whose count differs)")
+                               f"{self._listed_counted} samples it lists for the {len(self._counted)} shards read "
+                               "so far are missing): fix sizes.json or re-make the set (verify-shards names each "
+                               "shard whose count differs)")
         warnings.warn(f"{url}: {what} ({effect}; check the set with verify-shards)", stacklevel=3)
+
+    def _too_many_missing(self) -> bool:
+        """The rule of MAX_MISSING_SHARE: a share of what sizes.json lists for the shards counted by this worker (not
+        of the whole set, which each of many readers meets only a part of), above a floor of a few samples."""
+        floor = min(MIN_MISSING_REFUSED, MAX_MISSING_SHARE * sum(self.sizes))
+        return self._missing > max(MAX_MISSING_SHARE * self._listed_counted, floor)
 
     # -- samples ----------------------------------------------------------------------------------------------
     def _read_segments(self, segments) -> Iterator[Sample]:
@@ -1233,9 +1254,9 @@ class WorkerIterator:
                 continue
             if n == 0:
                 self._empty.add(seg.shard)
-            if n != self.sizes[seg.shard]:
-                self._check_count(seg.shard, n, True)
-                self._lost(max(0, seg.stop - max(n, seg.start)))
+            self._check_count(seg.shard, n, True)
+            if n < seg.stop:  # the shard holds fewer samples than sizes.json lists
+                self._lost(seg.stop - max(n, seg.start))
             for j in range(seg.start, min(seg.stop, n)):
                 yield seg.shard, j
 

@@ -417,9 +417,59 @@ def test_sizes_json_listing_far_more_than_a_shard_holds_is_refused(tmp_path, rea
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(NoUsableData, match=r"shards-000001\.tar holds 8 samples where sizes\.json lists 1000000 "
-                                               r"\(999992 of the 1000032 samples it lists are missing\): fix sizes"):
+                                               r"\(999992 of the \d+ samples it lists for the \d shards read so far "
+                                               r"are missing\): fix sizes"):
             for _, _batch in zip(range(100), WorkerIterator(source, cfg, 0, WORLD, 0, WORKERS, 0, 0)):
                 pass
+
+
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_every_shard_listed_10x_is_refused_early_by_each_of_16_readers(tmp_path, reader, mode):
+    """32 shards of 10 that sizes.json lists as 100 each, read by 4 ranks x 4 workers. The refusal compared a worker's
+    missing samples with the whole set's 3,200: each reader meets only about 2 of the 32 shards in its share, so every
+    one made 15-20 of its 100 batches (with samples re-drawn past its share) before refusing. The share is now of
+    what the shards a worker has read list: every reader refuses, in one line, once it has read two different
+    shards: before its first batch when shards are indexed (counted before any clip is read); a streamed shard's
+    count is known at its end only, and the shuffle buffer hands on samples of the second shard before that."""
+    _make_set(tmp_path, 320, per_shard=10)
+    source = _relist(tmp_path, **{f"s{k}": 100 for k in range(32)})
+    cfg = _cfg(reader=reader, mode=mode, batch_size=2)
+    world, workers = 4, 4
+    for rank in range(world):
+        for worker in range(workers):
+            it = WorkerIterator(source, cfg, rank, world, worker, workers, 0, 0)
+            assert it.n_batches == 100
+            made = 0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with pytest.raises(NoUsableData) as e:
+                    for _batch in it:
+                        made += 1
+            assert made == 0 if reader == "indexed" else made < 10, (rank, worker, made)
+            assert "\n" not in str(e.value)
+            assert re.fullmatch(r".*shards-\d{6}\.tar holds 10 samples where sizes\.json lists 100 \(\d+ of the \d+ "
+                                r"samples it lists for the \d+ shards read so far are missing\): fix sizes\.json or "
+                                r"re-make the set \(verify-shards names each shard whose count differs\)",
+                                str(e.value)), str(e.value)
+
+
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+def test_one_slightly_short_shard_among_16_readers_stays_a_warning(tmp_path, reader):
+    """The other side of the rule: a shard re-made 2 samples smaller (sizes.json lists 12 for its 10) is a fifth of
+    what the shards its reader met list, yet only a warning (under the floor): every reader makes its whole epoch."""
+    _make_set(tmp_path, 320, per_shard=10)
+    source = _relist(tmp_path, s5=12)
+    cfg = _cfg(reader=reader, batch_size=2)
+    world, workers = 4, 4
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        made = [len(list(WorkerIterator(source, cfg, r, world, w, workers, 0, 0)))
+                for r in range(world) for w in range(workers)]
+    assert sum(made) == world * batches_per_epoch(cfg, 322, world)
+    assert {str(w.message) for w in caught} == {
+        f"{source.urls[5]}: 10 samples where sizes.json lists 12 (the missing ones are replaced by others; check the "
+        "set with verify-shards)"}
 
 
 def test_all_shards_bad_is_an_error_not_a_hang(tmp_path):
