@@ -48,11 +48,13 @@ reading it, so stopping early is prompt and leaves no command running.
 
 Batches (dicts): "lms" float16 (B, 1, n_mels, crop) CPU tensor (pinned by the DataLoader when pin_memory and CUDA);
 "key" [str]; "filled" bool (B,) (re-drawn samples, see above); "labels" [[int]] (with_labels only); "worker" int;
-"skipped_shards" / "skipped_samples" ints, cumulative for that worker this epoch (ShardLoader.skipped_shards sums
-them over workers). A DataLoader worker's warnings (a skipped shard, a short shard) travel with its batches and are
-issued by ShardLoader in the main process, each text once per epoch however many workers met it. With reuse_buffers
-(default) a DataLoader worker recycles its shared-memory buffers, so "lms" is valid until ~2 x num_workers further
-batches have been fetched: move it to the device (or copy it) before that.
+"skipped_shards" / "skipped_samples" ints, cumulative for that worker this epoch, and "skipped_shard_ids" (the
+shards it skipped, as indices into the source's urls). ShardLoader.skipped_shards counts the distinct shards its
+workers skipped (a shard met by two workers is one); ShardLoader.skipped_samples sums the samples over workers (each
+worker's are of its own share). A DataLoader worker's warnings (a skipped shard, a short shard) travel with its
+batches and are issued by ShardLoader in the main process, each text once per epoch however many workers met it.
+With reuse_buffers (default) a DataLoader worker recycles its shared-memory buffers, so "lms" is valid until
+~2 x num_workers further batches have been fetched: move it to the device (or copy it) before that.
 
 Crops: one uniform random 608-frame crop per sample per epoch (seeded by seed, epoch, rank, worker). Clips shorter
 than the crop are dropped or right-padded with `pad_value`, in raw log-mel units (default `default_pad_value`: for
@@ -1104,7 +1106,9 @@ def _buffer_shuffle(items: Iterator, size: int, rng: np.random.Generator) -> Ite
 
 @dataclass
 class WorkerCounters:
-    skipped_shards: int = 0  # shards warned about and skipped (each counted once per worker and epoch)
+    # shards warned about and skipped, each once per worker and epoch (WorkerIterator.bad holds them; ShardLoader
+    # counts the shards its workers skipped once each, however many met them)
+    skipped_shards: int = 0
     # Samples of this worker's share of the epoch (its plan; in resampled mode, its draws) that it could not use:
     # clips dropped (shorter than the crop under short="drop", or malformed) and samples lost to a bad shard
     # (unreadable, cut short, or holding fewer samples than sizes.json lists). Each is replaced by a re-drawn
@@ -1455,8 +1459,13 @@ class WorkerIterator:
                     n += 1
         finally:
             self._passing = False
-        return {"passed": True, "worker": self.worker, "skipped_shards": self.counters.skipped_shards,
-                "skipped_samples": self.counters.skipped_samples}
+        return {"passed": True, "worker": self.worker} | self._skip_counts()
+
+    def _skip_counts(self) -> dict:
+        """What this worker skipped so far this epoch, as every batch (made or passed over) carries it to ShardLoader:
+        the ids, not only the count, so that a shard met by several workers counts once there."""
+        return {"skipped_shards": self.counters.skipped_shards, "skipped_samples": self.counters.skipped_samples,
+                "skipped_shard_ids": tuple(sorted(self.bad))}
 
     def _batch(self, i: int, it: Iterator[tuple[Sample, bool]]) -> dict:
         B = self.cfg.batch_size
@@ -1470,8 +1479,7 @@ class WorkerIterator:
                 keys.append(sample.key)
                 labels.append(sample.labels)
         self.counters.filled += int(filled.sum())
-        batch = {"lms": lms, "key": keys, "filled": filled, "worker": self.worker,
-                 "skipped_shards": self.counters.skipped_shards, "skipped_samples": self.counters.skipped_samples}
+        batch = {"lms": lms, "key": keys, "filled": filled, "worker": self.worker} | self._skip_counts()
         if self.cfg.with_labels:
             batch["labels"] = labels
         return batch
@@ -1584,7 +1592,8 @@ def _dead_worker_as_torch_says(it, wait_s: float = 5.0) -> Iterator[dict]:
 
 
 class ShardLoader:
-    """One epoch of one rank: iterable of batch dicts, `len()` = batches, skip counts summed over workers. With
+    """One epoch of one rank: iterable of batch dicts, `len()` = batches; `skipped_shards` the distinct shards its
+    workers skipped (so far), `skipped_samples` the samples they replaced, summed over workers. With
     `skip` = k, the epoch's batches from the k-th on (those of a loader without it), the first k passed over.
 
     Each iteration starts fresh DataLoader workers and stops them when it ends, raises or is closed early
@@ -1596,14 +1605,16 @@ class ShardLoader:
         self.source, self.cfg = source, cfg
         self.n_batches = max(0, batches_per_epoch(cfg, source.total, world) - int(skip))
         self.dataset = _EpochDataset(source, cfg, rank, world, epoch, seed, int(skip))
-        self._per_worker: dict[int, tuple[int, int]] = {}
+        self._per_worker: dict[int, tuple[tuple[int, ...], int]] = {}  # worker -> (skipped shard ids, samples)
 
     def __len__(self) -> int:
         return self.n_batches
 
     @property
     def skipped_shards(self) -> int:
-        return sum(v[0] for v in self._per_worker.values())
+        """Distinct shards skipped by this epoch's workers: a bad shard in two workers' shares (or met again by one
+        worker's re-drawing) counts once, not once per worker."""
+        return len(set().union(*(v[0] for v in self._per_worker.values())))
 
     @property
     def skipped_samples(self) -> int:
@@ -1624,7 +1635,7 @@ class ShardLoader:
         issued: set[tuple[type, str]] = set()
         try:
             for batch in _dead_worker_as_torch_says(it):
-                self._per_worker[batch["worker"]] = (batch["skipped_shards"], batch["skipped_samples"])
+                self._per_worker[batch["worker"]] = (batch["skipped_shard_ids"], batch["skipped_samples"])
                 for w in batch.pop("warnings", ()):  # the workers' warnings, issued here once (see WorkerIterator)
                     if w not in issued:
                         issued.add(w)

@@ -308,6 +308,9 @@ class TrainData:
         self.cfg = dataclasses.replace(self.cfg, crop_frames=frames)
 
     def skipped_shards(self) -> int:
+        """This rank's running total: for each epoch so far, the distinct shards its loader's workers skipped
+        (ShardLoader.skipped_shards), summed over epochs. The log sums it over ranks: a bad shard counts once per
+        epoch for each rank that met it."""
         return self._skipped + (self._loader.skipped_shards if self._loader is not None else 0)
 
     def skipped_before_resume_point(self, epoch_done: bool) -> int:

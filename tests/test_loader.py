@@ -33,6 +33,7 @@ from matpac_fast.data import (
     norm_stats,
     normalize_on_device,
     plan_exact,
+    shard_order,
     sibling,
 )
 from matpac_fast.data_fixtures import clip, write_shard_set
@@ -560,9 +561,30 @@ def test_dataloader_two_workers_matches_simulation(tmp_path, reuse):
             assert len(got) == len(loader) == 6
             assert [b["key"] for b in got] == [b["key"] for b in sim[rank]]
             assert all(torch.equal(a["lms"], b["lms"]) for a, b in zip(got, sim[rank]))
-            assert loader.skipped_shards == sum(
-                max((b["skipped_shards"] for b in sim[rank] if b["worker"] == w), default=0) for w in range(WORKERS))
+            assert loader.skipped_shards == len({i for b in sim[rank] for i in b["skipped_shard_ids"]})
     assert sum(max((b["skipped_shards"] for b in v), default=0) for v in sim.values()) >= 1
+
+
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+def test_a_bad_shard_two_workers_meet_is_one_skipped_shard(tmp_path, reader):
+    """3 shards of 8, one rank, 2 DataLoader workers of 12 samples each: the middle shard of the epoch's order spans
+    both workers' shares. Damaged, each worker skips it and counts it; ShardLoader.skipped_shards (and so the
+    trainer's skipped_shards) said 2 for the 1 shard (a sum of the workers' counts). It counts distinct shards now."""
+    source, _ = _make_set(tmp_path, 24, per_shard=8)
+    middle = int(shard_order(3, 0, 0)[1])
+    Path(source.urls[middle]).write_bytes(b"junk" * 200)
+    cfg = _cfg(reader=reader, batch_size=4, prefetch_factor=1)
+    loader = make_loader(cfg, 0, 1, epoch=0, seed=0, source=source)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = [{k: v for k, v in b.items() if k != "lms"} for b in loader]
+    assert len(batches) == 6
+    # each worker met it (its count travels with its batches) ...
+    assert {b["worker"]: b["skipped_shards"] for b in batches} == {0: 1, 1: 1}
+    # ... and the loader counts it once, as its one warning says it
+    assert sum("skipping shard" in str(w.message) for w in caught) == 1
+    assert loader.skipped_shards == 1
+    assert {b["skipped_shard_ids"] for b in batches[-2:]} == {(middle,)}
 
 
 @pytest.mark.parametrize("reader", ["indexed", "stream"])
