@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="a UTF-8 CSV with a header row and columns path[,label] (labels separated by ';'; a file or filename "
         "column stands for path); a file listed twice is written once",
     )
-    m.add_argument("csv", type=path_arg, help="manifest CSV; relative paths are relative to its folder")
+    m.add_argument("csv", type=path_arg, help="manifest CSV; relative paths are relative to its folder; a path "
+                   "cell is used as written when that file exists, else without its leading and trailing spaces")
     _common(m)
     s = sub.add_parser("synthetic", help="the embedded deterministic labelled corpus of synthetic sounds")
     s.add_argument("--n", type=int, required=True, help="number of clips (6.5 s each, 10 classes)")

@@ -682,10 +682,26 @@ def _label_text(labels: tuple[str, ...]) -> str:
     return repr(";".join(labels)) if labels else "(none)"
 
 
+def _under(base: Path, raw: str) -> Path:
+    """A manifest path: absolute, or relative to the CSV's folder `base`."""
+    return Path(raw) if Path(raw).is_absolute() else base / raw
+
+
+def _manifest_path(cell: str, base: Path) -> str:
+    """The path a manifest cell names: the cell as written when a file (or link) of that exact name exists, else the
+    cell without its leading and trailing spaces. Stripping alone read ' a.wav' as a.wav (another file) and reported
+    'b.wav ' missing; never stripping would miss the files of a hand-written 'x.wav , dog'. '' for a blank cell."""
+    stripped = cell.strip()
+    if stripped and cell != stripped and os.path.lexists(_under(base, cell)):
+        return cell
+    return stripped
+
+
 def discover_manifest(csv_path: str | Path) -> Discovery:
     """A CSV with a `path` column (or, without one, a `file` or `filename` column; relative paths are relative to the
     CSV's folder) and an optional `label` column
-    (several labels separated by ';'). A file listed twice (also as `./x.wav` and `/abs/x.wav`) is written once."""
+    (several labels separated by ';'). A file listed twice (also as `./x.wav` and `/abs/x.wav`) is written once.
+    A path cell with leading or trailing spaces names that exact file when it exists, else the stripped name."""
     csv_path = Path(csv_path)
     text = read_csv_text(csv_path, "manifest CSV")
     base = csv_path.resolve().parent
@@ -708,11 +724,11 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
                 f"{len(names)} (extra: {', '.join(map(repr, extra[:3]))}); quote a path or label that holds a ',' "
                 '(e.g. "Male speech, man speaking"), or add a header name for each column'
             )
-        raw = (row.get("path") or "").strip()
+        raw = _manifest_path(row.get("path") or "", base)
         if not raw:
             empty.append(reader.line_num)
             continue
-        p = Path(raw) if Path(raw).is_absolute() else base / raw
+        p = _under(base, raw)
         labels = tuple(dict.fromkeys(s.strip() for s in (row.get("label") or "").split(";") if s.strip()))
         labels = label_sets.setdefault(labels, labels)  # one tuple per label set, shared (~100 bytes per row)
         if any("," in label for label in labels):

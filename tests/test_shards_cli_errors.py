@@ -1451,3 +1451,36 @@ def test_a_fifo_in_place_of_the_journal_is_refused_not_waited_on(tmp_path):
         "journal in: delete it, pass --overwrite, or choose another --out"), r.stderr
     r = subprocess.run([*cmd, "--overwrite"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0 and (out / "stats.json").is_file(), r.stderr
+
+
+def _sample_metas(out: Path) -> dict[str, dict]:
+    """source -> the json of its sample, for every sample of the set in `out`."""
+    metas = {}
+    for name in json.loads((out / "sizes.json").read_text()):
+        with tarfile.open(out / name) as tar:
+            for m in tar:
+                if m.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(m).read())
+                    metas[meta["source"]] = meta
+    return metas
+
+
+def test_manifest_paths_with_leading_or_trailing_spaces_are_read_as_named(tmp_path, capsys):
+    """A path cell was stripped before the lookup: ' a.wav' was read as a.wav (another file) and 'b.wav ' was
+    not_found. The exact cell is used when that file exists; else the stripped one (a hand-written 'c.wav , dog')."""
+    tone(tmp_path / " a.wav", seconds=7.0)
+    tone(tmp_path / "a.wav", seconds=8.0, freq=660)
+    tone(tmp_path / "b.tmp.wav", seconds=9.0).rename(tmp_path / "b.wav ")  # soundfile writes by extension
+    tone(tmp_path / "c.wav", seconds=10.0)
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,label\n a.wav,x\nb.wav ,y\nc.wav , z\na.wav,w\n  nope.wav ,v\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert run("manifest", str(csv), "--out", str(out)) == 0
+    lines = manifest(out)
+    assert set(lines) == {" a.wav", "b.wav ", "c.wav", "a.wav", "nope.wav"}
+    assert lines["nope.wav"]["skipped"] == "not_found"
+    metas = _sample_metas(out)
+    assert {s: round(m["duration"]) for s, m in metas.items()} == {" a.wav": 7, "b.wav ": 9, "c.wav": 10, "a.wav": 8}
+    assert metas["c.wav"]["labels"] == ["z"]
+    capsys.readouterr()
+    assert verify(out) == 0 and "OK" in capsys.readouterr().out
