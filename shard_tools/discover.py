@@ -174,21 +174,22 @@ class Scan:
 SCAN_PROGRESS_DELAY_S = 2.0
 
 
-def scan_files(root: Path, progress: bool = False) -> Scan:
+def scan_files(root: Path, progress: bool = False, hard_links: bool = True) -> Scan:
     """All audio and partial-download files under root, sorted by relative path. `progress`: a counter of the files
-    found on stderr once the scan has taken SCAN_PROGRESS_DELAY_S.
+    found on stderr once the scan has taken SCAN_PROGRESS_DELAY_S. `hard_links`: see below.
 
     Symlinks are followed, but every real folder is scanned once: the tree itself first, then each symlinked folder
     whose target lies outside everything scanned so far (a loop such as `ln -s .. loop`, or a second name for a
-    folder of the tree, is not entered). A file reached under two names (a file symlink) is kept once, under its
-    real name; the other is a `duplicate`. A broken symlink is `not_found`.
+    folder of the tree, is not entered). A file reached under two names is kept once: a file symlink's target
+    under its real name and, with `hard_links`, a hard-linked file (two real names of one inode) under its first
+    name in path order; the other names are `duplicate`s. A broken symlink is `not_found`.
     """
     from tqdm import tqdm
 
     from matpac_fast.cli_args import bar_settings
 
     scan = Scan([])
-    found: list[tuple[Found, str | None, bool]] = []
+    found: list[tuple[Found, str | None, bool, tuple | None]] = []
     visited: set[str] = set()
     pending = [root]
     bar = tqdm(desc=f"scanning {printable(str(root))}", unit=" audio files", file=sys.stderr, disable=not progress,
@@ -204,16 +205,20 @@ def scan_files(root: Path, progress: bool = False) -> Scan:
             pending += links
     # Sorted once, in place: a second sorted copy (and its sort keys) held ~50 bytes per file more at the peak.
     found.sort(key=lambda f: os.fsencode(f[0].rel))
-    scan.files = [f for f, _, _ in found]
-    first: dict[str, str] = {}  # real path -> the relative path that keeps it
+    scan.files = [f for f, _, _, _ in found]
+    first: dict[str | tuple, str] = {}  # the file (its real path, or its inode) -> the relative path that keeps it
     for links in (False, True):  # real names before symlinks, each in path order
-        for i, (f, real, link) in enumerate(found):
+        for i, (f, real, link, inode) in enumerate(found):
             if link != links or f.skip is not None:
                 continue
-            if real in first:
-                scan.files[i] = Found(f.rel, f.path, f.size, "duplicate", f"same file as {printable(first[real])}")
+            ident = inode if hard_links and inode else real
+            if ident in first:
+                # two real names of one file can only be hard links (a folder is scanned once)
+                how = " (hard link)" if not link and ident is inode else ""
+                scan.files[i] = Found(f.rel, f.path, f.size, "duplicate",
+                                      f"same file as {printable(first[ident])}{how}")
             else:
-                first[real] = f.rel
+                first[ident] = f.rel
     return scan
 
 
@@ -244,12 +249,16 @@ def _scan_tree(root: Path, top: Path, real_top: str, visited: set[str], found: l
     return links
 
 
-def _stat_file(p: str, rel: str, real_if_not_link: str) -> tuple[Found, str | None, bool]:
-    """(Found, real path, is a symlink) with one lstat for a plain file; a symlink is followed to its target."""
+def _stat_file(p: str, rel: str, real_if_not_link: str) -> tuple[Found, str | None, bool, tuple | None]:
+    """(Found, real path, is a symlink, inode) with one lstat for a plain file; a symlink is followed to its target.
+    The inode, (st_dev, st_ino), only for a file with several hard links, whose names have different real paths
+    (each was decoded and written: the same audio twice in the shards); None for any other file, so that other
+    files are never told apart by inode (an inode number of 0, as some network and FUSE file systems give, is not
+    trusted either)."""
     try:
         st = os.lstat(p)
     except OSError as e:
-        return Found(rel, p, 0, "undecodable", f"cannot read the file: {e.strerror}"), None, False
+        return Found(rel, p, 0, "undecodable", f"cannot read the file: {e.strerror}"), None, False, None
     link = stat.S_ISLNK(st.st_mode)
     real = real_if_not_link
     try:
@@ -257,13 +266,14 @@ def _stat_file(p: str, rel: str, real_if_not_link: str) -> tuple[Found, str | No
             st = os.stat(p)
             real = os.path.realpath(p)
     except FileNotFoundError:
-        return Found(rel, p, 0, "not_found", "broken symbolic link: its target does not exist"), None, link
+        return Found(rel, p, 0, "not_found", "broken symbolic link: its target does not exist"), None, link, None
     except OSError as e:
-        return Found(rel, p, 0, "undecodable", f"cannot read the file: {e.strerror}"), None, link
+        return Found(rel, p, 0, "undecodable", f"cannot read the file: {e.strerror}"), None, link, None
     if not stat.S_ISREG(st.st_mode):
-        return Found(rel, p, 0, "undecodable", "not a regular file"), None, link
+        return Found(rel, p, 0, "undecodable", "not a regular file"), None, link, None
     real = p if real == p else real  # usually so (an absolute root without symlinks): one string per file less
-    return Found(rel, p, st.st_size, mtime_ns=st.st_mtime_ns), real, link
+    inode = (st.st_dev, st.st_ino) if st.st_nlink > 1 and st.st_ino else None
+    return Found(rel, p, st.st_size, mtime_ns=st.st_mtime_ns), real, link, inode
 
 
 def _rows_checked(path: Path, reader: csv.DictReader):
@@ -438,7 +448,9 @@ def discover_audioset(
     root = Path(audio_root)
     if not root.is_dir():
         raise ValueError(f"--audio-root {root} is not a folder")
-    scan = scan_files(root, progress)
+    # Hard links are left to the segment matching (a downloader's per-label folders may hard-link one clip): it
+    # keeps one file per segment already, and so the plan (hash) of an interrupted or complete set stays the same.
+    scan = scan_files(root, progress, hard_links=False)
     if not scan.files:
         raise ValueError(_no_audio(root, scan, "--audio-root"))
     items: list[Item | None] = []

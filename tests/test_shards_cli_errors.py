@@ -1484,3 +1484,47 @@ def test_manifest_paths_with_leading_or_trailing_spaces_are_read_as_named(tmp_pa
     assert metas["c.wav"]["labels"] == ["z"]
     capsys.readouterr()
     assert verify(out) == 0 and "OK" in capsys.readouterr().out
+
+
+def test_a_hard_linked_file_is_written_once_under_its_first_name(tmp_path, capsys):
+    """Two names for one inode (a hard link) were decoded and written twice: the same audio twice in the shards.
+    The first name in path order is kept; the others are duplicates naming it, as a symlink to either is."""
+    d = tmp_path / "in"
+    tone(d / "cls" / "a.wav")
+    tone(d / "cls" / "c.wav", freq=660)
+    (d / "abc").mkdir()
+    try:
+        os.link(d / "cls" / "a.wav", d / "cls" / "b.wav")
+        os.link(d / "cls" / "a.wav", d / "abc" / "x.wav")
+    except OSError:
+        pytest.skip("no hard links here")
+    (d / "cls" / "l.wav").symlink_to("b.wav")
+    out = tmp_path / "out"
+    assert run("folder", str(d), "--out", str(out)) == 0
+    lines = manifest(out)
+    assert "shard" in lines["abc/x.wav"] and "shard" in lines["cls/c.wav"]
+    for name in ("cls/a.wav", "cls/b.wav"):
+        assert lines[name]["skipped"] == "duplicate"
+        assert lines[name]["detail"] == "duplicate: same file as abc/x.wav (hard link)"
+    assert lines["cls/l.wav"]["detail"] == "duplicate: same file as abc/x.wav"  # a symlink to a hard-linked file
+    assert set(_sample_metas(out)) == {"abc/x.wav", "cls/c.wav"}
+    capsys.readouterr()
+    assert verify(out) == 0 and "OK" in capsys.readouterr().out
+
+
+def test_audioset_hard_links_stay_with_the_segment_matching(tmp_path):
+    """An AudioSet root's hard links (one clip in a downloader's per-label folders) were, and are, one segment's
+    duplicates: the folder mode's hard-link check is not applied there, so the plan of an existing set is kept."""
+    from shard_tools.discover import discover_audioset
+
+    argv = audioset_files(tmp_path, SEGMENTS)
+    tone(tmp_path / "root" / "a" / "--PJHxphWEs.wav")
+    (tmp_path / "root" / "b").mkdir()
+    try:
+        os.link(tmp_path / "root" / "a" / "--PJHxphWEs.wav", tmp_path / "root" / "b" / "Y--PJHxphWEs.wav")
+    except OSError:
+        pytest.skip("no hard links here")
+    disc = discover_audioset([argv[2]], argv[4], argv[6])
+    dup = next(it for it in disc.items if it.skip)
+    assert dup.source == "b/Y--PJHxphWEs.wav" and dup.detail == "same segment as a/--PJHxphWEs.wav"
+    assert dup.labels == ("/m/09x0r", "/m/04rlf")  # as before: the segment's labels (part of the plan hash)
