@@ -27,7 +27,8 @@ def _config(out_dir, **options) -> MakeConfig:
 
 def make_synthetic_shards(out_dir: str | Path, n: int, seed: int = 0, frontend: str = "matpac", **options) -> dict:
     """Render `n` synthetic clips (shard_tools.synthetic) into shards in `out_dir`; returns the stats.json dict
-    plus `out`, `resumed_from`, `already_complete`. Options are MakeConfig fields: workers, device, min_frames,
+    plus `out`, `resumed_from`, `already_complete` and, for a run that wrote the set, `classes_without_clips` (the
+    classes no written clip has; they stay in `classes`). Options are MakeConfig fields: workers, device, min_frames,
     short, shard_size ('1GB', '200MB' or a sample count such as '64'), name, overwrite, progress."""
     return make_shards(discover_synthetic(n, seed), _config(out_dir, frontend=frontend, seed=seed, **options))
 

@@ -50,7 +50,13 @@ from shard_tools.discover import (
     segments_line,
     unique_keys,
 )
-from shard_tools.verify import SHARD_RE, brief, is_make_shards_stats, is_manifest_line  # one rule for both
+from shard_tools.verify import (  # one rule for both
+    SHARD_RE,
+    brief,
+    classes_without_line,
+    is_make_shards_stats,
+    is_manifest_line,
+)
 from shard_tools.workpool import WorkerDied, ordered_map
 from shard_tools.writer import ShardLimit, ShardWriter, encode_json, encode_npy, parse_shard_size, write_index
 
@@ -796,9 +802,12 @@ def _run_segments(order: list[Item], start: int, shard_index: int, cfg: MakeConf
                 writer.abort()
 
 
-def _finalize(disc: Discovery, cfg: MakeConfig, journal: Path, phash: str) -> dict:
+def _finalize(disc: Discovery, cfg: MakeConfig, journal: Path, phash: str, order: list[Item]) -> tuple[dict, list[int]]:
+    """(stats.json's dict, the written clips per class index). `order`: the inputs in the order the journal lists
+    them (its entry covering inputs start..end lists their manifest lines in that order)."""
     spec = get_spec(cfg.frontend)
     out = cfg.out
+    per_class = [0] * len(disc.classes)
     # manifest.jsonl is written as the journal is read, one entry at a time: holding every entry with its manifest
     # lines, and the file's text, took ~800 bytes per input (1.6 GB at AudioSet's 2 million files) on top of the
     # inputs themselves, and this was the run's peak. Only the shards' entries are kept, without their lines.
@@ -808,6 +817,10 @@ def _finalize(disc: Discovery, cfg: MakeConfig, journal: Path, phash: str) -> di
         for e in iter_journal(journal):
             lines = e.pop("manifest")
             f.writelines(json.dumps(line, sort_keys=True) + "\n" for line in lines)
+            for j, line in enumerate(lines):
+                if "key" in line:  # written
+                    for c in order[e["start"] + j].label_indices:
+                        per_class[c] += 1
             n_inputs += len(lines)
             skipped.update(line["skipped"] for line in lines if "skipped" in line)
             flags.update(flag for line in lines for flag in line.get("flags", []))
@@ -857,7 +870,7 @@ def _finalize(disc: Discovery, cfg: MakeConfig, journal: Path, phash: str) -> di
     if written:  # no sizes.json or stats.json for an empty set: it is not a shard set, and nothing locks the folder
         _write_atomic(out / "sizes.json", json.dumps({e["shard"]: e["count"] for e in shards}, indent=1) + "\n")
         _write_atomic(out / "stats.json", json.dumps(stats, indent=1) + "\n")  # last: its presence means "complete"
-    return stats
+    return stats, per_class
 
 
 def nothing_written(stats: dict, cfg: MakeConfig) -> str:
@@ -1082,11 +1095,14 @@ def _make_shards_locked(disc: Discovery, cfg: MakeConfig, order: list[Item], pha
     del journaled, entries
     if start < len(order):
         _run_segments(order, start, shard_index, cfg, journal)
-    stats = _finalize(disc, cfg, journal, phash)
+    stats, per_class = _finalize(disc, cfg, journal, phash, order)
     shutil.rmtree(work)
     if not stats["written"]:
         raise ValueError(nothing_written(stats, cfg))
-    return {**stats, "out": str(out), "resumed_from": start, "already_complete": False}
+    # Not in stats.json: the loader pools the stats.json of several sets, where a per-set list would be stale.
+    empty = [c for c, n in zip(disc.classes, per_class) if n == 0]
+    return {**stats, "out": str(out), "resumed_from": start, "already_complete": False,
+            "classes_without_clips": empty}
 
 
 def format_summary(s: dict) -> str:
@@ -1099,6 +1115,10 @@ def format_summary(s: dict) -> str:
         parts.append("AudioSet " + segments_line(s["segments"]))
     if s.get("flags"):
         parts.append("flags (kept): " + ", ".join(f"{k} {v}" for k, v in s["flags"].items()))
+    if s.get("classes_without_clips"):
+        parts.append(classes_without_line("classes without a written clip", s["classes_without_clips"], s["classes"])
+                     + "; their label indices stay, so a probe on this set has no example of them (manifest.jsonl "
+                     "says why files were skipped)")
     parts.append(
         f"shards {len(s['shard_sha256'])} in {s['out']}  hours {s['hours']:.3f}  frames {s['n_frames']}  "
         f"log-mel mean {s['mean']:.4f} std {s['std']:.4f}"

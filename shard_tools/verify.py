@@ -608,6 +608,14 @@ def _classes_present(r: Report) -> str:
     return f"{n} classes present" + (f", {bare} sample{'s' * (bare != 1)} without a label" if bare else "")
 
 
+def classes_without_line(what: str, missing: list[str], classes: list[str]) -> str:
+    """'<what>: N of M ('a', 'b', ...)': the classes of stats.json that no written sample has (make-shards' summary
+    and this report). A folder's or manifest's classes are read before decoding, so a class all of whose files were
+    then skipped stays in the list: the samples hold label indices into it."""
+    names = ", ".join(map(repr, missing[:5])) + (" ..." if len(missing) > 5 else "")
+    return f"{what}: {len(missing)} of {len(classes)} ({names})"
+
+
 def format_report(r: Report, stats: dict | None = None, top: int = 15) -> str:
     if r.interrupted:
         return f"INCOMPLETE: {r.interrupted}"
@@ -633,6 +641,10 @@ def format_report(r: Report, stats: dict | None = None, top: int = 15) -> str:
             lines.append(f"  {name:<{width}}  {n}")
     elif r.labels:
         lines.append(f"labels: {_classes_present(r)}")
+    classes = stats.get("classes") if stats else None
+    missing = [c for c in classes if not r.labels.get(c)] if isinstance(classes, list) and r.n_samples else []
+    if missing:
+        lines.append(classes_without_line("classes without a sample", missing, classes))
     lines += [f"warning: {w}" for w in r.warnings]
     if r.problems:
         lines.append(f"CORRUPT: {len(r.problems)} problem(s)")

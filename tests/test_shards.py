@@ -1052,7 +1052,7 @@ def test_finalize_streams_the_journal(tmp_path):
     cfg = MakeConfig(out=tmp_path, progress=False)
     tracemalloc.start()
     try:
-        stats = _finalize(disc, cfg, journal, "hash")
+        stats, _ = _finalize(disc, cfg, journal, "hash", disc.items)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

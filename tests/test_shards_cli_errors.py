@@ -1528,3 +1528,23 @@ def test_audioset_hard_links_stay_with_the_segment_matching(tmp_path):
     dup = next(it for it in disc.items if it.skip)
     assert dup.source == "b/Y--PJHxphWEs.wav" and dup.detail == "same segment as a/--PJHxphWEs.wav"
     assert dup.labels == ("/m/09x0r", "/m/04rlf")  # as before: the segment's labels (part of the plan hash)
+
+
+def test_a_class_whose_files_were_all_skipped_is_kept_and_named(tmp_path, capsys):
+    """A folder's classes come from its folder names before any file is decoded; a class all of whose files are
+    then skipped (too short here) stays in stats.json's classes, since the samples written before hold label
+    indices into that list (dropping it would renumber them, and the classes are part of the plan). Both tools
+    said nothing of it: make-shards' summary and verify-shards' report now name the classes without a clip."""
+    for i in range(3):
+        tone(tmp_path / "in" / "dog" / f"long{i}.wav", freq=300 + 50 * i)
+        tone(tmp_path / "in" / "cat" / f"short{i}.wav", seconds=1.0, freq=300 + 50 * i)
+    tone(tmp_path / "in" / "ant" / "short.wav", seconds=1.0)
+    tone(tmp_path / "in" / "bee" / "long.wav")
+    out = tmp_path / "out"
+    assert run("folder", str(tmp_path / "in"), "--out", str(out), "--shard-size", "2") == 0  # 2 journal entries
+    assert "classes without a written clip: 2 of 4 ('ant', 'cat')" in capsys.readouterr().out
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["classes"] == ["ant", "bee", "cat", "dog"] and stats["skipped"] == {"too_short": 4}
+    assert sorted(m["label_indices"] for m in _sample_metas(out).values()) == [[1], [3], [3], [3]]
+    assert verify(out) == 0
+    assert "classes without a sample: 2 of 4 ('ant', 'cat')" in capsys.readouterr().out
