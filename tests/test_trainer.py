@@ -935,6 +935,46 @@ def test_the_teacher_temperature_reaching_the_loss_is_the_warm_up_by_hand(tmp_pa
     assert [t for _, t in taus] == pytest.approx(hand, rel=1e-6, abs=0)
 
 
+def _steps_on_fixed_clips(out, batch_size: int, grad_accum: int, steps: int = 3) -> dict[str, torch.Tensor]:
+    """The weights after `steps` optimizer steps of a global batch of 16 fixed clips with fixed masks, given as
+    micro-batches of `batch_size` (--grad-accum `grad_accum`)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from matpac_fast.masking import make_masks
+    from matpac_fast.trainer import Trainer
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # one Accelerator per process: this one's grad-accum
+    GradientState._reset_state()
+    trainer = Trainer(resolve([*TINY, "--out", str(out), "--batch-size", str(batch_size), "--grad-accum",
+                               str(grad_accum)])[0])
+    m = trainer.model_cfg
+    clips = [torch.cat(_tiny_lms(2, seed=s)) for s in range(steps)]  # 16 clips a step
+    masks = [make_masks(16, m.n_patches, m.n_visible, generator=torch.Generator().manual_seed(s)) for s in range(steps)]
+
+    def rows(micro: int) -> slice:
+        return slice(micro * batch_size, (micro + 1) * batch_size)
+
+    trainer._masks = lambda b, micro: tuple(x[rows(micro)] for x in masks[trainer.step])  # the whole batch's rows
+    for s in range(steps):
+        for micro in range(grad_accum):
+            trainer.micro_step(clips[s][rows(micro)])
+    assert trainer.step == steps
+    return {k: v.detach().clone() for k, v in trainer.raw_model.state_dict().items()}
+
+
+def test_gradient_accumulation_is_the_step_of_the_whole_batch(tmp_path, fresh_accelerate):
+    # The README's "8 x 256 accumulated is the paper's step": 2 micro-batches of 8 (--grad-accum 2) move the student,
+    # teacher and centre as one batch of 16 does (the same clips and masks): the loss is scaled by 1/A and the
+    # centre's statistic is the mean over the micro-batches (x processes), not their sum. Three steps: the first has
+    # lr 0 (warm-up), the later ones move the weights.
+    whole = _steps_on_fixed_clips(tmp_path / "whole", 16, 1)
+    accumulated = _steps_on_fixed_clips(tmp_path / "accumulated", 8, 2)
+    assert whole.keys() == accumulated.keys()
+    for k in whole:
+        torch.testing.assert_close(accumulated[k], whole[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert whole["center"].sum().item() == pytest.approx(1 - 0.9**3, abs=1e-5)
+
+
 def test_dropping_a_partial_accumulation_clears_its_gradients(tmp_path):
     # Accelerate's optimizer wrapper ignores zero_grad mid-accumulation; the drop must still clear the grads, or they
     # would leak into the next epoch's first step.
