@@ -1497,11 +1497,16 @@ def _accelerate_launched() -> bool:
             or any(n == "accelerate" and a == "launch" for n, a in zip(names, argv[1:])))
 
 
-def _accelerate_cpu_note(world: int) -> str | None:
-    """`accelerate launch --cpu --num_processes N` starts one process whatever N (accelerate 1.15's CPU launcher
-    ignores it): a run that trained alone while its user counted N processes, and the resume of an N-process
-    checkpoint refused for "1 process", said nothing of why. One warning line naming launchers that do start N."""
-    if world != 1 or os.environ.get("ACCELERATE_USE_CPU") != "True" or "TORCHELASTIC_RUN_ID" in os.environ:
+def _accelerate_one_process_note(world: int) -> str | None:
+    """`accelerate launch --num_processes N` (N > 1) that started one process: with --cpu whatever N (accelerate
+    1.15's CPU launcher ignores it), and without --multi_gpu on a machine with fewer than 2 GPUs (its simple
+    launcher; on this CPU machine `accelerate launch --num_processes 2 train.py` trained one process). Such a run
+    trained alone while its user counted N processes, and the resume of its checkpoint with N processes was refused
+    for "1 process", with nothing saying why. One warning line naming launchers that do start N. The simple launcher
+    sets ACCELERATE_USE_CPU for every process it starts ("True" with --cpu); its launches of several processes go
+    through torchrun (TORCHELASTIC_RUN_ID)."""
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU")
+    if world != 1 or use_cpu is None or "TORCHELASTIC_RUN_ID" in os.environ:
         return None
     argv, asked = _launcher_argv(), None
     for i, a in enumerate(argv):
@@ -1510,9 +1515,11 @@ def _accelerate_cpu_note(world: int) -> str | None:
             asked = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
     if asked is None or not asked.isdigit() or int(asked) < 2:
         return None
-    return (f"warning: accelerate launch --cpu started 1 process, not the {asked} of --num_processes (its CPU launcher "
-            f"runs one); for {asked} CPU processes use torchrun --nproc_per_node {asked} train.py ..., or accelerate "
-            f"launch --multi_gpu --num_processes {asked} --num_machines 1 --mixed_precision no --dynamo_backend no "
+    how = (" --cpu", "its CPU launcher runs one") if use_cpu == "True" else (
+        "", "without --multi_gpu it runs one on a machine with fewer than 2 GPUs")
+    return (f"warning: accelerate launch{how[0]} started 1 process, not the {asked} of --num_processes ({how[1]}); "
+            f"for {asked} CPU processes use torchrun --nproc_per_node {asked} train.py ..., or accelerate launch "
+            f"--multi_gpu --num_processes {asked} --num_machines 1 --mixed_precision no --dynamo_backend no "
             "train.py ...")
 
 
@@ -1538,7 +1545,7 @@ def _main(argv: list[str] | None) -> int:
             lock = ckpt.OutLock(cfg.run.out)
             if Path(cfg.run.out).is_dir():
                 _lock(lock)
-            for note in [_accelerate_cpu_note(world), _paper_recipe_on_cpu(args, cfg), *_compile_notes(cfg)]:
+            for note in [_accelerate_one_process_note(world), _paper_recipe_on_cpu(args, cfg), *_compile_notes(cfg)]:
                 if note:
                     print(note, file=sys.stderr, flush=True)
         ckpt.check_out(cfg.run.out, cfg.run.resume)  # never mix two runs in one folder

@@ -732,25 +732,35 @@ def test_paper_recipe_without_a_gpu_gets_one_note(tmp_path, capsys, monkeypatch)
         assert "--recipe tiny is the CPU-sized one" in err or not expected
 
 
-def test_accelerate_cpu_launch_of_several_processes_says_it_started_one(tmp_path, capsys, monkeypatch):
+def test_accelerate_launch_of_several_processes_that_starts_one_says_so(tmp_path, capsys, monkeypatch):
     # `accelerate launch --cpu --num_processes 2 train.py` starts one process (accelerate 1.15): it trained alone
     # without a word, and resuming a 2-process checkpoint was refused for "this run has 1" with no reason given.
+    # So does `accelerate launch --num_processes 2 train.py` without --multi_gpu on a machine with fewer than 2 GPUs
+    # (its simple launcher, ACCELERATE_USE_CPU=False): that one still trained alone without a word.
     out = tmp_path / "run"
     out.mkdir()
     (out / "history.jsonl").write_text("")  # refused after the warning
-    warning = "warning: accelerate launch --cpu started 1 process, not the 2 of --num_processes"
-    for env, launcher, expected in (
-        ("True", ["accelerate", "launch", "--num_processes", "2", "--cpu", "train.py"], 1),
-        ("True", ["accelerate", "launch", "--cpu", "--num-processes=2", "train.py"], 1),
-        ("True", ["accelerate", "launch", "--cpu", "train.py"], 0),
-        ("False", ["accelerate", "launch", "--num_processes", "2", "train.py"], 0),
+    cpu = "warning: accelerate launch --cpu started 1 process, not the 2 of --num_processes (its CPU launcher runs one)"
+    plain = ("warning: accelerate launch started 1 process, not the 2 of --num_processes (without --multi_gpu it "
+             "runs one on a machine with fewer than 2 GPUs)")
+    for env, launcher, warning in (
+        ("True", ["accelerate", "launch", "--num_processes", "2", "--cpu", "train.py"], cpu),
+        ("True", ["accelerate", "launch", "--cpu", "--num-processes=2", "train.py"], cpu),
+        ("True", ["accelerate", "launch", "--cpu", "train.py"], None),
+        ("False", ["accelerate", "launch", "--num_processes", "2", "train.py"], plain),
+        ("False", ["accelerate", "launch", "train.py"], None),
+        (None, ["bash", "run.sh", "--num_processes", "2"], None),  # not started by accelerate launch
     ):
-        monkeypatch.setenv("ACCELERATE_USE_CPU", env)
+        if env is None:
+            monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+        else:
+            monkeypatch.setenv("ACCELERATE_USE_CPU", env)
         monkeypatch.setattr(T, "_launcher_argv", lambda launcher=launcher: launcher, raising=False)
         rc = T.main([*TINY, *SYN, "--out", str(out)])
         err = capsys.readouterr().err
-        assert rc == 2 and sum(line.startswith(warning) for line in err.splitlines()) == expected, err
-        assert "torchrun --nproc_per_node 2" in err or not expected
+        warned = [line for line in err.splitlines() if line.startswith("warning: accelerate launch")]
+        assert rc == 2 and [w[: len(warning)] for w in warned] == ([warning] if warning else []), err
+        assert "torchrun --nproc_per_node 2" in err or not warning
 
 
 def _shards(tmp_path, n_frames: int = 640, n: int = 16) -> Path:
