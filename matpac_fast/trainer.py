@@ -98,8 +98,10 @@ def _resume_advice(out: str | Path) -> str:
     found = ckpt.list_checkpoints(out)
     if found:
         return f"the last checkpoint ({found[-1].name}) is kept: --resume auto continues from it"
-    # Only what exists is named: a run stopped before its first row has no history.jsonl to delete.
-    left = [n for n in ckpt.RUN_FILES if (Path(out) / n).exists()] + ["tb/"] * (Path(out) / "tb").is_dir()
+    # Only what exists is named: a run stopped before its first row has no history.jsonl to delete. tb/ alone (made
+    # at the loop's start) does not make --out a run's (ckpt.check_out): the same command takes it as it is.
+    left = [n for n in ckpt.RUN_FILES if (Path(out) / n).exists()]
+    left += ["tb/"] * (bool(left) and (Path(out) / "tb").is_dir())
     if not left:
         return "no checkpoint was written yet (--ckpt-every): nothing to resume; the same command starts over"
     return (f"no checkpoint was written yet (--ckpt-every): nothing to resume; start again in a new --out (or delete "

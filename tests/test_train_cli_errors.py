@@ -1236,8 +1236,14 @@ def test_advice_without_a_checkpoint_names_only_what_exists(tmp_path):
     # "delete its history.jsonl and tb/" was said of a run stopped before its first row (neither existed)
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text('{"train": {}, "model": {}}')  # a run's, as the trainer writes it
     assert T._resume_advice(out).endswith("nothing to resume; the same command starts over")
+    # tb/ is made at the loop's start, before the first row: a run stopped then (a peer process's bad shard) was
+    # told to start again in a new --out or delete tb/, yet the same --out takes a new run as it is (check_out)
+    (out / "tb").mkdir()
+    T.ckpt.check_out(out, "")
+    assert T._resume_advice(out).endswith("nothing to resume; the same command starts over")
+    (out / "tb").rmdir()
     (out / "history.jsonl").write_text("")
     assert T._resume_advice(out).endswith("start again in a new --out (or delete its history.jsonl first)")
     (out / "tb").mkdir()
