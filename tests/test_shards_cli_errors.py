@@ -758,8 +758,7 @@ def test_a_temp_named_file_in_a_folder_is_read(tmp_path):
 
 
 def test_readme_lists_every_skip_reason():
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## 1. Making shards") : readme.index("## 2.")]
+    section = (ROOT / "docs" / "make-shards.md").read_text(encoding="utf-8")
     code = "".join(p.read_text() for p in (ROOT / "shard_tools").glob("*.py"))
     reasons = set(re.findall(r'Skip\(\s*"([a-z_]+)"', code)) | set(re.findall(r'skip="([a-z_]+)"', code))
     reasons |= set(re.findall(r'"(not_found|duplicate|partial_download|not_in_csv)"', code))
@@ -1279,7 +1278,7 @@ def test_unknown_shard_files_are_counted_and_overwrite_says_it_deletes_them(tmp_
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "shards-000000.tar", "shards-000001.tar"]
     assert run("synthetic", "--n", "3", "--out", str(out), "--overwrite") == 0
     assert (out / "notes.txt").read_text() == "mine" and not (out / "shards-000001.tar").exists()
-    assert "this run's `--name`, which it would overwrite" in (ROOT / "README.md").read_text()
+    assert "this run's `--name`, which it would overwrite" in (ROOT / "docs" / "make-shards.md").read_text()
 
 
 def test_manifest_repeated_label_counts_once_and_missing_twice_is_not_found_twice(tmp_path):
