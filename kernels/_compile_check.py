@@ -10,6 +10,9 @@ It must run in a process where TRITON_INTERPRET is unset (interpreted kernels ca
 """
 
 import argparse
+import contextlib
+import multiprocessing
+import os
 import re
 import subprocess
 import sys
@@ -153,30 +156,60 @@ def spills(usage: str) -> bool:
     return not {"STACK:0", "LOCAL:0"} <= set(usage.split())
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90 = H100)")
-    p.add_argument("--quick", action="store_true", help="attention: the first autotuning configuration only")
-    args = p.parse_args(argv)
-    if not hasattr(_xent_fwd_kernel, "fn") or type(_xent_fwd_kernel).__name__ != "JITFunction":
-        sys.exit("the kernels are interpreted in this process: unset TRITON_INTERPRET and run again")
+_TODO: list = []  # (variant, arch) per variant, set by main before the workers fork
+
+
+def _compile_one(i: int) -> tuple[str | None, str | None]:
+    """Variant i of _TODO compiled: (resource usage, None), or (None, the error in one line)."""
+    variant, arch = _TODO[i]
+    try:
+        return compile_variant(variant, arch), None
+    except Exception as e:  # a type clash (CompilationError), ptxas (PTXASError), an MLIR pass (RuntimeError)
+        last = (str(e).strip().splitlines() or [""])[-1]
+        return None, f"{type(e).__name__}: {last}"
+
+
+def _report(todo, results, arch: int) -> tuple[list[str], list[str], list[str]]:
+    """Print one line per variant (as `results` come, in order); the names that spilled, failed and compute in fp64."""
     spilled, failed, fp64 = [], [], []
-    for name, variant in variants(args.quick):
-        try:
-            usage = compile_variant(variant, args.arch)
-        except Exception as e:  # a type clash (CompilationError), ptxas (PTXASError), an MLIR pass (RuntimeError)
-            last = (str(e).strip().splitlines() or [""])[-1]
-            print(f"FAIL sm_{args.arch}  {name}: {type(e).__name__}: {last}", file=sys.stderr)
+    for (name, variant), (usage, error) in zip(todo, results):
+        if error is not None:
+            print(f"FAIL sm_{arch}  {name}: {error}", file=sys.stderr)
             failed.append(name)
             continue
         warps = variant[3]["num_warps"] if isinstance(variant[3], dict) else variant[3]
-        print(f"ok  sm_{args.arch}  {name:42s} warps={warps:2d}  {usage}")
+        print(f"ok  sm_{arch}  {name:42s} warps={warps:2d}  {usage}", flush=True)
         if spills(usage):
             print(f"    warning: {name} spills registers to local memory", file=sys.stderr)
             spilled.append(name)
         if " F64:" in usage:
             print(f"    warning: {name} computes in fp64 ({usage.split(' F64:')[1]})", file=sys.stderr)
             fp64.append(name)
+    return spilled, failed, fp64
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90 = H100)")
+    p.add_argument("--quick", action="store_true", help="attention: the first autotuning configuration only")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="variants compiled at once, one process each (default: the number of CPUs)")
+    args = p.parse_args(argv)
+    if not hasattr(_xent_fwd_kernel, "fn") or type(_xent_fwd_kernel).__name__ != "JITFunction":
+        sys.exit("the kernels are interpreted in this process: unset TRITON_INTERPRET and run again")
+    global _TODO
+    todo = list(variants(args.quick))
+    _TODO = [(variant, args.arch) for _, variant in todo]
+    # Each variant compiles on its own (Triton's frontend, ptxas, cuobjdump: ~1 s each, 92 of them): one process per
+    # core. Forked, so a worker sees this process's variants (kernels defined at run time included) as they are.
+    jobs = min(args.jobs, len(_TODO)) if args.jobs > 0 else 1
+    with contextlib.ExitStack() as stack:
+        if jobs > 1:
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(jobs))
+            results = pool.imap(_compile_one, range(len(_TODO)))  # in order, each line as soon as it is known
+        else:
+            results = map(_compile_one, range(len(_TODO)))
+        spilled, failed, fp64 = _report(todo, results, args.arch)
     if spilled:
         print(f"{len(spilled)} variant(s) spill registers: {', '.join(spilled)}", file=sys.stderr)
     if failed:
