@@ -946,6 +946,12 @@ def _suite(*args, **env):
                           env={**ENV, "PYTHON": sys.executable, **env})
 
 
+# The environment check's scripts on stdin (`python - NAMES`: imports, each a start of Python with torch) answered as
+# passing, by a stand-in interpreter that runs everything else with the real one. For tests about a later step: the
+# check itself runs with the real interpreter in test_suite_skip_runs_only_the_other_steps and the no-CUDA tests.
+_CHECK_PASSES = '-|"- "*) exit 0;;'
+
+
 def test_suite_relative_wheels_dir_is_read_from_the_callers_directory(tmp_path):
     """A relative WHEELS_DIR given from outside the repository: pip was handed it relative to the repository root
     (the suite cds there), found no wheel and the check stopped the suite. A stand-in interpreter reports webdataset
@@ -1064,13 +1070,16 @@ def test_suite_skip_runs_only_the_other_steps(tmp_path):
 
 def _suite_gpu_calls(tmp_path, **env) -> list[list[str]]:
     """The suite's GPU-mode command lines (argv of each benchmark and pytest run) under `env`, recorded by a
-    stand-in interpreter that runs none of them: it reports CUDA and runs the suite's other checks with the real one."""
+    stand-in interpreter that runs none of them: it reports CUDA, and the environment check's scripts on stdin
+    (`python - NAMES`: the imports, each a start of Python with torch) as passing; the dry-run tests run that check
+    with the real interpreter."""
     log = tmp_path / "calls.txt"
     fake = tmp_path / "python"
     fake.write_text(
         "#!/bin/bash\n"
         f'case "$*" in *benchmarks/*|*"-m pytest"*) echo "$*" >> {log}; exit 0;; '
-        "*cuda.is_available*) exit 0;; esac\n"
+        "*cuda.is_available*) exit 0;; "
+        f"{_CHECK_PASSES} esac\n"
         f'exec {sys.executable} "$@"\n')
     fake.chmod(0o755)
     r = subprocess.run(["bash", str(SUITE), str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
@@ -1186,7 +1195,10 @@ def test_suite_second_mfu_call_runs_batch_512_and_times_attention_from_cuda_grap
 
 def test_suite_attn_graphs_in_the_dry_run_says_it_times_eager_calls(tmp_path):
     out = tmp_path / "out"
-    r = _suite(str(out), "--cpu-dry-run", SUITE_ATTN_GRAPHS="1",
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\ncase "$*" in {_CHECK_PASSES} esac\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    r = _suite(str(out), "--cpu-dry-run", SUITE_ATTN_GRAPHS="1", PYTHON=str(fake),
                SUITE_SKIP="loader,train_big,pytest_gpu,kernels,ema,train_small")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     summary = (out / "summary.txt").read_text()
@@ -1201,9 +1213,9 @@ def test_suite_ctrl_c_stops_the_running_step_at_once(tmp_path):
     import time
 
     pidfile = tmp_path / "step.pid"
-    fake = tmp_path / "python"  # the interpreter, except that the kernels step hangs
+    fake = tmp_path / "python"  # the interpreter, except that the kernels step hangs and the check passes
     fake.write_text(f"#!/bin/bash\ncase \"$*\" in *benchmarks/kernels.py*) echo $$ > {pidfile}; exec sleep 300;; "
-                    f"esac\nexec {sys.executable} \"$@\"\n")
+                    f"{_CHECK_PASSES} esac\nexec {sys.executable} \"$@\"\n")
     fake.chmod(0o755)
     out = tmp_path / "out"
     proc = subprocess.Popen(["bash", str(SUITE), str(out), "--cpu-dry-run"], stdout=subprocess.PIPE,
