@@ -110,13 +110,13 @@ def test_make_shards_never_appends_to_a_planted_journal_link(tmp_path):
 def test_a_resumed_run_never_writes_through_planted_links(tmp_path):
     # A stranger's run folder, resumed: config.json.tmp, history.jsonl.tmp and encoder.pt.tmp linked to other files
     # were overwritten, and checkpoints/step_00000006.tmp linked to another folder received the checkpoint (and the
-    # link became the checkpoint).
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get(
-        "PYTHONPATH", "")])}
-    tiny = [sys.executable, str(ROOT / "train.py"), "--recipe", "tiny", "--shards", "synthetic:64", "--batch-size",
-            "8", "--workers", "0", "--log-every", "1", "--progress", "false", "--model", "depth=1", "--model",
-            "pred_depth=1", "--out", str(tmp_path / "run")]
-    subprocess.run([*tiny, "--max-steps", "3"], check=True, env=env, capture_output=True)
+    # link became the checkpoint). In this process (as tests/test_train_cli_errors.py runs matpac-train): the files
+    # are written by the same code, without two starts of Python with torch.
+    from matpac_fast import trainer
+
+    tiny = ["--recipe", "tiny", "--shards", "synthetic:64", "--batch-size", "8", "--workers", "0", "--log-every", "1",
+            "--progress", "false", "--model", "depth=1", "--model", "pred_depth=1", "--out", str(tmp_path / "run")]
+    assert trainer.main([*tiny, "--max-steps", "3"]) == 0
     run_dir = tmp_path / "run"
     names = ["config.json.tmp", "history.jsonl.tmp", "encoder.pt.tmp"]
     victims = _victims(tmp_path / "victim", *names)
@@ -125,8 +125,7 @@ def test_a_resumed_run_never_writes_through_planted_links(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     (run_dir / "checkpoints" / "step_00000006.tmp").symlink_to(outside)
-    res = subprocess.run([*tiny, "--max-steps", "6", "--resume", "auto"], env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert trainer.main([*tiny, "--max-steps", "6", "--resume", "auto"]) == 0
     _unchanged(victims)
     assert list(outside.iterdir()) == []
     final = run_dir / "checkpoints" / "step_00000006"
