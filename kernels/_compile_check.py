@@ -192,8 +192,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default 90 = H100)")
     p.add_argument("--quick", action="store_true", help="attention: the first autotuning configuration only")
-    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                   help="variants compiled at once, one process each (default: the number of CPUs)")
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    p.add_argument("--jobs", type=int, default=usable,
+                   help="variants compiled at once, one process each (default: the CPUs this process may use)")
     args = p.parse_args(argv)
     if not hasattr(_xent_fwd_kernel, "fn") or type(_xent_fwd_kernel).__name__ != "JITFunction":
         sys.exit("the kernels are interpreted in this process: unset TRITON_INTERPRET and run again")
