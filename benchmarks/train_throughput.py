@@ -37,7 +37,7 @@ aggregate samples/s; scaling efficiency = aggregate / (N x one-process samples/s
     python benchmarks/train_throughput.py --preset tiny --device cpu --batch-sizes 8 --steps 3 --warmup 1 \\
         --modes eager,reference-design --precision no                     # CPU smoke test, seconds
     python benchmarks/train_throughput.py --batch-sizes 256 --modes compiled+kernels --compile-mode reduce-overhead \\
-        --steps 30 --warmup 5 --stream-dtype amp                           # as the README's H100 B 256 bf16-stream row
+        --steps 30 --warmup 5 --stream-dtype amp       # as docs/performance.md's H100 B 256 bf16-stream row
     benchmarks/gpu_suite.sh OUT .whl     # suite: eager, compiled+kernels, reference-design, B 256,64, shards
     accelerate launch --num_processes 8 benchmarks/train_throughput.py --baseline-csv one_gpu.csv
 
