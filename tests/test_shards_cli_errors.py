@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from test_shards_audioset import _written
 
 from shard_tools.cli import build_parser
 from shard_tools.cli import main as cli_main
@@ -1452,18 +1453,6 @@ def test_a_fifo_in_place_of_the_journal_is_refused_not_waited_on(tmp_path):
     assert r.returncode == 0 and (out / "stats.json").is_file(), r.stderr
 
 
-def _sample_metas(out: Path) -> dict[str, dict]:
-    """source -> the json of its sample, for every sample of the set in `out`."""
-    metas = {}
-    for name in json.loads((out / "sizes.json").read_text()):
-        with tarfile.open(out / name) as tar:
-            for m in tar:
-                if m.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(m).read())
-                    metas[meta["source"]] = meta
-    return metas
-
-
 def test_manifest_paths_with_leading_or_trailing_spaces_are_read_as_named(tmp_path, capsys):
     """A path cell was stripped before the lookup: ' a.wav' was read as a.wav (another file) and 'b.wav ' was
     not_found. The exact cell is used when that file exists; else the stripped one (a hand-written 'c.wav , dog')."""
@@ -1478,7 +1467,7 @@ def test_manifest_paths_with_leading_or_trailing_spaces_are_read_as_named(tmp_pa
     lines = manifest(out)
     assert set(lines) == {" a.wav", "b.wav ", "c.wav", "a.wav", "nope.wav"}
     assert lines["nope.wav"]["skipped"] == "not_found"
-    metas = _sample_metas(out)
+    metas = _written(out)
     assert {s: round(m["duration"]) for s, m in metas.items()} == {" a.wav": 7, "b.wav ": 9, "c.wav": 10, "a.wav": 8}
     assert metas["c.wav"]["labels"] == ["z"]
     capsys.readouterr()
@@ -1506,7 +1495,7 @@ def test_a_hard_linked_file_is_written_once_under_its_first_name(tmp_path, capsy
         assert lines[name]["skipped"] == "duplicate"
         assert lines[name]["detail"] == "duplicate: same file as abc/x.wav (hard link)"
     assert lines["cls/l.wav"]["detail"] == "duplicate: same file as abc/x.wav"  # a symlink to a hard-linked file
-    assert set(_sample_metas(out)) == {"abc/x.wav", "cls/c.wav"}
+    assert set(_written(out)) == {"abc/x.wav", "cls/c.wav"}
     capsys.readouterr()
     assert verify(out) == 0 and "OK" in capsys.readouterr().out
 
@@ -1544,6 +1533,6 @@ def test_a_class_whose_files_were_all_skipped_is_kept_and_named(tmp_path, capsys
     assert "classes without a written clip: 2 of 4 ('ant', 'cat')" in capsys.readouterr().out
     stats = json.loads((out / "stats.json").read_text())
     assert stats["classes"] == ["ant", "bee", "cat", "dog"] and stats["skipped"] == {"too_short": 4}
-    assert sorted(m["label_indices"] for m in _sample_metas(out).values()) == [[1], [3], [3], [3]]
+    assert sorted(m["label_indices"] for m in _written(out).values()) == [[1], [3], [3], [3]]
     assert verify(out) == 0
     assert "classes without a sample: 2 of 4 ('ant', 'cat')" in capsys.readouterr().out
