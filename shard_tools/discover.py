@@ -150,6 +150,8 @@ class Scan:
     ignored: int = 0  # non-audio files
     pruned: int = 0  # symlinked folders not entered (a loop, or a second name for a folder already scanned)
     unreadable_errors: list[OSError] = field(default_factory=list)  # folders os.walk could not list
+    # a `duplicate` file's rel -> the rel of the name kept (few: only a file reached under several names has one)
+    kept_as: dict[str, str] = field(default_factory=dict)
 
     def notes(self, root: Path) -> list[str]:
         notes = []
@@ -217,6 +219,7 @@ def scan_files(root: Path, progress: bool = False, hard_links: bool = True) -> S
                 how = " (hard link)" if not link and ident is inode else ""
                 scan.files[i] = Found(f.rel, f.path, f.size, "duplicate",
                                       f"same file as {printable(first[ident])}{how}")
+                scan.kept_as[f.rel] = first[ident]
             else:
                 first[ident] = f.rel
     return scan
@@ -610,9 +613,17 @@ def _with_indices(items: list[Item], classes: list[str]) -> list[Item]:
     return items
 
 
+def _folder_labels(rel: str, label_sets: dict[str, tuple[str, ...]]) -> tuple[str, ...]:
+    """A file's labels in folder mode: the name of the folder holding it (none for a file directly in the root),
+    one tuple per folder name, shared through `label_sets` (~100 bytes per file less)."""
+    parent = printable(Path(rel).parent.name)
+    return label_sets.setdefault(parent, (parent,) if parent else ())
+
+
 def discover_folder(root: str | Path, progress: bool = False) -> Discovery:
     """Every audio file under root; label = the name of the folder holding it (none for files directly in root).
-    `progress`: a file counter on stderr while a long scan runs (see `scan_files`)."""
+    `progress`: a file counter on stderr while a long scan runs (see `scan_files`). A file reached under several
+    names (see `scan_files`) has the label of the name kept; a duplicate name in another folder gets a warning."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"input folder {root} does not exist or is not a folder")
@@ -621,18 +632,27 @@ def discover_folder(root: str | Path, progress: bool = False) -> Discovery:
         raise ValueError(_no_audio(root, scan, "input folder"))
     items = []
     label_sets: dict[str, tuple[str, ...]] = {}  # folder name -> its files' labels: one tuple shared (~100 bytes each)
+    relabelled = []
     for f in scan.files:
-        parent = printable(Path(f.rel).parent.name)
-        labels = label_sets.setdefault(parent, (parent,) if parent else ())
+        labels = _folder_labels(f.rel, label_sets)
         skip, detail = f.skip, f.detail
         if skip is None and is_partial(f.name):
             skip = "partial_download"
+        kept = scan.kept_as.get(f.rel)
+        kept_labels = labels if kept is None else _folder_labels(kept, label_sets)
+        if kept_labels != labels:
+            # the kept name's folder gives the file its label (so the plans of existing sets stay), with a word
+            detail += _labels_differ(kept_labels, labels, "that name's")
+            relabelled.append(f"{printable(f.rel)} labelled {_label_text(labels)}, kept {printable(kept)} labelled "
+                              f"{_label_text(kept_labels)}")
         items.append(
             Item(printable(f.rel), path_key(f.rel), f.path, labels=labels, size=f.size, skip=skip, detail=detail,
                  mtime_ns=f.mtime_ns)
         )
     classes = _classes_from([it.labels for it in items])
     notes = scan.notes(root)
+    if relabelled:
+        notes.append(_relabelled_note(str(root), relabelled, "duplicate name(s) (hard links, symlinks)", "kept name"))
     if len(classes) == 1 and all(it.labels for it in items):
         # e.g. FSDD's recordings/: the folder name becomes every file's only label, which a probe on these shards
         # would then score as a one-class task. Pre-training does not need labels, so this is a note, not an error.
@@ -692,6 +712,18 @@ def _manifest_columns(csv_path: Path, fieldnames: list[str] | None) -> tuple[lis
 
 def _label_text(labels: tuple[str, ...]) -> str:
     return repr(";".join(labels)) if labels else "(none)"
+
+
+def _labels_differ(kept: tuple[str, ...], labels: tuple[str, ...], whose: str) -> str:
+    """What a duplicate's detail adds when the file kept has other labels (`whose`: "that row's" in a manifest)."""
+    return f"; labels differ: {whose} {_label_text(kept)} are used, not {_label_text(labels)}"
+
+
+def _relabelled_note(where: str, relabelled: list[str], what: str, first: str) -> str:
+    """The one warning for the duplicates that give a file other labels than the one kept: their count and the
+    first as an example (`relabelled`: one line per such duplicate; `what` they are, `first` the one kept)."""
+    return (f"warning: {where}: {len(relabelled)} {what} give a file other labels than its {first}; the {first}'s "
+            f"labels are used (e.g. {relabelled[0]})")
 
 
 def _under(base: Path, raw: str) -> Path:
@@ -759,7 +791,7 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
             where, kept = first[real]
             skip, detail = "duplicate", f"line {reader.line_num}: same file as {where}"
             if set(kept) != set(labels):
-                detail += f"; labels differ: that row's {_label_text(kept)} are used, not {_label_text(labels)}"
+                detail += _labels_differ(kept, labels, "that row's")
                 relabelled.append(f"line {reader.line_num}: {raw!r} labelled {_label_text(labels)}, first {where} "
                                   f"labelled {_label_text(kept)}")
         else:
@@ -780,10 +812,7 @@ def discover_manifest(csv_path: str | Path) -> Discovery:
             f"quoted dog,cat as two)"
         )
     if relabelled:
-        notes.append(
-            f"warning: {csv_path}: {len(relabelled)} duplicate row(s) give a file other labels than its first row; "
-            f"the first row's labels are used (e.g. {relabelled[0]})"
-        )
+        notes.append(_relabelled_note(str(csv_path), relabelled, "duplicate row(s)", "first row"))
     if not items:
         path_header = next((f or "").strip() for f, n in zip(header, names) if n == "path")  # as the file spells it
         raise ValueError(f"{csv_path}: no rows with a path; add one row per audio file under the {path_header!r} "

@@ -1493,11 +1493,52 @@ def test_a_hard_linked_file_is_written_once_under_its_first_name(tmp_path, capsy
     assert "shard" in lines["abc/x.wav"] and "shard" in lines["cls/c.wav"]
     for name in ("cls/a.wav", "cls/b.wav"):
         assert lines[name]["skipped"] == "duplicate"
-        assert lines[name]["detail"] == "duplicate: same file as abc/x.wav (hard link)"
-    assert lines["cls/l.wav"]["detail"] == "duplicate: same file as abc/x.wav"  # a symlink to a hard-linked file
+        assert lines[name]["detail"] == ("duplicate: same file as abc/x.wav (hard link); labels differ: that name's "
+                                         "'abc' are used, not 'cls'")
+    # a symlink to a hard-linked file
+    assert lines["cls/l.wav"]["detail"] == ("duplicate: same file as abc/x.wav; labels differ: that name's 'abc' are "
+                                            "used, not 'cls'")
     assert set(_written(out)) == {"abc/x.wav", "cls/c.wav"}
     capsys.readouterr()
     assert verify(out) == 0 and "OK" in capsys.readouterr().out
+
+
+def test_a_hard_link_or_symlink_in_another_label_folder_is_said_to_lose_its_label(tmp_path, capsys):
+    """One file under two names in two label folders gets the kept name's folder label; the other label was dropped
+    without a word. As in a manifest, the start warns once (count and an example) and each such duplicate's detail
+    says its label differs; the kept file and the labels written are as before (the plans of existing sets stay)."""
+    d = tmp_path / "in"
+    tone(d / "dog" / "a.wav")
+    tone(d / "dog" / "c.wav", freq=550)
+    tone(d / "root.wav", freq=660)
+    (d / "zoo").mkdir()
+    (d / "dog2").mkdir()
+    try:
+        os.link(d / "dog" / "a.wav", d / "zoo" / "b.wav")
+        os.link(d / "root.wav", d / "dog2" / "r.wav")  # a file directly in the root has no label
+    except OSError:
+        pytest.skip("no hard links here")
+    (d / "cat").mkdir()
+    (d / "cat" / "l.wav").symlink_to("../dog/c.wav")
+    (d / "dog" / "same.wav").symlink_to("c.wav")  # same folder, same label: nothing to say
+    out = tmp_path / "out"
+    assert run("folder", str(d), "--out", str(out)) == 0
+    lines = manifest(out)
+    assert {s: line["detail"] for s, line in lines.items() if line.get("skipped")} == {
+        "zoo/b.wav": "duplicate: same file as dog/a.wav (hard link); labels differ: that name's 'dog' are used, "
+                     "not 'zoo'",
+        "root.wav": "duplicate: same file as dog2/r.wav (hard link); labels differ: that name's 'dog2' are used, "
+                    "not (none)",
+        "cat/l.wav": "duplicate: same file as dog/c.wav; labels differ: that name's 'dog' are used, not 'cat'",
+        "dog/same.wav": "duplicate: same file as dog/c.wav",
+    }
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "other labels" in line]
+    assert warnings == [f"make-shards: warning: {d}: 3 duplicate name(s) (hard links, symlinks) give a file other "
+                        "labels than its kept name; the kept name's labels are used (e.g. cat/l.wav labelled 'cat', "
+                        "kept dog/c.wav labelled 'dog')"]
+    metas = _written(out)  # as before: the kept names, with their folders' labels
+    assert {s: m["labels"] for s, m in metas.items()} == {"dog/a.wav": ["dog"], "dog/c.wav": ["dog"],
+                                                          "dog2/r.wav": ["dog2"]}
 
 
 def test_audioset_hard_links_stay_with_the_segment_matching(tmp_path):
