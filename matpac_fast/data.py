@@ -29,10 +29,11 @@ or whose .npy / .json payload cannot be decoded: that clip alone) are replaced t
 end of its range, flagged `filled` — so the batch counts never change: DDP never hangs.
 Plans follow sizes.json: a shard holding fewer samples than it lists loses the missing ones (replaced the same way),
 extra samples are not read; either is warned about (on_error="raise": raised, as for a corrupt shard). A worker
-whose shards hold fewer samples than sizes.json lists for them by more than a tenth, and by more than 100 samples
-(a tenth of the set, when that is fewer), raises NoUsableData naming the shard and both counts: sizes.json saying
-10**6 for a 10-clip shard, or 100 for every 10-clip shard, would make an epoch of re-drawn samples. The shares are of
-the shards that worker has read, so the rule holds whatever the number of ranks and workers (see MAX_MISSING_SHARE).
+whose shards hold fewer samples than sizes.json lists for them by more than a tenth (of what they list, or of the
+worker's planned epoch when that is more), and by more than 100 samples (a tenth of the set, when that is fewer),
+raises NoUsableData naming the shard and both counts: sizes.json saying 10**6 for a 10-clip shard, or 100 for every
+10-clip shard, would make an epoch of re-drawn samples. The shares are of that worker's reading, so the rule holds
+whatever the number of ranks and workers, and wherever in the epoch the short shard falls (see MAX_MISSING_SHARE).
 
 `resampled`: each worker draws shards with replacement (seeded by seed, epoch, rank, worker) and yields exactly its
 share of floor(samples_per_epoch / (world B)) batches per rank; it never runs dry. samples_per_epoch (>= 1, resampled
@@ -102,7 +103,8 @@ _SHARD_EXCEPTIONS = (ShardError, OSError, ValueError, KeyError, EOFError, Overfl
 MAX_SHARD_COUNT = 2**31
 MAX_SYNTHETIC_CLIPS = 10**9
 # A worker refuses the set (instead of filling in) when the shards whose count it has learnt hold fewer samples than
-# sizes.json lists for them by more than MAX_MISSING_SHARE of that listed count, and by more than MIN_MISSING_REFUSED
+# sizes.json lists for them by more than MAX_MISSING_SHARE of that listed count (or of the worker's planned epoch,
+# n_batches x B, when that is more: see _too_many_missing), and by more than MIN_MISSING_REFUSED
 # samples (or a tenth of the whole set, when that is fewer: a set under 1,000 samples). sizes.json saying 10**6 for a
 # 10-clip shard made an epoch of 250,000 batches of re-drawn samples (and a schedule sized for it) that only warned
 # once. The share is of the shards this worker met, not of the whole set: each of 16 readers (ranks x workers) meets
@@ -1214,9 +1216,13 @@ class WorkerIterator:
 
     def _too_many_missing(self) -> bool:
         """The rule of MAX_MISSING_SHARE: a share of what sizes.json lists for the shards counted by this worker (not
-        of the whole set, which each of many readers meets only a part of), above a floor of a few samples."""
+        of the whole set, which each of many readers meets only a part of), above a floor of a few samples. The share
+        is at least of this worker's planned epoch (n_batches x B): of the shards read so far alone, one short shard
+        met early in the epoch was refused and the same shard met late was not, so a run could train some epochs and
+        stop at another whose shuffle put that shard first."""
         floor = min(MIN_MISSING_REFUSED, MAX_MISSING_SHARE * sum(self.sizes))
-        return self._missing > max(MAX_MISSING_SHARE * self._listed_counted, floor)
+        share = max(self._listed_counted, self.n_batches * self.cfg.batch_size)
+        return self._missing > max(MAX_MISSING_SHARE * share, floor)
 
     # -- samples ----------------------------------------------------------------------------------------------
     def _read_segments(self, segments) -> Iterator[Sample]:

@@ -473,6 +473,19 @@ def test_one_slightly_short_shard_among_16_readers_stays_a_warning(tmp_path, rea
         "set with verify-shards)"}
 
 
+@pytest.mark.parametrize("reader", ["indexed", "stream"])
+def test_one_short_shard_is_refused_in_no_epoch_whatever_its_place(tmp_path, reader):
+    """One reader, 10 shards of 110, sizes.json listing 230 for one: 120 of the 1,220 listed are missing (under a
+    tenth of the epoch). The share was of the shards read so far: epochs whose shuffle put that shard early refused
+    the set (NoUsableData), the epoch that read it last trained; a run stopped at whichever epoch came first."""
+    _make_set(tmp_path, 1100, per_shard=110)
+    source = _relist(tmp_path, s3=230)
+    cfg = _cfg(reader=reader, batch_size=8)
+    for epoch in range(5):
+        with pytest.warns(UserWarning, match=r"shards-000003\.tar: 110 samples where sizes\.json lists 230"):
+            assert len(list(WorkerIterator(source, cfg, 0, 1, 0, 1, epoch, 0))) == 1220 // 8
+
+
 def test_all_shards_bad_is_an_error_not_a_hang(tmp_path):
     source, _ = _make_set(tmp_path, 12, per_shard=6)
     for u in source.urls:
