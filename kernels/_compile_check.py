@@ -17,6 +17,8 @@ import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import triton
@@ -169,6 +171,15 @@ def _compile_one(i: int) -> tuple[str | None, str | None]:
         return None, f"{type(e).__name__}: {last}"
 
 
+def _result(future) -> tuple[str | None, str | None]:
+    """A pooled variant's (usage, error). A compiling process killed by a crash (an LLVM assertion aborts) breaks the
+    pool: that variant and the ones not done yet fail in one line each (multiprocessing.Pool waited for ever)."""
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        return None, "a compiling process died (a crash in Triton or ptxas); --jobs 1 names the variant"
+
+
 def _report(todo, results, arch: int) -> tuple[list[str], list[str], list[str]]:
     """Print one line per variant (as `results` come, in order); the names that spilled, failed and compute in fp64."""
     spilled, failed, fp64 = [], [], []
@@ -206,8 +217,9 @@ def main(argv=None) -> int:
     jobs = min(args.jobs, len(_TODO)) if args.jobs > 0 else 1
     with contextlib.ExitStack() as stack:
         if jobs > 1:
-            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(jobs))
-            results = pool.imap(_compile_one, range(len(_TODO)))  # in order, each line as soon as it is known
+            pool = stack.enter_context(ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")))
+            futures = [pool.submit(_compile_one, i) for i in range(len(_TODO))]
+            results = map(_result, futures)  # in order, each line as soon as it is known
         else:
             results = map(_compile_one, range(len(_TODO)))
         spilled, failed, fp64 = _report(todo, results, args.arch)

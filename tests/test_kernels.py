@@ -1184,3 +1184,24 @@ def test_packed_attention_every_autotuning_config_cuda(forced_attention_config):
         # bf16 outputs: a few bf16 steps of the largest values; a wrong tile would be off by O(1)
         torch.testing.assert_close(out.float(), r_out, rtol=2e-2, atol=2e-2, msg=lambda m, c=config: f"{c}: {m}")
         torch.testing.assert_close(dqkv.float(), r_dqkv, rtol=2e-2, atol=2e-2, msg=lambda m, c=config: f"{c}: {m}")
+
+
+def test_compile_check_ends_when_a_compiling_process_crashes():
+    """With --jobs, a variant whose compilation kills its process (an LLVM assertion aborts) left multiprocessing.Pool
+    waiting for its result for ever: the check hung. It must name that variant as failed and exit 1."""
+    code = (
+        "import os, sys\n"
+        "from matpac_kernels import _compile_check as cc\n"
+        "cc.variants = lambda quick: [(f'v{i}', (None, {}, {}, 4)) for i in range(3)]\n"
+        "def fake(variant, arch):\n"
+        "    if variant is cc._TODO[1][0]:\n"
+        "        os.abort()\n"
+        "    return 'REG:10 STACK:0 SHARED:0 LOCAL:0'\n"
+        "cc.compile_variant = fake\n"
+        "sys.exit(cc.main(['--jobs', '2']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=_no_interpreter_env(), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    assert re.search(r"^FAIL sm_90  v1: a compiling process died", proc.stderr, re.M), proc.stderr[-3000:]
+    assert re.search(r"^ok  sm_90  v0 ", proc.stdout, re.M), proc.stdout
