@@ -939,6 +939,12 @@ def _no_interpreter_env():
     return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
+def _run_without_interpreter(code: str, timeout: float) -> subprocess.CompletedProcess:
+    """`python -c code` with Triton's real compiler (TRITON_INTERPRET unset), output captured."""
+    return subprocess.run([sys.executable, "-c", code], env=_no_interpreter_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def test_kernels_compile_for_h100_without_a_gpu():
     """The interpreter skips Triton's compiler; compile every kernel variant (each attention autotuning
     configuration at each head width, 16-bit and fp32) for sm_90 with the wheel's ptxas: none may spill."""
@@ -962,8 +968,7 @@ def test_compile_check_sees_register_spills():
         "u = cc.compile_variant(cc._attention(k, 'bf16', 64, (32, 128, 4, 2)))\n"
         "print(u, cc.spills(u))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=_no_interpreter_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = _run_without_interpreter(code, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "STACK:" in proc.stdout and "STACK:0 " not in proc.stdout, proc.stdout
     assert proc.stdout.split()[-1] == "True", proc.stdout
@@ -982,8 +987,7 @@ def _check_variants(tmp_path, module: str, kernel_source: str, variants_code: st
         f"cc.variants = lambda quick: {variants_code}\n"
         "sys.exit(cc.main([]))\n"
     )
-    return subprocess.run([sys.executable, "-c", code], env=_no_interpreter_env(), capture_output=True, text=True,
-                          timeout=300)
+    return _run_without_interpreter(code, timeout=300)
 
 
 def test_compile_check_reports_a_kernel_that_fp64_scalars_break(tmp_path):
@@ -1200,8 +1204,7 @@ def test_compile_check_ends_when_a_compiling_process_crashes():
         "cc.compile_variant = fake\n"
         "sys.exit(cc.main(['--jobs', '2']))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=_no_interpreter_env(), capture_output=True, text=True,
-                          timeout=60)
+    proc = _run_without_interpreter(code, timeout=60)
     assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
     assert re.search(r"^FAIL sm_90  v1: a compiling process died", proc.stderr, re.M), proc.stderr[-3000:]
     assert re.search(r"^ok  sm_90  v0 ", proc.stdout, re.M), proc.stdout
