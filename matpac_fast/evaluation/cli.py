@@ -295,7 +295,7 @@ def _load(a: argparse.Namespace, classes: list[str] | None) -> LabelledSet:
         if _looks_like_path(a.classes) and not Path(a.classes).expanduser().exists():  # a mistyped path
             raise ValueError(f"--classes {a.classes}: no such file (nor labels of the data); {e.known_hint}") from None
         raise
-    _note(f"--classes keeps {len(ds.classes)} of {n_classes} classes: {len(ds)} of {n_all} clips")
+    embed.note(f"--classes keeps {len(ds.classes)} of {n_classes} classes: {len(ds)} of {n_all} clips")
     return ds
 
 
@@ -347,10 +347,6 @@ def _drop_skipped(ds: LabelledSet, ex: embed.Extracted) -> None:
     _check_classes(ds, f" after skipping {len(ex.skipped)} of {n} clips ({_skip_counts(reasons, advice=True)})")
 
 
-def _note(msg: str) -> None:
-    print(f"matpac-eval: {msg}", file=sys.stderr, flush=True)
-
-
 def run(a: argparse.Namespace) -> dict:
     """The whole evaluation; every argument, the data, the protocol and --out are checked before any embedding."""
     _validate(a)
@@ -358,7 +354,7 @@ def run(a: argparse.Namespace) -> dict:
     scheme = parse_scheme(a.folds)
     out = Path(a.out).expanduser()
     if a.no_cache and a.cache_dir is not None:
-        _note(f"--no-cache: --cache-dir {a.cache_dir} is not used (neither read nor written)")
+        embed.note(f"--no-cache: --cache-dir {a.cache_dir} is not used (neither read nor written)")
     elif a.cache_dir is None:
         a.cache_dir = embed.default_cache_dir()
         option = (f"the embedding cache (XDG_CACHE_HOME={embed.xdg_cache_home()})" if embed.xdg_cache_home()
@@ -431,7 +427,7 @@ def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: 
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     name, replaces = report.unique_name(out, task, embedder.name, probe_id, embedder.identity)
     if name != embedder.name:
-        _note(f"{out} already holds a result of another embedder named {embedder.name!r}; this one is {name!r}")
+        embed.note(f"{out} already holds a result of another embedder named {embedder.name!r}; this one is {name!r}")
     settings = embed.ExtractSettings(clip_seconds, a.embed_batch, None if a.no_cache else a.cache_dir, not a.quiet,
                                      a.cache_max_gb * 1e9)
     t0 = time.perf_counter()
@@ -439,7 +435,7 @@ def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: 
     ex = embed.extract(ds, embedder, ds.name, settings)
     t_embed = time.perf_counter() - t0
     if ex.n_cropped and not a.quiet:
-        _note(f"{ex.n_cropped} of {int(ex.ok.sum())} clips are longer than the clip length {clip_seconds:g} s "
+        embed.note(f"{ex.n_cropped} of {int(ex.ok.sum())} clips are longer than the clip length {clip_seconds:g} s "
               f"(longest {ex.longest_seconds:.2f} s): only their first {clip_seconds:g} s were embedded; "
               "--clip-seconds sets the length")  # fmt: skip
     if ex.skipped:
@@ -464,7 +460,7 @@ def _run(a: argparse.Namespace, classes: list[str] | None, scheme: Scheme, out: 
         "skipped": [{"path": p, "reason": r} for p, r in ex.skipped], "runs": [vars(r) for r in runs],
     }  # fmt: skip
     if replaces is not None:
-        _note(f"replacing the earlier result of this embedder: {replaces}{_settings_change(replaces, result)}")
+        embed.note(f"replacing the earlier result of this embedder: {replaces}{_settings_change(replaces, result)}")
     result["json"] = str(report.write_json(out, result))
     kept["json"] = result["json"]
     result["table"] = report.write_table(out)
@@ -515,10 +511,10 @@ def _note_encoder_config(a: argparse.Namespace, embedder) -> None:
         read = f" (the weights of the trainer checkpoint folder {path}: evaluating that checkpoint)"
     note = enc.settings_note() if hasattr(enc, "settings_note") else (
         f"heads, normalisation and front end ({enc.frontend}) from {enc.settings_from}")
-    _note(f"{a.checkpoint}{read}: {note}")
+    embed.note(f"{a.checkpoint}{read}: {note}")
     short = _short_of_schedule(path) if path is not None else None
     if short:
-        _note(short)
+        embed.note(short)
     if getattr(enc, "heads_guessed", False):
         source = enc.heads_from.removesuffix(" (guess)").replace(" (same dim and depth)", ", same dim and depth")
         link = "=" if source.startswith("dim ") else "from"
